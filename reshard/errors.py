@@ -1,0 +1,31 @@
+"""Exception types shared by `reshard` and `runtime`.
+
+Library code raises these with a message that names the thing and the fix; only the
+CLIs turn them into one `Error: ...` line and an exit code.
+"""
+
+
+class ReshardError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class SourceError(ReshardError):
+    """The checkpoint to convert is missing, unreadable or not something we can convert."""
+
+
+class FormatError(ReshardError):
+    """A converted folder does not match its manifest, or is not a converted folder at all."""
+
+
+class CorruptFileError(FormatError):
+    """One layer file is damaged; `path` names it."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        super().__init__(
+            f"{self.path}: {problem}; run `reshard convert` again to repair it"
+        )
+
+
+class UsageError(ReshardError):
+    """A bad option value (unknown device, dtype, ...)."""

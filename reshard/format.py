@@ -1,0 +1,268 @@
+"""The on-disk format: one safetensors file per layer group plus `manifest.json`.
+
+This is the only module that knows file names, the manifest schema and the byte layout;
+`reshard` writes through it and `runtime` reads through it. See docs/FORMAT.md.
+
+A layer file is a plain safetensors file (readable by `safetensors.safe_open`) written
+deterministically: tensors ordered by element size (largest first) then name, so every
+tensor's offset is a multiple of its element size and can be viewed in place; the JSON
+header has sorted keys and is padded with spaces to a multiple of 8 bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import CorruptFileError, FormatError
+
+FORMAT_NAME = "reshard"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PARTIAL_SUFFIX = ".partial"  # files being written; never taken for finished ones
+
+DTYPE_TO_ST = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def group_file_name(name: str) -> str:
+    """`embed` -> `embed.safetensors`, `layers.7` -> `layers.00007.safetensors`."""
+    if name.startswith("layers."):
+        return f"layers.{int(name.split('.')[1]):05d}.safetensors"
+    return f"{name}.safetensors"
+
+
+@dataclass
+class TensorInfo:
+    dtype: str  # safetensors dtype name, e.g. "BF16"
+    shape: list[int]
+    offsets: tuple[int, int]  # byte range inside the file's data section
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets[1] - self.offsets[0]
+
+
+@dataclass
+class Group:
+    name: str  # "embed", "layers.<i>", "norm", "head"
+    kind: str  # "pre", "layer" or "post": where it runs relative to the decoder layers
+    file: str | None  # None for a group whose only parameter is tied to another group's
+    bytes: int = 0  # file size
+    sha256: str = ""  # of the whole file
+    tensors: dict[str, dict] = field(default_factory=dict)  # param name -> {"dtype", "shape"}
+    aliases: dict[str, str] = field(default_factory=dict)  # tied param -> the param whose tensor it uses
+
+
+@dataclass
+class Manifest:
+    source: dict  # {"id": repo id or path, "revision": ..., "commit": ...}
+    dtype: str  # dtype of the floating tensors, e.g. "bfloat16"
+    architecture: str  # transformers class, e.g. "LlamaForCausalLM"
+    layers_path: str  # qualified name of the decoder-layer ModuleList, e.g. "model.layers"
+    groups: list[Group]
+    quantization: dict | None = None
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(g.bytes for g in self.groups)
+
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+
+def read_manifest(folder: str | os.PathLike) -> Manifest:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FormatError(f"{folder} holds no {MANIFEST}; create it with `reshard convert SOURCE {folder}`")
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("format") != FORMAT_NAME:
+            raise FormatError(f"{path} is not a {FORMAT_NAME} manifest")
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise FormatError(
+                f"{path} has format version {raw.get('format_version')}, this version reads "
+                f"{FORMAT_VERSION}; convert the model again with this version's `reshard convert`")
+        raw["groups"] = [Group(**g) for g in raw["groups"]]
+        return Manifest(**raw)
+    except (ValueError, TypeError, KeyError) as e:
+        raise FormatError(f"{path} is damaged ({e}); run `reshard convert` again") from e
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --- layer files ---------------------------------------------------------------------------
+
+def _ordered(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+
+
+def build_header(tensors: dict[str, torch.Tensor]) -> bytes:
+    """The safetensors header (length prefix included) for `tensors`, in our canonical order."""
+    entries, offset = {}, 0
+    for name in _ordered(tensors):
+        t = tensors[name]
+        if t.dtype not in DTYPE_TO_ST:
+            raise FormatError(f"tensor {name} has dtype {t.dtype}, which the format cannot store")
+        n = t.numel() * t.element_size()
+        entries[name] = {"dtype": DTYPE_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    entries["__metadata__"] = {"format": "pt"}
+    text = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def write_group_file(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, str]:
+    """Write `tensors` to `path` atomically (temp name, fsync, rename); return (bytes, sha256).
+
+    Memory: each tensor is written from its own buffer; nothing is concatenated.
+    """
+    digest = hashlib.sha256()
+    header = build_header(tensors)
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    with open(tmp, "wb") as f:
+        f.write(header)
+        digest.update(header)
+        for name in _ordered(tensors):
+            data = _tensor_bytes(tensors[name])
+            f.write(data)
+            digest.update(data)
+        f.flush()
+        os.fsync(f.fileno())
+        size = f.tell()
+    os.replace(tmp, path)
+    return size, digest.hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().contiguous().cpu()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def read_header(path: str | os.PathLike, file_size: int | None = None) -> tuple[dict[str, TensorInfo], int]:
+    """Parse a safetensors header; return ({name: TensorInfo}, start of the data section)."""
+    size = os.path.getsize(path) if file_size is None else file_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CorruptFileError(path, "file is truncated (no header)")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > min(size - 8, 100 << 20):
+            raise CorruptFileError(path, "header length is out of range")
+        try:
+            raw = json.loads(f.read(n))
+        except ValueError:
+            raise CorruptFileError(path, "header is not valid JSON") from None
+    raw.pop("__metadata__", None)
+    infos = {}
+    for name, e in raw.items():
+        try:
+            infos[name] = TensorInfo(e["dtype"], list(e["shape"]), tuple(e["data_offsets"]))
+        except (KeyError, TypeError):
+            raise CorruptFileError(path, f"header entry {name!r} is malformed") from None
+    data_start = 8 + n
+    end = max((i.offsets[1] for i in infos.values()), default=0)
+    if data_start + end != size:
+        raise CorruptFileError(path, f"size is {size} bytes, header describes {data_start + end}")
+    return infos, data_start
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class GroupFile:
+    """A layer file mapped into memory; tensors are views of the mapping (no copy).
+
+    The mapping is private (copy-on-write), so a tensor modified in place never
+    writes back to the file.
+    """
+
+    def __init__(self, path: str | os.PathLike, group: Group):
+        self.path = Path(path)
+        self.infos, self.data_start = read_header(self.path, group.bytes)
+        self._check_against(group)
+        with open(self.path, "rb") as f:
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self.nbytes = group.bytes
+
+    def _check_against(self, group: Group) -> None:
+        if set(self.infos) != set(group.tensors):
+            missing = sorted(set(group.tensors) - set(self.infos))
+            extra = sorted(set(self.infos) - set(group.tensors))
+            raise CorruptFileError(self.path, f"tensors differ from the manifest (missing {missing}, extra {extra})")
+        for name, want in group.tensors.items():
+            got = self.infos[name]
+            if got.dtype != want["dtype"] or got.shape != list(want["shape"]):
+                raise CorruptFileError(self.path, f"tensor {name} is {got.dtype}{got.shape}, manifest says "
+                                                  f"{want['dtype']}{want['shape']}")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        info = self.infos[name]
+        dtype = ST_TO_DTYPE[info.dtype]
+        count = info.nbytes // dtype.itemsize
+        if count == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        t = torch.frombuffer(self.mm, dtype=dtype, count=count, offset=self.data_start + info.offsets[0])
+        return t.view(info.shape)
+
+    def view_of(self, flat: torch.Tensor, name: str) -> torch.Tensor:
+        """Tensor `name` as a view of `flat`, a copy of the data section (uint8) anywhere."""
+        info = self.infos[name]
+        begin, end = info.offsets
+        return flat[begin:end].view(ST_TO_DTYPE[info.dtype]).view(info.shape)
+
+    def data(self) -> torch.Tensor:
+        """The whole data section as uint8 (for one bulk copy)."""
+        n = len(self.mm) - self.data_start
+        return torch.frombuffer(self.mm, dtype=torch.uint8, count=n, offset=self.data_start) if n else torch.empty(0, dtype=torch.uint8)
+
+    def touch(self) -> None:
+        """Fault the file's pages into memory (page cache) ahead of use."""
+        self.mm.madvise(mmap.MADV_WILLNEED)
+        view = memoryview(self.mm)
+        page = mmap.PAGESIZE
+        # Reading one byte per page is enough to fault every page in; the kernel reads ahead.
+        sum(view[::page])
+
+    def evict(self) -> None:
+        """Drop this process's mapping of the pages (the page cache keeps them)."""
+        self.mm.madvise(mmap.MADV_DONTNEED)

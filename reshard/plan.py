@@ -1,0 +1,130 @@
+"""Split a transformers model into layer groups, from the model itself.
+
+The model is built on `meta` from its config (no weights, no memory); its decoder-layer
+list is the `ModuleList` with `num_hidden_layers` entries. Parameters outside it go to the
+group that runs before the layers (`embed`) or after them (`norm`, and `head` for the
+output embeddings), by where their module is registered relative to the layer list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import SourceError
+
+
+@dataclass
+class PlannedGroup:
+    name: str  # "embed", "layers.<i>", "norm", "head"
+    kind: str  # "pre", "layer", "post"
+    params: dict[str, torch.Size] = field(default_factory=dict)  # param name -> shape
+    aliases: dict[str, str] = field(default_factory=dict)  # tied param name -> the param it shares
+
+
+@dataclass
+class Plan:
+    groups: list[PlannedGroup]
+    layers_path: str  # e.g. "model.layers"
+    tied: dict[str, str]  # alias param name -> owning param name
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype | None):
+    """Build modules in `dtype`, as `from_pretrained(dtype=...)` does."""
+    if dtype is None or not dtype.is_floating_point:
+        yield
+        return
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_empty_model(config, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """The causal-LM model for `config` with its parameters on `meta` (buffers stay real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights(include_buffers=False), default_dtype(dtype):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise SourceError(f"this model needs its own code; pass --trust-remote-code if you trust it ({e})") from None
+        raise SourceError(
+            f"transformers cannot build a causal language model for model type "
+            f"{getattr(config, 'model_type', '?')!r}: {str(e).splitlines()[0]}") from None
+    model.tie_weights()  # init_empty_weights re-creates parameters, which unties them
+    return model.eval()
+
+
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder-layer `ModuleList`: `num_hidden_layers` long, the largest such list."""
+    config = model.config
+    n = getattr(config, "num_hidden_layers", None) or getattr(config.get_text_config(), "num_hidden_layers", None)
+    candidates = [
+        (name, m) for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) == n and n
+    ]
+    if not candidates:
+        raise SourceError(
+            f"{type(model).__name__} has no list of {n} decoder layers; only decoder-only models "
+            f"whose layers sit in one ModuleList can be streamed")
+    return max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))
+
+
+def plan_groups(model: nn.Module) -> Plan:
+    layers_path, layers = find_layers(model)
+    head_module = model.get_output_embeddings()
+    head_names = {name for name, m in model.named_modules() if m is head_module and m is not None}
+    owners = _param_owners(model)
+    canonical, tied = _canonical_params(model)
+
+    module_order = [name for name, _ in model.named_modules()]
+    layers_at = module_order.index(layers_path)
+    position = {name: i for i, name in enumerate(module_order)}
+
+    embed, norm, head = PlannedGroup("embed", "pre"), PlannedGroup("norm", "post"), PlannedGroup("head", "post")
+    per_layer = [PlannedGroup(f"layers.{i}", "layer") for i in range(len(layers))]
+
+    def group_of(pname: str) -> PlannedGroup:
+        owner = owners[pname]
+        if pname.startswith(layers_path + "."):
+            return per_layer[int(pname[len(layers_path) + 1:].split(".")[0])]
+        if owner in head_names:
+            return head
+        return embed if position[owner] < layers_at else norm
+
+    for pname, shape in canonical.items():
+        group_of(pname).params[pname] = shape
+    for alias, target in tied.items():
+        group_of(alias).aliases[alias] = target
+    groups = [g for g in [embed, *per_layer, norm, head] if g.params or g.aliases]
+    return Plan(groups=groups, layers_path=layers_path, tied=tied)
+
+
+def _param_owners(model: nn.Module) -> dict[str, str]:
+    """param name -> qualified name of the module that registers it (aliases included)."""
+    owners = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, _ in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners[f"{mname}.{pname}" if mname else pname] = mname
+    return owners
+
+
+def _canonical_params(model: nn.Module) -> tuple[dict[str, torch.Size], dict[str, str]]:
+    """The stored parameters (first name of each) and the aliases of tied ones."""
+    first_name, canonical, tied = {}, {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first_name:
+            tied[name] = first_name[id(p)]
+        else:
+            first_name[id(p)] = name
+            canonical[name] = p.shape
+    return canonical, tied

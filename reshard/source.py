@@ -1,0 +1,187 @@
+"""Checkpoints to convert: a local folder (safetensors or pytorch `.bin`), a `.gguf` file,
+or a hub repo id (fetched by `reshard.hub`). Tensors are read one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import SourceError
+from .format import ST_TO_DTYPE, read_header
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+
+
+class Source:
+    """Tensors of a checkpoint, by the checkpoint's own names."""
+
+    folder: Path  # holds config.json and the tokenizer files
+    info: dict  # {"id", "revision", "commit"} for the manifest
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Read `keys` (one group's worth); memory is only what is returned."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class SafetensorsSource(Source):
+    """Single or sharded safetensors; read with plain `pread`s, so nothing stays mapped."""
+
+    def __init__(self, folder: Path, files: list[Path], info: dict):
+        self.folder, self.info = folder, info
+        self._where = {}  # key -> (path, TensorInfo, data_start)
+        for path in files:
+            infos, start = read_header(path)
+            for key, ti in infos.items():
+                self._where[key] = (path, ti, start)
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def read(self, keys):
+        out = {}
+        for key in keys:
+            path, ti, start = self._where[key]
+            buf = torch.empty(ti.nbytes, dtype=torch.uint8)
+            with open(path, "rb") as f:
+                f.seek(start + ti.offsets[0])
+                if f.readinto(memoryview(buf.numpy())) != ti.nbytes:
+                    raise SourceError(f"{path} is truncated at tensor {key}; download it again")
+            out[key] = buf.view(ST_TO_DTYPE[ti.dtype]).view(ti.shape)
+        return out
+
+
+class BinSource(Source):
+    """PyTorch `.bin` shards, through `torch.load(weights_only=True, mmap=True)` per read."""
+
+    def __init__(self, folder: Path, files: list[Path], info: dict):
+        self.folder, self.info = folder, info
+        self._where = {}
+        for path in files:
+            for key in self._load(path):
+                self._where[key] = path
+
+    @staticmethod
+    def _load(path: Path) -> dict:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # an unpicklable or corrupt file: say which and why
+            raise SourceError(f"{path} cannot be read safely as weights ({str(e).splitlines()[0]})") from None
+
+    def keys(self):
+        return list(self._where)
+
+    def read(self, keys):
+        out, by_file = {}, {}
+        for key in keys:
+            by_file.setdefault(self._where[key], []).append(key)
+        for path, names in by_file.items():
+            state = self._load(path)  # mapped: only the tensors touched below are read
+            for key in names:
+                out[key] = state[key].clone()
+            del state
+        return out
+
+
+class GGUFSource(Source):
+    """A `.gguf` file, de-quantized by transformers' GGUF support.
+
+    transformers de-quantizes the whole file at once, so this source holds the model in
+    memory (in float32); GGUF files are small enough for that to be acceptable.
+    """
+
+    def __init__(self, path: Path):
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.path = path
+        self._tmp = tempfile.mkdtemp(prefix="reshard-gguf-")
+        self.folder = Path(self._tmp)
+        self.info = {"id": str(path.resolve()), "revision": None, "commit": None}
+        try:
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+            config.save_pretrained(self.folder)
+            AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(self.folder)
+        except Exception as e:
+            raise SourceError(f"{path}: transformers cannot read this GGUF file ({str(e).splitlines()[0]})") from None
+        self._tensors = None
+
+    def load(self, meta_model) -> None:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        parsed = load_gguf_checkpoint(str(self.path), return_tensors=True, model_to_load=meta_model)
+        self._tensors = {k: torch.as_tensor(v) for k, v in parsed["tensors"].items()}
+
+    def keys(self):
+        return list(self._tensors)
+
+    def read(self, keys):
+        return {k: self._tensors.pop(k) for k in keys}
+
+    def close(self):
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def weight_files(folder: Path) -> tuple[str, list[Path]]:
+    """("safetensors" | "bin", files) of a checkpoint folder; safetensors preferred."""
+    for kind, single, index in (
+        ("safetensors", "model.safetensors", "model.safetensors.index.json"),
+        ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
+        if (folder / index).is_file():
+            return kind, _indexed_files(folder, folder / index)
+        if (folder / single).is_file():
+            return kind, [folder / single]
+    loose = sorted(folder.glob("*.safetensors"))
+    if loose:
+        return "safetensors", loose
+    raise SourceError(
+        f"{folder} holds no weights (model.safetensors, pytorch_model.bin or their .index.json); "
+        f"point SOURCE at a checkpoint folder, a .gguf file or a hub repo id")
+
+
+def _indexed_files(folder: Path, index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError) as e:
+        raise SourceError(f"{index} is not a valid shard index ({e})") from None
+    root = folder.resolve()
+    files = []
+    for name in dict.fromkeys(weight_map.values()):
+        path = (folder / name).resolve()
+        if root not in path.parents:
+            raise SourceError(f"{index} points outside {folder} ({name!r}); refusing to read it")
+        if not path.is_file():
+            raise SourceError(f"{index} names {name}, which is missing from {folder}")
+        files.append(path)
+    return files
+
+
+def open_local(path: Path, info: dict | None = None) -> Source:
+    if not path.exists():
+        raise SourceError(f"{path} does not exist; give a checkpoint folder, a .gguf file or a hub repo id")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return GGUFSource(path)
+        raise SourceError(f"{path} is a file; give its folder, or a .gguf file")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise SourceError(f"{path} is not readable")
+    if not (path / "config.json").is_file():
+        raise SourceError(f"{path} has no config.json; it is not a Hugging Face checkpoint folder")
+    info = info or {"id": str(path.resolve()), "revision": None, "commit": None}
+    kind, files = weight_files(path)
+    return (SafetensorsSource if kind == "safetensors" else BinSource)(path, files, info)

@@ -1,0 +1,198 @@
+"""`LayeredModel`: a transformers model whose weights stream through the device group by group.
+
+The model is transformers' own, built on `meta` from the converted folder's config, so its
+forward, its KV cache and `generate` are transformers' code. Hooks on each group's modules
+put that group's weights in place just before they run (from the background prefetcher)
+and take them away after, so the device holds about `prefetch + 1` groups at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from reshard.errors import UsageError
+from reshard.format import DTYPE_NAMES, read_manifest
+from reshard.plan import build_empty_model
+
+from .stream import GroupLoader, Loaded, Prefetcher, StreamStats
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise UsageError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
+def resolve_runtime_dtype(dtype, default: str) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return DTYPE_NAMES[default]
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPE_NAMES:
+        raise UsageError(f"unknown dtype {dtype!r}; use auto, float16, bfloat16 or float32")
+    return DTYPE_NAMES[dtype]
+
+
+class _Slot:
+    """Where one parameter lives in the model, and its empty (meta) stand-in."""
+
+    __slots__ = ("module", "attr", "empty")
+
+    def __init__(self, model: nn.Module, name: str):
+        owner, _, self.attr = name.rpartition(".")
+        self.module = model.get_submodule(owner)
+        self.empty = self.module._parameters[self.attr]
+
+    def put(self, tensor: torch.Tensor) -> None:
+        self.module._parameters[self.attr] = nn.Parameter(tensor, requires_grad=False)
+
+    def clear(self) -> None:
+        self.module._parameters[self.attr] = self.empty
+
+
+class LayeredModel:
+    """A causal LM streamed layer by layer from a folder written by `reshard convert`.
+
+    Calls and attributes go to the wrapped transformers model (`.model`), so
+    `model(input_ids)` and `model.generate(...)` behave as transformers' do.
+    """
+
+    def __init__(self, model, manifest, loader: GroupLoader, *, device, prefetch: int, tokenizer=None):
+        self.model, self.manifest, self.loader = model, manifest, loader
+        self.device, self.tokenizer = device, tokenizer
+        self.stats = loader.stats
+        self.groups = manifest.groups
+        self._slots = [
+            [_Slot(model, name) for name in (*g.tensors, *g.aliases)] for g in manifest.groups
+        ]
+        self.prefetcher = Prefetcher(loader.load, len(manifest.groups), prefetch, self.stats)
+        self._current: Loaded | None = None
+        self._pass_start = 0.0
+        self._install_hooks()
+
+    @classmethod
+    def from_pretrained(cls, path, *, device="cuda:0", dtype=None, prefetch: int = 1,
+                        trust_remote_code: bool = False) -> "LayeredModel":
+        """Open a converted folder. `dtype` defaults to the folder's; `prefetch` is how many
+        groups the background thread reads ahead (0 reads each group when it is needed)."""
+        from transformers import AutoConfig
+
+        path = Path(path)
+        manifest = read_manifest(path)
+        dev = resolve_device(device)
+        compute_dtype = resolve_runtime_dtype(dtype, manifest.dtype)
+        if prefetch < 0:
+            raise UsageError(f"prefetch must be 0 or more, not {prefetch}")
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = build_empty_model(config, dtype=compute_dtype, trust_remote_code=trust_remote_code)
+        _place_buffers(model, dev)
+        _pin_device(model, dev)
+        _load_generation_config(model, path)
+        loader = GroupLoader(path, manifest, dev, compute_dtype, StreamStats())
+        return cls(model, manifest, loader, device=dev, prefetch=prefetch, tokenizer=_load_tokenizer(path))
+
+    # --- calls go to transformers ------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        with torch.inference_mode():
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        with torch.inference_mode():
+            return self.model.generate(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["model"], name)
+
+    def close(self) -> None:
+        self.prefetcher.close()
+
+    # --- the streaming hooks -------------------------------------------------------------
+    def _install_hooks(self) -> None:
+        layers = self.model.get_submodule(self.manifest.layers_path)
+        for i, group in enumerate(self.groups):
+            if group.kind == "layer":
+                layer = layers[int(group.name.split(".")[1])]
+                layer.register_forward_pre_hook(lambda *_, i=i: self._enter(i))
+                layer.register_forward_hook(lambda *_, i=i: self._leave(i))
+                continue
+            for owner in {slot.module for slot in self._slots[i]}:
+                owner.register_forward_pre_hook(lambda *_, i=i: self._enter(i))
+        self.model.register_forward_pre_hook(lambda *_: self._start_pass())
+        self.model.register_forward_hook(lambda *_: self._end_pass())
+
+    def _enter(self, i: int) -> None:
+        if self._current is not None and self._current.index == i:
+            return
+        if self._current is not None:
+            self._leave(self._current.index)
+        loaded = self.prefetcher.get(i)
+        if loaded.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(loaded.event)
+            for t in loaded.tensors.values():
+                t.record_stream(torch.cuda.current_stream(self.device))
+        for slot, name in zip(self._slots[i], (*self.groups[i].tensors, *self.groups[i].aliases)):
+            slot.put(loaded.tensors[name])
+        self._current = loaded
+        self.stats.layer_loads += 1
+        self.stats.bytes_read += loaded.nbytes
+        self.stats.per_group_loads[i] += 1
+
+    def _leave(self, i: int) -> None:
+        if self._current is None or self._current.index != i:
+            return
+        for slot in self._slots[i]:
+            slot.clear()
+        self._current = None
+        if self.device.type == "cpu":
+            self.loader.release_pages(i)
+
+    def _start_pass(self) -> None:
+        self._pass_start = time.perf_counter()
+
+    def _end_pass(self) -> None:
+        if self._current is not None:
+            self._leave(self._current.index)
+        self.stats.passes += 1
+        self.stats.seconds += time.perf_counter() - self._pass_start
+
+
+def _place_buffers(model: nn.Module, device: torch.device) -> None:
+    """Buffers (rotary tables, masks) are computed at build time; move them to the device."""
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
+
+
+def _pin_device(model: nn.Module, device: torch.device) -> None:
+    """Make `model.device` report the compute device although its parameters sit on meta."""
+    cls = type(model)
+    model.__class__ = type(cls.__name__, (cls,), {"device": property(lambda self: device), "__module__": cls.__module__})
+
+
+def _load_generation_config(model, path: Path) -> None:
+    if (path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    return AutoTokenizer.from_pretrained(path)
