@@ -1,0 +1,128 @@
+"""`reshard`: convert a Hugging Face checkpoint into per-layer safetensors files.
+
+Examples:
+  reshard convert meta-llama/Llama-2-70b-hf llama-70b/ --dtype float16
+  reshard convert ./my-checkpoint out/
+  reshard info llama-70b/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import ReshardError
+
+DEBUG_ENV = "RESHARD_DEBUG"  # set to 1 for tracebacks instead of one-line errors
+
+
+def run_guarded(main_fn, argv=None) -> int:
+    """Run `main_fn(argv)`; known errors become one `Error: ...` line and exit 1."""
+    try:
+        return main_fn(argv) or 0
+    except KeyboardInterrupt:
+        print("Error: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # the one place that turns exceptions into messages
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"Error: {error_line(e)}", file=sys.stderr)
+        return 1
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an exception: ours say what to do; others get a hint to debug."""
+    if isinstance(e, ReshardError):
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, OSError) and e.errno == 28:
+        return f"no space left on device ({e.filename or 'output'}); free some space and run the same command again to resume"
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return f"{e.strerror}: {e.filename}"
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first} (set {DEBUG_ENV}=1 for the traceback)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reshard", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert a checkpoint into per-layer files",
+                       description="Convert SOURCE (a hub repo id, a checkpoint folder or a .gguf file) into OUT.\n\n"
+                                   "Example: reshard convert meta-llama/Llama-2-70b-hf llama-70b/ --dtype float16",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("source", help="hub repo id, local checkpoint folder, or .gguf file")
+    c.add_argument("out", help="output folder")
+    c.add_argument("--revision", help="hub branch, tag or commit (default: main)")
+    c.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="dtype of the written weights (default: the checkpoint's)")
+    c.add_argument("--token", help="hub token (default: $HF_TOKEN)")
+    c.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("info", help="describe a converted folder",
+                       description="Groups, dtype, bytes, and the device memory streaming needs.\n\n"
+                                   "Example: reshard info llama-70b/",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("out", help="a folder written by `reshard convert`")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def main(argv=None) -> int:
+    return run_guarded(_main, argv)
+
+
+def _main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "convert":
+        from .convert import convert
+
+        convert(args.source, args.out, revision=args.revision, dtype=args.dtype, token=args.token,
+                trust_remote_code=args.trust_remote_code, progress=not args.quiet)
+        print(args.out)
+    elif args.command == "info":
+        print_info(args.out, as_json=args.json)
+    return 0
+
+
+def describe(folder) -> dict:
+    from .format import read_manifest
+
+    m = read_manifest(folder)
+    sizes = [g.bytes for g in m.groups]
+    layer_sizes = sorted((g.bytes for g in m.groups if g.kind == "layer"), reverse=True)
+    # Streaming holds the group that runs plus the one read ahead (prefetch 1).
+    streaming = sum(sorted(sizes, reverse=True)[:2])
+    return {
+        "architecture": m.architecture, "dtype": m.dtype, "source": m.source,
+        "groups": [{"name": g.name, "file": g.file, "bytes": g.bytes, "tensors": len(g.tensors)} for g in m.groups],
+        "total_bytes": m.total_bytes, "largest_layer_bytes": layer_sizes[0] if layer_sizes else 0,
+        "streaming_weight_bytes": streaming, "quantization": m.quantization,
+    }
+
+
+def print_info(folder, *, as_json: bool = False) -> None:
+    d = describe(folder)
+    if as_json:
+        print(json.dumps(d, indent=1))
+        return
+    print(f"architecture  {d['architecture']}")
+    print(f"dtype         {d['dtype']}")
+    print(f"source        {d['source'].get('id')} @ {d['source'].get('commit') or d['source'].get('revision') or '-'}")
+    print(f"groups        {len(d['groups'])}")
+    for g in d["groups"]:
+        print(f"  {g['name']:<14} {g['file'] or '(tied)':<28} {_gb(g['bytes']):>10}")
+    print(f"total         {_gb(d['total_bytes'])}")
+    print(f"device memory for weights while streaming (2 largest groups): {_gb(d['streaming_weight_bytes'])}"
+          f" + KV cache and activations")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
