@@ -81,6 +81,7 @@ class LayeredModel:
         self.prefetcher = Prefetcher(loader.load, len(manifest.groups), prefetch, self.stats)
         self._current: Loaded | None = None
         self._pass_start = 0.0
+        self.lockstep = None  # set while a Lockstep runs several forwards through one pass
         self._install_hooks()
 
     @classmethod
@@ -113,6 +114,12 @@ class LayeredModel:
         with torch.inference_mode():
             return self.model.generate(*args, **kwargs)
 
+    def score(self, items: list[dict], *, batch_size: int = 8, progress: bool = False) -> list[dict]:
+        """Log-probabilities of choices given prompts, or of texts, in one weight pass; see runtime/score.py."""
+        from .score import score
+
+        return score(self, items, batch_size=batch_size, progress=progress)
+
     def __getattr__(self, name):
         return getattr(self.__dict__["model"], name)
 
@@ -134,10 +141,15 @@ class LayeredModel:
         self.model.register_forward_hook(lambda *_: self._end_pass())
 
     def _enter(self, i: int) -> None:
+        if self.lockstep is not None:  # several forwards share this pass (runtime/lockstep.py)
+            return self.lockstep.enter(i)
         if self._current is not None and self._current.index == i:
             return
         if self._current is not None:
             self._leave(self._current.index)
+        self._load_group(i)
+
+    def _load_group(self, i: int) -> None:
         loaded = self.prefetcher.get(i)
         if loaded.event is not None:
             torch.cuda.current_stream(self.device).wait_event(loaded.event)
@@ -151,8 +163,10 @@ class LayeredModel:
         self.stats.per_group_loads[i] += 1
 
     def _leave(self, i: int) -> None:
-        if self._current is None or self._current.index != i:
-            return
+        if self.lockstep is None and self._current is not None and self._current.index == i:
+            self._unload_group(i)
+
+    def _unload_group(self, i: int) -> None:
         for slot in self._slots[i]:
             slot.clear()
         self._current = None
@@ -160,9 +174,13 @@ class LayeredModel:
             self.loader.release_pages(i)
 
     def _start_pass(self) -> None:
+        if self.lockstep is not None:
+            return
         self._pass_start = time.perf_counter()
 
     def _end_pass(self) -> None:
+        if self.lockstep is not None:
+            return
         if self._current is not None:
             self._leave(self._current.index)
         self.stats.passes += 1

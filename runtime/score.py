@@ -1,0 +1,265 @@
+"""Scoring in one weight pass: log-probabilities of choices given a prompt, and of texts.
+
+Input items are dicts, as JSONL lines:
+- `{"prompt": str, "choices": [str, ...]}` gets `"scores"` (per choice, the summed log-probability
+  of the choice's tokens given the prompt) and `"best"` (index of the highest score). Tokens
+  are split as lm-evaluation-harness splits them: trailing spaces of the prompt move to the
+  choice, prompt+choice and prompt are encoded separately (no special tokens), and the
+  choice's tokens are those of prompt+choice after the prompt's own.
+- `{"text": str}` gets `"logprob"` (summed over every token after the first) and `"tokens"`
+  (how many tokens that sum covers).
+Other keys pass through.
+
+Items are cut into micro-batches of `batch_size` items, and every micro-batch is a few
+ordinary transformers forwards run together by `Lockstep`: each layer group is read once
+for all of them. A micro-batch of questions is two forwards: the prompts (left-padded, each
+computed once), then all their choices (right-padded) on top of the prompts' KV cache, which
+is handed over layer by layer as the choices' forward enters each layer. A layer's KV is
+dropped once every forward has passed it, so memory holds activations, not whole caches.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from reshard.errors import UsageError
+
+from .lockstep import Job, Lockstep
+
+
+def score(lm, items: list[dict], *, batch_size: int = 8, progress: bool = False) -> list[dict]:
+    """Score `items` (see the module docstring) with the LayeredModel `lm`; new dicts, same order."""
+    if batch_size < 1:
+        raise UsageError(f"batch size must be 1 or more, not {batch_size}")
+    tok = _tokenizer(lm)
+    encoded = [encode_item(tok, item, n) for n, item in enumerate(items)]
+    pad = _pad_id(tok)
+    questions = [n for n, e in enumerate(encoded) if e.context is not None]
+    texts = [n for n, e in enumerate(encoded) if e.context is None]
+    layer_of = {i: int(g.name.split(".")[1]) for i, g in enumerate(lm.groups) if g.kind == "layer"}
+    prompts = [_Prompts(lm, [encoded[n] for n in chunk], pad, layer_of) for chunk in _chunks(questions, batch_size)]
+    choices = [_Choices(lm, p, pad) for p in prompts]
+    text_jobs = [_Texts(lm, [encoded[n] for n in chunk], pad) for chunk in _chunks(texts, batch_size)]
+    parts = _run(lm, prompts + choices + text_jobs, progress)
+    return _assemble(items, encoded, questions, texts, parts, len(prompts), batch_size)
+
+
+class Encoded:
+    """One item's tokens: `context` is None for a text item; `continuations` one list per choice."""
+
+    def __init__(self, context: list[int] | None, continuations: list[list[int]]):
+        self.context, self.continuations = context, continuations
+
+
+def encode_item(tok, item: dict, n: int) -> Encoded:
+    """Tokens of item number `n` (0-based), checked; see the module docstring for the split."""
+    if not isinstance(item, dict):
+        raise UsageError(f"item {n + 1} is not a JSON object")
+    if "text" in item and "prompt" not in item:
+        if not isinstance(item["text"], str):
+            raise UsageError(f"item {n + 1}: \"text\" must be a string")
+        return Encoded(None, [tok(item["text"], add_special_tokens=False)["input_ids"]])
+    prompt, choices = item.get("prompt"), item.get("choices")
+    if not isinstance(prompt, str) or not isinstance(choices, list) or not choices \
+            or not all(isinstance(c, str) for c in choices):
+        raise UsageError(f"item {n + 1} needs \"prompt\" (a string) and \"choices\" (a list of strings), "
+                         f"or \"text\" (a string)")
+    pairs = [encode_pair(tok, prompt, c) for c in choices]
+    return Encoded(pairs[0][0], [cont for _, cont in pairs])
+
+
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context tokens, continuation tokens) as lm-evaluation-harness's `_encode_pair` makes them."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    if not ctx:  # an empty prompt: condition on the end-of-text token, as lm-eval does
+        ctx = [tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id]
+        return ctx, whole
+    return ctx, whole[len(ctx):]
+
+
+# --- the forwards ------------------------------------------------------------------------
+
+class _Prompts:
+    """The prompts of a micro-batch of questions, left-padded; their KV cache feeds `_Choices`."""
+
+    def __init__(self, lm, items: list[Encoded], pad: int, layer_of: dict[int, int]):
+        from transformers import DynamicCache
+
+        self.lm, self.layer_of, self.items = lm, layer_of, items
+        self.ids, self.mask = _pad([e.context for e in items], pad, left=True)
+        self.lengths = self.mask.sum(-1)
+        self.firsts = [sorted({c[0] for c in e.continuations if c}) for e in items]
+        self.cache = DynamicCache(config=lm.config)
+
+    def job(self) -> Job:
+        return Job(self.run)
+
+    def run(self) -> list[dict[int, float]]:
+        """Per prompt: log-probability of each choice's first token after the prompt."""
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.lm.model(input_ids=self.ids, attention_mask=self.mask, position_ids=positions,
+                            use_cache=True, **_cache_arg(self.lm, self.cache), **_last_logits_only(self.lm))
+        logprobs = out.logits[:, -1].float().log_softmax(-1)  # (B, V)
+        return [{t: logprobs[b, t].item() for t in firsts} for b, firsts in enumerate(self.firsts)]
+
+
+class _Choices:
+    """Every choice of a micro-batch's questions, right-padded, continuing its prompt's KV cache."""
+
+    def __init__(self, lm, prompts: _Prompts, pad: int):
+        from transformers import DynamicCache
+
+        self.lm, self.prompts = lm, prompts
+        rows = [(b, c) for b, e in enumerate(prompts.items) for c in e.continuations if c]
+        self.owner = torch.tensor([b for b, _ in rows], dtype=torch.long)
+        self.ids, cont_mask = _pad([c for _, c in rows], pad, left=False)
+        self.mask = torch.cat([prompts.mask[self.owner], cont_mask], dim=-1)
+        self.positions = prompts.lengths[self.owner, None] + torch.arange(self.ids.shape[1])
+        self.cache = DynamicCache(config=lm.config)
+        # Stands for the prompts' KV until the real one is handed over in layer 0: the forward
+        # reads the cache length (for the mask) before any layer runs.
+        stand_in = torch.zeros(len(rows), 1, prompts.ids.shape[1], 1, device=lm.device)
+        _put_kv(self.cache, 0, stand_in, stand_in)
+
+    def job(self) -> Job:
+        return Job(self.run, self.before_group)
+
+    def before_group(self, i: int) -> None:
+        layer = self.prompts.layer_of.get(i)
+        if layer is not None:  # the prompts' forward has run this layer: take its KV, one copy per choice
+            src = self.prompts.cache.layers[layer]
+            _put_kv(self.cache, layer, src.keys[self.owner.to(src.keys.device)],
+                    src.values[self.owner.to(src.values.device)])
+
+    def run(self) -> list[float]:
+        """Per choice row: summed log-probability of its tokens after the first."""
+        if not len(self.owner):
+            return []
+        dev = self.lm.device
+        out = self.lm.model(input_ids=self.ids.to(dev), attention_mask=self.mask.to(dev),
+                            position_ids=self.positions.to(dev), use_cache=True, **_cache_arg(self.lm, self.cache))
+        return _sum_next_token_logprobs(out.logits, self.ids, self.mask[:, -self.ids.shape[1]:])
+
+
+class _Texts:
+    """A micro-batch of texts, right-padded, no cache."""
+
+    def __init__(self, lm, items: list[Encoded], pad: int):
+        self.lm = lm
+        self.ids, self.mask = _pad([e.continuations[0] for e in items], pad, left=False)
+        self.cache = None
+
+    def job(self) -> Job:
+        return Job(self.run)
+
+    def run(self) -> list[float]:
+        dev = self.lm.device
+        out = self.lm.model(input_ids=self.ids.to(dev), attention_mask=self.mask.to(dev), use_cache=False)
+        return _sum_next_token_logprobs(out.logits, self.ids, self.mask)
+
+
+def _run(lm, forwards: list, progress: bool) -> list:
+    from tqdm.auto import tqdm
+
+    caches = [f.cache for f in forwards if f.cache is not None]
+    layer_of = {i: int(g.name.split(".")[1]) for i, g in enumerate(lm.groups) if g.kind == "layer"}
+
+    def drop(i: int) -> None:  # every forward has passed group i: its KV is no longer needed
+        if i in layer_of:
+            for cache in caches:
+                _drop_kv(cache, layer_of[i])
+
+    for f in forwards:  # inputs go to the device up front; masks and positions are small
+        if isinstance(f, _Prompts):
+            f.ids, f.mask = f.ids.to(lm.device), f.mask.to(lm.device)
+    with tqdm(total=len(lm.groups), desc="layers", unit="group", file=sys.stderr, disable=not progress) as bar:
+        lockstep = Lockstep(lm, on_load=lambda i: bar.update(1), on_release=drop)
+        return lockstep.run([f.job() for f in forwards])
+
+
+def _assemble(items, encoded, questions, texts, parts, n_prompt_jobs, batch_size) -> list[dict]:
+    out = [dict(item) for item in items]
+    firsts, rest = parts[:n_prompt_jobs], parts[n_prompt_jobs:2 * n_prompt_jobs]
+    for chunk, first, sums in zip(_chunks(questions, batch_size), firsts, rest):
+        sums = iter(sums)
+        for n, first_lp in zip(chunk, first):
+            scores = [first_lp[c[0]] + next(sums) if c else 0.0 for c in encoded[n].continuations]
+            out[n]["scores"] = scores
+            out[n]["best"] = max(range(len(scores)), key=scores.__getitem__)
+    for chunk, sums in zip(_chunks(texts, batch_size), parts[2 * n_prompt_jobs:]):
+        for n, s in zip(chunk, sums):
+            out[n]["logprob"] = s
+            out[n]["tokens"] = max(len(encoded[n].continuations[0]) - 1, 0)
+    return out
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+def _sum_next_token_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> list[float]:
+    """Per row: sum over positions j >= 1 (where mask is 1) of log p(ids[j] | ids[:j])."""
+    logprobs = logits[:, :-1].float().log_softmax(-1).cpu()  # (B, T-1, V)
+    picked = logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    return (picked * mask[:, 1:]).sum(-1).tolist()
+
+
+def _pad(seqs: list[list[int]], pad: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[r, span], mask[r, span] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+def _put_kv(cache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Make `keys`/`values` the cached past of `layer` (the forward's update appends to them)."""
+    slot = cache.layers[layer]
+    if not slot.is_initialized:
+        slot.update(keys, values)  # first use: lazy set-up, then an append to nothing
+        return
+    slot.keys, slot.values = keys, values
+
+
+def _drop_kv(cache, layer: int) -> None:
+    slot = cache.layers[layer]
+    if slot.is_initialized:
+        slot.keys = slot.values = slot.keys.new_empty(0)
+
+
+def _last_logits_only(lm) -> dict:
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(lm) else {}
+
+
+def _cache_arg(lm, cache) -> dict:
+    """transformers 5.2x names the cache argument `cache`; earlier versions `past_key_values`."""
+    return {"cache": cache} if "cache" in _forward_params(lm) else {"past_key_values": cache}
+
+
+def _forward_params(lm):
+    import inspect
+
+    return inspect.signature(lm.model.forward).parameters
+
+
+def _chunks(seq: list, size: int) -> list[list]:
+    return [seq[k:k + size] for k in range(0, len(seq), size)]
+
+
+def _tokenizer(lm):
+    if lm.tokenizer is None:
+        raise UsageError("this folder has no tokenizer files; convert a checkpoint that has them")
+    return lm.tokenizer
+
+
+def _pad_id(tok) -> int:
+    for t in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id):
+        if t is not None:
+            return t
+    return 0
