@@ -3,6 +3,8 @@
 Examples:
   runtime generate llama-70b/ --prompt "The capital of France is" --max-new-tokens 20
   echo "What is 2+2?" | runtime generate smollm2/ --chat --device cpu
+  runtime generate smollm2/ --prompts-file prompts.txt --max-new-tokens 40 > out.jsonl
+  runtime score smollm2/ questions.jsonl --output scored.jsonl --batch-size 16
 """
 
 from __future__ import annotations
@@ -39,8 +41,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--prompts-file", help="generate for every prompt in FILE together (one per line, or JSONL "
+                                          "with \"prompt\"); writes JSONL to stdout in input order")
+    g.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                   help="propose N tokens per pass copied from the prompt (transformers' prompt lookup)")
+    g.add_argument("--assistant", metavar="PATH", help="a small draft model (checkpoint or converted folder) "
+                                                       "kept on the device, proposing tokens for each pass")
     add_model_options(g)
+    add_score_parser(sub)
     return parser
+
+
+def add_score_parser(sub) -> None:
+    s = sub.add_parser("score", help="log-probabilities of choices or texts, every layer read once",
+                       description="Score JSONL lines {\"prompt\", \"choices\"} (adds \"scores\", \"best\") or "
+                                   "{\"text\"} (adds \"logprob\", \"tokens\"), reading each layer once for all "
+                                   "lines.\n\nExample: runtime score smollm2/ questions.jsonl --output scored.jsonl",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("model", help="a folder written by `reshard convert`")
+    s.add_argument("input", help="JSONL file of items to score")
+    s.add_argument("--output", required=True, help="JSONL file to write, one line per input line")
+    s.add_argument("--batch-size", type=int, default=8, help="items per micro-batch (default 8)")
+    add_model_options(s)
 
 
 def main(argv=None) -> int:
@@ -51,6 +73,8 @@ def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return generate(args)
+    if args.command == "score":
+        return score(args)
     return 2
 
 
@@ -80,6 +104,8 @@ def generate(args) -> int:
     import torch
     from transformers import TextStreamer
 
+    if args.prompts_file is not None:
+        return generate_file(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise UsageError("empty prompt; pass --prompt TEXT or text on stdin")
@@ -93,13 +119,87 @@ def generate(args) -> int:
     streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                         streamer=streamer, pad_token_id=_pad_id(model), **sampling)
+                         streamer=streamer, pad_token_id=_pad_id(model), **sampling, **speculation(args, model))
     if args.stats:
         stats = model.stats.as_dict()
         stats["new_tokens"] = int(out.shape[1] - inputs["input_ids"].shape[1])
         print(json.dumps(stats), file=sys.stderr)
     model.close()
     return 0
+
+
+def speculation(args, model) -> dict:
+    """generate() options for --prompt-lookup and --assistant (several tokens per pass)."""
+    if args.prompt_lookup is not None and args.assistant is not None:
+        raise UsageError("--prompt-lookup and --assistant cannot be combined; pick one")
+    if args.prompt_lookup is not None:
+        if args.prompt_lookup < 1:
+            raise UsageError(f"--prompt-lookup must be 1 or more, not {args.prompt_lookup}")
+        return {"prompt_lookup_num_tokens": args.prompt_lookup}
+    if args.assistant is not None:
+        from .batch import load_assistant
+
+        return {"assistant_model": load_assistant(args.assistant, device=model.device, dtype=model.dtype)}
+    return {}
+
+
+def generate_file(args) -> int:
+    from .batch import generate_batch
+
+    items = read_prompts(args.prompts_file)
+    if len(items) > 1 and (args.prompt_lookup is not None or args.assistant is not None):
+        raise UsageError("--prompt-lookup and --assistant work on one prompt at a time; drop --prompts-file")
+    model = open_model(args)
+    sampling = {"do_sample": False} if args.temperature == 0 else {
+        "do_sample": True, "temperature": args.temperature, **({"top_p": args.top_p} if args.top_p else {})}
+    if args.seed is not None:
+        import torch
+        torch.manual_seed(args.seed)
+    done = generate_batch(model, [it["prompt"] for it in items], chat=args.chat, max_new_tokens=args.max_new_tokens,
+                          min_new_tokens=args.min_new_tokens, **sampling, **speculation(args, model))
+    for item, g in zip(items, done):
+        print(json.dumps({**item, "completion": g.text, "new_tokens": len(g.tokens)}), flush=True)
+    if args.stats:
+        stats = model.stats.as_dict()
+        stats["new_tokens"] = sum(len(g.tokens) for g in done)
+        print(json.dumps(stats), file=sys.stderr)
+    model.close()
+    return 0
+
+
+def read_prompts(path) -> list[dict]:
+    """Prompts of a --prompts-file: JSONL objects with "prompt", or one prompt per (non-empty) line."""
+    lines = [ln for ln in open(path, encoding="utf-8").read().splitlines() if ln.strip()]
+    if not lines:
+        raise UsageError(f"{path} holds no prompts")
+    if not lines[0].lstrip().startswith("{"):
+        return [{"prompt": ln} for ln in lines]
+    items = [_json_line(path, n, ln) for n, ln in enumerate(lines, 1)]
+    for n, it in enumerate(items, 1):
+        if not isinstance(it, dict) or not isinstance(it.get("prompt"), str):
+            raise UsageError(f"{path} line {n} has no \"prompt\" string")
+    return items
+
+
+def score(args) -> int:
+    items = [_json_line(args.input, n, ln) for n, ln in
+             enumerate(open(args.input, encoding="utf-8").read().splitlines(), 1) if ln.strip()]
+    model = open_model(args)
+    scored = model.score(items, batch_size=args.batch_size, progress=True)
+    with open(args.output, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(item) + "\n" for item in scored)
+    print(args.output)
+    if args.stats:
+        print(json.dumps({**model.stats.as_dict(), "items": len(items), "groups": len(model.groups)}), file=sys.stderr)
+    model.close()
+    return 0
+
+
+def _json_line(path, n: int, line: str):
+    try:
+        return json.loads(line)
+    except ValueError as e:
+        raise UsageError(f"{path} line {n} is not valid JSON ({e})") from None
 
 
 def _pad_id(model):

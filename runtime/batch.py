@@ -1,0 +1,132 @@
+"""Generation for many prompts at once, and more than one token per pass.
+
+When every pass reads the whole model, a pass that serves a whole batch costs about what a
+pass for one prompt costs. `generate_batch` left-pads the prompts (so every row's next token
+is in the last column) and runs transformers' `generate` once for all of them.
+
+`load_assistant` opens a small draft model kept whole on the device, for transformers'
+assisted decoding (`assistant_model=`); prompt lookup (`prompt_lookup_num_tokens=`) needs
+nothing extra. With greedy decoding both give exactly the plain greedy tokens, in fewer passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from reshard.errors import UsageError
+from reshard.format import MANIFEST, read_manifest
+
+
+@dataclass
+class Generated:
+    prompt: str
+    text: str  # the new tokens, decoded without special tokens
+    tokens: list[int]  # the new tokens, up to and including the first end-of-sequence token
+    logits: torch.Tensor | None = None  # (len(tokens), vocab): the logits each token was chosen from
+
+
+def generate_batch(lm, prompts: list[str], *, chat: bool = False, keep_logits: bool = False,
+                   **generate_kwargs) -> list[Generated]:
+    """Generate for all `prompts` together: each pass of the model serves the whole batch."""
+    if not prompts:
+        return []
+    tok = _tokenizer(lm)
+    seqs = [prompt_ids(tok, p, chat=chat) for p in prompts]
+    pad = pad_id(lm)
+    ids, mask = pad_left(seqs, pad)
+    dev = lm.device
+    out = lm.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), pad_token_id=pad,
+                      return_dict_in_generate=True, output_logits=keep_logits, **generate_kwargs)
+    new = out.sequences[:, ids.shape[1]:].cpu()
+    eos = _eos_ids(lm)
+    results = []
+    for r, prompt in enumerate(prompts):
+        tokens = _until_eos(new[r].tolist(), eos)
+        logits = torch.stack([step[r] for step in out.logits[:len(tokens)]]).cpu() if keep_logits else None
+        results.append(Generated(prompt, tok.decode(tokens, skip_special_tokens=True), tokens, logits))
+    return results
+
+
+def prompt_ids(tok, text: str, *, chat: bool) -> list[int]:
+    """The prompt's tokens, wrapped in the tokenizer's chat template with `chat`."""
+    if not chat:
+        return tok(text)["input_ids"]
+    if not getattr(tok, "chat_template", None):
+        raise UsageError("this tokenizer has no chat template; drop --chat")
+    text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def pad_left(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (len(seqs), longest): padding on the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        if s:
+            ids[r, width - len(s):], mask[r, width - len(s):] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+def pad_id(lm) -> int:
+    """The generation config's pad token, else its (first) end-of-sequence token, else 0."""
+    gc = lm.generation_config
+    if gc.pad_token_id is not None:
+        return gc.pad_token_id
+    eos = _eos_ids(lm)
+    return eos[0] if eos else 0
+
+
+def load_assistant(path, *, device: torch.device, dtype: torch.dtype):
+    """A draft model for assisted decoding, whole on `device`: a transformers checkpoint folder
+    or a folder written by `reshard convert`."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return _load_converted(path, device, dtype)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"assistant {path} is neither a converted folder nor a transformers checkpoint folder")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+def _load_converted(path: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoConfig
+
+    from reshard.plan import build_empty_model
+
+    from .model import _load_generation_config, _place_buffers
+    from .stream import GroupLoader, StreamStats
+
+    manifest = read_manifest(path)
+    model = build_empty_model(AutoConfig.from_pretrained(path), dtype=dtype)
+    loader = GroupLoader(path, manifest, device, dtype, StreamStats())
+    state = {name: t for i in range(len(manifest.groups)) for name, t in loader.load(i).tensors.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise UsageError(f"assistant {path} lacks weights for {missing[:3]}; convert it again")
+    _place_buffers(model, device)
+    _load_generation_config(model, path)
+    return model.eval()
+
+
+def _eos_ids(lm) -> list[int]:
+    eos = lm.generation_config.eos_token_id
+    return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def _until_eos(tokens: list[int], eos: list[int]) -> list[int]:
+    for k, t in enumerate(tokens):
+        if t in eos:
+            return tokens[:k + 1]
+    return tokens
+
+
+def _tokenizer(lm):
+    if lm.tokenizer is None:
+        raise UsageError("this folder has no tokenizer files; convert a checkpoint that has them")
+    return lm.tokenizer
