@@ -1,0 +1,119 @@
+"""Batched generation equals one prompt at a time; prompt lookup and assistant decoding equal
+plain greedy, in fewer passes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from runtime import LayeredModel
+from runtime.batch import generate_batch, load_assistant
+from runtime.cli import main as runtime_main
+
+GREEDY = dict(do_sample=False, max_new_tokens=12)
+COPY_PROMPT = ("Repeat the following text exactly.\n\nText: The old lighthouse keeper climbed the stairs every "
+               "evening, lit the lamp, and watched the ships pass the rocky coast until dawn.\n\nRepeated text:")
+
+
+def assert_same_as_alone(model, prompts, **kwargs):
+    together = generate_batch(model, prompts, keep_logits=True, **kwargs)
+    for prompt, got in zip(prompts, together):
+        [alone] = generate_batch(model, [prompt], keep_logits=True, **kwargs)
+        assert got.prompt == prompt
+        assert got.tokens == alone.tokens and got.text == alone.text
+        assert (got.logits - alone.logits).abs().max().item() < 1e-4
+    return together
+
+
+def test_batched_generation_equals_one_by_one_tiny(tiny_converted):
+    model = LayeredModel.from_pretrained(tiny_converted["gpt2"], device="cpu")
+    prompts = ["w5 w6 w7", "w20 w21 w22 w23 w24 w25 w26 w27 w28", "w40", "w100 w101 w102 w100"]
+    model.stats.passes = 0
+    assert_same_as_alone(model, prompts, **GREEDY)
+
+
+@pytest.mark.slow
+def test_batched_generation_equals_one_by_one_smollm2(smollm2_converted):
+    model = LayeredModel.from_pretrained(smollm2_converted, device="cpu")
+    prompts = ["What is the capital of France?", "Write a haiku about the sea in winter, please.", "Hi!"]
+    done = assert_same_as_alone(model, prompts, chat=True, **GREEDY)
+    assert len({g.text for g in done}) == 3 and all(len(g.tokens) > 2 for g in done)
+
+
+def test_batch_is_one_pass_per_token(tiny_converted):
+    model = LayeredModel.from_pretrained(tiny_converted["llama"], device="cpu")
+    generate_batch(model, ["w5 w6", "w7 w8 w9", "w10"], min_new_tokens=12, **GREEDY)
+    assert model.stats.passes == 12  # the prompt pass plus 11: every pass serves all three
+
+
+@pytest.mark.slow
+def test_prompt_lookup_and_assistant_equal_greedy_in_fewer_passes(smollm2_checkpoint, smollm2_converted):
+    model = LayeredModel.from_pretrained(smollm2_converted, device="cpu")
+    kwargs = dict(chat=True, do_sample=False, max_new_tokens=24)
+    [plain] = generate_batch(model, [COPY_PROMPT], **kwargs)
+    assert model.stats.passes == len(plain.tokens)
+    assert "lighthouse keeper" in plain.text  # it does copy: the case these methods speed up
+    drafts = {"prompt_lookup_num_tokens": 10,
+              "assistant_model": load_assistant(smollm2_checkpoint, device=model.device, dtype=torch.float32)}
+    for name, value in drafts.items():
+        model.stats.passes = 0
+        [fast] = generate_batch(model, [COPY_PROMPT], **kwargs, **{name: value})
+        assert fast.tokens == plain.tokens, name
+        assert model.stats.passes < len(fast.tokens) / 2, name
+
+
+def test_assistant_from_converted_folder_equals_transformers(tiny_checkpoints, tiny_converted):
+    ref = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.float32).eval()
+    draft = load_assistant(tiny_converted["llama"], device=torch.device("cpu"), dtype=torch.float32)
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        assert torch.equal(draft(ids).logits, ref(ids).logits)
+    assert draft.lm_head.weight is draft.model.embed_tokens.weight or torch.equal(
+        draft.lm_head.weight, draft.model.embed_tokens.weight)
+
+
+def test_cli_prompts_file(tiny_converted, tmp_path, capsys):
+    folder = tiny_converted["llama"]
+    prompts = [{"prompt": "w5 w6 w7", "id": 1}, {"prompt": "w9 w10 w11 w12 w13", "id": 2}, {"prompt": "w3", "id": 3}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    code = runtime_main(["generate", str(folder), "--prompts-file", str(path), "--max-new-tokens", "6",
+                         "--device", "cpu", "--stats"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    lines = [json.loads(line) for line in out.splitlines()]
+    want = generate_batch(LayeredModel.from_pretrained(folder, device="cpu"), [p["prompt"] for p in prompts],
+                          max_new_tokens=6, do_sample=False)
+    assert [ln["id"] for ln in lines] == [1, 2, 3]
+    assert [ln["completion"] for ln in lines] == [w.text for w in want]
+    stats = json.loads(err.strip().splitlines()[-1])
+    assert stats["passes"] == 6 and stats["new_tokens"] == sum(len(w.tokens) for w in want)
+
+
+def test_cli_prompts_file_text_lines_and_errors(tiny_converted, tmp_path, capsys):
+    folder = str(tiny_converted["llama"])
+    path = tmp_path / "p.txt"
+    path.write_text("w5 w6\n\nw7 w8 w9\n")
+    assert runtime_main(["generate", folder, "--prompts-file", str(path), "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert [json.loads(ln)["prompt"] for ln in capsys.readouterr().out.splitlines()] == ["w5 w6", "w7 w8 w9"]
+    code = runtime_main(["generate", folder, "--prompts-file", str(path), "--prompt-lookup", "3", "--device", "cpu"])
+    assert code == 1
+    assert capsys.readouterr().err.strip() == ("Error: --prompt-lookup and --assistant work on one prompt at a "
+                                               "time; drop --prompts-file")
+
+
+def test_cli_prompt_lookup_fewer_passes(tiny_converted, capsys):
+    # Random weights make greedy decoding repeat itself, which prompt lookup can copy.
+    args = ["generate", str(tiny_converted["gpt2"]), "--prompt", "w5 w6 w7 w5 w6 w7", "--max-new-tokens", "12",
+            "--min-new-tokens", "12", "--device", "cpu", "--stats"]
+    assert runtime_main(args) == 0
+    plain_out, plain_err = capsys.readouterr()
+    assert runtime_main(args + ["--prompt-lookup", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert out == plain_out
+    plain, fast = json.loads(plain_err.splitlines()[-1]), json.loads(err.splitlines()[-1])
+    assert plain["passes"] == plain["new_tokens"] == fast["new_tokens"] == 12
+    assert fast["passes"] < 12

@@ -1,0 +1,146 @@
+"""Scoring: equals transformers' own log-probabilities, and reads every layer once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from conftest import ARCHS
+from runtime import LayeredModel
+from runtime.cli import main as runtime_main
+from runtime.score import encode_pair
+
+TOL = 1e-4
+
+ITEMS = [  # prompts of several lengths (padding), choices of several lengths, texts between them
+    {"prompt": "w5 w6 w7", "choices": [" w8", " w9 w10", " w11 w12 w13 w14"], "id": "a"},
+    {"prompt": "w20 w21 w22 w23 w24 w25 w26 w27 ", "choices": ["w30 w31", "w40"]},  # trailing space moves
+    {"text": "w3 w4 w5 w6 w7 w8 w9"},
+    {"prompt": "w50", "choices": [" w51 w52 w53 w54 w55", " w56"]},
+    {"text": "w100 w101"},
+    {"prompt": "w60 w61 w62 w63", "choices": [" w64", " w65", " w66", " w67 w68"]},
+    {"prompt": "", "choices": ["w70 w71", "w72"]},  # empty prompt: conditioned on end-of-text
+]
+
+
+def reference_scores(ref, tok, items) -> list[dict]:
+    """The lm-evaluation-harness definition, one unpadded full forward per choice."""
+
+    def logprob(ctx, cont):
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            lp = ref(ids).logits.float().log_softmax(-1)[0]
+        return sum(lp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
+
+    out = []
+    for item in items:
+        if "text" in item:
+            ids = tok(item["text"], add_special_tokens=False)["input_ids"]
+            out.append({"logprob": logprob(ids[:1], ids[1:]), "tokens": len(ids) - 1})
+        else:
+            out.append({"scores": [logprob(*encode_pair(tok, item["prompt"], c)) for c in item["choices"]]})
+    return out
+
+
+def assert_close(got: list[dict], want: list[dict], items: list[dict]) -> None:
+    assert len(got) == len(items)
+    for g, w, item in zip(got, want, items):
+        assert {k: g[k] for k in item} == item  # input keys pass through
+        if "text" in item:
+            assert g["tokens"] == w["tokens"]
+            assert abs(g["logprob"] - w["logprob"]) < TOL
+        else:
+            assert len(g["scores"]) == len(w["scores"])
+            assert max(abs(a - b) for a, b in zip(g["scores"], w["scores"])) < TOL
+            assert g["best"] == max(range(len(w["scores"])), key=w["scores"].__getitem__)
+
+
+def open_tiny(folder):
+    model = LayeredModel.from_pretrained(folder, device="cpu")
+    # The word-level test tokenizer, whatever class AutoTokenizer would pick for the architecture.
+    model.tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_score_equals_transformers(arch, tiny_checkpoints, tiny_converted):
+    ref = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[arch], dtype=torch.float32).eval()
+    model = open_tiny(tiny_converted[arch])
+    got = model.score(ITEMS, batch_size=2)
+    assert_close(got, reference_scores(ref, model.tokenizer, ITEMS), ITEMS)
+    assert model.stats.layer_loads == len(model.groups)  # 4 question and 1 text micro-batches, one pass
+    assert model.stats.passes == 1
+
+
+def test_many_micro_batches_read_each_layer_once(tiny_converted):
+    model = open_tiny(tiny_converted["llama"])
+    items = [{"prompt": f"w{5 + n} w{9 + n}", "choices": [f" w{n + 3}", " w7 w8"]} for n in range(12)]
+    items += [{"text": f"w{n + 3} w4 w{n + 5}"} for n in range(6)]
+    one_each = model.score(items, batch_size=1)  # 12 prompt + 12 choice + 6 text forwards
+    assert model.stats.layer_loads == len(model.groups)
+    assert set(model.stats.per_group_loads.values()) == {1}
+    together = open_tiny(tiny_converted["llama"]).score(items, batch_size=len(items))
+    for a, b in zip(one_each, together):
+        for key in ("scores", "logprob"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=TOL)
+
+
+def test_shared_prompt_is_computed_once(tiny_converted):
+    model = open_tiny(tiny_converted["qwen2"])
+    shapes = []
+    first_layer = model.model.get_submodule(model.manifest.layers_path)[0]
+    first_layer.register_forward_pre_hook(lambda _, args: shapes.append(tuple(args[0].shape[:2])))
+    item = {"prompt": " ".join(f"w{n}" for n in range(10, 30)), "choices": [" w3", " w4", " w5", " w6 w7"]}
+    model.score([item])
+    assert shapes == [(1, 20), (4, 2)]  # the 20 prompt tokens once; then 4 choices of up to 2 tokens
+
+
+@pytest.mark.slow
+def test_score_smollm2_equals_transformers(smollm2_checkpoint, smollm2_converted):
+    ref = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint, dtype=torch.float32).eval()
+    model = LayeredModel.from_pretrained(smollm2_converted, device="cpu")
+    items = [
+        {"prompt": "The capital of France is", "choices": [" Paris", " a banana", " Berlin, the capital of Germany"]},
+        {"prompt": "Question: How many legs does a cat have?\nAnswer:", "choices": [" four", " two", " eleven"]},
+        {"text": "The quick brown fox jumps over the lazy dog."},
+        {"prompt": "2 + 2 =", "choices": [" 4", " 5"]},
+    ]
+    got = model.score(items, batch_size=2)
+    assert_close(got, reference_scores(ref, model.tokenizer, items), items)
+    assert (got[0]["best"], got[3]["best"]) == (0, 0)  # Paris; 4
+    assert model.stats.layer_loads == len(model.groups)
+
+
+def test_cli_score(tiny_converted, tmp_path, capsys):
+    folder = tiny_converted["gpt2"]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(item) + "\n" for item in ITEMS))
+    code = runtime_main(["score", str(folder), str(src), "--output", str(dst), "--batch-size", "1",
+                         "--device", "cpu", "--stats"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert out.strip() == str(dst)
+    got = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert_close(got, open_tiny(folder).score(ITEMS), ITEMS)
+    stats = json.loads(err.strip().splitlines()[-1])
+    assert stats["layer_loads"] == stats["groups"] and stats["passes"] == 1 and stats["items"] == len(ITEMS)
+    assert "layers" in err  # the progress bar over layers
+
+
+def test_cli_score_bad_lines(tiny_converted, tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "w5", "choices": [" w6"]}\n{"prompt": "w5"}\n')
+    code = runtime_main(["score", str(tiny_converted["llama"]), str(src), "--output", str(tmp_path / "o.jsonl"),
+                         "--device", "cpu"])
+    assert code == 1
+    assert capsys.readouterr().err.strip() == ('Error: item 2 needs "prompt" (a string) and "choices" '
+                                               '(a list of strings), or "text" (a string)')
+    src.write_text('{"text": "w5"}\nnot json\n')
+    code = runtime_main(["score", str(tiny_converted["llama"]), str(src), "--output", str(tmp_path / "o.jsonl"),
+                         "--device", "cpu"])
+    assert code == 1
+    assert capsys.readouterr().err.startswith(f"Error: {src} line 2 is not valid JSON")
