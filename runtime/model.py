@@ -120,6 +120,12 @@ class LayeredModel:
 
         return score(self, items, batch_size=batch_size, progress=progress)
 
+    def generate_batch(self, prompts: list[str], **kwargs):
+        """Generate for all `prompts` together, each pass serving the whole batch; see runtime/batch.py."""
+        from .batch import generate_batch
+
+        return generate_batch(self, prompts, **kwargs)
+
     def __getattr__(self, name):
         return getattr(self.__dict__["model"], name)
 

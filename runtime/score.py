@@ -33,6 +33,8 @@ def score(lm, items: list[dict], *, batch_size: int = 8, progress: bool = False)
     """Score `items` (see the module docstring) with the LayeredModel `lm`; new dicts, same order."""
     if batch_size < 1:
         raise UsageError(f"batch size must be 1 or more, not {batch_size}")
+    if not items:
+        return []
     tok = _tokenizer(lm)
     encoded = [encode_item(tok, item, n) for n, item in enumerate(items)]
     pad = _pad_id(tok)
@@ -203,9 +205,9 @@ def _assemble(items, encoded, questions, texts, parts, n_prompt_jobs, batch_size
 
 def _sum_next_token_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> list[float]:
     """Per row: sum over positions j >= 1 (where mask is 1) of log p(ids[j] | ids[:j])."""
-    logprobs = logits[:, :-1].float().log_softmax(-1).cpu()  # (B, T-1, V)
-    picked = logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    return (picked * mask[:, 1:]).sum(-1).tolist()
+    logprobs = logits[:, :-1].float().log_softmax(-1)  # (B, T-1, V)
+    picked = logprobs.gather(-1, ids[:, 1:, None].to(logits.device)).squeeze(-1)  # (B, T-1)
+    return (picked * mask[:, 1:].to(picked.device)).sum(-1).tolist()
 
 
 def _pad(seqs: list[list[int]], pad: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -117,3 +117,27 @@ def test_cli_prompt_lookup_fewer_passes(tiny_converted, capsys):
     plain, fast = json.loads(plain_err.splitlines()[-1]), json.loads(err.splitlines()[-1])
     assert plain["passes"] == plain["new_tokens"] == fast["new_tokens"] == 12
     assert fast["passes"] < 12
+
+
+@pytest.mark.parametrize("draft", ["checkpoint", "converted"])
+def test_cli_assistant_same_text_fewer_passes(draft, tiny_checkpoints, tiny_converted, capsys):
+    # The model as its own draft: every proposed token is accepted, so passes drop the most.
+    folders = {"checkpoint": tiny_checkpoints["llama"], "converted": tiny_converted["llama"]}
+    args = ["generate", str(tiny_converted["llama"]), "--prompt", "w5 w6 w7", "--max-new-tokens", "12",
+            "--min-new-tokens", "12", "--device", "cpu", "--stats"]
+    assert runtime_main(args) == 0
+    plain_out, _ = capsys.readouterr()
+    assert runtime_main(args + ["--assistant", str(folders[draft])]) == 0
+    out, err = capsys.readouterr()
+    assert out == plain_out
+    stats = json.loads(err.splitlines()[-1])
+    assert stats["new_tokens"] == 12 and stats["passes"] < 12
+
+
+def test_cli_assistant_errors(tiny_converted, tmp_path, capsys):
+    args = ["generate", str(tiny_converted["llama"]), "--prompt", "w5", "--max-new-tokens", "4", "--device", "cpu"]
+    assert runtime_main(args + ["--assistant", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == (f"Error: assistant {tmp_path} is neither a converted folder nor a "
+                                               f"transformers checkpoint folder")
+    assert runtime_main(args + ["--assistant", str(tmp_path), "--prompt-lookup", "2"]) == 1
+    assert capsys.readouterr().err.strip() == "Error: --prompt-lookup and --assistant cannot be combined; pick one"
