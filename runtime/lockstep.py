@@ -40,7 +40,8 @@ class Lockstep:
     def __init__(self, model, *, on_load: Callable[[int], None] | None = None,
                  on_release: Callable[[int], None] | None = None):
         self.model, self.on_load, self.on_release = model, on_load, on_release
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        self.turns: list[threading.Condition] = []  # per job, on `lock`: woken only when it is that job's turn
         self.local = threading.local()
         self.at: list[float] = []  # per job: the group it waits for or runs in (-1: not started)
         self.holder: int | None = None  # the job that may compute now
@@ -50,6 +51,7 @@ class Lockstep:
     def run(self, jobs: list[Job]) -> list:
         """Run every job; return their results in order. Counts as one pass in `model.stats`."""
         self.jobs, self.at, results = jobs, [-1] * len(jobs), [None] * len(jobs)
+        self.turns = [threading.Condition(self.lock) for _ in jobs]
         threads = [threading.Thread(target=self._work, args=(k, results), name=f"lockstep-{k}", daemon=True)
                    for k in range(len(jobs))]
         t0 = time.perf_counter()
@@ -87,19 +89,15 @@ class Lockstep:
         except BaseException as e:  # noqa: BLE001 - handed to the caller of run()
             self.errors.append(e)
         finally:
-            with self.cond:
+            with self.lock:
                 self.at[k] = DONE
-                if self.holder == k:
-                    self.holder = None
-                self.cond.notify_all()
+                self._pass_token(k)
 
     def _wait_turn(self, k: int, i: int) -> None:
-        with self.cond:
+        with self.lock:
             self.at[k] = i
-            if self.holder == k:
-                self.holder = None
-                self.cond.notify_all()
-            self.cond.wait_for(lambda: self.holder is None and self._next() == k)
+            self._pass_token(k)
+            self.turns[k].wait_for(lambda: self.holder is None and self._next() == k)
             self.holder = k
             if i >= 0 and self.loaded != i:
                 self._release()
@@ -107,6 +105,13 @@ class Lockstep:
                 self.loaded = i
                 if self.on_load is not None:
                     self.on_load(i)
+
+    def _pass_token(self, k: int) -> None:
+        """Job k lets go of the token (if it has it) and wakes the job whose turn it is now."""
+        if self.holder == k:
+            self.holder = None
+        if self.holder is None and min(self.at) != DONE:
+            self.turns[self._next()].notify()
 
     def _next(self) -> int:
         """The job to run next: the lowest-numbered one among those waiting for the lowest group."""

@@ -79,8 +79,8 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
     ctx = tok(context, add_special_tokens=False)["input_ids"]
-    if not ctx:  # an empty prompt: condition on the end-of-text token, as lm-eval does
-        ctx = [tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id]
+    if not ctx:  # an empty prompt: condition on lm-eval's prefix token (BOS, else EOS)
+        ctx = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
         return ctx, whole
     return ctx, whole[len(ctx):]
 
