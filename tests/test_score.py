@@ -105,13 +105,12 @@ def test_score_smollm2_equals_transformers(smollm2_checkpoint, smollm2_converted
     model = LayeredModel.from_pretrained(smollm2_converted, device="cpu")
     items = [
         {"prompt": "The capital of France is", "choices": [" Paris", " a banana", " Berlin, the capital of Germany"]},
-        {"prompt": "Question: How many legs does a cat have?\nAnswer:", "choices": [" four", " two", " eleven"]},
         {"text": "The quick brown fox jumps over the lazy dog."},
         {"prompt": "2 + 2 =", "choices": [" 4", " 5"]},
     ]
     got = model.score(items, batch_size=2)
     assert_close(got, reference_scores(ref, model.tokenizer, items), items)
-    assert (got[0]["best"], got[3]["best"]) == (0, 0)  # Paris; 4
+    assert (got[0]["best"], got[2]["best"]) == (0, 0)  # Paris; 4
     assert model.stats.layer_loads == len(model.groups)
 
 
