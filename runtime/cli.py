@@ -62,6 +62,8 @@ def add_score_parser(sub) -> None:
     s.add_argument("input", help="JSONL file of items to score")
     s.add_argument("--output", required=True, help="JSONL file to write, one line per input line")
     s.add_argument("--batch-size", type=int, default=8, help="items per micro-batch (default 8)")
+    s.add_argument("--offload-activations", action="store_true",
+                   help="keep waiting micro-batches' activations in host memory (when they do not fit on the device)")
     add_model_options(s)
 
 
@@ -185,7 +187,7 @@ def score(args) -> int:
     items = [_json_line(args.input, n, ln) for n, ln in
              enumerate(open(args.input, encoding="utf-8").read().splitlines(), 1) if ln.strip()]
     model = open_model(args)
-    scored = model.score(items, batch_size=args.batch_size, progress=True)
+    scored = model.score(items, batch_size=args.batch_size, progress=True, offload=args.offload_activations)
     with open(args.output, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(item) + "\n" for item in scored)
     print(args.output)

@@ -13,6 +13,11 @@ loading group i themselves, and that call is the scheduler:
 Jobs with lower numbers therefore always run a group before jobs with higher numbers,
 which lets a later job use what an earlier one computed in the same group (the scorer
 hands a shared prompt's KV cache to the jobs that score its choices this way).
+
+With `offload`, a job parked before a decoder layer keeps its activations (the layer's
+tensor inputs: hidden states, mask, position embeddings) in host memory until its turn:
+the tensors themselves are moved (`t.data = ...`), so the references the model's own
+forward holds follow them and the device copies are freed.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ class Lockstep:
     """Runs jobs through one pass of `model`'s groups; see the module docstring."""
 
     def __init__(self, model, *, on_load: Callable[[int], None] | None = None,
-                 on_release: Callable[[int], None] | None = None):
-        self.model, self.on_load, self.on_release = model, on_load, on_release
+                 on_release: Callable[[int], None] | None = None, offload: torch.device | None = None):
+        self.model, self.on_load, self.on_release, self.offload = model, on_load, on_release, offload
+        self.offloaded_bytes = 0  # activation bytes moved to host memory and back
         self.lock = threading.Lock()
         self.turns: list[threading.Condition] = []  # per job, on `lock`: woken only when it is that job's turn
         self.local = threading.local()
@@ -56,6 +62,7 @@ class Lockstep:
                    for k in range(len(jobs))]
         t0 = time.perf_counter()
         self.model.lockstep = self
+        hooks = self._watch_layer_inputs() if self.offload is not None else []
         try:
             for t in threads:
                 t.start()
@@ -63,6 +70,8 @@ class Lockstep:
                 t.join()
         finally:
             self.model.lockstep = None
+            for h in hooks:
+                h.remove()
             self._release()
         self.model.stats.passes += 1
         self.model.stats.seconds += time.perf_counter() - t0
@@ -75,9 +84,38 @@ class Lockstep:
         k = self.local.k
         if self.at[k] == i:
             return  # another module of the group it is in
+        parked = self._to_host(getattr(self.local, "inputs", None))
+        self.local.inputs = None
         self._wait_turn(k, i)
+        for t in parked:
+            t.data = t.data.to(self.model.device)
         if self.jobs[k].before_group is not None:
             self.jobs[k].before_group(i)
+
+    # --- activations in host memory ---------------------------------------------------------
+    def _watch_layer_inputs(self) -> list:
+        """Hooks that note each decoder layer's tensor inputs before the layer's group is entered."""
+        layers = self.model.model.get_submodule(self.model.manifest.layers_path)
+        keep = {id(t) for t in self.model.model.buffers()}
+
+        def note(module, args, kwargs):
+            found = [*args, *kwargs.values()]
+            found += [x for v in kwargs.values() if isinstance(v, tuple) for x in v]  # (cos, sin)
+            self.local.inputs = [t for t in found if isinstance(t, torch.Tensor) and id(t) not in keep]
+
+        return [layer.register_forward_pre_hook(note, with_kwargs=True, prepend=True) for layer in layers]
+
+    def _to_host(self, inputs: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        if not inputs:
+            return []
+        seen, moved = set(), []
+        for t in inputs:
+            if id(t) not in seen and t.device == self.model.device:
+                seen.add(id(t))
+                t.data = t.data.to(self.offload, copy=True)
+                self.offloaded_bytes += t.numel() * t.element_size()
+                moved.append(t)
+        return moved
 
     # --- the scheduler -------------------------------------------------------------------
     def _work(self, k: int, results: list) -> None:

@@ -114,11 +114,11 @@ class LayeredModel:
         with torch.inference_mode():
             return self.model.generate(*args, **kwargs)
 
-    def score(self, items: list[dict], *, batch_size: int = 8, progress: bool = False) -> list[dict]:
+    def score(self, items: list[dict], **kwargs) -> list[dict]:
         """Log-probabilities of choices given prompts, or of texts, in one weight pass; see runtime/score.py."""
         from .score import score
 
-        return score(self, items, batch_size=batch_size, progress=progress)
+        return score(self, items, **kwargs)
 
     def generate_batch(self, prompts: list[str], **kwargs):
         """Generate for all `prompts` together, each pass serving the whole batch; see runtime/batch.py."""

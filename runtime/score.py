@@ -29,8 +29,12 @@ from reshard.errors import UsageError
 from .lockstep import Job, Lockstep
 
 
-def score(lm, items: list[dict], *, batch_size: int = 8, progress: bool = False) -> list[dict]:
-    """Score `items` (see the module docstring) with the LayeredModel `lm`; new dicts, same order."""
+def score(lm, items: list[dict], *, batch_size: int = 8, progress: bool = False,
+          offload: bool = False) -> list[dict]:
+    """Score `items` (see the module docstring) with the LayeredModel `lm`; new dicts, same order.
+
+    `offload` keeps the activations of micro-batches waiting for their turn at a layer in host
+    memory, for inputs whose activations do not all fit on the device at once."""
     if batch_size < 1:
         raise UsageError(f"batch size must be 1 or more, not {batch_size}")
     if not items:
@@ -44,7 +48,7 @@ def score(lm, items: list[dict], *, batch_size: int = 8, progress: bool = False)
     prompts = [_Prompts(lm, [encoded[n] for n in chunk], pad, layer_of) for chunk in _chunks(questions, batch_size)]
     choices = [_Choices(lm, p, pad) for p in prompts]
     text_jobs = [_Texts(lm, [encoded[n] for n in chunk], pad) for chunk in _chunks(texts, batch_size)]
-    parts = _run(lm, prompts + choices + text_jobs, progress)
+    parts = _run(lm, prompts + choices + text_jobs, progress, offload)
     return _assemble(items, encoded, questions, texts, parts, len(prompts), batch_size)
 
 
@@ -166,7 +170,7 @@ class _Texts:
         return _sum_next_token_logprobs(out.logits, self.ids, self.mask)
 
 
-def _run(lm, forwards: list, progress: bool) -> list:
+def _run(lm, forwards: list, progress: bool, offload: bool) -> list:
     from tqdm.auto import tqdm
 
     caches = [f.cache for f in forwards if f.cache is not None]
@@ -181,7 +185,8 @@ def _run(lm, forwards: list, progress: bool) -> list:
         if isinstance(f, _Prompts):
             f.ids, f.mask = f.ids.to(lm.device), f.mask.to(lm.device)
     with tqdm(total=len(lm.groups), desc="layers", unit="group", file=sys.stderr, disable=not progress) as bar:
-        lockstep = Lockstep(lm, on_load=lambda i: bar.update(1), on_release=drop)
+        lockstep = Lockstep(lm, on_load=lambda i: bar.update(1), on_release=drop,
+                            offload=torch.device("cpu") if offload else None)
         return lockstep.run([f.job() for f in forwards])
 
 
