@@ -19,6 +19,8 @@ import torch
 from reshard.errors import UsageError
 from reshard.format import MANIFEST, read_manifest
 
+from .score import pad_batch
+
 
 @dataclass
 class Generated:
@@ -36,7 +38,7 @@ def generate_batch(lm, prompts: list[str], *, chat: bool = False, keep_logits: b
     tok = _tokenizer(lm)
     seqs = [prompt_ids(tok, p, chat=chat) for p in prompts]
     pad = pad_id(lm)
-    ids, mask = pad_left(seqs, pad)
+    ids, mask = pad_batch(seqs, pad, left=True)
     dev = lm.device
     out = lm.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), pad_token_id=pad,
                       return_dict_in_generate=True, output_logits=keep_logits, **generate_kwargs)
@@ -58,17 +60,6 @@ def prompt_ids(tok, text: str, *, chat: bool) -> list[int]:
         raise UsageError("this tokenizer has no chat template; drop --chat")
     text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
     return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def pad_left(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask), both (len(seqs), longest): padding on the left."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        if s:
-            ids[r, width - len(s):], mask[r, width - len(s):] = torch.tensor(s, dtype=torch.long), 1
-    return ids, mask
 
 
 def pad_id(lm) -> int:

@@ -98,7 +98,7 @@ class _Prompts:
         from transformers import DynamicCache
 
         self.lm, self.layer_of, self.items = lm, layer_of, items
-        self.ids, self.mask = _pad([e.context for e in items], pad, left=True)
+        self.ids, self.mask = pad_batch([e.context for e in items], pad, left=True)
         self.lengths = self.mask.sum(-1)
         self.firsts = [sorted({c[0] for c in e.continuations if c}) for e in items]
         self.cache = DynamicCache(config=lm.config)
@@ -124,7 +124,7 @@ class _Choices:
         self.lm, self.prompts = lm, prompts
         rows = [(b, c) for b, e in enumerate(prompts.items) for c in e.continuations if c]
         self.owner = torch.tensor([b for b, _ in rows], dtype=torch.long)
-        self.ids, cont_mask = _pad([c for _, c in rows], pad, left=False)
+        self.ids, cont_mask = pad_batch([c for _, c in rows], pad, left=False)
         self.mask = torch.cat([prompts.mask[self.owner], cont_mask], dim=-1)
         self.positions = prompts.lengths[self.owner, None] + torch.arange(self.ids.shape[1])
         self.cache = DynamicCache(config=lm.config)
@@ -158,13 +158,15 @@ class _Texts:
 
     def __init__(self, lm, items: list[Encoded], pad: int):
         self.lm = lm
-        self.ids, self.mask = _pad([e.continuations[0] for e in items], pad, left=False)
+        self.ids, self.mask = pad_batch([e.continuations[0] for e in items], pad, left=False)
         self.cache = None
 
     def job(self) -> Job:
         return Job(self.run)
 
     def run(self) -> list[float]:
+        if self.ids.shape[1] < 2:  # no text has a token after its first
+            return [0.0] * len(self.ids)
         dev = self.lm.device
         out = self.lm.model(input_ids=self.ids.to(dev), attention_mask=self.mask.to(dev), use_cache=False)
         return _sum_next_token_logprobs(out.logits, self.ids, self.mask)
@@ -215,13 +217,15 @@ def _sum_next_token_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torc
     return (picked * mask[:, 1:].to(picked.device)).sum(-1).tolist()
 
 
-def _pad(seqs: list[list[int]], pad: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
+def pad_batch(seqs: list[list[int]], pad: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (len(seqs), longest), padded on the left or the right."""
+    width = max((len(s) for s in seqs), default=0)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for r, s in enumerate(seqs):
         span = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[r, span], mask[r, span] = torch.tensor(s, dtype=torch.long), 1
+        if s:
+            ids[r, span], mask[r, span] = torch.tensor(s, dtype=torch.long), 1
     return ids, mask
 
 

@@ -157,3 +157,12 @@ def test_offloaded_activations_give_the_same_results(tiny_converted):
     assert lockstep.offloaded_bytes >= 3 * 4 * sum(ids.numel() * 64 for ids in inputs)  # hidden states, 3 layers
     assert model.stats.layer_loads == 3 * len(model.groups) + len(model.groups)
     assert model.score(ITEMS, batch_size=2, offload=True) == open_tiny(tiny_converted["gemma"]).score(ITEMS, batch_size=2)
+
+
+def test_items_with_nothing_to_score(tiny_converted):
+    model = open_tiny(tiny_converted["llama"])
+    # "w7w8" is one unknown word, so the choice adds no token after the prompt's; "" and "w9" have no second token
+    got = model.score([{"prompt": "w5 w6 w7", "choices": ["w8"]}, {"text": ""}, {"text": "w9"}])
+    assert got[0]["scores"] == [0.0] and got[0]["best"] == 0
+    assert (got[1]["logprob"], got[1]["tokens"], got[2]["logprob"], got[2]["tokens"]) == (0.0, 0, 0.0, 0)
+    assert model.stats.layer_loads == len(model.groups)
