@@ -3,6 +3,7 @@
 Examples:
   reshard convert meta-llama/Llama-2-70b-hf llama-70b/ --dtype float16
   reshard convert ./my-checkpoint out/
+  reshard convert meta-llama/Llama-2-70b-hf llama-70b-int4/ --dtype float16 --quantize int4
   reshard info llama-70b/
 """
 
@@ -60,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the written weights (default: the checkpoint's)")
     c.add_argument("--token", help="hub token (default: $HF_TOKEN)")
     c.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+    c.add_argument("--quantize", choices=["int8", "int4"],
+                   help="store the decoder layers' linear weights as int8 (per output channel) or int4 (group-wise)")
+    c.add_argument("--quantize-group", type=int, default=32, metavar="N",
+                   help="int4: input columns per scale/zero group (default 32)")
+    c.add_argument("--quantize-embeddings", action="store_true",
+                   help="with --quantize: quantize the embeddings and the output head too")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
 
     i = sub.add_parser("info", help="describe a converted folder",
@@ -80,18 +87,30 @@ def _main(argv) -> int:
     if args.command == "convert":
         from .convert import convert
 
+        check_quantize_flags(args)
         convert(args.source, args.out, revision=args.revision, dtype=args.dtype, token=args.token,
-                trust_remote_code=args.trust_remote_code, progress=not args.quiet)
+                trust_remote_code=args.trust_remote_code, progress=not args.quiet, quantize=args.quantize,
+                quantize_group=args.quantize_group, quantize_embeddings=args.quantize_embeddings)
         print(args.out)
     elif args.command == "info":
         print_info(args.out, as_json=args.json)
     return 0
 
 
+def check_quantize_flags(args) -> None:
+    from .errors import UsageError
+
+    if not args.quantize and (args.quantize_embeddings or args.quantize_group != 32):
+        raise UsageError("--quantize-group and --quantize-embeddings need --quantize int8 or int4")
+    if args.quantize == "int8" and args.quantize_group != 32:
+        raise UsageError("--quantize-group applies to int4 only; int8 has one scale per output channel")
+
+
 def describe(folder) -> dict:
-    from .format import read_manifest
+    from .format import read_manifest, unquantized_bytes
 
     m = read_manifest(folder)
+    scheme = (m.quantization or {}).get("scheme")
     sizes = [g.bytes for g in m.groups]
     layer_sizes = sorted((g.bytes for g in m.groups if g.kind == "layer"), reverse=True)
     # Streaming holds the group that runs plus the one read ahead (prefetch 1).
@@ -101,6 +120,10 @@ def describe(folder) -> dict:
         "groups": [{"name": g.name, "file": g.file, "bytes": g.bytes, "tensors": len(g.tensors)} for g in m.groups],
         "total_bytes": m.total_bytes, "largest_layer_bytes": layer_sizes[0] if layer_sizes else 0,
         "streaming_weight_bytes": streaming, "quantization": m.quantization,
+        # bytes read per forward pass (every file once), and what they would be unquantized
+        "pass_bytes": m.total_bytes, "pass_bytes_unquantized": sum(unquantized_bytes(g, scheme) for g in m.groups),
+        "layer_bytes": sum(g.bytes for g in m.groups if g.kind == "layer"),
+        "layer_bytes_unquantized": sum(unquantized_bytes(g, scheme) for g in m.groups if g.kind == "layer"),
     }
 
 
@@ -116,6 +139,13 @@ def print_info(folder, *, as_json: bool = False) -> None:
     for g in d["groups"]:
         print(f"  {g['name']:<14} {g['file'] or '(tied)':<28} {_gb(g['bytes']):>10}")
     print(f"total         {_gb(d['total_bytes'])}")
+    if d["quantization"]:
+        q = d["quantization"]
+        group = f" group {q['group_size']}" if q.get("group_size") else ""
+        print(f"quantization  {q['scheme']}{group}{', embeddings too' if q.get('embeddings') else ''}")
+        print(f"bytes/pass    {_gb(d['pass_bytes'])} ({_gb(d['pass_bytes_unquantized'])} unquantized, "
+              f"{d['pass_bytes'] / d['pass_bytes_unquantized']:.3f}x); decoder layers "
+              f"{d['layer_bytes'] / d['layer_bytes_unquantized']:.3f}x")
     print(f"device memory for weights while streaming (2 largest groups): {_gb(d['streaming_weight_bytes'])}"
           f" + KV cache and activations")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,9 +16,10 @@ from tqdm.auto import tqdm
 
 from . import hub
 from .errors import SourceError, UsageError
-from .format import DTYPE_NAMES, DTYPE_TO_ST, Group, Manifest, dtype_name, group_file_name, write_group_file, write_text_atomic, MANIFEST
+from .format import DTYPE_NAMES, DTYPE_TO_ST, Group, Manifest, dtype_name, group_file_name, quant_part_names, write_group_file, write_text_atomic, MANIFEST
 from .keymap import check_shape, map_keys
 from .plan import build_empty_model, plan_groups
+from .quant import DEFAULT_GROUP, check_scheme, quantizable_params, quantize as quantize_weight
 from .source import SIDE_FILES, GGUFSource, Source, open_local
 
 
@@ -41,10 +43,18 @@ def resolve_dtype(name: str, config) -> torch.dtype:
 
 
 def convert(source: str, out: str | Path, *, revision: str | None = None, dtype: str = "auto",
-            token: str | None = None, trust_remote_code: bool = False, progress: bool = True) -> Manifest:
-    """Convert `source` (hub repo id, checkpoint folder or .gguf file) into `out`."""
+            token: str | None = None, trust_remote_code: bool = False, progress: bool = True,
+            quantize: str | None = None, quantize_group: int = DEFAULT_GROUP,
+            quantize_embeddings: bool = False) -> Manifest:
+    """Convert `source` (hub repo id, checkpoint folder or .gguf file) into `out`.
+
+    `quantize` ("int8" or "int4", group size `quantize_group`) stores the decoder layers'
+    linear weights (and the embeddings/head if `quantize_embeddings`) quantized; see reshard/quant.py.
+    """
     from transformers import AutoConfig
 
+    if quantize:
+        check_scheme(quantize, quantize_group)
     out = Path(out)
     src = open_source(source, revision=revision, token=token)
     try:
@@ -61,10 +71,12 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
         mapping = map_keys(model, src.keys(), params, aliases=plan.tied)
         out.mkdir(parents=True, exist_ok=True)
         _copy_side_files(src.folder, out)
-        groups = _write_groups(src, plan, mapping, out, target, progress)
+        quant = _QuantSpec(quantize, quantize_group, quantizable_params(model, plan, embeddings=quantize_embeddings)) \
+            if quantize else None
+        groups = _write_groups(src, plan, mapping, out, target, progress, quant)
         manifest = Manifest(
             source=src.info, dtype=dtype_name(target), architecture=type(model).__name__,
-            layers_path=plan.layers_path, groups=groups)
+            layers_path=plan.layers_path, groups=groups, quantization=quant and quant.manifest_entry(quantize_embeddings))
         write_text_atomic(out / MANIFEST, manifest.to_json())
         return manifest
     finally:
@@ -77,24 +89,48 @@ def _copy_side_files(folder: Path, out: Path) -> None:
             shutil.copyfile(folder / name, out / name)
 
 
-def _write_groups(src: Source, plan, mapping, out: Path, target: torch.dtype, progress: bool) -> list[Group]:
+@dataclass
+class _QuantSpec:
+    scheme: str  # "int8" or "int4"
+    group: int  # int4 group size
+    params: dict[str, bool]  # param to quantize -> stored transposed (Conv1D)
+
+    def manifest_entry(self, embeddings: bool) -> dict:
+        return {"scheme": self.scheme, "group_size": self.group if self.scheme == "int4" else None,
+                "embeddings": embeddings}
+
+    def store(self, name: str, t: torch.Tensor, target: torch.dtype, tensors: dict, quantized: dict) -> None:
+        """Put `name`'s quantized parts into `tensors`, and what it expands to into `quantized`."""
+        transposed = self.params[name]
+        w = t.t() if transposed else t
+        parts = quantize_weight(w, self.scheme, group=self.group, dtype=target)
+        for part, stored in quant_part_names(name, self.scheme).items():
+            tensors[stored] = parts[part]
+        quantized[name] = {"shape": list(t.shape), "dtype": DTYPE_TO_ST[target], "transposed": transposed}
+
+
+def _write_groups(src: Source, plan, mapping, out: Path, target: torch.dtype, progress: bool,
+                  quant: _QuantSpec | None = None) -> list[Group]:
     total = sum(s.numel() for g in plan.groups for s in g.params.values()) * target.itemsize
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="reshard", file=sys.stderr, disable=not progress)
     groups = []
     with bar:
         for planned in plan.groups:
             raw = src.read([mapping[p] for p in planned.params])
-            tensors = {}
+            tensors, quantized = {}, {}
             for pname, shape in planned.params.items():
                 t = raw.pop(mapping[pname])
                 check_shape(pname, t, shape)
-                tensors[pname] = t.to(target) if t.is_floating_point() else t
+                if quant and pname in quant.params:
+                    quant.store(pname, t, target, tensors, quantized)
+                else:
+                    tensors[pname] = t.to(target) if t.is_floating_point() else t
             file = group_file_name(planned.name) if tensors else None
             size, sha = write_group_file(out / file, tensors) if file else (0, "")
             groups.append(Group(
                 name=planned.name, kind=planned.kind, file=file, bytes=size, sha256=sha,
                 tensors={n: {"dtype": DTYPE_TO_ST[t.dtype], "shape": list(t.shape)} for n, t in tensors.items()},
-                aliases=dict(planned.aliases)))
-            bar.update(sum(t.numel() * t.element_size() for t in tensors.values()))
+                aliases=dict(planned.aliases), quantized=quantized))
+            bar.update(sum(s.numel() for s in planned.params.values()) * target.itemsize)
             del tensors, raw
     return groups

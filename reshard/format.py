@@ -68,6 +68,9 @@ class Group:
     sha256: str = ""  # of the whole file
     tensors: dict[str, dict] = field(default_factory=dict)  # param name -> {"dtype", "shape"}
     aliases: dict[str, str] = field(default_factory=dict)  # tied param -> the param whose tensor it uses
+    # quantized param -> {"shape", "dtype" (safetensors name), "transposed"}: what it expands to;
+    # it is stored as the tensors `quant_part_names` gives (see reshard/quant.py)
+    quantized: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -95,6 +98,51 @@ class Manifest:
         raise KeyError(name)
 
 
+# --- quantized parameters ------------------------------------------------------------------
+
+QUANT_PARTS = {"int8": ("qweight", "scales"), "int4": ("qweight", "scales", "zeros")}
+
+
+def quant_part_names(param: str, scheme: str) -> dict[str, str]:
+    """`X.weight` -> {"qweight": "X.weight.qweight", "scales": ..., ["zeros": ...]}: its stored tensors."""
+    return {part: f"{param}.{part}" for part in QUANT_PARTS[scheme]}
+
+
+def param_names(group: Group, scheme: str | None = None) -> list[str]:
+    """The model parameters `group`'s file provides (quantized ones by their own name)."""
+    stored = set().union(*(quant_part_names(p, scheme).values() for p in group.quantized)) if group.quantized else set()
+    return [n for n in group.tensors if n not in stored] + list(group.quantized)
+
+
+def unquantized_bytes(group: Group, scheme: str | None) -> int:
+    """The group's file size had its quantized parameters been stored in their own dtype."""
+    size = group.bytes
+    for param, info in group.quantized.items():
+        for name in quant_part_names(param, scheme).values():
+            t = group.tensors[name]
+            size -= _numel(t["shape"]) * ST_TO_DTYPE[t["dtype"]].itemsize
+        size += _numel(info["shape"]) * ST_TO_DTYPE[info["dtype"]].itemsize
+    return size
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _check_quantized(m: Manifest, path) -> None:
+    scheme = (m.quantization or {}).get("scheme")
+    for g in m.groups:
+        if g.quantized and scheme not in QUANT_PARTS:
+            raise FormatError(f"{path}: group {g.name} has quantized tensors but the quantization scheme is {scheme!r}")
+        for param in g.quantized:
+            missing = [n for n in quant_part_names(param, scheme).values() if n not in g.tensors]
+            if missing:
+                raise FormatError(f"{path}: quantized {param} lacks {missing[0]}; run `reshard convert` again")
+
+
 def read_manifest(folder: str | os.PathLike) -> Manifest:
     path = Path(folder) / MANIFEST
     if not path.is_file():
@@ -108,9 +156,11 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
                 f"{path} has format version {raw.get('format_version')}, this version reads "
                 f"{FORMAT_VERSION}; convert the model again with this version's `reshard convert`")
         raw["groups"] = [Group(**g) for g in raw["groups"]]
-        return Manifest(**raw)
+        manifest = Manifest(**raw)
     except (ValueError, TypeError, KeyError) as e:
         raise FormatError(f"{path} is damaged ({e}); run `reshard convert` again") from e
+    _check_quantized(manifest, path)
+    return manifest
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from reshard.errors import UsageError
-from reshard.format import DTYPE_NAMES, read_manifest
+from reshard.format import DTYPE_NAMES, param_names, read_manifest
 from reshard.plan import build_empty_model
 
 from .stream import GroupLoader, Loaded, Prefetcher, StreamStats
@@ -75,9 +75,10 @@ class LayeredModel:
         self.device, self.tokenizer = device, tokenizer
         self.stats = loader.stats
         self.groups = manifest.groups
-        self._slots = [
-            [_Slot(model, name) for name in (*g.tensors, *g.aliases)] for g in manifest.groups
-        ]
+        scheme = (manifest.quantization or {}).get("scheme")
+        # the names each group's loaded tensors carry: parameters (quantized ones expanded), then aliases
+        self._names = [(*param_names(g, scheme), *g.aliases) for g in manifest.groups]
+        self._slots = [[_Slot(model, name) for name in names] for names in self._names]
         self.prefetcher = Prefetcher(loader.load, len(manifest.groups), prefetch, self.stats)
         self._current: Loaded | None = None
         self._pass_start = 0.0
@@ -143,7 +144,7 @@ class LayeredModel:
             torch.cuda.current_stream(self.device).wait_event(loaded.event)
             for t in loaded.tensors.values():
                 t.record_stream(torch.cuda.current_stream(self.device))
-        for slot, name in zip(self._slots[i], (*self.groups[i].tensors, *self.groups[i].aliases)):
+        for slot, name in zip(self._slots[i], self._names[i]):
             slot.put(loaded.tensors[name])
         self._current = loaded
         self.stats.layer_loads += 1
