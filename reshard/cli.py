@@ -111,7 +111,8 @@ def describe(folder) -> dict:
 
     m = read_manifest(folder)
     scheme = (m.quantization or {}).get("scheme")
-    sizes = [g.bytes for g in m.groups]
+    # on the device, quantized weights are expanded: a group takes its unquantized size there
+    sizes = [unquantized_bytes(g, scheme) for g in m.groups]
     layer_sizes = sorted((g.bytes for g in m.groups if g.kind == "layer"), reverse=True)
     # Streaming holds the group that runs plus the one read ahead (prefetch 1).
     streaming = sum(sorted(sizes, reverse=True)[:2])
