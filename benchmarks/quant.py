@@ -101,6 +101,17 @@ def perplexity(folder: Path, args) -> float:
     return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]).exp())
 
 
+def device_vs_cpu(folder: Path, args) -> float:
+    """Max |logit difference| between `args.device` and the CPU on the same folder (float32 compute)."""
+    ids = torch.randint(100, 1000, (1, args.tokens), generator=torch.Generator().manual_seed(1))
+    logits = []
+    for device in (args.device, "cpu"):
+        lm = LayeredModel.from_pretrained(folder, device=device, dtype="float32", prefetch=1)
+        logits.append(lm(ids.to(lm.device)).logits.float().cpu())
+        lm.close()
+    return float((logits[0] - logits[1]).abs().max())
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -147,6 +158,10 @@ def main() -> None:
         source = build_smollm2(work / f"{label.split()[0].lower()}-hf", random=random)
         for row in run_model(label.split()[0].lower(), source, work, args):
             print(row, flush=True)
+    if args.device != "cpu":  # the expansion on the device computes what the CPU computes
+        for name in ("int8", "int4-g32", "int4-g128"):
+            diff = device_vs_cpu(work / f"smollm2-135m-{name}", args)
+            print(f"\n{args.device} vs cpu, smollm2 {name}, float32 compute: max |logit diff| {diff:.2e}")
 
 
 if __name__ == "__main__":
