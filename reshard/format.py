@@ -85,7 +85,11 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+        raw = asdict(self)
+        for g in raw["groups"]:  # unquantized groups are written as before quantization existed
+            if not g["quantized"]:
+                del g["quantized"]
+        return json.dumps(raw, indent=1, sort_keys=True) + "\n"
 
     @property
     def total_bytes(self) -> int:
