@@ -23,7 +23,10 @@ def _transformers_renamer(model):
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     except ImportError:
         return None
-    transforms = get_model_conversion_mapping(model)
+    try:
+        transforms = get_model_conversion_mapping(model)
+    except (TypeError, AttributeError):
+        return None
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
 
@@ -31,6 +34,12 @@ def _transformers_renamer(model):
         new, pattern = rename_source_key(key, renamings, converters)
         return new, pattern is not None
 
+    try:  # these are transformers internals: use them only if they behave as expected here
+        new, _ = rename("model.embed_tokens.weight")
+        if not isinstance(new, str):
+            return None
+    except (TypeError, ValueError, AttributeError):
+        return None
     return rename
 
 
