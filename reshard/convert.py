@@ -115,7 +115,7 @@ def check_disk(out: Path, plan, kept: dict, target: torch.dtype, *, extra: int =
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def _copy_side_files(folder: Path, out: Path) -> None:

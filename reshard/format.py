@@ -135,8 +135,10 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)
         raise
     os.replace(tmp, path)
 
@@ -182,8 +184,10 @@ def write_group_file(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int,
             f.flush()
             os.fsync(f.fileno())
             size = f.tell()
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)  # e.g. a full disk: give the space back
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)
         raise
     os.replace(tmp, path)
     return size, digest.hexdigest()

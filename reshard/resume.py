@@ -59,7 +59,7 @@ class Progress:
         same = record is not None and record.get("params") == params
         if not same and (record is not None or _foreign_entries(out)):
             if not force:
-                raise OutputInUseError(_refusal(out, record))
+                raise OutputInUseError(_refusal(out, record, params))
             _clear(out)
         _remove_partials(out)
         progress = cls(out, params, dict(record["groups"]) if same else {})
@@ -107,16 +107,21 @@ def _foreign_entries(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if not p.name.endswith(PARTIAL_SUFFIX))
 
 
-def _refusal(out: Path, record: dict | None) -> str:
+def _refusal(out: Path, record: dict | None, params: dict) -> str:
     if record is None:
         return f"{out} is not empty and holds no conversion record; choose an empty folder, or pass --force to write into it anyway"
     old = record.get("params") or {}
     if old.get("format_version") != FORMAT_VERSION:
         what = f"format version {old.get('format_version')} (this version writes {FORMAT_VERSION})"
     else:
-        src = old.get("source") or {}
-        what = f"a conversion of {src.get('id')} ({old.get('dtype')}, {old.get('architecture')})"
-    return f"{out} holds {what}, not this one; choose another folder, or pass --force to replace it"
+        what = f"a conversion of {_describe(old)}"
+    return f"{out} holds {what}, not of {_describe(params)}; choose another folder, or pass --force to replace it"
+
+
+def _describe(params: dict) -> str:
+    src = params.get("source") or {}
+    at = src.get("commit") or (params.get("fingerprint") or "")[:12]
+    return f"{src.get('id')} @ {at} ({params.get('dtype')}, {params.get('architecture')})"
 
 
 def _clear(out: Path) -> None:
