@@ -53,7 +53,8 @@ def repo_info(repo_id: str, *, revision: str | None = None, token: str | None = 
     except hub_errors.GatedRepoError:
         raise SourceError(f"{repo_id} is gated: accept its terms on the hub, then pass --token or set HF_TOKEN") from None
     except hub_errors.RepositoryNotFoundError:
-        raise SourceError(f"{repo_id} is not a hub repo you can see (private repos need --token or HF_TOKEN)") from None
+        raise SourceError(f"{repo_id} is neither a local path nor a hub repo you can see "
+                          f"(check the name; private repos need --token or HF_TOKEN)") from None
     except hub_errors.RevisionNotFoundError:
         raise SourceError(f"{repo_id} has no revision {revision!r}") from None
     except (OSError, hub_errors.HfHubHTTPError) as e:

@@ -47,12 +47,25 @@ def only_error(err: str) -> str:
 
 # --- SIGKILL at several points, then resume ---------------------------------------------
 
-# Runs `reshard convert` and SIGKILLs itself just before or just after the rename that
-# finishes the file named by argv[1] ("before:NAME" / "after:NAME"): the points where an
-# interruption leaves a temporary file, or a finished file not yet recorded.
+# Runs `reshard convert` and SIGKILLs itself at the point argv[1] names: half-way through
+# writing file NAME ("during:NAME"), or just before or after the rename that finishes it
+# ("before:NAME" / "after:NAME"): a half-written temporary file, a whole one, a finished
+# file not yet recorded.
 KILLER = """
-import os, signal, sys
+import builtins, os, signal, sys
+import reshard.format
 when, name = sys.argv[1].split(":")
+def open_(path, mode="r", *args, **kwargs):
+    f = builtins.open(path, mode, *args, **kwargs)
+    if when == "during" and os.path.basename(path) == name + ".partial":
+        write = f.write
+        def half(data):
+            write(data)
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        f.write = half
+    return f
+reshard.format.open = open_
 real_replace = os.replace
 def replace(src, dst):
     hit = os.path.basename(dst) == name
@@ -81,11 +94,15 @@ def test_sigkill_at_several_points_then_resume_is_byte_identical(tiny_checkpoint
     embed_inode = None
     for point in ["before:convert-progress.json",  # OUT made, nothing recorded
                   "after:layers.00000.safetensors",  # file finished, not yet recorded
+                  "during:layers.00001.safetensors",  # temporary file half-written
                   "before:layers.00002.safetensors",  # file written to its temporary name only
                   "before:manifest.json"]:  # every group done, no manifest
         proc = run_killed(point, source, out)
         assert proc.returncode == -signal.SIGKILL, (point, proc.stderr[-2000:])
         assert not (out / "manifest.json").exists()
+        if point == "during:layers.00001.safetensors":
+            half = (out / "layers.00001.safetensors.partial").stat().st_size
+            assert 0 < half < (tmp_path / "clean" / "layers.00001.safetensors").stat().st_size
         if point == "before:layers.00002.safetensors":
             assert (out / "layers.00002.safetensors.partial").is_file()
             embed_inode = (out / "embed.safetensors").stat().st_ino
@@ -288,7 +305,8 @@ def hub_error(name: str):
 
 
 @pytest.mark.parametrize("name, message", [
-    ("RepositoryNotFoundError", "Error: org/nope is not a hub repo you can see (private repos need --token or HF_TOKEN)"),
+    ("RepositoryNotFoundError", "Error: org/nope is neither a local path nor a hub repo you can see (check the name; private repos "
+     "need --token or HF_TOKEN)"),
     ("GatedRepoError", "Error: org/nope is gated: accept its terms on the hub, then pass --token or set HF_TOKEN"),
 ])
 def test_missing_or_gated_hub_repo(name, message, tmp_path, monkeypatch, capsys):
