@@ -11,6 +11,7 @@ header has sorted keys and is padded with spaces to a multiple of 8 bytes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -129,16 +130,24 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary name, so `path` is whole or absent."""
+    with _writing(path) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """A file opened at `path`'s temporary name, fsynced and renamed to `path` on success;
+    on failure (a full disk, say) removed, so no partial file stays or takes up space."""
     tmp = path.with_name(path.name + PARTIAL_SUFFIX)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.filename is None:
-            e.filename = str(path)
+            e.filename = str(path)  # so the error names the file
         raise
     os.replace(tmp, path)
 
@@ -172,24 +181,14 @@ def write_group_file(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int,
     """
     digest = hashlib.sha256()
     header = build_header(tensors)
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            digest.update(header)
-            for name in _ordered(tensors):
-                data = _tensor_bytes(tensors[name])
-                f.write(data)
-                digest.update(data)
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)  # e.g. a full disk: give the space back
-        if isinstance(e, OSError) and e.filename is None:
-            e.filename = str(path)
-        raise
-    os.replace(tmp, path)
+    with _writing(path) as f:
+        f.write(header)
+        digest.update(header)
+        for name in _ordered(tensors):
+            data = _tensor_bytes(tensors[name])
+            f.write(data)
+            digest.update(data)
+        size = f.tell()
     return size, digest.hexdigest()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from .errors import OutputInUseError
 from .format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, PARTIAL_SUFFIX, PROGRESS, Group, file_sha256,
                      is_group_file_name, write_text_atomic)
-from .source import Source
+from .source import SIDE_FILES, Source
 
 
 def conversion_params(src: Source, *, dtype: str, architecture: str, quantization=None) -> dict:
@@ -129,7 +129,7 @@ def _clear(out: Path) -> None:
     (out / MANIFEST).unlink(missing_ok=True)
     (out / PROGRESS).unlink(missing_ok=True)
     for p in out.iterdir():
-        if p.is_file() and is_group_file_name(p.name):
+        if p.is_file() and (is_group_file_name(p.name) or p.name in SIDE_FILES):
             p.unlink()
 
 
