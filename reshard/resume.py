@@ -72,10 +72,12 @@ class Progress:
 
     def kept(self, name: str, tensors) -> Group | None:
         """The recorded group `name` if its file is still what was written, else None."""
-        entry = self.groups.get(name)
-        if entry is None or set(entry["tensors"]) != set(tensors):
+        try:
+            group = Group(**self.groups[name])
+        except (KeyError, TypeError):  # not recorded, or a record edited by hand
             return None
-        group = Group(**entry)
+        if set(group.tensors) != set(tensors):
+            return None
         if group.file is not None:
             path = self.out / group.file
             if not path.is_file() or path.stat().st_size != group.bytes or file_sha256(path) != group.sha256:
@@ -111,6 +113,8 @@ def _refusal(out: Path, record: dict | None, params: dict) -> str:
     if record is None:
         return f"{out} is not empty and holds no conversion record; choose an empty folder, or pass --force to write into it anyway"
     old = record.get("params") or {}
+    if not old:
+        return f"{out} holds a damaged conversion record ({PROGRESS}); pass --force to convert into it afresh"
     if old.get("format_version") != FORMAT_VERSION:
         what = f"format version {old.get('format_version')} (this version writes {FORMAT_VERSION})"
     else:
