@@ -97,3 +97,12 @@ def check_shape(name: str, tensor: torch.Tensor, shape: torch.Size) -> None:
     if tuple(tensor.shape) != tuple(shape):
         raise SourceError(f"tensor {name} has shape {list(tensor.shape)} but the config needs {list(shape)}; "
                           f"is the config the one of these weights?")
+
+
+def check_shapes(mapping: dict[str, str], params: dict[str, torch.Size], source_shapes: dict[str, list[int]]) -> None:
+    """Before anything is written: every source tensor whose shape is known fits its parameter."""
+    for pname, key in mapping.items():
+        shape = source_shapes.get(key)
+        if shape is not None and tuple(shape) != tuple(params[pname]):
+            raise SourceError(f"tensor {key} has shape {list(shape)} but the config needs {list(params[pname])}; "
+                              f"is the config the one of these weights?")
