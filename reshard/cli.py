@@ -5,6 +5,9 @@ Examples:
   reshard convert ./my-checkpoint out/
   reshard convert meta-llama/Llama-2-70b-hf llama-70b-int4/ --dtype float16 --quantize int4
   reshard info llama-70b/
+  reshard verify llama-70b/
+
+Set RESHARD_DEBUG=1 to see a traceback instead of a one-line error.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 import os
 import sys
 
-from .errors import ReshardError
+from .errors import ReshardError, UsageError
 
 DEBUG_ENV = "RESHARD_DEBUG"  # set to 1 for tracebacks instead of one-line errors
 
@@ -30,7 +33,7 @@ def run_guarded(main_fn, argv=None) -> int:
         if os.environ.get(DEBUG_ENV):
             raise
         print(f"Error: {error_line(e)}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
 
 
 def error_line(e: BaseException) -> str:
@@ -68,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quantize-embeddings", action="store_true",
                    help="with --quantize: quantize the embeddings and the output head too")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--force", action="store_true", help="replace an OUT that holds another model or format version")
+    c.add_argument("--low-disk", action="store_true",
+                   help="hub sources: fetch, convert and delete one source shard at a time (peak disk: OUT + 1 shard)")
 
     i = sub.add_parser("info", help="describe a converted folder",
                        description="Groups, dtype, bytes, and the device memory streaming needs.\n\n"
@@ -75,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     i.add_argument("out", help="a folder written by `reshard convert`")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    v = sub.add_parser("verify", help="check every file of a converted folder against its manifest",
+                       description="Check presence, size, header, tensor names and shapes, and sha256 of every\n"
+                                   "layer file; print each bad file on a line and exit 1 if there is one.\n\n"
+                                   "Example: reshard verify llama-70b/",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("out", help="a folder written by `reshard convert`")
+    v.add_argument("--no-checksums", action="store_true", help="skip the sha256 (fast: size and header only)")
     return parser
 
 
@@ -89,11 +103,33 @@ def _main(argv) -> int:
 
         check_quantize_flags(args)
         convert(args.source, args.out, revision=args.revision, dtype=args.dtype, token=args.token,
-                trust_remote_code=args.trust_remote_code, progress=not args.quiet, quantize=args.quantize,
-                quantize_group=args.quantize_group, quantize_embeddings=args.quantize_embeddings)
+                trust_remote_code=args.trust_remote_code, progress=not args.quiet, force=args.force,
+                low_disk=args.low_disk, quantize=args.quantize, quantize_group=args.quantize_group,
+                quantize_embeddings=args.quantize_embeddings)
         print(args.out)
     elif args.command == "info":
         print_info(args.out, as_json=args.json)
+    elif args.command == "verify":
+        return verify(args.out, checksums=not args.no_checksums)
+    return 0
+
+
+def verify(folder, *, checksums: bool = True) -> int:
+    """Print each bad file (`path: problem`) on stdout; exit 1 if any, with one `Error:` line."""
+    from .errors import FormatError
+    from .format import read_manifest
+    from .verify import find_bad_files
+
+    manifest = read_manifest(folder)
+    bad = find_bad_files(folder, checksums=checksums, manifest=manifest)
+    for e in bad:
+        print(f"{e.path}: {e.problem}")
+    files = sum(1 for g in manifest.groups if g.file)
+    if bad:
+        raise FormatError(f"{len(bad)} of {files} layer files in {folder} are damaged or missing; "
+                          f"run `reshard convert` again to repair them")
+    print(f"ok: {files} layer files in {folder} match the manifest" + ("" if checksums else " (checksums skipped)"),
+          file=sys.stderr)
     return 0
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from reshard.errors import UsageError
 from reshard.format import DTYPE_NAMES, param_names, read_manifest
 from reshard.plan import build_empty_model
+from reshard.verify import verify_folder
 
 from .stream import GroupLoader, Loaded, Prefetcher, StreamStats
 
@@ -86,9 +87,11 @@ class LayeredModel:
 
     @classmethod
     def from_pretrained(cls, path, *, device="cuda:0", dtype=None, prefetch: int = 1,
-                        trust_remote_code: bool = False) -> "LayeredModel":
+                        trust_remote_code: bool = False, verify: bool = False) -> "LayeredModel":
         """Open a converted folder. `dtype` defaults to the folder's; `prefetch` is how many
-        groups the background thread reads ahead (0 reads each group when it is needed)."""
+        groups the background thread reads ahead (0 reads each group when it is needed).
+        Every file's presence, size and header are checked against the manifest; `verify`
+        also checks their sha256 (reads every byte once)."""
         from transformers import AutoConfig
 
         path = Path(path)
@@ -97,6 +100,7 @@ class LayeredModel:
         compute_dtype = resolve_runtime_dtype(dtype, manifest.dtype)
         if prefetch < 0:
             raise UsageError(f"prefetch must be 0 or more, not {prefetch}")
+        verify_folder(path, checksums=verify, manifest=manifest)
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = build_empty_model(config, dtype=compute_dtype, trust_remote_code=trust_remote_code)
         _place_buffers(model, dev)

