@@ -134,8 +134,6 @@ def verify(folder, *, checksums: bool = True) -> int:
 
 
 def check_quantize_flags(args) -> None:
-    from .errors import UsageError
-
     if not args.quantize and (args.quantize_embeddings or args.quantize_group != 32):
         raise UsageError("--quantize-group and --quantize-embeddings need --quantize int8 or int4")
     if args.quantize == "int8" and args.quantize_group != 32:

@@ -126,7 +126,9 @@ def _refusal(out: Path, record: dict | None, params: dict) -> str:
 def _describe(params: dict) -> str:
     src = params.get("source") or {}
     at = src.get("commit") or (params.get("fingerprint") or "")[:12]
-    return f"{src.get('id')} @ {at} ({params.get('dtype')}, {params.get('architecture')})"
+    q = params.get("quantization") or {}
+    scheme = f", {q['scheme']}" + (f" group {q['group_size']}" if q.get("group_size") else "") if q.get("scheme") else ""
+    return f"{src.get('id')} @ {at} ({params.get('dtype')}{scheme}, {params.get('architecture')})"
 
 
 def _clear(out: Path) -> None:

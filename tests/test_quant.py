@@ -133,7 +133,7 @@ def _folder_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_quantized_conversion_is_deterministic_and_reruns_after_an_interruption(tiny_checkpoints, tmp_path, monkeypatch):
+def test_quantized_conversion_is_deterministic_and_resumes_byte_identical(tiny_checkpoints, tmp_path, monkeypatch):
     import reshard.convert as conv
 
     src = str(tiny_checkpoints["qwen2"])
@@ -147,16 +147,29 @@ def test_quantized_conversion_is_deterministic_and_reruns_after_an_interruption(
     def dies_after_two(path, tensors):
         if len(written) == 2:
             raise KeyboardInterrupt
-        written.append(path)
+        written.append(path.name)
         return real(path, tensors)
 
     monkeypatch.setattr(conv, "write_group_file", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         convert(src, tmp_path / "c", **kwargs)
-    assert len(written) == 2 and not (tmp_path / "c" / MANIFEST).exists()
-    monkeypatch.setattr(conv, "write_group_file", real)
-    convert(src, tmp_path / "c", **kwargs)  # the same command again
+    assert written == ["embed.safetensors", "layers.00000.safetensors"]
+    assert not (tmp_path / "c" / MANIFEST).exists()
+    kept_inode = (tmp_path / "c" / "layers.00000.safetensors").stat().st_ino
+    monkeypatch.setattr(conv, "write_group_file", lambda path, tensors: (written.append(path.name), real(path, tensors))[1])
+    convert(src, tmp_path / "c", **kwargs)  # the same command again: resumes
+    assert written[2:] == ["layers.00001.safetensors", "layers.00002.safetensors", "norm.safetensors", "head.safetensors"]
+    assert (tmp_path / "c" / "layers.00000.safetensors").stat().st_ino == kept_inode  # finished work was kept
     assert _folder_bytes(tmp_path / "c") == _folder_bytes(tmp_path / "a")
+
+
+def test_other_quantization_into_the_same_folder_is_refused(tiny_checkpoints, tmp_path, capsys):
+    src, out = str(tiny_checkpoints["llama"]), str(tmp_path / "o")
+    assert reshard_cli.main(["convert", src, out, "--quantize", "int8", "--quiet"]) == 0
+    assert reshard_cli.main(["convert", src, out, "--quantize", "int4", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "(float32, int8, LlamaForCausalLM), not of " in err and "(float32, int4 group 32, LlamaForCausalLM)" in err
+    assert read_manifest(out).quantization["scheme"] == "int8"
 
 
 # --- CLI -------------------------------------------------------------------------------------
@@ -185,7 +198,7 @@ def test_cli_quantized_convert_info_and_generate(tiny_checkpoints, tmp_path, cap
      "Error: --quantize-group applies to int4 only; int8 has one scale per output channel"),
 ])
 def test_cli_bad_quantize_flags(argv, line, tiny_checkpoints, tmp_path, capsys):
-    assert reshard_cli.main(["convert", str(tiny_checkpoints["llama"]), str(tmp_path / "o"), *argv]) == 1
+    assert reshard_cli.main(["convert", str(tiny_checkpoints["llama"]), str(tmp_path / "o"), *argv]) == 2  # usage errors
     assert capsys.readouterr().err.strip().splitlines()[-1] == line
     assert not (tmp_path / "o").exists()
 
