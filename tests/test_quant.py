@@ -117,6 +117,29 @@ def test_quantized_folder_equals_transformers_with_quantized_weights(arch, tiny_
         assert lm.stats.bytes_read == sum(g.bytes for g in m.groups)  # the compressed bytes are what is read
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quantized_folder_on_cuda_equals_cpu(arch, tiny_checkpoints, tmp_path):
+    """The expansion on the copy stream computes what the CPU computes; generation agrees, prefetch on."""
+    ids = torch.randint(3, 300, (1, 9), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    for scheme, group, emb in [("int8", 32, False), ("int4", 24, True)]:
+        out = tmp_path / scheme
+        convert(str(tiny_checkpoints[arch]), out, progress=False, quantize=scheme, quantize_group=group,
+                quantize_embeddings=emb)
+        cpu = LayeredModel.from_pretrained(out, device="cpu", prefetch=1)
+        for prefetch in (1, 2):
+            gpu = LayeredModel.from_pretrained(out, device="cuda", prefetch=prefetch)
+            torch.testing.assert_close(gpu(ids.cuda()).logits.cpu(), cpu(ids).logits, rtol=1e-4, atol=1e-4)
+            assert torch.equal(gpu.generate(ids.cuda(), **kwargs).cpu(), cpu.generate(ids, **kwargs))
+            gpu.close()
+        half = LayeredModel.from_pretrained(out, device="cuda", dtype="float16", prefetch=1)
+        torch.testing.assert_close(half(ids.cuda()).logits.float().cpu(), cpu(ids).logits, rtol=0.05, atol=0.05)
+        half.close()
+        cpu.close()
+
+
 def test_conv1d_weights_are_quantized_per_output_channel(tiny_checkpoints, tmp_path):
     """GPT-2's Conv1D stores (in, out); int8 must keep one scale per *output* channel."""
     m = convert(str(tiny_checkpoints["gpt2"]), tmp_path / "q", progress=False, quantize="int8")
@@ -266,6 +289,7 @@ def test_smollm2_perplexity_int8_and_int4(smollm2_quantized):
     assert ppl["int4"] <= 1.02 * ppl["fp16"], ppl
 
 
+@pytest.mark.slow
 def test_smollm2_int4_generates_as_transformers_does_with_the_same_weights(smollm2_checkpoint, smollm2_quantized):
     folder = smollm2_quantized["int4"]
     lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", prefetch=1)
