@@ -6,25 +6,38 @@ mapped `torch.load` for `.bin`), so peak memory is about one layer whatever the 
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from . import hub
-from .errors import SourceError, UsageError
-from .format import DTYPE_NAMES, DTYPE_TO_ST, Group, Manifest, dtype_name, group_file_name, write_group_file, write_text_atomic, MANIFEST
-from .keymap import check_shape, map_keys
+from .errors import DiskSpaceError, SourceError, UsageError
+from .format import (DTYPE_NAMES, DTYPE_TO_ST, MANIFEST, Group, Manifest, dtype_name, group_file_name,
+                     quant_part_names, write_bytes_atomic, write_group_file, write_text_atomic)
+from .keymap import check_shape, check_shapes, map_keys
 from .plan import build_empty_model, plan_groups
+from .quant import DEFAULT_GROUP, check_scheme, quantizable_params, quantize as quantize_weight
+from .resume import Progress, conversion_params
 from .source import SIDE_FILES, GGUFSource, Source, open_local
 
 
-def open_source(source: str, *, revision: str | None = None, token: str | None = None) -> Source:
+def open_source(source: str, *, revision: str | None = None, token: str | None = None,
+                low_disk_out: Path | None = None) -> Source:
+    """The checkpoint `source` names; `low_disk_out` (hub only) fetches one shard at a time."""
     path = Path(source).expanduser()
     if path.exists() or not hub.looks_like_repo_id(source):
+        if low_disk_out is not None:
+            raise UsageError(f"--low-disk is for hub repo ids; {source} is a local path, convert it without --low-disk")
         return open_local(path)
+    if low_disk_out is not None:
+        from .lowdisk import ShardedHubSource, work_folder
+
+        return ShardedHubSource(source, revision=revision, token=token, workdir=work_folder(low_disk_out))
     folder, info = hub.fetch(source, revision=revision, token=token)
     return open_local(folder, info)
 
@@ -41,17 +54,22 @@ def resolve_dtype(name: str, config) -> torch.dtype:
 
 
 def convert(source: str, out: str | Path, *, revision: str | None = None, dtype: str = "auto",
-            token: str | None = None, trust_remote_code: bool = False, progress: bool = True) -> Manifest:
-    """Convert `source` (hub repo id, checkpoint folder or .gguf file) into `out`."""
-    from transformers import AutoConfig
+            token: str | None = None, trust_remote_code: bool = False, progress: bool = True,
+            force: bool = False, low_disk: bool = False, quantize: str | None = None,
+            quantize_group: int = DEFAULT_GROUP, quantize_embeddings: bool = False) -> Manifest:
+    """Convert `source` (hub repo id, checkpoint folder or .gguf file) into `out`.
 
+    Rerunning the same conversion resumes it: files an earlier run finished are checked and
+    kept, the rest written again. An `out` holding anything else is refused unless `force`.
+    `quantize` ("int8" or "int4", group size `quantize_group`) stores the decoder layers'
+    linear weights (and the embeddings/head if `quantize_embeddings`) quantized; see reshard/quant.py.
+    """
+    if quantize:
+        check_scheme(quantize, quantize_group)
     out = Path(out)
-    src = open_source(source, revision=revision, token=token)
+    src = open_source(source, revision=revision, token=token, low_disk_out=out if low_disk else None)
     try:
-        try:
-            config = AutoConfig.from_pretrained(src.folder, trust_remote_code=trust_remote_code)
-        except ValueError as e:
-            raise SourceError(f"transformers cannot read the config of {source}: {str(e).splitlines()[0]}") from None
+        config = _read_config(src, source, trust_remote_code)
         target = resolve_dtype(dtype, config)
         model = build_empty_model(config, dtype=target, trust_remote_code=trust_remote_code)
         plan = plan_groups(model)
@@ -59,42 +77,118 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
             src.load(model)
         params = {p: s for g in plan.groups for p, s in g.params.items()}
         mapping = map_keys(model, src.keys(), params, aliases=plan.tied)
-        out.mkdir(parents=True, exist_ok=True)
+        check_shapes(mapping, params, src.shapes())
+        quant = _QuantSpec(quantize, quantize_group, quantize_embeddings,
+                           quantizable_params(model, plan, embeddings=quantize_embeddings)) if quantize else None
+        quantization = quant.manifest_entry() if quant else None
+        record = Progress.open(out, conversion_params(src, dtype=dtype_name(target), architecture=type(model).__name__,
+                                                      quantization=quantization), force=force)
         _copy_side_files(src.folder, out)
-        groups = _write_groups(src, plan, mapping, out, target, progress)
+        kept = {g.name: k for g in plan.groups if (k := record.kept(g.name, g.params)) is not None}
+        check_disk(out, plan, kept, target, extra=getattr(src, "largest_shard_bytes", 0), progress=progress)
+        src.want(mapping.values())
+        groups = _write_groups(src, plan, mapping, out, target, record, kept, progress, quant)
         manifest = Manifest(
             source=src.info, dtype=dtype_name(target), architecture=type(model).__name__,
-            layers_path=plan.layers_path, groups=groups)
+            layers_path=plan.layers_path, groups=groups, quantization=quantization)
         write_text_atomic(out / MANIFEST, manifest.to_json())
+        if hasattr(src, "remove_work_folder"):
+            src.remove_work_folder()
         return manifest
     finally:
         src.close()
 
 
+def _read_config(src: Source, source: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src.folder, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise SourceError(f"{source} needs its own Python code to load; pass --trust-remote-code "
+                              f"if you trust it") from None
+        raise SourceError(f"transformers cannot read the config of {source}: {str(e).splitlines()[0]}") from None
+
+
+def check_disk(out: Path, plan, kept: dict, target: torch.dtype, *, extra: int = 0, progress: bool = True) -> None:
+    """Refuse to start when OUT's disk cannot hold what is left to write (plus `extra`)."""
+    need = sum(math.prod(s) * target.itemsize for g in plan.groups if g.name not in kept
+               for s in g.params.values()) + extra
+    free = shutil.disk_usage(out).free
+    if progress:
+        print(f"reshard: {_gb(need)} to write, {_gb(free)} free on {out}'s disk", file=sys.stderr)
+    if need > free:
+        raise DiskSpaceError(f"{out} needs about {_gb(need)} more but its disk has {_gb(free)} free; "
+                             f"free some space or choose an OUT on another disk"
+                             + ("" if extra else " (for hub sources, --low-disk keeps only one source shard)"))
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
 def _copy_side_files(folder: Path, out: Path) -> None:
     for name in SIDE_FILES:
         if (folder / name).is_file():
-            shutil.copyfile(folder / name, out / name)
+            data = (folder / name).read_bytes()
+            if not (out / name).is_file() or (out / name).read_bytes() != data:
+                write_bytes_atomic(out / name, data)
 
 
-def _write_groups(src: Source, plan, mapping, out: Path, target: torch.dtype, progress: bool) -> list[Group]:
+@dataclass
+class _QuantSpec:
+    scheme: str  # "int8" or "int4"
+    group: int  # int4 group size
+    embeddings: bool  # embeddings and head quantized too
+    params: dict[str, bool]  # param to quantize -> stored transposed (Conv1D)
+
+    def manifest_entry(self) -> dict:
+        return {"scheme": self.scheme, "group_size": self.group if self.scheme == "int4" else None,
+                "embeddings": self.embeddings}
+
+    def store(self, name: str, t: torch.Tensor, target: torch.dtype, tensors: dict, quantized: dict) -> None:
+        """Put `name`'s quantized parts into `tensors`, and what it expands to into `quantized`."""
+        transposed = self.params[name]
+        w = t.t() if transposed else t
+        parts = quantize_weight(w, self.scheme, group=self.group, dtype=target)
+        for part, stored in quant_part_names(name, self.scheme).items():
+            tensors[stored] = parts[part]
+        quantized[name] = {"shape": list(t.shape), "dtype": DTYPE_TO_ST[target], "transposed": transposed}
+
+
+def _write_groups(src: Source, plan, mapping, out: Path, target: torch.dtype, record: Progress,
+                  kept: dict[str, Group], progress: bool, quant: _QuantSpec | None = None) -> list[Group]:
     total = sum(s.numel() for g in plan.groups for s in g.params.values()) * target.itemsize
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="reshard", file=sys.stderr, disable=not progress)
     groups = []
     with bar:
         for planned in plan.groups:
-            raw = src.read([mapping[p] for p in planned.params])
-            tensors = {}
-            for pname, shape in planned.params.items():
-                t = raw.pop(mapping[pname])
-                check_shape(pname, t, shape)
-                tensors[pname] = t.to(target) if t.is_floating_point() else t
-            file = group_file_name(planned.name) if tensors else None
-            size, sha = write_group_file(out / file, tensors) if file else (0, "")
-            groups.append(Group(
-                name=planned.name, kind=planned.kind, file=file, bytes=size, sha256=sha,
-                tensors={n: {"dtype": DTYPE_TO_ST[t.dtype], "shape": list(t.shape)} for n, t in tensors.items()},
-                aliases=dict(planned.aliases)))
-            bar.update(sum(t.numel() * t.element_size() for t in tensors.values()))
-            del tensors, raw
+            keys = [mapping[p] for p in planned.params]
+            group = kept.get(planned.name)
+            if group is None:
+                record.forget(planned.name)  # its file is about to be replaced
+                group = _write_group(src, planned, mapping, out, target, quant)
+                record.add(group)
+            groups.append(group)
+            src.finished(keys)
+            bar.update(sum(math.prod(s) for s in planned.params.values()) * target.itemsize)
     return groups
+
+
+def _write_group(src: Source, planned, mapping, out: Path, target: torch.dtype, quant: _QuantSpec | None) -> Group:
+    raw = src.read([mapping[p] for p in planned.params])
+    tensors, quantized = {}, {}
+    for pname, shape in planned.params.items():
+        t = raw.pop(mapping[pname])
+        check_shape(pname, t, shape)
+        if quant and pname in quant.params:
+            quant.store(pname, t, target, tensors, quantized)
+        else:
+            tensors[pname] = t.to(target) if t.is_floating_point() else t
+    file = group_file_name(planned.name) if tensors else None
+    size, sha = write_group_file(out / file, tensors) if file else (0, "")
+    return Group(
+        name=planned.name, kind=planned.kind, file=file, bytes=size, sha256=sha,
+        tensors={n: {"dtype": DTYPE_TO_ST[t.dtype], "shape": list(t.shape)} for n, t in tensors.items()},
+        aliases=dict(planned.aliases), quantized=quantized)

@@ -21,7 +21,7 @@ class CorruptFileError(FormatError):
     """One layer file is damaged; `path` names it."""
 
     def __init__(self, path, problem: str):
-        self.path = str(path)
+        self.path, self.problem = str(path), problem
         super().__init__(
             f"{self.path}: {problem}; run `reshard convert` again to repair it"
         )
@@ -29,3 +29,11 @@ class CorruptFileError(FormatError):
 
 class UsageError(ReshardError):
     """A bad option value (unknown device, dtype, ...)."""
+
+
+class DiskSpaceError(ReshardError):
+    """Not enough free disk for what a command is about to write."""
+
+
+class OutputInUseError(ReshardError):
+    """The output folder holds something other than an earlier run of the same conversion."""

@@ -11,10 +11,12 @@ header has sorted keys and is padded with spaces to a multiple of 8 bytes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
 import os
+import re
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ FORMAT_NAME = "reshard"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PARTIAL_SUFFIX = ".partial"  # files being written; never taken for finished ones
+PROGRESS = "convert-progress.json"  # `reshard convert`'s record of finished groups, for resuming
 
 DTYPE_TO_ST = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -39,6 +42,11 @@ DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def is_group_file_name(name: str) -> bool:
+    """True for names `group_file_name` gives (and their `.partial` temporaries)."""
+    return re.fullmatch(r"(embed|norm|head|layers\.\d{5})\.safetensors(\.partial)?", name) is not None
 
 
 def group_file_name(name: str) -> str:
@@ -68,6 +76,9 @@ class Group:
     sha256: str = ""  # of the whole file
     tensors: dict[str, dict] = field(default_factory=dict)  # param name -> {"dtype", "shape"}
     aliases: dict[str, str] = field(default_factory=dict)  # tied param -> the param whose tensor it uses
+    # quantized param -> {"shape", "dtype" (safetensors name), "transposed"}: what it expands to;
+    # it is stored as the tensors `quant_part_names` gives (see reshard/quant.py)
+    quantized: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,7 +93,11 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+        raw = asdict(self)
+        for g in raw["groups"]:  # unquantized groups are written as before quantization existed
+            if not g["quantized"]:
+                del g["quantized"]
+        return json.dumps(raw, indent=1, sort_keys=True) + "\n"
 
     @property
     def total_bytes(self) -> int:
@@ -95,8 +110,56 @@ class Manifest:
         raise KeyError(name)
 
 
+# --- quantized parameters ------------------------------------------------------------------
+
+QUANT_PARTS = {"int8": ("qweight", "scales"), "int4": ("qweight", "scales", "zeros")}
+
+
+def quant_part_names(param: str, scheme: str) -> dict[str, str]:
+    """`X.weight` -> {"qweight": "X.weight.qweight", "scales": ..., ["zeros": ...]}: its stored tensors."""
+    return {part: f"{param}.{part}" for part in QUANT_PARTS[scheme]}
+
+
+def param_names(group: Group, scheme: str | None = None) -> list[str]:
+    """The model parameters `group`'s file provides (quantized ones by their own name)."""
+    stored = set().union(*(quant_part_names(p, scheme).values() for p in group.quantized)) if group.quantized else set()
+    return [n for n in group.tensors if n not in stored] + list(group.quantized)
+
+
+def unquantized_bytes(group: Group, scheme: str | None) -> int:
+    """The group's file size had its quantized parameters been stored in their own dtype."""
+    size = group.bytes
+    for param, info in group.quantized.items():
+        for name in quant_part_names(param, scheme).values():
+            t = group.tensors[name]
+            size -= _numel(t["shape"]) * ST_TO_DTYPE[t["dtype"]].itemsize
+        size += _numel(info["shape"]) * ST_TO_DTYPE[info["dtype"]].itemsize
+    return size
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _check_quantized(m: Manifest, path) -> None:
+    scheme = (m.quantization or {}).get("scheme")
+    for g in m.groups:
+        if g.quantized and scheme not in QUANT_PARTS:
+            raise FormatError(f"{path}: group {g.name} has quantized tensors but the quantization scheme is {scheme!r}")
+        for param in g.quantized:
+            missing = [n for n in quant_part_names(param, scheme).values() if n not in g.tensors]
+            if missing:
+                raise FormatError(f"{path}: quantized {param} lacks {missing[0]}; run `reshard convert` again")
+
+
 def read_manifest(folder: str | os.PathLike) -> Manifest:
     path = Path(folder) / MANIFEST
+    if not path.is_file() and (Path(folder) / PROGRESS).is_file():
+        raise FormatError(f"the conversion into {folder} did not finish; run the same `reshard convert` "
+                          f"command again to resume it")
     if not path.is_file():
         raise FormatError(f"{folder} holds no {MANIFEST}; create it with `reshard convert SOURCE {folder}`")
     try:
@@ -108,17 +171,38 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
                 f"{path} has format version {raw.get('format_version')}, this version reads "
                 f"{FORMAT_VERSION}; convert the model again with this version's `reshard convert`")
         raw["groups"] = [Group(**g) for g in raw["groups"]]
-        return Manifest(**raw)
+        manifest = Manifest(**raw)
     except (ValueError, TypeError, KeyError) as e:
         raise FormatError(f"{path} is damaged ({e}); run `reshard convert` again") from e
+    _check_quantized(manifest, path)
+    return manifest
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary name, so `path` is whole or absent."""
+    with _writing(path) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """A file opened at `path`'s temporary name, fsynced and renamed to `path` on success;
+    on failure (a full disk, say) removed, so no partial file stays or takes up space."""
     tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # so the error names the file
+        raise
     os.replace(tmp, path)
 
 
@@ -151,18 +235,14 @@ def write_group_file(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int,
     """
     digest = hashlib.sha256()
     header = build_header(tensors)
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    with open(tmp, "wb") as f:
+    with _writing(path) as f:
         f.write(header)
         digest.update(header)
         for name in _ordered(tensors):
             data = _tensor_bytes(tensors[name])
             f.write(data)
             digest.update(data)
-        f.flush()
-        os.fsync(f.fileno())
         size = f.tell()
-    os.replace(tmp, path)
     return size, digest.hexdigest()
 
 
@@ -209,6 +289,30 @@ def file_sha256(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
     return digest.hexdigest()
 
 
+def check_group_file(path: Path, group: Group, *, checksum: bool = False) -> tuple[dict[str, TensorInfo], int]:
+    """Check one layer file against its manifest entry: present, size, header, tensor names,
+    dtypes and shapes, and (if `checksum`) its sha256. Return `read_header`'s result;
+    raise `CorruptFileError` naming the file."""
+    if not path.is_file():
+        raise CorruptFileError(path, "file is missing")
+    size = path.stat().st_size
+    if size != group.bytes:
+        raise CorruptFileError(path, f"size is {size} bytes, manifest says {group.bytes}")
+    infos, data_start = read_header(path, size)
+    if set(infos) != set(group.tensors):
+        missing = sorted(set(group.tensors) - set(infos))
+        extra = sorted(set(infos) - set(group.tensors))
+        raise CorruptFileError(path, f"tensors differ from the manifest (missing {missing}, extra {extra})")
+    for name, want in group.tensors.items():
+        got = infos[name]
+        if got.dtype != want["dtype"] or got.shape != list(want["shape"]):
+            raise CorruptFileError(path, f"tensor {name} is {got.dtype}{got.shape}, manifest says "
+                                         f"{want['dtype']}{want['shape']}")
+    if checksum and file_sha256(path) != group.sha256:
+        raise CorruptFileError(path, "checksum differs from the manifest (the file is damaged)")
+    return infos, data_start
+
+
 class GroupFile:
     """A layer file mapped into memory; tensors are views of the mapping (no copy).
 
@@ -218,22 +322,10 @@ class GroupFile:
 
     def __init__(self, path: str | os.PathLike, group: Group):
         self.path = Path(path)
-        self.infos, self.data_start = read_header(self.path, group.bytes)
-        self._check_against(group)
+        self.infos, self.data_start = check_group_file(self.path, group)
         with open(self.path, "rb") as f:
             self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self.nbytes = group.bytes
-
-    def _check_against(self, group: Group) -> None:
-        if set(self.infos) != set(group.tensors):
-            missing = sorted(set(group.tensors) - set(self.infos))
-            extra = sorted(set(self.infos) - set(group.tensors))
-            raise CorruptFileError(self.path, f"tensors differ from the manifest (missing {missing}, extra {extra})")
-        for name, want in group.tensors.items():
-            got = self.infos[name]
-            if got.dtype != want["dtype"] or got.shape != list(want["shape"]):
-                raise CorruptFileError(self.path, f"tensor {name} is {got.dtype}{got.shape}, manifest says "
-                                                  f"{want['dtype']}{want['shape']}")
 
     def tensor(self, name: str) -> torch.Tensor:
         info = self.infos[name]

@@ -7,6 +7,7 @@ commit, and that commit is recorded in the manifest.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 from pathlib import Path
@@ -39,20 +40,26 @@ def select_files(repo_files: list[str]) -> list[str]:
 
 def resolve(repo_id: str, *, revision: str | None = None, token: str | None = None) -> tuple[list[str], dict]:
     """(files to fetch, {"id", "revision", "commit"}) for `repo_id`; `HF_TOKEN` is honoured."""
+    info = repo_info(repo_id, revision=revision, token=token)
+    files = select_files([s.rfilename for s in info.siblings or []])
+    return files, {"id": repo_id, "revision": revision, "commit": info.sha}
+
+
+def repo_info(repo_id: str, *, revision: str | None = None, token: str | None = None, files_metadata: bool = False):
+    """`huggingface_hub.model_info`, its errors turned into `SourceError`s that say what to do."""
     token = token or os.environ.get("HF_TOKEN") or None
     try:
-        info = huggingface_hub.model_info(repo_id, revision=revision, token=token)
+        return huggingface_hub.model_info(repo_id, revision=revision, token=token, files_metadata=files_metadata)
     except hub_errors.GatedRepoError:
         raise SourceError(f"{repo_id} is gated: accept its terms on the hub, then pass --token or set HF_TOKEN") from None
     except hub_errors.RepositoryNotFoundError:
-        raise SourceError(f"{repo_id} is not a hub repo you can see (private repos need --token or HF_TOKEN)") from None
+        raise SourceError(f"{repo_id} is neither a local path nor a hub repo you can see "
+                          f"(check the name; private repos need --token or HF_TOKEN)") from None
     except hub_errors.RevisionNotFoundError:
         raise SourceError(f"{repo_id} has no revision {revision!r}") from None
     except (OSError, hub_errors.HfHubHTTPError) as e:
         raise SourceError(f"cannot reach the hub for {repo_id} ({str(e).splitlines()[0]}); "
                           f"use a local folder, or check the network") from None
-    files = select_files([s.rfilename for s in info.siblings or []])
-    return files, {"id": repo_id, "revision": revision, "commit": info.sha}
 
 
 def download(repo_id: str, filename: str, *, commit: str, token: str | None = None, local_dir: Path | None = None) -> Path:
@@ -61,6 +68,8 @@ def download(repo_id: str, filename: str, *, commit: str, token: str | None = No
         return Path(huggingface_hub.hf_hub_download(
             repo_id, filename, revision=commit, token=token, local_dir=local_dir))
     except (OSError, hub_errors.HfHubHTTPError) as e:
+        if getattr(e, "errno", None) == errno.ENOSPC:
+            raise  # the CLI says: no space left, free some and rerun
         raise SourceError(f"cannot download {filename} from {repo_id} ({str(e).splitlines()[0]}); "
                           f"run the same command again to resume") from None
 

@@ -23,7 +23,10 @@ def _transformers_renamer(model):
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     except ImportError:
         return None
-    transforms = get_model_conversion_mapping(model)
+    try:
+        transforms = get_model_conversion_mapping(model)
+    except (TypeError, AttributeError):
+        return None
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
 
@@ -31,6 +34,12 @@ def _transformers_renamer(model):
         new, pattern = rename_source_key(key, renamings, converters)
         return new, pattern is not None
 
+    try:  # these are transformers internals: use them only if they behave as expected here
+        new, _ = rename("model.embed_tokens.weight")
+        if not isinstance(new, str):
+            return None
+    except (TypeError, ValueError, AttributeError):
+        return None
     return rename
 
 
@@ -88,3 +97,12 @@ def check_shape(name: str, tensor: torch.Tensor, shape: torch.Size) -> None:
     if tuple(tensor.shape) != tuple(shape):
         raise SourceError(f"tensor {name} has shape {list(tensor.shape)} but the config needs {list(shape)}; "
                           f"is the config the one of these weights?")
+
+
+def check_shapes(mapping: dict[str, str], params: dict[str, torch.Size], source_shapes: dict[str, list[int]]) -> None:
+    """Before anything is written: every source tensor whose shape is known fits its parameter."""
+    for pname, key in mapping.items():
+        shape = source_shapes.get(key)
+        if shape is not None and tuple(shape) != tuple(params[pname]):
+            raise SourceError(f"tensor {key} has shape {list(shape)} but the config needs {list(params[pname])}; "
+                              f"is the config the one of these weights?")

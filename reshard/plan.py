@@ -51,6 +51,7 @@ def build_empty_model(config, *, dtype: torch.dtype | None = None, trust_remote_
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    _check_decoder_only(config)
     try:
         with init_empty_weights(include_buffers=False), default_dtype(dtype):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -60,8 +61,21 @@ def build_empty_model(config, *, dtype: torch.dtype | None = None, trust_remote_
         raise SourceError(
             f"transformers cannot build a causal language model for model type "
             f"{getattr(config, 'model_type', '?')!r}: {str(e).splitlines()[0]}") from None
+    _check_decoder_only(config, model)
     model.tie_weights()  # init_empty_weights re-creates parameters, which unties them
     return model.eval()
+
+
+def _check_decoder_only(config, model: nn.Module | None = None) -> None:
+    """Refuse encoder-decoder models, and encoders that transformers wraps as a causal LM
+    (BERT-likes: `is_decoder` false in their config and no attention module that is causal)."""
+    kind = getattr(config, "model_type", "?")
+    if getattr(config, "is_encoder_decoder", False):
+        raise SourceError(f"model type {kind!r} is an encoder-decoder model; only decoder-only causal LMs can be converted")
+    if model is not None and getattr(config, "is_decoder", None) is False and not any(
+            getattr(m, "is_causal", None) is True for m in model.modules()):
+        raise SourceError(f"model type {kind!r} is an encoder (is_decoder is false, no causal attention); "
+                          f"only decoder-only causal LMs can be converted")
 
 
 def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SourceError
+from .errors import CorruptFileError, SourceError
 from .format import ST_TO_DTYPE, read_header
 
 TOKENIZER_FILES = (
@@ -35,6 +35,16 @@ class Source:
         """Read `keys` (one group's worth); memory is only what is returned."""
         raise NotImplementedError
 
+    def shapes(self) -> dict[str, list[int]]:
+        """Shapes known without reading any data (for checks before writing); may be partial."""
+        return {}
+
+    def want(self, keys) -> None:
+        """The conversion will read `keys` (and no others); a source may plan with that."""
+
+    def finished(self, keys) -> None:
+        """Tensors `keys` are written (or kept from an earlier run); a source may free them."""
+
     def close(self) -> None:
         pass
 
@@ -43,15 +53,21 @@ class SafetensorsSource(Source):
     """Single or sharded safetensors; read with plain `pread`s, so nothing stays mapped."""
 
     def __init__(self, folder: Path, files: list[Path], info: dict):
-        self.folder, self.info = folder, info
+        self.folder, self.files, self.info = folder, files, info
         self._where = {}  # key -> (path, TensorInfo, data_start)
         for path in files:
-            infos, start = read_header(path)
+            try:
+                infos, start = read_header(path)
+            except CorruptFileError as e:
+                raise SourceError(f"{path} is not a readable safetensors file ({e.problem}); download it again") from None
             for key, ti in infos.items():
                 self._where[key] = (path, ti, start)
 
     def keys(self) -> list[str]:
         return list(self._where)
+
+    def shapes(self):
+        return {key: list(ti.shape) for key, (_, ti, _) in self._where.items()}
 
     def read(self, keys):
         out = {}
@@ -70,11 +86,13 @@ class BinSource(Source):
     """PyTorch `.bin` shards, through `torch.load(weights_only=True, mmap=True)` per read."""
 
     def __init__(self, folder: Path, files: list[Path], info: dict):
-        self.folder, self.info = folder, info
-        self._where = {}
+        self.folder, self.files, self.info = folder, files, info
+        self._where, self._shapes = {}, {}
         for path in files:
-            for key in self._load(path):
+            for key, t in self._load(path).items():
                 self._where[key] = path
+                if isinstance(t, torch.Tensor):
+                    self._shapes[key] = list(t.shape)
 
     @staticmethod
     def _load(path: Path) -> dict:
@@ -85,6 +103,9 @@ class BinSource(Source):
 
     def keys(self):
         return list(self._where)
+
+    def shapes(self):
+        return dict(self._shapes)
 
     def read(self, keys):
         out, by_file = {}, {}
@@ -108,7 +129,7 @@ class GGUFSource(Source):
     def __init__(self, path: Path):
         from transformers import AutoConfig, AutoTokenizer
 
-        self.path = path
+        self.path, self.files = path, [path]
         self._tmp = tempfile.mkdtemp(prefix="reshard-gguf-")
         self.folder = Path(self._tmp)
         self.info = {"id": str(path.resolve()), "revision": None, "commit": None}

@@ -3,8 +3,11 @@
 Examples:
   runtime generate llama-70b/ --prompt "The capital of France is" --max-new-tokens 20
   echo "What is 2+2?" | runtime generate smollm2/ --chat --device cpu
+  runtime generate llama-70b/ --verify --prompt "Hello"   # check every file's sha256 first
   runtime generate smollm2/ --prompts-file prompts.txt --max-new-tokens 40 > out.jsonl
   runtime score smollm2/ questions.jsonl --output scored.jsonl --batch-size 16
+
+Set RESHARD_DEBUG=1 to see a traceback instead of a one-line error.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", type=int, default=1, help="groups read ahead by the background thread (default 1)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
     p.add_argument("--stats", action="store_true", help="print one JSON line of statistics last on stderr")
+    p.add_argument("--verify", action="store_true", help="check every file's sha256 against the manifest first")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +91,7 @@ def open_model(args):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return LayeredModel.from_pretrained(args.model, device=device, dtype=args.dtype, prefetch=args.prefetch,
-                                        trust_remote_code=args.trust_remote_code)
+                                        trust_remote_code=args.trust_remote_code, verify=args.verify)
 
 
 def encode_prompt(tokenizer, text: str, *, chat: bool):

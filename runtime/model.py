@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from reshard.errors import UsageError
-from reshard.format import DTYPE_NAMES, read_manifest
+from reshard.format import DTYPE_NAMES, param_names, read_manifest
 from reshard.plan import build_empty_model
+from reshard.verify import verify_folder
 
 from .stream import GroupLoader, Loaded, Prefetcher, StreamStats
 
@@ -75,9 +76,10 @@ class LayeredModel:
         self.device, self.tokenizer = device, tokenizer
         self.stats = loader.stats
         self.groups = manifest.groups
-        self._slots = [
-            [_Slot(model, name) for name in (*g.tensors, *g.aliases)] for g in manifest.groups
-        ]
+        scheme = (manifest.quantization or {}).get("scheme")
+        # the names each group's loaded tensors carry: parameters (quantized ones expanded), then aliases
+        self._names = [(*param_names(g, scheme), *g.aliases) for g in manifest.groups]
+        self._slots = [[_Slot(model, name) for name in names] for names in self._names]
         self.prefetcher = Prefetcher(loader.load, len(manifest.groups), prefetch, self.stats)
         self._current: Loaded | None = None
         self._pass_start = 0.0
@@ -86,9 +88,11 @@ class LayeredModel:
 
     @classmethod
     def from_pretrained(cls, path, *, device="cuda:0", dtype=None, prefetch: int = 1,
-                        trust_remote_code: bool = False) -> "LayeredModel":
+                        trust_remote_code: bool = False, verify: bool = False) -> "LayeredModel":
         """Open a converted folder. `dtype` defaults to the folder's; `prefetch` is how many
-        groups the background thread reads ahead (0 reads each group when it is needed)."""
+        groups the background thread reads ahead (0 reads each group when it is needed).
+        Every file's presence, size and header are checked against the manifest; `verify`
+        also checks their sha256 (reads every byte once)."""
         from transformers import AutoConfig
 
         path = Path(path)
@@ -97,6 +101,7 @@ class LayeredModel:
         compute_dtype = resolve_runtime_dtype(dtype, manifest.dtype)
         if prefetch < 0:
             raise UsageError(f"prefetch must be 0 or more, not {prefetch}")
+        verify_folder(path, checksums=verify, manifest=manifest)
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = build_empty_model(config, dtype=compute_dtype, trust_remote_code=trust_remote_code)
         _place_buffers(model, dev)
@@ -161,7 +166,7 @@ class LayeredModel:
             torch.cuda.current_stream(self.device).wait_event(loaded.event)
             for t in loaded.tensors.values():
                 t.record_stream(torch.cuda.current_stream(self.device))
-        for slot, name in zip(self._slots[i], (*self.groups[i].tensors, *self.groups[i].aliases)):
+        for slot, name in zip(self._slots[i], self._names[i]):
             slot.put(loaded.tensors[name])
         self._current = loaded
         self.stats.layer_loads += 1

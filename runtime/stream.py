@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from reshard.format import GroupFile, Manifest
+from reshard.format import GroupFile, Manifest, param_names, quant_part_names
+
+from .quantized import expand_group, expand_param
 
 
 @dataclass
@@ -57,7 +59,8 @@ class GroupLoader:
     def __init__(self, folder: Path, manifest: Manifest, device: torch.device, dtype: torch.dtype, stats: StreamStats):
         self.manifest, self.device, self.dtype, self.stats = manifest, device, dtype, stats
         self.files = [GroupFile(folder / g.file, g) if g.file else None for g in manifest.groups]
-        home = {name: i for i, g in enumerate(manifest.groups) for name in g.tensors}
+        self.scheme = (manifest.quantization or {}).get("scheme")
+        home = {name: i for i, g in enumerate(manifest.groups) for name in param_names(g, self.scheme)}
         # alias param -> (index of the group whose file holds it, tensor name there)
         self.aliases = [{a: (home[t], t) for a, t in g.aliases.items()} for g in manifest.groups]
         self.cuda = device.type == "cuda"
@@ -78,14 +81,27 @@ class GroupLoader:
         gf, tensors = self.files[i], {}
         if gf is not None:
             gf.touch()
-            tensors = {name: self._cast(gf.tensor(name)) for name in gf.infos}
+            tensors = self._expand(i, {name: self._cast(gf.tensor(name)) for name in gf.infos})
         for alias, (j, name) in self.aliases[i].items():
-            tensors[alias] = self._cast(self.files[j].tensor(name))
+            tensors[alias] = self._param(j, name, lambda t: t)
         self.stats.read_seconds += time.perf_counter() - t0
         return Loaded(i, tensors, None, gf.nbytes if gf else 0)
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.dtype) if t.is_floating_point() and t.dtype != self.dtype else t
+
+    def _expand(self, i: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Group i's stored tensors -> its parameters: quantized ones expanded to the compute dtype."""
+        group = self.manifest.groups[i]
+        return expand_group(tensors, group, self.scheme, self.dtype) if group.quantized else tensors
+
+    def _param(self, j: int, name: str, move) -> torch.Tensor:
+        """Parameter `name` from group j's file, moved by `move` (to the device), expanded if quantized."""
+        group, gf = self.manifest.groups[j], self.files[j]
+        if name not in group.quantized:
+            return self._cast(move(gf.tensor(name)))
+        parts = {part: move(gf.tensor(n)) for part, n in quant_part_names(name, self.scheme).items()}
+        return expand_param(parts, group.quantized[name], self.scheme, self.dtype)
 
     def _load_cuda(self, i: int) -> Loaded:
         gf, tensors, nbytes, read = self.files[i], {}, 0, 0.0
@@ -94,9 +110,9 @@ class GroupLoader:
             if gf is not None:
                 nbytes = gf.nbytes
                 flat, read = self._to_device(gf.data())
-                tensors = {name: self._cast(gf.view_of(flat, name)) for name in gf.infos}
+                tensors = self._expand(i, {name: self._cast(gf.view_of(flat, name)) for name in gf.infos})
             for alias, (j, name) in self.aliases[i].items():
-                tensors[alias] = self._cast(self.files[j].tensor(name).to(self.device))
+                tensors[alias] = self._param(j, name, lambda t: t.to(self.device))
             event = torch.cuda.Event()
             event.record(self.copy_stream)
         event.synchronize()  # the background thread waits for its copy, compute does not

@@ -1,0 +1,130 @@
+"""Weight-only quantization of linear weights: the math, in plain torch (CPU or CUDA).
+
+Two schemes, both for a 2-D weight `w` of shape (out, in) as `nn.Linear` stores it:
+- int8: symmetric, one scale per output row; `w ~ q * scale`, q in [-127, 127].
+- int4: asymmetric, group-wise along the input dim (`group` columns per group), one scale and
+  one zero (the group's minimum) per group; `w ~ q * scale + zero`, q in [0, 15], two values
+  per byte (low nibble = even column). A ragged last group is padded with copies of the
+  row's last value, which leaves its range unchanged; the padding is dropped on expansion.
+
+Scales and zeros are stored in the checkpoint's dtype. The rounding is chosen so the error
+bound holds with the *stored* values: |w - expanded| <= scale / 2 for every element (up to
+the rounding of the final multiply-add). Everything is deterministic: same input, same bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import UsageError
+
+SCHEMES = ("int8", "int4")
+DEFAULT_GROUP = 32
+
+
+def check_scheme(scheme: str, group: int) -> None:
+    if scheme not in SCHEMES:
+        raise UsageError(f"unknown quantization {scheme!r}; use int8 or int4")
+    if scheme == "int4" and (group < 2 or group % 2):
+        raise UsageError(f"--quantize-group must be an even number of 2 or more, not {group}")
+
+
+def quantize(w: torch.Tensor, scheme: str, *, group: int = DEFAULT_GROUP, dtype: torch.dtype | None = None
+             ) -> dict[str, torch.Tensor]:
+    """{"qweight", "scales"[, "zeros"]} for `w`; scales/zeros in `dtype` (default: w's dtype)."""
+    dtype = dtype or w.dtype
+    if scheme == "int8":
+        q, scales = quantize_int8(w, dtype=dtype)
+        return {"qweight": q, "scales": scales}
+    q, scales, zeros = quantize_int4(w, group=group, dtype=dtype)
+    return {"qweight": q, "scales": scales, "zeros": zeros}
+
+
+def dequantize(parts: dict[str, torch.Tensor], scheme: str, *, columns: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, columns) weight in `dtype` from the parts `quantize` returned."""
+    if scheme == "int8":
+        return dequantize_int8(parts["qweight"], parts["scales"], dtype=dtype)
+    return dequantize_int4(parts["qweight"], parts["scales"], parts["zeros"], columns=columns, dtype=dtype)
+
+
+# --- int8, symmetric per output row ---------------------------------------------------------
+
+def quantize_int8(w: torch.Tensor, *, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 (out, in), scales (out,) in `dtype`)."""
+    w = w.float()
+    absmax = w.abs().amax(dim=1)
+    scales = _stored_scale(absmax / 127, 127, dtype)
+    q = torch.round(w / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
+    return q.to(dtype) * scales.to(dtype)[:, None]
+
+
+# --- int4, asymmetric group-wise ------------------------------------------------------------
+
+def quantize_int4(w: torch.Tensor, *, group: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """(q uint8 (out, padded_in / 2), scales (out, groups), zeros (out, groups)); scales/zeros in `dtype`."""
+    rows, cols = w.shape
+    groups = -(-cols // group)
+    w = w.float()
+    if groups * group != cols:  # pad with the row's last value: the last group's range is unchanged
+        w = torch.cat([w, w[:, -1:].expand(rows, groups * group - cols)], dim=1)
+    w = w.view(rows, groups, group)
+    zeros = _round_down(w.amin(dim=2), dtype)  # zero <= every value, so q >= 0
+    scales = _stored_scale((w.amax(dim=2) - zeros.float()) / 15, 15, dtype)
+    q = torch.round((w - zeros.float()[..., None]) / scales.float()[..., None]).clamp_(0, 15).to(torch.uint8)
+    q = q.view(rows, groups * group)
+    return q[:, 0::2] | (q[:, 1::2] << 4), scales, zeros
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *, columns: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    rows, groups = scales.shape
+    q = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(rows, groups, -1).to(dtype)  # (out, groups, group)
+    # addcmul rounds once (opmath), so half-precision results match float32 math cast down.
+    w = torch.addcmul(zeros.to(dtype)[..., None], q, scales.to(dtype)[..., None])
+    return w.view(rows, -1)[:, :columns]
+
+
+# --- rounding of the stored scale and zero ---------------------------------------------------
+
+def _stored_scale(scale: torch.Tensor, top: int, dtype: torch.dtype) -> torch.Tensor:
+    """`scale` (float32, = range / top) in `dtype`, nearest, but one step up where the nearest
+    would put range / stored scale at or past top + 0.5 (so q would leave [.., top]) or is 0.
+
+    Nearest (not always up) keeps scales that are already exact in `dtype` exact, which makes
+    weights that were quantized on the same grid before (a GGUF's) come back unchanged.
+    """
+    y = scale.to(dtype)
+    above = torch.nextafter(y, torch.full_like(y, float("inf")))
+    return torch.where(y.float() * (top + 0.5) <= scale * top, above, y)
+
+
+def _round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` (float32) in `dtype`, rounded towards -inf so the stored value is <= x."""
+    y = x.to(dtype)
+    below = torch.nextafter(y, torch.full_like(y, float("-inf")))
+    return torch.where(y.float() > x, below, y)
+
+
+# --- which parameters -------------------------------------------------------------------------
+
+def quantizable_params(model: torch.nn.Module, plan, *, embeddings: bool = False) -> dict[str, bool]:
+    """{param name: transposed} for the weights to quantize: 2-D weights of the decoder layers'
+    linear modules (`nn.Linear`, or transformers' `Conv1D`, which stores its weight (in, out):
+    transposed), plus the input/output embeddings if `embeddings`. Tied aliases are left out."""
+    from transformers.pytorch_utils import Conv1D
+
+    stored = {p for g in plan.groups for p in g.params}
+    chosen = {}
+    for mname, module in model.named_modules():
+        inside = mname.startswith(plan.layers_path + ".")
+        linear = isinstance(module, (torch.nn.Linear, Conv1D)) and inside
+        is_embedding = embeddings and module in (model.get_input_embeddings(), model.get_output_embeddings())
+        weight = module._parameters.get("weight") if (linear or is_embedding) else None
+        name = f"{mname}.weight"
+        if weight is not None and weight.dim() == 2 and name in stored:
+            chosen[name] = isinstance(module, Conv1D)
+    return chosen

@@ -1,0 +1,144 @@
+"""`reshard convert`: bounded memory, the hub path, and the written files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from reshard.format import read_manifest
+
+PEAK_RSS = """
+import resource, sys
+from reshard.cli import main
+code = main(sys.argv[2:])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=open(sys.argv[1], "w"))
+sys.exit(code)
+"""
+
+
+def _peak_rss_of_convert(src: Path, out: Path, tmp_path: Path) -> int:
+    report = tmp_path / f"rss-{out.name}.txt"
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, str(report), "convert", str(src), str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return int(report.read_text())
+
+
+def _llama(folder: Path, layers: int, hidden: int, inter: int) -> int:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=320, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=8, num_key_value_heads=4)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder, max_shard_size="10GB")  # one shard holding every layer
+    layer = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    return layer
+
+
+@pytest.mark.slow
+def test_convert_peak_memory_is_about_one_layer(tmp_path):
+    layer_bytes = _llama(tmp_path / "big", layers=12, hidden=512, inter=2048)
+    _llama(tmp_path / "small", layers=1, hidden=512, inter=2048)
+    shard = max(f.stat().st_size for f in (tmp_path / "big").glob("*.safetensors"))
+    assert shard > 10 * layer_bytes
+    base = _peak_rss_of_convert(tmp_path / "small", tmp_path / "small-out", tmp_path)
+    big = _peak_rss_of_convert(tmp_path / "big", tmp_path / "big-out", tmp_path)
+    # Growth over a one-layer model: a couple of layers at most, far below the shard size.
+    assert big - base < 3 * layer_bytes, (big - base, layer_bytes, shard)
+    assert len(read_manifest(tmp_path / "big-out").groups) == 12 + 3
+
+
+def test_written_files_are_plain_safetensors(tiny_converted, tiny_checkpoints):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2"]).state_dict()
+    manifest = read_manifest(tiny_converted["qwen2"])
+    seen = set()
+    for group in manifest.groups:
+        with safe_open(tiny_converted["qwen2"] / group.file, framework="pt") as f:
+            assert set(f.keys()) == set(group.tensors)
+            for name in f.keys():
+                assert torch.equal(f.get_tensor(name), ref[name])
+                seen.add(name)
+    assert seen == set(ref)
+    for side in ("config.json", "generation_config.json", "tokenizer.json"):
+        assert (tiny_converted["qwen2"] / side).is_file()
+
+
+def test_dtype_option(tmp_path, tiny_checkpoints):
+    from reshard.convert import convert
+
+    manifest = convert(str(tiny_checkpoints["llama"]), tmp_path / "bf16", dtype="bfloat16", progress=False)
+    assert manifest.dtype == "bfloat16"
+    with safe_open(tmp_path / "bf16" / "layers.00000.safetensors", framework="pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+
+
+class FakeHub:
+    """huggingface_hub's `model_info` and `hf_hub_download`, served from a local folder."""
+
+    def __init__(self, folder: Path, cache: Path, extra_files=()):
+        self.folder, self.cache, self.calls = folder, cache, []
+        self.files = sorted(p.name for p in folder.iterdir()) + list(extra_files)
+
+    def model_info(self, repo_id, revision=None, token=None, **kw):
+        self.calls.append(("model_info", repo_id, revision, token))
+        return SimpleNamespace(sha="c0ffee" * 6 + "abcd", siblings=[SimpleNamespace(rfilename=f) for f in self.files])
+
+    def hf_hub_download(self, repo_id, filename, revision=None, token=None, local_dir=None, **kw):
+        self.calls.append(("download", repo_id, filename, revision, token))
+        target = self.cache / revision / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.folder / filename, target)
+        return str(target)
+
+
+def test_hub_source_fetches_only_what_is_needed(tmp_path, tiny_checkpoints, tiny_converted, monkeypatch):
+    import huggingface_hub
+
+    from reshard.convert import convert
+
+    hub = FakeHub(tiny_checkpoints["llama"], tmp_path / "cache",
+                  extra_files=["pytorch_model.bin", "README.md", "onnx/model.onnx", "original/consolidated.pth"])
+    monkeypatch.setattr(huggingface_hub, "model_info", hub.model_info)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+
+    manifest = convert("someone/tiny-llama", tmp_path / "out", revision="v1", progress=False)
+
+    assert hub.calls[0] == ("model_info", "someone/tiny-llama", "v1", "hf_secret")
+    commit = "c0ffee" * 6 + "abcd"
+    downloads = [c for c in hub.calls if c[0] == "download"]
+    asked = {c[2] for c in downloads}
+    assert all(c[1] == "someone/tiny-llama" and c[3] == commit and c[4] == "hf_secret" for c in downloads)
+    weights = {f for f in asked if f.endswith((".safetensors", ".bin", ".pth", ".onnx"))}
+    assert weights == {p.name for p in tiny_checkpoints["llama"].glob("*.safetensors")}
+    assert {"config.json", "tokenizer.json", "generation_config.json"} <= asked
+    assert "README.md" not in asked
+    assert manifest.source == {"id": "someone/tiny-llama", "revision": "v1", "commit": commit}
+    for group in manifest.groups:  # same bytes as converting the local folder
+        if group.file:
+            assert group.sha256 == read_manifest(tiny_converted["llama"]).group(group.name).sha256
+
+
+def test_hub_token_flag_wins_over_env(tmp_path, tiny_checkpoints, monkeypatch):
+    import huggingface_hub
+
+    from reshard.cli import main
+
+    hub = FakeHub(tiny_checkpoints["qwen2"], tmp_path / "cache")
+    monkeypatch.setattr(huggingface_hub, "model_info", hub.model_info)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
+    monkeypatch.setenv("HF_TOKEN", "from-env")
+    assert main(["convert", "org/model", str(tmp_path / "out"), "--token", "from-flag", "--quiet"]) == 0
+    assert {c[-1] for c in hub.calls} == {"from-flag"}
+    assert hub.calls[0][2] is None  # no --revision: the hub's default branch

@@ -1,0 +1,46 @@
+"""The CUDA path (pinned staging, side-stream copies, events). Runs where a GPU is present;
+`benchmarks/gpu_check.sh` runs these on a GPU machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import ARCHS
+from runtime import LayeredModel
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_cuda_equals_transformers_on_cuda(arch, prefetch, tiny_checkpoints, tiny_converted):
+    ref = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[arch], dtype=torch.float32).eval().to("cuda")
+    model = LayeredModel.from_pretrained(tiny_converted[arch], device="cuda", prefetch=prefetch)
+    ids = torch.randint(3, ref.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2)).cuda()
+    with torch.no_grad():
+        want = ref(ids).logits
+    got = model(ids).logits
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids[:1], **kwargs), ref.generate(ids[:1], **kwargs))
+    assert model.stats.layer_loads == 13 * len(model.manifest.groups)
+    model.close()
+
+
+def test_cuda_memory_stays_at_a_few_groups(tiny_converted):
+    model = LayeredModel.from_pretrained(tiny_converted["qwen2"], device="cuda", prefetch=1)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model(torch.tensor([[5, 6, 7, 8]], device="cuda"))
+    torch.cuda.synchronize()
+    largest = max(g.bytes for g in model.manifest.groups)
+    # Two groups in flight (the running one and the one read ahead), plus small activations.
+    assert torch.cuda.max_memory_allocated() - base < 3 * largest + (1 << 20)
+    model.close()

@@ -1,0 +1,303 @@
+"""Quantized conversion (`reshard convert --quantize int8|int4`) and its expansion by the runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from reshard import cli as reshard_cli
+from reshard.convert import convert
+from reshard.errors import FormatError
+from reshard.format import DTYPE_NAMES, MANIFEST, read_manifest
+from reshard.quant import dequantize, quantize
+from runtime import cli as runtime_cli
+from runtime.model import LayeredModel
+
+from conftest import ARCHS
+
+TEXT = Path(__file__).parent / "data" / "english.txt"
+
+
+# --- the math --------------------------------------------------------------------------------
+
+def _bound(parts: dict, scheme: str, columns: int) -> torch.Tensor:
+    """scale / 2 for every element: the round-to-nearest error bound of each scheme."""
+    scales = parts["scales"].float()
+    if scheme == "int8":
+        return scales[:, None].expand(-1, columns) / 2
+    group = parts["qweight"].shape[1] * 2 // scales.shape[1]
+    return scales.repeat_interleave(group, dim=1)[:, :columns] / 2
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("scheme,group", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 24)])
+def test_round_trip_error_within_the_schemes_bound(scheme, group, dtype):
+    torch.manual_seed(0)
+    w = torch.randn(48, 200) * 0.02  # 200 columns: int4 groups of 32/64 leave a ragged last group
+    w[3] = 0  # an all-zero row
+    w[5] *= 1e-4  # a row whose scale is subnormal in float16
+    w[7, 11] = 3.0  # an outlier
+    w = w.to(DTYPE_NAMES[dtype])
+    parts = quantize(w, scheme, group=group)
+    back = dequantize(parts, scheme, columns=200, dtype=torch.float32)
+    err = (back - w.float()).abs()
+    bound = _bound(parts, scheme, 200)
+    assert back.shape == w.shape
+    assert (err <= bound * (1 + 1e-6)).all(), (err / bound).max()
+    assert (err > bound * 0.9).any()  # the bound is tight, so the check is not vacuous
+    assert back[3].abs().max() == 0
+    assert {p.dtype for n, p in parts.items() if n != "qweight"} == {w.dtype}
+
+
+def test_quantized_bytes_are_golden():
+    # int8: scale = absmax / 127 = 1, q = round(w) (half to even)
+    q, s = quantize(torch.tensor([[-127.0, 0.0, 63.5, 127.0]]), "int8").values()
+    assert q.tolist() == [[-127, 0, 64, 127]] and s.tolist() == [1.0]
+    # int4: zero = min = 2, scale = (17 - 2) / 15 = 1, q = w - 2; low nibble holds the even column
+    parts = quantize(torch.arange(2.0, 18.0)[None], "int4", group=16)
+    assert bytes(parts["qweight"].flatten().tolist()) == bytes([0x10, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC, 0xFE])
+    assert parts["scales"].tolist() == [[1.0]] and parts["zeros"].tolist() == [[2.0]]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_half_precision_expansion_equals_float32_math_cast_down(scheme, dtype):
+    torch.manual_seed(1)
+    dt = DTYPE_NAMES[dtype]
+    parts = quantize(torch.randn(64, 256) * 0.05, scheme, dtype=dt)
+    half = dequantize(parts, scheme, columns=256, dtype=dt)
+    full = dequantize(parts, scheme, columns=256, dtype=torch.float32).to(dt)
+    assert torch.equal(half, full)
+
+
+# --- tiny models: the runtime equals transformers' model with the same quantized weights -----
+
+def quantized_reference(src: Path, folder: Path, dtype: torch.dtype = torch.float32):
+    """transformers' own model from `src`, with each weight the folder quantized replaced by
+    its quantize -> dequantize round trip (and the others rounded to the folder's dtype)."""
+    from transformers import AutoModelForCausalLM
+
+    m = read_manifest(folder)
+    stored = DTYPE_NAMES[m.dtype]
+    q = m.quantization
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for p in params.values():
+            p.copy_(p.to(stored))
+        for g in m.groups:
+            for name, info in g.quantized.items():
+                w = params[name].t() if info["transposed"] else params[name]
+                parts = quantize(w, q["scheme"], group=q["group_size"] or 0, dtype=stored)
+                back = dequantize(parts, q["scheme"], columns=w.shape[1], dtype=torch.float32)
+                params[name].copy_(back.t() if info["transposed"] else back)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quantized_folder_equals_transformers_with_quantized_weights(arch, tiny_checkpoints, tmp_path):
+    src = tiny_checkpoints[arch]
+    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    for scheme, group, emb in [("int8", 32, False), ("int4", 24, True)]:  # 24 leaves ragged groups of 64 columns
+        out = tmp_path / f"{scheme}-{group}"
+        m = convert(str(src), out, progress=False, quantize=scheme, quantize_group=group, quantize_embeddings=emb)
+        quantized = {n for g in m.groups for n in g.quantized}
+        linear_in_layers = {n for n in quantized if n.startswith(m.layers_path + ".")}
+        assert len(linear_in_layers) == 3 * (7 if arch not in ("gpt2", "phi3") else 4)  # per layer: q,k,v,o,gate,up,down
+        assert (quantized - linear_in_layers != set()) == emb  # embeddings/head only when asked
+        with torch.no_grad():
+            want = quantized_reference(src, out)(ids).logits
+        lm = LayeredModel.from_pretrained(out, device="cpu", prefetch=1)
+        got = lm(ids).logits
+        lm.close()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert lm.stats.bytes_read == sum(g.bytes for g in m.groups)  # the compressed bytes are what is read
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quantized_folder_on_cuda_equals_cpu(arch, tiny_checkpoints, tmp_path):
+    """The expansion on the copy stream computes what the CPU computes; generation agrees, prefetch on."""
+    ids = torch.randint(3, 300, (1, 9), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    for scheme, group, emb in [("int8", 32, False), ("int4", 24, True)]:
+        out = tmp_path / scheme
+        convert(str(tiny_checkpoints[arch]), out, progress=False, quantize=scheme, quantize_group=group,
+                quantize_embeddings=emb)
+        cpu = LayeredModel.from_pretrained(out, device="cpu", prefetch=1)
+        for prefetch in (1, 2):
+            gpu = LayeredModel.from_pretrained(out, device="cuda", prefetch=prefetch)
+            torch.testing.assert_close(gpu(ids.cuda()).logits.cpu(), cpu(ids).logits, rtol=1e-4, atol=1e-4)
+            assert torch.equal(gpu.generate(ids.cuda(), **kwargs).cpu(), cpu.generate(ids, **kwargs))
+            gpu.close()
+        half = LayeredModel.from_pretrained(out, device="cuda", dtype="float16", prefetch=1)
+        torch.testing.assert_close(half(ids.cuda()).logits.float().cpu(), cpu(ids).logits, rtol=0.05, atol=0.05)
+        half.close()
+        cpu.close()
+
+
+def test_conv1d_weights_are_quantized_per_output_channel(tiny_checkpoints, tmp_path):
+    """GPT-2's Conv1D stores (in, out); int8 must keep one scale per *output* channel."""
+    m = convert(str(tiny_checkpoints["gpt2"]), tmp_path / "q", progress=False, quantize="int8")
+    g = m.group("layers.0")
+    info = g.quantized["transformer.h.0.mlp.c_fc.weight"]
+    assert info["transposed"] and info["shape"] == [64, 256]
+    assert g.tensors["transformer.h.0.mlp.c_fc.weight.scales"]["shape"] == [256]
+    assert g.tensors["transformer.h.0.mlp.c_fc.weight.qweight"]["shape"] == [256, 64]
+
+
+# --- determinism, interruption --------------------------------------------------------------
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_quantized_conversion_is_deterministic_and_resumes_byte_identical(tiny_checkpoints, tmp_path, monkeypatch):
+    import reshard.convert as conv
+
+    src = str(tiny_checkpoints["qwen2"])
+    kwargs = dict(progress=False, quantize="int4", quantize_group=32, quantize_embeddings=True)
+    convert(src, tmp_path / "a", **kwargs)
+    convert(src, tmp_path / "b", **kwargs)
+    assert _folder_bytes(tmp_path / "a") == _folder_bytes(tmp_path / "b")
+
+    real, written = conv.write_group_file, []
+
+    def dies_after_two(path, tensors):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(path.name)
+        return real(path, tensors)
+
+    monkeypatch.setattr(conv, "write_group_file", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, tmp_path / "c", **kwargs)
+    assert written == ["embed.safetensors", "layers.00000.safetensors"]
+    assert not (tmp_path / "c" / MANIFEST).exists()
+    kept_inode = (tmp_path / "c" / "layers.00000.safetensors").stat().st_ino
+    monkeypatch.setattr(conv, "write_group_file", lambda path, tensors: (written.append(path.name), real(path, tensors))[1])
+    convert(src, tmp_path / "c", **kwargs)  # the same command again: resumes
+    assert written[2:] == ["layers.00001.safetensors", "layers.00002.safetensors", "norm.safetensors", "head.safetensors"]
+    assert (tmp_path / "c" / "layers.00000.safetensors").stat().st_ino == kept_inode  # finished work was kept
+    assert _folder_bytes(tmp_path / "c") == _folder_bytes(tmp_path / "a")
+
+
+def test_other_quantization_into_the_same_folder_is_refused(tiny_checkpoints, tmp_path, capsys):
+    src, out = str(tiny_checkpoints["llama"]), str(tmp_path / "o")
+    assert reshard_cli.main(["convert", src, out, "--quantize", "int8", "--quiet"]) == 0
+    assert reshard_cli.main(["convert", src, out, "--quantize", "int4", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "(float32, int8, LlamaForCausalLM), not of " in err and "(float32, int4 group 32, LlamaForCausalLM)" in err
+    assert read_manifest(out).quantization["scheme"] == "int8"
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+def test_cli_quantized_convert_info_and_generate(tiny_checkpoints, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert reshard_cli.main(["convert", str(tiny_checkpoints["llama"]), str(out), "--quantize", "int4",
+                             "--quantize-group", "16", "--quiet"]) == 0
+    assert read_manifest(out).quantization == {"scheme": "int4", "group_size": 16, "embeddings": False}
+    capsys.readouterr()
+    assert reshard_cli.main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layer_bytes"] < 0.45 * info["layer_bytes_unquantized"]
+    assert info["pass_bytes"] == sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    assert reshard_cli.main(["info", str(out)]) == 0
+    assert "quantization  int4 group 16" in capsys.readouterr().out
+    assert runtime_cli.main(["generate", str(out), "--prompt", "w3 w4 w5", "--max-new-tokens", "4",
+                             "--device", "cpu", "--prefetch", "1"]) == 0
+    assert len(capsys.readouterr().out.split()) == 4
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["--quantize", "int4", "--quantize-group", "7"], "Error: --quantize-group must be an even number of 2 or more, not 7"),
+    (["--quantize-group", "64"], "Error: --quantize-group and --quantize-embeddings need --quantize int8 or int4"),
+    (["--quantize", "int8", "--quantize-group", "64"],
+     "Error: --quantize-group applies to int4 only; int8 has one scale per output channel"),
+])
+def test_cli_bad_quantize_flags(argv, line, tiny_checkpoints, tmp_path, capsys):
+    assert reshard_cli.main(["convert", str(tiny_checkpoints["llama"]), str(tmp_path / "o"), *argv]) == 2  # usage errors
+    assert capsys.readouterr().err.strip().splitlines()[-1] == line
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_unknown_scheme_exits_2(tiny_checkpoints, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        reshard_cli.main(["convert", str(tiny_checkpoints["llama"]), str(tmp_path / "o"), "--quantize", "int3"])
+    assert e.value.code == 2
+
+
+def test_manifest_missing_a_quantized_part_is_refused(tiny_checkpoints, tmp_path):
+    out = tmp_path / "q"
+    convert(str(tiny_checkpoints["llama"]), out, progress=False, quantize="int8")
+    raw = json.loads((out / MANIFEST).read_text())
+    del raw["groups"][1]["tensors"]["model.layers.0.mlp.up_proj.weight.scales"]
+    (out / MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(FormatError, match="model.layers.0.mlp.up_proj.weight lacks model.layers.0.mlp.up_proj.weight.scales"):
+        read_manifest(out)
+
+
+# --- SmolLM2: bytes per pass, perplexity, generation ----------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_quantized(smollm2_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """fp16, int8 and int4 (group 32) conversions of SmolLM2."""
+    root = tmp_path_factory.mktemp("smollm2-quant")
+    out = {}
+    for name, scheme in [("fp16", None), ("int8", "int8"), ("int4", "int4")]:
+        convert(str(smollm2_checkpoint), root / name, dtype="float16", quantize=scheme, progress=False)
+        out[name] = root / name
+    return out
+
+
+def _layer_file_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("layers.*.safetensors"))
+
+
+def test_bytes_per_pass_of_decoder_layers(smollm2_quantized):
+    fp16 = _layer_file_bytes(smollm2_quantized["fp16"])
+    assert _layer_file_bytes(smollm2_quantized["int8"]) <= 0.53 * fp16
+    assert _layer_file_bytes(smollm2_quantized["int4"]) <= 0.33 * fp16
+    for name in ("int8", "int4"):  # `reshard info`'s "unquantized" figure is the fp16 folder's, up to headers
+        info = reshard_cli.describe(smollm2_quantized[name])
+        assert abs(info["layer_bytes_unquantized"] - fp16) < 0.001 * fp16
+
+
+def mean_nll(model: LayeredModel, text: str) -> float:
+    """Mean next-token negative log-likelihood of `text` (natural log)."""
+    ids = model.tokenizer(text, return_tensors="pt")["input_ids"]
+    logits = model(ids).logits[0, :-1].float()
+    return torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item()
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_int8_and_int4(smollm2_quantized):
+    """fp16 vs int8 vs int4 group 32, computed in float32 on the CPU with prefetch on."""
+    text = TEXT.read_text()
+    ppl = {}
+    for name, folder in smollm2_quantized.items():
+        lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", prefetch=1)
+        ppl[name] = float(torch.tensor(mean_nll(lm, text)).exp())
+        lm.close()
+    assert 5 < ppl["fp16"] < 40, ppl  # the model reads English
+    assert ppl["int8"] <= 1.01 * ppl["fp16"], ppl
+    assert ppl["int4"] <= 1.02 * ppl["fp16"], ppl
+
+
+@pytest.mark.slow
+def test_smollm2_int4_generates_as_transformers_does_with_the_same_weights(smollm2_checkpoint, smollm2_quantized):
+    folder = smollm2_quantized["int4"]
+    lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", prefetch=1)
+    ids = lm.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    got = lm.generate(ids, max_new_tokens=6, do_sample=False)
+    lm.close()
+    ref = quantized_reference(smollm2_checkpoint, folder)
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=6, do_sample=False)
+    assert got.tolist() == want.tolist()
+    assert lm.stats.layer_loads > 0 and lm.prefetcher.depth == 1

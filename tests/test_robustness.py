@@ -1,0 +1,521 @@
+"""Conversion that never loses work, and one clear line for every mistake.
+
+Resuming after SIGKILL and a full disk, refusing a foreign OUT, the disk check, the
+low-disk hub mode, and every bad input: each asserts the exit code and the error line.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import reshard.format
+from reshard.cli import main as reshard_main
+from runtime.cli import main as runtime_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def convert(*args) -> int:
+    return reshard_main(["convert", *map(str, args), "--quiet"])
+
+
+def assert_same_files(a: Path, b: Path) -> None:
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for path in a.iterdir():
+        assert path.read_bytes() == (b / path.name).read_bytes(), path.name
+
+
+def only_error(err: str) -> str:
+    """The one `Error:` line of a failed command (and no traceback)."""
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# --- SIGKILL at several points, then resume ---------------------------------------------
+
+# Runs `reshard convert` and SIGKILLs itself at the point argv[1] names: half-way through
+# writing file NAME ("during:NAME"), or just before or after the rename that finishes it
+# ("before:NAME" / "after:NAME"): a half-written temporary file, a whole one, a finished
+# file not yet recorded.
+KILLER = """
+import builtins, os, signal, sys
+import reshard.format
+when, name = sys.argv[1].split(":")
+def open_(path, mode="r", *args, **kwargs):
+    f = builtins.open(path, mode, *args, **kwargs)
+    if when == "during" and os.path.basename(path) == name + ".partial":
+        write = f.write
+        def half(data):
+            write(data)
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        f.write = half
+    return f
+reshard.format.open = open_
+real_replace = os.replace
+def replace(src, dst):
+    hit = os.path.basename(dst) == name
+    if hit and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+    if hit and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+from reshard.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def run_killed(point: str, source: Path, out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", KILLER, point, "convert", str(source), str(out), "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_sigkill_at_several_points_then_resume_is_byte_identical(tiny_checkpoints, tmp_path, capsys):
+    source = tiny_checkpoints["llama"]
+    assert convert(source, tmp_path / "clean") == 0
+    out = tmp_path / "out"
+    embed_inode = None
+    for point in ["before:convert-progress.json",  # OUT made, nothing recorded
+                  "after:layers.00000.safetensors",  # file finished, not yet recorded
+                  "during:layers.00001.safetensors",  # temporary file half-written
+                  "before:layers.00002.safetensors",  # file written to its temporary name only
+                  "before:manifest.json"]:  # every group done, no manifest
+        proc = run_killed(point, source, out)
+        assert proc.returncode == -signal.SIGKILL, (point, proc.stderr[-2000:])
+        assert not (out / "manifest.json").exists()
+        if point == "during:layers.00001.safetensors":
+            half = (out / "layers.00001.safetensors.partial").stat().st_size
+            assert 0 < half < (tmp_path / "clean" / "layers.00001.safetensors").stat().st_size
+        if point == "before:layers.00002.safetensors":
+            assert (out / "layers.00002.safetensors.partial").is_file()
+            embed_inode = (out / "embed.safetensors").stat().st_ino
+    assert convert(source, out) == 0
+    assert_same_files(out, tmp_path / "clean")
+    assert (out / "embed.safetensors").stat().st_ino == embed_inode  # finished work was kept
+    assert reshard_main(["verify", str(out)]) == 0
+
+
+# --- a full disk ------------------------------------------------------------------------
+
+class FullDisk:
+    """`open` for reshard.format whose files raise ENOSPC once `budget` bytes are written."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+
+    def __call__(self, path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        if "w" not in mode:
+            return f
+        disk, write = self, f.write
+
+        def limited(data):
+            n = len(memoryview(data).cast("B"))
+            if n > disk.budget:
+                write(bytes(memoryview(data).cast("B")[: disk.budget]))  # part of it lands, as on a real disk
+                disk.budget = 0
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            disk.budget -= n
+            return write(data)
+
+        f.write = limited
+        return f
+
+
+def test_full_disk_mid_way_leaves_nothing_taken_for_finished(tiny_checkpoints, tmp_path, monkeypatch, capsys):
+    source = tiny_checkpoints["llama"]
+    assert convert(source, tmp_path / "clean") == 0
+    out = tmp_path / "out"
+    # Enough for the small files, the embeddings and layer 0; layer 1 fills the disk.
+    budget = sum((tmp_path / "clean" / n).stat().st_size for n in ["embed.safetensors", "layers.00000.safetensors"])
+    monkeypatch.setattr(reshard.format, "open", FullDisk(budget + 60_000), raising=False)
+    assert convert(source, out) == 1
+    assert only_error(capsys.readouterr().err) == (
+        f"Error: no space left on device ({out / 'layers.00001.safetensors'}); free some space and run the "
+        f"same command again to resume")
+    names = {p.name for p in out.iterdir()}
+    assert "layers.00001.safetensors" not in names and "manifest.json" not in names
+    assert not [n for n in names if n.endswith(".partial")]  # the space was given back
+    recorded = json.loads((out / "convert-progress.json").read_text())["groups"]
+    assert sorted(recorded) == ["embed", "layers.0"]
+    monkeypatch.undo()
+    assert convert(source, out) == 0
+    assert_same_files(out, tmp_path / "clean")
+    assert reshard_main(["verify", str(out)]) == 0
+
+
+def test_not_enough_free_disk_is_refused_before_writing(tiny_checkpoints, tmp_path, monkeypatch, capsys):
+    import reshard.convert
+
+    free = 100_000
+    monkeypatch.setattr(reshard.convert.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=0, free=free))
+    out = tmp_path / "out"
+    assert convert(tiny_checkpoints["llama"], out) == 1
+    line = only_error(capsys.readouterr().err)
+    assert line.startswith(f"Error: {out} needs about 0.49 MB more but its disk has 0.10 MB free; free some space")
+    assert not list(out.glob("*.safetensors"))
+
+
+# --- an OUT that holds something else ---------------------------------------------------
+
+def test_out_holding_another_model_is_refused_unless_force(tiny_checkpoints, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert convert(tiny_checkpoints["qwen2"], out) == 0
+    capsys.readouterr()
+    assert convert(tiny_checkpoints["llama"], out) == 1
+    line = only_error(capsys.readouterr().err)
+    assert line.startswith(f"Error: {out} holds a conversion of {tiny_checkpoints['qwen2'].resolve()} @ ")
+    assert "(float32, Qwen2ForCausalLM), not of " in line and line.endswith("pass --force to replace it")
+    assert (out / "head.safetensors").is_file()  # refused: nothing touched
+    assert convert(tiny_checkpoints["llama"], out, "--force") == 0
+    assert convert(tiny_checkpoints["llama"], tmp_path / "clean") == 0
+    assert_same_files(out, tmp_path / "clean")  # qwen2's head file is gone too
+
+
+def test_other_dtype_or_format_version_is_refused(tiny_checkpoints, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert convert(tiny_checkpoints["llama"], out) == 0
+    assert convert(tiny_checkpoints["llama"], out, "--dtype", "bfloat16") == 1
+    assert "(float32, LlamaForCausalLM), not of " in only_error(capsys.readouterr().err)
+    record = json.loads((out / "convert-progress.json").read_text())
+    record["params"]["format_version"] = 0
+    (out / "convert-progress.json").write_text(json.dumps(record))
+    assert convert(tiny_checkpoints["llama"], out) == 1
+    assert only_error(capsys.readouterr().err).startswith(
+        f"Error: {out} holds format version 0 (this version writes {reshard.format.FORMAT_VERSION}), not of ")
+
+
+def test_non_empty_foreign_out_is_refused(tiny_checkpoints, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert convert(tiny_checkpoints["llama"], out) == 1
+    assert only_error(capsys.readouterr().err) == (
+        f"Error: {out} is not empty and holds no conversion record; choose an empty folder, or pass --force "
+        f"to write into it anyway")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_interrupted_output_tells_runtime_to_resume(tiny_checkpoints, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert convert(tiny_checkpoints["llama"], out) == 0
+    (out / "manifest.json").unlink()
+    assert runtime_main(["generate", str(out), "--prompt", "w3", "--device", "cpu"]) == 1
+    assert only_error(capsys.readouterr().err) == (
+        f"Error: the conversion into {out} did not finish; run the same `reshard convert` command again to resume it")
+
+
+# --- hub sources, fetched one shard at a time ------------------------------------------
+
+class FakeHub:
+    """`huggingface_hub.model_info` / `hf_hub_download` over a local folder, recording the
+    most weight shards present at once in a `local_dir` (the --low-disk work folder)."""
+
+    def __init__(self, folder: Path, cache: Path):
+        self.folder, self.cache, self.downloads, self.peak_shards = folder, cache, [], 0
+
+    def model_info(self, repo_id, revision=None, token=None, files_metadata=False):
+        siblings = [SimpleNamespace(rfilename=p.name, size=p.stat().st_size) for p in sorted(self.folder.iterdir())]
+        return SimpleNamespace(sha="0123456789abcdef0123456789abcdef01234567", siblings=siblings)
+
+    def hf_hub_download(self, repo_id, filename, *, revision=None, token=None, local_dir=None, **_):
+        target = Path(local_dir or self.cache) / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.folder / filename, target)
+        self.downloads.append(filename)
+        if local_dir is not None:  # --low-disk's work folder
+            shards = [p for p in target.parent.iterdir() if p.name.startswith("model-")]
+            self.peak_shards = max(self.peak_shards, len(shards))
+        return str(target)
+
+
+@pytest.fixture
+def fake_hub(tiny_checkpoints, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    hub = FakeHub(tiny_checkpoints["llama"], tmp_path / "hub-cache")
+    monkeypatch.setattr(huggingface_hub, "model_info", hub.model_info)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
+    return hub
+
+
+def test_low_disk_fetches_one_shard_at_a_time(fake_hub, tiny_checkpoints, tmp_path):
+    shards = sorted(p.name for p in tiny_checkpoints["llama"].glob("model-*.safetensors"))
+    assert len(shards) >= 3
+    assert convert("org/tiny-llama", tmp_path / "plain") == 0
+    assert convert("org/tiny-llama", tmp_path / "low", "--low-disk") == 0
+    assert_same_files(tmp_path / "low", tmp_path / "plain")
+    manifest = json.loads((tmp_path / "low" / "manifest.json").read_text())
+    assert manifest["source"] == {"id": "org/tiny-llama", "revision": None,
+                                  "commit": "0123456789abcdef0123456789abcdef01234567"}
+    low_downloads = fake_hub.downloads[len(fake_hub.downloads) // 2:]
+    assert sorted(d for d in low_downloads if d.startswith("model-")) == shards  # each shard once
+    assert fake_hub.peak_shards <= 2  # a group may straddle two shards, never more
+    assert not (tmp_path / ".low.download").exists()  # the work folder is gone
+
+
+def test_low_disk_after_a_full_disk_refetches_only_what_is_left(fake_hub, tiny_converted, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    # Room for embed and layer 0 (all of shard 1's tensors); layer 1 fills the disk.
+    budget = sum((tiny_converted["llama"] / n).stat().st_size for n in ["embed.safetensors", "layers.00000.safetensors"])
+    monkeypatch.setattr(reshard.format, "open", FullDisk(budget + 60_000), raising=False)
+    assert convert("org/tiny-llama", out, "--low-disk") == 1
+    assert "no space left on device" in only_error(capsys.readouterr().err)
+    monkeypatch.setattr(reshard.format, "open", open, raising=False)
+    fake_hub.downloads.clear()
+    assert convert("org/tiny-llama", out, "--low-disk") == 0
+    assert reshard_main(["verify", str(out)]) == 0
+    assert "model-00001-of-00003.safetensors" not in fake_hub.downloads  # its groups were kept
+    assert "model-00002-of-00003.safetensors" in fake_hub.downloads
+    assert not (tmp_path / ".out.download").exists()
+
+
+def test_low_disk_needs_a_hub_source(tiny_checkpoints, tmp_path, capsys):
+    assert convert(tiny_checkpoints["llama"], tmp_path / "out", "--low-disk") == 2
+    assert only_error(capsys.readouterr().err) == (
+        f"Error: --low-disk is for hub repo ids; {tiny_checkpoints['llama']} is a local path, convert it "
+        f"without --low-disk")
+
+
+def hub_error(name: str):
+    """A huggingface_hub error without a live HTTP response (works across its versions)."""
+    from huggingface_hub import errors
+
+    cls = getattr(errors, name)
+    e = cls.__new__(cls)
+    Exception.__init__(e, f"{name} for the test")
+    return e
+
+
+@pytest.mark.parametrize("name, message", [
+    ("RepositoryNotFoundError", "Error: org/nope is neither a local path nor a hub repo you can see (check the name; private repos "
+     "need --token or HF_TOKEN)"),
+    ("GatedRepoError", "Error: org/nope is gated: accept its terms on the hub, then pass --token or set HF_TOKEN"),
+])
+def test_missing_or_gated_hub_repo(name, message, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    def model_info(*args, **kwargs):
+        raise hub_error(name)
+
+    monkeypatch.setattr(huggingface_hub, "model_info", model_info)
+    assert convert("org/nope", tmp_path / "out") == 1
+    assert only_error(capsys.readouterr().err) == message
+    assert not (tmp_path / "out").exists()
+
+
+# --- bad local sources ------------------------------------------------------------------
+
+def single_file_checkpoint(tiny_checkpoints, folder: Path) -> Path:
+    """The tiny llama as one model.safetensors (to edit), with its config and tokenizer."""
+    src = tiny_checkpoints["llama"]
+    folder.mkdir()
+    tensors = {}
+    for shard in sorted(src.glob("model-*.safetensors")):
+        tensors.update(load_file(shard))
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    for name in ["config.json", "tokenizer.json", "tokenizer_config.json"]:
+        shutil.copyfile(src / name, folder / name)
+    return folder
+
+
+def edit_tensors(folder: Path, edit) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_source(tmp_path, capsys):
+    assert convert(tmp_path / "nowhere", tmp_path / "out") == 1
+    assert only_error(capsys.readouterr().err) == (
+        f"Error: {tmp_path / 'nowhere'} does not exist; give a checkpoint folder, a .gguf file or a hub repo id")
+
+
+def test_unreadable_source_folder(tiny_checkpoints, tmp_path, monkeypatch, capsys):
+    import reshard.source
+
+    # Tests run as root here, where chmod cannot take read access away: ask os.access instead.
+    monkeypatch.setattr(reshard.source.os, "access", lambda path, mode: False)
+    assert convert(tiny_checkpoints["llama"], tmp_path / "out") == 1
+    assert only_error(capsys.readouterr().err) == f"Error: {tiny_checkpoints['llama']} is not readable"
+
+
+def test_unreadable_weights_file(tiny_checkpoints, tmp_path, capsys):
+    folder = single_file_checkpoint(tiny_checkpoints, tmp_path / "src")
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)  # not a safetensors file
+    assert convert(folder, tmp_path / "out") == 1
+    assert only_error(capsys.readouterr().err) == (
+        f"Error: {folder / 'model.safetensors'} is not a readable safetensors file (header length is out of "
+        f"range); download it again")
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_without_weights(tiny_checkpoints, tmp_path, capsys):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    shutil.copyfile(tiny_checkpoints["llama"] / "config.json", folder / "config.json")
+    assert convert(folder, tmp_path / "out") == 1
+    assert only_error(capsys.readouterr().err) == (
+        f"Error: {folder} holds no weights (model.safetensors, pytorch_model.bin or their .index.json); point "
+        f"SOURCE at a checkpoint folder, a .gguf file or a hub repo id")
+
+
+def test_config_transformers_cannot_load(tiny_checkpoints, tmp_path, capsys):
+    folder = single_file_checkpoint(tiny_checkpoints, tmp_path / "src")
+    (folder / "config.json").write_text(json.dumps({"model_type": "no-such-model", "hidden_size": 64}))
+    assert convert(folder, tmp_path / "out") == 1
+    line = only_error(capsys.readouterr().err)
+    assert line.startswith(f"Error: transformers cannot read the config of {folder}: ")
+    assert "no-such-model" in line
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(model_type="bert", vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+          intermediate_size=112),
+     "Error: model type 'bert' is an encoder (is_decoder is false, no causal attention); only decoder-only "
+     "causal LMs can be converted"),
+    (dict(model_type="t5", vocab_size=320, d_model=64, num_layers=2, num_heads=4, d_ff=112, d_kv=16),
+     "Error: model type 't5' is an encoder-decoder model; only decoder-only causal LMs can be converted"),
+    (dict(model_type="vit", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=112),
+     None),  # no causal LM at all: transformers' own reason
+])
+def test_not_a_decoder_only_causal_lm(config, message, tiny_checkpoints, tmp_path, capsys):
+    folder = single_file_checkpoint(tiny_checkpoints, tmp_path / "src")
+    (folder / "config.json").write_text(json.dumps(config))
+    assert convert(folder, tmp_path / "out") == 1
+    line = only_error(capsys.readouterr().err)
+    if message:
+        assert line == message
+    else:
+        assert line.startswith("Error: transformers cannot build a causal language model for model type 'vit': ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_shard_index_pointing_outside_is_refused(tiny_checkpoints, tmp_path, capsys):
+    folder = single_file_checkpoint(tiny_checkpoints, tmp_path / "src")
+    outside = tmp_path / "outside.safetensors"
+    (folder / "model.safetensors").rename(outside)
+    keys = list(load_file(outside))
+    index = {"metadata": {}, "weight_map": {k: "../outside.safetensors" for k in keys}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert convert(folder, tmp_path / "out") == 1
+    assert only_error(capsys.readouterr().err) == (
+        f"Error: {folder / 'model.safetensors.index.json'} points outside {folder} ('../outside.safetensors'); "
+        f"refusing to read it")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+     "Error: the checkpoint lacks 1 tensor(s) the model needs, e.g. 'model.layers.1.mlp.up_proj.weight'; is the "
+     "config the one of these weights?"),
+    (lambda t: t.__setitem__("model.layers.1.mlp.extra.weight", torch.zeros(3)),
+     "Error: the checkpoint has 1 tensor(s) the model does not use, e.g. 'model.layers.1.mlp.extra.weight'; is "
+     "the config the one of these weights?"),
+    (lambda t: t.__setitem__("model.layers.2.mlp.up_proj.weight", torch.zeros(100, 64)),
+     "Error: tensor model.layers.2.mlp.up_proj.weight has shape [100, 64] but the config needs [112, 64]; is the "
+     "config the one of these weights?"),
+])
+def test_missing_unexpected_or_misshapen_tensor(edit, message, tiny_checkpoints, tmp_path, capsys):
+    folder = single_file_checkpoint(tiny_checkpoints, tmp_path / "src")
+    edit_tensors(folder, edit)
+    assert convert(folder, tmp_path / "out") == 1
+    assert only_error(capsys.readouterr().err) == message
+    assert not (tmp_path / "out").exists()  # found before a byte is written
+
+
+# --- safety -----------------------------------------------------------------------------
+
+class Payload:
+    """A pickle that would create a file when loaded by a plain `torch.load`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_malicious_bin_is_refused_and_nothing_runs(tiny_checkpoints, tmp_path, capsys):
+    folder = single_file_checkpoint(tiny_checkpoints, tmp_path / "src")
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    torch.save({**state, "model.norm.weight": Payload(marker)}, folder / "pytorch_model.bin")
+    assert convert(folder, tmp_path / "out") == 1
+    line = only_error(capsys.readouterr().err)
+    assert line.startswith(f"Error: {folder / 'pytorch_model.bin'} cannot be read safely as weights (")
+    assert not marker.exists()
+
+
+def test_custom_code_needs_trust_remote_code(tiny_checkpoints, tmp_path, capsys):
+    folder = single_file_checkpoint(tiny_checkpoints, tmp_path / "src")
+    marker = tmp_path / "pwned"
+    (folder / "configuration_evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+        "from transformers import LlamaConfig\nclass EvilConfig(LlamaConfig):\n    model_type = 'evil'\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "configuration_evil.EvilConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    assert convert(folder, tmp_path / "out") == 1
+    assert only_error(capsys.readouterr().err) == (
+        f"Error: {folder} needs its own Python code to load; pass --trust-remote-code if you trust it")
+    assert not marker.exists()
+
+
+# --- the runtime's bad inputs -----------------------------------------------------------
+
+def test_prompt_longer_than_the_context(tiny_converted, capsys):
+    prompt = " ".join(f"w{3 + i % 300}" for i in range(140))  # max_position_embeddings is 128
+    rc = runtime_main(["generate", str(tiny_converted["llama"]), "--prompt", prompt, "--device", "cpu",
+                       "--max-new-tokens", "4"])
+    assert rc == 2
+    from transformers import AutoTokenizer
+
+    n = len(AutoTokenizer.from_pretrained(tiny_converted["llama"])(prompt)["input_ids"]) + 4
+    assert only_error(capsys.readouterr().err) == (
+        f"Error: prompt plus --max-new-tokens is {n} tokens, more than the model's context of 128; shorten the "
+        f"prompt or lower --max-new-tokens")
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--device", "tpu"], "Error: unknown device 'tpu'; use cpu, cuda or cuda:N"),
+    (["--device", "mps"], "Error: device 'mps' is not supported; use cpu, cuda or cuda:N"),
+    (["--dtype", "float8"], "Error: unknown dtype 'float8'; use auto, float16, bfloat16 or float32"),
+])
+def test_unknown_device_or_dtype(option, message, tiny_converted, capsys):
+    rc = runtime_main(["generate", str(tiny_converted["llama"]), "--prompt", "w3", *option])
+    assert rc == 2
+    assert only_error(capsys.readouterr().err) == message
+
+
+def test_bad_flags_are_usage_errors(tiny_checkpoints, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reshard_main(["convert", str(tiny_checkpoints["llama"]), str(tmp_path / "out"), "--dtype", "float8"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'float8'" in capsys.readouterr().err
+
+
+def test_debug_variable_shows_the_traceback(tmp_path, monkeypatch):
+    from reshard.errors import SourceError
+
+    monkeypatch.setenv("RESHARD_DEBUG", "1")
+    with pytest.raises(SourceError, match="does not exist"):
+        reshard_main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "out")])
