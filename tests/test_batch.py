@@ -100,7 +100,7 @@ def test_cli_prompts_file_text_lines_and_errors(tiny_converted, tmp_path, capsys
     assert runtime_main(["generate", folder, "--prompts-file", str(path), "--max-new-tokens", "3", "--device", "cpu"]) == 0
     assert [json.loads(ln)["prompt"] for ln in capsys.readouterr().out.splitlines()] == ["w5 w6", "w7 w8 w9"]
     code = runtime_main(["generate", folder, "--prompts-file", str(path), "--prompt-lookup", "3", "--device", "cpu"])
-    assert code == 1
+    assert code == 2  # a usage error
     assert capsys.readouterr().err.strip() == ("Error: --prompt-lookup and --assistant work on one prompt at a "
                                                "time; drop --prompts-file")
 
@@ -136,8 +136,8 @@ def test_cli_assistant_same_text_fewer_passes(draft, tiny_checkpoints, tiny_conv
 
 def test_cli_assistant_errors(tiny_converted, tmp_path, capsys):
     args = ["generate", str(tiny_converted["llama"]), "--prompt", "w5", "--max-new-tokens", "4", "--device", "cpu"]
-    assert runtime_main(args + ["--assistant", str(tmp_path)]) == 1
+    assert runtime_main(args + ["--assistant", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (f"Error: assistant {tmp_path} is neither a converted folder nor a "
                                                f"transformers checkpoint folder")
-    assert runtime_main(args + ["--assistant", str(tmp_path), "--prompt-lookup", "2"]) == 1
+    assert runtime_main(args + ["--assistant", str(tmp_path), "--prompt-lookup", "2"]) == 2
     assert capsys.readouterr().err.strip() == "Error: --prompt-lookup and --assistant cannot be combined; pick one"

@@ -135,13 +135,13 @@ def test_cli_score_bad_lines(tiny_converted, tmp_path, capsys):
     src.write_text('{"prompt": "w5", "choices": [" w6"]}\n{"prompt": "w5"}\n')
     code = runtime_main(["score", str(tiny_converted["llama"]), str(src), "--output", str(tmp_path / "o.jsonl"),
                          "--device", "cpu"])
-    assert code == 1
+    assert code == 2  # usage errors exit 2
     assert capsys.readouterr().err.strip() == ('Error: item 2 needs "prompt" (a string) and "choices" '
                                                '(a list of strings), or "text" (a string)')
     src.write_text('{"text": "w5"}\nnot json\n')
     code = runtime_main(["score", str(tiny_converted["llama"]), str(src), "--output", str(tmp_path / "o.jsonl"),
                          "--device", "cpu"])
-    assert code == 1
+    assert code == 2
     assert capsys.readouterr().err.startswith(f"Error: {src} line 2 is not valid JSON")
 
 
