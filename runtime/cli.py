@@ -156,6 +156,11 @@ def generate_file(args) -> int:
     if len(items) > 1 and (args.prompt_lookup is not None or args.assistant is not None):
         raise UsageError("--prompt-lookup and --assistant work on one prompt at a time; drop --prompts-file")
     model = open_model(args)
+    if model.tokenizer is not None:
+        from .batch import prompt_ids
+
+        longest = max(len(prompt_ids(model.tokenizer, it["prompt"], chat=args.chat)) for it in items)
+        check_context(model, longest + args.max_new_tokens)
     sampling = {"do_sample": False} if args.temperature == 0 else {
         "do_sample": True, "temperature": args.temperature, **({"top_p": args.top_p} if args.top_p else {})}
     if args.seed is not None:

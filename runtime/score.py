@@ -41,6 +41,7 @@ def score(lm, items: list[dict], *, batch_size: int = 8, progress: bool = False,
         return []
     tok = _tokenizer(lm)
     encoded = [encode_item(tok, item, n) for n, item in enumerate(items)]
+    _check_lengths(lm, encoded)
     pad = _pad_id(tok)
     questions = [n for n, e in enumerate(encoded) if e.context is not None]
     texts = [n for n, e in enumerate(encoded) if e.context is None]
@@ -206,6 +207,15 @@ def _assemble(items, encoded, questions, texts, parts, n_prompt_jobs, batch_size
             out[n]["logprob"] = s
             out[n]["tokens"] = max(len(encoded[n].continuations[0]) - 1, 0)
     return out
+
+
+def _check_lengths(lm, encoded: list[Encoded]) -> None:
+    limit = getattr(lm.config, "max_position_embeddings", None)
+    for n, e in enumerate(encoded):
+        length = len(e.context or []) + max(len(c) for c in e.continuations)
+        if limit and length > limit:
+            raise UsageError(f"item {n + 1} is {length} tokens, more than the model's context of {limit}; "
+                             f"shorten it")
 
 
 # --- helpers -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from conftest import ARCHS
+from reshard.errors import UsageError
 from runtime import LayeredModel
 from runtime.cli import main as runtime_main
 from runtime.score import encode_pair
@@ -166,3 +167,10 @@ def test_items_with_nothing_to_score(tiny_converted):
     assert got[0]["scores"] == [0.0] and got[0]["best"] == 0
     assert (got[1]["logprob"], got[1]["tokens"], got[2]["logprob"], got[2]["tokens"]) == (0.0, 0, 0.0, 0)
     assert model.stats.layer_loads == len(model.groups)
+
+
+def test_item_longer_than_the_context(tiny_converted):
+    model = open_tiny(tiny_converted["llama"])
+    long_prompt = " ".join(["w5"] * 126)
+    with pytest.raises(UsageError, match=r"^item 2 is 129 tokens, more than the model's context of 128; shorten it$"):
+        model.score([{"text": "w5 w6"}, {"prompt": long_prompt, "choices": [" w6", " w7 w8 w9"]}])
