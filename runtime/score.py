@@ -45,7 +45,7 @@ def score(lm, items: list[dict], *, batch_size: int = 8, progress: bool = False,
     pad = _pad_id(tok)
     questions = [n for n, e in enumerate(encoded) if e.context is not None]
     texts = [n for n, e in enumerate(encoded) if e.context is None]
-    layer_of = {i: int(g.name.split(".")[1]) for i, g in enumerate(lm.groups) if g.kind == "layer"}
+    layer_of = _layer_of(lm)
     prompts = [_Prompts(lm, [encoded[n] for n in chunk], pad, layer_of) for chunk in _chunks(questions, batch_size)]
     choices = [_Choices(lm, p, pad) for p in prompts]
     text_jobs = [_Texts(lm, [encoded[n] for n in chunk], pad) for chunk in _chunks(texts, batch_size)]
@@ -109,8 +109,9 @@ class _Prompts:
 
     def run(self) -> list[dict[int, float]]:
         """Per prompt: log-probability of each choice's first token after the prompt."""
-        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.lm.model(input_ids=self.ids, attention_mask=self.mask, position_ids=positions,
+        ids, mask = self.ids.to(self.lm.device), self.mask.to(self.lm.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                             use_cache=True, **_cache_arg(self.lm, self.cache), **_last_logits_only(self.lm))
         logprobs = out.logits[:, -1].float().log_softmax(-1)  # (B, V)
         return [{t: logprobs[b, t].item() for t in firsts} for b, firsts in enumerate(self.firsts)]
@@ -177,16 +178,13 @@ def _run(lm, forwards: list, progress: bool, offload: bool) -> list:
     from tqdm.auto import tqdm
 
     caches = [f.cache for f in forwards if f.cache is not None]
-    layer_of = {i: int(g.name.split(".")[1]) for i, g in enumerate(lm.groups) if g.kind == "layer"}
+    layer_of = _layer_of(lm)
 
     def drop(i: int) -> None:  # every forward has passed group i: its KV is no longer needed
         if i in layer_of:
             for cache in caches:
                 _drop_kv(cache, layer_of[i])
 
-    for f in forwards:  # inputs go to the device up front; masks and positions are small
-        if isinstance(f, _Prompts):
-            f.ids, f.mask = f.ids.to(lm.device), f.mask.to(lm.device)
     with tqdm(total=len(lm.groups), desc="layers", unit="group", file=sys.stderr, disable=not progress) as bar:
         lockstep = Lockstep(lm, on_load=lambda i: bar.update(1), on_release=drop,
                             offload=torch.device("cpu") if offload else None)
@@ -267,6 +265,11 @@ def _forward_params(lm):
     import inspect
 
     return inspect.signature(lm.model.forward).parameters
+
+
+def _layer_of(lm) -> dict[int, int]:
+    """Group index -> decoder layer index, for the groups that are one layer."""
+    return {i: int(g.name.split(".")[1]) for i, g in enumerate(lm.groups) if g.kind == "layer"}
 
 
 def _chunks(seq: list, size: int) -> list[list]:

@@ -97,9 +97,10 @@ def test_cli_prompts_file_text_lines_and_errors(tiny_converted, tmp_path, capsys
     folder = str(tiny_converted["llama"])
     path = tmp_path / "p.txt"
     path.write_text("w5 w6\n\nw7 w8 w9\n")
-    assert runtime_main(["generate", folder, "--prompts-file", str(path), "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    args = ["generate", folder, "--prompts-file", str(path), "--device", "cpu"]
+    assert runtime_main(args + ["--max-new-tokens", "3"]) == 0
     assert [json.loads(ln)["prompt"] for ln in capsys.readouterr().out.splitlines()] == ["w5 w6", "w7 w8 w9"]
-    code = runtime_main(["generate", folder, "--prompts-file", str(path), "--prompt-lookup", "3", "--device", "cpu"])
+    code = runtime_main(args + ["--prompt-lookup", "3"])
     assert code == 2  # a usage error
     assert capsys.readouterr().err.strip() == ("Error: --prompt-lookup and --assistant work on one prompt at a "
                                                "time; drop --prompts-file")
