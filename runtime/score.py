@@ -20,6 +20,7 @@ dropped once every forward has passed it, so memory holds activations, not whole
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import torch
@@ -130,10 +131,11 @@ class _Choices:
         self.mask = torch.cat([prompts.mask[self.owner], cont_mask], dim=-1)
         self.positions = prompts.lengths[self.owner, None] + torch.arange(self.ids.shape[1])
         self.cache = DynamicCache(config=lm.config)
-        # Stands for the prompts' KV until the real one is handed over in layer 0: the forward
-        # reads the cache length (for the mask) before any layer runs.
+        # Stands for the prompts' KV until the real one is handed over layer by layer: the forward
+        # reads the cache's lengths (for its masks: one per kind of layer) before any layer runs.
         stand_in = torch.zeros(len(rows), 1, prompts.ids.shape[1], 1, device=lm.device)
-        _put_kv(self.cache, 0, stand_in, stand_in)
+        for layer in self.cache.layers:
+            layer.update(stand_in, stand_in)
 
     def job(self) -> Job:
         return Job(self.run, self.before_group)
@@ -141,9 +143,7 @@ class _Choices:
     def before_group(self, i: int) -> None:
         layer = self.prompts.layer_of.get(i)
         if layer is not None:  # the prompts' forward has run this layer: take its KV, one copy per choice
-            src = self.prompts.cache.layers[layer]
-            _put_kv(self.cache, layer, src.keys[self.owner.to(src.keys.device)],
-                    src.values[self.owner.to(src.values.device)])
+            self.cache.layers[layer] = _rows_of(self.prompts.cache.layers[layer], self.owner)
 
     def run(self) -> list[float]:
         """Per choice row: summed log-probability of its tokens after the first."""
@@ -237,13 +237,12 @@ def pad_batch(seqs: list[list[int]], pad: int, *, left: bool) -> tuple[torch.Ten
     return ids, mask
 
 
-def _put_kv(cache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Make `keys`/`values` the cached past of `layer` (the forward's update appends to them)."""
-    slot = cache.layers[layer]
-    if not slot.is_initialized:
-        slot.update(keys, values)  # first use: lazy set-up, then an append to nothing
-        return
-    slot.keys, slot.values = keys, values
+def _rows_of(layer, rows: torch.Tensor):
+    """A copy of one cache layer holding only batch rows `rows` (repeats allowed). A copy of the
+    object, so whatever else the layer type tracks (a sliding window's length seen) comes along."""
+    out = copy.copy(layer)
+    out.keys, out.values = layer.keys[rows.to(layer.keys.device)], layer.values[rows.to(layer.values.device)]
+    return out
 
 
 def _drop_kv(cache, layer: int) -> None:

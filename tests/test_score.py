@@ -76,6 +76,27 @@ def test_score_equals_transformers(arch, tiny_checkpoints, tiny_converted):
     assert model.stats.passes == 1
 
 
+@pytest.mark.parametrize("arch", ["qwen2-sliding", "gemma2"])
+def test_score_sliding_window_layers_equal_transformers(arch, tmp_path):
+    """Sliding-window layers (a window of 4, shorter than the prompts) mixed with full ones: the
+    prompts' KV handed to the choices must carry the window's bookkeeping too."""
+    import transformers as tf
+
+    from conftest import TINY, save_tiny_tokenizer
+    from reshard.convert import convert
+
+    config = (tf.Qwen2Config(**TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+              if arch == "qwen2-sliding" else tf.Gemma2Config(**TINY, head_dim=16, sliding_window=4))
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
+    save_tiny_tokenizer(tmp_path / "src", TINY["vocab_size"])
+    convert(str(tmp_path / "src"), tmp_path / "out", progress=False)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32).eval()
+    assert "sliding_attention" in ref.config.layer_types and "full_attention" in ref.config.layer_types
+    model = open_tiny(tmp_path / "out")
+    assert_close(model.score(ITEMS, batch_size=2), reference_scores(ref, model.tokenizer, ITEMS), ITEMS)
+
+
 def test_many_micro_batches_read_each_layer_once(tiny_converted):
     model = open_tiny(tiny_converted["llama"])
     items = [{"prompt": f"w{5 + n} w{9 + n}", "choices": [f" w{n + 3}", " w7 w8"]} for n in range(12)]
