@@ -18,6 +18,7 @@ from reshard.errors import UsageError
 from reshard.format import DTYPE_NAMES, read_manifest
 from reshard.plan import build_empty_model
 
+from . import budget
 from .stream import GroupLoader, Loaded, Prefetcher, StreamStats
 
 
@@ -78,16 +79,23 @@ class LayeredModel:
         self._slots = [
             [_Slot(model, name) for name in (*g.tensors, *g.aliases)] for g in manifest.groups
         ]
-        self.prefetcher = Prefetcher(loader.load, len(manifest.groups), prefetch, self.stats)
+        self.places = loader.places
+        self.streamed = [i for i, p in enumerate(self.places) if p != budget.DEVICE]
+        self.prefetcher = Prefetcher(loader.load, self.streamed, prefetch, self.stats)
         self._current: Loaded | None = None
-        self._pass_start = 0.0
+        self._hold_resident()
         self._install_hooks()
 
     @classmethod
     def from_pretrained(cls, path, *, device="cuda:0", dtype=None, prefetch: int = 1,
+                        max_gpu_memory=None, max_cpu_memory=None,
                         trust_remote_code: bool = False) -> "LayeredModel":
         """Open a converted folder. `dtype` defaults to the folder's; `prefetch` is how many
-        groups the background thread reads ahead (0 reads each group when it is needed)."""
+        groups the background thread reads ahead (0 reads each group when it is needed).
+
+        `max_gpu_memory` / `max_cpu_memory` (bytes, or text like "12GiB") bound the weights kept
+        on the device and in host RAM; groups that fit stay there, the rest stream from disk.
+        The defaults come from the free memory (see runtime.budget); 0 streams everything."""
         from transformers import AutoConfig
 
         path = Path(path)
@@ -102,6 +110,7 @@ class LayeredModel:
         _pin_device(model, dev)
         _load_generation_config(model, path)
         loader = GroupLoader(path, manifest, dev, compute_dtype, StreamStats())
+        loader.places = _place(loader, dev, prefetch, max_gpu_memory, max_cpu_memory)
         return cls(model, manifest, loader, device=dev, prefetch=prefetch, tokenizer=_load_tokenizer(path))
 
     # --- calls go to transformers ------------------------------------------------------------
@@ -120,9 +129,25 @@ class LayeredModel:
         self.prefetcher.close()
 
     # --- the streaming hooks -------------------------------------------------------------
+    def _hold_resident(self) -> None:
+        """Put DEVICE groups in place for good and HOST groups in host memory, once."""
+        for i, place in enumerate(self.places):
+            self.stats.resident_bytes[place] = self.stats.resident_bytes.get(place, 0) + self.loader.group_bytes(i)
+            if place == budget.HOST:
+                self.loader.hold(i)
+            elif place == budget.DEVICE:
+                loaded = self.loader.load(i)
+                if loaded.event is not None:
+                    loaded.event.synchronize()
+                for slot, name in zip(self._slots[i], (*self.groups[i].tensors, *self.groups[i].aliases)):
+                    slot.put(loaded.tensors[name])
+                self.stats.per_group_loads[i] += 1
+
     def _install_hooks(self) -> None:
         layers = self.model.get_submodule(self.manifest.layers_path)
         for i, group in enumerate(self.groups):
+            if self.places[i] == budget.DEVICE:
+                continue  # in place for good: nothing to do per pass
             if group.kind == "layer":
                 layer = layers[int(group.name.split(".")[1])]
                 layer.register_forward_pre_hook(lambda *_, i=i: self._enter(i))
@@ -147,7 +172,7 @@ class LayeredModel:
             slot.put(loaded.tensors[name])
         self._current = loaded
         self.stats.layer_loads += 1
-        self.stats.bytes_read += loaded.nbytes
+        self.stats.bytes_streamed += loaded.nbytes
         self.stats.per_group_loads[i] += 1
 
     def _leave(self, i: int) -> None:
@@ -160,13 +185,28 @@ class LayeredModel:
             self.loader.release_pages(i)
 
     def _start_pass(self) -> None:
-        self._pass_start = time.perf_counter()
+        self.stats.start_pass()
 
     def _end_pass(self) -> None:
         if self._current is not None:
             self._leave(self._current.index)
-        self.stats.passes += 1
-        self.stats.seconds += time.perf_counter() - self._pass_start
+        if self.device.type == "cuda":  # so that the pass's time includes its kernels
+            torch.cuda.current_stream(self.device).synchronize()
+        self.stats.end_pass()
+
+
+def _place(loader: GroupLoader, device: torch.device, prefetch: int, max_gpu_memory, max_cpu_memory) -> list[str]:
+    """DEVICE/HOST/DISK per group from the budgets (defaults: what is free now)."""
+    sizes = [loader.group_bytes(i) for i in range(len(loader.files))]
+    kinds = [g.kind for g in loader.manifest.groups]
+    cpu = budget.parse_size(max_cpu_memory)
+    cpu = budget.default_cpu_budget() if cpu is None else cpu
+    if device.type != "cuda":
+        return budget.place_groups(sizes, kinds, device_budget=None, host_budget=cpu, reserve=0)
+    gpu = budget.parse_size(max_gpu_memory)
+    gpu = budget.default_gpu_budget(device) if gpu is None else gpu
+    reserve = (prefetch + 1) * max(sizes, default=0)
+    return budget.place_groups(sizes, kinds, device_budget=gpu, host_budget=cpu, reserve=reserve)
 
 
 def _place_buffers(model: nn.Module, device: torch.device) -> None:
