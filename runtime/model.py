@@ -142,6 +142,7 @@ class LayeredModel:
                 for slot, name in zip(self._slots[i], (*self.groups[i].tensors, *self.groups[i].aliases)):
                     slot.put(loaded.tensors[name])
                 self.stats.per_group_loads[i] += 1
+        self.loader.drop_staging()
 
     def _install_hooks(self) -> None:
         layers = self.model.get_submodule(self.manifest.layers_path)

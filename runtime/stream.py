@@ -23,7 +23,7 @@ import torch
 
 from reshard.format import GroupFile, Manifest
 
-from .budget import DISK
+from .budget import DISK, HOST
 
 
 @dataclass
@@ -130,6 +130,11 @@ class GroupLoader:
         self.stats.read_seconds += time.perf_counter() - t0
         self.stats.bytes_read += gf.nbytes
 
+    def drop_staging(self) -> None:
+        """Free the staging buffers if no group streams from disk (they served resident loads only)."""
+        if DISK not in self.places:
+            self._staging, self._staging_done = [], [None, None]
+
     def load(self, i: int) -> Loaded:
         if self.cuda:
             return self._load_cuda(i)
@@ -178,16 +183,17 @@ class GroupLoader:
             flat = torch.empty(self._host[i].numel(), dtype=torch.uint8, device=self.device)
             return flat.copy_(self._host[i], non_blocking=True), 0.0
         host = gf.data()
-        if not self._staging:  # sized to the largest group that streams from disk
-            largest = max(f.nbytes for f, p in zip(self.files, self.places) if f and p == DISK)
+        if not self._staging:  # sized to the largest group read from its file
+            largest = max(f.nbytes for f, p in zip(self.files, self.places) if f and p != HOST)
             self._staging = [torch.empty(largest, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
         turn = self._turn
         self._turn ^= 1
         if self._staging_done[turn] is not None:
             self._staging_done[turn].synchronize()  # the copy that last used this buffer is done
         t0 = time.perf_counter()
+        gf.touch()  # the whole file in one call: the kernel reads ahead, no fault per page
         staging = self._staging[turn][: host.numel()]
-        staging.copy_(host)  # page cache (or disk) -> pinned memory
+        staging.copy_(host)  # page cache -> pinned memory
         gf.evict()
         read = time.perf_counter() - t0
         self.stats.bytes_read += gf.nbytes
