@@ -24,8 +24,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto (the folder's), float16, bfloat16, float32")
     p.add_argument("--prefetch", type=int, default=1, help="groups read ahead by the background thread (default 1)")
+    p.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
+                   help="weights kept on the GPU, e.g. 12GiB (default: what is free, less a margin)")
+    p.add_argument("--max-cpu-memory", default=None, metavar="SIZE",
+                   help="weights kept in host RAM, e.g. 32GiB; 0 streams all from disk (default: what is free, less a margin)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
-    p.add_argument("--stats", action="store_true", help="print one JSON line of statistics last on stderr")
+    p.add_argument("--stats", action="store_true", help="print one JSON line of statistics (totals and per pass) last on stderr")
     p.add_argument("--verify", action="store_true", help="check every file's sha256 against the manifest first")
 
 
@@ -91,6 +95,7 @@ def open_model(args):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return LayeredModel.from_pretrained(args.model, device=device, dtype=args.dtype, prefetch=args.prefetch,
+                                        max_gpu_memory=args.max_gpu_memory, max_cpu_memory=args.max_cpu_memory,
                                         trust_remote_code=args.trust_remote_code, verify=args.verify)
 
 

@@ -19,6 +19,7 @@ from reshard.format import DTYPE_NAMES, param_names, read_manifest
 from reshard.plan import build_empty_model
 from reshard.verify import verify_folder
 
+from . import budget
 from .stream import GroupLoader, Loaded, Prefetcher, StreamStats
 
 
@@ -80,17 +81,24 @@ class LayeredModel:
         # the names each group's loaded tensors carry: parameters (quantized ones expanded), then aliases
         self._names = [(*param_names(g, scheme), *g.aliases) for g in manifest.groups]
         self._slots = [[_Slot(model, name) for name in names] for names in self._names]
-        self.prefetcher = Prefetcher(loader.load, len(manifest.groups), prefetch, self.stats)
+        self.places = loader.places
+        self.streamed = [i for i, p in enumerate(self.places) if p != budget.DEVICE]
+        self.prefetcher = Prefetcher(loader.load, self.streamed, prefetch, self.stats)
         self._current: Loaded | None = None
-        self._pass_start = 0.0
         self.lockstep = None  # set while a Lockstep runs several forwards through one pass
+        self._hold_resident()
         self._install_hooks()
 
     @classmethod
     def from_pretrained(cls, path, *, device="cuda:0", dtype=None, prefetch: int = 1,
+                        max_gpu_memory=None, max_cpu_memory=None,
                         trust_remote_code: bool = False, verify: bool = False) -> "LayeredModel":
         """Open a converted folder. `dtype` defaults to the folder's; `prefetch` is how many
         groups the background thread reads ahead (0 reads each group when it is needed).
+
+        `max_gpu_memory` / `max_cpu_memory` (bytes, or text like "12GiB") bound the weights kept
+        on the device and in host RAM; groups that fit stay there, the rest stream from disk.
+        The defaults come from the free memory (see runtime.budget); 0 streams everything.
         Every file's presence, size and header are checked against the manifest; `verify`
         also checks their sha256 (reads every byte once)."""
         from transformers import AutoConfig
@@ -108,6 +116,7 @@ class LayeredModel:
         _pin_device(model, dev)
         _load_generation_config(model, path)
         loader = GroupLoader(path, manifest, dev, compute_dtype, StreamStats())
+        loader.places = _place(loader, dev, prefetch, max_gpu_memory, max_cpu_memory)
         return cls(model, manifest, loader, device=dev, prefetch=prefetch, tokenizer=_load_tokenizer(path))
 
     # --- calls go to transformers ------------------------------------------------------------
@@ -138,9 +147,26 @@ class LayeredModel:
         self.prefetcher.close()
 
     # --- the streaming hooks -------------------------------------------------------------
+    def _hold_resident(self) -> None:
+        """Put DEVICE groups in place for good and HOST groups in host memory, once."""
+        for i, place in enumerate(self.places):
+            self.stats.resident_bytes[place] = self.stats.resident_bytes.get(place, 0) + self.loader.group_bytes(i)
+            if place == budget.HOST:
+                self.loader.hold(i)
+            elif place == budget.DEVICE:
+                loaded = self.loader.load(i)
+                if loaded.event is not None:
+                    loaded.event.synchronize()
+                for slot, name in zip(self._slots[i], self._names[i]):
+                    slot.put(loaded.tensors[name])
+                self.stats.per_group_loads[i] += 1
+        self.loader.drop_staging()
+
     def _install_hooks(self) -> None:
         layers = self.model.get_submodule(self.manifest.layers_path)
         for i, group in enumerate(self.groups):
+            # Resident groups keep their hooks: a Lockstep schedules by them, and when no Lockstep
+            # runs, _enter returns at once for them.
             if group.kind == "layer":
                 layer = layers[int(group.name.split(".")[1])]
                 layer.register_forward_pre_hook(lambda *_, i=i: self._enter(i))
@@ -154,6 +180,8 @@ class LayeredModel:
     def _enter(self, i: int) -> None:
         if self.lockstep is not None:  # several forwards share this pass (runtime/lockstep.py)
             return self.lockstep.enter(i)
+        if self.places[i] == budget.DEVICE:
+            return  # in place for good
         if self._current is not None and self._current.index == i:
             return
         if self._current is not None:
@@ -161,6 +189,8 @@ class LayeredModel:
         self._load_group(i)
 
     def _load_group(self, i: int) -> None:
+        if self.places[i] == budget.DEVICE:
+            return
         loaded = self.prefetcher.get(i)
         if loaded.event is not None:
             torch.cuda.current_stream(self.device).wait_event(loaded.event)
@@ -170,7 +200,7 @@ class LayeredModel:
             slot.put(loaded.tensors[name])
         self._current = loaded
         self.stats.layer_loads += 1
-        self.stats.bytes_read += loaded.nbytes
+        self.stats.bytes_streamed += loaded.nbytes
         self.stats.per_group_loads[i] += 1
 
     def _leave(self, i: int) -> None:
@@ -178,6 +208,8 @@ class LayeredModel:
             self._unload_group(i)
 
     def _unload_group(self, i: int) -> None:
+        if self.places[i] == budget.DEVICE:
+            return
         for slot in self._slots[i]:
             slot.clear()
         self._current = None
@@ -187,15 +219,30 @@ class LayeredModel:
     def _start_pass(self) -> None:
         if self.lockstep is not None:
             return
-        self._pass_start = time.perf_counter()
+        self.stats.start_pass()
 
     def _end_pass(self) -> None:
         if self.lockstep is not None:
             return
         if self._current is not None:
             self._leave(self._current.index)
-        self.stats.passes += 1
-        self.stats.seconds += time.perf_counter() - self._pass_start
+        if self.device.type == "cuda":  # so that the pass's time includes its kernels
+            torch.cuda.current_stream(self.device).synchronize()
+        self.stats.end_pass()
+
+
+def _place(loader: GroupLoader, device: torch.device, prefetch: int, max_gpu_memory, max_cpu_memory) -> list[str]:
+    """DEVICE/HOST/DISK per group from the budgets (defaults: what is free now)."""
+    sizes = [loader.group_bytes(i) for i in range(len(loader.files))]
+    kinds = [g.kind for g in loader.manifest.groups]
+    cpu = budget.parse_size(max_cpu_memory)
+    cpu = budget.default_cpu_budget() if cpu is None else cpu
+    if device.type != "cuda":
+        return budget.place_groups(sizes, kinds, device_budget=None, host_budget=cpu, reserve=0)
+    gpu = budget.parse_size(max_gpu_memory)
+    gpu = budget.default_gpu_budget(device) if gpu is None else gpu
+    reserve = (prefetch + 1) * max(sizes, default=0)
+    return budget.place_groups(sizes, kinds, device_budget=gpu, host_budget=cpu, reserve=reserve)
 
 
 def _place_buffers(model: nn.Module, device: torch.device) -> None:

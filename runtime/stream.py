@@ -16,13 +16,14 @@ from __future__ import annotations
 import collections
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from reshard.format import GroupFile, Manifest, param_names, quant_part_names
 
+from .budget import DISK, HOST
 from .quantized import expand_group, expand_param
 
 
@@ -37,39 +38,111 @@ class Loaded:
 
 
 @dataclass
+class PassStats:
+    """One forward pass: where its time went and how many weight bytes it moved."""
+
+    seconds: float  # wall time of the pass
+    read_seconds: float  # background thread: file -> host memory
+    copy_seconds: float  # background thread: host -> device copies
+    wait_seconds: float  # compute waiting for weights that were not ready yet
+    compute_seconds: float  # the rest: the pass itself (seconds - wait_seconds)
+    bytes: int  # weight bytes streamed to the compute device for this pass
+    gb_per_s: float  # bytes / seconds
+
+
+@dataclass
 class StreamStats:
     passes: int = 0  # forward passes through the whole model
     layer_loads: int = 0  # groups put in place for compute
-    bytes_read: int = 0  # bytes of group files read for those loads
+    bytes_read: int = 0  # bytes of group files read (resident groups once, at load)
+    bytes_copied: int = 0  # bytes copied host -> device (CUDA)
     read_seconds: float = 0.0  # background thread: file -> host memory
     copy_seconds: float = 0.0  # background thread: host -> device copies issued and completed
     wait_seconds: float = 0.0  # compute waiting for weights that were not ready yet
     seconds: float = 0.0  # wall time inside forward passes
+    bytes_streamed: int = 0  # weight bytes brought to the compute device during passes
+    resident_bytes: dict = field(default_factory=dict)  # "device"/"host"/"disk" -> bytes placed there
     per_group_loads: collections.Counter = field(default_factory=collections.Counter)
+    per_pass: list = field(default_factory=list)  # one PassStats per forward pass
+    _mark: tuple = (0.0, 0.0, 0.0, 0, 0.0)
+
+    def start_pass(self) -> None:
+        self._mark = (self.read_seconds, self.copy_seconds, self.wait_seconds, self.bytes_streamed,
+                      time.perf_counter())
+
+    def end_pass(self) -> PassStats:
+        read, copy, wait, nbytes, t0 = self._mark
+        seconds = time.perf_counter() - t0
+        wait = self.wait_seconds - wait
+        moved = self.bytes_streamed - nbytes
+        p = PassStats(seconds, self.read_seconds - read, self.copy_seconds - copy, wait,
+                      seconds - wait, moved, moved / seconds / 1e9 if seconds else 0.0)
+        self.passes += 1
+        self.seconds += seconds
+        self.per_pass.append(p)
+        return p
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "per_group_loads"}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("per_group_loads", "per_pass", "_mark")}
         d["read_gb_per_s"] = round(self.bytes_read / self.read_seconds / 1e9, 3) if self.read_seconds else None
+        d["stream_gb_per_s"] = round(self.bytes_streamed / self.seconds / 1e9, 3) if self.seconds else None
+        d["compute_seconds"] = self.seconds - sum(p.wait_seconds for p in self.per_pass)
+        d["per_pass"] = [{k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(p).items()}
+                         for p in self.per_pass]
         return d
 
 
 class GroupLoader:
-    """Loads group i of `manifest` from `folder` onto `device` in `dtype`."""
+    """Loads group i of `manifest` from `folder` onto `device` in `dtype`.
 
-    def __init__(self, folder: Path, manifest: Manifest, device: torch.device, dtype: torch.dtype, stats: StreamStats):
+    `places[i]` (see runtime.budget) says where group i lives between passes; `hold(i)`
+    puts a HOST group's bytes in (pinned) host memory once, and `load(i)` reads from there.
+    """
+
+    def __init__(self, folder: Path, manifest: Manifest, device: torch.device, dtype: torch.dtype,
+                 stats: StreamStats, *, places: list[str] | None = None):
         self.manifest, self.device, self.dtype, self.stats = manifest, device, dtype, stats
         self.files = [GroupFile(folder / g.file, g) if g.file else None for g in manifest.groups]
         self.scheme = (manifest.quantization or {}).get("scheme")
+        self.places = places or [DISK] * len(self.files)
         home = {name: i for i, g in enumerate(manifest.groups) for name in param_names(g, self.scheme)}
         # alias param -> (index of the group whose file holds it, tensor name there)
         self.aliases = [{a: (home[t], t) for a, t in g.aliases.items()} for g in manifest.groups]
         self.cuda = device.type == "cuda"
-        if self.cuda:
-            largest = max((f.nbytes for f in self.files if f), default=0)
-            self.copy_stream = torch.cuda.Stream(device)
-            self._staging = [torch.empty(largest, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-            self._staging_done: list[torch.cuda.Event | None] = [None, None]
-            self._turn = 0
+        self._host: dict[int, torch.Tensor] = {}  # HOST groups: their data section, pinned
+        self._staging: list[torch.Tensor] = []  # CUDA: two pinned buffers, made on first use
+        self._staging_done: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def group_bytes(self, i: int) -> int:
+        """Bytes group i takes once loaded: its file plus the tied tensors it borrows."""
+        own = self.files[i].nbytes if self.files[i] else 0
+        return own + sum(self._stored_bytes(j, name) for j, name in self.aliases[i].values())
+
+    def _stored_bytes(self, j: int, name: str) -> int:
+        """Bytes parameter `name` takes in group j's file (all its parts if quantized)."""
+        infos = self.files[j].infos
+        if name not in self.manifest.groups[j].quantized:
+            return infos[name].nbytes
+        return sum(infos[n].nbytes for n in quant_part_names(name, self.scheme).values())
+
+    def hold(self, i: int) -> None:
+        """Keep group i's file bytes in host memory from now on (pinned when the device is CUDA)."""
+        gf = self.files[i]
+        if gf is None or not self.cuda:
+            return
+        t0 = time.perf_counter()
+        data = gf.data()
+        self._host[i] = torch.empty(data.numel(), dtype=torch.uint8, pin_memory=True).copy_(data)
+        gf.evict()
+        self.stats.read_seconds += time.perf_counter() - t0
+        self.stats.bytes_read += gf.nbytes
+
+    def drop_staging(self) -> None:
+        """Free the staging buffers if no group streams from disk (they served resident loads only)."""
+        if DISK not in self.places:
+            self._staging, self._staging_done = [], [None, None]
 
     def load(self, i: int) -> Loaded:
         if self.cuda:
@@ -85,6 +158,7 @@ class GroupLoader:
         for alias, (j, name) in self.aliases[i].items():
             tensors[alias] = self._param(j, name, lambda t: t)
         self.stats.read_seconds += time.perf_counter() - t0
+        self.stats.bytes_read += gf.nbytes if gf else 0
         return Loaded(i, tensors, None, gf.nbytes if gf else 0)
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
@@ -109,7 +183,7 @@ class GroupLoader:
         with torch.cuda.stream(self.copy_stream):
             if gf is not None:
                 nbytes = gf.nbytes
-                flat, read = self._to_device(gf.data())
+                flat, read = self._to_device(i, gf)
                 tensors = self._expand(i, {name: self._cast(gf.view_of(flat, name)) for name in gf.infos})
             for alias, (j, name) in self.aliases[i].items():
                 tensors[alias] = self._param(j, name, lambda t: t.to(self.device))
@@ -118,18 +192,33 @@ class GroupLoader:
         event.synchronize()  # the background thread waits for its copy, compute does not
         self.stats.read_seconds += read
         self.stats.copy_seconds += time.perf_counter() - t0 - read
+        self.stats.bytes_copied += nbytes
         return Loaded(i, tensors, event, nbytes)
 
-    def _to_device(self, host: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """file bytes -> pinned staging -> device on the copy stream; (device bytes, read seconds)."""
+    def _to_device(self, i: int, gf: GroupFile) -> tuple[torch.Tensor, float]:
+        """Group i's bytes -> device on the copy stream; (device bytes, seconds spent reading the file).
+
+        A HOST group is copied from its pinned buffer; a DISK group goes file -> pinned
+        staging buffer (two, used in turn) -> device.
+        """
+        if i in self._host:
+            flat = torch.empty(self._host[i].numel(), dtype=torch.uint8, device=self.device)
+            return flat.copy_(self._host[i], non_blocking=True), 0.0
+        host = gf.data()
+        if not self._staging:  # sized to the largest group read from its file
+            largest = max(f.nbytes for f, p in zip(self.files, self.places) if f and p != HOST)
+            self._staging = [torch.empty(largest, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
         turn = self._turn
         self._turn ^= 1
         if self._staging_done[turn] is not None:
             self._staging_done[turn].synchronize()  # the copy that last used this buffer is done
         t0 = time.perf_counter()
+        gf.touch()  # the whole file in one call: the kernel reads ahead, no fault per page
         staging = self._staging[turn][: host.numel()]
-        staging.copy_(host)  # page cache (or disk) -> pinned memory
+        staging.copy_(host)  # page cache -> pinned memory
+        gf.evict()
         read = time.perf_counter() - t0
+        self.stats.bytes_read += gf.nbytes
         flat = torch.empty(host.numel(), dtype=torch.uint8, device=self.device)
         flat.copy_(staging, non_blocking=True)
         done = torch.cuda.Event()
@@ -144,10 +233,13 @@ class GroupLoader:
 
 
 class Prefetcher:
-    """Runs `load(i)` on a background thread, `depth` groups ahead, cyclically over `n` groups."""
+    """Runs `load(i)` on a background thread, `depth` groups ahead, cyclically over `order`
+    (the groups that stream; resident ones are not in it)."""
 
-    def __init__(self, load, n: int, depth: int, stats: StreamStats):
-        self.load, self.n, self.depth, self.stats = load, n, depth, stats
+    def __init__(self, load, order: list[int], depth: int, stats: StreamStats):
+        self.load, self.order, self.stats = load, list(order), stats
+        self.depth = min(depth, len(self.order))
+        self._next = {i: order[(k + 1) % len(order)] for k, i in enumerate(order)}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="runtime-prefetch")
         self.pending: collections.deque[tuple[int, Future]] = collections.deque()
 
@@ -158,7 +250,7 @@ class Prefetcher:
         future = self.pending.popleft()[1] if self.pending else self.pool.submit(self.load, i)
         last = self.pending[-1][0] if self.pending else i
         while len(self.pending) < self.depth:
-            last = (last + 1) % self.n
+            last = self._next[last]
             self.pending.append((last, self.pool.submit(self.load, last)))
         t0 = time.perf_counter()
         loaded = future.result()

@@ -59,8 +59,9 @@ def assert_close(got: list[dict], want: list[dict], items: list[dict]) -> None:
             assert g["best"] == max(range(len(w["scores"])), key=w["scores"].__getitem__)
 
 
-def open_tiny(folder):
-    model = LayeredModel.from_pretrained(folder, device="cpu")
+def open_tiny(folder, **kwargs):
+    """Streamed (no weights kept resident) unless kwargs say otherwise."""
+    model = LayeredModel.from_pretrained(folder, device="cpu", **{"max_cpu_memory": 0, **kwargs})
     # The word-level test tokenizer, whatever class AutoTokenizer would pick for the architecture.
     model.tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
     return model
@@ -74,6 +75,15 @@ def test_score_equals_transformers(arch, tiny_checkpoints, tiny_converted):
     assert_close(got, reference_scores(ref, model.tokenizer, ITEMS), ITEMS)
     assert model.stats.layer_loads == len(model.groups)  # 4 question and 1 text micro-batches, one pass
     assert model.stats.passes == 1
+
+
+def test_score_with_resident_weights_equals_transformers(tiny_checkpoints, tiny_converted):
+    """With a budget that holds the whole model nothing streams, and scoring still schedules by group."""
+    ref = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.float32).eval()
+    model = open_tiny(tiny_converted["llama"], max_cpu_memory="1GB")
+    got = model.score(ITEMS, batch_size=2)
+    assert_close(got, reference_scores(ref, model.tokenizer, ITEMS), ITEMS)
+    assert model.stats.layer_loads == 0
 
 
 @pytest.mark.parametrize("arch", ["qwen2-sliding", "gemma2"])
@@ -124,7 +134,7 @@ def test_shared_prompt_is_computed_once(tiny_converted):
 @pytest.mark.slow
 def test_score_smollm2_equals_transformers(smollm2_checkpoint, smollm2_converted):
     ref = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint, dtype=torch.float32).eval()
-    model = LayeredModel.from_pretrained(smollm2_converted, device="cpu")
+    model = LayeredModel.from_pretrained(smollm2_converted, device="cpu", max_cpu_memory=0)
     items = [
         {"prompt": "The capital of France is", "choices": [" Paris", " a banana", " Berlin, the capital of Germany"]},
         {"text": "The quick brown fox jumps over the lazy dog."},
@@ -141,7 +151,7 @@ def test_cli_score(tiny_converted, tmp_path, capsys):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(item) + "\n" for item in ITEMS))
     code = runtime_main(["score", str(folder), str(src), "--output", str(dst), "--batch-size", "1",
-                         "--device", "cpu", "--stats"])
+                         "--device", "cpu", "--max-cpu-memory", "0", "--stats"])
     out, err = capsys.readouterr()
     assert code == 0
     assert out.strip() == str(dst)

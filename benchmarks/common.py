@@ -1,0 +1,112 @@
+"""What every benchmark here prints and needs: the machine, page-cache eviction, peak memory."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import resource
+import threading
+import time
+from pathlib import Path
+
+
+def machine_lines(dtype: str, threads: int | None = None) -> list[str]:
+    import torch
+    import transformers
+
+    gpu = "none"
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        gpu = f"{p.name}, {p.total_memory / 2**30:.0f} GiB"
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return [f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+            f"machine: {platform.node()}; cpu: {cpu} x{os.cpu_count()}; ram: {_ram_gib():.0f} GiB; gpu: {gpu}",
+            f"software: python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
+            f"dtype: {dtype}; torch threads: {threads or torch.get_num_threads()}"]
+
+
+def _ram_gib() -> float:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def evict_page_cache(folder: str | Path) -> None:
+    """Drop the folder's files from the page cache (POSIX_FADV_DONTNEED), so the next read hits the disk.
+
+    Pages still mapped by a process stay; call this with the model's files unmapped.
+    """
+    for path in Path(folder).iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def cached_fraction(folder: str | Path) -> float:
+    """Fraction of the folder's bytes in the page cache (mincore over a mapping)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    total = cached = 0
+    for path in Path(folder).iterdir():
+        size = path.stat().st_size if path.is_file() else 0
+        if not size:
+            continue
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
+            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            vec = (ctypes.c_ubyte * pages)()
+            if libc.mincore(ctypes.c_void_p(_address(mm)), ctypes.c_size_t(size), vec) != 0:
+                return float("nan")
+            cached += sum(b & 1 for b in vec) * mmap.PAGESIZE
+        total += size
+    return min(1.0, cached / total) if total else 0.0
+
+
+def _address(mm) -> int:
+    import ctypes
+
+    buf = (ctypes.c_char * 1).from_buffer(mm)
+    addr = ctypes.addressof(buf)
+    del buf
+    return addr
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process so far (ru_maxrss, kB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class RssSampler:
+    """Samples this process's RSS every `interval` s on a thread: peak over a window of code."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def __enter__(self):
+        self.peak = rss_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())

@@ -1,0 +1,317 @@
+"""GPU check: host->device streaming at Llama-2-70B layer shapes, then fp16 greedy parity on SmolLM2.
+
+Run by `benchmarks/gpu_check.sh`; prints Markdown for benchmarks/RESULTS.md on stdout and
+exits 1 if parity fails or a section crashed. `--dry` runs everything on the CPU with tiny
+shapes (what CI does, so this script cannot rot); the CUDA-only parts say they were skipped.
+
+1. writes a random fp16 model with Llama-2-70B's layer shapes (hidden 8192, intermediate
+   28672, 64 heads, 8 KV heads, vocab 32000) but `--layers` layers, with the format writer;
+2. measures a plain pinned host->device copy (the bandwidth to approach);
+3. runs passes with the weights resident on the GPU (compute only), streamed from pinned
+   RAM, from the page cache and from a cold page cache; decode (1 token) and prefill
+   (`--prefill` tokens); reports GB/s, copy/compute overlap and s/pass extrapolated to 80 layers;
+4. greedy parity of LayeredModel (streamed) against transformers in memory, fp16, on the
+   SmolLM2 that `benchmarks/prepare_gpu_check.py` put in `.gpu/` (trimmed to a few layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import torch  # noqa: E402
+
+from common import evict_page_cache, machine_lines  # noqa: E402
+
+GiB = 2**30
+FULL = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+            vocab_size=32000)
+DRY = dict(hidden_size=256, intermediate_size=704, num_attention_heads=8, num_key_value_heads=2, vocab_size=1000)
+
+
+def out(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry", action="store_true", help="CPU, tiny shapes: checks the script, measures nothing useful")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers of the synthetic model (default 4; dry 3)")
+    ap.add_argument("--prefill", type=int, default=None, help="tokens of the prefill pass (default 8192; dry 16)")
+    ap.add_argument("--cap-gb", type=float, default=16, help="GPU memory cap for this process, GB (default 16)")
+    ap.add_argument("--assets", type=Path, default=ROOT / ".gpu", help="what prepare_gpu_check.py wrote")
+    ap.add_argument("--work", type=Path, default=None, help="where to write the synthetic model (default: a temp dir)")
+    args = ap.parse_args(argv)
+    args.layers = args.layers or (3 if args.dry else 4)
+    args.prefill = args.prefill or (16 if args.dry else 8192)
+    return args
+
+
+# --- the device ----------------------------------------------------------------------------
+
+def pick_device(args) -> torch.device:
+    if args.dry:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit("Error: no CUDA device; run with --dry to check the script on the CPU")
+    dev = torch.device("cuda", 0)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 1e9 / total), dev)
+    out(f"GPU memory capped at {args.cap_gb:g} GB of {total / 1e9:.0f} GB (set_per_process_memory_fraction)")
+    return dev
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pinned_copy_gbps(nbytes: int, device: torch.device) -> float:
+    """A plain pinned host->device copy of `nbytes` (host memcpy on the CPU): best of 3, GB/s."""
+    pin = device.type == "cuda"
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin).fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    times = []
+    for _ in range(4):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=pin)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    del src, dst
+    return nbytes / min(times[1:]) / 1e9
+
+
+# --- the synthetic model -------------------------------------------------------------------
+
+def write_synthetic(args, folder: Path, device: torch.device):
+    from transformers import LlamaConfig
+
+    from reshard.synthetic import write_random_model
+
+    shapes = DRY if args.dry else FULL
+    config = LlamaConfig(**shapes, num_hidden_layers=args.layers, max_position_embeddings=max(4096, args.prefill),
+                         tie_word_embeddings=False)
+    t0 = time.perf_counter()
+    manifest = write_random_model(config, folder, dtype=torch.float16, device=device)
+    seconds = time.perf_counter() - t0
+    layer = next(g.bytes for g in manifest.groups if g.kind == "layer")
+    out(f"synthetic model: {args.layers} layers x {layer / 1e9:.3f} GB + {(manifest.total_bytes - args.layers * layer) / 1e9:.3f} GB "
+        f"embed/norm/head = {manifest.total_bytes / 1e9:.2f} GB fp16, written in {seconds:.1f} s")
+    return manifest, layer
+
+
+MODES = [  # name, max_gpu_memory, max_cpu_memory, evict the page cache before each measured pass
+    ("resident on device (compute only)", "1TB", "1TB", False),
+    ("streamed from pinned RAM", "0", "1TB", False),
+    ("streamed from page cache", "0", "0", False),
+    ("streamed from disk, cold cache", "0", "0", True),
+]
+
+
+def run_mode(folder: Path, device: torch.device, mode, prefill: int, dtype: torch.dtype) -> dict:
+    from runtime.model import LayeredModel
+
+    name, gpu, cpu, cold = mode
+    if device.type == "cpu" and name == "streamed from pinned RAM":
+        return {"skipped": "CPU: host RAM is the device; no pinned tier"}
+    t0 = time.perf_counter()
+    model = LayeredModel.from_pretrained(folder, device=str(device), dtype=dtype, max_gpu_memory=gpu,
+                                         max_cpu_memory=cpu, prefetch=1)
+    opened = time.perf_counter() - t0
+    try:
+        return _passes(model, folder, device, prefill, cold) | {"open_s": opened, "places": _count(model.places)}
+    finally:
+        model.close()
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _count(places) -> str:
+    return ", ".join(f"{places.count(p)} {p}" for p in ("device", "host", "disk") if places.count(p))
+
+
+def _passes(model, folder, device, prefill: int, cold: bool) -> dict:
+    vocab = model.config.vocab_size
+    one = torch.tensor([[11]], device=device)
+    long = torch.randint(3, vocab, (1, prefill), generator=torch.Generator().manual_seed(0)).to(device)
+    model(one, use_cache=False)  # warm-up: kernels, allocator
+    decode = []
+    for _ in range(1 if cold else 3):  # a cold pass reads every byte from the disk: once is enough
+        if cold:
+            evict_page_cache(folder)
+        model(one, use_cache=False)
+        decode.append(model.stats.per_pass[-1])
+    if cold:
+        evict_page_cache(folder)
+    logits = model(long, use_cache=False).logits
+    pre = model.stats.per_pass[-1]
+    finite = bool(torch.isfinite(logits[0, -1]).all())
+    best = min(decode, key=lambda p: p.seconds)
+    return {"decode_s": statistics.median(p.seconds for p in decode), "decode": best, "prefill": pre, "finite": finite}
+
+
+def report_streaming(args, results: dict, manifest, layer: int, copy_gbps: float) -> None:
+    total = manifest.total_bytes
+    scale = (80 * layer + total - args.layers * layer) / total  # byte-proportional: the passes move bytes
+    out()
+    out(f"| mode | placement | decode s/pass | GB/s | wait s | copy s | prefill {args.prefill} tok s/pass | "
+        f"decode s/pass at 80 layers |")
+    out("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        if "skipped" in r or "error" in r:
+            out(f"| {name} | {r.get('skipped') or 'FAILED: ' + r['error']} |||||||")
+            continue
+        d, p = r["decode"], r["prefill"]
+        out(f"| {name} | {r['places']} | {r['decode_s']:.4f} | {d.gb_per_s:.2f} | {d.wait_seconds:.4f} | "
+            f"{d.copy_seconds:.4f} | {p.seconds:.4f} | {r['decode_s'] * scale:.2f} |")
+    out()
+    out(f"plain pinned host->device copy: {copy_gbps:.2f} GB/s (one {layer / 1e9:.2f} GB buffer, best of 3)")
+    _report_overlap(results, total, copy_gbps, args.prefill)
+
+
+def _report_overlap(results: dict, total: int, copy_gbps: float, prefill: int) -> None:
+    res, pinned = results.get(MODES[0][0], {}), results.get(MODES[1][0], {})
+    if "prefill" not in res or "prefill" not in pinned:
+        out("copy/compute overlap: not measured (needs the resident and pinned-RAM modes)")
+        return
+    copy = total / copy_gbps / 1e9
+    for label, key in (("decode", "decode"), (f"prefill {prefill} tok", "prefill")):
+        compute, streamed = res[key].seconds, pinned[key].seconds
+        hidden = max(0.0, min(1.0, (copy + compute - streamed) / min(copy, compute))) if min(copy, compute) else 0.0
+        out(f"{label}: copy-only {copy:.4f} s (bytes / pinned GB/s), compute-only {compute:.4f} s, streamed from "
+            f"pinned RAM {streamed:.4f} s = {streamed / max(copy, compute):.2f}x max(copy, compute); "
+            f"overlap {hidden:.0%} of the shorter one hidden; achieved {total / streamed / 1e9:.2f} GB/s "
+            f"= {total / streamed / 1e9 / copy_gbps:.0%} of the plain pinned copy")
+
+
+# --- greedy parity on real weights ---------------------------------------------------------
+
+PROMPT = "What is the capital of France? Answer in one sentence."
+PARITY_MODES = [("streamed from disk", "0", "0"), ("streamed from pinned RAM", "0", "1TB"), ("resident", "1TB", "1TB")]
+
+
+def load_smollm2(assets: Path, work: Path):
+    """(transformers model in float32, its tokenizer, a plain checkpoint folder) from the trimmed GGUF."""
+    ggufs = sorted((assets / "smollm2-trim").glob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"no GGUF in {assets / 'smollm2-trim'}; run `python benchmarks/prepare_gpu_check.py` first")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = ggufs[0]
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # loaded from GGUF: save as a plain checkpoint
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    folder = work / "smollm2-hf"
+    plain.save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent / "tokenizer")
+    tokenizer.save_pretrained(folder)
+    out(f"parity model: {path.name} (SmolLM2-135M-Instruct TRIMMED to {config.num_hidden_layers} layers: "
+        f"real weights, not SmolLM2's text)")
+    return plain.eval(), tokenizer, folder
+
+
+def parity(args, device: torch.device, work: Path) -> bool:
+    from reshard.convert import convert
+    from runtime.model import LayeredModel
+
+    dtype = torch.float16
+    ref, tokenizer, folder = load_smollm2(args.assets, work)
+    convert(str(folder), work / "smollm2-reshard", dtype="float16", progress=False)
+    ref = ref.to(dtype).to(device)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+    gen = dict(max_new_tokens=6 if args.dry else 24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    with torch.inference_mode():
+        want_logits = ref(ids).logits.float()
+        want = ref.generate(ids, **gen)[0, ids.shape[1]:]
+    out(f"transformers in memory, {dtype}, {device.type}: {tokenizer.decode(want)!r}")
+    ok = True
+    for name, gpu, cpu in PARITY_MODES:
+        model = LayeredModel.from_pretrained(work / "smollm2-reshard", device=str(device), dtype=dtype,
+                                             max_gpu_memory=gpu, max_cpu_memory=cpu)
+        got_logits = model(ids).logits.float()
+        got = model.generate(ids, **gen)[0, ids.shape[1]:]
+        model.close()
+        same = torch.equal(got.cpu(), want.cpu())
+        ok &= same
+        diff = (got_logits - want_logits).abs().max().item()
+        out(f"LayeredModel {name} ({_count(model.places)}): tokens {'MATCH' if same else 'DIFFER'}, "
+            f"prompt logits max |diff| {diff:.3g}: {tokenizer.decode(got)!r}")
+    return ok
+
+
+# --- main ----------------------------------------------------------------------------------
+
+def use_gguf_copy(assets: Path) -> None:
+    """Where `gguf` is not installed, import the copy prepare_gpu_check.py made; before transformers
+    is imported, as it may decide once whether GGUF files can be read."""
+    if importlib.util.find_spec("gguf") is None:
+        sys.path.append(str(assets / "site"))
+        importlib.invalidate_caches()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    use_gguf_copy(args.assets)
+    torch.manual_seed(0)
+    out(f"## GPU check{' (DRY RUN: CPU, tiny shapes; measures nothing)' if args.dry else ''}")
+    out()
+    out("```")
+    for line in machine_lines("float16"):
+        out(line)
+    device = pick_device(args)
+    failures = []
+    with tempfile.TemporaryDirectory(prefix="gpu-check-", dir=args.work) as tmp:
+        work = Path(tmp)
+        try:
+            streaming(args, device, work / "synthetic")
+        except Exception:
+            failures.append("streaming")
+            out("streaming section FAILED:\n" + traceback.format_exc())
+        try:
+            if not parity(args, device, work):
+                failures.append("parity (tokens differ)")
+        except Exception:
+            failures.append("parity")
+            out("parity section FAILED:\n" + traceback.format_exc())
+    out(f"gpu_check: {'FAILED: ' + ', '.join(failures) if failures else 'OK'}")
+    out("```")
+    return 1 if failures else 0
+
+
+def streaming(args, device: torch.device, folder: Path) -> None:
+    manifest, layer = write_synthetic(args, folder, device)
+    copy_gbps = pinned_copy_gbps(layer, device)
+    results = {}
+    for mode in MODES:
+        try:
+            results[mode[0]] = run_mode(folder, device, mode, args.prefill, torch.float16)
+        except Exception as e:
+            results[mode[0]] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            out(f"{mode[0]} FAILED:\n" + traceback.format_exc())
+    out("```")
+    report_streaming(args, results, manifest, layer, copy_gbps)
+    out("```")
+    bad = [name for name, r in results.items() if "error" in r or r.get("finite") is False]
+    if bad:
+        raise RuntimeError(f"modes failed or gave non-finite logits: {bad}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

