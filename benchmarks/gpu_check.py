@@ -233,7 +233,12 @@ def parity(args, device: torch.device, work: Path) -> bool:
     dtype = torch.float16
     ref, tokenizer, folder = load_smollm2(args.assets, work)
     convert(str(folder), work / "smollm2-reshard", dtype="float16", progress=False)
-    ref = ref.to(dtype).to(device)
+    from transformers import AutoModelForCausalLM
+
+    # Load the reference as a user would (from_pretrained with dtype), so buffers such as the
+    # rotary table are built exactly as transformers builds them for that dtype.
+    del ref
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval().to(device)
     text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
     gen = dict(max_new_tokens=6 if args.dry else 24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
