@@ -1,7 +1,7 @@
 """(a) Decode s/token: LayeredModel vs transformers in memory, same checkpoint, dtype and threads, warm cache.
 
-s/token is the slope of generate time over new tokens: (t(N) - t(1)) / (N - 1), best of runs,
-so prefill and setup cancel out. Modes: transformers in memory; LayeredModel with every group
+s/token is (best t(N) - best t(1)) / (N - 1) over runs of generate, so prefill and setup cancel
+out; the modes take turns run by run, so load from other jobs hits them alike. Modes: transformers in memory; LayeredModel with every group
 streamed (max_cpu_memory=0); LayeredModel with the default budget (the model fits: resident).
 
 Usage: python benchmarks/bench_decode.py [--tokens 32] [--runs 3] [--dtype float32] [--threads 2]
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,10 +33,10 @@ def timed_generate(model, ids, n: int, pad: int) -> tuple[float, list[int]]:
     return time.perf_counter() - t0, out[0, ids.shape[1]:].tolist()
 
 
-def seconds_per_token(model, ids, n: int, pad: int) -> tuple[float, list[int]]:
+def seconds_per_token(model, ids, n: int, pad: int) -> tuple[float, float, list[int]]:
     one, _ = timed_generate(model, ids, 1, pad)
     many, tokens = timed_generate(model, ids, n, pad)
-    return (many - one) / (n - 1), tokens
+    return one, many, tokens
 
 
 def main(argv=None) -> int:
@@ -71,13 +70,14 @@ def main(argv=None) -> int:
         timed_generate(model, ids, 2, tok.eos_token_id)  # warm-up: page cache, kernels
     for _ in range(args.runs):  # round robin, so that load from other jobs hits every mode alike
         for name, model in models.items():
-            s, texts[name] = seconds_per_token(model, ids, args.tokens, tok.eos_token_id)
-            slopes[name].append(s)
-    base = min(slopes["transformers in memory"])
+            one, many, texts[name] = seconds_per_token(model, ids, args.tokens, tok.eos_token_id)
+            slopes[name].append((one, many))
+    per_token = {name: (min(m for _, m in v) - min(o for o, _ in v)) / (args.tokens - 1) for name, v in slopes.items()}
+    base = per_token["transformers in memory"]
     want = texts["transformers in memory"]
     for name, model in models.items():
-        best = min(slopes[name])
-        line = f"{name}: {best * 1000:.1f} ms/token (median {statistics.median(slopes[name]) * 1000:.1f}) = {best / base:.2f}x"
+        best = per_token[name]
+        line = f"{name}: {best * 1000:.1f} ms/token = {best / base:.2f}x"
         if hasattr(model, "stats"):
             last = model.stats.per_pass[-1]
             places = {p: model.places.count(p) for p in set(model.places)}

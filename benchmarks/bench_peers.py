@@ -2,8 +2,8 @@
 streamed from disk, accelerate's disk offload (every decoder layer on "disk" in a device_map),
 and AirLLM (`device="cpu"`, from a separate venv: AIRLLM_PYTHON, default /tmp/airllm-venv/bin/python).
 
-Each tool runs in its own process: s/token (slope of generate time over new tokens, best of
-runs), peak RSS (VmHWM of that process), and whether its text matches transformers in memory.
+Each tool runs in its own process: s/token ((best t(N) - best t(1)) / (N - 1) over
+runs of generate), peak RSS (VmHWM of that process), and whether its text matches transformers in memory.
 
 Usage: python benchmarks/bench_peers.py [--tokens 16] [--runs 2]
 """
@@ -43,13 +43,13 @@ def gen(n):
     out = out.sequences if hasattr(out, "sequences") else out
     return time.perf_counter() - t0, out[0, ids.shape[1]:].tolist()
 gen(2)
-slopes = []
+ones, manys = [], []
 for _ in range(RUNS):
-    one, _ = gen(1)
+    ones.append(gen(1)[0])
     many, tokens = gen(N)
-    slopes.append((many - one) / (N - 1))
+    manys.append(many)
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]
-print(json.dumps({{"s_per_token": min(slopes), "peak_rss": int(hwm) * 1024, "tokens": tokens, "text": tok.decode(tokens)}}))
+print(json.dumps({{"s_per_token": (min(manys) - min(ones)) / (N - 1), "peak_rss": int(hwm) * 1024, "tokens": tokens, "text": tok.decode(tokens)}}))
 """
 
 SETUPS = {

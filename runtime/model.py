@@ -4,6 +4,8 @@ The model is transformers' own, built on `meta` from the converted folder's conf
 forward, its KV cache and `generate` are transformers' code. Hooks on each group's modules
 put that group's weights in place just before they run (from the background prefetcher)
 and take them away after, so the device holds about `prefetch + 1` groups at a time.
+Groups that fit the memory budget (runtime.budget) are put in place once and get no hooks:
+a model that fits entirely runs as transformers' own model, with no per-pass work.
 """
 
 from __future__ import annotations

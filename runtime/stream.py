@@ -6,9 +6,12 @@
 - CUDA: one bulk copy file -> pinned staging buffer (reused, sized to the largest group),
   then one non-blocking host-to-device copy on a side stream; an event tells the compute
   stream when the weights are there.
+- CUDA, a HOST group (see runtime.budget): its bytes sit in pinned memory from load time on;
+  only the host-to-device copy is left per pass.
 `Prefetcher` runs loads on one background thread, `depth` groups ahead of the consumer, in
-the cyclic order of a pass: at the end of a pass it is already reading the next pass's
-first groups.
+the cyclic order of the groups that stream: at the end of a pass it is already reading the
+next pass's first groups. Groups resident on the device are loaded once and never pass here.
+`StreamStats` keeps totals and one `PassStats` per forward pass (read, copy, wait, compute, bytes).
 """
 
 from __future__ import annotations

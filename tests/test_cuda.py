@@ -16,11 +16,20 @@ pytestmark = [
 ]
 
 
+PLACEMENTS = {  # where the weights wait between passes: budgets that force each tier
+    "disk": dict(max_gpu_memory=0, max_cpu_memory=0),
+    "pinned": dict(max_gpu_memory=0, max_cpu_memory="1GB"),
+    "device": dict(max_gpu_memory="1GB", max_cpu_memory=0),
+}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
-def test_cuda_equals_transformers_on_cuda(arch, prefetch, tiny_checkpoints, tiny_converted):
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_cuda_equals_transformers_on_cuda(arch, prefetch, placement, tiny_checkpoints, tiny_converted):
     ref = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[arch], dtype=torch.float32).eval().to("cuda")
-    model = LayeredModel.from_pretrained(tiny_converted[arch], device="cuda", prefetch=prefetch)
+    model = LayeredModel.from_pretrained(tiny_converted[arch], device="cuda", prefetch=prefetch,
+                                         **PLACEMENTS[placement])
     ids = torch.randint(3, ref.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2)).cuda()
     with torch.no_grad():
         want = ref(ids).logits
@@ -29,12 +38,14 @@ def test_cuda_equals_transformers_on_cuda(arch, prefetch, tiny_checkpoints, tiny
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(ids[:1], **kwargs), ref.generate(ids[:1], **kwargs))
-    assert model.stats.layer_loads == 13 * len(model.manifest.groups)
+    streamed = 0 if placement == "device" else 13 * len(model.manifest.groups)
+    assert model.stats.layer_loads == streamed
     model.close()
 
 
 def test_cuda_memory_stays_at_a_few_groups(tiny_converted):
-    model = LayeredModel.from_pretrained(tiny_converted["qwen2"], device="cuda", prefetch=1)
+    model = LayeredModel.from_pretrained(tiny_converted["qwen2"], device="cuda", prefetch=1,
+                                         max_gpu_memory=0, max_cpu_memory=0)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

@@ -22,7 +22,7 @@ pytestmark = [
 @pytest.mark.parametrize("offload", [False, True])
 def test_cuda_score_equals_cpu(arch, offload, tiny_converted):
     want = open_tiny(tiny_converted[arch]).score(ITEMS, batch_size=2)
-    model = LayeredModel.from_pretrained(tiny_converted[arch], device="cuda")
+    model = LayeredModel.from_pretrained(tiny_converted[arch], device="cuda", max_gpu_memory=0)
     model.tokenizer = open_tiny(tiny_converted[arch]).tokenizer
     got = model.score(ITEMS, batch_size=2, offload=offload)
     assert_close(got, [{k: w[k] for k in ("scores", "logprob", "tokens") if k in w} for w in want], ITEMS)
@@ -30,7 +30,7 @@ def test_cuda_score_equals_cpu(arch, offload, tiny_converted):
 
 
 def test_cuda_offload_moves_activations_to_host(tiny_converted):
-    model = LayeredModel.from_pretrained(tiny_converted["llama"], device="cuda")
+    model = LayeredModel.from_pretrained(tiny_converted["llama"], device="cuda", max_gpu_memory=0)
     inputs = [torch.randint(3, 300, (2, 64), device="cuda") for _ in range(3)]
     want = [model(ids).logits for ids in inputs]
     seen = []
@@ -44,7 +44,7 @@ def test_cuda_offload_moves_activations_to_host(tiny_converted):
 
 
 def test_cuda_batched_generation_equals_one_by_one(tiny_converted):
-    model = LayeredModel.from_pretrained(tiny_converted["gpt2"], device="cuda")
+    model = LayeredModel.from_pretrained(tiny_converted["gpt2"], device="cuda", max_gpu_memory=0)
     prompts = ["w5 w6 w7", "w20 w21 w22 w23 w24 w25 w26 w27 w28", "w40"]
     together = generate_batch(model, prompts, keep_logits=True, do_sample=False, max_new_tokens=10)
     for prompt, got in zip(prompts, together):

@@ -130,7 +130,7 @@ def test_quantized_folder_on_cuda_equals_cpu(arch, tiny_checkpoints, tmp_path):
                 quantize_embeddings=emb)
         cpu = LayeredModel.from_pretrained(out, device="cpu", prefetch=1)
         for prefetch in (1, 2):
-            gpu = LayeredModel.from_pretrained(out, device="cuda", prefetch=prefetch)
+            gpu = LayeredModel.from_pretrained(out, device="cuda", prefetch=prefetch, max_gpu_memory=0)
             torch.testing.assert_close(gpu(ids.cuda()).logits.cpu(), cpu(ids).logits, rtol=1e-4, atol=1e-4)
             assert torch.equal(gpu.generate(ids.cuda(), **kwargs).cpu(), cpu.generate(ids, **kwargs))
             gpu.close()
