@@ -110,7 +110,7 @@ def test_quantized_folder_equals_transformers_with_quantized_weights(arch, tiny_
         assert (quantized - linear_in_layers != set()) == emb  # embeddings/head only when asked
         with torch.no_grad():
             want = quantized_reference(src, out)(ids).logits
-        lm = LayeredModel.from_pretrained(out, device="cpu", prefetch=1)
+        lm = LayeredModel.from_pretrained(out, device="cpu", prefetch=1, max_cpu_memory=0)
         got = lm(ids).logits
         lm.close()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -281,7 +281,7 @@ def test_smollm2_perplexity_int8_and_int4(smollm2_quantized):
     text = TEXT.read_text()
     ppl = {}
     for name, folder in smollm2_quantized.items():
-        lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", prefetch=1)
+        lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", prefetch=1, max_cpu_memory=0)
         ppl[name] = float(torch.tensor(mean_nll(lm, text)).exp())
         lm.close()
     assert 5 < ppl["fp16"] < 40, ppl  # the model reads English
@@ -292,7 +292,7 @@ def test_smollm2_perplexity_int8_and_int4(smollm2_quantized):
 @pytest.mark.slow
 def test_smollm2_int4_generates_as_transformers_does_with_the_same_weights(smollm2_checkpoint, smollm2_quantized):
     folder = smollm2_quantized["int4"]
-    lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", prefetch=1)
+    lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", prefetch=1, max_cpu_memory=0)
     ids = lm.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     got = lm.generate(ids, max_new_tokens=6, do_sample=False)
     lm.close()
