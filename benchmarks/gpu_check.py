@@ -10,15 +10,20 @@ shapes (what CI does, so this script cannot rot); the CUDA-only parts say they w
 3. runs passes with the weights resident on the GPU (compute only), streamed from pinned
    RAM, from the page cache and from a cold page cache; decode (1 token) and prefill
    (`--prefill` tokens); reports GB/s, copy/compute overlap and s/pass extrapolated to 80 layers;
-4. greedy parity of LayeredModel (streamed) against transformers in memory, fp16, on the
+4. quantized streaming: the same model written as int8 and as int4 (group 32), quantized on the
+   device; decode s/pass streamed from pinned RAM, the page cache and a cold cache next to the
+   fp16 figures of 3, and streamed logits checked equal to the same folder resident on the device;
+5. greedy parity of LayeredModel (streamed) against transformers in memory, fp16, on the
    SmolLM2 that `benchmarks/prepare_gpu_check.py` put in `.gpu/` (trimmed to a few layers).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
+import shutil
 import statistics
 import sys
 import tempfile
@@ -94,7 +99,7 @@ def pinned_copy_gbps(nbytes: int, device: torch.device) -> float:
 
 # --- the synthetic model -------------------------------------------------------------------
 
-def write_synthetic(args, folder: Path, device: torch.device):
+def write_synthetic(args, folder: Path, device: torch.device, *, quantize: str | None = None, group: int = 32):
     from transformers import LlamaConfig
 
     from reshard.synthetic import write_random_model
@@ -103,11 +108,12 @@ def write_synthetic(args, folder: Path, device: torch.device):
     config = LlamaConfig(**shapes, num_hidden_layers=args.layers, max_position_embeddings=max(4096, args.prefill),
                          tie_word_embeddings=False)
     t0 = time.perf_counter()
-    manifest = write_random_model(config, folder, dtype=torch.float16, device=device)
+    manifest = write_random_model(config, folder, dtype=torch.float16, device=device, quantize=quantize,
+                                  quantize_group=group)
     seconds = time.perf_counter() - t0
     layer = next(g.bytes for g in manifest.groups if g.kind == "layer")
     out(f"synthetic model: {args.layers} layers x {layer / 1e9:.3f} GB + {(manifest.total_bytes - args.layers * layer) / 1e9:.3f} GB "
-        f"embed/norm/head = {manifest.total_bytes / 1e9:.2f} GB fp16, written in {seconds:.1f} s")
+        f"embed/norm/head = {manifest.total_bytes / 1e9:.2f} GB {weights_label(quantize, group)}, written in {seconds:.1f} s")
     return manifest, layer
 
 
@@ -119,18 +125,25 @@ MODES = [  # name, max_gpu_memory, max_cpu_memory, evict the page cache before e
 ]
 
 
-def run_mode(folder: Path, device: torch.device, mode, prefill: int, dtype: torch.dtype) -> dict:
+def weights_label(quantize: str | None, group: int) -> str:
+    return {None: "fp16", "int8": "int8"}.get(quantize, f"{quantize} g{group}")
+
+
+def skipped(device: torch.device, mode) -> dict | None:
+    if device.type == "cpu" and mode[0] == "streamed from pinned RAM":
+        return {"skipped": "CPU: host RAM is the device; no pinned tier"}
+    return None
+
+
+@contextlib.contextmanager
+def opened(folder: Path, device: torch.device, gpu: str, cpu: str, dtype: torch.dtype = torch.float16):
+    """A LayeredModel on `folder` (prefetch 1), closed and its memory freed on exit."""
     from runtime.model import LayeredModel
 
-    name, gpu, cpu, cold = mode
-    if device.type == "cpu" and name == "streamed from pinned RAM":
-        return {"skipped": "CPU: host RAM is the device; no pinned tier"}
-    t0 = time.perf_counter()
     model = LayeredModel.from_pretrained(folder, device=str(device), dtype=dtype, max_gpu_memory=gpu,
                                          max_cpu_memory=cpu, prefetch=1)
-    opened = time.perf_counter() - t0
     try:
-        return _passes(model, folder, device, prefill, cold) | {"open_s": opened, "places": _count(model.places)}
+        yield model
     finally:
         model.close()
         del model
@@ -139,21 +152,37 @@ def run_mode(folder: Path, device: torch.device, mode, prefill: int, dtype: torc
             torch.cuda.empty_cache()
 
 
+def run_mode(folder: Path, device: torch.device, mode, prefill: int, dtype: torch.dtype) -> dict:
+    _, gpu, cpu, cold = mode
+    if skip := skipped(device, mode):
+        return skip
+    t0 = time.perf_counter()
+    with opened(folder, device, gpu, cpu, dtype) as model:
+        open_s = time.perf_counter() - t0
+        return _passes(model, folder, device, prefill, cold) | {"open_s": open_s, "places": _count(model.places)}
+
+
 def _count(places) -> str:
     return ", ".join(f"{places.count(p)} {p}" for p in ("device", "host", "disk") if places.count(p))
 
 
-def _passes(model, folder, device, prefill: int, cold: bool) -> dict:
-    vocab = model.config.vocab_size
+def _decode(model, folder, device, cold: bool):
+    """A warm-up pass, then one-token passes (3; 1 from a cold cache): (their stats, the last logits)."""
     one = torch.tensor([[11]], device=device)
-    long = torch.randint(3, vocab, (1, prefill), generator=torch.Generator().manual_seed(0)).to(device)
     model(one, use_cache=False)  # warm-up: kernels, allocator
     decode = []
     for _ in range(1 if cold else 3):  # a cold pass reads every byte from the disk: once is enough
         if cold:
             evict_page_cache(folder)
-        model(one, use_cache=False)
+        logits = model(one, use_cache=False).logits
         decode.append(model.stats.per_pass[-1])
+    return decode, logits
+
+
+def _passes(model, folder, device, prefill: int, cold: bool) -> dict:
+    vocab = model.config.vocab_size
+    long = torch.randint(3, vocab, (1, prefill), generator=torch.Generator().manual_seed(0)).to(device)
+    decode, _ = _decode(model, folder, device, cold)
     if cold:
         evict_page_cache(folder)
     logits = model(long, use_cache=False).logits
@@ -163,9 +192,15 @@ def _passes(model, folder, device, prefill: int, cold: bool) -> dict:
     return {"decode_s": statistics.median(p.seconds for p in decode), "decode": best, "prefill": pre, "finite": finite}
 
 
+def at_80_layers(args, manifest, layer: int) -> float:
+    """The factor from a pass over `args.layers` layers to one over 80, byte-proportional: passes move bytes."""
+    total = manifest.total_bytes
+    return (80 * layer + total - args.layers * layer) / total
+
+
 def report_streaming(args, results: dict, manifest, layer: int, copy_gbps: float) -> None:
     total = manifest.total_bytes
-    scale = (80 * layer + total - args.layers * layer) / total  # byte-proportional: the passes move bytes
+    scale = at_80_layers(args, manifest, layer)
     out()
     out(f"| mode | placement | decode s/pass | GB/s | wait s | copy s | prefill {args.prefill} tok s/pass | "
         f"decode s/pass at 80 layers |")
@@ -195,6 +230,86 @@ def _report_overlap(results: dict, total: int, copy_gbps: float, prefill: int) -
             f"pinned RAM {streamed:.4f} s = {streamed / max(copy, compute):.2f}x max(copy, compute); "
             f"overlap {hidden:.0%} of the shorter one hidden; achieved {total / streamed / 1e9:.2f} GB/s "
             f"= {total / streamed / 1e9 / copy_gbps:.0%} of the plain pinned copy")
+
+
+# --- quantized streaming ------------------------------------------------------------------
+
+STREAMED = MODES[1:]  # pinned RAM, page cache, cold cache
+QUANTIZED = [("int8", 32), ("int4", 32)]  # scheme, int4 group size
+EXACT = 1e-3  # streamed vs resident logits, same expansion code: 0 expected; more is a failure
+
+
+def quantized_streaming(args, device: torch.device, work: Path, fp16: dict) -> None:
+    """The synthetic model as int8 and int4 g32: decode s/pass per streamed tier next to fp16's
+    (`fp16`, from the streaming section), and streamed logits against the folder resident."""
+    rows, bad = {"fp16": fp16}, []
+    for scheme, group in QUANTIZED:
+        folder = work / f"synthetic-{scheme}"
+        try:  # one folder on the disk at a time
+            rows[weights_label(scheme, group)], ok = measure_quantized(args, device, folder, scheme, group)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        bad += [] if ok else [scheme]
+    out("```")
+    report_quantized(rows, args, device)
+    out("```")
+    if bad:
+        raise RuntimeError(f"quantized streaming failed, gave non-finite logits or differs from resident: {bad}")
+
+
+def measure_quantized(args, device: torch.device, folder: Path, scheme: str, group: int) -> tuple[dict, bool]:
+    """({manifest, layer, results by streamed mode}, whether every mode ran and matched resident)."""
+    manifest, layer = write_synthetic(args, folder, device, quantize=scheme, group=group)
+    results = {mode[0]: guarded(f"{scheme} {mode[0]}", decode_mode, folder, device, mode) for mode in STREAMED}
+    with opened(folder, device, "1TB", "1TB") as model:
+        resident = model(torch.tensor([[11]], device=device), use_cache=False).logits.float().cpu()
+    streamed = {name: r["logits"] for name, r in results.items() if "logits" in r}
+    diff = max(((got - resident).abs().max().item() for got in streamed.values()), default=float("nan"))
+    ok = diff <= EXACT and all("error" not in r and r.get("finite") is not False for r in results.values())
+    tiers = "; ".join(name.removeprefix("streamed from ") for name in streamed)
+    out(f"{weights_label(scheme, group)} logits streamed ({tiers}) vs resident on the device: "
+        f"max |diff| {diff:.3g}: {'MATCH' if diff <= EXACT else 'DIFFER'}")
+    return {"manifest": manifest, "layer": layer, "results": results}, ok
+
+
+def decode_mode(folder: Path, device: torch.device, mode) -> dict:
+    _, gpu, cpu, cold = mode
+    if skip := skipped(device, mode):
+        return skip
+    with opened(folder, device, gpu, cpu) as model:
+        decode, logits = _decode(model, folder, device, cold)
+    logits = logits.float().cpu()
+    return {"decode_s": statistics.median(p.seconds for p in decode), "logits": logits,
+            "finite": bool(torch.isfinite(logits).all())}
+
+
+def report_quantized(rows: dict, args, device: torch.device) -> None:
+    ref = STREAMED[0][0] if device.type == "cuda" else STREAMED[1][0]  # no pinned tier on the CPU
+    short = ref.removeprefix("streamed from ")
+    out()
+    tiers = " | ".join(m[0].removeprefix("streamed from ") for m in STREAMED)
+    out(f"| weights | bytes/pass | decode s/pass: {tiers} | "
+        f"{short} s/pass at 80 layers | bytes vs fp16 | {short} s/pass vs fp16 |")
+    out("|---|---|---|---|---|---|---|---|")
+    base = rows["fp16"]
+    for label, row in rows.items():
+        if "results" not in row:
+            out(f"| {label} | not measured (its section failed) |||||||")
+            continue
+        total, seconds = row["manifest"].total_bytes, row["results"].get(ref, {}).get("decode_s")
+        base_s = base.get("results", {}).get(ref, {}).get("decode_s")
+        cells = [_cell(row["results"].get(m[0], {})) for m in STREAMED]
+        at80 = f"{seconds * at_80_layers(args, row['manifest'], row['layer']):.2f}" if seconds else "-"
+        by = f"{total / base['manifest'].total_bytes:.2f}x" if "manifest" in base else "-"
+        sx = f"{seconds / base_s:.2f}x" if seconds and base_s else "-"
+        out(f"| {label} | {total / 1e9:.3f} GB | {' | '.join(cells)} | {at80} | {by} | {sx} |")
+    out()
+
+
+def _cell(r: dict) -> str:
+    if "decode_s" in r:
+        return f"{r['decode_s']:.4f}"
+    return "skipped" if "skipped" in r else "FAILED"
 
 
 # --- greedy parity on real weights ---------------------------------------------------------
@@ -284,11 +399,17 @@ def main(argv=None) -> int:
     failures = []
     with tempfile.TemporaryDirectory(prefix="gpu-check-", dir=args.work) as tmp:
         work = Path(tmp)
+        fp16 = {}  # the streaming section's figures: the quantized section's baseline
         try:
-            streaming(args, device, work / "synthetic")
+            streaming(args, device, work / "synthetic", fp16)
         except Exception:
             failures.append("streaming")
             out("streaming section FAILED:\n" + traceback.format_exc())
+        try:
+            quantized_streaming(args, device, work, fp16)
+        except Exception:
+            failures.append("quantized streaming")
+            out("quantized streaming section FAILED:\n" + traceback.format_exc())
         try:
             if not parity(args, device, work):
                 failures.append("parity (tokens differ)")
@@ -300,16 +421,23 @@ def main(argv=None) -> int:
     return 1 if failures else 0
 
 
-def streaming(args, device: torch.device, folder: Path) -> None:
+def guarded(name: str, fn, *args) -> dict:
+    """fn(*args), or {"error": ...} with the traceback printed: one mode's crash leaves the others."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        out(f"{name} FAILED:\n" + traceback.format_exc())
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+
+def streaming(args, device: torch.device, folder: Path, fp16: dict) -> None:
+    """Fills `fp16` with (manifest, layer, results) for the quantized section's baseline row."""
     manifest, layer = write_synthetic(args, folder, device)
     copy_gbps = pinned_copy_gbps(layer, device)
     results = {}
+    fp16.update(manifest=manifest, layer=layer, results=results)
     for mode in MODES:
-        try:
-            results[mode[0]] = run_mode(folder, device, mode, args.prefill, torch.float16)
-        except Exception as e:
-            results[mode[0]] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-            out(f"{mode[0]} FAILED:\n" + traceback.format_exc())
+        results[mode[0]] = guarded(mode[0], run_mode, folder, device, mode, args.prefill, torch.float16)
     out("```")
     report_streaming(args, results, manifest, layer, copy_gbps)
     out("```")

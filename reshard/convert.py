@@ -78,8 +78,7 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
         params = {p: s for g in plan.groups for p, s in g.params.items()}
         mapping = map_keys(model, src.keys(), params, aliases=plan.tied)
         check_shapes(mapping, params, src.shapes())
-        quant = _QuantSpec(quantize, quantize_group, quantize_embeddings,
-                           quantizable_params(model, plan, embeddings=quantize_embeddings)) if quantize else None
+        quant = QuantSpec.for_model(model, plan, quantize, quantize_group, quantize_embeddings) if quantize else None
         quantization = quant.manifest_entry() if quant else None
         record = Progress.open(out, conversion_params(src, dtype=dtype_name(target), architecture=type(model).__name__,
                                                       quantization=quantization), force=force)
@@ -137,11 +136,17 @@ def _copy_side_files(folder: Path, out: Path) -> None:
 
 
 @dataclass
-class _QuantSpec:
+class QuantSpec:
+    """What `--quantize` stores and how; shared with reshard.synthetic so both write the same bytes."""
     scheme: str  # "int8" or "int4"
     group: int  # int4 group size
     embeddings: bool  # embeddings and head quantized too
     params: dict[str, bool]  # param to quantize -> stored transposed (Conv1D)
+
+    @classmethod
+    def for_model(cls, model, plan, scheme: str, group: int = DEFAULT_GROUP, embeddings: bool = False) -> "QuantSpec":
+        check_scheme(scheme, group)
+        return cls(scheme, group, embeddings, quantizable_params(model, plan, embeddings=embeddings))
 
     def manifest_entry(self) -> dict:
         return {"scheme": self.scheme, "group_size": self.group if self.scheme == "int4" else None,
@@ -158,7 +163,7 @@ class _QuantSpec:
 
 
 def _write_groups(src: Source, plan, mapping, out: Path, target: torch.dtype, record: Progress,
-                  kept: dict[str, Group], progress: bool, quant: _QuantSpec | None = None) -> list[Group]:
+                  kept: dict[str, Group], progress: bool, quant: QuantSpec | None = None) -> list[Group]:
     total = sum(s.numel() for g in plan.groups for s in g.params.values()) * target.itemsize
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="reshard", file=sys.stderr, disable=not progress)
     groups = []
@@ -176,7 +181,7 @@ def _write_groups(src: Source, plan, mapping, out: Path, target: torch.dtype, re
     return groups
 
 
-def _write_group(src: Source, planned, mapping, out: Path, target: torch.dtype, quant: _QuantSpec | None) -> Group:
+def _write_group(src: Source, planned, mapping, out: Path, target: torch.dtype, quant: QuantSpec | None) -> Group:
     raw = src.read([mapping[p] for p in planned.params])
     tensors, quantized = {}, {}
     for pname, shape in planned.params.items():

@@ -10,39 +10,58 @@ from pathlib import Path
 
 import torch
 
+from .convert import QuantSpec
 from .format import DTYPE_TO_ST, MANIFEST, Group, Manifest, dtype_name, group_file_name, write_group_file, write_text_atomic
 from .plan import build_empty_model, plan_groups
+from .quant import DEFAULT_GROUP
 
 
 def write_random_model(config, out: str | Path, *, dtype: torch.dtype = torch.float16, seed: int = 0,
-                       device: str | torch.device = "cpu") -> Manifest:
+                       device: str | torch.device = "cpu", quantize: str | None = None,
+                       quantize_group: int = DEFAULT_GROUP) -> Manifest:
     """Write a converted folder (config.json, layer files, manifest.json) of random weights.
 
     `device` is where the random numbers are drawn (a GPU draws gigabytes in a blink).
+    `quantize` ("int8" or "int4", group size `quantize_group`) stores the decoder layers' linear
+    weights as `reshard convert --quantize` does, quantized on `device`; the same seed draws
+    the same weights, so a quantized folder is the fp16 one's weights, quantized.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     model = build_empty_model(config, dtype=dtype)
     plan = plan_groups(model)
+    quant = QuantSpec.for_model(model, plan, quantize, quantize_group) if quantize else None
+    out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device).manual_seed(seed)
-    groups = []
-    for planned in plan.groups:
-        tensors = {name: _random(name, shape, dtype, gen, device) for name, shape in planned.params.items()}
-        file = group_file_name(planned.name) if tensors else None
-        size, sha = write_group_file(out / file, tensors) if file else (0, "")
-        groups.append(Group(name=planned.name, kind=planned.kind, file=file, bytes=size, sha256=sha,
-                            tensors={n: {"dtype": DTYPE_TO_ST[t.dtype], "shape": list(t.shape)} for n, t in tensors.items()},
-                            aliases=dict(planned.aliases)))
-        del tensors
+    groups = [_write_group(planned, out, dtype, gen, device, quant) for planned in plan.groups]
     config.save_pretrained(out)
     manifest = Manifest(source={"id": "random", "revision": None, "commit": None}, dtype=dtype_name(dtype),
-                        architecture=type(model).__name__, layers_path=plan.layers_path, groups=groups)
+                        architecture=type(model).__name__, layers_path=plan.layers_path, groups=groups,
+                        quantization=quant.manifest_entry() if quant else None)
     write_text_atomic(out / MANIFEST, manifest.to_json())
     return manifest
 
 
+def _write_group(planned, out: Path, dtype: torch.dtype, gen: torch.Generator, device,
+                 quant: QuantSpec | None) -> Group:
+    tensors, quantized = {}, {}
+    for name, shape in planned.params.items():
+        t = _random(name, shape, dtype, gen, device)
+        stored = {}
+        if quant and name in quant.params:
+            quant.store(name, t, dtype, stored, quantized)
+        else:
+            stored[name] = t
+        tensors.update((n, s.cpu()) for n, s in stored.items())  # one tensor on the device at a time
+        del t, stored
+    file = group_file_name(planned.name) if tensors else None
+    size, sha = write_group_file(out / file, tensors) if file else (0, "")
+    return Group(name=planned.name, kind=planned.kind, file=file, bytes=size, sha256=sha,
+                 tensors={n: {"dtype": DTYPE_TO_ST[t.dtype], "shape": list(t.shape)} for n, t in tensors.items()},
+                 aliases=dict(planned.aliases), quantized=quantized)
+
+
 def _random(name: str, shape, dtype: torch.dtype, gen: torch.Generator, device) -> torch.Tensor:
+    """Drawn on `device` and left there (the caller moves it to the CPU)."""
     if len(shape) == 1:  # norm weights at one, biases at zero: activations stay in range
         return (torch.zeros if name.endswith("bias") else torch.ones)(shape, dtype=dtype)
-    t = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
-    return t.cpu()
+    return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)

@@ -42,6 +42,10 @@ def test_gpu_check_dry_run(gpu_assets, tmp_path):
     assert any(line.startswith("| resident on device (compute only) | 6 device |") for line in lines)
     assert any(line.startswith("| streamed from disk, cold cache | 6 disk |") for line in lines)
     assert sum("tokens MATCH" in line for line in lines) == 3
+    for label in ("int8", "int4 g32"):  # the quantized streaming section: its table rows and logits check
+        assert any(line.startswith(f"| {label} | ") and line.endswith("x |") for line in lines), label
+        assert f"{label} logits streamed (page cache; disk, cold cache) vs resident on the device: max |diff| 0: MATCH" in lines
+    assert any(line.startswith("| fp16 | ") and line.endswith("| 1.00x | 1.00x |") for line in lines)
     assert lines[-2:] == ["gpu_check: OK", "```"]
     assert list(tmp_path.iterdir()) == []  # the synthetic model was written to a temp dir and removed
 
