@@ -88,6 +88,7 @@ class LayeredModel:
         self.prefetcher = Prefetcher(loader.load, self.streamed, prefetch, self.stats)
         self._current: Loaded | None = None
         self.lockstep = None  # set while a Lockstep runs several forwards through one pass
+        self._hooks: list = []  # handles of the streaming hooks, removed by close()
         self._hold_resident()
         self._install_hooks()
 
@@ -146,7 +147,24 @@ class LayeredModel:
         return getattr(self.__dict__["model"], name)
 
     def close(self) -> None:
+        """Stop the background thread and let go of every weight, on the device and in host
+        memory, now rather than at the next garbage collection (the hooks that tie the
+        transformers model to this object are removed too). The model cannot run after this."""
         self.prefetcher.close()
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        for slots in self._slots:
+            for slot in slots:
+                slot.clear()
+        self._current = None
+        self.loader.close()
+
+    def __enter__(self) -> "LayeredModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # --- the streaming hooks -------------------------------------------------------------
     def _hold_resident(self) -> None:
@@ -171,13 +189,13 @@ class LayeredModel:
             # runs, _enter returns at once for them.
             if group.kind == "layer":
                 layer = layers[int(group.name.split(".")[1])]
-                layer.register_forward_pre_hook(lambda *_, i=i: self._enter(i))
-                layer.register_forward_hook(lambda *_, i=i: self._leave(i))
+                self._hooks.append(layer.register_forward_pre_hook(lambda *_, i=i: self._enter(i)))
+                self._hooks.append(layer.register_forward_hook(lambda *_, i=i: self._leave(i)))
                 continue
             for owner in {slot.module for slot in self._slots[i]}:
-                owner.register_forward_pre_hook(lambda *_, i=i: self._enter(i))
-        self.model.register_forward_pre_hook(lambda *_: self._start_pass())
-        self.model.register_forward_hook(lambda *_: self._end_pass())
+                self._hooks.append(owner.register_forward_pre_hook(lambda *_, i=i: self._enter(i)))
+        self._hooks.append(self.model.register_forward_pre_hook(lambda *_: self._start_pass()))
+        self._hooks.append(self.model.register_forward_hook(lambda *_: self._end_pass()))
 
     def _enter(self, i: int) -> None:
         if self.lockstep is not None:  # several forwards share this pass (runtime/lockstep.py)

@@ -142,6 +142,11 @@ class GroupLoader:
         self.stats.read_seconds += time.perf_counter() - t0
         self.stats.bytes_read += gf.nbytes
 
+    def close(self) -> None:
+        """Drop pinned host copies and staging buffers (the file mappings go with the object)."""
+        self._host.clear()
+        self._staging, self._staging_done = [], [None, None]
+
     def drop_staging(self) -> None:
         """Free the staging buffers if no group streams from disk (they served resident loads only)."""
         if DISK not in self.places:

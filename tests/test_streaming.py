@@ -87,3 +87,24 @@ def test_weights_leave_after_their_group_ran(tiny_converted):
     model(torch.tensor([[5, 6, 7]]))
     assert seen == list(range(len(layers)))
     assert all(p.is_meta for p in model.model.parameters())
+
+
+def test_close_lets_go_of_every_weight_at_once(tiny_converted):
+    import gc
+    import weakref
+
+    gc.disable()  # what close() frees must not wait for the cycle collector
+    try:
+        with LayeredModel.from_pretrained(tiny_converted["llama"], device="cpu", max_cpu_memory="1GB") as model:
+            model(torch.tensor([[5, 6, 7]]))
+            layers = model.model.get_submodule(model.manifest.layers_path)
+            assert all(not p.is_meta for p in layers.parameters())  # resident while open
+            weight = weakref.ref(layers[0].mlp.up_proj.weight)
+        assert all(p.is_meta for p in model.model.parameters())
+        inner = model.model
+        ref = weakref.ref(model)
+        del model
+        assert ref() is None and weight() is None
+        assert not any(m._forward_pre_hooks or m._forward_hooks for m in inner.modules())
+    finally:
+        gc.enable()
