@@ -15,11 +15,15 @@ from safetensors import safe_open
 
 from reshard.format import read_manifest
 
+# Peak RSS from VmHWM: Linux carries the parent's peak into a child's ru_maxrss across fork and
+# exec, so ru_maxrss would report pytest's own peak instead of the conversion's.
 PEAK_RSS = """
-import resource, sys
+import sys
 from reshard.cli import main
 code = main(sys.argv[2:])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=open(sys.argv[1], "w"))
+with open("/proc/self/status") as f:
+    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+print(peak, file=open(sys.argv[1], "w"))
 sys.exit(code)
 """
 
