@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import resource
 import threading
 import time
 from pathlib import Path
@@ -85,8 +84,12 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set of this process so far (ru_maxrss, kB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set of this process since it started (VmHWM).
+
+    Not ru_maxrss: Linux carries the parent's peak into a child's ru_maxrss across fork and exec.
+    """
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 class RssSampler:
