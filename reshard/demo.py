@@ -17,6 +17,30 @@ def demo_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
 
 
+def gguf_to_checkpoint(gguf: Path, folder: Path, *, tokenizer_from: Path | None = None,
+                       max_shard_size: str = "100MB") -> Path:
+    """Save a `.gguf` file as an ordinary float32 safetensors checkpoint with its tokenizer.
+
+    transformers loads GGUF weights as a "quantized" model that it refuses to save, so the
+    de-quantized weights go into a plain model of the same config first. The tokenizer comes
+    from the GGUF, or from `tokenizer_from` (a tokenizer folder) when given.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(folder, max_shard_size=max_shard_size)
+    tokenizer = (AutoTokenizer.from_pretrained(tokenizer_from) if tokenizer_from
+                 else AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 if __name__ == "__main__":
     print(demo_gguf())
     sys.exit(0)

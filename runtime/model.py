@@ -10,7 +10,6 @@ a model that fits entirely runs as transformers' own model, with no per-pass wor
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch

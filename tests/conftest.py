@@ -94,19 +94,9 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_checkpoint(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct as an ordinary sharded safetensors checkpoint with tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from reshard.demo import gguf_to_checkpoint
 
-    gguf = smollm2_gguf()
-    folder = tmp_path_factory.mktemp("smollm2-hf")
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = model.config
-    if hasattr(config, "quantization_config"):  # loaded from GGUF: save as a plain checkpoint
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(model.state_dict())
-    plain.save_pretrained(folder, max_shard_size="100MB")
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
-    return folder
+    return gguf_to_checkpoint(smollm2_gguf(), tmp_path_factory.mktemp("smollm2-hf"))
 
 
 @pytest.fixture(scope="session")
