@@ -334,11 +334,20 @@ class GroupFile:
         with open(self.path, "rb") as f:
             self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self.nbytes = group.bytes
+        self._views: dict[str, torch.Tensor] = {}
         anchor = ctypes.c_char.from_buffer(self.mm)  # only to learn the mapping's address
         self._address = ctypes.addressof(anchor)
         del anchor
 
     def tensor(self, name: str) -> torch.Tensor:
+        """Tensor `name` as a view of the mapping, made once: it stays valid after `evict()`
+        (the pages come back from the page cache on the next touch)."""
+        view = self._views.get(name)
+        if view is None:
+            view = self._views[name] = self._view(name)
+        return view
+
+    def _view(self, name: str) -> torch.Tensor:
         info = self.infos[name]
         dtype = ST_TO_DTYPE[info.dtype]
         count = info.nbytes // dtype.itemsize
@@ -370,6 +379,9 @@ class GroupFile:
         n = len(self.mm) // 8
         if n:
             torch.frombuffer(self.mm, dtype=torch.int64, count=n)[:: mmap.PAGESIZE // 8].sum()
+
+    def forget_views(self) -> None:
+        self._views.clear()
 
     def evict(self) -> None:
         """Drop this process's mapping of the pages (the page cache keeps them)."""

@@ -143,14 +143,20 @@ class GroupLoader:
         self.stats.bytes_read += gf.nbytes
 
     def close(self) -> None:
-        """Drop pinned host copies and staging buffers (the file mappings go with the object)."""
+        """Drop pinned host copies, staging buffers and cached views (the file mappings go with the object)."""
         self._host.clear()
-        self._staging, self._staging_done = [], [None, None]
+        self._free_staging()
+        for gf in self.files:
+            if gf is not None:
+                gf.forget_views()
 
     def drop_staging(self) -> None:
         """Free the staging buffers if no group streams from disk (they served resident loads only)."""
         if DISK not in self.places:
-            self._staging, self._staging_done = [], [None, None]
+            self._free_staging()
+
+    def _free_staging(self) -> None:
+        self._staging, self._staging_done = [], [None, None]
 
     def load(self, i: int) -> Loaded:
         if self.cuda:
@@ -162,7 +168,7 @@ class GroupLoader:
         gf, tensors = self.files[i], {}
         if gf is not None:
             gf.touch()
-            tensors = self._expand(i, {name: self._cast(gf.tensor(name)) for name in gf.infos})
+            tensors = self._expand(i, {name: self._cast(gf.tensor(name)) for name in gf.infos})  # views made once
         for alias, (j, name) in self.aliases[i].items():
             tensors[alias] = self._param(j, name, lambda t: t)
         self.stats.read_seconds += time.perf_counter() - t0
