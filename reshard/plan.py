@@ -8,7 +8,7 @@ output embeddings), by where their module is registered relative to the layer li
 
 from __future__ import annotations
 
-import contextlib
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -32,29 +32,22 @@ class Plan:
     tied: dict[str, str]  # alias param name -> owning param name
 
 
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype | None):
-    """Build modules in `dtype`, as `from_pretrained(dtype=...)` does."""
-    if dtype is None or not dtype.is_floating_point:
-        yield
-        return
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def build_empty_model(config, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:
-    """The causal-LM model for `config` with its parameters on `meta` (buffers stay real)."""
+    """The causal-LM model for `config` with its parameters on `meta` (buffers stay real).
+
+    `dtype` goes to transformers, which builds the model under it as the default dtype and then
+    runs the model's own `_init_weights` on the buffers, as `from_pretrained(dtype=...)` does: so
+    every buffer (rotary tables, embedding scales) has the value and dtype transformers gives it.
+    Without `dtype`, transformers uses the config's."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     _check_decoder_only(config)
+    config = copy.deepcopy(config)  # from_config records the dtype it builds in on the config
+    kwargs = {"dtype": dtype} if dtype is not None else {}
     try:
-        with init_empty_weights(include_buffers=False), default_dtype(dtype):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise SourceError(f"this model needs its own code; pass --trust-remote-code if you trust it ({e})") from None
