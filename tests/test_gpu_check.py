@@ -31,9 +31,20 @@ def test_prepare_gpu_check_fits_the_carry_limit(gpu_assets):
     assert list((gpu_assets / "site").glob("gguf-*.dist-info/METADATA"))
 
 
+def path_without_python(folder: Path) -> str:
+    """PATH with `python`/`python3` that fail: a script must run the interpreter it is given ($PYTHON)."""
+    folder.mkdir()
+    for name in ("python", "python3"):
+        shim = folder / name
+        shim.write_text("#!/bin/sh\necho \"$0: the PATH's python was run, not \\$PYTHON\" >&2\nexit 97\n")
+        shim.chmod(0o755)
+    return f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
 @pytest.mark.slow
-def test_gpu_check_dry_run(gpu_assets, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GPU_CHECK_DRY": "1"}
+def test_gpu_check_dry_run(gpu_assets, tmp_path, tmp_path_factory):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GPU_CHECK_DRY": "1", "PYTHON": sys.executable,
+           "PATH": path_without_python(tmp_path_factory.mktemp("bin") / "shims")}
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--assets", str(gpu_assets),
                           "--work", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
