@@ -1,117 +1,88 @@
 """`reshard`: convert a Hugging Face checkpoint into per-layer safetensors files.
 
-Examples:
-  reshard convert meta-llama/Llama-2-70b-hf llama-70b/ --dtype float16
-  reshard convert ./my-checkpoint out/
-  reshard convert meta-llama/Llama-2-70b-hf llama-70b-int4/ --dtype float16 --quantize int4
-  reshard info llama-70b/
-  reshard verify llama-70b/
-
+Every command's --help lists its options with their defaults, and examples.
 Set RESHARD_DEBUG=1 to see a traceback instead of a one-line error.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 
-from .errors import ReshardError, UsageError
+import click
 
-DEBUG_ENV = "RESHARD_DEBUG"  # set to 1 for tracebacks instead of one-line errors
-
-
-def run_guarded(main_fn, argv=None) -> int:
-    """Run `main_fn(argv)`; known errors become one `Error: ...` line and exit 1."""
-    try:
-        return main_fn(argv) or 0
-    except KeyboardInterrupt:
-        print("Error: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    except Exception as e:  # the one place that turns exceptions into messages
-        if os.environ.get(DEBUG_ENV):
-            raise
-        print(f"Error: {error_line(e)}", file=sys.stderr)
-        return 2 if isinstance(e, UsageError) else 1
+from .commandline import (DTYPES, Choice, Group, Option, folder_argument, revision_option, run_command,
+                          token_option, trust_remote_code_option, version_option)
+from .errors import UsageError
 
 
-def error_line(e: BaseException) -> str:
-    """One line for an exception: ours say what to do; others get a hint to debug."""
-    if isinstance(e, ReshardError):
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
-    if isinstance(e, OSError) and e.errno == 28:
-        return f"no space left on device ({e.filename or 'output'}); free some space and run the same command again to resume"
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return f"{e.strerror}: {e.filename}"
-    first = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {first} (set {DEBUG_ENV}=1 for the traceback)"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reshard", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    c = sub.add_parser("convert", help="convert a checkpoint into per-layer files",
-                       description="Convert SOURCE (a hub repo id, a checkpoint folder or a .gguf file) into OUT.\n\n"
-                                   "Example: reshard convert meta-llama/Llama-2-70b-hf llama-70b/ --dtype float16",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("source", help="hub repo id, local checkpoint folder, or .gguf file")
-    c.add_argument("out", help="output folder")
-    c.add_argument("--revision", help="hub branch, tag or commit (default: main)")
-    c.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
-                   help="dtype of the written weights (default: the checkpoint's)")
-    c.add_argument("--token", help="hub token (default: $HF_TOKEN)")
-    c.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
-    c.add_argument("--quantize", choices=["int8", "int4"],
-                   help="store the decoder layers' linear weights as int8 (per output channel) or int4 (group-wise)")
-    c.add_argument("--quantize-group", type=int, default=32, metavar="N",
-                   help="int4: input columns per scale/zero group (default 32)")
-    c.add_argument("--quantize-embeddings", action="store_true",
-                   help="with --quantize: quantize the embeddings and the output head too")
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
-    c.add_argument("--force", action="store_true", help="replace an OUT that holds another model or format version")
-    c.add_argument("--low-disk", action="store_true",
-                   help="hub sources: fetch, convert and delete one source shard at a time (peak disk: OUT + 1 shard)")
-
-    i = sub.add_parser("info", help="describe a converted folder",
-                       description="Groups, dtype, bytes, and the device memory streaming needs.\n\n"
-                                   "Example: reshard info llama-70b/",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    i.add_argument("out", help="a folder written by `reshard convert`")
-    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-    v = sub.add_parser("verify", help="check every file of a converted folder against its manifest",
-                       description="Check presence, size, header, tensor names and shapes, and sha256 of every\n"
-                                   "layer file; print each bad file on a line and exit 1 if there is one.\n\n"
-                                   "Example: reshard verify llama-70b/",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    v.add_argument("out", help="a folder written by `reshard convert`")
-    v.add_argument("--no-checksums", action="store_true", help="skip the sha256 (fast: size and header only)")
-    return parser
+@click.group(cls=Group, examples=(
+    "reshard convert meta-llama/Llama-2-70b-hf llama-70b/ --dtype float16",
+    "reshard convert ./my-checkpoint out/",
+    "reshard convert meta-llama/Llama-2-70b-hf llama-70b-int4/ --dtype float16 --quantize int4",
+    "reshard info llama-70b/",
+    "reshard verify llama-70b/",
+))
+@version_option("reshard")
+def cli() -> None:
+    """Convert a Hugging Face checkpoint into per-layer safetensors files, for streaming with `runtime`."""
 
 
 def main(argv=None) -> int:
-    return run_guarded(_main, argv)
+    return run_command(cli, argv, "reshard")
 
 
-def _main(argv) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "convert":
-        from .convert import convert
+@cli.command(short_help="convert a checkpoint into per-layer files", examples=("reshard convert meta-llama/Llama-2-70b-hf llama-70b/ --dtype float16",
+                       "reshard convert model.gguf out/ --quantize int8"))
+@click.argument("source")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--dtype", default="auto", type=Choice(DTYPES), cls=Option,
+              help="dtype of the written weights (auto: the checkpoint's)")
+@click.option("--quantize", type=Choice(["int8", "int4"]), default=None, cls=Option, section="Quantization",
+              help="store the decoder layers' linear weights as int8 (per output channel) or int4 (group-wise)")
+@click.option("--quantize-group", type=int, default=32, metavar="N", cls=Option, section="Quantization",
+              help="int4: input columns per scale/zero group")
+@click.option("--quantize-embeddings", is_flag=True, cls=Option, section="Quantization",
+              help="with --quantize: quantize the embeddings and the output head too")
+@revision_option()
+@token_option()
+@click.option("--low-disk", is_flag=True, cls=Option, section="Source",
+              help="hub sources: fetch, convert and delete one source shard at a time (peak disk: OUT + 1 shard)")
+@trust_remote_code_option(section="Source")
+@click.option("-q", "--quiet", is_flag=True, cls=Option, help="no progress bar")
+@click.option("--force", is_flag=True, cls=Option, help="replace an OUT that holds another model or format version")
+def convert(source, out, dtype, quantize, quantize_group, quantize_embeddings, revision, token, low_disk,
+            trust_remote_code, quiet, force) -> int:
+    """Convert SOURCE (a hub repo id, a checkpoint folder or a .gguf file) into the folder OUT."""
+    check_quantize_flags(quantize, quantize_group, quantize_embeddings)
+    from .convert import convert as convert_checkpoint
 
-        check_quantize_flags(args)
-        convert(args.source, args.out, revision=args.revision, dtype=args.dtype, token=args.token,
-                trust_remote_code=args.trust_remote_code, progress=not args.quiet, force=args.force,
-                low_disk=args.low_disk, quantize=args.quantize, quantize_group=args.quantize_group,
-                quantize_embeddings=args.quantize_embeddings)
-        print(args.out)
-    elif args.command == "info":
-        print_info(args.out, as_json=args.json)
-    elif args.command == "verify":
-        return verify(args.out, checksums=not args.no_checksums)
+    convert_checkpoint(source, out, revision=revision, dtype=dtype, token=token, trust_remote_code=trust_remote_code,
+                       progress=not quiet, force=force, low_disk=low_disk, quantize=quantize,
+                       quantize_group=quantize_group, quantize_embeddings=quantize_embeddings)
+    print(out)
     return 0
+
+
+@cli.command(short_help="describe a converted folder", examples=("reshard info llama-70b/", "reshard info llama-70b/ --json"))
+@folder_argument()
+@click.option("--json", "as_json", is_flag=True, cls=Option, help="print JSON instead of a table")
+def info(folder, as_json) -> int:
+    """Groups, dtype, bytes, and the device memory streaming needs, of FOLDER (written by `reshard convert`)."""
+    print_info(folder, as_json=as_json)
+    return 0
+
+
+@cli.command("verify", short_help="check every file of a converted folder against its manifest", examples=("reshard verify llama-70b/", "reshard verify llama-70b/ --no-checksums"))
+@folder_argument()
+@click.option("--no-checksums", is_flag=True, cls=Option, help="skip the sha256 (fast: size and header only)")
+def verify_command(folder, no_checksums) -> int:
+    """Check every layer file of FOLDER (written by `reshard convert`) against its manifest.
+
+    Checks presence, size, header, tensor names and shapes, and sha256; prints each bad file on a
+    line and exits 1 if there is one.
+    """
+    return verify(folder, checksums=not no_checksums)
 
 
 def verify(folder, *, checksums: bool = True) -> int:
@@ -133,10 +104,10 @@ def verify(folder, *, checksums: bool = True) -> int:
     return 0
 
 
-def check_quantize_flags(args) -> None:
-    if not args.quantize and (args.quantize_embeddings or args.quantize_group != 32):
+def check_quantize_flags(quantize, quantize_group: int, quantize_embeddings: bool) -> None:
+    if not quantize and (quantize_embeddings or quantize_group != 32):
         raise UsageError("--quantize-group and --quantize-embeddings need --quantize int8 or int4")
-    if args.quantize == "int8" and args.quantize_group != 32:
+    if quantize == "int8" and quantize_group != 32:
         raise UsageError("--quantize-group applies to int4 only; int8 has one scale per output channel")
 
 

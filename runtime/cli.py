@@ -1,91 +1,90 @@
 """`runtime`: run a model converted by `reshard convert`, streaming it layer by layer.
 
-Examples:
-  runtime generate llama-70b/ --prompt "The capital of France is" --max-new-tokens 20
-  echo "What is 2+2?" | runtime generate smollm2/ --chat --device cpu
-  runtime generate llama-70b/ --verify --prompt "Hello"   # check every file's sha256 first
-  runtime generate smollm2/ --prompts-file prompts.txt --max-new-tokens 40 > out.jsonl
-  runtime score smollm2/ questions.jsonl --output scored.jsonl --batch-size 16
-
+Every command's --help lists its options with their defaults, and examples.
 Set RESHARD_DEBUG=1 to see a traceback instead of a one-line error.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from types import SimpleNamespace
 
-from reshard.cli import run_guarded
+import click
+
+from reshard.commandline import Group, Option, folder_argument, open_output, output_option, run_command, version_option
 from reshard.errors import UsageError
 
-
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto (the folder's), float16, bfloat16, float32")
-    p.add_argument("--prefetch", type=int, default=1, help="groups read ahead by the background thread (default 1)")
-    p.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
-                   help="weights kept on the GPU, e.g. 12GiB (default: what is free, less a margin)")
-    p.add_argument("--max-cpu-memory", default=None, metavar="SIZE",
-                   help="weights kept in host RAM, e.g. 32GiB; 0 streams all from disk (default: what is free, less a margin)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
-    p.add_argument("--stats", action="store_true", help="print one JSON line of statistics (totals and per pass) last on stderr")
-    p.add_argument("--verify", action="store_true", help="check every file's sha256 against the manifest first")
+from .options import SAMPLING, check_generation, model_options, sampling_kwargs, sampling_options
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="runtime", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate text, streamed to stdout",
-                       description="Generate a continuation of a prompt (from --prompt or stdin).\n\n"
-                                   "Example: runtime generate smollm2/ --chat --prompt 'What is a llama?'",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    g.add_argument("model", help="a folder written by `reshard convert`")
-    g.add_argument("--prompt", help="the prompt (default: read stdin)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--min-new-tokens", type=int, default=None)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    g.add_argument("--prompts-file", help="generate for every prompt in FILE together (one per line, or JSONL "
-                                          "with \"prompt\"); writes JSONL to stdout in input order")
-    g.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
-                   help="propose N tokens per pass copied from the prompt (transformers' prompt lookup)")
-    g.add_argument("--assistant", metavar="PATH", help="a small draft model (checkpoint or converted folder) "
-                                                       "kept on the device, proposing tokens for each pass")
-    add_model_options(g)
-    add_score_parser(sub)
-    return parser
-
-
-def add_score_parser(sub) -> None:
-    s = sub.add_parser("score", help="log-probabilities of choices or texts, every layer read once",
-                       description="Score JSONL lines {\"prompt\", \"choices\"} (adds \"scores\", \"best\") or "
-                                   "{\"text\"} (adds \"logprob\", \"tokens\"), reading each layer once for all "
-                                   "lines.\n\nExample: runtime score smollm2/ questions.jsonl --output scored.jsonl",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("model", help="a folder written by `reshard convert`")
-    s.add_argument("input", help="JSONL file of items to score")
-    s.add_argument("--output", required=True, help="JSONL file to write, one line per input line")
-    s.add_argument("--batch-size", type=int, default=8, help="items per micro-batch (default 8)")
-    s.add_argument("--offload-activations", action="store_true",
-                   help="keep waiting micro-batches' activations in host memory (when they do not fit on the device)")
-    add_model_options(s)
+@click.group(cls=Group, examples=(
+    'runtime generate llama-70b/ -p "The capital of France is" -n 20',
+    'echo "What is 2+2?" | runtime generate smollm2/ --chat --device cpu',
+    'runtime generate llama-70b/ --verify -p "Hello"   # check every file\'s sha256 first',
+    "runtime generate smollm2/ --prompts-file prompts.txt -n 40 > out.jsonl",
+    "runtime score smollm2/ questions.jsonl -o scored.jsonl --batch-size 16",
+))
+@version_option("runtime")
+def cli() -> None:
+    """Run a model converted by `reshard convert`, streaming it through the device layer by layer."""
 
 
 def main(argv=None) -> int:
-    return run_guarded(_main, argv)
+    return run_command(cli, argv, "runtime")
 
 
-def _main(argv) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "generate":
-        return generate(args)
-    if args.command == "score":
-        return score(args)
-    return 2
+@cli.command(short_help="generate text, streamed to stdout", examples=(
+    "runtime generate smollm2/ --chat -p 'What is a llama?'",
+    "echo 'Once upon a time' | runtime generate smollm2/ -n 40 --temperature 0.7 --seed 1",
+    "runtime generate smollm2/ --prompts-file prompts.txt -n 40 > out.jsonl",
+))
+@folder_argument("model")
+@click.option("-p", "--prompt", default=None, cls=Option, section=SAMPLING, show_default="read stdin",
+              help="the prompt")
+@click.option("--chat", is_flag=True, cls=Option, section=SAMPLING,
+              help="wrap the prompt in the tokenizer's chat template")
+@click.option("--prompts-file", type=click.Path(dir_okay=False), default=None, cls=Option, section=SAMPLING,
+              help='generate for every prompt in FILE together (one per line, or JSONL with "prompt"); '
+                   "writes JSONL to stdout in input order")
+@sampling_options
+@click.option("--prompt-lookup", type=click.IntRange(min=1), default=None, metavar="N", cls=Option,
+              section="Speculation", help="propose N tokens per pass copied from the prompt (transformers' prompt lookup)")
+@click.option("--assistant", default=None, metavar="PATH", type=click.Path(), cls=Option, section="Speculation",
+              help="a small draft model (checkpoint or converted folder) kept on the device, proposing tokens "
+                   "for each pass")
+@model_options
+def generate(**options) -> int:
+    """Generate a continuation of a prompt (from --prompt or stdin) with the converted MODEL folder,
+    streaming the text to stdout as it is produced."""
+    args = SimpleNamespace(**options)
+    check_generation(args)
+    if args.prompt is not None and args.prompts_file is not None:
+        raise UsageError("--prompt and --prompts-file cannot be combined; pick one")
+    if args.prompt_lookup is not None and args.assistant is not None:
+        raise UsageError("--prompt-lookup and --assistant cannot be combined; pick one")
+    if args.prompts_file is not None:
+        return generate_file(args)
+    return generate_one(args)
+
+
+@cli.command(short_help="log-probabilities of choices or texts, every layer read once", examples=(
+    "runtime score smollm2/ questions.jsonl -o scored.jsonl",
+    "runtime score llama-70b/ questions.jsonl -o - --batch-size 16 --device cuda | jq .best",
+))
+@folder_argument("model")
+@click.argument("input", type=click.Path(dir_okay=False))
+@output_option(required=True, help="JSONL file to write, one line per input line; - writes to stdout")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, cls=Option, help="items per micro-batch")
+@click.option("--offload-activations", is_flag=True, cls=Option,
+              help="keep waiting micro-batches' activations in host memory (when they do not fit on the device)")
+@model_options
+def score(**options) -> int:
+    """Score the JSONL lines of INPUT with the converted MODEL folder, reading each layer once for all lines.
+
+    Lines {"prompt", "choices"} get "scores" and "best"; lines {"text"} get "logprob" and "tokens".
+    """
+    return score_file(SimpleNamespace(**options))
 
 
 def open_model(args):
@@ -111,12 +110,10 @@ def encode_prompt(tokenizer, text: str, *, chat: bool):
     return tokenizer(text, return_tensors="pt")
 
 
-def generate(args) -> int:
+def generate_one(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    if args.prompts_file is not None:
-        return generate_file(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise UsageError("empty prompt; pass --prompt TEXT or text on stdin")
@@ -125,8 +122,7 @@ def generate(args) -> int:
     check_context(model, inputs["input_ids"].shape[1] + args.max_new_tokens)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    sampling = {"do_sample": False} if args.temperature == 0 else {
-        "do_sample": True, "temperature": args.temperature, **({"top_p": args.top_p} if args.top_p else {})}
+    sampling = sampling_kwargs(args)
     streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
@@ -141,11 +137,7 @@ def generate(args) -> int:
 
 def speculation(args, model) -> dict:
     """generate() options for --prompt-lookup and --assistant (several tokens per pass)."""
-    if args.prompt_lookup is not None and args.assistant is not None:
-        raise UsageError("--prompt-lookup and --assistant cannot be combined; pick one")
     if args.prompt_lookup is not None:
-        if args.prompt_lookup < 1:
-            raise UsageError(f"--prompt-lookup must be 1 or more, not {args.prompt_lookup}")
         return {"prompt_lookup_num_tokens": args.prompt_lookup}
     if args.assistant is not None:
         from .batch import load_assistant
@@ -166,8 +158,7 @@ def generate_file(args) -> int:
 
         longest = max(len(prompt_ids(model.tokenizer, it["prompt"], chat=args.chat)) for it in items)
         check_context(model, longest + args.max_new_tokens)
-    sampling = {"do_sample": False} if args.temperature == 0 else {
-        "do_sample": True, "temperature": args.temperature, **({"top_p": args.top_p} if args.top_p else {})}
+    sampling = sampling_kwargs(args)
     if args.seed is not None:
         import torch
         torch.manual_seed(args.seed)
@@ -197,14 +188,17 @@ def read_prompts(path) -> list[dict]:
     return items
 
 
-def score(args) -> int:
+def score_file(args) -> int:
     items = [_json_line(args.input, n, ln) for n, ln in
              enumerate(open(args.input, encoding="utf-8").read().splitlines(), 1) if ln.strip()]
     model = open_model(args)
     scored = model.score(items, batch_size=args.batch_size, progress=True, offload=args.offload_activations)
-    with open(args.output, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(item) + "\n" for item in scored)
-    print(args.output)
+    f = open_output(args.output)
+    f.writelines(json.dumps(item) + "\n" for item in scored)
+    f.flush()
+    if args.output != "-":
+        f.close()
+        print(args.output)
     if args.stats:
         print(json.dumps({**model.stats.as_dict(), "items": len(items), "groups": len(model.groups)}), file=sys.stderr)
     model.close()

@@ -1,0 +1,106 @@
+"""Options of the `runtime` commands (click), each defined once and checked before a model loads.
+
+`model_options` opens a converted folder (device, dtype, memory budgets, prefetch, checks, stats);
+`sampling_options` controls generation. Bad values stop the command at once with exit 2:
+ranges through click's own types, device / dtype / sizes through the same checks the library
+makes (so their messages are the library's), combinations in `check_generation`.
+"""
+
+from __future__ import annotations
+
+import click
+
+from reshard.commandline import DTYPES, Option, trust_remote_code_option
+from reshard.errors import UsageError
+
+MODEL = "Model and memory"
+SAMPLING = "Generation"
+
+
+def check_device(ctx, param, value):
+    if value is not None:
+        from .model import resolve_device
+
+        resolve_device(value)
+    return value
+
+
+def check_dtype(ctx, param, value):
+    if value not in DTYPES:
+        raise UsageError(f"unknown dtype {value!r}; use auto, float16, bfloat16 or float32")
+    return value
+
+
+def check_size(ctx, param, value):
+    from .budget import parse_size
+
+    parse_size(value)
+    return value
+
+
+def model_options(fn):
+    """--device, --dtype, --prefetch, --max-gpu-memory, --max-cpu-memory, --trust-remote-code,
+    --verify, --stats: what `open_model` needs."""
+    decorators = [
+        click.option("--device", default=None, callback=check_device, cls=Option, section=MODEL,
+                     show_default="cuda if available, else cpu", help="cpu, cuda or cuda:N"),
+        click.option("--dtype", default="auto", callback=check_dtype, cls=Option, section=MODEL,
+                     metavar="[" + "|".join(DTYPES) + "]", shell_complete=complete_dtype,
+                     help="compute dtype (auto: the folder's)"),
+        click.option("--prefetch", type=click.IntRange(min=0), default=1, cls=Option, section=MODEL,
+                     help="groups read ahead by the background thread"),
+        click.option("--max-gpu-memory", default=None, metavar="SIZE", callback=check_size, cls=Option,
+                     section=MODEL, show_default="what is free, less a margin",
+                     help="weights kept on the GPU, e.g. 12GiB"),
+        click.option("--max-cpu-memory", default=None, metavar="SIZE", callback=check_size, cls=Option,
+                     section=MODEL, show_default="what is free, less a margin",
+                     help="weights kept in host RAM, e.g. 32GiB; 0 streams all from disk"),
+        trust_remote_code_option(section=MODEL),
+        click.option("--verify", is_flag=True, cls=Option, section=MODEL,
+                     help="check every file's sha256 against the manifest first"),
+        click.option("--stats", is_flag=True, cls=Option, section=MODEL,
+                     help="print one JSON line of statistics (totals and per pass) last on stderr"),
+    ]
+    for decorate in reversed(decorators):
+        fn = decorate(fn)
+    return fn
+
+
+def complete_dtype(ctx, param, incomplete: str):
+    return [d for d in DTYPES if d.startswith(incomplete)]
+
+
+def sampling_options(fn):
+    """-n/--max-new-tokens, --min-new-tokens, --temperature, --top-p, --seed."""
+    decorators = [
+        click.option("-n", "--max-new-tokens", type=click.IntRange(min=0), default=128, cls=Option,
+                     section=SAMPLING, help="stop after this many new tokens"),
+        click.option("--min-new-tokens", type=click.IntRange(min=0), default=None, cls=Option, section=SAMPLING,
+                     show_default="none", help="do not stop (end of text) before this many new tokens"),
+        click.option("--temperature", type=click.FloatRange(min=0), default=0.0, cls=Option, section=SAMPLING,
+                     help="sampling temperature; 0 means greedy"),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, cls=Option,
+                     section=SAMPLING, show_default="off",
+                     help="sample from the smallest set of tokens whose probability reaches P"),
+        click.option("--seed", type=int, default=None, cls=Option, section=SAMPLING, show_default="random",
+                     help="seed for sampling (the same seed gives the same sampled text)"),
+    ]
+    for decorate in reversed(decorators):
+        fn = decorate(fn)
+    return fn
+
+
+def check_generation(args) -> None:
+    """Combinations of generation options that cannot work, refused before a model loads."""
+    if args.min_new_tokens is not None and args.min_new_tokens > args.max_new_tokens:
+        raise UsageError(f"--min-new-tokens ({args.min_new_tokens}) is more than --max-new-tokens "
+                         f"({args.max_new_tokens}); lower it or raise --max-new-tokens")
+    if args.temperature == 0 and args.top_p is not None:
+        raise UsageError("--top-p needs --temperature above 0 (0 is greedy)")
+
+
+def sampling_kwargs(args) -> dict:
+    """generate() keyword arguments for --temperature and --top-p."""
+    if args.temperature == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": args.temperature, **({"top_p": args.top_p} if args.top_p else {})}
