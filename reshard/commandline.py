@@ -45,7 +45,8 @@ def run_command(command: click.Command, argv, prog_name: str) -> int:
 def error_line(e: BaseException) -> str:
     """One line for an exception: ours say what to do; others get a hint to debug."""
     if isinstance(e, ReshardError):
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+        text = e.cli or str(e)  # the message worded for the command line, where it has one
+        return text.splitlines()[0] if text else type(e).__name__
     if isinstance(e, OSError) and e.errno == 28:
         return f"no space left on device ({e.filename or 'output'}); free some space and run the same command again to resume"
     if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):

@@ -6,7 +6,15 @@ CLIs turn them into one `Error: ...` line and an exit code.
 
 
 class ReshardError(Exception):
-    """Base class of every error this project raises on purpose."""
+    """Base class of every error this project raises on purpose.
+
+    The message is worded for the Python API (`device="cpu"`); `cli`, when given, is the same
+    message worded for the command line (`--device cpu`), which the CLIs print instead.
+    """
+
+    def __init__(self, *args, cli: str | None = None):
+        super().__init__(*args)
+        self.cli = cli
 
 
 class SourceError(ReshardError):

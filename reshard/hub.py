@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import huggingface_hub
-from huggingface_hub import errors as hub_errors
+from huggingface_hub import constants as hub_constants, errors as hub_errors
 
 from .errors import SourceError
 from .source import SIDE_FILES
@@ -50,16 +50,11 @@ def repo_info(repo_id: str, *, revision: str | None = None, token: str | None = 
     token = token or os.environ.get("HF_TOKEN") or None
     try:
         return huggingface_hub.model_info(repo_id, revision=revision, token=token, files_metadata=files_metadata)
-    except hub_errors.GatedRepoError:
-        raise SourceError(f"{repo_id} is gated: accept its terms on the hub, then pass --token or set HF_TOKEN") from None
-    except hub_errors.RepositoryNotFoundError:
-        raise SourceError(f"{repo_id} is neither a local path nor a hub repo you can see "
-                          f"(check the name; private repos need --token or HF_TOKEN)") from None
-    except hub_errors.RevisionNotFoundError:
-        raise SourceError(f"{repo_id} has no revision {revision!r}") from None
-    except (OSError, hub_errors.HfHubHTTPError) as e:
-        raise SourceError(f"cannot reach the hub for {repo_id} ({str(e).splitlines()[0]}); "
-                          f"use a local folder, or check the network") from None
+    except Exception as e:
+        error = hub_error(e, repo_id, revision=revision)
+        if error is None:
+            raise
+        raise error from None
 
 
 def download(repo_id: str, filename: str, *, commit: str, token: str | None = None, local_dir: Path | None = None) -> Path:
@@ -67,11 +62,68 @@ def download(repo_id: str, filename: str, *, commit: str, token: str | None = No
     try:
         return Path(huggingface_hub.hf_hub_download(
             repo_id, filename, revision=commit, token=token, local_dir=local_dir))
-    except (OSError, hub_errors.HfHubHTTPError) as e:
+    except Exception as e:
         if getattr(e, "errno", None) == errno.ENOSPC:
             raise  # the CLI says: no space left, free some and rerun
-        raise SourceError(f"cannot download {filename} from {repo_id} ({str(e).splitlines()[0]}); "
-                          f"run the same command again to resume") from None
+        error = hub_error(e, repo_id, revision=commit, filename=filename)
+        if error is None:
+            raise
+        raise error from None
+
+
+def endpoint() -> str:
+    """The hub's address as huggingface_hub uses it, marked when it comes from HF_ENDPOINT."""
+    url = hub_constants.ENDPOINT
+    return f"{url} (HF_ENDPOINT)" if os.environ.get("HF_ENDPOINT") else url
+
+
+def hub_error(e: BaseException, repo_id: str, *, revision: str | None = None,
+              filename: str | None = None) -> SourceError | None:
+    """One `SourceError` for what went wrong asking the hub for `repo_id`; None if `e` is not the hub's."""
+    what = f"{filename} from {repo_id}" if filename else repo_id
+    where, url = endpoint(), f"{hub_constants.ENDPOINT}/{repo_id}"
+    if isinstance(e, hub_errors.GatedRepoError):
+        return SourceError(f"{repo_id} is gated: accept its terms at {url}, then set HF_TOKEN or pass token=...",
+                           cli=f"{repo_id} is gated: accept its terms at {url}, then pass --token or set HF_TOKEN")
+    if isinstance(e, hub_errors.RepositoryNotFoundError):
+        text = f"{repo_id} is neither a local path nor a repo on {where} that you can see (check the name; "
+        return SourceError(text + "a private repo needs HF_TOKEN or token=...)",
+                           cli=text + "a private repo needs --token or HF_TOKEN)")
+    if isinstance(e, hub_errors.RevisionNotFoundError):
+        text = f"{repo_id} on {where} has no revision {revision!r}; pass an existing branch, tag or commit"
+        return SourceError(text + " as revision=...", cli=text + " to --revision")
+    chain = list(_chain(e))
+    if any(isinstance(c, hub_errors.OfflineModeIsEnabled) for c in chain):
+        return SourceError(f"cannot fetch {what}: HF_HUB_OFFLINE is set; unset it to download, "
+                           f"or use a local folder or .gguf file")
+    network = [c for c in chain if any(k.__name__ in NETWORK_ERRORS for k in type(c).__mro__)]
+    if network:
+        check = "the network and HF_ENDPOINT" if os.environ.get("HF_ENDPOINT") else "the network"
+        fix = "then run the same command again to resume" if filename else "or use a local folder or .gguf file"
+        return SourceError(f"cannot reach the hub at {where} to fetch {what} ({_first_line(network[0])}); "
+                           f"check {check}, {fix}")
+    http = [c for c in chain if isinstance(c, hub_errors.HfHubHTTPError)]
+    if http:
+        status = getattr(getattr(http[0], "response", None), "status_code", None) or _first_line(http[0])
+        return SourceError(f"the hub at {where} answered HTTP {status} for {what}; "
+                           f"run the same command again later, or check the name and HF_TOKEN")
+    return None
+
+
+# Connection failures, by class name: huggingface_hub raises its HTTP library's own (httpx's
+# TransportError family; requests' ConnectionError and Timeout in older versions).
+NETWORK_ERRORS = {"TransportError", "ConnectionError", "Timeout", "TimeoutException", "TimeoutError"}
+
+
+def _chain(e: BaseException | None, depth: int = 8):
+    """`e` and the exceptions behind it (hf_hub_download wraps connection errors in its own)."""
+    while e is not None and depth > 0:
+        yield e
+        e, depth = e.__cause__ or e.__context__, depth - 1
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None) -> tuple[Path, dict]:

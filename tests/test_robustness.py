@@ -294,31 +294,7 @@ def test_low_disk_needs_a_hub_source(tiny_checkpoints, tmp_path, capsys):
         f"without --low-disk")
 
 
-def hub_error(name: str):
-    """A huggingface_hub error without a live HTTP response (works across its versions)."""
-    from huggingface_hub import errors
-
-    cls = getattr(errors, name)
-    e = cls.__new__(cls)
-    Exception.__init__(e, f"{name} for the test")
-    return e
-
-
-@pytest.mark.parametrize("name, message", [
-    ("RepositoryNotFoundError", "Error: org/nope is neither a local path nor a hub repo you can see (check the name; private repos "
-     "need --token or HF_TOKEN)"),
-    ("GatedRepoError", "Error: org/nope is gated: accept its terms on the hub, then pass --token or set HF_TOKEN"),
-])
-def test_missing_or_gated_hub_repo(name, message, tmp_path, monkeypatch, capsys):
-    import huggingface_hub
-
-    def model_info(*args, **kwargs):
-        raise hub_error(name)
-
-    monkeypatch.setattr(huggingface_hub, "model_info", model_info)
-    assert convert("org/nope", tmp_path / "out") == 1
-    assert only_error(capsys.readouterr().err) == message
-    assert not (tmp_path / "out").exists()
+# Hub errors (missing, gated, revision, unreachable): tests/test_hub.py.
 
 
 # --- bad local sources ------------------------------------------------------------------
