@@ -15,7 +15,7 @@ import click
 from reshard.commandline import Group, Option, folder_argument, open_output, output_option, run_command, version_option
 from reshard.errors import UsageError
 
-from .options import SAMPLING, check_generation, model_options, sampling_kwargs, sampling_options
+from .options import SAMPLING, check_generation, model_options, ray_options, sampling_kwargs, sampling_options
 
 
 @click.group(cls=Group, examples=(
@@ -24,6 +24,7 @@ from .options import SAMPLING, check_generation, model_options, sampling_kwargs,
     'runtime generate llama-70b/ --verify -p "Hello"   # check every file\'s sha256 first',
     "runtime generate smollm2/ --prompts-file prompts.txt -n 40 > out.jsonl",
     "runtime score smollm2/ questions.jsonl -o scored.jsonl --batch-size 16",
+    "runtime score llama-70b/ questions.jsonl -o scored.jsonl --ray-workers 4   # 4 GPUs, one model each",
 ))
 @version_option("runtime")
 def cli() -> None:
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
               help="a small draft model (checkpoint or converted folder) kept on the device, proposing tokens "
                    "for each pass")
 @model_options
+@ray_options
 def generate(**options) -> int:
     """Generate a continuation of a prompt (from --prompt or stdin) with the converted MODEL folder,
     streaming the text to stdout as it is produced."""
@@ -63,6 +65,8 @@ def generate(**options) -> int:
         raise UsageError("--prompt and --prompts-file cannot be combined; pick one")
     if args.prompt_lookup is not None and args.assistant is not None:
         raise UsageError("--prompt-lookup and --assistant cannot be combined; pick one")
+    if args.ray_workers is not None and args.prompts_file is None:
+        raise UsageError("--ray-workers needs --prompts-file (one prompt runs on one model)")
     if args.prompts_file is not None:
         return generate_file(args)
     return generate_one(args)
@@ -79,6 +83,7 @@ def generate(**options) -> int:
 @click.option("--offload-activations", is_flag=True, cls=Option,
               help="keep waiting micro-batches' activations in host memory (when they do not fit on the device)")
 @model_options
+@ray_options
 def score(**options) -> int:
     """Score the JSONL lines of INPUT with the converted MODEL folder, reading each layer once for all lines.
 
@@ -152,6 +157,8 @@ def generate_file(args) -> int:
     items = read_prompts(args.prompts_file)
     if len(items) > 1 and (args.prompt_lookup is not None or args.assistant is not None):
         raise UsageError("--prompt-lookup and --assistant work on one prompt at a time; drop --prompts-file")
+    if args.ray_workers is not None:
+        return generate_with_ray(args, items)
     model = open_model(args)
     if model.tokenizer is not None:
         from .batch import prompt_ids
@@ -191,17 +198,60 @@ def read_prompts(path) -> list[dict]:
 def score_file(args) -> int:
     items = [_json_line(args.input, n, ln) for n, ln in
              enumerate(open(args.input, encoding="utf-8").read().splitlines(), 1) if ln.strip()]
+    if args.ray_workers is not None:
+        return score_with_ray(args, items)
     model = open_model(args)
     scored = model.score(items, batch_size=args.batch_size, progress=True, offload=args.offload_activations)
-    f = open_output(args.output)
-    f.writelines(json.dumps(item) + "\n" for item in scored)
-    f.flush()
-    if args.output != "-":
-        f.close()
-        print(args.output)
+    write_jsonl(args.output, scored)
     if args.stats:
         print(json.dumps({**model.stats.as_dict(), "items": len(items), "groups": len(model.groups)}), file=sys.stderr)
     model.close()
+    return 0
+
+
+def write_jsonl(output: str, items: list[dict]) -> None:
+    """Items as JSONL to OUTPUT (- is stdout); a file's path is printed once it is written."""
+    f = open_output(output)
+    f.writelines(json.dumps(item) + "\n" for item in items)
+    f.flush()
+    if output != "-":
+        f.close()
+        print(output)
+
+
+def ray_model_options(args) -> dict:
+    """What each Ray worker passes to LayeredModel.from_pretrained (the device is the worker's own)."""
+    return {"device": args.device, "dtype": args.dtype, "prefetch": args.prefetch,
+            "max_gpu_memory": args.max_gpu_memory, "max_cpu_memory": args.max_cpu_memory,
+            "trust_remote_code": args.trust_remote_code, "verify": args.verify}
+
+
+def score_with_ray(args, items: list[dict]) -> int:
+    from .distributed import score_items
+
+    scored, blocks = score_items(items, args.model, workers=args.ray_workers, address=args.ray_address,
+                                 block_size=args.ray_block_size, threads=args.ray_threads,
+                                 model_options=ray_model_options(args), batch_size=args.batch_size,
+                                 offload=args.offload_activations)
+    write_jsonl(args.output, scored)
+    if args.stats:
+        print(json.dumps({"items": len(items), "blocks": [b.__dict__ for b in blocks]}), file=sys.stderr)
+    return 0
+
+
+def generate_with_ray(args, items: list[dict]) -> int:
+    from .distributed import generate_items
+
+    done, blocks = generate_items(items, args.model, workers=args.ray_workers, address=args.ray_address,
+                                  block_size=args.ray_block_size, threads=args.ray_threads,
+                                  model_options=ray_model_options(args), chat=args.chat, seed=args.seed,
+                                  max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                                  **sampling_kwargs(args))
+    for item in done:
+        print(json.dumps(item), flush=True)
+    if args.stats:
+        print(json.dumps({"new_tokens": sum(it["new_tokens"] for it in done),
+                          "blocks": [b.__dict__ for b in blocks]}), file=sys.stderr)
     return 0
 
 

@@ -127,19 +127,23 @@ class RowWorker(Worker):
 
 
 def score_dataset(ds, folder, *, concurrency: int = 1, block_size: int = 256, num_gpus: float | None = None,
+                  threads: int | None = None,
                   model_options: dict | None = None, **score_options):
     """Score every row of Ray Dataset `ds` (columns as `runtime score`'s JSONL keys) with
     `concurrency` workers, `block_size` rows a block (one weight pass each); `score_options`
     go to `LayeredModel.score` (e.g. `batch_size`, the micro-batch). Returns the dataset of
-    scored rows: the input columns plus "scores"/"best" or "logprob"/"tokens"."""
-    return _map_rows(ds, folder, "score", concurrency, block_size, num_gpus, model_options, score_options)
+    scored rows: the input columns plus "scores"/"best" or "logprob"/"tokens". `threads`: torch
+    CPU threads per worker (see `Worker`)."""
+    return _map_rows(ds, folder, "score", concurrency, block_size, num_gpus, model_options, score_options, threads)
 
 
 def generate_dataset(ds, folder, *, concurrency: int = 1, block_size: int = 256, num_gpus: float | None = None,
+                     threads: int | None = None,
                      model_options: dict | None = None, **generate_options):
     """Generate for every row of `ds` (a "prompt" column) with `concurrency` workers, `block_size`
     prompts a block; adds "completion" and "new_tokens". `generate_options` go to `generate_batch`."""
-    return _map_rows(ds, folder, "generate", concurrency, block_size, num_gpus, model_options, generate_options)
+    return _map_rows(ds, folder, "generate", concurrency, block_size, num_gpus, model_options, generate_options,
+                     threads)
 
 
 def score_items(items: list[dict], folder, *, workers: int, address: str | None = None,
@@ -152,9 +156,7 @@ def score_items(items: list[dict], folder, *, workers: int, address: str | None 
     worker (see `Worker`). `worker` is the actor class (default `BlockWorker`; a subclass may
     add behaviour)."""
     _check_score_items(folder, items)
-    micro = score_options.get("batch_size", 8)
-    size = block_size or math.ceil(len(items) / max(workers, 1))
-    size = math.ceil(size / micro) * micro if micro and micro > 0 else size
+    size = score_block_size(len(items), workers, block_size, score_options.get("batch_size", 8))
     return _run_blocks(items, folder, "score", workers, address, size, model_options, score_options, threads, worker)
 
 
@@ -167,6 +169,13 @@ def generate_items(items: list[dict], folder, *, workers: int, address: str | No
         raise UsageError("every item needs a \"prompt\" string")
     return _run_blocks(items, folder, "generate", workers, address, block_size, model_options, generate_options,
                        threads, worker)
+
+
+def score_block_size(n_items: int, workers: int, block_size: int | None, micro_batch: int) -> int:
+    """Items per block: `block_size`, or enough for one block per worker, rounded up to whole
+    micro-batches so that blocks cut the items where a single process cuts its micro-batches."""
+    size = block_size or math.ceil(n_items / max(workers, 1))
+    return math.ceil(size / micro_batch) * micro_batch if micro_batch > 0 else size
 
 
 # --- the mechanism ---------------------------------------------------------------------------
@@ -197,10 +206,10 @@ def _run_blocks(items, folder, task, workers, address, block_size, model_options
     return out, stats
 
 
-def _map_rows(ds, folder, task, concurrency, block_size, num_gpus, model_options, task_options):
+def _map_rows(ds, folder, task, concurrency, block_size, num_gpus, model_options, task_options, threads):
     require_ray()
     return _map(ds, RowWorker, folder, task, concurrency, block_size, num_gpus, model_options, task_options,
-                None, batch_format="pandas")
+                threads, batch_format="pandas")
 
 
 def _map(ds, cls, folder, task, concurrency, batch_size, num_gpus, model_options, task_options, threads, *,

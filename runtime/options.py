@@ -66,6 +66,30 @@ def model_options(fn):
     return fn
 
 
+RAY = "Ray (several workers, one model each)"
+
+
+def ray_options(fn):
+    """--ray-workers, --ray-address, --ray-block-size, --ray-threads: the job over Ray Data workers."""
+    decorators = [
+        click.option("--ray-workers", type=click.IntRange(min=1), default=None, metavar="N", cls=Option,
+                     section=RAY, show_default="off", help="run the job on N Ray workers, one model each "
+                                                           "(pip install 'reshard[ray]')"),
+        click.option("--ray-address", default=None, metavar="ADDR", cls=Option, section=RAY,
+                     show_default="$RAY_ADDRESS, else a local cluster", help="the Ray cluster to join"),
+        click.option("--ray-block-size", type=click.IntRange(min=1), default=None, metavar="N", cls=Option,
+                     section=RAY, show_default="one block per worker",
+                     help="items per block; each block is one weight pass on one worker"),
+        click.option("--ray-threads", type=click.IntRange(min=1), default=None, metavar="N", cls=Option,
+                     section=RAY, show_default="the CPUs Ray gives each worker",
+                     help="torch CPU threads per worker (results equal one process's bit for bit at its "
+                          "thread count)"),
+    ]
+    for decorate in reversed(decorators):
+        fn = decorate(fn)
+    return fn
+
+
 def complete_dtype(ctx, param, incomplete: str):
     return [d for d in DTYPES if d.startswith(incomplete)]
 

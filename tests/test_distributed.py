@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 import pytest
 
 from runtime import distributed
+from runtime.cli import main as runtime_main
 from runtime.model import LayeredModel
 
 ray = pytest.importorskip("ray", reason="Ray is installed by the test extra; see pyproject.toml")
 
-# Each test starts Ray actors that import torch and open a model: tens of seconds on 2 cores.
+# Each of these starts Ray actors that import torch and open a model: tens of seconds on 2 cores.
 cluster = pytest.mark.slow
+STREAMED = {"device": "cpu", "max_cpu_memory": 0}  # every group streams: a weight pass shows in the stats
+STREAMED_FLAGS = ["--device", "cpu", "--max-cpu-memory", "0"]
 
-STREAMED = {"device": "cpu", "max_cpu_memory": 0}  # every group streams: a weight pass is visible in stats
 
-
-def same_threads() -> dict:
+def same_threads() -> int:
     """Workers use this process's torch threads, so float sums round as they do here."""
     import torch
 
-    return {"threads": torch.get_num_threads()}
+    return torch.get_num_threads()
 
 
 @pytest.fixture(scope="module")
@@ -39,54 +41,52 @@ def questions(n: int) -> list[dict]:
              "choices": [f" w{20 + k % 9}", f" w{40 + k % 13} w5", " w60"]} for k in range(n)]
 
 
-def single_process_scores(folder, items, batch_size):
-    with LayeredModel.from_pretrained(folder, **STREAMED) as lm:
-        return lm.score(items, batch_size=batch_size)
+def write_jsonl(path, items):
+    path.write_text("".join(json.dumps(it) + "\n" for it in items))
+    return path
 
 
 @cluster
-def test_scores_equal_one_process_and_each_block_is_one_weight_pass(local_ray, tiny_converted):
-    folder, items = tiny_converted["llama"], questions(20)
-    expected = single_process_scores(folder, items, batch_size=4)
-    out, stats = distributed.score_items(items, folder, workers=2, model_options=STREAMED, batch_size=4,
-                                         **same_threads())
-    assert out == expected  # identical lines (float scores compared exactly), in input order
-    assert len(stats) == 2 and sum(s.items for s in stats) == 20
-    for s in stats:
-        assert s.streamed_groups == len(LayeredModel.from_pretrained(folder, **STREAMED).groups)  # all stream
-        assert s.layer_loads == s.streamed_groups  # each group read once for the whole block
+def test_score_cli_with_ray_writes_the_same_lines_one_weight_pass_per_block(local_ray, tiny_converted, tmp_path,
+                                                                          capsys):
+    folder = str(tiny_converted["llama"])
+    src = write_jsonl(tmp_path / "in.jsonl", questions(20))
+    common = ["score", folder, str(src), "--batch-size", "4", *STREAMED_FLAGS]
+    assert runtime_main([*common, "-o", str(tmp_path / "alone.jsonl")]) == 0
+    capsys.readouterr()
+    assert runtime_main([*common, "-o", str(tmp_path / "ray.jsonl"), "--ray-workers", "2",
+                         "--ray-threads", str(same_threads()), "--stats"]) == 0
+    stats = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert (tmp_path / "ray.jsonl").read_bytes() == (tmp_path / "alone.jsonl").read_bytes()
+    blocks = stats["blocks"]
+    assert [b["items"] for b in blocks] == [12, 8]  # one block per worker, in whole micro-batches of 4
+    groups = len(LayeredModel.from_pretrained(folder, **STREAMED).groups)
+    for b in blocks:
+        assert b["streamed_groups"] == groups  # everything streams...
+        assert b["layer_loads"] == groups  # ...and each group was read once for the whole block
 
 
 @cluster
-def test_block_size_rounds_to_whole_micro_batches(local_ray, tiny_converted):
-    """Blocks hold whole micro-batches, so every micro-batch is the one a single process makes."""
-    folder, items = tiny_converted["llama"], questions(10)
-    expected = single_process_scores(folder, items, batch_size=4)
-    out, stats = distributed.score_items(items, folder, workers=1, block_size=5, model_options=STREAMED,
-                                         batch_size=4, **same_threads())
-    assert out == expected
-    assert [s.items for s in stats] == [8, 2]
-
-
-@cluster
-def test_generate_equals_one_process(local_ray, tiny_converted):
-    folder = tiny_converted["llama"]
-    items = [{"prompt": f"w{3 + k} w{9 + 2 * k} w{30 + k}", "n": k} for k in range(6)]
-    with LayeredModel.from_pretrained(folder, **STREAMED) as lm:
-        done = lm.generate_batch([it["prompt"] for it in items], max_new_tokens=6, do_sample=False)
-    expected = [{**it, "completion": g.text, "new_tokens": len(g.tokens)} for it, g in zip(items, done)]
-    out, stats = distributed.generate_items(items, folder, workers=2, model_options=STREAMED,
-                                            max_new_tokens=6, do_sample=False, **same_threads())
-    assert out == expected
-    assert [s.items for s in stats] == [3, 3]
-    for s in stats:  # one pass per new token for the whole block, each pass every group once
-        assert s.layer_loads == s.passes * s.streamed_groups
+def test_generate_cli_with_ray_equals_one_process(local_ray, tiny_converted, tmp_path, capsys):
+    folder = str(tiny_converted["llama"])
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"w{3 + k} w{9 + 2 * k} w{30 + k}", "n": k}
+                                                 for k in range(6)])
+    common = ["generate", folder, "--prompts-file", str(prompts), "-n", "6", *STREAMED_FLAGS]
+    assert runtime_main(common) == 0
+    alone = capsys.readouterr().out
+    assert runtime_main([*common, "--ray-workers", "2", "--ray-threads", str(same_threads()), "--stats"]) == 0
+    run = capsys.readouterr()
+    assert run.out == alone and len(alone.splitlines()) == 6
+    blocks = json.loads(run.err.strip().splitlines()[-1])["blocks"]
+    assert [b["items"] for b in blocks] == [3, 3]
+    for b in blocks:  # one pass per new token for the whole block, each pass every group once
+        assert b["passes"] >= 6 and b["layer_loads"] == b["passes"] * b["streamed_groups"]
 
 
 class DiesOnce(distributed.BlockWorker):
     """A worker whose process dies (or raises a transient error) on its first block, once per test."""
 
-    marker = None
+    marker = ""
     how = "exit"
 
     def __call__(self, batch):
@@ -101,15 +101,36 @@ class DiesOnce(distributed.BlockWorker):
 @cluster
 @pytest.mark.parametrize("how", ["exit", "raise"])
 def test_a_failed_worker_loses_and_duplicates_nothing(local_ray, tiny_converted, tmp_path, how):
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     worker = type("DiesOnce_" + how, (DiesOnce,), {"marker": str(tmp_path / "failed"), "how": how})
     folder, items = tiny_converted["llama"], questions(12)
-    expected = single_process_scores(folder, items, batch_size=4)
+    with LayeredModel.from_pretrained(folder, **STREAMED) as lm:
+        expected = lm.score(items, batch_size=4)
     out, stats = distributed.score_items(items, folder, workers=2, model_options=STREAMED, batch_size=4,
-                                         worker=worker, **same_threads())
+                                         threads=same_threads(), worker=worker)
     assert (tmp_path / "failed").exists()  # a worker did fail
-    assert out == expected
+    assert out == expected  # every item once, in order, as one process scores them
     assert sorted(s.items for s in stats) == [4, 8]
+
+
+@cluster
+def test_row_datasets_keep_their_columns(local_ray, tiny_converted):
+    folder, items = tiny_converted["llama"], questions(8)
+    with LayeredModel.from_pretrained(folder, **STREAMED) as lm:
+        expected = lm.score(items, batch_size=8)
+    rows = distributed.score_dataset(ray.data.from_items(items), folder, concurrency=1, block_size=8,
+                                     model_options=STREAMED, threads=same_threads(), batch_size=8).take_all()
+    rows.sort(key=lambda r: r["id"])
+    assert [r["choices"] for r in rows] == [e["choices"] for e in expected]
+    assert [r["best"] for r in rows] == [e["best"] for e in expected]
+    assert [r["scores"] for r in rows] == [e["scores"] for e in expected]
+
+
+def test_blocks_cut_where_micro_batches_are_cut():
+    assert distributed.score_block_size(20, 2, None, 4) == 12
+    assert distributed.score_block_size(10, 1, 5, 4) == 8
+    assert distributed.score_block_size(3, 4, None, 8) == 8
+    assert distributed.score_block_size(9, 3, None, 1) == 3
 
 
 def test_item_errors_are_found_before_workers_start(tiny_converted):
@@ -117,14 +138,17 @@ def test_item_errors_are_found_before_workers_start(tiny_converted):
         distributed.score_items([questions(1)[0], {"prompt": "w3"}], tiny_converted["llama"], workers=2)
 
 
-@cluster
-def test_row_datasets_keep_their_columns(local_ray, tiny_converted):
-    folder, items = tiny_converted["llama"], questions(8)
-    expected = single_process_scores(folder, items, batch_size=8)
-    ds = ray.data.from_items(items)
-    rows = distributed.score_dataset(ds, folder, concurrency=1, block_size=8, model_options=STREAMED,
-                                     batch_size=8).take_all()
-    rows.sort(key=lambda r: r["id"])
-    assert [r["scores"] for r in rows] == [e["scores"] for e in expected]
-    assert [r["best"] for r in rows] == [e["best"] for e in expected]
-    assert [r["choices"] for r in rows] == [e["choices"] for e in expected]
+def test_without_ray_the_flag_says_what_to_install(tiny_converted, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    src = write_jsonl(tmp_path / "in.jsonl", questions(2))
+    code = runtime_main(["score", str(tiny_converted["llama"]), str(src), "-o", str(tmp_path / "o.jsonl"),
+                         "--ray-workers", "2"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == \
+        "Error: --ray-workers needs Ray Data; install it with `pip install 'reshard[ray]'`"
+
+
+def test_ray_workers_need_a_prompts_file(tiny_converted, capsys):
+    assert runtime_main(["generate", str(tiny_converted["llama"]), "-p", "w3", "--ray-workers", "2"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "Error: --ray-workers needs --prompts-file (one prompt runs on one model)"
