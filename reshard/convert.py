@@ -27,8 +27,12 @@ from .source import SIDE_FILES, GGUFSource, Source, open_local
 
 
 def open_source(source: str, *, revision: str | None = None, token: str | None = None,
-                low_disk_out: Path | None = None) -> Source:
-    """The checkpoint `source` names; `low_disk_out` (hub only) fetches one shard at a time."""
+                low_disk_out: Path | None = None) -> Source | hub.HubCheckpoint:
+    """The checkpoint `source` names; `low_disk_out` (hub only) fetches one shard at a time.
+
+    A hub repo comes back as a `HubCheckpoint` (config and tokenizer only): `ready_source`
+    downloads its weights once the conversion has checked OUT and the disks.
+    """
     path = Path(source).expanduser()
     if path.exists() or not hub.looks_like_repo_id(source):
         if low_disk_out is not None:
@@ -38,8 +42,21 @@ def open_source(source: str, *, revision: str | None = None, token: str | None =
         from .lowdisk import ShardedHubSource, work_folder
 
         return ShardedHubSource(source, revision=revision, token=token, workdir=work_folder(low_disk_out))
-    folder, info = hub.fetch(source, revision=revision, token=token)
-    return open_local(folder, info)
+    return hub.HubCheckpoint(source, revision=revision, token=token)
+
+
+def ready_source(src: Source | hub.HubCheckpoint, model) -> Source:
+    """The expensive part of opening a source: a hub repo's weights downloaded, a GGUF de-quantized."""
+    if isinstance(src, hub.HubCheckpoint):
+        return open_local(src.open(), src.info)
+    if isinstance(src, GGUFSource):
+        src.load(model)
+    return src
+
+
+def check_dtype_name(name: str) -> None:
+    if name != "auto" and name not in DTYPE_NAMES:
+        raise UsageError(f"unknown dtype {name!r}; use auto, float16, bfloat16 or float32")
 
 
 def resolve_dtype(name: str, config) -> torch.dtype:
@@ -48,8 +65,7 @@ def resolve_dtype(name: str, config) -> torch.dtype:
         if isinstance(dtype, str):
             dtype = DTYPE_NAMES.get(dtype)
         return dtype if dtype in DTYPE_NAMES.values() else torch.float32
-    if name not in DTYPE_NAMES:
-        raise UsageError(f"unknown dtype {name!r}; use auto, float16, bfloat16 or float32")
+    check_dtype_name(name)
     return DTYPE_NAMES[name]
 
 
@@ -66,6 +82,7 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
     """
     if quantize:
         check_scheme(quantize, quantize_group)
+    check_dtype_name(dtype)
     out = Path(out)
     src = open_source(source, revision=revision, token=token, low_disk_out=out if low_disk else None)
     try:
@@ -73,18 +90,21 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
         target = resolve_dtype(dtype, config)
         model = build_empty_model(config, dtype=target, trust_remote_code=trust_remote_code)
         plan = plan_groups(model)
-        if isinstance(src, GGUFSource):
-            src.load(model)
-        params = {p: s for g in plan.groups for p, s in g.params.items()}
-        mapping = map_keys(model, src.keys(), params, aliases=plan.tied)
-        check_shapes(mapping, params, src.shapes())
         quant = QuantSpec.for_model(model, plan, quantize, quantize_group, quantize_embeddings) if quantize else None
         quantization = quant.manifest_entry() if quant else None
-        record = Progress.open(out, conversion_params(src, dtype=dtype_name(target), architecture=type(model).__name__,
-                                                      quantization=quantization), force=force)
+        params = conversion_params(src, dtype=dtype_name(target), architecture=type(model).__name__,
+                                   quantization=quantization)
+        check_before_fetching(src, out, plan, target, params, force=force)
+        src = ready_source(src, model)
+        params_map = {p: s for g in plan.groups for p, s in g.params.items()}
+        mapping = map_keys(model, src.keys(), params_map, aliases=plan.tied)
+        check_shapes(mapping, params_map, src.shapes())
+        record = Progress.open(out, params, force=force)
         _copy_side_files(src.folder, out)
         kept = {g.name: k for g in plan.groups if (k := record.kept(g.name, g.params)) is not None}
-        check_disk(out, plan, kept, target, extra=getattr(src, "largest_shard_bytes", 0), progress=progress)
+        sharded = hasattr(src, "largest_shard_bytes")  # --low-disk
+        check_disk(out, plan, kept, target, extra=getattr(src, "largest_shard_bytes", 0), hint=not sharded,
+                   progress=progress)
         src.want(mapping.values())
         groups = _write_groups(src, plan, mapping, out, target, record, kept, progress, quant)
         manifest = Manifest(
@@ -95,7 +115,19 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
             src.remove_work_folder()
         return manifest
     finally:
-        src.close()
+        if hasattr(src, "close"):
+            src.close()
+
+
+def check_before_fetching(src, out: Path, plan, target: torch.dtype, params: dict, *, force: bool) -> None:
+    """Refuse now what would be refused later, before a download or a de-quantization: an OUT that
+    holds something else (touching nothing), or a disk too small for what is left to fetch and write."""
+    earlier = Progress.check(out, params, force=force)
+    if isinstance(src, hub.HubCheckpoint):
+        check_disk(out, plan, earlier, target, extra=src.download_bytes(), extra_dir=src.cache_dir, progress=False)
+    else:
+        sharded = getattr(src, "largest_shard_bytes", None)  # --low-disk
+        check_disk(out, plan, earlier, target, extra=sharded or 0, hint=sharded is None, progress=False)
 
 
 def _read_config(src: Source, source: str, trust_remote_code: bool):
@@ -110,17 +142,47 @@ def _read_config(src: Source, source: str, trust_remote_code: bool):
         raise SourceError(f"transformers cannot read the config of {source}: {str(e).splitlines()[0]}") from None
 
 
-def check_disk(out: Path, plan, kept: dict, target: torch.dtype, *, extra: int = 0, progress: bool = True) -> None:
-    """Refuse to start when OUT's disk cannot hold what is left to write (plus `extra`)."""
+def check_disk(out: Path, plan, kept, target: torch.dtype, *, extra: int = 0, extra_dir: Path | None = None,
+               hint: bool = True, progress: bool = True) -> None:
+    """Refuse to start when OUT's disk cannot hold what is left to write, plus `extra` bytes
+    downloaded into `extra_dir` (default: beside OUT); `kept` names the groups already written;
+    `hint`: mention --low-disk."""
     need = sum(math.prod(s) * target.itemsize for g in plan.groups if g.name not in kept
-               for s in g.params.values()) + extra
-    free = shutil.disk_usage(out).free
+               for s in g.params.values())
+    if extra_dir is not None and _device(extra_dir) != _device(out):
+        _check_cache_disk(extra_dir, extra)
+    else:
+        need += extra
+    free = shutil.disk_usage(_existing(out)).free
     if progress:
         print(f"reshard: {_gb(need)} to write, {_gb(free)} free on {out}'s disk", file=sys.stderr)
     if need > free:
-        raise DiskSpaceError(f"{out} needs about {_gb(need)} more but its disk has {_gb(free)} free; "
-                             f"free some space or choose an OUT on another disk"
-                             + ("" if extra else " (for hub sources, --low-disk keeps only one source shard)"))
+        text = f"{out} needs about {_gb(need)} more but its disk has {_gb(free)} free; " \
+               f"free some space or choose an OUT on another disk"
+        if not hint:
+            raise DiskSpaceError(text)
+        raise DiskSpaceError(text + " (for hub sources, low_disk=True keeps only one source shard)",
+                             cli=text + " (for hub sources, --low-disk keeps only one source shard)")
+
+
+def _check_cache_disk(cache: Path, need: int) -> None:
+    free = shutil.disk_usage(_existing(cache)).free
+    if need > free:
+        text = (f"the hub cache {cache} needs about {_gb(need)} for the download but its disk has {_gb(free)} free; "
+                f"free some space, set HF_HUB_CACHE to a folder on another disk, or convert with ")
+        raise DiskSpaceError(text + "low_disk=True", cli=text + "--low-disk")
+
+
+def _existing(path: Path) -> Path:
+    """`path`, or the nearest folder above it that exists (OUT may not exist yet)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _device(path: Path) -> int:
+    return _existing(path).stat().st_dev
 
 
 def _gb(n: int) -> str:

@@ -41,6 +41,33 @@ def gguf_to_checkpoint(gguf: Path, folder: Path, *, tokenizer_from: Path | None 
     return folder
 
 
+def trim_gguf(src: Path, dst: Path, layers: int) -> int:
+    """Copy `src` to `dst` keeping the first `layers` blocks; return the block count of `src`."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    count_key = gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)
+    total = reader.get_field(count_key).contents()
+    writer = gguf.GGUFWriter(dst, arch=arch, endianess=reader.endianess)
+    for f in reader.fields.values():
+        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+            continue
+        value = min(layers, total) if f.name == count_key else f.contents()
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, value, f.types[0], sub_type=sub)
+    kept = [t for t in reader.tensors if not t.name.startswith("blk.") or int(t.name.split(".")[1]) < layers]
+    for t in kept:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in kept:
+        writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+    writer.close()
+    return total
+
+
 if __name__ == "__main__":
     print(demo_gguf())
     sys.exit(0)

@@ -38,13 +38,6 @@ def select_files(repo_files: list[str]) -> list[str]:
     raise SourceError("the repo has no model.safetensors or pytorch_model.bin weights at its top level")
 
 
-def resolve(repo_id: str, *, revision: str | None = None, token: str | None = None) -> tuple[list[str], dict]:
-    """(files to fetch, {"id", "revision", "commit"}) for `repo_id`; `HF_TOKEN` is honoured."""
-    info = repo_info(repo_id, revision=revision, token=token)
-    files = select_files([s.rfilename for s in info.siblings or []])
-    return files, {"id": repo_id, "revision": revision, "commit": info.sha}
-
-
 def repo_info(repo_id: str, *, revision: str | None = None, token: str | None = None, files_metadata: bool = False):
     """`huggingface_hub.model_info`, its errors turned into `SourceError`s that say what to do."""
     token = token or os.environ.get("HF_TOKEN") or None
@@ -126,8 +119,38 @@ def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]
 
 
-def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None) -> tuple[Path, dict]:
-    """Download what a conversion needs into the hub cache; return (folder, source info)."""
-    files, info = resolve(repo_id, revision=revision, token=token)
-    paths = [download(repo_id, f, commit=info["commit"], token=token) for f in files]
-    return paths[0].parent, info
+class HubCheckpoint:
+    """A hub repo at one commit: its config and tokenizer are fetched at once, its weights only
+    by `open()`, so a conversion can check OUT and the disks before the large download."""
+
+    def __init__(self, repo_id: str, *, revision: str | None = None, token: str | None = None):
+        info = repo_info(repo_id, revision=revision, token=token, files_metadata=True)
+        files = select_files([s.rfilename for s in info.siblings or []])
+        if "config.json" not in files:
+            raise SourceError(f"{repo_id} has no config.json at its top level; it is not a transformers checkpoint")
+        self.repo_id, self.token = repo_id, token
+        self.info = {"id": repo_id, "revision": revision, "commit": info.sha}
+        self.sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+        self.weights = [f for f in files if f not in SIDE_FILES]
+        side = [self._download(f) for f in files if f in SIDE_FILES]
+        self.folder = side[0].parent
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where the weights are downloaded to (huggingface_hub's cache)."""
+        return Path(hub_constants.HF_HUB_CACHE)
+
+    def download_bytes(self) -> int:
+        """Bytes of the weight files not yet in the hub cache."""
+        cached = [huggingface_hub.try_to_load_from_cache(self.repo_id, f, revision=self.info["commit"])
+                  for f in self.weights]
+        return sum(self.sizes.get(f, 0) for f, c in zip(self.weights, cached) if not isinstance(c, str))
+
+    def open(self) -> Path:
+        """Download the weights (resuming what an earlier run fetched); the snapshot folder."""
+        for f in self.weights:
+            self._download(f)
+        return self.folder
+
+    def _download(self, filename: str) -> Path:
+        return download(self.repo_id, filename, commit=self.info["commit"], token=self.token)

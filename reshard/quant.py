@@ -26,7 +26,8 @@ def check_scheme(scheme: str, group: int) -> None:
     if scheme not in SCHEMES:
         raise UsageError(f"unknown quantization {scheme!r}; use int8 or int4")
     if scheme == "int4" and (group < 2 or group % 2):
-        raise UsageError(f"--quantize-group must be an even number of 2 or more, not {group}")
+        text = f"must be an even number of 2 or more, not {group}"
+        raise UsageError(f"quantize_group {text}", cli=f"--quantize-group {text}")
 
 
 def quantize(w: torch.Tensor, scheme: str, *, group: int = DEFAULT_GROUP, dtype: torch.dtype | None = None

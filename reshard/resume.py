@@ -51,6 +51,22 @@ class Progress:
     def __init__(self, out: Path, params: dict, groups: dict[str, dict]):
         self.out, self.params, self.groups = out, params, groups
 
+    @staticmethod
+    def check(out: Path, params: dict, *, force: bool = False) -> set[str]:
+        """What `open` would refuse, raised now without touching OUT; the groups an earlier run of
+        this conversion recorded whose files still have their size (the rest is to be written)."""
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise OutputInUseError(f"{out} is a file; OUT must be a folder")
+        if not out.is_dir():
+            return set()
+        record = _read_record(out)
+        same = record is not None and record.get("params") == params
+        if not same and (record is not None or _foreign_entries(out)) and not force:
+            raise OutputInUseError(_refusal(out, record, params))
+        groups = record["groups"] if same else {}
+        return {name for name, group in groups.items() if _has_size(out, group)}
+
     @classmethod
     def open(cls, out: Path, params: dict, *, force: bool = False) -> "Progress":
         """Take over OUT: refuse (unless `force`) an OUT that holds anything but this conversion."""
@@ -92,6 +108,13 @@ class Progress:
     def forget(self, name: str) -> None:
         if self.groups.pop(name, None) is not None:
             self.save()
+
+
+def _has_size(out: Path, group) -> bool:
+    try:
+        return group["file"] is None or (out / group["file"]).stat().st_size == group["bytes"]
+    except (OSError, KeyError, TypeError):
+        return False
 
 
 def _read_record(out: Path) -> dict | None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -92,6 +94,16 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_gguf(tmp_path_factory) -> Path:
+    """SmolLM2's GGUF trimmed to its first 2 decoder layers (real weights and tokenizer, ~20 MB)."""
+    from reshard.demo import trim_gguf
+
+    path = tmp_path_factory.mktemp("small-gguf") / "SmolLM2-135M-Instruct.first2layers.gguf"
+    trim_gguf(smollm2_gguf(), path, 2)
+    return path
+
+
+@pytest.fixture(scope="session")
 def smollm2_checkpoint(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct as an ordinary sharded safetensors checkpoint with tokenizer."""
     from reshard.demo import gguf_to_checkpoint
@@ -106,6 +118,55 @@ def smollm2_converted(smollm2_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2-out")
     convert(str(smollm2_checkpoint), out, progress=False)
     return out
+
+
+class FakeHub:
+    """The hub at the `huggingface_hub` boundary: `model_info`, `hf_hub_download` and
+    `try_to_load_from_cache`, served from a local checkpoint folder for any repo id.
+
+    Records every call (`calls`), the files downloaded (`downloads`), and the most weight
+    shards present at once in a `local_dir` (`peak_shards`, the --low-disk work folder).
+    """
+
+    COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, folder: Path, cache: Path, extra_files=()):
+        self.folder, self.cache, self.calls, self.downloads, self.peak_shards = folder, cache, [], [], 0
+        self.files = sorted(p.name for p in folder.iterdir()) + list(extra_files)
+
+    def install(self, monkeypatch) -> "FakeHub":
+        import huggingface_hub
+
+        for name in ("model_info", "hf_hub_download", "try_to_load_from_cache"):
+            monkeypatch.setattr(huggingface_hub, name, getattr(self, name))
+        return self
+
+    def model_info(self, repo_id, revision=None, token=None, **kw):
+        self.calls.append(("model_info", repo_id, revision, token))
+        size = {p.name: p.stat().st_size for p in self.folder.iterdir()}
+        return SimpleNamespace(sha=self.COMMIT, siblings=[SimpleNamespace(rfilename=f, size=size.get(f, 1))
+                                                          for f in self.files])
+
+    def hf_hub_download(self, repo_id, filename, *, revision=None, token=None, local_dir=None, **kw):
+        self.calls.append(("download", repo_id, filename, revision, token))
+        target = Path(local_dir) / filename if local_dir else self.cache / repo_id / revision / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.folder / filename, target)
+        self.downloads.append(filename)
+        if local_dir is not None:
+            shards = [p for p in target.parent.iterdir() if p.name.startswith("model-")]
+            self.peak_shards = max(self.peak_shards, len(shards))
+        return str(target)
+
+    def try_to_load_from_cache(self, repo_id, filename, revision=None, **kw):
+        path = self.cache / repo_id / (revision or "main") / filename
+        return str(path) if path.is_file() else None
+
+
+@pytest.fixture
+def fake_hub(tiny_checkpoints, tmp_path, monkeypatch) -> FakeHub:
+    """The tiny llama checkpoint served as every hub repo."""
+    return FakeHub(tiny_checkpoints["llama"], tmp_path / "hub-cache").install(monkeypatch)
 
 
 def pytest_collection_modifyitems(config, items):

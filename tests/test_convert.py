@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from reshard.format import read_manifest
+
+from conftest import FakeHub
 
 # Peak RSS from VmHWM: Linux carries the parent's peak into a child's ru_maxrss across fork and
 # exec, so ru_maxrss would report pytest's own peak instead of the conversion's.
@@ -86,40 +86,18 @@ def test_dtype_option(tmp_path, tiny_checkpoints):
         assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
 
 
-class FakeHub:
-    """huggingface_hub's `model_info` and `hf_hub_download`, served from a local folder."""
-
-    def __init__(self, folder: Path, cache: Path, extra_files=()):
-        self.folder, self.cache, self.calls = folder, cache, []
-        self.files = sorted(p.name for p in folder.iterdir()) + list(extra_files)
-
-    def model_info(self, repo_id, revision=None, token=None, **kw):
-        self.calls.append(("model_info", repo_id, revision, token))
-        return SimpleNamespace(sha="c0ffee" * 6 + "abcd", siblings=[SimpleNamespace(rfilename=f) for f in self.files])
-
-    def hf_hub_download(self, repo_id, filename, revision=None, token=None, local_dir=None, **kw):
-        self.calls.append(("download", repo_id, filename, revision, token))
-        target = self.cache / revision / filename
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.folder / filename, target)
-        return str(target)
-
-
 def test_hub_source_fetches_only_what_is_needed(tmp_path, tiny_checkpoints, tiny_converted, monkeypatch):
-    import huggingface_hub
-
     from reshard.convert import convert
 
     hub = FakeHub(tiny_checkpoints["llama"], tmp_path / "cache",
                   extra_files=["pytorch_model.bin", "README.md", "onnx/model.onnx", "original/consolidated.pth"])
-    monkeypatch.setattr(huggingface_hub, "model_info", hub.model_info)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
+    hub.install(monkeypatch)
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
 
     manifest = convert("someone/tiny-llama", tmp_path / "out", revision="v1", progress=False)
 
     assert hub.calls[0] == ("model_info", "someone/tiny-llama", "v1", "hf_secret")
-    commit = "c0ffee" * 6 + "abcd"
+    commit = FakeHub.COMMIT
     downloads = [c for c in hub.calls if c[0] == "download"]
     asked = {c[2] for c in downloads}
     assert all(c[1] == "someone/tiny-llama" and c[3] == commit and c[4] == "hf_secret" for c in downloads)
@@ -134,13 +112,9 @@ def test_hub_source_fetches_only_what_is_needed(tmp_path, tiny_checkpoints, tiny
 
 
 def test_hub_token_flag_wins_over_env(tmp_path, tiny_checkpoints, monkeypatch):
-    import huggingface_hub
-
     from reshard.cli import main
 
-    hub = FakeHub(tiny_checkpoints["qwen2"], tmp_path / "cache")
-    monkeypatch.setattr(huggingface_hub, "model_info", hub.model_info)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
+    hub = FakeHub(tiny_checkpoints["qwen2"], tmp_path / "cache").install(monkeypatch)
     monkeypatch.setenv("HF_TOKEN", "from-env")
     assert main(["convert", "org/model", str(tmp_path / "out"), "--token", "from-flag", "--quiet"]) == 0
     assert {c[-1] for c in hub.calls} == {"from-flag"}

@@ -22,7 +22,7 @@ class HubReplies(BaseHTTPRequestHandler):
     def do_GET(self):
         status, code = self.server.reply
         if self.path.startswith("/api/models/"):  # (the client also asks other endpoints about itself)
-            self.server.paths.append(self.path)
+            self.server.paths.append(self.path.split("?")[0])
         self.send_response(status)
         self.send_header("X-Error-Code", code)
         self.send_header("Content-Length", "0")
@@ -103,29 +103,27 @@ def test_hub_outage_names_the_status(error_hub, tmp_path, capsys):
     assert error_hub.paths == ["/api/models/org/model"]
 
 
-def test_download_connection_error(tmp_path, tiny_checkpoints, monkeypatch, capsys):
+def test_download_connection_error(fake_hub, tmp_path, monkeypatch, capsys):
     """hf_hub_download wraps a connection failure in LocalEntryNotFoundError; the line names the cause."""
     import huggingface_hub
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
-    from types import SimpleNamespace
-
-    def model_info(repo_id, **kw):
-        return SimpleNamespace(sha="ab" * 20, siblings=[SimpleNamespace(rfilename="model.safetensors")])
 
     def hf_hub_download(repo_id, filename, **kw):
+        if not filename.endswith(".safetensors"):
+            return fake_hub.hf_hub_download(repo_id, filename, **kw)
         try:
             raise ConnectionResetError(104, "Connection reset by peer")
         except OSError as e:
             raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub") from e
 
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    monkeypatch.setattr(huggingface_hub, "model_info", model_info)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     code, err = convert_error(["org/model", str(tmp_path / "out")], capsys)
-    assert (code, err) == (1, f"Error: cannot reach the hub at {constants.ENDPOINT} to fetch model.safetensors from "
-                              f"org/model ([Errno 104] Connection reset by peer); check the network, then run the "
-                              f"same command again to resume\n")
+    assert (code, err) == (1, f"Error: cannot reach the hub at {constants.ENDPOINT} to fetch "
+                              f"model-00001-of-00003.safetensors from org/model ([Errno 104] Connection reset by peer); "
+                              f"check the network, then run the same command again to resume\n")
+    assert not (tmp_path / "out").exists()
 
 
 def closed_port() -> int:

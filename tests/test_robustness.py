@@ -224,37 +224,7 @@ def test_interrupted_output_tells_runtime_to_resume(tiny_checkpoints, tmp_path, 
 
 # --- hub sources, fetched one shard at a time ------------------------------------------
 
-class FakeHub:
-    """`huggingface_hub.model_info` / `hf_hub_download` over a local folder, recording the
-    most weight shards present at once in a `local_dir` (the --low-disk work folder)."""
-
-    def __init__(self, folder: Path, cache: Path):
-        self.folder, self.cache, self.downloads, self.peak_shards = folder, cache, [], 0
-
-    def model_info(self, repo_id, revision=None, token=None, files_metadata=False):
-        siblings = [SimpleNamespace(rfilename=p.name, size=p.stat().st_size) for p in sorted(self.folder.iterdir())]
-        return SimpleNamespace(sha="0123456789abcdef0123456789abcdef01234567", siblings=siblings)
-
-    def hf_hub_download(self, repo_id, filename, *, revision=None, token=None, local_dir=None, **_):
-        target = Path(local_dir or self.cache) / filename
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.folder / filename, target)
-        self.downloads.append(filename)
-        if local_dir is not None:  # --low-disk's work folder
-            shards = [p for p in target.parent.iterdir() if p.name.startswith("model-")]
-            self.peak_shards = max(self.peak_shards, len(shards))
-        return str(target)
-
-
-@pytest.fixture
-def fake_hub(tiny_checkpoints, tmp_path, monkeypatch):
-    import huggingface_hub
-
-    hub = FakeHub(tiny_checkpoints["llama"], tmp_path / "hub-cache")
-    monkeypatch.setattr(huggingface_hub, "model_info", hub.model_info)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
-    return hub
-
+# `fake_hub` (tests/conftest.py) serves the tiny llama as every hub repo.
 
 def test_low_disk_fetches_one_shard_at_a_time(fake_hub, tiny_checkpoints, tmp_path):
     shards = sorted(p.name for p in tiny_checkpoints["llama"].glob("model-*.safetensors"))
