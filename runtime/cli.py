@@ -93,12 +93,9 @@ def score(**options) -> int:
 
 
 def open_model(args):
-    import torch
-
     from .model import LayeredModel
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return LayeredModel.from_pretrained(args.model, device=device, dtype=args.dtype, prefetch=args.prefetch,
+    return LayeredModel.from_pretrained(args.model, device=args.device, dtype=args.dtype, prefetch=args.prefetch,
                                         max_gpu_memory=args.max_gpu_memory, max_cpu_memory=args.max_cpu_memory,
                                         trust_remote_code=args.trust_remote_code, verify=args.verify)
 

@@ -24,18 +24,22 @@ from . import budget
 from .stream import GroupLoader, Loaded, Prefetcher, StreamStats
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """`device` as a torch.device; None means cuda if torch sees a GPU, else cpu."""
+    if device is None:
+        return resolve_device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise UsageError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+            text = f"device '{dev}' asked for, but torch sees no CUDA GPU; use "
+            raise UsageError(text + 'device="cpu" (or leave device out)', cli=text + "--device cpu (or leave it out)")
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
     elif dev.type != "cpu":
-        raise UsageError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+        raise UsageError(f"device '{dev}' is not supported; use cpu, cuda or cuda:N")
     return dev
 
 
@@ -92,11 +96,12 @@ class LayeredModel:
         self._install_hooks()
 
     @classmethod
-    def from_pretrained(cls, path, *, device="cuda:0", dtype=None, prefetch: int = 1,
+    def from_pretrained(cls, path, *, device=None, dtype=None, prefetch: int = 1,
                         max_gpu_memory=None, max_cpu_memory=None,
                         trust_remote_code: bool = False, verify: bool = False) -> "LayeredModel":
-        """Open a converted folder. `dtype` defaults to the folder's; `prefetch` is how many
-        groups the background thread reads ahead (0 reads each group when it is needed).
+        """Open a converted folder. `device` defaults to cuda if torch sees a GPU, else cpu;
+        `dtype` defaults to the folder's; `prefetch` is how many groups the background thread
+        reads ahead (0 reads each group when it is needed).
 
         `max_gpu_memory` / `max_cpu_memory` (bytes, or text like "12GiB") bound the weights kept
         on the device and in host RAM; groups that fit stay there, the rest stream from disk.
