@@ -21,6 +21,10 @@ class SourceError(ReshardError):
     """The checkpoint to convert is missing, unreadable or not something we can convert."""
 
 
+class HubUnreachableError(SourceError):
+    """The hub could not be reached (network, HF_ENDPOINT) or is switched off (HF_HUB_OFFLINE)."""
+
+
 class FormatError(ReshardError):
     """A converted folder does not match its manifest, or is not a converted folder at all."""
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import huggingface_hub
 from huggingface_hub import constants as hub_constants, errors as hub_errors
 
-from .errors import SourceError
+from .errors import HubUnreachableError, SourceError
 from .source import SIDE_FILES
 
 WEIGHT_PATTERNS = {
@@ -25,7 +25,8 @@ WEIGHT_PATTERNS = {
 
 
 def looks_like_repo_id(source: str) -> bool:
-    return not os.path.exists(source) and source.count("/") <= 1 and not source.startswith((".", "/", "~"))
+    return (not os.path.exists(source) and source.count("/") <= 1 and not source.startswith((".", "/", "~"))
+            and not source.endswith(("/", ".gguf")))
 
 
 def select_files(repo_files: list[str]) -> list[str]:
@@ -87,13 +88,13 @@ def hub_error(e: BaseException, repo_id: str, *, revision: str | None = None,
         return SourceError(text + " as revision=...", cli=text + " to --revision")
     chain = list(_chain(e))
     if any(isinstance(c, hub_errors.OfflineModeIsEnabled) for c in chain):
-        return SourceError(f"cannot fetch {what}: HF_HUB_OFFLINE is set; unset it to download, "
+        return HubUnreachableError(f"cannot fetch {what}: HF_HUB_OFFLINE is set; unset it to download, "
                            f"or use a local folder or .gguf file")
     network = [c for c in chain if any(k.__name__ in NETWORK_ERRORS for k in type(c).__mro__)]
     if network:
         check = "the network and HF_ENDPOINT" if os.environ.get("HF_ENDPOINT") else "the network"
         fix = "then run the same command again to resume" if filename else "or use a local folder or .gguf file"
-        return SourceError(f"cannot reach the hub at {where} to fetch {what} ({_first_line(network[0])}); "
+        return HubUnreachableError(f"cannot reach the hub at {where} to fetch {what} ({_first_line(network[0])}); "
                            f"check {check}, {fix}")
     http = [c for c in chain if isinstance(c, hub_errors.HfHubHTTPError)]
     if http:

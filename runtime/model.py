@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from reshard.errors import UsageError
-from reshard.format import DTYPE_NAMES, param_names, read_manifest
+from reshard.format import DTYPE_NAMES, dtype_name, param_names, read_manifest
 from reshard.plan import build_empty_model
 from reshard.verify import verify_folder
 
@@ -41,6 +41,18 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     elif dev.type != "cpu":
         raise UsageError(f"device '{dev}' is not supported; use cpu, cuda or cuda:N")
     return dev
+
+
+def converted_folder(path, *, dtype=None, revision=None, token=None, quantize=None,
+                     trust_remote_code: bool = False) -> Path:
+    """`path` itself, or for a hub repo id or a `.gguf` file its converted folder in the cache."""
+    from reshard.cache import ConvertOptions, is_cacheable, open_cached
+
+    if not is_cacheable(path):
+        return Path(path)
+    name = dtype if isinstance(dtype, str) or dtype is None else dtype_name(dtype)
+    options = ConvertOptions(dtype=name or "auto", quantize=quantize)
+    return open_cached(path, options=options, revision=revision, token=token, trust_remote_code=trust_remote_code)
 
 
 def resolve_runtime_dtype(dtype, default: str) -> torch.dtype:
@@ -97,8 +109,9 @@ class LayeredModel:
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None, prefetch: int = 1,
-                        max_gpu_memory=None, max_cpu_memory=None,
-                        trust_remote_code: bool = False, verify: bool = False) -> "LayeredModel":
+                        max_gpu_memory=None, max_cpu_memory=None, trust_remote_code: bool = False,
+                        verify: bool = False, revision: str | None = None, token: str | None = None,
+                        quantize: str | None = None) -> "LayeredModel":
         """Open a converted folder. `device` defaults to cuda if torch sees a GPU, else cpu;
         `dtype` defaults to the folder's; `prefetch` is how many groups the background thread
         reads ahead (0 reads each group when it is needed).
@@ -107,10 +120,15 @@ class LayeredModel:
         on the device and in host RAM; groups that fit stay there, the rest stream from disk.
         The defaults come from the free memory (see runtime.budget); 0 streams everything.
         Every file's presence, size and header are checked against the manifest; `verify`
-        also checks their sha256 (reads every byte once)."""
+        also checks their sha256 (reads every byte once).
+
+        `path` may also be a hub repo id ("org/model", at `revision`, with `token`) or a `.gguf`
+        file: it is converted on first use into the cache (see reshard/cache.py), in `dtype` and
+        `quantize` ("int8", "int4"), and opened from there."""
         from transformers import AutoConfig
 
-        path = Path(path)
+        path = converted_folder(path, dtype=dtype, revision=revision, token=token, quantize=quantize,
+                                trust_remote_code=trust_remote_code)
         manifest = read_manifest(path)
         dev = resolve_device(device)
         compute_dtype = resolve_runtime_dtype(dtype, manifest.dtype)
