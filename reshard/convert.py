@@ -19,7 +19,7 @@ from . import hub
 from .errors import DiskSpaceError, SourceError, UsageError
 from .format import (DTYPE_NAMES, DTYPE_TO_ST, MANIFEST, Group, Manifest, dtype_name, group_file_name,
                      quant_part_names, write_bytes_atomic, write_group_file, write_text_atomic)
-from .keymap import check_shape, check_shapes, map_keys
+from .keymap import KeyMap, check_shape, check_shapes, map_keys
 from .plan import build_empty_model, plan_groups
 from .quant import DEFAULT_GROUP, check_scheme, quantizable_params, quantize as quantize_weight
 from .resume import Progress, conversion_params
@@ -97,16 +97,17 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
         check_before_fetching(src, out, plan, target, params, force=force)
         src = ready_source(src, model)
         params_map = {p: s for g in plan.groups for p, s in g.params.items()}
-        mapping = map_keys(model, src.keys(), params_map, aliases=plan.tied)
-        check_shapes(mapping, params_map, src.shapes())
+        buffers = {b: s for g in plan.groups for b, s in g.buffers.items()}
+        mapping = map_keys(model, src.keys(), params_map, aliases=plan.tied, buffers=buffers)
+        check_shapes(mapping.direct, {**params_map, **buffers}, src.shapes())
         record = Progress.open(out, params, force=force)
         _copy_side_files(src.folder, out)
         kept = {g.name: k for g in plan.groups if (k := record.kept(g.name, g.params)) is not None}
         sharded = hasattr(src, "largest_shard_bytes")  # --low-disk
         check_disk(out, plan, kept, target, extra=getattr(src, "largest_shard_bytes", 0), hint=not sharded,
                    progress=progress)
-        src.want(mapping.values())
-        groups = _write_groups(src, plan, mapping, out, target, record, kept, progress, quant)
+        src.want(mapping.source_keys([*params_map, *buffers]))
+        groups = _write_groups(src, model, plan, mapping, out, target, record, kept, progress, quant)
         manifest = Manifest(
             source=src.info, dtype=dtype_name(target), architecture=type(model).__name__,
             layers_path=plan.layers_path, groups=groups, quantization=quantization)
@@ -224,18 +225,18 @@ class QuantSpec:
         quantized[name] = {"shape": list(t.shape), "dtype": DTYPE_TO_ST[target], "transposed": transposed}
 
 
-def _write_groups(src: Source, plan, mapping, out: Path, target: torch.dtype, record: Progress,
+def _write_groups(src: Source, model, plan, mapping: KeyMap, out: Path, target: torch.dtype, record: Progress,
                   kept: dict[str, Group], progress: bool, quant: QuantSpec | None = None) -> list[Group]:
     total = sum(s.numel() for g in plan.groups for s in g.params.values()) * target.itemsize
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="reshard", file=sys.stderr, disable=not progress)
     groups = []
     with bar:
         for planned in plan.groups:
-            keys = [mapping[p] for p in planned.params]
+            keys = mapping.source_keys([*planned.params, *planned.buffers])
             group = kept.get(planned.name)
             if group is None:
                 record.forget(planned.name)  # its file is about to be replaced
-                group = _write_group(src, planned, mapping, out, target, quant)
+                group = _write_group(src, model, planned, mapping, out, target, quant)
                 record.add(group)
             groups.append(group)
             src.finished(keys)
@@ -243,19 +244,36 @@ def _write_groups(src: Source, plan, mapping, out: Path, target: torch.dtype, re
     return groups
 
 
-def _write_group(src: Source, planned, mapping, out: Path, target: torch.dtype, quant: QuantSpec | None) -> Group:
-    raw = src.read([mapping[p] for p in planned.params])
+def _write_group(src: Source, model, planned, mapping: KeyMap, out: Path, target: torch.dtype,
+                 quant: QuantSpec | None) -> Group:
+    buffers = [b for b in planned.buffers if b in mapping.direct]  # persistent buffers the checkpoint holds
+    raw = src.read(mapping.source_keys([*planned.params, *buffers]))
+    made = _run_fusions(planned, mapping, raw, model, target)
     tensors, quantized = {}, {}
-    for pname, shape in planned.params.items():
-        t = raw.pop(mapping[pname])
+    for pname, shape in {**planned.params, **{b: planned.buffers[b] for b in buffers}}.items():
+        t = made.pop(pname) if pname in made else raw.pop(mapping.direct[pname])
         check_shape(pname, t, shape)
         if quant and pname in quant.params:
             quant.store(pname, t, target, tensors, quantized)
         else:
             tensors[pname] = t.to(target) if t.is_floating_point() else t
+    experts = {m: dict(e) for m, e in planned.experts.items()}
+    first = {n for e in experts.values() for n in e["tensors"]}
     file = group_file_name(planned.name) if tensors else None
-    size, sha = write_group_file(out / file, tensors) if file else (0, "")
+    size, sha = write_group_file(out / file, tensors, first) if file else (0, "")
     return Group(
         name=planned.name, kind=planned.kind, file=file, bytes=size, sha256=sha,
         tensors={n: {"dtype": DTYPE_TO_ST[t.dtype], "shape": list(t.shape)} for n, t in tensors.items()},
-        aliases=dict(planned.aliases), quantized=quantized)
+        aliases=dict(planned.aliases), quantized=quantized, experts=experts, buffers=buffers)
+
+
+def _run_fusions(planned, mapping: KeyMap, raw: dict, model, target: torch.dtype) -> dict[str, torch.Tensor]:
+    """The group's parameters that transformers' converters make from several source tensors."""
+    made = {}
+    for first in dict.fromkeys(mapping.made_by[p] for p in planned.params if p in mapping.made_by):
+        for name, t in mapping.fused[first].run(raw, model, target).items():
+            if name not in planned.params:
+                raise SourceError(f"transformers' conversion into {first!r} also makes {name!r}, which is not a "
+                                  f"parameter of group {planned.name}; this checkpoint cannot be converted")
+            made[name] = t
+    return made

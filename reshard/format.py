@@ -87,6 +87,10 @@ class Group:
     # quantized param -> {"shape", "dtype" (safetensors name), "transposed"}: what it expands to;
     # it is stored as the tensors `quant_part_names` gives (see reshard/quant.py)
     quantized: dict[str, dict] = field(default_factory=dict)
+    # experts module -> {"num_experts": E, "tensors": [stored names]}: tensors of shape [E, ...] whose
+    # expert e is the e-th of E equal, contiguous byte ranges (see `expert_range`); stored first
+    experts: dict[str, dict] = field(default_factory=dict)
+    buffers: list[str] = field(default_factory=list)  # stored tensors that are persistent buffers, not parameters
 
 
 @dataclass
@@ -102,9 +106,10 @@ class Manifest:
 
     def to_json(self) -> str:
         raw = asdict(self)
-        for g in raw["groups"]:  # unquantized groups are written as before quantization existed
-            if not g["quantized"]:
-                del g["quantized"]
+        for g in raw["groups"]:  # optional entries are left out when empty, as before they existed
+            for key in ("quantized", "experts", "buffers"):
+                if not g[key]:
+                    del g[key]
         return json.dumps(raw, indent=1, sort_keys=True) + "\n"
 
     @property
@@ -129,9 +134,39 @@ def quant_part_names(param: str, scheme: str) -> dict[str, str]:
 
 
 def param_names(group: Group, scheme: str | None = None) -> list[str]:
-    """The model parameters `group`'s file provides (quantized ones by their own name)."""
+    """The model parameters `group`'s file provides (quantized ones by their own name; buffers not)."""
     stored = set().union(*(quant_part_names(p, scheme).values() for p in group.quantized)) if group.quantized else set()
+    stored.update(group.buffers)
     return [n for n in group.tensors if n not in stored] + list(group.quantized)
+
+
+# --- experts ---------------------------------------------------------------------------------
+
+def expert_tensors(group: Group) -> dict[str, int]:
+    """{stored tensor name: number of experts} for every expert tensor of `group`."""
+    return {name: e["num_experts"] for e in group.experts.values() for name in e["tensors"]}
+
+
+def expert_range(info: TensorInfo, num_experts: int, expert: int) -> tuple[int, int]:
+    """Byte range of `expert` inside the data section: dim 0 of the tensor is the expert."""
+    size = info.nbytes // num_experts
+    begin = info.offsets[0] + expert * size
+    return begin, begin + size
+
+
+def dense_range(infos: dict[str, TensorInfo], group: Group) -> tuple[int, int]:
+    """Bytes [begin, end) of the data section that hold every tensor of the group that is not an
+    expert tensor (the writer puts expert tensors before the others of their element size, so in
+    a folder of one dtype this range holds no expert byte)."""
+    experts = expert_tensors(group)
+    ranges = [i.offsets for n, i in infos.items() if n not in experts and i.nbytes]
+    return (min(b for b, _ in ranges), max(e for _, e in ranges)) if ranges else (0, 0)
+
+
+def expert_bytes(group: Group) -> int:
+    """Bytes of all the group's expert tensors (from the manifest alone)."""
+    return sum(_numel(group.tensors[n]["shape"]) * ST_TO_DTYPE[group.tensors[n]["dtype"]].itemsize
+               for n in expert_tensors(group))
 
 
 def unquantized_bytes(group: Group, scheme: str | None) -> int:
@@ -150,6 +185,15 @@ def _numel(shape) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def _check_experts(m: Manifest, path) -> None:
+    for g in m.groups:
+        for name, count in expert_tensors(g).items():
+            shape = g.tensors.get(name, {}).get("shape") or [0]
+            if count < 1 or shape[0] != count:
+                raise FormatError(f"{path}: expert tensor {name} of group {g.name} is not [{count}, ...]; "
+                                  f"run `reshard convert` again")
 
 
 def _check_quantized(m: Manifest, path) -> None:
@@ -183,6 +227,7 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     except (ValueError, TypeError, KeyError) as e:
         raise FormatError(f"{path} is damaged ({e}); run `reshard convert` again") from e
     _check_quantized(manifest, path)
+    _check_experts(manifest, path)
     return manifest
 
 
@@ -216,14 +261,22 @@ def _writing(path: Path):
 
 # --- layer files ---------------------------------------------------------------------------
 
-def _ordered(tensors: dict[str, torch.Tensor]) -> list[str]:
-    return sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+EXPERT_ALIGN = 64  # data section start in files with expert tensors (see build_header)
 
 
-def build_header(tensors: dict[str, torch.Tensor]) -> bytes:
-    """The safetensors header (length prefix included) for `tensors`, in our canonical order."""
+def _ordered(tensors: dict[str, torch.Tensor], first=frozenset()) -> list[str]:
+    return sorted(tensors, key=lambda k: (-tensors[k].element_size(), k not in first, k))
+
+
+def build_header(tensors: dict[str, torch.Tensor], first=frozenset()) -> bytes:
+    """The safetensors header (length prefix included) for `tensors`, in our canonical order.
+
+    Tensors in `first` (expert tensors) come before the others of their element size, and the
+    header is then padded so that the data section starts at a multiple of EXPERT_ALIGN: the
+    experts are then as aligned in a memory map as in a fresh allocation, which CPU matmul
+    kernels need to give bit-identical results."""
     entries, offset = {}, 0
-    for name in _ordered(tensors):
+    for name in _ordered(tensors, first):
         t = tensors[name]
         if t.dtype not in DTYPE_TO_ST:
             raise FormatError(f"tensor {name} has dtype {t.dtype}, which the format cannot store")
@@ -232,21 +285,22 @@ def build_header(tensors: dict[str, torch.Tensor]) -> bytes:
         offset += n
     entries["__metadata__"] = {"format": "pt"}
     text = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
+    text += b" " * (-(len(text) + 8) % EXPERT_ALIGN if first else -len(text) % 8)
     return struct.pack("<Q", len(text)) + text
 
 
-def write_group_file(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, str]:
+def write_group_file(path: Path, tensors: dict[str, torch.Tensor], first=frozenset()) -> tuple[int, str]:
     """Write `tensors` to `path` atomically (temp name, fsync, rename); return (bytes, sha256).
+    Tensors in `first` are expert tensors (see `build_header`).
 
     Memory: each tensor is written from its own buffer; nothing is concatenated.
     """
     digest = hashlib.sha256()
-    header = build_header(tensors)
+    header = build_header(tensors, first)
     with _writing(path) as f:
         f.write(header)
         digest.update(header)
-        for name in _ordered(tensors):
+        for name in _ordered(tensors, first):
             data = _tensor_bytes(tensors[name])
             f.write(data)
             digest.update(data)

@@ -1,23 +1,27 @@
 """Match a checkpoint's tensor names to the instantiated model's parameter names.
 
 transformers renames some checkpoints' tensors when it loads them (legacy `gamma`/`beta`,
-per-model renamings, a missing or extra base-model prefix). We apply the same renamings,
-taken from transformers itself where it exposes them, so the converted files already carry
-the names the runtime's model uses. Checks, like nanoGPT's, come before a byte is written:
+per-model renamings, a missing or extra base-model prefix), and fuses or splits others (per-expert
+tensors into one [E, ...] parameter; see reshard/fusion.py). We apply the same rules, taken from
+transformers itself where it exposes them, so the converted files already carry the names the
+runtime's model uses. Checks, like nanoGPT's, come before a byte is written:
 every parameter has a source tensor of the right shape, and no source tensor is left over.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 import torch
 
 from .errors import SourceError
+from .fusion import Fusion, converter_patterns, natural_key
 
 
-def _transformers_renamer(model):
-    """A function source key -> renamed key using transformers' own rules, or None."""
+def _transformers_rules(model):
+    """(rename, converters): rename(source key) -> (renamed key, matched converter pattern or None)
+    with transformers' own rules, and {converter source pattern: WeightConverter}; None if unusable."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
@@ -30,9 +34,8 @@ def _transformers_renamer(model):
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
 
-    def rename(key: str) -> tuple[str, bool]:
-        new, pattern = rename_source_key(key, renamings, converters)
-        return new, pattern is not None
+    def rename(key: str) -> tuple[str, str | None]:
+        return rename_source_key(key, renamings, converters)
 
     try:  # these are transformers internals: use them only if they behave as expected here
         new, _ = rename("model.embed_tokens.weight")
@@ -40,47 +43,74 @@ def _transformers_renamer(model):
             return None
     except (TypeError, ValueError, AttributeError):
         return None
-    return rename
+    return rename, converter_patterns(converters)
 
 
-def _legacy_rename(key: str) -> tuple[str, bool]:
+def _legacy_rename(key: str) -> tuple[str, None]:
     key = re.sub(r"\.gamma$", ".weight", key)
     key = re.sub(r"\.beta$", ".bias", key)
-    return key, False
+    return key, None
 
 
-def map_keys(model, source_keys: list[str], params: dict[str, torch.Size], aliases=()) -> dict[str, str]:
-    """{param name: source key} for every parameter in `params`; errors name what is wrong.
+@dataclass
+class KeyMap:
+    """Where each parameter's tensor comes from: one source tensor, or a `Fusion` of several."""
+    direct: dict[str, str] = field(default_factory=dict)  # param (or buffer) name -> source key
+    fused: dict[str, Fusion] = field(default_factory=dict)  # first target param -> its fusion
+    made_by: dict[str, str] = field(default_factory=dict)  # every fused target param -> its fusion's first target
 
-    Source tensors for tied aliases (`aliases`, e.g. a saved copy of a tied head) are skipped.
+    def source_keys(self, names) -> list[str]:
+        """The source tensors that parameters `names` need (a fusion's, once)."""
+        keys, seen = [], set()
+        for name in names:
+            if name in self.direct:
+                keys.append(self.direct[name])
+            elif name in self.made_by and self.made_by[name] not in seen:
+                seen.add(self.made_by[name])
+                keys += self.fused[self.made_by[name]].keys
+        return keys
+
+    def covers(self, name: str) -> bool:
+        return name in self.direct or name in self.made_by
+
+
+def map_keys(model, source_keys: list[str], params: dict[str, torch.Size], aliases=(), buffers=()) -> KeyMap:
+    """Where every parameter in `params` comes from; errors name what is wrong.
+
+    Source tensors for tied aliases (`aliases`, e.g. a saved copy of a tied head) are skipped;
+    persistent `buffers` are taken when the checkpoint has them. Tensors that transformers fuses
+    or splits at load (its WeightConverters) become `Fusion`s, run later by the conversion.
     """
-    rename = _transformers_renamer(model) or _legacy_rename
+    rules = _transformers_rules(model)
+    rename, converters = rules if rules else (_legacy_rename, {})
     prefix = getattr(model, "base_model_prefix", "") or ""
     ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
-    mapping, unexpected, fused = {}, [], []
-    for key in source_keys:
-        target, needs_converter = rename(key)
-        target = _fix_prefix(target, prefix, params)
-        if target in params:
-            mapping[target] = key
+    known = {**params, **{b: None for b in buffers}}
+    keymap, unexpected = KeyMap(), []
+    for key in sorted(source_keys, key=natural_key):
+        target, pattern = rename(key)
+        target = _fix_prefix(target, prefix, known)
+        if target not in known and key in known:  # as transformers: a key that needed no renaming
+            target, pattern = key, None
+        if pattern is not None and target in params:
+            keymap.fused.setdefault(target, Fusion(converters[pattern], target)).add(pattern, key)
+        elif target in known and pattern is None:
+            keymap.direct[target] = key
         elif target in aliases:
             continue
-        elif needs_converter:
-            fused.append(key)
         elif not any(p.search(key) for p in ignored):
             unexpected.append(key)
-    if fused:
-        raise SourceError(
-            f"tensors such as {fused[0]!r} must be fused or split by transformers when loading; "
-            f"this kind of checkpoint conversion is not supported yet")
-    missing = [p for p in params if p not in mapping]
+    for fusion in keymap.fused.values():
+        fusion.sort()
+        keymap.made_by.update({t: fusion.target for t in fusion.targets() if t in params})
+    missing = [p for p in params if not keymap.covers(p)]
     if missing:
         raise SourceError(f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]!r}; "
                           f"is the config the one of these weights?")
     if unexpected:
         raise SourceError(f"the checkpoint has {len(unexpected)} tensor(s) the model does not use, e.g. "
                           f"{unexpected[0]!r}; is the config the one of these weights?")
-    return mapping
+    return keymap
 
 
 def _fix_prefix(key: str, prefix: str, params) -> str:
@@ -102,6 +132,8 @@ def check_shape(name: str, tensor: torch.Tensor, shape: torch.Size) -> None:
 def check_shapes(mapping: dict[str, str], params: dict[str, torch.Size], source_shapes: dict[str, list[int]]) -> None:
     """Before anything is written: every source tensor whose shape is known fits its parameter."""
     for pname, key in mapping.items():
+        if pname not in params:
+            continue
         shape = source_shapes.get(key)
         if shape is not None and tuple(shape) != tuple(params[pname]):
             raise SourceError(f"tensor {key} has shape {list(shape)} but the config needs {list(params[pname])}; "

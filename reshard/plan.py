@@ -9,6 +9,7 @@ output embeddings), by where their module is registered relative to the layer li
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,8 @@ class PlannedGroup:
     kind: str  # "pre", "layer", "post"
     params: dict[str, torch.Size] = field(default_factory=dict)  # param name -> shape
     aliases: dict[str, str] = field(default_factory=dict)  # tied param name -> the param it shares
+    buffers: dict[str, torch.Size] = field(default_factory=dict)  # persistent buffers a checkpoint may hold
+    experts: dict[str, dict] = field(default_factory=dict)  # experts module -> {"num_experts", "tensors"}
 
 
 @dataclass
@@ -112,8 +115,49 @@ def plan_groups(model: nn.Module) -> Plan:
         group_of(pname).params[pname] = shape
     for alias, target in tied.items():
         group_of(alias).aliases[alias] = target
+    for bname, (owner, shape) in _persistent_buffers(model).items():
+        owners[bname] = owner
+        group_of(bname).buffers[bname] = shape
+    for mname, entry in find_experts(model).items():
+        group_of(entry["tensors"][0]).experts[mname] = entry
     groups = [g for g in [embed, *per_layer, norm, head] if g.params or g.aliases]
     return Plan(groups=groups, layers_path=layers_path, tied=tied)
+
+
+def find_experts(model: nn.Module) -> dict[str, dict]:
+    """Experts modules: {qualified name: {"num_experts": E, "tensors": [param names]}}.
+
+    An experts module is one that transformers dispatches routed tokens to (its forward takes
+    the router's `top_k_index`, see transformers.integrations.moe) and holds `num_experts`
+    experts as parameters of shape [E, ...]; expert e of each is `param[e]`.
+    """
+    found = {}
+    for mname, module in model.named_modules():
+        count = getattr(module, "num_experts", None)
+        if not isinstance(count, int) or count < 1 or "top_k_index" not in _forward_args(module):
+            continue
+        names = [f"{mname}.{p}" for p, t in module.named_parameters(recurse=False)
+                 if t.dim() >= 1 and t.shape[0] == count]
+        if names:
+            found[mname] = {"num_experts": count, "tensors": names}
+    return found
+
+
+def _forward_args(module: nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _persistent_buffers(model: nn.Module) -> dict[str, tuple[str, torch.Size]]:
+    """Persistent buffers (part of the state dict, so a checkpoint may hold them): name -> (owner, shape)."""
+    found = {}
+    for mname, module in model.named_modules():
+        for bname, buf in module._buffers.items():
+            if buf is not None and bname not in module._non_persistent_buffers_set:
+                found[f"{mname}.{bname}" if mname else bname] = (mname, buf.shape)
+    return found
 
 
 def _param_owners(model: nn.Module) -> dict[str, str]:

@@ -1,0 +1,69 @@
+"""Tensors that transformers fuses or splits when it loads a checkpoint, fused the same way.
+
+Many checkpoints store what the instantiated model holds as one parameter in several tensors
+(Mixtral's `experts.N.w1.weight` / `w3.weight` per expert become one `experts.gate_up_proj` of
+shape [E, 2I, H]), or the other way round. transformers describes each such case with a
+`WeightConverter` (source patterns, target patterns, operations such as `MergeModulelist` and
+`Concatenate`; see transformers.conversion_mapping). A `Fusion` is one application of such a
+converter: the source tensors of one target, in the order transformers collects them, and the
+converter itself, so the conversion runs transformers' own operations, one group at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import SourceError
+
+
+def natural_key(name: str) -> list:
+    """Sort key transformers uses for checkpoint names: numbers numerically (`experts.2` before `experts.10`)."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in name.split(".")]
+
+
+@dataclass
+class Fusion:
+    converter: object  # the transformers WeightConverter (a template: each run works on a copy)
+    target: str  # the first target parameter, by which transformers names the conversion
+    sources: dict[str, list[str]] = field(default_factory=dict)  # source pattern -> source keys, in order
+
+    @property
+    def keys(self) -> list[str]:
+        return [k for keys in self.sources.values() for k in keys]
+
+    def targets(self) -> list[str]:
+        """Every parameter this conversion produces (several when it splits a tensor)."""
+        patterns = self.converter.target_patterns
+        return [self.target.replace(patterns[0], p) for p in patterns] if len(patterns) > 1 else [self.target]
+
+    def add(self, pattern: str, key: str) -> None:
+        self.sources.setdefault(pattern, []).append(key)
+
+    def sort(self) -> None:
+        for keys in self.sources.values():
+            keys.sort(key=natural_key)
+
+    def run(self, raw: dict[str, torch.Tensor], model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Apply the converter to the source tensors in `raw` (popped from it, cast to `dtype`
+        first, as transformers does); return {parameter name: tensor}."""
+        conv = copy.deepcopy(self.converter)
+        for pattern, keys in self.sources.items():
+            for key in keys:
+                t = raw.pop(key)
+                t = t.to(dtype) if t.is_floating_point() else t
+                conv.add_tensor(self.target, key, pattern, lambda t=t: t)
+        try:
+            out = conv.convert(self.target, model=model, config=model.config)
+        except Exception as e:  # transformers' own operations failed on these tensors
+            raise SourceError(f"transformers' conversion of {self.keys[0]!r} and {len(self.keys) - 1} more tensor(s) "
+                              f"into {self.target!r} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                              f"is the config the one of these weights?") from None
+        return {name: (t[0] if isinstance(t, list) else t).contiguous() for name, t in out.items()}
+
+
+def converter_patterns(converters) -> dict[str, object]:
+    """source pattern -> the converter it belongs to."""
+    return {p: c for c in converters for p in c.source_patterns}
