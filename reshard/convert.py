@@ -97,7 +97,7 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
         check_before_fetching(src, out, plan, target, params, force=force)
         src = ready_source(src, model)
         params_map = {p: s for g in plan.groups for p, s in g.params.items()}
-        buffers = {b: s for g in plan.groups for b, s in g.buffers.items()}
+        buffers = {b: s for g in plan.groups for b, (s, _) in g.buffers.items()}
         mapping = map_keys(model, src.keys(), params_map, aliases=plan.tied, buffers=buffers)
         check_shapes(mapping.direct, {**params_map, **buffers}, src.shapes())
         record = Progress.open(out, params, force=force)
@@ -250,13 +250,18 @@ def _write_group(src: Source, model, planned, mapping: KeyMap, out: Path, target
     raw = src.read(mapping.source_keys([*planned.params, *buffers]))
     made = _run_fusions(planned, mapping, raw, model, target)
     tensors, quantized = {}, {}
-    for pname, shape in {**planned.params, **{b: planned.buffers[b] for b in buffers}}.items():
+    for pname, shape in planned.params.items():
         t = made.pop(pname) if pname in made else raw.pop(mapping.direct[pname])
         check_shape(pname, t, shape)
         if quant and pname in quant.params:
             quant.store(pname, t, target, tensors, quantized)
         else:
             tensors[pname] = t.to(target) if t.is_floating_point() else t
+    for bname in buffers:  # in the buffer's own dtype, as transformers loads it
+        shape, dtype = planned.buffers[bname]
+        t = raw.pop(mapping.direct[bname])
+        check_shape(bname, t, shape)
+        tensors[bname] = t.to(dtype)
     experts = {m: dict(e) for m, e in planned.experts.items()}
     first = {n for e in experts.values() for n in e["tensors"]}
     file = group_file_name(planned.name) if tensors else None

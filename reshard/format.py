@@ -410,29 +410,37 @@ class GroupFile:
         t = torch.frombuffer(self.mm, dtype=dtype, count=count, offset=self.data_start + info.offsets[0])
         return t.view(info.shape)
 
-    def view_of(self, flat: torch.Tensor, name: str) -> torch.Tensor:
-        """Tensor `name` as a view of `flat`, a copy of the data section (uint8) anywhere."""
+    def view_of(self, flat: torch.Tensor, name: str, base: int = 0) -> torch.Tensor:
+        """Tensor `name` as a view of `flat`, a copy of the data section (uint8) from byte `base` on, anywhere."""
         info = self.infos[name]
         begin, end = info.offsets
-        return flat[begin:end].view(ST_TO_DTYPE[info.dtype]).view(info.shape)
+        return flat[begin - base:end - base].view(ST_TO_DTYPE[info.dtype]).view(info.shape)
 
-    def data(self) -> torch.Tensor:
-        """The whole data section as uint8 (for one bulk copy)."""
+    def data(self, span: tuple[int, int] | None = None) -> torch.Tensor:
+        """The whole data section, or bytes `span` of it, as uint8 (for one bulk copy)."""
         n = len(self.mm) - self.data_start
-        return torch.frombuffer(self.mm, dtype=torch.uint8, count=n, offset=self.data_start) if n else torch.empty(0, dtype=torch.uint8)
+        begin, end = span or (0, n)
+        if end <= begin:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(self.mm, dtype=torch.uint8, count=end - begin, offset=self.data_start + begin)
 
-    def touch(self) -> None:
-        """Fault the file's pages into memory (page cache) ahead of use."""
+    def touch(self, span: tuple[int, int] | None = None) -> None:
+        """Fault the file's pages into memory (page cache) ahead of use: all of them, or those
+        of `span`, a byte range of the data section."""
+        begin, end = (0, len(self.mm)) if span is None else (self.data_start + span[0], self.data_start + span[1])
+        begin -= begin % mmap.PAGESIZE
+        if end <= begin:
+            return
         # One call maps every page (Linux >= 5.14). Through ctypes, which lets go of the GIL:
         # mmap.madvise holds it, and the compute thread would wait for the disk with it.
-        if _LIBC is not None and _LIBC.madvise(ctypes.c_void_p(self._address), ctypes.c_size_t(len(self.mm)),
+        if _LIBC is not None and _LIBC.madvise(ctypes.c_void_p(self._address + begin), ctypes.c_size_t(end - begin),
                                                MADV_POPULATE_READ) == 0:
             return
-        self.mm.madvise(mmap.MADV_WILLNEED)
+        self.mm.madvise(mmap.MADV_WILLNEED, begin, end - begin)
         # Reading one word per page faults every page in (torch lets go of the GIL too).
-        n = len(self.mm) // 8
+        n = (end - begin) // 8
         if n:
-            torch.frombuffer(self.mm, dtype=torch.int64, count=n)[:: mmap.PAGESIZE // 8].sum()
+            torch.frombuffer(self.mm, dtype=torch.int64, count=n, offset=begin)[:: mmap.PAGESIZE // 8].sum()
 
     def forget_views(self) -> None:
         self._views.clear()

@@ -24,7 +24,7 @@ class PlannedGroup:
     kind: str  # "pre", "layer", "post"
     params: dict[str, torch.Size] = field(default_factory=dict)  # param name -> shape
     aliases: dict[str, str] = field(default_factory=dict)  # tied param name -> the param it shares
-    buffers: dict[str, torch.Size] = field(default_factory=dict)  # persistent buffers a checkpoint may hold
+    buffers: dict[str, tuple[torch.Size, torch.dtype]] = field(default_factory=dict)  # persistent buffers a checkpoint may hold
     experts: dict[str, dict] = field(default_factory=dict)  # experts module -> {"num_experts", "tensors"}
 
 
@@ -115,9 +115,9 @@ def plan_groups(model: nn.Module) -> Plan:
         group_of(pname).params[pname] = shape
     for alias, target in tied.items():
         group_of(alias).aliases[alias] = target
-    for bname, (owner, shape) in _persistent_buffers(model).items():
+    for bname, (owner, shape, dtype) in _persistent_buffers(model).items():
         owners[bname] = owner
-        group_of(bname).buffers[bname] = shape
+        group_of(bname).buffers[bname] = (shape, dtype)
     for mname, entry in find_experts(model).items():
         group_of(entry["tensors"][0]).experts[mname] = entry
     groups = [g for g in [embed, *per_layer, norm, head] if g.params or g.aliases]
@@ -150,13 +150,13 @@ def _forward_args(module: nn.Module) -> set[str]:
         return set()
 
 
-def _persistent_buffers(model: nn.Module) -> dict[str, tuple[str, torch.Size]]:
-    """Persistent buffers (part of the state dict, so a checkpoint may hold them): name -> (owner, shape)."""
+def _persistent_buffers(model: nn.Module) -> dict[str, tuple[str, torch.Size, torch.dtype]]:
+    """Persistent buffers (in the state dict, so a checkpoint may hold them): name -> (owner, shape, dtype)."""
     found = {}
     for mname, module in model.named_modules():
         for bname, buf in module._buffers.items():
             if buf is not None and bname not in module._non_persistent_buffers_set:
-                found[f"{mname}.{bname}" if mname else bname] = (mname, buf.shape)
+                found[f"{mname}.{bname}" if mname else bname] = (mname, buf.shape, buf.dtype)
     return found
 
 

@@ -21,6 +21,7 @@ from reshard.plan import build_empty_model
 from reshard.verify import verify_folder
 
 from . import budget
+from .experts import ExpertStreamer, cache_budget, load_persistent_buffers
 from .stream import GroupLoader, Loaded, Prefetcher, StreamStats
 
 
@@ -89,7 +90,8 @@ class LayeredModel:
     `model(input_ids)` and `model.generate(...)` behave as transformers' do.
     """
 
-    def __init__(self, model, manifest, loader: GroupLoader, *, device, prefetch: int, tokenizer=None):
+    def __init__(self, model, manifest, loader: GroupLoader, *, device, prefetch: int, tokenizer=None,
+                 expert_cache: int = 0):
         self.model, self.manifest, self.loader = model, manifest, loader
         self.device, self.tokenizer = device, tokenizer
         self.stats = loader.stats
@@ -106,12 +108,14 @@ class LayeredModel:
         self._hooks: list = []  # handles of the streaming hooks, removed by close()
         self._hold_resident()
         self._install_hooks()
+        self.experts = ExpertStreamer(self, cache_bytes=expert_cache)  # MoE layers: only routed experts
+        self.experts.install()
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None, prefetch: int = 1,
                         max_gpu_memory=None, max_cpu_memory=None, trust_remote_code: bool = False,
                         verify: bool = False, revision: str | None = None, token: str | None = None,
-                        quantize: str | None = None) -> "LayeredModel":
+                        quantize: str | None = None, expert_cache=None) -> "LayeredModel":
         """Open a converted folder. `device` defaults to cuda if torch sees a GPU, else cpu;
         `dtype` defaults to the folder's; `prefetch` is how many groups the background thread
         reads ahead (0 reads each group when it is needed).
@@ -119,6 +123,9 @@ class LayeredModel:
         `max_gpu_memory` / `max_cpu_memory` (bytes, or text like "12GiB") bound the weights kept
         on the device and in host RAM; groups that fit stay there, the rest stream from disk.
         The defaults come from the free memory (see runtime.budget); 0 streams everything.
+        Streamed mixture-of-experts layers read only the experts their tokens use
+        (runtime/experts.py); `expert_cache` (bytes or text) keeps recently used experts on the
+        device, by default in what the budget leaves after placing the groups.
         Every file's presence, size and header are checked against the manifest; `verify`
         also checks their sha256 (reads every byte once).
 
@@ -142,7 +149,10 @@ class LayeredModel:
         _load_generation_config(model, path)
         loader = GroupLoader(path, manifest, dev, compute_dtype, StreamStats())
         loader.places = _place(loader, dev, prefetch, max_gpu_memory, max_cpu_memory)
-        return cls(model, manifest, loader, device=dev, prefetch=prefetch, tokenizer=_load_tokenizer(path))
+        load_persistent_buffers(model, loader)
+        cache = cache_budget(loader, dev, prefetch, max_gpu_memory, max_cpu_memory, expert_cache)
+        return cls(model, manifest, loader, device=dev, prefetch=prefetch, tokenizer=_load_tokenizer(path),
+                   expert_cache=cache)
 
     # --- calls go to transformers ------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -173,6 +183,7 @@ class LayeredModel:
         memory, now rather than at the next garbage collection (the hooks that tie the
         transformers model to this object are removed too). The model cannot run after this."""
         self.prefetcher.close()
+        self.experts.close()
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
@@ -239,7 +250,8 @@ class LayeredModel:
             for t in loaded.tensors.values():
                 t.record_stream(torch.cuda.current_stream(self.device))
         for slot, name in zip(self._slots[i], self._names[i]):
-            slot.put(loaded.tensors[name])
+            if name in loaded.tensors:  # routed experts are put in place by runtime/experts.py
+                slot.put(loaded.tensors[name])
         self._current = loaded
         self.stats.layer_loads += 1
         self.stats.bytes_streamed += loaded.nbytes

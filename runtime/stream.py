@@ -51,6 +51,9 @@ class PassStats:
     compute_seconds: float  # the rest: the pass itself (seconds - wait_seconds)
     bytes: int  # weight bytes streamed to the compute device for this pass
     gb_per_s: float  # bytes / seconds
+    experts_read: int = 0  # routed experts brought from files or host memory (runtime/experts.py)
+    experts_cached: int = 0  # routed experts served from the expert cache
+    expert_bytes: int = 0  # bytes of the experts read (part of `bytes`)
 
 
 @dataclass
@@ -64,22 +67,29 @@ class StreamStats:
     wait_seconds: float = 0.0  # compute waiting for weights that were not ready yet
     seconds: float = 0.0  # wall time inside forward passes
     bytes_streamed: int = 0  # weight bytes brought to the compute device during passes
+    experts_read: int = 0  # routed experts brought from files or host memory
+    experts_cached: int = 0  # routed experts served from the expert cache
+    expert_bytes: int = 0  # bytes of the experts read (part of bytes_streamed)
     resident_bytes: dict = field(default_factory=dict)  # "device"/"host"/"disk" -> bytes placed there
     per_group_loads: collections.Counter = field(default_factory=collections.Counter)
     per_pass: list = field(default_factory=list)  # one PassStats per forward pass
-    _mark: tuple = (0.0, 0.0, 0.0, 0, 0.0)
+    _mark: tuple = (0.0, 0.0, 0.0, 0, 0.0, (0, 0, 0))
+
+    def _experts(self) -> tuple[int, int, int]:
+        return self.experts_read, self.experts_cached, self.expert_bytes
 
     def start_pass(self) -> None:
         self._mark = (self.read_seconds, self.copy_seconds, self.wait_seconds, self.bytes_streamed,
-                      time.perf_counter())
+                      time.perf_counter(), self._experts())
 
     def end_pass(self) -> PassStats:
-        read, copy, wait, nbytes, t0 = self._mark
+        read, copy, wait, nbytes, t0, experts = self._mark
         seconds = time.perf_counter() - t0
         wait = self.wait_seconds - wait
         moved = self.bytes_streamed - nbytes
         p = PassStats(seconds, self.read_seconds - read, self.copy_seconds - copy, wait,
-                      seconds - wait, moved, moved / seconds / 1e9 if seconds else 0.0)
+                      seconds - wait, moved, moved / seconds / 1e9 if seconds else 0.0,
+                      *(now - then for now, then in zip(self._experts(), experts)))
         self.passes += 1
         self.seconds += seconds
         self.per_pass.append(p)
@@ -117,6 +127,9 @@ class GroupLoader:
         self._staging_done: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        # groups whose loads bring one span of their data section, without the tensors named
+        # (their routed experts come separately, see runtime/experts.py): i -> (span, names left out)
+        self.partial: dict[int, tuple[tuple[int, int], frozenset]] = {}
 
     def group_bytes(self, i: int) -> int:
         """Bytes group i takes once loaded: its file plus the tied tensors it borrows."""
@@ -163,17 +176,30 @@ class GroupLoader:
             return self._load_cuda(i)
         return self._load_cpu(i)
 
+    def host_data(self, i: int) -> torch.Tensor | None:
+        """Group i's data section held in (pinned) host memory, if it is a HOST group."""
+        return self._host.get(i)
+
+    def _span(self, i: int) -> tuple[tuple[int, int] | None, frozenset, int]:
+        """(span of the data section to bring or None for all, tensor names left out, its bytes)."""
+        span, skip = self.partial.get(i, (None, frozenset()))
+        gf = self.files[i]
+        nbytes = (span[1] - span[0]) if span else (gf.nbytes if gf else 0)
+        return span, skip, nbytes
+
     def _load_cpu(self, i: int) -> Loaded:
         t0 = time.perf_counter()
         gf, tensors = self.files[i], {}
+        span, skip, nbytes = self._span(i)
         if gf is not None:
-            gf.touch()
-            tensors = self._expand(i, {name: self._cast(gf.tensor(name)) for name in gf.infos})  # views made once
+            gf.touch(span)
+            names = [n for n in gf.infos if n not in skip]
+            tensors = self._expand(i, {name: self._cast(gf.tensor(name)) for name in names})  # views made once
         for alias, (j, name) in self.aliases[i].items():
             tensors[alias] = self._param(j, name, lambda t: t)
         self.stats.read_seconds += time.perf_counter() - t0
-        self.stats.bytes_read += gf.nbytes if gf else 0
-        return Loaded(i, tensors, None, gf.nbytes if gf else 0)
+        self.stats.bytes_read += nbytes
+        return Loaded(i, tensors, None, nbytes)
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.dtype) if t.is_floating_point() and t.dtype != self.dtype else t
@@ -192,13 +218,15 @@ class GroupLoader:
         return expand_param(parts, group.quantized[name], self.scheme, self.dtype)
 
     def _load_cuda(self, i: int) -> Loaded:
-        gf, tensors, nbytes, read = self.files[i], {}, 0, 0.0
+        gf, tensors, read = self.files[i], {}, 0.0
+        span, skip, nbytes = self._span(i)
         t0 = time.perf_counter()
         with torch.cuda.stream(self.copy_stream):
             if gf is not None:
-                nbytes = gf.nbytes
-                flat, read = self._to_device(i, gf)
-                tensors = self._expand(i, {name: self._cast(gf.view_of(flat, name)) for name in gf.infos})
+                flat, read = self._to_device(i, gf, span)
+                base = span[0] if span else 0
+                tensors = self._expand(i, {name: self._cast(gf.view_of(flat, name, base))
+                                           for name in gf.infos if name not in skip})
             for alias, (j, name) in self.aliases[i].items():
                 tensors[alias] = self._param(j, name, lambda t: t.to(self.device))
             event = torch.cuda.Event()
@@ -209,16 +237,18 @@ class GroupLoader:
         self.stats.bytes_copied += nbytes
         return Loaded(i, tensors, event, nbytes)
 
-    def _to_device(self, i: int, gf: GroupFile) -> tuple[torch.Tensor, float]:
-        """Group i's bytes -> device on the copy stream; (device bytes, seconds spent reading the file).
+    def _to_device(self, i: int, gf: GroupFile, span: tuple[int, int] | None = None) -> tuple[torch.Tensor, float]:
+        """Group i's bytes (or bytes `span` of its data section) -> device on the copy stream;
+        (device bytes, seconds spent reading the file).
 
         A HOST group is copied from its pinned buffer; a DISK group goes file -> pinned
         staging buffer (two, used in turn) -> device.
         """
         if i in self._host:
-            flat = torch.empty(self._host[i].numel(), dtype=torch.uint8, device=self.device)
-            return flat.copy_(self._host[i], non_blocking=True), 0.0
-        host = gf.data()
+            held = self._host[i][span[0]:span[1]] if span else self._host[i]
+            flat = torch.empty(held.numel(), dtype=torch.uint8, device=self.device)
+            return flat.copy_(held, non_blocking=True), 0.0
+        host = gf.data(span)
         if not self._staging:  # sized to the largest group read from its file
             largest = max(f.nbytes for f, p in zip(self.files, self.places) if f and p != HOST)
             self._staging = [torch.empty(largest, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
@@ -227,12 +257,12 @@ class GroupLoader:
         if self._staging_done[turn] is not None:
             self._staging_done[turn].synchronize()  # the copy that last used this buffer is done
         t0 = time.perf_counter()
-        gf.touch()  # the whole file in one call: the kernel reads ahead, no fault per page
+        gf.touch(span)  # the whole file (or span) in one call: the kernel reads ahead, no fault per page
         staging = self._staging[turn][: host.numel()]
         staging.copy_(host)  # page cache -> pinned memory
         gf.evict()
         read = time.perf_counter() - t0
-        self.stats.bytes_read += gf.nbytes
+        self.stats.bytes_read += gf.nbytes if span is None else host.numel()
         flat = torch.empty(host.numel(), dtype=torch.uint8, device=self.device)
         flat.copy_(staging, non_blocking=True)
         done = torch.cuda.Event()
