@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -112,7 +113,7 @@ def check_quantize_flags(quantize, quantize_group: int, quantize_embeddings: boo
 
 
 def describe(folder) -> dict:
-    from .format import read_manifest, unquantized_bytes
+    from .format import expert_bytes, read_manifest, unquantized_bytes
 
     m = read_manifest(folder)
     scheme = (m.quantization or {}).get("scheme")
@@ -123,14 +124,35 @@ def describe(folder) -> dict:
     streaming = sum(sorted(sizes, reverse=True)[:2])
     return {
         "architecture": m.architecture, "dtype": m.dtype, "source": m.source,
-        "groups": [{"name": g.name, "file": g.file, "bytes": g.bytes, "tensors": len(g.tensors)} for g in m.groups],
+        "groups": [{"name": g.name, "file": g.file, "bytes": g.bytes, "tensors": len(g.tensors),
+                    "expert_bytes": expert_bytes(g)} for g in m.groups],
         "total_bytes": m.total_bytes, "largest_layer_bytes": layer_sizes[0] if layer_sizes else 0,
         "streaming_weight_bytes": streaming, "quantization": m.quantization,
         # bytes read per forward pass (every file once), and what they would be unquantized
         "pass_bytes": m.total_bytes, "pass_bytes_unquantized": sum(unquantized_bytes(g, scheme) for g in m.groups),
         "layer_bytes": sum(g.bytes for g in m.groups if g.kind == "layer"),
         "layer_bytes_unquantized": sum(unquantized_bytes(g, scheme) for g in m.groups if g.kind == "layer"),
+        # mixtures of experts: bytes of routed experts, and what a batch-1 token reads of the files
+        "expert_bytes": sum(expert_bytes(g) for g in m.groups), "token_bytes": token_bytes(folder, m),
     }
+
+
+def token_bytes(folder, m) -> int | None:
+    """Bytes one token's pass needs when only its routed experts are read (None: k unknown)."""
+    from .format import expert_bytes
+
+    if not any(g.experts for g in m.groups):
+        return m.total_bytes
+    try:
+        k = json.loads((Path(folder) / "config.json").read_text())["num_experts_per_tok"]
+    except (OSError, ValueError, KeyError):
+        return None
+    unused = 0
+    for g in m.groups:
+        for entry in g.experts.values():
+            count = entry["num_experts"]
+            unused += expert_bytes(g, entry) * max(0, count - k) // count
+    return m.total_bytes - unused
 
 
 def print_info(folder, *, as_json: bool = False) -> None:
@@ -152,6 +174,13 @@ def print_info(folder, *, as_json: bool = False) -> None:
         print(f"bytes/pass    {_gb(d['pass_bytes'])} ({_gb(d['pass_bytes_unquantized'])} unquantized, "
               f"{d['pass_bytes'] / d['pass_bytes_unquantized']:.3f}x); decoder layers "
               f"{d['layer_bytes'] / d['layer_bytes_unquantized']:.3f}x")
+    if d["expert_bytes"]:
+        print(f"experts       {_gb(d['expert_bytes'])} routed-expert bytes in "
+              f"{sum(1 for g in d['groups'] if g['expert_bytes'])} layers "
+              f"({_gb(max(g['expert_bytes'] for g in d['groups']))} in the largest)")
+        if d["token_bytes"] is not None:
+            print(f"bytes/token   {_gb(d['token_bytes'])} at batch 1 reading only routed experts "
+                  f"(all files: {_gb(d['total_bytes'])})")
     print(f"device memory for weights while streaming (2 largest groups): {_gb(d['streaming_weight_bytes'])}"
           f" + KV cache and activations")
 

@@ -163,10 +163,10 @@ def dense_range(infos: dict[str, TensorInfo], group: Group) -> tuple[int, int]:
     return (min(b for b, _ in ranges), max(e for _, e in ranges)) if ranges else (0, 0)
 
 
-def expert_bytes(group: Group) -> int:
-    """Bytes of all the group's expert tensors (from the manifest alone)."""
-    return sum(_numel(group.tensors[n]["shape"]) * ST_TO_DTYPE[group.tensors[n]["dtype"]].itemsize
-               for n in expert_tensors(group))
+def expert_bytes(group: Group, entry: dict | None = None) -> int:
+    """Bytes of the group's expert tensors (those of one experts module `entry`, or all)."""
+    names = entry["tensors"] if entry is not None else expert_tensors(group)
+    return sum(_numel(group.tensors[n]["shape"]) * ST_TO_DTYPE[group.tensors[n]["dtype"]].itemsize for n in names)
 
 
 def unquantized_bytes(group: Group, scheme: str | None) -> int:

@@ -64,11 +64,11 @@ class _Buffer:
 
 
 class ExpertStreamer:
-    """Installs the expert hooks on `layered` (a LayeredModel) for every streamed MoE group."""
+    """Expert hooks for every streamed MoE group that `loader` (a GroupLoader) loads."""
 
-    def __init__(self, layered, *, cache_bytes: int = 0):
-        self.layered, self.loader, self.stats = layered, layered.loader, layered.stats
-        self.device, self.dtype = layered.device, layered.loader.dtype
+    def __init__(self, loader, *, cache_bytes: int = 0):
+        self.loader, self.stats = loader, loader.stats  # no reference to the LayeredModel: no cycle
+        self.device, self.dtype = loader.device, loader.dtype
         self.cache = ExpertCache(cache_bytes)
         self.buffers: dict[tuple, _Buffer] = {}
         self.staging: torch.Tensor | None = None  # CUDA: pinned bytes of the experts being read
@@ -76,11 +76,11 @@ class ExpertStreamer:
         self.hooks: list = []
         self.read_seconds = 0.0
 
-    def install(self) -> None:
-        """Make every streamed group with experts load without them, and hook its experts modules."""
-        model = self.layered.model
-        for i, group in enumerate(self.layered.groups):
-            if not group.experts or self.layered.places[i] == budget.DEVICE or group.quantized:
+    def install(self, model: nn.Module) -> None:
+        """Make every streamed group with experts load without them, and hook the experts modules
+        of `model` (the transformers model)."""
+        for i, group in enumerate(self.loader.manifest.groups):
+            if not group.experts or self.loader.places[i] == budget.DEVICE or group.quantized:
                 continue  # resident groups keep all experts; quantized experts load whole
             gf = self.loader.files[i]
             self.loader.partial[i] = (dense_range(gf.infos, group), frozenset(expert_tensors(group)))

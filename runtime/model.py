@@ -108,8 +108,8 @@ class LayeredModel:
         self._hooks: list = []  # handles of the streaming hooks, removed by close()
         self._hold_resident()
         self._install_hooks()
-        self.experts = ExpertStreamer(self, cache_bytes=expert_cache)  # MoE layers: only routed experts
-        self.experts.install()
+        self.experts = ExpertStreamer(loader, cache_bytes=expert_cache)  # MoE layers: only routed experts
+        self.experts.install(model)
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None, prefetch: int = 1,

@@ -31,10 +31,30 @@ def tiny_config(arch: str):
                              bos_token_id=1, eos_token_id=2)
     if arch == "phi3":  # fused qkv and gate_up projections
         return tf.Phi3Config(**TINY, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    return moe_config(arch)
+
+
+def moe_config(arch: str):
+    """Tiny mixtures of experts: 8 experts, 2 per token; hub checkpoints store one tensor per expert."""
+    import transformers as tf
+
+    moe = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=128, num_experts_per_tok=2, tie_word_embeddings=False)
+    if arch == "mixtral":  # every layer MoE; w1/w3/w2 per expert, `block_sparse_moe` renamed to `mlp`
+        return tf.MixtralConfig(**moe, intermediate_size=48, num_local_experts=8)
+    if arch == "qwen3_moe":  # a dense first layer (mlp_only_layers), q/k norms
+        return tf.Qwen3MoeConfig(**moe, intermediate_size=112, moe_intermediate_size=32, num_experts=8,
+                                 head_dim=16, mlp_only_layers=[0])
+    if arch == "deepseek_v3":  # MLA attention, shared expert, grouped routing with a score-bias buffer
+        return tf.DeepseekV3Config(**moe, intermediate_size=112, moe_intermediate_size=32, n_routed_experts=8,
+                                   n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1,
+                                   q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                   v_head_dim=16)
     raise ValueError(arch)
 
 
 ARCHS = ["llama", "qwen2", "gemma", "gpt2", "phi3"]
+MOE_ARCHS = ["mixtral", "qwen3_moe", "deepseek_v3"]
 
 
 def save_tiny(arch: str, folder: Path, *, seed: int = 0, max_shard_size: str | None = None) -> Path:
@@ -42,6 +62,9 @@ def save_tiny(arch: str, folder: Path, *, seed: int = 0, max_shard_size: str | N
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    for name, buf in model.named_buffers():  # a checkpoint's own buffer values (DeepSeek's score bias) matter
+        if name.endswith("e_score_correction_bias"):
+            buf.copy_(torch.rand(buf.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
     save_tiny_tokenizer(folder, model.config.vocab_size)
@@ -71,6 +94,24 @@ def tiny_checkpoints(tmp_path_factory):
     """arch -> folder of a saved tiny random checkpoint (sharded, so several source files)."""
     root = tmp_path_factory.mktemp("tiny")
     return {a: save_tiny(a, root / a, max_shard_size="200KB") for a in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def moe_checkpoints(tmp_path_factory):
+    """arch -> folder of a saved tiny random mixture-of-experts checkpoint (hub layout, sharded)."""
+    root = tmp_path_factory.mktemp("tiny-moe")
+    return {a: save_tiny(a, root / a, max_shard_size="200KB") for a in MOE_ARCHS}
+
+
+@pytest.fixture(scope="session")
+def moe_converted(moe_checkpoints, tmp_path_factory):
+    """arch -> folder written by `reshard convert` from `moe_checkpoints` (float32)."""
+    from reshard.convert import convert
+
+    root = tmp_path_factory.mktemp("tiny-moe-out")
+    for arch, src in moe_checkpoints.items():
+        convert(str(src), root / arch, progress=False)
+    return {arch: root / arch for arch in moe_checkpoints}
 
 
 @pytest.fixture(scope="session")

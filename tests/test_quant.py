@@ -168,11 +168,11 @@ def test_quantized_conversion_is_deterministic_and_resumes_byte_identical(tiny_c
 
     real, written = conv.write_group_file, []
 
-    def dies_after_two(path, tensors):
+    def dies_after_two(path, tensors, *args):
         if len(written) == 2:
             raise KeyboardInterrupt
         written.append(path.name)
-        return real(path, tensors)
+        return real(path, tensors, *args)
 
     monkeypatch.setattr(conv, "write_group_file", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
@@ -180,7 +180,7 @@ def test_quantized_conversion_is_deterministic_and_resumes_byte_identical(tiny_c
     assert written == ["embed.safetensors", "layers.00000.safetensors"]
     assert not (tmp_path / "c" / MANIFEST).exists()
     kept_inode = (tmp_path / "c" / "layers.00000.safetensors").stat().st_ino
-    monkeypatch.setattr(conv, "write_group_file", lambda path, tensors: (written.append(path.name), real(path, tensors))[1])
+    monkeypatch.setattr(conv, "write_group_file", lambda path, tensors, *args: (written.append(path.name), real(path, tensors, *args))[1])
     convert(src, tmp_path / "c", **kwargs)  # the same command again: resumes
     assert written[2:] == ["layers.00001.safetensors", "layers.00002.safetensors", "norm.safetensors", "head.safetensors"]
     assert (tmp_path / "c" / "layers.00000.safetensors").stat().st_ino == kept_inode  # finished work was kept
