@@ -23,6 +23,7 @@ from .errors import UsageError
     "reshard convert meta-llama/Llama-2-70b-hf llama-70b-int4/ --dtype float16 --quantize int4",
     "reshard info llama-70b/",
     "reshard verify llama-70b/",
+    "reshard list",
 ))
 @version_option("reshard")
 def cli() -> None:
@@ -72,6 +73,40 @@ def info(folder, as_json) -> int:
     """Groups, dtype, bytes, and the device memory streaming needs, of FOLDER (written by `reshard convert`)."""
     print_info(folder, as_json=as_json)
     return 0
+
+
+@cli.command("list", short_help="show the models converted into the cache, and their sizes",
+             examples=("reshard list --json   # one JSON object per model", "reshard list"))
+@click.option("--json", "as_json", is_flag=True, cls=Option, help="print one JSON object per model instead of a table")
+def list_command(as_json) -> int:
+    """Show what the conversion cache holds: the models that `runtime` and `LayeredModel.from_pretrained`
+    converted from a hub repo id or a .gguf file on first use. The cache is $RESHARD_CACHE, else
+    reshard/ in the Hugging Face cache folder; delete a model's folder to free its space."""
+    from .cache import cache_root, list_cached
+
+    root = cache_root()
+    models = list_cached(root)
+    if not models:
+        print(f"reshard: no converted models in {root}", file=sys.stderr)
+    for line in format_cache(models, as_json=as_json):
+        print(line)
+    if models and not as_json:
+        print(f"total {_gb(sum(m.bytes for m in models))} in {root}")
+    return 0
+
+
+def format_cache(models, *, as_json: bool = False) -> list[str]:
+    """One line per cached model: source, commit, dtype/quantization, size, folder."""
+    if not models:
+        return []
+    if as_json:
+        return [json.dumps({"source": m.source, "commit": m.commit, "variant": m.variant, "bytes": m.bytes,
+                            "finished": m.finished, "folder": str(m.folder)}) for m in models]
+    rows = [(m.source, (m.commit or "-")[:12], m.variant, _gb(m.bytes),
+             str(m.folder) + ("" if m.finished else "  (unfinished: resumed on next use)")) for m in models]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return ["  ".join([*(c.ljust(w) if i != 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))), r[4]])
+            for r in rows]
 
 
 @cli.command("verify", short_help="check every file of a converted folder against its manifest", examples=("reshard verify llama-70b/", "reshard verify llama-70b/ --no-checksums"))

@@ -12,16 +12,18 @@ from types import SimpleNamespace
 
 import click
 
-from reshard.commandline import Group, Option, folder_argument, open_output, output_option, run_command, version_option
+from reshard.commandline import Group, Option, open_output, output_option, run_command, version_option
 from reshard.errors import UsageError
 
-from .options import SAMPLING, check_generation, model_options, ray_options, sampling_kwargs, sampling_options
+from .options import (SAMPLING, check_generation, model_argument, model_options, ray_options, sampling_kwargs,
+                      sampling_options)
 
 
 @click.group(cls=Group, examples=(
     'runtime generate llama-70b/ -p "The capital of France is" -n 20',
     'echo "What is 2+2?" | runtime generate smollm2/ --chat --device cpu',
     'runtime generate llama-70b/ --verify -p "Hello"   # check every file\'s sha256 first',
+    'runtime generate HuggingFaceTB/SmolLM2-135M-Instruct --chat -p "Hi"   # converted into the cache once',
     "runtime generate smollm2/ --prompts-file prompts.txt -n 40 > out.jsonl",
     "runtime score smollm2/ questions.jsonl -o scored.jsonl --batch-size 16",
     "runtime score llama-70b/ questions.jsonl -o scored.jsonl --ray-workers 4   # 4 GPUs, one model each",
@@ -39,8 +41,9 @@ def main(argv=None) -> int:
     "runtime generate smollm2/ --chat -p 'What is a llama?'",
     "echo 'Once upon a time' | runtime generate smollm2/ -n 40 --temperature 0.7 --seed 1",
     "runtime generate smollm2/ --prompts-file prompts.txt -n 40 > out.jsonl",
+    "runtime generate HuggingFaceTB/SmolLM2-135M-Instruct --chat -p 'Hi'   # converted into the cache once",
 ))
-@folder_argument("model")
+@model_argument()
 @click.option("-p", "--prompt", default=None, cls=Option, section=SAMPLING, show_default="read stdin",
               help="the prompt")
 @click.option("--chat", is_flag=True, cls=Option, section=SAMPLING,
@@ -57,8 +60,9 @@ def main(argv=None) -> int:
 @model_options
 @ray_options
 def generate(**options) -> int:
-    """Generate a continuation of a prompt (from --prompt or stdin) with the converted MODEL folder,
-    streaming the text to stdout as it is produced."""
+    """Generate a continuation of a prompt (from --prompt or stdin) with MODEL, streaming the text to
+    stdout as it is produced. MODEL is a folder written by `reshard convert`, or a hub repo id or a
+    .gguf file, converted into the cache on first use (`reshard list` shows it)."""
     args = SimpleNamespace(**options)
     check_generation(args)
     if args.prompt is not None and args.prompts_file is not None:
@@ -67,6 +71,7 @@ def generate(**options) -> int:
         raise UsageError("--prompt-lookup and --assistant cannot be combined; pick one")
     if args.ray_workers is not None and args.prompts_file is None:
         raise UsageError("--ray-workers needs --prompts-file (one prompt runs on one model)")
+    use_converted_folder(args)
     if args.prompts_file is not None:
         return generate_file(args)
     return generate_one(args)
@@ -76,7 +81,7 @@ def generate(**options) -> int:
     "runtime score smollm2/ questions.jsonl -o scored.jsonl",
     "runtime score llama-70b/ questions.jsonl -o - --batch-size 16 --device cuda | jq .best",
 ))
-@folder_argument("model")
+@model_argument()
 @click.argument("input", type=click.Path(dir_okay=False))
 @output_option(required=True, help="JSONL file to write, one line per input line; - writes to stdout")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, cls=Option, help="items per micro-batch")
@@ -85,11 +90,22 @@ def generate(**options) -> int:
 @model_options
 @ray_options
 def score(**options) -> int:
-    """Score the JSONL lines of INPUT with the converted MODEL folder, reading each layer once for all lines.
+    """Score the JSONL lines of INPUT with MODEL (a converted folder, a hub repo id or a .gguf file),
+    reading each layer once for all lines.
 
     Lines {"prompt", "choices"} get "scores" and "best"; lines {"text"} get "logprob" and "tokens".
     """
-    return score_file(SimpleNamespace(**options))
+    args = SimpleNamespace(**options)
+    use_converted_folder(args)
+    return score_file(args)
+
+
+def use_converted_folder(args) -> None:
+    """A hub repo id or .gguf MODEL becomes its folder in the cache, converted first if need be."""
+    from .model import converted_folder
+
+    args.model = str(converted_folder(args.model, dtype=args.dtype, revision=args.revision, token=args.token,
+                                      trust_remote_code=args.trust_remote_code))
 
 
 def open_model(args):

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import click
 
-from reshard.commandline import DTYPES, Option, trust_remote_code_option
+from reshard.commandline import DTYPES, Option, revision_option, token_option, trust_remote_code_option
 from reshard.errors import UsageError
 
 MODEL = "Model and memory"
+SOURCE = "Hub repo ids (converted into the cache on first use; see `reshard list`)"
 SAMPLING = "Generation"
 
 
@@ -38,9 +39,14 @@ def check_size(ctx, param, value):
     return value
 
 
+def model_argument():
+    """MODEL: a converted folder, or a hub repo id or `.gguf` file (converted into the cache on first use)."""
+    return click.argument("model", metavar="MODEL", type=click.Path())
+
+
 def model_options(fn):
     """--device, --dtype, --prefetch, --max-gpu-memory, --max-cpu-memory, --trust-remote-code,
-    --verify, --stats: what `open_model` needs."""
+    --verify, --stats, and --revision, --token for a hub repo id: what `open_model` needs."""
     decorators = [
         click.option("--device", default=None, callback=check_device, cls=Option, section=MODEL,
                      show_default="cuda if available, else cpu", help="cpu, cuda or cuda:N"),
@@ -60,6 +66,8 @@ def model_options(fn):
                      help="check every file's sha256 against the manifest first"),
         click.option("--stats", is_flag=True, cls=Option, section=MODEL,
                      help="print one JSON line of statistics (totals and per pass) last on stderr"),
+        revision_option(section=SOURCE),
+        token_option(section=SOURCE),
     ]
     for decorate in reversed(decorators):
         fn = decorate(fn)

@@ -141,3 +141,43 @@ def test_gguf_path_converts_once_then_reuses(small_gguf, cache, monkeypatch, cap
     with open_cpu(small_gguf) as model:
         assert torch.equal(model(IDS).logits, ref(IDS).logits)
     assert capsys.readouterr().err.splitlines() == [f"reshard: using {folder} ({small_gguf} (auto), converted earlier)"]
+
+
+def test_runtime_generate_hub_id_converts_once_then_reuses(fake_hub, cache, tiny_converted, capsys):
+    from runtime.cli import main as runtime_main
+
+    args = ["--prompt", "w3 w4", "-n", "5", "--device", "cpu", "--max-cpu-memory", "0"]
+    assert runtime_main(["generate", str(tiny_converted["llama"]), *args]) == 0
+    want = capsys.readouterr().out
+    folder = cache / "hub" / "org--tiny-llama" / FakeHub.COMMIT / "auto"
+    for first in (True, False):
+        assert runtime_main(["generate", "org/tiny-llama", *args]) == 0
+        out, err = capsys.readouterr()
+        assert out == want
+        note = (f"reshard: converting org/tiny-llama @ {FakeHub.COMMIT[:12]} (auto) into {folder} (once; later runs "
+                f"reuse it)" if first else
+                f"reshard: using {folder} (org/tiny-llama @ {FakeHub.COMMIT[:12]} (auto), converted earlier)")
+        assert err.splitlines()[0] == note
+    assert len(weight_downloads(fake_hub)) == 3  # downloaded once
+
+
+def test_reshard_list_prints_the_cache(fake_hub, cache, capsys):
+    import json
+
+    from reshard.cli import main as reshard_main
+
+    assert reshard_main(["list"]) == 0
+    assert capsys.readouterr() == ("", f"reshard: no converted models in {cache}\n")
+    with open_cpu("org/tiny-llama"):
+        pass
+    capsys.readouterr()
+    folder = cache / "hub" / "org--tiny-llama" / FakeHub.COMMIT / "auto"
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    assert reshard_main(["list"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"org/tiny-llama  {FakeHub.COMMIT[:12]}  auto  {size / 1e6:.2f} MB  {folder}",
+        f"total {size / 1e6:.2f} MB in {cache}"]
+    assert reshard_main(["list", "--json"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [
+        {"source": "org/tiny-llama", "commit": FakeHub.COMMIT, "variant": "auto", "bytes": size, "finished": True,
+         "folder": str(folder)}]

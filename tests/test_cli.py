@@ -11,7 +11,7 @@ from reshard import __version__
 from reshard.cli import main as reshard_main
 from runtime.cli import main as runtime_main
 
-SUBCOMMANDS = {"reshard": (reshard_main, ["convert", "info", "verify"]),
+SUBCOMMANDS = {"reshard": (reshard_main, ["convert", "info", "list", "verify"]),
                "runtime": (runtime_main, ["generate", "score"])}
 
 
