@@ -43,7 +43,7 @@ def generate_batch(lm, prompts: list[str], *, chat: bool = False, keep_logits: b
     out = lm.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), pad_token_id=pad,
                       return_dict_in_generate=True, output_logits=keep_logits, **generate_kwargs)
     new = out.sequences[:, ids.shape[1]:].cpu()
-    eos = _eos_ids(lm)
+    eos = eos_ids(lm)
     results = []
     for r, prompt in enumerate(prompts):
         tokens = _until_eos(new[r].tolist(), eos)
@@ -56,9 +56,15 @@ def prompt_ids(tok, text: str, *, chat: bool) -> list[int]:
     """The prompt's tokens, wrapped in the tokenizer's chat template with `chat`."""
     if not chat:
         return tok(text)["input_ids"]
+    return chat_ids(tok, [{"role": "user", "content": text}])
+
+
+def chat_ids(tok, messages: list[dict]) -> list[int]:
+    """The tokens of a conversation (`{"role", "content"}` dicts) in the tokenizer's chat template,
+    ending with the assistant's turn begun."""
     if not getattr(tok, "chat_template", None):
         raise UsageError("this tokenizer has no chat template; drop --chat")
-    text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
@@ -67,7 +73,7 @@ def pad_id(lm) -> int:
     gc = lm.generation_config
     if gc.pad_token_id is not None:
         return gc.pad_token_id
-    eos = _eos_ids(lm)
+    eos = eos_ids(lm)
     return eos[0] if eos else 0
 
 
@@ -105,7 +111,8 @@ def _load_converted(path: Path, device: torch.device, dtype: torch.dtype):
     return model.eval()
 
 
-def _eos_ids(lm) -> list[int]:
+def eos_ids(lm) -> list[int]:
+    """The generation config's end-of-sequence tokens (none, one or several)."""
     eos = lm.generation_config.eos_token_id
     return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
 

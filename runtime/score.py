@@ -113,7 +113,7 @@ class _Prompts:
         ids, mask = self.ids.to(self.lm.device), self.mask.to(self.lm.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                            use_cache=True, **_cache_arg(self.lm, self.cache), **_last_logits_only(self.lm))
+                            use_cache=True, **cache_arg(self.lm, self.cache), **last_logits_only(self.lm))
         logprobs = out.logits[:, -1].float().log_softmax(-1)  # (B, V)
         return [{t: logprobs[b, t].item() for t in firsts} for b, firsts in enumerate(self.firsts)]
 
@@ -151,7 +151,7 @@ class _Choices:
             return []
         dev = self.lm.device
         out = self.lm.model(input_ids=self.ids.to(dev), attention_mask=self.mask.to(dev),
-                            position_ids=self.positions.to(dev), use_cache=True, **_cache_arg(self.lm, self.cache))
+                            position_ids=self.positions.to(dev), use_cache=True, **cache_arg(self.lm, self.cache))
         return _sum_next_token_logprobs(out.logits, self.ids, self.mask[:, -self.ids.shape[1]:])
 
 
@@ -251,11 +251,11 @@ def _drop_kv(cache, layer: int) -> None:
         slot.keys = slot.values = slot.keys.new_empty(0)
 
 
-def _last_logits_only(lm) -> dict:
+def last_logits_only(lm) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(lm) else {}
 
 
-def _cache_arg(lm, cache) -> dict:
+def cache_arg(lm, cache) -> dict:
     """transformers 5.2x names the cache argument `cache`; earlier versions `past_key_values`."""
     return {"cache": cache} if "cache" in _forward_params(lm) else {"past_key_values": cache}
 
