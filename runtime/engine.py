@@ -86,6 +86,8 @@ class Engine:
         self.lm, self.max_batch, self.max_queue = lm, max_batch, max_queue
         self.context = getattr(lm.config, "max_position_embeddings", None)
         self.counters = Counters()
+        # Fast tokenizers may not encode and decode at once from two threads; callers encode under it.
+        self.tokenizer_lock = threading.Lock()
         self._eos, self._pad = set(eos_ids(lm)), pad_id(lm)
         self._ids = itertools.count(1)
         self._waiting: deque[Sequence] = deque()
@@ -225,7 +227,8 @@ class Engine:
             token = pick_token(row, seq.sampling, seq.generator)
             seq.tokens.append(token)
             self.counters.generated_tokens += 1
-            text = seq.tail.add(token)
+            with self.tokenizer_lock:
+                text = seq.tail.add(token)
             if token in self._eos or seq.tail.stopped:
                 self._finish(seq, "stop", text=text)
             elif len(seq.tokens) >= seq.sampling.max_tokens:
