@@ -1,0 +1,230 @@
+"""`runtime serve`'s HTTP API through the real `openai` client, on a free loopback port: answers
+equal `runtime generate`'s, concurrent requests share passes, and bad requests, disconnects and
+a full queue get their documented responses while the server keeps serving."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
+
+import openai
+import pytest
+
+from runtime import LayeredModel
+from runtime.cli import main as runtime_main
+from runtime.engine import Engine
+from runtime.server import BackgroundServer, create_app
+
+KEY = "sk-test"
+CHATS = ["What is the capital of France?", "Write a haiku about the sea in winter.", "Hi!", "Name three colours.",
+         "What is 2 + 2?", "Tell me a fun fact about octopuses.", "Translate 'good morning' to French.",
+         "Give me a tip for sleeping well."]
+
+
+@contextlib.contextmanager
+def serving(folder, *, api_key=KEY, **engine_options):
+    """A server for `folder` (streamed, float32, CPU) on a free port; yields (url, engine)."""
+    lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", max_cpu_memory=0)
+    engine = Engine(lm, **engine_options)
+    server = BackgroundServer(create_app(engine, model_name="m", api_key=api_key))
+    try:
+        yield server.url, engine
+    finally:
+        server.stop()
+        engine.close()
+        lm.close()
+
+
+def client(url: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=300)
+
+
+def raw(url: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    """(status, parsed JSON or text) of one plain HTTP request."""
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.request(method, path, body=body, headers={"Authorization": f"Bearer {KEY}",
+                                                   "Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    data = resp.read().decode()
+    conn.close()
+    return resp.status, (json.loads(data) if resp.getheader("content-type", "").startswith("application/json") else data)
+
+
+def metrics(url: str) -> dict[str, float]:
+    _, text = raw(url, "GET", "/metrics")
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def runtime_generate(capsys, folder, prompt: str, n: int, *chat) -> str:
+    capsys.readouterr()
+    assert runtime_main(["generate", str(folder), "--prompt", prompt, "--max-new-tokens", str(n), *chat,
+                         "--device", "cpu", "--dtype", "float32", "--max-cpu-memory", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("\n")
+    return out[:-1]  # the streamer ends the text with a newline
+
+
+def ask_chat(c: openai.OpenAI, prompt: str, n: int, **kwargs) -> str:
+    r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": prompt}], temperature=0,
+                                  max_tokens=n, **kwargs)
+    return r.choices[0].message.content
+
+
+# --- the tiny model: fast checks of the API's edges -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_converted):
+    with serving(tiny_converted["llama"]) as (url, engine):
+        yield url, engine
+
+
+def assert_still_serves(url: str) -> None:
+    r = client(url).completions.create(model="m", prompt="w5 w6 w7", temperature=0, max_tokens=4)
+    assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens >= 1
+
+
+def test_models_health_metrics(tiny_server):
+    url, _ = tiny_server
+    assert [m.id for m in client(url).models.list()] == ["m"]
+    assert raw(url, "GET", "/health") == (200, {"status": "ok", "model": "m", "active": 0, "waiting": 0})
+    before = metrics(url)
+    r = client(url).completions.create(model="m", prompt="w5 w6 w7", temperature=0, max_tokens=5)
+    after = metrics(url)
+    assert after["runtime_requests_total"] == before["runtime_requests_total"] + 1
+    assert after["runtime_generated_tokens_total"] - before["runtime_generated_tokens_total"] == r.usage.completion_tokens
+    assert after["runtime_passes_total"] - before["runtime_passes_total"] == r.usage.completion_tokens  # 1 prefill + n-1
+    assert after["runtime_weight_bytes_streamed_total"] > before["runtime_weight_bytes_streamed_total"]
+    assert after["runtime_response_bytes_total"] > before["runtime_response_bytes_total"]
+    assert after["runtime_active_sequences"] == 0
+
+
+@pytest.mark.parametrize("body, status, code, words", [
+    (b'{"model": "m", "prompt": "w5", "max_tokens": 4', 400, None, "not valid JSON"),
+    (b'[1, 2]', 400, None, "JSON object"),
+    (b'{"model": "gpt-4", "prompt": "w5"}', 404, "model_not_found", "'gpt-4' does not exist"),
+    (b'{"model": "m", "prompt": "w5", "max_tokens": -3}', 400, None, "max_tokens"),
+    (b'{"model": "m", "prompt": "w5 w6", "max_tokens": 127}', 400, "context_length_exceeded", "context is 128 tokens"),
+    (b'{"model": "m", "prompt": "w5", "temperature": 7}', 400, None, "temperature"),
+    (b'{"model": "m", "prompt": "w5", "n": 2}', 400, None, "n=1"),
+])
+def test_bad_requests_get_openai_errors(tiny_server, body, status, code, words):
+    url, _ = tiny_server
+    got, answer = raw(url, "POST", "/v1/completions", body)
+    assert got == status
+    assert set(answer) == {"error"} and answer["error"]["code"] == code and words in answer["error"]["message"]
+    assert "Traceback" not in json.dumps(answer)
+    assert_still_serves(url)
+
+
+def test_bad_requests_through_the_openai_client(tiny_server):
+    url, _ = tiny_server
+    c = client(url)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        c.completions.create(model="nope", prompt="w5")
+    with pytest.raises(openai.BadRequestError, match="context") as e:
+        c.completions.create(model="m", prompt="w5 " * 100, max_tokens=100)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        c.completions.create(model="m", prompt="w5", max_tokens=-1)
+    with pytest.raises(openai.BadRequestError, match="chat template"):  # the tiny tokenizer has none
+        c.chat.completions.create(model="m", messages=[{"role": "user", "content": "w5"}])
+    with pytest.raises(openai.AuthenticationError, match="API key"):
+        client(url, key="wrong").completions.create(model="m", prompt="w5")
+    assert raw(url, "GET", "/v1/models", headers={"Authorization": ""})[0] == 401
+    assert raw(url, "GET", "/nowhere")[1] == {"error": {"message": "Not Found", "type": "invalid_request_error",
+                                                         "param": None, "code": None}}
+    assert_still_serves(url)
+
+
+def test_streamed_completion_is_the_whole_one(tiny_server):
+    url, _ = tiny_server
+    c = client(url)
+    whole = c.completions.create(model="m", prompt="w9 w8 w7", temperature=0, max_tokens=12, stop=["w30"])
+    chunks = list(c.completions.create(model="m", prompt="w9 w8 w7", temperature=0, max_tokens=12, stop=["w30"],
+                                       stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == whole.choices[0].text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+# --- SmolLM2: answers equal `runtime generate`, passes are shared, slots come back ------------------
+
+@pytest.fixture(scope="module")
+def smol_server(smollm2_converted):
+    with serving(smollm2_converted, max_batch=8, max_queue=8) as (url, engine):
+        yield url, engine
+
+
+@pytest.mark.slow
+def test_answers_equal_runtime_generate(smol_server, smollm2_converted, capsys):
+    url, _ = smol_server
+    c = client(url)
+    prompt, question = "The three primary colours are", CHATS[0]
+    want = runtime_generate(capsys, smollm2_converted, prompt, 16)
+    want_chat = runtime_generate(capsys, smollm2_converted, question, 16, "--chat")
+    got = c.completions.create(model="m", prompt=prompt, temperature=0, max_tokens=16)
+    streamed = c.completions.create(model="m", prompt=prompt, temperature=0, max_tokens=16, stream=True)
+    assert got.choices[0].text == "".join(ch.choices[0].text for ch in streamed) == want
+    assert ask_chat(c, question, 16) == want_chat
+    chunks = list(c.chat.completions.create(model="m", messages=[{"role": "user", "content": question}],
+                                            temperature=0, max_tokens=16, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want_chat
+    assert len(want) > 20 and len(want_chat) > 10
+
+
+@pytest.mark.slow
+def test_eight_concurrent_chats_share_passes(smol_server, smollm2_converted, capsys):
+    url, _ = smol_server
+    alone = [runtime_generate(capsys, smollm2_converted, q, 32, "--chat") for q in CHATS]
+    before = metrics(url)["runtime_passes_total"]
+    with ThreadPoolExecutor(len(CHATS)) as pool:
+        together = list(pool.map(lambda q: ask_chat(client(url), q, 32), CHATS))
+    passes = metrics(url)["runtime_passes_total"] - before
+    assert together == alone
+    assert passes <= 32 + 8  # 8 x 32 one at a time
+    assert len(set(together)) == 8
+
+
+@pytest.mark.slow
+def test_disconnect_mid_stream_frees_the_slot(smol_server):
+    url, engine = smol_server
+    before = metrics(url)
+    stream = client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": CHATS[1]}],
+                                                 max_tokens=500, temperature=0, stream=True)
+    pieces = [next(stream) for _ in range(4)]  # the role, then text
+    assert pieces[1].choices[0].delta.content
+    stream.close()
+    deadline = time.monotonic() + 60
+    while engine.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.active == 0
+    generated = metrics(url)["runtime_generated_tokens_total"] - before["runtime_generated_tokens_total"]
+    assert generated < 100  # cancelled, not run to its 500 tokens
+    assert ask_chat(client(url), CHATS[2], 8)
+
+
+@pytest.mark.slow
+def test_full_queue_gets_429_and_recovers(smollm2_converted):
+    with serving(smollm2_converted, max_batch=1, max_queue=1) as (url, engine):
+        c = client(url)
+        busy = c.chat.completions.create(model="m", messages=[{"role": "user", "content": CHATS[1]}],
+                                         max_tokens=400, temperature=0, stream=True)
+        next(busy), next(busy)  # running: it holds the only slot
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(ask_chat, c, CHATS[2], 8)  # waits in the queue's one place
+            deadline = time.monotonic() + 60
+            while engine.waiting < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            with pytest.raises(openai.RateLimitError, match="slots are busy") as e:
+                ask_chat(c, CHATS[3], 8)
+            assert e.value.status_code == 429 and e.value.code == "queue_full"
+            assert metrics(url)["runtime_requests_rejected_total"] == 1
+            busy.close()  # frees the slot: the queued request runs
+            assert queued.result(timeout=300)
+        assert ask_chat(c, CHATS[3], 8)
