@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from reshard.errors import ReshardError
+from reshard.errors import ReshardError, UsageError
 
 from .batch import chat_ids, prompt_ids
 from .engine import ContextLengthError, Engine, QueueFullError
@@ -65,6 +65,37 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
         return PlainTextResponse(prometheus_text(state), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def serve(lm, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
+          max_queue: int = 64, api_key: str | None = None) -> None:
+    """Serve `lm` over HTTP until interrupted (Ctrl-C); the engine is closed after."""
+    import sys
+
+    sock = bind(host, port)
+    engine = Engine(lm, max_batch=max_batch, max_queue=max_queue)
+    try:
+        server = make_server(create_app(engine, model_name=model_name, api_key=api_key), host=host, port=port)
+        print(f"serving {model_name!r} on http://{host}:{sock.getsockname()[1]}/v1 (max batch {max_batch}, "
+              f"queue {max_queue}); Ctrl-C stops", file=sys.stderr, flush=True)
+        server.run(sockets=[sock])
+    finally:
+        engine.close()
+        sock.close()
+
+
+def bind(host: str, port: int):
+    """A TCP socket bound to (host, port); port 0 picks a free one."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --host or --port") from None
+    return sock
 
 
 def make_server(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning"):
@@ -281,12 +312,9 @@ class BackgroundServer:
     """`app` served by uvicorn on a thread, on a free port of `host` (for tests and benchmarks)."""
 
     def __init__(self, app: FastAPI, *, host: str = "127.0.0.1"):
-        import socket
         import threading
 
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
+        self.sock = bind(host, 0)
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
         self.server = make_server(app, host=host)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)

@@ -1,0 +1,118 @@
+"""`runtime serve` throughput against concurrency (issue 14): every pass serves every running request.
+
+  python benchmarks/serve.py                       # SmolLM2 float32 on the CPU, all streamed
+  python benchmarks/serve.py --device cuda --concurrency 1 4 16 64
+
+For each concurrency C, C clients (the real `openai` client, one thread each) send one chat
+request of --max-tokens greedy tokens at once to a server on a loopback port, and the wall time
+from the first request to the last answer gives tokens/s. The baseline, measured in the same
+run on the same model object: `transformers.generate` for one prompt, as `runtime generate` runs
+it. The figures go to stdout (Markdown), with machine, date, commit and load average; progress
+to stderr. The machine may be shared: the load average before and after each row says how much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from common import machine_lines  # noqa: E402
+from models import converted, smollm2_checkpoint  # noqa: E402
+
+TOPICS = ["the sea", "mountains", "a city at night", "autumn leaves", "a cup of coffee", "the moon", "trains",
+          "a library", "rain", "the desert", "a lighthouse", "snow", "a garden", "bicycles", "the stars", "bread"]
+
+
+def prompts(n: int) -> list[str]:
+    return [f"Write a short story about {TOPICS[k % len(TOPICS)]} (version {k // len(TOPICS) + 1})." for k in range(n)]
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def baseline(lm, max_tokens: int) -> tuple[float, int]:
+    """tokens/s and tokens of transformers' generate for one chat prompt (what `runtime generate` runs)."""
+    import torch
+
+    from runtime.batch import prompt_ids
+
+    ids = torch.tensor([prompt_ids(lm.tokenizer, prompts(1)[0], chat=True)], device=lm.device)
+    t0 = time.perf_counter()
+    out = lm.generate(input_ids=ids, do_sample=False, max_new_tokens=max_tokens, pad_token_id=0)
+    secs = time.perf_counter() - t0
+    n = out.shape[1] - ids.shape[1]
+    return n / secs, n
+
+
+def run_clients(url: str, texts: list[str], max_tokens: int) -> tuple[float, int]:
+    """Wall seconds for all `texts` sent at once, and the completion tokens they got."""
+    import openai
+
+    def ask(text: str) -> int:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600)
+        r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": text}], temperature=0,
+                                      max_tokens=max_tokens)
+        return r.usage.completion_tokens
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(texts)) as pool:
+        tokens = sum(pool.map(ask, texts))
+    return time.perf_counter() - t0, tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="a converted folder (default: SmolLM2 float32, converted once into $RESHARD_BENCH_CACHE)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-cpu-memory", default="0", help="weights kept in RAM (default 0: all streamed)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--max-tokens", type=int, default=32)
+    args = ap.parse_args()
+
+    from runtime import LayeredModel
+    from runtime.engine import Engine
+    from runtime.server import BackgroundServer, create_app
+
+    folder = args.model or converted(smollm2_checkpoint(), "smollm2-f32", "float32")
+    lm = LayeredModel.from_pretrained(folder, device=args.device, max_cpu_memory=args.max_cpu_memory)
+    engine = Engine(lm, max_batch=max(args.concurrency), max_queue=0)
+    server = BackgroundServer(create_app(engine, model_name="m"))
+    for line in machine_lines(str(lm.dtype).removeprefix("torch.")):
+        print(line)
+    print(f"commit: {commit()}; model: {folder.name}; device: {lm.device}; max_cpu_memory: {args.max_cpu_memory} "
+          f"({lm.stats.resident_bytes}); {args.max_tokens} new tokens per request, greedy, chat template")
+    print("shared machine: other jobs may run at the same time; the load average (1 min) is printed per row\n")
+    try:
+        rate, n = baseline(lm, args.max_tokens)
+        print(f"baseline, transformers generate, one prompt: {rate:.2f} tokens/s ({n} tokens), "
+              f"load {os.getloadavg()[0]:.1f}\n")
+        print("| concurrency | tokens | passes | tokens/pass | s | tokens/s | x baseline | load before/after |")
+        print("|---|---|---|---|---|---|---|---|")
+        for c in args.concurrency:
+            load0, passes0 = os.getloadavg()[0], lm.stats.passes
+            print(f"concurrency {c} ...", file=sys.stderr, flush=True)
+            secs, tokens = run_clients(server.url, prompts(c), args.max_tokens)
+            passes = lm.stats.passes - passes0
+            print(f"| {c} | {tokens} | {passes} | {tokens / passes:.2f} | {secs:.1f} | {tokens / secs:.2f} "
+                  f"| {tokens / secs / rate:.2f}x | {load0:.1f}/{os.getloadavg()[0]:.1f} |", flush=True)
+    finally:
+        server.stop()
+        engine.close()
+        lm.close()
+
+
+if __name__ == "__main__":
+    main()
