@@ -50,6 +50,7 @@ def baseline(lm, max_tokens: int) -> tuple[float, int]:
     from runtime.batch import prompt_ids
 
     ids = torch.tensor([prompt_ids(lm.tokenizer, prompts(1)[0], chat=True)], device=lm.device)
+    lm.generate(input_ids=ids, do_sample=False, max_new_tokens=2, pad_token_id=0)  # warm-up: first reads, kernels
     t0 = time.perf_counter()
     out = lm.generate(input_ids=ids, do_sample=False, max_new_tokens=max_tokens, pad_token_id=0)
     secs = time.perf_counter() - t0

@@ -108,6 +108,53 @@ def use_converted_folder(args) -> None:
                                       trust_remote_code=args.trust_remote_code))
 
 
+SERVER = "Server"
+
+
+@cli.command(short_help="OpenAI-compatible HTTP server; every pass serves every request", examples=(
+    "runtime serve smollm2/ --device cpu",
+    "runtime serve llama-70b/ --port 8000 --max-batch 16 --api-key sk-local",
+    "curl localhost:8000/v1/completions -d '{\"model\": \"smollm2\", \"prompt\": \"Hello\"}'",
+))
+@folder_argument("model")
+@click.option("--host", default="127.0.0.1", cls=Option, section=SERVER,
+              help="address to listen on (0.0.0.0: every interface)")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, cls=Option, section=SERVER,
+              help="port to listen on")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, cls=Option, section=SERVER,
+              help="sequences decoded together, one token each per pass")
+@click.option("--max-queue", type=click.IntRange(min=0), default=64, cls=Option, section=SERVER,
+              help="requests waiting for a free slot; past that a request gets 429")
+@click.option("--api-key", default=None, cls=Option, section=SERVER, show_default="none: no check",
+              help="require `Authorization: Bearer KEY` on /v1")
+@click.option("--model-name", default=None, cls=Option, section=SERVER, show_default="the folder's name",
+              help="the model's name in the API (the `model` field of requests)")
+@model_options
+def serve(**options) -> int:
+    """Serve the converted MODEL folder over HTTP with OpenAI's API: POST /v1/completions and
+    /v1/chat/completions (streamed with "stream": true), GET /v1/models, /health and /metrics.
+
+    One scheduler runs the model: new requests are prefilled together and join the running batch,
+    and every pass decodes one token for each running request. Ctrl-C stops the server.
+    """
+    from pathlib import Path
+
+    args = SimpleNamespace(**options)
+    try:
+        from .server import serve as serve_http
+    except ModuleNotFoundError as e:
+        raise UsageError(f"runtime serve needs {e.name}; install it with: pip install 'reshard[serve]'") from None
+    model = open_model(args)
+    try:
+        serve_http(model, model_name=args.model_name or Path(args.model).resolve().name, host=args.host,
+                   port=args.port, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key)
+        if args.stats:
+            print(json.dumps(model.stats.as_dict()), file=sys.stderr)
+    finally:
+        model.close()
+    return 0
+
+
 def open_model(args):
     from .model import LayeredModel
 

@@ -78,7 +78,10 @@ def serve(lm, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, max
         server = make_server(create_app(engine, model_name=model_name, api_key=api_key), host=host, port=port)
         print(f"serving {model_name!r} on http://{host}:{sock.getsockname()[1]}/v1 (max batch {max_batch}, "
               f"queue {max_queue}); Ctrl-C stops", file=sys.stderr, flush=True)
-        server.run(sockets=[sock])
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn stops gracefully on Ctrl-C, then raises it again: the normal end
+            print("stopped", file=sys.stderr)
     finally:
         engine.close()
         sock.close()

@@ -228,3 +228,51 @@ def test_full_queue_gets_429_and_recovers(smollm2_converted):
             busy.close()  # frees the slot: the queued request runs
             assert queued.result(timeout=300)
         assert ask_chat(c, CHATS[3], 8)
+
+
+# --- the command ------------------------------------------------------------------------------
+
+@pytest.mark.slow  # starts a Python with torch in a subprocess
+def test_cli_serves_until_interrupted(tiny_converted):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "runtime.cli", "serve", str(tiny_converted["llama"]), "--port", str(port),
+           "--device", "cpu", "--dtype", "float32", "--max-cpu-memory", "0", "--api-key", KEY, "--model-name", "m"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stderr.readline()
+        assert f"serving 'm' on http://127.0.0.1:{port}/v1" in line, line
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(200):  # the line comes just before uvicorn listens
+            with contextlib.suppress(OSError):
+                if raw(url, "GET", "/health")[0] == 200:
+                    break
+            time.sleep(0.05)
+        assert_still_serves(url)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+
+
+def test_cli_serve_on_a_busy_port_is_one_error_line(tiny_converted, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        code = runtime_main(["serve", str(tiny_converted["llama"]), "--port", str(port), "--device", "cpu",
+                             "--max-cpu-memory", "0"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"Error: cannot listen on 127.0.0.1:{port} (") and err[-1].endswith("--port")
