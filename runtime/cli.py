@@ -114,7 +114,8 @@ SERVER = "Server"
 @cli.command(short_help="OpenAI-compatible HTTP server; every pass serves every request", examples=(
     "runtime serve smollm2/ --device cpu",
     "runtime serve llama-70b/ --port 8000 --max-batch 16 --api-key sk-local",
-    "curl localhost:8000/v1/completions -d '{\"model\": \"smollm2\", \"prompt\": \"Hello\"}'",
+    "curl localhost:8000/v1/completions -H 'Content-Type: application/json' "
+    "-d '{\"model\": \"smollm2\", \"prompt\": \"Hello\"}'",
 ))
 @folder_argument("model")
 @click.option("--host", default="127.0.0.1", cls=Option, section=SERVER,

@@ -258,7 +258,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(e.body, status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_, e: RequestValidationError):
+    async def invalid(request: Request, e: RequestValidationError):
+        if "json" not in request.headers.get("content-type", ""):
+            return JSONResponse(error_body("send the request body as JSON, with `Content-Type: application/json`"),
+                                status_code=400)
         message, param = _validation_message(e.errors())
         return JSONResponse(error_body(message, param=param), status_code=400)
 

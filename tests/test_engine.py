@@ -45,13 +45,12 @@ def open_model(folder) -> LayeredModel:
 
 def alone_tokens(lm, ids: list[int], max_tokens: int) -> list[int]:
     """transformers' greedy generate for one unpadded prompt: the tokens a sequence gets alone."""
-    out = lm.generate(input_ids=torch.tensor([ids]), do_sample=False, max_new_tokens=max_tokens, pad_token_id=0)
+    out = lm.generate(input_ids=torch.tensor([ids], device=lm.device), do_sample=False, max_new_tokens=max_tokens,
+                      pad_token_id=0)
     return out[0, len(ids):].tolist()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_joining_and_leaving_rows_get_their_alone_tokens(tiny_converted, arch):
-    lm = open_model(tiny_converted[arch])
+def assert_rows_get_alone_tokens(lm) -> None:
     prompts = [[5, 6, 7], [20, 21, 22, 23, 24, 25, 26, 27, 28], [40], [100, 101, 102, 100, 7, 9]]
     alone = [alone_tokens(lm, ids, m) for ids, m in zip(prompts, MAX_TOKENS)]
     engine, got = Engine(lm, max_batch=8), Collector(len(prompts))
@@ -65,10 +64,24 @@ def test_joining_and_leaving_rows_get_their_alone_tokens(tiny_converted, arch):
     finally:
         engine.close()
     for i, ref in enumerate(alone):
-        assert seqs[i].tokens == ref, (arch, i)
+        assert seqs[i].tokens == ref, i
         assert got.events[i].finish_reason == ("length" if len(ref) == MAX_TOKENS[i] else "stop")
         assert got.events[i].completion_tokens == len(ref)
     assert engine.active == 0 and engine.counters.generated_tokens == sum(map(len, alone))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_joining_and_leaving_rows_get_their_alone_tokens(tiny_converted, arch):
+    assert_rows_get_alone_tokens(open_model(tiny_converted[arch]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_joining_and_leaving_rows_on_cuda(tiny_converted, arch):
+    lm = LayeredModel.from_pretrained(tiny_converted[arch], device="cuda", dtype="float32", max_gpu_memory=0,
+                                      max_cpu_memory=0)
+    assert_rows_get_alone_tokens(lm)
+    assert lm.stats.passes > 0 and lm.stats.bytes_streamed > 0
 
 
 def test_streamed_text_is_the_alone_text(tiny_converted):

@@ -136,6 +136,9 @@ def test_bad_requests_through_the_openai_client(tiny_server):
     with pytest.raises(openai.AuthenticationError, match="API key"):
         client(url, key="wrong").completions.create(model="m", prompt="w5")
     assert raw(url, "GET", "/v1/models", headers={"Authorization": ""})[0] == 401
+    status, answer = raw(url, "POST", "/v1/completions", b'{"model": "m", "prompt": "w5"}',
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})  # curl -d without -H
+    assert status == 400 and "Content-Type: application/json" in answer["error"]["message"]
     assert raw(url, "GET", "/nowhere")[1] == {"error": {"message": "Not Found", "type": "invalid_request_error",
                                                          "param": None, "code": None}}
     assert_still_serves(url)
