@@ -12,7 +12,7 @@ from reshard.cli import main as reshard_main
 from runtime.cli import main as runtime_main
 
 SUBCOMMANDS = {"reshard": (reshard_main, ["convert", "info", "list", "verify"]),
-               "runtime": (runtime_main, ["generate", "score"])}
+               "runtime": (runtime_main, ["generate", "score", "serve"])}
 
 
 @pytest.mark.parametrize("prog", SUBCOMMANDS)
