@@ -1,7 +1,7 @@
 """`runtime serve` throughput against concurrency (issue 14): every pass serves every running request.
 
   python benchmarks/serve.py                       # SmolLM2 float32 on the CPU, all streamed
-  python benchmarks/serve.py --device cuda --concurrency 1 4 16 64
+  python benchmarks/serve.py --device cuda --concurrency 1 4 16 64   # streamed from disk through the GPU
 
 For each concurrency C, C clients (the real `openai` client, one thread each) send one chat
 request of --max-tokens greedy tokens at once to a server on a loopback port, and the wall time
@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="a converted folder (default: SmolLM2 float32, converted once into $RESHARD_BENCH_CACHE)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-cpu-memory", default="0", help="weights kept in RAM (default 0: all streamed)")
+    ap.add_argument("--max-gpu-memory", default="0", help="weights kept on a GPU (default 0: all streamed)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
@@ -88,13 +89,15 @@ def main() -> None:
     from runtime.server import BackgroundServer, create_app
 
     folder = args.model or converted(smollm2_checkpoint(), "smollm2-f32", "float32")
-    lm = LayeredModel.from_pretrained(folder, device=args.device, max_cpu_memory=args.max_cpu_memory)
+    lm = LayeredModel.from_pretrained(folder, device=args.device, max_cpu_memory=args.max_cpu_memory,
+                                      max_gpu_memory=args.max_gpu_memory)
     engine = Engine(lm, max_batch=max(args.concurrency), max_queue=0)
     server = BackgroundServer(create_app(engine, model_name="m"))
     for line in machine_lines(str(lm.dtype).removeprefix("torch.")):
         print(line)
-    print(f"commit: {commit()}; model: {folder.name}; device: {lm.device}; max_cpu_memory: {args.max_cpu_memory} "
-          f"({lm.stats.resident_bytes}); {args.max_tokens} new tokens per request, greedy, chat template")
+    print(f"commit: {commit()}; model: {folder.name}; device: {lm.device}; max_cpu_memory {args.max_cpu_memory}, "
+          f"max_gpu_memory {args.max_gpu_memory} ({lm.stats.resident_bytes}); {args.max_tokens} new tokens per "
+          f"request, greedy, chat template")
     print("shared machine: other jobs may run at the same time; the load average (1 min) is printed per row\n")
     try:
         rate, n = baseline(lm, args.max_tokens)
