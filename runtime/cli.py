@@ -117,7 +117,7 @@ SERVER = "Server"
     "curl localhost:8000/v1/completions -H 'Content-Type: application/json' "
     "-d '{\"model\": \"smollm2\", \"prompt\": \"Hello\"}'",
 ))
-@folder_argument("model")
+@model_argument()
 @click.option("--host", default="127.0.0.1", cls=Option, section=SERVER,
               help="address to listen on (0.0.0.0: every interface)")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, cls=Option, section=SERVER,
@@ -128,12 +128,13 @@ SERVER = "Server"
               help="requests waiting for a free slot; past that a request gets 429")
 @click.option("--api-key", default=None, cls=Option, section=SERVER, show_default="none: no check",
               help="require `Authorization: Bearer KEY` on /v1")
-@click.option("--model-name", default=None, cls=Option, section=SERVER, show_default="the folder's name",
+@click.option("--model-name", default=None, cls=Option, section=SERVER, show_default="the folder's name, or MODEL as given",
               help="the model's name in the API (the `model` field of requests)")
 @model_options
 def serve(**options) -> int:
-    """Serve the converted MODEL folder over HTTP with OpenAI's API: POST /v1/completions and
-    /v1/chat/completions (streamed with "stream": true), GET /v1/models, /health and /metrics.
+    """Serve MODEL (a converted folder, or a hub repo id or .gguf file converted into the cache once)
+    over HTTP with OpenAI's API: POST /v1/completions and /v1/chat/completions (streamed with
+    "stream": true), GET /v1/models, /health and /metrics.
 
     One scheduler runs the model: new requests are prefilled together and join the running batch,
     and every pass decodes one token for each running request. Ctrl-C stops the server.
@@ -145,9 +146,13 @@ def serve(**options) -> int:
         from .server import serve as serve_http
     except ModuleNotFoundError as e:
         raise UsageError(f"runtime serve needs {e.name}; install it with: pip install 'reshard[serve]'") from None
+    given = args.model
+    name = args.model_name or (Path(given).resolve().name if Path(given).is_dir() else
+                               Path(given).stem if given.endswith(".gguf") else given)
+    use_converted_folder(args)
     model = open_model(args)
     try:
-        serve_http(model, model_name=args.model_name or Path(args.model).resolve().name, host=args.host,
+        serve_http(model, model_name=name, host=args.host,
                    port=args.port, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key)
         if args.stats:
             print(json.dumps(model.stats.as_dict()), file=sys.stderr)
