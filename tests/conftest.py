@@ -46,7 +46,8 @@ def moe_config(arch: str):
         return tf.Qwen3MoeConfig(**moe, intermediate_size=112, moe_intermediate_size=32, num_experts=8,
                                  head_dim=16, mlp_only_layers=[0])
     if arch == "deepseek_v3":  # MLA attention, shared expert, grouped routing with a score-bias buffer
-        return tf.DeepseekV3Config(**moe, intermediate_size=112, moe_intermediate_size=32, n_routed_experts=8,
+        # MLA keys and values have every head (num_key_value_heads = heads, as in DeepSeek-V3's config)
+        return tf.DeepseekV3Config(**{**moe, "num_key_value_heads": 4}, intermediate_size=112, moe_intermediate_size=32, n_routed_experts=8,
                                    n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1,
                                    q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
                                    v_head_dim=16)

@@ -17,6 +17,8 @@ from reshard.format import GroupFile, dense_range, expert_bytes, expert_range, e
 from runtime import LayeredModel
 from runtime.cli import main as runtime_main
 
+# scoring and batched generation: one architecture in the default run, the others marked slow
+ONE_FAST = [a if a == "qwen3_moe" else pytest.param(a, marks=pytest.mark.slow) for a in MOE_ARCHS]
 PLACEMENTS = {"streamed": dict(max_cpu_memory=0), "resident": dict(max_cpu_memory="1GB")}
 IDS = torch.randint(3, 320, (2, 11), generator=torch.Generator().manual_seed(1))
 GREEDY = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
@@ -146,3 +148,34 @@ def test_cli_convert_info_generate(moe_checkpoints, tmp_path, capsys):
     stats = json.loads(err.strip().splitlines()[-1])
     assert stats["experts_read"] > 0 and stats["expert_bytes"] > 0
     assert stats["per_pass"][-1]["experts_read"] == 2 * len(moe_layers(manifest))
+
+
+@pytest.mark.parametrize("arch", ONE_FAST)
+def test_score_equals_transformers(arch, moe_checkpoints, moe_converted):
+    """Micro-batches share one layer load (Lockstep): each brings the experts still missing, so
+    every one of them computes with its own routed experts, and each expert is read once a pass."""
+    from test_score import ITEMS, assert_close, open_tiny, reference_scores
+
+    ref = reference(moe_checkpoints[arch])
+    model = open_tiny(moe_converted[arch], expert_cache=0)
+    got = model.score(ITEMS, batch_size=2)
+    assert_close(got, reference_scores(ref, model.tokenizer, ITEMS), ITEMS)
+    assert model.stats.passes == 1 and model.stats.layer_loads == len(model.groups)
+    layers = moe_layers(read_manifest(moe_converted[arch]))
+    assert 2 * len(layers) < model.stats.experts_read <= 8 * len(layers)  # the union, each expert once
+
+
+@pytest.mark.parametrize("arch", ONE_FAST)
+def test_batched_generation_equals_transformers(arch, moe_checkpoints, moe_converted):
+    from runtime.batch import generate_batch
+
+    ref = reference(moe_checkpoints[arch])
+    tok = AutoTokenizer.from_pretrained(moe_checkpoints[arch])
+    model = LayeredModel.from_pretrained(moe_converted[arch], device="cpu", max_cpu_memory=0, expert_cache=0)
+    prompts = ["w5 w6 w7", "w20 w21 w22 w23 w24 w25 w26 w27 w28", "w40", "w100 w101 w102 w100"]
+    done = generate_batch(model, prompts, do_sample=False, max_new_tokens=10)
+    assert model.stats.passes == max(len(g.tokens) for g in done)  # one pass per token for all four
+    for prompt, got in zip(prompts, done):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        want = ref.generate(ids, do_sample=False, max_new_tokens=10, pad_token_id=0)[0, ids.shape[1]:]
+        assert got.tokens == want.tolist()
