@@ -80,8 +80,9 @@ class ExpertStreamer:
         """Make every streamed group with experts load without them, and hook the experts modules
         of `model` (the transformers model)."""
         for i, group in enumerate(self.loader.manifest.groups):
-            if not group.experts or self.loader.places[i] == budget.DEVICE or group.quantized:
-                continue  # resident groups keep all experts; quantized experts load whole
+            if not group.experts or self.loader.places[i] == budget.DEVICE or set(group.quantized) & set(
+                    expert_tensors(group)):
+                continue  # resident groups keep all experts; quantized expert tensors load whole
             gf = self.loader.files[i]
             self.loader.partial[i] = (dense_range(gf.infos, group), frozenset(expert_tensors(group)))
             for path, entry in group.experts.items():

@@ -179,3 +179,17 @@ def test_batched_generation_equals_transformers(arch, moe_checkpoints, moe_conve
         ids = tok(prompt, return_tensors="pt").input_ids
         want = ref.generate(ids, do_sample=False, max_new_tokens=10, pad_token_id=0)[0, ids.shape[1]:]
         assert got.tokens == want.tolist()
+
+
+def test_quantized_moe_streams_routed_experts(moe_checkpoints, tmp_path):
+    """--quantize int8 stores the linear weights quantized; streamed, the routed experts still
+    come alone, and the output is the one of the same folder held resident."""
+    from reshard.convert import convert
+
+    convert(str(moe_checkpoints["qwen3_moe"]), tmp_path / "q8", quantize="int8", progress=False)
+    manifest = read_manifest(tmp_path / "q8")
+    assert any(g.quantized for g in moe_layers(manifest))
+    streamed = LayeredModel.from_pretrained(tmp_path / "q8", device="cpu", max_cpu_memory=0, expert_cache=0)
+    resident = LayeredModel.from_pretrained(tmp_path / "q8", device="cpu", max_cpu_memory="1GB")
+    assert torch.equal(streamed(IDS).logits, resident(IDS).logits)
+    assert 0 < streamed.stats.experts_read <= 8 * len(moe_layers(manifest))
