@@ -45,8 +45,9 @@ def model_argument():
 
 
 def model_options(fn):
-    """--device, --dtype, --prefetch, --max-gpu-memory, --max-cpu-memory, --trust-remote-code,
-    --verify, --stats, and --revision, --token for a hub repo id: what `open_model` needs."""
+    """--device, --dtype, --prefetch, --max-gpu-memory, --max-cpu-memory, --expert-cache,
+    --trust-remote-code, --verify, --stats, and --revision, --token for a hub repo id: what
+    `open_model` needs."""
     decorators = [
         click.option("--device", default=None, callback=check_device, cls=Option, section=MODEL,
                      show_default="cuda if available, else cpu", help="cpu, cuda or cuda:N"),
@@ -61,6 +62,9 @@ def model_options(fn):
         click.option("--max-cpu-memory", default=None, metavar="SIZE", callback=check_size, cls=Option,
                      section=MODEL, show_default="what is free, less a margin",
                      help="weights kept in host RAM, e.g. 32GiB; 0 streams all from disk"),
+        click.option("--expert-cache", default=None, metavar="SIZE", callback=check_size, cls=Option,
+                     section=MODEL, show_default="what the budgets leave",
+                     help="mixtures of experts: recently used experts kept on the device, e.g. 4GiB"),
         trust_remote_code_option(section=MODEL),
         click.option("--verify", is_flag=True, cls=Option, section=MODEL,
                      help="check every file's sha256 against the manifest first"),

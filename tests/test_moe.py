@@ -141,13 +141,14 @@ def test_cli_convert_info_generate(moe_checkpoints, tmp_path, capsys):
     ids = tok(prompt, return_tensors="pt").input_ids
     want = reference(src).generate(ids, **GREEDY)
     code = runtime_main(["generate", str(out), "--prompt", prompt, "--device", "cpu", "--max-cpu-memory", "0",
-                         "--max-new-tokens", "12", "--min-new-tokens", "12", "--stats"])
+                         "--expert-cache", "0", "--max-new-tokens", "12", "--min-new-tokens", "12", "--stats"])
     text, err = capsys.readouterr()
     assert code == 0
     assert text == tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
     stats = json.loads(err.strip().splitlines()[-1])
     assert stats["experts_read"] > 0 and stats["expert_bytes"] > 0
     assert stats["per_pass"][-1]["experts_read"] == 2 * len(moe_layers(manifest))
+    assert stats["experts_cached"] == 0  # --expert-cache 0
 
 
 @pytest.mark.parametrize("arch", ONE_FAST)
