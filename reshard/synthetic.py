@@ -53,11 +53,13 @@ def _write_group(planned, out: Path, dtype: torch.dtype, gen: torch.Generator, d
             stored[name] = t
         tensors.update((n, s.cpu()) for n, s in stored.items())  # one tensor on the device at a time
         del t, stored
+    experts = {m: dict(e) for m, e in planned.experts.items()}
+    first = {n for e in experts.values() for n in e["tensors"]}
     file = group_file_name(planned.name) if tensors else None
-    size, sha = write_group_file(out / file, tensors) if file else (0, "")
+    size, sha = write_group_file(out / file, tensors, first) if file else (0, "")
     return Group(name=planned.name, kind=planned.kind, file=file, bytes=size, sha256=sha,
                  tensors={n: {"dtype": DTYPE_TO_ST[t.dtype], "shape": list(t.shape)} for n, t in tensors.items()},
-                 aliases=dict(planned.aliases), quantized=quantized)
+                 aliases=dict(planned.aliases), quantized=quantized, experts=experts)
 
 
 def _random(name: str, shape, dtype: torch.dtype, gen: torch.Generator, device) -> torch.Tensor:

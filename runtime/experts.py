@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import collections
 import inspect
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
 
+from reshard.errors import CorruptFileError
 from reshard.format import ST_TO_DTYPE, dense_range, expert_range, expert_tensors
 
 from . import budget
+
+READERS = 4  # expert reads in flight at once (NVMe drives want several)
 
 
 class ExpertCache:
@@ -71,8 +76,10 @@ class ExpertStreamer:
         self.device, self.dtype = loader.device, loader.dtype
         self.cache = ExpertCache(cache_bytes)
         self.buffers: dict[tuple, _Buffer] = {}
-        self.staging: torch.Tensor | None = None  # CUDA: pinned bytes of the experts being read
+        self.staging: torch.Tensor | None = None  # bytes of experts being read (pinned on CUDA)
         self.staging_done: torch.cuda.Event | None = None
+        self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="runtime-experts")  # reads at once
+        self.fds: dict = {}  # file path -> descriptor for the expert reads
         self.hooks: list = []
         self.read_seconds = 0.0
 
@@ -98,6 +105,10 @@ class ExpertStreamer:
         self.buffers.clear()
         self.cache.entries.clear()
         self.staging = None
+        self.pool.shutdown(wait=True)
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
 
     # --- the hook --------------------------------------------------------------------------
     def _hook(self, i: int, module: nn.Module, entry: dict):
@@ -119,18 +130,20 @@ class ExpertStreamer:
         bufs = {name: self._buffer(name, i) for name in entry["tensors"]}
         missing = [e for e in routed if any(e not in b.present for b in bufs.values())]
         t0 = time.perf_counter()
+        to_read = []
         for e in missing:
-            key = (i, e, *entry["tensors"])
-            cached = self.cache.get(key)
-            if cached is not None:
-                for name, b in bufs.items():
-                    b.tensor[e].copy_(cached[name])
-                self.stats.experts_cached += 1
-            else:
-                self._read(i, e, entry, bufs)
-                self.cache.put(key, {name: b.tensor[e] for name, b in bufs.items()})
-            for b in bufs.values():
-                b.present.add(e)
+            cached = self.cache.get((i, e, *entry["tensors"]))
+            if cached is None:
+                to_read.append(e)
+                continue
+            for name, b in bufs.items():
+                b.tensor[e].copy_(cached[name])
+            self.stats.experts_cached += 1
+        self._read(i, to_read, entry, bufs)
+        for e in to_read:
+            self.cache.put((i, e, *entry["tensors"]), {name: b.tensor[e] for name, b in bufs.items()})
+        for b in bufs.values():
+            b.present.update(missing)
         self.read_seconds += time.perf_counter() - t0
         for name, b in bufs.items():
             module._parameters[name.rpartition(".")[2]] = nn.Parameter(b.tensor, requires_grad=False)
@@ -149,46 +162,76 @@ class ExpertStreamer:
         stored = ST_TO_DTYPE[info.dtype]
         return self.dtype if stored.is_floating_point else stored
 
-    def _read(self, i: int, e: int, entry: dict, bufs: dict[str, _Buffer]) -> None:
-        """Expert e's rows of every tensor of `entry`, from group i's file (or pinned host copy)."""
-        gf, held = self.loader.files[i], self.loader.host_data(i)
-        count, nbytes = entry["num_experts"], 0
-        for name, b in bufs.items():
-            info = gf.infos[name]
-            begin, end = expert_range(info, count, e)
-            if held is not None:
-                src = held[begin:end]
-            else:
-                gf.touch((begin, end))
-                src = gf.data((begin, end))
-            self._copy(src, b.tensor[e], info)
-            nbytes += end - begin
-        self.stats.experts_read += 1
+    def _read(self, i: int, experts: list[int], entry: dict, bufs: dict[str, _Buffer]) -> None:
+        """Rows `experts` of every tensor of `entry` from group i's file (or its pinned host copy):
+        one read per expert and tensor, several at once, straight into the buffer where it can."""
+        if not experts:
+            return
+        gf, held, count = self.loader.files[i], self.loader.host_data(i), entry["num_experts"]
+        pieces = [(gf.infos[name], b.tensor[e], expert_range(gf.infos[name], count, e))
+                  for e in experts for name, b in bufs.items()]
+        nbytes = sum(end - begin for _, _, (begin, end) in pieces)
+        if held is not None:  # pinned host memory -> device
+            for info, dst, (begin, end) in pieces:
+                dst.copy_(_typed(held[begin:end], info, dst), non_blocking=True)
+        else:
+            self._read_file(gf, pieces, nbytes)
+        self.stats.experts_read += len(experts)
         self.stats.expert_bytes += nbytes
         self.stats.bytes_read += nbytes
         self.stats.bytes_streamed += nbytes
 
-    def _copy(self, src: torch.Tensor, dst: torch.Tensor, info) -> None:
-        """Raw bytes `src` (one expert of tensor `info`) -> `dst`, cast to its dtype."""
-        rows = src.view(ST_TO_DTYPE[info.dtype]).view(dst.shape)
-        if dst.device.type == "cpu" or src.is_pinned():
-            dst.copy_(rows, non_blocking=True)
-            return
-        staged = self._stage(src.numel())
-        staged.copy_(src)
-        dst.copy_(staged.view(ST_TO_DTYPE[info.dtype]).view(dst.shape), non_blocking=True)
-        self.staging_done = torch.cuda.Event()
-        self.staging_done.record(torch.cuda.current_stream(self.device))
+    def _read_file(self, gf, pieces: list, nbytes: int) -> None:
+        """File ranges -> their buffer rows: read in place into CPU rows of the stored dtype,
+        else into (pinned) staging memory, then copied (and cast) to the rows."""
+        direct = [p for p in pieces if p[1].device.type == "cpu" and p[1].dtype == ST_TO_DTYPE[p[0].dtype]]
+        staged = [p for p in pieces if not any(p is d for d in direct)]
+        staging = self._stage(sum(end - begin for _, _, (begin, end) in staged))
+        jobs, at = [], 0
+        for info, dst, (begin, end) in direct:
+            jobs.append((dst.view(-1).view(torch.uint8), begin))
+        for info, dst, (begin, end) in staged:
+            jobs.append((staging[at:at + end - begin], begin))
+            at += end - begin
+        fd = self._fd(gf)
+        list(self.pool.map(lambda job: _pread(fd, job[0], gf.data_start + job[1], gf.path), jobs))
+        at = 0
+        for info, dst, (begin, end) in staged:
+            dst.copy_(_typed(staging[at:at + end - begin], info, dst), non_blocking=True)
+            at += end - begin
+        if staged and self.device.type == "cuda":
+            self.staging_done = torch.cuda.Event()
+            self.staging_done.record(torch.cuda.current_stream(self.device))
+
+    def _fd(self, gf) -> int:
+        fd = self.fds.get(gf.path)
+        if fd is None:
+            fd = self.fds[gf.path] = os.open(gf.path, os.O_RDONLY)
+        return fd
 
     def _stage(self, n: int) -> torch.Tensor:
-        """A pinned buffer of n bytes, free again (its last copy to the device finished)."""
+        """n bytes of staging memory (pinned on CUDA), free again (its last copy to the device finished)."""
         if self.staging_done is not None:
             self.staging_done.synchronize()
+            self.staging_done = None
         if self.staging is None or self.staging.numel() < n:
-            self.staging = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+            self.staging = torch.empty(n, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         return self.staging[:n]
 
 
+def _typed(raw: torch.Tensor, info, dst: torch.Tensor) -> torch.Tensor:
+    """Raw bytes of one expert of tensor `info`, as its rows (stored dtype)."""
+    return raw.view(ST_TO_DTYPE[info.dtype]).view(dst.shape)
+
+
+def _pread(fd: int, dst: torch.Tensor, offset: int, path) -> None:
+    """Read exactly dst.numel() bytes at `offset` into `dst` (uint8, contiguous, on the CPU)."""
+    view, done = memoryview(dst.numpy()), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise CorruptFileError(path, f"ends before byte {offset + done}")
+        done += n
 
 def load_persistent_buffers(model: nn.Module, loader) -> None:
     """Buffers the checkpoint holds (a router's score bias, say) replace the computed ones, once."""

@@ -91,7 +91,7 @@ class LayeredModel:
     """
 
     def __init__(self, model, manifest, loader: GroupLoader, *, device, prefetch: int, tokenizer=None,
-                 expert_cache: int = 0):
+                 expert_cache: int = 0, sparse_experts: bool = True):
         self.model, self.manifest, self.loader = model, manifest, loader
         self.device, self.tokenizer = device, tokenizer
         self.stats = loader.stats
@@ -109,13 +109,15 @@ class LayeredModel:
         self._hold_resident()
         self._install_hooks()
         self.experts = ExpertStreamer(loader, cache_bytes=expert_cache)  # MoE layers: only routed experts
-        self.experts.install(model)
+        if sparse_experts:
+            self.experts.install(model)
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None, prefetch: int = 1,
                         max_gpu_memory=None, max_cpu_memory=None, trust_remote_code: bool = False,
                         verify: bool = False, revision: str | None = None, token: str | None = None,
-                        quantize: str | None = None, expert_cache=None) -> "LayeredModel":
+                        quantize: str | None = None, expert_cache=None,
+                        sparse_experts: bool = True) -> "LayeredModel":
         """Open a converted folder. `device` defaults to cuda if torch sees a GPU, else cpu;
         `dtype` defaults to the folder's; `prefetch` is how many groups the background thread
         reads ahead (0 reads each group when it is needed).
@@ -125,7 +127,8 @@ class LayeredModel:
         The defaults come from the free memory (see runtime.budget); 0 streams everything.
         Streamed mixture-of-experts layers read only the experts their tokens use
         (runtime/experts.py); `expert_cache` (bytes or text) keeps recently used experts on the
-        device, by default in what the budget leaves after placing the groups.
+        device, by default in what the budget leaves after placing the groups; `sparse_experts`
+        False streams MoE layers whole (the baseline the MoE benchmark compares with).
         Every file's presence, size and header are checked against the manifest; `verify`
         also checks their sha256 (reads every byte once).
 
@@ -152,7 +155,7 @@ class LayeredModel:
         load_persistent_buffers(model, loader)
         cache = cache_budget(loader, dev, prefetch, max_gpu_memory, max_cpu_memory, expert_cache)
         return cls(model, manifest, loader, device=dev, prefetch=prefetch, tokenizer=_load_tokenizer(path),
-                   expert_cache=cache)
+                   expert_cache=cache if sparse_experts else 0, sparse_experts=sparse_experts)
 
     # --- calls go to transformers ------------------------------------------------------------
     def __call__(self, *args, **kwargs):

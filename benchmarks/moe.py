@@ -1,0 +1,138 @@
+"""MoE decode: bytes and s/token per pass, expert-sparse streaming vs whole layers, expert cache hits.
+
+Random mixtures of experts shaped like Mixtral (8 experts, 2 per token) and Qwen3-30B-A3B
+(many small experts, 8 per token), scaled down to fit the machine, are written as converted
+folders (reshard.synthetic) and decoded at batch 1, every group streamed (max_cpu_memory=0):
+- whole: MoE layers stream whole (sparse_experts=False), the baseline;
+- sparse: only the routed experts are read (runtime/experts.py), no expert cache;
+- sparse+cache: the same with an expert cache of `--cache-fraction` of the expert bytes.
+With `--cold` (default) the folder's pages are dropped from the page cache before every pass, so
+each pass reads from the disk what it brings; `--warm` leaves them cached. The modes take turns
+run by run. Figures are medians over the decode passes (the prompt pass is left out) of all runs.
+
+Usage: python benchmarks/moe.py [--tokens 12] [--runs 2] [--threads 2] [--layers 6] [--warm]
+       [--device cpu|cuda] [--dtype float32] [--shapes mixtral,qwen3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+import torch  # noqa: E402
+
+from common import evict_page_cache, machine_lines  # noqa: E402
+from models import CACHE  # noqa: E402
+
+
+def shape_config(name: str, layers: int, scale: int = 1):
+    """The config of a scaled-down (or, scale=0, full-width) Mixtral-8x7B / Qwen3-30B-A3B shape."""
+    import transformers as tf
+
+    if name == "mixtral":
+        h, i = (4096, 14336) if scale == 0 else (512, 1792)
+        return tf.MixtralConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=32 if
+                                scale == 0 else 8, num_key_value_heads=8 if scale == 0 else 2, num_local_experts=8,
+                                num_experts_per_tok=2, vocab_size=8000, tie_word_embeddings=False)
+    if name == "qwen3":
+        h, i, e = (2048, 768, 128) if scale == 0 else (512, 192, 64)
+        return tf.Qwen3MoeConfig(hidden_size=h, intermediate_size=4 * h, moe_intermediate_size=i, num_experts=e,
+                                 num_experts_per_tok=8, num_hidden_layers=layers, num_attention_heads=32 if scale == 0
+                                 else 8, num_key_value_heads=4 if scale == 0 else 2, head_dim=128 if scale == 0 else 64,
+                                 vocab_size=8000, tie_word_embeddings=False)
+    raise ValueError(name)
+
+
+def folder_of(name: str, layers: int, dtype: torch.dtype, device: str = "cpu", scale: int = 1) -> Path:
+    from reshard.synthetic import write_random_model
+
+    folder = CACHE / f"moe-{name}-{layers}l-{str(dtype).removeprefix('torch.')}{'' if scale else '-full'}"
+    if not (folder / "manifest.json").is_file():
+        write_random_model(shape_config(name, layers, scale), folder, dtype=dtype, device=device)
+    return folder
+
+
+def run_once(folder: Path, mode: str, tokens: int, cold: bool, device: str, cache_fraction: float) -> list:
+    from reshard.format import expert_bytes, read_manifest
+    from runtime import LayeredModel
+
+    experts = sum(expert_bytes(g) for g in read_manifest(folder).groups)
+    kwargs = {"whole": dict(sparse_experts=False), "sparse": dict(expert_cache=0),
+              "sparse+cache": dict(expert_cache=int(experts * cache_fraction))}[mode]
+    model = LayeredModel.from_pretrained(folder, device=device, max_cpu_memory=0, max_gpu_memory=0, **kwargs)
+    if cold:  # before the pass's clock starts (prepend): every pass reads its bytes from the disk
+        model.model.register_forward_pre_hook(lambda *_: evict_page_cache(folder), prepend=True)
+    ids = torch.randint(3, 8000, (1, 8), generator=torch.Generator().manual_seed(0)).to(model.device)
+    model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    passes = model.stats.per_pass[1:]  # decode passes only
+    model.close()
+    return passes
+
+
+def summarize(passes: list) -> dict:
+    read = sum(p.experts_read for p in passes)
+    cached = sum(p.experts_cached for p in passes)
+    return {"s_per_token": statistics.median(p.seconds for p in passes),
+            "bytes_per_pass": int(statistics.median(p.bytes for p in passes)),
+            "expert_bytes_per_pass": int(statistics.median(p.expert_bytes for p in passes)),
+            "experts_read_per_pass": statistics.median(p.experts_read for p in passes),
+            "cache_hit_rate": round(cached / (read + cached), 3) if read + cached else None,
+            "passes": len(passes)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=12)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--warm", action="store_true", help="leave the files in the page cache")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--shapes", default="mixtral,qwen3")
+    ap.add_argument("--full-width", action="store_true", help="the real models' layer shapes (GPU machines)")
+    ap.add_argument("--cache-fraction", type=float, default=0.5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    for line in machine_lines(args.dtype, args.threads):
+        print(line)
+    print(f"decode at batch 1, {args.tokens} new tokens x {args.runs} runs, every group streamed, "
+          f"{'warm page cache' if args.warm else 'page cache dropped before every pass (cold)'}, device {args.device}")
+    modes = ["whole", "sparse", "sparse+cache"]
+    results = {}
+    for shape in args.shapes.split(","):
+        folder = folder_of(shape, args.layers, dtype, "cuda" if args.device.startswith("cuda") else "cpu",
+                           0 if args.full_width else 1)
+        print(describe(shape, folder))
+        runs = {m: [] for m in modes}
+        for _ in range(args.runs):
+            for mode in modes:  # taking turns: load from other jobs hits every mode alike
+                runs[mode] += run_once(folder, mode, args.tokens, not args.warm, args.device, args.cache_fraction)
+        results[shape] = {m: summarize(p) for m, p in runs.items()}
+        base = results[shape]["whole"]["s_per_token"]
+        for mode, r in results[shape].items():
+            print(f"  {mode:<13} {r['s_per_token']:.4f} s/token ({base / r['s_per_token']:.2f}x whole)  "
+                  f"{r['bytes_per_pass'] / 1e6:8.1f} MB/pass (experts {r['expert_bytes_per_pass'] / 1e6:.1f} MB, "
+                  f"{r['experts_read_per_pass']:g} read)  cache hits {r['cache_hit_rate']}")
+    print(json.dumps(results))
+
+
+def describe(shape: str, folder: Path) -> str:
+    from reshard.format import expert_bytes, read_manifest
+
+    m = read_manifest(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    experts = sum(expert_bytes(g) for g in m.groups)
+    return (f"{shape}: {folder.name}, {m.total_bytes / 1e6:.0f} MB in files, experts {experts / 1e6:.0f} MB "
+            f"({cfg.get('num_local_experts') or cfg.get('num_experts')} per layer, {cfg['num_experts_per_tok']} "
+            f"per token), hidden {cfg['hidden_size']}")
+
+
+if __name__ == "__main__":
+    main()
