@@ -197,7 +197,8 @@ def print_info(folder, *, as_json: bool = False) -> None:
         return
     print(f"architecture  {d['architecture']}")
     print(f"dtype         {d['dtype']}")
-    print(f"source        {d['source'].get('id')} @ {d['source'].get('commit') or d['source'].get('revision') or '-'}")
+    src = d["source"]  # at its commit, or for a local source the fingerprint errors name it by
+    print(f"source        {src.get('id')} @ {src.get('commit') or (src.get('fingerprint') or '')[:12] or '-'}")
     print(f"groups        {len(d['groups'])}")
     for g in d["groups"]:
         print(f"  {g['name']:<14} {g['file'] or '(tied)':<28} {_gb(g['bytes']):>10}")

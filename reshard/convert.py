@@ -22,7 +22,7 @@ from .format import (DTYPE_NAMES, DTYPE_TO_ST, MANIFEST, Group, Manifest, dtype_
 from .keymap import KeyMap, check_shape, check_shapes, map_keys
 from .plan import build_empty_model, plan_groups
 from .quant import DEFAULT_GROUP, check_scheme, quantizable_params, quantize as quantize_weight
-from .resume import Progress, conversion_params
+from .resume import Progress, conversion_params, manifest_source
 from .source import SIDE_FILES, GGUFSource, Source, open_local
 
 
@@ -61,7 +61,8 @@ def check_dtype_name(name: str) -> None:
 
 def resolve_dtype(name: str, config) -> torch.dtype:
     if name == "auto":
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        # `dtype` (transformers >= 4.56); reading `torch_dtype` would log a deprecation warning
+        dtype = getattr(config, "dtype", None) or vars(config).get("torch_dtype")
         if isinstance(dtype, str):
             dtype = DTYPE_NAMES.get(dtype)
         return dtype if dtype in DTYPE_NAMES.values() else torch.float32
@@ -109,9 +110,10 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
         src.want(mapping.source_keys([*params_map, *buffers]))
         groups = _write_groups(src, model, plan, mapping, out, target, record, kept, progress, quant)
         manifest = Manifest(
-            source=src.info, dtype=dtype_name(target), architecture=type(model).__name__,
+            source=manifest_source(params), dtype=dtype_name(target), architecture=type(model).__name__,
             layers_path=plan.layers_path, groups=groups, quantization=quantization)
         write_text_atomic(out / MANIFEST, manifest.to_json())
+        record.finish()
         if hasattr(src, "remove_work_folder"):
             src.remove_work_folder()
         return manifest
@@ -227,8 +229,10 @@ class QuantSpec:
 
 def _write_groups(src: Source, model, plan, mapping: KeyMap, out: Path, target: torch.dtype, record: Progress,
                   kept: dict[str, Group], progress: bool, quant: QuantSpec | None = None) -> list[Group]:
-    total = sum(s.numel() for g in plan.groups for s in g.params.values()) * target.itemsize
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="reshard", file=sys.stderr, disable=not progress)
+    size = {g.name: sum(math.prod(s) for s in g.params.values()) * target.itemsize for g in plan.groups}
+    # kept groups start the bar, so its rate is that of the writing (not of checking kept files)
+    bar = tqdm(total=sum(size.values()), initial=sum(size[name] for name in kept), unit="B", unit_scale=True,
+               desc="reshard", file=sys.stderr, disable=not progress)
     groups = []
     with bar:
         for planned in plan.groups:
@@ -238,9 +242,9 @@ def _write_groups(src: Source, model, plan, mapping: KeyMap, out: Path, target: 
                 record.forget(planned.name)  # its file is about to be replaced
                 group = _write_group(src, model, planned, mapping, out, target, quant)
                 record.add(group)
+                bar.update(size[planned.name])
             groups.append(group)
             src.finished(keys)
-            bar.update(sum(math.prod(s) for s in planned.params.values()) * target.itemsize)
     return groups
 
 

@@ -105,6 +105,10 @@ class Progress:
         self.groups[group.name] = asdict(group)
         self.save()
 
+    def finish(self) -> None:
+        """The manifest is written: it is the record now (see `_record_of_manifest`)."""
+        (self.out / PROGRESS).unlink(missing_ok=True)
+
     def forget(self, name: str) -> None:
         if self.groups.pop(name, None) is not None:
             self.save()
@@ -120,12 +124,38 @@ def _has_size(out: Path, group) -> bool:
 def _read_record(out: Path) -> dict | None:
     path = out / PROGRESS
     if not path.is_file():
-        return None
+        return _record_of_manifest(out)
     try:
         record = json.loads(path.read_text())
         return record if isinstance(record.get("params"), dict) and isinstance(record.get("groups"), dict) else {}
     except (ValueError, AttributeError):
         return {}  # damaged: treated as a record of something else
+
+
+def _record_of_manifest(out: Path) -> dict | None:
+    """A finished folder keeps no progress record: its manifest says the same (None: no manifest)."""
+    try:
+        raw = json.loads((out / MANIFEST).read_text())
+        source = dict(raw["source"])
+        fingerprint = source.pop("fingerprint", None) or source.get("commit")
+        params = {"format": raw.get("format"), "format_version": raw.get("format_version"), "source": source,
+                  "fingerprint": fingerprint, "dtype": raw.get("dtype"), "architecture": raw.get("architecture"),
+                  "quantization": raw.get("quantization")}
+        return {"params": json.loads(json.dumps(params, sort_keys=True)),
+                "groups": {g["name"]: g for g in raw["groups"]}}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}  # damaged: treated as a record of something else
+
+
+def manifest_source(params: dict) -> dict:
+    """The manifest's `source`: the source's info, and for a local source (no commit) the
+    fingerprint that tells its versions apart."""
+    source = dict(params["source"])
+    if not source.get("commit"):
+        source["fingerprint"] = params["fingerprint"]
+    return source
 
 
 def _foreign_entries(out: Path) -> list[str]:

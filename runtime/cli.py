@@ -182,11 +182,20 @@ def encode_prompt(tokenizer, text: str, *, chat: bool):
     return tokenizer(text, return_tensors="pt")
 
 
+def read_prompt(args) -> str:
+    """--prompt, else stdin; on a terminal, say that it waits for the prompt."""
+    if args.prompt is not None:
+        return args.prompt
+    if sys.stdin.isatty():
+        print("runtime: type the prompt, then Ctrl-D on a line of its own (or pass --prompt)", file=sys.stderr)
+    return sys.stdin.read()
+
+
 def generate_one(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt = read_prompt(args)
     if not prompt:
         raise UsageError("empty prompt; pass --prompt TEXT or text on stdin")
     model = open_model(args)

@@ -203,10 +203,18 @@ class LayeredModel:
         self.close()
 
     # --- the streaming hooks -------------------------------------------------------------
+    def _resident_bytes(self, i: int, place: str) -> int:
+        """Memory group i takes where it waits: its file's bytes; a tied tensor it borrows from
+        another group counts again only on a CUDA device, where it is a copy of its own."""
+        file = self.loader.files[i]
+        own = file.nbytes if file is not None else 0
+        copies = place == budget.DEVICE and self.device.type == "cuda"
+        return self.loader.group_bytes(i) if copies else own
+
     def _hold_resident(self) -> None:
         """Put DEVICE groups in place for good and HOST groups in host memory, once."""
         for i, place in enumerate(self.places):
-            self.stats.resident_bytes[place] = self.stats.resident_bytes.get(place, 0) + self.loader.group_bytes(i)
+            self.stats.resident_bytes[place] = self.stats.resident_bytes.get(place, 0) + self._resident_bytes(i, place)
             if place == budget.HOST:
                 self.loader.hold(i)
             elif place == budget.DEVICE:

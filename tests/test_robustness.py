@@ -194,9 +194,9 @@ def test_other_dtype_or_format_version_is_refused(tiny_checkpoints, tmp_path, ca
     assert convert(tiny_checkpoints["llama"], out) == 0
     assert convert(tiny_checkpoints["llama"], out, "--dtype", "bfloat16") == 1
     assert "(float32, LlamaForCausalLM), not of " in only_error(capsys.readouterr().err)
-    record = json.loads((out / "convert-progress.json").read_text())
-    record["params"]["format_version"] = 0
-    (out / "convert-progress.json").write_text(json.dumps(record))
+    manifest = json.loads((out / "manifest.json").read_text())  # a finished folder: the manifest is the record
+    manifest["format_version"] = 0
+    (out / "manifest.json").write_text(json.dumps(manifest))
     assert convert(tiny_checkpoints["llama"], out) == 1
     assert only_error(capsys.readouterr().err).startswith(
         f"Error: {out} holds format version 0 (this version writes {reshard.format.FORMAT_VERSION}), not of ")
