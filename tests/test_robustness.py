@@ -213,13 +213,21 @@ def test_non_empty_foreign_out_is_refused(tiny_checkpoints, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
-def test_interrupted_output_tells_runtime_to_resume(tiny_checkpoints, tmp_path, capsys):
+def test_interrupted_output_tells_runtime_to_resume(tiny_checkpoints, tmp_path, monkeypatch, capsys):
+    import reshard.convert
+
+    def interrupted(path, text):  # Ctrl-C just before the manifest is written
+        raise KeyboardInterrupt
+
     out = tmp_path / "out"
-    assert convert(tiny_checkpoints["llama"], out) == 0
-    (out / "manifest.json").unlink()
+    monkeypatch.setattr(reshard.convert, "write_text_atomic", interrupted)
+    assert convert(tiny_checkpoints["llama"], out) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
     assert runtime_main(["generate", str(out), "--prompt", "w3", "--device", "cpu"]) == 1
     assert only_error(capsys.readouterr().err) == (
         f"Error: the conversion into {out} did not finish; run the same `reshard convert` command again to resume it")
+    assert convert(tiny_checkpoints["llama"], out) == 0
 
 
 # --- hub sources, fetched one shard at a time ------------------------------------------
