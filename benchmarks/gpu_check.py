@@ -13,7 +13,9 @@ shapes (what CI does, so this script cannot rot); the CUDA-only parts say they w
 4. quantized streaming: the same model written as int8 and as int4 (group 32), quantized on the
    device; decode s/pass streamed from pinned RAM, the page cache and a cold cache next to the
    fp16 figures of 3, and streamed logits checked equal to the same folder resident on the device;
-5. greedy parity of LayeredModel (streamed) against transformers in memory, fp16, on the
+5. mixtures of experts (benchmarks/gpu_check_moe.py): expert-sparse streaming vs whole layers at
+   Mixtral-8x7B and Qwen3-30B-A3B layer shapes, from disk, s/token and bytes per pass;
+6. greedy parity of LayeredModel (streamed) against transformers in memory, fp16, on the
    SmolLM2 that `benchmarks/prepare_gpu_check.py` put in `.gpu/` (trimmed to a few layers).
 """
 
@@ -403,6 +405,16 @@ def main(argv=None) -> int:
         except Exception:
             failures.append("quantized streaming")
             out("quantized streaming section FAILED:\n" + traceback.format_exc())
+        try:
+            from gpu_check_moe import moe_streaming
+
+            out("```")
+            if not moe_streaming(out, device, work / "moe", args.dry):
+                failures.append("moe streaming")
+            out("```")
+        except Exception:
+            failures.append("moe streaming")
+            out("moe streaming section FAILED:\n" + traceback.format_exc())
         try:
             if not parity(args, device, work):
                 failures.append("parity (tokens differ)")

@@ -30,28 +30,33 @@ from common import evict_page_cache, machine_lines  # noqa: E402
 from models import CACHE  # noqa: E402
 
 
+# scale 0: the real models' layer widths; 1: scaled down for a CPU; 2: tiny (dry runs)
+MIXTRAL = {0: (4096, 14336, 32, 8), 1: (512, 1792, 8, 2), 2: (64, 96, 4, 2)}  # hidden, intermediate, heads, kv
+QWEN3 = {0: (2048, 768, 128, 32, 4, 128), 1: (512, 192, 64, 8, 2, 64), 2: (64, 32, 16, 4, 2, 16)}  # ... experts, head_dim
+
+
 def shape_config(name: str, layers: int, scale: int = 1):
-    """The config of a scaled-down (or, scale=0, full-width) Mixtral-8x7B / Qwen3-30B-A3B shape."""
+    """The config of a Mixtral-8x7B / Qwen3-30B-A3B shape (see the scales above), `layers` layers."""
     import transformers as tf
 
+    common = dict(num_hidden_layers=layers, vocab_size=8000, tie_word_embeddings=False)
     if name == "mixtral":
-        h, i = (4096, 14336) if scale == 0 else (512, 1792)
-        return tf.MixtralConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=32 if
-                                scale == 0 else 8, num_key_value_heads=8 if scale == 0 else 2, num_local_experts=8,
-                                num_experts_per_tok=2, vocab_size=8000, tie_word_embeddings=False)
+        h, i, heads, kv = MIXTRAL[scale]
+        return tf.MixtralConfig(hidden_size=h, intermediate_size=i, num_attention_heads=heads, num_key_value_heads=kv,
+                                num_local_experts=8, num_experts_per_tok=2, **common)
     if name == "qwen3":
-        h, i, e = (2048, 768, 128) if scale == 0 else (512, 192, 64)
+        h, i, e, heads, kv, hd = QWEN3[scale]
         return tf.Qwen3MoeConfig(hidden_size=h, intermediate_size=4 * h, moe_intermediate_size=i, num_experts=e,
-                                 num_experts_per_tok=8, num_hidden_layers=layers, num_attention_heads=32 if scale == 0
-                                 else 8, num_key_value_heads=4 if scale == 0 else 2, head_dim=128 if scale == 0 else 64,
-                                 vocab_size=8000, tie_word_embeddings=False)
+                                 num_experts_per_tok=8, num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd,
+                                 **common)
     raise ValueError(name)
 
 
-def folder_of(name: str, layers: int, dtype: torch.dtype, device: str = "cpu", scale: int = 1) -> Path:
+def folder_of(name: str, layers: int, dtype: torch.dtype, device: str = "cpu", scale: int = 1,
+              root: Path = CACHE) -> Path:
     from reshard.synthetic import write_random_model
 
-    folder = CACHE / f"moe-{name}-{layers}l-{str(dtype).removeprefix('torch.')}{'' if scale else '-full'}"
+    folder = root / f"moe-{name}-{layers}l-{str(dtype).removeprefix('torch.')}-s{scale}"
     if not (folder / "manifest.json").is_file():
         write_random_model(shape_config(name, layers, scale), folder, dtype=dtype, device=device)
     return folder

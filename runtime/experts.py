@@ -178,7 +178,8 @@ class ExpertStreamer:
             self._read_file(gf, pieces, nbytes)
         self.stats.experts_read += len(experts)
         self.stats.expert_bytes += nbytes
-        self.stats.bytes_read += nbytes
+        self.stats.bytes_read += nbytes if held is None else 0
+        self.stats.bytes_copied += nbytes if self.device.type == "cuda" else 0
         self.stats.bytes_streamed += nbytes
 
     def _read_file(self, gf, pieces: list, nbytes: int) -> None:
