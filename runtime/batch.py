@@ -37,6 +37,14 @@ def generate_batch(lm, prompts: list[str], *, chat: bool = False, keep_logits: b
         return []
     tok = _tokenizer(lm)
     seqs = [prompt_ids(tok, p, chat=chat) for p in prompts]
+    return generate_ids(lm, seqs, prompts, keep_logits=keep_logits, **generate_kwargs)
+
+
+def generate_ids(lm, seqs: list[list[int]], prompts: list[str] | None = None, *, keep_logits: bool = False,
+                 **generate_kwargs) -> list[Generated]:
+    """`generate_batch` on prompts given as token ids (`prompts`, their texts, only label the results)."""
+    tok = _tokenizer(lm)
+    prompts = prompts or [""] * len(seqs)
     pad = pad_id(lm)
     ids, mask = pad_batch(seqs, pad, left=True)
     dev = lm.device

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import click
 
-from reshard.commandline import Group, Option, open_output, output_option, run_command, version_option
+from reshard.commandline import CONTEXT, Group, Option, open_output, output_option, run_command, version_option
 from reshard.errors import UsageError
 
 from .options import (SAMPLING, check_generation, model_argument, model_options, ray_options, sampling_kwargs,
@@ -158,6 +158,61 @@ def serve(**options) -> int:
             print(json.dumps(model.stats.as_dict()), file=sys.stderr)
     finally:
         model.close()
+    return 0
+
+
+@cli.command(short_help="interactive multi-turn chat, answers streamed", examples=(
+    "runtime chat smollm2/",
+    "runtime chat llama-70b-chat/ --system 'Answer in one sentence.' -n 256 --device cuda",
+    "printf 'Hi!\\nWhat did I just say?\\n' | runtime chat smollm2/ --device cpu",
+))
+@model_argument()
+@click.option("--system", default=None, cls=Option, section=SAMPLING, show_default="the template's",
+              help="system prompt at the start of the conversation")
+@sampling_options
+@model_options
+def chat(**options) -> int:
+    """Chat with MODEL (a converted folder, a hub repo id or a .gguf file) through its tokenizer's
+    chat template, answers streamed to stdout; the conversation is kept from turn to turn.
+
+    Type /reset to forget the conversation, /exit (or Ctrl-D) to leave; Ctrl-C stops the current
+    answer. When stdin is not a terminal, each line is one user turn.
+    """
+    from .chat import Chat, run_chat
+
+    args = SimpleNamespace(**options)
+    check_generation(args)
+    use_converted_folder(args)
+    if args.seed is not None:
+        import torch
+        torch.manual_seed(args.seed)
+    model = open_model(args)
+    options = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens, **sampling_kwargs(args)}
+    answers = run_chat(Chat(model, system=args.system, generate_options=options))
+    if args.stats:
+        print(json.dumps({**model.stats.as_dict(), "answers": answers}), file=sys.stderr)
+    model.close()
+    return 0
+
+
+@cli.command("eval", short_help="lm-evaluation-harness on a converted folder, one weight pass per request type",
+             add_help_option=False, context_settings={**CONTEXT, "ignore_unknown_options": True,
+                                                      "allow_extra_args": True, "help_option_names": []})
+@click.argument("lm_eval_args", nargs=-1, type=click.UNPROCESSED)
+def eval_command(lm_eval_args) -> int:
+    """`lm_eval` (EleutherAI's lm-evaluation-harness) with the `reshard` backend registered; every
+    argument goes to lm_eval, and --model defaults to reshard. `runtime eval --help` shows lm_eval's
+    options. Needs `pip install 'reshard[eval]'`.
+
+    \b
+    runtime eval --model_args pretrained=llama-70b/,device=cuda,batch_size=16 --tasks hellaswag
+    runtime eval --model_args pretrained=smollm2/,max_cpu_memory=0,stats=true --tasks wikitext
+    """
+    try:
+        from .lm_eval_backend import main as lm_eval_main
+    except ImportError as e:
+        raise UsageError(f"lm-eval is not installed ({e}); pip install 'reshard[eval]'") from None
+    lm_eval_main(list(lm_eval_args))
     return 0
 
 

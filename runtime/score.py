@@ -42,8 +42,16 @@ def score(lm, items: list[dict], *, batch_size: int = 8, progress: bool = False,
         return []
     tok = _tokenizer(lm)
     encoded = [encode_item(tok, item, n) for n, item in enumerate(items)]
+    results = score_encoded(lm, encoded, batch_size=batch_size, progress=progress, offload=offload)
+    return _assemble(items, encoded, results)
+
+
+def score_encoded(lm, encoded: list["Encoded"], *, batch_size: int = 8, progress: bool = False,
+                  offload: bool = False) -> list[list[tuple[float, bool]]]:
+    """The core of `score`, on tokens: per Encoded, per continuation, (summed log-probability,
+    whether each of its tokens is the model's greedy pick). All items share one weight pass."""
     _check_lengths(lm, encoded)
-    pad = _pad_id(tok)
+    pad = _pad_id(_tokenizer(lm))
     questions = [n for n, e in enumerate(encoded) if e.context is not None]
     texts = [n for n, e in enumerate(encoded) if e.context is None]
     layer_of = _layer_of(lm)
@@ -51,7 +59,7 @@ def score(lm, items: list[dict], *, batch_size: int = 8, progress: bool = False,
     choices = [_Choices(lm, p, pad) for p in prompts]
     text_jobs = [_Texts(lm, [encoded[n] for n in chunk], pad) for chunk in _chunks(texts, batch_size)]
     parts = _run(lm, prompts + choices + text_jobs, progress, offload)
-    return _assemble(items, encoded, questions, texts, parts, len(prompts), batch_size)
+    return _collect(encoded, questions, texts, parts, len(prompts), batch_size)
 
 
 class Encoded:
@@ -108,14 +116,15 @@ class _Prompts:
     def job(self) -> Job:
         return Job(self.run)
 
-    def run(self) -> list[dict[int, float]]:
-        """Per prompt: log-probability of each choice's first token after the prompt."""
+    def run(self) -> list[tuple[dict[int, float], int]]:
+        """Per prompt: log-probability of each choice's first token after the prompt, and the greedy token."""
         ids, mask = self.ids.to(self.lm.device), self.mask.to(self.lm.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                             use_cache=True, **cache_arg(self.lm, self.cache), **last_logits_only(self.lm))
         logprobs = out.logits[:, -1].float().log_softmax(-1)  # (B, V)
-        return [{t: logprobs[b, t].item() for t in firsts} for b, firsts in enumerate(self.firsts)]
+        greedy = logprobs.argmax(-1).tolist()
+        return [({t: logprobs[b, t].item() for t in firsts}, greedy[b]) for b, firsts in enumerate(self.firsts)]
 
 
 class _Choices:
@@ -145,8 +154,8 @@ class _Choices:
         if layer is not None:  # the prompts' forward has run this layer: take its KV, one copy per choice
             self.cache.layers[layer] = _rows_of(self.prompts.cache.layers[layer], self.owner)
 
-    def run(self) -> list[float]:
-        """Per choice row: summed log-probability of its tokens after the first."""
+    def run(self) -> list[tuple[float, bool]]:
+        """Per choice row: summed log-probability of its tokens after the first, and whether all are greedy."""
         if not len(self.owner):
             return []
         dev = self.lm.device
@@ -166,9 +175,9 @@ class _Texts:
     def job(self) -> Job:
         return Job(self.run)
 
-    def run(self) -> list[float]:
+    def run(self) -> list[tuple[float, bool]]:
         if self.ids.shape[1] < 2:  # no text has a token after its first
-            return [0.0] * len(self.ids)
+            return [(0.0, True)] * len(self.ids)
         dev = self.lm.device
         out = self.lm.model(input_ids=self.ids.to(dev), attention_mask=self.mask.to(dev), use_cache=False)
         return _sum_next_token_logprobs(out.logits, self.ids, self.mask)
@@ -191,19 +200,35 @@ def _run(lm, forwards: list, progress: bool, offload: bool) -> list:
         return lockstep.run([f.job() for f in forwards])
 
 
-def _assemble(items, encoded, questions, texts, parts, n_prompt_jobs, batch_size) -> list[dict]:
-    out = [dict(item) for item in items]
+def _collect(encoded, questions, texts, parts, n_prompt_jobs, batch_size) -> list[list[tuple[float, bool]]]:
+    """The jobs' outputs put back per item: per continuation (log-probability, all greedy)."""
+    out: list = [None] * len(encoded)
     firsts, rest = parts[:n_prompt_jobs], parts[n_prompt_jobs:2 * n_prompt_jobs]
-    for chunk, first, sums in zip(_chunks(questions, batch_size), firsts, rest):
-        sums = iter(sums)
-        for n, first_lp in zip(chunk, first):
-            scores = [first_lp[c[0]] + next(sums) if c else 0.0 for c in encoded[n].continuations]
-            out[n]["scores"] = scores
-            out[n]["best"] = max(range(len(scores)), key=scores.__getitem__)
+    for chunk, first, rows in zip(_chunks(questions, batch_size), firsts, rest):
+        rows = iter(rows)
+        for n, (first_lp, greedy) in zip(chunk, first):
+            out[n] = [_join(first_lp[c[0]], greedy == c[0], next(rows)) if c else (0.0, True)
+                      for c in encoded[n].continuations]
     for chunk, sums in zip(_chunks(texts, batch_size), parts[2 * n_prompt_jobs:]):
-        for n, s in zip(chunk, sums):
-            out[n]["logprob"] = s
-            out[n]["tokens"] = max(len(encoded[n].continuations[0]) - 1, 0)
+        for n, result in zip(chunk, sums):
+            out[n] = [result]
+    return out
+
+
+def _join(first_lp: float, first_greedy: bool, rest: tuple[float, bool]) -> tuple[float, bool]:
+    return first_lp + rest[0], first_greedy and rest[1]
+
+
+def _assemble(items, encoded, results) -> list[dict]:
+    out = [dict(item) for item in items]
+    for n, (e, result) in enumerate(zip(encoded, results)):
+        if e.context is None:
+            out[n]["logprob"] = result[0][0]
+            out[n]["tokens"] = max(len(e.continuations[0]) - 1, 0)
+            continue
+        scores = [lp for lp, _ in result]
+        out[n]["scores"] = scores
+        out[n]["best"] = max(range(len(scores)), key=scores.__getitem__)
     return out
 
 
@@ -218,11 +243,15 @@ def _check_lengths(lm, encoded: list[Encoded]) -> None:
 
 # --- helpers -----------------------------------------------------------------------------
 
-def _sum_next_token_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> list[float]:
-    """Per row: sum over positions j >= 1 (where mask is 1) of log p(ids[j] | ids[:j])."""
+def _sum_next_token_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[float, bool]]:
+    """Per row: sum over positions j >= 1 (where mask is 1) of log p(ids[j] | ids[:j]), and
+    whether every such ids[j] is the most likely token there (lm-eval's `is_greedy`)."""
     logprobs = logits[:, :-1].float().log_softmax(-1)  # (B, T-1, V)
-    picked = logprobs.gather(-1, ids[:, 1:, None].to(logits.device)).squeeze(-1)  # (B, T-1)
-    return (picked * mask[:, 1:].to(picked.device)).sum(-1).tolist()
+    target = ids[:, 1:, None].to(logits.device)
+    picked = logprobs.gather(-1, target).squeeze(-1)  # (B, T-1)
+    valid = mask[:, 1:].to(picked.device).bool()
+    greedy = (logprobs.argmax(-1) == target.squeeze(-1)) | ~valid  # (B, T-1)
+    return list(zip((picked * valid).sum(-1).tolist(), greedy.all(-1).tolist()))
 
 
 def pad_batch(seqs: list[list[int]], pad: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,169 @@
+"""The lm-evaluation-harness backend: `runtime eval --model reshard` (lm_eval with the backend
+registered) on SmolLM2 converted gives the per-item numbers of `lm_eval --model hf` on the source
+checkpoint (float32 CPU), reading each layer group once per request type.
+
+Tasks and data are written by the test: a multiple-choice task (loglikelihood), a perplexity
+task (loglikelihood_rolling, with a short max_length so texts span several windows) and a
+generation task (generate_until with a stop sequence)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MC = [("The capital of France is", ["Paris", "London", "Berlin"], 0),
+      ("Water freezes at a temperature of zero degrees", ["Celsius", "Kelvin", "pounds"], 0),
+      ("The opposite of hot is", ["cold", "warm", "blue", "loud"], 0),
+      ("Two plus two equals", ["four", "seven", "nine"], 0),
+      ("A baby cat is called a", ["puppy", "kitten", "calf"], 1),
+      ("The sun rises in the", ["west", "north", "east"], 2)]
+TEXTS = ["The quick brown fox jumps over the lazy dog. It was a sunny day in the park.",
+         "Language models assign probabilities to sequences of words.",
+         "One, two, three, four, five, six, seven, eight, nine, ten."]
+GEN = [("Q: What is the capital of Italy?\nA:", "Rome"), ("Q: What color is the sky?\nA:", "blue"),
+       ("Q: How many legs does a dog have?\nA:", "four")]
+MAX_LENGTH = 16  # tokens per rolling window: the texts above take two or more
+ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def write_tasks(folder: Path) -> list[str]:
+    """Three lm-eval task YAMLs over JSONL files in `folder`; their names."""
+    rows = {"mc": [{"question": q, "choices": c, "answer": a} for q, c, a in MC],
+            "ppl": [{"text": t} for t in TEXTS], "gen": [{"question": q, "answer": a} for q, a in GEN]}
+    for name, items in rows.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\ntest_split: test\n"
+    (folder / "mc.yaml").write_text(
+        "task: reshard_test_mc\n" + common.format(path=folder / "mc.jsonl") +
+        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+    (folder / "ppl.yaml").write_text(
+        "task: reshard_test_ppl\n" + common.format(path=folder / "ppl.jsonl") +
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n")
+    (folder / "gen.yaml").write_text(
+        "task: reshard_test_gen\n" + common.format(path=folder / "gen.jsonl") +
+        "output_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['\\n', '.']\n  do_sample: false\n  max_gen_toks: 6\n"
+        "metric_list:\n  - metric: exact_match\n")
+    return ["reshard_test_mc", "reshard_test_ppl", "reshard_test_gen"]
+
+
+def samples_of(output: Path) -> dict[str, list[dict]]:
+    """task -> logged samples (by doc_id) from an lm_eval --output_path folder."""
+    found = {}
+    for path in output.rglob("samples_*.jsonl"):
+        task = path.name[len("samples_"):].rsplit("_", 1)[0]
+        found[task] = sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"])
+    return found
+
+
+def run_lm_eval(argv: list[str], output: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "runtime.cli", "eval", *argv, "--output_path", str(output),
+                           "--log_samples", "--seed", "0"], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, **ENV})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_reshard_backend_equals_hf_backend(smollm2_checkpoint, smollm2_converted, tmp_path):
+    tasks = ",".join(write_tasks(tmp_path))
+    ours = run_lm_eval(["--model", "reshard", "--model_args",
+                        f"pretrained={smollm2_converted},device=cpu,dtype=float32,max_cpu_memory=0,batch_size=4,"
+                        f"max_length={MAX_LENGTH},stats=true",
+                        "--tasks", tasks, "--include_path", str(tmp_path)], tmp_path / "ours")
+    theirs = run_lm_eval(["--model", "hf", "--model_args",
+                          f"pretrained={smollm2_checkpoint},dtype=float32,max_length={MAX_LENGTH}", "--device", "cpu",
+                          "--batch_size", "1", "--tasks", tasks, "--include_path", str(tmp_path)], tmp_path / "hf")
+    got, want = samples_of(tmp_path / "ours"), samples_of(tmp_path / "hf")
+    assert sorted(got) == sorted(want) == sorted(tasks.split(","))
+
+    # multiple choice: every choice's log-likelihood to 1e-4, the same greedy flags and accuracy
+    for a, b in zip(got["reshard_test_mc"], want["reshard_test_mc"], strict=True):
+        ours_ll = [float(r[0]) for r in a["filtered_resps"]]  # logged as strings
+        hf_ll = [float(r[0]) for r in b["filtered_resps"]]
+        assert ours_ll == pytest.approx(hf_ll, abs=1e-4), a["doc_id"]
+        assert [r[1] for r in a["filtered_resps"]] == [r[1] for r in b["filtered_resps"]]
+        assert a["acc"] == b["acc"]
+
+    # perplexity: each text's rolling log-likelihood (several windows each) to 1e-4
+    for a, b in zip(got["reshard_test_ppl"], want["reshard_test_ppl"], strict=True):
+        assert float(a["filtered_resps"][0]) == pytest.approx(float(b["filtered_resps"][0]), abs=1e-4)
+
+    # generation: the same text, cut at the same stop sequence
+    assert [s["resps"] for s in got["reshard_test_gen"]] == [s["resps"] for s in want["reshard_test_gen"]]
+
+    # each request type read every layer group once (streamed: max_cpu_memory=0)
+    runs = {r["request_type"]: r for r in map(json.loads, (ln for ln in ours.stderr.splitlines()
+                                                            if ln.startswith('{"request_type"')))}
+    assert runs["loglikelihood"]["requests"] == sum(len(c) for _, c, _ in MC)
+    for kind in ("loglikelihood", "loglikelihood_rolling"):
+        assert runs[kind]["passes"] == 1 and runs[kind]["layer_loads"] == runs[kind]["groups"], runs[kind]
+    assert runs["generate_until"]["requests"] == len(GEN)
+
+
+# --- without SmolLM2 -----------------------------------------------------------------------------
+
+def test_registered_next_to_lm_evals_own_models():
+    import tomllib
+
+    from lm_eval.api.registry import get_model
+
+    from runtime.lm_eval_backend import ReshardLM
+
+    assert get_model("reshard") is ReshardLM
+    assert get_model("hf").__name__ == "HFLM"  # registering ours must not hide lm-eval's own
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["entry-points"]["lm_eval.models"]["reshard"] == "runtime.lm_eval_backend:ReshardLM"
+    assert any(d.startswith("lm-eval") for d in pyproject["project"]["optional-dependencies"]["test"])
+
+
+def test_model_args_pass_through_and_are_checked(tiny_converted):
+    from reshard.errors import UsageError
+    from runtime.lm_eval_backend import ReshardLM
+
+    lm = ReshardLM.create_from_arg_string(
+        f"pretrained={tiny_converted['llama']},device=cpu,dtype=float32,batch_size=3,max_cpu_memory=0,prefetch=0",
+        {"batch_size": 1, "max_batch_size": None, "device": "cuda"})  # lm_eval's own flags lose to model_args
+    assert (lm.batch_size, lm.model.device.type, lm.model.prefetcher.depth) == (3, "cpu", 0)
+    assert set(lm.model.places) == {"disk"}
+    with pytest.raises(UsageError, match="unknown model_args for the reshard backend: colour"):
+        ReshardLM(str(tiny_converted["llama"]), device="cpu", colour="red")
+    with pytest.raises(UsageError, match="batch_size must be 1 or more, not 0"):
+        ReshardLM(str(tiny_converted["llama"]), device="cpu", batch_size=0)
+
+
+def test_loglikelihood_equals_the_scorer_and_reads_each_layer_once(tiny_converted):
+    from lm_eval.api.instance import Instance
+
+    from runtime.lm_eval_backend import ReshardLM
+
+    lm = ReshardLM(str(tiny_converted["llama"]), device="cpu", dtype="float32", max_cpu_memory=0, batch_size=2)
+    pairs = [("w3 w4", " w5"), ("w3 w4", " w6 w7"), ("w8", " w9"), ("", "w10 w11"), ("w3 w4 ", "w5")]
+    requests = [Instance("loglikelihood", {}, pair, n) for n, pair in enumerate(pairs)]
+    got = lm.loglikelihood(requests)
+    want = lm.model.score([{"prompt": "w3 w4", "choices": [" w5", " w6 w7"]}, {"prompt": "w8", "choices": [" w9"]},
+                           {"prompt": "", "choices": ["w10 w11"]}, {"prompt": "w3 w4 ", "choices": ["w5"]}])
+    assert [ll for ll, _ in got] == pytest.approx([*want[0]["scores"], *want[1]["scores"], *want[2]["scores"],
+                                                   *want[3]["scores"]], abs=1e-5)
+    assert all(isinstance(greedy, bool) for _, greedy in got)
+    run = lm.runs[-1]
+    assert (run["request_type"], run["requests"], run["passes"], run["layer_loads"]) == \
+        ("loglikelihood", 5, 1, len(lm.model.groups))
+
+
+def test_generation_options_read_as_lm_eval_reads_them():
+    from runtime.lm_eval_backend import cut_at_stop, generation_options
+
+    options, until, max_new = generation_options({"until": "\n\n", "max_gen_toks": 7, "do_sample": False,
+                                                  "temperature": 0.0}, 256, "</s>")
+    assert (options, until, max_new) == ({"do_sample": False}, ["\n\n", "</s>"], 7)
+    options, until, max_new = generation_options({"do_sample": True, "temperature": 0.7, "top_p": 0.9}, 256, None)
+    assert (options, until, max_new) == ({"do_sample": True, "temperature": 0.7, "top_p": 0.9}, [], 256)
+    assert cut_at_stop("Rome.\nQ: next", ["\n", "."]) == "Rome"
