@@ -17,6 +17,7 @@ from reshard.errors import UsageError
 
 from .options import (SAMPLING, check_generation, model_argument, model_options, ray_options, sampling_kwargs,
                       sampling_options)
+from .progress import report_stats, show_first_pass
 
 
 @click.group(cls=Group, examples=(
@@ -187,10 +188,11 @@ def chat(**options) -> int:
         import torch
         torch.manual_seed(args.seed)
     model = open_model(args)
+    show_first_pass(model)
     options = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens, **sampling_kwargs(args)}
     answers = run_chat(Chat(model, system=args.system, generate_options=options))
     if args.stats:
-        print(json.dumps({**model.stats.as_dict(), "answers": answers}), file=sys.stderr)
+        report_stats({**model.stats.as_dict(), "answers": answers})
     model.close()
     return 0
 
@@ -256,6 +258,7 @@ def generate_one(args) -> int:
     model = open_model(args)
     inputs = encode_prompt(model.tokenizer, prompt, chat=args.chat)
     check_context(model, inputs["input_ids"].shape[1] + args.max_new_tokens)
+    show_first_pass(model)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     sampling = sampling_kwargs(args)
@@ -264,9 +267,7 @@ def generate_one(args) -> int:
     out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                          streamer=streamer, pad_token_id=_pad_id(model), **sampling, **speculation(args, model))
     if args.stats:
-        stats = model.stats.as_dict()
-        stats["new_tokens"] = int(out.shape[1] - inputs["input_ids"].shape[1])
-        print(json.dumps(stats), file=sys.stderr)
+        report_stats({**model.stats.as_dict(), "new_tokens": int(out.shape[1] - inputs["input_ids"].shape[1])})
     model.close()
     return 0
 
@@ -300,14 +301,13 @@ def generate_file(args) -> int:
     if args.seed is not None:
         import torch
         torch.manual_seed(args.seed)
+    show_first_pass(model)
     done = generate_batch(model, [it["prompt"] for it in items], chat=args.chat, max_new_tokens=args.max_new_tokens,
                           min_new_tokens=args.min_new_tokens, **sampling, **speculation(args, model))
     for item, g in zip(items, done):
         print(json.dumps({**item, "completion": g.text, "new_tokens": len(g.tokens)}), flush=True)
     if args.stats:
-        stats = model.stats.as_dict()
-        stats["new_tokens"] = sum(len(g.tokens) for g in done)
-        print(json.dumps(stats), file=sys.stderr)
+        report_stats({**model.stats.as_dict(), "new_tokens": sum(len(g.tokens) for g in done)})
     model.close()
     return 0
 
@@ -332,10 +332,11 @@ def score_file(args) -> int:
     if args.ray_workers is not None:
         return score_with_ray(args, items)
     model = open_model(args)
-    scored = model.score(items, batch_size=args.batch_size, progress=True, offload=args.offload_activations)
+    scored = model.score(items, batch_size=args.batch_size, progress=sys.stderr.isatty(),
+                         offload=args.offload_activations)
     write_jsonl(args.output, scored)
     if args.stats:
-        print(json.dumps({**model.stats.as_dict(), "items": len(items), "groups": len(model.groups)}), file=sys.stderr)
+        report_stats({**model.stats.as_dict(), "items": len(items), "groups": len(model.groups)})
     model.close()
     return 0
 
