@@ -19,6 +19,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from reshard.errors import UsageError
 
+from .batch import chat_ids
+
 PROMPT = ">>> "
 HELP = "/reset forgets the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops an answer"
 
@@ -62,9 +64,7 @@ class Chat:
 
     def prompt_ids(self, text: str) -> torch.Tensor:
         """Token ids of the conversation so far plus the user turn `text`, ready for the answer."""
-        conversation = self.messages + [{"role": "user", "content": text}]
-        templated = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(templated, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        return torch.tensor([chat_ids(self.tokenizer, self.messages + [{"role": "user", "content": text}])])
 
     def ask(self, text: str, *, streamer=None, stop: StopFlag | None = None) -> str:
         """Answer the user turn `text` (streamed to `streamer`); both join the conversation."""
