@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 
 from . import hub
 from .errors import DiskSpaceError, SourceError, UsageError
-from .format import (DTYPE_NAMES, DTYPE_TO_ST, MANIFEST, Group, Manifest, dtype_name, group_file_name,
+from .format import (DTYPE_NAMES, stored_names, DTYPE_TO_ST, MANIFEST, Group, Manifest, dtype_name, group_file_name,
                      quant_part_names, write_bytes_atomic, write_group_file, write_text_atomic)
 from .keymap import KeyMap, check_shape, check_shapes, map_keys
 from .plan import build_empty_model, plan_groups
-from .quant import DEFAULT_GROUP, check_scheme, quantizable_params, quantize as quantize_weight
+from .quant import DEFAULT_GROUP, check_scheme, quantizable_params, quantize as quantize_weight, quantize_experts
 from .resume import Progress, conversion_params, manifest_source
 from .source import SIDE_FILES, GGUFSource, Source, open_local
 
@@ -220,8 +220,10 @@ class QuantSpec:
     def store(self, name: str, t: torch.Tensor, target: torch.dtype, tensors: dict, quantized: dict) -> None:
         """Put `name`'s quantized parts into `tensors`, and what it expands to into `quantized`."""
         transposed = self.params[name]
-        w = t.t() if transposed else t
-        parts = quantize_weight(w, self.scheme, group=self.group, dtype=target)
+        if t.dim() == 3:  # experts [E, ...]: each expert quantized alone, parts [E, ...] (one range each)
+            parts = quantize_experts(t, self.scheme, group=self.group, dtype=target, transposed=transposed)
+        else:
+            parts = quantize_weight(t.t() if transposed else t, self.scheme, group=self.group, dtype=target)
         for part, stored in quant_part_names(name, self.scheme).items():
             tensors[stored] = parts[part]
         quantized[name] = {"shape": list(t.shape), "dtype": DTYPE_TO_ST[target], "transposed": transposed}
@@ -267,7 +269,7 @@ def _write_group(src: Source, model, planned, mapping: KeyMap, out: Path, target
         check_shape(bname, t, shape)
         tensors[bname] = t.to(dtype)
     experts = {m: dict(e) for m, e in planned.experts.items()}
-    first = {n for e in experts.values() for n in e["tensors"]}
+    first = {n for e in experts.values() for p in e["tensors"] for n in stored_names(p, tensors)}
     file = group_file_name(planned.name) if tensors else None
     size, sha = write_group_file(out / file, tensors, first) if file else (0, "")
     return Group(

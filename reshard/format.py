@@ -142,9 +142,18 @@ def param_names(group: Group, scheme: str | None = None) -> list[str]:
 
 # --- experts ---------------------------------------------------------------------------------
 
+def stored_names(param: str, tensors) -> list[str]:
+    """The stored tensors of parameter `param`: itself, or its quantized parts (see quant_part_names)."""
+    if param in tensors:
+        return [param]
+    return [n for n in (f"{param}.{part}" for part in QUANT_PARTS["int4"]) if n in tensors]
+
+
 def expert_tensors(group: Group) -> dict[str, int]:
-    """{stored tensor name: number of experts} for every expert tensor of `group`."""
-    return {name: e["num_experts"] for e in group.experts.values() for name in e["tensors"]}
+    """{stored tensor name: number of experts} for every expert tensor of `group` (quantized
+    expert weights: each of their parts, all [E, ...])."""
+    return {name: e["num_experts"] for e in group.experts.values() for param in e["tensors"]
+            for name in stored_names(param, group.tensors)}
 
 
 def expert_range(info: TensorInfo, num_experts: int, expert: int) -> tuple[int, int]:
@@ -165,7 +174,8 @@ def dense_range(infos: dict[str, TensorInfo], group: Group) -> tuple[int, int]:
 
 def expert_bytes(group: Group, entry: dict | None = None) -> int:
     """Bytes of the group's expert tensors (those of one experts module `entry`, or all)."""
-    names = entry["tensors"] if entry is not None else expert_tensors(group)
+    names = ([n for p in entry["tensors"] for n in stored_names(p, group.tensors)] if entry is not None
+             else expert_tensors(group))
     return sum(_numel(group.tensors[n]["shape"]) * ST_TO_DTYPE[group.tensors[n]["dtype"]].itemsize for n in names)
 
 

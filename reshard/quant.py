@@ -128,4 +128,20 @@ def quantizable_params(model: torch.nn.Module, plan, *, embeddings: bool = False
         name = f"{mname}.weight"
         if weight is not None and weight.dim() == 2 and name in stored:
             chosen[name] = isinstance(module, Conv1D)
+    from .plan import find_experts
+
+    for mname, entry in find_experts(model).items():  # [E, out, in] expert weights: each expert alone
+        transposed = bool(getattr(model.get_submodule(mname), "is_transposed", False))
+        chosen.update({n: transposed for n in entry["tensors"] if n in stored and len(plan_shape(plan, n)) == 3})
     return chosen
+
+
+def plan_shape(plan, name: str):
+    return next(g.params[name] for g in plan.groups if name in g.params)
+
+
+def quantize_experts(w: torch.Tensor, scheme: str, *, group: int, dtype: torch.dtype, transposed: bool
+                     ) -> dict[str, torch.Tensor]:
+    """`quantize` of each expert w[e] (its (out, in) matrix: w[e].t() if `transposed`), parts stacked on dim 0."""
+    per_expert = [quantize(x.t() if transposed else x, scheme, group=group, dtype=dtype) for x in w]
+    return {part: torch.stack([p[part] for p in per_expert]) for part in per_expert[0]}

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from .convert import QuantSpec
-from .format import DTYPE_TO_ST, MANIFEST, Group, Manifest, dtype_name, group_file_name, write_group_file, write_text_atomic
+from .format import (DTYPE_TO_ST, MANIFEST, Group, Manifest, dtype_name, group_file_name, stored_names,
+                     write_group_file, write_text_atomic)
 from .plan import build_empty_model, plan_groups
 from .quant import DEFAULT_GROUP
 
@@ -54,7 +55,7 @@ def _write_group(planned, out: Path, dtype: torch.dtype, gen: torch.Generator, d
         tensors.update((n, s.cpu()) for n, s in stored.items())  # one tensor on the device at a time
         del t, stored
     experts = {m: dict(e) for m, e in planned.experts.items()}
-    first = {n for e in experts.values() for n in e["tensors"]}
+    first = {n for e in experts.values() for p in e["tensors"] for n in stored_names(p, tensors)}
     file = group_file_name(planned.name) if tensors else None
     size, sha = write_group_file(out / file, tensors, first) if file else (0, "")
     return Group(name=planned.name, kind=planned.kind, file=file, bytes=size, sha256=sha,

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from reshard.errors import CorruptFileError
-from reshard.format import ST_TO_DTYPE, dense_range, expert_range, expert_tensors
+from reshard.format import ST_TO_DTYPE, dense_range, expert_range, expert_tensors, quant_part_names
 
 from . import budget
+from .quantized import expand_param
 
 READERS = 4  # expert reads in flight at once (NVMe drives want several)
 
@@ -87,9 +88,8 @@ class ExpertStreamer:
         """Make every streamed group with experts load without them, and hook the experts modules
         of `model` (the transformers model)."""
         for i, group in enumerate(self.loader.manifest.groups):
-            if not group.experts or self.loader.places[i] == budget.DEVICE or set(group.quantized) & set(
-                    expert_tensors(group)):
-                continue  # resident groups keep all experts; quantized expert tensors load whole
+            if not group.experts or self.loader.places[i] == budget.DEVICE:
+                continue  # resident groups keep all their experts
             gf = self.loader.files[i]
             self.loader.partial[i] = (dense_range(gf.infos, group), frozenset(expert_tensors(group)))
             for path, entry in group.experts.items():
@@ -149,11 +149,16 @@ class ExpertStreamer:
             module._parameters[name.rpartition(".")[2]] = nn.Parameter(b.tensor, requires_grad=False)
 
     def _buffer(self, name: str, i: int) -> _Buffer:
-        info = self.loader.files[i].infos[name]
-        key = (name.rpartition(".")[2], tuple(info.shape))
+        quantized = self.loader.manifest.groups[i].quantized.get(name)
+        if quantized is not None:  # expanded to the compute dtype
+            shape, dtype = tuple(quantized["shape"]), self.dtype
+        else:
+            info = self.loader.files[i].infos[name]
+            shape, dtype = tuple(info.shape), self._dtype(info)
+        key = (name.rpartition(".")[2], shape, dtype)
         buf = self.buffers.get(key)
         if buf is None:
-            buf = self.buffers[key] = _Buffer(info.shape, self._dtype(info), self.device)
+            buf = self.buffers[key] = _Buffer(shape, dtype, self.device)
         if buf.owner != i:  # another layer's experts: none of them count
             buf.owner, buf.present = i, set()
         return buf
@@ -164,25 +169,39 @@ class ExpertStreamer:
 
     def _read(self, i: int, experts: list[int], entry: dict, bufs: dict[str, _Buffer]) -> None:
         """Rows `experts` of every tensor of `entry` from group i's file (or its pinned host copy):
-        one read per expert and tensor, several at once, straight into the buffer where it can."""
+        one read per expert and stored tensor, several at once, straight into the buffer where it
+        can; quantized expert weights are read as their parts and expanded into the buffer."""
         if not experts:
             return
         gf, held, count = self.loader.files[i], self.loader.host_data(i), entry["num_experts"]
-        pieces = [(gf.infos[name], b.tensor[e], expert_range(gf.infos[name], count, e))
-                  for e in experts for name, b in bufs.items()]
+        quantized = self.loader.manifest.groups[i].quantized
+        pieces, expand = [], []  # (stored info, destination, byte range); (row, parts, param info)
+        for e in experts:
+            for param, b in bufs.items():
+                if param not in quantized:
+                    pieces.append((gf.infos[param], b.tensor[e], expert_range(gf.infos[param], count, e)))
+                    continue
+                parts = {}
+                for part, name in quant_part_names(param, self.loader.scheme).items():
+                    info = gf.infos[name]
+                    parts[part] = torch.empty(info.shape[1:], dtype=ST_TO_DTYPE[info.dtype], device=self.device)
+                    pieces.append((info, parts[part], expert_range(info, count, e)))
+                expand.append((b.tensor[e], parts, {**quantized[param], "shape": quantized[param]["shape"][1:]}))
         nbytes = sum(end - begin for _, _, (begin, end) in pieces)
         if held is not None:  # pinned host memory -> device
             for info, dst, (begin, end) in pieces:
                 dst.copy_(_typed(held[begin:end], info, dst), non_blocking=True)
         else:
-            self._read_file(gf, pieces, nbytes)
+            self._read_file(gf, pieces)
+        for row, parts, info in expand:
+            row.copy_(expand_param(parts, info, self.loader.scheme, self.dtype))
         self.stats.experts_read += len(experts)
         self.stats.expert_bytes += nbytes
         self.stats.bytes_read += nbytes if held is None else 0
         self.stats.bytes_copied += nbytes if self.device.type == "cuda" else 0
         self.stats.bytes_streamed += nbytes
 
-    def _read_file(self, gf, pieces: list, nbytes: int) -> None:
+    def _read_file(self, gf, pieces: list) -> None:
         """File ranges -> their buffer rows: read in place into CPU rows of the stored dtype,
         else into (pinned) staging memory, then copied (and cast) to the rows."""
         direct = [p for p in pieces if p[1].device.type == "cpu" and p[1].dtype == ST_TO_DTYPE[p[0].dtype]]

@@ -19,7 +19,10 @@ def expand_group(tensors: dict[str, torch.Tensor], group: Group, scheme: str | N
     """`tensors` (a group's stored tensors by name) with each quantized parameter's parts
     replaced by the parameter itself, in `dtype`."""
     for param in group.quantized:
-        parts = {part: tensors.pop(name) for part, name in quant_part_names(param, scheme).items()}
+        names = quant_part_names(param, scheme)
+        if not all(name in tensors for name in names.values()):
+            continue  # routed expert weights left out of this load (runtime/experts.py expands them)
+        parts = {part: tensors.pop(name) for part, name in names.items()}
         tensors[param] = expand_param(parts, group.quantized[param], scheme, dtype)
     return tensors
 
@@ -28,5 +31,9 @@ def expand_param(parts: dict[str, torch.Tensor], info: dict, scheme: str, dtype:
     """One quantized parameter from its parts; `info` is its manifest entry (shape, transposed)."""
     shape = info["shape"]
     transposed = info.get("transposed", False)
+    if len(shape) == 3:  # experts [E, ...]: each expert's parts on their own
+        one = {**info, "shape": shape[1:]}
+        return torch.stack([expand_param({k: v[e] for k, v in parts.items()}, one, scheme, dtype)
+                            for e in range(shape[0])])
     w = dequantize(parts, scheme, columns=shape[0] if transposed else shape[1], dtype=dtype)
     return w.t() if transposed else w  # Conv1D keeps (in, out); a transposed view serves it

@@ -182,15 +182,28 @@ def test_batched_generation_equals_transformers(arch, moe_checkpoints, moe_conve
         assert got.tokens == want.tolist()
 
 
-def test_quantized_moe_streams_routed_experts(moe_checkpoints, tmp_path):
-    """--quantize int8 stores the linear weights quantized; streamed, the routed experts still
-    come alone, and the output is the one of the same folder held resident."""
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_experts_stream_alone(scheme, moe_checkpoints, tmp_path):
+    """--quantize stores expert weights quantized too, each expert's parts one range per part;
+    streamed, the routed experts' parts come alone and expand into the buffer: the output is the
+    one of the same folder held resident (expanded whole by the loader)."""
     from reshard.convert import convert
+    from reshard.format import stored_names
 
-    convert(str(moe_checkpoints["qwen3_moe"]), tmp_path / "q8", quantize="int8", progress=False)
-    manifest = read_manifest(tmp_path / "q8")
-    assert any(g.quantized for g in moe_layers(manifest))
-    streamed = LayeredModel.from_pretrained(tmp_path / "q8", device="cpu", max_cpu_memory=0, expert_cache=0)
-    resident = LayeredModel.from_pretrained(tmp_path / "q8", device="cpu", max_cpu_memory="1GB")
+    convert(str(moe_checkpoints["qwen3_moe"]), tmp_path / scheme, quantize=scheme, progress=False)
+    manifest = read_manifest(tmp_path / scheme)
+    for group in moe_layers(manifest):
+        [entry] = group.experts.values()
+        assert set(entry["tensors"]) <= set(group.quantized)  # the expert weights are quantized
+        assert all(len(stored_names(p, group.tensors)) > 1 for p in entry["tensors"])
+    streamed = LayeredModel.from_pretrained(tmp_path / scheme, device="cpu", max_cpu_memory=0, expert_cache=0)
+    resident = LayeredModel.from_pretrained(tmp_path / scheme, device="cpu", max_cpu_memory="1GB")
     assert torch.equal(streamed(IDS).logits, resident(IDS).logits)
-    assert 0 < streamed.stats.experts_read <= 8 * len(moe_layers(manifest))
+    streamed.generate(torch.tensor([[5, 17, 42]]), **GREEDY)
+    last = streamed.stats.per_pass[-1]
+    assert last.experts_read == 2 * len(moe_layers(manifest))
+    assert last.expert_bytes == sum(expert_bytes(g) * 2 // 8 for g in moe_layers(manifest))
+    ref = reference(moe_checkpoints["qwen3_moe"])
+    with torch.no_grad():  # quantized, so close to the float32 model, not equal
+        want = ref(IDS).logits
+    assert (resident(IDS).logits - want).abs().max() < (0.05 if scheme == "int8" else 0.3)
