@@ -57,6 +57,46 @@ def moe_config(arch: str):
 ARCHS = ["llama", "qwen2", "gemma", "gpt2", "phi3"]
 MOE_ARCHS = ["mixtral", "qwen3_moe", "deepseek_v3"]
 
+# --- placement: every test that runs a converted model says where its weights wait ------------
+# "streamed": max_cpu_memory=0, every group is read from its file on every pass (the hooks work).
+# "resident": a budget far above any test model, so every group is loaded once and stays.
+# Never the default budget: that depends on the machine's free RAM.
+PLACEMENTS = ["streamed", "resident"]
+CPU_BUDGETS = {"streamed": 0, "resident": "64GiB"}
+
+
+@pytest.fixture(params=PLACEMENTS)
+def placement(request) -> str:
+    """Run the test once streamed and once resident (`[streamed]` / `[resident]` in its id)."""
+    return request.param
+
+
+def open_placed(folder, placement: str, **kwargs):
+    """`LayeredModel.from_pretrained` on the CPU with the placement's budget; checks the plan."""
+    from runtime import LayeredModel
+    from runtime.budget import DEVICE, DISK
+
+    model = LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=CPU_BUDGETS[placement], **kwargs)
+    want = DISK if placement == "streamed" else DEVICE
+    assert model.places == [want] * len(model.groups), (placement, model.places)
+    return model
+
+
+def assert_placed(stats, placement: str, groups: int) -> None:
+    """After at least one pass: streamed read every group from its file, resident read none.
+    `stats` is `model.stats.as_dict()` or the JSON line of `--stats`."""
+    if not isinstance(stats, dict):
+        stats = stats.as_dict()
+    if placement == "streamed":
+        assert stats["layer_loads"] >= groups and stats["bytes_streamed"] > 0, stats
+    else:
+        assert stats["layer_loads"] == 0 and stats["bytes_streamed"] == 0, stats
+
+
+def cli_placement(placement: str) -> list[str]:
+    """The CLI flags of a placement."""
+    return ["--max-cpu-memory", str(CPU_BUDGETS[placement])]
+
 
 def save_tiny(arch: str, folder: Path, *, seed: int = 0, max_shard_size: str | None = None) -> Path:
     from transformers import AutoModelForCausalLM

@@ -1,5 +1,5 @@
 """Batched generation equals one prompt at a time; prompt lookup and assistant decoding equal
-plain greedy, in fewer passes."""
+plain greedy, in fewer passes; each streamed and resident."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from runtime import LayeredModel
+from conftest import ARCHS, assert_placed, cli_placement, open_placed
+from reshard.format import read_manifest
 from runtime.batch import generate_batch, load_assistant
 from runtime.cli import main as runtime_main
 
@@ -28,30 +29,60 @@ def assert_same_as_alone(model, prompts, **kwargs):
     return together
 
 
-def test_batched_generation_equals_one_by_one_tiny(tiny_converted):
-    model = LayeredModel.from_pretrained(tiny_converted["gpt2"], device="cpu")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_generation_equals_one_by_one_tiny(arch, placement, tiny_converted):
+    model = open_placed(tiny_converted[arch], placement)
     prompts = ["w5 w6 w7", "w20 w21 w22 w23 w24 w25 w26 w27 w28", "w40", "w100 w101 w102 w100"]
-    model.stats.passes = 0
     assert_same_as_alone(model, prompts, **GREEDY)
+    assert_placed(model.stats, placement, len(model.groups))
+    model.close()
 
 
 @pytest.mark.slow
-def test_batched_generation_equals_one_by_one_smollm2(smollm2_converted):
-    model = LayeredModel.from_pretrained(smollm2_converted, device="cpu")
+def test_batched_generation_equals_one_by_one_smollm2(placement, smollm2_converted):
+    model = open_placed(smollm2_converted, placement)
     prompts = ["What is the capital of France?", "Write a haiku about the sea in winter, please.", "Hi!"]
     done = assert_same_as_alone(model, prompts, chat=True, **GREEDY)
     assert len({g.text for g in done}) == 3 and all(len(g.tokens) > 2 for g in done)
+    assert_placed(model.stats, placement, len(model.groups))
+    model.close()
 
 
-def test_batch_is_one_pass_per_token(tiny_converted):
-    model = LayeredModel.from_pretrained(tiny_converted["llama"], device="cpu")
+def test_batch_is_one_pass_per_token(placement, tiny_converted):
+    model = open_placed(tiny_converted["llama"], placement)
     generate_batch(model, ["w5 w6", "w7 w8 w9", "w10"], min_new_tokens=12, **GREEDY)
     assert model.stats.passes == 12  # the prompt pass plus 11: every pass serves all three
+    assert_placed(model.stats, placement, 12 * len(model.groups))
+    model.close()
+
+
+# A prompt that random tiny models continue by copying (greedy decoding repeats itself), so
+# prompt lookup finds its n-grams: the case it speeds up.
+LOOP_PROMPT = "w5 w6 w7 w5 w6 w7"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prompt_lookup_and_assistant_equal_greedy_tiny(arch, placement, tiny_checkpoints, tiny_converted):
+    """Prompt lookup and an assistant (the model itself, so every draft is accepted) give plain
+    greedy's tokens exactly, in fewer passes."""
+    model = open_placed(tiny_converted[arch], placement)
+    kwargs = dict(do_sample=False, max_new_tokens=12, min_new_tokens=12)
+    [plain] = generate_batch(model, [LOOP_PROMPT], **kwargs)
+    assert model.stats.passes == len(plain.tokens) == 12
+    drafts = {"prompt_lookup_num_tokens": 4,
+              "assistant_model": load_assistant(tiny_checkpoints[arch], device=model.device, dtype=torch.float32)}
+    for name, value in drafts.items():
+        model.stats.passes = 0
+        [fast] = generate_batch(model, [LOOP_PROMPT], **kwargs, **{name: value})
+        assert fast.tokens == plain.tokens, name
+        assert model.stats.passes < 12, name
+    assert_placed(model.stats, placement, len(model.groups))
+    model.close()
 
 
 @pytest.mark.slow
-def test_prompt_lookup_and_assistant_equal_greedy_in_fewer_passes(smollm2_checkpoint, smollm2_converted):
-    model = LayeredModel.from_pretrained(smollm2_converted, device="cpu")
+def test_prompt_lookup_and_assistant_equal_greedy_in_fewer_passes(placement, smollm2_checkpoint, smollm2_converted):
+    model = open_placed(smollm2_converted, placement)
     kwargs = dict(chat=True, do_sample=False, max_new_tokens=24)
     [plain] = generate_batch(model, [COPY_PROMPT], **kwargs)
     assert model.stats.passes == len(plain.tokens)
@@ -63,6 +94,8 @@ def test_prompt_lookup_and_assistant_equal_greedy_in_fewer_passes(smollm2_checkp
         [fast] = generate_batch(model, [COPY_PROMPT], **kwargs, **{name: value})
         assert fast.tokens == plain.tokens, name
         assert model.stats.passes < len(fast.tokens) / 2, name
+    assert_placed(model.stats, placement, len(model.groups))
+    model.close()
 
 
 def test_assistant_from_converted_folder_equals_transformers(tiny_checkpoints, tiny_converted):
@@ -75,29 +108,30 @@ def test_assistant_from_converted_folder_equals_transformers(tiny_checkpoints, t
         draft.lm_head.weight, draft.model.embed_tokens.weight)
 
 
-def test_cli_prompts_file(tiny_converted, tmp_path, capsys):
+def test_cli_prompts_file(placement, tiny_converted, tmp_path, capsys):
     folder = tiny_converted["llama"]
     prompts = [{"prompt": "w5 w6 w7", "id": 1}, {"prompt": "w9 w10 w11 w12 w13", "id": 2}, {"prompt": "w3", "id": 3}]
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     code = runtime_main(["generate", str(folder), "--prompts-file", str(path), "--max-new-tokens", "6",
-                         "--device", "cpu", "--stats"])
+                         "--device", "cpu", "--stats", *cli_placement(placement)])
     out, err = capsys.readouterr()
     assert code == 0
     lines = [json.loads(line) for line in out.splitlines()]
-    want = generate_batch(LayeredModel.from_pretrained(folder, device="cpu"), [p["prompt"] for p in prompts],
+    want = generate_batch(open_placed(folder, "streamed"), [p["prompt"] for p in prompts],
                           max_new_tokens=6, do_sample=False)
     assert [ln["id"] for ln in lines] == [1, 2, 3]
     assert [ln["completion"] for ln in lines] == [w.text for w in want]
     stats = json.loads(err.strip().splitlines()[-1])
     assert stats["passes"] == 6 and stats["new_tokens"] == sum(len(w.tokens) for w in want)
+    assert_placed(stats, placement, 6 * len(read_manifest(folder).groups))
 
 
 def test_cli_prompts_file_text_lines_and_errors(tiny_converted, tmp_path, capsys):
     folder = str(tiny_converted["llama"])
     path = tmp_path / "p.txt"
     path.write_text("w5 w6\n\nw7 w8 w9\n")
-    args = ["generate", folder, "--prompts-file", str(path), "--device", "cpu"]
+    args = ["generate", folder, "--prompts-file", str(path), "--device", "cpu", *cli_placement("streamed")]
     assert runtime_main(args + ["--max-new-tokens", "3"]) == 0
     assert [json.loads(ln)["prompt"] for ln in capsys.readouterr().out.splitlines()] == ["w5 w6", "w7 w8 w9"]
     code = runtime_main(args + ["--prompt-lookup", "3"])
@@ -106,10 +140,10 @@ def test_cli_prompts_file_text_lines_and_errors(tiny_converted, tmp_path, capsys
                                                "time; drop --prompts-file")
 
 
-def test_cli_prompt_lookup_fewer_passes(tiny_converted, capsys):
+def test_cli_prompt_lookup_fewer_passes(placement, tiny_converted, capsys):
     # Random weights make greedy decoding repeat itself, which prompt lookup can copy.
-    args = ["generate", str(tiny_converted["gpt2"]), "--prompt", "w5 w6 w7 w5 w6 w7", "--max-new-tokens", "12",
-            "--min-new-tokens", "12", "--device", "cpu", "--stats"]
+    args = ["generate", str(tiny_converted["gpt2"]), "--prompt", LOOP_PROMPT, "--max-new-tokens", "12",
+            "--min-new-tokens", "12", "--device", "cpu", "--stats", *cli_placement(placement)]
     assert runtime_main(args) == 0
     plain_out, plain_err = capsys.readouterr()
     assert runtime_main(args + ["--prompt-lookup", "4"]) == 0
@@ -118,14 +152,15 @@ def test_cli_prompt_lookup_fewer_passes(tiny_converted, capsys):
     plain, fast = json.loads(plain_err.splitlines()[-1]), json.loads(err.splitlines()[-1])
     assert plain["passes"] == plain["new_tokens"] == fast["new_tokens"] == 12
     assert fast["passes"] < 12
+    assert_placed(fast, placement, fast["passes"] * len(read_manifest(tiny_converted["gpt2"]).groups))
 
 
 @pytest.mark.parametrize("draft", ["checkpoint", "converted"])
-def test_cli_assistant_same_text_fewer_passes(draft, tiny_checkpoints, tiny_converted, capsys):
+def test_cli_assistant_same_text_fewer_passes(draft, placement, tiny_checkpoints, tiny_converted, capsys):
     # The model as its own draft: every proposed token is accepted, so passes drop the most.
     folders = {"checkpoint": tiny_checkpoints["llama"], "converted": tiny_converted["llama"]}
     args = ["generate", str(tiny_converted["llama"]), "--prompt", "w5 w6 w7", "--max-new-tokens", "12",
-            "--min-new-tokens", "12", "--device", "cpu", "--stats"]
+            "--min-new-tokens", "12", "--device", "cpu", "--stats", *cli_placement(placement)]
     assert runtime_main(args) == 0
     plain_out, _ = capsys.readouterr()
     assert runtime_main(args + ["--assistant", str(folders[draft])]) == 0
@@ -133,10 +168,12 @@ def test_cli_assistant_same_text_fewer_passes(draft, tiny_checkpoints, tiny_conv
     assert out == plain_out
     stats = json.loads(err.splitlines()[-1])
     assert stats["new_tokens"] == 12 and stats["passes"] < 12
+    assert_placed(stats, placement, stats["passes"] * len(read_manifest(tiny_converted["llama"]).groups))
 
 
 def test_cli_assistant_errors(tiny_converted, tmp_path, capsys):
-    args = ["generate", str(tiny_converted["llama"]), "--prompt", "w5", "--max-new-tokens", "4", "--device", "cpu"]
+    args = ["generate", str(tiny_converted["llama"]), "--prompt", "w5", "--max-new-tokens", "4", "--device", "cpu",
+            *cli_placement("streamed")]
     assert runtime_main(args + ["--assistant", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (f"Error: assistant {tmp_path} is neither a converted folder nor a "
                                                f"transformers checkpoint folder")

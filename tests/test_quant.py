@@ -129,13 +129,13 @@ def test_quantized_folder_on_cuda_equals_cpu(arch, tiny_checkpoints, tmp_path):
         out = tmp_path / scheme
         convert(str(tiny_checkpoints[arch]), out, progress=False, quantize=scheme, quantize_group=group,
                 quantize_embeddings=emb)
-        cpu = LayeredModel.from_pretrained(out, device="cpu", prefetch=1)
+        cpu = LayeredModel.from_pretrained(out, device="cpu", prefetch=1, max_cpu_memory=0)
         for prefetch in (1, 2):
             gpu = LayeredModel.from_pretrained(out, device="cuda", prefetch=prefetch, max_gpu_memory=0)
             torch.testing.assert_close(gpu(ids.cuda()).logits.cpu(), cpu(ids).logits, rtol=1e-4, atol=1e-4)
             assert torch.equal(gpu.generate(ids.cuda(), **kwargs).cpu(), cpu.generate(ids, **kwargs))
             gpu.close()
-        half = LayeredModel.from_pretrained(out, device="cuda", dtype="float16", prefetch=1)
+        half = LayeredModel.from_pretrained(out, device="cuda", dtype="float16", prefetch=1, max_gpu_memory=0)
         torch.testing.assert_close(half(ids.cuda()).logits.float().cpu(), cpu(ids).logits, rtol=0.05, atol=0.05)
         half.close()
         cpu.close()
@@ -211,7 +211,7 @@ def test_cli_quantized_convert_info_and_generate(tiny_checkpoints, tmp_path, cap
     assert reshard_cli.main(["info", str(out)]) == 0
     assert "quantization  int4 group 16" in capsys.readouterr().out
     assert runtime_cli.main(["generate", str(out), "--prompt", "w3 w4 w5", "--max-new-tokens", "4",
-                             "--device", "cpu", "--prefetch", "1"]) == 0
+                             "--device", "cpu", "--prefetch", "1", "--max-cpu-memory", "0"]) == 0
     assert len(capsys.readouterr().out.split()) == 4
 
 

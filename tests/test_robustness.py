@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -168,8 +169,9 @@ def test_not_enough_free_disk_is_refused_before_writing(tiny_checkpoints, tmp_pa
     monkeypatch.setattr(reshard.convert.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=0, free=free))
     out = tmp_path / "out"
     assert convert(tiny_checkpoints["llama"], out) == 1
-    line = only_error(capsys.readouterr().err)
-    assert line.startswith(f"Error: {out} needs about 0.49 MB more but its disk has 0.10 MB free; free some space")
+    assert only_error(capsys.readouterr().err) == (
+        f"Error: {out} needs about 0.49 MB more but its disk has 0.10 MB free; free some space or choose an OUT on "
+        f"another disk (for hub sources, --low-disk keeps only one source shard)")
     assert not list(out.glob("*.safetensors"))
 
 
@@ -181,8 +183,11 @@ def test_out_holding_another_model_is_refused_unless_force(tiny_checkpoints, tmp
     capsys.readouterr()
     assert convert(tiny_checkpoints["llama"], out) == 1
     line = only_error(capsys.readouterr().err)
-    assert line.startswith(f"Error: {out} holds a conversion of {tiny_checkpoints['qwen2'].resolve()} @ ")
-    assert "(float32, Qwen2ForCausalLM), not of " in line and line.endswith("pass --force to replace it")
+    qwen2, llama = tiny_checkpoints["qwen2"].resolve(), tiny_checkpoints["llama"].resolve()
+    assert re.fullmatch(  # "@" the source's fingerprint
+        rf"Error: {re.escape(str(out))} holds a conversion of {re.escape(str(qwen2))} @ \w{{12}} \(float32, "
+        rf"Qwen2ForCausalLM\), not of {re.escape(str(llama))} @ \w{{12}} \(float32, LlamaForCausalLM\); "
+        rf"choose another folder, or pass --force to replace it", line), line
     assert (out / "head.safetensors").is_file()  # refused: nothing touched
     assert convert(tiny_checkpoints["llama"], out, "--force") == 0
     assert convert(tiny_checkpoints["llama"], tmp_path / "clean") == 0
@@ -193,13 +198,17 @@ def test_other_dtype_or_format_version_is_refused(tiny_checkpoints, tmp_path, ca
     out = tmp_path / "out"
     assert convert(tiny_checkpoints["llama"], out) == 0
     assert convert(tiny_checkpoints["llama"], out, "--dtype", "bfloat16") == 1
-    assert "(float32, LlamaForCausalLM), not of " in only_error(capsys.readouterr().err)
+    line = only_error(capsys.readouterr().err)
+    assert "(float32, LlamaForCausalLM), not of " in line and "(bfloat16, LlamaForCausalLM); choose another" in line
     manifest = json.loads((out / "manifest.json").read_text())  # a finished folder: the manifest is the record
     manifest["format_version"] = 0
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert convert(tiny_checkpoints["llama"], out) == 1
-    assert only_error(capsys.readouterr().err).startswith(
-        f"Error: {out} holds format version 0 (this version writes {reshard.format.FORMAT_VERSION}), not of ")
+    llama = tiny_checkpoints["llama"].resolve()
+    assert re.fullmatch(
+        rf"Error: {re.escape(str(out))} holds format version 0 \(this version writes {reshard.format.FORMAT_VERSION}"
+        rf"\), not of {re.escape(str(llama))} @ \w{{12}} \(float32, LlamaForCausalLM\); choose another folder, "
+        rf"or pass --force to replace it", only_error(capsys.readouterr().err))
 
 
 def test_non_empty_foreign_out_is_refused(tiny_checkpoints, tmp_path, capsys):
@@ -439,7 +448,7 @@ def test_custom_code_needs_trust_remote_code(tiny_checkpoints, tmp_path, capsys)
 def test_prompt_longer_than_the_context(tiny_converted, capsys):
     prompt = " ".join(f"w{3 + i % 300}" for i in range(140))  # max_position_embeddings is 128
     rc = runtime_main(["generate", str(tiny_converted["llama"]), "--prompt", prompt, "--device", "cpu",
-                       "--max-new-tokens", "4"])
+                       "--max-new-tokens", "4", "--max-cpu-memory", "0"])
     assert rc == 2
     from transformers import AutoTokenizer
 

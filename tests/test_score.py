@@ -8,9 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from conftest import ARCHS
+from conftest import ARCHS, assert_placed, cli_placement, open_placed
 from reshard.errors import UsageError
-from runtime import LayeredModel
 from runtime.cli import main as runtime_main
 from runtime.score import encode_pair
 
@@ -59,35 +58,30 @@ def assert_close(got: list[dict], want: list[dict], items: list[dict]) -> None:
             assert g["best"] == max(range(len(w["scores"])), key=w["scores"].__getitem__)
 
 
-def open_tiny(folder, **kwargs):
-    """Streamed (no weights kept resident) unless kwargs say otherwise."""
-    model = LayeredModel.from_pretrained(folder, device="cpu", **{"max_cpu_memory": 0, **kwargs})
+def open_tiny(folder, placement: str = "streamed"):
+    model = open_placed(folder, placement)
     # The word-level test tokenizer, whatever class AutoTokenizer would pick for the architecture.
     model.tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
     return model
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_score_equals_transformers(arch, tiny_checkpoints, tiny_converted):
+def test_score_equals_transformers(arch, placement, tiny_checkpoints, tiny_converted):
+    """Streamed, every layer is read once for all micro-batches; resident, none is read, and
+    scoring still schedules the micro-batches group by group."""
     ref = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[arch], dtype=torch.float32).eval()
-    model = open_tiny(tiny_converted[arch])
+    model = open_tiny(tiny_converted[arch], placement)
     got = model.score(ITEMS, batch_size=2)
     assert_close(got, reference_scores(ref, model.tokenizer, ITEMS), ITEMS)
-    assert model.stats.layer_loads == len(model.groups)  # 4 question and 1 text micro-batches, one pass
+    # 4 question and 1 text micro-batches, one pass
+    assert model.stats.layer_loads == (len(model.groups) if placement == "streamed" else 0)
+    assert_placed(model.stats, placement, len(model.groups))
     assert model.stats.passes == 1
-
-
-def test_score_with_resident_weights_equals_transformers(tiny_checkpoints, tiny_converted):
-    """With a budget that holds the whole model nothing streams, and scoring still schedules by group."""
-    ref = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.float32).eval()
-    model = open_tiny(tiny_converted["llama"], max_cpu_memory="1GB")
-    got = model.score(ITEMS, batch_size=2)
-    assert_close(got, reference_scores(ref, model.tokenizer, ITEMS), ITEMS)
-    assert model.stats.layer_loads == 0
+    model.close()
 
 
 @pytest.mark.parametrize("arch", ["qwen2-sliding", "gemma2"])
-def test_score_sliding_window_layers_equal_transformers(arch, tmp_path):
+def test_score_sliding_window_layers_equal_transformers(arch, placement, tmp_path):
     """Sliding-window layers (a window of 4, shorter than the prompts) mixed with full ones: the
     prompts' KV handed to the choices must carry the window's bookkeeping too."""
     import transformers as tf
@@ -103,8 +97,9 @@ def test_score_sliding_window_layers_equal_transformers(arch, tmp_path):
     convert(str(tmp_path / "src"), tmp_path / "out", progress=False)
     ref = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32).eval()
     assert "sliding_attention" in ref.config.layer_types and "full_attention" in ref.config.layer_types
-    model = open_tiny(tmp_path / "out")
+    model = open_tiny(tmp_path / "out", placement)
     assert_close(model.score(ITEMS, batch_size=2), reference_scores(ref, model.tokenizer, ITEMS), ITEMS)
+    assert_placed(model.stats, placement, len(model.groups))
 
 
 def test_many_micro_batches_read_each_layer_once(tiny_converted):
@@ -132,9 +127,9 @@ def test_shared_prompt_is_computed_once(tiny_converted):
 
 
 @pytest.mark.slow
-def test_score_smollm2_equals_transformers(smollm2_checkpoint, smollm2_converted):
+def test_score_smollm2_equals_transformers(placement, smollm2_checkpoint, smollm2_converted):
     ref = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint, dtype=torch.float32).eval()
-    model = LayeredModel.from_pretrained(smollm2_converted, device="cpu", max_cpu_memory=0)
+    model = open_placed(smollm2_converted, placement)
     items = [
         {"prompt": "The capital of France is", "choices": [" Paris", " a banana", " Berlin, the capital of Germany"]},
         {"text": "The quick brown fox jumps over the lazy dog."},
@@ -143,22 +138,24 @@ def test_score_smollm2_equals_transformers(smollm2_checkpoint, smollm2_converted
     got = model.score(items, batch_size=2)
     assert_close(got, reference_scores(ref, model.tokenizer, items), items)
     assert (got[0]["best"], got[2]["best"]) == (0, 0)  # Paris; 4
-    assert model.stats.layer_loads == len(model.groups)
+    assert model.stats.layer_loads == (len(model.groups) if placement == "streamed" else 0)
 
 
-def test_cli_score(tiny_converted, tmp_path, capsys):
+def test_cli_score(placement, tiny_converted, tmp_path, capsys):
     folder = tiny_converted["gpt2"]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(item) + "\n" for item in ITEMS))
     code = runtime_main(["score", str(folder), str(src), "--output", str(dst), "--batch-size", "1",
-                         "--device", "cpu", "--max-cpu-memory", "0", "--stats"])
+                         "--device", "cpu", "--stats", *cli_placement(placement)])
     out, err = capsys.readouterr()
     assert code == 0
     assert out.strip() == str(dst)
     got = [json.loads(line) for line in dst.read_text().splitlines()]
     assert_close(got, open_tiny(folder).score(ITEMS), ITEMS)
     stats = json.loads(err.strip().splitlines()[-1])
-    assert stats["layer_loads"] == stats["groups"] and stats["passes"] == 1 and stats["items"] == len(ITEMS)
+    assert stats["passes"] == 1 and stats["items"] == len(ITEMS)
+    assert stats["layer_loads"] == (stats["groups"] if placement == "streamed" else 0)
+    assert_placed(stats, placement, stats["groups"])
     assert "layers" not in err  # the progress bar over layers shows only on a terminal (tests/test_progress.py)
 
 
@@ -166,13 +163,13 @@ def test_cli_score_bad_lines(tiny_converted, tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text('{"prompt": "w5", "choices": [" w6"]}\n{"prompt": "w5"}\n')
     code = runtime_main(["score", str(tiny_converted["llama"]), str(src), "--output", str(tmp_path / "o.jsonl"),
-                         "--device", "cpu"])
+                         "--device", "cpu", *cli_placement("streamed")])
     assert code == 2  # usage errors exit 2
     assert capsys.readouterr().err.strip() == ('Error: item 2 needs "prompt" (a string) and "choices" '
                                                '(a list of strings), or "text" (a string)')
     src.write_text('{"text": "w5"}\nnot json\n')
     code = runtime_main(["score", str(tiny_converted["llama"]), str(src), "--output", str(tmp_path / "o.jsonl"),
-                         "--device", "cpu"])
+                         "--device", "cpu", *cli_placement("streamed")])
     assert code == 2
     assert capsys.readouterr().err.startswith(f"Error: {src} line 2 is not valid JSON")
 

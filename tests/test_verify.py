@@ -79,7 +79,7 @@ def test_verify_of_a_folder_without_manifest(tmp_path, capsys):
 
 def generate(folder, *extra):
     return runtime_main(["generate", str(folder), "--prompt", "w3 w4 w5", "--max-new-tokens", "2",
-                         "--device", "cpu", *extra])
+                         "--device", "cpu", "--max-cpu-memory", "0", *extra])
 
 
 def test_generate_stops_on_a_truncated_file(converted, capsys):

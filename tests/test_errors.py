@@ -1,0 +1,364 @@
+"""Every `Error:` line the commands can print, and the test that asserts it.
+
+The contract (reshard/cli.py is the one place that turns exceptions into lines): a known error
+prints one line `Error: <message>` on stderr and exits 1; a `UsageError` (a bad option value or
+input) exits 2, as do flags the parser rejects; Ctrl-C exits 130; anything unexpected prints
+one line naming its type and RESHARD_DEBUG=1.
+
+MESSAGES lists every message raised through the project's error types (reshard/errors.py) in
+reshard/ and runtime/, written as its template (the literal text, `{}` for each interpolated
+value), with the tests that assert its whole line (and the exit code where the CLI can reach
+it). `test_every_raised_message_has_a_test` reads the sources and fails on a message missing
+here: when you add a `raise SomeError(...)`, add a row naming the test that asserts its line.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MESSAGES: dict[str, tuple[str, ...]] = {
+    # --- reshard convert: the source -------------------------------------------------------
+    "{} does not exist; give a checkpoint folder, a .gguf file or a hub repo id":
+        ("test_robustness.py::test_missing_source",),
+    "{} is a file; give its folder, or a .gguf file": ("test_errors_convert.py::test_source_is_a_file",),
+    "{} is not readable": ("test_robustness.py::test_unreadable_source_folder",),
+    "{} has no config.json; it is not a Hugging Face checkpoint folder":
+        ("test_errors_convert.py::test_source_without_config",),
+    "{} holds no weights (model.safetensors, pytorch_model.bin or their .index.json); point SOURCE at a "
+    "checkpoint folder, a .gguf file or a hub repo id": ("test_robustness.py::test_folder_without_weights",),
+    "{} is not a valid shard index ({})": ("test_errors_convert.py::test_shard_index_that_is_not_json",),
+    "{} points outside {} ({}); refusing to read it":
+        ("test_robustness.py::test_shard_index_pointing_outside_is_refused",),
+    "{} names {}, which is missing from {}": ("test_errors_convert.py::test_shard_index_naming_a_missing_shard",),
+    "{} is not a readable safetensors file ({}); download it again":
+        ("test_robustness.py::test_unreadable_weights_file", "test_errors_convert.py::test_damaged_safetensors_source"),
+    "{} is truncated at tensor {}; download it again":
+        ("test_errors_convert.py::test_source_truncated_while_converting",),
+    "{} cannot be read safely as weights ({})": ("test_robustness.py::test_malicious_bin_is_refused_and_nothing_runs",),
+    "{}: transformers cannot read this GGUF file ({})":
+        ("test_errors_convert.py::test_gguf_that_transformers_cannot_read",),
+    "{} needs its own Python code to load; pass --trust-remote-code if you trust it":
+        ("test_robustness.py::test_custom_code_needs_trust_remote_code",),
+    "transformers cannot read the config of {}: {}": ("test_robustness.py::test_config_transformers_cannot_load",),
+    "this model needs its own code; pass --trust-remote-code if you trust it ({})":
+        ("test_errors_convert.py::test_model_code_that_needs_trust_remote_code",),
+    "transformers cannot build a causal language model for model type {}: {}":
+        ("test_robustness.py::test_not_a_decoder_only_causal_lm",),
+    "model type {} is an encoder-decoder model; only decoder-only causal LMs can be converted":
+        ("test_robustness.py::test_not_a_decoder_only_causal_lm",),
+    "model type {} is an encoder (is_decoder is false, no causal attention); only decoder-only causal LMs can be "
+    "converted": ("test_robustness.py::test_not_a_decoder_only_causal_lm",),
+    "{} has no list of {} decoder layers; only decoder-only models whose layers sit in one ModuleList can be "
+    "streamed": ("test_errors_convert.py::test_model_without_a_list_of_layers",),
+    "tensors such as {} must be fused or split by transformers when loading; this kind of checkpoint conversion "
+    "is not supported yet": ("test_errors_convert.py::test_checkpoint_that_needs_fusing_is_refused",),
+    "the checkpoint lacks {} tensor(s) the model needs, e.g. {}; is the config the one of these weights?":
+        ("test_robustness.py::test_missing_unexpected_or_misshapen_tensor",),
+    "the checkpoint has {} tensor(s) the model does not use, e.g. {}; is the config the one of these weights?":
+        ("test_robustness.py::test_missing_unexpected_or_misshapen_tensor",),
+    "tensor {} has shape {} but the config needs {}; is the config the one of these weights?":
+        ("test_robustness.py::test_missing_unexpected_or_misshapen_tensor",
+         "test_errors_convert.py::test_tensor_whose_read_shape_differs"),
+    # --- reshard convert: options, the output folder, the disk -------------------------------
+    "unknown dtype {}; use auto, float16, bfloat16 or float32":
+        ("test_robustness.py::test_unknown_device_or_dtype",
+         "test_errors_convert.py::test_library_rejects_unknown_dtype_quantization_and_tensor_dtype"),
+    "unknown quantization {}; use int8 or int4":
+        ("test_errors_convert.py::test_library_rejects_unknown_dtype_quantization_and_tensor_dtype",),
+    "--quantize-group must be an even number of 2 or more, not {}": ("test_quant.py::test_cli_bad_quantize_flags",),
+    "--quantize-group and --quantize-embeddings need --quantize int8 or int4":
+        ("test_quant.py::test_cli_bad_quantize_flags",),
+    "--quantize-group applies to int4 only; int8 has one scale per output channel":
+        ("test_quant.py::test_cli_bad_quantize_flags",),
+    "--low-disk is for hub repo ids; {} is a local path, convert it without --low-disk":
+        ("test_robustness.py::test_low_disk_needs_a_hub_source",),
+    "{} needs about {} more but its disk has {} free; free some space or choose an OUT on another disk{}":
+        ("test_robustness.py::test_not_enough_free_disk_is_refused_before_writing",),
+    "{} is not empty and holds no conversion record; choose an empty folder, or pass --force to write into it "
+    "anyway": ("test_robustness.py::test_non_empty_foreign_out_is_refused",),
+    "{} holds a damaged conversion record ({}); pass --force to convert into it afresh":
+        ("test_errors_convert.py::test_out_with_a_damaged_conversion_record",),
+    "{} holds {}, not of {}; choose another folder, or pass --force to replace it":
+        ("test_robustness.py::test_out_holding_another_model_is_refused_unless_force",
+         "test_robustness.py::test_other_dtype_or_format_version_is_refused"),
+    "tensor {} has dtype {}, which the format cannot store":
+        ("test_errors_convert.py::test_library_rejects_unknown_dtype_quantization_and_tensor_dtype",),
+    # --- the hub ---------------------------------------------------------------------------
+    "{} is gated: accept its terms on the hub, then pass --token or set HF_TOKEN":
+        ("test_robustness.py::test_missing_or_gated_hub_repo",),
+    "{} is neither a local path nor a hub repo you can see (check the name; private repos need --token or "
+    "HF_TOKEN)": ("test_robustness.py::test_missing_or_gated_hub_repo",),
+    "{} has no revision {}": ("test_errors_convert.py::test_hub_revision_not_found",),
+    "cannot reach the hub for {} ({}); use a local folder, or check the network":
+        ("test_errors_convert.py::test_hub_unreachable",),
+    "cannot download {} from {} ({}); run the same command again to resume":
+        ("test_errors_convert.py::test_hub_download_fails",),
+    "the repo has no model.safetensors or pytorch_model.bin weights at its top level":
+        ("test_errors_convert.py::test_hub_repo_without_weights",),
+    "{} of {} is not a valid shard index ({})": ("test_errors_convert.py::test_low_disk_shard_index_that_is_not_json",),
+    "{} of {} names {}, which is not a top-level weight file of the repo; refusing to fetch it":
+        ("test_errors_convert.py::test_low_disk_shard_index_naming_another_file",),
+    # --- a converted folder: the manifest ---------------------------------------------------
+    "the conversion into {} did not finish; run the same `reshard convert` command again to resume it":
+        ("test_robustness.py::test_interrupted_output_tells_runtime_to_resume",),
+    "{} holds no {}; create it with `reshard convert SOURCE {}`":
+        ("test_verify.py::test_verify_of_a_folder_without_manifest",),
+    "{} is not a {} manifest": ("test_errors_convert.py::test_manifest_of_another_format",),
+    "{} has format version {}, this version reads {}; convert the model again with this version's `reshard "
+    "convert`": ("test_errors_convert.py::test_manifest_of_another_format_version",),
+    "{} is damaged ({}); run `reshard convert` again": ("test_errors_convert.py::test_damaged_manifest",),
+    "{}: group {} has quantized tensors but the quantization scheme is {}":
+        ("test_errors_convert.py::test_quantized_groups_without_a_scheme",),
+    "{}: quantized {} lacks {}; run `reshard convert` again":
+        ("test_errors_convert.py::test_quantized_tensor_without_its_scales",),
+    # --- a converted folder: layer files (CorruptFileError: "<path>: <problem>; run `reshard convert` again
+    # to repair it"; a source's safetensors file quotes the same problems) ------------------------
+    "file is missing": ("test_verify.py::test_generate_stops_on_a_missing_file",),
+    "size is {} bytes, manifest says {}": ("test_verify.py::test_generate_stops_on_a_truncated_file",),
+    "size is {} bytes, header describes {}":
+        ("test_errors_convert.py::test_layer_file_whose_header_describes_another_size",
+         "test_errors_convert.py::test_damaged_safetensors_source"),
+    "file is truncated (no header)": ("test_errors_convert.py::test_damaged_safetensors_source",),
+    "header length is out of range": ("test_robustness.py::test_unreadable_weights_file",),
+    "header is not valid JSON": ("test_errors_convert.py::test_damaged_safetensors_source",),
+    "header entry {} is malformed": ("test_errors_convert.py::test_damaged_safetensors_source",),
+    "tensors differ from the manifest (missing {}, extra {})":
+        ("test_errors_convert.py::test_layer_file_whose_tensors_differ",),
+    "tensor {} is {}{}, manifest says {}{}": ("test_errors_convert.py::test_layer_file_whose_tensor_shape_differs",),
+    "checksum differs from the manifest (the file is damaged)":
+        ("test_verify.py::test_generate_verify_stops_on_a_bit_flip",),
+    "<reshard/verify.py:verify_folder>":  # the first bad file's problem, and how many more are bad
+        ("test_errors_convert.py::test_runtime_names_the_first_damaged_file_and_counts_the_rest",),
+    "{} of {} layer files in {} are damaged or missing; run `reshard convert` again to repair them":
+        ("test_verify.py::test_verify_names_each_truncated_or_bit_flipped_file",),
+    # --- runtime: options ------------------------------------------------------------------
+    "unknown device {}; use cpu, cuda or cuda:N": ("test_robustness.py::test_unknown_device_or_dtype",),
+    "device {} is not supported; use cpu, cuda or cuda:N": ("test_robustness.py::test_unknown_device_or_dtype",),
+    "device {} asked for, but torch sees no CUDA GPU; use --device cpu":
+        ("test_errors_runtime.py::test_cuda_asked_for_without_cuda",),
+    "prefetch must be 0 or more, not {}": ("test_errors_runtime.py::test_prefetch_below_zero",),
+    "memory size {} is not understood; write e.g. 12GiB, 500MB or a byte count":
+        ("test_budget.py::test_cli_budget_flags_and_stats",),
+    # --- runtime generate ------------------------------------------------------------------
+    "empty prompt; pass --prompt TEXT or text on stdin": ("test_errors_runtime.py::test_empty_prompt",),
+    "this folder has no tokenizer files; convert a checkpoint that has them":
+        ("test_errors_runtime.py::test_folder_without_tokenizer",),
+    "this tokenizer has no chat template; drop --chat": ("test_errors_runtime.py::test_chat_without_a_chat_template",),
+    "prompt plus --max-new-tokens is {} tokens, more than the model's context of {}; shorten the prompt or lower "
+    "--max-new-tokens": ("test_robustness.py::test_prompt_longer_than_the_context",),
+    "--prompt-lookup and --assistant cannot be combined; pick one": ("test_batch.py::test_cli_assistant_errors",),
+    "--prompt-lookup must be 1 or more, not {}": ("test_errors_runtime.py::test_prompt_lookup_below_one",),
+    "--prompt-lookup and --assistant work on one prompt at a time; drop --prompts-file":
+        ("test_batch.py::test_cli_prompts_file_text_lines_and_errors",),
+    "assistant {} is neither a converted folder nor a transformers checkpoint folder":
+        ("test_batch.py::test_cli_assistant_errors",),
+    "assistant {} lacks weights for {}; convert it again": ("test_errors_runtime.py::test_assistant_folder_missing_weights",),
+    "{} holds no prompts": ("test_errors_runtime.py::test_bad_prompts_file",),
+    '{} line {} has no "prompt" string': ("test_errors_runtime.py::test_bad_prompts_file",),
+    "{} line {} is not valid JSON ({})": ("test_errors_runtime.py::test_bad_prompts_file",),
+    # --- runtime score ---------------------------------------------------------------------
+    "batch size must be 1 or more, not {}": ("test_errors_runtime.py::test_bad_score_items",),
+    "item {} is not a JSON object": ("test_errors_runtime.py::test_bad_score_items",),
+    'item {}: "text" must be a string': ("test_errors_runtime.py::test_bad_score_items",),
+    'item {} needs "prompt" (a string) and "choices" (a list of strings), or "text" (a string)':
+        ("test_score.py::test_cli_score_bad_lines",),
+    "item {} is {} tokens, more than the model's context of {}; shorten it":
+        ("test_errors_runtime.py::test_bad_score_items", "test_score.py::test_item_longer_than_the_context"),
+}
+
+# Lines the CLI's error boundary writes itself (not raised as the project's errors).
+CLI_LINES: dict[str, tuple[str, ...]] = {
+    "interrupted; run the same command again to resume (exit 130)":
+        ("test_errors.py::test_interrupted_convert_exits_130_and_resumes",
+         "test_errors.py::test_interrupted_generate_exits_130"),
+    "no space left on device ({}); free some space and run the same command again to resume":
+        ("test_robustness.py::test_full_disk_mid_way_leaves_nothing_taken_for_finished",),
+    "{strerror}: {filename} (a file the command was given is missing or unreadable)":
+        ("test_errors.py::test_missing_input_file",),
+    "{type}: {first line} (set RESHARD_DEBUG=1 for the traceback)": ("test_errors.py::test_unexpected_error",),
+    "the parser's own message for a bad flag (exit 2)": ("test_robustness.py::test_bad_flags_are_usage_errors",),
+}
+
+
+# --- reading the raised messages from the sources ------------------------------------------
+
+def _sources() -> list[Path]:
+    return sorted([*ROOT.glob("reshard/**/*.py"), *ROOT.glob("runtime/**/*.py")])
+
+
+def error_types() -> set[str]:
+    """Names of the project's error classes: ReshardError and every subclass defined anywhere."""
+    names, classes = {"ReshardError"}, []
+    for path in _sources():
+        classes += [c for c in ast.walk(ast.parse(path.read_text())) if isinstance(c, ast.ClassDef)]
+    while True:
+        more = {c.name for c in classes if any(getattr(b, "id", getattr(b, "attr", None)) in names for b in c.bases)}
+        if more <= names:
+            return names
+        names |= more
+
+
+def template(node, functions: dict) -> list[str]:
+    """The message templates an argument can produce: literal text with `{}` for each value;
+    a call to a function of the same module gives the templates it returns."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.JoinedStr):
+        return ["".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):  # "text" + (" more" if x else "")
+        left, right = template(node.left, functions), template(node.right, functions)
+        if left or right:
+            return [a + b for a in left or ["{}"] for b in right or ["{}"]]
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) in functions:
+        returns = [r.value for r in ast.walk(functions[node.func.id]) if isinstance(r, ast.Return) and r.value]
+        return [t for r in returns for t in template(r, functions)]
+    return []
+
+
+def raised_messages() -> dict[str, list[str]]:
+    """{template: ["path:line", ...]} for every `raise <project error>(...)` in reshard/ and runtime/.
+    A message that is not literal text is keyed by `<path:function>`."""
+    types, found = error_types(), {}
+    for path in _sources():
+        tree = ast.parse(path.read_text())
+        functions = {f.name: f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+        owner = {child: f.name for f in functions.values() for child in ast.walk(f)}  # innermost last
+        rel = path.relative_to(ROOT).as_posix()
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)):
+                continue
+            if getattr(node.exc.func, "id", getattr(node.exc.func, "attr", None)) not in types:
+                continue
+            templates = next((t for t in (template(a, functions) for a in node.exc.args) if t), None)
+            for t in templates or [f"<{rel}:{owner.get(node, '<module>')}>"]:
+                found.setdefault(t, []).append(f"{rel}:{node.lineno}")
+    return {t: sorted(set(sites)) for t, sites in found.items()}
+
+
+def joined_test_text(name: str) -> str:
+    """A test module's text with adjacent string literals across lines joined, so a message split
+    over several lines of a test reads as one."""
+    text = (ROOT / "tests" / name).read_text()
+    return re.sub(r"""(["'])\s*\n\s*[rbfRBF]*(["'])""", "", text)
+
+
+def test_every_raised_message_has_a_test():
+    missing = {t: sites for t, sites in raised_messages().items() if t not in MESSAGES}
+    assert not missing, ("these messages have no row in MESSAGES (tests/test_errors.py); add each with the test "
+                         "that asserts its whole `Error:` line and exit code:\n"
+                         + "\n".join(f"  {t!r}  raised at {', '.join(s)}" for t, s in missing.items()))
+
+
+def test_every_listed_message_is_still_raised():
+    gone = sorted(set(MESSAGES) - set(raised_messages()))
+    assert not gone, f"MESSAGES lists messages no code raises any more; remove or update their rows: {gone}"
+
+
+@pytest.mark.parametrize("table", [MESSAGES, CLI_LINES], ids=["MESSAGES", "CLI_LINES"])
+def test_each_listed_test_exists_and_quotes_its_message(table):
+    problems = []
+    for message, tests in table.items():
+        quoted = False
+        for test in tests:
+            module, name = test.split("::")
+            text = joined_test_text(module)
+            if not re.search(rf"^def {name}\(", text, re.M):
+                problems.append(f"{test} does not exist")
+            longest = max(re.split(r"\{[^}]*\}|<[^>]*>|\([^)]*\)$", message), key=len)
+            quoted |= message.startswith(("<", "the parser")) or longest.strip() in text
+        if not quoted:
+            problems.append(f"none of {tests} quotes {message!r}")
+    assert not problems, "\n".join(problems)
+
+
+# --- the lines the error boundary writes itself --------------------------------------------
+
+# Runs `reshard convert` and sends itself SIGINT (Ctrl-C) just before layers.00001 is renamed
+# into place: half the work is done, the rest must be redone by the next run.
+INTERRUPTER = """
+import os, signal, sys
+real_replace = os.replace
+def replace(src, dst):
+    if os.path.basename(dst) == sys.argv[1]:
+        os.kill(os.getpid(), signal.SIGINT)
+    real_replace(src, dst)
+os.replace = replace
+from reshard.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_interrupted_convert_exits_130_and_resumes(tiny_checkpoints, tiny_converted, tmp_path):
+    from reshard.cli import main as reshard_main
+    from test_robustness import assert_same_files
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTER, "layers.00001.safetensors", "convert",
+                           str(tiny_checkpoints["llama"]), str(out), "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == "Error: interrupted; run the same command again to resume"
+    assert "Traceback" not in proc.stderr
+    assert not (out / "manifest.json").exists()
+    assert reshard_main(["convert", str(tiny_checkpoints["llama"]), str(out), "--quiet"]) == 0
+    assert_same_files(out, tiny_converted["llama"])
+
+
+# Runs `runtime generate` and sends itself SIGINT while the second group is being read.
+GENERATE_INTERRUPTER = """
+import os, signal, sys
+from runtime.stream import GroupLoader
+real_load, calls = GroupLoader.load, []
+def load(self, i):
+    calls.append(i)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_load(self, i)
+GroupLoader.load = load
+from runtime.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_interrupted_generate_exits_130(tiny_converted):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", GENERATE_INTERRUPTER, "generate", str(tiny_converted["llama"]),
+                           "--prompt", "w5 w6", "--max-new-tokens", "4", "--device", "cpu", "--max-cpu-memory", "0"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == "Error: interrupted; run the same command again to resume"
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_input_file(tiny_converted, tmp_path, capsys):
+    from runtime.cli import main as runtime_main
+    from test_robustness import only_error
+
+    missing = tmp_path / "nowhere.jsonl"
+    code = runtime_main(["score", str(tiny_converted["llama"]), str(missing), "--output", str(tmp_path / "o.jsonl"),
+                         "--device", "cpu", "--max-cpu-memory", "0"])
+    assert (code, only_error(capsys.readouterr().err)) == (1, f"Error: No such file or directory: {missing}")
+
+
+def test_unexpected_error(tiny_converted, monkeypatch, capsys):
+    import reshard.verify
+    from reshard.cli import main as reshard_main
+    from test_robustness import only_error
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("something nobody expected\nsecond line")
+
+    monkeypatch.setattr(reshard.verify, "check_group_file", boom)
+    code = reshard_main(["verify", str(tiny_converted["llama"])])
+    assert (code, only_error(capsys.readouterr().err)) == (
+        1, "Error: RuntimeError: something nobody expected (set RESHARD_DEBUG=1 for the traceback)")
