@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import os
 import platform
+import subprocess
 import threading
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine_lines(dtype: str, threads: int | None = None) -> list[str]:
@@ -24,9 +29,28 @@ def machine_lines(dtype: str, threads: int | None = None) -> list[str]:
     except (OSError, StopIteration):
         pass
     return [f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+            f"commit: {commit()}",
             f"machine: {platform.node()}; cpu: {cpu} x{os.cpu_count()}; ram: {_ram_gib():.0f} GiB; gpu: {gpu}",
+            f"load average: {load_average()} (1, 5, 15 min; other jobs on the same cores slow every figure)",
             f"software: python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
             f"dtype: {dtype}; torch threads: {threads or torch.get_num_threads()}"]
+
+
+def commit() -> str:
+    """The commit this checkout is at (and whether files differ from it); where there is no git
+    (a copy of the tree on another machine), $RESHARD_COMMIT, which gpu_check.sh fills in."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + (" + uncommitted changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("RESHARD_COMMIT") or "unknown (no git here, and RESHARD_COMMIT is not set)"
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def _ram_gib() -> float:
@@ -113,3 +137,30 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_bytes())
+
+
+def out(line: str = "") -> None:
+    print(line, flush=True)
+
+
+@contextlib.contextmanager
+def opened(folder: Path, device, gpu: str, cpu: str, dtype="float16"):
+    """A LayeredModel on `folder` (prefetch 1) with explicit budgets, closed and its memory freed on exit."""
+    import torch
+
+    from runtime.model import LayeredModel
+
+    model = LayeredModel.from_pretrained(folder, device=str(device), dtype=dtype, max_gpu_memory=gpu,
+                                         max_cpu_memory=cpu, prefetch=1)
+    try:
+        yield model
+    finally:
+        model.close()
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def count_places(places) -> str:
+    return ", ".join(f"{places.count(p)} {p}" for p in ("device", "host", "disk") if places.count(p))

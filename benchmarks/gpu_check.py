@@ -1,7 +1,8 @@
 """GPU check: host->device streaming at Llama-2-70B layer shapes, then fp16 greedy parity on SmolLM2.
 
-Run by `benchmarks/gpu_check.sh`; prints Markdown for benchmarks/RESULTS.md on stdout and
-exits 1 if parity fails or a section crashed. `--dry` runs everything on the CPU with tiny
+Run by `benchmarks/gpu_check.sh`; prints Markdown for benchmarks/RESULTS.md on stdout (the
+commit it ran on first) and exits 1 if a section crashed or a check failed: where exactness
+holds (streamed vs resident weights, same device and dtype) any logit difference fails. `--dry` runs everything on the CPU with tiny
 shapes (what CI does, so this script cannot rot); the CUDA-only parts say they were skipped.
 
 1. writes a random fp16 model with Llama-2-70B's layer shapes (hidden 8192, intermediate
@@ -12,18 +13,18 @@ shapes (what CI does, so this script cannot rot); the CUDA-only parts say they w
    (`--prefill` tokens); reports GB/s, copy/compute overlap and s/pass extrapolated to 80 layers;
 4. quantized streaming: the same model written as int8 and as int4 (group 32), quantized on the
    device; decode s/pass streamed from pinned RAM, the page cache and a cold cache next to the
-   fp16 figures of 3, and streamed logits checked equal to the same folder resident on the device;
+   fp16 figures of 3; streamed logits must equal the same folder's resident ones exactly;
 5. mixtures of experts (benchmarks/gpu_check_moe.py): expert-sparse streaming vs whole layers at
    Mixtral-8x7B and Qwen3-30B-A3B layer shapes, from disk, s/token and bytes per pass;
-6. greedy parity of LayeredModel (streamed) against transformers in memory, fp16, on the
-   SmolLM2 that `benchmarks/prepare_gpu_check.py` put in `.gpu/` (trimmed to a few layers).
+6. greedy parity of LayeredModel (resident and streamed) against transformers in memory, fp16,
+   on the SmolLM2 that `benchmarks/prepare_gpu_check.py` put in `.gpu/` (trimmed to a few
+   layers): greedy tokens must match transformers', streamed prompt logits must equal the
+   resident ones exactly (the difference to transformers' logits is reported).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import importlib.util
 import shutil
 import statistics
@@ -38,16 +39,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
 
-from common import evict_page_cache, machine_lines  # noqa: E402
+from common import count_places, evict_page_cache, machine_lines, opened, out  # noqa: E402
+from gpu_parity import parity  # noqa: E402
 
 GiB = 2**30
 FULL = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
             vocab_size=32000)
 DRY = dict(hidden_size=256, intermediate_size=704, num_attention_heads=8, num_key_value_heads=2, vocab_size=1000)
-
-
-def out(line: str = "") -> None:
-    print(line, flush=True)
 
 
 def parse_args(argv):
@@ -137,23 +135,6 @@ def skipped(device: torch.device, mode) -> dict | None:
     return None
 
 
-@contextlib.contextmanager
-def opened(folder: Path, device: torch.device, gpu: str, cpu: str, dtype: torch.dtype = torch.float16):
-    """A LayeredModel on `folder` (prefetch 1), closed and its memory freed on exit."""
-    from runtime.model import LayeredModel
-
-    model = LayeredModel.from_pretrained(folder, device=str(device), dtype=dtype, max_gpu_memory=gpu,
-                                         max_cpu_memory=cpu, prefetch=1)
-    try:
-        yield model
-    finally:
-        model.close()
-        del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
 def run_mode(folder: Path, device: torch.device, mode, prefill: int, dtype: torch.dtype) -> dict:
     _, gpu, cpu, cold = mode
     if skip := skipped(device, mode):
@@ -161,11 +142,7 @@ def run_mode(folder: Path, device: torch.device, mode, prefill: int, dtype: torc
     t0 = time.perf_counter()
     with opened(folder, device, gpu, cpu, dtype) as model:
         open_s = time.perf_counter() - t0
-        return _passes(model, folder, device, prefill, cold) | {"open_s": open_s, "places": _count(model.places)}
-
-
-def _count(places) -> str:
-    return ", ".join(f"{places.count(p)} {p}" for p in ("device", "host", "disk") if places.count(p))
+        return _passes(model, folder, device, prefill, cold) | {"open_s": open_s, "places": count_places(model.places)}
 
 
 def _decode(model, folder, device, cold: bool):
@@ -238,7 +215,6 @@ def _report_overlap(results: dict, total: int, copy_gbps: float, prefill: int) -
 
 STREAMED = MODES[1:]  # pinned RAM, page cache, cold cache
 QUANTIZED = [("int8", 32), ("int4", 32)]  # scheme, int4 group size
-EXACT = 1e-3  # streamed vs resident logits, same expansion code: 0 expected; more is a failure
 
 
 def quantized_streaming(args, device: torch.device, work: Path, fp16: dict) -> None:
@@ -267,10 +243,10 @@ def measure_quantized(args, device: torch.device, folder: Path, scheme: str, gro
         resident = model(torch.tensor([[11]], device=device), use_cache=False).logits.float().cpu()
     streamed = {name: r["logits"] for name, r in results.items() if "logits" in r}
     diff = max(((got - resident).abs().max().item() for got in streamed.values()), default=float("nan"))
-    ok = diff <= EXACT and all("error" not in r and r.get("finite") is not False for r in results.values())
+    ok = diff == 0 and all("error" not in r and r.get("finite") is not False for r in results.values())
     tiers = "; ".join(name.removeprefix("streamed from ") for name in streamed)
     out(f"{weights_label(scheme, group)} logits streamed ({tiers}) vs resident on the device: "
-        f"max |diff| {diff:.3g}: {'MATCH' if diff <= EXACT else 'DIFFER'}")
+        f"max |diff| {diff:.3g}: {'MATCH' if diff == 0 else 'DIFFER'}")
     return {"manifest": manifest, "layer": layer, "results": results}, ok
 
 
@@ -312,63 +288,6 @@ def _cell(r: dict) -> str:
     if "decode_s" in r:
         return f"{r['decode_s']:.4f}"
     return "skipped" if "skipped" in r else "FAILED"
-
-
-# --- greedy parity on real weights ---------------------------------------------------------
-
-PROMPT = "What is the capital of France? Answer in one sentence."
-PARITY_MODES = [("streamed from disk", "0", "0"), ("streamed from pinned RAM", "0", "1TB"), ("resident", "1TB", "1TB")]
-
-
-def load_smollm2(assets: Path, work: Path):
-    """(its tokenizer, a plain checkpoint folder) from the trimmed GGUF."""
-    ggufs = sorted((assets / "smollm2-trim").glob("*.gguf"))
-    if not ggufs:
-        raise FileNotFoundError(f"no GGUF in {assets / 'smollm2-trim'}; run `python benchmarks/prepare_gpu_check.py` first")
-    from transformers import AutoConfig, AutoTokenizer
-
-    from reshard.demo import gguf_to_checkpoint
-
-    path = ggufs[0]
-    folder = gguf_to_checkpoint(path, work / "smollm2-hf", tokenizer_from=path.parent / "tokenizer")
-    layers = AutoConfig.from_pretrained(folder).num_hidden_layers
-    out(f"parity model: {path.name} (SmolLM2-135M-Instruct TRIMMED to {layers} layers: "
-        f"real weights, not SmolLM2's text)")
-    return AutoTokenizer.from_pretrained(folder), folder
-
-
-def parity(args, device: torch.device, work: Path) -> bool:
-    from reshard.convert import convert
-    from runtime.model import LayeredModel
-
-    dtype = torch.float16
-    from transformers import AutoModelForCausalLM
-
-    tokenizer, folder = load_smollm2(args.assets, work)
-    convert(str(folder), work / "smollm2-reshard", dtype="float16", progress=False)
-    # Load the reference as a user would (from_pretrained with dtype), so buffers such as the
-    # rotary table are built exactly as transformers builds them for that dtype.
-    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval().to(device)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-    gen = dict(max_new_tokens=6 if args.dry else 24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    with torch.inference_mode():
-        want_logits = ref(ids).logits.float()
-        want = ref.generate(ids, **gen)[0, ids.shape[1]:]
-    out(f"transformers in memory, {dtype}, {device.type}: {tokenizer.decode(want)!r}")
-    ok = True
-    for name, gpu, cpu in PARITY_MODES:
-        model = LayeredModel.from_pretrained(work / "smollm2-reshard", device=str(device), dtype=dtype,
-                                             max_gpu_memory=gpu, max_cpu_memory=cpu)
-        got_logits = model(ids).logits.float()
-        got = model.generate(ids, **gen)[0, ids.shape[1]:]
-        model.close()
-        same = torch.equal(got.cpu(), want.cpu())
-        ok &= same
-        diff = (got_logits - want_logits).abs().max().item()
-        out(f"LayeredModel {name} ({_count(model.places)}): tokens {'MATCH' if same else 'DIFFER'}, "
-            f"prompt logits max |diff| {diff:.3g}: {tokenizer.decode(got)!r}")
-    return ok
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -416,8 +335,7 @@ def main(argv=None) -> int:
             failures.append("moe streaming")
             out("moe streaming section FAILED:\n" + traceback.format_exc())
         try:
-            if not parity(args, device, work):
-                failures.append("parity (tokens differ)")
+            failures += parity(args, device, work)
         except Exception:
             failures.append("parity")
             out("parity section FAILED:\n" + traceback.format_exc())

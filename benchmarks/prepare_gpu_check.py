@@ -58,6 +58,10 @@ def main(argv=None) -> int:
     total = trim_gguf(src, dst, args.layers)
     save_tokenizer(src, trim / "tokenizer")
     copy_gguf_package(args.out / "site")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import commit
+
+    (args.out / "commit").write_text(commit() + "\n")  # gpu_check prints it where the tree travels without .git
     size = folder_bytes(args.out)
     print(f"{dst}: first {min(args.layers, total)} of {total} layers; {args.out} holds {size / 2**20:.1f} MiB")
     if size > LIMIT:

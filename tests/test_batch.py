@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import ARCHS, assert_placed, cli_placement, open_placed
+from conftest import ARCHS, assert_placed, cli_placement, open_placed, word_tokenizer
 from reshard.format import read_manifest
 from runtime.batch import generate_batch, load_assistant
 from runtime.cli import main as runtime_main
@@ -32,6 +32,7 @@ def assert_same_as_alone(model, prompts, **kwargs):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batched_generation_equals_one_by_one_tiny(arch, placement, tiny_converted):
     model = open_placed(tiny_converted[arch], placement)
+    model.tokenizer = word_tokenizer(tiny_converted[arch])
     prompts = ["w5 w6 w7", "w20 w21 w22 w23 w24 w25 w26 w27 w28", "w40", "w100 w101 w102 w100"]
     assert_same_as_alone(model, prompts, **GREEDY)
     assert_placed(model.stats, placement, len(model.groups))
@@ -66,6 +67,7 @@ def test_prompt_lookup_and_assistant_equal_greedy_tiny(arch, placement, tiny_che
     """Prompt lookup and an assistant (the model itself, so every draft is accepted) give plain
     greedy's tokens exactly, in fewer passes."""
     model = open_placed(tiny_converted[arch], placement)
+    model.tokenizer = word_tokenizer(tiny_converted[arch])
     kwargs = dict(do_sample=False, max_new_tokens=12, min_new_tokens=12)
     [plain] = generate_batch(model, [LOOP_PROMPT], **kwargs)
     assert model.stats.passes == len(plain.tokens) == 12

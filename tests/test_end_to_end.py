@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ARCHS, assert_placed, cli_placement, open_placed
+from conftest import ARCHS, CLI_ARCHS, assert_placed, cli_placement, open_placed
 from reshard.format import read_manifest
 from runtime.cli import main as runtime_main
 
@@ -51,7 +51,7 @@ def test_greedy_tokens_equal_transformers(arch, placement, tiny_checkpoints, tin
     model.close()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", CLI_ARCHS)
 def test_cli_generate_equals_transformers(arch, placement, tiny_checkpoints, tiny_converted, capsys):
     ref = reference(tiny_checkpoints[arch])
     tok = AutoTokenizer.from_pretrained(tiny_checkpoints[arch])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ def test_prepare_gpu_check_fits_the_carry_limit(gpu_assets):
     assert "first8layers" in gguf.name
     assert (gpu_assets / "site" / "gguf" / "gguf_reader.py").is_file()
     assert list((gpu_assets / "site").glob("gguf-*.dist-info/METADATA"))
+    assert re.fullmatch(r"[0-9a-f]{40}( \+ uncommitted changes)?\n", (gpu_assets / "commit").read_text())
 
 
 def path_without_python(folder: Path) -> str:
@@ -50,12 +52,16 @@ def test_gpu_check_dry_run(gpu_assets, tmp_path, tmp_path_factory):
     assert run.returncode == 0, run.stdout + run.stderr
     lines = run.stdout.splitlines()
     assert lines[0].startswith("## GPU check (DRY RUN")
+    assert re.fullmatch(r"commit: [0-9a-f]{40}( \+ uncommitted changes)?", lines[3])
     assert any(line.startswith("| resident on device (compute only) | 6 device |") for line in lines)
     assert any(line.startswith("| streamed from disk, cold cache | 6 disk |") for line in lines)
-    assert sum("tokens MATCH" in line for line in lines) == 3
     for label in ("int8", "int4 g32"):  # the quantized streaming section: its table rows and logits check
         assert any(line.startswith(f"| {label} | ") and line.endswith("x |") for line in lines), label
         assert f"{label} logits streamed (page cache; disk, cold cache) vs resident on the device: max |diff| 0: MATCH" in lines
+    parity = [line for line in lines if line.startswith("LayeredModel ")]
+    assert [line.split(" (")[0] for line in parity] == [
+        "LayeredModel resident", "LayeredModel streamed from disk", "LayeredModel streamed from pinned RAM"]
+    assert all("tokens MATCH; prompt logits vs resident: max |diff| 0 (EXACT)" in line for line in parity), parity
     assert any(line.startswith("| fp16 | ") and line.endswith("| 1.00x | 1.00x |") for line in lines)
     assert lines[-2:] == ["gpu_check: OK", "```"]
     assert list(tmp_path.iterdir()) == []  # the synthetic model was written to a temp dir and removed
@@ -68,3 +74,39 @@ def test_gpu_check_fails_without_assets(tmp_path):
     assert run.returncode == 1
     assert "parity section FAILED" in run.stdout and "run `python benchmarks/prepare_gpu_check.py` first" in run.stdout
     assert run.stdout.splitlines()[-2] == "gpu_check: FAILED: parity"
+
+
+@pytest.mark.parametrize("streamed_diff, tokens_differ, want", [
+    (0.0, False, []),
+    (2.0 ** -24, False, ["parity: streamed from disk logits differ from resident by 5.96e-08"]),
+    (0.0, True, ["parity: streamed from disk tokens differ from transformers'"]),
+])
+def test_parity_fails_on_any_streamed_logit_difference(streamed_diff, tokens_differ, want, monkeypatch, tmp_path):
+    """Streamed vs resident on the same device and dtype must be exact: the smallest difference fails."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_parity
+    import reshard.convert
+
+    logits = torch.zeros(1, 3, 5)
+    tokens = torch.tensor([4, 2])
+    monkeypatch.setattr(gpu_parity, "PARITY_MODES", [("resident", "1TB", "1TB"), ("streamed from disk", "0", "0")])
+    monkeypatch.setattr(reshard.convert, "convert", lambda *a, **k: None)
+    monkeypatch.setattr(gpu_parity, "reference_greedy", lambda *a: (tokens, logits, None, {}))
+
+    def layered(folder, device, gpu, cpu, ids, gen):
+        streamed = gpu == "0"
+        got = tokens + 1 if streamed and tokens_differ else tokens
+        return got, logits + (streamed_diff if streamed else 0.0), "3 disk" if streamed else "3 device"
+
+    monkeypatch.setattr(gpu_parity, "layered_greedy", layered)
+    monkeypatch.setattr(gpu_parity, "out", lambda line="": None)
+
+    class Tok:
+        def decode(self, ids):
+            return str(ids.tolist())
+
+    monkeypatch.setattr(gpu_parity, "load_smollm2", lambda assets, work: (Tok(), tmp_path))
+    args = type("Args", (), {"assets": tmp_path, "dry": True})()
+    assert gpu_parity.parity(args, torch.device("cpu"), tmp_path) == want

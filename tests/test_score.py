@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
-from conftest import ARCHS, assert_placed, cli_placement, open_placed
+from conftest import ARCHS, assert_placed, cli_placement, open_placed, word_tokenizer
 from reshard.errors import UsageError
 from runtime.cli import main as runtime_main
 from runtime.score import encode_pair
@@ -60,8 +60,7 @@ def assert_close(got: list[dict], want: list[dict], items: list[dict]) -> None:
 
 def open_tiny(folder, placement: str = "streamed"):
     model = open_placed(folder, placement)
-    # The word-level test tokenizer, whatever class AutoTokenizer would pick for the architecture.
-    model.tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    model.tokenizer = word_tokenizer(folder)
     return model
 
 
