@@ -1,8 +1,8 @@
 """Every `Error:` line the commands can print, and the test that asserts it.
 
-The contract (reshard/cli.py is the one place that turns exceptions into lines): a known error
+The contract (reshard/commandline.py's run_command is the one place that turns exceptions into lines): a known error
 prints one line `Error: <message>` on stderr and exits 1; a `UsageError` (a bad option value or
-input) exits 2, as do flags the parser rejects; Ctrl-C exits 130; anything unexpected prints
+input) exits 2, as do flags and values click rejects; Ctrl-C exits 130; anything unexpected prints
 one line naming its type and RESHARD_DEBUG=1.
 
 MESSAGES lists every message raised through the project's error types (reshard/errors.py) in
@@ -93,15 +93,17 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "tensor {} has dtype {}, which the format cannot store":
         ("test_errors_convert.py::test_library_rejects_unknown_dtype_quantization_and_tensor_dtype",),
     # --- the hub ---------------------------------------------------------------------------
-    "{} is gated: accept its terms on the hub, then pass --token or set HF_TOKEN":
-        ("test_robustness.py::test_missing_or_gated_hub_repo",),
-    "{} is neither a local path nor a hub repo you can see (check the name; private repos need --token or "
-    "HF_TOKEN)": ("test_robustness.py::test_missing_or_gated_hub_repo",),
-    "{} has no revision {}": ("test_errors_convert.py::test_hub_revision_not_found",),
-    "cannot reach the hub for {} ({}); use a local folder, or check the network":
-        ("test_errors_convert.py::test_hub_unreachable",),
-    "cannot download {} from {} ({}); run the same command again to resume":
-        ("test_errors_convert.py::test_hub_download_fails",),
+    "{} is gated: accept its terms at {}, then pass --token or set HF_TOKEN": ("test_hub.py::test_gated_repo",),
+    "{} is neither a local path nor a repo on {} that you can see (check the name; a private repo needs --token or "
+    "HF_TOKEN)": ("test_hub.py::test_repo_not_found",),
+    "{} on {} has no revision {}; pass an existing branch, tag or commit to --revision":
+        ("test_hub.py::test_revision_not_found",),
+    "cannot fetch {}: HF_HUB_OFFLINE is set; unset it to download, or use a local folder or .gguf file":
+        ("test_hub.py::test_unreachable_hub_from_the_command_line",),
+    "cannot reach the hub at {} to fetch {} ({}); check {}, {}":
+        ("test_hub.py::test_download_connection_error", "test_hub.py::test_unreachable_hub_from_the_command_line"),
+    "the hub at {} answered HTTP {} for {}; run the same command again later, or check the name and HF_TOKEN":
+        ("test_hub.py::test_hub_outage_names_the_status",),
     "the repo has no model.safetensors or pytorch_model.bin weights at its top level":
         ("test_errors_convert.py::test_hub_repo_without_weights",),
     "{} of {} is not a valid shard index ({})": ("test_errors_convert.py::test_low_disk_shard_index_that_is_not_json",),
@@ -145,7 +147,7 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "device {} is not supported; use cpu, cuda or cuda:N": ("test_robustness.py::test_unknown_device_or_dtype",),
     "device {} asked for, but torch sees no CUDA GPU; use --device cpu":
         ("test_errors_runtime.py::test_cuda_asked_for_without_cuda",),
-    "prefetch must be 0 or more, not {}": ("test_errors_runtime.py::test_prefetch_below_zero",),
+    "prefetch must be 0 or more, not {}": ("test_errors_runtime.py::test_library_checks_of_values_the_cli_rejects_first",),
     "memory size {} is not understood; write e.g. 12GiB, 500MB or a byte count":
         ("test_budget.py::test_cli_budget_flags_and_stats",),
     # --- runtime generate ------------------------------------------------------------------
@@ -156,7 +158,10 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "prompt plus --max-new-tokens is {} tokens, more than the model's context of {}; shorten the prompt or lower "
     "--max-new-tokens": ("test_robustness.py::test_prompt_longer_than_the_context",),
     "--prompt-lookup and --assistant cannot be combined; pick one": ("test_batch.py::test_cli_assistant_errors",),
-    "--prompt-lookup must be 1 or more, not {}": ("test_errors_runtime.py::test_prompt_lookup_below_one",),
+    "--prompt and --prompts-file cannot be combined; pick one": ("test_cli.py::test_bad_combinations_exit_2_before_loading",),
+    "--min-new-tokens ({}) is more than --max-new-tokens ({}); lower it or raise --max-new-tokens":
+        ("test_cli.py::test_bad_combinations_exit_2_before_loading",),
+    "--top-p needs --temperature above 0 (0 is greedy)": ("test_cli.py::test_bad_combinations_exit_2_before_loading",),
     "--prompt-lookup and --assistant work on one prompt at a time; drop --prompts-file":
         ("test_batch.py::test_cli_prompts_file_text_lines_and_errors",),
     "assistant {} is neither a converted folder nor a transformers checkpoint folder":
@@ -166,26 +171,36 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     '{} line {} has no "prompt" string': ("test_errors_runtime.py::test_bad_prompts_file",),
     "{} line {} is not valid JSON ({})": ("test_errors_runtime.py::test_bad_prompts_file",),
     # --- runtime score ---------------------------------------------------------------------
-    "batch size must be 1 or more, not {}": ("test_errors_runtime.py::test_bad_score_items",),
+    "batch size must be 1 or more, not {}": ("test_errors_runtime.py::test_library_checks_of_values_the_cli_rejects_first",),
     "item {} is not a JSON object": ("test_errors_runtime.py::test_bad_score_items",),
     'item {}: "text" must be a string': ("test_errors_runtime.py::test_bad_score_items",),
     'item {} needs "prompt" (a string) and "choices" (a list of strings), or "text" (a string)':
         ("test_score.py::test_cli_score_bad_lines",),
     "item {} is {} tokens, more than the model's context of {}; shorten it":
         ("test_errors_runtime.py::test_bad_score_items", "test_score.py::test_item_longer_than_the_context"),
+    # --- runtime over Ray Data (runtime/distributed.py) -------------------------------------------
+    "--ray-workers needs --prompts-file (one prompt runs on one model)":
+        ("test_distributed.py::test_ray_workers_need_a_prompts_file",),
+    "--ray-workers needs Ray Data; install it with `pip install 'reshard[ray]'`":
+        ("test_distributed.py::test_without_ray_the_flag_says_what_to_install",),
+    'every item needs a "prompt" string': ("test_errors_runtime.py::test_library_checks_of_values_the_cli_rejects_first",),
+    "--ray-workers must be 1 or more, not {}": ("test_errors_runtime.py::test_library_checks_of_values_the_cli_rejects_first",),
+    "--ray-block-size must be 1 or more, not {}":
+        ("test_errors_runtime.py::test_library_checks_of_values_the_cli_rejects_first",),
 }
 
 # Lines the CLI's error boundary writes itself (not raised as the project's errors).
 CLI_LINES: dict[str, tuple[str, ...]] = {
     "interrupted; run the same command again to resume (exit 130)":
-        ("test_errors.py::test_interrupted_convert_exits_130_and_resumes",
+        ("test_cli.py::test_interrupt_exits_130", "test_errors.py::test_interrupted_convert_exits_130_and_resumes",
          "test_errors.py::test_interrupted_generate_exits_130"),
     "no space left on device ({}); free some space and run the same command again to resume":
         ("test_robustness.py::test_full_disk_mid_way_leaves_nothing_taken_for_finished",),
     "{strerror}: {filename} (a file the command was given is missing or unreadable)":
         ("test_errors.py::test_missing_input_file",),
     "{type}: {first line} (set RESHARD_DEBUG=1 for the traceback)": ("test_errors.py::test_unexpected_error",),
-    "the parser's own message for a bad flag (exit 2)": ("test_robustness.py::test_bad_flags_are_usage_errors",),
+    "click's own message for a bad flag or value (exit 2)":
+        ("test_robustness.py::test_bad_flags_are_usage_errors", "test_cli.py::test_bad_values_exit_2_before_loading"),
 }
 
 
@@ -207,40 +222,58 @@ def error_types() -> set[str]:
         names |= more
 
 
-def template(node, functions: dict) -> list[str]:
-    """The message templates an argument can produce: literal text with `{}` for each value;
-    a call to a function of the same module gives the templates it returns."""
+def template(node, scope: dict) -> list[str]:
+    """The message templates an expression can produce: literal text with `{}` for each value.
+    `scope` holds the module's functions and the enclosing function's simple assignments: a
+    call to such a function gives the templates it returns, a name the text assigned to it."""
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return [node.value]
     if isinstance(node, ast.JoinedStr):
         return ["".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)]
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):  # "text" + (" more" if x else "")
-        left, right = template(node.left, functions), template(node.right, functions)
+        left, right = template(node.left, scope), template(node.right, scope)
         if left or right:
             return [a + b for a in left or ["{}"] for b in right or ["{}"]]
-    if isinstance(node, ast.Call) and getattr(node.func, "id", None) in functions:
-        returns = [r.value for r in ast.walk(functions[node.func.id]) if isinstance(r, ast.Return) and r.value]
-        return [t for r in returns for t in template(r, functions)]
+    if isinstance(node, ast.Name) and isinstance(scope.get(node.id), ast.expr):
+        return template(scope[node.id], scope)
+    if isinstance(node, ast.Call) and isinstance(scope.get(getattr(node.func, "id", None)), ast.FunctionDef):
+        function = scope[node.func.id]
+        returns = [r.value for r in ast.walk(function) if isinstance(r, ast.Return) and r.value]
+        return [t for r in returns for t in template(r, {**scope, **assignments(function)})]
     return []
 
 
+def assignments(function, before: float = float("inf")) -> dict:
+    """{name: value} of a function's plain `name = value` statements, the last before line `before`."""
+    found = sorted((a.lineno, t.id, a.value) for a in ast.walk(function) if isinstance(a, ast.Assign)
+                   for t in a.targets if isinstance(t, ast.Name) and a.lineno < before)
+    return {name: value for _, name, value in found}
+
+
+def error_calls(tree, types: set[str]):
+    """(call, enclosing function or None) for every construction of a project error in a module."""
+    functions = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)]
+    owner = {child: f for f in functions for child in ast.walk(f)}  # the innermost function last
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) in types:
+            yield node, owner.get(node)
+
+
 def raised_messages() -> dict[str, list[str]]:
-    """{template: ["path:line", ...]} for every `raise <project error>(...)` in reshard/ and runtime/.
-    A message that is not literal text is keyed by `<path:function>`."""
+    """{template: ["path:line", ...]} for every project error constructed (raised, or returned to be
+    raised) in reshard/ and runtime/: the `cli=` text where it has one (what the CLI prints), else
+    its message. A message that is not literal text is keyed by `<path:function>`."""
     types, found = error_types(), {}
     for path in _sources():
         tree = ast.parse(path.read_text())
         functions = {f.name: f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
-        owner = {child: f.name for f in functions.values() for child in ast.walk(f)}  # innermost last
         rel = path.relative_to(ROOT).as_posix()
-        for node in ast.walk(tree):
-            if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)):
-                continue
-            if getattr(node.exc.func, "id", getattr(node.exc.func, "attr", None)) not in types:
-                continue
-            templates = next((t for t in (template(a, functions) for a in node.exc.args) if t), None)
-            for t in templates or [f"<{rel}:{owner.get(node, '<module>')}>"]:
-                found.setdefault(t, []).append(f"{rel}:{node.lineno}")
+        for call, function in error_calls(tree, types):
+            scope = {**functions, **(assignments(function, call.lineno) if function else {})}
+            cli = [k.value for k in call.keywords if k.arg == "cli"]
+            templates = next((t for t in (template(a, scope) for a in cli + call.args) if t), None)
+            for t in templates or [f"<{rel}:{function.name if function else '<module>'}>"]:
+                found.setdefault(t, []).append(f"{rel}:{call.lineno}")
     return {t: sorted(set(sites)) for t, sites in found.items()}
 
 
@@ -274,7 +307,7 @@ def test_each_listed_test_exists_and_quotes_its_message(table):
             if not re.search(rf"^def {name}\(", text, re.M):
                 problems.append(f"{test} does not exist")
             longest = max(re.split(r"\{[^}]*\}|<[^>]*>|\([^)]*\)$", message), key=len)
-            quoted |= message.startswith(("<", "the parser")) or longest.strip() in text
+            quoted |= message.startswith(("<", "click's")) or longest.strip() in text
         if not quoted:
             problems.append(f"none of {tests} quotes {message!r}")
     assert not problems, "\n".join(problems)

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from reshard.cli import main as reshard_main
 from reshard.errors import FormatError, SourceError, UsageError
 from runtime.cli import main as runtime_main
-from test_robustness import hub_error, only_error, single_file_checkpoint
+from test_robustness import only_error, single_file_checkpoint
 
 
 def convert(capsys, *args) -> tuple[int, str]:
@@ -251,25 +251,6 @@ def test_hub_repo_without_weights(hub, tmp_path, capsys):
     hub.files = {"config.json": hub.files["config.json"]}
     assert convert(capsys, "org/tiny", tmp_path / "out") == (
         1, "Error: the repo has no model.safetensors or pytorch_model.bin weights at its top level")
-
-
-def test_hub_revision_not_found(hub, tmp_path, capsys):
-    hub.info_error = hub_error("RevisionNotFoundError")
-    assert convert(capsys, "org/tiny", tmp_path / "out", "--revision", "v9") == (
-        1, "Error: org/tiny has no revision 'v9'")
-
-
-def test_hub_unreachable(hub, tmp_path, capsys):
-    hub.info_error = OSError("Connection refused\nretries exhausted")
-    assert convert(capsys, "org/tiny", tmp_path / "out") == (
-        1, "Error: cannot reach the hub for org/tiny (Connection refused); use a local folder, or check the network")
-
-
-def test_hub_download_fails(hub, tmp_path, capsys):
-    shard = min(name for name in hub.files if name.startswith("model-"))
-    hub.download_errors[shard] = OSError("Read timed out")
-    assert convert(capsys, "org/tiny", tmp_path / "out") == (
-        1, f"Error: cannot download {shard} from org/tiny (Read timed out); run the same command again to resume")
 
 
 def test_low_disk_shard_index_that_is_not_json(hub, tmp_path, capsys):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_placement
+from conftest import cli_placement, open_placed
 from runtime.cli import main as runtime_main
 from test_robustness import only_error
 
@@ -72,14 +72,27 @@ def test_folder_without_tokenizer(no_tokenizer, tmp_path, capsys):
     assert run(capsys, "score", no_tokenizer, items, "--output", tmp_path / "o.jsonl") == want
 
 
-def test_prompt_lookup_below_one(llama, capsys):
-    assert run(capsys, "generate", llama, "--prompt", "w5", "--max-new-tokens", "2", "--prompt-lookup", "0") == (
-        USAGE, "Error: --prompt-lookup must be 1 or more, not 0")
+def test_library_checks_of_values_the_cli_rejects_first(tiny_converted):
+    """click refuses these flags' bad values itself (tests/test_cli.py); the library says its own line."""
+    from reshard.errors import UsageError
+    from runtime import LayeredModel, distributed
 
-
-def test_prefetch_below_zero(llama, capsys):
-    assert run(capsys, "generate", llama, "--prompt", "w5", "--prefetch", "-1") == (
-        USAGE, "Error: prefetch must be 0 or more, not -1")
+    folder = tiny_converted["llama"]
+    cases = [
+        (lambda: LayeredModel.from_pretrained(folder, device="cpu", prefetch=-1, max_cpu_memory=0),
+         "prefetch must be 0 or more, not -1"),
+        (lambda: open_placed(folder, "streamed").score([{"text": "w5"}], batch_size=0),
+         "batch size must be 1 or more, not 0"),
+        (lambda: distributed.generate_items([{"text": "w5"}], folder, workers=1), 'every item needs a "prompt" string'),
+        (lambda: distributed.generate_items([{"prompt": "w5"}], folder, workers=0),
+         "--ray-workers must be 1 or more, not 0"),
+        (lambda: distributed.generate_items([{"prompt": "w5"}], folder, workers=1, block_size=0),
+         "--ray-block-size must be 1 or more, not 0"),
+    ]
+    for call, message in cases:
+        with pytest.raises(UsageError) as info:
+            call()
+        assert str(info.value) == message
 
 
 def test_cuda_asked_for_without_cuda(llama, monkeypatch, capsys):
@@ -116,7 +129,6 @@ def test_assistant_folder_missing_weights(llama, tiny_converted, tmp_path, capsy
 # --- score ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("lines, argv, line", [
-    (['{"text": "w5"}'], ["--batch-size", "0"], "Error: batch size must be 1 or more, not 0"),
     (['{"text": "w5"}', '["w5"]'], [], "Error: item 2 is not a JSON object"),
     (['{"text": 5}'], [], 'Error: item 1: "text" must be a string'),
     (['{"text": "' + " ".join(["w5"] * 130) + '"}'], [],
