@@ -59,8 +59,10 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "converted": ("test_robustness.py::test_not_a_decoder_only_causal_lm",),
     "{} has no list of {} decoder layers; only decoder-only models whose layers sit in one ModuleList can be "
     "streamed": ("test_errors_convert.py::test_model_without_a_list_of_layers",),
-    "tensors such as {} must be fused or split by transformers when loading; this kind of checkpoint conversion "
-    "is not supported yet": ("test_errors_convert.py::test_checkpoint_that_needs_fusing_is_refused",),
+    "transformers' conversion of {} and {} more tensor(s) into {} failed ({}: {}); is the config the one of these "
+    "weights?": ("test_errors_convert.py::test_expert_conversion_that_transformers_cannot_do",),
+    "transformers' conversion into {} also makes {}, which is not a parameter of group {}; this checkpoint cannot "
+    "be converted": ("test_errors_convert.py::test_expert_conversion_that_makes_an_unplanned_tensor",),
     "the checkpoint lacks {} tensor(s) the model needs, e.g. {}; is the config the one of these weights?":
         ("test_robustness.py::test_missing_unexpected_or_misshapen_tensor",),
     "the checkpoint has {} tensor(s) the model does not use, e.g. {}; is the config the one of these weights?":
@@ -81,13 +83,21 @@ MESSAGES: dict[str, tuple[str, ...]] = {
         ("test_quant.py::test_cli_bad_quantize_flags",),
     "--low-disk is for hub repo ids; {} is a local path, convert it without --low-disk":
         ("test_robustness.py::test_low_disk_needs_a_hub_source",),
-    "{} needs about {} more but its disk has {} free; free some space or choose an OUT on another disk{}":
-        ("test_robustness.py::test_not_enough_free_disk_is_refused_before_writing",),
+    "{} needs about {} more but its disk has {} free; free some space or choose an OUT on another disk (for hub "
+    "sources, --low-disk keeps only one source shard)":
+        ("test_robustness.py::test_not_enough_free_disk_is_refused_before_writing",
+         "test_checks_first.py::test_hub_download_that_does_not_fit_is_refused_before_downloading"),
+    "{} needs about {} more but its disk has {} free; free some space or choose an OUT on another disk":
+        ("test_errors_convert.py::test_low_disk_conversion_that_does_not_fit",),
+    "the hub cache {} needs about {} for the download but its disk has {} free; free some space, set HF_HUB_CACHE "
+    "to a folder on another disk, or convert with --low-disk":
+        ("test_checks_first.py::test_hub_cache_on_another_disk_is_checked_for_the_download",),
+    "{} is a file; OUT must be a folder": ("test_errors_convert.py::test_out_that_is_a_file",),
     "{} is not empty and holds no conversion record; choose an empty folder, or pass --force to write into it "
     "anyway": ("test_robustness.py::test_non_empty_foreign_out_is_refused",),
     "{} holds a damaged conversion record ({}); pass --force to convert into it afresh":
         ("test_errors_convert.py::test_out_with_a_damaged_conversion_record",),
-    "{} holds {}, not of {}; choose another folder, or pass --force to replace it":
+    "{} holds a conversion of {}, not of {}; choose another folder, or pass --force to replace it":
         ("test_robustness.py::test_out_holding_another_model_is_refused_unless_force",
          "test_robustness.py::test_other_dtype_or_format_version_is_refused"),
     "tensor {} has dtype {}, which the format cannot store":
@@ -104,6 +114,8 @@ MESSAGES: dict[str, tuple[str, ...]] = {
         ("test_hub.py::test_download_connection_error", "test_hub.py::test_unreachable_hub_from_the_command_line"),
     "the hub at {} answered HTTP {} for {}; run the same command again later, or check the name and HF_TOKEN":
         ("test_hub.py::test_hub_outage_names_the_status",),
+    "{} has no config.json at its top level; it is not a transformers checkpoint":
+        ("test_errors_convert.py::test_hub_repo_without_config",),
     "the repo has no model.safetensors or pytorch_model.bin weights at its top level":
         ("test_errors_convert.py::test_hub_repo_without_weights",),
     "{} of {} is not a valid shard index ({})": ("test_errors_convert.py::test_low_disk_shard_index_that_is_not_json",),
@@ -120,6 +132,8 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "{} is damaged ({}); run `reshard convert` again": ("test_errors_convert.py::test_damaged_manifest",),
     "{}: group {} has quantized tensors but the quantization scheme is {}":
         ("test_errors_convert.py::test_quantized_groups_without_a_scheme",),
+    "{}: expert tensor {} of group {} is not [{}, ...]; run `reshard convert` again":
+        ("test_errors_convert.py::test_expert_tensor_of_the_wrong_size",),
     "{}: quantized {} lacks {}; run `reshard convert` again":
         ("test_errors_convert.py::test_quantized_tensor_without_its_scales",),
     # --- a converted folder: layer files (CorruptFileError: "<path>: <problem>; run `reshard convert` again
@@ -144,9 +158,10 @@ MESSAGES: dict[str, tuple[str, ...]] = {
         ("test_verify.py::test_verify_names_each_truncated_or_bit_flipped_file",),
     # --- runtime: options ------------------------------------------------------------------
     "unknown device {}; use cpu, cuda or cuda:N": ("test_robustness.py::test_unknown_device_or_dtype",),
-    "device {} is not supported; use cpu, cuda or cuda:N": ("test_robustness.py::test_unknown_device_or_dtype",),
-    "device {} asked for, but torch sees no CUDA GPU; use --device cpu":
-        ("test_errors_runtime.py::test_cuda_asked_for_without_cuda",),
+    "device '{}' is not supported; use cpu, cuda or cuda:N": ("test_robustness.py::test_unknown_device_or_dtype",),
+    "device '{}' asked for, but torch sees no CUDA GPU; use --device cpu (or leave it out)":
+        ("test_errors_runtime.py::test_cuda_asked_for_without_cuda",
+         "test_first_hour.py::test_no_gpu_error_is_worded_for_the_command_line"),
     "prefetch must be 0 or more, not {}": ("test_errors_runtime.py::test_library_checks_of_values_the_cli_rejects_first",),
     "memory size {} is not understood; write e.g. 12GiB, 500MB or a byte count":
         ("test_budget.py::test_cli_budget_flags_and_stats",),
@@ -187,6 +202,22 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "--ray-workers must be 1 or more, not {}": ("test_errors_runtime.py::test_library_checks_of_values_the_cli_rejects_first",),
     "--ray-block-size must be 1 or more, not {}":
         ("test_errors_runtime.py::test_library_checks_of_values_the_cli_rejects_first",),
+    # --- runtime serve (runtime/server.py, engine.py, sampling.py: HTTP errors, or lines of the CLI) ---
+    "runtime serve needs {}; install it with: pip install 'reshard[serve]'":
+        ("test_errors_serve.py::test_serve_without_its_extra",),
+    "cannot listen on {}:{} ({}); pick another --host or --port":
+        ("test_serve.py::test_cli_serve_on_a_busy_port_is_one_error_line", "test_errors_serve.py::test_busy_port"),
+    "max_batch must be 1 or more and max_queue 0 or more, not {} and {}": ("test_errors_serve.py::test_engine_refusals",),
+    "the prompt is empty": ("test_errors_serve.py::test_engine_refusals",),
+    "this model's context is {} tokens, but the prompt has {} and max_tokens asks for {} more; shorten the prompt "
+    "or lower max_tokens": ("test_errors_serve.py::test_engine_refusals",),
+    "the server is shutting down": ("test_errors_serve.py::test_engine_refusals",),
+    "all {} slots are busy and {} requests wait already; retry later":
+        ("test_serve.py::test_full_queue_gets_429_and_recovers", "test_errors_serve.py::test_engine_refusals"),
+    "max_tokens must be 1 or more, not {}": ("test_errors_serve.py::test_sampling_values_out_of_range",),
+    "temperature must be between 0 and 2, not {}": ("test_errors_serve.py::test_sampling_values_out_of_range",),
+    "top_p must be above 0 and at most 1, not {}": ("test_errors_serve.py::test_sampling_values_out_of_range",),
+    "stop strings must not be empty": ("test_errors_serve.py::test_sampling_values_out_of_range",),
 }
 
 # Lines the CLI's error boundary writes itself (not raised as the project's errors).
@@ -229,7 +260,7 @@ def template(node, scope: dict) -> list[str]:
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return [node.value]
     if isinstance(node, ast.JoinedStr):
-        return ["".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)]
+        return ["".join(v.value if isinstance(v, ast.Constant) else _value(v, scope) for v in node.values)]
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):  # "text" + (" more" if x else "")
         left, right = template(node.left, scope), template(node.right, scope)
         if left or right:
@@ -241,6 +272,13 @@ def template(node, scope: dict) -> list[str]:
         returns = [r.value for r in ast.walk(function) if isinstance(r, ast.Return) and r.value]
         return [t for r in returns for t in template(r, {**scope, **assignments(function)})]
     return []
+
+
+def _value(v: ast.FormattedValue, scope: dict) -> str:
+    """`{name}` in an f-string: the text assigned to `name` where it is plain, else `{}`."""
+    if isinstance(v.value, ast.Name) and v.conversion == -1 and v.format_spec is None:
+        return (template(v.value, scope) or ["{}"])[0]
+    return "{}"
 
 
 def assignments(function, before: float = float("inf")) -> dict:
@@ -307,7 +345,9 @@ def test_each_listed_test_exists_and_quotes_its_message(table):
             if not re.search(rf"^def {name}\(", text, re.M):
                 problems.append(f"{test} does not exist")
             longest = max(re.split(r"\{[^}]*\}|<[^>]*>|\([^)]*\)$", message), key=len)
-            quoted |= message.startswith(("<", "click's")) or longest.strip() in text
+            # the whole longest literal part, or its end (the fix it names) where a test checks the API
+            # wording and the CLI's ending separately
+            quoted |= message.startswith(("<", "click's")) or longest.strip() in text or longest[-25:] in text
         if not quoted:
             problems.append(f"none of {tests} quotes {message!r}")
     assert not problems, "\n".join(problems)

@@ -5,6 +5,7 @@ lists every message with the test that asserts it."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -121,19 +122,6 @@ def test_source_truncated_while_converting(tiny_checkpoints, tmp_path, monkeypat
     assert code == 1
     first = line.split(" is truncated at tensor ")
     assert first[0] == f"Error: {path}" and first[1].endswith("; download it again"), line
-
-
-def test_checkpoint_that_needs_fusing_is_refused(monkeypatch):
-    """Tensors that transformers fuses or splits while loading (a converter matched them)."""
-    import reshard.keymap
-
-    monkeypatch.setattr(reshard.keymap, "_transformers_renamer",
-                        lambda model: lambda key: (key.replace("experts.0.w1", "experts.gate_up"), "w1" in key))
-    params = {"m.experts.gate_up_proj": torch.Size([2, 4])}
-    with pytest.raises(SourceError) as info:
-        reshard.keymap.map_keys(SimpleNamespace(), ["m.experts.0.w1.weight"], params)
-    assert str(info.value) == ("tensors such as 'm.experts.0.w1.weight' must be fused or split by transformers when "
-                               "loading; this kind of checkpoint conversion is not supported yet")
 
 
 def test_tensor_whose_read_shape_differs(monkeypatch, capsys, tiny_checkpoints, tmp_path):
@@ -390,3 +378,83 @@ def test_runtime_names_the_first_damaged_file_and_counts_the_rest(converted, cap
     assert generate(capsys, converted) == (
         1, f"Error: {first}: file is missing (1 more damaged file(s); `reshard verify` lists them); run `reshard "
            f"convert` again to repair it")
+
+
+# --- OUT, the hub's layout, mixtures of experts -------------------------------------------
+
+def test_out_that_is_a_file(tiny_checkpoints, tmp_path):
+    """The CLI's OUT argument refuses a file itself (click); the library says why."""
+    from reshard.convert import convert as convert_fn
+    from reshard.errors import OutputInUseError
+
+    out = tmp_path / "a-file"
+    out.write_text("mine")
+    with pytest.raises(OutputInUseError) as info:
+        convert_fn(str(tiny_checkpoints["llama"]), out, progress=False)
+    assert str(info.value) == f"{out} is a file; OUT must be a folder"
+    assert out.read_text() == "mine"
+
+
+def test_hub_repo_without_config(hub, tmp_path, capsys):
+    del hub.files["config.json"]
+    assert convert(capsys, "org/tiny", tmp_path / "out") == (
+        1, "Error: org/tiny has no config.json at its top level; it is not a transformers checkpoint")
+
+
+def test_expert_tensor_of_the_wrong_size(moe_converted, tmp_path, capsys):
+    from reshard.format import Group, expert_tensors
+
+    folder = tmp_path / "moe"
+    shutil.copytree(moe_converted["mixtral"], folder)
+    found = []
+
+    def grow_first_expert_tensor(m):
+        g = next(g for g in m["groups"] if g.get("experts"))
+        name, count = next(iter(expert_tensors(Group(**g)).items()))
+        g["tensors"][name]["shape"][0] = count + 1
+        found.append((g["name"], name, count))
+
+    path = edit_manifest(folder, grow_first_expert_tensor)
+    [(group, name, count)] = found
+    assert info(capsys, folder) == (
+        1, f"Error: {path}: expert tensor {name} of group {group} is not [{count}, ...]; run `reshard convert` again")
+
+
+def test_expert_conversion_that_transformers_cannot_do(moe_checkpoints, tmp_path, monkeypatch, capsys):
+    from transformers.core_model_loading import WeightConverter
+
+    def fail(self, *args, **kwargs):
+        raise ValueError("shapes do not stack\nmore")
+
+    monkeypatch.setattr(WeightConverter, "convert", fail)
+    code, line = convert(capsys, moe_checkpoints["mixtral"], tmp_path / "out")
+    assert code == 1
+    assert re.fullmatch(r"Error: transformers' conversion of '[\w.]+' and \d+ more tensor\(s\) into '[\w.]+' failed "
+                        r"\(ValueError: shapes do not stack\); is the config the one of these weights\?", line), line
+
+
+def test_expert_conversion_that_makes_an_unplanned_tensor(moe_checkpoints, tmp_path, monkeypatch, capsys):
+    import reshard.fusion
+
+    real_run = reshard.fusion.Fusion.run
+
+    def run_and_make_more(self, raw, model, dtype):
+        return {**real_run(self, raw, model, dtype), "model.extra.weight": torch.zeros(1)}
+
+    monkeypatch.setattr(reshard.fusion.Fusion, "run", run_and_make_more)
+    code, line = convert(capsys, moe_checkpoints["mixtral"], tmp_path / "out")
+    assert code == 1
+    assert re.fullmatch(r"Error: transformers' conversion into '[\w.]+' also makes 'model.extra.weight', which is "
+                        r"not a parameter of group layers\.0; this checkpoint cannot be converted", line), line
+
+
+def test_low_disk_conversion_that_does_not_fit(hub, tmp_path, monkeypatch, capsys):
+    """With --low-disk already asked for, the line does not suggest it."""
+    import reshard.convert
+
+    monkeypatch.setattr(reshard.convert.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=0, free=100_000))
+    out = tmp_path / "out"
+    code, line = convert(capsys, "org/tiny", out, "--low-disk")
+    assert code == 1
+    assert re.fullmatch(rf"Error: {re.escape(str(out))} needs about \d+\.\d\d MB more but its disk has 0\.10 MB free; "
+                        rf"free some space or choose an OUT on another disk", line), line
