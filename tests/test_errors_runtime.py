@@ -101,7 +101,7 @@ def test_cuda_asked_for_without_cuda(llama, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code = runtime_main(["generate", llama, "--prompt", "w5", "--device", "cuda", "--max-gpu-memory", "0"])
     assert (code, only_error(capsys.readouterr().err)) == (
-        USAGE, "Error: device 'cuda' asked for, but torch sees no CUDA GPU; use --device cpu")
+        USAGE, "Error: device 'cuda' asked for, but torch sees no CUDA GPU; use --device cpu (or leave it out)")
 
 
 @pytest.mark.parametrize("text, line", [
