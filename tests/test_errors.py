@@ -225,6 +225,18 @@ MESSAGES: dict[str, tuple[str, ...]] = {
 PENDING: dict[str, str] = {
     "ends before byte {}": "runtime/experts.py (MoE, issue 10): a layer file that shrinks while it is read; a "
                            "test must not touch the mapped (non-expert) pages past the new end (SIGBUS)",
+    # runtime chat and the lm-eval backend (issue 13), landed 10:50 UTC
+    "the conversation plus --max-new-tokens is {} tokens, more than the model's context of {}; /reset to start "
+    "again or lower --max-new-tokens": "runtime/chat.py: no test yet",
+    "this folder's tokenizer has no chat template; `runtime chat` needs one (use `runtime generate` for plain "
+    "text)": "runtime/chat.py: no test yet",
+    "lm-eval is not installed ({}); pip install 'reshard[eval]'": "runtime/cli.py eval: no test yet",
+    "batch_size must be a whole number or auto, not {}": "runtime/lm_eval_backend.py: no test yet",
+    "{} has no tokenizer files; convert a checkpoint that has them": "runtime/lm_eval_backend.py: no test yet",
+    "batch_size must be 1 or more, not {}": "runtime/lm_eval_backend.py: test_lm_eval.py checks it with "
+                                            "pytest.raises(match=...), a prefix, not the whole message",
+    "unknown model_args for the reshard backend: {}; see `runtime eval --help`":
+        "runtime/lm_eval_backend.py: test_lm_eval.py checks it with pytest.raises(match=...), a prefix",
 }
 
 # Lines the CLI's error boundary writes itself (not raised as the project's errors).
