@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     print("## (d) reshard convert vs plain copy\n\n```")
     print("\n".join(machine_lines("bfloat16")))
     print(f"source: HF checkpoint, {total / 1e9:.2f} GB in {len(list(src.iterdir()))} files (warm page cache); "
-          f"best of {args.runs}; load average {os.getloadavg()[0]:.1f}")
+          f"best of {args.runs}")
     results = {"plain copy (shutil.copyfile per file)": [sys.executable, "-c", COPY + PEAK, str(src), str(out), "-"],
                "plain copy + fsync per file": [sys.executable, "-c", COPY + PEAK, str(src), str(out), "fsync"],
                "reshard convert --dtype bfloat16": [sys.executable, "-c", CONVERT, "convert", str(src), str(out),

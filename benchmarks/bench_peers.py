@@ -100,9 +100,12 @@ def main(argv=None) -> int:
     print("## (c) side by side: reshard, accelerate disk offload, AirLLM\n\n```")
     print("\n".join(machine_lines("float32", args.threads)))
     print(f"model: SmolLM2-135M-Instruct, float32, CPU; prompt {PROMPT!r} (chat template); {args.tokens} new tokens, "
-          f"greedy; best of {args.runs}; load average {os.getloadavg()[0]:.1f}")
+          f"greedy; best of {args.runs}")
     results = {}
     for name, (python, setup) in SETUPS.items():
+        if python == "AIRLLM" and not Path(airllm).is_file():
+            print(f"{name}: not run: no AirLLM environment at {airllm} (set AIRLLM_PYTHON; see RESULTS.md)")
+            continue
         code = CHILD.format(threads=args.threads, src=str(src), folder=str(folder), tokens=args.tokens,
                             runs=args.runs, prompt=PROMPT, setup=setup)
         results[name] = r = run_child(airllm if python == "AIRLLM" else sys.executable, code)

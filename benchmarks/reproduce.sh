@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Re-run every CPU section of benchmarks/RESULTS.md, in one command, from scratch (models are
+# built into $RESHARD_BENCH_CACHE, default /tmp/reshard-bench, on first use). Each section's raw
+# output (it starts with the date, commit, machine and load average) goes to
+# benchmarks/results/<section>.txt; benchmarks/results/reproduce.txt records the run: commit,
+# load average before and after, and each section's wall time.
+#   bash benchmarks/reproduce.sh                 # ~20 min on the 2-core VM with nothing else running
+#   bash benchmarks/reproduce.sh decode cold     # only some sections
+# $PYTHON picks the interpreter (default python3). AirLLM, in (c), runs only where
+# $AIRLLM_PYTHON (default /tmp/airllm-venv/bin/python) is a Python with airllm installed.
+# The GPU section is benchmarks/gpu_check.sh, on a machine with an NVIDIA GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
+py="${PYTHON:-python3}"
+results=benchmarks/results
+cache="${RESHARD_BENCH_CACHE:-/tmp/reshard-bench}"
+declare -A SECTIONS=(  # each a command line; its stdout is the section's raw output
+    [decode]="$py benchmarks/bench_decode.py --runs 5 --tokens 32"
+    [cold]="$py benchmarks/bench_cold.py --runs 5"
+    [peers]="$py benchmarks/bench_peers.py --runs 2 --tokens 8"
+    [convert]="$py benchmarks/bench_convert.py --runs 3"
+    [quant]="$py benchmarks/quant.py --repeat 3 --work $cache/quant"
+    [passes]="$py benchmarks/passes.py all --repeat 1 --work $cache"
+    [gpu_check_dry]="$py benchmarks/prepare_gpu_check.py --out $cache/gpu-assets >&2 && $py benchmarks/gpu_check.py --dry --assets $cache/gpu-assets"
+)
+ORDER=(decode cold peers convert quant passes gpu_check_dry)
+[[ $# -gt 0 ]] && ORDER=("$@")
+log="$results/reproduce.txt"
+mkdir -p "$results"
+{
+    echo "reproduce.sh ${ORDER[*]}"
+    echo "start: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); load average: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) cpus"
+    "$py" -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(f"commit: {common.commit()}")'
+} > "$log"
+status=0
+for name in "${ORDER[@]}"; do
+    t0=$SECONDS
+    echo "== $name: ${SECTIONS[$name]}" >&2
+    if eval "${SECTIONS[$name]}" > "$results/$name.txt"; then result=ok; else result=FAILED; status=1; fi
+    echo "$name: $result, $((SECONDS - t0)) s (load average now $(cut -d' ' -f1-3 /proc/loadavg))" | tee -a "$log" >&2
+done
+echo "end: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); $SECONDS s in all" >> "$log"
+exit $status
