@@ -4,7 +4,7 @@
 # output (it starts with the date, commit, machine and load average) goes to
 # benchmarks/results/<section>.txt; benchmarks/results/reproduce.txt records the run: commit,
 # load average before and after, and each section's wall time.
-#   bash benchmarks/reproduce.sh                 # ~20 min on the 2-core VM with nothing else running
+#   bash benchmarks/reproduce.sh                 # ~15 min on the 2-core VM with nothing else running
 #   bash benchmarks/reproduce.sh decode cold     # only some sections
 # $PYTHON picks the interpreter (default python3). AirLLM, in (c), runs only where
 # $AIRLLM_PYTHON (default /tmp/airllm-venv/bin/python) is a Python with airllm installed.
@@ -16,12 +16,12 @@ py="${PYTHON:-python3}"
 results=benchmarks/results
 cache="${RESHARD_BENCH_CACHE:-/tmp/reshard-bench}"
 declare -A SECTIONS=(  # each a command line; its stdout is the section's raw output
-    [decode]="$py benchmarks/bench_decode.py --runs 5 --tokens 32"
-    [cold]="$py benchmarks/bench_cold.py --runs 5"
-    [peers]="$py benchmarks/bench_peers.py --runs 2 --tokens 8"
-    [convert]="$py benchmarks/bench_convert.py --runs 3"
-    [quant]="$py benchmarks/quant.py --repeat 3 --work $cache/quant"
-    [passes]="$py benchmarks/passes.py all --repeat 1 --work $cache"
+    [decode]="$py benchmarks/bench_decode.py --runs 3 --tokens 16"
+    [cold]="$py benchmarks/bench_cold.py --runs 3"
+    [peers]="$py benchmarks/bench_peers.py --runs 1 --tokens 8"
+    [convert]="$py benchmarks/bench_convert.py --runs 2"
+    [quant]="$py benchmarks/quant.py --repeat 3 --models smollm2-135m --work $cache/quant"
+    [passes]="$py benchmarks/passes.py all --repeat 1 --score-sizes 8,32,64 --max-new-tokens 48 --batch-sizes 1,4,16 --work $cache"
     [gpu_check_dry]="$py benchmarks/prepare_gpu_check.py --out $cache/gpu-assets >&2 && $py benchmarks/gpu_check.py --dry --assets $cache/gpu-assets"
 )
 ORDER=(decode cold peers convert quant passes gpu_check_dry)
