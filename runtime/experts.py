@@ -82,7 +82,6 @@ class ExpertStreamer:
         self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="runtime-experts")  # reads at once
         self.fds: dict = {}  # file path -> descriptor for the expert reads
         self.hooks: list = []
-        self.read_seconds = 0.0
 
     def install(self, model: nn.Module) -> None:
         """Make every streamed group with experts load without them, and hook the experts modules
@@ -144,7 +143,7 @@ class ExpertStreamer:
             self.cache.put((i, e, *entry["tensors"]), {name: b.tensor[e] for name, b in bufs.items()})
         for b in bufs.values():
             b.present.update(missing)
-        self.read_seconds += time.perf_counter() - t0
+        self.stats.wait_seconds += time.perf_counter() - t0  # compute waits for its routed experts
         for name, b in bufs.items():
             module._parameters[name.rpartition(".")[2]] = nn.Parameter(b.tensor, requires_grad=False)
 
