@@ -207,3 +207,31 @@ def test_quantized_experts_stream_alone(scheme, moe_checkpoints, tmp_path):
     with torch.no_grad():  # quantized, so close to the float32 model, not equal
         want = ref(IDS).logits
     assert (resident(IDS).logits - want).abs().max() < (0.05 if scheme == "int8" else 0.3)
+
+
+def test_only_the_routed_experts_ranges_are_read(moe_converted, monkeypatch):
+    """Every expert read is one the router picked in that layer, at that expert's byte range;
+    the layer's other tensors come as one span that holds no expert byte."""
+    import runtime.experts as experts_mod
+
+    folder = moe_converted["mixtral"]
+    model = LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=0, expert_cache=0)
+    reads, routed = [], {}
+    real = experts_mod._pread
+    monkeypatch.setattr(experts_mod, "_pread", lambda fd, dst, off, path: (reads.append((path.name, off)),
+                                                                          real(fd, dst, off, path))[1])
+    manifest = read_manifest(folder)
+    for group in moe_layers(manifest):
+        [(path, entry)] = group.experts.items()
+        model.model.get_submodule(path).register_forward_pre_hook(
+            lambda m, args, g=group: routed.setdefault(g.file, set()).update(args[1].unique().tolist()))
+    model(torch.tensor([[5, 17, 42]]))
+    want = set()
+    for group in moe_layers(manifest):
+        gf = GroupFile(folder / group.file, group)
+        for name, count in expert_tensors(group).items():
+            want |= {(group.file, gf.data_start + expert_range(gf.infos[name], count, e)[0]) for e in routed[group.file]}
+        span = dense_range(gf.infos, group)
+        assert model.loader.partial[manifest.groups.index(group)][0] == span
+    assert any(len(r) < 8 for r in routed.values())  # some experts were not picked: they must not be read
+    assert sorted(reads) == sorted(want) and len(reads) == len(set(reads))
