@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
@@ -185,9 +186,15 @@ def test_answers_equal_runtime_generate(smol_server, smollm2_converted, capsys):
 def test_eight_concurrent_chats_share_passes(smol_server, smollm2_converted, capsys):
     url, _ = smol_server
     alone = [runtime_generate(capsys, smollm2_converted, q, 32, "--chat") for q in CHATS]
+    clients, start = [client(url) for _ in CHATS], threading.Barrier(len(CHATS))
+
+    def ask(k: int) -> str:
+        start.wait()  # all 8 at once, as 8 users pressing enter together
+        return ask_chat(clients[k], CHATS[k], 32)
+
     before = metrics(url)["runtime_passes_total"]
     with ThreadPoolExecutor(len(CHATS)) as pool:
-        together = list(pool.map(lambda q: ask_chat(client(url), q, 32), CHATS))
+        together = list(pool.map(ask, range(len(CHATS))))
     passes = metrics(url)["runtime_passes_total"] - before
     assert together == alone
     assert passes <= 32 + 8  # 8 x 32 one at a time
