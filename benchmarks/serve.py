@@ -43,21 +43,11 @@ def commit() -> str:
         return "unknown"
 
 
-def baseline(lm, max_tokens: int, repeat: int) -> tuple[float, int]:
-    """Best tokens/s of transformers' generate for one chat prompt (what `runtime generate` runs),
-    after one untimed run (first reads of the files, kernel warm-up)."""
-    import torch
-
-    from runtime.batch import prompt_ids
-
-    ids = torch.tensor([prompt_ids(lm.tokenizer, prompts(1)[0], chat=True)], device=lm.device)
-    best = 0.0
-    for k in range(repeat + 1):
-        t0 = time.perf_counter()
-        out = lm.generate(input_ids=ids, do_sample=False, max_new_tokens=max_tokens, pad_token_id=0)
-        n = out.shape[1] - ids.shape[1]
-        best = max(best, n / (time.perf_counter() - t0)) if k else 0.0
-    return best, n
+def baseline(lm, ids, max_tokens: int) -> tuple[float, int]:
+    """Seconds and tokens of transformers' generate for one chat prompt (what `runtime generate` runs)."""
+    t0 = time.perf_counter()
+    out = lm.generate(input_ids=ids, do_sample=False, max_new_tokens=max_tokens, pad_token_id=0)
+    return time.perf_counter() - t0, out.shape[1] - ids.shape[1]
 
 
 def run_clients(url: str, texts: list[str], max_tokens: int) -> tuple[float, int]:
@@ -76,19 +66,33 @@ def run_clients(url: str, texts: list[str], max_tokens: int) -> tuple[float, int
     return time.perf_counter() - t0, tokens
 
 
-def best_run(lm, url: str, texts: list[str], max_tokens: int, repeat: int) -> tuple[float, int, int]:
-    """The fastest of `repeat` runs of all `texts` at once: seconds, tokens, passes."""
-    runs = []
-    for _ in range(repeat):
-        passes0 = lm.stats.passes
-        secs, tokens = run_clients(url, texts, max_tokens)
-        runs.append((secs, tokens, lm.stats.passes - passes0))
-    return min(runs)
+def measure(lm, url: str, concurrency: list[int], max_tokens: int, repeat: int) -> dict:
+    """Best (seconds, tokens, passes) per row, the rows taken in turn `repeat` times (the baseline,
+    then each concurrency), so that every row samples the same stretch of a shared machine's load."""
+    import torch
+
+    from runtime.batch import prompt_ids
+
+    ids = torch.tensor([prompt_ids(lm.tokenizer, prompts(1)[0], chat=True)], device=lm.device)
+    baseline(lm, ids, max_tokens)  # untimed: first reads of the files, kernel warm-up
+    best: dict = {}
+    for r in range(repeat):
+        for c in ["baseline", *concurrency]:
+            passes0, load0 = lm.stats.passes, os.getloadavg()[0]
+            if c == "baseline":
+                secs, tokens = baseline(lm, ids, max_tokens)
+            else:
+                secs, tokens = run_clients(url, prompts(c), max_tokens)
+            run = (secs, tokens, lm.stats.passes - passes0, f"{load0:.1f}/{os.getloadavg()[0]:.1f}")
+            print(f"round {r + 1}, {c}: {secs:.1f} s, {tokens} tokens, {run[2]} passes, load {run[3]}", flush=True)
+            best[c] = min(best.get(c, run), run)
+    return best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, help="a converted folder (default: SmolLM2 float32, converted once into $RESHARD_BENCH_CACHE)")
+    ap.add_argument("--model", type=Path,
+                    help="a converted folder (default: SmolLM2 float32, converted once into $RESHARD_BENCH_CACHE)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-cpu-memory", default="0", help="weights kept in RAM (default 0: all streamed)")
     ap.add_argument("--max-gpu-memory", default="0", help="weights kept on a GPU (default 0: all streamed)")
@@ -113,17 +117,18 @@ def main() -> None:
           f"request, greedy, chat template")
     print("shared machine: other jobs may run at the same time; the load average (1 min) is printed per row\n")
     try:
-        rate, n = baseline(lm, args.max_tokens, args.repeat)
-        print(f"baseline, transformers generate, one prompt: {rate:.2f} tokens/s ({n} tokens, best of "
-              f"{args.repeat}), load {os.getloadavg()[0]:.1f}\n")
-        print("| concurrency | tokens | passes | tokens/pass | s | tokens/s | x baseline | load before/after |")
+        best = measure(lm, server.url, args.concurrency, args.max_tokens, args.repeat)
+        secs, tokens, passes, load = best["baseline"]
+        rate = tokens / secs
+        print(f"\nbest of {args.repeat} rounds (each round: the baseline, then every concurrency)\n")
+        print("| run | tokens | passes | tokens/pass | s | tokens/s | x baseline | load before/after |")
         print("|---|---|---|---|---|---|---|---|")
+        print(f"| baseline: transformers generate, one prompt | {tokens} | {passes} | {tokens / passes:.2f} "
+              f"| {secs:.1f} | {rate:.2f} | 1.00x | {load} |")
         for c in args.concurrency:
-            load0 = os.getloadavg()[0]
-            print(f"concurrency {c} ...", file=sys.stderr, flush=True)
-            secs, tokens, passes = best_run(lm, server.url, prompts(c), args.max_tokens, args.repeat)
-            print(f"| {c} | {tokens} | {passes} | {tokens / passes:.2f} | {secs:.1f} | {tokens / secs:.2f} "
-                  f"| {tokens / secs / rate:.2f}x | {load0:.1f}/{os.getloadavg()[0]:.1f} |", flush=True)
+            secs, tokens, passes, load = best[c]
+            print(f"| serve, concurrency {c} | {tokens} | {passes} | {tokens / passes:.2f} | {secs:.1f} "
+                  f"| {tokens / secs:.2f} | {tokens / secs / rate:.2f}x | {load} |")
     finally:
         server.stop()
         engine.close()
