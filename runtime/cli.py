@@ -129,7 +129,8 @@ SERVER = "Server"
               help="requests waiting for a free slot; past that a request gets 429")
 @click.option("--api-key", default=None, cls=Option, section=SERVER, show_default="none: no check",
               help="require `Authorization: Bearer KEY` on /v1")
-@click.option("--model-name", default=None, cls=Option, section=SERVER, show_default="the folder's name, or MODEL as given",
+@click.option("--model-name", default=None, cls=Option, section=SERVER,
+              show_default="the folder's name, or MODEL as given",
               help="the model's name in the API (the `model` field of requests)")
 @model_options
 def serve(**options) -> int:

@@ -95,6 +95,7 @@ class Engine:
         self._batch = self._empty_batch()
         self._cond = threading.Condition()
         self._closing = False
+        self._admitted = 0  # sequences taken from the queue whose prefill has not joined the batch yet
         self._thread = threading.Thread(target=self._loop, name="runtime-engine", daemon=True)
         self._thread.start()
 
@@ -164,6 +165,7 @@ class Engine:
                         return
                     new = self._admit()
                 self._step(new)
+                self._admitted = 0  # (also when the prefill failed)
 
     def _step(self, new: list[Sequence]) -> None:
         try:
@@ -180,16 +182,17 @@ class Engine:
             self._active, self._batch = [], self._empty_batch()
 
     def _free_slots(self) -> int:
-        return self.max_batch - len(self._active)
+        return self.max_batch - len(self._active) - self._admitted
 
     def _admit(self) -> list[Sequence]:
         new = []
-        while self._waiting and len(new) < self._free_slots():
+        while self._waiting and self._free_slots() > 0:
             seq = self._waiting.popleft()
             if seq.cancelled:
                 self._finish(seq, "cancelled")
             else:
                 new.append(seq)
+                self._admitted += 1
         return new
 
     def _prefill(self, new: list[Sequence]) -> None:
@@ -205,6 +208,7 @@ class Engine:
         self.counters.prompt_tokens += sum(len(s.prompt) for s in new)
         self._batch.extend(batch)
         self._active.extend(new)
+        self._admitted = 0
         self._advance(new, logits)
 
     def _decode(self) -> None:
@@ -264,4 +268,5 @@ class Engine:
     def _empty_batch(self) -> BatchCache:
         from transformers import DynamicCache
 
-        return BatchCache(DynamicCache(config=self.lm.config), torch.zeros(0, 0, dtype=torch.long, device=self.lm.device))
+        empty_mask = torch.zeros(0, 0, dtype=torch.long, device=self.lm.device)
+        return BatchCache(DynamicCache(config=self.lm.config), empty_mask)

@@ -150,7 +150,8 @@ class Reply:
                    for i, (t, r) in enumerate(zip(texts, reasons))]
         return self._envelope("text_completion", choices, usage=usage(prompt_tokens, completion_tokens))
 
-    def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None, *, role: bool = False) -> dict:
+    def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None, *,
+              role: bool = False) -> dict:
         """One streamed piece: new text of choice `index`, its opening (chat: the role) or its end."""
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})

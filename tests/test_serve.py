@@ -53,7 +53,8 @@ def raw(url: str, method: str, path: str, body: bytes | None = None, headers: di
     resp = conn.getresponse()
     data = resp.read().decode()
     conn.close()
-    return resp.status, (json.loads(data) if resp.getheader("content-type", "").startswith("application/json") else data)
+    is_json = resp.getheader("content-type", "").startswith("application/json")
+    return resp.status, (json.loads(data) if is_json else data)
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -97,8 +98,9 @@ def test_models_health_metrics(tiny_server):
     r = client(url).completions.create(model="m", prompt="w5 w6 w7", temperature=0, max_tokens=5)
     after = metrics(url)
     assert after["runtime_requests_total"] == before["runtime_requests_total"] + 1
-    assert after["runtime_generated_tokens_total"] - before["runtime_generated_tokens_total"] == r.usage.completion_tokens
-    assert after["runtime_passes_total"] - before["runtime_passes_total"] == r.usage.completion_tokens  # 1 prefill + n-1
+    grew = {name: after[name] - before[name] for name in after}
+    assert grew["runtime_generated_tokens_total"] == r.usage.completion_tokens
+    assert grew["runtime_passes_total"] == r.usage.completion_tokens  # the prefill gives the first, n-1 decodes
     assert after["runtime_weight_bytes_streamed_total"] > before["runtime_weight_bytes_streamed_total"]
     assert after["runtime_response_bytes_total"] > before["runtime_response_bytes_total"]
     assert after["runtime_active_sequences"] == 0
@@ -216,6 +218,27 @@ def test_disconnect_mid_stream_frees_the_slot(smol_server):
     assert engine.active == 0
     generated = metrics(url)["runtime_generated_tokens_total"] - before["runtime_generated_tokens_total"]
     assert generated < 100  # cancelled, not run to its 500 tokens
+    assert ask_chat(client(url), CHATS[2], 8)
+
+
+@pytest.mark.slow
+def test_disconnect_while_waiting_for_a_whole_answer_frees_the_slot(smol_server):
+    url, engine = smol_server
+    before = metrics(url)["runtime_generated_tokens_total"]
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    body = {"model": "m", "messages": [{"role": "user", "content": CHATS[1]}], "max_tokens": 500, "temperature": 0}
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    deadline = time.monotonic() + 60
+    while not engine.active and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.active == 1
+    conn.close()  # gone before the answer
+    while engine.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.active == 0
+    assert metrics(url)["runtime_generated_tokens_total"] - before < 100
     assert ask_chat(client(url), CHATS[2], 8)
 
 
