@@ -155,10 +155,12 @@ def test_cli_convert_info_generate(moe_checkpoints, tmp_path, capsys):
 def test_score_equals_transformers(arch, moe_checkpoints, moe_converted):
     """Micro-batches share one layer load (Lockstep): each brings the experts still missing, so
     every one of them computes with its own routed experts, and each expert is read once a pass."""
-    from test_score import ITEMS, assert_close, open_tiny, reference_scores
+    from conftest import open_placed, word_tokenizer
+    from test_score import ITEMS, assert_close, reference_scores
 
     ref = reference(moe_checkpoints[arch])
-    model = open_tiny(moe_converted[arch], expert_cache=0)
+    model = open_placed(moe_converted[arch], "streamed", expert_cache=0)
+    model.tokenizer = word_tokenizer(moe_converted[arch])
     got = model.score(ITEMS, batch_size=2)
     assert_close(got, reference_scores(ref, model.tokenizer, ITEMS), ITEMS)
     assert model.stats.passes == 1 and model.stats.layer_loads == len(model.groups)
