@@ -77,3 +77,23 @@ def test_resident_model_holds_its_weights_in_rss(big_model):
     assert m["streamed"] == 0
     assert m["after"] - m["base"] >= -0.05 * m["weights"]
     assert m["base"] >= 0.9 * m["weights"]  # loaded at open, before the first pass
+
+
+@pytest.mark.slow
+def test_moe_streaming_peak_rss_stays_at_a_few_layers(tmp_path):
+    """Expert-sparse streaming keeps one full-size expert buffer per expert weight shape (one
+    layer's experts) and the mapped layer: the resident set grows by a few layers, not the model."""
+    from transformers import MixtralConfig
+
+    from reshard.synthetic import write_random_model
+
+    config = MixtralConfig(hidden_size=1024, intermediate_size=3584, num_hidden_layers=6, num_attention_heads=8,
+                           num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=8000,
+                           tie_word_embeddings=False)
+    manifest = write_random_model(config, tmp_path, dtype=torch.bfloat16)
+    largest = max(g.bytes for g in manifest.groups)
+    m = _pass_memory(tmp_path, "0")
+    assert m["weights"] >= 1e9 and m["finite"]
+    assert m["streamed"] < m["weights"]  # two passes of routed experts only bring less than the files once
+    growth = m["peak"] - m["base"]
+    assert growth <= 3 * largest, f"peak RSS grew {growth / 1e6:.0f} MB, layers are {largest / 1e6:.0f} MB: {m}"
