@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from reshard.errors import UsageError
-from reshard.format import DTYPE_NAMES, dtype_name, param_names, read_manifest
+from reshard.format import DTYPE_NAMES, dtype_name, read_manifest
 from reshard.plan import build_empty_model
 from reshard.verify import verify_folder
 
-from . import budget
+from . import budget, lowbit
 from .experts import ExpertStreamer, cache_budget, load_persistent_buffers
 from .stream import GroupLoader, Loaded, Prefetcher, StreamStats
 
@@ -56,8 +56,12 @@ def converted_folder(path, *, dtype=None, revision=None, token=None, quantize=No
     return open_cached(path, options=options, revision=revision, token=token, trust_remote_code=trust_remote_code)
 
 
-def resolve_runtime_dtype(dtype, default: str) -> torch.dtype:
+def resolve_runtime_dtype(dtype, default: str, device: torch.device | None = None) -> torch.dtype:
+    """The compute dtype: `dtype` if given; else the folder's (`default`), except on the CPU,
+    where a half-precision folder computes in bfloat16 if the CPU is fast at it, else float32."""
     if dtype is None or dtype == "auto":
+        if device is not None and device.type == "cpu":
+            return lowbit.cpu_compute_dtype(DTYPE_NAMES[default])
         return DTYPE_NAMES[default]
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -96,9 +100,8 @@ class LayeredModel:
         self.device, self.tokenizer = device, tokenizer
         self.stats = loader.stats
         self.groups = manifest.groups
-        scheme = (manifest.quantization or {}).get("scheme")
-        # the names each group's loaded tensors carry: parameters (quantized ones expanded), then aliases
-        self._names = [(*param_names(g, scheme), *g.aliases) for g in manifest.groups]
+        # the names each group's loaded tensors carry: parameters (quantized ones expanded or packed), then aliases
+        self._names = [loader.tensor_names(i) for i in range(len(manifest.groups))]
         self._slots = [[_Slot(model, name) for name in names] for names in self._names]
         self.places = loader.places
         self.streamed = [i for i, p in enumerate(self.places) if p != budget.DEVICE]
@@ -117,10 +120,11 @@ class LayeredModel:
                         max_gpu_memory=None, max_cpu_memory=None, trust_remote_code: bool = False,
                         verify: bool = False, revision: str | None = None, token: str | None = None,
                         quantize: str | None = None, expert_cache=None,
-                        sparse_experts: bool = True) -> "LayeredModel":
+                        sparse_experts: bool = True, packed: bool = True) -> "LayeredModel":
         """Open a converted folder. `device` defaults to cuda if torch sees a GPU, else cpu;
-        `dtype` defaults to the folder's; `prefetch` is how many groups the background thread
-        reads ahead (0 reads each group when it is needed).
+        `dtype` defaults to the folder's (on the CPU, a float16 or bfloat16 folder computes in
+        bfloat16 where the CPU does it natively, else in float32); `prefetch` is how many groups
+        the background thread reads ahead (0 reads each group when it is needed).
 
         `max_gpu_memory` / `max_cpu_memory` (bytes, or text like "12GiB") bound the weights kept
         on the device and in host RAM; groups that fit stay there, the rest stream from disk.
@@ -134,23 +138,29 @@ class LayeredModel:
 
         `path` may also be a hub repo id ("org/model", at `revision`, with `token`) or a `.gguf`
         file: it is converted on first use into the cache (see reshard/cache.py), in `dtype` and
-        `quantize` ("int8", "int4"), and opened from there."""
+        `quantize` ("int8", "int4"), and opened from there.
+
+        On the CPU, a quantized folder's linear weights stay packed and run through torch's
+        low-bit kernels with bfloat16 activations (runtime/lowbit.py); `packed=False` expands
+        them to the compute dtype instead (slower, but exact float32 math with dtype="float32")."""
         from transformers import AutoConfig
 
         path = converted_folder(path, dtype=dtype, revision=revision, token=token, quantize=quantize,
                                 trust_remote_code=trust_remote_code)
         manifest = read_manifest(path)
         dev = resolve_device(device)
-        compute_dtype = resolve_runtime_dtype(dtype, manifest.dtype)
+        compute_dtype = resolve_runtime_dtype(dtype, manifest.dtype, dev)
         if prefetch < 0:
             raise UsageError(f"prefetch must be 0 or more, not {prefetch}")
         verify_folder(path, checksums=verify, manifest=manifest)
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = build_empty_model(config, dtype=compute_dtype, trust_remote_code=trust_remote_code)
+        packing = lowbit.plan_packing(model, manifest, dev) if packed else {}
+        lowbit.install_packed(model, packing)
         _place_buffers(model, dev)
         _pin_device(model, dev)
         _load_generation_config(model, path)
-        loader = GroupLoader(path, manifest, dev, compute_dtype, StreamStats())
+        loader = GroupLoader(path, manifest, dev, compute_dtype, StreamStats(), packing=packing)
         loader.places = _place(loader, dev, prefetch, max_gpu_memory, max_cpu_memory)
         load_persistent_buffers(model, loader)
         cache = cache_budget(loader, dev, prefetch, max_gpu_memory, max_cpu_memory, expert_cache)

@@ -1,9 +1,12 @@
-"""Expanding quantized parameters to the compute dtype, on whatever device their bytes are.
+"""Quantized parameters from their stored parts: packed for a low-bit kernel, or expanded.
 
 The loader reads and copies a group's stored (compressed) tensors as they are; this turns
-each quantized parameter's parts (`X.weight.qweight`, `.scales`, `.zeros`) back into
-`X.weight` with reshard.quant's math, on the background thread (and the copy stream on
-CUDA), so the hooks put ordinary tensors in place and transformers' modules run unchanged.
+each quantized parameter's parts (`X.weight.qweight`, `.scales`, `.zeros`) into what the
+model runs with, on the background thread (and the copy stream on CUDA):
+- a weight in `packing` (the CPU, see runtime/lowbit.py) becomes the packed weight and scales
+  a `PackedLinear` takes (`X.weight`, `X.qscales`): its bytes stay about the stored ones;
+- any other is expanded to `X.weight` in the compute dtype with reshard.quant's math, so the
+  hooks put ordinary tensors in place and transformers' modules run unchanged.
 """
 
 from __future__ import annotations
@@ -13,17 +16,23 @@ import torch
 from reshard.format import Group, quant_part_names
 from reshard.quant import dequantize
 
+from .lowbit import PackSpec, pack_param, packed_names
+
 
 def expand_group(tensors: dict[str, torch.Tensor], group: Group, scheme: str | None,
-                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                 dtype: torch.dtype, packing: dict[str, PackSpec] | None = None) -> dict[str, torch.Tensor]:
     """`tensors` (a group's stored tensors by name) with each quantized parameter's parts
-    replaced by the parameter itself, in `dtype`."""
+    replaced by the parameter itself, in `dtype`, or by its packed form if it is in `packing`."""
+    packing = packing or {}
     for param in group.quantized:
         names = quant_part_names(param, scheme)
         if not all(name in tensors for name in names.values()):
             continue  # routed expert weights left out of this load (runtime/experts.py expands them)
         parts = {part: tensors.pop(name) for part, name in names.items()}
-        tensors[param] = expand_param(parts, group.quantized[param], scheme, dtype)
+        if param in packing:
+            tensors.update(zip(packed_names(param), pack_param(parts, packing[param])))
+        else:
+            tensors[param] = expand_param(parts, group.quantized[param], scheme, dtype)
     return tensors
 
 
@@ -37,3 +46,12 @@ def expand_param(parts: dict[str, torch.Tensor], info: dict, scheme: str, dtype:
                             for e in range(shape[0])])
     w = dequantize(parts, scheme, columns=shape[0] if transposed else shape[1], dtype=dtype)
     return w.t() if transposed else w  # Conv1D keeps (in, out); a transposed view serves it
+
+
+def held_names(names: list[str], packing: dict[str, PackSpec]) -> list[str]:
+    """The tensor names a loaded group carries: `names` (its parameters) with each packed
+    weight followed by its scales."""
+    out = []
+    for name in names:
+        out.extend(packed_names(name) if name in packing else (name,))
+    return out

@@ -27,7 +27,8 @@ import torch
 from reshard.format import GroupFile, Manifest, param_names, quant_part_names
 
 from .budget import DISK, HOST
-from .quantized import expand_group, expand_param
+from .lowbit import PackSpec
+from .quantized import expand_group, expand_param, held_names
 
 
 @dataclass
@@ -110,11 +111,15 @@ class GroupLoader:
 
     `places[i]` (see runtime.budget) says where group i lives between passes; `hold(i)`
     puts a HOST group's bytes in (pinned) host memory once, and `load(i)` reads from there.
+    `packing` (runtime.lowbit.plan_packing) names the quantized weights loaded packed for a
+    low-bit kernel rather than expanded.
     """
 
     def __init__(self, folder: Path, manifest: Manifest, device: torch.device, dtype: torch.dtype,
-                 stats: StreamStats, *, places: list[str] | None = None):
+                 stats: StreamStats, *, places: list[str] | None = None,
+                 packing: dict[str, PackSpec] | None = None):
         self.manifest, self.device, self.dtype, self.stats = manifest, device, dtype, stats
+        self.packing = packing or {}
         self.files = [GroupFile(folder / g.file, g) if g.file else None for g in manifest.groups]
         self.scheme = (manifest.quantization or {}).get("scheme")
         self.places = places or [DISK] * len(self.files)
@@ -130,6 +135,11 @@ class GroupLoader:
         # groups whose loads bring one span of their data section, without the tensors named
         # (their routed experts come separately, see runtime/experts.py): i -> (span, names left out)
         self.partial: dict[int, tuple[tuple[int, int], frozenset]] = {}
+
+    def tensor_names(self, i: int) -> list[str]:
+        """The names load(i)'s tensors carry: parameters (a packed weight with its scales), then aliases."""
+        group = self.manifest.groups[i]
+        return [*held_names(param_names(group, self.scheme), self.packing), *group.aliases]
 
     def group_bytes(self, i: int) -> int:
         """Bytes group i takes once loaded: its file plus the tied tensors it borrows."""
@@ -207,7 +217,7 @@ class GroupLoader:
     def _expand(self, i: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Group i's stored tensors -> its parameters: quantized ones expanded to the compute dtype."""
         group = self.manifest.groups[i]
-        return expand_group(tensors, group, self.scheme, self.dtype) if group.quantized else tensors
+        return expand_group(tensors, group, self.scheme, self.dtype, self.packing) if group.quantized else tensors
 
     def _param(self, j: int, name: str, move) -> torch.Tensor:
         """Parameter `name` from group j's file, moved by `move` (to the device), expanded if quantized."""

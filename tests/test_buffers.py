@@ -66,7 +66,7 @@ def test_bfloat16_logits_equal_transformers(arch, typed_checkpoints):
     ids = torch.randint(3, ref.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = ref(ids).logits
-    with LayeredModel.from_pretrained(converted, device="cpu", max_cpu_memory=0) as model:
+    with LayeredModel.from_pretrained(converted, device="cpu", dtype=torch.bfloat16, max_cpu_memory=0) as model:
         got = model(ids).logits
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, want)

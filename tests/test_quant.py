@@ -110,7 +110,7 @@ def test_quantized_folder_equals_transformers_with_quantized_weights(arch, tiny_
         assert (quantized - linear_in_layers != set()) == emb  # embeddings/head only when asked
         with torch.no_grad():
             want = quantized_reference(src, out)(ids).logits
-        lm = LayeredModel.from_pretrained(out, device="cpu", prefetch=1, max_cpu_memory=0)
+        lm = LayeredModel.from_pretrained(out, device="cpu", prefetch=1, max_cpu_memory=0, packed=False)
         got = lm(ids).logits
         lm.close()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -129,7 +129,7 @@ def test_quantized_folder_on_cuda_equals_cpu(arch, tiny_checkpoints, tmp_path):
         out = tmp_path / scheme
         convert(str(tiny_checkpoints[arch]), out, progress=False, quantize=scheme, quantize_group=group,
                 quantize_embeddings=emb)
-        cpu = LayeredModel.from_pretrained(out, device="cpu", prefetch=1, max_cpu_memory=0)
+        cpu = LayeredModel.from_pretrained(out, device="cpu", prefetch=1, max_cpu_memory=0, packed=False)
         for prefetch in (1, 2):
             gpu = LayeredModel.from_pretrained(out, device="cuda", prefetch=prefetch, max_gpu_memory=0)
             torch.testing.assert_close(gpu(ids.cuda()).logits.cpu(), cpu(ids).logits, rtol=1e-4, atol=1e-4)
@@ -277,12 +277,19 @@ def mean_nll(model: LayeredModel, text: str) -> float:
 
 
 @pytest.mark.slow
-def test_smollm2_perplexity_int8_and_int4(smollm2_quantized):
-    """fp16 vs int8 vs int4 group 32, computed in float32 on the CPU with prefetch on."""
+@pytest.mark.parametrize("packed", [False, True], ids=["expanded", "packed"])
+def test_smollm2_perplexity_int8_and_int4(smollm2_quantized, packed):
+    """fp16 (in float32) vs int8 vs int4 group 32 on the CPU with prefetch on: expanded to
+    float32, or packed through the low-bit kernels (bfloat16 activations in those layers)."""
+    from runtime.lowbit import PackedLinear
+
     text = TEXT.read_text()
     ppl = {}
     for name, folder in smollm2_quantized.items():
-        lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", prefetch=1, max_cpu_memory=0)
+        lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", prefetch=1, max_cpu_memory=0,
+                                          packed=packed)
+        kernels = sum(isinstance(m, PackedLinear) for m in lm.model.modules())
+        assert kernels == (7 * lm.config.num_hidden_layers if packed and name != "fp16" else 0)
         ppl[name] = float(torch.tensor(mean_nll(lm, text)).exp())
         lm.close()
     assert 5 < ppl["fp16"] < 40, ppl  # the model reads English
@@ -293,7 +300,8 @@ def test_smollm2_perplexity_int8_and_int4(smollm2_quantized):
 @pytest.mark.slow
 def test_smollm2_int4_generates_as_transformers_does_with_the_same_weights(smollm2_checkpoint, smollm2_quantized):
     folder = smollm2_quantized["int4"]
-    lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", prefetch=1, max_cpu_memory=0)
+    lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", prefetch=1, max_cpu_memory=0,
+                                      packed=False)
     ids = lm.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     got = lm.generate(ids, max_new_tokens=6, do_sample=False)
     lm.close()

@@ -1,0 +1,170 @@
+"""Quantized linear weights kept packed on the CPU and run through torch's low-bit CPU kernels.
+
+A `--quantize int8|int4` folder stores each quantized weight as parts (reshard/quant.py). On
+the CPU, instead of expanding them to the compute dtype, the loader keeps them packed and the
+model's `nn.Linear` (or `Conv1D`) holding that weight is swapped at build time for a
+`PackedLinear`, whose forward is one kernel call; every other module stays transformers' own.
+
+- int8 (one scale per output row): `aten._weight_int8pack_mm(x, qweight (N, K) int8, scales (N,))`
+  computes `x @ (qweight * scales[:, None]).T`; `qweight` is used as stored (a view of the
+  mapped file on a resident CPU load: no copy).
+- int4 (groups of g input columns): `aten._weight_int4pack_mm_for_cpu(x, packed, g, sz)` with
+  `packed = aten._convert_weight_to_int4pack_for_cpu(q (N, K) int32, 1)`, a layout that
+  depends on the CPU torch runs on (so it is made at load, never stored), and
+  `sz (K / g, N, 2) = [scale, zero + 8 * scale]`: the kernel computes `(q - 8) * scale + sz[..., 1]`,
+  which is our `q * scale + zero`.
+Both kernels take bfloat16 activations (their float32 paths are reference loops, ~100x slower),
+so a PackedLinear computes in bfloat16 whatever the model's dtype and casts back.
+
+What the kernels refuse (or, for int8, crash on) is left to the expansion in runtime/quantized.py:
+int8 needs K % 16 == 0; int4 needs g in {32, 64, 128, 256}, K % g == 0 and N % 16 == 0.
+Both read their operands with aligned vector loads and crash on a tensor that does not start
+on a 64-byte boundary (measured on torch 2.13, AVX512): weights are copied at load where the
+file's layout leaves them unaligned, activations in the forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+KERNEL_DTYPE = torch.bfloat16  # what both kernels are fast with
+INT4_GROUPS = (32, 64, 128, 256)
+SCALES = "qscales"
+ALIGN = 64  # bytes; torch's CPU allocator aligns every allocation to this  # a PackedLinear's second tensor: int8 scales, or int4 scales-and-zeros
+
+
+@dataclass(frozen=True)
+class PackSpec:
+    """How one quantized weight runs packed."""
+
+    scheme: str  # "int8" or "int4"
+    group: int  # int4 group size (0 for int8)
+    out_features: int  # N
+    in_features: int  # K
+
+
+def kernels_available() -> bool:
+    """Both CPU kernels exist in this torch (2.5 and later; older ones expand instead)."""
+    ops = torch.ops.aten
+    return all(hasattr(ops, n) for n in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu",
+                                         "_convert_weight_to_int4pack_for_cpu"))
+
+
+def cpu_bf16_fast() -> bool:
+    """Whether this CPU runs bfloat16 matmuls natively (oneDNN's own check: AVX512-BF16/AMX, ARM BF16)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_compute_dtype(folder_dtype: torch.dtype) -> torch.dtype:
+    """The CPU's default compute dtype for a folder: bfloat16 for a half-precision folder where
+    the CPU is fast at it, float32 otherwise (float32 folders stay float32, exactly)."""
+    if folder_dtype in (torch.float16, torch.bfloat16):
+        return torch.bfloat16 if cpu_bf16_fast() else torch.float32
+    return folder_dtype
+
+
+def supported(spec: PackSpec) -> bool:
+    """Whether the kernels take a weight of this shape (outside it they fail, or for int8 crash)."""
+    n, k = spec.out_features, spec.in_features
+    if spec.scheme == "int8":
+        return k % 16 == 0
+    return spec.group in INT4_GROUPS and k % spec.group == 0 and n % 16 == 0
+
+
+def plan_packing(model: nn.Module, manifest, device: torch.device) -> dict[str, PackSpec]:
+    """{param name: PackSpec} for the quantized weights of `manifest` (reshard.format.Manifest)
+    that run packed: on the CPU, with the kernels present, held by a plain `nn.Linear` or
+    `Conv1D` (a subclass may change the math: it expands), of a shape the kernels take."""
+    quant = manifest.quantization or {}
+    scheme = quant.get("scheme")
+    if device.type != "cpu" or scheme not in ("int8", "int4") or not kernels_available():
+        return {}
+    from transformers.pytorch_utils import Conv1D
+
+    group = (quant.get("group_size") or 0) if scheme == "int4" else 0
+    specs = {}
+    for name, info in ((n, i) for g in manifest.groups for n, i in g.quantized.items()):
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if type(owner) not in (nn.Linear, Conv1D) or not name.endswith(".weight"):
+            continue
+        out, inp = reversed(info["shape"]) if info.get("transposed") else info["shape"]
+        spec = PackSpec(scheme, group, out, inp)
+        if supported(spec):
+            specs[name] = spec
+    return specs
+
+
+def install_packed(model: nn.Module, specs: dict[str, PackSpec]) -> None:
+    """Swap each module whose weight runs packed for a PackedLinear (its weight on meta)."""
+    for name, spec in specs.items():
+        path = name.rpartition(".")[0]
+        model.set_submodule(path, PackedLinear(model.get_submodule(path), spec))
+
+
+def packed_names(param: str) -> tuple[str, str]:
+    """The two tensors a packed `X.weight` is held as: `X.weight` (packed) and `X.qscales`."""
+    return param, f"{param.rpartition('.')[0]}.{SCALES}"
+
+
+def pack_param(parts: dict[str, torch.Tensor], spec: PackSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed weight, scales) for the kernel from a weight's stored parts (on the CPU)."""
+    scales = parts["scales"]
+    if spec.scheme == "int8":
+        return aligned(parts["qweight"]), aligned(scales.to(KERNEL_DTYPE))
+    packed = parts["qweight"]
+    q = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(spec.out_features, -1).to(torch.int32)
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    shifted = parts["zeros"].float() + 8 * scales.float()  # the kernel's zero point is q = 8
+    sz = torch.stack([scales.float(), shifted], dim=-1).transpose(0, 1)  # (K / g, N, 2)
+    return weight, aligned(sz.to(KERNEL_DTYPE))
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` contiguous and starting on an ALIGN-byte boundary (a copy only where it is not)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % ALIGN == 0 else t.clone()
+
+
+def packed_shape(spec: PackSpec) -> tuple[tuple[int, ...], torch.dtype, tuple[int, ...]]:
+    """(weight shape, weight dtype, scales shape) of a packed weight."""
+    n, k = spec.out_features, spec.in_features
+    if spec.scheme == "int8":
+        return (n, k), torch.int8, (n,)
+    return (n, k // 2), torch.uint8, (k // spec.group, n, 2)
+
+
+class PackedLinear(nn.Module):
+    """`y = x @ W.T + b` with W packed (int8 per row, or int4 grouped), through torch's CPU kernel.
+
+    Stands in for an `nn.Linear` (or a `Conv1D`, whose (in, out) weight was quantized as its
+    transpose: the same product). `weight` and `qscales` are put in place by the runtime.
+    """
+
+    def __init__(self, module: nn.Module, spec: PackSpec):
+        super().__init__()
+        self.spec = spec
+        self.in_features, self.out_features = spec.in_features, spec.out_features
+        wshape, wdtype, sshape = packed_shape(spec)
+        self.weight = nn.Parameter(torch.empty(wshape, dtype=wdtype, device="meta"), requires_grad=False)
+        self.qscales = nn.Parameter(torch.empty(sshape, dtype=KERNEL_DTYPE, device="meta"), requires_grad=False)
+        self.bias = module.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = aligned(x.reshape(-1, self.in_features).to(KERNEL_DTYPE))  # (M, K)
+        if self.spec.scheme == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.qscales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, self.spec.group, self.qscales)
+        y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)  # (..., N)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"in_features={s.in_features}, out_features={s.out_features}, {s.scheme}" + (
+            f" group {s.group}" if s.group else "") + f", bias={self.bias is not None}"

@@ -1,0 +1,141 @@
+"""Quantized weights kept packed on the CPU and run through torch's low-bit kernels (runtime/lowbit.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from reshard.convert import convert
+from reshard.quant import dequantize, quantize
+from runtime import lowbit
+from runtime.lowbit import PackedLinear, PackSpec
+from runtime.model import LayeredModel
+
+from conftest import ARCHS
+from test_quant import quantized_reference
+
+pytestmark = pytest.mark.skipif(not lowbit.kernels_available(), reason="this torch has no low-bit CPU kernels")
+
+
+def _packed_linear(w: torch.Tensor, bias: torch.Tensor | None, scheme: str, group: int) -> PackedLinear:
+    out, inp = w.shape
+    spec = PackSpec(scheme, group if scheme == "int4" else 0, out, inp)
+    layer = nn.Linear(inp, out, bias=bias is not None)
+    layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    packed = PackedLinear(layer, spec)
+    weight, scales = lowbit.pack_param(quantize(w, scheme, group=group), spec)
+    packed.weight = nn.Parameter(weight, requires_grad=False)
+    packed.qscales = nn.Parameter(scales, requires_grad=False)
+    return packed
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_computes_the_dequantized_product(scheme, group, bias):
+    """The kernel's product equals x @ W.T with W the expanded weight, up to bfloat16 rounding."""
+    torch.manual_seed(0)
+    w = torch.randn(96, 256) * 0.05
+    b = torch.randn(96) if bias else None
+    layer = _packed_linear(w, b, scheme, group)
+    expanded = dequantize(quantize(w, scheme, group=group), scheme, columns=256, dtype=torch.float32)
+    for x in (torch.randn(1, 1, 256), torch.randn(3, 5, 256)):  # decode and prefill shapes
+        with torch.inference_mode():
+            got = layer(x)
+        want = x.bfloat16().float() @ expanded.t() + (b if bias else 0)
+        assert got.shape == want.shape and got.dtype == x.dtype
+        err = (got - want).abs().max() / want.abs().max()
+        assert err < 1e-2, err  # bfloat16 scales and output: a few parts in a thousand
+        assert err > 0 or scheme == "int8"  # not the expansion by accident: bfloat16 leaves a trace
+
+
+def test_packed_linear_takes_unaligned_activations():
+    """The kernels crash on operands that do not start on a 64-byte boundary: the layer copies them."""
+    layer = _packed_linear(torch.randn(64, 128) * 0.05, None, "int8", 0)
+    base = torch.randn(20 * 128 + 8).bfloat16()
+    x = base[2:2 + 20 * 128].view(20, 128)  # 4 bytes past an aligned start
+    assert x.data_ptr() % lowbit.ALIGN
+    with torch.inference_mode():
+        assert torch.equal(layer(x), layer(x.clone()))
+
+
+@pytest.mark.parametrize("shape,scheme,group,ok", [
+    ((64, 128), "int8", 0, True), ((64, 120), "int8", 0, False),  # int8: K % 16
+    ((64, 128), "int4", 32, True), ((64, 128), "int4", 24, False),  # int4: group 32/64/128/256
+    ((64, 96), "int4", 64, False), ((40, 128), "int4", 32, False),  # K % group, N % 16
+])
+def test_shapes_the_kernels_refuse_are_expanded(shape, scheme, group, ok):
+    assert lowbit.supported(PackSpec(scheme, group, *shape)) == ok
+
+
+# --- whole models --------------------------------------------------------------------------
+
+def _packed_modules(lm: LayeredModel) -> dict[str, PackedLinear]:
+    return {n: m for n, m in lm.model.named_modules() if isinstance(m, PackedLinear)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_packed_folder_is_close_to_transformers_and_streamed_equals_resident(arch, scheme, tiny_checkpoints, tmp_path):
+    src = tiny_checkpoints[arch]
+    m = convert(str(src), tmp_path / "q", progress=False, quantize=scheme, quantize_group=32)
+    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = quantized_reference(src, tmp_path / "q")(ids).logits
+    got = {}
+    for budget in (0, "10GB"):
+        with LayeredModel.from_pretrained(tmp_path / "q", device="cpu", dtype="float32", prefetch=1,
+                                          max_cpu_memory=budget) as lm:
+            packed = _packed_modules(lm)
+            got[budget] = lm(ids).logits
+            got[budget, "again"] = lm(ids).logits
+            held = {n: lm.model.get_submodule(n).weight.dtype for n in packed} if budget else {}
+            per_pass = lm.stats.per_pass[-1].bytes
+    quantized = {n for g in m.groups for n in g.quantized}
+    # what runs packed: every quantized weight the kernels take (int4 leaves the down projection,
+    # K = 112, and GPT-2's c_proj of K = 256... only those whose K is no multiple of 32)
+    assert {f"{n}.weight" for n in packed} <= quantized and len(packed) >= len(quantized) - 3
+    assert set(held.values()) == {torch.int8 if scheme == "int8" else torch.uint8}  # held packed, not expanded
+    assert per_pass == 0  # the resident run read nothing per pass
+    assert torch.equal(got[0], got["10GB"])  # streamed equals resident exactly, same kernels
+    assert torch.equal(got[0], got[0, "again"])
+    scale = want.abs().max()
+    assert (got[0] - want).abs().max() < 0.03 * scale  # bfloat16 activations in the packed layers
+    assert (got[0] - want).abs().max() > 0  # the kernels ran (the expansion is exact in float32)
+
+
+def test_streamed_packed_pass_reads_the_stored_bytes(tiny_checkpoints, tmp_path):
+    m = convert(str(tiny_checkpoints["qwen2"]), tmp_path / "q", progress=False, quantize="int8")
+    ids = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(1))
+    with LayeredModel.from_pretrained(tmp_path / "q", device="cpu", prefetch=1, max_cpu_memory=0) as lm:
+        assert _packed_modules(lm)
+        lm(ids)
+        assert lm.stats.per_pass[-1].bytes == m.total_bytes
+
+
+def test_packed_false_expands_exactly(tiny_checkpoints, tmp_path):
+    src = tiny_checkpoints["llama"]
+    convert(str(src), tmp_path / "q", progress=False, quantize="int4", quantize_group=32)
+    ids = torch.randint(3, 300, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = quantized_reference(src, tmp_path / "q")(ids).logits
+    with LayeredModel.from_pretrained(tmp_path / "q", device="cpu", max_cpu_memory=0, packed=False) as lm:
+        assert not _packed_modules(lm)
+        torch.testing.assert_close(lm(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_greedy_with_packed_weights_is_deterministic(tiny_checkpoints, tmp_path):
+    convert(str(tiny_checkpoints["llama"]), tmp_path / "q", progress=False, quantize="int8")
+    ids = torch.randint(3, 300, (1, 5), generator=torch.Generator().manual_seed(4))
+    outs = []
+    for budget in (0, "10GB"):
+        with LayeredModel.from_pretrained(tmp_path / "q", device="cpu", max_cpu_memory=budget) as lm:
+            outs.append(lm.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0))
+    assert outs[0].shape == (1, 11) and torch.equal(outs[0], outs[1])
+
+
+def test_cpu_default_dtype_for_half_folders():
+    expected = torch.bfloat16 if lowbit.cpu_bf16_fast() else torch.float32
+    assert lowbit.cpu_compute_dtype(torch.float16) == expected
+    assert lowbit.cpu_compute_dtype(torch.bfloat16) == expected
+    assert lowbit.cpu_compute_dtype(torch.float32) == torch.float32
