@@ -205,6 +205,8 @@ class GroupLoader:
             gf.touch(span)
             names = [n for n in gf.infos if n not in skip]
             tensors = self._expand(i, {name: self._cast(gf.tensor(name)) for name in names})  # views made once
+            if _copied_out(gf, tensors):
+                gf.evict()  # compute reads the copies (cast, packed, expanded); views left fault back in when used
         for alias, (j, name) in self.aliases[i].items():
             tensors[alias] = self._param(j, name, lambda t: t)
         self.stats.read_seconds += time.perf_counter() - t0
@@ -284,6 +286,14 @@ class GroupLoader:
         """Let the OS drop group i's mapped pages from this process (the page cache keeps them)."""
         if self.files[i] is not None:
             self.files[i].evict()
+
+
+def _copied_out(gf: GroupFile, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether some of `tensors` are copies, not views of `gf`'s mapping: then holding the
+    file's pages too would count those bytes twice."""
+    data = gf.data()
+    start, end = data.data_ptr(), data.data_ptr() + data.numel()
+    return any(not start <= t.data_ptr() < end for t in tensors.values())
 
 
 class Prefetcher:

@@ -139,3 +139,64 @@ def test_cpu_default_dtype_for_half_folders():
     assert lowbit.cpu_compute_dtype(torch.float16) == expected
     assert lowbit.cpu_compute_dtype(torch.bfloat16) == expected
     assert lowbit.cpu_compute_dtype(torch.float32) == torch.float32
+
+
+# --- memory: a resident int8 folder holds its stored bytes ----------------------------------
+
+HOLD_SCRIPT = """
+import json, resource, sys, torch
+import transformers.models.llama.modeling_llama  # imported before the base line is taken
+from runtime.model import LayeredModel
+torch.set_num_threads(2)
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+def high_water():  # this process's own peak RSS (VmHWM; ru_maxrss carries the parent's across exec)
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+base = rss()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak from here on: the load and the passes
+model = LayeredModel.from_pretrained(sys.argv[1], device="cpu", max_cpu_memory="100GB", packed=sys.argv[2] == "1")
+loaded = rss()
+ids = torch.tensor([[11, 12, 13, 14]])
+for _ in range(2):
+    logits = model(ids, use_cache=False).logits
+print(json.dumps({"base": base, "loaded": loaded, "after": rss(), "peak": high_water(), "dtype": str(model.loader.dtype),
+                  "streamed": model.stats.bytes_streamed, "finite": bool(torch.isfinite(logits).all())}))
+"""
+
+
+def _held(folder, packed: bool) -> dict:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", HOLD_SCRIPT, str(folder), "1" if packed else "0"], capture_output=True,
+                         text=True, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=600)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_resident_int8_folder_holds_its_stored_bytes(tmp_path):
+    """An int8 folder resident on the CPU grows the process by about its file bytes; expanded
+    (packed=False) the same folder takes its layers' bytes in the compute dtype: the measurement tells."""
+    from transformers import LlamaConfig
+
+    from reshard.synthetic import write_random_model
+
+    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                         num_key_value_heads=16, vocab_size=4000, tie_word_embeddings=False)
+    m = write_random_model(config, tmp_path / "q", dtype=torch.float16, quantize="int8")
+    stored = m.total_bytes  # ~110 MB, of which ~101 MB int8 layer weights
+    packed, expanded = _held(tmp_path / "q", True), _held(tmp_path / "q", False)
+    for r in (packed, expanded):
+        assert r["finite"] and r["streamed"] == 0
+    grew = {name: r["peak"] - r["base"] for name, r in (("packed", packed), ("expanded", expanded))}
+    held = packed["loaded"] - packed["base"]  # measured at ~1.07x (scales cast to bfloat16, buffers)
+    assert 0.85 * stored <= held <= 1.15 * stored, (held, stored, packed)
+    assert grew["packed"] <= 1.25 * stored, (grew, stored)  # with two passes' activations: ~1.17x
+    assert grew["expanded"] >= 1.6 * stored, (grew, stored)  # bfloat16 layers are 2x their int8 bytes: ~2.9x
