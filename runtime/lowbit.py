@@ -25,6 +25,7 @@ file's layout leaves them unaligned, activations in the forward.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +138,13 @@ def packed_shape(spec: PackSpec) -> tuple[tuple[int, ...], torch.dtype, tuple[in
     if spec.scheme == "int8":
         return (n, k), torch.int8, (n,)
     return (n, k // 2), torch.uint8, (k // spec.group, n, 2)
+
+
+def packed_nbytes(spec: PackSpec) -> int:
+    """Bytes a packed weight takes in memory (weight and scales): what runtime.budget should count
+    for it on the CPU, about its stored bytes (int8: N * K + 2N; int4: N * K / 2 + 4N * K / g)."""
+    wshape, wdtype, sshape = packed_shape(spec)
+    return math.prod(wshape) * wdtype.itemsize + math.prod(sshape) * KERNEL_DTYPE.itemsize
 
 
 class PackedLinear(nn.Module):

@@ -53,7 +53,8 @@ def model_options(fn):
                      show_default="cuda if available, else cpu", help="cpu, cuda or cuda:N"),
         click.option("--dtype", default="auto", callback=check_dtype, cls=Option, section=MODEL,
                      metavar="[" + "|".join(DTYPES) + "]", shell_complete=complete_dtype,
-                     help="compute dtype (auto: the folder's)"),
+                     help="compute dtype (auto: the folder's; on the CPU, bfloat16 for a float16/bfloat16 "
+                          "folder where the CPU has it natively, else float32)"),
         click.option("--prefetch", type=click.IntRange(min=0), default=1, cls=Option, section=MODEL,
                      help="groups read ahead by the background thread"),
         click.option("--max-gpu-memory", default=None, metavar="SIZE", callback=check_size, cls=Option,

@@ -200,3 +200,10 @@ def test_resident_int8_folder_holds_its_stored_bytes(tmp_path):
     assert 0.85 * stored <= held <= 1.15 * stored, (held, stored, packed)
     assert grew["packed"] <= 1.25 * stored, (grew, stored)  # with two passes' activations: ~1.17x
     assert grew["expanded"] >= 1.6 * stored, (grew, stored)  # bfloat16 layers are 2x their int8 bytes: ~2.9x
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", 0), ("int4", 32)])
+def test_packed_nbytes_counts_what_packing_holds(scheme, group):
+    spec = PackSpec(scheme, group, 64, 256)
+    weight, scales = lowbit.pack_param(quantize(torch.randn(64, 256), scheme, group=group or 32), spec)
+    assert lowbit.packed_nbytes(spec) == weight.nbytes + scales.nbytes
