@@ -213,8 +213,10 @@ def eval_command(lm_eval_args) -> int:
     """
     try:
         from .lm_eval_backend import main as lm_eval_main
-    except ImportError as e:
-        raise UsageError(f"lm-eval is not installed ({e}); pip install 'reshard[eval]'") from None
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("lm_eval"):
+            raise
+        raise UsageError("lm-eval is not installed; pip install 'reshard[eval]'") from None
     lm_eval_main(list(lm_eval_args))
     return 0
 

@@ -246,8 +246,11 @@ def main(argv=None) -> None:
     if command in ([], ["run"]) and rest and not any(a == "--model" or a.startswith("--model=") for a in rest):
         rest = ["--model", "reshard", *rest]
     argv = command + rest
-    sys.argv = ["lm_eval", *argv]
-    cli_evaluate()
+    saved, sys.argv = sys.argv, ["lm_eval", *argv]  # lm_eval's CLI reads sys.argv
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ the templated conversation so far."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import pty
 import re
@@ -151,3 +152,33 @@ def test_chat_reads_one_turn_per_line_from_a_pipe(smollm2_converted, reference, 
     want_second = reference(sys_msg + conversation(TURN1, want_first, TURN2))
     assert done.stdout.split() == f"{want_first}\n{want_second}".split()  # each answer streamed, then a newline
     assert ">>>" not in done.stdout and "chat:" not in done.stderr  # no prompt or banner off a terminal
+
+
+# --- the error lines (tiny model: no chat template, a context of 128) ---------------------------
+
+def test_chat_needs_a_chat_template(tiny_converted, capsys):
+    from runtime.cli import main
+
+    assert main(["chat", str(tiny_converted["llama"]), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == ("Error: this folder's tokenizer has no chat template; `runtime chat` "
+                                               "needs one (use `runtime generate` for plain text)")
+
+
+def test_too_long_a_conversation_is_refused_and_the_chat_goes_on(tiny_converted, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from runtime.cli import main
+
+    folder = tmp_path / "with-template"
+    shutil.copytree(tiny_converted["llama"], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    long_turn = " ".join(f"w{3 + i}" for i in range(140))  # 140 tokens; the context is 128
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{long_turn}\nw3 w4 w5\n"))
+    assert main(["chat", str(folder), "--device", "cpu", "-n", "4", "--max-cpu-memory", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert [ln for ln in err.splitlines() if ln.startswith("Error:")] == [
+        "Error: the conversation plus --max-new-tokens is 144 tokens, more than the model's context of 128; "
+        "/reset to start again or lower --max-new-tokens"]
+    assert len(out.split()) == 4  # the short turn was answered

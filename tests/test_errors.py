@@ -218,6 +218,19 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "temperature must be between 0 and 2, not {}": ("test_errors_serve.py::test_sampling_values_out_of_range",),
     "top_p must be above 0 and at most 1, not {}": ("test_errors_serve.py::test_sampling_values_out_of_range",),
     "stop strings must not be empty": ("test_errors_serve.py::test_sampling_values_out_of_range",),
+    # --- runtime chat and runtime eval (the lm-eval backend) --------------------------------
+    "the conversation plus --max-new-tokens is {} tokens, more than the model's context of {}; /reset to start "
+    "again or lower --max-new-tokens":
+        ("test_chat.py::test_too_long_a_conversation_is_refused_and_the_chat_goes_on",),
+    "this folder's tokenizer has no chat template; `runtime chat` needs one (use `runtime generate` for plain "
+    "text)": ("test_chat.py::test_chat_needs_a_chat_template",),
+    "lm-eval is not installed; pip install 'reshard[eval]'": ("test_lm_eval.py::test_eval_without_lm_eval_installed",),
+    "batch_size must be a whole number or auto, not {}": ("test_lm_eval.py::test_bad_model_args_are_one_error_line",),
+    "batch_size must be 1 or more, not {}": ("test_lm_eval.py::test_bad_model_args_are_one_error_line",),
+    "unknown model_args for the reshard backend: {}; see `runtime eval --help`":
+        ("test_lm_eval.py::test_bad_model_args_are_one_error_line",),
+    "{} has no tokenizer files; convert a checkpoint that has them":
+        ("test_lm_eval.py::test_folder_without_a_tokenizer_is_refused",),
 }
 
 # Messages raised in code that landed without a test of its line yet: listed, so the gap is visible
@@ -225,18 +238,6 @@ MESSAGES: dict[str, tuple[str, ...]] = {
 PENDING: dict[str, str] = {
     "ends before byte {}": "runtime/experts.py (MoE, issue 10): a layer file that shrinks while it is read; a "
                            "test must not touch the mapped (non-expert) pages past the new end (SIGBUS)",
-    # runtime chat and the lm-eval backend (issue 13), landed 10:50 UTC
-    "the conversation plus --max-new-tokens is {} tokens, more than the model's context of {}; /reset to start "
-    "again or lower --max-new-tokens": "runtime/chat.py: no test yet",
-    "this folder's tokenizer has no chat template; `runtime chat` needs one (use `runtime generate` for plain "
-    "text)": "runtime/chat.py: no test yet",
-    "lm-eval is not installed ({}); pip install 'reshard[eval]'": "runtime/cli.py eval: no test yet",
-    "batch_size must be a whole number or auto, not {}": "runtime/lm_eval_backend.py: no test yet",
-    "{} has no tokenizer files; convert a checkpoint that has them": "runtime/lm_eval_backend.py: no test yet",
-    "batch_size must be 1 or more, not {}": "runtime/lm_eval_backend.py: test_lm_eval.py checks it with "
-                                            "pytest.raises(match=...), a prefix, not the whole message",
-    "unknown model_args for the reshard backend: {}; see `runtime eval --help`":
-        "runtime/lm_eval_backend.py: test_lm_eval.py checks it with pytest.raises(match=...), a prefix",
 }
 
 # Lines the CLI's error boundary writes itself (not raised as the project's errors).

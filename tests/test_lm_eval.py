@@ -167,3 +167,46 @@ def test_generation_options_read_as_lm_eval_reads_them():
     options, until, max_new = generation_options({"do_sample": True, "temperature": 0.7, "top_p": 0.9}, 256, None)
     assert (options, until, max_new) == ({"do_sample": True, "temperature": 0.7, "top_p": 0.9}, [], 256)
     assert cut_at_stop("Rome.\nQ: next", ["\n", "."]) == "Rome"
+
+
+# --- the error lines, through `runtime eval` -------------------------------------------------------
+
+@pytest.mark.parametrize("args, line", [
+    ("batch_size=lots", "Error: batch_size must be a whole number or auto, not 'lots'"),
+    ("batch_size=0", "Error: batch_size must be 1 or more, not 0"),
+    ("colour=red", "Error: unknown model_args for the reshard backend: colour; see `runtime eval --help`"),
+])
+def test_bad_model_args_are_one_error_line(args, line, tiny_converted, tmp_path, capsys, monkeypatch):
+    from runtime.cli import main
+
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    write_tasks(tmp_path)
+    argv = ["eval", "--model_args", f"pretrained={tiny_converted['llama']},device=cpu,{args}",
+            "--tasks", "reshard_test_mc", "--include_path", str(tmp_path)]
+    assert main(argv) == 2
+    assert [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("Error:")] == [line]
+
+
+def test_folder_without_a_tokenizer_is_refused(tiny_converted, tmp_path):
+    import shutil
+
+    from reshard.errors import UsageError
+    from runtime.lm_eval_backend import ReshardLM
+
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_converted["llama"], folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(UsageError) as refused:
+        ReshardLM(str(folder), device="cpu")
+    assert str(refused.value) == f"{folder} has no tokenizer files; convert a checkpoint that has them"
+
+
+def test_eval_without_lm_eval_installed(monkeypatch, capsys):
+    from runtime.cli import main
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "runtime.lm_eval_backend", raising=False)
+    assert main(["eval", "--tasks", "hellaswag"]) == 2
+    assert capsys.readouterr().err.strip() == "Error: lm-eval is not installed; pip install 'reshard[eval]'"
