@@ -6,9 +6,12 @@ mapped `torch.load` for `.bin`), so peak memory is about one layer whatever the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +26,8 @@ from .keymap import KeyMap, check_shape, check_shapes, map_keys
 from .plan import build_empty_model, plan_groups
 from .quant import DEFAULT_GROUP, check_scheme, quantizable_params, quantize as quantize_weight, quantize_experts
 from .resume import Progress, conversion_params, manifest_source
-from .source import SIDE_FILES, GGUFSource, Source, open_local
+from .gguf_source import GGUFSource
+from .source import SIDE_FILES, Source, open_local
 
 
 def open_source(source: str, *, revision: str | None = None, token: str | None = None,
@@ -37,6 +41,8 @@ def open_source(source: str, *, revision: str | None = None, token: str | None =
     if path.exists() or not hub.looks_like_repo_id(source):
         if low_disk_out is not None:
             raise UsageError(f"--low-disk is for hub repo ids; {source} is a local path, convert it without --low-disk")
+        if path.suffix == ".gguf" and path.is_file():
+            return GGUFSource(path)
         return open_local(path)
     if low_disk_out is not None:
         from .lowdisk import ShardedHubSource, work_folder
@@ -45,10 +51,10 @@ def open_source(source: str, *, revision: str | None = None, token: str | None =
     return hub.HubCheckpoint(source, revision=revision, token=token)
 
 
-def ready_source(src: Source | hub.HubCheckpoint, model) -> Source:
-    """The expensive part of opening a source: a hub repo's weights downloaded, a GGUF de-quantized."""
+def ready_source(src: Source | hub.HubCheckpoint, model, *, progress: bool = True) -> Source:
+    """The expensive part of opening a source: a hub repo's weights downloaded, a GGUF's names mapped."""
     if isinstance(src, hub.HubCheckpoint):
-        return open_local(src.open(), src.info)
+        return open_local(src.open(progress=progress), src.info)
     if isinstance(src, GGUFSource):
         src.load(model)
     return src
@@ -96,7 +102,7 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
         params = conversion_params(src, dtype=dtype_name(target), architecture=type(model).__name__,
                                    quantization=quantization)
         check_before_fetching(src, out, plan, target, params, force=force)
-        src = ready_source(src, model)
+        src = ready_source(src, model, progress=progress)
         params_map = {p: s for g in plan.groups for p, s in g.params.items()}
         buffers = {b: s for g in plan.groups for b, (s, _) in g.buffers.items()}
         mapping = map_keys(model, src.keys(), params_map, aliases=plan.tied, buffers=buffers)
@@ -231,43 +237,85 @@ class QuantSpec:
 
 def _write_groups(src: Source, model, plan, mapping: KeyMap, out: Path, target: torch.dtype, record: Progress,
                   kept: dict[str, Group], progress: bool, quant: QuantSpec | None = None) -> list[Group]:
+    """Write every group not `kept`, in order; the next one is read (and cast) on a thread
+    while this one is written, so reading, casting, writing and hashing overlap."""
     size = {g.name: sum(math.prod(s) for s in g.params.values()) * target.itemsize for g in plan.groups}
     # kept groups start the bar, so its rate is that of the writing (not of checking kept files)
     bar = tqdm(total=sum(size.values()), initial=sum(size[name] for name in kept), unit="B", unit_scale=True,
                desc="reshard", file=sys.stderr, disable=not progress)
-    groups = []
-    with bar:
+    todo = [g for g in plan.groups if g.name not in kept]
+    prepared = _prepared_groups(todo, lambda g: _prepare_group(src, model, g, mapping, target, quant),
+                                ahead=src.read_ahead)
+    groups, start, written = [], time.perf_counter(), 0
+    with bar, contextlib.closing(prepared):
         for planned in plan.groups:
-            keys = mapping.source_keys([*planned.params, *planned.buffers])
             group = kept.get(planned.name)
             if group is None:
                 record.forget(planned.name)  # its file is about to be replaced
-                group = _write_group(src, model, planned, mapping, out, target, quant)
+                done, tensors, quantized, buffers = next(prepared)
+                assert done is planned  # groups come in plan order
+                group = _write_group(planned, out, tensors, quantized, buffers)
                 record.add(group)
                 bar.update(size[planned.name])
+                written += group.bytes
             groups.append(group)
-            src.finished(keys)
+            src.finished(mapping.source_keys([*planned.params, *planned.buffers]))
+    if progress and written:
+        seconds = time.perf_counter() - start
+        print(f"reshard: wrote {_gb(written)} in {seconds:.2f} s ({written / seconds / 1e9:.2f} GB/s)", file=sys.stderr)
     return groups
 
 
-def _write_group(src: Source, model, planned, mapping: KeyMap, out: Path, target: torch.dtype,
-                 quant: QuantSpec | None) -> Group:
+def _prepared_groups(todo: list, prepare, *, ahead: bool):
+    """prepare(g) for each g of `todo`, in order; with `ahead`, g+1's is computed on a thread
+    while the caller writes g (so about two groups are in memory, never more)."""
+    if not ahead:
+        yield from map(prepare, todo)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="reshard-read") as pool:
+        pending = pool.submit(prepare, todo[0]) if todo else None
+        try:
+            for nxt in todo[1:] + [None]:
+                done = pending.result()
+                pending = pool.submit(prepare, nxt) if nxt is not None else None
+                yield done
+        finally:
+            if pending is not None:
+                pending.cancel()
+
+
+def _prepare_group(src: Source, model, planned, mapping: KeyMap, target: torch.dtype,
+                   quant: QuantSpec | None) -> tuple:
+    """(planned, tensors, quantized, buffers) to write for `planned`. Parameters stored in the
+    source as they are to be written stay there (`FileSlice`s, copied by the kernel when the
+    file is written); the rest are read, fused as transformers fuses them, and cast."""
+    as_stored = {p: loc for p in planned.params
+                 if p in mapping.direct and not (quant and p in quant.params)
+                 and (loc := src.locate(mapping.direct[p])) is not None
+                 and (loc.dtype == target or not loc.dtype.is_floating_point)}
     buffers = [b for b in planned.buffers if b in mapping.direct]  # persistent buffers the checkpoint holds
-    raw = src.read(mapping.source_keys([*planned.params, *buffers]))
+    raw = src.read(mapping.source_keys([*(p for p in planned.params if p not in as_stored), *buffers]))
     made = _run_fusions(planned, mapping, raw, model, target)
     tensors, quantized = {}, {}
     for pname, shape in planned.params.items():
-        t = made.pop(pname) if pname in made else raw.pop(mapping.direct[pname])
+        if pname in as_stored:
+            t = as_stored[pname]
+        else:
+            t = made.pop(pname) if pname in made else raw.pop(mapping.direct[pname])
         check_shape(pname, t, shape)
         if quant and pname in quant.params:
             quant.store(pname, t, target, tensors, quantized)
         else:
-            tensors[pname] = t.to(target) if t.is_floating_point() else t
+            tensors[pname] = t.to(target) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
     for bname in buffers:  # in the buffer's own dtype, as transformers loads it
         shape, dtype = planned.buffers[bname]
         t = raw.pop(mapping.direct[bname])
         check_shape(bname, t, shape)
         tensors[bname] = t.to(dtype)
+    return planned, tensors, quantized, buffers
+
+
+def _write_group(planned, out: Path, tensors: dict, quantized: dict, buffers: list) -> Group:
     experts = {m: dict(e) for m, e in planned.experts.items()}
     first = {n for e in experts.values() for p in e["tensors"] for n in stored_names(p, tensors)}
     file = group_file_name(planned.name) if tensors else None

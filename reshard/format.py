@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import CorruptFileError, FormatError
+from .fileio import Digest, copy_at, write_at
 
 FORMAT_NAME = "reshard"
 FORMAT_VERSION = 1
@@ -248,7 +249,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary name, so `path` is whole or absent."""
     with _writing(path) as f:
-        f.write(data)
+        write_at(f.fileno(), data, 0)
 
 
 @contextlib.contextmanager
@@ -299,23 +300,45 @@ def build_header(tensors: dict[str, torch.Tensor], first=frozenset()) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def write_group_file(path: Path, tensors: dict[str, torch.Tensor], first=frozenset()) -> tuple[int, str]:
+@dataclass(frozen=True)
+class FileSlice:
+    """A tensor whose bytes already lie, as stored, in another file: written by copying them there."""
+
+    path: Path
+    offset: int  # of its first byte in `path`
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def numel(self) -> int:
+        return _numel(self.shape)
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+
+def write_group_file(path: Path, tensors: dict[str, torch.Tensor | FileSlice], first=frozenset()) -> tuple[int, str]:
     """Write `tensors` to `path` atomically (temp name, fsync, rename); return (bytes, sha256).
     Tensors in `first` are expert tensors (see `build_header`).
 
-    Memory: each tensor is written from its own buffer; nothing is concatenated.
+    No tensor byte is copied in Python: tensors are written from their own memory, `FileSlice`s
+    copied from their file by the kernel, and the sha256 is computed on another thread meanwhile.
     """
-    digest = hashlib.sha256()
     header = build_header(tensors, first)
-    with _writing(path) as f:
-        f.write(header)
-        digest.update(header)
-        for name in _ordered(tensors, first):
-            data = _tensor_bytes(tensors[name])
-            f.write(data)
-            digest.update(data)
-        size = f.tell()
-    return size, digest.hexdigest()
+    with _writing(path) as f, Digest() as digest:
+        fd, offset = f.fileno(), 0
+        for piece in [header, *(tensors[name] for name in _ordered(tensors, first))]:
+            if isinstance(piece, FileSlice):
+                nbytes = piece.numel() * piece.element_size()
+                digest.update_from_file(piece.path, piece.offset, nbytes)
+                copy_at(piece.path, piece.offset, nbytes, fd, offset)
+            else:
+                data = piece if isinstance(piece, bytes) else _tensor_bytes(piece)
+                digest.update(data)
+                write_at(fd, data, offset)
+                nbytes = len(data)
+            offset += nbytes
+        sha = digest.hexdigest()
+    return offset, sha
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:

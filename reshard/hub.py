@@ -2,7 +2,8 @@
 
 Weights: safetensors when the repo has them, else pytorch `.bin`; never both. The
 revision is pinned to the commit the hub reports first, so every file comes from one
-commit, and that commit is recorded in the manifest.
+commit, and that commit is recorded in the manifest. Weight files download in parallel through
+huggingface_hub (resumable, with its fast backends when installed), under one progress bar.
 """
 
 from __future__ import annotations
@@ -10,7 +11,12 @@ from __future__ import annotations
 import errno
 import fnmatch
 import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 import huggingface_hub
 from huggingface_hub import constants as hub_constants, errors as hub_errors
@@ -18,6 +24,7 @@ from huggingface_hub import constants as hub_constants, errors as hub_errors
 from .errors import HubUnreachableError, SourceError
 from .source import SIDE_FILES
 
+PARALLEL_DOWNLOADS = 8  # weight files fetched at once (huggingface_hub's snapshot_download default)
 WEIGHT_PATTERNS = {
     "safetensors": ("model.safetensors", "model.safetensors.index.json", "model-*.safetensors"),
     "bin": ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"),
@@ -51,11 +58,15 @@ def repo_info(repo_id: str, *, revision: str | None = None, token: str | None = 
         raise error from None
 
 
-def download(repo_id: str, filename: str, *, commit: str, token: str | None = None, local_dir: Path | None = None) -> Path:
+def download(repo_id: str, filename: str, *, commit: str, token: str | None = None, local_dir: Path | None = None,
+             tqdm_class=None) -> Path:
+    """One file (resumed if an earlier run left part of it), through huggingface_hub's fastest
+    installed transfer backend (hf_xet, hf_transfer); `tqdm_class` receives its progress."""
     token = token or os.environ.get("HF_TOKEN") or None
+    kwargs = {"tqdm_class": tqdm_class} if tqdm_class is not None else {}
     try:
         return Path(huggingface_hub.hf_hub_download(
-            repo_id, filename, revision=commit, token=token, local_dir=local_dir))
+            repo_id, filename, revision=commit, token=token, local_dir=local_dir, **kwargs))
     except Exception as e:
         if getattr(e, "errno", None) == errno.ENOSPC:
             raise  # the CLI says: no space left, free some and rerun
@@ -147,11 +158,48 @@ class HubCheckpoint:
                   for f in self.weights]
         return sum(self.sizes.get(f, 0) for f, c in zip(self.weights, cached) if not isinstance(c, str))
 
-    def open(self) -> Path:
-        """Download the weights (resuming what an earlier run fetched); the snapshot folder."""
-        for f in self.weights:
-            self._download(f)
+    def open(self, *, progress: bool = True) -> Path:
+        """Download the weights, several files at once (resuming what an earlier run fetched),
+        with one progress bar on stderr over all their bytes; the snapshot folder."""
+        with tqdm(total=0, unit="B", unit_scale=True, desc="download", file=sys.stderr, disable=not progress) as bar:
+            into_bar = _into(bar)
+            with ThreadPoolExecutor(PARALLEL_DOWNLOADS, thread_name_prefix="reshard-download") as pool:
+                list(pool.map(lambda f: self._download(f, tqdm_class=into_bar), self.weights))
         return self.folder
 
-    def _download(self, filename: str) -> Path:
-        return download(self.repo_id, filename, commit=self.info["commit"], token=self.token)
+    def _download(self, filename: str, tqdm_class=None) -> Path:
+        return download(self.repo_id, filename, commit=self.info["commit"], token=self.token, tqdm_class=tqdm_class)
+
+
+def _into(bar):
+    """A tqdm class for huggingface_hub whose bars all add into `bar`: one bar for many files."""
+    lock = threading.Lock()
+
+    class Into:
+        def __init__(self, *args, total=None, initial=0, **kwargs):
+            with lock:
+                bar.total = (bar.total or 0) + (total or 0)
+                bar.update(initial or 0)
+
+        def update(self, n=1):
+            with lock:
+                bar.update(n or 0)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def close(self):
+            pass
+
+        def update_transfer(self, n=1):  # hf_xet's bytes on the wire; `update` counts the file's
+            pass
+
+        def set_postfix_str(self, *args, **kwargs):
+            pass
+
+        set_transfer_postfix_str = set_postfix_str
+
+    return Into

@@ -26,6 +26,8 @@ def work_folder(out: Path) -> Path:
 class ShardedHubSource(Source):
     """A hub checkpoint whose weight shards are fetched on demand and deleted after use."""
 
+    read_ahead = False  # reading the next group early could fetch a second shard before the first goes
+
     def __init__(self, repo_id: str, *, revision: str | None, token: str | None, workdir: Path):
         info = hub.repo_info(repo_id, revision=revision, token=token, files_metadata=True)
         files = hub.select_files([s.rfilename for s in info.siblings or []])
@@ -78,6 +80,9 @@ class ShardedHubSource(Source):
     def want(self, keys) -> None:
         for key in keys:
             self._wanted.setdefault(self._shard_of[key], set()).add(key)
+
+    def locate(self, key):
+        return self._opened(self._shard_of[key]).locate(key)
 
     def read(self, keys):
         out = {}

@@ -1,19 +1,17 @@
-"""Checkpoints to convert: a local folder (safetensors or pytorch `.bin`), a `.gguf` file,
-or a hub repo id (fetched by `reshard.hub`). Tensors are read one at a time.
+"""Checkpoints to convert: a local folder (safetensors or pytorch `.bin`) or a hub repo id
+(fetched by `reshard.hub`); `.gguf` files are `reshard.gguf_source`. Tensors are read one at a time.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .errors import CorruptFileError, SourceError
-from .format import ST_TO_DTYPE, read_header
+from .format import ST_TO_DTYPE, FileSlice, read_header
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -27,6 +25,7 @@ class Source:
 
     folder: Path  # holds config.json and the tokenizer files
     info: dict  # {"id", "revision", "commit"} for the manifest
+    read_ahead = True  # convert may read the next group on a thread while it writes this one
 
     def keys(self) -> list[str]:
         raise NotImplementedError
@@ -34,6 +33,10 @@ class Source:
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """Read `keys` (one group's worth); memory is only what is returned."""
         raise NotImplementedError
+
+    def locate(self, key: str) -> FileSlice | None:
+        """Where `key`'s bytes lie as stored, if this source can say: then they are copied, not read."""
+        return None
 
     def shapes(self) -> dict[str, list[int]]:
         """Shapes known without reading any data (for checks before writing); may be partial."""
@@ -68,6 +71,10 @@ class SafetensorsSource(Source):
 
     def shapes(self):
         return {key: list(ti.shape) for key, (_, ti, _) in self._where.items()}
+
+    def locate(self, key):
+        path, ti, start = self._where[key]
+        return FileSlice(path, start + ti.offsets[0], ST_TO_DTYPE[ti.dtype], tuple(ti.shape))
 
     def read(self, keys):
         out = {}
@@ -119,44 +126,6 @@ class BinSource(Source):
         return out
 
 
-class GGUFSource(Source):
-    """A `.gguf` file, de-quantized by transformers' GGUF support.
-
-    transformers de-quantizes the whole file at once, so this source holds the model in
-    memory (in float32); GGUF files are small enough for that to be acceptable.
-    """
-
-    def __init__(self, path: Path):
-        from transformers import AutoConfig, AutoTokenizer
-
-        self.path, self.files = path, [path]
-        self._tmp = tempfile.mkdtemp(prefix="reshard-gguf-")
-        self.folder = Path(self._tmp)
-        self.info = {"id": str(path.resolve()), "revision": None, "commit": None}
-        try:
-            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-            config.save_pretrained(self.folder)
-            AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(self.folder)
-        except Exception as e:
-            raise SourceError(f"{path}: transformers cannot read this GGUF file ({str(e).splitlines()[0]})") from None
-        self._tensors = None
-
-    def load(self, meta_model) -> None:
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-        parsed = load_gguf_checkpoint(str(self.path), return_tensors=True, model_to_load=meta_model)
-        self._tensors = {k: torch.as_tensor(v) for k, v in parsed["tensors"].items()}
-
-    def keys(self):
-        return list(self._tensors)
-
-    def read(self, keys):
-        return {k: self._tensors.pop(k) for k in keys}
-
-    def close(self):
-        shutil.rmtree(self._tmp, ignore_errors=True)
-
-
 def weight_files(folder: Path) -> tuple[str, list[Path]]:
     """("safetensors" | "bin", files) of a checkpoint folder; safetensors preferred."""
     for kind, single, index in (
@@ -196,8 +165,6 @@ def open_local(path: Path, info: dict | None = None) -> Source:
     if not path.exists():
         raise SourceError(f"{path} does not exist; give a checkpoint folder, a .gguf file or a hub repo id")
     if path.is_file():
-        if path.suffix == ".gguf":
-            return GGUFSource(path)
         raise SourceError(f"{path} is a file; give its folder, or a .gguf file")
     if not os.access(path, os.R_OK | os.X_OK):
         raise SourceError(f"{path} is not readable")

@@ -129,7 +129,7 @@ def test_list_shows_the_cache_and_sizes(fake_hub, cache, capsys):
 def test_gguf_path_converts_once_then_reuses(small_gguf, cache, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM
 
-    from reshard.source import GGUFSource
+    from reshard.gguf_source import GGUFSource
 
     with open_cpu(small_gguf) as model:
         ref = AutoModelForCausalLM.from_pretrained(small_gguf.parent, gguf_file=small_gguf.name, dtype=torch.float32)

@@ -24,7 +24,7 @@ def only_error(err: str) -> str:
 @pytest.fixture
 def no_dequantizing(monkeypatch):
     """Fail the test if a GGUF file is de-quantized."""
-    from reshard.source import GGUFSource
+    from reshard.gguf_source import GGUFSource
 
     def load(self, model):
         raise AssertionError("the GGUF was de-quantized before the checks")
@@ -60,7 +60,7 @@ def test_gguf_with_another_dtype_is_refused_before_dequantizing(small_gguf, tmp_
     out = tmp_path / "out"
     assert convert(small_gguf, out, "--dtype", "float32") == 0
     capsys.readouterr()
-    from reshard.source import GGUFSource
+    from reshard.gguf_source import GGUFSource
 
     monkeypatch.setattr(GGUFSource, "load", lambda self, model: pytest.fail("de-quantized before the checks"))
     assert convert(small_gguf, out, "--dtype", "bfloat16") == 1

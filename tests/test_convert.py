@@ -27,9 +27,9 @@ sys.exit(code)
 """
 
 
-def _peak_rss_of_convert(src: Path, out: Path, tmp_path: Path) -> int:
+def _peak_rss_of_convert(src: Path, out: Path, tmp_path: Path, *options: str) -> int:
     report = tmp_path / f"rss-{out.name}.txt"
-    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, str(report), "convert", str(src), str(out), "--quiet"],
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, str(report), "convert", str(src), str(out), "--quiet", *options],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return int(report.read_text())
@@ -48,14 +48,16 @@ def _llama(folder: Path, layers: int, hidden: int, inter: int) -> int:
 
 
 @pytest.mark.slow
-def test_convert_peak_memory_is_about_one_layer(tmp_path):
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])  # copied as stored; read, cast and written
+def test_convert_peak_memory_is_about_one_layer(tmp_path, dtype):
     layer_bytes = _llama(tmp_path / "big", layers=12, hidden=512, inter=2048)
     _llama(tmp_path / "small", layers=1, hidden=512, inter=2048)
     shard = max(f.stat().st_size for f in (tmp_path / "big").glob("*.safetensors"))
     assert shard > 10 * layer_bytes
-    base = _peak_rss_of_convert(tmp_path / "small", tmp_path / "small-out", tmp_path)
-    big = _peak_rss_of_convert(tmp_path / "big", tmp_path / "big-out", tmp_path)
-    # Growth over a one-layer model: a couple of layers at most, far below the shard size.
+    base = _peak_rss_of_convert(tmp_path / "small", tmp_path / "small-out", tmp_path, "--dtype", dtype)
+    big = _peak_rss_of_convert(tmp_path / "big", tmp_path / "big-out", tmp_path, "--dtype", dtype)
+    # Growth over a one-layer model (float32 layers): a couple of layers at most (the group being
+    # written and the next one, read ahead), far below the shard size.
     assert big - base < 3 * layer_bytes, (big - base, layer_bytes, shard)
     assert len(read_manifest(tmp_path / "big-out").groups) == 12 + 3
 
@@ -109,6 +111,46 @@ def test_hub_source_fetches_only_what_is_needed(tmp_path, tiny_checkpoints, tiny
     for group in manifest.groups:  # same bytes as converting the local folder
         if group.file:
             assert group.sha256 == read_manifest(tiny_converted["llama"]).group(group.name).sha256
+
+
+def test_hub_files_download_in_parallel_under_one_progress_bar(tmp_path, tiny_checkpoints, monkeypatch):
+    import threading
+    import time
+
+    import huggingface_hub
+    from tqdm.auto import tqdm
+
+    import reshard.hub
+    from reshard.convert import convert
+
+    hub = FakeHub(tiny_checkpoints["llama"], tmp_path / "cache").install(monkeypatch)
+    lock, running, most, bars, weights = threading.Lock(), [0], [0], [], []
+
+    def download(repo_id, filename, revision=None, token=None, local_dir=None, tqdm_class=None, **kw):
+        if tqdm_class is not None:  # the weights (config and tokenizer come first, on their own)
+            weights.append(filename)
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            size = (hub.folder / filename).stat().st_size
+            progress = tqdm_class(total=size)  # as huggingface_hub reports a file's bytes
+            time.sleep(0.2)
+            progress.update(size)
+            with lock:
+                running[0] -= 1
+        return hub.hf_hub_download(repo_id, filename, revision=revision, token=token)
+
+    class Bar(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(reshard.hub, "tqdm", Bar)
+    convert("someone/tiny-llama", tmp_path / "out", progress=True)
+    assert len(weights) > 2 and most[0] > 1  # several files at once
+    assert len(bars) == 1  # one bar for all of them, over all their bytes
+    assert bars[0].total == bars[0].n == sum((hub.folder / f).stat().st_size for f in weights)
 
 
 def test_hub_token_flag_wins_over_env(tmp_path, tiny_checkpoints, monkeypatch):

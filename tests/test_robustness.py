@@ -53,20 +53,24 @@ def only_error(err: str) -> str:
 # ("before:NAME" / "after:NAME"): a half-written temporary file, a whole one, a finished
 # file not yet recorded.
 KILLER = """
-import builtins, os, signal, sys
+import os, signal, sys
 import reshard.format
 when, name = sys.argv[1].split(":")
-def open_(path, mode="r", *args, **kwargs):
-    f = builtins.open(path, mode, *args, **kwargs)
-    if when == "during" and os.path.basename(path) == name + ".partial":
-        write = f.write
-        def half(data):
-            write(data)
-            f.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        f.write = half
-    return f
-reshard.format.open = open_
+def writing_it(fd):
+    return os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) == name + ".partial"
+real_write_at, real_copy_at = reshard.format.write_at, reshard.format.copy_at
+def write_at(fd, data, offset):
+    if when == "during" and writing_it(fd):
+        view = memoryview(data).cast("B")
+        real_write_at(fd, view[: len(view) // 2], offset)
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_write_at(fd, data, offset)
+def copy_at(src, src_offset, nbytes, fd, offset):
+    if when == "during" and writing_it(fd):
+        real_copy_at(src, src_offset, nbytes // 2, fd, offset)
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_copy_at(src, src_offset, nbytes, fd, offset)
+reshard.format.write_at, reshard.format.copy_at = write_at, copy_at
 real_replace = os.replace
 def replace(src, dst):
     hit = os.path.basename(dst) == name
@@ -116,28 +120,36 @@ def test_sigkill_at_several_points_then_resume_is_byte_identical(tiny_checkpoint
 # --- a full disk ------------------------------------------------------------------------
 
 class FullDisk:
-    """`open` for reshard.format whose files raise ENOSPC once `budget` bytes are written."""
+    """Patches reshard.format's writes (of memory, and of file ranges copied by the kernel) to
+    raise ENOSPC once `budget` bytes are written; the part that fits lands, as on a real disk."""
 
-    def __init__(self, budget: int):
+    def __init__(self, budget: int, monkeypatch):
         self.budget = budget
+        real_write_at, real_copy_at = reshard.format.write_at, reshard.format.copy_at
 
-    def __call__(self, path, mode="r", *args, **kwargs):
-        f = open(path, mode, *args, **kwargs)
-        if "w" not in mode:
-            return f
-        disk, write = self, f.write
+        def write_at(fd, data, offset):
+            view = memoryview(data).cast("B")
+            n = self._take(len(view))
+            real_write_at(fd, view[:n], offset)
+            self._raise_if_short(n, len(view))
 
-        def limited(data):
-            n = len(memoryview(data).cast("B"))
-            if n > disk.budget:
-                write(bytes(memoryview(data).cast("B")[: disk.budget]))  # part of it lands, as on a real disk
-                disk.budget = 0
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            disk.budget -= n
-            return write(data)
+        def copy_at(src, src_offset, nbytes, fd, offset):
+            n = self._take(nbytes)
+            real_copy_at(src, src_offset, n, fd, offset)
+            self._raise_if_short(n, nbytes)
 
-        f.write = limited
-        return f
+        monkeypatch.setattr(reshard.format, "write_at", write_at)
+        monkeypatch.setattr(reshard.format, "copy_at", copy_at)
+
+    def _take(self, n: int) -> int:
+        n = min(n, self.budget)
+        self.budget -= n
+        return n
+
+    @staticmethod
+    def _raise_if_short(done: int, wanted: int) -> None:
+        if done < wanted:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def test_full_disk_mid_way_leaves_nothing_taken_for_finished(tiny_checkpoints, tmp_path, monkeypatch, capsys):
@@ -146,7 +158,7 @@ def test_full_disk_mid_way_leaves_nothing_taken_for_finished(tiny_checkpoints, t
     out = tmp_path / "out"
     # Enough for the small files, the embeddings and layer 0; layer 1 fills the disk.
     budget = sum((tmp_path / "clean" / n).stat().st_size for n in ["embed.safetensors", "layers.00000.safetensors"])
-    monkeypatch.setattr(reshard.format, "open", FullDisk(budget + 60_000), raising=False)
+    FullDisk(budget + 60_000, monkeypatch)
     assert convert(source, out) == 1
     assert only_error(capsys.readouterr().err) == (
         f"Error: no space left on device ({out / 'layers.00001.safetensors'}); free some space and run the "
@@ -262,10 +274,10 @@ def test_low_disk_after_a_full_disk_refetches_only_what_is_left(fake_hub, tiny_c
     out = tmp_path / "out"
     # Room for embed and layer 0 (all of shard 1's tensors); layer 1 fills the disk.
     budget = sum((tiny_converted["llama"] / n).stat().st_size for n in ["embed.safetensors", "layers.00000.safetensors"])
-    monkeypatch.setattr(reshard.format, "open", FullDisk(budget + 60_000), raising=False)
-    assert convert("org/tiny-llama", out, "--low-disk") == 1
+    with monkeypatch.context() as patch:
+        FullDisk(budget + 60_000, patch)
+        assert convert("org/tiny-llama", out, "--low-disk") == 1
     assert "no space left on device" in only_error(capsys.readouterr().err)
-    monkeypatch.setattr(reshard.format, "open", open, raising=False)
     fake_hub.downloads.clear()
     assert convert("org/tiny-llama", out, "--low-disk") == 0
     assert reshard_main(["verify", str(out)]) == 0

@@ -1,0 +1,169 @@
+"""A `.gguf` checkpoint (single or split `-0000i-of-0000N.gguf`), read one tensor at a time.
+
+The `gguf` package's `GGUFReader` maps each file and lists its tensors (name, type, shape,
+offset); a tensor's bytes are read with `pread` when it is needed, de-quantized with gguf's own
+`dequantize` (every type it supports), and renamed and permuted exactly as transformers' GGUF
+loader does (`transformers.modeling_gguf_pytorch_utils`: its name map from the model and its
+per-architecture `TensorProcessor`). So memory is one group's tensors, whatever the file's size,
+and the tensors equal what `from_pretrained(..., gguf_file=...)` loads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import SourceError
+from .source import Source
+
+SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
+CHUNK_ELEMENTS = 1 << 22  # de-quantize in row blocks of about this many values (bounds gguf's temporaries)
+TIED_ANYWAY = ("falcon", "bloom")  # transformers' exceptions to "no output.weight means tied"
+
+
+def split_files(path: Path) -> list[Path]:
+    """All files of a split GGUF given any of them (in order), or `[path]` for a single file."""
+    m = SPLIT_NAME.match(path.name)
+    if m is None:
+        return [path]
+    count = int(m["count"])
+    files = [path.with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise SourceError(f"{path} is part {int(m['index'])} of a {count}-file GGUF, but "
+                          f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing from {path.parent}")
+    return files
+
+
+class GGUFSource(Source):
+    """Tensors of a GGUF checkpoint under transformers' names; call `load(model)` before `keys()`."""
+
+    def __init__(self, path: Path):
+        from gguf import GGUFReader
+
+        self.path, self.files = path, split_files(path)
+        self.info = {"id": str(self.files[0].resolve()), "revision": None, "commit": None}
+        try:
+            readers = [GGUFReader(f) for f in self.files]
+        except (ValueError, OSError) as e:
+            raise SourceError(f"{path} is not a readable GGUF file ({e}); download it again") from None
+        self.architecture = _architecture(readers[0])
+        self._refuse_newer_path()
+        # Only the tensor tables are needed from here on: the metadata (a vocabulary is
+        # hundreds of thousands of small arrays) is what transformers reads, from the file.
+        self._tensors = [list(r.tensors) for r in readers]
+        del readers
+        self._tmp = tempfile.mkdtemp(prefix="reshard-gguf-")
+        self.folder = Path(self._tmp)
+        self._metadata = self._save_config_and_tokenizer()
+        self._processor = self._mapping = None
+        self._sources: dict[str, list] = {}  # transformers name -> [(reader index, ReaderTensor)]
+
+    def _save_config_and_tokenizer(self) -> dict:
+        """config.json and the tokenizer files (transformers reads them from the first file)."""
+        from transformers import AutoConfig, AutoTokenizer
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        first = self.files[0]
+        try:
+            metadata = load_gguf_checkpoint(str(first), return_tensors=False)
+            config = AutoConfig.from_pretrained(first.parent, gguf_file=first.name)
+            tokenizer = AutoTokenizer.from_pretrained(first.parent, gguf_file=first.name)
+        except Exception as e:  # transformers raises many kinds here; say which file and why
+            raise SourceError(f"{first}: transformers cannot read this GGUF file ({str(e).splitlines()[0]})") from None
+        if len(self.files) > 1:  # transformers saw the first file's tensors only: apply its rule to all
+            tied = self.architecture in TIED_ANYWAY or not any(
+                t.name == "output.weight" for tensors in self._tensors for t in tensors)
+            config.tie_word_embeddings = metadata["config"]["tie_word_embeddings"] = tied
+        config.save_pretrained(self.folder)
+        tokenizer.save_pretrained(self.folder)
+        return metadata
+
+    def _refuse_newer_path(self) -> None:
+        """transformers loads a few architectures through its newer GGUF path (its own weight
+        conversions, not the `TensorProcessor`s this source applies): refuse those, rather than
+        write weights that could differ from what `from_pretrained` loads."""
+        from transformers.integrations.gguf import is_gguf_arch_supported
+
+        if is_gguf_arch_supported(self.architecture):
+            raise SourceError(f"{self.path}: GGUF architecture {self.architecture!r} is not supported by "
+                              f"reshard yet; load it with transformers and save it as safetensors first")
+
+    def load(self, meta_model) -> None:
+        """Map GGUF tensor names to `meta_model`'s names, as transformers' loader does."""
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+        cls = TENSOR_PROCESSORS.get(self.architecture, TensorProcessor)
+        self._processor = cls(config=self._metadata["config"])
+        self._mapping = get_gguf_hf_weights_map(meta_model, self._processor)
+        self._sources = {}
+        for i, tensors in enumerate(self._tensors):
+            for t in tensors:
+                # merged tensors (MoE experts) are mapped without their ".weight" suffix
+                target = self._mapping.get(t.name) or self._mapping.get(t.name.rsplit(".", 1)[0])
+                if target is not None:  # transformers skips the tensors it has no name for
+                    self._sources.setdefault(target, []).append((i, t))
+
+    def keys(self):
+        return list(self._sources)
+
+    def read(self, keys):
+        """De-quantize the GGUF tensors behind `keys`, in file order, through transformers'
+        processor (which may permute, transpose or merge them)."""
+        wanted = sorted({(i, t.data_offset): (i, t) for k in keys for i, t in self._sources[k]}.items())
+        parsed = {"tensors": {}}  # where processors put the tensors they merge or rename themselves
+        for _, (i, t) in wanted:
+            weights = self._dequantize(i, t)
+            result = self._processor.process(weights=weights, name=t.name, tensor_key_mapping=self._mapping,
+                                             parsed_parameters=parsed)
+            if result.name in self._mapping:
+                parsed["tensors"][self._mapping[result.name]] = torch.from_numpy(np.ascontiguousarray(result.weights))
+        missing = [k for k in keys if k not in parsed["tensors"]]
+        if missing:
+            raise SourceError(f"{self.path}: transformers' GGUF processing gave no tensor for {missing[0]}")
+        return {k: parsed["tensors"][k] for k in keys}
+
+    def _dequantize(self, i: int, t) -> np.ndarray:
+        """Tensor `t` of file `i` as float32, read and de-quantized a block of rows at a time."""
+        from gguf import dequantize
+
+        raw_shape, raw_dtype = t.data.shape, t.data.dtype  # a view of the mapping: nothing is read here
+        out = np.empty(tuple(reversed(t.shape.tolist())), dtype=np.float32)
+        rows = raw_shape[0] if len(raw_shape) > 1 else 1
+        row_items = int(np.prod(raw_shape)) // rows
+        row_bytes = row_items * raw_dtype.itemsize
+        step = max(1, CHUNK_ELEMENTS * out.dtype.itemsize // max(out.nbytes // rows, 1))
+        flat_out = out.reshape(rows, -1)
+        with open(self.files[i], "rb") as f:
+            for start in range(0, rows, step):
+                n = min(step, rows - start)
+                raw = np.empty((n, *raw_shape[1:]) if len(raw_shape) > 1 else raw_shape, dtype=raw_dtype)
+                _pread_into(f.fileno(), raw, t.data_offset + start * row_bytes, self.files[i], t.name)
+                flat_out[start:start + n] = dequantize(raw, t.tensor_type).reshape(n, -1)
+        return out
+
+    def close(self):
+        self._tensors = []
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _architecture(reader) -> str:
+    from transformers.modeling_gguf_pytorch_utils import read_field
+
+    return read_field(reader, "general.architecture")[0]
+
+
+def _pread_into(fd: int, array: np.ndarray, offset: int, path: Path, name: str) -> None:
+    view = memoryview(array.reshape(-1).view(np.uint8))
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise SourceError(f"{path} is truncated in tensor {name}; download it again")
+        done += n

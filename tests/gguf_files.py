@@ -1,0 +1,101 @@
+"""GGUF files the tests write with the `gguf` package's writer: SmolLM2's file split in parts,
+and large random llama-shaped models (Q8_0 / Q4_K blocks with valid scales), written one
+tensor at a time so the test process never holds the whole file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFValueType, GGUFWriter
+from gguf.constants import GGML_QUANT_SIZES
+
+SKIP_KEYS = ("GGUF.", "general.architecture", "split.")  # written by the writer itself
+
+
+def copy_metadata(writer: GGUFWriter, reader: GGUFReader, overrides: dict | None = None) -> None:
+    """Every key-value field of `reader` (with `overrides` {key: value} for numbers)."""
+    overrides = overrides or {}
+    for key, field in reader.fields.items():
+        if key.startswith(SKIP_KEYS):
+            continue
+        value = overrides.get(key, field.contents())
+        sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
+
+
+def write_split(src: Path, out: Path, parts: int) -> list[Path]:
+    """`src` rewritten as `parts` files named `<stem>-0000i-of-0000N.gguf` (same tensors and bytes)."""
+    reader = GGUFReader(src)
+    per_part = -(-len(reader.tensors) // parts)
+    writer = GGUFWriter(out, "llama", split_max_tensors=per_part)
+    copy_metadata(writer, reader)
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.n_bytes, raw_dtype=t.tensor_type)
+    _write_streamed(writer, (np.asarray(t.data) for t in reader.tensors))
+    return sorted(out.parent.glob(f"{out.stem}-*-of-*.gguf"))
+
+
+def llama_tensors(layers: int, hidden: int, inter: int, heads: int, kv_heads: int, vocab: int):
+    """[(GGUF name, numpy shape, type)] of a llama model: attention in Q4_K, the rest in Q8_0."""
+    kv = hidden // heads * kv_heads
+    out = [("token_embd.weight", (vocab, hidden), Q.Q8_0)]
+    for i in range(layers):
+        b = f"blk.{i}."
+        out += [(b + "attn_norm.weight", (hidden,), Q.F32), (b + "attn_q.weight", (hidden, hidden), Q.Q4_K),
+                (b + "attn_k.weight", (kv, hidden), Q.Q4_K), (b + "attn_v.weight", (kv, hidden), Q.Q4_K),
+                (b + "attn_output.weight", (hidden, hidden), Q.Q4_K), (b + "ffn_norm.weight", (hidden,), Q.F32),
+                (b + "ffn_gate.weight", (inter, hidden), Q.Q8_0), (b + "ffn_up.weight", (inter, hidden), Q.Q8_0),
+                (b + "ffn_down.weight", (hidden, inter), Q.Q8_0)]
+    return out + [("output_norm.weight", (hidden,), Q.F32), ("output.weight", (vocab, hidden), Q.Q4_K)]
+
+
+def write_random_llama(path: Path, like: Path, *, layers: int, hidden: int, inter: int, heads: int,
+                       kv_heads: int, seed: int = 0) -> int:
+    """A random llama GGUF with `like`'s tokenizer and metadata (dimensions replaced); returns its size."""
+    reader = GGUFReader(like)
+    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    writer = GGUFWriter(path, "llama")
+    copy_metadata(writer, reader, {"llama.block_count": layers, "llama.embedding_length": hidden,
+                                   "llama.feed_forward_length": inter, "llama.attention.head_count": heads,
+                                   "llama.attention.head_count_kv": kv_heads, "llama.vocab_size": vocab,
+                                   "llama.rope.dimension_count": hidden // heads, "general.file_type": 7})
+    tensors = llama_tensors(layers, hidden, inter, heads, kv_heads, vocab)
+    for name, shape, qtype in tensors:
+        writer.add_tensor_info(name, _byte_shape(shape, qtype), np.dtype(np.uint8 if qtype != Q.F32 else np.float32),
+                               _nbytes(shape, qtype), raw_dtype=qtype)
+    rng = np.random.default_rng(seed)
+    _write_streamed(writer, (_random_blocks(rng, shape, qtype) for _, shape, qtype in tensors))
+    return path.stat().st_size
+
+
+def _write_streamed(writer: GGUFWriter, arrays) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for array in arrays:
+        writer.write_tensor_data(array)
+    writer.close()
+
+
+def _byte_shape(shape, qtype):
+    if qtype == Q.F32:
+        return shape
+    block, size = GGML_QUANT_SIZES[qtype]
+    return (*shape[:-1], shape[-1] // block * size)
+
+
+def _nbytes(shape, qtype) -> int:
+    block, size = GGML_QUANT_SIZES[qtype] if qtype != Q.F32 else (1, 4)
+    return int(np.prod(shape)) // block * size
+
+
+def _random_blocks(rng, shape, qtype) -> np.ndarray:
+    """Random blocks whose float16 scales (d, and dmin for Q4_K) are small and finite."""
+    if qtype == Q.F32:
+        return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    block, size = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (int(np.prod(shape)) // block, size), dtype=np.uint8)
+    scales = 2 if qtype == Q.Q8_0 else 4  # Q8_0: d; Q4_K: d, dmin (each float16, first in the block)
+    blocks[:, :scales] = (rng.random((len(blocks), scales // 2)) * 0.02).astype(np.float16).view(np.uint8)
+    return blocks.reshape(_byte_shape(shape, qtype))
