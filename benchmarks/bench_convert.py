@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     if args.before:
         tree, sha = export_tree(args.before)
         variants[f"before: reshard convert at {sha}"] = (convert, tree)
-    variants[f"after: reshard convert at {commit()[:12]}"] = (convert, ROOT)
+    variants[f"after: reshard convert at {commit()}"] = (convert, ROOT)
 
     print(f"## (d) reshard convert --dtype {args.dtype} vs plain copy\n\n```")
     print("\n".join(machine_lines(args.dtype)))

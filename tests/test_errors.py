@@ -46,6 +46,16 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "{} cannot be read safely as weights ({})": ("test_robustness.py::test_malicious_bin_is_refused_and_nothing_runs",),
     "{}: transformers cannot read this GGUF file ({})":
         ("test_errors_convert.py::test_gguf_that_transformers_cannot_read",),
+    "{} is part {} of a {}-file GGUF, but {} {} missing from {}":
+        ("test_gguf.py::test_split_gguf_with_a_missing_part_is_refused",),
+    "{}: GGUF architecture {} is not supported by reshard yet; load it with transformers and save it as "
+    "safetensors first": ("test_gguf.py::test_gguf_of_transformers_newer_path_is_refused",),
+    "{} is not a readable GGUF file ({}); download it again": ("test_gguf.py::test_gguf_that_is_not_gguf",),
+    "{} is truncated in tensor {}; download it again": ("test_gguf.py::test_gguf_shrunk_while_converting",),
+    "{}: transformers' GGUF processing gave no tensor for {}":
+        ("test_gguf.py::test_gguf_processing_that_gives_no_tensor",),
+    "{} ends before byte {}; was it changed during the conversion?":
+        ("test_fileio.py::test_source_shrunk_before_its_tensors_are_copied",),
     "{} needs its own Python code to load; pass --trust-remote-code if you trust it":
         ("test_robustness.py::test_custom_code_needs_trust_remote_code",),
     "transformers cannot read the config of {}: {}": ("test_robustness.py::test_config_transformers_cannot_load",),

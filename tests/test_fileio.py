@@ -69,3 +69,25 @@ def test_digest_reports_a_failed_hash(tmp_path):
         digest.update_from_file(tmp_path / "missing.bin", 0, 10)
         with pytest.raises(FileNotFoundError):
             digest.hexdigest()
+
+
+def test_source_shrunk_before_its_tensors_are_copied(tiny_checkpoints, tmp_path, monkeypatch, capsys):
+    """The header was read whole, then the file shrank before its bytes were copied."""
+    import reshard.source
+    from reshard.cli import main
+    from test_robustness import only_error, single_file_checkpoint
+
+    folder = single_file_checkpoint(tiny_checkpoints, tmp_path / "src")
+    path = folder / "model.safetensors"
+    real_locate = reshard.source.SafetensorsSource.locate
+
+    def locate_after_truncation(self, key):
+        if path.stat().st_size > 1000:
+            path.write_bytes(path.read_bytes()[:1000])
+        return real_locate(self, key)
+
+    monkeypatch.setattr(reshard.source.SafetensorsSource, "locate", locate_after_truncation)
+    assert main(["convert", str(folder), str(tmp_path / "out"), "--quiet"]) == 1
+    line = only_error(capsys.readouterr().err)
+    first = line.split(" ends before byte ")
+    assert first[0] == f"Error: {path}" and first[1].endswith("; was it changed during the conversion?"), line

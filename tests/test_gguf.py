@@ -14,7 +14,6 @@ from safetensors import safe_open
 from conftest import smollm2_gguf
 from gguf_files import write_random_llama, write_split
 from reshard.convert import convert
-from reshard.errors import SourceError
 from reshard.format import read_manifest
 
 # Peak RSS of a conversion in a fresh process, from VmHWM (see tests/test_convert.py for why).
@@ -73,13 +72,6 @@ def test_split_gguf_converts_like_the_single_file(tmp_path, small_gguf):
     assert manifest.source["id"] == str(parts[0].resolve())
 
 
-def test_split_gguf_with_a_missing_part_is_refused(tmp_path, small_gguf):
-    parts = write_split(small_gguf, tmp_path / "smol.gguf", parts=3)
-    parts[2].unlink()
-    with pytest.raises(SourceError, match="smol-00003-of-00003.gguf is missing"):
-        convert(str(parts[0]), tmp_path / "out", progress=False)
-
-
 @pytest.mark.slow
 def test_large_gguf_converts_in_one_layer_of_memory(tmp_path):
     """A 1.09 GB llama GGUF (Q8_0 and Q4_K) converts with peak RSS <= 1.5 GB, and every tensor
@@ -108,3 +100,83 @@ def test_large_gguf_converts_in_one_layer_of_memory(tmp_path):
         with safe_open(out / group.file, framework="pt") as f:
             for name in f.keys():
                 assert torch.equal(f.get_tensor(name), want.pop(name)), name
+
+
+# --- error lines (listed in tests/test_errors.py) ---------------------------------------------
+
+def cli_convert(capsys, *args) -> tuple[int, str]:
+    """(exit code, the one `Error:` line) of `reshard convert ARGS --quiet`."""
+    from reshard.cli import main
+    from test_robustness import only_error
+
+    code = main(["convert", *map(str, args), "--quiet"])
+    return code, only_error(capsys.readouterr().err)
+
+
+def test_split_gguf_with_a_missing_part_is_refused(tmp_path, small_gguf, capsys):
+    parts = write_split(small_gguf, tmp_path / "smol.gguf", parts=3)
+    parts[2].unlink()
+    assert cli_convert(capsys, parts[0], tmp_path / "out") == (
+        1, f"Error: {parts[0]} is part 1 of a 3-file GGUF, but smol-00003-of-00003.gguf is missing from {tmp_path}")
+
+
+def write_header_only(path: Path, arch: str) -> Path:
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(path, arch)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_of_transformers_newer_path_is_refused(tmp_path, capsys):
+    gguf = write_header_only(tmp_path / "m.gguf", "lfm2")
+    assert cli_convert(capsys, gguf, tmp_path / "out") == (
+        1, f"Error: {gguf}: GGUF architecture 'lfm2' is not supported by reshard yet; load it with transformers "
+           f"and save it as safetensors first")
+
+
+def test_gguf_that_is_not_gguf(tmp_path, capsys):
+    from gguf import GGUFReader
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + b"\x00" * 60)
+    try:
+        GGUFReader(gguf)
+    except ValueError as e:  # gguf's own reason, quoted in the line
+        reason = str(e)
+    assert cli_convert(capsys, gguf, tmp_path / "out") == (
+        1, f"Error: {gguf} is not a readable GGUF file ({reason}); download it again")
+
+
+def test_gguf_shrunk_while_converting(tmp_path, small_gguf, monkeypatch, capsys):
+    from reshard.gguf_source import GGUFSource
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(small_gguf.read_bytes())
+    real_read = GGUFSource.read
+
+    def read_after_truncation(self, keys):
+        gguf.write_bytes(gguf.read_bytes()[:4_000_000])
+        return real_read(self, keys)
+
+    monkeypatch.setattr(GGUFSource, "read", read_after_truncation)
+    code, line = cli_convert(capsys, gguf, tmp_path / "out")
+    assert code == 1
+    first = line.split(" is truncated in tensor ")
+    assert first[0] == f"Error: {gguf}" and first[1].endswith("; download it again"), line
+
+
+def test_gguf_processing_that_gives_no_tensor(tmp_path, small_gguf, monkeypatch, capsys):
+    from transformers.modeling_gguf_pytorch_utils import GGUFTensor, LlamaTensorProcessor
+
+    real = LlamaTensorProcessor.process
+
+    def drops_the_embeddings(self, weights, name, **kwargs):
+        return GGUFTensor(weights, None, {}) if name == "token_embd.weight" else real(self, weights, name, **kwargs)
+
+    monkeypatch.setattr(LlamaTensorProcessor, "process", drops_the_embeddings)
+    assert cli_convert(capsys, small_gguf, tmp_path / "out") == (
+        1, f"Error: {small_gguf}: transformers' GGUF processing gave no tensor for model.embed_tokens.weight")
