@@ -116,3 +116,10 @@ def test_generate_on_a_terminal_says_it_waits_for_the_prompt(tiny_converted, mon
     assert runtime_main(["generate", str(tiny_converted["llama"]), "-n", "2", "--device", "cpu",
                          "--max-cpu-memory", "0"]) == 0
     assert "runtime: type the prompt" not in capsys.readouterr().err
+
+
+@pytest.mark.slow  # converts a 2-layer GGUF
+def test_quiet_gguf_convert_prints_only_the_folder(small_gguf, tmp_path):
+    run = run_quietly(f"import sys; from reshard.cli import main; sys.exit(main(['convert', {str(small_gguf)!r}, "
+                      f"{str(tmp_path / 'out')!r}, '--quiet']))")
+    assert (run.returncode, run.stdout, run.stderr) == (0, f"{tmp_path / 'out'}\n", "")
