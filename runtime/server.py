@@ -10,6 +10,7 @@ away mid-request has its sequence cancelled, which frees its slot at the next pa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 
@@ -23,6 +24,9 @@ from reshard.errors import ReshardError, UsageError
 from .batch import chat_ids, prompt_ids
 from .engine import ContextLengthError, Engine, QueueFullError
 from .protocol import DONE, ChatRequest, CompletionRequest, Reply, error_body, sse
+
+
+DISCONNECT_CHECK_S = 0.5  # how often a request waiting for a whole answer checks that its client is still there
 
 
 class ApiError(Exception):
@@ -207,15 +211,16 @@ class _Listener:
 async def _collect(request: Request, listener: _Listener):
     """Every choice's whole text, finish reasons and token counts; None if the client left first."""
     texts = [""] * len(listener.seqs)
+    check_at = time.monotonic() + DISCONNECT_CHECK_S
     try:
         while listener.running:
-            try:
-                i, ev = await asyncio.wait_for(listener.next(), timeout=0.5)
-            except TimeoutError:
+            with contextlib.suppress(TimeoutError):
+                i, ev = await asyncio.wait_for(listener.next(), timeout=DISCONNECT_CHECK_S)
+                texts[i] += ev.text
+            if time.monotonic() >= check_at:  # whether or not tokens keep coming
                 if await request.is_disconnected():
                     return None
-                continue
-            texts[i] += ev.text
+                check_at = time.monotonic() + DISCONNECT_CHECK_S
         return texts, listener.reasons, listener.used
     finally:
         listener.cancel()
