@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from common import machine_lines  # noqa: E402
+from common import commit, machine_lines  # noqa: E402
 from models import converted, smollm2_checkpoint  # noqa: E402
 
 TOPICS = ["the sea", "mountains", "a city at night", "autumn leaves", "a cup of coffee", "the moon", "trains",
@@ -33,14 +32,6 @@ TOPICS = ["the sea", "mountains", "a city at night", "autumn leaves", "a cup of 
 
 def prompts(n: int) -> list[str]:
     return [f"Write a short story about {TOPICS[k % len(TOPICS)]} (version {k // len(TOPICS) + 1})." for k in range(n)]
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def baseline(lm, ids, max_tokens: int) -> tuple[float, int]:
