@@ -49,3 +49,7 @@ class DiskSpaceError(ReshardError):
 
 class OutputInUseError(ReshardError):
     """The output folder holds something other than an earlier run of the same conversion."""
+
+
+class MemoryBudgetError(ReshardError):
+    """Even one streamed group next to the smallest job does not fit the device memory allowed."""

@@ -1,17 +1,23 @@
 """Where each layer group lives while the model runs: on the device, in host RAM, or on disk.
 
-`place_groups` decides once, at load, from the group sizes and two byte budgets:
-- DEVICE: the group's tensors stay on the compute device for good (never re-read);
+`plan` decides at load, from what each group takes (`GroupCost`: its bytes once in place on
+the device, quantized weights expanded, and its stored bytes), a `Budget` and an allowance
+for the job (runtime.allowance):
+- DEVICE: the group's tensors stay on the compute device (never re-read);
 - HOST: its bytes stay in host memory (pinned, on CUDA) and are copied to the device per pass;
 - DISK: it streams from its mapped file every pass.
-On the CPU the device *is* host memory, so there are only DEVICE and DISK groups and the
-budget that counts is `max_cpu_memory`.
+The device's capacity covers the resident groups, the groups in flight while streaming
+(`prefetch + 1`, each at its largest while it is loaded) and the job's activations, KV cache
+and logits. A job larger than the one planned for calls `demote` when it starts: resident
+groups move off the device until it fits. On the CPU the device *is* host memory, so there
+are only DEVICE and DISK groups and the budget that counts is `max_cpu_memory`.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -54,29 +60,122 @@ def default_cpu_budget() -> int:
     return max(0, int(min(free * 0.75, free - (2 << 30))))
 
 
+def cuda_available(device: torch.device) -> int:
+    """Bytes this process can still allocate on `device`: what the device has free plus what
+    torch's allocator caches unused, and no more than a `set_per_process_memory_fraction` cap allows."""
+    free, total = torch.cuda.mem_get_info(device)
+    reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
+    available = free + reserved - allocated
+    fraction = memory_fraction(device)
+    if fraction < 1.0:
+        available = min(available, int(fraction * total) - allocated)
+    return max(0, available)
+
+
+def memory_fraction(device: torch.device) -> float:
+    """The per-process memory fraction set for `device` (1.0 where torch cannot say)."""
+    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.7
+    if get is None:
+        return 1.0
+    try:
+        return float(get(device))
+    except (RuntimeError, TypeError, ValueError):
+        return 1.0
+
+
 def default_gpu_budget(device: torch.device) -> int:
-    """Free device memory minus 10% and 1 GiB, for activations and the KV cache."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(0, int(free * 0.9) - (1 << 30))
+    """What the device can still give, less 5% and 256 MiB for the allocator's rounding and
+    cuBLAS workspaces; the job's own memory is planned separately (runtime.allowance)."""
+    return max(0, int(cuda_available(device) * 0.95) - (256 << 20))
 
 
-def place_groups(sizes: list[int], kinds: list[str], *, device_budget: int | None, host_budget: int,
-                 reserve: int) -> list[str]:
-    """One of DEVICE/HOST/DISK per group, filling the device first, then host RAM.
+# --- the plan ---------------------------------------------------------------------------------
 
-    `device_budget` None means the device is host memory (CPU): only DEVICE and DISK.
-    `reserve` is what streaming itself needs on the device (prefetched groups), held back
-    unless everything fits. Groups outside the layers go first: they run on every pass too,
-    and are often small. Within a tier, first fit in model order.
+@dataclass(frozen=True)
+class GroupCost:
+    held: int  # bytes on the compute device once in place (quantized weights expanded)
+    stored: int  # bytes of its file: what each pass reads, what host RAM holds for a HOST group
+    kind: str  # "pre", "layer" or "post"
+    made_anew: bool = False  # loading makes new tensors (expanded or cast), not views of its bytes
+
+    @property
+    def in_flight(self) -> int:
+        """Bytes while it is being loaded: a group that is expanded or cast holds both forms for a moment."""
+        return self.held + (self.stored if self.made_anew else 0)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The memory a model may use, kept by `LayeredModel` to fit each job when it starts."""
+
+    cuda: bool  # the compute device is a GPU (else the CPU: device memory is host memory)
+    capacity: int  # compute-device bytes for everything: resident weights, streaming buffers, the job
+    host: int  # CUDA: host RAM for HOST groups and the pinned staging buffers
+    residents: bool = True  # False for a budget of 0: no weights stay on the device
+    prefetch: int = 1  # groups read ahead: that many more groups in flight
+    limit_from_user: bool = False  # `capacity` is --max-gpu-memory's (else what the device has free)
+
+
+def stream_reserve(costs: list[GroupCost], budget: Budget, streamed: list[int] | None = None) -> int:
+    """Device bytes streaming takes: the group in use plus `prefetch` read ahead, each at its
+    largest while loading (`streamed`: the groups that stream; default all of them)."""
+    idx = range(len(costs)) if streamed is None else streamed
+    largest = max((costs[i].in_flight for i in idx), default=0)
+    return (budget.prefetch + 1) * largest if largest else 0
+
+
+def device_need(costs: list[GroupCost], places: list[str], budget: Budget, job: int) -> int:
+    """Device bytes the plan `places` needs for a job of `job` bytes."""
+    resident = sum(c.held for c, p in zip(costs, places) if p == DEVICE)
+    streamed = [i for i, p in enumerate(places) if p != DEVICE]
+    return resident + stream_reserve(costs, budget, streamed) + job
+
+
+def smallest_capacity(costs: list[GroupCost], budget: Budget, job: int) -> int:
+    """The least device memory with which every group streams next to a job of `job` bytes."""
+    return stream_reserve(costs, budget) + job
+
+
+def plan(costs: list[GroupCost], budget: Budget, job: int) -> list[str]:
+    """One of DEVICE/HOST/DISK per group, for a job of `job` bytes (see module docstring).
+
+    Everything stays on the device if it fits with the job. Otherwise the device keeps room
+    for streaming and the job, and the rest of it is filled first (groups outside the layers
+    first: they run every pass too and are often small; then first fit in model order);
+    on CUDA host RAM is filled next with what is left, keeping room for the staging buffers
+    if anything still streams from disk.
     """
-    order = sorted(range(len(sizes)), key=lambda i: (kinds[i] == "layer", i))
-    places = [DISK] * len(sizes)
-    if device_budget is None:
-        return _fill(places, order, sizes, host_budget, DEVICE)
-    if sum(sizes) <= device_budget:
-        return [DEVICE] * len(sizes)
-    _fill(places, order, sizes, device_budget - reserve, DEVICE)
-    return _fill(places, order, sizes, host_budget, HOST)
+    if budget.residents and sum(c.held for c in costs) + job <= budget.capacity:
+        return [DEVICE] * len(costs)
+    order = sorted(range(len(costs)), key=lambda i: (costs[i].kind == "layer", i))
+    places = [DISK] * len(costs)
+    room = budget.capacity - stream_reserve(costs, budget) - job if budget.residents else 0
+    _fill(places, order, [c.held for c in costs], room, DEVICE)
+    if not budget.cuda:
+        return places
+    stored = [c.stored for c in costs]
+    rest = [i for i in order if places[i] == DISK]
+    if sum(stored[i] for i in rest) <= budget.host:
+        return _fill(places, order, stored, budget.host, HOST)
+    staging = 2 * max(stored[i] for i in rest)  # two pinned buffers sized to the largest group read
+    return _fill(places, order, stored, budget.host - staging, HOST)
+
+
+def demote(costs: list[GroupCost], places: list[str], budget: Budget, job: int) -> list[str]:
+    """`places` with resident groups moved off the device until a job of `job` bytes fits next
+    to them: decoder layers first, the last first; to host RAM where it has room (CUDA), else
+    to disk. Unchanged if it fits already; everything streams if even that is not enough."""
+    places = list(places)
+    host_used = sum(c.stored for c, p in zip(costs, places) if p == HOST)
+    staging = 2 * max((c.stored for c in costs), default=0)
+    order = sorted((i for i, p in enumerate(places) if p == DEVICE), key=lambda i: (costs[i].kind != "layer", -i))
+    for i in order:
+        if device_need(costs, places, budget, job) <= budget.capacity:
+            break
+        to_host = budget.cuda and host_used + costs[i].stored + staging <= budget.host
+        places[i] = HOST if to_host else DISK
+        host_used += costs[i].stored if to_host else 0
+    return places
 
 
 def _fill(places: list[str], order: list[int], sizes: list[int], budget: int, tier: str) -> list[str]:

@@ -5,22 +5,26 @@ forward, its KV cache and `generate` are transformers' code. Hooks on each group
 put that group's weights in place just before they run (from the background prefetcher)
 and take them away after, so the device holds about `prefetch + 1` groups at a time.
 Groups that fit the memory budget (runtime.budget) are put in place once and get no hooks:
-a model that fits entirely runs as transformers' own model, with no per-pass work.
+a model that fits entirely runs as transformers' own model, with no per-pass work. Each job
+(`model(...)`, `generate`, `score`, `generate_batch`) first makes room for its activations,
+KV cache and logits (`fit_job`): resident groups move off the device if it needs the space.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from reshard.errors import UsageError
+from reshard.errors import MemoryBudgetError, UsageError
 from reshard.format import DTYPE_NAMES, dtype_name, read_manifest
 from reshard.plan import build_empty_model
 from reshard.verify import verify_folder
 
-from . import budget, lowbit
+from . import allowance, budget, lowbit
 from .experts import ExpertStreamer, cache_budget, load_persistent_buffers
 from .stream import GroupLoader, Loaded, Prefetcher, StreamStats
 
@@ -95,9 +99,10 @@ class LayeredModel:
     """
 
     def __init__(self, model, manifest, loader: GroupLoader, *, device, prefetch: int, tokenizer=None,
-                 expert_cache: int = 0, sparse_experts: bool = True):
+                 expert_cache: int = 0, sparse_experts: bool = True, memory: budget.Budget | None = None):
         self.model, self.manifest, self.loader = model, manifest, loader
-        self.device, self.tokenizer = device, tokenizer
+        self.device, self.tokenizer, self.memory, self.depth = device, tokenizer, memory, prefetch
+        self.costs = group_costs(loader)
         self.stats = loader.stats
         self.groups = manifest.groups
         # the names each group's loaded tensors carry: parameters (quantized ones expanded or packed), then aliases
@@ -161,18 +166,21 @@ class LayeredModel:
         _pin_device(model, dev)
         _load_generation_config(model, path)
         loader = GroupLoader(path, manifest, dev, compute_dtype, StreamStats(), packing=packing)
-        loader.places = _place(loader, dev, prefetch, max_gpu_memory, max_cpu_memory)
+        memory = budget.make_budget(dev, prefetch, max_gpu_memory, max_cpu_memory)
+        loader.places = place_groups(loader, model.config, memory)
         load_persistent_buffers(model, loader)
         cache = cache_budget(loader, dev, prefetch, max_gpu_memory, max_cpu_memory, expert_cache)
         return cls(model, manifest, loader, device=dev, prefetch=prefetch, tokenizer=_load_tokenizer(path),
-                   expert_cache=cache if sparse_experts else 0, sparse_experts=sparse_experts)
+                   expert_cache=cache if sparse_experts else 0, sparse_experts=sparse_experts, memory=memory)
 
     # --- calls go to transformers ------------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        self.fit_job(allowance.shape_of_call(args, kwargs))
         with torch.inference_mode():
             return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
+        self.fit_job(allowance.shape_of_generate(args, kwargs, self.model.generation_config))
         with torch.inference_mode():
             return self.model.generate(*args, **kwargs)
 
@@ -187,6 +195,63 @@ class LayeredModel:
         from .batch import generate_batch
 
         return generate_batch(self, prompts, **kwargs)
+
+    # --- memory for the job ----------------------------------------------------------------
+    def job_bytes(self, shape: allowance.JobShape) -> int:
+        """Device bytes a job of `shape` needs besides the weights (runtime.allowance)."""
+        return allowance.job_bytes(self.model.config, self.loader.dtype, shape)
+
+    def fits(self, shape: allowance.JobShape) -> bool:
+        """Whether a job of `shape` fits the budget, once resident groups make room for it."""
+        if self.memory is None:
+            return True
+        job = self.job_bytes(shape)
+        places = budget.demote(self.costs, self.places, self.memory, job)
+        return budget.device_need(self.costs, places, self.memory, job) <= self.memory.capacity
+
+    def fit_job(self, shape: allowance.JobShape) -> None:
+        """Make room for a job of `shape` before it starts: resident groups move to host RAM or
+        disk if its activations, KV cache and logits need their space (said once on stderr).
+        On CUDA a job that does not fit even with every group streamed raises MemoryBudgetError
+        naming the --max-gpu-memory it needs; on the CPU it runs anyway."""
+        if self.memory is None:
+            return
+        job = self.job_bytes(shape)
+        places = budget.demote(self.costs, self.places, self.memory, job)
+        if places != self.places:
+            self._demote(places, shape, job)
+        if self.memory.cuda and budget.device_need(self.costs, places, self.memory, job) > self.memory.capacity:
+            need = budget.smallest_capacity(self.costs, self.memory, job)
+            raise MemoryBudgetError(_too_small(self.memory, need, f"{shape.describe()} (about {gib(job)})",
+                                               self.device))
+
+    def _demote(self, places: list[str], shape: allowance.JobShape, job: int) -> None:
+        """Move the groups that `places` takes off the device there, and stream them from now on."""
+        self.prefetcher.close()
+        moved = [i for i, (old, new) in enumerate(zip(self.places, places)) if old != new]
+        for i in moved:
+            for slot in self._slots[i]:
+                slot.clear()
+            self._count_resident(i, -1)
+            self.places[i] = places[i]
+            self._count_resident(i, +1)
+            if places[i] == budget.HOST:
+                self.loader.hold(i)
+            else:
+                self.loader.release_pages(i)
+        self.loader.reset_staging()  # sized anew for the groups that stream now
+        self.streamed = [i for i, p in enumerate(self.places) if p != budget.DEVICE]
+        self.prefetcher = Prefetcher(self.loader.load, self.streamed, self.depth, self.stats)
+        freed = sum(self.costs[i].held for i in moved)
+        where = ", ".join(f"{sum(self.places[i] == p for i in moved)} to {p}" for p in (budget.HOST, budget.DISK)
+                          if any(self.places[i] == p for i in moved))
+        print(f"runtime: {shape.describe()} needs about {gib(job)} of device memory next to the weights; "
+              f"moved {len(moved)} resident groups ({gib(freed)}) off the device ({where}) to make room",
+              file=sys.stderr)
+
+    def _count_resident(self, i: int, sign: int) -> None:
+        place = self.places[i]
+        self.stats.resident_bytes[place] = self.stats.resident_bytes.get(place, 0) + sign * self._resident_bytes(i, place)
 
     def __getattr__(self, name):
         return getattr(self.__dict__["model"], name)
@@ -214,17 +279,17 @@ class LayeredModel:
 
     # --- the streaming hooks -------------------------------------------------------------
     def _resident_bytes(self, i: int, place: str) -> int:
-        """Memory group i takes where it waits: its file's bytes; a tied tensor it borrows from
-        another group counts again only on a CUDA device, where it is a copy of its own."""
+        """Memory group i takes where it waits: on the device what it holds in place (GroupLoader.held_bytes),
+        in host RAM or on disk its file's bytes."""
+        if place == budget.DEVICE:
+            return self.costs[i].held
         file = self.loader.files[i]
-        own = file.nbytes if file is not None else 0
-        copies = place == budget.DEVICE and self.device.type == "cuda"
-        return self.loader.group_bytes(i) if copies else own
+        return file.nbytes if file is not None else 0
 
     def _hold_resident(self) -> None:
         """Put DEVICE groups in place for good and HOST groups in host memory, once."""
         for i, place in enumerate(self.places):
-            self.stats.resident_bytes[place] = self.stats.resident_bytes.get(place, 0) + self._resident_bytes(i, place)
+            self._count_resident(i, +1)
             if place == budget.HOST:
                 self.loader.hold(i)
             elif place == budget.DEVICE:
@@ -234,6 +299,8 @@ class LayeredModel:
                 for slot, name in zip(self._slots[i], self._names[i]):
                     slot.put(loaded.tensors[name])
                 self.stats.per_group_loads[i] += 1
+                if self.costs[i].made_anew:  # expanded or cast: the file's pages are not used
+                    self.loader.release_pages(i)
         self.loader.drop_staging()
 
     def _install_hooks(self) -> None:
@@ -306,18 +373,51 @@ class LayeredModel:
         self.stats.end_pass()
 
 
-def _place(loader: GroupLoader, device: torch.device, prefetch: int, max_gpu_memory, max_cpu_memory) -> list[str]:
-    """DEVICE/HOST/DISK per group from the budgets (defaults: what is free now)."""
-    sizes = [loader.group_bytes(i) for i in range(len(loader.files))]
-    kinds = [g.kind for g in loader.manifest.groups]
+def make_budget(device: torch.device, prefetch: int, max_gpu_memory, max_cpu_memory) -> budget.Budget:
+    """The memory the model may use (defaults: what is free now). On CUDA the device's capacity
+    is --max-gpu-memory but never more than the device can give (see runtime.budget.cuda_available);
+    0 keeps no weights there (the device's free memory still bounds the job)."""
     cpu = budget.parse_size(max_cpu_memory)
     cpu = budget.default_cpu_budget() if cpu is None else cpu
     if device.type != "cuda":
-        return budget.place_groups(sizes, kinds, device_budget=None, host_budget=cpu, reserve=0)
-    gpu = budget.parse_size(max_gpu_memory)
-    gpu = budget.default_gpu_budget(device) if gpu is None else gpu
-    reserve = (prefetch + 1) * max(sizes, default=0)
-    return budget.place_groups(sizes, kinds, device_budget=gpu, host_budget=cpu, reserve=reserve)
+        return budget.Budget(cuda=False, capacity=cpu, host=0, residents=cpu > 0, prefetch=prefetch)
+    gpu, free = budget.parse_size(max_gpu_memory), budget.default_gpu_budget(device)
+    user = gpu is not None and 0 < gpu < free
+    return budget.Budget(cuda=True, capacity=gpu if user else free, host=cpu, residents=gpu != 0, prefetch=prefetch,
+                         limit_from_user=user)
+
+
+def group_costs(loader: GroupLoader) -> list[budget.GroupCost]:
+    """What each group takes on the device and on disk (runtime.budget plans with these)."""
+    return [budget.GroupCost(loader.held_bytes(i), loader.group_bytes(i), g.kind, loader.made_anew(i))
+            for i, g in enumerate(loader.manifest.groups)]
+
+
+def _place(loader: GroupLoader, config, memory: budget.Budget) -> list[str]:
+    """DEVICE/HOST/DISK per group, leaving room for a job of runtime.allowance.DEFAULT's shape.
+    On CUDA, fails at once if even streaming every group next to the smallest job cannot fit."""
+    costs = group_costs(loader)
+    if memory.cuda:
+        smallest = allowance.job_bytes(config, loader.dtype, allowance.SMALLEST)
+        need = budget.smallest_capacity(costs, memory, smallest)
+        if need > memory.capacity:
+            raise MemoryBudgetError(_too_small(memory, need, "the smallest job", loader.device))
+    return budget.plan(costs, memory, allowance.job_bytes(config, loader.dtype, allowance.DEFAULT))
+
+
+def _too_small(memory: budget.Budget, need: int, job: str, device: torch.device) -> str:
+    have = (f"--max-gpu-memory is {gib(memory.capacity)}" if memory.limit_from_user
+            else f"{device} can give {gib(memory.capacity)} (free memory, less a margin)")
+    fix = f"use --max-gpu-memory {gib(need)} or more" if memory.limit_from_user else \
+        f"free device memory (--max-gpu-memory {gib(need)} is the least that works)"
+    hint = ", or --prefetch 0" if memory.prefetch > 0 else ""
+    return (f"streaming this model with {job} needs {gib(need)} of device memory ({memory.prefetch + 1} groups "
+            f"in flight and the job's activations), but {have}; {fix}{hint}")
+
+
+def gib(nbytes: int) -> str:
+    """Bytes as GiB, rounded up to 0.01 (text parse_size reads back)."""
+    return f"{math.ceil(nbytes / 2**30 * 100) / 100:.2f}GiB"
 
 
 def _place_buffers(model: nn.Module, device: torch.device) -> None:

@@ -11,9 +11,11 @@ model runs with, on the background thread (and the copy stream on CUDA):
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from reshard.format import Group, quant_part_names
+from reshard.format import ST_TO_DTYPE, Group, param_names, quant_part_names
 from reshard.quant import dequantize
 
 from .lowbit import PackSpec, pack_param, packed_names
@@ -55,3 +57,21 @@ def held_names(names: list[str], packing: dict[str, PackSpec]) -> list[str]:
     for name in names:
         out.extend(packed_names(name) if name in packing else (name,))
     return out
+
+
+def held_bytes(group: Group, scheme: str | None, dtype: torch.dtype, device: torch.device) -> int:
+    """Bytes `group`'s parameters take once in place on `device`, computing in `dtype`.
+
+    The one place the budget learns this (runtime.budget plans with it): quantized parameters
+    are held expanded to `dtype` on every device today; floating tensors are cast to `dtype`.
+    """
+    return sum(param_held_bytes(group, name, dtype, device) for name in param_names(group, scheme))
+
+
+def param_held_bytes(group: Group, name: str, dtype: torch.dtype, device: torch.device) -> int:
+    """Bytes parameter `name` of `group` takes once in place on `device` (see `held_bytes`)."""
+    if name in group.quantized:
+        return math.prod(group.quantized[name]["shape"]) * dtype.itemsize
+    info = group.tensors[name]
+    stored = ST_TO_DTYPE[info["dtype"]]
+    return math.prod(info["shape"]) * (dtype.itemsize if stored.is_floating_point else stored.itemsize)

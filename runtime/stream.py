@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from reshard.format import GroupFile, Manifest, param_names, quant_part_names
+from reshard.format import ST_TO_DTYPE, GroupFile, Manifest, param_names, quant_part_names
 
 from .budget import DISK, HOST
 from .lowbit import PackSpec
-from .quantized import expand_group, expand_param, held_names
+from .quantized import expand_group, expand_param, held_bytes, held_names, param_held_bytes
 
 
 @dataclass
@@ -146,6 +146,31 @@ class GroupLoader:
         own = self.files[i].nbytes if self.files[i] else 0
         return own + sum(self._stored_bytes(j, name) for j, name in self.aliases[i].values())
 
+    def held_bytes(self, i: int) -> int:
+        """Bytes group i takes once in place on the device. Parameters made anew (quantized ones
+        expanded, others cast to the compute dtype) take runtime.quantized.held_bytes; on the CPU
+        a group used as it is stored is its mapped file, and a tied tensor it borrows unchanged
+        is a view of another group's mapping; on CUDA every tensor is a copy of its own."""
+        group = self.manifest.groups[i]
+        own = 0
+        if self.files[i] is not None:
+            as_stored = not self.cuda and not self.made_anew(i)
+            own = self.files[i].nbytes if as_stored else held_bytes(group, self.scheme, self.dtype, self.device)
+        return own + sum(param_held_bytes(self.manifest.groups[j], name, self.dtype, self.device)
+                         for j, name in self.aliases[i].values() if self.cuda or self._param_made_anew(j, name))
+
+    def made_anew(self, i: int) -> bool:
+        """Whether loading group i makes new tensors (expanded or cast) rather than views of its bytes."""
+        group = self.manifest.groups[i]
+        return any(self._param_made_anew(i, name) for name in param_names(group, self.scheme))
+
+    def _param_made_anew(self, j: int, name: str) -> bool:
+        group = self.manifest.groups[j]
+        if name in group.quantized:
+            return True
+        stored = ST_TO_DTYPE[group.tensors[name]["dtype"]]
+        return stored.is_floating_point and stored != self.dtype
+
     def _stored_bytes(self, j: int, name: str) -> int:
         """Bytes parameter `name` takes in group j's file (all its parts if quantized)."""
         infos = self.files[j].infos
@@ -177,6 +202,10 @@ class GroupLoader:
         """Free the staging buffers if no group streams from disk (they served resident loads only)."""
         if DISK not in self.places:
             self._free_staging()
+
+    def reset_staging(self) -> None:
+        """Free the staging buffers; the next load from disk makes them anew, sized to the groups that stream then."""
+        self._free_staging()
 
     def _free_staging(self) -> None:
         self._staging, self._staging_done = [], [None, None]
@@ -239,6 +268,8 @@ class GroupLoader:
                 base = span[0] if span else 0
                 tensors = self._expand(i, {name: self._cast(gf.view_of(flat, name, base))
                                            for name in gf.infos if name not in skip})
+                if self.manifest.groups[i].quantized:  # own copies of the small rest, so `flat` goes now
+                    tensors = {n: t.clone() if _shares(t, flat) else t for n, t in tensors.items()}
             for alias, (j, name) in self.aliases[i].items():
                 tensors[alias] = self._param(j, name, lambda t: t.to(self.device))
             event = torch.cuda.Event()
@@ -294,6 +325,10 @@ def _copied_out(gf: GroupFile, tensors: dict[str, torch.Tensor]) -> bool:
     data = gf.data()
     start, end = data.data_ptr(), data.data_ptr() + data.numel()
     return any(not start <= t.data_ptr() < end for t in tensors.values())
+
+
+def _shares(t: torch.Tensor, base: torch.Tensor) -> bool:
+    return t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
 
 
 class Prefetcher:

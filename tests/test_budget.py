@@ -9,7 +9,7 @@ import torch
 
 from reshard.errors import UsageError
 from runtime import budget
-from runtime.budget import DEVICE, DISK, HOST, parse_size, place_groups
+from runtime.budget import DEVICE, DISK, HOST, Budget, GroupCost, parse_size, plan
 from runtime.model import LayeredModel
 
 
@@ -25,21 +25,24 @@ def test_parse_size_rejects_garbage(text):
         parse_size(text)
 
 
-def test_place_groups_cpu_fills_ram_first_fit():
-    sizes, kinds = [10, 40, 40, 40, 5, 10], ["pre", "layer", "layer", "layer", "post", "post"]
-    got = place_groups(sizes, kinds, device_budget=None, host_budget=100, reserve=0)
-    # non-layer groups first (25 bytes), then layers in order while they fit (75 left: one layer... two? 40+40>75)
-    assert got == [DEVICE, DEVICE, DISK, DISK, DEVICE, DEVICE]
-    assert place_groups(sizes, kinds, device_budget=None, host_budget=0, reserve=0) == [DISK] * 6
-    assert place_groups(sizes, kinds, device_budget=None, host_budget=145, reserve=0) == [DEVICE] * 6
+def test_plan_cpu_fills_ram_first_fit():
+    costs = [GroupCost(n, n, k) for n, k in zip([10, 40, 40, 40, 5, 10], ["pre", "layer", "layer", "layer", "post", "post"])]
+    cpu = lambda capacity: Budget(cuda=False, capacity=capacity, host=0, prefetch=0)  # noqa: E731
+    # one group in flight (40) held back: non-layer groups first (25 bytes), then layers while they fit
+    assert plan(costs, cpu(140), job=0) == [DEVICE, DEVICE, DISK, DISK, DEVICE, DEVICE]
+    assert plan(costs, cpu(0), job=0) == [DISK] * 6
+    assert plan(costs, cpu(145), job=0) == [DEVICE] * 6
+    assert plan(costs, cpu(145), job=1) != [DEVICE] * 6  # the job's allowance counts too
 
 
-def test_place_groups_gpu_device_then_host_then_disk():
-    sizes, kinds = [10, 40, 40, 40, 10], ["pre", "layer", "layer", "layer", "post"]
-    assert place_groups(sizes, kinds, device_budget=140, host_budget=0, reserve=80) == [DEVICE] * 5
-    # does not fit: 80 bytes held back for two streamed groups, 59 left for residents
-    got = place_groups(sizes, kinds, device_budget=139, host_budget=45, reserve=80)
-    assert got == [DEVICE, HOST, DISK, DISK, DEVICE]
+def test_plan_gpu_device_then_host_then_disk():
+    costs = [GroupCost(n, n, k) for n, k in zip([10, 40, 40, 40, 40, 10], ["pre"] + ["layer"] * 4 + ["post"])]
+    gpu = lambda capacity, host: Budget(cuda=True, capacity=capacity, host=host, prefetch=1)  # noqa: E731
+    assert plan(costs, gpu(180, 0), job=0) == [DEVICE] * 6
+    # does not fit: 80 bytes held back for two streamed groups, 59 left for residents;
+    # host RAM keeps 80 for the two staging buffers while a group streams from disk
+    assert plan(costs, gpu(139, 125), job=0) == [DEVICE, HOST, DISK, DISK, DISK, DEVICE]
+    assert plan(costs, gpu(139, 160), job=0) == [DEVICE] + [HOST] * 4 + [DEVICE]  # nothing left on disk: no staging
 
 
 def test_default_cpu_budget_leaves_a_margin():
