@@ -26,6 +26,7 @@ class JobShape:
     logits_rows: int = 1  # positions per row whose logits are kept (1 when generating)
     in_flight: int = 1  # forwards parked between layers at once (scoring's jobs)
     whole_cache: bool = True  # the KV of every layer lives for the whole job (not scoring)
+    offload: bool = False  # parked forwards keep their activations in host memory (scoring's option)
 
     def describe(self) -> str:
         flight = f", {self.in_flight} forwards in flight" if self.in_flight > 1 else ""
@@ -48,8 +49,9 @@ def job_bytes(config, dtype: torch.dtype, shape: JobShape) -> int:
         kv = shape.batch * shape.context * dims.layers * kv_per_position
     else:  # scoring: a layer's KV lives until every forward has passed it (two layers at a handover)
         kv = 2 * shape.in_flight * shape.batch * shape.context * kv_per_position
-    parked = shape.in_flight * rows * (2 * dims.hidden + 2 * dims.head_dim) * size  # hidden, residual, cos, sin
-    masks = shape.in_flight * shape.batch * shape.tokens * shape.context * 4  # a 4-D mask per forward, worst case
+    parked_here = 1 if shape.offload else shape.in_flight  # forwards whose activations are on the device
+    parked = parked_here * rows * (2 * dims.hidden + 2 * dims.head_dim) * size  # hidden, residual, cos, sin
+    masks = parked_here * shape.batch * shape.tokens * shape.context * 4  # a 4-D mask per forward, worst case
     layer = rows * (4 * dims.hidden + 3 * dims.intermediate + (dims.heads + 2 * dims.kv_heads) * dims.head_dim) * size
     if getattr(config, "_attn_implementation", None) == "eager":  # the whole score matrix, in float32
         layer += shape.batch * dims.heads * shape.tokens * shape.context * 4

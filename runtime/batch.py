@@ -11,6 +11,7 @@ nothing extra. With greedy decoding both give exactly the plain greedy tokens, i
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from reshard.errors import UsageError
 from reshard.format import MANIFEST, read_manifest
 
+from .allowance import shape_of_generate
 from .score import pad_batch
 
 
@@ -45,6 +47,12 @@ def generate_ids(lm, seqs: list[list[int]], prompts: list[str] | None = None, *,
     """`generate_batch` on prompts given as token ids (`prompts`, their texts, only label the results)."""
     tok = _tokenizer(lm)
     prompts = prompts or [""] * len(seqs)
+    rows = fitting_rows(lm, seqs, generate_kwargs)
+    if rows < len(seqs):  # each prompt gets the tokens it gets alone, so smaller batches change nothing
+        print(f"runtime: generating for {rows} prompts at a time instead of {len(seqs)}, so that the "
+              f"activations and KV cache fit on the device", file=sys.stderr)
+        return [g for k in range(0, len(seqs), rows) for g in
+                generate_ids(lm, seqs[k:k + rows], prompts[k:k + rows], keep_logits=keep_logits, **generate_kwargs)]
     pad = pad_id(lm)
     ids, mask = pad_batch(seqs, pad, left=True)
     dev = lm.device
@@ -58,6 +66,17 @@ def generate_ids(lm, seqs: list[list[int]], prompts: list[str] | None = None, *,
         logits = torch.stack([step[r] for step in out.logits[:len(tokens)]]).cpu() if keep_logits else None
         results.append(Generated(prompt, tok.decode(tokens, skip_special_tokens=True), tokens, logits))
     return results
+
+
+def fitting_rows(lm, seqs: list[list[int]], generate_kwargs: dict) -> int:
+    """The most prompts (halving from all of them) whose generation fits the device next to the weights."""
+    rows, longest = len(seqs), max(len(s) for s in seqs)
+    while rows > 1:
+        ids = torch.empty(rows, longest, device="meta")
+        if lm.fits(shape_of_generate((), {**generate_kwargs, "input_ids": ids}, lm.generation_config)):
+            break
+        rows = (rows + 1) // 2
+    return rows
 
 
 def prompt_ids(tok, text: str, *, chat: bool) -> list[int]:

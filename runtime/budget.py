@@ -15,6 +15,7 @@ are only DEVICE and DISK groups and the budget that counts is `max_cpu_memory`.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -87,6 +88,20 @@ def default_gpu_budget(device: torch.device) -> int:
     """What the device can still give, less 5% and 256 MiB for the allocator's rounding and
     cuBLAS workspaces; the job's own memory is planned separately (runtime.allowance)."""
     return max(0, int(cuda_available(device) * 0.95) - (256 << 20))
+
+
+def make_budget(device: torch.device, prefetch: int, max_gpu_memory, max_cpu_memory) -> Budget:
+    """The memory the model may use (defaults: what is free now). On CUDA the device's capacity
+    is --max-gpu-memory but never more than the device can give (see runtime.cuda_available);
+    0 keeps no weights there (the device's free memory still bounds the job)."""
+    cpu = parse_size(max_cpu_memory)
+    cpu = default_cpu_budget() if cpu is None else cpu
+    if device.type != "cuda":
+        return Budget(cuda=False, capacity=cpu, host=0, residents=cpu > 0, prefetch=prefetch)
+    gpu, free = parse_size(max_gpu_memory), default_gpu_budget(device)
+    user = gpu is not None and 0 < gpu < free
+    return Budget(cuda=True, capacity=gpu if user else free, host=cpu, residents=gpu != 0, prefetch=prefetch,
+                         limit_from_user=user)
 
 
 # --- the plan ---------------------------------------------------------------------------------
@@ -184,3 +199,19 @@ def _fill(places: list[str], order: list[int], sizes: list[int], budget: int, ti
             places[i] = tier
             budget -= sizes[i]
     return places
+
+
+def too_small(memory: Budget, need: int, job: str, device: torch.device) -> str:
+    """The one-line reason a MemoryBudgetError gives: what is needed, what there is, what to do."""
+    have = (f"--max-gpu-memory is {gib(memory.capacity)}" if memory.limit_from_user
+            else f"{device} can give {gib(memory.capacity)} (free memory, less a margin)")
+    fix = f"use --max-gpu-memory {gib(need)} or more" if memory.limit_from_user else \
+        f"free device memory (--max-gpu-memory {gib(need)} is the least that works)"
+    hint = ", or --prefetch 0" if memory.prefetch > 0 else ""
+    return (f"streaming this model with {job} needs {gib(need)} of device memory ({memory.prefetch + 1} groups "
+            f"in flight and the job's activations), but {have}; {fix}{hint}")
+
+
+def gib(nbytes: int) -> str:
+    """Bytes as GiB, rounded up to 0.01 (text parse_size reads back)."""
+    return f"{math.ceil(nbytes / 2**30 * 100) / 100:.2f}GiB"

@@ -12,7 +12,6 @@ KV cache and logits (`fit_job`): resident groups move off the device if it needs
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -222,8 +221,8 @@ class LayeredModel:
             self._demote(places, shape, job)
         if self.memory.cuda and budget.device_need(self.costs, places, self.memory, job) > self.memory.capacity:
             need = budget.smallest_capacity(self.costs, self.memory, job)
-            raise MemoryBudgetError(_too_small(self.memory, need, f"{shape.describe()} (about {gib(job)})",
-                                               self.device))
+            job_text = f"{shape.describe()} (about {budget.gib(job)})"
+            raise MemoryBudgetError(budget.too_small(self.memory, need, job_text, self.device))
 
     def _demote(self, places: list[str], shape: allowance.JobShape, job: int) -> None:
         """Move the groups that `places` takes off the device there, and stream them from now on."""
@@ -245,8 +244,8 @@ class LayeredModel:
         freed = sum(self.costs[i].held for i in moved)
         where = ", ".join(f"{sum(self.places[i] == p for i in moved)} to {p}" for p in (budget.HOST, budget.DISK)
                           if any(self.places[i] == p for i in moved))
-        print(f"runtime: {shape.describe()} needs about {gib(job)} of device memory next to the weights; "
-              f"moved {len(moved)} resident groups ({gib(freed)}) off the device ({where}) to make room",
+        print(f"runtime: {shape.describe()} needs about {budget.gib(job)} of device memory next to the weights; "
+              f"moved {len(moved)} resident groups ({budget.gib(freed)}) off the device ({where}) to make room",
               file=sys.stderr)
 
     def _count_resident(self, i: int, sign: int) -> None:
@@ -373,27 +372,13 @@ class LayeredModel:
         self.stats.end_pass()
 
 
-def make_budget(device: torch.device, prefetch: int, max_gpu_memory, max_cpu_memory) -> budget.Budget:
-    """The memory the model may use (defaults: what is free now). On CUDA the device's capacity
-    is --max-gpu-memory but never more than the device can give (see runtime.budget.cuda_available);
-    0 keeps no weights there (the device's free memory still bounds the job)."""
-    cpu = budget.parse_size(max_cpu_memory)
-    cpu = budget.default_cpu_budget() if cpu is None else cpu
-    if device.type != "cuda":
-        return budget.Budget(cuda=False, capacity=cpu, host=0, residents=cpu > 0, prefetch=prefetch)
-    gpu, free = budget.parse_size(max_gpu_memory), budget.default_gpu_budget(device)
-    user = gpu is not None and 0 < gpu < free
-    return budget.Budget(cuda=True, capacity=gpu if user else free, host=cpu, residents=gpu != 0, prefetch=prefetch,
-                         limit_from_user=user)
-
-
 def group_costs(loader: GroupLoader) -> list[budget.GroupCost]:
     """What each group takes on the device and on disk (runtime.budget plans with these)."""
     return [budget.GroupCost(loader.held_bytes(i), loader.group_bytes(i), g.kind, loader.made_anew(i))
             for i, g in enumerate(loader.manifest.groups)]
 
 
-def _place(loader: GroupLoader, config, memory: budget.Budget) -> list[str]:
+def place_groups(loader: GroupLoader, config, memory: budget.Budget) -> list[str]:
     """DEVICE/HOST/DISK per group, leaving room for a job of runtime.allowance.DEFAULT's shape.
     On CUDA, fails at once if even streaming every group next to the smallest job cannot fit."""
     costs = group_costs(loader)
@@ -401,23 +386,8 @@ def _place(loader: GroupLoader, config, memory: budget.Budget) -> list[str]:
         smallest = allowance.job_bytes(config, loader.dtype, allowance.SMALLEST)
         need = budget.smallest_capacity(costs, memory, smallest)
         if need > memory.capacity:
-            raise MemoryBudgetError(_too_small(memory, need, "the smallest job", loader.device))
+            raise MemoryBudgetError(budget.too_small(memory, need, "the smallest job", loader.device))
     return budget.plan(costs, memory, allowance.job_bytes(config, loader.dtype, allowance.DEFAULT))
-
-
-def _too_small(memory: budget.Budget, need: int, job: str, device: torch.device) -> str:
-    have = (f"--max-gpu-memory is {gib(memory.capacity)}" if memory.limit_from_user
-            else f"{device} can give {gib(memory.capacity)} (free memory, less a margin)")
-    fix = f"use --max-gpu-memory {gib(need)} or more" if memory.limit_from_user else \
-        f"free device memory (--max-gpu-memory {gib(need)} is the least that works)"
-    hint = ", or --prefetch 0" if memory.prefetch > 0 else ""
-    return (f"streaming this model with {job} needs {gib(need)} of device memory ({memory.prefetch + 1} groups "
-            f"in flight and the job's activations), but {have}; {fix}{hint}")
-
-
-def gib(nbytes: int) -> str:
-    """Bytes as GiB, rounded up to 0.01 (text parse_size reads back)."""
-    return f"{math.ceil(nbytes / 2**30 * 100) / 100:.2f}GiB"
 
 
 def _place_buffers(model: nn.Module, device: torch.device) -> None:

@@ -27,6 +27,7 @@ import torch
 
 from reshard.errors import UsageError
 
+from .allowance import JobShape
 from .lockstep import Job, Lockstep
 
 
@@ -51,6 +52,7 @@ def score_encoded(lm, encoded: list["Encoded"], *, batch_size: int = 8, progress
     """The core of `score`, on tokens: per Encoded, per continuation, (summed log-probability,
     whether each of its tokens is the model's greedy pick). All items share one weight pass."""
     _check_lengths(lm, encoded)
+    batch_size, offload = _fit_micro_batch(lm, encoded, batch_size, offload)
     pad = _pad_id(_tokenizer(lm))
     questions = [n for n, e in enumerate(encoded) if e.context is not None]
     texts = [n for n, e in enumerate(encoded) if e.context is None]
@@ -198,6 +200,34 @@ def _run(lm, forwards: list, progress: bool, offload: bool) -> list:
         lockstep = Lockstep(lm, on_load=lambda i: bar.update(1), on_release=drop,
                             offload=torch.device("cpu") if offload else None)
         return lockstep.run([f.job() for f in forwards])
+
+
+def _fit_micro_batch(lm, encoded: list[Encoded], batch_size: int, offload: bool) -> tuple[int, bool]:
+    """(micro-batch size, offload) for a job that fits the device next to the weights: resident
+    groups make room first (LayeredModel.fit_job); if even that is not enough, smaller
+    micro-batches, then activations in host memory. Changes are said once on stderr."""
+    size, moved = batch_size, offload
+    while size > 1 and not lm.fits(job_shape(encoded, size, offload)):
+        size = (size + 1) // 2
+    if not offload and not lm.fits(job_shape(encoded, size, False)) and lm.fits(job_shape(encoded, size, True)):
+        moved = True
+    if (size, moved) != (batch_size, offload):
+        how = [f"micro-batches of {size} items instead of {batch_size}"] if size != batch_size else []
+        how += ["waiting activations in host memory"] if moved != offload else []
+        print(f"runtime: scoring with {' and '.join(how)}, so that the activations fit on the device", file=sys.stderr)
+    lm.fit_job(job_shape(encoded, size, moved))
+    return size, moved
+
+
+def job_shape(encoded: list[Encoded], batch_size: int, offload: bool) -> JobShape:
+    """The shape of scoring `encoded` in micro-batches of `batch_size` items: all its forwards
+    are in flight at once (layers outermost), a choices forward has a row per choice."""
+    questions = sum(e.context is not None for e in encoded)
+    forwards = 2 * -(-questions // batch_size) + -(-(len(encoded) - questions) // batch_size)
+    longest = max(len(e.context or []) + max(len(c) for c in e.continuations) for e in encoded)
+    rows = batch_size * max(len(e.continuations) for e in encoded)
+    return JobShape(batch=rows, tokens=longest, context=longest, logits_rows=longest, in_flight=forwards,
+                    whole_cache=False, offload=offload)
 
 
 def _collect(encoded, questions, texts, parts, n_prompt_jobs, batch_size) -> list[list[tuple[float, bool]]]:
