@@ -1,0 +1,118 @@
+"""Degrading instead of failing: a job larger than the plan made room for moves resident groups
+off the device, scores in smaller micro-batches or generates fewer prompts at a time, says so
+once on stderr, and gives the same results. A budget that says "CUDA" is put on a CPU model
+(the planner only sees numbers); the real GPU is in test_budget_cuda.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from reshard.errors import MemoryBudgetError
+from runtime import LayeredModel
+from runtime.allowance import DEFAULT, JobShape
+from runtime.budget import DEVICE, DISK, Budget, device_need, parse_size, stream_reserve
+from runtime.score import job_shape
+
+from test_score import ITEMS
+
+
+def open_tiny(folder, **kwargs):
+    model = LayeredModel.from_pretrained(folder, device="cpu", **kwargs)
+    model.tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    return model
+
+
+def test_a_larger_job_demotes_resident_groups(tiny_checkpoints, tiny_converted, capsys):
+    folder = tiny_converted["qwen2"]
+    with open_tiny(folder, max_cpu_memory="1GiB") as probe:
+        exact = sum(c.held for c in probe.costs) + probe.job_bytes(DEFAULT)
+    model = open_tiny(folder, max_cpu_memory=exact)  # room for every group and the default job, no more
+    n = len(model.groups)
+    assert model.places == [DEVICE] * n
+    ref = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2"]).eval()
+    small = torch.tensor([[5, 9, 17]])
+    capsys.readouterr()
+    with torch.inference_mode():
+        assert torch.equal(model(small).logits, ref(small).logits)
+    assert model.places == [DEVICE] * n and capsys.readouterr().err == ""
+    big = torch.randint(3, 300, (8, 120), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = ref(big).logits
+        assert torch.equal(model(big).logits, want)
+        assert torch.equal(model(big).logits, want)  # the second time there is nothing left to move
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(r"runtime: a batch of 8 x 120 tokens .* needs about \S+GiB of device memory "
+                                      r"next to the weights; moved \d+ resident groups", err[0]), err
+    assert DEVICE not in model.places[1:-1] and DISK in model.places
+    assert model.stats.resident_bytes["device"] == sum(c.held for c, p in zip(model.costs, model.places) if p == DEVICE)
+    assert model.stats.resident_bytes["disk"] == sum(c.stored for c, p in zip(model.costs, model.places) if p == DISK)
+    assert model.stats.layer_loads > 0  # the demoted groups stream now
+    out = model.generate(small, max_new_tokens=4, do_sample=False)  # and generation still works
+    assert torch.equal(out, ref.generate(small, max_new_tokens=4, do_sample=False))
+    model.close()
+
+
+def as_gpu(model, capacity: int) -> None:
+    """Give a (streamed) CPU model the strict budget of a GPU of `capacity` bytes."""
+    model.memory = Budget(cuda=True, capacity=capacity, host=0, prefetch=model.depth, limit_from_user=True)
+
+
+def test_scoring_shrinks_micro_batches_to_fit(tiny_converted, capsys):
+    folder = tiny_converted["llama"]
+    model = open_tiny(folder, max_cpu_memory=0)
+    want = model.score(ITEMS, batch_size=8)
+    tok = model.tokenizer
+    from runtime.score import encode_item
+
+    encoded = [encode_item(tok, item, n) for n, item in enumerate(ITEMS)]
+    reserve = stream_reserve(model.costs, model.memory)
+    need = {b: reserve + model.job_bytes(job_shape(encoded, b, False)) for b in (8, 4, 2)}
+    assert need[8] > need[4] > need[2]
+    as_gpu(model, need[2])
+    capsys.readouterr()
+    got = model.score(ITEMS, batch_size=8)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["runtime: scoring with micro-batches of 2 items instead of 8, so that the activations fit "
+                   "on the device"]
+    for g, w in zip(got, want):
+        for key in ("scores", "logprob"):
+            if key in w:
+                assert g[key] == pytest.approx(w[key], abs=1e-4)
+    assert model.stats.layer_loads == 2 * len(model.groups)  # still one read of each layer for all items
+    model.close()
+
+
+def test_scoring_that_cannot_fit_names_the_budget_that_would(tiny_converted):
+    model = open_tiny(tiny_converted["llama"], max_cpu_memory=0)
+    as_gpu(model, 1 << 20)
+    with pytest.raises(MemoryBudgetError, match=r"use --max-gpu-memory (\S+) or more") as e:
+        model.score(ITEMS, batch_size=4)
+    named = parse_size(re.search(r"--max-gpu-memory (\S+) or more", str(e.value)).group(1))
+    as_gpu(model, named)
+    assert len(model.score(ITEMS, batch_size=4)) == len(ITEMS)  # what it named is enough (with one item per batch)
+    model.close()
+
+
+def test_batched_generation_splits_the_prompts_to_fit(tiny_converted, capsys):
+    model = open_tiny(tiny_converted["gpt2"], max_cpu_memory=0)
+    prompts = ["w5 w6 w7", "w9", "w11 w12 w13 w14 w15", "w20 w21", "w30"]
+    want = model.generate_batch(prompts, max_new_tokens=5, do_sample=False)
+    shape = JobShape(batch=2, tokens=5, context=10)
+    four = dataclasses.replace(shape, batch=4)
+    budget_two = stream_reserve(model.costs, model.memory) + model.job_bytes(shape)
+    assert model.job_bytes(four) > model.job_bytes(shape)
+    as_gpu(model, budget_two)
+    capsys.readouterr()
+    got = model.generate_batch(prompts, max_new_tokens=5, do_sample=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("runtime: generating for ") and "instead of 5" in err[0]
+    rows = int(err[0].split()[3])
+    assert 1 <= rows < 5
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    assert device_need(model.costs, model.places, model.memory, model.job_bytes(shape)) <= budget_two
+    model.close()
