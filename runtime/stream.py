@@ -17,6 +17,8 @@ next pass's first groups. Groups resident on the device are loaded once and neve
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -29,6 +31,11 @@ from reshard.format import ST_TO_DTYPE, GroupFile, Manifest, param_names, quant_
 from .budget import DISK, HOST
 from .lowbit import PackSpec
 from .quantized import expand_group, expand_param, held_bytes, held_names, param_held_bytes
+
+try:
+    _LIBC_TRIM = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim  # glibc only
+except (OSError, AttributeError, TypeError):
+    _LIBC_TRIM = None
 
 
 @dataclass
@@ -135,6 +142,7 @@ class GroupLoader:
         # groups whose loads bring one span of their data section, without the tensors named
         # (their routed experts come separately, see runtime/experts.py): i -> (span, names left out)
         self.partial: dict[int, tuple[tuple[int, int], frozenset]] = {}
+        self._made = [self.held_bytes(i) != self.group_bytes(i) for i in range(len(self.files))]  # expanded/cast
 
     def tensor_names(self, i: int) -> list[str]:
         """The names load(i)'s tensors carry: parameters (a packed weight with its scales), then aliases."""
@@ -314,9 +322,20 @@ class GroupLoader:
         return flat, read
 
     def release_pages(self, i: int) -> None:
-        """Let the OS drop group i's mapped pages from this process (the page cache keeps them)."""
+        """Let the OS drop group i's mapped pages from this process (the page cache keeps them),
+        and, where its tensors were made anew (expanded or cast), the heap pages they used."""
         if self.files[i] is not None:
             self.files[i].evict()
+        if self._made[i]:
+            trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc). Expanded weights are tens of MB each;
+    once glibc has freed one such block it serves blocks of that size from its heap, which it
+    does not shrink by itself, so a streamed model would keep every group's expanded size."""
+    if _LIBC_TRIM is not None:
+        _LIBC_TRIM(0)
 
 
 def _copied_out(gf: GroupFile, tensors: dict[str, torch.Tensor]) -> bool:
