@@ -130,9 +130,12 @@ class LayeredModel:
         bfloat16 where the CPU does it natively, else in float32); `prefetch` is how many groups
         the background thread reads ahead (0 reads each group when it is needed).
 
-        `max_gpu_memory` / `max_cpu_memory` (bytes, or text like "12GiB") bound the weights kept
-        on the device and in host RAM; groups that fit stay there, the rest stream from disk.
+        `max_gpu_memory` / `max_cpu_memory` (bytes, or text like "12GiB") bound what the model
+        uses on the device (CUDA: resident weights, the groups in flight while streaming and the
+        job's activations, never more than the device can give) and in host RAM (on the CPU, all
+        of that; on CUDA, the weights kept there); groups that fit stay, the rest stream from disk.
         The defaults come from the free memory (see runtime.budget); 0 streams everything.
+        A job larger than the plan allowed for moves resident groups off the device when it starts.
         Streamed mixture-of-experts layers read only the experts their tokens use
         (runtime/experts.py); `expert_cache` (bytes or text) keeps recently used experts on the
         device, by default in what the budget leaves after placing the groups; `sparse_experts`
