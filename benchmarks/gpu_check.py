@@ -19,7 +19,10 @@ shapes (what CI does, so this script cannot rot); the CUDA-only parts say they w
 6. greedy parity of LayeredModel (resident and streamed) against transformers in memory, fp16,
    on the SmolLM2 that `benchmarks/prepare_gpu_check.py` put in `.gpu/` (trimmed to a few
    layers): greedy tokens must match transformers', streamed prompt logits must equal the
-   resident ones exactly (the difference to transformers' logits is reported).
+   resident ones exactly (the difference to transformers' logits is reported);
+7. a small GPU (benchmarks/small_gpu.py): a blocker leaves `--small-free-gb` free; default-budget
+   generation, 32 prompts at once, scoring 128 items at batch 16, int8 and int4 folders, each
+   within the free memory; accelerate's device_map="auto" and AirLLM side by side.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import torch  # noqa: E402
 
 from common import count_places, evict_page_cache, machine_lines, opened, out  # noqa: E402
 from gpu_parity import parity  # noqa: E402
+from small_gpu import small_gpu  # noqa: E402
 
 GiB = 2**30
 FULL = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
@@ -55,10 +59,14 @@ def parse_args(argv):
     ap.add_argument("--prefill", type=int, default=None, help="tokens of the prefill pass (default 8192; dry 16)")
     ap.add_argument("--cap-gb", type=float, default=16, help="GPU memory cap for this process, GB (default 16)")
     ap.add_argument("--assets", type=Path, default=ROOT / ".gpu", help="what prepare_gpu_check.py wrote")
+    ap.add_argument("--small-free-gb", type=float, default=6, help="small-GPU section: GB left free (default 6)")
+    ap.add_argument("--small-tokens", type=int, default=None, help="small-GPU section: new tokens (default 16; dry 3)")
+    ap.add_argument("--only", choices=["streaming", "quantized", "moe", "parity", "small"], help="run one section")
     ap.add_argument("--work", type=Path, default=None, help="where to write the synthetic model (default: a temp dir)")
     args = ap.parse_args(argv)
     args.layers = args.layers or (3 if args.dry else 4)
     args.prefill = args.prefill or (16 if args.dry else 8192)
+    args.small_tokens = args.small_tokens or (3 if args.dry else 16)
     return args
 
 
@@ -99,12 +107,13 @@ def pinned_copy_gbps(nbytes: int, device: torch.device) -> float:
 
 # --- the synthetic model -------------------------------------------------------------------
 
-def write_synthetic(args, folder: Path, device: torch.device, *, quantize: str | None = None, group: int = 32):
+def write_synthetic(args, folder: Path, device: torch.device, *, quantize: str | None = None, group: int = 32,
+                    vocab: int | None = None):
     from transformers import LlamaConfig
 
     from reshard.synthetic import write_random_model
 
-    shapes = DRY if args.dry else FULL
+    shapes = {**(DRY if args.dry else FULL), **({"vocab_size": vocab} if vocab else {})}
     config = LlamaConfig(**shapes, num_hidden_layers=args.layers, max_position_embeddings=max(4096, args.prefill),
                          tie_word_embeddings=False)
     t0 = time.perf_counter()
@@ -314,34 +323,35 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu-check-", dir=args.work) as tmp:
         work = Path(tmp)
         fp16 = {}  # the streaming section's figures: the quantized section's baseline
-        try:
-            streaming(args, device, work / "synthetic", fp16)
-        except Exception:
-            failures.append("streaming")
-            out("streaming section FAILED:\n" + traceback.format_exc())
-        try:
-            quantized_streaming(args, device, work, fp16)
-        except Exception:
-            failures.append("quantized streaming")
-            out("quantized streaming section FAILED:\n" + traceback.format_exc())
-        try:
-            from gpu_check_moe import moe_streaming
-
-            out("```")
-            if not moe_streaming(out, device, work / "moe", args.dry):
-                failures.append("moe streaming")
-            out("```")
-        except Exception:
-            failures.append("moe streaming")
-            out("moe streaming section FAILED:\n" + traceback.format_exc())
-        try:
-            failures += parity(args, device, work)
-        except Exception:
-            failures.append("parity")
-            out("parity section FAILED:\n" + traceback.format_exc())
+        sections = {  # name -> run it; False, a list of failures or an exception is a failure
+            "streaming": lambda: streaming(args, device, work / "synthetic", fp16),
+            "quantized streaming": lambda: quantized_streaming(args, device, work, fp16),
+            "moe streaming": lambda: moe_section(args, device, work),
+            "parity": lambda: parity(args, device, work),
+            "small GPU": lambda: small_gpu(args, device, work, write_synthetic),
+        }
+        for name, run in sections.items():
+            if args.only and name.split()[0] != args.only:
+                continue
+            try:
+                result = run()
+                failures += result if isinstance(result, list) else [name] if result is False else []
+            except Exception:
+                failures.append(name)
+                out(f"{name} section FAILED:\n" + traceback.format_exc())
     out(f"gpu_check: {'FAILED: ' + ', '.join(failures) if failures else 'OK'}")
     out("```")
     return 1 if failures else 0
+
+
+def moe_section(args, device: torch.device, work: Path) -> bool:
+    from gpu_check_moe import moe_streaming
+
+    out("```")
+    try:
+        return moe_streaming(out, device, work / "moe", args.dry)
+    finally:
+        out("```")
 
 
 def guarded(name: str, fn, *args) -> dict:

@@ -5,8 +5,9 @@ each quantized parameter's parts (`X.weight.qweight`, `.scales`, `.zeros`) into 
 model runs with, on the background thread (and the copy stream on CUDA):
 - a weight in `packing` (the CPU, see runtime/lowbit.py) becomes the packed weight and scales
   a `PackedLinear` takes (`X.weight`, `X.qscales`): its bytes stay about the stored ones;
-- any other is expanded to `X.weight` in the compute dtype with reshard.quant's math, so the
-  hooks put ordinary tensors in place and transformers' modules run unchanged.
+- any other is expanded to `X.weight` in the compute dtype with reshard.quant's math (compiled
+  into one kernel per weight on CUDA: runtime/expansion.py), so the hooks put ordinary tensors
+  in place and transformers' modules run unchanged.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import math
 import torch
 
 from reshard.format import ST_TO_DTYPE, Group, param_names, quant_part_names
-from reshard.quant import dequantize
 
+from .expansion import expand_weight
 from .lowbit import PackSpec, pack_param, packed_names
 
 
@@ -46,7 +47,7 @@ def expand_param(parts: dict[str, torch.Tensor], info: dict, scheme: str, dtype:
         one = {**info, "shape": shape[1:]}
         return torch.stack([expand_param({k: v[e] for k, v in parts.items()}, one, scheme, dtype)
                             for e in range(shape[0])])
-    w = dequantize(parts, scheme, columns=shape[0] if transposed else shape[1], dtype=dtype)
+    w = expand_weight(parts, scheme, columns=shape[0] if transposed else shape[1], dtype=dtype)
     return w.t() if transposed else w  # Conv1D keeps (in, out); a transposed view serves it
 
 

@@ -63,6 +63,13 @@ def test_gpu_check_dry_run(gpu_assets, tmp_path, tmp_path_factory):
         "LayeredModel resident", "LayeredModel streamed from disk", "LayeredModel streamed from pinned RAM"]
     assert all("tokens MATCH; prompt logits vs resident: max |diff| 0 (EXACT)" in line for line in parity), parity
     assert any(line.startswith("| fp16 | ") and line.endswith("| 1.00x | 1.00x |") for line in lines)
+    for task in ("generate", "generate 32 prompts", "score 128 items, batch 16"):  # the small-GPU section
+        assert any(line.startswith(f"| ours (default budget) | fp16 | {task} | ") for line in lines), task
+    for label in ("int8", "int4"):
+        assert any(line.startswith(f"| ours (default budget) | {label} | generate | ") for line in lines), label
+    assert any(line.startswith("| accelerate device_map=auto | fp16 | generate | ") and line.endswith("| same as ours |")
+               for line in lines)
+    assert any(line.startswith("| AirLLM | fp16 | generate | not importable") for line in lines)
     assert lines[-2:] == ["gpu_check: OK", "```"]
     assert list(tmp_path.iterdir()) == []  # the synthetic model was written to a temp dir and removed
 
@@ -73,7 +80,8 @@ def test_gpu_check_fails_without_assets(tmp_path):
                           str(tmp_path / "missing"), "--layers", "1"], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 1
     assert "parity section FAILED" in run.stdout and "run `python benchmarks/prepare_gpu_check.py` first" in run.stdout
-    assert run.stdout.splitlines()[-2] == "gpu_check: FAILED: parity"
+    assert "no tokenizer in" in run.stdout  # the small-GPU section's prompts need it too
+    assert run.stdout.splitlines()[-2] == "gpu_check: FAILED: parity, small GPU"
 
 
 @pytest.mark.parametrize("streamed_diff, tokens_differ, want", [

@@ -1,0 +1,94 @@
+"""The memory budget and the compiled expansion on a real GPU (issue 11); skipped without CUDA.
+`benchmarks/gpu_check.sh` runs these on a GPU machine."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from reshard.quant import dequantize, quantize
+from runtime import budget
+from runtime.model import LayeredModel
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DEV = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compiled_expansion_equals_plain_torch(scheme, dtype):
+    from runtime.expansion import compiled_dequantize, expand_weight
+
+    w = torch.randn(256, 1000, generator=torch.Generator().manual_seed(0)) * 0.05  # ragged last int4 group
+    parts = {k: v.to(DEV) for k, v in quantize(w.to(dtype), scheme, group=32).items()}
+    want = dequantize(parts, scheme, columns=1000, dtype=dtype)
+    assert torch.equal(compiled_dequantize()(parts, scheme, columns=1000, dtype=dtype), want)
+    assert torch.equal(expand_weight(parts, scheme, columns=1000, dtype=dtype), want)
+
+
+def test_memory_fraction_caps_the_default_budget():
+    total = torch.cuda.mem_get_info(DEV)[1]
+    torch.cuda.set_per_process_memory_fraction(0.1, DEV)
+    try:
+        assert budget.memory_fraction(DEV) == pytest.approx(0.1)
+        assert budget.cuda_available(DEV) <= 0.1 * total
+        assert budget.default_gpu_budget(DEV) < 0.1 * total
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, DEV)
+
+
+@pytest.fixture(scope="module")
+def int4_folder(tmp_path_factory):
+    """A random fp16 llama as int4: 8 layers of 75 MB expanded (23 MB stored)."""
+    from transformers import LlamaConfig
+
+    from reshard.synthetic import write_random_model
+
+    config = LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=8, vocab_size=8000, tie_word_embeddings=False)
+    folder = tmp_path_factory.mktemp("int4-cuda")
+    write_random_model(config, folder, dtype=torch.float16, quantize="int4", device=DEV)
+    return folder
+
+
+def test_small_gpu_quantized_folder_runs_within_free_memory(int4_folder):
+    """A blocker leaves less free than the expanded model; the default budget plans with the
+    expanded bytes, runs, stays under what was free and equals the folder run resident."""
+    ids = torch.tensor([[11, 12, 13, 14]], device=DEV)
+    with LayeredModel.from_pretrained(int4_folder, device=DEV, max_gpu_memory="1TB", max_cpu_memory=0) as model:
+        expanded = sum(c.held for c in model.costs)
+        assert model.places == ["device"] * len(model.places)
+        want = model(ids).logits
+    torch.cuda.empty_cache()
+    free_target = int(0.6 * expanded) + (300 << 20)
+    blocker = torch.empty(max(0, torch.cuda.mem_get_info(DEV)[0] - free_target), dtype=torch.uint8, device=DEV)
+    try:
+        free = torch.cuda.mem_get_info(DEV)[0]
+        torch.cuda.reset_peak_memory_stats(DEV)
+        before = torch.cuda.memory_reserved(DEV)
+        with LayeredModel.from_pretrained(int4_folder, device=DEV) as model:
+            assert "device" in model.places and len(set(model.places)) > 1
+            assert torch.equal(model(ids).logits, want)
+            model.generate(ids, max_new_tokens=8, do_sample=False)
+        assert torch.cuda.max_memory_reserved(DEV) - before <= free
+    finally:
+        del blocker
+        torch.cuda.empty_cache()
+
+
+def test_too_small_budget_is_one_error_naming_what_works(int4_folder, capsys):
+    from runtime.cli import main
+
+    args = ["generate", str(int4_folder), "--prompt", "hi", "--max-new-tokens", "2", "--device", "cuda"]
+    rc = main(args + ["--max-gpu-memory", "1MB"])  # fails at open, before the (missing) tokenizer is needed
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and err[0].startswith("Error: streaming this model with the smallest job needs")
+    named = re.search(r"use --max-gpu-memory (\S+) or more", err[0]).group(1)
+    with LayeredModel.from_pretrained(int4_folder, device=DEV, max_gpu_memory=named) as model:
+        model(torch.tensor([[11, 12]], device=DEV))
