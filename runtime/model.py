@@ -204,8 +204,9 @@ class LayeredModel:
         return allowance.job_bytes(self.model.config, self.loader.dtype, shape)
 
     def fits(self, shape: allowance.JobShape) -> bool:
-        """Whether a job of `shape` fits the budget, once resident groups make room for it."""
-        if self.memory is None:
+        """Whether a job of `shape` fits the budget, once resident groups make room for it.
+        Always on the CPU, where a job larger than the budget runs anyway (host RAM pages)."""
+        if self.memory is None or not self.memory.cuda:
             return True
         job = self.job_bytes(shape)
         places = budget.demote(self.costs, self.places, self.memory, job)
