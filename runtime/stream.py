@@ -142,7 +142,7 @@ class GroupLoader:
         # groups whose loads bring one span of their data section, without the tensors named
         # (their routed experts come separately, see runtime/experts.py): i -> (span, names left out)
         self.partial: dict[int, tuple[tuple[int, int], frozenset]] = {}
-        self._made = [self.held_bytes(i) != self.group_bytes(i) for i in range(len(self.files))]  # expanded/cast
+        self._made = [self.made_anew(i) for i in range(len(self.files))]
 
     def tensor_names(self, i: int) -> list[str]:
         """The names load(i)'s tensors carry: parameters (a packed weight with its scales), then aliases."""
