@@ -164,8 +164,8 @@ def plan(costs: list[GroupCost], budget: Budget, job: int) -> list[str]:
         return [DEVICE] * len(costs)
     order = sorted(range(len(costs)), key=lambda i: (costs[i].kind == "layer", i))
     places = [DISK] * len(costs)
-    room = budget.capacity - stream_reserve(costs, budget) - job if budget.residents else 0
-    _fill(places, order, [c.held for c in costs], room, DEVICE)
+    if budget.residents:
+        _fill(places, order, [c.held for c in costs], budget.capacity - stream_reserve(costs, budget) - job, DEVICE)
     if not budget.cuda:
         return places
     stored = [c.stored for c in costs]
@@ -179,7 +179,11 @@ def plan(costs: list[GroupCost], budget: Budget, job: int) -> list[str]:
 def demote(costs: list[GroupCost], places: list[str], budget: Budget, job: int) -> list[str]:
     """`places` with resident groups moved off the device until a job of `job` bytes fits next
     to them: decoder layers first, the last first; to host RAM where it has room (CUDA), else
-    to disk. Unchanged if it fits already; everything streams if even that is not enough."""
+    to disk. Unchanged if it fits already, or if even streaming everything would not make it fit
+    (moving weights would then cost passes and gain nothing)."""
+    streamed_all = [p if p != DEVICE else DISK for p in places]
+    if device_need(costs, streamed_all, budget, job) > budget.capacity:
+        return list(places)
     places = list(places)
     host_used = sum(c.stored for c, p in zip(costs, places) if p == HOST)
     staging = 2 * max((c.stored for c in costs), default=0)

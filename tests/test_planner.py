@@ -98,8 +98,10 @@ def test_demote_moves_layers_last_first_to_host_then_disk():
     assert demote(costs, places, cuda(490, 31 + 62), job=150) == [DEVICE, DISK, DISK, DISK, HOST, DEVICE]
     # only embed and head resident, a little more job: the head (after the layers) goes first
     assert demote(costs, got, cuda(490, 1000), job=190) == [DEVICE, HOST, HOST, HOST, HOST, HOST]
-    # nothing makes room: everything streams
-    assert demote(costs, places, cuda(300, 0), job=150) == [DISK] * 6
+    # nothing makes room (40 + 262 + 150 > 300 even with only embed and head resident... and
+    # 262 + 150 with nothing): nothing moves
+    assert demote(costs, places, cuda(300, 0), job=150) == places
+    assert demote(costs, places, cuda(412, 0), job=150) == [DISK] * 6  # exactly room to stream everything
     cpu = Budget(cuda=False, capacity=490, host=10**9)
     assert HOST not in demote(costs, places, cpu, job=150)
 
