@@ -23,13 +23,11 @@ from pathlib import Path
 
 import torch
 
+from common import out
+
 VOCAB = 49152  # SmolLM2's tokenizer (the prompts are real text), as in the issue's measurement
 PROMPT = "The three laws of robotics are"
 SCHEMES = [None, "int8", "int4"]
-
-
-def out(line: str = "") -> None:
-    print(line, flush=True)
 
 
 def small_gpu(args, device: torch.device, work: Path, write_synthetic) -> bool:
