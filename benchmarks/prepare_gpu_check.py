@@ -5,7 +5,8 @@
   layers copied raw, `block_count` set to match), plus its tokenizer saved as tokenizer.json.
   Real weights, fewer layers: its text is not SmolLM2's, but greedy parity still compares
   two implementations on the same real weights.
-- `.gpu/site/`: the pure-Python `gguf` package transformers needs to read that file.
+- `.gpu/site/`: the pure-Python `gguf` package transformers needs to read that file, and
+  `airllm` (pure Python) where it is installed here, for the small-GPU section's peers.
 
 Usage: python benchmarks/prepare_gpu_check.py [--out .gpu] [--layers 8]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import shutil
 import sys
 from pathlib import Path
@@ -31,6 +33,17 @@ def copy_gguf_package(site: Path) -> None:
                     ignore=shutil.ignore_patterns("__pycache__", "scripts"))
     info = Path(dist._path)  # the .dist-info folder
     shutil.copytree(info, site / info.name, dirs_exist_ok=True)
+
+
+def copy_airllm_package(site: Path) -> None:
+    """AirLLM (pure Python), for gpu_check's small-GPU peers, where it is installed here
+    (`pip install --no-deps airllm`: its dependencies are transformers' own); else its row is skipped."""
+    spec = importlib.util.find_spec("airllm")
+    if spec is None or not spec.submodule_search_locations:
+        print("airllm is not installed here; gpu_check's AirLLM row will say so (pip install --no-deps airllm)")
+        return
+    src = Path(next(iter(spec.submodule_search_locations)))
+    shutil.copytree(src, site / "airllm", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def save_tokenizer(gguf_path: Path, folder: Path) -> None:
@@ -58,6 +71,7 @@ def main(argv=None) -> int:
     total = trim_gguf(src, dst, args.layers)
     save_tokenizer(src, trim / "tokenizer")
     copy_gguf_package(args.out / "site")
+    copy_airllm_package(args.out / "site")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import commit
 

@@ -154,13 +154,24 @@ def accelerate_generate(hf: Path, device: torch.device, args) -> dict:
 def airllm_generate(hf: Path, device: torch.device, args) -> dict:
     if device.type != "cuda":
         raise ImportError("AirLLM runs on CUDA only")
-    from airllm import AutoModel  # carried along by prepare_gpu_check.py (pure Python)
+    AutoModel = _airllm(args.assets).AutoModel
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(hf)
     model = AutoModel.from_pretrained(str(hf))
     ids = tok(PROMPT, return_tensors="pt").input_ids.to(device)
     return _timed_generate(model, ids, args.small_tokens)
+
+
+def _airllm(assets: Path):
+    """The airllm module: installed, or carried along in `assets`/site by prepare_gpu_check.py."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("airllm") is None and (assets / "site" / "airllm").is_dir():
+        sys.path.append(str(assets / "site"))
+        importlib.invalidate_caches()
+    return importlib.import_module("airllm")
 
 
 def _timed_generate(model, ids, new: int) -> dict:
