@@ -19,7 +19,7 @@ import torch
 from reshard.format import ST_TO_DTYPE, Group, param_names, quant_part_names
 
 from .expansion import expand_weight
-from .lowbit import PackSpec, pack_param, packed_names
+from .lowbit import PackSpec, pack_param, packed_names, packed_nbytes
 
 
 def expand_group(tensors: dict[str, torch.Tensor], group: Group, scheme: str | None,
@@ -60,17 +60,22 @@ def held_names(names: list[str], packing: dict[str, PackSpec]) -> list[str]:
     return out
 
 
-def held_bytes(group: Group, scheme: str | None, dtype: torch.dtype, device: torch.device) -> int:
+def held_bytes(group: Group, scheme: str | None, dtype: torch.dtype, device: torch.device,
+               packing: dict[str, PackSpec] | None = None) -> int:
     """Bytes `group`'s parameters take once in place on `device`, computing in `dtype`.
 
-    The one place the budget learns this (runtime.budget plans with it): quantized parameters
-    are held expanded to `dtype` on every device today; floating tensors are cast to `dtype`.
+    The one place the budget learns this (runtime.budget plans with it): a quantized weight in
+    `packing` (the CPU's low-bit kernels) takes its packed bytes, any other quantized weight is
+    expanded to `dtype`; floating tensors are cast to `dtype`.
     """
-    return sum(param_held_bytes(group, name, dtype, device) for name in param_names(group, scheme))
+    return sum(param_held_bytes(group, name, dtype, device, packing) for name in param_names(group, scheme))
 
 
-def param_held_bytes(group: Group, name: str, dtype: torch.dtype, device: torch.device) -> int:
+def param_held_bytes(group: Group, name: str, dtype: torch.dtype, device: torch.device,
+                     packing: dict[str, PackSpec] | None = None) -> int:
     """Bytes parameter `name` of `group` takes once in place on `device` (see `held_bytes`)."""
+    if packing and name in packing:
+        return packed_nbytes(packing[name])
     if name in group.quantized:
         return math.prod(group.quantized[name]["shape"]) * dtype.itemsize
     info = group.tensors[name]

@@ -156,15 +156,16 @@ class GroupLoader:
 
     def held_bytes(self, i: int) -> int:
         """Bytes group i takes once in place on the device. Parameters made anew (quantized ones
-        expanded, others cast to the compute dtype) take runtime.quantized.held_bytes; on the CPU
+        packed or expanded, others cast to the compute dtype) take runtime.quantized.held_bytes; on the CPU
         a group used as it is stored is its mapped file, and a tied tensor it borrows unchanged
         is a view of another group's mapping; on CUDA every tensor is a copy of its own."""
         group = self.manifest.groups[i]
         own = 0
         if self.files[i] is not None:
             as_stored = not self.cuda and not self.made_anew(i)
-            own = self.files[i].nbytes if as_stored else held_bytes(group, self.scheme, self.dtype, self.device)
-        return own + sum(param_held_bytes(self.manifest.groups[j], name, self.dtype, self.device)
+            own = self.files[i].nbytes if as_stored else held_bytes(group, self.scheme, self.dtype, self.device,
+                                                                    self.packing)
+        return own + sum(param_held_bytes(self.manifest.groups[j], name, self.dtype, self.device, self.packing)
                          for j, name in self.aliases[i].values() if self.cuda or self._param_made_anew(j, name))
 
     def made_anew(self, i: int) -> bool:
