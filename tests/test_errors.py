@@ -175,6 +175,12 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "prefetch must be 0 or more, not {}": ("test_errors_runtime.py::test_library_checks_of_values_the_cli_rejects_first",),
     "memory size {} is not understood; write e.g. 12GiB, 500MB or a byte count":
         ("test_budget.py::test_cli_budget_flags_and_stats",),
+    # MemoryBudgetError (runtime.budget.too_small): "streaming this model with <job> needs <X>GiB of device
+    # memory (...), but <what there is>; use --max-gpu-memory <X>GiB or more | free device memory (...)";
+    # the CLI line (exit 1) is asserted on a GPU in test_budget_cuda.py
+    "<runtime/model.py:place_groups>": ("test_planner.py::test_too_small_names_the_least_budget_that_works",
+                                        "test_budget_cuda.py::test_too_small_budget_is_one_error_naming_what_works"),
+    "<runtime/model.py:fit_job>": ("test_degrade.py::test_scoring_that_cannot_fit_names_the_budget_that_would",),
     # --- runtime generate ------------------------------------------------------------------
     "empty prompt; pass --prompt TEXT or text on stdin": ("test_errors_runtime.py::test_empty_prompt",),
     "this folder has no tokenizer files; convert a checkpoint that has them":
