@@ -5,7 +5,7 @@ them in `--help`; commands carry `examples`. `run_command` is the one place that
 exceptions into one `Error: ...` line and an exit code:
   ours and other known errors -> exit 1, a bad option value (UsageError) -> exit 2,
   a flag click cannot parse -> click's usage text and exit 2 (SystemExit, as argparse did),
-  Ctrl-C -> exit 130. Set RESHARD_DEBUG=1 to see a traceback instead.
+  Ctrl-C -> exit 130 (`reshard` adds that running it again resumes). Set RESHARD_DEBUG=1 to see a traceback instead.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def run_command(command: click.Command, argv, prog_name: str) -> int:
     try:
         return command.main(args=argv, prog_name=prog_name, standalone_mode=False) or 0
     except (click.Abort, KeyboardInterrupt):
-        print("Error: interrupted; run the same command again to resume", file=sys.stderr)
+        resume = "; run the same command again to resume" if prog_name == "reshard" else ""  # runtime keeps nothing
+        print(f"Error: interrupted{resume}", file=sys.stderr)
         return 130
     except click.ClickException as e:  # a flag click could not parse: usage text, then its Error line
         e.show()
