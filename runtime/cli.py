@@ -260,6 +260,8 @@ def generate_one(args) -> int:
         raise UsageError("empty prompt; pass --prompt TEXT or text on stdin")
     model = open_model(args)
     inputs = encode_prompt(model.tokenizer, prompt, chat=args.chat)
+    if inputs["input_ids"].shape[1] == 0:
+        raise UsageError("the prompt encodes to no tokens (only whitespace?); pass some text")
     check_context(model, inputs["input_ids"].shape[1] + args.max_new_tokens)
     show_first_pass(model)
     if args.seed is not None:
@@ -298,8 +300,11 @@ def generate_file(args) -> int:
     if model.tokenizer is not None:
         from .batch import prompt_ids
 
-        longest = max(len(prompt_ids(model.tokenizer, it["prompt"], chat=args.chat)) for it in items)
-        check_context(model, longest + args.max_new_tokens)
+        lengths = [len(prompt_ids(model.tokenizer, it["prompt"], chat=args.chat)) for it in items]
+        if 0 in lengths:
+            raise UsageError(f"{args.prompts_file} line {lengths.index(0) + 1}: the prompt encodes to no tokens "
+                             "(only whitespace?); pass some text")
+        check_context(model, max(lengths) + args.max_new_tokens)
     sampling = sampling_kwargs(args)
     if args.seed is not None:
         import torch

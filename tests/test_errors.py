@@ -247,6 +247,10 @@ MESSAGES: dict[str, tuple[str, ...]] = {
         ("test_lm_eval.py::test_bad_model_args_are_one_error_line",),
     "{} has no tokenizer files; convert a checkpoint that has them":
         ("test_lm_eval.py::test_folder_without_a_tokenizer_is_refused",),
+    "the prompt encodes to no tokens (only whitespace?); pass some text":
+        ("test_errors.py::test_prompt_of_no_tokens_is_a_usage_error",),
+    "{} line {}: the prompt encodes to no tokens (only whitespace?); pass some text":
+        ("test_errors.py::test_prompt_of_no_tokens_is_a_usage_error",),
 }
 
 # Messages raised in code that landed without a test of its line yet: listed, so the gap is visible
@@ -472,3 +476,19 @@ def test_unexpected_error(tiny_converted, monkeypatch, capsys):
     code = reshard_main(["verify", str(tiny_converted["llama"])])
     assert (code, only_error(capsys.readouterr().err)) == (
         1, "Error: RuntimeError: something nobody expected (set RESHARD_DEBUG=1 for the traceback)")
+
+
+def test_prompt_of_no_tokens_is_a_usage_error(tiny_converted, tmp_path, capsys):
+    from runtime.cli import main as runtime_main
+    from test_robustness import only_error
+
+    common = ["--device", "cpu", "--max-cpu-memory", "0", "-n", "2"]
+    folder = str(tiny_converted["llama"])
+    code = runtime_main(["generate", folder, "-p", " ", *common])
+    assert (code, only_error(capsys.readouterr().err)) == (
+        2, "Error: the prompt encodes to no tokens (only whitespace?); pass some text")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "w3 w4"}\n{"prompt": " "}\n', encoding="utf-8")
+    code = runtime_main(["generate", folder, "--prompts-file", str(prompts), *common])
+    assert (code, only_error(capsys.readouterr().err)) == (
+        2, f"Error: {prompts} line 2: the prompt encodes to no tokens (only whitespace?); pass some text")
