@@ -23,7 +23,7 @@ from .errors import DiskSpaceError, SourceError, UsageError
 from .format import (DTYPE_NAMES, stored_names, DTYPE_TO_ST, MANIFEST, Group, Manifest, dtype_name, group_file_name,
                      quant_part_names, write_bytes_atomic, write_group_file, write_text_atomic)
 from .keymap import KeyMap, check_shape, check_shapes, map_keys
-from .plan import build_empty_model, plan_groups
+from .plan import build_empty_model, plan_groups, read_config
 from .quant import DEFAULT_GROUP, check_scheme, quantizable_params, quantize as quantize_weight, quantize_experts
 from .resume import Progress, conversion_params, manifest_source
 from .gguf_source import GGUFSource
@@ -93,7 +93,7 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
     out = Path(out)
     src = open_source(source, revision=revision, token=token, low_disk_out=out if low_disk else None)
     try:
-        config = _read_config(src, source, trust_remote_code)
+        config = read_config(src.folder, source, trust_remote_code=trust_remote_code)
         target = resolve_dtype(dtype, config)
         model = build_empty_model(config, dtype=target, trust_remote_code=trust_remote_code)
         plan = plan_groups(model)
@@ -137,18 +137,6 @@ def check_before_fetching(src, out: Path, plan, target: torch.dtype, params: dic
     else:
         sharded = getattr(src, "largest_shard_bytes", None)  # --low-disk
         check_disk(out, plan, earlier, target, extra=sharded or 0, hint=sharded is None, progress=False)
-
-
-def _read_config(src: Source, source: str, trust_remote_code: bool):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(src.folder, trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        if "trust_remote_code" in str(e):
-            raise SourceError(f"{source} needs its own Python code to load; pass --trust-remote-code "
-                              f"if you trust it") from None
-        raise SourceError(f"transformers cannot read the config of {source}: {str(e).splitlines()[0]}") from None
 
 
 def check_disk(out: Path, plan, kept, target: torch.dtype, *, extra: int = 0, extra_dir: Path | None = None,

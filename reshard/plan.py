@@ -35,6 +35,20 @@ class Plan:
     tied: dict[str, str]  # alias param name -> owning param name
 
 
+def read_config(folder, name, *, trust_remote_code: bool = False):
+    """The transformers config in `folder` (`name` is what the user gave, for messages); custom code
+    only with `trust_remote_code`."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise SourceError(f"{name} needs its own Python code to load; pass --trust-remote-code "
+                              f"if you trust it") from None
+        raise SourceError(f"transformers cannot read the config of {name}: {str(e).splitlines()[0]}") from None
+
+
 def build_empty_model(config, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:
     """The causal-LM model for `config` with its parameters on `meta` (buffers stay real).
 

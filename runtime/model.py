@@ -20,7 +20,7 @@ from torch import nn
 
 from reshard.errors import MemoryBudgetError, UsageError
 from reshard.format import DTYPE_NAMES, dtype_name, read_manifest
-from reshard.plan import build_empty_model
+from reshard.plan import build_empty_model, read_config
 from reshard.verify import verify_folder
 
 from . import allowance, budget, lowbit
@@ -150,8 +150,6 @@ class LayeredModel:
         On the CPU, a quantized folder's linear weights stay packed and run through torch's
         low-bit kernels with bfloat16 activations (runtime/lowbit.py); `packed=False` expands
         them to the compute dtype instead (slower, but exact float32 math with dtype="float32")."""
-        from transformers import AutoConfig
-
         path = converted_folder(path, dtype=dtype, revision=revision, token=token, quantize=quantize,
                                 trust_remote_code=trust_remote_code)
         manifest = read_manifest(path)
@@ -160,7 +158,7 @@ class LayeredModel:
         if prefetch < 0:
             raise UsageError(f"prefetch must be 0 or more, not {prefetch}")
         verify_folder(path, checksums=verify, manifest=manifest)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = read_config(path, path, trust_remote_code=trust_remote_code)
         model = build_empty_model(config, dtype=compute_dtype, trust_remote_code=trust_remote_code)
         packing = lowbit.plan_packing(model, manifest, dev) if packed else {}
         lowbit.install_packed(model, packing)

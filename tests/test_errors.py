@@ -15,6 +15,7 @@ here: when you add a `raise SomeError(...)`, add a row naming the test that asse
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import subprocess
@@ -57,7 +58,8 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "{} ends before byte {}; was it changed during the conversion?":
         ("test_fileio.py::test_source_shrunk_before_its_tensors_are_copied",),
     "{} needs its own Python code to load; pass --trust-remote-code if you trust it":
-        ("test_robustness.py::test_custom_code_needs_trust_remote_code",),
+        ("test_robustness.py::test_custom_code_needs_trust_remote_code",
+         "test_errors.py::test_runtime_folder_with_custom_code_needs_trust_remote_code"),
     "transformers cannot read the config of {}: {}": ("test_robustness.py::test_config_transformers_cannot_load",),
     "this model needs its own code; pass --trust-remote-code if you trust it ({})":
         ("test_errors_convert.py::test_model_code_that_needs_trust_remote_code",),
@@ -492,3 +494,23 @@ def test_prompt_of_no_tokens_is_a_usage_error(tiny_converted, tmp_path, capsys):
     code = runtime_main(["generate", folder, "--prompts-file", str(prompts), *common])
     assert (code, only_error(capsys.readouterr().err)) == (
         2, f"Error: {prompts} line 2: the prompt encodes to no tokens (only whitespace?); pass some text")
+
+
+def test_runtime_folder_with_custom_code_needs_trust_remote_code(tiny_converted, tmp_path, capsys):
+    import shutil
+    from runtime.cli import main as runtime_main
+    from test_robustness import only_error
+
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny_converted["llama"], folder)
+    marker = tmp_path / "pwned"
+    (folder / "configuration_evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+        "from transformers import LlamaConfig\nclass EvilConfig(LlamaConfig):\n    model_type = 'evil'\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "configuration_evil.EvilConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    code = runtime_main(["generate", str(folder), "-p", "w3", "-n", "1", "--device", "cpu", "--max-cpu-memory", "0"])
+    assert (code, only_error(capsys.readouterr().err)) == (
+        1, f"Error: {folder} needs its own Python code to load; pass --trust-remote-code if you trust it")
+    assert not marker.exists()
