@@ -124,7 +124,9 @@ def test_source_truncated_while_converting(tiny_checkpoints, tmp_path, monkeypat
         return real_read(self, keys)
 
     monkeypatch.setattr(reshard.source.SafetensorsSource, "read", read_after_truncation)
-    code, line = convert(capsys, folder, tmp_path / "out")
+    # float16 from a float32 source: every tensor is read and cast (same-dtype tensors are copied by
+    # the kernel instead, whose truncation message tests/test_fileio.py checks)
+    code, line = convert(capsys, folder, tmp_path / "out", "--dtype", "float16")
     assert code == 1
     first = line.split(" is truncated at tensor ")
     assert first[0] == f"Error: {path}" and first[1].endswith("; download it again"), line
@@ -143,7 +145,7 @@ def test_tensor_whose_read_shape_differs(monkeypatch, capsys, tiny_checkpoints, 
         return {k: (t[:-1] if k == "model.norm.weight" else t) for k, t in out.items()}
 
     monkeypatch.setattr(reshard.source.SafetensorsSource, "read", read)
-    assert convert(capsys, folder, tmp_path / "out") == (
+    assert convert(capsys, folder, tmp_path / "out", "--dtype", "float16") == (  # read and cast, not copied
         1, "Error: tensor model.norm.weight has shape [63] but the config needs [64]; is the config the one of "
            "these weights?")
 
