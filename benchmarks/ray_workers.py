@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,11 +55,6 @@ def with_workers(folder: Path, items: list[dict], workers: int, batch: int) -> t
     return time.perf_counter() - t0, max(b.seconds for b in blocks)
 
 
-def commit() -> str:
-    run = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return run.stdout.strip() or "unknown"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a converted folder (default: SmolLM2-135M-Instruct float32)")
@@ -73,7 +67,7 @@ def main() -> None:
 
     folder = Path(args.model) if args.model else converted(smollm2_checkpoint(), "smollm2-f32")
     items = questions(args.items)
-    lines = [*machine_lines("float32"), f"commit: {commit()}; load average: {os.getloadavg()[0]:.1f}",
+    lines = [*machine_lines("float32"),
              f"model: {folder.name}, streamed (max_cpu_memory=0); {args.items} items x 4 choices, "
              f"micro-batch {args.batch_size}", ""]
     base = one_process(folder, items, args.batch_size)
