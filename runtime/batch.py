@@ -122,7 +122,7 @@ def _load_converted(path: Path, device: torch.device, dtype: torch.dtype):
 
     from reshard.plan import build_empty_model
 
-    from .model import _load_generation_config, _place_buffers
+    from .model import load_generation_config, place_buffers
     from .stream import GroupLoader, StreamStats
 
     manifest = read_manifest(path)
@@ -133,8 +133,8 @@ def _load_converted(path: Path, device: torch.device, dtype: torch.dtype):
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise UsageError(f"assistant {path} lacks weights for {missing[:3]}; convert it again")
-    _place_buffers(model, device)
-    _load_generation_config(model, path)
+    place_buffers(model, device)
+    load_generation_config(model, path)
     return model.eval()
 
 

@@ -162,9 +162,9 @@ class LayeredModel:
         model = build_empty_model(config, dtype=compute_dtype, trust_remote_code=trust_remote_code)
         packing = lowbit.plan_packing(model, manifest, dev) if packed else {}
         lowbit.install_packed(model, packing)
-        _place_buffers(model, dev)
+        place_buffers(model, dev)
         _pin_device(model, dev)
-        _load_generation_config(model, path)
+        load_generation_config(model, path)
         loader = GroupLoader(path, manifest, dev, compute_dtype, StreamStats(), packing=packing)
         memory = budget.make_budget(dev, prefetch, max_gpu_memory, max_cpu_memory)
         loader.places = place_groups(loader, model.config, memory)
@@ -392,7 +392,7 @@ def place_groups(loader: GroupLoader, config, memory: budget.Budget) -> list[str
     return budget.plan(costs, memory, allowance.job_bytes(config, loader.dtype, allowance.DEFAULT))
 
 
-def _place_buffers(model: nn.Module, device: torch.device) -> None:
+def place_buffers(model: nn.Module, device: torch.device) -> None:
     """Buffers (rotary tables, masks) are computed at build time; move them to the device."""
     for module in model.modules():
         for name, buf in module._buffers.items():
@@ -406,7 +406,7 @@ def _pin_device(model: nn.Module, device: torch.device) -> None:
     model.__class__ = type(cls.__name__, (cls,), {"device": property(lambda self: device), "__module__": cls.__module__})
 
 
-def _load_generation_config(model, path: Path) -> None:
+def load_generation_config(model, path: Path) -> None:
     if (path / "generation_config.json").is_file():
         from transformers import GenerationConfig
 
