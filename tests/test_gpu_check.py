@@ -52,7 +52,8 @@ def test_gpu_check_dry_run(gpu_assets, tmp_path, tmp_path_factory):
     assert run.returncode == 0, run.stdout + run.stderr
     lines = run.stdout.splitlines()
     assert lines[0].startswith("## GPU check (DRY RUN")
-    assert re.fullmatch(r"commit: [0-9a-f]{40}( \+ uncommitted changes)?", lines[3])
+    header = lines[:8]  # date, commit, machine, load: the header common.machine_lines prints
+    assert any(re.fullmatch(r"commit: [0-9a-f]{40}( \+ uncommitted changes)?", line) for line in header), header
     assert any(line.startswith("| resident on device (compute only) | 6 device |") for line in lines)
     assert any(line.startswith("| streamed from disk, cold cache | 6 disk |") for line in lines)
     for label in ("int8", "int4 g32"):  # the quantized streaming section: its table rows and logits check
