@@ -13,7 +13,7 @@ from runtime.cli import main as runtime_main
 def test_from_pretrained_defaults_to_cuda_if_available_else_cpu(tiny_converted, monkeypatch):
     from runtime import LayeredModel
 
-    with LayeredModel.from_pretrained(tiny_converted["llama"], max_cpu_memory=0) as model:
+    with LayeredModel.from_pretrained(tiny_converted["llama"], max_cpu_memory=0, max_gpu_memory=0) as model:
         assert model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with LayeredModel.from_pretrained(tiny_converted["llama"], max_cpu_memory=0) as model:
@@ -27,7 +27,7 @@ def test_no_gpu_error_is_worded_for_the_api(tiny_converted, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UsageError) as e:
-        LayeredModel.from_pretrained(tiny_converted["llama"], device="cuda:0")
+        LayeredModel.from_pretrained(tiny_converted["llama"], device="cuda:0", max_cpu_memory=0)
     assert str(e.value) == ("device 'cuda:0' asked for, but torch sees no CUDA GPU; "
                             "use device=\"cpu\" (or leave device out)")
 
