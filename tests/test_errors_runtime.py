@@ -12,6 +12,7 @@ import pytest
 
 from conftest import cli_placement, open_placed
 from runtime.cli import main as runtime_main
+from test_errors_convert import json_error
 from test_robustness import only_error
 
 USAGE = 2  # the exit code of a usage error (UsageError)
@@ -21,14 +22,6 @@ def run(capsys, *argv) -> tuple[int, str]:
     """(exit code, the one `Error:` line) of `runtime ARGV` on the CPU, streamed."""
     code = runtime_main([*map(str, argv), "--device", "cpu", *cli_placement("streamed")])
     return code, only_error(capsys.readouterr().err)
-
-
-def json_error(text: str) -> str:
-    try:
-        json.loads(text)
-    except ValueError as e:
-        return str(e)
-    raise AssertionError(f"{text!r} is valid JSON")
 
 
 @pytest.fixture

@@ -14,18 +14,9 @@ from safetensors import safe_open
 from conftest import smollm2_gguf
 from gguf_files import write_random_llama, write_split
 from reshard.convert import convert
+from test_convert import PEAK_RSS  # a conversion's peak RSS in a fresh process
 from reshard.format import read_manifest
 
-# Peak RSS of a conversion in a fresh process, from VmHWM (see tests/test_convert.py for why).
-PEAK_RSS = """
-import sys
-from reshard.cli import main
-code = main(sys.argv[2:])
-with open("/proc/self/status") as f:
-    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-print(peak, file=open(sys.argv[1], "w"))
-sys.exit(code)
-"""
 
 
 @pytest.fixture(scope="module")
