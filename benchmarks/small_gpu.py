@@ -81,6 +81,8 @@ def run_row(label: str, task: str, folder: Path, device: torch.device, free, arg
     from runtime.model import LayeredModel
 
     row = {"weights": label, "task": task, "system": "ours (default budget)"}
+    if device.type == "cuda":  # what the budget starts from: earlier rows must have given theirs back
+        row["free_before"] = torch.cuda.mem_get_info(device)[0]
     try:
         with _peak(device) as peak:
             with LayeredModel.from_pretrained(folder, device=str(device), dtype=torch.float16) as model:
@@ -216,13 +218,15 @@ def report(rows: list[dict], free, device: torch.device) -> bool:
                  and "tokens" in r), None)
     out("```")
     out()
-    out(f"| system | weights | task | placement | s/token | seconds | peak device GB (free {_gb(free)}) | tokens |")
-    out("|---|---|---|---|---|---|---|---|")
+    out(f"| system | weights | task | placement | s/token | seconds | peak device GB (free {_gb(free)}) | tokens "
+        f"| free at open GB |")
+    out("|---|---|---|---|---|---|---|---|---|")
     ok = True
     for r in rows:
         if "skipped" in r or "error" in r:
             ok &= not r["system"].startswith("ours")
-            out(f"| {r['system']} | {r['weights']} | {r['task']} | {r.get('skipped') or 'FAILED: ' + r['error']} |||||")
+            out(f"| {r['system']} | {r['weights']} | {r['task']} | {r.get('skipped') or 'FAILED: ' + r['error']} "
+                f"||||| {_gb(r.get('free_before'))} |")
             continue
         within = free is None or r["peak"] <= free
         ok &= within or not r["system"].startswith("ours")  # peers are recorded, not judged
@@ -232,7 +236,7 @@ def report(rows: list[dict], free, device: torch.device) -> bool:
             same = "reference"
         s_tok = f"{r['s_per_token']:.3f}" if "s_per_token" in r else "-"
         out(f"| {r['system']} | {r['weights']} | {r['task']} | {r.get('places', '-')} | {s_tok} | "
-            f"{r['seconds']:.2f} | {_gb(r['peak'])}{'' if within else ' OVER'} | {same} |")
+            f"{r['seconds']:.2f} | {_gb(r['peak'])}{'' if within else ' OVER'} | {same} | {_gb(r.get('free_before'))} |")
     out()
     out("```")
     return ok

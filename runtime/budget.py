@@ -212,7 +212,8 @@ def too_small(memory: Budget, need: int, job: str, device: torch.device) -> str:
     fix = f"use --max-gpu-memory {gib(need)} or more" if memory.limit_from_user else \
         f"free device memory (--max-gpu-memory {gib(need)} is the least that works)"
     hint = ", or --prefetch 0" if memory.prefetch > 0 else ""
-    return (f"streaming this model with {job} needs {gib(need)} of device memory ({memory.prefetch + 1} groups "
+    groups = f"{memory.prefetch + 1} groups" if memory.prefetch else "1 group"
+    return (f"streaming this model with {job} needs {gib(need)} of device memory ({groups} "
             f"in flight and the job's activations), but {have}; {fix}{hint}")
 
 

@@ -12,6 +12,7 @@ KV cache and logits (`fit_job`): resident groups move off the device if it needs
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -167,7 +168,8 @@ class LayeredModel:
         load_generation_config(model, path)
         loader = GroupLoader(path, manifest, dev, compute_dtype, StreamStats(), packing=packing)
         memory = budget.make_budget(dev, prefetch, max_gpu_memory, max_cpu_memory)
-        loader.places = place_groups(loader, model.config, memory)
+        loader.places, memory = place_groups(loader, model.config, memory)
+        prefetch = memory.prefetch  # 0 where two groups in flight would not fit
         load_persistent_buffers(model, loader)
         cache = cache_budget(loader, dev, prefetch, max_gpu_memory, max_cpu_memory, expert_cache)
         return cls(model, manifest, loader, device=dev, prefetch=prefetch, tokenizer=_load_tokenizer(path),
@@ -380,16 +382,26 @@ def group_costs(loader: GroupLoader) -> list[budget.GroupCost]:
             for i, g in enumerate(loader.manifest.groups)]
 
 
-def place_groups(loader: GroupLoader, config, memory: budget.Budget) -> list[str]:
-    """DEVICE/HOST/DISK per group, leaving room for a job of runtime.allowance.DEFAULT's shape.
-    On CUDA, fails at once if even streaming every group next to the smallest job cannot fit."""
+def place_groups(loader: GroupLoader, config, memory: budget.Budget) -> tuple[list[str], budget.Budget]:
+    """DEVICE/HOST/DISK per group, leaving room for a job of runtime.allowance.DEFAULT's shape,
+    and the budget to run with. On CUDA, where the groups in flight with read-ahead do not fit
+    next to the smallest job but one group does, read-ahead is turned off (said once on stderr);
+    fails at once if even that cannot fit, naming the least --max-gpu-memory that works."""
     costs = group_costs(loader)
     if memory.cuda:
         smallest = allowance.job_bytes(config, loader.dtype, allowance.SMALLEST)
         need = budget.smallest_capacity(costs, memory, smallest)
+        if need > memory.capacity and memory.prefetch:
+            alone = dataclasses.replace(memory, prefetch=0)
+            least = budget.smallest_capacity(costs, alone, smallest)
+            if least <= memory.capacity:
+                print(f"runtime: {memory.prefetch + 1} groups in flight need {budget.gib(need)} of device memory, "
+                      f"more than the {budget.gib(memory.capacity)} there is; reading each group when it is "
+                      f"needed (--prefetch 0)", file=sys.stderr)
+            memory, need = alone, least
         if need > memory.capacity:
             raise MemoryBudgetError(budget.too_small(memory, need, "the smallest job", loader.device))
-    return budget.plan(costs, memory, allowance.job_bytes(config, loader.dtype, allowance.DEFAULT))
+    return budget.plan(costs, memory, allowance.job_bytes(config, loader.dtype, allowance.DEFAULT)), memory
 
 
 def place_buffers(model: nn.Module, device: torch.device) -> None:

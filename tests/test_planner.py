@@ -221,10 +221,36 @@ def test_too_small_names_the_least_budget_that_works(tiny_converted):
         place_groups(loader, config, cuda(1 << 20, limit_from_user=True))
     message = str(e.value)
     assert "\n" not in message and "--max-gpu-memory is 0.01GiB" in message
+    assert "(1 group in flight" in message and "--prefetch 0" not in message  # read-ahead is off already
     named = re.search(r"use --max-gpu-memory (\S+) or more", message).group(1)
     enough = parse_size(named)
-    assert len(place_groups(loader, config, cuda(enough, limit_from_user=True))) == len(manifest.groups)
+    assert len(place_groups(loader, config, cuda(enough, limit_from_user=True))[0]) == len(manifest.groups)
     with pytest.raises(MemoryBudgetError):  # 0.01 GiB less does not work: it is the smallest
         place_groups(loader, config, cuda(enough - math.ceil(0.01 * 2**30), limit_from_user=True))
     with pytest.raises(MemoryBudgetError, match=r"can give 0.01GiB .* free device memory"):
         place_groups(loader, config, cuda(1 << 20))
+
+
+def test_read_ahead_is_dropped_before_failing(tiny_converted, capsys):
+    """Where the group read ahead does not fit but one group does (a quantized layer in flight holds its
+    stored and expanded bytes), the model opens with --prefetch 0 and says so once; with room for
+    two groups, read-ahead stays and nothing is said."""
+    from transformers import AutoConfig
+
+    from reshard.format import read_manifest
+    from runtime.model import group_costs, place_groups
+    from runtime.stream import GroupLoader, StreamStats
+
+    folder = tiny_converted["llama"]
+    manifest, config = read_manifest(folder), AutoConfig.from_pretrained(folder)
+    loader = GroupLoader(folder, manifest, torch.device("cpu"), torch.float32, StreamStats())
+    costs, job = group_costs(loader), allowance.job_bytes(config, torch.float32, allowance.SMALLEST)
+    one = budget.smallest_capacity(costs, cuda(0, prefetch=0), job)
+    two = budget.smallest_capacity(costs, cuda(0, prefetch=1), job)
+    assert one < two
+    _, memory = place_groups(loader, config, cuda(two, prefetch=1))
+    assert memory.prefetch == 1 and capsys.readouterr().err == ""
+    places, memory = place_groups(loader, config, cuda(two - 1, prefetch=1))
+    assert memory.prefetch == 0 and len(places) == len(manifest.groups)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("runtime: 2 groups in flight need ") and "(--prefetch 0)" in err
