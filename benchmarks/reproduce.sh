@@ -8,6 +8,7 @@
 #   bash benchmarks/reproduce.sh decode cold     # only some sections
 # $PYTHON picks the interpreter (default python3). AirLLM, in (c), runs only where
 # $AIRLLM_PYTHON (default /tmp/airllm-venv/bin/python) is a Python with airllm installed.
+# cpu_llamacpp needs llama-cpp-python in $LLAMACPP_VENV (benchmarks/setup_llamacpp.sh builds it once).
 # The GPU section is benchmarks/gpu_check.sh, on a machine with an NVIDIA GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,9 +23,14 @@ declare -A SECTIONS=(  # each a command line; its stdout is the section's raw ou
     [convert]="$py benchmarks/bench_convert.py --runs 2"
     [quant]="$py benchmarks/quant.py --repeat 3 --models smollm2-135m --work $cache/quant"
     [passes]="$py benchmarks/passes.py all --repeat 1 --score-sizes 8,32,64 --max-new-tokens 48 --batch-sizes 1,4,16 --work $cache"
+    [moe_cpu_cold]="$py benchmarks/moe.py --tokens 12 --runs 2 --layers 4 --threads 1"
+    [moe_cpu_warm]="$py benchmarks/moe.py --tokens 12 --runs 2 --layers 4 --threads 1 --warm"
+    [cpu_llamacpp]="$py benchmarks/cpu_llamacpp.py --rounds 2"
+    [serve_cpu]="$py benchmarks/serve.py --repeat 2"
+    [ray_workers]="$py benchmarks/ray_workers.py --items 64"
     [gpu_check_dry]="$py benchmarks/prepare_gpu_check.py --out $cache/gpu-assets >&2 && $py benchmarks/gpu_check.py --dry --assets $cache/gpu-assets"
 )
-ORDER=(decode cold peers convert quant passes gpu_check_dry)
+ORDER=(decode cold peers convert quant passes moe_cpu_cold moe_cpu_warm cpu_llamacpp serve_cpu ray_workers gpu_check_dry)
 [[ $# -gt 0 ]] && ORDER=("$@")
 log="$results/reproduce.txt"
 mkdir -p "$results"
