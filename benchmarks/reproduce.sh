@@ -5,7 +5,7 @@
 # benchmarks/results/<section>.txt; benchmarks/results/reproduce.txt records the run: commit,
 # load average before and after, and each section's wall time.
 #   bash benchmarks/reproduce.sh                 # ~15 min on the 2-core VM with nothing else running
-#   bash benchmarks/reproduce.sh decode cold     # only some sections
+#   bash benchmarks/reproduce.sh decode cold     # only some sections (their record is appended)
 # $PYTHON picks the interpreter (default python3). AirLLM, in (c), runs only where
 # $AIRLLM_PYTHON (default /tmp/airllm-venv/bin/python) is a Python with airllm installed.
 # cpu_llamacpp needs llama-cpp-python in $LLAMACPP_VENV (benchmarks/setup_llamacpp.sh builds it once).
@@ -26,19 +26,26 @@ declare -A SECTIONS=(  # each a command line; its stdout is the section's raw ou
     [moe_cpu_cold]="$py benchmarks/moe.py --tokens 12 --runs 2 --layers 4 --threads 1"
     [moe_cpu_warm]="$py benchmarks/moe.py --tokens 12 --runs 2 --layers 4 --threads 1 --warm"
     [cpu_llamacpp]="$py benchmarks/cpu_llamacpp.py --rounds 2"
+    [cpu_kernels]="$py benchmarks/cpu_kernels.py"
+    [profile_decode]="$py benchmarks/profile_decode.py"
     [serve_cpu]="$py benchmarks/serve.py --repeat 2"
     [ray_workers]="$py benchmarks/ray_workers.py --items 64"
     [gpu_check_dry]="$py benchmarks/prepare_gpu_check.py --out $cache/gpu-assets >&2 && $py benchmarks/gpu_check.py --dry --assets $cache/gpu-assets"
 )
-ORDER=(decode cold peers convert quant passes moe_cpu_cold moe_cpu_warm cpu_llamacpp serve_cpu ray_workers gpu_check_dry)
-[[ $# -gt 0 ]] && ORDER=("$@")
+ORDER=(decode cold peers convert quant passes moe_cpu_cold moe_cpu_warm cpu_llamacpp cpu_kernels profile_decode
+       serve_cpu ray_workers gpu_check_dry)
 log="$results/reproduce.txt"
 mkdir -p "$results"
+if [[ $# -gt 0 ]]; then  # some sections: their record goes after the last full run's
+    ORDER=("$@"); echo >> "$log"
+else
+    : > "$log"
+fi
 {
     echo "reproduce.sh ${ORDER[*]}"
     echo "start: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); load average: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) cpus"
     "$py" -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(f"commit: {common.commit()}")'
-} > "$log"
+} >> "$log"
 status=0
 for name in "${ORDER[@]}"; do
     t0=$SECONDS

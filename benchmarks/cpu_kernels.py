@@ -1,0 +1,183 @@
+"""Which torch CPU kernel can run a quantized linear weight at batch 1 near the memory's speed (issue 17).
+
+Decode at batch 1 reads every weight once per token, so its floor is (weight bytes / memory
+bandwidth). This measures, on the linear weights of a 1.1B-class llama (TinyLlama's shapes, 22
+layers: the model of benchmarks/cpu_llamacpp.py, 0.97 GB as int8), one matrix-vector product per
+weight, all weights in turn (so none stays in the CPU's caches):
+- the memory floor: a plain read of the same bytes (a sum over them);
+- weight-only kernels, the exact path runtime/lowbit.py takes: `_weight_int8pack_mm` (int8 per
+  channel) and `_weight_int4pack_mm_for_cpu` (int4, groups of 32), bfloat16 activations;
+- kernels that also quantize the activations: fbgemm's dynamic int8 linear (per-tensor activation
+  scale; with the rows scaled to their absolute maximum first it is per token), oneDNN's int8
+  linear (activations given already quantized), `torch._int_mm` (int8 x int8 -> int32).
+Then the price of quantizing activations: SmolLM2-135M-Instruct's perplexity on
+tests/data/english.txt with its int8 folder's linear layers run through fbgemm per token, next to
+the packed weight-only kernel (the issue's bound for int8: +1% over the float folder).
+
+  python benchmarks/cpu_kernels.py [--threads 2] [--repeat 5] [--skip-ppl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import torch  # noqa: E402
+
+from common import machine_lines  # noqa: E402
+
+H, I, LAYERS = 2048, 5632, 22  # TinyLlama-1.1B: hidden, intermediate; q and o are H x H, k and v 256 x H
+SHAPES = [(H, H), (256, H), (256, H), (H, H), (I, H), (I, H), (H, I)] * LAYERS  # (out, in)
+
+
+def timed(fn, repeat: int) -> float:
+    """Median seconds of `repeat` calls, after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def candidates(weights: list[torch.Tensor]) -> dict:
+    """{label: (a function running every weight once, bytes it reads per call)}."""
+    g = torch.Generator().manual_seed(1)
+    x = {k: torch.randn(1, k, generator=g).to(torch.bfloat16) for k in (H, I)}
+    int8_bytes = sum(w.numel() for w in weights)
+    scales = [torch.rand(w.shape[0], generator=g).to(torch.bfloat16) for w in weights]
+    runs = {"memory read (sum over the int8 bytes)": (lambda: [w.view(torch.int64).sum() for w in weights], int8_bytes),
+            "_weight_int8pack_mm (weight-only int8, the packed path)": (lambda: [
+                torch.ops.aten._weight_int8pack_mm(x[w.shape[1]], w, s) for w, s in zip(weights, scales)], int8_bytes)}
+    packed4 = [torch.ops.aten._convert_weight_to_int4pack_for_cpu((w.to(torch.int32) & 0xF), 1) for w in weights]
+    sz4 = [torch.rand(w.shape[1] // 32, w.shape[0], 2, generator=g).to(torch.bfloat16) for w in weights]
+    runs["_weight_int4pack_mm_for_cpu (weight-only int4 g32, the packed path)"] = (lambda: [
+        torch.ops.aten._weight_int4pack_mm_for_cpu(x[w.shape[1]], p, 32, s) for w, p, s in zip(weights, packed4, sz4)],
+        int8_bytes // 2)
+    xf = {k: v.float() for k, v in x.items()}
+    fb = fbgemm_packed(weights)
+    if fb is not None:
+        runs["fbgemm dynamic int8 linear (activations quantized per tensor)"] = (lambda: [
+            torch.ops.quantized.linear_dynamic(xf[w.shape[1]], p, True) for w, p in zip(weights, fb)], int8_bytes)
+    if hasattr(torch.ops.onednn, "qlinear_pointwise"):
+        xq = {k: torch.randint(0, 255, (1, k), dtype=torch.uint8, generator=g) for k in (H, I)}
+        od = [torch.ops.onednn.qlinear_prepack(w, [1, w.shape[1]]) for w in weights]
+        wsc = [torch.rand(w.shape[0], generator=g) * 0.01 for w in weights]
+        wzp = [torch.zeros(w.shape[0], dtype=torch.int32) for w in weights]
+        runs["oneDNN int8 linear (activations given as uint8)"] = (lambda: [
+            torch.ops.onednn.qlinear_pointwise(xq[w.shape[1]], 0.05, 128, p, s, z, None, 1.0, 0, torch.float32, "none",
+                                               [], "") for w, p, s, z in zip(weights, od, wsc, wzp)], int8_bytes)
+    xi = {k: torch.randint(-127, 127, (1, k), dtype=torch.int8, generator=g) for k in (H, I)}
+    runs["torch._int_mm (int8 x int8 -> int32)"] = (lambda: [torch._int_mm(xi[w.shape[1]], w.t()) for w in weights],
+                                                    int8_bytes)
+    return runs
+
+
+def fbgemm_packed(weights: list[torch.Tensor]):
+    """fbgemm's prepacked int8 weights (through quantized tensors, which torch 2.13 deprecates), or None."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(
+            w, torch.full((w.shape[0],), 0.01, dtype=torch.double), torch.zeros(w.shape[0], dtype=torch.long), 0),
+            None) for w in weights]
+
+
+def perplexities() -> None:
+    """SmolLM2's int8 folder: packed weight-only kernel vs fbgemm with per-token activation quantization."""
+    from models import converted, smollm2_checkpoint
+
+    from runtime import lowbit
+    from runtime.model import LayeredModel
+
+    text = (ROOT / "tests" / "data" / "english.txt").read_text()
+    src = smollm2_checkpoint()
+    folders = {"fp16": converted(src, "smollm2-fp16", "float16"), "int8": CACHE_INT8(src)}
+
+    def ppl(folder, dtype=None, swap=False) -> float:
+        with LayeredModel.from_pretrained(folder, device="cpu", dtype=dtype, max_cpu_memory="64GiB") as lm:
+            if swap:
+                for m in lm.model.modules():
+                    if isinstance(m, lowbit.PackedLinear) and m.spec.scheme == "int8":
+                        m.forward = per_token_fbgemm(m)
+            ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
+            with torch.inference_mode():
+                logits = lm(ids).logits[0, :-1].float()
+            return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]).exp())
+
+    base = ppl(folders["fp16"], "float32")
+    print(f"\nperplexity, SmolLM2-135M-Instruct on tests/data/english.txt ({text.count(' ') + 1} words):")
+    print(f"  fp16 folder, float32 compute (baseline): {base:.4f}")
+    for label, swap in [("int8 folder, _weight_int8pack_mm (weight-only, the packed path)", False),
+                        ("int8 folder, fbgemm dynamic linear, activations quantized per token", True)]:
+        p = ppl(folders["int8"], swap=swap)
+        print(f"  {label}: {p:.4f} ({100 * (p / base - 1):+.2f}%)")
+
+
+def CACHE_INT8(src: Path) -> Path:  # noqa: N802 - the folder the other CPU benchmarks share
+    from models import CACHE
+
+    from reshard.convert import convert
+
+    out = CACHE / "smollm2-int8"
+    if not (out / "manifest.json").is_file():
+        convert(str(src), out, dtype="float16", quantize="int8", progress=False)
+    return out
+
+
+def per_token_fbgemm(module):
+    """A forward for an int8 PackedLinear through fbgemm: each row scaled to absolute maximum 1 so that
+    fbgemm's one activation scale is per token, then scaled back."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(module.weight, module.qscales.double(),
+                                                      torch.zeros(module.out_features, dtype=torch.long), 0)
+    packed = torch.ops.quantized.linear_prepack(qw, None)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, module.in_features).float()
+        s = rows.abs().amax(-1, keepdim=True).clamp(min=1e-12)
+        y = (torch.ops.quantized.linear_dynamic(rows / s, packed, True) * s).to(x.dtype)
+        y = y.view(*x.shape[:-1], module.out_features)
+        return y if module.bias is None else y + module.bias
+    return forward
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--skip-ppl", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for line in machine_lines("int8/int4 weights, bfloat16 or float32 activations", args.threads):
+        print(line)
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randint(-127, 127, s, dtype=torch.int8, generator=g) for s in SHAPES]
+    print(f"weights: {len(weights)} linear weights of a 1.1B llama (TinyLlama's shapes), "
+          f"{sum(w.numel() for w in weights) / 1e9:.3f} GB as int8; one product each with one row (batch 1); "
+          f"median of {args.repeat}\n")
+    print("| kernel | ms for all weights | GB/s of weight bytes | vs memory read |")
+    print("|---|---|---|---|")
+    floor = None
+    for label, (fn, nbytes) in candidates(weights).items():
+        seconds = timed(fn, args.repeat)
+        rate = nbytes / seconds / 1e9
+        floor = floor or rate
+        print(f"| {label} | {seconds * 1e3:.1f} | {rate:.1f} | {rate / floor:.2f}x |", flush=True)
+    if not args.skip_ppl:
+        perplexities()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
