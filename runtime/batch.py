@@ -122,7 +122,7 @@ def _load_converted(path: Path, device: torch.device, dtype: torch.dtype):
 
     from reshard.plan import build_empty_model
 
-    from .model import load_generation_config, place_buffers
+    from .opening import load_generation_config, place_buffers
     from .stream import GroupLoader, StreamStats
 
     manifest = read_manifest(path)

@@ -103,7 +103,7 @@ def score(**options) -> int:
 
 def use_converted_folder(args) -> None:
     """A hub repo id or .gguf MODEL becomes its folder in the cache, converted first if need be."""
-    from .model import converted_folder
+    from .opening import converted_folder
 
     args.model = str(converted_folder(args.model, dtype=args.dtype, revision=args.revision, token=args.token,
                                       trust_remote_code=args.trust_remote_code))

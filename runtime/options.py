@@ -20,7 +20,7 @@ SAMPLING = "Generation"
 
 def check_device(ctx, param, value):
     if value is not None:
-        from .model import resolve_device
+        from .opening import resolve_device
 
         resolve_device(value)
     return value

@@ -180,8 +180,8 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     # MemoryBudgetError (runtime.budget.too_small): "streaming this model with <job> needs <X>GiB of device
     # memory (...), but <what there is>; use --max-gpu-memory <X>GiB or more | free device memory (...)";
     # the CLI line (exit 1) is asserted on a GPU in test_budget_cuda.py
-    "<runtime/model.py:place_groups>": ("test_planner.py::test_too_small_names_the_least_budget_that_works",
-                                        "test_budget_cuda.py::test_too_small_budget_is_one_error_naming_what_works"),
+    "<runtime/opening.py:place_groups>": ("test_planner.py::test_too_small_names_the_least_budget_that_works",
+                                          "test_budget_cuda.py::test_too_small_budget_is_one_error_naming_what_works"),
     "<runtime/model.py:fit_job>": ("test_degrade.py::test_scoring_that_cannot_fit_names_the_budget_that_would",),
     # --- runtime generate ------------------------------------------------------------------
     "empty prompt; pass --prompt TEXT or text on stdin": ("test_errors_runtime.py::test_empty_prompt",),

@@ -211,7 +211,7 @@ def test_too_small_names_the_least_budget_that_works(tiny_converted):
     from transformers import AutoConfig
 
     from reshard.format import read_manifest
-    from runtime.model import place_groups
+    from runtime.opening import place_groups
     from runtime.stream import GroupLoader, StreamStats
 
     folder = tiny_converted["llama"]
@@ -238,7 +238,7 @@ def test_read_ahead_is_dropped_before_failing(tiny_converted, capsys):
     from transformers import AutoConfig
 
     from reshard.format import read_manifest
-    from runtime.model import group_costs, place_groups
+    from runtime.opening import group_costs, place_groups
     from runtime.stream import GroupLoader, StreamStats
 
     folder = tiny_converted["llama"]
