@@ -17,6 +17,7 @@ import json
 import mmap
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

@@ -24,8 +24,8 @@ from reshard.verify import verify_folder
 
 from . import allowance, budget, lowbit
 from .experts import ExpertStreamer, cache_budget, load_persistent_buffers
-from .opening import (converted_folder, load_generation_config, load_tokenizer, pin_device, place_buffers,
-                      place_groups, resolve_device, resolve_runtime_dtype)
+from .opening import (converted_folder, group_costs, load_generation_config, load_tokenizer, pin_device,
+                      place_buffers, place_groups, resolve_device, resolve_runtime_dtype)
 from .stream import GroupLoader, Loaded, Prefetcher, StreamStats
 
 
