@@ -1,0 +1,211 @@
+"""What the `runtime` commands do once runtime/cli.py has parsed and checked their options: open
+the model, read prompts and JSONL input, generate (one prompt, a file of prompts, or over Ray
+workers), score, and write the results.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from reshard.commandline import open_output
+from reshard.errors import UsageError
+
+from .options import sampling_kwargs
+from .progress import report_stats, show_first_pass
+
+
+def open_model(args):
+    from .model import LayeredModel
+
+    return LayeredModel.from_pretrained(args.model, device=args.device, dtype=args.dtype, prefetch=args.prefetch,
+                                        max_gpu_memory=args.max_gpu_memory, max_cpu_memory=args.max_cpu_memory,
+                                        trust_remote_code=args.trust_remote_code, verify=args.verify,
+                                        expert_cache=getattr(args, "expert_cache", None))
+
+
+def encode_prompt(tokenizer, text: str, *, chat: bool):
+    if tokenizer is None:
+        raise UsageError("this folder has no tokenizer files; convert a checkpoint that has them")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UsageError("this tokenizer has no chat template; drop --chat")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    return tokenizer(text, return_tensors="pt")
+
+
+def read_prompt(args) -> str:
+    """--prompt, else stdin; on a terminal, say that it waits for the prompt."""
+    if args.prompt is not None:
+        return args.prompt
+    if sys.stdin.isatty():
+        print("runtime: type the prompt, then Ctrl-D on a line of its own (or pass --prompt)", file=sys.stderr)
+    return sys.stdin.read()
+
+
+def generate_one(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    prompt = read_prompt(args)
+    if not prompt:
+        raise UsageError("empty prompt; pass --prompt TEXT or text on stdin")
+    model = open_model(args)
+    inputs = encode_prompt(model.tokenizer, prompt, chat=args.chat)
+    if inputs["input_ids"].shape[1] == 0:
+        raise UsageError("the prompt encodes to no tokens (only whitespace?); pass some text")
+    check_context(model, inputs["input_ids"].shape[1] + args.max_new_tokens)
+    show_first_pass(model)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    sampling = sampling_kwargs(args)
+    streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                         streamer=streamer, pad_token_id=_pad_id(model), **sampling, **speculation(args, model))
+    if args.stats:
+        report_stats({**model.stats.as_dict(), "new_tokens": int(out.shape[1] - inputs["input_ids"].shape[1])})
+    model.close()
+    return 0
+
+
+def speculation(args, model) -> dict:
+    """generate() options for --prompt-lookup and --assistant (several tokens per pass)."""
+    if args.prompt_lookup is not None:
+        return {"prompt_lookup_num_tokens": args.prompt_lookup}
+    if args.assistant is not None:
+        from .batch import load_assistant
+
+        return {"assistant_model": load_assistant(args.assistant, device=model.device, dtype=model.dtype)}
+    return {}
+
+
+def generate_file(args) -> int:
+    from .batch import generate_batch
+
+    items = read_prompts(args.prompts_file)
+    if len(items) > 1 and (args.prompt_lookup is not None or args.assistant is not None):
+        raise UsageError("--prompt-lookup and --assistant work on one prompt at a time; drop --prompts-file")
+    if args.ray_workers is not None:
+        return generate_with_ray(args, items)
+    model = open_model(args)
+    if model.tokenizer is not None:
+        from .batch import prompt_ids
+
+        lengths = [len(prompt_ids(model.tokenizer, it["prompt"], chat=args.chat)) for it in items]
+        if 0 in lengths:
+            raise UsageError(f"{args.prompts_file} line {lengths.index(0) + 1}: the prompt encodes to no tokens "
+                             "(only whitespace?); pass some text")
+        check_context(model, max(lengths) + args.max_new_tokens)
+    sampling = sampling_kwargs(args)
+    if args.seed is not None:
+        import torch
+        torch.manual_seed(args.seed)
+    show_first_pass(model)
+    done = generate_batch(model, [it["prompt"] for it in items], chat=args.chat, max_new_tokens=args.max_new_tokens,
+                          min_new_tokens=args.min_new_tokens, **sampling, **speculation(args, model))
+    for item, g in zip(items, done):
+        print(json.dumps({**item, "completion": g.text, "new_tokens": len(g.tokens)}), flush=True)
+    if args.stats:
+        report_stats({**model.stats.as_dict(), "new_tokens": sum(len(g.tokens) for g in done)})
+    model.close()
+    return 0
+
+
+def read_prompts(path) -> list[dict]:
+    """Prompts of a --prompts-file: JSONL objects with "prompt", or one prompt per (non-empty) line."""
+    lines = [ln for ln in open(path, encoding="utf-8").read().splitlines() if ln.strip()]
+    if not lines:
+        raise UsageError(f"{path} holds no prompts")
+    if not lines[0].lstrip().startswith("{"):
+        return [{"prompt": ln} for ln in lines]
+    items = [_json_line(path, n, ln) for n, ln in enumerate(lines, 1)]
+    for n, it in enumerate(items, 1):
+        if not isinstance(it, dict) or not isinstance(it.get("prompt"), str):
+            raise UsageError(f"{path} line {n} has no \"prompt\" string")
+    return items
+
+
+def score_file(args) -> int:
+    items = [_json_line(args.input, n, ln) for n, ln in
+             enumerate(open(args.input, encoding="utf-8").read().splitlines(), 1) if ln.strip()]
+    if args.ray_workers is not None:
+        return score_with_ray(args, items)
+    model = open_model(args)
+    scored = model.score(items, batch_size=args.batch_size, progress=sys.stderr.isatty(),
+                         offload=args.offload_activations)
+    write_jsonl(args.output, scored)
+    if args.stats:
+        report_stats({**model.stats.as_dict(), "items": len(items), "groups": len(model.groups)})
+    model.close()
+    return 0
+
+
+def write_jsonl(output: str, items: list[dict]) -> None:
+    """Items as JSONL to OUTPUT (- is stdout); a file's path is printed once it is written."""
+    f = open_output(output)
+    f.writelines(json.dumps(item) + "\n" for item in items)
+    f.flush()
+    if output != "-":
+        f.close()
+        print(output)
+
+
+def ray_model_options(args) -> dict:
+    """What each Ray worker passes to LayeredModel.from_pretrained (the device is the worker's own)."""
+    return {"device": args.device, "dtype": args.dtype, "prefetch": args.prefetch,
+            "max_gpu_memory": args.max_gpu_memory, "max_cpu_memory": args.max_cpu_memory,
+            "trust_remote_code": args.trust_remote_code, "verify": args.verify}
+
+
+def score_with_ray(args, items: list[dict]) -> int:
+    from .distributed import score_items
+
+    scored, blocks = score_items(items, args.model, workers=args.ray_workers, address=args.ray_address,
+                                 block_size=args.ray_block_size, threads=args.ray_threads,
+                                 model_options=ray_model_options(args), batch_size=args.batch_size,
+                                 offload=args.offload_activations)
+    write_jsonl(args.output, scored)
+    if args.stats:
+        print(json.dumps({"items": len(items), "blocks": [b.__dict__ for b in blocks]}), file=sys.stderr)
+    return 0
+
+
+def generate_with_ray(args, items: list[dict]) -> int:
+    from .distributed import generate_items
+
+    done, blocks = generate_items(items, args.model, workers=args.ray_workers, address=args.ray_address,
+                                  block_size=args.ray_block_size, threads=args.ray_threads,
+                                  model_options=ray_model_options(args), chat=args.chat, seed=args.seed,
+                                  max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                                  **sampling_kwargs(args))
+    for item in done:
+        print(json.dumps(item), flush=True)
+    if args.stats:
+        print(json.dumps({"new_tokens": sum(it["new_tokens"] for it in done),
+                          "blocks": [b.__dict__ for b in blocks]}), file=sys.stderr)
+    return 0
+
+
+def _json_line(path, n: int, line: str):
+    try:
+        return json.loads(line)
+    except ValueError as e:
+        raise UsageError(f"{path} line {n} is not valid JSON ({e})") from None
+
+
+def _pad_id(model):
+    gc = model.generation_config
+    if gc.pad_token_id is not None:
+        return gc.pad_token_id
+    eos = gc.eos_token_id
+    return eos[0] if isinstance(eos, list) else eos
+
+
+def check_context(model, length: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and length > limit:
+        raise UsageError(f"prompt plus --max-new-tokens is {length} tokens, more than the model's context of "
+                         f"{limit}; shorten the prompt or lower --max-new-tokens")
