@@ -94,3 +94,30 @@ def test_too_small_budget_is_one_error_naming_what_works(int4_folder, capsys):
     named = re.search(r"use --max-gpu-memory (\S+) or more", err[0]).group(1)
     with LayeredModel.from_pretrained(int4_folder, device=DEV, max_gpu_memory=named) as model:
         model(torch.tensor([[11, 12]], device=DEV))
+
+
+def test_quantized_folder_opens_without_read_ahead_where_two_groups_do_not_fit(int4_folder, capsys):
+    """The small-GPU failure of the H200 check (2026-11-27): a quantized layer in flight holds its
+    stored and expanded bytes, and two of them did not fit. Between the need of one group in flight
+    and that of two, the folder opens with read-ahead off, says so, stays within the limit and
+    computes what it computes resident."""
+    from runtime import allowance
+
+    ids = torch.tensor([[11, 12, 13, 14]], device=DEV)
+    with LayeredModel.from_pretrained(int4_folder, device=DEV, max_gpu_memory="1TB", max_cpu_memory=0) as model:
+        want = model(ids).logits
+        costs, config, dtype = model.costs, model.config, model.loader.dtype
+    job = allowance.job_bytes(config, dtype, allowance.SMALLEST)
+    one, two = (budget.smallest_capacity(costs, budget.Budget(cuda=True, capacity=0, host=0, prefetch=p), job)
+                for p in (0, 1))
+    limit = (one + two) // 2
+    torch.cuda.empty_cache()
+    capsys.readouterr()
+    torch.cuda.reset_peak_memory_stats(DEV)
+    before = torch.cuda.memory_allocated(DEV)
+    with LayeredModel.from_pretrained(int4_folder, device=DEV, max_gpu_memory=limit, max_cpu_memory=0) as model:
+        assert model.depth == 0
+        assert torch.equal(model(ids).logits, want)
+    assert torch.cuda.max_memory_allocated(DEV) - before <= limit
+    err = capsys.readouterr().err
+    assert err.startswith("runtime: 2 groups in flight need ") and "(--prefetch 0)" in err
