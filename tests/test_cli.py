@@ -125,12 +125,12 @@ def test_short_flags_equal_long_ones(tiny_converted, capsys):
 
 
 def test_interrupt_exits_130(tiny_converted, monkeypatch, capsys):
-    import runtime.cli
+    import runtime.commands
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runtime.cli, "open_model", interrupted)
+    monkeypatch.setattr(runtime.commands, "open_model", interrupted)
     assert runtime_main(["generate", str(tiny_converted["llama"]), "-p", "w3", "--device", "cpu"]) == 130
     assert capsys.readouterr().err.strip() == "Error: interrupted"  # nothing to resume: runtime keeps no state
 

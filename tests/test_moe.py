@@ -238,3 +238,20 @@ def test_only_the_routed_experts_ranges_are_read(moe_converted, monkeypatch):
         assert model.loader.partial[manifest.groups.index(group)][0] == span
     assert any(len(r) < 8 for r in routed.values())  # some experts were not picked: they must not be read
     assert sorted(reads) == sorted(want) and len(reads) == len(set(reads))
+
+
+def test_an_expert_read_that_comes_back_short_names_the_file(moe_converted, monkeypatch):
+    """A layer file that ends before a routed expert's range (it shrank after the checks at open):
+    the pass stops with the file's one-line error. The read is made to come back empty rather than
+    the file cut, so that no mapped page past its end is touched."""
+    import re
+
+    import runtime.experts as experts_mod
+    from reshard.errors import CorruptFileError
+
+    model = LayeredModel.from_pretrained(moe_converted["mixtral"], device="cpu", max_cpu_memory=0, expert_cache=0)
+    monkeypatch.setattr(experts_mod.os, "preadv", lambda fd, buffers, offset: 0)
+    with pytest.raises(CorruptFileError) as e:
+        model(torch.tensor([[5, 17, 42]]))
+    assert re.fullmatch(r".*/layers\.\d{5}\.safetensors: ends before byte \d+; run `reshard convert` again to repair it",
+                        str(e.value)), str(e.value)
