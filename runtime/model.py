@@ -12,6 +12,7 @@ KV cache and logits (`fit_job`): resident groups move off the device if it needs
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import torch
@@ -170,8 +171,9 @@ class LayeredModel:
     def fit_job(self, shape: allowance.JobShape) -> None:
         """Make room for a job of `shape` before it starts: resident groups move to host RAM or
         disk if its activations, KV cache and logits need their space (said once on stderr).
-        On CUDA a job that does not fit even with every group streamed raises MemoryBudgetError
-        naming the --max-gpu-memory it needs; on the CPU it runs anyway."""
+        On CUDA, a job that does not fit even with every group streamed next turns read-ahead off
+        (one group in flight instead of `prefetch + 1`), and if that is not enough either raises
+        MemoryBudgetError naming the --max-gpu-memory it needs; on the CPU it runs anyway."""
         if self.memory is None:
             return
         job = self.job_bytes(shape)
@@ -179,9 +181,23 @@ class LayeredModel:
         if places != self.places:
             self._demote(places, shape, job)
         if self.memory.cuda and budget.device_need(self.costs, places, self.memory, job) > self.memory.capacity:
-            need = budget.smallest_capacity(self.costs, self.memory, job)
+            alone = dataclasses.replace(self.memory, prefetch=0)
+            least = budget.smallest_capacity(self.costs, alone, job)
             job_text = f"{shape.describe()} (about {budget.gib(job)})"
-            raise MemoryBudgetError(budget.too_small(self.memory, need, job_text, self.device))
+            if least > self.memory.capacity:
+                raise MemoryBudgetError(budget.too_small(alone, least, job_text, self.device))
+            self._stop_read_ahead(alone, job_text)
+            places = budget.demote(self.costs, self.places, self.memory, job)
+            if places != self.places:
+                self._demote(places, shape, job)
+
+    def _stop_read_ahead(self, memory: budget.Budget, job_text: str) -> None:
+        """Stream with one group in flight from now on (`memory` is the budget with prefetch 0)."""
+        print(f"runtime: {job_text} does not fit next to {self.depth + 1} groups in flight; reading each group "
+              f"when it is needed (--prefetch 0)", file=sys.stderr)
+        self.prefetcher.close()
+        self.memory, self.depth = memory, 0
+        self.prefetcher = Prefetcher(self.loader.load, self.streamed, self.depth, self.stats)
 
     def _demote(self, places: list[str], shape: allowance.JobShape, job: int) -> None:
         """Move the groups that `places` takes off the device there, and stream them from now on."""

@@ -120,3 +120,29 @@ def test_batched_generation_splits_the_prompts_to_fit(tiny_converted, capsys):
     assert [g.tokens for g in got] == [w.tokens for w in want]
     assert device_need(model.costs, model.places, model.memory, model.job_bytes(shape)) <= budget_two
     model.close()
+
+
+def test_a_job_that_fits_only_without_read_ahead_turns_it_off(tiny_converted, capsys):
+    """Room for the job and one group in flight, not two: the model stops reading ahead, says so
+    once, and computes what it computed before; less than that names the least budget."""
+    model = open_tiny(tiny_converted["llama"], max_cpu_memory=0)
+    ids = torch.tensor([[5, 9, 17, 23]])
+    with torch.inference_mode():
+        want = model(ids).logits
+    job = model.job_bytes(JobShape(batch=1, tokens=4, context=4, logits_rows=4))
+    one = stream_reserve(model.costs, dataclasses.replace(model.memory, prefetch=0)) + job
+    two = stream_reserve(model.costs, model.memory) + job
+    assert model.depth == 1 and one < two
+    as_gpu(model, two - 1)
+    capsys.readouterr()
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, want)
+        assert torch.equal(model(ids).logits, want)  # said once
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(r"runtime: a batch of 1 x 4 tokens .* does not fit next to 2 groups in "
+                                          r"flight; reading each group when it is needed \(--prefetch 0\)", err[0]), err
+    assert model.depth == 0 and model.memory.prefetch == 0
+    as_gpu(model, one - 1)
+    with pytest.raises(MemoryBudgetError, match=r"\(1 group in flight .* use --max-gpu-memory \S+ or more$"):
+        model(ids)
+    model.close()
