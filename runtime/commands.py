@@ -56,7 +56,7 @@ def generate_one(args) -> int:
     inputs = encode_prompt(model.tokenizer, prompt, chat=args.chat)
     if inputs["input_ids"].shape[1] == 0:
         raise UsageError("the prompt encodes to no tokens (only whitespace?); pass some text")
-    check_context(model, inputs["input_ids"].shape[1] + args.max_new_tokens)
+    check_context(model.config, inputs["input_ids"].shape[1] + args.max_new_tokens)
     show_first_pass(model)
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -88,17 +88,19 @@ def generate_file(args) -> int:
     items = read_prompts(args.prompts_file)
     if len(items) > 1 and (args.prompt_lookup is not None or args.assistant is not None):
         raise UsageError("--prompt-lookup and --assistant work on one prompt at a time; drop --prompts-file")
-    if args.ray_workers is not None:
+    if args.ray_workers is not None:  # checked here, before any worker starts
+        from pathlib import Path
+
+        from reshard.plan import read_config
+
+        from .opening import load_tokenizer
+
+        folder = Path(args.model)
+        check_prompts(args, items, load_tokenizer(folder),
+                      read_config(folder, folder, trust_remote_code=args.trust_remote_code))
         return generate_with_ray(args, items)
     model = open_model(args)
-    if model.tokenizer is not None:
-        from .batch import prompt_ids
-
-        lengths = [len(prompt_ids(model.tokenizer, it["prompt"], chat=args.chat)) for it in items]
-        if 0 in lengths:
-            raise UsageError(f"{args.prompts_file} line {lengths.index(0) + 1}: the prompt encodes to no tokens "
-                             "(only whitespace?); pass some text")
-        check_context(model, max(lengths) + args.max_new_tokens)
+    check_prompts(args, items, model.tokenizer, model.config)
     sampling = sampling_kwargs(args)
     if args.seed is not None:
         import torch
@@ -112,6 +114,20 @@ def generate_file(args) -> int:
         report_stats({**model.stats.as_dict(), "new_tokens": sum(len(g.tokens) for g in done)})
     model.close()
     return 0
+
+
+def check_prompts(args, items: list[dict], tokenizer, config) -> None:
+    """What a --prompts-file must pass before anything generates: every prompt encodes to some
+    tokens, and the longest plus --max-new-tokens fits the model's context."""
+    if tokenizer is None:
+        return
+    from .batch import prompt_ids
+
+    lengths = [len(prompt_ids(tokenizer, it["prompt"], chat=args.chat)) for it in items]
+    if 0 in lengths:
+        raise UsageError(f"{args.prompts_file} line {lengths.index(0) + 1}: the prompt encodes to no tokens "
+                         "(only whitespace?); pass some text")
+    check_context(config, max(lengths) + args.max_new_tokens)
 
 
 def read_prompts(path) -> list[dict]:
@@ -204,8 +220,8 @@ def _pad_id(model):
     return eos[0] if isinstance(eos, list) else eos
 
 
-def check_context(model, length: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
+def check_context(config, length: int) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
     if limit and length > limit:
         raise UsageError(f"prompt plus --max-new-tokens is {length} tokens, more than the model's context of "
                          f"{limit}; shorten the prompt or lower --max-new-tokens")

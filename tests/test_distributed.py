@@ -152,3 +152,19 @@ def test_ray_workers_need_a_prompts_file(tiny_converted, capsys):
     assert runtime_main(["generate", str(tiny_converted["llama"]), "-p", "w3", "--ray-workers", "2"]) == 2
     assert capsys.readouterr().err.strip() == \
         "Error: --ray-workers needs --prompts-file (one prompt runs on one model)"
+
+
+def test_prompts_are_checked_before_any_worker_starts(tiny_converted, tmp_path, monkeypatch, capsys):
+    """--ray-workers gets the one-process checks of a --prompts-file on the driver, before Ray is needed:
+    a prompt of no tokens, and one too long for the model's context, are usage errors (exit 2)."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # nothing may reach Ray
+    folder = str(tiny_converted["llama"])
+    common = ["--ray-workers", "2", "--device", "cpu", "--max-cpu-memory", "0"]
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "w3 w4"}, {"prompt": " "}])
+    assert runtime_main(["generate", folder, "--prompts-file", str(empty), "-n", "2", *common]) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"Error: {empty} line 2: the prompt encodes to no tokens (only whitespace?); pass some text"
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "w3"}, {"prompt": " ".join(["w5"] * 140)}])
+    assert runtime_main(["generate", folder, "--prompts-file", str(long), "-n", "4", *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("Error: prompt plus --max-new-tokens is ") and "more than the model's context of 128" in err
