@@ -85,7 +85,11 @@ class ReshardLM(LM):
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [encode_pair(self.tok, context, continuation) for context, continuation in
                  (req.args for req in requests)]
-        return self.counted("loglikelihood", len(requests), lambda: self.score_pairs(pairs))
+        fitted = [fit_window(c, r, self.max_length) for c, r in pairs]
+        if cut := sum(f != p for f, p in zip(fitted, pairs)):
+            print(f"runtime: {cut} of {len(pairs)} requests are longer than max_length {self.max_length}; their "
+                  f"contexts were cut on the left (as lm-eval's hf backend does)", file=sys.stderr)
+        return self.counted("loglikelihood", len(requests), lambda: self.score_pairs(fitted))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         prefix = self.prefix_token_id
@@ -226,6 +230,18 @@ def generation_options(gen_kwargs: dict, default_max: int, eos: str | None) -> t
     options = {"do_sample": True, "temperature": temperature, **kwargs} if sample and temperature > 0 else \
         {"do_sample": False, **{k: v for k, v in kwargs.items() if k not in ("top_p", "top_k")}}
     return options, until, max_new
+
+
+def fit_window(context: list[int], continuation: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """(context, continuation) cut on the left so that the model sees at most `max_length` tokens,
+    as lm-eval's hf backend cuts them: the last `max_length + 1` tokens of both, the last one only
+    predicted."""
+    if len(continuation) > max_length:
+        raise UsageError(f"a continuation of {len(continuation)} tokens is longer than max_length {max_length}")
+    whole = context + continuation
+    if len(whole) <= max_length + 1:
+        return context, continuation
+    return whole[-(max_length + 1):-len(continuation)], continuation
 
 
 def cut_at_stop(text: str, until: list[str]) -> str:

@@ -246,6 +246,8 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "lm-eval is not installed; pip install 'reshard[eval]'": ("test_lm_eval.py::test_eval_without_lm_eval_installed",),
     "batch_size must be a whole number or auto, not {}": ("test_lm_eval.py::test_bad_model_args_are_one_error_line",),
     "batch_size must be 1 or more, not {}": ("test_lm_eval.py::test_bad_model_args_are_one_error_line",),
+    "a continuation of {} tokens is longer than max_length {}":
+        ("test_lm_eval.py::test_pairs_longer_than_max_length_are_cut_on_the_left",),
     "unknown model_args for the reshard backend: {}; see `runtime eval --help`":
         ("test_lm_eval.py::test_bad_model_args_are_one_error_line",),
     "{} has no tokenizer files; convert a checkpoint that has them":

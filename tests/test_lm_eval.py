@@ -21,13 +21,16 @@ MC = [("The capital of France is", ["Paris", "London", "Berlin"], 0),
       ("The opposite of hot is", ["cold", "warm", "blue", "loud"], 0),
       ("Two plus two equals", ["four", "seven", "nine"], 0),
       ("A baby cat is called a", ["puppy", "kitten", "calf"], 1),
-      ("The sun rises in the", ["west", "north", "east"], 2)]
+      ("The sun rises in the", ["west", "north", "east"], 2),
+      # longer than MAX_LENGTH: both backends cut the context on the left
+      ("In the story that the teacher read aloud to the whole class on a rainy Monday morning, the animal that "
+       "could talk was a", ["fox", "spoon", "cloud"], 0)]
 TEXTS = ["The quick brown fox jumps over the lazy dog. It was a sunny day in the park.",
          "Language models assign probabilities to sequences of words.",
          "One, two, three, four, five, six, seven, eight, nine, ten."]
 GEN = [("Q: What is the capital of Italy?\nA:", "Rome"), ("Q: What color is the sky?\nA:", "blue"),
        ("Q: How many legs does a dog have?\nA:", "four")]
-MAX_LENGTH = 16  # tokens per rolling window: the texts above take two or more
+MAX_LENGTH = 16  # tokens per rolling window (the texts above take two or more), and per scored pair
 ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -210,3 +213,15 @@ def test_eval_without_lm_eval_installed(monkeypatch, capsys):
     monkeypatch.delitem(sys.modules, "runtime.lm_eval_backend", raising=False)
     assert main(["eval", "--tasks", "hellaswag"]) == 2
     assert capsys.readouterr().err.strip() == "Error: lm-eval is not installed; pip install 'reshard[eval]'"
+
+
+def test_pairs_longer_than_max_length_are_cut_on_the_left():
+    """As lm-eval's hf backend: the last max_length + 1 tokens of context and continuation are kept."""
+    from reshard.errors import UsageError
+    from runtime.lm_eval_backend import fit_window
+
+    assert fit_window([1, 2, 3], [4, 5], 4) == ([1, 2, 3], [4, 5])  # 5 tokens: the model sees 4
+    assert fit_window([1, 2, 3, 4], [5, 6], 4) == ([2, 3, 4], [5, 6])
+    assert fit_window([], [1, 2, 3], 4) == ([], [1, 2, 3])
+    with pytest.raises(UsageError, match=r"^a continuation of 5 tokens is longer than max_length 4$"):
+        fit_window([1], [1, 2, 3, 4, 5], 4)
