@@ -6,6 +6,11 @@ so one scheduler thread owns the model and makes every pass serve every waiting 
     loop:  admit waiting requests (up to `max_batch` running)  ->  one prefill pass for them
            ->  one decode pass for every running sequence  ->  finished ones leave
 
+A request is admitted only while the batch it would join fits the model's memory budget
+(`LayeredModel.fits`: the rows' activations and their KV cache at its longest, next to the
+weights; resident groups make room first): one that does not waits for rows to leave, and
+one that does not fit even alone fails with the budget's one-line error.
+
 Rows decode together in one left-padded KV cache (runtime.kvcache); each row keeps its own
 positions and attends only to its own tokens, so a greedy sequence gets the tokens it gets
 alone. Sampling is per sequence (runtime.sampling). Callers `submit` token ids with a
@@ -26,6 +31,7 @@ import torch
 
 from reshard.errors import ReshardError, UsageError
 
+from .allowance import JobShape
 from .batch import eos_ids, pad_id
 from .kvcache import BatchCache
 from .sampling import Sampling, TextTail, pick_token
@@ -187,18 +193,22 @@ class Engine:
     def _admit(self) -> list[Sequence]:
         new = []
         while self._waiting and self._free_slots() > 0:
-            seq = self._waiting.popleft()
+            seq = self._waiting[0]
             if seq.cancelled:
-                self._finish(seq, "cancelled")
-            else:
-                new.append(seq)
-                self._admitted += 1
+                self._finish(self._waiting.popleft(), "cancelled")
+                continue
+            crowd = [*self._active, *new]
+            if crowd and not self.lm.fits(job_shape([*crowd, seq], new=[*new, seq])):
+                break  # it waits until rows leave; alone, it runs (or fails with the budget's error)
+            new.append(self._waiting.popleft())
+            self._admitted += 1
         return new
 
     def _prefill(self, new: list[Sequence]) -> None:
         """One pass over the new prompts (left-padded together); they join the running batch."""
         from transformers import DynamicCache
 
+        self.lm.fit_job(job_shape([*self._active, *new], new=new))  # resident groups make room if need be
         ids, mask = pad_batch([s.prompt for s in new], self._pad, left=True)
         dev = self.lm.device
         ids, mask = ids.to(dev), mask.to(dev)
@@ -270,3 +280,11 @@ class Engine:
 
         empty_mask = torch.zeros(0, 0, dtype=torch.long, device=self.lm.device)
         return BatchCache(DynamicCache(config=self.lm.config), empty_mask)
+
+
+def job_shape(rows: list[Sequence], *, new: list[Sequence]) -> JobShape:
+    """The memory shape of a batch of `rows` of which `new` are prefilled in this pass: every row's
+    KV cache at its longest (prompt plus new tokens; the shorter rows are padded to the longest),
+    the prefill's tokens, one row of logits each."""
+    return JobShape(batch=len(rows), tokens=max(len(s.prompt) for s in new),
+                    context=max(len(s.prompt) + s.sampling.max_tokens for s in rows), logits_rows=1)

@@ -159,3 +159,29 @@ def test_bad_sampling_is_refused(bad):
 
     with pytest.raises(UsageError):
         Sampling(**bad)
+
+
+def test_admission_keeps_the_batch_within_the_memory_budget(tiny_converted):
+    """With a (GPU-like) budget that holds two rows' activations and KV cache but not three, four
+    requests run two at a time (the others wait for rows to leave) and get their alone tokens."""
+    from runtime.budget import Budget, stream_reserve
+    from runtime.engine import job_shape
+
+    lm = open_model(tiny_converted["llama"])
+    prompts = [[5, 6, 7, 8], [20, 21, 22, 23], [40, 41, 42, 43], [100, 101, 102, 103]]
+    alone = [alone_tokens(lm, ids, 10) for ids in prompts]
+    fake = [type("S", (), {"prompt": ids, "sampling": Sampling(10, temperature=0)})() for ids in prompts]  # shapes only
+    need = {n: stream_reserve(lm.costs, lm.memory) + lm.job_bytes(job_shape(fake[:n], new=fake[:n])) for n in (2, 3)}
+    assert need[2] < need[3]
+    lm.memory = Budget(cuda=True, capacity=need[2], host=0, prefetch=lm.depth, limit_from_user=True)
+    rows = []
+    lm.model.register_forward_pre_hook(lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape[0]),
+                                       with_kwargs=True)
+    engine, got = Engine(lm, max_batch=4), Collector(len(prompts))
+    try:
+        seqs = [engine.submit(ids, Sampling(10, temperature=0), got.deliver(i)) for i, ids in enumerate(prompts)]
+        got.wait()
+    finally:
+        engine.close()
+    assert [s.tokens for s in seqs] == alone
+    assert max(rows) == 2 and rows.count(2) >= 9  # two rows decode together; never three
