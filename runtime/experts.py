@@ -48,6 +48,13 @@ class ExpertCache:
             self.entries.move_to_end(key)
         return found
 
+    def resize(self, capacity: int) -> None:
+        """Hold at most `capacity` bytes from now on, dropping the least recently used experts."""
+        self.capacity = max(0, int(capacity))
+        while self.used > self.capacity:
+            _, old = self.entries.popitem(last=False)
+            self.used -= sum(t.numel() * t.element_size() for t in old.values())
+
     def put(self, key: tuple, tensors: dict[str, torch.Tensor]) -> None:
         """Keep a copy of `tensors` (one expert's rows) if they fit, dropping older experts."""
         size = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -261,18 +268,13 @@ def load_persistent_buffers(model: nn.Module, loader) -> None:
             module._buffers[attr] = loader.files[i].tensor(name).to(loader.device, copy=True)
 
 
-def cache_budget(loader, device: torch.device, prefetch: int, max_gpu_memory, max_cpu_memory, asked) -> int:
-    """Bytes for the expert cache: `asked`, or what the memory budget leaves once the groups are placed."""
+def cache_budget(loader, costs: list[budget.GroupCost], memory: budget.Budget, job: int, asked) -> int:
+    """Bytes for the expert cache: `asked`, or what the memory budget leaves once the groups are
+    placed and a job of `job` bytes has its room (0 where no streamed group has experts). The
+    cache is the first to give way: `LayeredModel.fit_job` shrinks it for a larger job."""
     asked = budget.parse_size(asked)
     if asked is not None:
         return asked
     if not any(g.experts for g, p in zip(loader.manifest.groups, loader.places) if p != budget.DEVICE):
         return 0
-    sizes = [loader.group_bytes(i) for i in range(len(loader.files))]
-    placed = sum(s for s, p in zip(sizes, loader.places) if p == budget.DEVICE)
-    if device.type != "cuda":
-        cpu = budget.parse_size(max_cpu_memory)
-        return max(0, (budget.default_cpu_budget() if cpu is None else cpu) - placed)
-    gpu = budget.parse_size(max_gpu_memory)
-    gpu = budget.default_gpu_budget(device) if gpu is None else gpu
-    return max(0, gpu - placed - (prefetch + 2) * max(sizes, default=0))
+    return max(0, memory.capacity - budget.device_need(costs, loader.places, memory, job))

@@ -127,7 +127,8 @@ class LayeredModel:
         loader.places, memory = place_groups(loader, model.config, memory)
         prefetch = memory.prefetch  # 0 where two groups in flight would not fit
         load_persistent_buffers(model, loader)
-        cache = cache_budget(loader, dev, prefetch, max_gpu_memory, max_cpu_memory, expert_cache)
+        cache = cache_budget(loader, group_costs(loader), memory,
+                             allowance.job_bytes(model.config, compute_dtype, allowance.DEFAULT), expert_cache)
         return cls(model, manifest, loader, device=dev, prefetch=prefetch, tokenizer=load_tokenizer(path),
                    expert_cache=cache if sparse_experts else 0, sparse_experts=sparse_experts, memory=memory)
 
@@ -190,6 +191,17 @@ class LayeredModel:
             places = budget.demote(self.costs, self.places, self.memory, job)
             if places != self.places:
                 self._demote(places, shape, job)
+        self._fit_expert_cache(shape, job)
+
+    def _fit_expert_cache(self, shape: allowance.JobShape, job: int) -> None:
+        """On CUDA the expert cache gives way to the job: it keeps only what the plan leaves (said
+        when it shrinks). On the CPU a job past the budget runs anyway, so the cache stays."""
+        cache = self.experts.cache
+        room = max(0, self.memory.capacity - budget.device_need(self.costs, self.places, self.memory, job))
+        if self.memory.cuda and cache.capacity > room:
+            print(f"runtime: {shape.describe()} needs about {budget.gib(job)} next to the weights; the expert "
+                  f"cache shrinks from {budget.gib(cache.capacity)} to {budget.gib(room)}", file=sys.stderr)
+            cache.resize(room)
 
     def _stop_read_ahead(self, memory: budget.Budget, job_text: str) -> None:
         """Stream with one group in flight from now on (`memory` is the budget with prefetch 0)."""

@@ -255,3 +255,40 @@ def test_an_expert_read_that_comes_back_short_names_the_file(moe_converted, monk
         model(torch.tensor([[5, 17, 42]]))
     assert re.fullmatch(r".*/layers\.\d{5}\.safetensors: ends before byte \d+; run `reshard convert` again to repair it",
                         str(e.value)), str(e.value)
+
+
+def test_the_expert_cache_takes_what_the_plan_leaves_and_gives_way_to_a_larger_job(moe_converted, capsys):
+    """By default the cache gets the budget's room after the groups and the default job. On a GPU
+    (a CUDA budget of 8 MB more than streaming needs, put on this streamed CPU model) a job larger
+    than the default shrinks it, said once, before it could overflow the device; the logits do not
+    change."""
+    import re
+
+    from runtime import allowance
+    from runtime.budget import Budget, device_need
+    from runtime.experts import cache_budget
+
+    model = LayeredModel.from_pretrained(moe_converted["mixtral"], device="cpu", max_cpu_memory=0)
+    assert model.experts.cache.capacity == 0  # a budget of 0 leaves no room
+    big_ids = torch.randint(3, 300, (8, 120), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        want = model(big_ids).logits
+    default_job, extra = model.job_bytes(allowance.DEFAULT), 8 << 20
+    gpu = Budget(cuda=True, capacity=0, host=0, residents=False, prefetch=model.depth, limit_from_user=True)
+    gpu = Budget(**{**gpu.__dict__, "capacity": device_need(model.costs, model.places, gpu, default_job) + extra})
+    assert cache_budget(model.loader, model.costs, gpu, default_job, None) == extra
+    assert cache_budget(model.loader, model.costs, gpu, default_job, "1MB") == 10**6  # asked for: as asked
+    model.memory = gpu
+    model.experts.cache.resize(extra)  # what from_pretrained gives with this budget
+    big = allowance.JobShape(batch=8, tokens=120, context=120, logits_rows=120)  # what model(big_ids) runs
+    room = gpu.capacity - device_need(model.costs, model.places, gpu, model.job_bytes(big))
+    assert 0 < room < extra
+    capsys.readouterr()
+    with torch.inference_mode():
+        assert torch.equal(model(big_ids).logits, want)
+        assert torch.equal(model(big_ids).logits, want)
+    assert model.experts.cache.capacity == room and model.experts.cache.used <= room
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(r"runtime: a batch of 8 x 120 tokens .* the expert cache shrinks from "
+                                          r"0\.01GiB to \S+GiB", err[0]), err
+    model.close()
