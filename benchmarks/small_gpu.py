@@ -194,8 +194,7 @@ def write_hf_checkpoint(folder: Path, hf: Path) -> Path:
     """The converted folder as a plain Hugging Face checkpoint (one safetensors shard per group)."""
     from safetensors.torch import save_file
 
-    from reshard.format import read_manifest
-    from reshard.layerfile import GroupFile
+    from reshard.format import GroupFile, read_manifest
 
     manifest, index = read_manifest(folder), {}
     hf.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,8 @@ from tqdm.auto import tqdm
 
 from . import hub
 from .errors import DiskSpaceError, SourceError, UsageError
-from .format import (DTYPE_NAMES, DTYPE_TO_ST, MANIFEST, Group, Manifest, dtype_name, group_file_name, quant_part_names,
-                     stored_names, write_bytes_atomic, write_text_atomic)
-from .layerfile import write_group_file
+from .format import (DTYPE_NAMES, stored_names, DTYPE_TO_ST, MANIFEST, Group, Manifest, dtype_name, group_file_name,
+                     quant_part_names, write_bytes_atomic, write_group_file, write_text_atomic)
 from .keymap import KeyMap, check_shape, check_shapes, map_keys
 from .plan import build_empty_model, plan_groups, read_config
 from .quant import DEFAULT_GROUP, check_scheme, quantizable_params, quantize as quantize_weight, quantize_experts

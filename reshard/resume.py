@@ -17,9 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .errors import OutputInUseError
-from .format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, PARTIAL_SUFFIX, PROGRESS, Group, is_group_file_name,
-                     param_names, write_text_atomic)
-from .layerfile import file_sha256
+from .format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, PARTIAL_SUFFIX, PROGRESS, Group, file_sha256,
+                     is_group_file_name, param_names, write_text_atomic)
 from .source import SIDE_FILES, Source
 
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 
 from .errors import CorruptFileError, SourceError
-from .format import ST_TO_DTYPE
-from .layerfile import FileSlice, read_header
+from .format import ST_TO_DTYPE, FileSlice, read_header
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

@@ -12,8 +12,7 @@ import torch
 
 from .convert import QuantSpec
 from .format import (DTYPE_TO_ST, MANIFEST, Group, Manifest, dtype_name, group_file_name, stored_names,
-                     write_text_atomic)
-from .layerfile import write_group_file
+                     write_group_file, write_text_atomic)
 from .plan import build_empty_model, plan_groups
 from .quant import DEFAULT_GROUP
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import CorruptFileError
-from .format import Manifest, read_manifest
-from .layerfile import check_group_file
+from .format import Manifest, check_group_file, read_manifest
 
 
 def find_bad_files(folder: str | Path, *, checksums: bool = True, manifest: Manifest | None = None) -> list[CorruptFileError]:

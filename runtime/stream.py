@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 
-from reshard.format import ST_TO_DTYPE, Manifest, param_names, quant_part_names
-from reshard.layerfile import GroupFile
+from reshard.format import ST_TO_DTYPE, GroupFile, Manifest, param_names, quant_part_names
 
 from .budget import DISK, HOST
 from .lowbit import PackSpec

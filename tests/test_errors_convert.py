@@ -195,7 +195,7 @@ def test_out_with_a_damaged_conversion_record(tiny_checkpoints, tmp_path, capsys
 
 def test_library_rejects_unknown_dtype_quantization_and_tensor_dtype(tiny_checkpoints, tmp_path):
     from reshard.convert import convert as convert_fn
-    from reshard.layerfile import build_header
+    from reshard.format import build_header
 
     with pytest.raises(UsageError) as info:
         convert_fn(str(tiny_checkpoints["llama"]), tmp_path / "a", dtype="float8", progress=False)

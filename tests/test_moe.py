@@ -13,8 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import MOE_ARCHS
 from reshard.cli import main as reshard_main
-from reshard.format import dense_range, expert_bytes, expert_range, expert_tensors, read_manifest
-from reshard.layerfile import GroupFile
+from reshard.format import GroupFile, dense_range, expert_bytes, expert_range, expert_tensors, read_manifest
 from runtime import LayeredModel
 from runtime.cli import main as runtime_main
 

@@ -22,7 +22,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import reshard.format
-import reshard.layerfile
 from reshard.cli import main as reshard_main
 from runtime.cli import main as runtime_main
 
@@ -55,11 +54,11 @@ def only_error(err: str) -> str:
 # file not yet recorded.
 KILLER = """
 import os, signal, sys
-import reshard.format, reshard.layerfile
+import reshard.format
 when, name = sys.argv[1].split(":")
 def writing_it(fd):
     return os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) == name + ".partial"
-real_write_at, real_copy_at = reshard.layerfile.write_at, reshard.layerfile.copy_at
+real_write_at, real_copy_at = reshard.format.write_at, reshard.format.copy_at
 def write_at(fd, data, offset):
     if when == "during" and writing_it(fd):
         view = memoryview(data).cast("B")
@@ -71,8 +70,7 @@ def copy_at(src, src_offset, nbytes, fd, offset):
         real_copy_at(src, src_offset, nbytes // 2, fd, offset)
         os.kill(os.getpid(), signal.SIGKILL)
     real_copy_at(src, src_offset, nbytes, fd, offset)
-reshard.format.write_at = reshard.layerfile.write_at = write_at
-reshard.layerfile.copy_at = copy_at
+reshard.format.write_at, reshard.format.copy_at = write_at, copy_at
 real_replace = os.replace
 def replace(src, dst):
     hit = os.path.basename(dst) == name
@@ -127,7 +125,7 @@ class FullDisk:
 
     def __init__(self, budget: int, monkeypatch):
         self.budget = budget
-        real_write_at, real_copy_at = reshard.layerfile.write_at, reshard.layerfile.copy_at
+        real_write_at, real_copy_at = reshard.format.write_at, reshard.format.copy_at
 
         def write_at(fd, data, offset):
             view = memoryview(data).cast("B")
@@ -140,9 +138,8 @@ class FullDisk:
             real_copy_at(src, src_offset, n, fd, offset)
             self._raise_if_short(n, nbytes)
 
-        monkeypatch.setattr(reshard.format, "write_at", write_at)  # small files: manifest, progress record
-        monkeypatch.setattr(reshard.layerfile, "write_at", write_at)  # layer files
-        monkeypatch.setattr(reshard.layerfile, "copy_at", copy_at)
+        monkeypatch.setattr(reshard.format, "write_at", write_at)
+        monkeypatch.setattr(reshard.format, "copy_at", copy_at)
 
     def _take(self, n: int) -> int:
         n = min(n, self.budget)
