@@ -185,3 +185,28 @@ def test_admission_keeps_the_batch_within_the_memory_budget(tiny_converted):
         engine.close()
     assert [s.tokens for s in seqs] == alone
     assert max(rows) == 2 and rows.count(2) >= 9  # two rows decode together; never three
+
+
+def test_a_request_that_does_not_fit_even_alone_fails_with_the_budget_error(tiny_converted):
+    """Its sequence ends with finish_reason "error" and the budget's one line; the engine serves on."""
+    from runtime.budget import Budget
+
+    lm = open_model(tiny_converted["llama"])
+    real = lm.memory
+    lm.memory = Budget(cuda=True, capacity=1 << 20, host=0, prefetch=lm.depth, limit_from_user=True)
+    engine = Engine(lm, max_batch=2)
+    try:
+        failed = Collector(1)
+        engine.submit([5, 6, 7], Sampling(4, temperature=0), failed.deliver(0))
+        failed.wait()
+        lm.memory = real
+        served = Collector(1)
+        seq = engine.submit([5, 6, 7], Sampling(4, temperature=0), served.deliver(0))
+        served.wait()
+    finally:
+        engine.close()
+    event = failed.events[0]
+    assert event.finish_reason == "error" and "\n" not in event.error
+    assert event.error.startswith("MemoryBudgetError: streaming this model with a batch of 1 x 3 tokens")
+    assert "use --max-gpu-memory" in event.error
+    assert served.events[0].finish_reason == "length" and seq.tokens == alone_tokens(lm, [5, 6, 7], 4)
