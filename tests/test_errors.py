@@ -15,7 +15,6 @@ here: when you add a `raise SomeError(...)`, add a row naming the test that asse
 from __future__ import annotations
 
 import ast
-import json
 import os
 import re
 import subprocess
@@ -499,17 +498,11 @@ def test_prompt_of_no_tokens_is_a_usage_error(tiny_converted, tmp_path, capsys):
 def test_runtime_folder_with_custom_code_needs_trust_remote_code(tiny_converted, tmp_path, capsys):
     import shutil
     from runtime.cli import main as runtime_main
-    from test_robustness import only_error
+    from test_robustness import only_error, plant_custom_code
 
     folder = tmp_path / "custom"
     shutil.copytree(tiny_converted["llama"], folder)
-    marker = tmp_path / "pwned"
-    (folder / "configuration_evil.py").write_text(
-        f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
-        "from transformers import LlamaConfig\nclass EvilConfig(LlamaConfig):\n    model_type = 'evil'\n")
-    config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="evil", auto_map={"AutoConfig": "configuration_evil.EvilConfig"})
-    (folder / "config.json").write_text(json.dumps(config))
+    marker = plant_custom_code(folder, tmp_path / "pwned")
     code = runtime_main(["generate", str(folder), "-p", "w3", "-n", "1", "--device", "cpu", "--max-cpu-memory", "0"])
     assert (code, only_error(capsys.readouterr().err)) == (
         1, f"Error: {folder} needs its own Python code to load; pass --trust-remote-code if you trust it")

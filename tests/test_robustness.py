@@ -38,6 +38,17 @@ def assert_same_files(a: Path, b: Path) -> None:
         assert path.read_bytes() == (b / path.name).read_bytes(), path.name
 
 
+def plant_custom_code(folder: Path, marker: Path) -> Path:
+    """Make `folder`'s config need its own Python code, which touches `marker` if it ever runs."""
+    (folder / "configuration_evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+        "from transformers import LlamaConfig\nclass EvilConfig(LlamaConfig):\n    model_type = 'evil'\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "configuration_evil.EvilConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return marker
+
+
 def only_error(err: str) -> str:
     """The one `Error:` line of a failed command (and no traceback)."""
     assert "Traceback" not in err
@@ -442,13 +453,7 @@ def test_malicious_bin_is_refused_and_nothing_runs(tiny_checkpoints, tmp_path, c
 
 def test_custom_code_needs_trust_remote_code(tiny_checkpoints, tmp_path, capsys):
     folder = single_file_checkpoint(tiny_checkpoints, tmp_path / "src")
-    marker = tmp_path / "pwned"
-    (folder / "configuration_evil.py").write_text(
-        f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
-        "from transformers import LlamaConfig\nclass EvilConfig(LlamaConfig):\n    model_type = 'evil'\n")
-    config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="evil", auto_map={"AutoConfig": "configuration_evil.EvilConfig"})
-    (folder / "config.json").write_text(json.dumps(config))
+    marker = plant_custom_code(folder, tmp_path / "pwned")
     assert convert(folder, tmp_path / "out") == 1
     assert only_error(capsys.readouterr().err) == (
         f"Error: {folder} needs its own Python code to load; pass --trust-remote-code if you trust it")
