@@ -197,8 +197,10 @@ class LayeredModel:
         """On CUDA the expert cache gives way to the job: it keeps only what the plan leaves (said
         when it shrinks). On the CPU a job past the budget runs anyway, so the cache stays."""
         cache = self.experts.cache
+        if not self.memory.cuda or cache.capacity == 0:  # nothing to do (and no sums on every call)
+            return
         room = max(0, self.memory.capacity - budget.device_need(self.costs, self.places, self.memory, job))
-        if self.memory.cuda and cache.capacity > room:
+        if cache.capacity > room:
             print(f"runtime: {shape.describe()} needs about {budget.gib(job)} next to the weights; the expert "
                   f"cache shrinks from {budget.gib(cache.capacity)} to {budget.gib(room)}", file=sys.stderr)
             cache.resize(room)
