@@ -24,16 +24,12 @@ def open_model(args):
                                         expert_cache=getattr(args, "expert_cache", None))
 
 
-def encode_prompt(tokenizer, text: str, *, chat: bool):
+def encode_prompt(tokenizer, text: str, *, chat: bool) -> list[int]:
+    from .batch import prompt_ids
+
     if tokenizer is None:
         raise UsageError("this folder has no tokenizer files; convert a checkpoint that has them")
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UsageError("this tokenizer has no chat template; drop --chat")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-        return tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    return tokenizer(text, return_tensors="pt")
+    return prompt_ids(tokenizer, text, chat=chat)
 
 
 def read_prompt(args) -> str:
@@ -49,24 +45,27 @@ def generate_one(args) -> int:
     import torch
     from transformers import TextStreamer
 
+    from .batch import pad_id
+
     prompt = read_prompt(args)
     if not prompt:
         raise UsageError("empty prompt; pass --prompt TEXT or text on stdin")
     model = open_model(args)
-    inputs = encode_prompt(model.tokenizer, prompt, chat=args.chat)
-    if inputs["input_ids"].shape[1] == 0:
+    ids = encode_prompt(model.tokenizer, prompt, chat=args.chat)
+    if not ids:
         raise UsageError("the prompt encodes to no tokens (only whitespace?); pass some text")
-    check_context(model.config, inputs["input_ids"].shape[1] + args.max_new_tokens)
+    check_context(model.config, len(ids) + args.max_new_tokens)
     show_first_pass(model)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     sampling = sampling_kwargs(args)
     streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                         streamer=streamer, pad_token_id=_pad_id(model), **sampling, **speculation(args, model))
+    input_ids = torch.tensor([ids], device=model.device)
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, streamer=streamer,
+                         pad_token_id=pad_id(model), **sampling, **speculation(args, model))
     if args.stats:
-        report_stats({**model.stats.as_dict(), "new_tokens": int(out.shape[1] - inputs["input_ids"].shape[1])})
+        report_stats({**model.stats.as_dict(), "new_tokens": int(out.shape[1] - len(ids))})
     model.close()
     return 0
 
@@ -210,14 +209,6 @@ def _json_line(path, n: int, line: str):
         return json.loads(line)
     except ValueError as e:
         raise UsageError(f"{path} line {n} is not valid JSON ({e})") from None
-
-
-def _pad_id(model):
-    gc = model.generation_config
-    if gc.pad_token_id is not None:
-        return gc.pad_token_id
-    eos = gc.eos_token_id
-    return eos[0] if isinstance(eos, list) else eos
 
 
 def check_context(config, length: int) -> None:
