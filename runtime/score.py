@@ -21,6 +21,7 @@ dropped once every forward has passed it, so memory holds activations, not whole
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 
 import torch
@@ -320,9 +321,15 @@ def cache_arg(lm, cache) -> dict:
 
 
 def _forward_params(lm):
+    return _params_of(type(lm.model))
+
+
+@functools.lru_cache(maxsize=64)  # a class per opened model (runtime.opening.pin_device): bounded
+def _params_of(cls) -> frozenset[str]:
+    """The argument names of a model class's forward, read once per class (the engine asks every pass)."""
     import inspect
 
-    return inspect.signature(lm.model.forward).parameters
+    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 def _layer_of(lm) -> dict[int, int]:
