@@ -94,14 +94,13 @@ def fbgemm_packed(weights: list[torch.Tensor]):
 
 def perplexities() -> None:
     """SmolLM2's int8 folder: packed weight-only kernel vs fbgemm with per-token activation quantization."""
-    from models import converted, smollm2_checkpoint
+    from models import smollm2_quantized
 
     from runtime import lowbit
     from runtime.model import LayeredModel
 
     text = (ROOT / "tests" / "data" / "english.txt").read_text()
-    src = smollm2_checkpoint()
-    folders = {"fp16": converted(src, "smollm2-fp16", "float16"), "int8": CACHE_INT8(src)}
+    folders = smollm2_quantized()
 
     def ppl(folder, dtype=None, swap=False) -> float:
         with LayeredModel.from_pretrained(folder, device="cpu", dtype=dtype, max_cpu_memory="64GiB") as lm:
@@ -121,17 +120,6 @@ def perplexities() -> None:
                         ("int8 folder, fbgemm dynamic linear, activations quantized per token", True)]:
         p = ppl(folders["int8"], swap=swap)
         print(f"  {label}: {p:.4f} ({100 * (p / base - 1):+.2f}%)")
-
-
-def CACHE_INT8(src: Path) -> Path:  # noqa: N802 - the folder the other CPU benchmarks share
-    from models import CACHE
-
-    from reshard.convert import convert
-
-    out = CACHE / "smollm2-int8"
-    if not (out / "manifest.json").is_file():
-        convert(str(src), out, dtype="float16", quantize="int8", progress=False)
-    return out
 
 
 def per_token_fbgemm(module):

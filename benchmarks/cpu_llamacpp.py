@@ -146,17 +146,11 @@ def timings(paths: dict[str, Path], args) -> None:
 def perplexities() -> None:
     import torch
 
-    from models import CACHE, smollm2_checkpoint
-    from reshard.convert import convert
+    from models import smollm2_quantized
     from runtime.model import LayeredModel
 
     text = (ROOT / "tests" / "data" / "english.txt").read_text()
-    src = smollm2_checkpoint()
-    folders = {}
-    for name, scheme in [("fp16", None), ("int8", "int8"), ("int4-g32", "int4")]:
-        folders[name] = CACHE / f"smollm2-{name}"
-        if not (folders[name] / "manifest.json").is_file():
-            convert(str(src), folders[name], dtype="float16", quantize=scheme, quantize_group=32, progress=False)
+    folders = smollm2_quantized()
     runs = [("fp16 folder, float32 compute (baseline)", "fp16", "float32"), ("fp16 folder, default dtype", "fp16", None),
             ("int8 folder, packed kernels, default dtype", "int8", None),
             ("int4 g32 folder, packed kernels, default dtype", "int4-g32", None),

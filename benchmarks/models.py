@@ -26,13 +26,20 @@ def smollm2_checkpoint() -> Path:
     return gguf_to_checkpoint(demo_gguf(), folder)
 
 
-def converted(source: Path, name: str, dtype: str = "auto") -> Path:
+def converted(source: Path, name: str, dtype: str = "auto", quantize: str | None = None, group: int = 32) -> Path:
     from reshard.convert import convert
 
     out = CACHE / name
     if not (out / "manifest.json").is_file():
-        convert(str(source), out, dtype=dtype, progress=False)
+        convert(str(source), out, dtype=dtype, quantize=quantize, quantize_group=group, progress=False)
     return out
+
+
+def smollm2_quantized() -> dict[str, Path]:
+    """SmolLM2 as fp16, int8 and int4 (group 32) folders: the CPU low-bit benchmarks' models."""
+    src = smollm2_checkpoint()
+    return {name: converted(src, f"smollm2-{name}", "float16", scheme)
+            for name, scheme in [("fp16", None), ("int8", "int8"), ("int4-g32", "int4")]}
 
 
 def big_synthetic(layers: int = 14) -> Path:

@@ -25,18 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import torch  # noqa: E402
 
 from common import machine_lines  # noqa: E402
-from models import CACHE, smollm2_checkpoint  # noqa: E402
-
-
-def folders() -> dict[str, Path]:
-    from reshard.convert import convert
-
-    src, out = smollm2_checkpoint(), {}
-    for name, scheme in [("fp16", None), ("int8", "int8"), ("int4-g32", "int4")]:
-        out[name] = CACHE / f"smollm2-{name}"
-        if not (out[name] / "manifest.json").is_file():
-            convert(str(src), out[name], dtype="float16", quantize=scheme, quantize_group=32, progress=False)
-    return out
+from models import smollm2_quantized  # noqa: E402
 
 
 def decode(lm, steps: int):
@@ -66,7 +55,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     print("\n".join(machine_lines("default (CPU)", args.threads)))
     print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (shared machine)\n")
-    paths = folders()
+    paths = smollm2_quantized()
     for name, path in paths.items():
         with LayeredModel.from_pretrained(path, device="cpu", max_cpu_memory="10GB") as lm:
             decode(lm, 4)
