@@ -21,6 +21,7 @@ declare -A SECTIONS=(  # each a command line; its stdout is the section's raw ou
     [cold]="$py benchmarks/bench_cold.py --runs 3"
     [peers]="$py benchmarks/bench_peers.py --runs 1 --tokens 8"
     [convert]="$py benchmarks/bench_convert.py --runs 2"
+    [convert_before_after]="$py benchmarks/bench_convert.py --runs 2 --before 89e3a60"
     [quant]="$py benchmarks/quant.py --repeat 3 --models smollm2-135m --work $cache/quant"
     [passes]="$py benchmarks/passes.py all --repeat 1 --score-sizes 8,32,64 --max-new-tokens 48 --batch-sizes 1,4,16 --work $cache"
     [moe_cpu_cold]="$py benchmarks/moe.py --tokens 12 --runs 2 --layers 4 --threads 1"
@@ -32,7 +33,7 @@ declare -A SECTIONS=(  # each a command line; its stdout is the section's raw ou
     [ray_workers]="$py benchmarks/ray_workers.py --items 64"
     [gpu_check_dry]="$py benchmarks/prepare_gpu_check.py --out $cache/gpu-assets >&2 && $py benchmarks/gpu_check.py --dry --assets $cache/gpu-assets"
 )
-ORDER=(decode cold peers convert quant passes moe_cpu_cold moe_cpu_warm cpu_llamacpp cpu_kernels profile_decode
+ORDER=(decode cold peers convert convert_before_after quant passes moe_cpu_cold moe_cpu_warm cpu_llamacpp cpu_kernels profile_decode
        serve_cpu ray_workers gpu_check_dry)
 log="$results/reproduce.txt"
 mkdir -p "$results"
