@@ -83,6 +83,7 @@ def run_row(label: str, task: str, folder: Path, device: torch.device, free, arg
     row = {"weights": label, "task": task, "system": "ours (default budget)"}
     if device.type == "cuda":  # what the budget starts from: earlier rows must have given theirs back
         row["free_before"] = torch.cuda.mem_get_info(device)[0]
+        held(device, f"before {label} {task}")
     try:
         with _peak(device) as peak:
             with LayeredModel.from_pretrained(folder, device=str(device), dtype=torch.float16) as model:
@@ -209,6 +210,29 @@ def write_hf_checkpoint(folder: Path, hf: Path) -> Path:
         if f.suffix == ".json" and f.name != "manifest.json" or f.name.startswith("tokenizer"):
             shutil.copy(f, hf / f.name)
     return hf
+
+
+def held(device: torch.device, when: str) -> None:
+    """One line: what the device has free, what torch's allocator holds (the blocker included), and the largest
+    CUDA tensors still alive (a row that leaked memory shows here, before the next row's budget)."""
+    import gc
+    import warnings
+
+    free = torch.cuda.mem_get_info(device)[0]
+    allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+    live = []
+    with warnings.catch_warnings():  # isinstance on some deprecated module objects warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, torch.Tensor) and obj.is_cuda and obj.dim() and obj.numel() < 1 << 36:
+                    live.append(obj)
+            except Exception:  # noqa: BLE001 - some objects refuse isinstance checks
+                continue
+    live.sort(key=lambda t: -t.untyped_storage().nbytes())
+    biggest = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in live[:4])
+    out(f"small GPU {when}: free {free / 1e9:.2f} GB; torch allocated {allocated / 1e9:.2f} GB, reserved "
+        f"{reserved / 1e9:.2f} GB (the blocker included); {len(live)} live CUDA tensors (largest: {biggest})")
 
 
 # --- the table --------------------------------------------------------------------------------------
