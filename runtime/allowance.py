@@ -6,6 +6,12 @@ layers at once (scoring runs all its micro-batches through each layer before the
 loaded), and how many positions' logits are kept. `job_bytes` estimates it from the model's
 config with the sizes of what transformers' decoder layers allocate, rounded up: it is an
 allowance, not a measurement, so it errs on the large side.
+
+On CUDA a job whose forwards run in threads of their own (scoring's Lockstep) also pays per
+thread: torch gives every thread that runs a matmul its own cuBLAS handle and workspace, and
+keeps both for the life of the process (a later thread reuses a finished one's). Measured on
+an H200 with CUDA 13: 72 MiB per thread, 32 of them the workspace inside torch's allocator and
+the rest outside it, where the budget only sees them as free memory gone.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 
 SLACK = 1.25  # allocator rounding, temporaries the count below misses
 FLOOR = 32 << 20  # every job: small tensors, masks, the sampler's buffers
+CUDA_THREAD = 96 << 20  # device memory of a thread's cuBLAS handle and workspace (72 MiB measured, see above)
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,7 @@ class JobShape:
     in_flight: int = 1  # forwards parked between layers at once (scoring's jobs)
     whole_cache: bool = True  # the KV of every layer lives for the whole job (not scoring)
     offload: bool = False  # parked forwards keep their activations in host memory (scoring's option)
+    threads: bool = False  # each forward runs in a thread of its own (scoring's Lockstep)
 
     def describe(self) -> str:
         flight = f", {self.in_flight} forwards in flight" if self.in_flight > 1 else ""
@@ -39,8 +47,9 @@ SMALLEST = JobShape(batch=1, tokens=16, context=32)
 DEFAULT = JobShape(batch=1, tokens=512, context=1024)
 
 
-def job_bytes(config, dtype: torch.dtype, shape: JobShape) -> int:
-    """Bytes `shape`'s job allocates on the compute device, besides the weights (an upper estimate)."""
+def job_bytes(config, dtype: torch.dtype, shape: JobShape, cuda_threads: int = 0) -> int:
+    """Bytes `shape`'s job allocates on the compute device, besides the weights (an upper estimate).
+    `cuda_threads`: threads whose cuBLAS handles the job needs on a CUDA device (see the module docstring)."""
     dims = _Dims(config)
     size = torch.empty(0, dtype=dtype).element_size()
     rows = shape.batch * shape.tokens  # positions one forward computes
@@ -56,7 +65,7 @@ def job_bytes(config, dtype: torch.dtype, shape: JobShape) -> int:
     if getattr(config, "_attn_implementation", None) == "eager":  # the whole score matrix, in float32
         layer += shape.batch * dims.heads * shape.tokens * shape.context * 4
     logits = shape.batch * shape.logits_rows * dims.vocab * (size + 4 + 4)  # model dtype, float copy, log-softmax
-    return int(SLACK * (kv + parked + masks + layer + logits)) + FLOOR
+    return int(SLACK * (kv + parked + masks + layer + logits)) + FLOOR + cuda_threads * CUDA_THREAD
 
 
 class _Dims:

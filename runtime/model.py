@@ -69,6 +69,7 @@ class LayeredModel:
         self.prefetcher = Prefetcher(loader.load, self.streamed, prefetch, self.stats)
         self._current: Loaded | None = None
         self.lockstep = None  # set while a Lockstep runs several forwards through one pass
+        self.cuda_threads = 0  # the most forward threads a job ran on CUDA: their cuBLAS handles stay (allowance)
         self._hooks: list = []  # handles of the streaming hooks, removed by close()
         self._hold_resident()
         self._install_hooks()
@@ -157,8 +158,15 @@ class LayeredModel:
 
     # --- memory for the job ----------------------------------------------------------------
     def job_bytes(self, shape: allowance.JobShape) -> int:
-        """Device bytes a job of `shape` needs besides the weights (runtime.allowance)."""
-        return allowance.job_bytes(self.model.config, self.loader.dtype, shape)
+        """Device bytes a job of `shape` needs besides the weights (runtime.allowance). On CUDA that
+        includes the cuBLAS handles of its forward threads, or of earlier jobs' where there were more:
+        torch keeps them for the life of the process."""
+        return allowance.job_bytes(self.model.config, self.loader.dtype, shape, self._cuda_threads(shape))
+
+    def _cuda_threads(self, shape: allowance.JobShape) -> int:
+        if self.memory is None or not self.memory.cuda:
+            return 0
+        return max(self.cuda_threads, shape.in_flight if shape.threads else 0)
 
     def fits(self, shape: allowance.JobShape) -> bool:
         """Whether a job of `shape` fits the budget, once resident groups make room for it.
@@ -191,6 +199,7 @@ class LayeredModel:
             places = budget.demote(self.costs, self.places, self.memory, job)
             if places != self.places:
                 self._demote(places, shape, job)
+        self.cuda_threads = self._cuda_threads(shape)
         self._fit_expert_cache(shape, job)
 
     def _fit_expert_cache(self, shape: allowance.JobShape, job: int) -> None:

@@ -53,7 +53,17 @@ def score_encoded(lm, encoded: list["Encoded"], *, batch_size: int = 8, progress
     """The core of `score`, on tokens: per Encoded, per continuation, (summed log-probability,
     whether each of its tokens is the model's greedy pick). All items share one weight pass."""
     _check_lengths(lm, encoded)
-    batch_size, offload = _fit_micro_batch(lm, encoded, batch_size, offload)
+    batch_size, offload, per_pass = _fit(lm, encoded, batch_size, offload)
+    passes = _chunks(encoded, per_pass)
+    results = []
+    for k, part in enumerate(passes):
+        label = f"layers, pass {k + 1} of {len(passes)}" if len(passes) > 1 else "layers"
+        results += _one_pass(lm, part, batch_size, offload, progress and label)
+    return results
+
+
+def _one_pass(lm, encoded: list["Encoded"], batch_size: int, offload: bool, progress) -> list:
+    """`score_encoded` for items whose forwards all run through one read of the weights."""
     pad = _pad_id(_tokenizer(lm))
     questions = [n for n, e in enumerate(encoded) if e.context is not None]
     texts = [n for n, e in enumerate(encoded) if e.context is None]
@@ -186,7 +196,7 @@ class _Texts:
         return _sum_next_token_logprobs(out.logits, self.ids, self.mask)
 
 
-def _run(lm, forwards: list, progress: bool, offload: bool) -> list:
+def _run(lm, forwards: list, progress: str | bool, offload: bool) -> list:
     from tqdm.auto import tqdm
 
     caches = [f.cache for f in forwards if f.cache is not None]
@@ -197,38 +207,77 @@ def _run(lm, forwards: list, progress: bool, offload: bool) -> list:
             for cache in caches:
                 _drop_kv(cache, layer_of[i])
 
-    with tqdm(total=len(lm.groups), desc="layers", unit="group", file=sys.stderr, disable=not progress) as bar:
+    with tqdm(total=len(lm.groups), desc=progress or "layers", unit="group", file=sys.stderr,
+              disable=not progress) as bar:
         lockstep = Lockstep(lm, on_load=lambda i: bar.update(1), on_release=drop,
                             offload=torch.device("cpu") if offload else None)
         return lockstep.run([f.job() for f in forwards])
 
 
-def _fit_micro_batch(lm, encoded: list[Encoded], batch_size: int, offload: bool) -> tuple[int, bool]:
-    """(micro-batch size, offload) for a job that fits the device next to the weights: resident
-    groups make room first (LayeredModel.fit_job); if even that is not enough, smaller
-    micro-batches, then activations in host memory. Changes are said once on stderr."""
-    size, moved = batch_size, offload
+def _fit(lm, encoded: list[Encoded], batch_size: int, offload: bool) -> tuple[int, bool, int]:
+    """(micro-batch size, offload, items per pass) for a job that fits the device next to the
+    weights. In order, while it does not: resident groups make room (LayeredModel.fit_job),
+    smaller micro-batches, waiting activations in host memory (all still one read of the
+    weights); then several passes, each reading the weights once for as many micro-batches as
+    fit. Changes are said once on stderr."""
+    size, moved, per_pass = batch_size, offload, len(encoded)
     while size > 1 and not lm.fits(job_shape(encoded, size, offload)):
         size = (size + 1) // 2
     if not offload and not lm.fits(job_shape(encoded, size, False)) and lm.fits(job_shape(encoded, size, True)):
         moved = True
-    if (size, moved) != (batch_size, offload):
-        how = [f"micro-batches of {size} items instead of {batch_size}"] if size != batch_size else []
-        how += ["waiting activations in host memory"] if moved != offload else []
+    if not lm.fits(job_shape(encoded, size, moved)):  # no single pass holds every forward
+        size, moved, per_pass = _passes(lm, encoded, batch_size, offload)
+    how = [f"micro-batches of {size} items instead of {batch_size}"] if size != batch_size else []
+    how += ["waiting activations in host memory"] if moved != offload else []
+    if per_pass < len(encoded):
+        how += [f"{len(_chunks(encoded, per_pass))} reads of the weights ({per_pass} items each) instead of one"]
+    shape = job_shape(encoded, size, moved, per_pass)
+    if how and lm.fits(shape):  # else fit_job's error says what would
         print(f"runtime: scoring with {' and '.join(how)}, so that the activations fit on the device", file=sys.stderr)
-    lm.fit_job(job_shape(encoded, size, moved))
-    return size, moved
+    lm.fit_job(shape)
+    return size, moved, per_pass
 
 
-def job_shape(encoded: list[Encoded], batch_size: int, offload: bool) -> JobShape:
-    """The shape of scoring `encoded` in micro-batches of `batch_size` items: all its forwards
-    are in flight at once (layers outermost), a choices forward has a row per choice."""
-    questions = sum(e.context is not None for e in encoded)
-    forwards = 2 * -(-questions // batch_size) + -(-(len(encoded) - questions) // batch_size)
+def _passes(lm, encoded: list[Encoded], batch_size: int, offload: bool) -> tuple[int, bool, int]:
+    """(micro-batch size, offload, items per pass) with the fewest passes: the largest micro-batch
+    for which one fits a pass, then as many per pass as fit, with activations in host memory
+    where that fits more. (1, offload, 1) where nothing fits: fit_job then names the budget."""
+    size = batch_size
+    while True:
+        options = [(_most_per_pass(lm, encoded, size, o), o) for o in ([True] if offload else [False, True])]
+        most, moved = max(options, key=lambda option: (option[0], not option[1]))  # a tie: no host copies
+        if most or size == 1:
+            return size, moved, max(1, most) * size
+        size = (size + 1) // 2
+
+
+def _most_per_pass(lm, encoded: list[Encoded], size: int, offload: bool) -> int:
+    """The most micro-batches of `size` items one pass can hold (0 if not even one)."""
+    low, high = 0, -(-len(encoded) // size)
+    while low < high:  # the largest k that fits: more micro-batches per pass never need less memory
+        k = (low + high + 1) // 2
+        if lm.fits(job_shape(encoded, size, offload, k * size)):
+            low = k
+        else:
+            high = k - 1
+    return low
+
+
+def job_shape(encoded: list[Encoded], batch_size: int, offload: bool, per_pass: int | None = None) -> JobShape:
+    """The shape of scoring `encoded` in micro-batches of `batch_size` items, `per_pass` items per
+    read of the weights (default all): a pass's forwards are in flight at once (layers outermost),
+    each in a thread of its own, and a choices forward has a row per choice."""
+    forwards = max(_forwards(part, batch_size) for part in _chunks(encoded, per_pass or len(encoded)))
     longest = max(len(e.context or []) + max(len(c) for c in e.continuations) for e in encoded)
     rows = batch_size * max(len(e.continuations) for e in encoded)
     return JobShape(batch=rows, tokens=longest, context=longest, logits_rows=longest, in_flight=forwards,
-                    whole_cache=False, offload=offload)
+                    whole_cache=False, offload=offload, threads=True)
+
+
+def _forwards(encoded: list[Encoded], batch_size: int) -> int:
+    """Forwards of one pass: two per micro-batch of questions (prompts, then choices), one per micro-batch of texts."""
+    questions = sum(e.context is not None for e in encoded)
+    return 2 * -(-questions // batch_size) + -(-(len(encoded) - questions) // batch_size)
 
 
 def _collect(encoded, questions, texts, parts, n_prompt_jobs, batch_size) -> list[list[tuple[float, bool]]]:

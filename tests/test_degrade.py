@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from reshard.errors import MemoryBudgetError
-from runtime import LayeredModel
+from runtime import LayeredModel, allowance
 from runtime.allowance import DEFAULT, JobShape
 from runtime.budget import DEVICE, DISK, Budget, device_need, parse_size, stream_reserve
 from runtime.score import job_shape
@@ -66,7 +66,8 @@ def as_gpu(model, capacity: int) -> None:
     model.memory = Budget(cuda=True, capacity=capacity, host=0, prefetch=model.depth, limit_from_user=True)
 
 
-def test_scoring_shrinks_micro_batches_to_fit(tiny_converted, capsys):
+def test_scoring_shrinks_micro_batches_to_fit(tiny_converted, capsys, monkeypatch):
+    monkeypatch.setattr(allowance, "CUDA_THREAD", 0)  # activations alone decide here (threads: the next test)
     folder = tiny_converted["llama"]
     model = open_tiny(folder, max_cpu_memory=0)
     want = model.score(ITEMS, batch_size=8)
@@ -88,6 +89,39 @@ def test_scoring_shrinks_micro_batches_to_fit(tiny_converted, capsys):
             if key in w:
                 assert g[key] == pytest.approx(w[key], abs=1e-4)
     assert model.stats.layer_loads == 2 * len(model.groups)  # still one read of each layer for all items
+    model.close()
+
+
+def test_scoring_whose_threads_do_not_fit_one_pass_takes_several(tiny_converted, capsys):
+    """On CUDA each forward in flight has a thread, and each thread a cuBLAS handle: where one pass
+    cannot hold them all, the items are scored in several reads of the weights, as many
+    micro-batches per read as fit, with the same results; the handles stay counted afterwards."""
+    model = open_tiny(tiny_converted["llama"], max_cpu_memory=0)
+    want = model.score(ITEMS, batch_size=2)
+    from runtime.score import encode_item
+
+    encoded = [encode_item(model.tokenizer, item, n) for n, item in enumerate(ITEMS)]
+    as_gpu(model, 1 << 40)
+    reserve = stream_reserve(model.costs, model.memory)
+    need = {k: reserve + model.job_bytes(job_shape(encoded, 2, False, 2 * k)) for k in (1, 2, 3, 4)}
+    assert need[1] < need[3] < need[4]  # one pass (4 micro-batches) needs the most
+    assert need[3] - need[1] >= 2 * allowance.CUDA_THREAD  # two more forwards in flight: two more threads
+    as_gpu(model, need[3])
+    capsys.readouterr()
+    loads = model.stats.layer_loads
+    got = model.score(ITEMS, batch_size=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["runtime: scoring with 2 reads of the weights (6 items each) instead of one, so that the "
+                   "activations fit on the device"]
+    for g, w in zip(got, want):
+        for key in ("scores", "logprob", "best"):
+            if key in w:
+                assert g[key] == pytest.approx(w[key], abs=1e-4)
+    assert model.stats.layer_loads - loads == 2 * len(model.groups)  # each pass reads every group once
+    threads = job_shape(encoded, 2, False, 6).in_flight
+    assert model.cuda_threads == threads == 5  # the first pass: 4 questions (2 micro-batches, 2 forwards each), 2 texts
+    small = JobShape(batch=1, tokens=4, context=8)
+    assert model.job_bytes(small) >= threads * allowance.CUDA_THREAD  # generating later: the handles are still there
     model.close()
 
 

@@ -137,6 +137,14 @@ def test_job_bytes_scoring_in_flight_and_offload():
     assert one < parked < many
 
 
+def test_job_bytes_counts_the_cuda_threads_of_its_forwards():
+    config = llama_config()
+    shape = JobShape(batch=8, tokens=64, context=64, in_flight=16, whole_cache=False, threads=True)
+    plain = job_bytes(config, torch.float16, shape)
+    assert job_bytes(config, torch.float16, shape, cuda_threads=16) == plain + 16 * allowance.CUDA_THREAD
+    assert allowance.CUDA_THREAD >= 72 << 20  # what one thread's cuBLAS handle and workspace took on an H200
+
+
 def test_eager_attention_counts_the_score_matrix():
     shape = JobShape(batch=1, tokens=2048, context=2048)
     sdpa, eager = llama_config(), llama_config()
