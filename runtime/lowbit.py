@@ -1,9 +1,17 @@
-"""Quantized linear weights kept packed on the CPU and run through torch's low-bit CPU kernels.
+"""Quantized linear weights kept packed on the CPU and run through low-bit CPU kernels.
 
 A `--quantize int8|int4` folder stores each quantized weight as parts (reshard/quant.py). On
 the CPU, instead of expanding them to the compute dtype, the loader keeps them packed and the
 model's `nn.Linear` (or `Conv1D`) holding that weight is swapped at build time for a
 `PackedLinear`, whose forward is one kernel call; every other module stays transformers' own.
+
+Two kernels, chosen once per weight when the model is built (`PackSpec.backend`):
+- "native", where runtime/native.py could build the project's C kernels (x86 CPUs with
+  AVX512-VNNI): the weight as stored (int8 (N, K); int4 (N, K/2), two values a byte) and a small
+  scale table; the activations are quantized per block of 32 values, as llama.cpp's Q8_0 does,
+  and the products are integer dot products, at the memory's speed. K % 64 == 0, and for int4
+  group % 32 == 0 and K % group == 0.
+- "torch" otherwise: torch's weight-only kernels, below.
 
 - int8 (one scale per output row): `aten._weight_int8pack_mm(x, qweight (N, K) int8, scales (N,))`
   computes `x @ (qweight * scales[:, None]).T`; `qweight` is used as stored (a view of the
@@ -31,6 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import native
+
 KERNEL_DTYPE = torch.bfloat16  # what both kernels are fast with
 INT4_GROUPS = (32, 64, 128, 256)
 SCALES = "qscales"
@@ -45,6 +55,8 @@ class PackSpec:
     group: int  # int4 group size (0 for int8)
     out_features: int  # N
     in_features: int  # K
+    backend: str = "torch"  # "native" (runtime/native.py) or "torch"
+    scale_dtype: torch.dtype = torch.bfloat16  # the folder's scales (what the native int4 table keeps)
 
 
 def kernels_available() -> bool:
@@ -71,8 +83,10 @@ def cpu_compute_dtype(folder_dtype: torch.dtype) -> torch.dtype:
 
 
 def supported(spec: PackSpec) -> bool:
-    """Whether the kernels take a weight of this shape (outside it they fail, or for int8 crash)."""
+    """Whether `spec.backend`'s kernel takes a weight of this shape (outside it torch's fail, or for int8 crash)."""
     n, k = spec.out_features, spec.in_features
+    if spec.backend == "native":
+        return k % 64 == 0 and (spec.scheme == "int8" or (spec.group % 32 == 0 and k % spec.group == 0))
     if spec.scheme == "int8":
         return k % 16 == 0
     return spec.group in INT4_GROUPS and k % spec.group == 0 and n % 16 == 0
@@ -84,9 +98,12 @@ def plan_packing(model: nn.Module, manifest, device: torch.device) -> dict[str, 
     `Conv1D` (a subclass may change the math: it expands), of a shape the kernels take."""
     quant = manifest.quantization or {}
     scheme = quant.get("scheme")
-    if device.type != "cpu" or scheme not in ("int8", "int4") or not kernels_available():
+    native_ok = device.type == "cpu" and scheme in ("int8", "int4") and native.lowbit() is not None
+    if device.type != "cpu" or scheme not in ("int8", "int4") or not (native_ok or kernels_available()):
         return {}
     from transformers.pytorch_utils import Conv1D
+
+    from reshard.format import ST_TO_DTYPE
 
     group = (quant.get("group_size") or 0) if scheme == "int4" else 0
     specs = {}
@@ -95,9 +112,12 @@ def plan_packing(model: nn.Module, manifest, device: torch.device) -> dict[str, 
         if type(owner) not in (nn.Linear, Conv1D) or not name.endswith(".weight"):
             continue
         out, inp = reversed(info["shape"]) if info.get("transposed") else info["shape"]
-        spec = PackSpec(scheme, group, out, inp)
-        if supported(spec):
-            specs[name] = spec
+        scale_dtype = ST_TO_DTYPE.get(info.get("dtype"), torch.bfloat16)
+        for backend in ("native", "torch") if native_ok else ("torch",):
+            spec = PackSpec(scheme, group, out, inp, backend, scale_dtype)
+            if supported(spec) and (backend == "native" or kernels_available()):
+                specs[name] = spec
+                break
     return specs
 
 
@@ -116,6 +136,10 @@ def packed_names(param: str) -> tuple[str, str]:
 def pack_param(parts: dict[str, torch.Tensor], spec: PackSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed weight, scales) for the kernel from a weight's stored parts (on the CPU)."""
     scales = parts["scales"]
+    if spec.backend == "native":  # the weight as stored (a view of the mapped file where resident)
+        if spec.scheme == "int8":
+            return parts["qweight"].contiguous(), scales.float()
+        return parts["qweight"].contiguous(), native.int4_scales(scales, parts["zeros"], spec.group)
     if spec.scheme == "int8":
         return aligned(parts["qweight"]), aligned(scales.to(KERNEL_DTYPE))
     packed = parts["qweight"]
@@ -132,19 +156,23 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % ALIGN == 0 else t.clone()
 
 
-def packed_shape(spec: PackSpec) -> tuple[tuple[int, ...], torch.dtype, tuple[int, ...]]:
-    """(weight shape, weight dtype, scales shape) of a packed weight."""
+def packed_shape(spec: PackSpec) -> tuple[tuple[int, ...], torch.dtype, tuple[int, ...], torch.dtype]:
+    """(weight shape, weight dtype, scales shape, scales dtype) of a packed weight."""
     n, k = spec.out_features, spec.in_features
+    if spec.backend == "native":
+        if spec.scheme == "int8":
+            return (n, k), torch.int8, (n,), torch.float32
+        return (n, k // 2), torch.uint8, (n, k // 32 + k // spec.group), spec.scale_dtype
     if spec.scheme == "int8":
-        return (n, k), torch.int8, (n,)
-    return (n, k // 2), torch.uint8, (k // spec.group, n, 2)
+        return (n, k), torch.int8, (n,), KERNEL_DTYPE
+    return (n, k // 2), torch.uint8, (k // spec.group, n, 2), KERNEL_DTYPE
 
 
 def packed_nbytes(spec: PackSpec) -> int:
     """Bytes a packed weight takes in memory (weight and scales): what runtime.budget should count
-    for it on the CPU, about its stored bytes (int8: N * K + 2N; int4: N * K / 2 + 4N * K / g)."""
-    wshape, wdtype, sshape = packed_shape(spec)
-    return math.prod(wshape) * wdtype.itemsize + math.prod(sshape) * KERNEL_DTYPE.itemsize
+    for it on the CPU, about its stored bytes (int8: N * K + 2 or 4 N; int4: N * K / 2 + 2 or 4 N * K / g)."""
+    wshape, wdtype, sshape, sdtype = packed_shape(spec)
+    return math.prod(wshape) * wdtype.itemsize + math.prod(sshape) * sdtype.itemsize
 
 
 class PackedLinear(nn.Module):
@@ -158,12 +186,20 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.spec = spec
         self.in_features, self.out_features = spec.in_features, spec.out_features
-        wshape, wdtype, sshape = packed_shape(spec)
+        wshape, wdtype, sshape, sdtype = packed_shape(spec)
         self.weight = nn.Parameter(torch.empty(wshape, dtype=wdtype, device="meta"), requires_grad=False)
-        self.qscales = nn.Parameter(torch.empty(sshape, dtype=KERNEL_DTYPE, device="meta"), requires_grad=False)
+        self.qscales = nn.Parameter(torch.empty(sshape, dtype=sdtype, device="meta"), requires_grad=False)
         self.bias = module.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.backend == "native":
+            rows = x.reshape(-1, self.in_features).to(torch.float32).contiguous()  # (M, K)
+            if self.spec.scheme == "int8":
+                y = native.int8_gemm(rows, self.weight, self.qscales)
+            else:
+                y = native.int4_gemm(rows, self.weight, self.qscales, self.spec.group)
+            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            return y if self.bias is None else y + self.bias
         rows = aligned(x.reshape(-1, self.in_features).to(KERNEL_DTYPE))  # (M, K)
         if self.spec.scheme == "int8":
             y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.qscales)
@@ -174,5 +210,5 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
-        return f"in_features={s.in_features}, out_features={s.out_features}, {s.scheme}" + (
+        return f"in_features={s.in_features}, out_features={s.out_features}, {s.scheme} ({s.backend})" + (
             f" group {s.group}" if s.group else "") + f", bias={self.bias is not None}"

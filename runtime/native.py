@@ -1,0 +1,140 @@
+"""The project's C kernels (runtime/kernels/*.c): built once per machine, loaded with ctypes.
+
+Decode at batch 1 reads every weight once per token, so a quantized model is only as fast as
+its matrix-vector products read bytes. torch's weight-only CPU kernels expand each weight to
+floats first and run at about a third of the memory's speed (benchmarks/cpu_kernels.py);
+`lowbit_cpu.c` quantizes the activations per block of 32, as llama.cpp does, and runs integer
+dot products (AVX512-VNNI), at memory speed. runtime/lowbit.py uses it where it is available.
+
+It is built with the machine's C compiler (`$CC`, else `cc`) for the CPU it runs on
+(`-march=native`) into `$RESHARD_CACHE/kernels/` (default ~/.cache/reshard), named by a hash
+of the source, the compiler and the CPU, so a rebuild happens only when one of them changes.
+The build takes about a second; it is written to a temporary name and renamed, so processes
+building at once never load a half-written file. OpenMP is the same runtime torch loaded
+(torch's libgomp.so.1), so the two share one thread pool.
+
+Where there is no compiler, the build fails, the CPU lacks AVX512-VNNI, or `RESHARD_NATIVE=0`
+is set, `lowbit()` is None and the quantized layers run through torch's kernels; a failed build
+says so once on stderr.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels") / "lowbit_cpu.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+HALF_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # how the int4 kernel reads scales
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RESHARD_CACHE") or Path.home() / ".cache" / "reshard") / "kernels"
+
+
+@functools.cache
+def lowbit() -> ctypes.CDLL | None:
+    """The loaded lowbit_cpu library, or None where it cannot run here (see the module docstring)."""
+    if os.environ.get("RESHARD_NATIVE", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    try:
+        path = build(SOURCE, compiler)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"runtime: could not build the CPU kernels ({str(e).strip().splitlines()[-1] if str(e).strip() else e!r}); "
+              f"quantized layers run through torch's kernels instead", file=sys.stderr)
+        return None
+    if lib.reshard_lowbit_isa() != 1:
+        return None  # this CPU has no AVX512-VNNI
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.reshard_int8_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i32]
+    lib.reshard_int4_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i32, i64, i64, ptr, i32]
+    lib.reshard_int8_gemm.restype = lib.reshard_int4_gemm.restype = i32
+    return lib
+
+
+def build(source: Path, compiler: str) -> Path:
+    """`source` compiled into the cache (or the copy already there): its path."""
+    key = hashlib.sha256(source.read_bytes() + " ".join([compiler, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"{source.stem}-{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}-", suffix=".so")
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(source), "-lm"], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            raise subprocess.SubprocessError(done.stderr or f"{compiler} exited with {done.returncode}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _cpu() -> str:
+    """What -march=native depends on: the CPU's model and flags (Linux), else the platform's name."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        return "\n".join(sorted({line for line in text.splitlines() if line.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor()
+
+
+def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32 @ (weight (N, K) int8 * scales (N,) float32).T -> (M, N) float32."""
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    rc = lowbit().reshard_int8_gemm(x.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(), n, y.data_ptr(),
+                                    torch.get_num_threads())
+    _check(rc)
+    return y
+
+
+def int4_gemm(x: torch.Tensor, weight: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    """x (M, K) float32 @ W.T, W (N, K) int4 from `weight` (N, K/2) two values a byte, low nibble
+    first, and `sz` (N, K/32 + K/group) from `int4_scales`: w = q * scale + zero per group."""
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    rc = lowbit().reshard_int4_gemm(x.data_ptr(), m, k, weight.data_ptr(), sz.data_ptr(), HALF_KINDS[sz.dtype],
+                                    group, n, y.data_ptr(), torch.get_num_threads())
+    _check(rc)
+    return y
+
+
+def int4_scales(scales: torch.Tensor, zeros: torch.Tensor, group: int) -> torch.Tensor:
+    """The (N, K/32 + K/group) table the int4 kernel reads per row: each block of 32 values' scale
+    (its group's), the eight of every chunk of 256 values in the order the kernel sums them
+    (0, 2, 4, 6, 1, 3, 5, 7), then the groups' zeros; in the scales' own dtype."""
+    n = scales.shape[0]
+    blocks = scales.repeat_interleave(group // 32, dim=1)
+    full = blocks.shape[1] // 8 * 8
+    head = blocks[:, :full].reshape(n, -1, 8)[:, :, list(BLOCK_ORDER)].reshape(n, full)
+    return torch.cat([head, blocks[:, full:], zeros.to(scales.dtype)], dim=1).contiguous()
+
+
+BLOCK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def _check(rc: int) -> None:
+    if rc == -1:
+        raise MemoryError("the CPU kernel could not allocate its activation buffers")
+    if rc != 0:
+        raise ValueError(f"the CPU kernel refused its arguments (code {rc}); runtime.lowbit should not have sent them")

@@ -1,0 +1,144 @@
+"""The project's C kernels (runtime/native.py, runtime/kernels/lowbit_cpu.c): their products
+equal the same math done in torch, the build is cached and atomic, and where they cannot run the
+quantized layers fall back to torch's kernels. The math tests need an x86 CPU with AVX512-VNNI
+and a C compiler (CI's machine has both); the fallback tests run everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from reshard.quant import dequantize, quantize
+from runtime import lowbit, native
+from runtime.lowbit import PackedLinear, PackSpec
+
+needs_kernels = pytest.mark.skipif(native.lowbit() is None,
+                                   reason="needs a C compiler and an x86 CPU with AVX512-VNNI")
+
+
+def quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels see it: per block of 32 values, scale max|x| / 127, rounded to nearest even."""
+    m, k = x.shape
+    blocks = x.view(m, k // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv) * (amax / 127)).view(m, k)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k", [(96, 256), (7, 64), (300, 5632), (256, 576)])
+def test_int8_kernel_is_the_integer_math(n, k):
+    torch.manual_seed(0)
+    parts = quantize(torch.randn(n, k) * 0.05, "int8")
+    x = torch.randn(3, k)
+    got = native.int8_gemm(x, parts["qweight"], parts["scales"].float()).double()
+    w = dequantize(parts, "int8", columns=k, dtype=torch.float64)
+    want = quantized_activations(x).double() @ w.T
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-6  # float32 sums of exact integer dots
+    exact = x.double() @ w.T  # against unquantized activations: the price of the 32-value blocks
+    assert 1e-4 < ((got - exact).abs().max() / exact.abs().max()).item() < 2e-2
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,k,group", [(64, 2048, 32), (9, 320, 32), (300, 5632, 64), (64, 2048, 128), (7, 64, 32)])
+def test_int4_kernel_is_the_integer_math(n, k, group, dtype):
+    """Full chunks of 256 values and tails shorter than that, groups of 32 to 128, every scale dtype."""
+    torch.manual_seed(0)
+    parts = quantize((torch.randn(n, k) * 0.05).to(dtype), "int4", group=group)
+    x = torch.randn(3, k)
+    got = native.int4_gemm(x, parts["qweight"], native.int4_scales(parts["scales"], parts["zeros"], group),
+                           group).double()
+    q = torch.stack([parts["qweight"] & 15, parts["qweight"] >> 4], -1).view(n, k).double()
+    scaled = q * parts["scales"].double().repeat_interleave(group, 1)
+    sums = x.double().view(3, k // group, group).sum(-1)  # the zero's term uses x's exact sums
+    want = quantized_activations(x).double() @ scaled.T + sums @ parts["zeros"].double().T
+    assert ((got - want).abs().max() / want.abs().max()).item() < 2e-6
+
+
+@needs_kernels
+def test_results_do_not_depend_on_the_thread_count():
+    torch.manual_seed(0)
+    parts = quantize(torch.randn(512, 1024) * 0.05, "int8")
+    x = torch.randn(2, 1024)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.int8_gemm(x, parts["qweight"], parts["scales"].float())
+        torch.set_num_threads(max(2, threads))
+        assert torch.equal(native.int8_gemm(x, parts["qweight"], parts["scales"].float()), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme,group", [("int8", 0), ("int4", 32), ("int4", 64)])
+def test_native_packed_linear_is_close_to_the_expanded_weight(scheme, group):
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 256) * 0.05, torch.randn(96)
+    spec = PackSpec(scheme, group, 96, 256, "native", torch.float32)
+    layer = nn.Linear(256, 96)
+    layer.bias = nn.Parameter(b, requires_grad=False)
+    packed = PackedLinear(layer, spec)
+    weight, scales = lowbit.pack_param(quantize(w, scheme, group=group or 32), spec)
+    assert weight.nbytes + scales.nbytes == lowbit.packed_nbytes(spec)
+    packed.weight, packed.qscales = nn.Parameter(weight, requires_grad=False), nn.Parameter(scales, requires_grad=False)
+    expanded = dequantize(quantize(w, scheme, group=group or 32), scheme, columns=256, dtype=torch.float32)
+    for x in (torch.randn(1, 1, 256), torch.randn(3, 5, 256).bfloat16()):
+        with torch.inference_mode():
+            got = packed(x)
+        want = x.float() @ expanded.T + b
+        assert got.shape == want.shape and got.dtype == torch.promote_types(x.dtype, b.dtype)
+        assert (got.float() - want).abs().max() / want.abs().max() < 2e-2
+
+
+def test_shapes_the_native_kernels_take():
+    ok = lambda *a: lowbit.supported(PackSpec(*a, backend="native"))  # noqa: E731
+    assert ok("int8", 0, 40, 128) and not ok("int8", 0, 40, 96)  # K % 64
+    assert ok("int4", 32, 40, 320) and ok("int4", 64, 40, 128)  # any N; a tail of 64 values
+    assert not ok("int4", 48, 40, 192) and not ok("int4", 128, 40, 192)  # group % 32, K % group
+
+
+# --- building and falling back ----------------------------------------------------------------
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """native.lowbit() built anew into an empty cache, and forgotten again afterwards."""
+    monkeypatch.setenv("RESHARD_CACHE", str(tmp_path))
+    native.lowbit.cache_clear()
+    yield tmp_path
+    native.lowbit.cache_clear()
+
+
+@needs_kernels
+def test_the_build_is_cached_by_source_compiler_and_cpu(fresh):
+    assert native.lowbit() is not None
+    [built] = (fresh / "kernels").glob("lowbit_cpu-*.so")
+    stamp = built.stat().st_mtime_ns
+    native.lowbit.cache_clear()
+    assert native.lowbit() is not None
+    assert list((fresh / "kernels").iterdir()) == [built] and built.stat().st_mtime_ns == stamp  # no rebuild, no leftovers
+
+
+def test_a_failed_build_says_so_once_and_torch_runs_the_layers(fresh, monkeypatch, capsys, tiny_checkpoints, tmp_path):
+    from reshard.convert import convert
+    from runtime import LayeredModel
+
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    folder = tmp_path / "q"
+    convert(str(tiny_checkpoints["llama"]), folder, quantize="int8", progress=False)
+    capsys.readouterr()
+    with LayeredModel.from_pretrained(folder, device="cpu") as lm:
+        backends = {m.spec.backend for m in lm.model.modules() if isinstance(m, PackedLinear)}
+        lm(torch.tensor([[5, 9, 17]]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("runtime: could not build the CPU kernels"), err
+    assert "torch's kernels instead" in err[0]
+    assert backends == ({"torch"} if lowbit.kernels_available() else set())
+    assert not list((fresh / "kernels").glob("*.so"))  # nothing half-written left behind
+
+
+def test_reshard_native_0_turns_the_kernels_off(fresh, monkeypatch):
+    monkeypatch.setenv("RESHARD_NATIVE", "0")
+    assert native.lowbit() is None
