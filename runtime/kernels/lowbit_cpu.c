@@ -219,7 +219,14 @@ static inline void row4(const act4 *a, int64_t M, int64_t K, const uint8_t *w, c
                    + (float)(lanes[4] + lanes[5] + lanes[6] + lanes[7]) * d[k / BLOCK + 1] * s1;
         }
         const float *xs = a->xs + m * G;
-        for (int64_t g = 0; g < G; g++) total += load_half(sz, srow + NB + g, kind) * xs[g];
+        __m256 zacc = _mm256_setzero_ps();
+        int64_t g = 0;
+        for (; g + 8 <= G; g += 8) zacc = _mm256_fmadd_ps(load8(sz, srow + NB + g, kind), _mm256_loadu_ps(xs + g), zacc);
+        s4 = _mm_add_ps(_mm256_castps256_ps128(zacc), _mm256_extractf128_ps(zacc, 1));
+        s4 = _mm_hadd_ps(s4, s4);
+        s4 = _mm_hadd_ps(s4, s4);
+        total += _mm_cvtss_f32(s4);
+        for (; g < G; g++) total += load_half(sz, srow + NB + g, kind) * xs[g];
         y[m * N + n] = total;
     }
 }
