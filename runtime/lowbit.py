@@ -192,8 +192,9 @@ class PackedLinear(nn.Module):
         self.bias = module.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spec.backend == "native":
-            rows = x.reshape(-1, self.in_features).to(torch.float32).contiguous()  # (M, K)
+        if self.spec.backend == "native":  # float32 and bfloat16 in and out as they are; others through float32
+            rows = x.reshape(-1, self.in_features)
+            rows = (rows if rows.dtype in native.IO_KINDS else rows.float()).contiguous()  # (M, K)
             if self.spec.scheme == "int8":
                 y = native.int8_gemm(rows, self.weight, self.qscales)
             else:

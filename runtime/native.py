@@ -60,8 +60,8 @@ def lowbit() -> ctypes.CDLL | None:
     if lib.reshard_lowbit_isa() != 1:
         return None  # this CPU has no AVX512-VNNI
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.reshard_int8_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i32]
-    lib.reshard_int4_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i32, i64, i64, ptr, i32]
+    lib.reshard_int8_gemm.argtypes = [ptr, i32, i64, i64, ptr, ptr, i64, ptr, i32]
+    lib.reshard_int4_gemm.argtypes = [ptr, i32, i64, i64, ptr, ptr, i32, i64, i64, ptr, i32]
     lib.reshard_int8_gemm.restype = lib.reshard_int4_gemm.restype = i32
     return lib
 
@@ -96,25 +96,30 @@ def _cpu() -> str:
         return platform.processor()
 
 
+IO_KINDS = {torch.float32: 0, torch.bfloat16: 2}  # what the kernels take x in and give y in
+
+
 def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (M, K) float32 @ (weight (N, K) int8 * scales (N,) float32).T -> (M, N) float32."""
+    """x (M, K) float32 or bfloat16, contiguous, @ (weight (N, K) int8 * scales (N,) float32).T
+    -> (M, N) in x's dtype."""
     m, k = x.shape
     n = weight.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    rc = lowbit().reshard_int8_gemm(x.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(), n, y.data_ptr(),
-                                    torch.get_num_threads())
+    y = torch.empty(m, n, dtype=x.dtype)
+    rc = lowbit().reshard_int8_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), scales.data_ptr(), n,
+                                    y.data_ptr(), torch.get_num_threads())
     _check(rc)
     return y
 
 
 def int4_gemm(x: torch.Tensor, weight: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
-    """x (M, K) float32 @ W.T, W (N, K) int4 from `weight` (N, K/2) two values a byte, low nibble
-    first, and `sz` (N, K/32 + K/group) from `int4_scales`: w = q * scale + zero per group."""
+    """x (M, K) float32 or bfloat16, contiguous, @ W.T -> (M, N) in x's dtype; W (N, K) int4 from
+    `weight` (N, K/2), two values a byte, low nibble first, and `sz` (N, K/32 + K/group) from
+    `int4_scales`: w = q * scale + zero per group."""
     m, k = x.shape
     n = weight.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    rc = lowbit().reshard_int4_gemm(x.data_ptr(), m, k, weight.data_ptr(), sz.data_ptr(), HALF_KINDS[sz.dtype],
-                                    group, n, y.data_ptr(), torch.get_num_threads())
+    y = torch.empty(m, n, dtype=x.dtype)
+    rc = lowbit().reshard_int4_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), sz.data_ptr(),
+                                    HALF_KINDS[sz.dtype], group, n, y.data_ptr(), torch.get_num_threads())
     _check(rc)
     return y
 

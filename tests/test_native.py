@@ -142,3 +142,20 @@ def test_a_failed_build_says_so_once_and_torch_runs_the_layers(fresh, monkeypatc
 def test_reshard_native_0_turns_the_kernels_off(fresh, monkeypatch):
     monkeypatch.setenv("RESHARD_NATIVE", "0")
     assert native.lowbit() is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_bfloat16_in_and_out_is_float32_rounded_once(scheme):
+    """bfloat16 activations go in and come out as they are: the float32 product of the same
+    values, rounded to bfloat16 once (no copies of x or y in torch around the call)."""
+    torch.manual_seed(0)
+    parts = quantize(torch.randn(80, 320) * 0.05, scheme, group=32)
+    x = torch.randn(4, 320).bfloat16()
+    if scheme == "int8":
+        run = lambda v: native.int8_gemm(v, parts["qweight"], parts["scales"].float())  # noqa: E731
+    else:
+        sz = native.int4_scales(parts["scales"], parts["zeros"], 32)
+        run = lambda v: native.int4_gemm(v, parts["qweight"], sz, 32)  # noqa: E731
+    got = run(x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, run(x.float()).bfloat16())

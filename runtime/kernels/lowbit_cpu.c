@@ -16,7 +16,8 @@
  *   q (0..15) is unsigned already; a stored byte holds values 2j (low nibble) and 2j+1 (high), so
  *   the activations are split into even and odd positions once per call. xsum_g is the exact float
  *   sum of x over group g.
- * Results are deterministic: the same inputs give the same bits whatever the thread count.
+ * x and y are float32 (io 0) or bfloat16 (io 2). Results are deterministic: the same inputs give
+ * the same bits whatever the thread count.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -44,6 +45,28 @@ static inline float load_half(const void *p, int64_t i, int kind) {
     uint32_t u = (uint32_t)h << 16;
     float f;
     memcpy(&f, &u, 4);
+    return f;
+}
+
+/* y[i] = v, as float32 (io 0) or bfloat16 (io 2, rounded to nearest even as torch rounds) */
+static inline void put(void *y, int64_t i, float v, int io) {
+    if (io == 0) { ((float *)y)[i] = v; return; }
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    ((uint16_t *)y)[i] = (v != v) ? 0x7FC0 : (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+/* x as float32: itself (io 0), or a new buffer of its bfloat16 values widened (io 2; free it) */
+static const float *floats(const void *x, int64_t count, int io, float **owned) {
+    *owned = NULL;
+    if (io == 0) return (const float *)x;
+    float *f = malloc(sizeof(float) * count);
+    if (!f) return NULL;
+    for (int64_t i = 0; i < count; i++) {
+        uint32_t u = (uint32_t)((const uint16_t *)x)[i] << 16;
+        memcpy(f + i, &u, 4);
+    }
+    *owned = f;
     return f;
 }
 
@@ -97,7 +120,7 @@ static void release8(act8 *a) { free(a->xq); free(a->neg); free(a->dl); }
  * loads) ran at half the speed on an AMD EPYC core, 12 against 23 GB/s (the prefetcher follows
  * one stream per core better than four). */
 static inline void row8(const act8 *a, int64_t M, int64_t K, const int8_t *w, const float *wscale,
-                           int64_t N, int64_t n, float *y) {
+                           int64_t N, int64_t n, void *y, int io) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     const int8_t *w0 = w + n * K;
     for (int64_t m = 0; m < M; m++) {
@@ -111,18 +134,22 @@ static inline void row8(const act8 *a, int64_t M, int64_t K, const int8_t *w, co
             __m512 dv = _mm512_loadu_ps(dl + k / 4);
             DOT8(acc0, w0);
         }
-        y[m * N + n] = wscale[n] * hsum(acc0);
+        put(y, m * N + n, wscale[n] * hsum(acc0), io);
     }
 }
 
 /* K % 64 == 0 (the loops read 64 values at a time) */
-int reshard_int8_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, const float *wscale,
-                      int64_t N, float *y, int threads) {
+int reshard_int8_gemm(const void *xin, int io, int64_t M, int64_t K, const int8_t *w, const float *wscale,
+                      int64_t N, void *y, int threads) {
     if (K % 64) return -2;
+    float *owned;
+    const float *x = floats(xin, M * K, io, &owned);
     act8 a;
-    if (prepare8(x, M, K, &a)) { release8(&a); return -1; }
+    int failed = x == NULL || prepare8(x, M, K, &a);
+    free(owned);
+    if (failed) { if (x) release8(&a); return -1; }
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) row8(&a, M, K, w, wscale, N, n, y);
+    for (int64_t n = 0; n < N; n++) row8(&a, M, K, w, wscale, N, n, y, io);
     release8(&a);
     return 0;
 }
@@ -190,7 +217,7 @@ static inline __m256i dot64(const uint8_t *wp, const int8_t *xe, const int8_t *x
 }
 
 static inline void row4(const act4 *a, int64_t M, int64_t K, const uint8_t *w, const void *sz, int kind,
-                        int64_t group, int64_t N, int64_t n, float *y) {
+                        int64_t group, int64_t N, int64_t n, void *y, int io) {
     const int64_t G = K / group, NB = K / BLOCK, full = K / 256 * 256;
     const uint8_t *wr = w + n * (K / 2);
     const int64_t srow = n * (NB + G);  /* this row's block scales, then its zeros, in `sz` */
@@ -227,27 +254,31 @@ static inline void row4(const act4 *a, int64_t M, int64_t K, const uint8_t *w, c
         s4 = _mm_hadd_ps(s4, s4);
         total += _mm_cvtss_f32(s4);
         for (; g < G; g++) total += load_half(sz, srow + NB + g, kind) * xs[g];
-        y[m * N + n] = total;
+        put(y, m * N + n, total, io);
     }
 }
 
 /* w: (N, K/2) bytes; sz: (N, K/32 + K/group) of `kind` (see above); K % 64 == 0, group % 32 == 0, K % group == 0 */
-int reshard_int4_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, const void *sz, int kind,
-                      int64_t group, int64_t N, float *y, int threads) {
+int reshard_int4_gemm(const void *xin, int io, int64_t M, int64_t K, const uint8_t *w, const void *sz, int kind,
+                      int64_t group, int64_t N, void *y, int threads) {
     if (K % 64 || group % BLOCK || K % group) return -2;
+    float *owned;
+    const float *x = floats(xin, M * K, io, &owned);
     act4 a;
-    if (prepare4(x, M, K, group, &a)) { release4(&a); return -1; }
+    int failed = x == NULL || prepare4(x, M, K, group, &a);
+    free(owned);
+    if (failed) { if (x) release4(&a); return -1; }
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) row4(&a, M, K, w, sz, kind, group, N, n, y);
+    for (int64_t n = 0; n < N; n++) row4(&a, M, K, w, sz, kind, group, N, n, y, io);
     release4(&a);
     return 0;
 }
 
 #else  /* no AVX512-VNNI: runtime/native.py sees reshard_lowbit_isa() == 0 and uses torch's kernels */
 
-int reshard_int8_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, const float *wscale,
-                      int64_t N, float *y, int threads) { return -3; }
-int reshard_int4_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, const void *sz, int kind,
-                      int64_t group, int64_t N, float *y, int threads) { return -3; }
+int reshard_int8_gemm(const void *x, int io, int64_t M, int64_t K, const int8_t *w, const float *wscale,
+                      int64_t N, void *y, int threads) { return -3; }
+int reshard_int4_gemm(const void *x, int io, int64_t M, int64_t K, const uint8_t *w, const void *sz, int kind,
+                      int64_t group, int64_t N, void *y, int threads) { return -3; }
 
 #endif
