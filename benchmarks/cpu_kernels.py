@@ -1,18 +1,22 @@
-"""Which torch CPU kernel can run a quantized linear weight at batch 1 near the memory's speed (issue 17).
+"""Which CPU kernel can run a quantized linear weight at batch 1 near the memory's speed (issue 17).
 
 Decode at batch 1 reads every weight once per token, so its floor is (weight bytes / memory
 bandwidth). This measures, on the linear weights of a 1.1B-class llama (TinyLlama's shapes, 22
 layers: the model of benchmarks/cpu_llamacpp.py, 0.97 GB as int8), one matrix-vector product per
 weight, all weights in turn (so none stays in the CPU's caches):
 - the memory floor: a plain read of the same bytes (a sum over them);
-- weight-only kernels, the exact path runtime/lowbit.py takes: `_weight_int8pack_mm` (int8 per
-  channel) and `_weight_int4pack_mm_for_cpu` (int4, groups of 32), bfloat16 activations;
+- torch's weight-only kernels, runtime/lowbit.py's path where the project's do not build:
+  `_weight_int8pack_mm` (int8 per channel) and `_weight_int4pack_mm_for_cpu` (int4, groups of
+  32), bfloat16 activations;
 - kernels that also quantize the activations: fbgemm's dynamic int8 linear (per-tensor activation
   scale; with the rows scaled to their absolute maximum first it is per token), oneDNN's int8
-  linear (activations given already quantized), `torch._int_mm` (int8 x int8 -> int32).
+  linear (activations given already quantized), `torch._int_mm` (int8 x int8 -> int32), and the
+  project's own int8 and int4 kernels (runtime/native.py: per block of 32, as llama.cpp), which
+  the packed path takes where they build.
 Then the price of quantizing activations: SmolLM2-135M-Instruct's perplexity on
-tests/data/english.txt with its int8 folder's linear layers run through fbgemm per token, next to
-the packed weight-only kernel (the issue's bound for int8: +1% over the float folder).
+tests/data/english.txt with its int8 folder's linear layers run through fbgemm per token, through
+torch's weight-only kernel and through the project's kernel, and its int4 folder through the last
+two (the issue's bounds: int8 +1%, int4 +2% over the float folder).
 
   python benchmarks/cpu_kernels.py [--threads 2] [--repeat 5] [--skip-ppl]
 """
@@ -20,6 +24,7 @@ the packed weight-only kernel (the issue's bound for int8: +1% over the float fo
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -55,11 +60,11 @@ def candidates(weights: list[torch.Tensor]) -> dict:
     int8_bytes = sum(w.numel() for w in weights)
     scales = [torch.rand(w.shape[0], generator=g).to(torch.bfloat16) for w in weights]
     runs = {"memory read (sum over the int8 bytes)": (lambda: [w.view(torch.int64).sum() for w in weights], int8_bytes),
-            "_weight_int8pack_mm (weight-only int8, the packed path)": (lambda: [
+            "_weight_int8pack_mm (weight-only int8)": (lambda: [
                 torch.ops.aten._weight_int8pack_mm(x[w.shape[1]], w, s) for w, s in zip(weights, scales)], int8_bytes)}
     packed4 = [torch.ops.aten._convert_weight_to_int4pack_for_cpu((w.to(torch.int32) & 0xF), 1) for w in weights]
     sz4 = [torch.rand(w.shape[1] // 32, w.shape[0], 2, generator=g).to(torch.bfloat16) for w in weights]
-    runs["_weight_int4pack_mm_for_cpu (weight-only int4 g32, the packed path)"] = (lambda: [
+    runs["_weight_int4pack_mm_for_cpu (weight-only int4 g32)"] = (lambda: [
         torch.ops.aten._weight_int4pack_mm_for_cpu(x[w.shape[1]], p, 32, s) for w, p, s in zip(weights, packed4, sz4)],
         int8_bytes // 2)
     xf = {k: v.float() for k, v in x.items()}
@@ -75,6 +80,20 @@ def candidates(weights: list[torch.Tensor]) -> dict:
         runs["oneDNN int8 linear (activations given as uint8)"] = (lambda: [
             torch.ops.onednn.qlinear_pointwise(xq[w.shape[1]], 0.05, 128, p, s, z, None, 1.0, 0, torch.float32, "none",
                                                [], "") for w, p, s, z in zip(weights, od, wsc, wzp)], int8_bytes)
+    from runtime import native
+
+    if native.lowbit() is not None:  # the project's kernels (runtime/native.py), float32 activations
+        f32 = {k: v.float() for k, v in x.items()}
+        scales32 = [s.float() for s in scales]
+        runs["project's int8 kernel (runtime/native.py: activations per block of 32, VNNI)"] = (lambda: [
+            native.int8_gemm(f32[w.shape[1]], w, s) for w, s in zip(weights, scales32)], int8_bytes)
+        packed = [w[:, : w.shape[1] // 2].contiguous().view(torch.uint8) for w in weights]
+        tables = [native.int4_scales(torch.rand(w.shape[0], w.shape[1] // 32, generator=g).to(torch.bfloat16),
+                                     torch.rand(w.shape[0], w.shape[1] // 32, generator=g).to(torch.bfloat16), 32)
+                  for w in weights]
+        runs["project's int4 g32 kernel (runtime/native.py, the same way)"] = (lambda: [
+            native.int4_gemm(f32[p.shape[1] * 2], p, t, 32) for p, t in zip(packed, tables)],
+            sum(p.numel() + t.numel() * 2 for p, t in zip(packed, tables)))
     xi = {k: torch.randint(-127, 127, (1, k), dtype=torch.int8, generator=g) for k in (H, I)}
     runs["torch._int_mm (int8 x int8 -> int32)"] = (lambda: [torch._int_mm(xi[w.shape[1]], w.t()) for w in weights],
                                                     int8_bytes)
@@ -96,14 +115,18 @@ def perplexities() -> None:
     """SmolLM2's int8 folder: packed weight-only kernel vs fbgemm with per-token activation quantization."""
     from models import smollm2_quantized
 
-    from runtime import lowbit
+    from runtime import lowbit, native
     from runtime.model import LayeredModel
 
     text = (ROOT / "tests" / "data" / "english.txt").read_text()
     folders = smollm2_quantized()
 
-    def ppl(folder, dtype=None, swap=False) -> float:
+    def ppl(folder, dtype=None, swap=False, backend="native") -> float:
+        os.environ["RESHARD_NATIVE"] = "1" if backend == "native" else "0"
+        native.lowbit.cache_clear()
         with LayeredModel.from_pretrained(folder, device="cpu", dtype=dtype, max_cpu_memory="64GiB") as lm:
+            used = {m.spec.backend for m in lm.model.modules() if isinstance(m, lowbit.PackedLinear)}
+            assert used <= {backend}, (used, backend)  # what the label says ran
             if swap:
                 for m in lm.model.modules():
                     if isinstance(m, lowbit.PackedLinear) and m.spec.scheme == "int8":
@@ -116,10 +139,17 @@ def perplexities() -> None:
     base = ppl(folders["fp16"], "float32")
     print(f"\nperplexity, SmolLM2-135M-Instruct on tests/data/english.txt ({text.count(' ') + 1} words):")
     print(f"  fp16 folder, float32 compute (baseline): {base:.4f}")
-    for label, swap in [("int8 folder, _weight_int8pack_mm (weight-only, the packed path)", False),
-                        ("int8 folder, fbgemm dynamic linear, activations quantized per token", True)]:
-        p = ppl(folders["int8"], swap=swap)
+    runs = [("int8 folder, _weight_int8pack_mm (weight-only)", "int8", False, "torch"),
+            ("int8 folder, fbgemm dynamic linear, activations quantized per token", "int8", True, "torch")]
+    if native.lowbit() is not None:
+        runs += [("int8 folder, project's kernel, activations per block of 32", "int8", False, "native"),
+                 ("int4 g32 folder, _weight_int4pack_mm_for_cpu (weight-only)", "int4", False, "torch"),
+                 ("int4 g32 folder, project's kernel, activations per block of 32", "int4", False, "native")]
+    for label, name, swap, backend in runs:
+        p = ppl(folders[name], swap=swap, backend=backend)
         print(f"  {label}: {p:.4f} ({100 * (p / base - 1):+.2f}%)")
+    os.environ.pop("RESHARD_NATIVE", None)
+    native.lowbit.cache_clear()
 
 
 def per_token_fbgemm(module):

@@ -31,7 +31,7 @@ def quantized_activations(x: torch.Tensor) -> torch.Tensor:
 def test_int8_kernel_is_the_integer_math(n, k):
     torch.manual_seed(0)
     parts = quantize(torch.randn(n, k) * 0.05, "int8")
-    x = torch.randn(3, k)
+    x = torch.randn(6, k)  # a block of four activation rows and two after it
     got = native.int8_gemm(x, parts["qweight"], parts["scales"].float()).double()
     w = dequantize(parts, "int8", columns=k, dtype=torch.float64)
     want = quantized_activations(x).double() @ w.T
@@ -47,12 +47,12 @@ def test_int4_kernel_is_the_integer_math(n, k, group, dtype):
     """Full chunks of 256 values and tails shorter than that, groups of 32 to 128, every scale dtype."""
     torch.manual_seed(0)
     parts = quantize((torch.randn(n, k) * 0.05).to(dtype), "int4", group=group)
-    x = torch.randn(3, k)
+    x = torch.randn(6, k)  # a block of four activation rows and two after it
     got = native.int4_gemm(x, parts["qweight"], native.int4_scales(parts["scales"], parts["zeros"], group),
                            group).double()
     q = torch.stack([parts["qweight"] & 15, parts["qweight"] >> 4], -1).view(n, k).double()
     scaled = q * parts["scales"].double().repeat_interleave(group, 1)
-    sums = x.double().view(3, k // group, group).sum(-1)  # the zero's term uses x's exact sums
+    sums = x.double().view(6, k // group, group).sum(-1)  # the zero's term uses x's exact sums
     want = quantized_activations(x).double() @ scaled.T + sums @ parts["zeros"].double().T
     assert ((got - want).abs().max() / want.abs().max()).item() < 2e-6
 
