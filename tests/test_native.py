@@ -35,7 +35,8 @@ def test_int8_kernel_is_the_integer_math(n, k):
     got = native.int8_gemm(x, parts["qweight"], parts["scales"].float()).double()
     w = dequantize(parts, "int8", columns=k, dtype=torch.float64)
     want = quantized_activations(x).double() @ w.T
-    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-6  # float32 sums of exact integer dots
+    # float32 sums of exact integer dots, less the one correction per activation row (see lowbit_cpu.c)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
     exact = x.double() @ w.T  # against unquantized activations: the price of the 32-value blocks
     assert 1e-4 < ((got - exact).abs().max() / exact.abs().max()).item() < 2e-2
 
