@@ -143,8 +143,8 @@ def perplexities() -> None:
             ("int8 folder, fbgemm dynamic linear, activations quantized per token", "int8", True, "torch")]
     if native.lowbit() is not None:
         runs += [("int8 folder, project's kernel, activations per block of 32", "int8", False, "native"),
-                 ("int4 g32 folder, _weight_int4pack_mm_for_cpu (weight-only)", "int4", False, "torch"),
-                 ("int4 g32 folder, project's kernel, activations per block of 32", "int4", False, "native")]
+                 ("int4 g32 folder, _weight_int4pack_mm_for_cpu (weight-only)", "int4-g32", False, "torch"),
+                 ("int4 g32 folder, project's kernel, activations per block of 32", "int4-g32", False, "native")]
     for label, name, swap, backend in runs:
         p = ppl(folders[name], swap=swap, backend=backend)
         print(f"  {label}: {p:.4f} ({100 * (p / base - 1):+.2f}%)")

@@ -33,6 +33,7 @@ file's layout leaves them unaligned, activations in the forward.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -176,7 +177,7 @@ def packed_nbytes(spec: PackSpec) -> int:
 
 
 class PackedLinear(nn.Module):
-    """`y = x @ W.T + b` with W packed (int8 per row, or int4 grouped), through torch's CPU kernel.
+    """`y = x @ W.T + b` with W packed (int8 per row, or int4 grouped), through a low-bit CPU kernel.
 
     Stands in for an `nn.Linear` (or a `Conv1D`, whose (in, out) weight was quantized as its
     transpose: the same product). `weight` and `qscales` are put in place by the runtime.
@@ -190,16 +191,20 @@ class PackedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(wshape, dtype=wdtype, device="meta"), requires_grad=False)
         self.qscales = nn.Parameter(torch.empty(sshape, dtype=sdtype, device="meta"), requires_grad=False)
         self.bias = module.bias
+        self.native = None  # the project's kernel for this weight, where spec.backend says "native"
+        if spec.backend == "native":
+            self.native = native.int8_gemm if spec.scheme == "int8" else functools.partial(
+                native.int4_gemm, group=spec.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spec.backend == "native":  # float32 and bfloat16 in and out as they are; others through float32
+        if self.native:  # float32 and bfloat16 in and out as they are, others through float32
             rows = x.reshape(-1, self.in_features)
-            rows = (rows if rows.dtype in native.IO_KINDS else rows.float()).contiguous()  # (M, K)
-            if self.spec.scheme == "int8":
-                y = native.int8_gemm(rows, self.weight, self.qscales)
-            else:
-                y = native.int4_gemm(rows, self.weight, self.qscales, self.spec.group)
-            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            if rows.dtype not in native.IO_KINDS:
+                rows = rows.float()
+            y = self.native(rows if rows.is_contiguous() else rows.contiguous(), self.weight, self.qscales)
+            y = y.view(*x.shape[:-1], self.out_features)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
             return y if self.bias is None else y + self.bias
         rows = aligned(x.reshape(-1, self.in_features).to(KERNEL_DTYPE))  # (M, K)
         if self.spec.scheme == "int8":

@@ -63,7 +63,12 @@ def lowbit() -> ctypes.CDLL | None:
     lib.reshard_int8_gemm.argtypes = [ptr, i32, i64, i64, ptr, ptr, i64, ptr, i32]
     lib.reshard_int4_gemm.argtypes = [ptr, i32, i64, i64, ptr, ptr, i32, i64, i64, ptr, i32]
     lib.reshard_int8_gemm.restype = lib.reshard_int4_gemm.restype = i32
+    global _lib
+    _lib = lib
     return lib
+
+
+_lib: ctypes.CDLL | None = None  # what lowbit() loaded: the gemm functions call through it (set before any can run)
 
 
 def build(source: Path, compiler: str) -> Path:
@@ -105,7 +110,7 @@ def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> to
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
-    rc = lowbit().reshard_int8_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), scales.data_ptr(), n,
+    rc = _lib.reshard_int8_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), scales.data_ptr(), n,
                                     y.data_ptr(), torch.get_num_threads())
     _check(rc)
     return y
@@ -118,7 +123,7 @@ def int4_gemm(x: torch.Tensor, weight: torch.Tensor, sz: torch.Tensor, group: in
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
-    rc = lowbit().reshard_int4_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), sz.data_ptr(),
+    rc = _lib.reshard_int4_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), sz.data_ptr(),
                                     HALF_KINDS[sz.dtype], group, n, y.data_ptr(), torch.get_num_threads())
     _check(rc)
     return y
