@@ -68,7 +68,7 @@ def lowbit() -> ctypes.CDLL | None:
     return lib
 
 
-_lib: ctypes.CDLL | None = None  # what lowbit() loaded: the gemm functions call through it (set before any can run)
+_lib: ctypes.CDLL | None = None  # what lowbit() loaded, for the gemm functions (one lookup less per call)
 
 
 def build(source: Path, compiler: str) -> Path:
@@ -110,7 +110,7 @@ def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> to
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
-    rc = _lib.reshard_int8_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), scales.data_ptr(), n,
+    rc = (_lib or lowbit()).reshard_int8_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), scales.data_ptr(), n,
                                     y.data_ptr(), torch.get_num_threads())
     _check(rc)
     return y
@@ -123,7 +123,7 @@ def int4_gemm(x: torch.Tensor, weight: torch.Tensor, sz: torch.Tensor, group: in
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
-    rc = _lib.reshard_int4_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), sz.data_ptr(),
+    rc = (_lib or lowbit()).reshard_int4_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), sz.data_ptr(),
                                     HALF_KINDS[sz.dtype], group, n, y.data_ptr(), torch.get_num_threads())
     _check(rc)
     return y

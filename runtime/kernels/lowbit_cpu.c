@@ -72,17 +72,26 @@ static const float *floats(const void *x, int64_t count, int io, float **owned) 
 
 /* One row of x (K values) -> xq (K int8), d (K/32 scales), in the layout each kernel reads. */
 static void quantize_row(const float *x, int64_t K, int8_t *xq, float *d) {
-    for (int64_t b = 0; b < K / BLOCK; b++) {
-        const float *v = x + b * BLOCK;
-        float amax = 0.f;
-        for (int i = 0; i < BLOCK; i++) amax = fmaxf(amax, fabsf(v[i]));
-        float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-        d[b] = scale;
-        for (int i = 0; i < BLOCK; i++) xq[b * BLOCK + i] = (int8_t)lrintf(v[i] * inv);
+    for (int64_t b = 0; b < K / BLOCK; b++) {  /* x * (127 / max) rounded to nearest even, as lrintf would */
+        __m512 v0 = _mm512_loadu_ps(x + b * BLOCK), v1 = _mm512_loadu_ps(x + b * BLOCK + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        float inv = amax > 0.f ? 127.f / amax : 0.f;
+        d[b] = amax / 127.f;
+        __m512 iv = _mm512_set1_ps(inv);
+        _mm_storeu_si128((__m128i *)(xq + b * BLOCK), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, iv))));
+        _mm_storeu_si128((__m128i *)(xq + b * BLOCK + 16),
+                         _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, iv))));
     }
 }
 
 static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+static inline float hsum8(__m256 v) {
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s4 = _mm_hadd_ps(s4, s4);
+    s4 = _mm_hadd_ps(s4, s4);
+    return _mm_cvtss_f32(s4);
+}
 
 /* ---- int8 ---------------------------------------------------------------------------------- */
 
@@ -203,10 +212,10 @@ static int prepare4(const float *x, int64_t M, int64_t K, int64_t group, act4 *a
             a->xe[m * (K / 2) + j] = q[2 * j];
             a->xo[m * (K / 2) + j] = q[2 * j + 1];
         }
-        for (int64_t g = 0; g < K / group; g++) {
-            float s = 0.f;
-            for (int64_t i = 0; i < group; i++) s += xm[g * group + i];
-            a->xs[m * (K / group) + g] = s;
+        for (int64_t g = 0; g < K / group; g++) {  /* eight running sums, then theirs: no chain of K adds */
+            __m256 s8 = _mm256_setzero_ps();
+            for (int64_t i = 0; i < group; i += 8) s8 = _mm256_add_ps(s8, _mm256_loadu_ps(xm + g * group + i));
+            a->xs[m * (K / group) + g] = hsum8(s8);
         }
     }
     free(q);
@@ -229,13 +238,6 @@ static inline __m256 load8(const void *p, int64_t i, int kind) {
 static inline __m256i dot64(__m256i lo, __m256i hi, const int8_t *xe, const int8_t *xo) {
     __m256i dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i *)xe));
     return _mm256_dpbusd_epi32(dp, hi, _mm256_loadu_si256((const __m256i *)xo));
-}
-
-static inline float hsum8(__m256 v) {
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s4 = _mm_hadd_ps(s4, s4);
-    s4 = _mm_hadd_ps(s4, s4);
-    return _mm_cvtss_f32(s4);
 }
 
 /* y[m, n] from the full chunks' sums in `acc`: plus the tail shorter than 256 values (blocks in
