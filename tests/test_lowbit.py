@@ -154,15 +154,22 @@ def rss():
 def high_water():  # this process's own peak RSS (VmHWM; ru_maxrss carries the parent's across exec)
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+def touch(tensors):  # read a byte of every page: a weight that is a view of the mapped file counts once touched
+    for t in tensors:
+        if t.is_contiguous() and t.numel():
+            t.detach().reshape(-1).view(torch.uint8)[::1024].sum()
+touch([torch.zeros(1 << 20)])  # the reading op's own code is in memory before the base line
 base = rss()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # the peak from here on: the load and the passes
 model = LayeredModel.from_pretrained(sys.argv[1], device="cpu", max_cpu_memory="100GB", packed=sys.argv[2] == "1")
 loaded = rss()
+touch([*model.model.parameters(), *model.model.buffers()])
+touched = rss()
 ids = torch.tensor([[11, 12, 13, 14]])
 for _ in range(2):
     logits = model(ids, use_cache=False).logits
-print(json.dumps({"base": base, "loaded": loaded, "after": rss(), "peak": high_water(), "dtype": str(model.loader.dtype),
+print(json.dumps({"base": base, "loaded": loaded, "touched": touched, "after": rss(), "peak": high_water(), "dtype": str(model.loader.dtype),
                   "streamed": model.stats.bytes_streamed, "finite": bool(torch.isfinite(logits).all())}))
 """
 
@@ -196,13 +203,14 @@ def test_resident_int8_folder_holds_its_stored_bytes(tmp_path):
     for r in (packed, expanded):
         assert r["finite"] and r["streamed"] == 0
     grew = {name: r["peak"] - r["base"] for name, r in (("packed", packed), ("expanded", expanded))}
-    # after the passes: weights the native kernel reads in place (views of the mapped file) count once touched
-    held = packed["after"] - packed["base"]
-    # measured 1.07x-1.17x (scales, buffers, two passes' activations, allocator slack); expanded is >= 2x
+    # every page of the weights read, no pass yet: weights the native kernel reads in place (views of
+    # the mapped file) count once touched, and a pass would add the code of the ops it runs for the first time
+    held = packed["touched"] - packed["base"]
+    # measured 1.07x-1.17x (scales, buffers, allocator slack); expanded is >= 2x
     assert 0.85 * stored <= held <= 1.3 * stored, (held, stored, packed)
-    # the peak adds two passes' activations and, while loading, the copy of a weight that is not
-    # 64-byte aligned beside its still-mapped pages: measured 1.17x-1.31x, against >= 2x expanded
-    assert grew["packed"] <= 1.5 * stored, (grew, stored)
+    # the peak adds two passes' activations and the code of the ops they run for the first time:
+    # measured 1.14x here and 1.42x on a fresh CI machine, against >= 2x expanded
+    assert grew["packed"] <= 1.6 * stored and grew["packed"] < 0.8 * grew["expanded"], (grew, stored)
     assert grew["expanded"] >= 1.6 * stored, (grew, stored)  # bfloat16 layers are 2x their int8 bytes: ~2.9x
 
 
