@@ -130,7 +130,7 @@ def test_a_failed_build_says_so_once_and_torch_runs_the_layers(fresh, monkeypatc
     folder = tmp_path / "q"
     convert(str(tiny_checkpoints["llama"]), folder, quantize="int8", progress=False)
     capsys.readouterr()
-    with LayeredModel.from_pretrained(folder, device="cpu") as lm:
+    with LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory="1GiB") as lm:  # resident
         backends = {m.spec.backend for m in lm.model.modules() if isinstance(m, PackedLinear)}
         lm(torch.tensor([[5, 9, 17]]))
     err = capsys.readouterr().err.strip().splitlines()

@@ -88,7 +88,8 @@ def test_scoring_many_forwards_stays_within_the_gpu_budget(tiny_converted):
     want = open_tiny(tiny_converted["llama"]).score(items, batch_size=1)
     torch.cuda.empty_cache()
     free, limit = torch.cuda.mem_get_info()[0], 1 << 30
-    with LayeredModel.from_pretrained(tiny_converted["llama"], device="cuda", max_gpu_memory=limit) as model:
+    with LayeredModel.from_pretrained(tiny_converted["llama"], device="cuda", max_gpu_memory=limit,
+                                      max_cpu_memory=0) as model:
         model.tokenizer = open_tiny(tiny_converted["llama"]).tokenizer
         got = model.score(items, batch_size=1)
         took = free - torch.cuda.mem_get_info()[0]
