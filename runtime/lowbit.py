@@ -99,8 +99,10 @@ def plan_packing(model: nn.Module, manifest, device: torch.device) -> dict[str, 
     `Conv1D` (a subclass may change the math: it expands), of a shape the kernels take."""
     quant = manifest.quantization or {}
     scheme = quant.get("scheme")
-    native_ok = device.type == "cpu" and scheme in ("int8", "int4") and native.lowbit() is not None
-    if device.type != "cpu" or scheme not in ("int8", "int4") or not (native_ok or kernels_available()):
+    if device.type != "cpu" or scheme not in ("int8", "int4"):
+        return {}
+    backends = [b for b, ok in (("native", native.lowbit() is not None), ("torch", kernels_available())) if ok]
+    if not backends:
         return {}
     from transformers.pytorch_utils import Conv1D
 
@@ -114,9 +116,9 @@ def plan_packing(model: nn.Module, manifest, device: torch.device) -> dict[str, 
             continue
         out, inp = reversed(info["shape"]) if info.get("transposed") else info["shape"]
         scale_dtype = ST_TO_DTYPE.get(info.get("dtype"), torch.bfloat16)
-        for backend in ("native", "torch") if native_ok else ("torch",):
+        for backend in backends:  # the project's kernel where it takes the shape, else torch's
             spec = PackSpec(scheme, group, out, inp, backend, scale_dtype)
-            if supported(spec) and (backend == "native" or kernels_available()):
+            if supported(spec):
                 specs[name] = spec
                 break
     return specs

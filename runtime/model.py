@@ -55,10 +55,11 @@ class LayeredModel:
     """
 
     def __init__(self, model, manifest, loader: GroupLoader, *, device, prefetch: int, tokenizer=None,
-                 expert_cache: int = 0, sparse_experts: bool = True, memory: budget.Budget | None = None):
+                 expert_cache: int = 0, sparse_experts: bool = True, memory: budget.Budget | None = None,
+                 costs: list[budget.GroupCost] | None = None):
         self.model, self.manifest, self.loader = model, manifest, loader
         self.device, self.tokenizer, self.memory, self.depth = device, tokenizer, memory, prefetch
-        self.costs = group_costs(loader)
+        self.costs = costs if costs is not None else group_costs(loader)  # from_pretrained's, made once
         self.stats = loader.stats
         self.groups = manifest.groups
         # the names each group's loaded tensors carry: parameters (quantized ones expanded or packed), then aliases
@@ -125,13 +126,15 @@ class LayeredModel:
         load_generation_config(model, path)
         loader = GroupLoader(path, manifest, dev, compute_dtype, StreamStats(), packing=packing)
         memory = budget.make_budget(dev, prefetch, max_gpu_memory, max_cpu_memory)
-        loader.places, memory = place_groups(loader, model.config, memory)
+        costs = group_costs(loader)
+        loader.places, memory = place_groups(loader, model.config, memory, costs)
         prefetch = memory.prefetch  # 0 where two groups in flight would not fit
         load_persistent_buffers(model, loader)
-        cache = cache_budget(loader, group_costs(loader), memory,
+        cache = cache_budget(loader, costs, memory,
                              allowance.job_bytes(model.config, compute_dtype, allowance.DEFAULT), expert_cache)
         return cls(model, manifest, loader, device=dev, prefetch=prefetch, tokenizer=load_tokenizer(path),
-                   expert_cache=cache if sparse_experts else 0, sparse_experts=sparse_experts, memory=memory)
+                   expert_cache=cache if sparse_experts else 0, sparse_experts=sparse_experts, memory=memory,
+                   costs=costs)
 
     # --- calls go to transformers ------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -187,18 +190,16 @@ class LayeredModel:
             return
         job = self.job_bytes(shape)
         places = budget.demote(self.costs, self.places, self.memory, job)
-        if places != self.places:
-            self._demote(places, shape, job)
         if self.memory.cuda and budget.device_need(self.costs, places, self.memory, job) > self.memory.capacity:
             alone = dataclasses.replace(self.memory, prefetch=0)
             least = budget.smallest_capacity(self.costs, alone, job)
             job_text = f"{shape.describe()} (about {budget.gib(job)})"
-            if least > self.memory.capacity:
+            if least > self.memory.capacity:  # fails before anything moved
                 raise MemoryBudgetError(budget.too_small(alone, least, job_text, self.device))
             self._stop_read_ahead(alone, job_text)
             places = budget.demote(self.costs, self.places, self.memory, job)
-            if places != self.places:
-                self._demote(places, shape, job)
+        if places != self.places:
+            self._demote(places, shape, job)
         self.cuda_threads = self._cuda_threads(shape)
         self._fit_expert_cache(shape, job)
 

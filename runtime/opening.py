@@ -73,12 +73,14 @@ def group_costs(loader: GroupLoader) -> list[budget.GroupCost]:
             for i, g in enumerate(loader.manifest.groups)]
 
 
-def place_groups(loader: GroupLoader, config, memory: budget.Budget) -> tuple[list[str], budget.Budget]:
+def place_groups(loader: GroupLoader, config, memory: budget.Budget,
+                 costs: list[budget.GroupCost] | None = None) -> tuple[list[str], budget.Budget]:
     """DEVICE/HOST/DISK per group, leaving room for a job of runtime.allowance.DEFAULT's shape,
-    and the budget to run with. On CUDA, where the groups in flight with read-ahead do not fit
-    next to the smallest job but one group does, read-ahead is turned off (said once on stderr);
-    fails at once if even that cannot fit, naming the least --max-gpu-memory that works."""
-    costs = group_costs(loader)
+    and the budget to run with (`costs`: `group_costs(loader)`, made here if not given). On CUDA,
+    where the groups in flight with read-ahead do not fit next to the smallest job but one group
+    does, read-ahead is turned off (said once on stderr); fails at once if even that cannot fit,
+    naming the least --max-gpu-memory that works."""
+    costs = costs if costs is not None else group_costs(loader)
     if memory.cuda:
         smallest = allowance.job_bytes(config, loader.dtype, allowance.SMALLEST)
         need = budget.smallest_capacity(costs, memory, smallest)
