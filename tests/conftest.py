@@ -189,12 +189,12 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def small_gguf(tmp_path_factory) -> Path:
-    """SmolLM2's GGUF trimmed to its first 2 decoder layers (real weights and tokenizer, ~20 MB)."""
-    from reshard.demo import trim_gguf
+    """SmolLM2's GGUF trimmed to its first 2 decoder layers and first 1024 tokens (real weights,
+    block types and byte-level BPE tokenizer, ~5 MB): opening it does not parse 49k tokens."""
+    from gguf_files import write_trimmed
 
     path = tmp_path_factory.mktemp("small-gguf") / "SmolLM2-135M-Instruct.first2layers.gguf"
-    trim_gguf(smollm2_gguf(), path, 2)
-    return path
+    return write_trimmed(smollm2_gguf(), path, layers=2, vocab=1024)
 
 
 @pytest.fixture(scope="session")

@@ -99,3 +99,28 @@ def _random_blocks(rng, shape, qtype) -> np.ndarray:
     scales = 2 if qtype == Q.Q8_0 else 4  # Q8_0: d; Q4_K: d, dmin (each float16, first in the block)
     blocks[:, :scales] = (rng.random((len(blocks), scales // 2)) * 0.02).astype(np.float16).view(np.uint8)
     return blocks.reshape(_byte_shape(shape, qtype))
+
+
+def write_trimmed(src: Path, out: Path, *, layers: int, vocab: int) -> Path:
+    """`src` (a llama GGUF with a byte-level BPE tokenizer, as SmolLM2's) cut to its first `layers`
+    blocks and first `vocab` tokens: the token list, the merges whose pieces are all kept, and the
+    embedding rows. Opening a GGUF parses its whole vocabulary (three times in transformers' loader
+    alone), so a small one makes a file that converts in a fraction of the time: the tensors and
+    their block types stay SmolLM2's own."""
+    reader = GGUFReader(src)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()[:vocab]
+    kept = set(tokens)
+    merges = [m for m in reader.fields["tokenizer.ggml.merges"].contents()
+              if all(p in kept for p in m.split(" ")) and m.replace(" ", "") in kept]
+    overrides = {"llama.block_count": layers, "llama.vocab_size": vocab, "tokenizer.ggml.tokens": tokens,
+                 "tokenizer.ggml.token_type": reader.fields["tokenizer.ggml.token_type"].contents()[:vocab],
+                 "tokenizer.ggml.merges": merges}
+    writer = GGUFWriter(out, "llama")
+    copy_metadata(writer, reader, overrides)
+    kept_tensors = [t for t in reader.tensors if not t.name.startswith("blk.") or int(t.name.split(".")[1]) < layers]
+    arrays = [np.asarray(t.data)[:vocab] if t.name in ("token_embd.weight", "output.weight") else np.asarray(t.data)
+              for t in kept_tensors]
+    for t, array in zip(kept_tensors, arrays):
+        writer.add_tensor_info(t.name, array.shape, array.dtype, array.nbytes, raw_dtype=t.tensor_type)
+    _write_streamed(writer, arrays)
+    return out

@@ -20,9 +20,9 @@ from reshard.format import read_manifest
 
 
 @pytest.fixture(scope="module")
-def smollm2_gguf_converted(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("smollm2-gguf-out")
-    convert(str(smollm2_gguf()), out, progress=False)
+def small_gguf_converted(small_gguf, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("small-gguf-out")
+    convert(str(small_gguf), out, progress=False)
     return out
 
 
@@ -35,30 +35,31 @@ def stored_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def test_gguf_tensors_and_logits_equal_transformers(smollm2_gguf_converted, smollm2_checkpoint):
-    """`smollm2_checkpoint` is transformers' `from_pretrained(gguf_file=...)` in float32, saved."""
+def test_gguf_tensors_and_logits_equal_transformers(small_gguf_converted, small_gguf):
+    """SmolLM2's own blocks (Q8_0 embeddings, Q4_1 layers), cut to 2 layers, against
+    transformers' `from_pretrained(gguf_file=...)` in float32."""
     from transformers import AutoModelForCausalLM
 
     from runtime import LayeredModel
 
-    ref = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(small_gguf.parent, gguf_file=small_gguf.name, dtype=torch.float32).eval()
     want = ref.state_dict()
-    got = stored_tensors(smollm2_gguf_converted)
+    got = stored_tensors(small_gguf_converted)
     assert set(got) == set(want) - {"lm_head.weight"}  # tied: stored once
     for name, t in got.items():
         assert t.dtype == torch.float32 and torch.equal(t, want[name]), name
-    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2]])
+    ids = torch.tensor([[1, 504, 265, 512, 269, 282, 426, 314, 2]])
     with torch.no_grad():
         want_logits = ref(ids).logits
-    with LayeredModel.from_pretrained(smollm2_gguf_converted, device="cpu", max_cpu_memory=0) as model:
+    with LayeredModel.from_pretrained(small_gguf_converted, device="cpu", max_cpu_memory=0) as model:
         assert torch.equal(model(ids).logits, want_logits)
 
 
-def test_split_gguf_converts_like_the_single_file(tmp_path, small_gguf):
+def test_split_gguf_converts_like_the_single_file(tmp_path, small_gguf, small_gguf_converted):
     parts = write_split(small_gguf, tmp_path / "smol.gguf", parts=3)
     assert [p.name for p in parts] == [f"smol-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
     manifest = convert(str(parts[1]), tmp_path / "out", progress=False)  # any part names the whole
-    single = convert(str(small_gguf), tmp_path / "single", progress=False)
+    single = read_manifest(small_gguf_converted)
     assert [(g.name, g.sha256) for g in manifest.groups] == [(g.name, g.sha256) for g in single.groups]
     assert manifest.source["id"] == str(parts[0].resolve())
 
@@ -150,7 +151,7 @@ def test_gguf_shrunk_while_converting(tmp_path, small_gguf, monkeypatch, capsys)
     real_read = GGUFSource.read
 
     def read_after_truncation(self, keys):
-        gguf.write_bytes(gguf.read_bytes()[:4_000_000])
+        gguf.write_bytes(gguf.read_bytes()[:gguf.stat().st_size // 2])  # inside the layers' tensors
         return real_read(self, keys)
 
     monkeypatch.setattr(GGUFSource, "read", read_after_truncation)
