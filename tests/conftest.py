@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -142,42 +143,61 @@ def save_tiny_tokenizer(folder: Path, vocab_size: int) -> None:
     cfg_path.write_text(json.dumps(cfg))
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder `build(folder)` fills once per test run, however many pytest-xdist workers run
+    it: the first worker to ask builds it under a file lock in the run's shared temp folder; the
+    others wait and reuse it. Tests only read these folders (they copy one to change it)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # every worker's basetemp lies in the run's own folder
+    folder, done = root / "built" / name, root / "built" / f"{name}.done"
+    folder.parent.mkdir(exist_ok=True)
+    with FileLock(str(root / "built" / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """arch -> folder of a saved tiny random checkpoint (sharded, so several source files)."""
-    root = tmp_path_factory.mktemp("tiny")
-    return {a: save_tiny(a, root / a, max_shard_size="200KB") for a in ARCHS}
+    root = built_once(tmp_path_factory, "tiny", lambda root: [save_tiny(a, root / a, max_shard_size="200KB")
+                                                               for a in ARCHS])
+    return {a: root / a for a in ARCHS}
 
 
 @pytest.fixture(scope="session")
 def moe_checkpoints(tmp_path_factory):
     """arch -> folder of a saved tiny random mixture-of-experts checkpoint (hub layout, sharded)."""
-    root = tmp_path_factory.mktemp("tiny-moe")
-    return {a: save_tiny(a, root / a, max_shard_size="200KB") for a in MOE_ARCHS}
+    root = built_once(tmp_path_factory, "tiny-moe", lambda root: [save_tiny(a, root / a, max_shard_size="200KB")
+                                                                   for a in MOE_ARCHS])
+    return {a: root / a for a in MOE_ARCHS}
+
+
+def convert_all(sources: dict[str, Path], root: Path) -> None:
+    from reshard.convert import convert
+
+    for arch, src in sources.items():
+        convert(str(src), root / arch, progress=False)
 
 
 @pytest.fixture(scope="session")
 def moe_converted(moe_checkpoints, tmp_path_factory):
     """arch -> folder written by `reshard convert` from `moe_checkpoints` (float32)."""
-    from reshard.convert import convert
-
-    root = tmp_path_factory.mktemp("tiny-moe-out")
-    for arch, src in moe_checkpoints.items():
-        convert(str(src), root / arch, progress=False)
+    root = built_once(tmp_path_factory, "tiny-moe-out", lambda root: convert_all(moe_checkpoints, root))
     return {arch: root / arch for arch in moe_checkpoints}
 
 
 @pytest.fixture(scope="session")
 def tiny_converted(tiny_checkpoints, tmp_path_factory):
     """arch -> folder written by `reshard convert` (float32)."""
-    from reshard.convert import convert
-
-    root = tmp_path_factory.mktemp("tiny-out")
-    out = {}
-    for arch, src in tiny_checkpoints.items():
-        convert(str(src), root / arch, progress=False)
-        out[arch] = root / arch
-    return out
+    root = built_once(tmp_path_factory, "tiny-out", lambda root: convert_all(tiny_checkpoints, root))
+    return {arch: root / arch for arch in tiny_checkpoints}
 
 
 def smollm2_gguf() -> Path:
@@ -193,8 +213,10 @@ def small_gguf(tmp_path_factory) -> Path:
     block types and byte-level BPE tokenizer, ~5 MB): opening it does not parse 49k tokens."""
     from gguf_files import write_trimmed
 
-    path = tmp_path_factory.mktemp("small-gguf") / "SmolLM2-135M-Instruct.first2layers.gguf"
-    return write_trimmed(smollm2_gguf(), path, layers=2, vocab=1024)
+    name = "SmolLM2-135M-Instruct.first2layers.gguf"
+    folder = built_once(tmp_path_factory, "small-gguf",
+                        lambda folder: write_trimmed(smollm2_gguf(), folder / name, layers=2, vocab=1024))
+    return folder / name
 
 
 @pytest.fixture(scope="session")
@@ -202,16 +224,15 @@ def smollm2_checkpoint(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct as an ordinary sharded safetensors checkpoint with tokenizer."""
     from reshard.demo import gguf_to_checkpoint
 
-    return gguf_to_checkpoint(smollm2_gguf(), tmp_path_factory.mktemp("smollm2-hf"))
+    return built_once(tmp_path_factory, "smollm2-hf", lambda folder: gguf_to_checkpoint(smollm2_gguf(), folder))
 
 
 @pytest.fixture(scope="session")
 def smollm2_converted(smollm2_checkpoint, tmp_path_factory) -> Path:
     from reshard.convert import convert
 
-    out = tmp_path_factory.mktemp("smollm2-out")
-    convert(str(smollm2_checkpoint), out, progress=False)
-    return out
+    return built_once(tmp_path_factory, "smollm2-out",
+                      lambda folder: convert(str(smollm2_checkpoint), folder, progress=False))
 
 
 class FakeHub:
