@@ -1,0 +1,189 @@
+"""Published FP8 checkpoints (block scales, `quant_method: "fp8"`) convert keeping their bytes and
+run exactly as transformers runs them once it has de-quantized them on the CPU.
+
+The tests write tiny random checkpoints in the layout published models use: bfloat16 norms and
+embeddings, each decoder linear weight float8_e4m3fn beside a float32 `weight_scale_inv` grid;
+DeepSeek-V3's routed experts one tensor per expert, as on the hub."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from conftest import CPU_BUDGETS, PLACEMENTS, moe_config, save_tiny_tokenizer
+from reshard.convert import convert
+from reshard.format import GroupFile, expert_range, expert_tensors, read_header, read_manifest
+from reshard.fp8 import quantize_fp8
+from runtime import LayeredModel
+
+IDS = torch.randint(3, 320, (2, 9), generator=torch.Generator().manual_seed(1))
+GREEDY = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+# DeepSeek's grid is finer than its 128x128 so the tiny experts have several blocks per weight
+BLOCKS = {"llama": [128, 128], "deepseek_v3": [8, 8]}
+
+
+def config(arch: str):
+    import transformers as tf
+
+    if arch == "llama":
+        return tf.LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return moe_config(arch)
+
+
+def is_fp8(key: str) -> bool:
+    """The tensors DeepSeek-V3's checkpoint stores in fp8: the decoder's linear weights, not the router."""
+    return ".layers." in key and key.endswith("proj.weight") and "norm" not in key
+
+
+def save_fp8(arch: str, folder, plain):
+    """A tiny random fp8 checkpoint of `arch` in `folder` (its hub layout written first to `plain`)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config(arch)).to(torch.bfloat16)
+    for name, buf in model.named_buffers():  # DeepSeek's router bias: a checkpoint value, not zeros
+        if name.endswith("e_score_correction_bias"):
+            buf.copy_(torch.rand(buf.shape) * 0.1)
+    model.save_pretrained(plain)
+    tensors = {}
+    for path in plain.glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if is_fp8(key):
+                    tensors[key], tensors[key + "_scale_inv"] = quantize_fp8(t, BLOCKS[arch])
+                else:
+                    tensors[key] = t
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((plain / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                  "weight_block_size": BLOCKS[arch]}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_tiny_tokenizer(folder, cfg["vocab_size"])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fp8(tmp_path_factory):
+    """arch -> (fp8 checkpoint, its conversion with default options)."""
+    root = tmp_path_factory.mktemp("fp8")
+    out = {}
+    for arch in BLOCKS:
+        src = save_fp8(arch, root / arch, root / f"{arch}-plain")
+        convert(str(src), root / f"{arch}-out", progress=False)
+        out[arch] = (src, root / f"{arch}-out")
+    return out
+
+
+def reference(src):
+    return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+
+
+def source_bytes(src) -> dict[int, int]:
+    """Bytes of each decoder layer's tensors in the source checkpoint."""
+    out = {}
+    for key, info in read_header(src / "model.safetensors")[0].items():
+        if ".layers." in key:
+            i = int(key.split(".layers.")[1].split(".")[0])
+            out[i] = out.get(i, 0) + info.nbytes
+    return out
+
+
+@pytest.mark.parametrize("arch", BLOCKS)
+def test_fp8_weights_are_stored_as_published(arch, fp8):
+    src, out = fp8[arch]
+    manifest = read_manifest(out)
+    assert manifest.quantization["scheme"] == "fp8-block"
+    assert manifest.quantization["block_size"] == BLOCKS[arch]
+    with safe_open(src / "model.safetensors", "pt") as f:
+        group = manifest.group("layers.1")
+        gf = GroupFile(out / group.file, group)
+        name = "model.layers.1.self_attn.o_proj.weight"
+        assert group.tensors[f"{name}.qweight"]["dtype"] == "F8_E4M3"
+        assert torch.equal(gf.tensor(f"{name}.qweight").view(torch.uint8), f.get_tensor(name).view(torch.uint8))
+        assert torch.equal(gf.tensor(f"{name}.scale_inv"), f.get_tensor(name + "_scale_inv"))
+
+
+@pytest.mark.parametrize("arch", BLOCKS)
+def test_layer_bytes_at_most_the_sources(arch, fp8):
+    src, out = fp8[arch]
+    have = source_bytes(src)
+    for group in read_manifest(out).groups:
+        if group.name.startswith("layers."):
+            assert group.bytes <= 1.1 * have[int(group.name.split(".")[1])], group.name
+
+
+def test_each_fp8_expert_is_one_range_of_its_bytes_and_scales(fp8):
+    """DeepSeek's per-expert fp8 tensors fused to [E, ...] parts: expert e's rows of the fused
+    qweight and scale_inv are expert e's own gate (then up) bytes and scales from the source."""
+    src, out = fp8["deepseek_v3"]
+    group = read_manifest(out).group("layers.1")
+    gf = GroupFile(out / group.file, group)
+    counts = expert_tensors(group)
+    assert set(counts) == {f"model.layers.1.mlp.experts.{p}.{part}" for p in ("gate_up_proj", "down_proj")
+                           for part in ("qweight", "scale_inv")}
+    with safe_open(src / "model.safetensors", "pt") as f:
+        for e in (0, 5):
+            for part, suffix in (("qweight", ""), ("scale_inv", "_scale_inv")):
+                name = f"model.layers.1.mlp.experts.gate_up_proj.{part}"
+                lo, hi = expert_range(gf.infos[name], counts[name], e)
+                got = gf.data((lo, hi))
+                want = torch.cat([f.get_tensor(f"model.layers.1.mlp.experts.{e}.{p}.weight{suffix}") for p in
+                                  ("gate_proj", "up_proj")])
+                assert torch.equal(got, want.reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("arch", BLOCKS)
+def test_logits_equal_transformers(arch, placement, fp8):
+    src, out = fp8[arch]
+    ref = reference(src)
+    model = LayeredModel.from_pretrained(out, device="cpu", dtype=torch.float32,
+                                         max_cpu_memory=CPU_BUDGETS[placement])
+    with torch.no_grad():
+        want = ref(IDS).logits
+    assert torch.equal(model(IDS).logits, want)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("arch", BLOCKS)
+def test_greedy_tokens_equal_transformers(arch, placement, fp8):
+    src, out = fp8[arch]
+    model = LayeredModel.from_pretrained(out, device="cpu", dtype=torch.float32,
+                                         max_cpu_memory=CPU_BUDGETS[placement])
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    got = model.generate(ids, **GREEDY)
+    assert got.shape[1] == ids.shape[1] + 8
+    assert torch.equal(got, reference(src).generate(ids, **GREEDY))
+
+
+def test_explicit_dtype_dequantizes_at_convert(fp8, tmp_path):
+    """--dtype bfloat16: every weight stored de-quantized, equal to transformers' own bfloat16 load."""
+    src, _ = fp8["deepseek_v3"]
+    manifest = convert(str(src), tmp_path / "bf16", dtype="bfloat16", progress=False)
+    assert manifest.quantization is None
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    group = manifest.group("layers.1")
+    gf = GroupFile(tmp_path / "bf16" / group.file, group)
+    for name in ("model.layers.1.self_attn.kv_b_proj.weight", "model.layers.1.mlp.experts.gate_up_proj"):
+        assert torch.equal(gf.tensor(name), ref.get_parameter(name))
+
+
+def test_quantize_int8_requantizes_the_dequantized_weights(fp8, tmp_path):
+    from reshard.quant import quantize
+
+    src, _ = fp8["llama"]
+    manifest = convert(str(src), tmp_path / "int8", quantize="int8", progress=False)
+    assert manifest.quantization["scheme"] == "int8"
+    ref = reference(src)
+    group = manifest.group("layers.0")
+    gf = GroupFile(tmp_path / "int8" / group.file, group)
+    name = "model.layers.0.mlp.down_proj.weight"
+    want = quantize(ref.get_parameter(name).detach(), "int8", dtype=torch.bfloat16)  # as from a float32 source
+    assert torch.equal(gf.tensor(f"{name}.qweight"), want["qweight"])
+    assert torch.equal(gf.tensor(f"{name}.scales"), want["scales"])
