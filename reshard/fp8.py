@@ -1,10 +1,15 @@
-"""FP8 e4m3 checkpoints with block scales (`quant_method: "fp8"`: DeepSeek-V3/R1, Qwen3-*-FP8, ...).
+"""FP8 e4m3 checkpoints with block scales (`quant_method: "fp8"`: DeepSeek-V3/R1, Qwen3-*-FP8, ...)
+and compressed-tensors float8 (`quant_method: "compressed-tensors"`, float weights of 8 bits).
 
-Such a checkpoint stores each quantized linear weight `X.weight` as float8_e4m3fn beside a
-float32 `X.weight_scale_inv` of one scale per block (`weight_block_size`, e.g. 128x128):
-`w = q * scale_inv`, block by block. A folder converted with default options keeps both as they
-are (scheme "fp8-block", parts `X.weight.qweight` and `X.weight.scale_inv`); an explicit
-`--dtype` or `--quantize` de-quantizes them while reading.
+Such a checkpoint stores each quantized linear weight `X.weight` as float8_e4m3fn beside a scale
+grid: fp8's float32 `X.weight_scale_inv` has one scale per block (`weight_block_size`, e.g.
+128x128); compressed-tensors' `X.weight_scale` one per output row ([out, 1], strategy "channel"),
+one in all ([1], "tensor") or one per block ("block"). In every case `w = q * scale`, block by
+block, a block being (rows / grid rows, columns / grid columns). A folder converted with default
+options keeps both as they are (scheme "fp8-block", parts `X.weight.qweight` and
+`X.weight.scale_inv`); an explicit `--dtype` or `--quantize` de-quantizes them while reading.
+Activation scales (`activation_scale`, `input_scale`) are left out: the runtime, as transformers
+once it has de-quantized fp8 weights on a CPU, runs the activations unquantized.
 
 The de-quantization is transformers' own (`integrations/finegrained_fp8.py`, `Fp8Dequantize`,
 what it runs when it loads such a checkpoint on a CPU): the block shape comes from the scale grid
@@ -24,18 +29,33 @@ from .errors import SourceError
 from .format import DTYPE_TO_ST, quant_part_names
 
 SCHEME = "fp8-block"
-SCALE = "_scale_inv"  # `X.weight` -> `X.weight_scale_inv`
-HIDDEN = (SCALE, ".activation_scale")  # companions that are no parameter of the de-quantized model
+SCALE = "_scale_inv"  # `X.weight` -> `X.weight_scale_inv`, as stored here
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
-def block_size(config) -> list[int] | None:
-    """The checkpoint's `weight_block_size` if its config says it is an fp8 checkpoint ([] if per tensor)."""
+@dataclass(frozen=True)
+class Layout:
+    """How a published fp8 checkpoint names a weight's companions."""
+    method: str  # its quant_method
+    scale: str  # `X.weight` + this is its scale grid
+    others: tuple[str, ...]  # `X.` + these: activation scales, no part of the de-quantized model
+    block: list[int] | None  # the weight_block_size it declares (recorded in the manifest)
+
+
+def layout(config) -> Layout | None:
+    """The fp8 layout of a checkpoint whose config says it is one, else None."""
     qc = getattr(config, "quantization_config", None)
     qc = qc if isinstance(qc, dict) else (qc.to_dict() if hasattr(qc, "to_dict") else {})
-    if qc.get("quant_method") != "fp8":
-        return None
-    return list(qc.get("weight_block_size") or [])
+    if qc.get("quant_method") == "fp8":
+        return Layout("fp8", SCALE, ("activation_scale",), list(qc.get("weight_block_size") or []) or None)
+    groups = list((qc.get("config_groups") or {}).values())
+    weights = [g.get("weights") or {} for g in groups]
+    if qc.get("quant_method") == "compressed-tensors" and weights and all(
+            w.get("type") == "float" and w.get("num_bits") == 8 for w in weights):
+        blocks = {tuple(w.get("block_structure") or ()) for w in weights}
+        block = list(blocks.pop()) if len(blocks) == 1 else []
+        return Layout("compressed-tensors", "_scale", ("input_scale",), block or None)
+    return None
 
 
 def grid(scale_inv: torch.Tensor) -> tuple[int, int]:
@@ -73,16 +93,18 @@ def check_grid(key: str, q: torch.Tensor, scale_inv: torch.Tensor) -> None:
 
 
 class Fp8Source:
-    """A checkpoint's tensors with each fp8 weight's `weight_scale_inv` (and `activation_scale`)
-    hidden behind the weight: reading a weight reads its scale too. With `keep`, the scale comes
-    back as `KEY_scale_inv` beside the fp8 weight (see `Fp8Spec.take`); else the weight comes
-    back de-quantized (float32, exactly; the conversion casts it once to its dtype)."""
+    """A checkpoint's tensors with each fp8 weight's scale grid (and activation scales) hidden
+    behind the weight: reading a weight reads its scale too. With `keep`, the scale comes back as
+    `KEY_scale_inv` beside the fp8 weight (see `Fp8Spec.take`); else the weight comes back
+    de-quantized (float32, exactly; the conversion casts it once to its dtype)."""
 
-    def __init__(self, src, *, keep: bool):
-        self.src, self.keep = src, keep
+    def __init__(self, src, form: Layout, *, keep: bool):
+        self.src, self.form, self.keep = src, form, keep
         keys = set(src.keys())
-        self.scaled = {k for k in keys if k + SCALE in keys}
-        self.hidden = {k + s for k in self.scaled for s in HIDDEN} & keys
+        self.scaled = {k for k in keys if k + form.scale in keys}
+        self.companions = {k: [c for c in (k + form.scale, *(k.removesuffix("weight") + o for o in form.others))
+                               if c in keys] for k in self.scaled}
+        self.hidden = {c for cs in self.companions.values() for c in cs}
 
     def __getattr__(self, name):  # folder, info, read_ahead, close, what --low-disk sources add
         return getattr(self.src, name)
@@ -97,7 +119,7 @@ class Fp8Source:
         return None if key in self.scaled else self.src.locate(key)
 
     def _with_companions(self, keys) -> list[str]:
-        return [*keys, *(k + s for k in keys if k in self.scaled for s in HIDDEN if k + s in self.hidden)]
+        return [*keys, *(c for k in keys for c in self.companions.get(k, ()))]
 
     def want(self, keys) -> None:
         self.src.want(self._with_companions(keys))
@@ -108,10 +130,14 @@ class Fp8Source:
     def read(self, keys) -> dict[str, torch.Tensor]:
         out = self.src.read(self._with_companions(keys))
         for key in (k for k in keys if k in self.scaled):
-            out.pop(key + HIDDEN[1], None)
-            check_grid(key, out[key], out[key + SCALE])
-            if not self.keep:
-                out[key] = dequantize_fp8(out[key], out.pop(key + SCALE), dtype=torch.float32)
+            scale = out.pop(key + self.form.scale)
+            for other in self.companions[key][1:]:
+                out.pop(other)
+            check_grid(key, out[key], scale)
+            if self.keep:
+                out[key + SCALE] = scale
+            else:
+                out[key] = dequantize_fp8(out[key], scale, dtype=torch.float32)
         return out
 
 
@@ -119,12 +145,13 @@ class Fp8Source:
 class Fp8Spec:
     """What a conversion that keeps an fp8 checkpoint's precision stores (the converter's
     counterpart of convert.QuantSpec: the same `manifest_entry`/`params`/`store` verbs)."""
-    block: list[int]  # the checkpoint's weight_block_size (recorded; the math reads the grid)
+    form: Layout  # the source's (recorded; the math reads the grid)
     scheme: str = SCHEME
     params: dict = field(default_factory=dict)  # nothing is quantized by the conversion itself
 
     def manifest_entry(self) -> dict:
-        return {"scheme": self.scheme, "block_size": self.block or None, "embeddings": False}
+        return {"scheme": self.scheme, "source_method": self.form.method, "block_size": self.form.block,
+                "embeddings": False}
 
     def take(self, planned, mapping, raw: dict, model) -> dict[str, dict[str, torch.Tensor]]:
         """{param: {"qweight", "scale_inv"}} for `planned`'s params the source stores in fp8,
