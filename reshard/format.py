@@ -128,7 +128,8 @@ class Manifest:
 # --- quantized parameters ------------------------------------------------------------------
 
 QUANT_PARTS = {"int8": ("qweight", "scales"), "int4": ("qweight", "scales", "zeros"),
-               "fp8-block": ("qweight", "scale_inv")}  # reshard/fp8.py
+               "fp8-block": ("qweight", "scale_inv"),  # reshard/fp8.py
+               "mxfp4": ("blocks", "scales")}  # reshard/mxfp4.py
 
 
 def quant_part_names(param: str, scheme: str) -> dict[str, str]:

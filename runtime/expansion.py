@@ -32,7 +32,7 @@ _state: dict = {"compiled": None, "failed": False}
 
 def expand_weight(parts: dict[str, torch.Tensor], scheme: str, *, columns: int, dtype: torch.dtype) -> torch.Tensor:
     """reshard.quant.dequantize(parts, ...): compiled on CUDA, plain torch elsewhere."""
-    fn = _compiled() if parts["qweight"].is_cuda and dtype in EXACT_DTYPES else None
+    fn = _compiled() if next(iter(parts.values())).is_cuda and dtype in EXACT_DTYPES else None
     if fn is not None:
         try:
             with _lock:
