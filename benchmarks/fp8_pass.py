@@ -1,0 +1,138 @@
+"""An FP8 folder (scheme fp8-block) against the same model de-quantized to bf16: bytes and time per pass.
+
+A synthetic Llama-shaped checkpoint in the layout FP8 models publish (bf16 embeddings and norms,
+each decoder linear weight float8_e4m3fn with a float32 128x128 `weight_scale_inv` grid) is
+converted twice in the same run: with default options (kept fp8) and with `--dtype bfloat16`
+(de-quantized at convert: the baseline). Every group streams from its file (max_cpu_memory=0).
+
+  python benchmarks/fp8_pass.py                 # CPU; raw output -> benchmarks/results/fp8_pass.txt
+
+Figures: bytes per pass (what `reshard info` reports), decode s/token with the page cache warm
+(greedy, `--new-tokens` after a short prompt, median of `--repeat`), and s/pass of one token with
+the folder's pages dropped from the page cache first (cold). The ratio column is fp8 / bf16.
+Output is a Markdown table on stdout; progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from reshard.cli import describe  # noqa: E402
+from reshard.convert import convert  # noqa: E402
+from reshard.fp8 import quantize_fp8  # noqa: E402
+from runtime.model import LayeredModel  # noqa: E402
+from common import cached_fraction, evict_page_cache, machine_lines  # noqa: E402
+
+STREAMED = dict(max_cpu_memory=0, max_gpu_memory=0)
+
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def build_fp8(folder: Path, args) -> Path:
+    """A random Llama of the benchmark's shape, saved as an fp8 block-scale checkpoint."""
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    if (folder / "config.json").is_file():
+        return folder
+    config = tf.LlamaConfig(vocab_size=8192, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                            num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=4,
+                            tie_word_embeddings=False, dtype="bfloat16")
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    tensors = {}
+    for key, t in model.state_dict().items():
+        if ".layers." in key and key.endswith("proj.weight"):
+            tensors[key], tensors[key + "_scale_inv"] = quantize_fp8(t, (128, 128))
+        else:
+            tensors[key] = t.contiguous()
+    folder.mkdir(parents=True)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = config.to_dict()
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def decode_seconds(folder: Path, args) -> float:
+    """Median over `--repeat` of a greedy decode's seconds per new token (page cache warm)."""
+    lm = LayeredModel.from_pretrained(folder, device="cpu", dtype=args.dtype, prefetch=1, **STREAMED)
+    ids = torch.randint(100, 8000, (1, 8), generator=torch.Generator().manual_seed(0))
+    greedy = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    lm.generate(ids, **greedy)  # warm-up: page cache, allocator
+    times = []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        lm.generate(ids, **greedy)
+        times.append((time.perf_counter() - t0) / args.new_tokens)
+    lm.close()
+    return statistics.median(times)
+
+
+def cold_pass_seconds(folder: Path, args) -> tuple[float, float]:
+    """(median s/pass of one token with the folder's pages dropped first, most of it still cached)."""
+    times, cached = [], 0.0
+    ids = torch.tensor([[101]])
+    for _ in range(args.repeat):
+        lm = LayeredModel.from_pretrained(folder, device="cpu", dtype=args.dtype, prefetch=1, **STREAMED)
+        evict_page_cache(folder)
+        cached = max(cached, cached_fraction(folder))
+        t0 = time.perf_counter()
+        lm(ids)
+        times.append(time.perf_counter() - t0)
+        lm.close()
+    return statistics.median(times), cached
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype (default bfloat16)")
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--work", default="/tmp/reshard-fp8-bench", help="where the checkpoint and folders go")
+    args = p.parse_args()
+    work = Path(args.work)
+    source = build_fp8(work / "fp8-hf", args)
+    folders = {"bf16 (--dtype bfloat16)": work / "bf16", "fp8-block (default)": work / "fp8"}
+    for (label, out), dtype in zip(folders.items(), ("bfloat16", "auto")):
+        if not (out / "manifest.json").is_file():
+            log(f"converting {label}")
+            convert(str(source), out, dtype=dtype, progress=False)
+    print("```")
+    print("\n".join(machine_lines(args.dtype)))
+    print(f"model: synthetic Llama, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
+          f"vocab 8192; fp8 source with 128x128 float32 scales; placement: every group streamed "
+          f"(max_cpu_memory=0); decode: {args.new_tokens} new tokens after 8, median of {args.repeat}; "
+          f"baseline: the bf16 folder, same run")
+    print("```\n")
+    print("| folder | bytes/pass MB | vs bf16 | layer MB | s/token warm | vs bf16 | s/pass cold | vs bf16 | cached before cold |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base = None
+    for label, out in folders.items():
+        log(f"measuring {label}")
+        info = describe(out)
+        warm = decode_seconds(out, args)
+        cold, cached = cold_pass_seconds(out, args)
+        base = base or (info["pass_bytes"], warm, cold)
+        print(f"| {label} | {info['pass_bytes'] / 1e6:.1f} | {info['pass_bytes'] / base[0]:.3f} "
+              f"| {info['layer_bytes'] / 1e6:.1f} | {warm:.4f} | {warm / base[1]:.3f} | {cold:.4f} "
+              f"| {cold / base[2]:.3f} | {cached:.0%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
