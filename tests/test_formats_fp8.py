@@ -293,3 +293,27 @@ def test_compressed_fp8_logits_equal_transformers_own_load(compressed):
     model = LayeredModel.from_pretrained(out, device="cpu", dtype=torch.float32, max_cpu_memory=0)
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, ref(IDS).logits)
+
+
+def test_interrupted_fp8_conversion_resumes_byte_identical(fp8, tmp_path, monkeypatch):
+    import reshard.convert as conv
+
+    src, done = fp8["deepseek_v3"]
+    real, written = conv.write_group_file, []
+
+    def dies_after_two(path, tensors, *args):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(path.name)
+        return real(path, tensors, *args)
+
+    monkeypatch.setattr(conv, "write_group_file", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        convert(str(src), tmp_path / "c", progress=False)
+    monkeypatch.setattr(conv, "write_group_file", lambda path, tensors, *args: (written.append(path.name),
+                                                                               real(path, tensors, *args))[1])
+    convert(str(src), tmp_path / "c", progress=False)  # the same command again: resumes
+    assert written[:2] == ["embed.safetensors", "layers.00000.safetensors"]
+    assert "layers.00000.safetensors" not in written[2:] and "layers.00001.safetensors" in written[2:]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir()} == {
+        p.name: p.read_bytes() for p in done.iterdir()}
