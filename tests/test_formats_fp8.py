@@ -365,3 +365,24 @@ def test_fp8_convert_peak_memory_is_about_one_layer(tmp_path, dtype):
     # source has 1: 3 float32 layers), below the 12 layers of the source's one shard
     bound = (4 if dtype == "auto" else 12) * layer
     assert peaks["big"] - peaks["small"] < bound, (peaks, layer)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scheme", ["fp8-block", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_expansion_equals_the_cpus(scheme, dtype):
+    """On CUDA the published formats expand on the copy stream (compiled where exact): the same numbers."""
+    from reshard.quant import dequantize
+    from runtime.expansion import expand_weight
+
+    g = torch.Generator().manual_seed(0)
+    if scheme == "fp8-block":
+        q, s = quantize_fp8(torch.randn(256, 384, generator=g), (128, 128))
+        parts = {"qweight": q, "scale_inv": s}
+    else:
+        parts = {"blocks": torch.randint(0, 256, (128, 8, 16), generator=g, dtype=torch.uint8),
+                 "scales": torch.randint(118, 130, (128, 8), generator=g, dtype=torch.uint8)}
+    want = dequantize(parts, scheme, columns=0, dtype=dtype)
+    got = expand_weight({k: v.cuda() for k, v in parts.items()}, scheme, columns=0, dtype=dtype)
+    assert torch.equal(got.cpu(), want)
