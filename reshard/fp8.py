@@ -21,6 +21,7 @@ once on the scales, so each expert's parts stay one range of the [E, ...] tensor
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -85,6 +86,21 @@ def quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor,
     return q.view(grows * bm, gcols * bn)[:rows, :cols].contiguous(), scale
 
 
+def regrid(scale: torch.Tensor, shape, block: list[int] | None) -> torch.Tensor:
+    """`scale` on a grid that divides `shape`. Where a dimension ends in a partial block of the
+    declared `block` size (DeepSeek-V3's kv_a_proj_with_mqa: 576 rows in blocks of 128, a grid of
+    5), each block's scale is repeated over sub-blocks of gcd(dim, block): the same value for the
+    same weights, on a grid whose blocks are all of one size. Other grids come back unchanged."""
+    if scale.dim() < 2 or not block:
+        return scale
+    for axis, (dim, size) in enumerate(zip(shape, block)):
+        ax = scale.dim() - 2 + axis
+        if dim % size and scale.shape[ax] == -(-dim // size):
+            sub = math.gcd(dim, size)
+            scale = scale.repeat_interleave(size // sub, dim=ax).narrow(ax, 0, dim // sub)
+    return scale.contiguous()
+
+
 def check_grid(key: str, q: torch.Tensor, scale_inv: torch.Tensor) -> None:
     grows, gcols = grid(scale_inv)
     if q.dim() != 2 or q.shape[0] % grows or q.shape[1] % gcols:
@@ -133,6 +149,7 @@ class Fp8Source:
             scale = out.pop(key + self.form.scale)
             for other in self.companions[key][1:]:
                 out.pop(other)
+            scale = regrid(scale, out[key].shape, self.form.block)
             check_grid(key, out[key], scale)
             if self.keep:
                 out[key + SCALE] = scale

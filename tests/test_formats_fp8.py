@@ -38,11 +38,12 @@ def config(arch: str):
 
 def is_fp8(key: str) -> bool:
     """The tensors DeepSeek-V3's checkpoint stores in fp8: the decoder's linear weights, not the router."""
-    return ".layers." in key and key.endswith("proj.weight") and "norm" not in key
+    return ".layers." in key and key.endswith(".weight") and "_proj" in key
 
 
-def save_fp8(arch: str, folder, plain):
+def save_fp8(arch: str, folder, plain, block: list[int] | None = None):
     """A tiny random fp8 checkpoint of `arch` in `folder` (its hub layout written first to `plain`)."""
+    block = block or BLOCKS[arch]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config(arch)).to(torch.bfloat16)
     for name, buf in model.named_buffers():  # DeepSeek's router bias: a checkpoint value, not zeros
@@ -55,14 +56,13 @@ def save_fp8(arch: str, folder, plain):
             for key in f.keys():
                 t = f.get_tensor(key)
                 if is_fp8(key):
-                    tensors[key], tensors[key + "_scale_inv"] = quantize_fp8(t, BLOCKS[arch])
+                    tensors[key], tensors[key + "_scale_inv"] = quantize_fp8(t, block)
                 else:
                     tensors[key] = t
     folder.mkdir()
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     cfg = json.loads((plain / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                  "weight_block_size": BLOCKS[arch]}
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": block}
     (folder / "config.json").write_text(json.dumps(cfg))
     save_tiny_tokenizer(folder, cfg["vocab_size"])
     return folder
@@ -386,3 +386,34 @@ def test_cuda_expansion_equals_the_cpus(scheme, dtype):
     want = dequantize(parts, scheme, columns=0, dtype=dtype)
     got = expand_weight({k: v.cuda() for k, v in parts.items()}, scheme, columns=0, dtype=dtype)
     assert torch.equal(got.cpu(), want)
+
+
+def test_partial_blocks_follow_the_published_formula(tmp_path):
+    """Blocks of 16 on the tiny DeepSeek: kv_a_proj_with_mqa has 24 rows, a grid of 2 whose second
+    block is partial (as DeepSeek-V3's 576 rows in blocks of 128). transformers refuses or mis-sizes
+    such blocks; the reference is DeepSeek's formula, w[i, j] = q[i, j] * s[i // 16, j // 16],
+    written out as a float32 checkpoint that transformers loads (and fuses) itself."""
+    src = save_fp8("deepseek_v3", tmp_path / "src", tmp_path / "plain", block=[16, 16])
+    tensors = {}
+    with safe_open(src / "model.safetensors", "pt") as f:
+        for key in f.keys():
+            if key.endswith("_scale_inv"):
+                continue
+            t = f.get_tensor(key)
+            if t.dtype == torch.float8_e4m3fn:
+                s = f.get_tensor(key + "_scale_inv")
+                rows, cols = torch.arange(t.shape[0]) // 16, torch.arange(t.shape[1]) // 16
+                t = t.float() * s[rows][:, cols]
+            tensors[key] = t.float()
+    (tmp_path / "formula").mkdir()
+    save_file(tensors, tmp_path / "formula" / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["quantization_config"]
+    (tmp_path / "formula" / "config.json").write_text(json.dumps(cfg))
+    manifest = convert(str(src), tmp_path / "out", progress=False)
+    name = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
+    assert manifest.group("layers.1").tensors[f"{name}.scale_inv"]["shape"] == [3, 4]  # 8-row sub-blocks
+    ref = reference(tmp_path / "formula")
+    model = LayeredModel.from_pretrained(tmp_path / "out", device="cpu", dtype=torch.float32, max_cpu_memory=0)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, ref(IDS).logits)
