@@ -186,10 +186,11 @@ class Fp8Spec:
             if not all(scaled):
                 raise SourceError(f"{first!r} is made from fp8 and unquantized tensors (e.g. {fusion.keys[0]!r}); "
                                   f"this checkpoint cannot be converted keeping fp8: convert it with --dtype bfloat16")
-            scales = fusion.run({k: raw.pop(k + SCALE).float() for k in fusion.keys}, model, torch.float32)
+            dtype, scale_dtype = raw[fusion.keys[0]].dtype, raw[fusion.keys[0] + SCALE].dtype
+            scales = fusion.run({k: raw.pop(k + SCALE) for k in fusion.keys}, model, scale_dtype)
             # the fusion's stacking and concatenation run on the bytes (uint8: no cast, any torch)
             q = fusion.run({k: raw.pop(k).view(torch.uint8) for k in fusion.keys}, model, torch.uint8)
-            out.update({n: {"qweight": q[n].view(torch.float8_e4m3fn), "scale_inv": scales[n]} for n in q})
+            out.update({n: {"qweight": q[n].view(dtype), "scale_inv": scales[n]} for n in q})
         return out
 
     def store(self, name: str, parts: dict, target: torch.dtype, tensors: dict, quantized: dict) -> None:
