@@ -184,8 +184,9 @@ class Fp8Spec:
             if not any(scaled):
                 continue
             if not all(scaled):
-                raise SourceError(f"{first!r} is made from fp8 and unquantized tensors (e.g. {fusion.keys[0]!r}); "
-                                  f"this checkpoint cannot be converted keeping fp8: convert it with --dtype bfloat16")
+                text = (f"{first!r} is made from fp8 tensors and unquantized ones such as "
+                        f"{fusion.keys[scaled.index(False)]!r}, so it cannot be kept in fp8; de-quantize the checkpoint ")
+                raise SourceError(text + 'with dtype="bfloat16"', cli=text + "with --dtype bfloat16")
             dtype, scale_dtype = raw[fusion.keys[0]].dtype, raw[fusion.keys[0] + SCALE].dtype
             scales = fusion.run({k: raw.pop(k + SCALE) for k in fusion.keys}, model, scale_dtype)
             # the fusion's stacking and concatenation run on the bytes (uint8: no cast, any torch)

@@ -417,3 +417,50 @@ def test_partial_blocks_follow_the_published_formula(tmp_path):
     model = LayeredModel.from_pretrained(tmp_path / "out", device="cpu", dtype=torch.float32, max_cpu_memory=0)
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, ref(IDS).logits)
+
+
+# --- error lines (listed in tests/test_errors.py) ---------------------------------------------
+
+def _rewritten(src, folder, change):
+    """A copy of checkpoint `src` in `folder` with its tensors passed through `change(tensors)`."""
+    import shutil
+
+    shutil.copytree(src, folder)
+    with safe_open(src / "model.safetensors", "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_scale_grid_that_does_not_divide_its_weight(fp8, tmp_path, capsys):
+    from reshard.cli import main as reshard_main
+    from test_robustness import only_error
+
+    key = "model.layers.0.self_attn.o_proj.weight"
+    src = _rewritten(fp8["llama"][0], tmp_path / "src",
+                     lambda t: t.update({key + "_scale_inv": torch.ones(3, 2)}))
+    code = reshard_main(["convert", str(src), str(tmp_path / "out"), "--quiet"])
+    assert code == 1
+    assert only_error(capsys.readouterr().err) == (
+        f"Error: fp8 weight {key} has shape [256, 256], which its scale grid [3, 2] does not divide; "
+        f"is the config the one of these weights?")
+
+
+def test_experts_of_fp8_and_unquantized_tensors_are_not_kept_in_fp8(fp8, tmp_path, capsys):
+    from reshard.cli import main as reshard_main
+    from test_robustness import only_error
+
+    key = "model.layers.1.mlp.experts.3.up_proj.weight"
+
+    def unquantize_one(tensors):
+        tensors[key] = tensors[key].to(torch.bfloat16)
+        del tensors[key + "_scale_inv"]
+
+    src = _rewritten(fp8["deepseek_v3"][0], tmp_path / "src", unquantize_one)
+    code = reshard_main(["convert", str(src), str(tmp_path / "out"), "--quiet"])
+    assert code == 1
+    assert only_error(capsys.readouterr().err) == (
+        f"Error: 'model.layers.1.mlp.experts.gate_up_proj' is made from fp8 tensors and unquantized ones such as "
+        f"'{key}', so it cannot be kept in fp8; de-quantize the checkpoint with --dtype bfloat16")
+    assert reshard_main(["convert", str(src), str(tmp_path / "bf16"), "--dtype", "bfloat16", "--quiet"]) == 0
