@@ -6,10 +6,14 @@ converted twice in the same run: with default options (kept fp8) and with `--dty
 (de-quantized at convert: the baseline). Every group streams from its file (max_cpu_memory=0).
 
   python benchmarks/fp8_pass.py                 # CPU; raw output -> benchmarks/results/fp8_pass.txt
+  python benchmarks/fp8_pass.py --device cuda --placement pinned --hidden 8192 --intermediate 28672 \
+      --heads 64 --kv-heads 8 --layers 4       # GPU: Llama-2-70B layer shapes from pinned RAM
 
 Figures: bytes per pass (what `reshard info` reports), decode s/token with the page cache warm
 (greedy, `--new-tokens` after a short prompt, median of `--repeat`), and s/pass of one token with
-the folder's pages dropped from the page cache first (cold). The ratio column is fp8 / bf16.
+the folder's pages dropped from the page cache first (cold; `--placement disk` only). With
+`--placement pinned` every group waits in pinned host RAM and is copied to the device each pass
+(max_gpu_memory=0). The ratio columns are fp8 / bf16.
 Output is a Markdown table on stdout; progress on stderr.
 """
 
@@ -33,7 +37,7 @@ from reshard.fp8 import quantize_fp8  # noqa: E402
 from runtime.model import LayeredModel  # noqa: E402
 from common import cached_fraction, evict_page_cache, machine_lines  # noqa: E402
 
-STREAMED = dict(max_cpu_memory=0, max_gpu_memory=0)
+PLACEMENTS = {"disk": dict(max_cpu_memory=0, max_gpu_memory=0), "pinned": dict(max_cpu_memory="1TB", max_gpu_memory=0)}
 
 
 def log(*a) -> None:
@@ -41,23 +45,26 @@ def log(*a) -> None:
 
 
 def build_fp8(folder: Path, args) -> Path:
-    """A random Llama of the benchmark's shape, saved as an fp8 block-scale checkpoint."""
+    """A random Llama of the benchmark's shape, saved as an fp8 block-scale checkpoint (tensors
+    made one at a time from the shapes of a model on the meta device: no full model in RAM)."""
     import transformers as tf
     from safetensors.torch import save_file
 
     if (folder / "config.json").is_file():
         return folder
     config = tf.LlamaConfig(vocab_size=8192, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                            num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=4,
-                            tie_word_embeddings=False, dtype="bfloat16")
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+                            num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                            num_key_value_heads=args.kv_heads, tie_word_embeddings=False, dtype="bfloat16")
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(config)
+    g = torch.Generator().manual_seed(0)
     tensors = {}
-    for key, t in model.state_dict().items():
+    for key, p in model.state_dict().items():
+        t = torch.ones(p.shape) if key.endswith("norm.weight") else torch.randn(p.shape, generator=g) * 0.02
         if ".layers." in key and key.endswith("proj.weight"):
             tensors[key], tensors[key + "_scale_inv"] = quantize_fp8(t, (128, 128))
         else:
-            tensors[key] = t.contiguous()
+            tensors[key] = t.to(torch.bfloat16)
     folder.mkdir(parents=True)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     cfg = config.to_dict()
@@ -68,14 +75,17 @@ def build_fp8(folder: Path, args) -> Path:
 
 def decode_seconds(folder: Path, args) -> float:
     """Median over `--repeat` of a greedy decode's seconds per new token (page cache warm)."""
-    lm = LayeredModel.from_pretrained(folder, device="cpu", dtype=args.dtype, prefetch=1, **STREAMED)
-    ids = torch.randint(100, 8000, (1, 8), generator=torch.Generator().manual_seed(0))
+    lm = LayeredModel.from_pretrained(folder, device=args.device, dtype=args.dtype, prefetch=1,
+                                      **PLACEMENTS[args.placement])
+    ids = torch.randint(100, 8000, (1, 8), generator=torch.Generator().manual_seed(0)).to(lm.device)
     greedy = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-    lm.generate(ids, **greedy)  # warm-up: page cache, allocator
+    lm.generate(ids, **greedy)  # warm-up: page cache, allocator, compiled expansion
     times = []
     for _ in range(args.repeat):
+        sync(lm.device)
         t0 = time.perf_counter()
         lm.generate(ids, **greedy)
+        sync(lm.device)
         times.append((time.perf_counter() - t0) / args.new_tokens)
     lm.close()
     return statistics.median(times)
@@ -84,16 +94,23 @@ def decode_seconds(folder: Path, args) -> float:
 def cold_pass_seconds(folder: Path, args) -> tuple[float, float]:
     """(median s/pass of one token with the folder's pages dropped first, most of it still cached)."""
     times, cached = [], 0.0
-    ids = torch.tensor([[101]])
     for _ in range(args.repeat):
-        lm = LayeredModel.from_pretrained(folder, device="cpu", dtype=args.dtype, prefetch=1, **STREAMED)
+        lm = LayeredModel.from_pretrained(folder, device=args.device, dtype=args.dtype, prefetch=1,
+                                          **PLACEMENTS["disk"])
+        ids = torch.tensor([[101]], device=lm.device)
         evict_page_cache(folder)
         cached = max(cached, cached_fraction(folder))
         t0 = time.perf_counter()
         lm(ids)
+        sync(lm.device)
         times.append(time.perf_counter() - t0)
         lm.close()
     return statistics.median(times), cached
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -101,6 +118,11 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--intermediate", type=int, default=2816)
     p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--placement", choices=list(PLACEMENTS), default="disk",
+                   help="disk: every group read from its file each pass; pinned: from pinned host RAM (GPU)")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype (default bfloat16)")
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--repeat", type=int, default=3)
@@ -115,10 +137,10 @@ def main() -> None:
             convert(str(source), out, dtype=dtype, progress=False)
     print("```")
     print("\n".join(machine_lines(args.dtype)))
-    print(f"model: synthetic Llama, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
-          f"vocab 8192; fp8 source with 128x128 float32 scales; placement: every group streamed "
-          f"(max_cpu_memory=0); decode: {args.new_tokens} new tokens after 8, median of {args.repeat}; "
-          f"baseline: the bf16 folder, same run")
+    print(f"model: synthetic Llama, hidden {args.hidden}, intermediate {args.intermediate}, heads {args.heads} "
+          f"(kv {args.kv_heads}), {args.layers} layers, vocab 8192; fp8 source with 128x128 float32 scales; "
+          f"device: {args.device}; placement: every group streamed ({args.placement}: {PLACEMENTS[args.placement]}); "
+          f"decode: {args.new_tokens} new tokens after 8, median of {args.repeat}; baseline: the bf16 folder, same run")
     print("```\n")
     print("| folder | bytes/pass MB | vs bf16 | layer MB | s/token warm | vs bf16 | s/pass cold | vs bf16 | cached before cold |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -127,7 +149,7 @@ def main() -> None:
         log(f"measuring {label}")
         info = describe(out)
         warm = decode_seconds(out, args)
-        cold, cached = cold_pass_seconds(out, args)
+        cold, cached = cold_pass_seconds(out, args) if args.placement == "disk" else (float("nan"), 0.0)
         base = base or (info["pass_bytes"], warm, cold)
         print(f"| {label} | {info['pass_bytes'] / 1e6:.1f} | {info['pass_bytes'] / base[0]:.3f} "
               f"| {info['layer_bytes'] / 1e6:.1f} | {warm:.4f} | {warm / base[1]:.3f} | {cold:.4f} "
