@@ -464,3 +464,25 @@ def test_experts_of_fp8_and_unquantized_tensors_are_not_kept_in_fp8(fp8, tmp_pat
         f"Error: 'model.layers.1.mlp.experts.gate_up_proj' is made from fp8 tensors and unquantized ones such as "
         f"'{key}', so it cannot be kept in fp8; de-quantize the checkpoint with --dtype bfloat16")
     assert reshard_main(["convert", str(src), str(tmp_path / "bf16"), "--dtype", "bfloat16", "--quiet"]) == 0
+
+
+@pytest.mark.slow  # compiles (Inductor, C++) for two dtypes: tens of seconds on a small machine
+def test_compiled_cpu_expansion_equals_plain_torch():
+    """On the CPU fp8 weights expand through the compiled function in half precision: the same numbers."""
+    from reshard.quant import dequantize
+    from runtime.expansion import compiled_dequantize
+
+    q, s = quantize_fp8(torch.randn(256, 384, generator=torch.Generator().manual_seed(0)), (128, 128))
+    parts = {"qweight": q, "scale_inv": s}
+    for dtype in (torch.bfloat16, torch.float16):
+        want = dequantize(parts, "fp8-block", columns=384, dtype=dtype)
+        assert torch.equal(compiled_dequantize()(parts, "fp8-block", columns=384, dtype=dtype), want)
+
+
+@pytest.mark.slow  # bfloat16 on the CPU expands through the compiled function: a compile per weight shape
+def test_bfloat16_logits_equal_transformers_bfloat16_load(fp8):
+    src, out = fp8["llama"]
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+    model = LayeredModel.from_pretrained(out, device="cpu", dtype=torch.bfloat16, max_cpu_memory=0)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, ref(IDS).logits)
