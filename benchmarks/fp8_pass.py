@@ -73,39 +73,46 @@ def build_fp8(folder: Path, args) -> Path:
     return folder
 
 
-def decode_seconds(folder: Path, args) -> float:
-    """Median over `--repeat` of a greedy decode's seconds per new token (page cache warm)."""
-    lm = LayeredModel.from_pretrained(folder, device=args.device, dtype=args.dtype, prefetch=1,
-                                      **PLACEMENTS[args.placement])
-    ids = torch.randint(100, 8000, (1, 8), generator=torch.Generator().manual_seed(0)).to(lm.device)
+def decode_seconds(folders: dict[str, Path], args) -> dict[str, list[float]]:
+    """{label: a greedy decode's seconds per new token, page cache warm, `--repeat` rounds}; the
+    folders take turns in every round, so a change in the machine's load hits both alike."""
+    models, times = {}, {label: [] for label in folders}
+    ids = torch.randint(100, 8000, (1, 8), generator=torch.Generator().manual_seed(0))
     greedy = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-    lm.generate(ids, **greedy)  # warm-up: page cache, allocator, compiled expansion
-    times = []
+    for label, folder in folders.items():
+        models[label] = LayeredModel.from_pretrained(folder, device=args.device, dtype=args.dtype, prefetch=1,
+                                                     **PLACEMENTS[args.placement])
+        models[label].generate(ids.to(models[label].device), **greedy)  # warm-up: page cache, compiled expansion
     for _ in range(args.repeat):
-        sync(lm.device)
-        t0 = time.perf_counter()
-        lm.generate(ids, **greedy)
-        sync(lm.device)
-        times.append((time.perf_counter() - t0) / args.new_tokens)
-    lm.close()
-    return statistics.median(times)
-
-
-def cold_pass_seconds(folder: Path, args) -> tuple[float, float]:
-    """(median s/pass of one token with the folder's pages dropped first, most of it still cached)."""
-    times, cached = [], 0.0
-    for _ in range(args.repeat):
-        lm = LayeredModel.from_pretrained(folder, device=args.device, dtype=args.dtype, prefetch=1,
-                                          **PLACEMENTS["disk"])
-        ids = torch.tensor([[101]], device=lm.device)
-        evict_page_cache(folder)
-        cached = max(cached, cached_fraction(folder))
-        t0 = time.perf_counter()
-        lm(ids)
-        sync(lm.device)
-        times.append(time.perf_counter() - t0)
+        for label, lm in models.items():
+            sync(lm.device)
+            t0 = time.perf_counter()
+            lm.generate(ids.to(lm.device), **greedy)
+            sync(lm.device)
+            times[label].append((time.perf_counter() - t0) / args.new_tokens)
+    for lm in models.values():
         lm.close()
-    return statistics.median(times), cached
+    return times
+
+
+def cold_pass_seconds(folders: dict[str, Path], args) -> tuple[dict[str, list[float]], float]:
+    """({label: s/pass of one token with the folder's pages dropped first, `--repeat` rounds, the
+    folders taking turns}, the most of a folder still cached right before a pass)."""
+    times, cached = {label: [] for label in folders}, 0.0
+    for _ in range(args.repeat):
+        for label, folder in folders.items():
+            lm = LayeredModel.from_pretrained(folder, device=args.device, dtype=args.dtype, prefetch=1,
+                                              **PLACEMENTS["disk"])
+            ids = torch.tensor([[101]], device=lm.device)
+            evict_page_cache(folder)  # (the expansion was compiled by the warm rounds, in this process)
+            cached = max(cached, cached_fraction(folder))
+            sync(lm.device)
+            t0 = time.perf_counter()
+            lm(ids)
+            sync(lm.device)
+            times[label].append(time.perf_counter() - t0)
+            lm.close()
+    return times, cached
 
 
 def sync(device: torch.device) -> None:
@@ -125,7 +132,7 @@ def main() -> None:
                    help="disk: every group read from its file each pass; pinned: from pinned host RAM (GPU)")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype (default bfloat16)")
     p.add_argument("--new-tokens", type=int, default=8)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--work", default="/tmp/reshard-fp8-bench", help="where the checkpoint and folders go")
     args = p.parse_args()
     work = Path(args.work)
@@ -140,21 +147,27 @@ def main() -> None:
     print(f"model: synthetic Llama, hidden {args.hidden}, intermediate {args.intermediate}, heads {args.heads} "
           f"(kv {args.kv_heads}), {args.layers} layers, vocab 8192; fp8 source with 128x128 float32 scales; "
           f"device: {args.device}; placement: every group streamed ({args.placement}: {PLACEMENTS[args.placement]}); "
-          f"decode: {args.new_tokens} new tokens after 8, median of {args.repeat}; baseline: the bf16 folder, same run")
+          f"decode: {args.new_tokens} new tokens after 8; medians of {args.repeat} rounds, the folders taking turns; "
+          f"baseline: the bf16 folder, same run")
     print("```\n")
-    print("| folder | bytes/pass MB | vs bf16 | layer MB | s/token warm | vs bf16 | s/pass cold | vs bf16 | cached before cold |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    log("measuring decode, page cache warm")
+    warm = decode_seconds(folders, args)
+    cold, cached = cold_pass_seconds(folders, args) if args.placement == "disk" else ({}, 0.0)
+    print("| folder | bytes/pass MB | vs bf16 | layer MB | s/token warm | vs bf16 | s/pass cold | vs bf16 |")
+    print("|---|---|---|---|---|---|---|---|")
     base = None
     for label, out in folders.items():
-        log(f"measuring {label}")
         info = describe(out)
-        warm = decode_seconds(out, args)
-        cold, cached = cold_pass_seconds(out, args) if args.placement == "disk" else (float("nan"), 0.0)
-        base = base or (info["pass_bytes"], warm, cold)
+        w = statistics.median(warm[label])
+        c = statistics.median(cold[label]) if cold else float("nan")
+        base = base or (info["pass_bytes"], w, c)
         print(f"| {label} | {info['pass_bytes'] / 1e6:.1f} | {info['pass_bytes'] / base[0]:.3f} "
-              f"| {info['layer_bytes'] / 1e6:.1f} | {warm:.4f} | {warm / base[1]:.3f} | {cold:.4f} "
-              f"| {cold / base[2]:.3f} | {cached:.0%} |", flush=True)
-
+              f"| {info['layer_bytes'] / 1e6:.1f} | {w:.4f} | {w / base[1]:.3f} | {c:.4f} | {c / base[2]:.3f} |")
+    print(f"\nmost of a folder in the page cache right before a cold pass: {cached:.0%}")
+    for label in folders:
+        print(f"raw s/token warm, {label}: {', '.join(f'{t:.4f}' for t in warm[label])}")
+        if cold:
+            print(f"raw s/pass cold, {label}: {', '.join(f'{t:.4f}' for t in cold[label])}")
 
 if __name__ == "__main__":
     main()
