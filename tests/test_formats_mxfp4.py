@@ -105,6 +105,8 @@ def test_logits_and_tokens_equal_transformers(placement, mxfp4):
     model = LayeredModel.from_pretrained(out, device="cpu", dtype=torch.float32, max_cpu_memory=CPU_BUDGETS[placement])
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, ref(IDS).logits)
+    if placement == "streamed":  # the routed experts' blocks and scales were read one expert at a time
+        assert model.stats.experts_read > 0
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     assert torch.equal(model.generate(ids, **GREEDY), ref.generate(ids, **GREEDY))
 
@@ -120,3 +122,15 @@ def test_explicit_dtype_dequantizes_at_convert(mxfp4, tmp_path):
     for proj in EXPERTS:
         name = f"model.layers.0.mlp.experts.{proj}"
         assert torch.equal(gf.tensor(name), ref.get_parameter(name))
+
+
+def test_decode_pass_reads_only_the_routed_experts(mxfp4):
+    """One token routes to 2 of the 4 experts per layer: a streamed decode pass reads those alone."""
+    _, out = mxfp4
+    manifest = read_manifest(out)
+    layers = [g for g in manifest.groups if g.experts]
+    assert len(layers) == 2 and all(g.experts["model.layers.1.mlp.experts" if g.name == "layers.1" else
+                                             "model.layers.0.mlp.experts"]["num_experts"] == 4 for g in layers)
+    model = LayeredModel.from_pretrained(out, device="cpu", dtype=torch.float32, max_cpu_memory=0, expert_cache=0)
+    model(torch.tensor([[7]]))
+    assert model.stats.experts_read == 2 * len(layers)
