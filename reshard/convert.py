@@ -22,6 +22,8 @@ from . import hub
 from .errors import DiskSpaceError, SourceError, UsageError
 from .format import (DTYPE_NAMES, stored_names, DTYPE_TO_ST, MANIFEST, Group, Manifest, dtype_name, group_file_name,
                      quant_part_names, write_bytes_atomic, write_group_file, write_text_atomic)
+from .fp8 import Fp8Source, Fp8Spec, layout as fp8_layout
+from .mxfp4 import Mxfp4Source, Mxfp4Spec, is_mxfp4
 from .keymap import KeyMap, check_shape, check_shapes, map_keys
 from .plan import build_empty_model, plan_groups, read_config
 from .quant import DEFAULT_GROUP, check_scheme, quantizable_params, quantize as quantize_weight, quantize_experts
@@ -97,12 +99,20 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
         target = resolve_dtype(dtype, config)
         model = build_empty_model(config, dtype=target, trust_remote_code=trust_remote_code)
         plan = plan_groups(model)
-        quant = QuantSpec.for_model(model, plan, quantize, quantize_group, quantize_embeddings) if quantize else None
+        # a published fp8 or mxfp4 checkpoint: kept so unless a dtype or --quantize is asked for
+        fp8, mxfp4 = fp8_layout(config), is_mxfp4(config)
+        keep = (fp8 is not None or mxfp4) and dtype == "auto" and not quantize
+        quant = QuantSpec.for_model(model, plan, quantize, quantize_group, quantize_embeddings) if quantize else (
+            (Fp8Spec(fp8) if fp8 else Mxfp4Spec()) if keep else None)
         quantization = quant.manifest_entry() if quant else None
         params = conversion_params(src, dtype=dtype_name(target), architecture=type(model).__name__,
                                    quantization=quantization)
         check_before_fetching(src, out, plan, target, params, force=force)
         src = ready_source(src, model, progress=progress)
+        if fp8 is not None:
+            src = Fp8Source(src, fp8, keep=keep)
+        elif mxfp4:
+            src = Mxfp4Source(src, keep=keep)
         params_map = {p: s for g in plan.groups for p, s in g.params.items()}
         buffers = {b: s for g in plan.groups for b, (s, _) in g.buffers.items()}
         mapping = map_keys(model, src.keys(), params_map, aliases=plan.tied, buffers=buffers)
@@ -283,9 +293,14 @@ def _prepare_group(src: Source, model, planned, mapping: KeyMap, target: torch.d
                  and (loc.dtype == target or not loc.dtype.is_floating_point)}
     buffers = [b for b in planned.buffers if b in mapping.direct]  # persistent buffers the checkpoint holds
     raw = src.read(mapping.source_keys([*(p for p in planned.params if p not in as_stored), *buffers]))
-    made = _run_fusions(planned, mapping, raw, model, target)
+    kept = quant.take(planned, mapping, raw, model) if hasattr(quant, "take") else {}  # stored as published
+    made = _run_fusions(planned, mapping, raw, model, target, skip=kept)
     tensors, quantized = {}, {}
     for pname, shape in planned.params.items():
+        if pname in kept:
+            quant.store(pname, kept[pname], target, tensors, quantized)
+            check_shape(pname, torch.empty(quantized[pname]["shape"], device="meta"), shape)
+            continue
         if pname in as_stored:
             t = as_stored[pname]
         else:
@@ -314,10 +329,11 @@ def _write_group(planned, out: Path, tensors: dict, quantized: dict, buffers: li
         aliases=dict(planned.aliases), quantized=quantized, experts=experts, buffers=buffers)
 
 
-def _run_fusions(planned, mapping: KeyMap, raw: dict, model, target: torch.dtype) -> dict[str, torch.Tensor]:
-    """The group's parameters that transformers' converters make from several source tensors."""
+def _run_fusions(planned, mapping: KeyMap, raw: dict, model, target: torch.dtype, skip=()) -> dict[str, torch.Tensor]:
+    """The group's parameters that transformers' converters make from several source tensors
+    (but those in `skip`, made already)."""
     made = {}
-    for first in dict.fromkeys(mapping.made_by[p] for p in planned.params if p in mapping.made_by):
+    for first in dict.fromkeys(mapping.made_by[p] for p in planned.params if p in mapping.made_by and p not in skip):
         for name, t in mapping.fused[first].run(raw, model, target).items():
             if name not in planned.params:
                 raise SourceError(f"transformers' conversion into {first!r} also makes {name!r}, which is not a "

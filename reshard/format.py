@@ -44,7 +44,7 @@ except (OSError, AttributeError):
 DTYPE_TO_ST = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
+    torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
 }
 ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -127,7 +127,9 @@ class Manifest:
 
 # --- quantized parameters ------------------------------------------------------------------
 
-QUANT_PARTS = {"int8": ("qweight", "scales"), "int4": ("qweight", "scales", "zeros")}
+QUANT_PARTS = {"int8": ("qweight", "scales"), "int4": ("qweight", "scales", "zeros"),
+               "fp8-block": ("qweight", "scale_inv"),  # reshard/fp8.py
+               "mxfp4": ("blocks", "scales")}  # reshard/mxfp4.py
 
 
 def quant_part_names(param: str, scheme: str) -> dict[str, str]:
@@ -148,7 +150,8 @@ def stored_names(param: str, tensors) -> list[str]:
     """The stored tensors of parameter `param`: itself, or its quantized parts (see quant_part_names)."""
     if param in tensors:
         return [param]
-    return [n for n in (f"{param}.{part}" for part in QUANT_PARTS["int4"]) if n in tensors]
+    parts = dict.fromkeys(part for parts in QUANT_PARTS.values() for part in parts)
+    return [n for n in (f"{param}.{part}" for part in parts) if n in tensors]
 
 
 def expert_tensors(group: Group) -> dict[str, int]:

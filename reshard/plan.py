@@ -138,17 +138,21 @@ def plan_groups(model: nn.Module) -> Plan:
     return Plan(groups=groups, layers_path=layers_path, tied=tied)
 
 
+# the experts forward's argument that names each token's experts (gpt-oss calls it router_indices)
+ROUTED_ARGS = ("top_k_index", "router_indices")
+
+
 def find_experts(model: nn.Module) -> dict[str, dict]:
     """Experts modules: {qualified name: {"num_experts": E, "tensors": [param names]}}.
 
     An experts module is one that transformers dispatches routed tokens to (its forward takes
-    the router's `top_k_index`, see transformers.integrations.moe) and holds `num_experts`
-    experts as parameters of shape [E, ...]; expert e of each is `param[e]`.
+    the router's `top_k_index`, see transformers.integrations.moe, or gpt-oss's `router_indices`)
+    and holds `num_experts` experts as parameters of shape [E, ...]; expert e of each is `param[e]`.
     """
     found = {}
     for mname, module in model.named_modules():
         count = getattr(module, "num_experts", None)
-        if not isinstance(count, int) or count < 1 or "top_k_index" not in _forward_args(module):
+        if not isinstance(count, int) or count < 1 or not _forward_args(module) & set(ROUTED_ARGS):
             continue
         names = [f"{mname}.{p}" for p, t in module.named_parameters(recurse=False)
                  if t.dim() >= 1 and t.shape[0] == count]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 
 from .errors import UsageError
+from .fp8 import SCHEME as FP8_SCHEME, dequantize_fp8
+from .mxfp4 import SCHEME as MXFP4_SCHEME, dequantize_mxfp4
 
 SCHEMES = ("int8", "int4")
 DEFAULT_GROUP = 32
@@ -42,7 +44,12 @@ def quantize(w: torch.Tensor, scheme: str, *, group: int = DEFAULT_GROUP, dtype:
 
 
 def dequantize(parts: dict[str, torch.Tensor], scheme: str, *, columns: int, dtype: torch.dtype) -> torch.Tensor:
-    """The (out, columns) weight in `dtype` from the parts `quantize` returned."""
+    """The (out, columns) weight in `dtype` from the parts `quantize` returned (or a published
+    format kept as it was stored: "fp8-block", reshard/fp8.py; "mxfp4", reshard/mxfp4.py)."""
+    if scheme == FP8_SCHEME:
+        return dequantize_fp8(parts["qweight"], parts["scale_inv"], dtype=dtype)
+    if scheme == MXFP4_SCHEME:
+        return dequantize_mxfp4(parts["blocks"], parts["scales"], dtype=dtype)
     if scheme == "int8":
         return dequantize_int8(parts["qweight"], parts["scales"], dtype=dtype)
     return dequantize_int4(parts["qweight"], parts["scales"], parts["zeros"], columns=columns, dtype=dtype)

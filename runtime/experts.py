@@ -4,7 +4,7 @@ For a streamed layer with an experts module (see reshard.plan.find_experts), the
 the layer's other tensors as usual (attention, router, norms, shared experts: one span of the
 file, see GroupLoader.partial) and leaves the expert tensors out. A forward pre-hook on the
 experts module, where transformers dispatches the routed tokens, reads the router's
-`top_k_index`, and copies only those experts (each one contiguous byte range of the file, see
+`top_k_index` (gpt-oss: `router_indices`), and copies only those experts (each one contiguous byte range of the file, see
 reshard.format.expert_range) into a full-size [E, ...] buffer that becomes the module's
 parameter. The module indexes it as usual; rows of experts no token picked hold stale (finite)
 values from earlier layers and are never read. So the math is transformers' own, unchanged.
@@ -28,6 +28,7 @@ from torch import nn
 
 from reshard.errors import CorruptFileError
 from reshard.format import ST_TO_DTYPE, dense_range, expert_range, expert_tensors, quant_part_names
+from reshard.plan import ROUTED_ARGS
 
 from . import budget
 from .quantized import expand_param
@@ -123,9 +124,10 @@ class ExpertStreamer:
 
         def pre_hook(mod, args, kwargs):
             try:
-                index = signature.bind(*args, **kwargs).arguments["top_k_index"]
-            except (TypeError, KeyError):
-                index = None
+                arguments = signature.bind(*args, **kwargs).arguments
+            except TypeError:
+                arguments = {}
+            index = next((arguments[a] for a in ROUTED_ARGS if a in arguments), None)
             routed = range(count) if index is None else [e for e in torch.unique(index).tolist() if 0 <= e < count]
             self.bring(i, mod, entry, routed)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from reshard.format import ST_TO_DTYPE, GroupFile, Manifest, param_names, quant_part_names
+from reshard.quant import SCHEMES as QUANT_SCHEMES
 
 from .budget import DISK, HOST
 from .lowbit import PackSpec
@@ -143,6 +144,11 @@ class GroupLoader:
         # (their routed experts come separately, see runtime/experts.py): i -> (span, names left out)
         self.partial: dict[int, tuple[tuple[int, int], frozenset]] = {}
         self._made = [self.made_anew(i) for i in range(len(self.files))]
+        # a published format's parts reach its expansion as stored (fp8's float32 scales are not
+        # rounded to the compute dtype first); int8/int4 parts are cast as before
+        own = self.scheme in QUANT_SCHEMES or not self.scheme
+        self._parts = [set() if own else {n for p in g.quantized for n in quant_part_names(p, self.scheme).values()}
+                       for g in manifest.groups]
 
     def tensor_names(self, i: int) -> list[str]:
         """The names load(i)'s tensors carry: parameters (a packed weight with its scales), then aliases."""
@@ -242,7 +248,7 @@ class GroupLoader:
         if gf is not None:
             gf.touch(span)
             names = [n for n in gf.infos if n not in skip]
-            tensors = self._expand(i, {name: self._cast(gf.tensor(name)) for name in names})  # views made once
+            tensors = self._expand(i, {name: self._cast(gf.tensor(name), name, i) for name in names})  # views made once
             if _copied_out(gf, tensors):
                 gf.evict()  # compute reads the copies (cast, packed, expanded); views left fault back in when used
         for alias, (j, name) in self.aliases[i].items():
@@ -251,7 +257,11 @@ class GroupLoader:
         self.stats.bytes_read += nbytes
         return Loaded(i, tensors, None, nbytes)
 
-    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+    def _cast(self, t: torch.Tensor, name: str | None = None, i: int | None = None) -> torch.Tensor:
+        """`t` in the compute dtype if floating, unless it is a quantized part (of group i): the
+        expansion reads those as stored (an fp8 weight's float32 scales are not to be rounded first)."""
+        if i is not None and name in self._parts[i]:
+            return t
         return t.to(self.dtype) if t.is_floating_point() and t.dtype != self.dtype else t
 
     def _expand(self, i: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -275,7 +285,7 @@ class GroupLoader:
             if gf is not None:
                 flat, read = self._to_device(i, gf, span)
                 base = span[0] if span else 0
-                tensors = self._expand(i, {name: self._cast(gf.view_of(flat, name, base))
+                tensors = self._expand(i, {name: self._cast(gf.view_of(flat, name, base), name, i)
                                            for name in gf.infos if name not in skip})
                 if self.manifest.groups[i].quantized:  # own copies of the small rest, so `flat` goes now
                     tensors = {n: t.clone() if _shares(t, flat) else t for n, t in tensors.items()}

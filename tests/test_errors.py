@@ -81,6 +81,12 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "tensor {} has shape {} but the config needs {}; is the config the one of these weights?":
         ("test_robustness.py::test_missing_unexpected_or_misshapen_tensor",
          "test_errors_convert.py::test_tensor_whose_read_shape_differs"),
+    # published fp8 checkpoints (reshard/fp8.py)
+    "fp8 weight {} has shape {}, which its scale grid {} does not divide; is the config the one of these weights?":
+        ("test_formats_fp8.py::test_scale_grid_that_does_not_divide_its_weight",),
+    "{} is made from fp8 tensors and unquantized ones such as {}, so it cannot be kept in fp8; de-quantize the "
+    "checkpoint with --dtype bfloat16":
+        ("test_formats_fp8.py::test_experts_of_fp8_and_unquantized_tensors_are_not_kept_in_fp8",),
     # --- reshard convert: options, the output folder, the disk -------------------------------
     "unknown dtype {}; use auto, float16, bfloat16 or float32":
         ("test_robustness.py::test_unknown_device_or_dtype",

@@ -1,0 +1,125 @@
+"""MXFP4 checkpoints (`quant_method: "mxfp4"`: gpt-oss-20b and gpt-oss-120b).
+
+gpt-oss stores each experts weight `X` ([E, in, out] as the model holds it, e.g.
+`mlp.experts.gate_up_proj`) as `X_blocks`, uint8 [E, out, in / 32, 16] (two fp4 e2m1 values a
+byte, the even column in the low nibble, blocks of 32), and `X_scales`, uint8 [E, out, in / 32]
+(e8m0: the block's power of two, biased by 127). A folder converted with default options keeps
+both as they are (scheme "mxfp4", parts `X.blocks` and `X.scales`, each expert one range of each);
+an explicit `--dtype` or `--quantize` de-quantizes them while reading.
+
+The de-quantization is transformers' (`integrations/mxfp4.py`, `convert_moe_packed_tensors`, what
+it runs when it loads gpt-oss on a CPU without Triton kernels): each nibble looked up in the fp4
+table in the output dtype, then `ldexp` by the block's exponent; the result is the transpose
+of the [out, in] matrix the blocks hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .format import DTYPE_TO_ST, quant_part_names
+
+SCHEME = "mxfp4"
+SUFFIXES = {"blocks": "_blocks", "scales": "_scales"}  # part -> `X` + suffix in the checkpoint
+# fp4 e2m1: sign, two exponent bits, one mantissa bit
+FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def is_mxfp4(config) -> bool:
+    qc = getattr(config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) else (qc.to_dict() if hasattr(qc, "to_dict") else {})
+    return qc.get("quant_method") == "mxfp4"
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) matrix in `dtype` from blocks (out, in / 32, 16) and scales (out, in / 32)."""
+    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
+    rows, groups, width = blocks.shape
+    values = torch.stack([lut[(blocks & 0x0F).int()], lut[(blocks >> 4).int()]], dim=-1)  # (out, G, 16, 2)
+    exp = scales.to(torch.int32) - 127
+    return torch.ldexp(values.view(rows, groups, 2 * width), exp[..., None]).to(dtype).view(rows, -1)
+
+
+def dequantize_experts(blocks: torch.Tensor, scales: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
+    """The [E, in, out] experts parameter from its [E, ...] blocks and scales."""
+    return torch.stack([dequantize_mxfp4(b, s, dtype=dtype).t() for b, s in zip(blocks, scales)])
+
+
+def param_shape(blocks_shape) -> list[int]:
+    """[E, in, out] of the parameter that blocks [E, out, in / 32, 16] hold."""
+    experts, out, groups, width = blocks_shape
+    return [experts, groups * 2 * width, out]
+
+
+class Mxfp4Source:
+    """A checkpoint's tensors with each `X_blocks` and `X_scales` pair shown as the parameter `X`
+    they make: reading `X` reads both. With `keep`, they come back under their own names (see
+    `Mxfp4Spec.take`); else `X` comes back de-quantized (float32, exactly)."""
+
+    def __init__(self, src, *, keep: bool):
+        self.src, self.keep = src, keep
+        keys = set(src.keys())
+        self.packed = {k.removesuffix("_blocks") for k in keys
+                       if k.endswith("_blocks") and k.removesuffix("_blocks") + "_scales" in keys}
+
+    def __getattr__(self, name):  # folder, info, read_ahead, close, what --low-disk sources add
+        return getattr(self.src, name)
+
+    def _parts(self, key: str) -> list[str]:
+        return [key + s for s in SUFFIXES.values()] if key in self.packed else [key]
+
+    def keys(self) -> list[str]:
+        hidden = {p for k in self.packed for p in self._parts(k)}
+        return [k for k in self.src.keys() if k not in hidden] + sorted(self.packed)
+
+    def shapes(self):
+        shapes = self.src.shapes()
+        out = {k: s for k, s in shapes.items() if not any(k.endswith(s) for s in SUFFIXES.values())}
+        out.update({k: param_shape(shapes[k + "_blocks"]) for k in self.packed if k + "_blocks" in shapes})
+        return out
+
+    def locate(self, key):
+        return None if key in self.packed else self.src.locate(key)
+
+    def want(self, keys) -> None:
+        self.src.want([p for k in keys for p in self._parts(k)])
+
+    def finished(self, keys) -> None:
+        self.src.finished([p for k in keys for p in self._parts(k)])
+
+    def read(self, keys) -> dict[str, torch.Tensor]:
+        out = self.src.read([p for k in keys for p in self._parts(k)])
+        if not self.keep:
+            for key in (k for k in keys if k in self.packed):
+                out[key] = dequantize_experts(out.pop(key + "_blocks"), out.pop(key + "_scales"), dtype=torch.float32)
+        return out
+
+
+@dataclass
+class Mxfp4Spec:
+    """What a conversion that keeps a gpt-oss checkpoint's MXFP4 experts stores (the converter's
+    counterpart of convert.QuantSpec: the same `manifest_entry`/`params`/`store` verbs)."""
+    scheme: str = SCHEME
+    params: dict = field(default_factory=dict)  # nothing is quantized by the conversion itself
+
+    def manifest_entry(self) -> dict:
+        return {"scheme": self.scheme, "source_method": "mxfp4", "embeddings": False}
+
+    def take(self, planned, mapping, raw: dict, model) -> dict[str, dict[str, torch.Tensor]]:
+        """{param: {"blocks", "scales"}} for `planned`'s params the source stores as MXFP4, popped from `raw`."""
+        out = {}
+        for p in planned.params:
+            key = mapping.direct.get(p)
+            if key is not None and key + "_blocks" in raw:
+                out[p] = {part: raw.pop(key + suffix) for part, suffix in SUFFIXES.items()}
+        return out
+
+    def store(self, name: str, parts: dict, target: torch.dtype, tensors: dict, quantized: dict) -> None:
+        """Put `name`'s parts into `tensors` as they are, and what it expands to into `quantized`."""
+        for part, stored in quant_part_names(name, self.scheme).items():
+            tensors[stored] = parts[part].contiguous()
+        # the blocks hold each expert's (out, in) matrix: the parameter is its transpose
+        quantized[name] = {"shape": param_shape(parts["blocks"].shape), "dtype": DTYPE_TO_ST[target],
+                           "transposed": True}

@@ -1,0 +1,136 @@
+"""gpt-oss MXFP4 checkpoints convert keeping their experts' blocks and scales, each expert one range,
+and run exactly as transformers runs them once it has de-quantized them on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from conftest import CPU_BUDGETS, PLACEMENTS, save_tiny_tokenizer
+from reshard.convert import convert
+from reshard.format import GroupFile, expert_range, read_header, read_manifest
+from runtime import LayeredModel
+
+IDS = torch.randint(3, 320, (2, 9), generator=torch.Generator().manual_seed(1))
+GREEDY = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+EXPERTS = ("gate_up_proj", "down_proj")
+
+
+def save_mxfp4(folder, plain):
+    """A tiny random gpt-oss in its hub layout: bfloat16 attention, router and biases, each experts
+    weight as random fp4 `_blocks` [E, out, in / 32, 16] and e8m0 `_scales` [E, out, in / 32]."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.GptOssConfig(vocab_size=320, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                             num_experts_per_tok=2, max_position_embeddings=128, sliding_window=8,
+                             rope_parameters={"rope_type": "default", "rope_theta": 150000.0})
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(plain)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    with safe_open(plain / "model.safetensors", "pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if key.endswith(tuple(f"experts.{p}" for p in EXPERTS)):
+                experts, inp, out = t.shape
+                tensors[key + "_blocks"] = torch.randint(0, 256, (experts, out, inp // 32, 16), generator=g,
+                                                         dtype=torch.uint8)
+                tensors[key + "_scales"] = torch.randint(118, 130, (experts, out, inp // 32), generator=g,
+                                                         dtype=torch.uint8)
+            else:
+                tensors[key] = t
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((plain / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_tiny_tokenizer(folder, cfg["vocab_size"])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mxfp4(tmp_path_factory):
+    """(gpt-oss MXFP4 checkpoint, its conversion with default options)."""
+    root = tmp_path_factory.mktemp("mxfp4")
+    src = save_mxfp4(root / "src", root / "plain")
+    convert(str(src), root / "out", progress=False)
+    return src, root / "out"
+
+
+def reference(src, dtype=torch.float32):
+    return AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
+
+
+def test_blocks_and_scales_are_stored_per_expert_as_published(mxfp4):
+    src, out = mxfp4
+    manifest = read_manifest(out)
+    assert manifest.quantization["scheme"] == "mxfp4"
+    group = manifest.group("layers.1")
+    gf = GroupFile(out / group.file, group)
+    ref = reference(src)
+    with safe_open(src / "model.safetensors", "pt") as f:
+        for proj in EXPERTS:
+            name = f"model.layers.1.mlp.experts.{proj}"
+            assert group.quantized[name]["shape"] == list(ref.get_parameter(name).shape)
+            for part in ("blocks", "scales"):
+                info = gf.infos[f"{name}.{part}"]
+                want = f.get_tensor(f"{name}_{part}")
+                for e in range(want.shape[0]):  # expert e: one range, its own bytes
+                    lo, hi = expert_range(info, want.shape[0], e)
+                    assert torch.equal(gf.data((lo, hi)), want[e].reshape(-1))
+
+
+def test_layer_bytes_at_most_the_sources(mxfp4):
+    src, out = mxfp4
+    have = {}
+    for key, info in read_header(src / "model.safetensors")[0].items():
+        if ".layers." in key:
+            i = int(key.split(".layers.")[1].split(".")[0])
+            have[i] = have.get(i, 0) + info.nbytes
+    layers = [g for g in read_manifest(out).groups if g.name.startswith("layers.")]
+    assert layers and all(g.bytes <= 1.1 * have[int(g.name.split(".")[1])] for g in layers)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_logits_and_tokens_equal_transformers(placement, mxfp4):
+    src, out = mxfp4
+    ref = reference(src)
+    model = LayeredModel.from_pretrained(out, device="cpu", dtype=torch.float32, max_cpu_memory=CPU_BUDGETS[placement])
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, ref(IDS).logits)
+    if placement == "streamed":  # the routed experts' blocks and scales were read one expert at a time
+        assert model.stats.experts_read > 0
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    assert torch.equal(model.generate(ids, **GREEDY), ref.generate(ids, **GREEDY))
+
+
+def test_explicit_dtype_dequantizes_at_convert(mxfp4, tmp_path):
+    """--dtype bfloat16: the experts stored de-quantized, equal to transformers' own bfloat16 load."""
+    src, _ = mxfp4
+    manifest = convert(str(src), tmp_path / "bf16", dtype="bfloat16", progress=False)
+    assert manifest.quantization is None
+    ref = reference(src, torch.bfloat16)
+    group = manifest.group("layers.0")
+    gf = GroupFile(tmp_path / "bf16" / group.file, group)
+    for proj in EXPERTS:
+        name = f"model.layers.0.mlp.experts.{proj}"
+        assert torch.equal(gf.tensor(name), ref.get_parameter(name))
+
+
+def test_decode_pass_reads_only_the_routed_experts(mxfp4):
+    """One token routes to 2 of the 4 experts per layer: a streamed decode pass reads those alone."""
+    _, out = mxfp4
+    manifest = read_manifest(out)
+    layers = [g for g in manifest.groups if g.experts]
+    assert len(layers) == 2 and all(g.experts["model.layers.1.mlp.experts" if g.name == "layers.1" else
+                                             "model.layers.0.mlp.experts"]["num_experts"] == 4 for g in layers)
+    model = LayeredModel.from_pretrained(out, device="cpu", dtype=torch.float32, max_cpu_memory=0, expert_cache=0)
+    model(torch.tensor([[7]]))
+    assert model.stats.experts_read == 2 * len(layers)
