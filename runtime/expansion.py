@@ -4,15 +4,21 @@ reshard.quant's plain torch expansion of an int4 weight runs five kernels (two n
 extractions, a stack, a cast, a multiply-add) and moves about 10 bytes per weight through
 device memory for the 2.5 a fused kernel needs; on a GPU that, not the host->device copy of
 the compressed bytes, bounded streaming time. Here the same function is compiled with
-`torch.compile` (Inductor fuses it into one kernel per weight shape), on CUDA, and on the CPU
-for fp8 folders (whose plain expansion is bound by torch's element-at-a-time float8 cast there).
+`torch.compile` (Inductor fuses it into one kernel), on CUDA, and on the CPU for fp8 folders
+(whose plain expansion is bound by torch's element-at-a-time float8 cast there).
 
 The math is the same function, so the numbers are the same: in half precision both compute
 `zero + q * scale` in float32 (the product is exact: q has 4 or 8 bits) and round once to the
 dtype. Float32 expansion stays plain torch (there a fused multiply-add could round differently).
-Where compiling is not possible (no Triton, an old GPU, no C++ compiler for the CPU,
-`RUNTIME_COMPILE_EXPANSION=0`) or
-fails, plain torch runs, and that is said once on stderr.
+
+It is compiled with dynamic shapes: one graph serves every weight shape of a (scheme, dtype),
+bar a few size cases (a ragged last int4 group, a single group). Compiled for each shape, a
+model's handful of weight shapes reached torch's recompile limit (8) and every later shape ran
+eager. The limit is raised to RECOMPILE_LIMIT for this function's calls only; a weight that
+would need more graphs expands with plain torch, as does every weight once compiling is not
+possible (no Triton, an old GPU, no C++ compiler for the CPU, `RUNTIME_COMPILE_EXPANSION=0`
+aside) or fails. Either is said once on stderr and counted: `fallbacks()`, `expansion_fallbacks`
+in `--stats`.
 """
 
 from __future__ import annotations
@@ -28,23 +34,28 @@ from reshard.quant import dequantize
 # Compiled output equals plain torch's bit for bit in these (checked on the CPU's Inductor too);
 # in float32 a fused multiply-add may round differently, so float32 keeps the plain path.
 EXACT_DTYPES = (torch.float16, torch.bfloat16)
+DEVICES = ("cuda",)  # where the compiled expansion runs (the CPU's Inductor works too: tests add it)
 # Compiled on the CPU too: torch's float8 -> float32 cast runs about an element per 5 ns there, and
 # fused into one vectorized pass the fp8 expansion is about 10x faster (a multiply, no add: exact).
 CPU_COMPILED = ("fp8-block",)
+RECOMPILE_LIMIT = 64  # graphs of the expansion: about 4 per (scheme, dtype) with dynamic shapes
 _lock = threading.Lock()  # compiling is not safe from two threads at once
-_state: dict = {"compiled": None, "failed": False}
+_state: dict = {"compiled": None, "failed": False, "limit_said": False, "fallbacks": 0}
 
 
 def expand_weight(parts: dict[str, torch.Tensor], scheme: str, *, columns: int, dtype: torch.dtype) -> torch.Tensor:
     """reshard.quant.dequantize(parts, ...): compiled on CUDA (and fp8 on the CPU), plain torch elsewhere."""
-    on_cuda = next(iter(parts.values())).is_cuda
-    fn = _compiled() if (on_cuda or scheme in CPU_COMPILED) and dtype in EXACT_DTYPES else None
+    device = next(iter(parts.values())).device.type
+    wanted = dtype in EXACT_DTYPES and (device in DEVICES or (device == "cpu" and scheme in CPU_COMPILED))
+    fn = _compiled() if wanted else None
     if fn is not None:
         try:
-            with _lock:
+            with _lock, torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
                 return fn(parts, scheme, columns=columns, dtype=dtype)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the plain path is always right
-            _give_up(e)
+            _fall_back(e)
+    elif _state["failed"] and wanted:
+        _state["fallbacks"] += 1
     return dequantize(parts, scheme, columns=columns, dtype=dtype)
 
 
@@ -53,17 +64,36 @@ def compiled_dequantize():
     return _compiled()
 
 
+def fallbacks() -> int:
+    """Weights this process expanded with plain torch where the compiled expansion was meant to
+    run (it failed, or a weight's shape needed a graph past RECOMPILE_LIMIT)."""
+    return _state["fallbacks"]
+
+
 def _compiled():
     if _state["failed"] or os.environ.get("RUNTIME_COMPILE_EXPANSION", "1") == "0":
         return None
     if _state["compiled"] is None:
-        _state["compiled"] = torch.compile(dequantize, dynamic=False, fullgraph=True)
+        _state["compiled"] = torch.compile(dequantize, dynamic=True, fullgraph=True)
     return _state["compiled"]
 
 
-def _give_up(e: Exception) -> None:
+def _fall_back(e: Exception) -> None:
+    """Plain torch for this weight; for every later one too unless it was the recompile limit."""
+    _state["fallbacks"] += 1
+    if _recompile_limit_hit(e):
+        if not _state["limit_said"]:
+            print(f"runtime: the compiled expansion of quantized weights reached its limit of {RECOMPILE_LIMIT} "
+                  f"graphs; weights of new shapes expand with plain torch (same numbers, slower)", file=sys.stderr)
+        _state["limit_said"] = True
+        return
     if not _state["failed"]:
         first = str(e).splitlines()[0] if str(e) else ""
         print(f"runtime: compiled expansion of quantized weights failed ({type(e).__name__}: {first}); "
               f"expanding with plain torch", file=sys.stderr)
     _state["failed"] = True
+
+
+def _recompile_limit_hit(e: Exception) -> bool:
+    """torch's error for a fullgraph function past its recompile limit (named so since torch 2.6)."""
+    return type(e).__name__ in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")

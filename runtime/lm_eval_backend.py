@@ -43,7 +43,8 @@ DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default for generate_until
 @register_model("reshard")
 class ReshardLM(LM):
     """A folder written by `reshard convert`, as an lm-eval model. `--model_args` pass through:
-    pretrained (the folder), device, dtype, batch_size, prefetch, max_gpu_memory, max_cpu_memory,
+    pretrained (the folder), device, dtype, batch_size, max_batch_size (a cap on batch_size, also
+    on what "auto" picks), prefetch, max_gpu_memory, max_cpu_memory,
     trust_remote_code, verify, offload_activations, max_length, max_gen_toks, and stats (print
     each call's counters as a JSON line on stderr)."""
 
@@ -55,7 +56,7 @@ class ReshardLM(LM):
         if unknown:
             raise UsageError(f"unknown model_args for the reshard backend: {', '.join(sorted(unknown))}; "
                              f"see `runtime eval --help`")
-        self.batch_size = check_batch_size(batch_size)
+        self.batch_size = check_batch_size(batch_size, max_batch_size)
         self.model = open_folder(pretrained, device=device, dtype=dtype, prefetch=prefetch,
                                  max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory,
                                  trust_remote_code=trust_remote_code, verify=verify)
@@ -200,16 +201,23 @@ def open_folder(path, *, device, dtype, prefetch, max_gpu_memory, max_cpu_memory
                                         trust_remote_code=bool(trust_remote_code), verify=bool(verify))
 
 
-def check_batch_size(value) -> int:
-    """lm-eval's batch_size: a number, or "auto" (taken as 8: one weight pass serves every batch anyway)."""
-    if value in (None, "auto") or str(value).startswith("auto:"):
-        return 8
+def check_batch_size(value, cap=None) -> int:
+    """lm-eval's batch_size: a number, or "auto" (taken as 8: one weight pass serves every batch
+    anyway), no more than `cap` (lm-eval's max_batch_size) where given."""
+    size = 8 if value in (None, "auto") or str(value).startswith("auto:") else whole_number("batch_size", value)
+    if cap is None:
+        return size
+    return min(size, whole_number("max_batch_size", cap, auto=False))
+
+
+def whole_number(name: str, value, *, auto: bool = True) -> int:
+    """`value` as a count of 1 or more, else the UsageError that names `name`."""
     try:
         size = int(value)
     except (TypeError, ValueError):
-        raise UsageError(f"batch_size must be a whole number or auto, not {value!r}") from None
+        raise UsageError(f"{name} must be a whole number{' or auto' if auto else ''}, not {value!r}") from None
     if size < 1:
-        raise UsageError(f"batch_size must be 1 or more, not {size}")
+        raise UsageError(f"{name} must be 1 or more, not {size}")
     return size
 
 
@@ -235,13 +243,15 @@ def generation_options(gen_kwargs: dict, default_max: int, eos: str | None) -> t
 def fit_window(context: list[int], continuation: list[int], max_length: int) -> tuple[list[int], list[int]]:
     """(context, continuation) cut on the left so that the model sees at most `max_length` tokens,
     as lm-eval's hf backend cuts them: the last `max_length + 1` tokens of both, the last one only
-    predicted."""
+    predicted (an empty continuation: the context's last `max_length`)."""
     if len(continuation) > max_length:
         raise UsageError(f"a continuation of {len(continuation)} tokens is longer than max_length {max_length}")
+    if not continuation:  # nothing predicted: the model sees the context alone
+        return context[-max_length:], continuation
     whole = context + continuation
     if len(whole) <= max_length + 1:
         return context, continuation
-    return whole[-(max_length + 1):-len(continuation)], continuation
+    return whole[-(max_length + 1):len(whole) - len(continuation)], continuation
 
 
 def cut_at_stop(text: str, until: list[str]) -> str:

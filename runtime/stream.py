@@ -29,6 +29,7 @@ import torch
 from reshard.format import ST_TO_DTYPE, GroupFile, Manifest, param_names, quant_part_names
 from reshard.quant import SCHEMES as QUANT_SCHEMES
 
+from . import expansion
 from .budget import DISK, HOST
 from .lowbit import PackSpec
 from .quantized import expand_group, expand_param, held_bytes, held_names, param_held_bytes
@@ -109,6 +110,7 @@ class StreamStats:
         d["read_gb_per_s"] = round(self.bytes_read / self.read_seconds / 1e9, 3) if self.read_seconds else None
         d["stream_gb_per_s"] = round(self.bytes_streamed / self.seconds / 1e9, 3) if self.seconds else None
         d["compute_seconds"] = self.seconds - sum(p.wait_seconds for p in self.per_pass)
+        d["expansion_fallbacks"] = expansion.fallbacks()  # this process's: the expansion is shared
         d["per_pass"] = [{k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(p).items()}
                          for p in self.per_pass]
         return d

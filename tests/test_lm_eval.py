@@ -114,17 +114,22 @@ def test_reshard_backend_equals_hf_backend(smollm2_checkpoint, smollm2_converted
 # --- without SmolLM2 -----------------------------------------------------------------------------
 
 def test_registered_next_to_lm_evals_own_models():
-    import tomllib
+    from importlib.metadata import entry_points, requires
 
     from lm_eval.api.registry import get_model
+    from packaging.requirements import Requirement
 
     from runtime.lm_eval_backend import ReshardLM
 
     assert get_model("reshard") is ReshardLM
     assert get_model("hf").__name__ == "HFLM"  # registering ours must not hide lm-eval's own
-    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    assert pyproject["project"]["entry-points"]["lm_eval.models"]["reshard"] == "runtime.lm_eval_backend:ReshardLM"
-    assert any(d.startswith("lm-eval") for d in pyproject["project"]["optional-dependencies"]["test"])
+    # the installed package's entry point (what plugin loaders resolve) loads the backend class itself
+    [entry] = [e for e in entry_points(group="lm_eval.models") if e.name == "reshard"]
+    assert entry.load() is ReshardLM
+    # installing the test (and eval) extra brings lm-eval
+    wanted = [Requirement(r) for r in requires("reshard")]
+    for extra in ("test", "eval"):
+        assert any(r.name == "lm-eval" and r.marker and r.marker.evaluate({"extra": extra}) for r in wanted), extra
 
 
 def test_model_args_pass_through_and_are_checked(tiny_converted):
@@ -223,5 +228,55 @@ def test_pairs_longer_than_max_length_are_cut_on_the_left():
     assert fit_window([1, 2, 3], [4, 5], 4) == ([1, 2, 3], [4, 5])  # 5 tokens: the model sees 4
     assert fit_window([1, 2, 3, 4], [5, 6], 4) == ([2, 3, 4], [5, 6])
     assert fit_window([], [1, 2, 3], 4) == ([], [1, 2, 3])
+    # an empty continuation predicts nothing: the model sees the context's last max_length tokens
+    assert fit_window([1, 2, 3, 4, 5, 6], [], 4) == ([3, 4, 5, 6], [])
+    assert fit_window([1, 2], [], 4) == ([1, 2], [])
     with pytest.raises(UsageError, match=r"^a continuation of 5 tokens is longer than max_length 4$"):
         fit_window([1], [1, 2, 3, 4, 5], 4)
+
+
+def test_an_empty_continuation_scores_zero_and_greedy(tiny_converted):
+    """As lm-eval's hf backend: no tokens to predict, log-likelihood 0 and greedy, whatever the
+    context's length; the other requests score as they do alone."""
+    from lm_eval.api.instance import Instance
+
+    from runtime.lm_eval_backend import ReshardLM
+
+    lm = ReshardLM(str(tiny_converted["gpt2"]), device="cpu", dtype="float32", max_cpu_memory=0, max_length=4)
+    long = " ".join(f"w{i}" for i in range(3, 12))
+    pairs = [("w3 w4", ""), (long, ""), (long, " w5"), ("w3 w4", " w5")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, n) for n, pair in enumerate(pairs)])
+    alone = lm.loglikelihood([Instance("loglikelihood", {}, pair, n) for n, pair in enumerate(pairs[2:])])
+    assert got[:2] == [(0.0, True), (0.0, True)]
+    assert got[2:] == alone
+
+
+def test_max_batch_size_caps_the_batches(tiny_converted, monkeypatch):
+    """lm-eval's max_batch_size: no batch larger, with batch_size auto or a number; checked like batch_size."""
+    from lm_eval.api.instance import Instance
+
+    from reshard.errors import UsageError
+    from runtime import lm_eval_backend
+    from runtime.lm_eval_backend import ReshardLM
+
+    folder = str(tiny_converted["llama"])
+    batches = []
+
+    def spy(model, seqs, **kwargs):
+        batches.append(len(seqs))
+        return generate_ids(model, seqs, **kwargs)
+
+    generate_ids = lm_eval_backend.generate_ids
+    monkeypatch.setattr(lm_eval_backend, "generate_ids", spy)
+    requests = [Instance("generate_until", {}, (f"w{5 + n} w{6 + n}", {"until": ["w1"], "max_gen_toks": 2}), n)
+                for n in range(5)]
+    for batch_size, cap, want in [("auto", 2, [2, 2, 1]), (4, 3, [3, 2]), (2, 8, [2, 2, 1]), ("auto", None, [5])]:
+        lm = ReshardLM.create_from_arg_string(f"pretrained={folder},device=cpu,dtype=float32,max_cpu_memory=0,"
+                                              f"batch_size={batch_size}", {"max_batch_size": cap})
+        batches.clear()
+        lm.generate_until(requests)
+        assert batches == want, (batch_size, cap)
+    with pytest.raises(UsageError, match=r"^max_batch_size must be 1 or more, not 0$"):
+        ReshardLM(folder, device="cpu", max_batch_size=0)
+    with pytest.raises(UsageError, match=r"^max_batch_size must be a whole number, not 'many'$"):
+        ReshardLM(folder, device="cpu", max_batch_size="many")

@@ -65,11 +65,21 @@ def test_plan_counts_quantized_groups_expanded():
     assert plan(QUANTIZED, cuda(480, 92), job=50) == [DEVICE, DEVICE, DISK, DISK, DISK, DEVICE]
 
 
-@pytest.mark.parametrize("job", [0, 10, 60, 150, 170])
+@pytest.mark.parametrize("job", [60, 110, 150, 170])
 def test_plan_leaves_room_for_the_job(job):
-    got = plan(QUANTIZED, cuda(480, 0), job=job)
-    assert device_need(QUANTIZED, got, cuda(480), job) <= 480 or got.count(DEVICE) == 0
-    more = plan(QUANTIZED, cuda(480, 0), job=job + 100)
+    """Plans that use all three tiers fit the job next to the resident and streamed groups, and
+    keep on the device every group that could stay (none more would fit); more job, fewer residents."""
+    memory = cuda(480, 100)
+    got = plan(QUANTIZED, memory, job=job)
+    assert {DEVICE, HOST} <= set(got) and got.count(DEVICE) < len(got)  # not all on one tier
+    assert device_need(QUANTIZED, got, memory, job) <= 480
+    for i, place in enumerate(got):  # first fit leaves nothing off the device that would still fit
+        if place != DEVICE:
+            assert device_need(QUANTIZED, [DEVICE if k == i else p for k, p in enumerate(got)], memory, job) > 480
+    held_on_host = sum(c.stored for c, p in zip(QUANTIZED, got) if p == HOST)
+    staging = 2 * max(c.stored for c, p in zip(QUANTIZED, got) if p == DISK) if DISK in got else 0
+    assert held_on_host + staging <= memory.host
+    more = plan(QUANTIZED, memory, job=job + 100)
     assert more.count(DEVICE) <= got.count(DEVICE)
 
 

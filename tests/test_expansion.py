@@ -1,0 +1,82 @@
+"""The compiled expansion of quantized weights (runtime/expansion.py), run on the CPU's Inductor:
+many weight shapes compile into a few graphs that equal plain torch bit for bit, and a weight
+past the recompile limit expands with plain torch, said once on stderr and counted in --stats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reshard.quant import dequantize, quantize
+from runtime import expansion
+
+# A model's weight shapes (q/k/v/o, gate/up/down, heads; a ragged last int4 group among them):
+# compiled per shape, the 9th would reach torch's default recompile limit of 8.
+SHAPES = [(64, 128), (96, 256), (32, 64), (48, 160), (80, 96), (16, 320), (112, 64), (64, 200), (128, 128),
+          (24, 96), (40, 256), (8, 1000)]
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """The compiled expansion on the CPU too, with this test's fallback count and messages."""
+    monkeypatch.setattr(expansion, "DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(expansion, "_state", {**expansion._state, "failed": False, "limit_said": False,
+                                              "fallbacks": 0})
+    monkeypatch.delenv("RUNTIME_COMPILE_EXPANSION", raising=False)
+
+
+def _parts(rows, cols, scheme, dtype, seed=0):
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.05
+    return quantize(w.to(dtype), scheme, group=32)
+
+
+def test_many_shapes_compile_and_equal_plain_torch(on_cpu, capfd):
+    from torch._dynamo.utils import counters
+
+    from runtime.stream import StreamStats
+
+    graphs = counters["stats"]["unique_graphs"]
+    for scheme in ("int8", "int4"):
+        for n, (rows, cols) in enumerate(SHAPES):
+            parts = _parts(rows, cols, scheme, torch.bfloat16, seed=n)
+            got = expansion.expand_weight(parts, scheme, columns=cols, dtype=torch.bfloat16)
+            assert torch.equal(got, dequantize(parts, scheme, columns=cols, dtype=torch.bfloat16)), (scheme, rows, cols)
+    # int8 one graph, int4 two (ragged last group or not), where compiling per shape made 24
+    assert counters["stats"]["unique_graphs"] - graphs <= 4
+    assert expansion.fallbacks() == 0 and StreamStats().as_dict()["expansion_fallbacks"] == 0
+    assert "runtime:" not in capfd.readouterr().err  # never gave up, nothing to say
+
+
+def test_past_the_recompile_limit_plain_torch_said_once_and_counted(on_cpu, monkeypatch, capfd):
+    from runtime.stream import StreamStats
+
+    parts = _parts(64, 128, "int8", torch.bfloat16)
+    expansion.expand_weight(parts, "int8", columns=128, dtype=torch.bfloat16)  # at least one graph exists
+    monkeypatch.setattr(expansion, "RECOMPILE_LIMIT", 1)
+    for n, (rows, cols) in enumerate([(48, 160), (40, 256)]):  # float16 int4: a graph no other test made
+        new = _parts(rows, cols, "int4", torch.float16, seed=n)
+        got = expansion.expand_weight(new, "int4", columns=cols, dtype=torch.float16)
+        assert torch.equal(got, dequantize(new, "int4", columns=cols, dtype=torch.float16))
+    assert expansion.fallbacks() == 2 and StreamStats().as_dict()["expansion_fallbacks"] == 2
+    said = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("runtime:")]
+    assert said == ["runtime: the compiled expansion of quantized weights reached its limit of 1 graphs; weights "
+                    "of new shapes expand with plain torch (same numbers, slower)"]
+    # the limit gives up on new shapes only: the compiled expansion stays on for the others
+    assert not expansion._state["failed"] and expansion.compiled_dequantize() is not None
+
+
+def test_a_compiler_failure_is_said_once_and_every_later_weight_counted(on_cpu, monkeypatch, capfd):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no working C++ compiler\nmore detail")
+
+    monkeypatch.setitem(expansion._state, "compiled", broken)
+    parts = _parts(32, 64, "int4", torch.bfloat16)
+    want = dequantize(parts, "int4", columns=64, dtype=torch.bfloat16)
+    for _ in range(3):
+        assert torch.equal(expansion.expand_weight(parts, "int4", columns=64, dtype=torch.bfloat16), want)
+    assert expansion.fallbacks() == 3
+    assert capfd.readouterr().err.splitlines() == [
+        "runtime: compiled expansion of quantized weights failed (RuntimeError: no working C++ compiler); "
+        "expanding with plain torch"]
+    expansion.expand_weight(parts, "int4", columns=64, dtype=torch.float32)  # float32 is plain by design
+    assert expansion.fallbacks() == 3
