@@ -195,7 +195,8 @@ def test_quantize_int8_requantizes_the_dequantized_weights(fp8, tmp_path):
 
 def save_compressed_fp8(strategy: str, folder, plain):
     """A tiny Llama in compressed-tensors' float-quantized layout: `X.weight` float8_e4m3fn and its
-    bfloat16 `X.weight_scale` ([out, 1] per row, or [1])."""
+    bfloat16 `X.weight_scale` ([out, 1] per row, [1], or a grid of CT_BLOCK blocks, the last ones
+    partial where CT_BLOCK does not divide the weight)."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config("llama")).to(torch.bfloat16)
     model.save_pretrained(plain)
@@ -203,7 +204,10 @@ def save_compressed_fp8(strategy: str, folder, plain):
     with safe_open(plain / "model.safetensors", "pt") as f:
         for key in f.keys():
             t = f.get_tensor(key)
-            if is_fp8(key):
+            if is_fp8(key) and strategy == "block":
+                q, scale = quantize_fp8(t, CT_BLOCK)
+                tensors[key], tensors[key[:-len("weight")] + "weight_scale"] = q, scale.to(torch.bfloat16)
+            elif is_fp8(key):
                 amax = t.float().abs().amax(dim=1, keepdim=True) if strategy == "channel" else t.float().abs().amax().reshape(1)
                 scale = (amax / 448).to(torch.bfloat16)
                 tensors[key] = (t.float() / scale.float()).clamp(-448, 448).to(torch.float8_e4m3fn)
@@ -213,7 +217,8 @@ def save_compressed_fp8(strategy: str, folder, plain):
     folder.mkdir()
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     cfg = json.loads((plain / "config.json").read_text())
-    weights = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False}
+    weights = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False,
+               **({"block_structure": CT_BLOCK} if strategy == "block" else {})}
     cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "float-quantized",
                                   "quantization_status": "compressed", "ignore": ["lm_head"],
                                   "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
@@ -222,7 +227,8 @@ def save_compressed_fp8(strategy: str, folder, plain):
     return folder
 
 
-STRATEGIES = ["channel", "tensor"]
+STRATEGIES = ["channel", "tensor", "block"]
+CT_BLOCK = [96, 96]  # 384 columns in 4 blocks, 256 rows in 3 (the last one partial)
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +245,8 @@ def compressed(tmp_path_factory):
 
 def formula_reference(src):
     """The published de-quantization, computed here: a plain float32 model of the checkpoint's
-    config whose fp8 weights are `weight.float() * weight_scale.float()`."""
+    config whose fp8 weights are `weight.float() * weight_scale.float()` (a block grid's scale of
+    weight [i, j] being scale[i // block, j // block])."""
     cfg = json.loads((src / "config.json").read_text())
     cfg.pop("quantization_config")
     model = AutoModelForCausalLM.from_config(type(config("llama")).from_dict(cfg)).float().eval()
@@ -250,7 +257,10 @@ def formula_reference(src):
                 continue
             t = f.get_tensor(key)
             if t.dtype == torch.float8_e4m3fn:
-                t = t.float() * f.get_tensor(key + "_scale").float()
+                scale = f.get_tensor(key + "_scale").float()
+                if scale.dim() == 2 and scale.shape[1] > 1:
+                    scale = scale[torch.arange(t.shape[0]) // CT_BLOCK[0]][:, torch.arange(t.shape[1]) // CT_BLOCK[1]]
+                t = t.float() * scale
             state[key] = t.float()
     model.load_state_dict(state, strict=True)
     return model
@@ -267,7 +277,10 @@ def test_compressed_fp8_is_stored_as_published(strategy, compressed):
     name = "model.layers.0.mlp.up_proj.weight"
     with safe_open(src / "model.safetensors", "pt") as f:
         assert torch.equal(gf.tensor(f"{name}.qweight").view(torch.uint8), f.get_tensor(name).view(torch.uint8))
-        assert torch.equal(gf.tensor(f"{name}.scale_inv"), f.get_tensor(name + "_scale"))
+        stored, want = gf.tensor(f"{name}.scale_inv"), f.get_tensor(name + "_scale")
+        if strategy == "block":  # 256 columns end in a partial block: sub-blocks of gcd(256, 96) = 32
+            want = want[:, torch.arange(256 // 32) * 32 // CT_BLOCK[1]]
+        assert torch.equal(stored, want)
     have = source_bytes(src)
     assert all(g.bytes <= 1.1 * have[int(g.name.split(".")[1])] for g in manifest.groups if g.name.startswith("layers."))
 
@@ -285,10 +298,11 @@ def test_compressed_fp8_logits_and_tokens_equal_the_formula(strategy, placement,
     assert torch.equal(model.generate(ids, **GREEDY), ref.generate(ids, **GREEDY))
 
 
-def test_compressed_fp8_logits_equal_transformers_own_load(compressed):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_compressed_fp8_logits_equal_transformers_own_load(strategy, compressed):
     """Where the compressed-tensors package is installed (the test extra), transformers' own load."""
     pytest.importorskip("compressed_tensors")
-    src, out = compressed["channel"]
+    src, out = compressed[strategy]
     ref = reference(src)
     model = LayeredModel.from_pretrained(out, device="cpu", dtype=torch.float32, max_cpu_memory=0)
     with torch.no_grad():
