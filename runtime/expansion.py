@@ -50,7 +50,7 @@ def expand_weight(parts: dict[str, torch.Tensor], scheme: str, *, columns: int, 
     fn = _compiled() if wanted else None
     if fn is not None:
         try:
-            with _lock, torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            with _lock, torch._dynamo.config.patch(_limits()):
                 return fn(parts, scheme, columns=columns, dtype=dtype)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the plain path is always right
             _fall_back(e)
@@ -76,6 +76,14 @@ def _compiled():
     if _state["compiled"] is None:
         _state["compiled"] = torch.compile(dequantize, dynamic=True, fullgraph=True)
     return _state["compiled"]
+
+
+def _limits() -> dict:
+    """torch's recompile limit raised to RECOMPILE_LIMIT, and a call past it an error, not a
+    silent eager run (fullgraph makes it one only in newer torch; the option's older name too)."""
+    config = torch._dynamo.config
+    fail = next((k for k in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit") if hasattr(config, k)), None)
+    return {"recompile_limit": RECOMPILE_LIMIT, **({fail: True} if fail else {})}
 
 
 def _fall_back(e: Exception) -> None:
