@@ -21,7 +21,7 @@ The convention (benchmarks/RESULTS.md repeats it):
   `1.09x (= median(38.0 / 42.1, 47.2 / 41.1, 44.3 / 40.7))`, `+0.39% (= 100 * (18.1754 / 18.1050 - 1))`.
   Each input must occur in the raw outputs (the constants 1, 100 and 1000 excepted), and the figure
   must equal the expression rounded to the figure's decimals (half up). Functions: median, mean,
-  min, max.
+  min, max. Once derived, a figure may be quoted again later in the same section without its inputs.
 - Not measurements, so not checked: headings; anything in backticks (option values, commands);
   fenced blocks with a language (```bash); a number right after `~` (an estimate or assumption,
   e.g. "~140 GB"), or after <=, >=, <, > (a goal or a test's bound, e.g. "goal <= 1.5x"); numbers
@@ -119,9 +119,9 @@ def split_blocks(text: str) -> list[list[Block]]:
     return sections
 
 
-def blank_code_spans(line: str) -> str:
-    """The line with every `code span` turned into spaces (positions kept)."""
-    return re.sub(r"`[^`]*`", lambda m: " " * len(m.group()), line)
+def blank_code_spans(text: str) -> str:
+    """The text with every `code span` turned into spaces (positions and line breaks kept)."""
+    return re.sub(r"`[^`]*`", lambda m: re.sub(r"[^\n]", " ", m.group()), text)
 
 
 def closing_paren(text: str, start: int) -> int:
@@ -189,6 +189,7 @@ class Checker:
     def check_doc(self, path: Path, label: str) -> None:
         for section in split_blocks(path.read_text()):
             sources: list[str] = []
+            self.derived: set[Decimal] = set()   # figures derived (and checked) earlier in this section
             for block in section:
                 sources = self.sources_named(label, block) or sources
                 if sources:
@@ -205,19 +206,23 @@ class Checker:
             return
         header = {block.lines[i - 1][0] for i, (_, line) in enumerate(block.lines)
                   if i and re.fullmatch(r"\|?[\s|:-]*-[\s|:-]*", line.strip())}
+        if block.kind == "prose":   # one text, so that a derivation may run on to the next line
+            self.check_text(doc, block.lines[0][0], "\n".join(line for _, line in block.lines), sources, False)
+            return
         for number, line in block.lines:
-            if block.kind == "table" and (number in header or re.fullmatch(r"[\s|:-]*", line)):
-                continue
-            self.check_line(doc, number, line, sources, every_number=block.kind == "table")
+            if number not in header and not re.fullmatch(r"[\s|:-]*", line):
+                self.check_text(doc, number, line, sources, every_number=True)
 
-    def check_line(self, doc: str, number: int, line: str, sources: list[str], every_number: bool) -> None:
-        text = blank_code_spans(line)
+    def check_text(self, doc: str, first: int, text: str, sources: list[str], every_number: bool) -> None:
+        """Check the figures of `text`, whose first line is line `first` of the document."""
+        text = blank_code_spans(text)
         last_end, pos = -2, 0
         while (m := CANDIDATE.search(text, pos)) is not None:
             pos = m.end()
             start = m.start("num")
+            number = first + text.count("\n", 0, m.start())
             after_range = text[last_end:start] == "-" if last_end >= 0 else False
-            before = text[:m.start()]
+            before = text[max(0, m.start() - 8):m.start()]
             if not after_range and (re.search(r"[\w.]-?$", before) or BOUND.search(before)
                                     or re.match(r"\.\d|[A-Za-z_]", text[m.end():])):
                 continue
@@ -225,19 +230,20 @@ class Checker:
                 continue
             last_end = m.end()
             sign = "" if after_range else (m.group("sign") or "")
-            figure = (sign + m.group("num") + (m.group("unit") or "")).strip()
+            figure = " ".join((sign + m.group("num") + (m.group("unit") or "")).split())
             value = Decimal(m.group("num").replace(",", "")) * (-1 if sign == "-" else 1)
             self.checked += 1
-            derivation = re.match(r"\s*\(=", text[m.end():])
+            derivation = re.match(r"\**\s*\(=", text[m.end():])   # **1.09x** (= ...) too
             if derivation:
                 open_at = m.end() + derivation.end()
                 close_at = closing_paren(text, open_at)
                 if close_at < 0:
                     self.problems.append(Problem(doc, number, figure, "its derivation `(= ...` is not closed"))
                     return
-                self.check_derived(doc, number, figure, value, text[open_at:close_at - 1], sources)
+                expression = text[open_at:close_at - 1].replace("\n", " ")
+                self.check_derived(doc, number, figure, value, expression, sources)
                 pos = last_end = close_at
-            elif not any(value in self.raw(name)[0] for name in sources):
+            elif value not in self.derived and not any(value in self.raw(name)[0] for name in sources):
                 self.problems.append(Problem(doc, number, figure, f"not in {', '.join(sources)} (the raw outputs "
                                              "in force here); quote it as printed or derive it: `FIGURE (= ...)`"))
 
@@ -256,6 +262,7 @@ class Checker:
         if not rounds_to(result, value):
             self.problems.append(Problem(doc, number, figure, f"its derivation gives {result:.6g}, "
                                          f"not {value} when rounded"))
+        self.derived.add(value)
 
 
 def check(docs: list[Path], results: Path, root: Path = ROOT) -> Checker:
