@@ -45,12 +45,12 @@ DOCS = [ROOT / "README.md", ROOT / "benchmarks" / "RESULTS.md"]
 RESULTS = ROOT / "benchmarks" / "results"
 
 NUMBER = r"\d{1,3}(?:,\d{3})+(?!\d)|\d+(?:\.\d+)?"
-UNIT = r"(?:x|%)(?![\w])|\s?(?:ms|s|GB/s|MB/s|GB|MB|KB|TB|GiB|MiB|tokens/s|items/s)(?![\w])"
+UNIT = r"(?:x|%)(?![\w])|\s?(?:m?s/token|m?s/pass|ms|s|GB/s|MB/s|GB|MB|KB|TB|GiB|MiB|tokens/s|items/s)(?![\w])"
 CANDIDATE = re.compile(rf"(?P<sign>[+-])?(?P<num>{NUMBER})(?P<unit>{UNIT})?")
 RAW_NUMBER = re.compile(rf"(?<![\w.])(?P<num>{NUMBER})(?!\.\d)")
 SOURCE = re.compile(r"(?<![\w/.-])(?:(?:benchmarks/)?results/)?([\w.-]+\.txt)\b")
 NAMED = re.compile(r"(?:benchmarks/)?results/([\w.-]+\.txt)\b")
-BOUND = re.compile(r"(?:~|≈|<=|>=|≤|≥|<|>)\s*$")
+BOUND = re.compile(r"(?:~|≈|<=|>=|≤|≥|<|>)\s*\Z")
 CONSTANTS = {Decimal(1), Decimal(100), Decimal(1000)}
 FUNCTIONS = {"median": statistics.median, "mean": statistics.mean, "min": min, "max": max}
 
@@ -223,7 +223,7 @@ class Checker:
             number = first + text.count("\n", 0, m.start())
             after_range = text[last_end:start] == "-" if last_end >= 0 else False
             before = text[max(0, m.start() - 8):m.start()]
-            if not after_range and (re.search(r"[\w.]-?$", before) or BOUND.search(before)
+            if not after_range and (re.search(r"[\w.]-?\Z", before) or BOUND.search(before)
                                     or re.match(r"\.\d|[A-Za-z_]", text[m.end():])):
                 continue
             if not m.group("unit") and not every_number:
