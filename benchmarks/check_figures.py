@@ -15,7 +15,8 @@ The convention (benchmarks/RESULTS.md repeats it):
 - In a block with raw outputs, every figure must occur in one of them (as the same number: 1.7 and
   1.70 are equal, 52.7 and 52.67 are not). A figure in prose is a number with a measurement unit or
   a ratio: `0.58x`, `+0.39%`, `0.164 s`, `38.0 ms/token`, `52.67 GB/s`, `8.46 GB`, `72 MiB`,
-  `64.1 tokens/s`. In a table, every number in a row below the header is a figure. A fenced block
+  `64.1 tokens/s`. A ratio or a percentage must be one in the raw output too (printed with its x or %,
+  or in a table column headed "vs ..." or "... ratio"). In a table, every number in a row below the header is a figure. A fenced block
   without a language (a raw excerpt) must consist of lines of the raw outputs, verbatim.
 - A derived figure names its inputs right after it, as an expression: `0.90x (= 38.0 / 42.1)`,
   `1.09x (= median(38.0 / 42.1, 47.2 / 41.1, 44.3 / 40.7))`, `+0.39% (= 100 * (18.1754 / 18.1050 - 1))`.
@@ -72,11 +73,34 @@ class Block:
     lines: list[tuple[int, str]]
 
 
-def read_raw(path: Path) -> tuple[set[Decimal], set[str]]:
-    """The numbers (signed where a minus stands before one) and the stripped lines of a raw output."""
+def read_raw(path: Path) -> tuple[set, set[str]]:
+    """The numbers of a raw output (signed where a minus stands before one), and the stripped lines.
+    A number printed as a ratio or a percentage (`0.58x`, `+0.39%`, or in a table column headed "vs" or
+    "ratio") is also kept as ("x", number) or ("%", number): a quoted ratio must be one in the raw output."""
     text = path.read_text(errors="replace")
-    numbers = {signed(text, m.start(), m.group("num")) for m in RAW_NUMBER.finditer(text)}
-    return numbers, {line.strip() for line in text.splitlines()}
+    numbers: set = set()
+    for m in RAW_NUMBER.finditer(text):
+        value = signed(text, m.start(), m.group("num"))
+        numbers.add(value)
+        if text[m.end():m.end() + 1] in ("x", "%"):
+            numbers.add((text[m.end()], value))
+    return numbers | ratio_columns(text), {line.strip() for line in text.splitlines()}
+
+
+def ratio_columns(text: str) -> set:
+    """("x", number) for the numbers in a Markdown table's columns headed "vs ..." or "... ratio"."""
+    found, header = set(), None
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if i + 1 < len(lines) and re.fullmatch(r"\|?[\s|:-]*-[\s|:-]*", lines[i + 1].strip()):
+            header = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        elif not line.strip().startswith("|"):
+            header = None
+        elif header:
+            for title, cell in zip(header, line.strip().strip("|").split("|")):
+                if re.search(r"\bvs\b|\bratio\b", title):
+                    found |= {("x", Decimal(m.group("num"))) for m in RAW_NUMBER.finditer(cell)}
+    return found
 
 
 def signed(text: str, start: int, num: str) -> Decimal:
@@ -165,6 +189,12 @@ def rounds_to(value: float, figure: Decimal) -> bool:
     return Decimal(repr(value)).quantize(places, rounding=ROUND_HALF_UP) == figure
 
 
+def as_printed(value: Decimal, unit: str | None):
+    """What a quoted figure must match among a raw output's numbers: a ratio or percentage must be one."""
+    unit = (unit or "").strip()
+    return (unit, value) if unit in ("x", "%") else value
+
+
 class Checker:
     def __init__(self, results: Path):
         self.results = results
@@ -243,7 +273,8 @@ class Checker:
                 expression = text[open_at:close_at - 1].replace("\n", " ")
                 self.check_derived(doc, number, figure, value, expression, sources)
                 pos = last_end = close_at
-            elif value not in self.derived and not any(value in self.raw(name)[0] for name in sources):
+            elif value not in self.derived and not any(as_printed(value, m.group("unit")) in self.raw(name)[0]
+                                                       for name in sources):
                 self.problems.append(Problem(doc, number, figure, f"not in {', '.join(sources)} (the raw outputs "
                                              "in force here); quote it as printed or derive it: `FIGURE (= ...)`"))
 

@@ -111,3 +111,13 @@ def test_what_is_not_a_measurement_is_not_checked(tmp_path):
                    "## Measured\n\n(`results/decode.txt`) 112.6 ms/token, 1.46x; ~3 GB/s assumed; goal >= 3x.\n")
     run = check(doc)
     assert run.returncode == 0, run.stdout
+
+
+def test_a_ratio_must_be_a_ratio_in_the_raw_output(tmp_path):
+    # ray_workers.txt prints "load average: 1.4 ..." and no ratio 1.4x; quant.txt's "layer ratio" column has 0.502
+    doc = tmp_path / "doc.md"
+    doc.write_text("## x\n\n(`results/ray_workers.txt`) two workers: 1.4x.\n\n"
+                   "## y\n\n(`results/quant.txt`) int8 layers: 0.502x of fp16's bytes, 18.100 perplexity.\n")
+    run = check(doc)
+    assert run.stdout == f"{doc}:3: 1.4x: not in ray_workers.txt (the raw outputs in force here); quote it as " \
+                         "printed or derive it: `FIGURE (= ...)`\n"
