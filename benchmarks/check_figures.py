@@ -189,6 +189,16 @@ def rounds_to(value: float, figure: Decimal) -> bool:
     return Decimal(repr(value)).quantize(places, rounding=ROUND_HALF_UP) == figure
 
 
+def is_figure(text: str, m: re.Match, after_range: bool, every_number: bool) -> bool:
+    """Whether the number `m` found in `text` is a figure to check (see the rules above)."""
+    before = text[max(0, m.start() - 8):m.start()]
+    if not after_range and (re.search(r"[\w.]-?\Z", before)        # part of a name: Llama-2-70B, int8
+                            or BOUND.search(before)                  # ~140 GB, goal <= 1.5x
+                            or re.match(r"\.\d|[A-Za-z_]", text[m.end():])):   # 0.4.13, 70B, 8x7B
+        return False
+    return bool(m.group("unit")) or every_number
+
+
 def as_printed(value: Decimal, unit: str | None):
     """What a quoted figure must match among a raw output's numbers: a ratio or percentage must be one."""
     unit = (unit or "").strip()
@@ -201,6 +211,7 @@ class Checker:
         self.cache: dict[str, tuple[set[Decimal], set[str]]] = {}
         self.problems: list[Problem] = []
         self.checked = 0
+        self.derived: set = set()   # figures derived (and checked) earlier in the current section
 
     def raw(self, name: str) -> tuple[set[Decimal], set[str]]:
         if name not in self.cache:
@@ -219,7 +230,7 @@ class Checker:
     def check_doc(self, path: Path, label: str) -> None:
         for section in split_blocks(path.read_text()):
             sources: list[str] = []
-            self.derived: set[Decimal] = set()   # figures derived (and checked) earlier in this section
+            self.derived = set()
             for block in section:
                 sources = self.sources_named(label, block) or sources
                 if sources:
@@ -251,12 +262,8 @@ class Checker:
             pos = m.end()
             start = m.start("num")
             number = first + text.count("\n", 0, m.start())
-            after_range = text[last_end:start] == "-" if last_end >= 0 else False
-            before = text[max(0, m.start() - 8):m.start()]
-            if not after_range and (re.search(r"[\w.]-?\Z", before) or BOUND.search(before)
-                                    or re.match(r"\.\d|[A-Za-z_]", text[m.end():])):
-                continue
-            if not m.group("unit") and not every_number:
+            after_range = last_end >= 0 and text[last_end:start] == "-"    # 0.79x-1.02x: both figures
+            if not is_figure(text, m, after_range, every_number):
                 continue
             last_end = m.end()
             sign = "" if after_range else (m.group("sign") or "")
@@ -271,20 +278,23 @@ class Checker:
                     self.problems.append(Problem(doc, number, figure, "its derivation `(= ...` is not closed"))
                     return
                 expression = text[open_at:close_at - 1].replace("\n", " ")
-                self.check_derived(doc, number, figure, value, expression, sources)
+                if self.check_derived(doc, number, figure, value, expression, sources):
+                    self.derived.add(as_printed(value, m.group("unit")))
                 pos = last_end = close_at
-            elif value not in self.derived and not any(as_printed(value, m.group("unit")) in self.raw(name)[0]
-                                                       for name in sources):
+            elif as_printed(value, m.group("unit")) not in self.derived and not any(
+                    as_printed(value, m.group("unit")) in self.raw(name)[0] for name in sources):
                 self.problems.append(Problem(doc, number, figure, f"not in {', '.join(sources)} (the raw outputs "
                                              "in force here); quote it as printed or derive it: `FIGURE (= ...)`"))
 
     def check_derived(self, doc: str, number: int, figure: str, value: Decimal, expression: str,
-                      sources: list[str]) -> None:
+                      sources: list[str]) -> bool:
+        """Whether `figure` is what `expression` of raw figures gives; each problem recorded."""
         try:
             result, inputs = evaluate(expression)
         except (ValueError, ZeroDivisionError, TypeError, statistics.StatisticsError) as e:
             self.problems.append(Problem(doc, number, figure, f"its derivation cannot be evaluated: {e}"))
-            return
+            return False
+        before = len(self.problems)
         for text in inputs:
             given = Decimal(text)
             if given not in CONSTANTS and not any(given in self.raw(name)[0] for name in sources):
@@ -293,7 +303,7 @@ class Checker:
         if not rounds_to(result, value):
             self.problems.append(Problem(doc, number, figure, f"its derivation gives {result:.6g}, "
                                          f"not {value} when rounded"))
-        self.derived.add(value)
+        return len(self.problems) == before
 
 
 def check(docs: list[Path], results: Path, root: Path = ROOT) -> Checker:
