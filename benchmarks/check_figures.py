@@ -16,8 +16,9 @@ The convention (benchmarks/RESULTS.md repeats it):
   1.70 are equal, 52.7 and 52.67 are not). A figure in prose is a number with a measurement unit or
   a ratio: `0.58x`, `+0.39%`, `0.164 s`, `38.0 ms/token`, `52.67 GB/s`, `8.46 GB`, `72 MiB`,
   `64.1 tokens/s`. A ratio or a percentage must be one in the raw output too (printed with its x or %,
-  or in a table column headed "vs ..." or "... ratio"). In a table, every number in a row below the header is a figure. A fenced block
-  without a language (a raw excerpt) must consist of lines of the raw outputs, verbatim.
+  or in a table column headed "vs ..." or "... ratio"). In a table, every number in a row below the
+  header is a figure. A fenced block without a language (a raw excerpt) must consist of lines of the
+  raw outputs, verbatim.
 - A derived figure names its inputs right after it, as an expression: `0.90x (= 38.0 / 42.1)`,
   `1.09x (= median(38.0 / 42.1, 47.2 / 41.1, 44.3 / 40.7))`, `+0.39% (= 100 * (18.1754 / 18.1050 - 1))`.
   Each input must occur in the raw outputs (the constants 1, 100 and 1000 excepted), and the figure
