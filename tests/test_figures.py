@@ -86,8 +86,9 @@ def test_a_changed_raw_output_fails(tmp_path):
     raw.write_text(raw.read_text().replace("132.1 ms/token", "131.9 ms/token"))
     run = check(DOCS[1], results=results)
     assert run.returncode == 1
-    assert "RESULTS.md:135: 132.1 ms/token: not in peers.txt" in run.stdout
-    assert "RESULTS.md:135: 1.82x: input 132.1 of its derivation is not in peers.txt" in run.stdout
+    line = line_of(DOCS[1], "132.1 ms/token, 1.82x")
+    assert f"RESULTS.md:{line}: 132.1 ms/token: not in peers.txt" in run.stdout
+    assert f"RESULTS.md:{line}: 1.82x: input 132.1 of its derivation is not in peers.txt" in run.stdout
 
 
 def test_a_missing_raw_output_and_a_changed_excerpt_fail(tmp_path):
