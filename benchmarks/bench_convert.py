@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -111,10 +112,13 @@ def main(argv=None) -> int:
     print(f"source: HF checkpoint, {total / 1e9:.2f} GB in {len(list(src.iterdir()))} files (warm page cache); "
           f"best of {args.runs} (the load average above is at the start)")
     best: dict[str, dict] = {}
+    rounds: list[dict[str, float]] = []         # writing-phase seconds of each variant, per round
     for _ in range(args.runs):
+        rounds.append({})
         for name, (cmd, tree) in variants.items():
             shutil.rmtree(out, ignore_errors=True)
             r = child(cmd, tree)
+            rounds[-1][name] = r["phase"]
             if name not in best or r["phase"] < best[name]["phase"]:
                 best[name] = r
     shutil.rmtree(out, ignore_errors=True)
@@ -123,6 +127,10 @@ def main(argv=None) -> int:
         rate = total / r["phase"]
         print(f"{name}: total {r['seconds']:.2f} s; start-up excluded {r['phase']:.2f} s = {rate / 1e9:.2f} GB/s "
               f"= {rate / fsync_rate:.2f}x copy+fsync speed; peak RSS {r['peak'] / 1e6:.0f} MB")
+    print("speed against copy+fsync within each round (writing phase), and the median of the rounds:")
+    for name in variants:
+        ratios = [run["plain copy + fsync per file"] / run[name] for run in rounds]
+        print(f"  {name}: rounds {', '.join(f'{x:.2f}x' for x in ratios)}; median {statistics.median(ratios):.2f}x")
     print(f"load average at the end: {load_average()}")
     print("```")
     return 0

@@ -76,11 +76,14 @@ def main(argv=None) -> int:
             slopes[name].append((one, many))
     best = {name: (min(m for _, m in v) - min(o for o, _ in v)) / (args.tokens - 1) for name, v in slopes.items()}
     median = {name: statistics.median((m - o) / (args.tokens - 1) for o, m in v) for name, v in slopes.items()}
-    base, base_median = best["transformers in memory"], median["transformers in memory"]
+    base = best["transformers in memory"]
+    # each mode against transformers in the same round (the modes ran one after the other), then the median
+    same_round = {name: statistics.median((m - o) / (bm - bo) for (o, m), (bo, bm)
+                                          in zip(v, slopes["transformers in memory"])) for name, v in slopes.items()}
     want = texts["transformers in memory"]
     for name, model in models.items():
-        line = (f"{name}: median {median[name] * 1000:.1f} ms/token = {median[name] / base_median:.2f}x; "
-                f"best {best[name] * 1000:.1f} ms/token = {best[name] / base:.2f}x")
+        line = (f"{name}: median {median[name] * 1000:.1f} ms/token, {same_round[name]:.2f}x (median of "
+                f"same-round ratios); best {best[name] * 1000:.1f} ms/token = {best[name] / base:.2f}x")
         if hasattr(model, "stats"):
             last = model.stats.per_pass[-1]
             places = {p: model.places.count(p) for p in set(model.places)}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -119,8 +120,9 @@ def median(xs: list[float]) -> float:
 
 def timings(paths: dict[str, Path], args) -> None:
     python = str(Path(LLAMACPP) / "bin" / "python")
-    best: dict[str, float] = {}
+    by_round: list[dict[str, float]] = []      # ms/token of each tool, per round
     for r in range(args.rounds):
+        by_round.append({})
         for qtype, scheme in PAIRS:
             for name, code in [(f"llama.cpp {qtype}", LLAMA_CHILD.format(path=str(paths[qtype]), **vars(args))),
                                (f"ours {scheme}", OURS_CHILD.format(path=str(paths[scheme]), **vars(args)))]:
@@ -130,17 +132,25 @@ def timings(paths: dict[str, Path], args) -> None:
                     print(f"round {r + 1} {name}: FAILED {res['error']}", flush=True)
                     continue
                 ms = 1000 * median(res["times"])
-                best[name] = min(best.get(name, ms), ms)
+                by_round[r][name] = ms
                 extra = {k: v for k, v in res.items() if k not in ("times", "system")}
                 print(f"round {r + 1} {name}: {ms:.1f} ms/token median (min {1000 * min(res['times']):.1f}, "
                       f"max {1000 * max(res['times']):.1f}) load avg before {load:.1f}; {json.dumps(extra)}", flush=True)
                 if "system" in res and r == 0:
                     print(f"  llama.cpp system info: {res['system'].strip()}")
-    print("\nbest median per tool over rounds, and ours / llama.cpp:")
+    print_ratios(by_round)
+
+
+def print_ratios(by_round: list[dict[str, float]]) -> None:
+    """ours / llama.cpp within each round (the tools ran one after the other), and the median over rounds:
+    never one tool's best round against the other's."""
+    print("\nours / llama.cpp within each round, and the median of the rounds' ratios:")
     for qtype, scheme in PAIRS:
-        a, b = best.get(f"llama.cpp {qtype}"), best.get(f"ours {scheme}")
-        if a and b:
-            print(f"  {qtype} vs {scheme}: llama.cpp {a:.1f} ms/token, ours {b:.1f} ms/token, ratio {b / a:.2f}x")
+        ratios = [ms[f"ours {scheme}"] / ms[f"llama.cpp {qtype}"] for ms in by_round
+                  if f"ours {scheme}" in ms and f"llama.cpp {qtype}" in ms]
+        if ratios:
+            rounds = ", ".join(f"{x:.2f}x" for x in ratios)
+            print(f"  {qtype} vs {scheme}: rounds {rounds}; median {statistics.median(ratios):.2f}x")
 
 
 def perplexities() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -77,9 +78,10 @@ def run_clients(url: str, texts: list[str], max_tokens: int) -> tuple[float, int
     return time.perf_counter() - t0, tokens
 
 
-def measure(lm, url: str, concurrency: list[int], max_tokens: int, repeat: int) -> dict:
-    """Best (seconds, tokens, passes) per row, the rows taken in turn `repeat` times (the baseline,
-    then each concurrency), so that every row samples the same stretch of a shared machine's load."""
+def measure(lm, url: str, concurrency: list[int], max_tokens: int, repeat: int) -> tuple[dict, list[dict]]:
+    """Best (seconds, tokens, passes, load) per row, and every round's, the rows taken in turn `repeat`
+    times (the baseline, then each concurrency), so that every row samples the same stretch of a shared
+    machine's load."""
     import torch
 
     from runtime.batch import prompt_ids
@@ -87,7 +89,9 @@ def measure(lm, url: str, concurrency: list[int], max_tokens: int, repeat: int) 
     ids = torch.tensor([prompt_ids(lm.tokenizer, prompts(1)[0], chat=True)], device=lm.device)
     baseline(lm, ids, max_tokens)  # untimed: first reads of the files, kernel warm-up
     best: dict = {}
+    rounds: list[dict] = []
     for r in range(repeat):
+        rounds.append({})
         for c in ["baseline", *concurrency]:
             passes0, load0 = lm.stats.passes, os.getloadavg()[0]
             if c == "baseline":
@@ -97,7 +101,13 @@ def measure(lm, url: str, concurrency: list[int], max_tokens: int, repeat: int) 
             run = (secs, tokens, lm.stats.passes - passes0, f"{load0:.1f}/{os.getloadavg()[0]:.1f}")
             print(f"round {r + 1}, {c}: {secs:.1f} s, {tokens} tokens, {run[2]} passes, load {run[3]}", flush=True)
             best[c] = min(best.get(c, run), run)
-    return best
+            rounds[r][c] = run
+    return best, rounds
+
+
+def same_round_ratios(rounds: list[dict], c: int) -> list[float]:
+    """tokens/s at concurrency `c` over the baseline's tokens/s, within each round."""
+    return [(run[c][1] / run[c][0]) / (run["baseline"][1] / run["baseline"][0]) for run in rounds]
 
 
 def main() -> None:
@@ -141,18 +151,22 @@ def run(args) -> None:
           f"request, greedy, chat template")
     print("shared machine: other jobs may run at the same time; the load average (1 min) is printed per row\n")
     try:
-        best = measure(lm, server.url, args.concurrency, args.max_tokens, args.repeat)
+        best, rounds = measure(lm, server.url, args.concurrency, args.max_tokens, args.repeat)
         secs, tokens, passes, load = best["baseline"]
-        rate = tokens / secs
-        print(f"\nbest of {args.repeat} rounds (each round: the baseline, then every concurrency)\n")
+        print(f"\nbest of {args.repeat} rounds per row (each round: the baseline, then every concurrency); "
+              "x baseline: the median over rounds of tokens/s against the same round's baseline\n")
         print("| run | tokens | passes | tokens/pass | s | tokens/s | x baseline | load before/after |")
         print("|---|---|---|---|---|---|---|---|")
         print(f"| baseline: transformers generate, one prompt | {tokens} | {passes} | {tokens / passes:.2f} "
-              f"| {secs:.1f} | {rate:.2f} | 1.00x | {load} |")
+              f"| {secs:.1f} | {tokens / secs:.2f} | 1.00x | {load} |")
         for c in args.concurrency:
             secs, tokens, passes, load = best[c]
+            ratio = statistics.median(same_round_ratios(rounds, c))
             print(f"| serve, concurrency {c} | {tokens} | {passes} | {tokens / passes:.2f} | {secs:.1f} "
-                  f"| {tokens / secs:.2f} | {tokens / secs / rate:.2f}x | {load} |")
+                  f"| {tokens / secs:.2f} | {ratio:.2f}x | {load} |")
+        print("\nx baseline within each round: " + "; ".join(
+            f"concurrency {c}: " + ", ".join(f"{x:.2f}x" for x in same_round_ratios(rounds, c))
+            for c in args.concurrency))
     finally:
         server.stop()
         engine.close()
