@@ -24,6 +24,7 @@ from .format import (DTYPE_NAMES, stored_names, DTYPE_TO_ST, MANIFEST, Group, Ma
                      quant_part_names, write_bytes_atomic, write_group_file, write_text_atomic)
 from .keymap import KeyMap, check_shape, check_shapes, map_keys
 from .plan import build_empty_model, plan_groups, read_config
+from .published import PublishedSource, RepackSpec, check_repackable, published_format
 from .quant import DEFAULT_GROUP, check_scheme, quantizable_params, quantize as quantize_weight, quantize_experts
 from .resume import Progress, conversion_params, manifest_source
 from .gguf_source import GGUFSource
@@ -94,19 +95,26 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
     src = open_source(source, revision=revision, token=token, low_disk_out=out if low_disk else None)
     try:
         config = read_config(src.folder, source, trust_remote_code=trust_remote_code)
+        published = published_format(config, source)  # an unknown format is refused before any download
         target = resolve_dtype(dtype, config)
         model = build_empty_model(config, dtype=target, trust_remote_code=trust_remote_code)
         plan = plan_groups(model)
         quant = QuantSpec.for_model(model, plan, quantize, quantize_group, quantize_embeddings) if quantize else None
+        if published and not quantize and dtype == "auto":  # kept quantized: re-packed, not rounded again
+            quant = RepackSpec.for_model(model, plan, published)
         quantization = quant.manifest_entry() if quant else None
         params = conversion_params(src, dtype=dtype_name(target), architecture=type(model).__name__,
                                    quantization=quantization)
         check_before_fetching(src, out, plan, target, params, force=force)
         src = ready_source(src, model, progress=progress)
+        if published:
+            src = PublishedSource(src, published, repack_group=quant.group if isinstance(quant, RepackSpec) else None)
         params_map = {p: s for g in plan.groups for p, s in g.params.items()}
         buffers = {b: s for g in plan.groups for b, (s, _) in g.buffers.items()}
         mapping = map_keys(model, src.keys(), params_map, aliases=plan.tied, buffers=buffers)
         check_shapes(mapping.direct, {**params_map, **buffers}, src.shapes())
+        if isinstance(quant, RepackSpec):
+            check_repackable(src, mapping, quant)
         record = Progress.open(out, params, force=force)
         _copy_side_files(src.folder, out)
         kept = {g.name: k for g in plan.groups if (k := record.kept(g.name, g.params)) is not None}

@@ -110,9 +110,11 @@ def plan_packing(model: nn.Module, manifest, device: torch.device) -> dict[str, 
 
     group = (quant.get("group_size") or 0) if scheme == "int4" else 0
     specs = {}
-    for name, info in ((n, i) for g in manifest.groups for n, i in g.quantized.items()):
+    for g, name, info in ((g, n, i) for g in manifest.groups for n, i in g.quantized.items()):
         owner = model.get_submodule(name.rpartition(".")[0])
         if type(owner) not in (nn.Linear, Conv1D) or not name.endswith(".weight"):
+            continue
+        if not parts_in_own_dtype(g, name, scheme, info):  # e.g. a re-packed GPTQ's float32 zeros: expands
             continue
         out, inp = reversed(info["shape"]) if info.get("transposed") else info["shape"]
         scale_dtype = ST_TO_DTYPE.get(info.get("dtype"), torch.bfloat16)
@@ -122,6 +124,14 @@ def plan_packing(model: nn.Module, manifest, device: torch.device) -> dict[str, 
                 specs[name] = spec
                 break
     return specs
+
+
+def parts_in_own_dtype(group, name: str, scheme: str, info: dict) -> bool:
+    """Whether a weight's stored scales (and zeros) are in its own dtype, as the kernels' tables keep them."""
+    from reshard.format import quant_part_names
+
+    names = quant_part_names(name, scheme)
+    return all(group.tensors[names[p]]["dtype"] == info.get("dtype") for p in names if p != "qweight")
 
 
 def install_packed(model: nn.Module, specs: dict[str, PackSpec]) -> None:
