@@ -91,27 +91,31 @@ def _gptq_like(qc: dict, method: str, name: str) -> Published:
 
 
 def _compressed_tensors(qc: dict, name: str) -> Published:
-    fmt = qc.get("format")
     schemes = list((qc.get("config_groups") or {}).values())
-    weights = [s.get("weights") or {} for s in schemes]
-    fmts = {s.get("format") or fmt for s in schemes}
-    problem = None
-    if fmts != {"pack-quantized"}:
-        problem = f"compressed-tensors in the {', '.join(sorted(map(str, fmts)))} format"
-    elif len(weights) != 1:
-        problem = "compressed-tensors with several weight schemes"
-    else:
-        w = weights[0]
-        bits, strategy = w.get("num_bits"), w.get("strategy")
-        if w.get("type", "int") != "int" or bits not in (4, 8) or not w.get("symmetric", True):
-            problem = f"compressed-tensors {w.get('type')} {bits}-bit{'' if w.get('symmetric', True) else ' asymmetric'}"
-        elif strategy not in ("group", "channel") or (bits == 8 and strategy != "channel"):
-            problem = f"compressed-tensors {bits}-bit with the {strategy!r} strategy"
+    problem = _ct_problem(qc, schemes)
     if problem:
         raise SourceError(f"{name} is {problem}, which reshard cannot read; {ADVICE}")
-    group = int(w.get("group_size") or 0) if strategy == "group" else 0
-    return Published("compressed-tensors", "compressed-tensors", bits, group, "weight_packed",
+    w = schemes[0]["weights"]
+    group = int(w.get("group_size") or 0) if w.get("strategy") == "group" else 0
+    return Published("compressed-tensors", "compressed-tensors", w["num_bits"], group, "weight_packed",
                      ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"))
+
+
+def _ct_problem(qc: dict, schemes: list[dict]) -> str | None:
+    """What in a compressed-tensors config this branch cannot read exactly (None: all of it)."""
+    fmts = {s.get("format") or qc.get("format") for s in schemes} or {qc.get("format")}
+    if fmts != {"pack-quantized"}:
+        return f"compressed-tensors in the {', '.join(sorted(map(str, fmts)))} format"
+    weights = [s.get("weights") or {} for s in schemes]
+    if len(weights) != 1:
+        return "compressed-tensors with several weight schemes"
+    w = weights[0]
+    bits, strategy, symmetric = w.get("num_bits"), w.get("strategy"), w.get("symmetric", True)
+    if w.get("type", "int") != "int" or bits not in (4, 8) or not symmetric:
+        return f"compressed-tensors {w.get('type')} {bits}-bit{'' if symmetric else ' asymmetric'}"
+    if strategy not in ("group", "channel") or (bits == 8 and strategy != "channel"):
+        return f"compressed-tensors {bits}-bit with the {strategy!r} strategy"
+    return None
 
 
 # --- the project's parts for an Affine -----------------------------------------------------
@@ -146,11 +150,9 @@ def repack(a: Affine, scheme: str, group: int) -> dict[str, torch.Tensor]:
 
 def stored_group(fmt: Published, in_features: list[int]) -> int:
     """The folder-wide int4 group: the source's, or for one group per row (group -1) the largest
-    even size dividing every weight's input width (each row's scale repeated)."""
-    if fmt.group:
-        return fmt.group
-    g = math.gcd(*in_features)
-    return g if g % 2 == 0 else 0
+    size dividing every weight's input width (each row's scale repeated; even, as packed input
+    widths are multiples of 8)."""
+    return fmt.group or math.gcd(*in_features)
 
 
 class PublishedSource(Source):
@@ -233,9 +235,6 @@ class RepackSpec:
 
         params = quantizable_params(model, plan, embeddings=True)
         group = stored_group(fmt, [plan_shape(plan, n)[-1] for n in params]) if fmt.scheme == "int4" else 0
-        if fmt.scheme == "int4" and group < 2:
-            raise SourceError(f"the {fmt.label} weights' input widths share no even group size; convert with "
-                              f"--dtype float16 to de-quantize them")
         return cls(fmt, group, {n: False for n in params})
 
     def manifest_entry(self) -> dict:

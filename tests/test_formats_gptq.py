@@ -183,3 +183,97 @@ def test_published_folder_is_stored_quantized_within_a_tenth_of_the_source(kind,
         src_bytes = sum(t.numel() * t.element_size() for k, t in source.items() if k.startswith(prefix))
         assert len(g.quantized) == len(LINEARS)
         assert g.bytes <= 1.1 * src_bytes, (g.bytes, src_bytes)
+
+
+# --- refused: formats reshard cannot read, before any weight is downloaded --------------------
+
+def _with_quant_config(src: Path, folder: Path, qc: dict) -> Path:
+    """A copy of checkpoint `src` whose config says `qc`."""
+    import shutil
+
+    shutil.copytree(src, folder, ignore=shutil.ignore_patterns("reference"))
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "quantization_config": qc}))
+    return folder
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+ADVICE = "convert the original unquantized checkpoint, or a GPTQ, AWQ or compressed-tensors version of it"
+
+
+@pytest.mark.parametrize("qc,what", [
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quantized with 'bitsandbytes'"),
+    ({"quant_method": "hqq", "nbits": 4}, "quantized with 'hqq'"),
+    ({"quant_method": "exl2"}, "quantized with 'exl2'"),
+    ({**QUANT_CONFIGS["gptq"], "desc_act": True}, "act-order (desc_act) GPTQ"),
+    ({**QUANT_CONFIGS["gptq"], "bits": 3}, "3-bit GPTQ"),
+    ({**QUANT_CONFIGS["awq"], "version": "gemv"}, "AWQ version 'gemv'"),
+    ({**QUANT_CONFIGS["ct4"], "format": "marlin-24", "config_groups": {}}, "compressed-tensors in the marlin-24 format"),
+])
+def test_unreadable_quantization_is_refused_before_any_weight_download(qc, what, published, tmp_path,
+                                                                       monkeypatch, capsys):
+    folder = _with_quant_config(published["gptq"][0], tmp_path / "repo", qc)
+    hub = FakeHub(folder, tmp_path / "cache").install(monkeypatch)
+    code = reshard_cli.main(["convert", "org/model", str(tmp_path / "out"), "--quiet"])
+    assert code == 1
+    assert _error_line(capsys) == f"Error: org/model is {what}, which reshard cannot read; {ADVICE}"
+    assert "model.safetensors" not in hub.downloads and "config.json" in hub.downloads
+    assert not (tmp_path / "out").exists()
+
+
+def test_gptq_whose_g_idx_is_out_of_order_is_refused(published, tmp_path, capsys):
+    src = _with_quant_config(published["gptq"][0], tmp_path / "src", QUANT_CONFIGS["gptq"])
+    state = load_file(src / "model.safetensors")
+    key = "model.layers.1.mlp.down_proj.g_idx"
+    state[key] = state[key].flip(0).contiguous()  # act-order: rows in another order than their groups
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    assert reshard_cli.main(["convert", str(src), str(tmp_path / "out"), "--quiet"]) == 1
+    assert _error_line(capsys) == (
+        "Error: model.layers.1.mlp.down_proj.g_idx is not in plain group order (act-order GPTQ); this cannot be "
+        "re-packed exactly: convert the unquantized checkpoint, or an act-order-free GPTQ version")
+
+
+def test_packed_expert_weights_are_refused_unless_dequantized(tmp_path, capsys):
+    """Expert weights that transformers stacks into one [E, ...] tensor at load are not re-packed
+    (yet); an explicit --dtype de-quantizes them, and the folder runs."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from conftest import save_tiny
+
+    src = save_tiny("mixtral", tmp_path / "src")
+    state = load_file(src / "model.safetensors")
+    key = next(k for k in state if ".experts.0." in k and k.endswith(".weight"))
+    out, inp = state.pop(key).shape
+    q, z, s = _random_linear(out, inp, inp, torch.Generator().manual_seed(3))
+    ref = shutil.copytree(src, tmp_path / "reference")  # the published formula's weight, in float32
+    save_file({**state, key: (q - z).float() * s.float()}, ref / "model.safetensors", metadata={"format": "pt"})
+    prefix = key[: -len("weight")]
+    state.update({prefix + "qweight": _pack_rows(q.t()), prefix + "qzeros": _pack_cols(z.t()),
+                  prefix + "scales": s.t().contiguous(), prefix + "g_idx": torch.zeros(inp, dtype=torch.int32)})
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    raw = json.loads((src / "config.json").read_text())
+    qc = {**QUANT_CONFIGS["gptq_v2"], "group_size": -1}
+    (src / "config.json").write_text(json.dumps({**raw, "quantization_config": qc}))
+    assert reshard_cli.main(["convert", str(src), str(tmp_path / "kept"), "--quiet"]) == 1
+    assert _error_line(capsys) == (
+        f"Error: {key} is a packed GPTQ weight that transformers combines with others at load; convert with "
+        f"--dtype float16 (or bfloat16) to de-quantize it")
+    m = convert(str(src), tmp_path / "float", dtype="float32", progress=False)
+    assert m.quantization is None
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).eval()(ids).logits
+    lm = LayeredModel.from_pretrained(tmp_path / "float", device="cpu", max_cpu_memory=0)
+    try:
+        assert torch.equal(lm(ids).logits, want)
+    finally:
+        lm.close()
