@@ -277,3 +277,58 @@ def test_packed_expert_weights_are_refused_unless_dequantized(tmp_path, capsys):
         assert torch.equal(lm(ids).logits, want)
     finally:
         lm.close()
+
+
+# --- reshard info; --dtype de-quantizes, --quantize re-quantizes --------------------------------
+
+@pytest.mark.parametrize("kind,line", [("gptq", "int4 group 128 (from GPTQ)"), ("awq", "int4 group 128 (from AWQ)"),
+                                       ("ct8", "int8 (from compressed-tensors)")])
+def test_info_names_the_stored_format_and_bytes_per_pass(kind, line, published, capsys):
+    folder = published[kind][1]
+    assert reshard_cli.main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"quantization  {line}\n" in out
+    total = sum(g.bytes for g in read_manifest(folder).groups)
+    assert f"bytes/pass    {total / 1e6:.2f} MB (" in out
+
+
+def _stored(folder: Path, name: str) -> torch.Tensor:
+    m = read_manifest(folder)
+    g = next(g for g in m.groups if name in g.tensors)
+    return load_file(folder / g.file)[name]
+
+
+@pytest.mark.parametrize("kind", ["gptq", "awq", "ct4"])
+def test_explicit_dtype_dequantizes_at_convert(kind, published, tmp_path):
+    src = published[kind][0]
+    reference = load_file(src / "reference" / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert reshard_cli.main(["convert", str(src), str(tmp_path / "bf16"), "--dtype", "bfloat16", "--quiet"]) == 0
+    assert read_manifest(tmp_path / "bf16").quantization is None
+    assert torch.equal(_stored(tmp_path / "bf16", name), reference[name].to(torch.bfloat16))
+    convert(str(src), tmp_path / "f32", dtype="float32", progress=False)
+    ids = torch.randint(3, 300, (1, 7), generator=torch.Generator().manual_seed(5))
+    want, _ = _reference_logits(src, ids)
+    lm = LayeredModel.from_pretrained(tmp_path / "f32", device="cpu", max_cpu_memory=0)
+    try:
+        assert torch.equal(lm(ids).logits, want)
+    finally:
+        lm.close()
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_quantize_from_a_published_checkpoint_requantizes_its_weights(scheme, published, tmp_path):
+    from reshard.quant import quantize
+
+    src = published["gptq"][0]
+    reference = load_file(src / "reference" / "model.safetensors")
+    out = tmp_path / scheme
+    assert reshard_cli.main(["convert", str(src), str(out), "--quantize", scheme, "--quiet"]) == 0
+    q = read_manifest(out).quantization
+    assert q["scheme"] == scheme and "source_format" not in q
+    name = "model.layers.0.self_attn.o_proj.weight"
+    # the published weight, de-quantized exactly (float32), is what the project's quantizer rounds into
+    # the float16 folder's parts
+    want = quantize(reference[name], scheme, group=32, dtype=torch.float16)
+    for part, t in want.items():
+        assert torch.equal(_stored(out, f"{name}.{part}"), t), part
