@@ -332,3 +332,36 @@ def test_quantize_from_a_published_checkpoint_requantizes_its_weights(scheme, pu
     want = quantize(reference[name], scheme, group=32, dtype=torch.float16)
     for part, t in want.items():
         assert torch.equal(_stored(out, f"{name}.{part}"), t), part
+
+
+# --- the CPU's low-bit kernels: they take re-packed weights whose parts are in the folder's dtype --
+
+@pytest.mark.parametrize("kind,runs_packed", [("gptq", False), ("gptq_sym", True), ("ct4", True), ("ct8", True)])
+def test_kernels_take_repacked_weights_in_their_dtype_else_the_expansion_runs(kind, runs_packed, published):
+    """Asymmetric GPTQ zeros (-z * s) need float32: those weights expand, exactly; symmetric ones
+    (-8 * s, exact in float16) run through the kernels, each close to the exact product."""
+    from runtime import native
+    from runtime.lowbit import PackedLinear, kernels_available
+
+    if native.lowbit() is None and not kernels_available():
+        pytest.skip("no CPU low-bit kernel on this machine")
+    src, folder = published[kind]
+    reference = load_file(src / "reference" / "model.safetensors")
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(6))
+    want, _ = _reference_logits(src, ids)
+    lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", max_cpu_memory=CPU_BUDGETS["resident"])
+    try:
+        got = lm(ids).logits
+        packed = {n: m for n, m in lm.model.named_modules() if isinstance(m, PackedLinear)}
+        assert bool(packed) == runs_packed
+        if not runs_packed:
+            assert torch.equal(got, want)
+            return
+        assert len(packed) == 2 * len(LINEARS)
+        x = torch.randn(4, 256, generator=torch.Generator().manual_seed(7))
+        for name, module in packed.items():  # each re-packed weight, through the kernel, against the exact product
+            exact = x[:, :module.spec.in_features] @ reference[name + ".weight"].t()
+            err = (module(x[:, :module.spec.in_features]) - exact).abs().max() / exact.abs().max()
+            assert 0 < err < 0.03, (name, err)  # bfloat16 activations and scales in the kernels
+    finally:
+        lm.close()
