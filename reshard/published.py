@@ -213,12 +213,14 @@ class PublishedSource(Source):
 
 
 def check_repackable(src: PublishedSource, mapping, spec: "RepackSpec") -> None:
-    """Every packed weight must be a linear weight of its own (not one fused or stacked at load)."""
+    """Every packed weight must be a linear weight of its own (not one fused or stacked at load);
+    `spec.params` is narrowed to them, so the others are copied as stored."""
     direct = {key: param for param, key in mapping.direct.items()}
     for key in src.packed:
         if direct.get(key) not in spec.params:
             raise SourceError(f"{key} is a packed {spec.fmt.label} weight that transformers combines with others "
                               f"at load; convert with --dtype float16 (or bfloat16) to de-quantize it")
+    spec.params = {direct[key]: False for key in src.packed}
 
 
 @dataclass

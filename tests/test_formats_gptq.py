@@ -365,3 +365,28 @@ def test_kernels_take_repacked_weights_in_their_dtype_else_the_expansion_runs(ki
             assert 0 < err < 0.03, (name, err)  # bfloat16 activations and scales in the kernels
     finally:
         lm.close()
+
+
+# --- from the hub; resumed ---------------------------------------------------------------------
+
+def test_gptq_repo_from_the_hub_converts_and_resumes_byte_identical(published, tmp_path, monkeypatch):
+    import reshard.convert as conv
+
+    src, folder = published["gptq"]
+    hub = FakeHub(src, tmp_path / "cache").install(monkeypatch)
+    real, written = conv.write_group_file, []
+
+    def dies_after_two(path, tensors, *args):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(path.name)
+        return real(path, tensors, *args)
+
+    monkeypatch.setattr(conv, "write_group_file", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        convert("org/gptq", tmp_path / "out", progress=False)
+    monkeypatch.setattr(conv, "write_group_file", real)
+    m = convert("org/gptq", tmp_path / "out", progress=False)  # the same command again: resumes
+    assert "model.safetensors" in hub.downloads and m.quantization["source_format"] == "GPTQ"
+    for g in (g for g in m.groups if g.file):  # the same bytes as the local conversion, kept groups included
+        assert (tmp_path / "out" / g.file).read_bytes() == (folder / g.file).read_bytes(), g.name
