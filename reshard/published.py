@@ -115,6 +115,8 @@ def _ct_problem(qc: dict, schemes: list[dict]) -> str | None:
         return f"compressed-tensors {w.get('type')} {bits}-bit{'' if symmetric else ' asymmetric'}"
     if strategy not in ("group", "channel") or (bits == 8 and strategy != "channel"):
         return f"compressed-tensors {bits}-bit with the {strategy!r} strategy"
+    if w.get("actorder"):  # a weight_g_idx permutes the groups
+        return f"act-order ({w['actorder']}) compressed-tensors"
     return None
 
 

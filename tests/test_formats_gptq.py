@@ -216,6 +216,10 @@ ADVICE = "convert the original unquantized checkpoint, or a GPTQ, AWQ or compres
     ({**QUANT_CONFIGS["gptq"], "bits": 3}, "3-bit GPTQ"),
     ({**QUANT_CONFIGS["awq"], "version": "gemv"}, "AWQ version 'gemv'"),
     ({**QUANT_CONFIGS["ct4"], "format": "marlin-24", "config_groups": {}}, "compressed-tensors in the marlin-24 format"),
+    (_ct(4, "group", 128) | {"config_groups": {"g": {"format": "pack-quantized", "weights": {
+        "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128, "actorder": "group"}}}},
+     "act-order (group) compressed-tensors"),
+    (_ct(4, "tensor", None), "compressed-tensors 4-bit with the 'tensor' strategy"),
 ])
 def test_unreadable_quantization_is_refused_before_any_weight_download(qc, what, published, tmp_path,
                                                                        monkeypatch, capsys):
