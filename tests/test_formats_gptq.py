@@ -77,6 +77,7 @@ def write_checkpoint(folder: Path, kind: str, *, seed: int = 0) -> Path:
         for lin in LINEARS:
             name = f"model.layers.{layer}.{lin}"
             out, inp = state.pop(name + ".weight").shape
+            group = inp if kind == "gptq_row" else group  # group_size -1: one group per row
             q, z, s = _random_linear(out, inp, group, gen)
             if kind.startswith("ct"):
                 bits = 4 if kind == "ct4" else 8
@@ -129,6 +130,7 @@ QUANT_CONFIGS = {
     "gptq_v2": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": False,
                 "checkpoint_format": "gptq_v2"},
     "gptq_sym": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
+    "gptq_row": {"quant_method": "gptq", "bits": 4, "group_size": -1, "desc_act": False, "sym": False},
     "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm", "zero_point": True},
     "ct4": _ct(4, "group", 64),
     "ct8": _ct(8, "channel", None),
