@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from .errors import SourceError
+from .format import DTYPE_TO_ST, quant_part_names
 from .gptq import Affine, unpack_awq, unpack_gptq, unpack_pack_quantized
+from .quant import plan_shape, quantizable_params
 from .source import Source
 
 SUPPORTED = ("gptq", "awq", "compressed-tensors")  # quant_method values this branch reads
@@ -235,8 +237,6 @@ class RepackSpec:
 
     @classmethod
     def for_model(cls, model, plan, fmt: Published) -> "RepackSpec":
-        from .quant import quantizable_params, plan_shape
-
         params = quantizable_params(model, plan, embeddings=True)
         group = stored_group(fmt, [plan_shape(plan, n)[-1] for n in params]) if fmt.scheme == "int4" else 0
         return cls(fmt, group, {n: False for n in params})
@@ -247,8 +247,6 @@ class RepackSpec:
 
     def store(self, name: str, t, target: torch.dtype, tensors: dict, quantized: dict) -> None:
         """`name`'s parts into `tensors` and its entry into `quantized` if it came packed, else `t` cast."""
-        from .format import DTYPE_TO_ST, quant_part_names
-
         if not isinstance(t, Repacked):
             tensors[name] = t.to(target) if t.is_floating_point() else t
             return
