@@ -172,6 +172,12 @@ class PublishedSource(Source):
         hidden = {p + part for p in self.packed.values() for part in fmt.parts}
         self._keys = [k for k in keys if k not in hidden] + list(self.packed)
 
+    def __getattr__(self, name: str):
+        """What else the wrapped source offers (--low-disk's `largest_shard_bytes`, `remove_work_folder`)."""
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
     def _parts(self, key: str) -> dict[str, str]:
         prefix = self.packed[key]
         return {part: prefix + part for part in self.fmt.parts if prefix + part in self._have}

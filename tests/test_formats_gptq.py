@@ -396,3 +396,13 @@ def test_gptq_repo_from_the_hub_converts_and_resumes_byte_identical(published, t
     assert "model.safetensors" in hub.downloads and m.quantization["source_format"] == "GPTQ"
     for g in (g for g in m.groups if g.file):  # the same bytes as the local conversion, kept groups included
         assert (tmp_path / "out" / g.file).read_bytes() == (folder / g.file).read_bytes(), g.name
+
+
+def test_gptq_repo_converts_with_low_disk_one_shard_at_a_time(published, tmp_path, monkeypatch):
+    src, folder = published["gptq"]
+    hub = FakeHub(src, tmp_path / "cache").install(monkeypatch)
+    m = convert("org/gptq", tmp_path / "out", progress=False, low_disk=True)
+    assert m.quantization["source_format"] == "GPTQ" and "model.safetensors" in hub.downloads
+    assert not (tmp_path / ".out.download").exists()  # the shards work folder is removed at the end
+    for g in (g for g in m.groups if g.file):
+        assert (tmp_path / "out" / g.file).read_bytes() == (folder / g.file).read_bytes(), g.name
