@@ -20,7 +20,7 @@ from reshard.convert import convert
 from reshard.format import read_manifest
 from runtime.model import LayeredModel
 
-from conftest import CPU_BUDGETS, FakeHub, save_tiny_tokenizer
+from conftest import CPU_BUDGETS, PLACEMENTS, FakeHub, assert_placed, open_placed, save_tiny_tokenizer
 
 OUT_IN = 128  # hidden size; group 128 then holds one group per row of q/k/v/o/gate/up, two of down
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -158,18 +158,19 @@ def _reference_logits(src: Path, ids):
 
 
 @pytest.mark.parametrize("kind", list(QUANT_CONFIGS))
-@pytest.mark.parametrize("placement", ["streamed", "resident"])
-def test_published_folder_equals_transformers_on_the_dequantized_checkpoint(kind, placement, published):
+def test_published_folder_equals_transformers_on_the_dequantized_checkpoint(kind, published):
+    """Float32 CPU logits bit-identical and greedy tokens equal, streamed and resident."""
     src, folder = published[kind]
     ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(1))
     want, want_tokens = _reference_logits(src, ids)
-    lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", packed=False,
-                                      max_cpu_memory=CPU_BUDGETS[placement])
-    try:
-        assert torch.equal(lm(ids).logits, want)
-        assert torch.equal(lm.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), want_tokens)
-    finally:
-        lm.close()
+    for placement in PLACEMENTS:
+        lm = open_placed(folder, placement, dtype="float32", packed=False)
+        try:
+            assert torch.equal(lm(ids).logits, want), placement
+            assert torch.equal(lm.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), want_tokens)
+            assert_placed(lm.stats, placement, len(read_manifest(folder).groups))
+        finally:
+            lm.close()
 
 
 @pytest.mark.parametrize("kind", list(QUANT_CONFIGS))
