@@ -106,18 +106,14 @@ def plan_packing(model: nn.Module, manifest, device: torch.device) -> dict[str, 
         return {}
     from transformers.pytorch_utils import Conv1D
 
-    from reshard.format import ST_TO_DTYPE
-
     group = (quant.get("group_size") or 0) if scheme == "int4" else 0
     specs = {}
     for g, name, info in ((g, n, i) for g in manifest.groups for n, i in g.quantized.items()):
         owner = model.get_submodule(name.rpartition(".")[0])
         if type(owner) not in (nn.Linear, Conv1D) or not name.endswith(".weight"):
             continue
-        if not parts_in_own_dtype(g, name, scheme, info):  # e.g. a re-packed GPTQ's float32 zeros: expands
-            continue
         out, inp = reversed(info["shape"]) if info.get("transposed") else info["shape"]
-        scale_dtype = ST_TO_DTYPE.get(info.get("dtype"), torch.bfloat16)
+        scale_dtype = stored_scale_dtype(g, name, scheme)
         for backend in backends:  # the project's kernel where it takes the shape, else torch's
             spec = PackSpec(scheme, group, out, inp, backend, scale_dtype)
             if supported(spec):
@@ -126,12 +122,14 @@ def plan_packing(model: nn.Module, manifest, device: torch.device) -> dict[str, 
     return specs
 
 
-def parts_in_own_dtype(group, name: str, scheme: str, info: dict) -> bool:
-    """Whether a weight's stored scales (and zeros) are in its own dtype, as the kernels' tables keep them."""
-    from reshard.format import quant_part_names
+def stored_scale_dtype(group, name: str, scheme: str) -> torch.dtype:
+    """The dtype that holds a weight's stored scales and zeros exactly: theirs, or float32 where they
+    differ (a re-packed GPTQ's float16 scales and float32 zeros); what the native int4 table keeps."""
+    from reshard.format import ST_TO_DTYPE, quant_part_names
 
     names = quant_part_names(name, scheme)
-    return all(group.tensors[names[p]]["dtype"] == info.get("dtype") for p in names if p != "qweight")
+    dtypes = {ST_TO_DTYPE[group.tensors[names[p]]["dtype"]] for p in names if p != "qweight"}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
 def install_packed(model: nn.Module, specs: dict[str, PackSpec]) -> None:
@@ -152,7 +150,8 @@ def pack_param(parts: dict[str, torch.Tensor], spec: PackSpec) -> tuple[torch.Te
     if spec.backend == "native":  # the weight as stored (a view of the mapped file where resident)
         if spec.scheme == "int8":
             return parts["qweight"].contiguous(), scales.float()
-        return parts["qweight"].contiguous(), native.int4_scales(scales, parts["zeros"], spec.group)
+        table = native.int4_scales(scales.to(spec.scale_dtype), parts["zeros"], spec.group)
+        return parts["qweight"].contiguous(), table
     if spec.scheme == "int8":
         return aligned(parts["qweight"]), aligned(scales.to(KERNEL_DTYPE))
     packed = parts["qweight"]

@@ -343,10 +343,10 @@ def test_quantize_from_a_published_checkpoint_requantizes_its_weights(scheme, pu
 
 # --- the CPU's low-bit kernels: they take re-packed weights whose parts are in the folder's dtype --
 
-@pytest.mark.parametrize("kind,runs_packed", [("gptq", False), ("gptq_sym", True), ("ct4", True), ("ct8", True)])
-def test_kernels_take_repacked_weights_in_their_dtype_else_the_expansion_runs(kind, runs_packed, published):
-    """Asymmetric GPTQ zeros (-z * s) need float32: those weights expand, exactly; symmetric ones
-    (-8 * s, exact in float16) run through the kernels, each close to the exact product."""
+@pytest.mark.parametrize("kind", ["gptq", "gptq_sym", "ct4", "ct8"])
+def test_kernels_take_repacked_weights_and_packed_false_expands_them_exactly(kind, published):
+    """Re-packed weights run through the CPU kernels, each close to the exact product (asymmetric
+    GPTQ's float32 zeros in a float32 table); with packed=False they expand, bit-identical."""
     from runtime import native
     from runtime.lowbit import PackedLinear, kernels_available
 
@@ -356,14 +356,12 @@ def test_kernels_take_repacked_weights_in_their_dtype_else_the_expansion_runs(ki
     reference = load_file(src / "reference" / "model.safetensors")
     ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(6))
     want, _ = _reference_logits(src, ids)
+    with LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", packed=False, max_cpu_memory=0) as lm:
+        assert torch.equal(lm(ids).logits, want)
     lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", max_cpu_memory=CPU_BUDGETS["resident"])
     try:
-        got = lm(ids).logits
+        lm(ids)
         packed = {n: m for n, m in lm.model.named_modules() if isinstance(m, PackedLinear)}
-        assert bool(packed) == runs_packed
-        if not runs_packed:
-            assert torch.equal(got, want)
-            return
         assert len(packed) == 2 * len(LINEARS)
         x = torch.randn(4, 256, generator=torch.Generator().manual_seed(7))
         for name, module in packed.items():  # each re-packed weight, through the kernel, against the exact product
