@@ -57,7 +57,7 @@ class PackSpec:
     out_features: int  # N
     in_features: int  # K
     backend: str = "torch"  # "native" (runtime/native.py) or "torch"
-    scale_dtype: torch.dtype = torch.bfloat16  # the folder's scales (what the native int4 table keeps)
+    scale_dtype: torch.dtype = torch.bfloat16  # the stored scales' (and zeros') dtype: what the native int4 table keeps
 
 
 def kernels_available() -> bool:
