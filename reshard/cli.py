@@ -206,7 +206,8 @@ def print_info(folder, *, as_json: bool = False) -> None:
     if d["quantization"]:
         q = d["quantization"]
         group = f" group {q['group_size']}" if q.get("group_size") else ""
-        print(f"quantization  {q['scheme']}{group}{', embeddings too' if q.get('embeddings') else ''}")
+        origin = f" (from {q['source_format']})" if q.get("source_format") else ""  # re-packed published weights
+        print(f"quantization  {q['scheme']}{group}{origin}{', embeddings too' if q.get('embeddings') else ''}")
         print(f"bytes/pass    {_gb(d['pass_bytes'])} ({_gb(d['pass_bytes_unquantized'])} unquantized, "
               f"{d['pass_bytes'] / d['pass_bytes_unquantized']:.3f}x); decoder layers "
               f"{d['layer_bytes'] / d['layer_bytes_unquantized']:.3f}x")

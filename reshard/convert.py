@@ -26,6 +26,7 @@ from .fp8 import Fp8Source, Fp8Spec, layout as fp8_layout
 from .mxfp4 import Mxfp4Source, Mxfp4Spec, is_mxfp4
 from .keymap import KeyMap, check_shape, check_shapes, map_keys
 from .plan import build_empty_model, plan_groups, read_config
+from .published import PublishedSource, RepackSpec, check_repackable, published_format
 from .quant import DEFAULT_GROUP, check_scheme, quantizable_params, quantize as quantize_weight, quantize_experts
 from .resume import Progress, conversion_params, manifest_source
 from .gguf_source import GGUFSource
@@ -96,14 +97,17 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
     src = open_source(source, revision=revision, token=token, low_disk_out=out if low_disk else None)
     try:
         config = read_config(src.folder, source, trust_remote_code=trust_remote_code)
+        published = published_format(config, source)  # an unknown format is refused before any download
         target = resolve_dtype(dtype, config)
         model = build_empty_model(config, dtype=target, trust_remote_code=trust_remote_code)
         plan = plan_groups(model)
-        # a published fp8 or mxfp4 checkpoint: kept so unless a dtype or --quantize is asked for
+        # a published fp8 or mxfp4 checkpoint: kept so unless a dtype or --quantize is asked for;
+        # GPTQ/AWQ/compressed-tensors int weights: re-packed into int4/int8, not rounded again
         fp8, mxfp4 = fp8_layout(config), is_mxfp4(config)
-        keep = (fp8 is not None or mxfp4) and dtype == "auto" and not quantize
-        quant = QuantSpec.for_model(model, plan, quantize, quantize_group, quantize_embeddings) if quantize else (
-            (Fp8Spec(fp8) if fp8 else Mxfp4Spec()) if keep else None)
+        keep = (fp8 is not None or mxfp4 or published is not None) and dtype == "auto" and not quantize
+        quant = QuantSpec.for_model(model, plan, quantize, quantize_group, quantize_embeddings) if quantize else None
+        if keep:
+            quant = Fp8Spec(fp8) if fp8 else Mxfp4Spec() if mxfp4 else RepackSpec.for_model(model, plan, published)
         quantization = quant.manifest_entry() if quant else None
         params = conversion_params(src, dtype=dtype_name(target), architecture=type(model).__name__,
                                    quantization=quantization)
@@ -113,10 +117,14 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
             src = Fp8Source(src, fp8, keep=keep)
         elif mxfp4:
             src = Mxfp4Source(src, keep=keep)
+        elif published:
+            src = PublishedSource(src, published, repack_group=quant.group if isinstance(quant, RepackSpec) else None)
         params_map = {p: s for g in plan.groups for p, s in g.params.items()}
         buffers = {b: s for g in plan.groups for b, (s, _) in g.buffers.items()}
         mapping = map_keys(model, src.keys(), params_map, aliases=plan.tied, buffers=buffers)
         check_shapes(mapping.direct, {**params_map, **buffers}, src.shapes())
+        if isinstance(quant, RepackSpec):
+            check_repackable(src, mapping, quant)
         record = Progress.open(out, params, force=force)
         _copy_side_files(src.folder, out)
         kept = {g.name: k for g in plan.groups if (k := record.kept(g.name, g.params)) is not None}

@@ -40,9 +40,9 @@ class ShardedHubSource(Source):
                 self._download(name)
         weights = [f for f in files if f not in SIDE_FILES]
         self.shards = [f for f in weights if not f.endswith(".index.json")]
+        self._open: dict[str, Source] = {}  # downloaded shards (a single one is opened by _index)
         self._shard_of = self._index(weights)
         self._wanted: dict[str, set[str]] = {}  # shard -> keys still to be written from it
-        self._open: dict[str, Source] = {}  # downloaded shards
 
     @property
     def largest_shard_bytes(self) -> int:

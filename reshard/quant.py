@@ -67,7 +67,8 @@ def quantize_int8(w: torch.Tensor, *, dtype: torch.dtype) -> tuple[torch.Tensor,
 
 
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
-    return q.to(dtype) * scales.to(dtype)[:, None]
+    work = _work_dtype(dtype, scales)
+    return (q.to(work) * scales.to(work)[:, None]).to(dtype)
 
 
 # --- int4, asymmetric group-wise ------------------------------------------------------------
@@ -90,10 +91,17 @@ def quantize_int4(w: torch.Tensor, *, group: int, dtype: torch.dtype) -> tuple[t
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *, columns: int,
                     dtype: torch.dtype) -> torch.Tensor:
     rows, groups = scales.shape
-    q = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(rows, groups, -1).to(dtype)  # (out, groups, group)
+    work = _work_dtype(dtype, scales, zeros)
+    q = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(rows, groups, -1).to(work)  # (out, groups, group)
     # addcmul rounds once (opmath), so half-precision results match float32 math cast down.
-    w = torch.addcmul(zeros.to(dtype)[..., None], q, scales.to(dtype)[..., None])
-    return w.view(rows, -1)[:, :columns]
+    w = torch.addcmul(zeros.to(work)[..., None], q, scales.to(work)[..., None])
+    return w.view(rows, -1)[:, :columns].to(dtype)
+
+
+def _work_dtype(dtype: torch.dtype, *parts: torch.Tensor) -> torch.dtype:
+    """`dtype`, or float32 where a stored part is not exact in `dtype` (a re-packed GPTQ/AWQ
+    folder's float32 zeros, float16 scales in a bfloat16 folder): then one rounding at the end."""
+    return dtype if all(p.dtype == dtype for p in parts) else torch.float32
 
 
 # --- rounding of the stored scale and zero ---------------------------------------------------

@@ -57,7 +57,7 @@ class PackSpec:
     out_features: int  # N
     in_features: int  # K
     backend: str = "torch"  # "native" (runtime/native.py) or "torch"
-    scale_dtype: torch.dtype = torch.bfloat16  # the folder's scales (what the native int4 table keeps)
+    scale_dtype: torch.dtype = torch.bfloat16  # the stored scales' (and zeros') dtype: what the native int4 table keeps
 
 
 def kernels_available() -> bool:
@@ -106,22 +106,30 @@ def plan_packing(model: nn.Module, manifest, device: torch.device) -> dict[str, 
         return {}
     from transformers.pytorch_utils import Conv1D
 
-    from reshard.format import ST_TO_DTYPE
-
     group = (quant.get("group_size") or 0) if scheme == "int4" else 0
     specs = {}
-    for name, info in ((n, i) for g in manifest.groups for n, i in g.quantized.items()):
+    for g, name, info in ((g, n, i) for g in manifest.groups for n, i in g.quantized.items()):
         owner = model.get_submodule(name.rpartition(".")[0])
         if type(owner) not in (nn.Linear, Conv1D) or not name.endswith(".weight"):
             continue
         out, inp = reversed(info["shape"]) if info.get("transposed") else info["shape"]
-        scale_dtype = ST_TO_DTYPE.get(info.get("dtype"), torch.bfloat16)
+        scale_dtype = stored_scale_dtype(g, name, scheme)
         for backend in backends:  # the project's kernel where it takes the shape, else torch's
             spec = PackSpec(scheme, group, out, inp, backend, scale_dtype)
             if supported(spec):
                 specs[name] = spec
                 break
     return specs
+
+
+def stored_scale_dtype(group, name: str, scheme: str) -> torch.dtype:
+    """The dtype that holds a weight's stored scales and zeros exactly: theirs, or float32 where they
+    differ (a re-packed GPTQ's float16 scales and float32 zeros); what the native int4 table keeps."""
+    from reshard.format import ST_TO_DTYPE, quant_part_names
+
+    names = quant_part_names(name, scheme)
+    dtypes = {ST_TO_DTYPE[group.tensors[names[p]]["dtype"]] for p in names if p != "qweight"}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
 def install_packed(model: nn.Module, specs: dict[str, PackSpec]) -> None:
@@ -142,7 +150,8 @@ def pack_param(parts: dict[str, torch.Tensor], spec: PackSpec) -> tuple[torch.Te
     if spec.backend == "native":  # the weight as stored (a view of the mapped file where resident)
         if spec.scheme == "int8":
             return parts["qweight"].contiguous(), scales.float()
-        return parts["qweight"].contiguous(), native.int4_scales(scales, parts["zeros"], spec.group)
+        table = native.int4_scales(scales.to(spec.scale_dtype), parts["zeros"], spec.group)
+        return parts["qweight"].contiguous(), table
     if spec.scheme == "int8":
         return aligned(parts["qweight"]), aligned(scales.to(KERNEL_DTYPE))
     packed = parts["qweight"]

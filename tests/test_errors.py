@@ -59,6 +59,18 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "{} needs its own Python code to load; pass --trust-remote-code if you trust it":
         ("test_robustness.py::test_custom_code_needs_trust_remote_code",
          "test_errors.py::test_runtime_folder_with_custom_code_needs_trust_remote_code"),
+    # published quantized checkpoints (reshard/published.py, reshard/gptq.py)
+    "{} is quantized with {}, which reshard cannot read; {}":
+        ("test_formats_gptq.py::test_unreadable_quantization_is_refused_before_any_weight_download",),
+    "{} is {}, which reshard cannot read; {}":
+        ("test_formats_gptq.py::test_unreadable_quantization_is_refused_before_any_weight_download",),
+    "{} is compressed-tensors in the {} format, which reshard cannot read; {}":
+        ("test_formats_gptq.py::test_unreadable_quantization_is_refused_before_any_weight_download",),
+    "{}.g_idx is not in plain group order (act-order GPTQ); this cannot be re-packed exactly: convert the "
+    "unquantized checkpoint, or an act-order-free GPTQ version":
+        ("test_formats_gptq.py::test_gptq_whose_g_idx_is_out_of_order_is_refused",),
+    "{} is a packed {} weight that transformers combines with others at load; convert with --dtype float16 (or "
+    "bfloat16) to de-quantize it": ("test_formats_gptq.py::test_packed_expert_weights_are_refused_unless_dequantized",),
     "transformers cannot read the config of {}: {}": ("test_robustness.py::test_config_transformers_cannot_load",),
     "this model needs its own code; pass --trust-remote-code if you trust it ({})":
         ("test_errors_convert.py::test_model_code_that_needs_trust_remote_code",),

@@ -1,0 +1,94 @@
+"""GPTQ, AWQ and compressed-tensors pack-quantized weights: their layouts and published math.
+
+Each format stores a linear weight (out, in) as small integers packed into int32 words, with a
+scale and an integer zero point per group of `group` input columns; all three de-quantize as
+
+    w[o, i] = (q[o, i] - z[o, i // group]) * s[o, i // group]
+
+so each unpacks here into one `Affine` (q, z, s). Layouts (bits 4; 8 for compressed-tensors):
+- GPTQ: `qweight` (in/8, out), input row 8r+j in bits 4j of word r; `qzeros` (groups, out/8),
+  output column 8c+j in bits 4j; `scales` (groups, out); `g_idx` (in,) each row's group. The v1
+  checkpoint format ("gptq", AutoGPTQ's) stores z - 1: the published kernels add 1 back.
+- AWQ "gemm": `qweight` (in, out/8) and `qzeros` (groups, out/8), output columns packed in the
+  order [0, 2, 4, 6, 1, 3, 5, 7] (column 8c + ORDER[j] in bits 4j); `scales` (groups, out); no +1.
+- compressed-tensors "pack-quantized", symmetric: `weight_packed` (out, in/k), input column
+  k*c+j in bits `bits`*j of word c, each value stored as q + 2^(bits-1); `weight_scale`
+  (out, groups), `weight_shape` [out, in]; z = 0 on the signed values (2^(bits-1) on the stored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SourceError
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of an AWQ word holds column 8c + AWQ_ORDER[j]
+
+
+@dataclass
+class Affine:
+    """w = (q - z[:, i // group]) * s[:, i // group], all (out, ...) in nn.Linear's orientation."""
+    q: torch.Tensor  # (out, in) int16, the stored unsigned values
+    z: torch.Tensor  # (out, groups) int16
+    s: torch.Tensor  # (out, groups), the checkpoint's scale dtype
+    group: int  # input columns per group
+
+    def dequantize(self) -> torch.Tensor:
+        """The (out, in) weight in float32, exactly: (q - z) is a small integer and the scale has
+        at most 11 significant bits, so each product is exact in float32."""
+        cols = self.q.shape[1]
+        z = self.z.repeat_interleave(self.group, dim=1)[:, :cols]
+        s = self.s.float().repeat_interleave(self.group, dim=1)[:, :cols]
+        return (self.q - z).float() * s
+
+
+def unpack_words(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """int32 `words` -> int16 values, 32/bits per word, the lowest bits first, spread along `dim`."""
+    per = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    w = words.to(torch.int32).unsqueeze(-1)  # (..., per) on the last dim
+    vals = torch.bitwise_right_shift(w, shifts) & ((1 << bits) - 1)
+    vals = vals.movedim(-1, dim + 1) if dim != words.dim() - 1 else vals
+    shape = list(words.shape)
+    shape[dim] *= per
+    return vals.reshape(shape).to(torch.int16)
+
+
+def unpack_gptq(parts: dict[str, torch.Tensor], *, group: int, v1: bool, name: str) -> Affine:
+    """A GPTQ linear from its `qweight`, `qzeros`, `scales` (and `g_idx`, which must be the plain
+    i // group: act-order checkpoints are refused before this)."""
+    q = unpack_words(parts["qweight"], 4, 0).t()  # (in, out) -> (out, in)
+    cols = q.shape[1]
+    g = group if group > 0 else cols
+    if "g_idx" in parts and not torch.equal(parts["g_idx"].long(), torch.arange(cols) // g):
+        raise SourceError(f"{name}.g_idx is not in plain group order (act-order GPTQ); this cannot be re-packed "
+                          f"exactly: convert the unquantized checkpoint, or an act-order-free GPTQ version")
+    z = unpack_words(parts["qzeros"], 4, 1) + (1 if v1 else 0)  # (groups, out)
+    return Affine(q.contiguous(), z.t().contiguous(), parts["scales"].t().contiguous(), g)
+
+
+def unpack_awq(parts: dict[str, torch.Tensor], *, group: int) -> Affine:
+    """An AWQ "gemm" linear from its `qweight`, `qzeros`, `scales`."""
+    q = _awq_columns(unpack_words(parts["qweight"], 4, 1))  # (in, out)
+    z = _awq_columns(unpack_words(parts["qzeros"], 4, 1))  # (groups, out)
+    g = group if group > 0 else q.shape[0]
+    return Affine(q.t().contiguous(), z.t().contiguous(), parts["scales"].t().contiguous(), g)
+
+
+def _awq_columns(vals: torch.Tensor) -> torch.Tensor:
+    """Undo AWQ's column interleave: nibble j of word c is column 8c + AWQ_ORDER[j]."""
+    rows, cols = vals.shape
+    inverse = [AWQ_ORDER.index(k) for k in range(8)]
+    return vals.view(rows, cols // 8, 8)[:, :, inverse].reshape(rows, cols)
+
+
+def unpack_pack_quantized(parts: dict[str, torch.Tensor], *, bits: int, group: int) -> Affine:
+    """A compressed-tensors pack-quantized (symmetric) linear from `weight_packed`, `weight_scale`, `weight_shape`."""
+    out, cols = (int(x) for x in parts["weight_shape"].tolist())
+    q = unpack_words(parts["weight_packed"], bits, 1)[:, :cols]
+    s = parts["weight_scale"].reshape(out, -1)
+    g = group if group > 0 else cols
+    z = torch.full(s.shape, 1 << (bits - 1), dtype=torch.int16)
+    return Affine(q.contiguous(), z, s.contiguous(), g)
