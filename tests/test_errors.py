@@ -261,8 +261,10 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "this folder's tokenizer has no chat template; `runtime chat` needs one (use `runtime generate` for plain "
     "text)": ("test_chat.py::test_chat_needs_a_chat_template",),
     "lm-eval is not installed; pip install 'reshard[eval]'": ("test_lm_eval.py::test_eval_without_lm_eval_installed",),
-    "batch_size must be a whole number or auto, not {}": ("test_lm_eval.py::test_bad_model_args_are_one_error_line",),
-    "batch_size must be 1 or more, not {}": ("test_lm_eval.py::test_bad_model_args_are_one_error_line",),
+    "{} must be a whole number{}, not {}": ("test_lm_eval.py::test_bad_model_args_are_one_error_line",
+                                            "test_lm_eval.py::test_max_batch_size_caps_the_batches"),
+    "{} must be 1 or more, not {}": ("test_lm_eval.py::test_bad_model_args_are_one_error_line",
+                                     "test_lm_eval.py::test_max_batch_size_caps_the_batches"),
     "a continuation of {} tokens is longer than max_length {}":
         ("test_lm_eval.py::test_pairs_longer_than_max_length_are_cut_on_the_left",),
     "unknown model_args for the reshard backend: {}; see `runtime eval --help`":
