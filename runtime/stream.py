@@ -64,6 +64,7 @@ class PassStats:
     experts_read: int = 0  # routed experts brought from files or host memory (runtime/experts.py)
     experts_cached: int = 0  # routed experts served from the expert cache
     expert_bytes: int = 0  # bytes of the experts read (part of `bytes`)
+    cpu_layers: dict = field(default_factory=dict)  # --cpu-layers: group -> "cpu|stream: why" (runtime/hostcompute.py)
 
 
 @dataclass
