@@ -4,6 +4,8 @@ On this CPU-only machine the device *is* the CPU, so the moves are no-ops, but t
 one a CUDA model takes: the layers' weights come from the host loader, not the streaming one,
 the hooks move inputs, outputs and the layer's KV cache, and --stats says where each ran."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -88,3 +90,26 @@ def test_move_reaches_nested_tensors_and_the_cache_layer():
     assert cache.layers[1].keys.device == meta and cache.layers[1].values.device == meta
     assert cache.layers[0].keys.device.type == "cpu"
     move_cache_layer(cache, 7, meta)  # no such layer: nothing to move
+
+
+def test_cli_cpu_layers_text_and_stats(tiny_converted, capsys):
+    from runtime.cli import main as runtime_main
+
+    args = ["generate", str(tiny_converted["llama"]), "--prompt", "w5 w17 w42", "--device", "cpu",
+            "--max-new-tokens", "4", "--min-new-tokens", "4", "--max-cpu-memory", "0", "--stats"]
+    assert runtime_main(args) == 0
+    plain = capsys.readouterr().out
+    assert runtime_main([*args, "--cpu-layers", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert out == plain
+    passes = json.loads(err.strip().splitlines()[-1])["per_pass"]
+    assert len(passes) == 4 and all(p["cpu_layers"] == {"layers.1": "cpu: --cpu-layers",
+                                                       "layers.2": "cpu: --cpu-layers"} for p in passes)
+
+
+def test_cli_bad_cpu_layers_exits_2(tiny_converted, capsys):
+    from runtime.cli import main as runtime_main
+
+    code = runtime_main(["generate", str(tiny_converted["llama"]), "-p", "w5", "--cpu-layers", "some"])
+    assert code == 2
+    assert "--cpu-layers 'some' is not understood; give a layer count (e.g. 8) or auto" in capsys.readouterr().err
