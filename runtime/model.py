@@ -79,6 +79,10 @@ class LayeredModel:
         if host is not None:
             host.enabled = lambda: self.lockstep is None
             self._hooks.extend(host.install(self.model, self.model.get_submodule(self.manifest.layers_path)))
+            if host.fixed:  # those layers never cross the link: the prefetcher skips them
+                self.prefetcher.close()
+                self.streamed = [i for i in self.streamed if i not in host.candidates]
+                self.prefetcher = Prefetcher(loader.load, self.streamed, prefetch, self.stats)
         self.experts = ExpertStreamer(loader, cache_bytes=expert_cache)  # MoE layers: only routed experts
         if sparse_experts:
             self.experts.install(model)
