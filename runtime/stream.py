@@ -381,7 +381,7 @@ class Prefetcher:
             self.pending.popleft()[1].cancel()  # off the expected order: drop what was read ahead
         future = self.pending.popleft()[1] if self.pending else self.pool.submit(self.load, i)
         last = self.pending[-1][0] if self.pending else i
-        while len(self.pending) < self.depth:
+        while len(self.pending) < self.depth and last in self._next:  # a group off `order` reads nothing ahead
             last = self._next[last]
             self.pending.append((last, self.pool.submit(self.load, last)))
         t0 = time.perf_counter()

@@ -113,3 +113,18 @@ def test_cli_bad_cpu_layers_exits_2(tiny_converted, capsys):
     code = runtime_main(["generate", str(tiny_converted["llama"]), "-p", "w5", "--cpu-layers", "some"])
     assert code == 2
     assert "--cpu-layers 'some' is not understood; give a layer count (e.g. 8) or auto" in capsys.readouterr().err
+
+
+def test_lockstep_jobs_stream_the_cpu_layers(tiny_converted):
+    """score runs several forwards through one pass (runtime/lockstep.py): the CPU layers stream then."""
+    from conftest import word_tokenizer
+
+    items = [{"prompt": "w5 w6", "choices": [" w7", " w8"]}, {"text": "w1 w2 w3 w4"}]
+    folder = tiny_converted["llama"]
+    results = []
+    for cpu_layers in (None, 1):
+        with LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", max_cpu_memory=0,
+                                          cpu_layers=cpu_layers) as model:
+            model.tokenizer = word_tokenizer(folder)
+            results.append(model.score(items, batch_size=1))
+    assert results[0] == results[1]
