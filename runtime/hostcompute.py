@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from reshard.errors import UsageError
+from reshard.format import expert_bytes
 
 from . import hybrid
 from .stream import GroupLoader, Loaded
@@ -139,6 +140,8 @@ def open_host_compute(cpu_layers, folder, loader: GroupLoader, costs, layer_inde
         return None
     manifest = loader.manifest
     chosen = candidates_for(cpu_layers, loader.places, manifest.groups, DEVICE)
+    if loader.device.type != "cpu":  # the expert streamer puts routed experts on the device (--cpu-experts: not built)
+        chosen = [i for i in chosen if not expert_bytes(manifest.groups[i])]
     if not chosen:
         return None
     host = GroupLoader(folder, manifest, torch.device("cpu"), loader.dtype, loader.stats, packing=loader.packing)

@@ -128,3 +128,15 @@ def test_lockstep_jobs_stream_the_cpu_layers(tiny_converted):
             model.tokenizer = word_tokenizer(folder)
             results.append(model.score(items, batch_size=1))
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_moe_cpu_layers_equal_the_streamed_run(moe_converted, arch):
+    ids = IDS % 300
+    logits = []
+    for cpu_layers in (None, 2):
+        with LayeredModel.from_pretrained(moe_converted[arch], device="cpu", dtype="float32", max_cpu_memory=0,
+                                          cpu_layers=cpu_layers) as model:
+            logits.append(model(ids).logits)
+            assert cpu_layers is None or len(model.stats.per_pass[-1].cpu_layers) == 2
+    assert torch.equal(logits[0], logits[1])
