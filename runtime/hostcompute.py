@@ -31,9 +31,11 @@ class HostCompute:
     feeds `hybrid.choose` at each pass's token count."""
 
     def __init__(self, loader: GroupLoader, device: torch.device, candidates: dict[int, tuple[int, int, int]],
-                 *, fixed: bool, speeds: Callable[[], hybrid.Speeds] | None = None):
+                 *, fixed: bool, speeds: Callable[[], hybrid.Speeds] | None = None,
+                 held: Callable[[int], torch.Tensor | None] = lambda i: None):
         self.loader, self.device, self.host = loader, device, loader.device
         self.candidates, self.fixed, self._speeds = candidates, fixed, speeds
+        self.held = held  # group -> its bytes already in host memory (the device loader's pinned copy), or None
         self.names = {i: loader.manifest.groups[i].name for i in candidates}
         self.active: dict[int, str] = {}  # this pass: group -> why it runs on the host
         self.log: dict[str, str] = {}  # this pass: group name -> where it ran and why
@@ -61,8 +63,10 @@ class HostCompute:
         return self._known
 
     def weights(self, i: int) -> Loaded:
-        """Group i's tensors on the host, as the CPU computes with them."""
-        return self.loader.load(i)
+        """Group i's tensors on the host, as the CPU computes with them: views of its pinned copy where
+        the device's loader holds one (a HOST group), else read from its file."""
+        data = self.held(i)
+        return self.loader.load(i) if data is None else self.loader.load_from(i, data)
 
     def install(self, model: torch.nn.Module, layers: torch.nn.ModuleList) -> list:
         """Hooks: the pass's token count on `model`, the moves on each candidate layer; their handles."""
@@ -148,4 +152,5 @@ def open_host_compute(cpu_layers, folder, loader: GroupLoader, costs, layer_inde
     size = loader.dtype.itemsize
     candidates = {i: (costs[i].stored, costs[i].held // size, layer_index(i)) for i in chosen}
     speeds = lambda: hybrid.calibrate(loader.device, loader.dtype, cache_file=hybrid.default_cache_file())  # noqa: E731
-    return HostCompute(host, loader.device, candidates, fixed=cpu_layers != AUTO, speeds=speeds)
+    return HostCompute(host, loader.device, candidates, fixed=cpu_layers != AUTO, speeds=speeds,
+                       held=loader.host_data)

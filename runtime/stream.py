@@ -244,6 +244,15 @@ class GroupLoader:
         nbytes = (span[1] - span[0]) if span else (gf.nbytes if gf else 0)
         return span, skip, nbytes
 
+    def load_from(self, i: int, data: torch.Tensor) -> Loaded:
+        """Group i's tensors on the CPU as views of `data`, its data section held elsewhere (another
+        loader's pinned copy, see hold): nothing is read from its file."""
+        gf = self.files[i]
+        tensors = self._expand(i, {name: self._cast(gf.view_of(data, name), name, i) for name in gf.infos})
+        for alias, (j, name) in self.aliases[i].items():
+            tensors[alias] = self._param(j, name, lambda t: t)
+        return Loaded(i, tensors, None, 0)
+
     def _load_cpu(self, i: int) -> Loaded:
         t0 = time.perf_counter()
         gf, tensors = self.files[i], {}

@@ -140,3 +140,21 @@ def test_moe_cpu_layers_equal_the_streamed_run(moe_converted, arch):
             logits.append(model(ids).logits)
             assert cpu_layers is None or len(model.stats.per_pass[-1].cpu_layers) == 2
     assert torch.equal(logits[0], logits[1])
+
+
+def test_weights_from_a_held_copy_equal_the_file_load(tiny_converted):
+    """A HOST group on CUDA: the CPU computes with views of the pinned copy the device loader holds."""
+    with LayeredModel.from_pretrained(tiny_converted["gpt2"], device="cpu", max_cpu_memory=0, cpu_layers=1) as model:
+        host = model.host
+        (i,) = host.candidates
+        held = host.loader.files[i].data().clone()  # stands in for the pinned copy
+        host.held = {i: held}.get
+        from_file, from_held = host.loader.load(i).tensors, host.weights(i).tensors
+        assert from_file.keys() == from_held.keys()
+        assert all(torch.equal(from_file[k], from_held[k]) for k in from_file)
+        own = [t for t in from_held.values() if t.untyped_storage().data_ptr() == held.untyped_storage().data_ptr()]
+        assert own  # views of the held bytes, not a second read of the file
+        ids = IDS % 300
+        want = model(ids).logits
+    with LayeredModel.from_pretrained(tiny_converted["gpt2"], device="cpu", max_cpu_memory=0) as plain:
+        assert torch.equal(plain(ids).logits, want)
