@@ -158,3 +158,17 @@ def test_weights_from_a_held_copy_equal_the_file_load(tiny_converted):
         want = model(ids).logits
     with LayeredModel.from_pretrained(tiny_converted["gpt2"], device="cpu", max_cpu_memory=0) as plain:
         assert torch.equal(plain(ids).logits, want)
+
+
+def test_generate_batch_with_cpu_layers_equals_without(tiny_converted):
+    from conftest import word_tokenizer
+
+    folder, done = tiny_converted["llama"], []
+    for cpu_layers in (None, 2):
+        with LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", max_cpu_memory=0,
+                                          cpu_layers=cpu_layers) as model:
+            model.tokenizer = word_tokenizer(folder)
+            done.append([g.tokens for g in model.generate_batch(["w5 w6 w7", "w9 w10"], max_new_tokens=5,
+                                                                 do_sample=False)])
+            assert bool(model.stats.per_pass[-1].cpu_layers) == bool(cpu_layers)
+    assert done[0] == done[1]
