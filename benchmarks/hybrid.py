@@ -72,7 +72,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry", action="store_true", help="tiny shapes on the CPU: checks the code runs")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=4, help="decode passes per run (the first, prefill, is not timed)")
+    parser.add_argument("--tokens", type=int, default=4, help="decode passes per run (the prefill is not timed)")
     parser.add_argument("--batches", default="1,8,64")
     args = parser.parse_args()
     device = "cpu" if args.dry or not torch.cuda.is_available() else "cuda"
