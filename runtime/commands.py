@@ -21,7 +21,8 @@ def open_model(args):
     return LayeredModel.from_pretrained(args.model, device=args.device, dtype=args.dtype, prefetch=args.prefetch,
                                         max_gpu_memory=args.max_gpu_memory, max_cpu_memory=args.max_cpu_memory,
                                         trust_remote_code=args.trust_remote_code, verify=args.verify,
-                                        expert_cache=getattr(args, "expert_cache", None))
+                                        expert_cache=getattr(args, "expert_cache", None),
+                                        cpu_layers=getattr(args, "cpu_layers", None))
 
 
 def encode_prompt(tokenizer, text: str, *, chat: bool) -> list[int]:

@@ -27,6 +27,7 @@ from . import allowance, budget, lowbit
 from .experts import ExpertStreamer, cache_budget, load_persistent_buffers
 from .opening import (converted_folder, group_costs, load_generation_config, load_tokenizer, pin_device,
                       place_buffers, place_groups, resolve_device, resolve_runtime_dtype)
+from .hostcompute import HostCompute, open_host_compute
 from .stream import GroupLoader, Loaded, Prefetcher, StreamStats
 
 
@@ -56,7 +57,7 @@ class LayeredModel:
 
     def __init__(self, model, manifest, loader: GroupLoader, *, device, prefetch: int, tokenizer=None,
                  expert_cache: int = 0, sparse_experts: bool = True, memory: budget.Budget | None = None,
-                 costs: list[budget.GroupCost] | None = None):
+                 costs: list[budget.GroupCost] | None = None, host: HostCompute | None = None):
         self.model, self.manifest, self.loader = model, manifest, loader
         self.device, self.tokenizer, self.memory, self.depth = device, tokenizer, memory, prefetch
         self.costs = costs if costs is not None else group_costs(loader)  # from_pretrained's, made once
@@ -74,6 +75,14 @@ class LayeredModel:
         self._hooks: list = []  # handles of the streaming hooks, removed by close()
         self._hold_resident()
         self._install_hooks()
+        self.host = host  # layers computed on the CPU beside the device (runtime/hostcompute.py), or None
+        if host is not None:
+            host.enabled = lambda: self.lockstep is None
+            self._hooks.extend(host.install(self.model, self.model.get_submodule(self.manifest.layers_path)))
+            if host.fixed:  # those layers never cross the link: the prefetcher skips them
+                self.prefetcher.close()
+                self.streamed = [i for i in self.streamed if i not in host.candidates]
+                self.prefetcher = Prefetcher(loader.load, self.streamed, prefetch, self.stats)
         self.experts = ExpertStreamer(loader, cache_bytes=expert_cache)  # MoE layers: only routed experts
         if sparse_experts:
             self.experts.install(model)
@@ -83,7 +92,7 @@ class LayeredModel:
                         max_gpu_memory=None, max_cpu_memory=None, trust_remote_code: bool = False,
                         verify: bool = False, revision: str | None = None, token: str | None = None,
                         quantize: str | None = None, expert_cache=None,
-                        sparse_experts: bool = True, packed: bool = True) -> "LayeredModel":
+                        sparse_experts: bool = True, packed: bool = True, cpu_layers=None) -> "LayeredModel":
         """Open a converted folder. `device` defaults to cuda if torch sees a GPU, else cpu;
         `dtype` defaults to the folder's (on the CPU, a float16 or bfloat16 folder computes in
         bfloat16 where the CPU does it natively, else in float32); `prefetch` is how many groups
@@ -108,7 +117,12 @@ class LayeredModel:
 
         On the CPU, a quantized folder's linear weights stay packed and run through torch's
         low-bit kernels with bfloat16 activations (runtime/lowbit.py); `packed=False` expands
-        them to the compute dtype instead (slower, but exact float32 math with dtype="float32")."""
+        them to the compute dtype instead (slower, but exact float32 math with dtype="float32").
+
+        `cpu_layers` (N or "auto"; llama.cpp's -ngl seen from the other side) computes decoder
+        layers on the CPU where their weights wait instead of copying them to the device: N the last
+        N layers not resident on the device, "auto" each of those per pass when the planner finds the
+        CPU faster at that pass's token count (runtime/hybrid.py, runtime/hostcompute.py)."""
         path = converted_folder(path, dtype=dtype, revision=revision, token=token, quantize=quantize,
                                 trust_remote_code=trust_remote_code)
         manifest = read_manifest(path)
@@ -132,9 +146,10 @@ class LayeredModel:
         load_persistent_buffers(model, loader)
         cache = cache_budget(loader, costs, memory,
                              allowance.job_bytes(model.config, compute_dtype, allowance.DEFAULT), expert_cache)
+        host = open_host_compute(cpu_layers, path, loader, costs, lambda i: int(manifest.groups[i].name.split(".")[1]))
         return cls(model, manifest, loader, device=dev, prefetch=prefetch, tokenizer=load_tokenizer(path),
                    expert_cache=cache if sparse_experts else 0, sparse_experts=sparse_experts, memory=memory,
-                   costs=costs)
+                   costs=costs, host=host)
 
     # --- calls go to transformers ------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -325,7 +340,17 @@ class LayeredModel:
             return
         if self._current is not None:
             self._leave(self._current.index)
+        if self.host is not None and i in self.host.active:
+            return self._put_host_weights(i)
         self._load_group(i)
+
+    def _put_host_weights(self, i: int) -> None:
+        """Group i runs on the CPU this pass: its weights from host memory, nothing crosses the link."""
+        loaded = self.host.weights(i)
+        for slot, name in zip(self._slots[i], self._names[i]):
+            if name in loaded.tensors:
+                slot.put(loaded.tensors[name])
+        self._current = loaded
 
     def _load_group(self, i: int) -> None:
         if self.places[i] == budget.DEVICE:
@@ -353,7 +378,9 @@ class LayeredModel:
         for slot in self._slots[i]:
             slot.clear()
         self._current = None
-        if self.device.type == "cpu":
+        if self.host is not None and i in self.host.active:
+            self.host.loader.release_pages(i)
+        elif self.device.type == "cpu":
             self.loader.release_pages(i)
 
     def _start_pass(self) -> None:
@@ -368,4 +395,6 @@ class LayeredModel:
             self._leave(self._current.index)
         if self.device.type == "cuda":  # so that the pass's time includes its kernels
             torch.cuda.current_stream(self.device).synchronize()
-        self.stats.end_pass()
+        done = self.stats.end_pass()
+        if self.host is not None:
+            done.cpu_layers = dict(self.host.log)

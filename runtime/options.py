@@ -39,13 +39,22 @@ def check_size(ctx, param, value):
     return value
 
 
+def parse_cpu_layers(ctx, param, value):
+    """--cpu-layers: "auto", a layer count, or None (off)."""
+    if value is None or value == "auto":
+        return value
+    if not value.isdigit():
+        raise UsageError(f"--cpu-layers {value!r} is not understood; give a layer count (e.g. 8) or auto")
+    return int(value)
+
+
 def model_argument():
     """MODEL: a converted folder, or a hub repo id or `.gguf` file (converted into the cache on first use)."""
     return click.argument("model", metavar="MODEL", type=click.Path())
 
 
 def model_options(fn):
-    """--device, --dtype, --prefetch, --max-gpu-memory, --max-cpu-memory, --expert-cache,
+    """--device, --dtype, --prefetch, --max-gpu-memory, --max-cpu-memory, --expert-cache, --cpu-layers,
     --trust-remote-code, --verify, --stats, and --revision, --token for a hub repo id: what
     `open_model` needs."""
     decorators = [
@@ -66,6 +75,11 @@ def model_options(fn):
         click.option("--expert-cache", default=None, metavar="SIZE", callback=check_size, cls=Option,
                      section=MODEL, show_default="what the budgets leave",
                      help="mixtures of experts: recently used experts kept on the device, e.g. 4GiB"),
+        click.option("--cpu-layers", default=None, metavar="N|auto", callback=parse_cpu_layers, cls=Option,
+                     section=MODEL, show_default="off",
+                     help="compute the last N layers kept off the GPU on the CPU, where their weights wait, "
+                          "instead of copying them (auto: per pass, where measured speeds say the CPU is "
+                          "faster); --stats says where each ran"),
         trust_remote_code_option(section=MODEL),
         click.option("--verify", is_flag=True, cls=Option, section=MODEL,
                      help="check every file's sha256 against the manifest first"),

@@ -64,6 +64,7 @@ class PassStats:
     experts_read: int = 0  # routed experts brought from files or host memory (runtime/experts.py)
     experts_cached: int = 0  # routed experts served from the expert cache
     expert_bytes: int = 0  # bytes of the experts read (part of `bytes`)
+    cpu_layers: dict = field(default_factory=dict)  # --cpu-layers: group -> "cpu|stream: why" (runtime/hostcompute.py)
 
 
 @dataclass
@@ -243,6 +244,15 @@ class GroupLoader:
         nbytes = (span[1] - span[0]) if span else (gf.nbytes if gf else 0)
         return span, skip, nbytes
 
+    def load_from(self, i: int, data: torch.Tensor) -> Loaded:
+        """Group i's tensors on the CPU as views of `data`, its data section held elsewhere (another
+        loader's pinned copy, see hold): nothing is read from its file."""
+        gf = self.files[i]
+        tensors = self._expand(i, {name: self._cast(gf.view_of(data, name), name, i) for name in gf.infos})
+        for alias, (j, name) in self.aliases[i].items():
+            tensors[alias] = self._param(j, name, lambda t: t)
+        return Loaded(i, tensors, None, 0)
+
     def _load_cpu(self, i: int) -> Loaded:
         t0 = time.perf_counter()
         gf, tensors = self.files[i], {}
@@ -380,7 +390,7 @@ class Prefetcher:
             self.pending.popleft()[1].cancel()  # off the expected order: drop what was read ahead
         future = self.pending.popleft()[1] if self.pending else self.pool.submit(self.load, i)
         last = self.pending[-1][0] if self.pending else i
-        while len(self.pending) < self.depth:
+        while len(self.pending) < self.depth and last in self._next:  # a group off `order` reads nothing ahead
             last = self._next[last]
             self.pending.append((last, self.pool.submit(self.load, last)))
         t0 = time.perf_counter()

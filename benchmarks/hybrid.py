@@ -1,0 +1,112 @@
+"""Hybrid section: host-resident layers streamed to the GPU vs computed on the CPU vs the planner's choice.
+
+Random Llama-70B-shaped layers (hidden 8192, intermediate 28672, 64 heads, 8 KV heads), stored
+int4 (group 32), all held in host RAM (--max-gpu-memory 0: the GPU keeps none, as with 6 GB free
+beside a 35 GB model), decoded at batch 1, 8 and 64:
+- stream: every layer copied to the GPU each pass (the runtime's default);
+- cpu: every layer computed on the CPU where it waits (--cpu-layers <all>);
+- auto: the planner's choice per pass (--cpu-layers auto), from speeds measured at open.
+It prints the machine, the measured copy bandwidth and the CPU's GB/s (runtime/hybrid.py's
+calibration, same run), s/token per mode and batch, the planner's ratio against the better fixed
+mode (goal: at most 1.05), and the arithmetic for a PCIe4 box. `--dry` runs tiny shapes on the CPU
+(the check that this code runs; its figures mean nothing).
+
+    python benchmarks/hybrid.py --dry
+    python benchmarks/hybrid.py --layers 4 | tee benchmarks/results/hybrid-h200.txt
+
+Not built yet: DeepSeek-V3-shaped MoE layers with CPU experts (--cpu-experts does not exist).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine_lines, out  # noqa: E402
+
+LLAMA70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8)
+TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+MODES = {"stream": None, "cpu": 999, "auto": "auto"}
+PCIE4 = 25e9  # bytes/s, a PCIe4 x16 link's practical copy rate
+
+
+def build(folder: Path, layers: int, dry: bool, device: str) -> Path:
+    import transformers as tf
+
+    from reshard.synthetic import write_random_model
+
+    shape = TINY if dry else LLAMA70B
+    config = tf.LlamaConfig(num_hidden_layers=layers, vocab_size=8000, tie_word_embeddings=False, **shape)
+    write_random_model(config, folder, dtype=torch.float16, device=device, quantize="int4", quantize_group=32)
+    return folder
+
+
+def s_per_token(folder: Path, device: str, mode: str, batch: int, tokens: int) -> tuple[float, dict]:
+    """Mean decode-pass seconds, and the last pass's record of where each layer ran."""
+    from runtime import LayeredModel
+
+    model = LayeredModel.from_pretrained(folder, device=device, dtype="float16" if device == "cuda" else "float32",
+                                         max_gpu_memory=0, max_cpu_memory="200GB" if device == "cuda" else 0,
+                                         cpu_layers=MODES[mode])
+    try:
+        ids = torch.randint(3, 8000, (batch, 8), generator=torch.Generator().manual_seed(0)).to(model.device)
+        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        decode = model.stats.per_pass[1:]
+        return sum(p.seconds for p in decode) / len(decode), decode[-1].cpu_layers
+    finally:
+        model.close()
+        del model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dry", action="store_true", help="tiny shapes on the CPU: checks the code runs")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=4, help="decode passes per run (the prefill is not timed)")
+    parser.add_argument("--batches", default="1,8,64")
+    args = parser.parse_args()
+    device = "cpu" if args.dry or not torch.cuda.is_available() else "cuda"
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    from runtime import hybrid
+    from runtime.budget import gib
+
+    for line in machine_lines(str(dtype).removeprefix("torch.")):
+        out(line)
+    speeds = hybrid.calibrate(torch.device(device), dtype)
+    out(f"measured: link {speeds.link / 1e9:.1f} GB/s host->device; CPU matmul {speeds.cpu_bytes / 1e9:.1f} GB/s "
+        f"at 1 token, {speeds.cpu_flops / 1e12:.2f} TFLOP/s at 256; GPU {speeds.gpu_flops / 1e12:.1f} TFLOP/s")
+    work = Path(tempfile.mkdtemp(prefix="hybrid-bench-"))
+    try:
+        folder = build(work / "llama70b-int4", 2 if args.dry else args.layers, args.dry, device)
+        layer_bytes = max(f.stat().st_size for f in folder.glob("*.safetensors") if "layers" in f.name)
+        out(f"model: {args.layers if not args.dry else 2} Llama-70B-shaped int4 layers "
+            f"({'tiny' if args.dry else 'full'} shape), {gib(layer_bytes)} per layer file; all held in host RAM")
+        for batch in (int(b) for b in args.batches.split(",")):
+            rows = {m: s_per_token(folder, device, m, batch, args.tokens) for m in MODES}
+            best = min(rows["stream"][0], rows["cpu"][0])
+            for mode, (sec, where) in rows.items():
+                picked = sorted({v.split(":")[0] for v in where.values()}) if where else ["stream"]
+                out(f"  batch {batch:>3} {mode:<6} {sec:.4f} s/token  ({sec / best:.2f}x the better fixed mode; "
+                    f"layers ran on {'/'.join(picked)})")
+            out(f"  batch {batch:>3} planner/best = {rows['auto'][0] / best:.3f} (goal <= 1.05)")
+        per_token = 80 * layer_bytes
+        out(f"PCIe4 arithmetic, 80 such layers ({per_token / 1e9:.1f} GB a token): streamed at {PCIE4 / 1e9:.0f} GB/s "
+            f"{per_token / PCIE4:.2f} s/token; on this CPU at {speeds.cpu_bytes / 1e9:.1f} GB/s "
+            f"{per_token / speeds.cpu_bytes:.2f} s/token at batch 1")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

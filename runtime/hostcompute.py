@@ -1,0 +1,156 @@
+"""Decoder layers computed on the CPU, where their weights wait, next to a model on the device.
+
+A layer group run this way gets its weights from a `GroupLoader` on the host (views of its file,
+quantized weights packed or expanded as the CPU runs them) instead of a copy over the link. Hooks
+on transformers' own layer module move what the layer is given (hidden states, position
+embeddings, masks) to the host before it runs and its output back after, and keep that layer's
+KV cache on the host while it computes there (moved once when a pass picks the other side).
+Which layers, per pass: the ones `--cpu-layers N` names, or with `auto` those for which the
+planner (runtime/hybrid.py) estimates the CPU faster at this pass's token count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from reshard.errors import UsageError
+from reshard.format import expert_bytes
+
+from . import hybrid
+from .stream import GroupLoader, Loaded
+
+AUTO = "auto"
+
+
+class HostCompute:
+    """Layer groups `candidates` (group index -> (stored bytes, weights, cache index)) that may run on `host`.
+
+    `fixed`: they always run there (`--cpu-layers N`); else `speeds()` (calibrated on first use)
+    feeds `hybrid.choose` at each pass's token count."""
+
+    def __init__(self, loader: GroupLoader, device: torch.device, candidates: dict[int, tuple[int, int, int]],
+                 *, fixed: bool, speeds: Callable[[], hybrid.Speeds] | None = None,
+                 held: Callable[[int], torch.Tensor | None] = lambda i: None):
+        self.loader, self.device, self.host = loader, device, loader.device
+        self.candidates, self.fixed, self._speeds = candidates, fixed, speeds
+        self.held = held  # group -> its bytes already in host memory (the device loader's pinned copy), or None
+        self.names = {i: loader.manifest.groups[i].name for i in candidates}
+        self.active: dict[int, str] = {}  # this pass: group -> why it runs on the host
+        self.log: dict[str, str] = {}  # this pass: group name -> where it ran and why
+        self.enabled: Callable[[], bool] = lambda: True  # False while several forwards share a pass (lockstep)
+        self._known: hybrid.Speeds | None = None  # calibrated on first use, kept with the model
+
+    def plan_pass(self, tokens: int) -> None:
+        """Decide, for a pass of `tokens` tokens, which candidates run on the host."""
+        self.active, self.log = {}, {}
+        if not self.enabled():
+            return
+        for i, (stored, params, _) in self.candidates.items():
+            if self.fixed:
+                where, why = hybrid.CPU, "--cpu-layers"
+            else:
+                choice = hybrid.choose(stored, params, tokens, self.speeds())
+                where, why = choice.where, choice.reason
+            self.log[self.names[i]] = f"{where}: {why}"
+            if where == hybrid.CPU:
+                self.active[i] = why
+
+    def speeds(self) -> hybrid.Speeds:
+        if self._known is None:
+            self._known = self._speeds()
+        return self._known
+
+    def weights(self, i: int) -> Loaded:
+        """Group i's tensors on the host, as the CPU computes with them: views of its pinned copy where
+        the device's loader holds one (a HOST group), else read from its file."""
+        data = self.held(i)
+        return self.loader.load(i) if data is None else self.loader.load_from(i, data)
+
+    def install(self, model: torch.nn.Module, layers: torch.nn.ModuleList) -> list:
+        """Hooks: the pass's token count on `model`, the moves on each candidate layer; their handles."""
+        handles = [model.register_forward_pre_hook(self._start, with_kwargs=True)]
+        for i, (_, _, index) in self.candidates.items():
+            layer = layers[index]
+            handles.append(layer.register_forward_pre_hook(
+                lambda mod, args, kwargs, i=i: self._inputs(i, args, kwargs), with_kwargs=True))
+            handles.append(layer.register_forward_hook(lambda mod, args, out, i=i: self._output(i, out)))
+        return handles
+
+    def _start(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        tokens = ids.numel() if ids is not None else embeds.shape[:-1].numel() if embeds is not None else 1
+        self.plan_pass(tokens)
+
+    def _inputs(self, i: int, args, kwargs):
+        where = self.host if i in self.active else self.device
+        move_cache_layer(kwargs.get("past_key_values"), self.candidates[i][2], where)
+        if i not in self.active:
+            return None
+        return move(args, self.host), move(kwargs, self.host)
+
+    def _output(self, i: int, out):
+        return move(out, self.device) if i in self.active else None
+
+
+def move(obj, device: torch.device):
+    """Tensors in `obj` (nested tuples, lists, dicts) on `device`; anything else as it is."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device == device else obj.to(device)
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(move(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [move(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: move(v, device) for k, v in obj.items()}
+    return obj
+
+
+def move_cache_layer(cache, index: int, device: torch.device) -> None:
+    """Layer `index` of a transformers cache (its `layers[index]` keys and values) to `device`, if not there."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or index >= len(layers):
+        return
+    entry = layers[index]
+    for attr in ("keys", "values"):
+        t = getattr(entry, attr, None)
+        if isinstance(t, torch.Tensor) and t.device != device:
+            setattr(entry, attr, t.to(device))
+    if getattr(entry, "is_initialized", False):
+        entry.device = device
+
+
+def candidates_for(cpu_layers, places: list[str], groups, resident: str) -> list[int]:
+    """Group indices of the layers that may run on the host: with an int N the last N layer groups
+    not resident on the device (fewer if there are not that many); with "auto" all of them."""
+    off_device = [i for i, (g, p) in enumerate(zip(groups, places)) if g.kind == "layer" and p != resident]
+    if cpu_layers == AUTO:
+        return off_device
+    return off_device[max(0, len(off_device) - int(cpu_layers)):] if cpu_layers else []
+
+
+def open_host_compute(cpu_layers, folder, loader: GroupLoader, costs, layer_index: Callable[[int], int]):
+    """The HostCompute for `cpu_layers` (None, 0, N or "auto") over `loader`'s plan, or None when
+    no layer runs on the host (also for "auto" on the CPU, where the host is the device)."""
+    from .budget import DEVICE
+
+    if cpu_layers is None:
+        return None
+    if cpu_layers != AUTO and (isinstance(cpu_layers, bool) or not isinstance(cpu_layers, int) or cpu_layers < 0):
+        raise UsageError(f"cpu_layers must be a layer count (0 or more) or 'auto', not {cpu_layers!r}")
+    if not cpu_layers or (cpu_layers == AUTO and loader.device.type == "cpu"):
+        return None
+    manifest = loader.manifest
+    chosen = candidates_for(cpu_layers, loader.places, manifest.groups, DEVICE)
+    if loader.device.type != "cpu":  # the expert streamer puts routed experts on the device (--cpu-experts: not built)
+        chosen = [i for i in chosen if not expert_bytes(manifest.groups[i])]
+    if not chosen:
+        return None
+    host = GroupLoader(folder, manifest, torch.device("cpu"), loader.dtype, loader.stats, packing=loader.packing)
+    size = loader.dtype.itemsize
+    candidates = {i: (costs[i].stored, costs[i].held // size, layer_index(i)) for i in chosen}
+    speeds = lambda: hybrid.calibrate(loader.device, loader.dtype, cache_file=hybrid.default_cache_file())  # noqa: E731
+    return HostCompute(host, loader.device, candidates, fixed=cpu_layers != AUTO, speeds=speeds,
+                       held=loader.host_data)

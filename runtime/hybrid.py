@@ -1,0 +1,157 @@
+"""Where a host-resident group runs each pass: copied to the device (streamed) or computed in place on the CPU.
+
+At batch 1 a streamed group's time is its copy over the link (stored bytes / link bytes/s);
+computed on the CPU it is the time the CPU's matmul takes to read those bytes from host RAM,
+and only a few KB of activations cross the link. With many tokens per pass the CPU becomes
+compute-bound and the GPU wins. `choose` compares the two from measured `Speeds` (a roofline:
+each side takes the longer of moving its bytes and doing its arithmetic); `calibrate` measures
+them on this machine once per process (and keeps them on disk in the per-user cache).
+The mechanism that runs a group on the CPU is runtime/hostcompute.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+CPU, STREAM = "cpu", "stream"
+
+
+@dataclass(frozen=True)
+class Speeds:
+    """Measured rates the planner compares (bytes/s and FLOP/s)."""
+
+    link: float  # host -> device copy bandwidth (pinned), bytes/s; 0 where there is no device link
+    cpu_bytes: float  # weight bytes/s the CPU's matmul reads at one token (memory-bound)
+    cpu_flops: float  # FLOP/s of the CPU's matmul with many tokens (compute-bound)
+    gpu_flops: float  # FLOP/s of the device's matmul
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Where one group runs for one pass, and the estimates behind it."""
+
+    where: str  # CPU or STREAM
+    cpu_seconds: float
+    stream_seconds: float
+
+    @property
+    def reason(self) -> str:
+        return f"cpu {self.cpu_seconds * 1e3:.3g} ms vs stream {self.stream_seconds * 1e3:.3g} ms"
+
+
+def cpu_seconds(stored: int, params: int, tokens: int, speeds: Speeds) -> float:
+    """The CPU's time for a group of `stored` bytes and `params` weights at `tokens` tokens."""
+    return max(stored / speeds.cpu_bytes, 2 * params * tokens / speeds.cpu_flops)
+
+
+def stream_seconds(stored: int, params: int, tokens: int, speeds: Speeds) -> float:
+    """A streamed group's time: its copy overlaps the previous group's compute, so the longer of the two."""
+    copy = stored / speeds.link if speeds.link > 0 else float("inf")
+    return max(copy, 2 * params * tokens / speeds.gpu_flops)
+
+
+def choose(stored: int, params: int, tokens: int, speeds: Speeds) -> Choice:
+    """CPU or STREAM for a host-resident group of `stored` bytes holding `params` weights, for a pass
+    of `tokens` tokens: the faster of the two estimates; a tie streams (the device path is the default)."""
+    cpu = cpu_seconds(stored, params, tokens, speeds)
+    stream = stream_seconds(stored, params, tokens, speeds)
+    return Choice(CPU if cpu < stream else STREAM, cpu, stream)
+
+
+# --- calibration -----------------------------------------------------------------------------
+
+_MEASURED: dict[str, Speeds] = {}  # this process's measurements, by device and dtype
+
+
+def calibrate(device: torch.device, dtype: torch.dtype, *, cache_file: Path | None = None) -> Speeds:
+    """Measure `Speeds` on this machine for `dtype` (link and GPU only where `device` is CUDA): once per
+    process, and read back from `cache_file` (JSON, keyed by device name and dtype) when it has them."""
+    key = f"{_device_name(device)}/{dtype}"
+    if key in _MEASURED:
+        return _MEASURED[key]
+    known = _read_cache(cache_file)
+    if key in known:
+        speeds = Speeds(**known[key])
+    else:
+        cpu_bytes, cpu_flops = measure_cpu(dtype)
+        link, gpu_flops = (measure_link(device), measure_gpu(device, dtype)) if device.type == "cuda" else (0.0, 1.0)
+        speeds = Speeds(link, cpu_bytes, cpu_flops, gpu_flops)
+        if cache_file is not None:
+            _write_cache(cache_file, {**known, key: asdict(speeds)})
+    _MEASURED[key] = speeds
+    return speeds
+
+
+def default_cache_file() -> Path:
+    """Where calibrations are kept between runs: speeds.json in the per-user cache (reshard/cache.py)."""
+    from reshard.cache import cache_root
+
+    return cache_root() / "speeds.json"
+
+
+def measure_cpu(dtype: torch.dtype, rows: int = 4096, cols: int = 2048, tokens: int = 256) -> tuple[float, float]:
+    """(weight bytes/s at one token, FLOP/s at `tokens` tokens) of the CPU's matmul on a fresh weight."""
+    weight = torch.randn(rows, cols).to(dtype)
+    one = _best(lambda: torch.nn.functional.linear(torch.randn(1, cols).to(dtype), weight))
+    many_x = torch.randn(tokens, cols).to(dtype)
+    many = _best(lambda: torch.nn.functional.linear(many_x, weight))
+    return weight.numel() * weight.element_size() / one, 2 * rows * cols * tokens / many
+
+
+def measure_link(device: torch.device, nbytes: int = 64 << 20) -> float:
+    """Host -> device bytes/s from pinned memory."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def copy():
+        dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize(device)
+    return nbytes / _best(copy)
+
+
+def measure_gpu(device: torch.device, dtype: torch.dtype, n: int = 4096) -> float:
+    """FLOP/s of the device's matmul (n x n by n x n)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+
+    def mm():
+        a @ a
+        torch.cuda.synchronize(device)
+    return 2 * n ** 3 / _best(mm)
+
+
+def _best(fn, repeats: int = 3) -> float:
+    fn()  # warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return max(min(times), 1e-9)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _read_cache(path: Path | None) -> dict:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # unreadable: measure again and write it anew
+
+
+def _write_cache(path: Path, data: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache only costs a measurement next time

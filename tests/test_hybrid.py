@@ -1,0 +1,67 @@
+"""The planner (runtime/hybrid.py): its choices follow from the speeds it is given."""
+
+import json
+
+import pytest
+import torch
+
+from runtime import hybrid
+from runtime.hybrid import CPU, STREAM, Speeds, choose
+
+# a 70B-shaped int4 decoder layer: ~0.86e9 weights, half a byte each
+PARAMS = 856_000_000
+STORED = PARAMS // 2
+PCIE4 = 25e9  # bytes/s
+GPU = 200e12  # FLOP/s
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 4])
+def test_link_bound_picks_cpu_at_small_batch(tokens):
+    # DDR5 host at 60 GB/s and 2 TFLOP/s: reading 0.43 GB takes 7 ms, copying it over PCIe4 17 ms
+    speeds = Speeds(link=PCIE4, cpu_bytes=60e9, cpu_flops=2e12, gpu_flops=GPU)
+    assert choose(STORED, PARAMS, tokens, speeds).where == CPU
+
+
+def test_cpu_bound_picks_streaming():
+    # a slow host (8 GB/s): 54 ms on the CPU against 17 ms over the link, even at one token
+    speeds = Speeds(link=PCIE4, cpu_bytes=8e9, cpu_flops=0.5e12, gpu_flops=GPU)
+    assert choose(STORED, PARAMS, 1, speeds).where == STREAM
+
+
+def test_batch_size_crossover():
+    speeds = Speeds(link=PCIE4, cpu_bytes=60e9, cpu_flops=2e12, gpu_flops=GPU)
+    one, many = choose(STORED, PARAMS, 1, speeds), choose(STORED, PARAMS, 64, speeds)
+    assert (one.where, many.where) == (CPU, STREAM)
+    # at 64 tokens the CPU does 2 * 0.856e9 * 64 FLOP at 2 TFLOP/s: about 55 ms, past the 17 ms copy
+    assert many.cpu_seconds > 0.05 and many.stream_seconds < 0.02
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 64, 4096])
+def test_link_faster_than_the_cpu_picks_streaming(tokens):
+    # an H200 box: the link (55 GB/s measured) outruns what the CPU reads (40 GB/s)
+    speeds = Speeds(link=55e9, cpu_bytes=40e9, cpu_flops=3e12, gpu_flops=GPU)
+    assert choose(STORED, PARAMS, tokens, speeds).where == STREAM
+
+
+def test_no_link_never_streams():
+    speeds = Speeds(link=0.0, cpu_bytes=1e9, cpu_flops=1e9, gpu_flops=1.0)
+    assert choose(STORED, PARAMS, 512, speeds).where == CPU
+
+
+def test_reason_names_both_estimates():
+    speeds = Speeds(link=PCIE4, cpu_bytes=60e9, cpu_flops=2e12, gpu_flops=GPU)
+    reason = choose(STORED, PARAMS, 1, speeds).reason
+    assert reason.startswith("cpu ") and "vs stream" in reason
+
+
+def test_calibrate_measures_once_and_reads_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(hybrid, "_MEASURED", {})
+    cache = tmp_path / "speeds.json"
+    speeds = hybrid.calibrate(torch.device("cpu"), torch.float32, cache_file=cache)
+    assert speeds.cpu_bytes > 0 and speeds.cpu_flops > 0 and speeds.link == 0.0
+    assert json.loads(cache.read_text())["cpu/torch.float32"]["cpu_bytes"] == speeds.cpu_bytes
+    # a new process reads the file rather than measuring again
+    monkeypatch.setattr(hybrid, "_MEASURED", {})
+    marked = {"cpu/torch.float32": {"link": 0.0, "cpu_bytes": 123.0, "cpu_flops": 456.0, "gpu_flops": 1.0}}
+    cache.write_text(json.dumps(marked))
+    assert hybrid.calibrate(torch.device("cpu"), torch.float32, cache_file=cache).cpu_bytes == 123.0
