@@ -105,21 +105,101 @@ def test_shapes_the_native_kernels_take():
 
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
-    """native.lowbit() built anew into an empty cache, and forgotten again afterwards."""
-    monkeypatch.setenv("RESHARD_CACHE", str(tmp_path))
+    """native.lowbit() built anew into an empty per-user cache, and forgotten again afterwards;
+    the model cache is elsewhere, shared by a group."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user"))
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o775)
+    shared.chmod(0o775)  # a team's model cache
+    monkeypatch.setenv("RESHARD_CACHE", str(shared))
     native.lowbit.cache_clear()
-    yield tmp_path
+    yield tmp_path / "user" / "reshard-kernels"
     native.lowbit.cache_clear()
+
+
+@pytest.fixture
+def tiny_source(tmp_path):
+    """A C file that compiles in a blink, for the tests of where builds go (no kernel math needed)."""
+    src = tmp_path / "tiny.c"
+    src.write_text("int reshard_tiny(void) { return 7; }\n")
+    return src
+
+
+def compiler() -> str:
+    import shutil
+
+    return shutil.which("cc") or shutil.which("gcc") or pytest.skip("needs a C compiler")
+
+
+def test_kernels_are_built_into_a_private_per_user_folder_not_the_model_cache(fresh, tiny_source, capsys):
+    built = native.build(tiny_source, compiler())
+    assert built.parent == fresh and built.is_file()
+    assert fresh.stat().st_mode & 0o777 == 0o700  # created private
+    assert built.stat().st_mode & 0o022 == 0  # whatever the umask, no one else may write it
+    assert not any((fresh.parent.parent / "shared").rglob("*"))  # the group-shared model cache gets nothing
+    assert native.build(tiny_source, compiler()) == built  # loaded again from there: it is private
+    assert capsys.readouterr().err == ""
+
+
+def as_if_owned_by(other_uid: int, path, monkeypatch) -> None:
+    """os.lstat reports `path` as another user's (tests run as root, and chown needs root anyway)."""
+    import os
+
+    real = os.lstat
+
+    def lstat(p, *a, **k):
+        st = real(p, *a, **k)
+        if os.fspath(p) != os.fspath(path):
+            return st
+        fields = list(st[:10])
+        fields[4] = other_uid  # st_uid
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(os, "lstat", lstat)
+
+
+def assert_refused_and_rebuilt(first, second, capsys) -> None:
+    assert second != first and second.parent != first.parent  # built afresh, elsewhere
+    assert native.private(second) and native.private(second.parent)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("runtime: not loading CPU kernels from "), err
+    assert "for this process instead" in err[0]
+
+
+def test_a_cached_kernel_owned_by_another_user_is_not_loaded(fresh, tiny_source, monkeypatch, capsys):
+    import os
+
+    first = native.build(tiny_source, compiler())
+    capsys.readouterr()
+    as_if_owned_by(os.geteuid() + 1, first, monkeypatch)
+    assert_refused_and_rebuilt(first, native.build(tiny_source, compiler()), capsys)
+
+
+def test_a_kernel_folder_owned_by_another_user_is_not_used(fresh, tiny_source, monkeypatch, capsys):
+    import os
+
+    first = native.build(tiny_source, compiler())
+    capsys.readouterr()
+    as_if_owned_by(os.geteuid() + 1, fresh, monkeypatch)
+    assert_refused_and_rebuilt(first, native.build(tiny_source, compiler()), capsys)
+
+
+@pytest.mark.parametrize("what,mode", [("file", 0o720), ("file", 0o702), ("folder", 0o770), ("folder", 0o707)])
+def test_a_kernel_or_folder_others_can_write_is_not_loaded(what, mode, fresh, tiny_source, capsys):
+    first = native.build(tiny_source, compiler())
+    capsys.readouterr()
+    (first if what == "file" else fresh).chmod(mode)
+    assert_refused_and_rebuilt(first, native.build(tiny_source, compiler()), capsys)
 
 
 @needs_kernels
 def test_the_build_is_cached_by_source_compiler_and_cpu(fresh):
     assert native.lowbit() is not None
-    [built] = (fresh / "kernels").glob("lowbit_cpu-*.so")
+    [built] = fresh.glob("lowbit_cpu-*.so")
     stamp = built.stat().st_mtime_ns
     native.lowbit.cache_clear()
     assert native.lowbit() is not None
-    assert list((fresh / "kernels").iterdir()) == [built] and built.stat().st_mtime_ns == stamp  # no rebuild, no leftovers
+    assert list(fresh.iterdir()) == [built] and built.stat().st_mtime_ns == stamp  # no rebuild, no leftovers
 
 
 def test_a_failed_build_says_so_once_and_torch_runs_the_layers(fresh, monkeypatch, capsys, tiny_checkpoints, tmp_path):
@@ -137,7 +217,7 @@ def test_a_failed_build_says_so_once_and_torch_runs_the_layers(fresh, monkeypatc
     assert len(err) == 1 and err[0].startswith("runtime: could not build the CPU kernels"), err
     assert "torch's kernels instead" in err[0]
     assert backends == ({"torch"} if lowbit.kernels_available() else set())
-    assert not list((fresh / "kernels").glob("*.so"))  # nothing half-written left behind
+    assert not list(fresh.glob("*.so"))  # nothing half-written left behind
 
 
 def test_reshard_native_0_turns_the_kernels_off(fresh, monkeypatch):
