@@ -70,20 +70,26 @@ def lowbit() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     try:
-        path = build(SOURCE, compiler)
-        lib = ctypes.CDLL(str(path))
+        lib = load(build(SOURCE, compiler))
     except (OSError, subprocess.SubprocessError) as e:
         print(f"runtime: could not build the CPU kernels ({str(e).strip().splitlines()[-1] if str(e).strip() else e!r}); "
               f"quantized layers run through torch's kernels instead", file=sys.stderr)
         return None
     if lib.reshard_lowbit_isa() != 1:
         return None  # this CPU has no AVX512-VNNI
+    global _lib
+    _lib = lib
+    return lib
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """A built lowbit_cpu library (of this source, or of another version: benchmarks/cpu_kernels.py
+    compares them), its functions' signatures declared."""
+    lib = ctypes.CDLL(str(path))
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.reshard_int8_gemm.argtypes = [ptr, i32, i64, i64, ptr, ptr, i64, ptr, i32]
     lib.reshard_int4_gemm.argtypes = [ptr, i32, i64, i64, ptr, ptr, i32, i64, i64, ptr, i32]
     lib.reshard_int8_gemm.restype = lib.reshard_int4_gemm.restype = i32
-    global _lib
-    _lib = lib
     return lib
 
 
@@ -140,26 +146,28 @@ def _cpu() -> str:
 IO_KINDS = {torch.float32: 0, torch.bfloat16: 2}  # what the kernels take x in and give y in
 
 
-def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, *, lib: ctypes.CDLL | None = None
+              ) -> torch.Tensor:
     """x (M, K) float32 or bfloat16, contiguous, @ (weight (N, K) int8 * scales (N,) float32).T
-    -> (M, N) in x's dtype."""
+    -> (M, N) in x's dtype; through `lib` (from `load`) where given, else `lowbit()`."""
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
-    rc = (_lib or lowbit()).reshard_int8_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), scales.data_ptr(), n,
+    rc = (lib or _lib or lowbit()).reshard_int8_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), scales.data_ptr(), n,
                                     y.data_ptr(), torch.get_num_threads())
     _check(rc)
     return y
 
 
-def int4_gemm(x: torch.Tensor, weight: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+def int4_gemm(x: torch.Tensor, weight: torch.Tensor, sz: torch.Tensor, group: int, *,
+              lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """x (M, K) float32 or bfloat16, contiguous, @ W.T -> (M, N) in x's dtype; W (N, K) int4 from
     `weight` (N, K/2), two values a byte, low nibble first, and `sz` (N, K/32 + K/group) from
-    `int4_scales`: w = q * scale + zero per group."""
+    `int4_scales`: w = q * scale + zero per group. Through `lib` where given, as int8_gemm."""
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
-    rc = (_lib or lowbit()).reshard_int4_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), sz.data_ptr(),
+    rc = (lib or _lib or lowbit()).reshard_int4_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), sz.data_ptr(),
                                     HALF_KINDS[sz.dtype], group, n, y.data_ptr(), torch.get_num_threads())
     _check(rc)
     return y
