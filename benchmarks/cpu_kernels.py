@@ -26,7 +26,7 @@ With `--baseline-source OLD.c` (another version of runtime/kernels/lowbit_cpu.c,
 are timed against this one's, calls alternated so that other work on the machine slows both
 alike, and its perplexities are printed next to this one's.
 
-  python benchmarks/cpu_kernels.py [--threads 2] [--repeat 5] [--skip-ppl] [--ppl-dtype float32]
+  python benchmarks/cpu_kernels.py [--threads 2] [--repeat 5] [--skip-ppl] [--skip-table] [--ppl-dtype float32]
                                    [--baseline-source OLD.c]
 """
 
@@ -230,11 +230,23 @@ def per_token_fbgemm(module):
     return forward
 
 
+def kernel_table(weights: list[torch.Tensor], repeat: int) -> None:
+    print("| kernel | ms for all weights | GB/s of weight bytes | vs memory read |")
+    print("|---|---|---|---|")
+    floor = None
+    for label, (fn, nbytes) in candidates(weights).items():
+        seconds = timed(fn, repeat)
+        rate = nbytes / seconds / 1e9
+        floor = floor or rate
+        print(f"| {label} | {seconds * 1e3:.1f} | {rate:.1f} | {rate / floor:.2f}x |", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--skip-ppl", action="store_true")
+    ap.add_argument("--skip-table", action="store_true", help="leave out the table of every kernel")
     ap.add_argument("--baseline-source", help="another version of lowbit_cpu.c to compare the project's kernels with")
     ap.add_argument("--ppl-dtype", default="float32", help="what the perplexity runs compute in ('auto': the folder's default)")
     args = ap.parse_args(argv)
@@ -246,14 +258,8 @@ def main(argv=None) -> int:
     print(f"weights: {len(weights)} linear weights of a 1.1B llama (TinyLlama's shapes), "
           f"{sum(w.numel() for w in weights) / 1e9:.3f} GB as int8; one product each with one row (batch 1); "
           f"median of {args.repeat}\n")
-    print("| kernel | ms for all weights | GB/s of weight bytes | vs memory read |")
-    print("|---|---|---|---|")
-    floor = None
-    for label, (fn, nbytes) in candidates(weights).items():
-        seconds = timed(fn, args.repeat)
-        rate = nbytes / seconds / 1e9
-        floor = floor or rate
-        print(f"| {label} | {seconds * 1e3:.1f} | {rate:.1f} | {rate / floor:.2f}x |", flush=True)
+    if not args.skip_table:
+        kernel_table(weights, args.repeat)
     from runtime import native
 
     if args.baseline_source and native.lowbit() is not None:
