@@ -146,16 +146,17 @@ def kernel_calls(weights: list[torch.Tensor], lib=None) -> dict:
 
 
 def against_baseline(weights: list[torch.Tensor], source: str, repeat: int) -> None:
-    """This version's kernels against `source`'s, each call of one followed by one of the other."""
+    """This version's kernels against `source`'s, each call of one next to one of the other, in turns."""
     ours, theirs = kernel_calls(weights), kernel_calls(weights, baseline_lib(source))
-    print(f"\nthis kernel source against {source} (alternated calls, median of {repeat}):")
+    print(f"\nthis kernel source against {source} (alternated calls, each first in turn, median of {repeat}):")
     print("| kernel | ms, this source | ms, baseline source | this / baseline |")
     print("|---|---|---|---|")
     for name in ("int8", "int4"):
         ours[name](), theirs[name]()
         times = {"ours": [], "theirs": []}
-        for _ in range(repeat):
-            for who, fn in (("ours", ours[name]), ("theirs", theirs[name])):
+        for r in range(repeat):  # ABBA: neither always runs first (the first of a pair ran faster here)
+            pair = (("ours", ours[name]), ("theirs", theirs[name]))
+            for who, fn in pair if r % 2 == 0 else pair[::-1]:
                 t0 = time.perf_counter()
                 fn()
                 times[who].append(time.perf_counter() - t0)
@@ -191,7 +192,7 @@ def perplexities(dtype: str | None, baseline: str | None = None) -> None:
                 logits = lm(ids).logits[0, :-1].float()
             return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]).exp())
 
-    base = ppl(folders["fp16"], backend="torch")
+    base = ppl(folders["fp16"])  # (no packed layers; RESHARD_NATIVE=1 so that native.lowbit() below says what builds)
     print(f"\nperplexity, SmolLM2-135M-Instruct on tests/data/english.txt ({text.count(' ') + 1} words), "
           f"computing in {dtype or 'the folders default dtype'}:")
     print(f"  fp16 folder (baseline): {base:.4f}")
