@@ -130,7 +130,7 @@ def baseline_lib(source: str):
 
 
 def kernel_calls(weights: list[torch.Tensor], lib=None) -> dict:
-    """{"int8": fn, "int4": fn}: the project's kernels over every weight once (float32 activations,
+    """{"int8": fn, "int4": fn, ...}: the project's kernels over every weight once (float32 activations,
     batch 1), through `lib` (native.load) where given."""
     from runtime import native
 
@@ -142,7 +142,10 @@ def kernel_calls(weights: list[torch.Tensor], lib=None) -> dict:
                                  torch.rand(w.shape[0], w.shape[1] // 32, generator=g).to(torch.bfloat16), 32)
               for w in weights]
     return {"int8": lambda: [native.int8_gemm(x[w.shape[1]], w, s, lib=lib) for w, s in zip(weights, scales)],
-            "int4": lambda: [native.int4_gemm(x[p.shape[1] * 2], p, t, 32, lib=lib) for p, t in zip(packed, tables)]}
+            "int4": lambda: [native.int4_gemm(x[p.shape[1] * 2], p, t, 32, lib=lib) for p, t in zip(packed, tables)],
+            # the first 16 rows of each weight: the call's fixed part (quantizing x, the group sums) and little else
+            "int4, 16 rows a weight": lambda: [native.int4_gemm(x[p.shape[1] * 2], p[:16], t[:16], 32, lib=lib)
+                                               for p, t in zip(packed, tables)]}
 
 
 def against_baseline(weights: list[torch.Tensor], source: str, repeat: int) -> None:
@@ -151,7 +154,7 @@ def against_baseline(weights: list[torch.Tensor], source: str, repeat: int) -> N
     print(f"\nthis kernel source against {source} (alternated calls, each first in turn, median of {repeat}):")
     print("| kernel | ms, this source | ms, baseline source | this / baseline | fastest of each: this / baseline |")
     print("|---|---|---|---|---|")
-    for name in ("int8", "int4"):
+    for name in ours:
         ours[name](), theirs[name]()
         times = {"ours": [], "theirs": []}
         for r in range(repeat):  # ABBA: neither always runs first (the first of a pair ran faster here)
