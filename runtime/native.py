@@ -14,8 +14,8 @@ written to a temporary name and renamed, so processes building at once never loa
 file. Loading a shared object runs its code, so the kernels are never kept in the model cache
 (`$RESHARD_CACHE`, which teams share), and a file is loaded only if this user owns it and its
 folder and no one else can write either (see `private`); otherwise the kernels are built into a
-fresh private temporary folder for this process, and stderr says so once. OpenMP is the same runtime torch loaded
-(torch's libgomp.so.1), so the two share one thread pool.
+fresh private temporary folder for this process, and stderr says so once. OpenMP is the same
+runtime torch loaded (torch's libgomp.so.1), so the two share one thread pool.
 
 Where there is no compiler, the build fails, the CPU lacks AVX512-VNNI, or `RESHARD_NATIVE=0`
 is set, `lowbit()` is None and the quantized layers run through torch's kernels; a failed build
