@@ -16,15 +16,26 @@ weight, all weights in turn (so none stays in the CPU's caches):
 Then the price of quantizing activations: SmolLM2-135M-Instruct's perplexity on
 tests/data/english.txt with its int8 folder's linear layers run through fbgemm per token, through
 torch's weight-only kernel and through the project's kernel, and its int4 folder through the last
-two (the issue's bounds: int8 +1%, int4 +2% over the float folder).
+two (the issue's bounds: int8 +1%, int4 +2% over the float folder; issue 26: the project's int4
+kernel within +0.5% of the weight-only kernel's). The models compute in float32 (`--ppl-dtype`;
+`auto` is the folder's CPU default, bfloat16 where the CPU is fast at it), as tests/test_quant.py
+scores them.
 
-  python benchmarks/cpu_kernels.py [--threads 2] [--repeat 5] [--skip-ppl]
+With `--baseline-source OLD.c` (another version of runtime/kernels/lowbit_cpu.c, e.g. from
+`git show REV:runtime/kernels/lowbit_cpu.c`), that version is built too: its int8 and int4 kernels
+are timed against this one's, calls alternated so that other work on the machine slows both
+alike, and its perplexities are printed next to this one's.
+
+  python benchmarks/cpu_kernels.py [--threads 2] [--repeat 5] [--skip-ppl] [--skip-table] [--ppl-dtype float32]
+                                   [--baseline-source OLD.c]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -111,8 +122,56 @@ def fbgemm_packed(weights: list[torch.Tensor]):
             None) for w in weights]
 
 
-def perplexities() -> None:
-    """SmolLM2's int8 folder: packed weight-only kernel vs fbgemm with per-token activation quantization."""
+def baseline_lib(source: str):
+    """The lowbit_cpu library built from another version of its source (runtime/native.py's build and load)."""
+    from runtime import native
+
+    return native.load(native.build(Path(source), os.environ.get("CC") or shutil.which("cc") or "gcc"))
+
+
+def kernel_calls(weights: list[torch.Tensor], lib=None) -> dict:
+    """{"int8": fn, "int4": fn, ...}: the project's kernels over every weight once (float32 activations,
+    batch 1), through `lib` (native.load) where given."""
+    from runtime import native
+
+    g = torch.Generator().manual_seed(2)
+    x = {k: torch.randn(1, k, generator=g) for k in (H, I)}
+    scales = [torch.rand(w.shape[0], generator=g) for w in weights]
+    packed = [w[:, : w.shape[1] // 2].contiguous().view(torch.uint8) for w in weights]
+    tables = [native.int4_scales(torch.rand(w.shape[0], w.shape[1] // 32, generator=g).to(torch.bfloat16),
+                                 torch.rand(w.shape[0], w.shape[1] // 32, generator=g).to(torch.bfloat16), 32)
+              for w in weights]
+    return {"int8": lambda: [native.int8_gemm(x[w.shape[1]], w, s, lib=lib) for w, s in zip(weights, scales)],
+            "int4": lambda: [native.int4_gemm(x[p.shape[1] * 2], p, t, 32, lib=lib) for p, t in zip(packed, tables)],
+            # the first 16 rows of each weight: the call's fixed part (quantizing x, the group sums) and little else
+            "int4, 16 rows a weight": lambda: [native.int4_gemm(x[p.shape[1] * 2], p[:16], t[:16], 32, lib=lib)
+                                               for p, t in zip(packed, tables)]}
+
+
+def against_baseline(weights: list[torch.Tensor], source: str, repeat: int) -> None:
+    """This version's kernels against `source`'s, each call of one next to one of the other, in turns."""
+    ours, theirs = kernel_calls(weights), kernel_calls(weights, baseline_lib(source))
+    print(f"\nthis kernel source against {source} (alternated calls, each first in turn, median of {repeat}):")
+    print("| kernel | ms, this source | ms, baseline source | this / baseline | fastest of each: this / baseline |")
+    print("|---|---|---|---|---|")
+    for name in ours:
+        ours[name](), theirs[name]()
+        times = {"ours": [], "theirs": []}
+        for r in range(repeat):  # ABBA: neither always runs first (the first of a pair ran faster here)
+            pair = (("ours", ours[name]), ("theirs", theirs[name]))
+            for who, fn in pair if r % 2 == 0 else pair[::-1]:
+                t0 = time.perf_counter()
+                fn()
+                times[who].append(time.perf_counter() - t0)
+        a, b = statistics.median(times["ours"]), statistics.median(times["theirs"])
+        fa, fb = min(times["ours"]), min(times["theirs"])  # other work only ever adds time
+        print(f"| {name} | {a * 1e3:.1f} | {b * 1e3:.1f} | {a / b:.3f}x | {fa * 1e3:.1f} / {fb * 1e3:.1f} = "
+              f"{fa / fb:.3f}x |", flush=True)
+
+
+def perplexities(dtype: str | None, baseline: str | None = None) -> None:
+    """SmolLM2's int8 and int4 folders computing in `dtype`: the weight-only kernels, fbgemm with
+    per-token activation quantization (int8) and the project's kernels, against the fp16 folder."""
     from models import smollm2_quantized
 
     from runtime import lowbit, native
@@ -121,32 +180,39 @@ def perplexities() -> None:
     text = (ROOT / "tests" / "data" / "english.txt").read_text()
     folders = smollm2_quantized()
 
-    def ppl(folder, dtype=None, swap=False, backend="native") -> float:
+    def ppl(folder, swap=False, backend="native", lib=None) -> float:
         os.environ["RESHARD_NATIVE"] = "1" if backend == "native" else "0"
         native.lowbit.cache_clear()
         with LayeredModel.from_pretrained(folder, device="cpu", dtype=dtype, max_cpu_memory="64GiB") as lm:
             used = {m.spec.backend for m in lm.model.modules() if isinstance(m, lowbit.PackedLinear)}
             assert used <= {backend}, (used, backend)  # what the label says ran
-            if swap:
-                for m in lm.model.modules():
-                    if isinstance(m, lowbit.PackedLinear) and m.spec.scheme == "int8":
-                        m.forward = per_token_fbgemm(m)
+            for m in lm.model.modules():
+                if swap and isinstance(m, lowbit.PackedLinear) and m.spec.scheme == "int8":
+                    m.forward = per_token_fbgemm(m)
+                if lib is not None and isinstance(m, lowbit.PackedLinear):  # the baseline source's kernels
+                    m.native = functools.partial(native.int8_gemm if m.spec.scheme == "int8" else native.int4_gemm,
+                                                 **({"group": m.spec.group} if m.spec.group else {}), lib=lib)
             ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
             with torch.inference_mode():
                 logits = lm(ids).logits[0, :-1].float()
             return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]).exp())
 
-    base = ppl(folders["fp16"], "float32")
-    print(f"\nperplexity, SmolLM2-135M-Instruct on tests/data/english.txt ({text.count(' ') + 1} words):")
-    print(f"  fp16 folder, float32 compute (baseline): {base:.4f}")
+    base = ppl(folders["fp16"])  # (no packed layers; RESHARD_NATIVE=1 so that native.lowbit() below says what builds)
+    print(f"\nperplexity, SmolLM2-135M-Instruct on tests/data/english.txt ({text.count(' ') + 1} words), "
+          f"computing in {dtype or 'the folders default dtype'}:")
+    print(f"  fp16 folder (baseline): {base:.4f}")
     runs = [("int8 folder, _weight_int8pack_mm (weight-only)", "int8", False, "torch"),
             ("int8 folder, fbgemm dynamic linear, activations quantized per token", "int8", True, "torch")]
     if native.lowbit() is not None:
         runs += [("int8 folder, project's kernel, activations per block of 32", "int8", False, "native"),
                  ("int4 g32 folder, _weight_int4pack_mm_for_cpu (weight-only)", "int4-g32", False, "torch"),
                  ("int4 g32 folder, project's kernel, activations per block of 32", "int4-g32", False, "native")]
-    for label, name, swap, backend in runs:
-        p = ppl(folders[name], swap=swap, backend=backend)
+    if native.lowbit() is not None and baseline:
+        lib = baseline_lib(baseline)
+        runs += [(f"int8 folder, {baseline}'s kernel", "int8", False, "native", lib),
+                 (f"int4 g32 folder, {baseline}'s kernel", "int4-g32", False, "native", lib)]
+    for label, name, swap, backend, *lib in runs:
+        p = ppl(folders[name], swap=swap, backend=backend, lib=lib[0] if lib else None)
         print(f"  {label}: {p:.4f} ({100 * (p / base - 1):+.2f}%)")
     os.environ.pop("RESHARD_NATIVE", None)
     native.lowbit.cache_clear()
@@ -170,11 +236,25 @@ def per_token_fbgemm(module):
     return forward
 
 
+def kernel_table(weights: list[torch.Tensor], repeat: int) -> None:
+    print("| kernel | ms for all weights | GB/s of weight bytes | vs memory read |")
+    print("|---|---|---|---|")
+    floor = None
+    for label, (fn, nbytes) in candidates(weights).items():
+        seconds = timed(fn, repeat)
+        rate = nbytes / seconds / 1e9
+        floor = floor or rate
+        print(f"| {label} | {seconds * 1e3:.1f} | {rate:.1f} | {rate / floor:.2f}x |", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--skip-ppl", action="store_true")
+    ap.add_argument("--skip-table", action="store_true", help="leave out the table of every kernel")
+    ap.add_argument("--baseline-source", help="another version of lowbit_cpu.c to compare the project's kernels with")
+    ap.add_argument("--ppl-dtype", default="float32", help="what the perplexity runs compute in ('auto': the folder's default)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     for line in machine_lines("int8/int4 weights, bfloat16 or float32 activations", args.threads):
@@ -184,16 +264,14 @@ def main(argv=None) -> int:
     print(f"weights: {len(weights)} linear weights of a 1.1B llama (TinyLlama's shapes), "
           f"{sum(w.numel() for w in weights) / 1e9:.3f} GB as int8; one product each with one row (batch 1); "
           f"median of {args.repeat}\n")
-    print("| kernel | ms for all weights | GB/s of weight bytes | vs memory read |")
-    print("|---|---|---|---|")
-    floor = None
-    for label, (fn, nbytes) in candidates(weights).items():
-        seconds = timed(fn, args.repeat)
-        rate = nbytes / seconds / 1e9
-        floor = floor or rate
-        print(f"| {label} | {seconds * 1e3:.1f} | {rate:.1f} | {rate / floor:.2f}x |", flush=True)
+    if not args.skip_table:
+        kernel_table(weights, args.repeat)
+    from runtime import native
+
+    if args.baseline_source and native.lowbit() is not None:
+        against_baseline(weights, args.baseline_source, args.repeat)
     if not args.skip_ppl:
-        perplexities()
+        perplexities(None if args.ppl_dtype == "auto" else args.ppl_dtype, args.baseline_source)
     return 0
 
 

@@ -7,11 +7,15 @@ floats first and run at about a third of the memory's speed (benchmarks/cpu_kern
 dot products (AVX512-VNNI), at memory speed. runtime/lowbit.py uses it where it is available.
 
 It is built with the machine's C compiler (`$CC`, else `cc`) for the CPU it runs on
-(`-march=native`) into `$RESHARD_CACHE/kernels/` (default ~/.cache/reshard), named by a hash
-of the source, the compiler and the CPU, so a rebuild happens only when one of them changes.
-The build takes about a second; it is written to a temporary name and renamed, so processes
-building at once never load a half-written file. OpenMP is the same runtime torch loaded
-(torch's libgomp.so.1), so the two share one thread pool.
+(`-march=native`) into a per-user folder, `$XDG_CACHE_HOME/reshard-kernels` (default
+~/.cache/reshard-kernels), created 0700, named by a hash of the source, the compiler and the
+CPU, so a rebuild happens only when one of them changes. The build takes about a second; it is
+written to a temporary name and renamed, so processes building at once never load a half-written
+file. Loading a shared object runs its code, so the kernels are never kept in the model cache
+(`$RESHARD_CACHE`, which teams share), and a file is loaded only if this user owns it and its
+folder and no one else can write either (see `private`); otherwise the kernels are built into a
+fresh private temporary folder for this process, and stderr says so once. OpenMP is the same
+runtime torch loaded (torch's libgomp.so.1), so the two share one thread pool.
 
 Where there is no compiler, the build fails, the CPU lacks AVX512-VNNI, or `RESHARD_NATIVE=0`
 is set, `lowbit()` is None and the quantized layers run through torch's kernels; a failed build
@@ -20,12 +24,14 @@ says so once on stderr.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -39,7 +45,20 @@ HALF_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # how the 
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("RESHARD_CACHE") or Path.home() / ".cache" / "reshard") / "kernels"
+    """This user's kernel folder: $XDG_CACHE_HOME/reshard-kernels, else ~/.cache/reshard-kernels
+    (never under $RESHARD_CACHE: a model cache may be shared, a folder of code to load must not be)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reshard-kernels"
+
+
+def private(path: Path) -> bool:
+    """Whether `path` (a regular file or a folder, not a link) is owned by this user and writable by
+    no one else: the only files (and the only folder for them) whose code this process will run."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    kind_ok = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+    return kind_ok and st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
 @functools.cache
@@ -51,20 +70,26 @@ def lowbit() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     try:
-        path = build(SOURCE, compiler)
-        lib = ctypes.CDLL(str(path))
+        lib = load(build(SOURCE, compiler))
     except (OSError, subprocess.SubprocessError) as e:
         print(f"runtime: could not build the CPU kernels ({str(e).strip().splitlines()[-1] if str(e).strip() else e!r}); "
               f"quantized layers run through torch's kernels instead", file=sys.stderr)
         return None
     if lib.reshard_lowbit_isa() != 1:
         return None  # this CPU has no AVX512-VNNI
+    global _lib
+    _lib = lib
+    return lib
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """A built lowbit_cpu library (of this source, or of another version: benchmarks/cpu_kernels.py
+    compares them), its functions' signatures declared."""
+    lib = ctypes.CDLL(str(path))
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.reshard_int8_gemm.argtypes = [ptr, i32, i64, i64, ptr, ptr, i64, ptr, i32]
     lib.reshard_int4_gemm.argtypes = [ptr, i32, i64, i64, ptr, ptr, i32, i64, i64, ptr, i32]
     lib.reshard_int8_gemm.restype = lib.reshard_int4_gemm.restype = i32
-    global _lib
-    _lib = lib
     return lib
 
 
@@ -72,12 +97,28 @@ _lib: ctypes.CDLL | None = None  # what lowbit() loaded, for the gemm functions 
 
 
 def build(source: Path, compiler: str) -> Path:
-    """`source` compiled into the cache (or the copy already there): its path."""
+    """`source` compiled into this user's kernel folder (or the copy already there): its path. Where
+    the folder or the copy is not `private`, compiled into a fresh temporary folder instead."""
     key = hashlib.sha256(source.read_bytes() + " ".join([compiler, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"{source.stem}-{key}.so"
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    name = f"{source.stem}-{key}.so"
+    folder = cache_dir()
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        pass  # not private either: refused below
+    if private(folder) and private(folder / name):
+        return folder / name
+    if not private(folder) or os.path.lexists(folder / name):
+        refused = folder if not private(folder) else folder / name
+        folder = Path(tempfile.mkdtemp(prefix="reshard-kernels-"))  # 0700, this user's
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        print(f"runtime: not loading CPU kernels from {refused}: it must be owned by this user and writable by no "
+              f"one else; building them into {folder} for this process instead", file=sys.stderr)
+    return _compile(source, compiler, folder / name)
+
+
+def _compile(source: Path, compiler: str, out: Path) -> Path:
+    """`source` compiled to `out`, through a temporary name in the same folder (an atomic rename)."""
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}-", suffix=".so")
     os.close(fd)
     try:
@@ -85,6 +126,7 @@ def build(source: Path, compiler: str) -> Path:
                               timeout=120)
         if done.returncode != 0:
             raise subprocess.SubprocessError(done.stderr or f"{compiler} exited with {done.returncode}")
+        os.chmod(tmp, 0o700)  # the linker's mode follows the umask, which may let the group write
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -104,26 +146,28 @@ def _cpu() -> str:
 IO_KINDS = {torch.float32: 0, torch.bfloat16: 2}  # what the kernels take x in and give y in
 
 
-def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, *, lib: ctypes.CDLL | None = None
+              ) -> torch.Tensor:
     """x (M, K) float32 or bfloat16, contiguous, @ (weight (N, K) int8 * scales (N,) float32).T
-    -> (M, N) in x's dtype."""
+    -> (M, N) in x's dtype; through `lib` (from `load`) where given, else `lowbit()`."""
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
-    rc = (_lib or lowbit()).reshard_int8_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), scales.data_ptr(), n,
+    rc = (lib or _lib or lowbit()).reshard_int8_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), scales.data_ptr(), n,
                                     y.data_ptr(), torch.get_num_threads())
     _check(rc)
     return y
 
 
-def int4_gemm(x: torch.Tensor, weight: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+def int4_gemm(x: torch.Tensor, weight: torch.Tensor, sz: torch.Tensor, group: int, *,
+              lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """x (M, K) float32 or bfloat16, contiguous, @ W.T -> (M, N) in x's dtype; W (N, K) int4 from
     `weight` (N, K/2), two values a byte, low nibble first, and `sz` (N, K/32 + K/group) from
-    `int4_scales`: w = q * scale + zero per group."""
+    `int4_scales`: w = q * scale + zero per group. Through `lib` where given, as int8_gemm."""
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
-    rc = (_lib or lowbit()).reshard_int4_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), sz.data_ptr(),
+    rc = (lib or _lib or lowbit()).reshard_int4_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), sz.data_ptr(),
                                     HALF_KINDS[sz.dtype], group, n, y.data_ptr(), torch.get_num_threads())
     _check(rc)
     return y

@@ -136,7 +136,10 @@ def test_quantized_folder_on_cuda_equals_cpu(arch, tiny_checkpoints, tmp_path):
             assert torch.equal(gpu.generate(ids.cuda(), **kwargs).cpu(), cpu.generate(ids, **kwargs))
             gpu.close()
         half = LayeredModel.from_pretrained(out, device="cuda", dtype="float16", prefetch=1, max_gpu_memory=0)
-        torch.testing.assert_close(half(ids.cuda()).logits.float().cpu(), cpu(ids).logits, rtol=0.05, atol=0.05)
+        # float16 keeps 11 bits (unit roundoff 2^-11 = 4.9e-4); the logits here are about 1 in size, and the
+        # same folders computing in float16 on the CPU come within 1.8e-3 of float32 (issue 26's measure):
+        # 1e-2 is some twenty float16 roundings of a logit, where the old 0.05 let a wrong layer pass
+        torch.testing.assert_close(half(ids.cuda()).logits.float().cpu(), cpu(ids).logits, rtol=1e-2, atol=1e-2)
         half.close()
         cpu.close()
 
@@ -276,25 +279,69 @@ def mean_nll(model: LayeredModel, text: str) -> float:
     return torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("packed", [False, True], ids=["expanded", "packed"])
-def test_smollm2_perplexity_int8_and_int4(smollm2_quantized, packed):
-    """fp16 (in float32) vs int8 vs int4 group 32 on the CPU with prefetch on: expanded to
-    float32, or packed through the low-bit kernels (bfloat16 activations in those layers)."""
+@pytest.fixture
+def kernel_backend(request, monkeypatch):
+    """Which low-bit CPU kernel the packed layers get: "native" (the project's, skipped where it
+    cannot be built), "torch" (RESHARD_NATIVE=0), "packed" (the project's where it builds, else
+    torch's: what a user gets) or "expanded" (packed=False); native.lowbit() is asked afresh
+    before and after."""
+    from runtime import native
+
+    backend = request.param
+    monkeypatch.setenv("RESHARD_NATIVE", "0" if backend == "torch" else "1")
+    native.lowbit.cache_clear()
+    if backend == "packed":
+        backend = "native" if native.lowbit() is not None else "torch"
+    if backend == "native" and native.lowbit() is None:
+        pytest.skip("needs a C compiler and an x86 CPU with AVX512-VNNI")
+    yield backend
+    native.lowbit.cache_clear()
+
+
+def smollm2_perplexity(folder: Path, backend: str) -> float:
+    """SmolLM2's perplexity on tests/data/english.txt in float32, streamed with prefetch, its
+    quantized layers run as `backend` says (and checked to have run so)."""
     from runtime.lowbit import PackedLinear
 
-    text = TEXT.read_text()
-    ppl = {}
-    for name, folder in smollm2_quantized.items():
-        lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", prefetch=1, max_cpu_memory=0,
-                                          packed=packed)
-        kernels = sum(isinstance(m, PackedLinear) for m in lm.model.modules())
-        assert kernels == (7 * lm.config.num_hidden_layers if packed and name != "fp16" else 0)
-        ppl[name] = float(torch.tensor(mean_nll(lm, text)).exp())
-        lm.close()
+    with LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", prefetch=1, max_cpu_memory=0,
+                                      packed=backend != "expanded") as lm:
+        packed = [m for m in lm.model.modules() if isinstance(m, PackedLinear)]
+        if read_manifest(folder).quantization and backend != "expanded":
+            assert len(packed) == 7 * lm.config.num_hidden_layers
+            assert {m.spec.backend for m in packed} == {backend}
+            assert all((m.native is not None) == (backend == "native") for m in packed)  # what forward calls
+        else:
+            assert not packed
+        return float(torch.tensor(mean_nll(lm, TEXT.read_text())).exp())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel_backend", ["expanded", "packed"], indirect=True)
+def test_smollm2_perplexity_int8_and_int4(smollm2_quantized, kernel_backend):
+    """fp16 (in float32) vs int8 vs int4 group 32 on the CPU with prefetch on: expanded to
+    float32, or packed through the project's kernels (activations quantized per block of 32)
+    where they build, else torch's weight-only ones (bfloat16 activations in those layers; the
+    next test runs those on int4 where the project's build)."""
+    ppl = {name: smollm2_perplexity(folder, kernel_backend) for name, folder in smollm2_quantized.items()}
     assert 5 < ppl["fp16"] < 40, ppl  # the model reads English
     assert ppl["int8"] <= 1.01 * ppl["fp16"], ppl
     assert ppl["int4"] <= 1.02 * ppl["fp16"], ppl
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel_backend", ["native"], indirect=True)
+def test_smollm2_native_int4_costs_at_most_half_a_percent_over_weight_only(smollm2_quantized, kernel_backend,
+                                                                            monkeypatch):
+    """Quantizing the activations per block of 32 (the project's int4 kernel) costs at most +0.5%
+    perplexity over torch's weight-only kernel on the same folder (issue 26: it cost +1.1%, from
+    the zero term summing x unquantized, see lowbit_cpu.c)."""
+    from runtime import native
+
+    ours = smollm2_perplexity(smollm2_quantized["int4"], "native")
+    monkeypatch.setenv("RESHARD_NATIVE", "0")
+    native.lowbit.cache_clear()
+    weight_only = smollm2_perplexity(smollm2_quantized["int4"], "torch")
+    assert ours <= 1.005 * weight_only, (ours, weight_only)
 
 
 @pytest.mark.slow
