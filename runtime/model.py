@@ -352,6 +352,7 @@ class LayeredModel:
             return
         for slot in self._slots[i]:
             slot.clear()
+        self.experts.release(i)
         self._current = None
         if self.device.type == "cpu":
             self.loader.release_pages(i)

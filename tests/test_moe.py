@@ -226,7 +226,8 @@ def test_only_the_routed_experts_ranges_are_read(moe_converted, monkeypatch):
     for group in moe_layers(manifest):
         [(path, entry)] = group.experts.items()
         model.model.get_submodule(path).register_forward_pre_hook(
-            lambda m, args, g=group: routed.setdefault(g.file, set()).update(args[1].unique().tolist()))
+            lambda m, args, g=group: routed.setdefault(g.file, set()).update(args[1].unique().tolist()),
+            prepend=True)  # the router's expert ids, before the expert hook turns them into slots
     model(torch.tensor([[5, 17, 42]]))
     want = set()
     for group in moe_layers(manifest):
