@@ -4,14 +4,18 @@ For a streamed layer with an experts module (see reshard.plan.find_experts), the
 the layer's other tensors as usual (attention, router, norms, shared experts: one span of the
 file, see GroupLoader.partial) and leaves the expert tensors out. A forward pre-hook on the
 experts module, where transformers dispatches the routed tokens, reads the router's
-`top_k_index`, and copies only those experts (each one contiguous byte range of the file, see
-reshard.format.expert_range) into a full-size [E, ...] buffer that becomes the module's
-parameter. The module indexes it as usual; rows of experts no token picked hold stale (finite)
-values from earlier layers and are never read. So the math is transformers' own, unchanged.
+`top_k_index` and copies only those experts (each one contiguous byte range of the file, see
+reshard.format.expert_range) into slots: [S, ...] tensors, S the experts this layer load routes
+(k at batch 1 decode, the union for a prefill or batch), never E. The hook hands the module the
+slots as its parameters, `top_k_index` mapped to slot ids by an increasing map (so the module
+visits and sums its experts in the same order), and `num_experts` = S for the call (restored
+after): transformers' own experts code computes on the slots, its math unchanged. A module
+whose forward takes no `top_k_index` (or has no `num_experts`) gets all its experts, and the
+streamer says so once.
 
-The buffer remembers which layer's experts it holds: several forwards through one layer load
-(runtime/lockstep.py) add only the experts still missing, so a pass brings the union of its
-tokens' experts once. An `ExpertCache` keeps recently used experts (LRU, a byte budget) on the
+Several forwards through one layer load (runtime/lockstep.py) add only the experts still
+missing, so a pass brings the union of its tokens' experts once; the slots go when the layer
+is unloaded. An `ExpertCache` keeps recently used experts (LRU, a byte budget) on the
 compute device across passes; an expert it holds is copied from there instead of re-read.
 """
 
