@@ -135,6 +135,15 @@ def test_cli_convert_info_generate(moe_checkpoints, tmp_path, capsys):
     assert info["expert_bytes"] == sum(expert_bytes(g) for g in manifest.groups) > 0
     assert info["token_bytes"] == manifest.total_bytes - info["expert_bytes"] * 6 // 8
     assert [g["expert_bytes"] for g in info["groups"]] == [expert_bytes(g) for g in manifest.groups]
+    # per MoE layer: its experts, and the 2 of 8 a batch-1 token routes; the device holds the two
+    # largest groups with only those (float32 folder: stored bytes are device bytes)
+    assert info["moe_layers"] == [{"name": g.name, "expert_bytes": expert_bytes(g), "token_bytes": expert_bytes(g) // 4}
+                                  for g in moe_layers(manifest)]
+    held = sorted((g.bytes - expert_bytes(g) * 6 // 8 for g in manifest.groups), reverse=True)
+    assert info["device_bytes_batch1"] == held[0] + held[1] < info["streaming_weight_bytes"]
+    assert reshard_main(["info", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert all(f"{g.name}" in shown for g in moe_layers(manifest)) and "at batch 1 (2 largest groups" in shown
 
     tok = AutoTokenizer.from_pretrained(src)
     prompt = "w5 w17 w42 w99 w7"
