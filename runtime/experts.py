@@ -265,7 +265,7 @@ class ExpertStreamer:
         """File ranges -> their buffer rows: read in place into CPU rows of the stored dtype,
         else into (pinned) staging memory, then copied (and cast) to the rows."""
         direct = [p for p in pieces if p[1].device.type == "cpu" and p[1].dtype == ST_TO_DTYPE[p[0].dtype]]
-        staged = [p for p in pieces if not any(p is d for d in direct)]
+        staged = sorted((p for p in pieces if not any(p is d for d in direct)), key=lambda p: p[2][0])
         staging = self._stage(sum(end - begin for _, _, (begin, end) in staged))
         jobs, at = [], 0
         for info, dst, (begin, end) in direct:
@@ -273,6 +273,8 @@ class ExpertStreamer:
         for info, dst, (begin, end) in staged:
             jobs.append((staging[at:at + end - begin], begin))
             at += end - begin
+        jobs = _coalesce(jobs)
+        self.stats.expert_reads += len(jobs)
         fd = self._fd(gf)
         list(self.pool.map(lambda job: _pread(fd, job[0], gf.data_start + job[1], gf.path), jobs))
         at = 0
@@ -297,6 +299,24 @@ class ExpertStreamer:
         if self.staging is None or self.staging.numel() < n:
             self.staging = torch.empty(n, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         return self.staging[:n]
+
+
+def _coalesce(jobs: list[tuple[torch.Tensor, int]]) -> list[tuple[torch.Tensor, int]]:
+    """(destination bytes, file offset) reads merged where both the file ranges and the memory
+    they go to follow on: consecutive experts (slots are in expert order) become one sequential
+    read, so a prefill or batch that routes most of a layer's experts reads it nearly whole."""
+    merged: list[tuple[torch.Tensor, int]] = []
+    for dst, offset in sorted(jobs, key=lambda job: job[1]):
+        if merged:
+            last, at = merged[-1]
+            if (at + last.numel() == offset and last.data_ptr() + last.numel() == dst.data_ptr()
+                    and last.untyped_storage().data_ptr() == dst.untyped_storage().data_ptr()):
+                both = torch.empty(0, dtype=torch.uint8).set_(last.untyped_storage(), last.storage_offset(),
+                                                              (last.numel() + dst.numel(),))
+                merged[-1] = (both, at)
+                continue
+        merged.append((dst, offset))
+    return merged
 
 
 def _typed(raw: torch.Tensor, info, dst: torch.Tensor) -> torch.Tensor:

@@ -244,8 +244,8 @@ def test_only_the_routed_experts_ranges_are_read(moe_converted, monkeypatch):
     model = LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=0, expert_cache=0)
     reads, routed = [], {}
     real = experts_mod._pread
-    monkeypatch.setattr(experts_mod, "_pread", lambda fd, dst, off, path: (reads.append((path.name, off)),
-                                                                          real(fd, dst, off, path))[1])
+    monkeypatch.setattr(experts_mod, "_pread", lambda fd, dst, off, path: (
+        reads.append((path.name, off, off + dst.numel())), real(fd, dst, off, path))[1])
     manifest = read_manifest(folder)
     for group in moe_layers(manifest):
         [(path, entry)] = group.experts.items()
@@ -257,11 +257,18 @@ def test_only_the_routed_experts_ranges_are_read(moe_converted, monkeypatch):
     for group in moe_layers(manifest):
         gf = GroupFile(folder / group.file, group)
         for name, count in expert_tensors(group).items():
-            want |= {(group.file, gf.data_start + expert_range(gf.infos[name], count, e)[0]) for e in routed[group.file]}
+            want |= {(group.file, *(gf.data_start + b for b in expert_range(gf.infos[name], count, e)))
+                     for e in routed[group.file]}
         span = dense_range(gf.infos, group)
         assert model.loader.partial[manifest.groups.index(group)][0] == span
     assert any(len(r) < 8 for r in routed.values())  # some experts were not picked: they must not be read
-    assert sorted(reads) == sorted(want) and len(reads) == len(set(reads))
+    runs = []  # the wanted ranges, those that follow on in one file as one read
+    for file, begin, end in sorted(want):
+        if runs and runs[-1][0] == file and runs[-1][2] == begin:
+            runs[-1] = (file, runs[-1][1], end)
+        else:
+            runs.append((file, begin, end))
+    assert sorted(reads) == runs
 
 
 def test_an_expert_read_that_comes_back_short_names_the_file(moe_converted, monkeypatch):
@@ -343,3 +350,33 @@ def test_an_experts_module_without_top_k_index_gets_every_expert_and_says_so_onc
     err = capsys.readouterr().err
     assert err.count("takes no top_k_index") == 1 and "reads all 8 of its experts" in err
     assert model.stats.experts_read - before == 8 * len(moe_layers(manifest))
+
+
+def test_a_pass_routing_consecutive_experts_reads_them_in_one_go(moe_checkpoints, moe_converted, monkeypatch):
+    """Slots hold experts in order and the file stores them in order: a run of consecutive routed
+    experts is one read per expert tensor, so a prefill routing every expert reads each tensor
+    whole, sequentially; the logits stay transformers' own."""
+    import runtime.experts as experts_mod
+
+    folder = moe_converted["mixtral"]
+    model = LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=0, expert_cache=0)
+    sizes = []
+    real = experts_mod._pread
+    monkeypatch.setattr(experts_mod, "_pread", lambda fd, dst, off, path: (sizes.append(dst.numel()),
+                                                                           real(fd, dst, off, path))[1])
+    routed = {}
+    manifest = read_manifest(folder)
+    for group in moe_layers(manifest):
+        [(path, entry)] = group.experts.items()
+        model.model.get_submodule(path).register_forward_pre_hook(
+            lambda m, args, g=group: routed.setdefault(g.name, set()).update(args[1].unique().tolist()),
+            prepend=True)
+    ids = torch.randint(3, 320, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = reference(moe_checkpoints["mixtral"])(ids).logits
+    assert torch.equal(model(ids).logits, want)
+    assert all(r == set(range(8)) for r in routed.values())  # 40 tokens route all 8 experts
+    names = [n for g in moe_layers(manifest) for n in expert_tensors(g)]
+    assert len(sizes) == len(names) == model.stats.per_pass[-1].expert_reads
+    whole = [GroupFile(folder / g.file, g).infos[n] for g in moe_layers(manifest) for n in expert_tensors(g)]
+    assert sorted(sizes) == sorted(i.nbytes for i in whole)  # each tensor in one read
