@@ -6,6 +6,7 @@ Set RESHARD_DEBUG=1 to see a traceback instead of a one-line error.
 
 from __future__ import annotations
 
+import math
 import json
 import sys
 from pathlib import Path
@@ -169,7 +170,36 @@ def describe(folder) -> dict:
         "layer_bytes_unquantized": sum(unquantized_bytes(g, scheme) for g in m.groups if g.kind == "layer"),
         # mixtures of experts: bytes of routed experts, and what a batch-1 token reads of the files
         "expert_bytes": sum(expert_bytes(g) for g in m.groups), "token_bytes": token_bytes(folder, m),
+        **routed_memory(folder, m, sizes),
     }
+
+
+def routed_memory(folder, m, sizes: list[int]) -> dict:
+    """Per MoE layer, its expert bytes and those a batch-1 token routes (of the files), and the
+    device memory streaming needs at batch 1 for weights: the two largest groups as they run,
+    each holding only a token's routed experts (expanded to the compute dtype)."""
+    from .format import ST_TO_DTYPE, expert_bytes
+
+    if not any(g.experts for g in m.groups):
+        return {"moe_layers": [], "device_bytes_batch1": None}
+    try:
+        k = json.loads((Path(folder) / "config.json").read_text())["num_experts_per_tok"]
+    except (OSError, ValueError, KeyError):
+        return {"moe_layers": [], "device_bytes_batch1": None}
+    layers, need = [], []
+    for g, size in zip(m.groups, sizes):
+        unused = 0  # device bytes of the experts a token leaves out
+        routed = 0
+        for entry in g.experts.values():
+            count, used = entry["num_experts"], min(k, entry["num_experts"])
+            routed += expert_bytes(g, entry) * used // count
+            for p in entry["tensors"]:
+                info = g.quantized.get(p) or g.tensors[p]
+                unused += math.prod(info["shape"]) * ST_TO_DTYPE[info["dtype"]].itemsize * (count - used) // count
+        need.append(size - unused)
+        if g.experts:
+            layers.append({"name": g.name, "expert_bytes": expert_bytes(g), "token_bytes": routed})
+    return {"moe_layers": layers, "device_bytes_batch1": sum(sorted(need, reverse=True)[:2])}
 
 
 def token_bytes(folder, m) -> int | None:
@@ -218,6 +248,12 @@ def print_info(folder, *, as_json: bool = False) -> None:
         if d["token_bytes"] is not None:
             print(f"bytes/token   {_gb(d['token_bytes'])} at batch 1 reading only routed experts "
                   f"(all files: {_gb(d['total_bytes'])})")
+        for g in d["moe_layers"]:
+            print(f"  {g['name']:<14} experts {_gb(g['expert_bytes']):>10}, a batch-1 token routes "
+                  f"{_gb(g['token_bytes'])}")
+        if d["device_bytes_batch1"] is not None:
+            print(f"device memory for weights at batch 1 (2 largest groups, routed experts only): "
+                  f"{_gb(d['device_bytes_batch1'])}")
     print(f"device memory for weights while streaming (2 largest groups): {_gb(d['streaming_weight_bytes'])}"
           f" + KV cache and activations")
 

@@ -4,14 +4,19 @@ For a streamed layer with an experts module (see reshard.plan.find_experts), the
 the layer's other tensors as usual (attention, router, norms, shared experts: one span of the
 file, see GroupLoader.partial) and leaves the expert tensors out. A forward pre-hook on the
 experts module, where transformers dispatches the routed tokens, reads the router's
-`top_k_index` (gpt-oss: `router_indices`), and copies only those experts (each one contiguous byte range of the file, see
-reshard.format.expert_range) into a full-size [E, ...] buffer that becomes the module's
-parameter. The module indexes it as usual; rows of experts no token picked hold stale (finite)
-values from earlier layers and are never read. So the math is transformers' own, unchanged.
+`top_k_index` and copies only those experts (each one contiguous byte range of the file, see
+reshard.format.expert_range) into slots: [S, ...] tensors, S the experts this layer load routes
+(k at batch 1 decode, the union for a prefill or batch), never E. The hook hands the module the
+slots as its parameters, `top_k_index` mapped to slot ids by an increasing map (so the module
+visits and sums its experts in the same order), and `num_experts` = S for the call (restored
+after): transformers' own experts code computes on the slots, its math unchanged. A module
+that routes by another name (gpt-oss's `router_indices`, whose routing weights are dense over
+E) gets full-size [E, ...] tensors holding the routed experts only (rows of others are never read);
+one whose forward takes no routed ids at all gets all its experts, and the streamer says so once.
 
-The buffer remembers which layer's experts it holds: several forwards through one layer load
-(runtime/lockstep.py) add only the experts still missing, so a pass brings the union of its
-tokens' experts once. An `ExpertCache` keeps recently used experts (LRU, a byte budget) on the
+Several forwards through one layer load (runtime/lockstep.py) add only the experts still
+missing, so a pass brings the union of its tokens' experts once; the slots go when the layer
+is unloaded. An `ExpertCache` keeps recently used experts (LRU, a byte budget) on the
 compute device across passes; an expert it holds is copied from there instead of re-read.
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 import collections
 import inspect
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -68,13 +74,25 @@ class ExpertCache:
         self.used += size
 
 
-class _Buffer:
-    """One full-size [E, ...] tensor on the compute device and which layer's experts it holds."""
+class _Slots:
+    """The experts one streamed layer's module computes with: rows [S, ...] per expert tensor
+    holding experts `held` (ascending), S sized by what the passes route, not by E."""
 
-    def __init__(self, shape, dtype, device):
-        self.tensor = torch.zeros(shape, dtype=dtype, device=device)  # zeros: unused rows stay finite
-        self.owner: int | None = None  # the group whose experts are in it
-        self.present: set[int] = set()
+    def __init__(self, owner: int, held: list[int], tensors: dict[str, torch.Tensor], *, full: bool = False):
+        self.owner, self.held, self.tensors, self.full = owner, held, tensors, full
+
+    def row(self, expert: int) -> int:
+        """Where `expert` (one of `held`) sits: its own row in full-size tensors, else its slot."""
+        return expert if self.full else self.held.index(expert)
+
+    def index(self, top_k_index: torch.Tensor, count: int) -> torch.Tensor:
+        """Expert ids -> slot ids. The map is increasing, so the module visits its experts (and
+        adds their outputs) in the same order as over [E, ...]; an id outside [0, count) (an
+        expert-parallel sentinel) becomes the slots' own sentinel, S."""
+        table = torch.full((count + 1,), len(self.held), dtype=top_k_index.dtype, device=top_k_index.device)
+        table[torch.tensor(self.held, dtype=torch.long, device=top_k_index.device)] = torch.arange(
+            len(self.held), dtype=top_k_index.dtype, device=top_k_index.device)
+        return table[top_k_index.clamp(0, count).masked_fill(top_k_index < 0, count)]
 
 
 class ExpertStreamer:
@@ -84,12 +102,13 @@ class ExpertStreamer:
         self.loader, self.stats = loader, loader.stats  # no reference to the LayeredModel: no cycle
         self.device, self.dtype = loader.device, loader.dtype
         self.cache = ExpertCache(cache_bytes)
-        self.buffers: dict[tuple, _Buffer] = {}
+        self.slots: dict[str, _Slots] = {}  # experts module path -> its slots while its layer is loaded
         self.staging: torch.Tensor | None = None  # bytes of experts being read (pinned on CUDA)
         self.staging_done: torch.cuda.Event | None = None
         self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="runtime-experts")  # reads at once
         self.fds: dict = {}  # file path -> descriptor for the expert reads
         self.hooks: list = []
+        self.warned: set[type] = set()  # experts classes read whole (said once per class)
 
     def install(self, model: nn.Module) -> None:
         """Make every streamed group with experts load without them, and hook the experts modules
@@ -102,14 +121,14 @@ class ExpertStreamer:
             for path, entry in group.experts.items():
                 module = model.get_submodule(path)
                 empty = {a: module._parameters[a] for a in (n.rpartition(".")[2] for n in entry["tensors"])}
-                self.hooks.append(module.register_forward_pre_hook(self._hook(i, module, entry), with_kwargs=True))
-                self.hooks.append(module.register_forward_hook(lambda m, *_, empty=empty: m._parameters.update(empty)))
+                self.hooks.append(module.register_forward_pre_hook(self._hook(i, path, module, entry), with_kwargs=True))
+                self.hooks.append(module.register_forward_hook(self._restore(module, empty)))
 
     def close(self) -> None:
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
-        self.buffers.clear()
+        self.slots.clear()
         self.cache.entries.clear()
         self.staging = None
         self.pool.shutdown(wait=True)
@@ -117,84 +136,133 @@ class ExpertStreamer:
             os.close(fd)
         self.fds.clear()
 
-    # --- the hook --------------------------------------------------------------------------
-    def _hook(self, i: int, module: nn.Module, entry: dict):
+    def release(self, i: int) -> None:
+        """Group i is unloaded: its slots go (the next load of it starts from none)."""
+        for path in [p for p, s in self.slots.items() if s.owner == i]:
+            del self.slots[path]
+
+    # --- the hooks -------------------------------------------------------------------------
+    def _hook(self, i: int, path: str, module: nn.Module, entry: dict):
         signature = inspect.signature(module.forward)
         count = entry["num_experts"]
+        compact = "top_k_index" in signature.parameters and isinstance(getattr(module, "num_experts", None), int)
+        routes = any(a in signature.parameters for a in ROUTED_ARGS)
+        if not routes and type(module) not in self.warned:
+            self.warned.add(type(module))
+            print(f"runtime: {path} ({type(module).__name__}) takes no routed expert ids: "
+                  f"each pass through it reads all {count} of its experts", file=sys.stderr)
 
         def pre_hook(mod, args, kwargs):
             try:
-                arguments = signature.bind(*args, **kwargs).arguments
+                bound = signature.bind(*args, **kwargs)
             except TypeError:
-                arguments = {}
-            index = next((arguments[a] for a in ROUTED_ARGS if a in arguments), None)
-            routed = range(count) if index is None else [e for e in torch.unique(index).tolist() if 0 <= e < count]
-            self.bring(i, mod, entry, routed)
+                bound = None
+            arg = next((a for a in ROUTED_ARGS if bound is not None and a in bound.arguments), None)
+            if arg is None:
+                self.bring(i, path, mod, entry, range(count), full=True)
+                return None
+            index = bound.arguments[arg]
+            routed = [e for e in torch.unique(index).tolist() if 0 <= e < count]
+            if not compact:  # ids index the module's own [E, ...] tensors: the routed rows, in place
+                self.bring(i, path, mod, entry, routed, full=True)
+                return None
+            slots = self.bring(i, path, mod, entry, routed)
+            mod.num_experts = len(slots.held)  # the module's own loops and bins run over the slots
+            bound.arguments["top_k_index"] = slots.index(index, count)
+            return bound.args, bound.kwargs
 
         return pre_hook
 
-    def bring(self, i: int, module: nn.Module, entry: dict, routed) -> None:
-        """Put group i's experts module in place with (at least) experts `routed` filled in."""
-        bufs = {name: self._buffer(name, i) for name in entry["tensors"]}
-        missing = [e for e in routed if any(e not in b.present for b in bufs.values())]
-        t0 = time.perf_counter()
-        to_read = []
-        for e in missing:
-            cached = self.cache.get((i, e, *entry["tensors"]))
-            if cached is None:
-                to_read.append(e)
-                continue
-            for name, b in bufs.items():
-                b.tensor[e].copy_(cached[name])
-            self.stats.experts_cached += 1
-        self._read(i, to_read, entry, bufs)
-        for e in to_read:
-            self.cache.put((i, e, *entry["tensors"]), {name: b.tensor[e] for name, b in bufs.items()})
-        for b in bufs.values():
-            b.present.update(missing)
-        self.stats.wait_seconds += time.perf_counter() - t0  # compute waits for its routed experts
-        for name, b in bufs.items():
-            module._parameters[name.rpartition(".")[2]] = nn.Parameter(b.tensor, requires_grad=False)
+    def _restore(self, module: nn.Module, empty: dict):
+        experts = getattr(module, "num_experts", None)
 
-    def _buffer(self, name: str, i: int) -> _Buffer:
-        quantized = self.loader.manifest.groups[i].quantized.get(name)
-        if quantized is not None:  # expanded to the compute dtype
-            shape, dtype = tuple(quantized["shape"]), self.dtype
+        def post_hook(mod, *_):
+            mod._parameters.update(empty)
+            if experts is not None:
+                mod.num_experts = experts
+
+        return post_hook
+
+    def bring(self, i: int, path: str, module: nn.Module, entry: dict, routed, *, full: bool = False) -> _Slots:
+        """Put group i's experts module in place with slots for (at least) experts `routed`:
+        the experts this layer load already brought (several forwards through one load, see
+        runtime/lockstep.py, share it) keep theirs, the others come from the cache or the file.
+        `full`: [E, ...] tensors, expert e in row e (for modules that index by expert id)."""
+        for other in [p for p, s in self.slots.items() if s.owner != i]:
+            del self.slots[other]  # another layer's experts (not released): their memory goes first
+        old = self.slots.pop(path, None)
+        have = set(old.held) if old is not None else set()
+        if old is not None and have.issuperset(routed):
+            slots = old
         else:
-            info = self.loader.files[i].infos[name]
-            shape, dtype = tuple(info.shape), self._dtype(info)
-        key = (name.rpartition(".")[2], shape, dtype)
-        buf = self.buffers.get(key)
-        if buf is None:
-            buf = self.buffers[key] = _Buffer(shape, dtype, self.device)
-        if buf.owner != i:  # another layer's experts: none of them count
-            buf.owner, buf.present = i, set()
-        return buf
+            held = sorted(have.union(routed))
+            size = entry["num_experts"] if full else len(held)
+            tensors = {name: torch.empty((size, *shape), dtype=dtype, device=self.device)
+                       for name, (shape, dtype) in self._rows(i, entry).items()}
+            slots = _Slots(i, held, tensors, full=full)
+            t0 = time.perf_counter()
+            to_read = []
+            for e in held:
+                rows = {name: t[slots.row(e)] for name, t in tensors.items()}
+                if e in have:
+                    at = old.row(e)
+                    for name, row in rows.items():
+                        row.copy_(old.tensors[name][at])
+                    continue
+                cached = self.cache.get((i, e, *entry["tensors"]))
+                if cached is None:
+                    to_read.append((e, rows))
+                    continue
+                for name, row in rows.items():
+                    row.copy_(cached[name])
+                self.stats.experts_cached += 1
+            old = None
+            self._read(i, to_read, entry)
+            for e, rows in to_read:
+                self.cache.put((i, e, *entry["tensors"]), rows)
+            self.stats.wait_seconds += time.perf_counter() - t0  # compute waits for its routed experts
+        self.slots[path] = slots
+        for name, t in slots.tensors.items():
+            module._parameters[name.rpartition(".")[2]] = nn.Parameter(t, requires_grad=False)
+        return slots
+
+    def _rows(self, i: int, entry: dict) -> dict[str, tuple[tuple, torch.dtype]]:
+        """Each expert tensor's row shape and the dtype the module computes with."""
+        rows = {}
+        for name in entry["tensors"]:
+            quantized = self.loader.manifest.groups[i].quantized.get(name)
+            if quantized is not None:  # expanded to the compute dtype
+                rows[name] = tuple(quantized["shape"][1:]), self.dtype
+            else:
+                info = self.loader.files[i].infos[name]
+                rows[name] = tuple(info.shape[1:]), self._dtype(info)
+        return rows
 
     def _dtype(self, info) -> torch.dtype:
         stored = ST_TO_DTYPE[info.dtype]
         return self.dtype if stored.is_floating_point else stored
 
-    def _read(self, i: int, experts: list[int], entry: dict, bufs: dict[str, _Buffer]) -> None:
-        """Rows `experts` of every tensor of `entry` from group i's file (or its pinned host copy):
-        one read per expert and stored tensor, several at once, straight into the buffer where it
-        can; quantized expert weights are read as their parts and expanded into the buffer."""
-        if not experts:
+    def _read(self, i: int, jobs: list[tuple[int, dict[str, torch.Tensor]]], entry: dict) -> None:
+        """For each (expert, {tensor name: its slot row}) of `jobs`, the expert's rows from group
+        i's file (or its pinned host copy): one read per expert and stored tensor, several at once,
+        straight into the slot where it can; quantized expert weights are read as their parts and
+        expanded into the slot."""
+        if not jobs:
             return
         gf, held, count = self.loader.files[i], self.loader.host_data(i), entry["num_experts"]
         quantized = self.loader.manifest.groups[i].quantized
         pieces, expand = [], []  # (stored info, destination, byte range); (row, parts, param info)
-        for e in experts:
-            for param, b in bufs.items():
+        for e, rows in jobs:
+            for param, row in rows.items():
                 if param not in quantized:
-                    pieces.append((gf.infos[param], b.tensor[e], expert_range(gf.infos[param], count, e)))
+                    pieces.append((gf.infos[param], row, expert_range(gf.infos[param], count, e)))
                     continue
                 parts = {}
                 for part, name in quant_part_names(param, self.loader.scheme).items():
                     info = gf.infos[name]
                     parts[part] = torch.empty(info.shape[1:], dtype=ST_TO_DTYPE[info.dtype], device=self.device)
                     pieces.append((info, parts[part], expert_range(info, count, e)))
-                expand.append((b.tensor[e], parts, {**quantized[param], "shape": quantized[param]["shape"][1:]}))
+                expand.append((row, parts, {**quantized[param], "shape": quantized[param]["shape"][1:]}))
         nbytes = sum(end - begin for _, _, (begin, end) in pieces)
         if held is not None:  # pinned host memory -> device
             for info, dst, (begin, end) in pieces:
@@ -203,7 +271,7 @@ class ExpertStreamer:
             self._read_file(gf, pieces)
         for row, parts, info in expand:
             row.copy_(expand_param(parts, info, self.loader.scheme, self.dtype))
-        self.stats.experts_read += len(experts)
+        self.stats.experts_read += len(jobs)
         self.stats.expert_bytes += nbytes
         self.stats.bytes_read += nbytes if held is None else 0
         self.stats.bytes_copied += nbytes if self.device.type == "cuda" else 0
@@ -213,7 +281,7 @@ class ExpertStreamer:
         """File ranges -> their buffer rows: read in place into CPU rows of the stored dtype,
         else into (pinned) staging memory, then copied (and cast) to the rows."""
         direct = [p for p in pieces if p[1].device.type == "cpu" and p[1].dtype == ST_TO_DTYPE[p[0].dtype]]
-        staged = [p for p in pieces if not any(p is d for d in direct)]
+        staged = sorted((p for p in pieces if not any(p is d for d in direct)), key=lambda p: p[2][0])
         staging = self._stage(sum(end - begin for _, _, (begin, end) in staged))
         jobs, at = [], 0
         for info, dst, (begin, end) in direct:
@@ -221,6 +289,8 @@ class ExpertStreamer:
         for info, dst, (begin, end) in staged:
             jobs.append((staging[at:at + end - begin], begin))
             at += end - begin
+        jobs = _coalesce(jobs)
+        self.stats.expert_reads += len(jobs)
         fd = self._fd(gf)
         list(self.pool.map(lambda job: _pread(fd, job[0], gf.data_start + job[1], gf.path), jobs))
         at = 0
@@ -245,6 +315,24 @@ class ExpertStreamer:
         if self.staging is None or self.staging.numel() < n:
             self.staging = torch.empty(n, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         return self.staging[:n]
+
+
+def _coalesce(jobs: list[tuple[torch.Tensor, int]]) -> list[tuple[torch.Tensor, int]]:
+    """(destination bytes, file offset) reads merged where both the file ranges and the memory
+    they go to follow on: consecutive experts (slots are in expert order) become one sequential
+    read, so a prefill or batch that routes most of a layer's experts reads it nearly whole."""
+    merged: list[tuple[torch.Tensor, int]] = []
+    for dst, offset in sorted(jobs, key=lambda job: job[1]):
+        if merged:
+            last, at = merged[-1]
+            if (at + last.numel() == offset and last.data_ptr() + last.numel() == dst.data_ptr()
+                    and last.untyped_storage().data_ptr() == dst.untyped_storage().data_ptr()):
+                both = torch.empty(0, dtype=torch.uint8).set_(last.untyped_storage(), last.storage_offset(),
+                                                              (last.numel() + dst.numel(),))
+                merged[-1] = (both, at)
+                continue
+        merged.append((dst, offset))
+    return merged
 
 
 def _typed(raw: torch.Tensor, info, dst: torch.Tensor) -> torch.Tensor:

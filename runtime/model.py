@@ -377,6 +377,7 @@ class LayeredModel:
             return
         for slot in self._slots[i]:
             slot.clear()
+        self.experts.release(i)
         self._current = None
         if self.host is not None and i in self.host.active:
             self.host.loader.release_pages(i)

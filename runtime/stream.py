@@ -65,6 +65,7 @@ class PassStats:
     experts_cached: int = 0  # routed experts served from the expert cache
     expert_bytes: int = 0  # bytes of the experts read (part of `bytes`)
     cpu_layers: dict = field(default_factory=dict)  # --cpu-layers: group -> "cpu|stream: why" (runtime/hostcompute.py)
+    expert_reads: int = 0  # file reads they took (consecutive experts are one read)
 
 
 @dataclass
@@ -81,13 +82,14 @@ class StreamStats:
     experts_read: int = 0  # routed experts brought from files or host memory
     experts_cached: int = 0  # routed experts served from the expert cache
     expert_bytes: int = 0  # bytes of the experts read (part of bytes_streamed)
+    expert_reads: int = 0  # file reads they took (consecutive experts are one read)
     resident_bytes: dict = field(default_factory=dict)  # "device"/"host"/"disk" -> bytes placed there
     per_group_loads: collections.Counter = field(default_factory=collections.Counter)
     per_pass: list = field(default_factory=list)  # one PassStats per forward pass
-    _mark: tuple = (0.0, 0.0, 0.0, 0, 0.0, (0, 0, 0))
+    _mark: tuple = (0.0, 0.0, 0.0, 0, 0.0, (0, 0, 0, 0))
 
-    def _experts(self) -> tuple[int, int, int]:
-        return self.experts_read, self.experts_cached, self.expert_bytes
+    def _experts(self) -> tuple[int, int, int, int]:
+        return self.experts_read, self.experts_cached, self.expert_bytes, self.expert_reads
 
     def start_pass(self) -> None:
         self._mark = (self.read_seconds, self.copy_seconds, self.wait_seconds, self.bytes_streamed,

@@ -135,6 +135,15 @@ def test_cli_convert_info_generate(moe_checkpoints, tmp_path, capsys):
     assert info["expert_bytes"] == sum(expert_bytes(g) for g in manifest.groups) > 0
     assert info["token_bytes"] == manifest.total_bytes - info["expert_bytes"] * 6 // 8
     assert [g["expert_bytes"] for g in info["groups"]] == [expert_bytes(g) for g in manifest.groups]
+    # per MoE layer: its experts, and the 2 of 8 a batch-1 token routes; the device holds the two
+    # largest groups with only those (float32 folder: stored bytes are device bytes)
+    assert info["moe_layers"] == [{"name": g.name, "expert_bytes": expert_bytes(g), "token_bytes": expert_bytes(g) // 4}
+                                  for g in moe_layers(manifest)]
+    held = sorted((g.bytes - expert_bytes(g) * 6 // 8 for g in manifest.groups), reverse=True)
+    assert info["device_bytes_batch1"] == held[0] + held[1] < info["streaming_weight_bytes"]
+    assert reshard_main(["info", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert all(f"{g.name}" in shown for g in moe_layers(manifest)) and "at batch 1 (2 largest groups" in shown
 
     tok = AutoTokenizer.from_pretrained(src)
     prompt = "w5 w17 w42 w99 w7"
@@ -187,10 +196,11 @@ def test_batched_generation_equals_transformers(arch, moe_checkpoints, moe_conve
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_quantized_experts_stream_alone(scheme, moe_checkpoints, tmp_path):
     """--quantize stores expert weights quantized too, each expert's parts one range per part;
-    streamed, the routed experts' parts come alone and expand into the buffer: the output is the
-    one of the same folder held resident (expanded whole by the loader)."""
+    streamed, the routed experts' parts come alone and expand into their slots: streamed and
+    resident, the logits are those of transformers' model holding the expanded weights."""
     from reshard.convert import convert
-    from reshard.format import stored_names
+    from reshard.format import quant_part_names, stored_names
+    from runtime.quantized import expand_param
 
     convert(str(moe_checkpoints["qwen3_moe"]), tmp_path / scheme, quantize=scheme, progress=False)
     manifest = read_manifest(tmp_path / scheme)
@@ -198,17 +208,31 @@ def test_quantized_experts_stream_alone(scheme, moe_checkpoints, tmp_path):
         [entry] = group.experts.values()
         assert set(entry["tensors"]) <= set(group.quantized)  # the expert weights are quantized
         assert all(len(stored_names(p, group.tensors)) > 1 for p in entry["tensors"])
-    streamed = LayeredModel.from_pretrained(tmp_path / scheme, device="cpu", max_cpu_memory=0, expert_cache=0)
-    resident = LayeredModel.from_pretrained(tmp_path / scheme, device="cpu", max_cpu_memory="1GB")
-    assert torch.equal(streamed(IDS).logits, resident(IDS).logits)
+    streamed = LayeredModel.from_pretrained(tmp_path / scheme, device="cpu", max_cpu_memory=0, expert_cache=0,
+                                            packed=False)
+    resident = LayeredModel.from_pretrained(tmp_path / scheme, device="cpu", max_cpu_memory="1GB", packed=False)
+    # the exact reference: transformers' model holding the weights the folder expands to
+    ref = reference(moe_checkpoints["qwen3_moe"])
+    expanded = 0
+    for group in manifest.groups:
+        gf = GroupFile(tmp_path / scheme / group.file, group)
+        for param, info in group.quantized.items():
+            parts = {part: gf.tensor(name) for part, name in quant_part_names(param, streamed.loader.scheme).items()}
+            weight = expand_param(parts, info, streamed.loader.scheme, torch.float32)
+            target = ref.get_parameter(param)
+            assert weight.shape == target.shape and not torch.equal(weight, target)  # quantized: changed
+            with torch.no_grad():
+                target.copy_(weight)
+            expanded += 1
+    assert expanded > 0
+    with torch.no_grad():
+        want = ref(IDS).logits
+    assert torch.equal(resident(IDS).logits, want)
+    assert torch.equal(streamed(IDS).logits, want)
     streamed.generate(torch.tensor([[5, 17, 42]]), **GREEDY)
     last = streamed.stats.per_pass[-1]
     assert last.experts_read == 2 * len(moe_layers(manifest))
     assert last.expert_bytes == sum(expert_bytes(g) * 2 // 8 for g in moe_layers(manifest))
-    ref = reference(moe_checkpoints["qwen3_moe"])
-    with torch.no_grad():  # quantized, so close to the float32 model, not equal
-        want = ref(IDS).logits
-    assert (resident(IDS).logits - want).abs().max() < (0.05 if scheme == "int8" else 0.3)
 
 
 def test_only_the_routed_experts_ranges_are_read(moe_converted, monkeypatch):
@@ -220,23 +244,31 @@ def test_only_the_routed_experts_ranges_are_read(moe_converted, monkeypatch):
     model = LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=0, expert_cache=0)
     reads, routed = [], {}
     real = experts_mod._pread
-    monkeypatch.setattr(experts_mod, "_pread", lambda fd, dst, off, path: (reads.append((path.name, off)),
-                                                                          real(fd, dst, off, path))[1])
+    monkeypatch.setattr(experts_mod, "_pread", lambda fd, dst, off, path: (
+        reads.append((path.name, off, off + dst.numel())), real(fd, dst, off, path))[1])
     manifest = read_manifest(folder)
     for group in moe_layers(manifest):
         [(path, entry)] = group.experts.items()
         model.model.get_submodule(path).register_forward_pre_hook(
-            lambda m, args, g=group: routed.setdefault(g.file, set()).update(args[1].unique().tolist()))
+            lambda m, args, g=group: routed.setdefault(g.file, set()).update(args[1].unique().tolist()),
+            prepend=True)  # the router's expert ids, before the expert hook turns them into slots
     model(torch.tensor([[5, 17, 42]]))
     want = set()
     for group in moe_layers(manifest):
         gf = GroupFile(folder / group.file, group)
         for name, count in expert_tensors(group).items():
-            want |= {(group.file, gf.data_start + expert_range(gf.infos[name], count, e)[0]) for e in routed[group.file]}
+            want |= {(group.file, *(gf.data_start + b for b in expert_range(gf.infos[name], count, e)))
+                     for e in routed[group.file]}
         span = dense_range(gf.infos, group)
         assert model.loader.partial[manifest.groups.index(group)][0] == span
     assert any(len(r) < 8 for r in routed.values())  # some experts were not picked: they must not be read
-    assert sorted(reads) == sorted(want) and len(reads) == len(set(reads))
+    runs = []  # the wanted ranges, those that follow on in one file as one read
+    for file, begin, end in sorted(want):
+        if runs and runs[-1][0] == file and runs[-1][2] == begin:
+            runs[-1] = (file, runs[-1][1], end)
+        else:
+            runs.append((file, begin, end))
+    assert sorted(reads) == runs
 
 
 def test_an_expert_read_that_comes_back_short_names_the_file(moe_converted, monkeypatch):
@@ -291,3 +323,60 @@ def test_the_expert_cache_takes_what_the_plan_leaves_and_gives_way_to_a_larger_j
     assert len(err) == 1 and re.fullmatch(r"runtime: a batch of 8 x 120 tokens .* the expert cache shrinks from "
                                           r"0\.01GiB to \S+GiB", err[0]), err
     model.close()
+
+
+def test_an_experts_module_without_top_k_index_gets_every_expert_and_says_so_once(moe_converted, capsys):
+    """An experts module whose forward takes no `top_k_index` cannot say which experts it uses:
+    each call reads all of them, and the streamer says so on stderr once for its class."""
+    folder = moe_converted["mixtral"]
+    model = LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=0, expert_cache=0)
+    manifest = read_manifest(folder)
+
+    class Whole(torch.nn.Module):  # an experts class of another shape: all tokens, no routing index
+        def forward(self, hidden_states):
+            return hidden_states
+
+    capsys.readouterr()
+    before = model.stats.experts_read
+    for group in moe_layers(manifest):
+        i = manifest.groups.index(group)
+        [(path, entry)] = group.experts.items()
+        module = model.model.get_submodule(path)
+        hook = model.experts._hook(i, path, Whole(), entry)
+        hook(module, (torch.zeros(1, 64),), {})
+        gf = GroupFile(folder / group.file, group)
+        for name in entry["tensors"]:  # every expert in place, read from the file
+            assert torch.equal(module.get_parameter(name.rpartition(".")[2]), gf.tensor(name))
+    err = capsys.readouterr().err
+    assert err.count("takes no top_k_index") == 1 and "reads all 8 of its experts" in err
+    assert model.stats.experts_read - before == 8 * len(moe_layers(manifest))
+
+
+def test_a_pass_routing_consecutive_experts_reads_them_in_one_go(moe_checkpoints, moe_converted, monkeypatch):
+    """Slots hold experts in order and the file stores them in order: a run of consecutive routed
+    experts is one read per expert tensor, so a prefill routing every expert reads each tensor
+    whole, sequentially; the logits stay transformers' own."""
+    import runtime.experts as experts_mod
+
+    folder = moe_converted["mixtral"]
+    model = LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=0, expert_cache=0)
+    sizes = []
+    real = experts_mod._pread
+    monkeypatch.setattr(experts_mod, "_pread", lambda fd, dst, off, path: (sizes.append(dst.numel()),
+                                                                           real(fd, dst, off, path))[1])
+    routed = {}
+    manifest = read_manifest(folder)
+    for group in moe_layers(manifest):
+        [(path, entry)] = group.experts.items()
+        model.model.get_submodule(path).register_forward_pre_hook(
+            lambda m, args, g=group: routed.setdefault(g.name, set()).update(args[1].unique().tolist()),
+            prepend=True)
+    ids = torch.randint(3, 320, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = reference(moe_checkpoints["mixtral"])(ids).logits
+    assert torch.equal(model(ids).logits, want)
+    assert all(r == set(range(8)) for r in routed.values())  # 40 tokens route all 8 experts
+    names = [n for g in moe_layers(manifest) for n in expert_tensors(g)]
+    assert len(sizes) == len(names) == model.stats.per_pass[-1].expert_reads
+    whole = [GroupFile(folder / g.file, g).infos[n] for g in moe_layers(manifest) for n in expert_tensors(g)]
+    assert sorted(sizes) == sorted(i.nbytes for i in whole)  # each tensor in one read
