@@ -64,8 +64,8 @@ class PassStats:
     experts_read: int = 0  # routed experts brought from files or host memory (runtime/experts.py)
     experts_cached: int = 0  # routed experts served from the expert cache
     expert_bytes: int = 0  # bytes of the experts read (part of `bytes`)
-    cpu_layers: dict = field(default_factory=dict)  # --cpu-layers: group -> "cpu|stream: why" (runtime/hostcompute.py)
     expert_reads: int = 0  # file reads they took (consecutive experts are one read)
+    cpu_layers: dict = field(default_factory=dict)  # --cpu-layers: group -> "cpu|stream: why" (runtime/hostcompute.py)
 
 
 @dataclass
