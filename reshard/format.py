@@ -28,6 +28,7 @@ import torch
 
 from .errors import CorruptFileError, FormatError
 from .fileio import Digest, copy_at, write_at
+from .ggml_quants import BLOCK_TYPES
 
 FORMAT_NAME = "reshard"
 FORMAT_VERSION = 1
@@ -127,7 +128,9 @@ class Manifest:
 
 # --- quantized parameters ------------------------------------------------------------------
 
-QUANT_PARTS = {"int8": ("qweight", "scales"), "int4": ("qweight", "scales", "zeros")}
+QUANT_PARTS = {"int8": ("qweight", "scales"), "int4": ("qweight", "scales", "zeros"),
+               # GGML blocks kept as in a GGUF file (reshard/ggml_quants.py): one uint8 part
+               **{s: ("blocks",) for s in BLOCK_TYPES}}
 
 
 def quant_part_names(param: str, scheme: str) -> dict[str, str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .errors import UsageError
+from .ggml_quants import BLOCK_TYPES, dequantize_blocks
 
 SCHEMES = ("int8", "int4")
 DEFAULT_GROUP = 32
@@ -45,6 +46,8 @@ def dequantize(parts: dict[str, torch.Tensor], scheme: str, *, columns: int, dty
     """The (out, columns) weight in `dtype` from the parts `quantize` returned."""
     if scheme == "int8":
         return dequantize_int8(parts["qweight"], parts["scales"], dtype=dtype)
+    if scheme in BLOCK_TYPES:  # GGML blocks kept from a GGUF file (reshard/ggml_quants.py)
+        return dequantize_blocks(parts["blocks"], scheme, dtype=dtype)
     return dequantize_int4(parts["qweight"], parts["scales"], parts["zeros"], columns=columns, dtype=dtype)
 
 

@@ -26,13 +26,15 @@ from reshard.quant import dequantize
 # Compiled output equals plain torch's bit for bit in these (checked on the CPU's Inductor too);
 # in float32 a fused multiply-add may round differently, so float32 keeps the plain path.
 EXACT_DTYPES = (torch.float16, torch.bfloat16)
+COMPILED = ("int8", "int4")
 _lock = threading.Lock()  # compiling is not safe from two threads at once
 _state: dict = {"compiled": None, "failed": False}
 
 
 def expand_weight(parts: dict[str, torch.Tensor], scheme: str, *, columns: int, dtype: torch.dtype) -> torch.Tensor:
     """reshard.quant.dequantize(parts, ...): compiled on CUDA, plain torch elsewhere."""
-    fn = _compiled() if parts["qweight"].is_cuda and dtype in EXACT_DTYPES else None
+    # only int8/int4 compile: a fused multiply-add would round GGML blocks' two-step math differently
+    fn = _compiled() if scheme in COMPILED and parts["qweight"].is_cuda and dtype in EXACT_DTYPES else None
     if fn is not None:
         try:
             with _lock:
