@@ -6,6 +6,12 @@ reshard/ggml_quants.py) and with `--dtype bfloat16` (de-quantized at convert, as
 Each folder streams every group from its file (max_cpu_memory=0) and decodes `--tokens`
 greedy tokens after a warm-up; bytes per pass is what the loader streamed per forward pass.
 
+"layer MB" is the decoder layers' stored bytes, read once per pass: the Q4_K share. MB/pass also
+counts the embeddings and head, which a default GGUF conversion stores in float32 (the GGUF's
+config names no dtype) against bfloat16 in the other folder: at this model's 49k x 1024 vocabulary
+they outweigh the layers, so read both columns. On the CPU the blocks are expanded at load with
+plain torch (several kernels per weight), which is what s/token pays for the smaller reads.
+
   python benchmarks/gguf_quants.py > benchmarks/results/gguf_quants.txt
 """
 

@@ -98,7 +98,7 @@ def _q6_k(blocks):
     scales = blocks[:, QK_K // 2 + QK_K // 4:-2].contiguous().view(torch.int8).float()
     d = (_f16(blocks[:, -2:]) * scales).reshape(n, QK_K // 16, 1)
     ql = _nibbles(ql.reshape(n, -1, 64), 64).reshape(n, -1, 32)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device).reshape(1, 1, 4, 1)
     qh = ((qh.reshape(n, -1, 1, 32) >> shifts) & 0x03).reshape(n, -1, 32)
     q = (ql | (qh << 4)).to(torch.int8) - 32
     return (d * q.reshape(n, QK_K // 16, -1).float()).reshape(n, QK_K)

@@ -96,6 +96,21 @@ def test_logits_and_tokens_equal_transformers(mixed_converted, reference, reside
         assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), want_tokens)
 
 
-def test_explicit_dtype_dequantizes_at_convert(mixed_gguf, tmp_path):
-    manifest = convert(str(mixed_gguf), tmp_path / "bf16", dtype="bfloat16", progress=False)
+def test_explicit_dtype_dequantizes_at_convert(mixed_gguf, mixed_converted, tmp_path):
+    """`--dtype` given: nothing is kept as blocks; the kept folder's unquantized size (read
+    through each parameter's own scheme) is that folder's size."""
+    from reshard.cli import describe
+
+    manifest = convert(str(mixed_gguf), tmp_path / "f32", dtype="float32", progress=False)
     assert not any(g.quantized for g in manifest.groups)
+    kept, plain = describe(mixed_converted), describe(tmp_path / "f32")
+    # equal up to the files' headers (the kept folder's tensor names end in ".blocks")
+    assert abs(kept["layer_bytes_unquantized"] - plain["layer_bytes"]) < 1024 * LAYERS
+    assert plain["layer_bytes"] > 4 * kept["layer_bytes"]
+
+
+def test_quantize_from_gguf_requantizes(mixed_gguf, tmp_path):
+    manifest = convert(str(mixed_gguf), tmp_path / "int4", quantize="int4", progress=False)
+    entries = [(g, p, q) for g in manifest.groups for p, q in g.quantized.items()]
+    assert manifest.quantization["scheme"] == "int4" and len(entries) == 7 * LAYERS
+    assert all("scheme" not in q and f"{p}.zeros" in g.tensors for g, p, q in entries)
