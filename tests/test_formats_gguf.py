@@ -114,3 +114,17 @@ def test_quantize_from_gguf_requantizes(mixed_gguf, tmp_path):
     entries = [(g, p, q) for g in manifest.groups for p, q in g.quantized.items()]
     assert manifest.quantization["scheme"] == "int4" and len(entries) == 7 * LAYERS
     assert all("scheme" not in q and f"{p}.zeros" in g.tensors for g, p, q in entries)
+
+
+def test_blocks_that_do_not_fit_the_config(mixed_gguf, tmp_path, monkeypatch, capsys):
+    """A GGUF whose blocks disagree with its own config (one row short) is refused by name."""
+    from test_gguf import cli_convert
+
+    from reshard.gguf_source import GGUFSource
+
+    real = GGUFSource.read_blocks
+    monkeypatch.setattr(GGUFSource, "read_blocks", lambda self, key: real(self, key)[1:])
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert cli_convert(capsys, mixed_gguf, tmp_path / "out") == (
+        1, f"Error: {name}: the source's q4_k blocks [255, 144] do not make a weight of shape [256, 256]; "
+           f"the checkpoint does not match its config")
