@@ -24,6 +24,7 @@ from .format import (DTYPE_NAMES, stored_names, DTYPE_TO_ST, MANIFEST, Group, Ma
                      quant_part_names, write_bytes_atomic, write_group_file, write_text_atomic)
 from .fp8 import Fp8Source, Fp8Spec, layout as fp8_layout
 from .mxfp4 import Mxfp4Source, Mxfp4Spec, is_mxfp4
+from .ggml_quants import check_block_shape
 from .keymap import KeyMap, check_shape, check_shapes, map_keys
 from .plan import build_empty_model, plan_groups, read_config
 from .published import PublishedSource, RepackSpec, check_repackable, published_format
@@ -132,7 +133,8 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
         check_disk(out, plan, kept, target, extra=getattr(src, "largest_shard_bytes", 0), hint=not sharded,
                    progress=progress)
         src.want(mapping.source_keys([*params_map, *buffers]))
-        groups = _write_groups(src, model, plan, mapping, out, target, record, kept, progress, quant)
+        blocks = _kept_blocks(src, model, plan, mapping) if dtype == "auto" and not quant else {}
+        groups = _write_groups(src, model, plan, mapping, out, target, record, kept, progress, quant, blocks)
         manifest = Manifest(
             source=manifest_source(params), dtype=dtype_name(target), architecture=type(model).__name__,
             layers_path=plan.layers_path, groups=groups, quantization=quantization)
@@ -241,8 +243,17 @@ class QuantSpec:
         quantized[name] = {"shape": list(t.shape), "dtype": DTYPE_TO_ST[target], "transposed": transposed}
 
 
+def _kept_blocks(src: Source, model, plan, mapping: KeyMap) -> dict[str, str]:
+    """{param: scheme} for the decoder layers' linear weights the source holds as quantized
+    blocks reshard stores as they are (a GGUF's Q4_K, Q8_0, ...: reshard/ggml_quants.py)."""
+    linear = quantizable_params(model, plan)
+    return {p: scheme for p, transposed in linear.items()
+            if not transposed and p in mapping.direct and (scheme := src.block_scheme(mapping.direct[p]))}
+
+
 def _write_groups(src: Source, model, plan, mapping: KeyMap, out: Path, target: torch.dtype, record: Progress,
-                  kept: dict[str, Group], progress: bool, quant: QuantSpec | None = None) -> list[Group]:
+                  kept: dict[str, Group], progress: bool, quant: QuantSpec | None = None,
+                  blocks: dict[str, str] | None = None) -> list[Group]:
     """Write every group not `kept`, in order; the next one is read (and cast) on a thread
     while this one is written, so reading, casting, writing and hashing overlap."""
     size = {g.name: sum(math.prod(s) for s in g.params.values()) * target.itemsize for g in plan.groups}
@@ -250,7 +261,7 @@ def _write_groups(src: Source, model, plan, mapping: KeyMap, out: Path, target: 
     bar = tqdm(total=sum(size.values()), initial=sum(size[name] for name in kept), unit="B", unit_scale=True,
                desc="reshard", file=sys.stderr, disable=not progress)
     todo = [g for g in plan.groups if g.name not in kept]
-    prepared = _prepared_groups(todo, lambda g: _prepare_group(src, model, g, mapping, target, quant),
+    prepared = _prepared_groups(todo, lambda g: _prepare_group(src, model, g, mapping, target, quant, blocks or {}),
                                 ahead=src.read_ahead)
     groups, start, written = [], time.perf_counter(), 0
     with bar, contextlib.closing(prepared):
@@ -291,16 +302,17 @@ def _prepared_groups(todo: list, prepare, *, ahead: bool):
 
 
 def _prepare_group(src: Source, model, planned, mapping: KeyMap, target: torch.dtype,
-                   quant: QuantSpec | None) -> tuple:
+                   quant: QuantSpec | None, blocks: dict[str, str]) -> tuple:
     """(planned, tensors, quantized, buffers) to write for `planned`. Parameters stored in the
     source as they are to be written stay there (`FileSlice`s, copied by the kernel when the
     file is written); the rest are read, fused as transformers fuses them, and cast."""
     as_stored = {p: loc for p in planned.params
-                 if p in mapping.direct and not (quant and p in quant.params)
+                 if p in mapping.direct and not (quant and p in quant.params) and p not in blocks
                  and (loc := src.locate(mapping.direct[p])) is not None
                  and (loc.dtype == target or not loc.dtype.is_floating_point)}
     buffers = [b for b in planned.buffers if b in mapping.direct]  # persistent buffers the checkpoint holds
-    raw = src.read(mapping.source_keys([*(p for p in planned.params if p not in as_stored), *buffers]))
+    read = [p for p in planned.params if p not in as_stored and p not in blocks]
+    raw = src.read(mapping.source_keys([*read, *buffers]))
     kept = quant.take(planned, mapping, raw, model) if hasattr(quant, "take") else {}  # stored as published
     made = _run_fusions(planned, mapping, raw, model, target, skip=kept)
     tensors, quantized = {}, {}
@@ -308,6 +320,13 @@ def _prepare_group(src: Source, model, planned, mapping: KeyMap, target: torch.d
         if pname in kept:
             quant.store(pname, kept[pname], target, tensors, quantized)
             check_shape(pname, torch.empty(quantized[pname]["shape"], device="meta"), shape)
+            continue
+        if pname in blocks:  # kept as the source's blocks: expanded at load (reshard/ggml_quants.py)
+            t = src.read_blocks(mapping.direct[pname])
+            check_block_shape(pname, t, blocks[pname], shape)
+            tensors[quant_part_names(pname, blocks[pname])["blocks"]] = t
+            quantized[pname] = {"shape": list(shape), "dtype": DTYPE_TO_ST[target], "transposed": False,
+                                "scheme": blocks[pname]}
             continue
         if pname in as_stored:
             t = as_stored[pname]

@@ -28,6 +28,7 @@ import torch
 
 from .errors import CorruptFileError, FormatError
 from .fileio import Digest, copy_at, write_at
+from .ggml_quants import BLOCK_TYPES
 
 FORMAT_NAME = "reshard"
 FORMAT_VERSION = 1
@@ -129,7 +130,9 @@ class Manifest:
 
 QUANT_PARTS = {"int8": ("qweight", "scales"), "int4": ("qweight", "scales", "zeros"),
                "fp8-block": ("qweight", "scale_inv"),  # reshard/fp8.py
-               "mxfp4": ("blocks", "scales")}  # reshard/mxfp4.py
+               "mxfp4": ("blocks", "scales"),  # reshard/mxfp4.py
+               # GGML blocks kept as in a GGUF file (reshard/ggml_quants.py): one uint8 part
+               **{s: ("blocks",) for s in BLOCK_TYPES}}
 
 
 def quant_part_names(param: str, scheme: str) -> dict[str, str]:
@@ -137,9 +140,16 @@ def quant_part_names(param: str, scheme: str) -> dict[str, str]:
     return {part: f"{param}.{part}" for part in QUANT_PARTS[scheme]}
 
 
+def scheme_of(group: Group, param: str, folder_scheme: str | None) -> str | None:
+    """The scheme quantized `param` of `group` is stored in: its own entry's `"scheme"` where it
+    has one (a GGUF mixes block types per tensor), else the folder's `quantization.scheme`."""
+    return group.quantized[param].get("scheme", folder_scheme)
+
+
 def param_names(group: Group, scheme: str | None = None) -> list[str]:
     """The model parameters `group`'s file provides (quantized ones by their own name; buffers not)."""
-    stored = set().union(*(quant_part_names(p, scheme).values() for p in group.quantized)) if group.quantized else set()
+    stored = set().union(*(quant_part_names(p, scheme_of(group, p, scheme)).values()
+                           for p in group.quantized)) if group.quantized else set()
     stored.update(group.buffers)
     return [n for n in group.tensors if n not in stored] + list(group.quantized)
 
@@ -150,7 +160,7 @@ def stored_names(param: str, tensors) -> list[str]:
     """The stored tensors of parameter `param`: itself, or its quantized parts (see quant_part_names)."""
     if param in tensors:
         return [param]
-    parts = dict.fromkeys(part for parts in QUANT_PARTS.values() for part in parts)
+    parts = dict.fromkeys(part for names in QUANT_PARTS.values() for part in names)  # every scheme's
     return [n for n in (f"{param}.{part}" for part in parts) if n in tensors]
 
 
@@ -188,7 +198,7 @@ def unquantized_bytes(group: Group, scheme: str | None) -> int:
     """The group's file size had its quantized parameters been stored in their own dtype."""
     size = group.bytes
     for param, info in group.quantized.items():
-        for name in quant_part_names(param, scheme).values():
+        for name in quant_part_names(param, scheme_of(group, param, scheme)).values():
             t = group.tensors[name]
             size -= _numel(t["shape"]) * ST_TO_DTYPE[t["dtype"]].itemsize
         size += _numel(info["shape"]) * ST_TO_DTYPE[info["dtype"]].itemsize
@@ -212,11 +222,12 @@ def _check_experts(m: Manifest, path) -> None:
 
 
 def _check_quantized(m: Manifest, path) -> None:
-    scheme = (m.quantization or {}).get("scheme")
+    folder_scheme = (m.quantization or {}).get("scheme")
     for g in m.groups:
-        if g.quantized and scheme not in QUANT_PARTS:
-            raise FormatError(f"{path}: group {g.name} has quantized tensors but the quantization scheme is {scheme!r}")
         for param in g.quantized:
+            scheme = scheme_of(g, param, folder_scheme)
+            if scheme not in QUANT_PARTS:
+                raise FormatError(f"{path}: group {g.name} has quantized tensors but the quantization scheme is {scheme!r}")
             missing = [n for n in quant_part_names(param, scheme).values() if n not in g.tensors]
             if missing:
                 raise FormatError(f"{path}: quantized {param} lacks {missing[0]}; run `reshard convert` again")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import SourceError
+from .ggml_quants import scheme_for
 from .source import Source
 
 SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -128,6 +129,41 @@ class GGUFSource(Source):
         if missing:
             raise SourceError(f"{self.path}: transformers' GGUF processing gave no tensor for {missing[0]}")
         return {k: parsed["tensors"][k] for k in keys}
+
+    def block_scheme(self, key: str) -> str | None:
+        """The reshard/ggml_quants.py scheme `key` is kept in: its one GGUF tensor is a 2-D weight
+        of a block type reshard stores, and transformers' processor only reorders its rows."""
+        found = self._sources.get(key, [])
+        if len(found) != 1 or len(found[0][1].shape) != 2:
+            return None
+        scheme = scheme_for(found[0][1].tensor_type.name)
+        return scheme if scheme is not None and self._row_order(found[0][1]) is not None else None
+
+    def read_blocks(self, key: str) -> torch.Tensor:
+        """`key`'s blocks as in the file, (rows, bytes per row) uint8, rows in transformers' order."""
+        (i, t), = self._sources[key]
+        raw = np.empty(t.data.shape, dtype=np.uint8)
+        with open(self.files[i], "rb") as f:
+            _pread_into(f.fileno(), raw, t.data_offset, self.files[i], t.name)
+        return torch.from_numpy(np.ascontiguousarray(raw[self._row_order(t)]))
+
+    def _row_order(self, t) -> np.ndarray | None:
+        """The row permutation transformers' processor applies to tensor `t` (identity included),
+        or None where it does more than permute rows: found by processing a small probe whose
+        every value is distinct, (rows, 2) float64 (exact for any row count)."""
+        rows = int(t.shape[1])  # GGUF shapes are (columns, rows)
+        probe = np.arange(rows * 2, dtype=np.float64).reshape(rows, 2)
+        parsed = {"tensors": {}}
+        result = self._processor.process(weights=probe, name=t.name, tensor_key_mapping=self._mapping,
+                                          parsed_parameters=parsed)
+        out = np.asarray(result.weights)
+        if parsed["tensors"] or result.name != t.name or out.shape != probe.shape:
+            return None
+        order = out[:, 0] // 2
+        if not (np.all((order >= 0) & (order < rows)) and len(np.unique(order)) == rows
+                and np.array_equal(out, probe[order.astype(np.int64)])):
+            return None
+        return order.astype(np.int64)
 
     def _dequantize(self, i: int, t) -> np.ndarray:
         """Tensor `t` of file `i` as float32, read and de-quantized a block of rows at a time."""

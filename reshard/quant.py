@@ -19,6 +19,7 @@ import torch
 from .errors import UsageError
 from .fp8 import SCHEME as FP8_SCHEME, dequantize_fp8
 from .mxfp4 import SCHEME as MXFP4_SCHEME, dequantize_mxfp4
+from .ggml_quants import BLOCK_TYPES, dequantize_blocks
 
 SCHEMES = ("int8", "int4")
 DEFAULT_GROUP = 32
@@ -52,6 +53,8 @@ def dequantize(parts: dict[str, torch.Tensor], scheme: str, *, columns: int, dty
         return dequantize_mxfp4(parts["blocks"], parts["scales"], dtype=dtype)
     if scheme == "int8":
         return dequantize_int8(parts["qweight"], parts["scales"], dtype=dtype)
+    if scheme in BLOCK_TYPES:  # GGML blocks kept from a GGUF file (reshard/ggml_quants.py)
+        return dequantize_blocks(parts["blocks"], scheme, dtype=dtype)
     return dequantize_int4(parts["qweight"], parts["scales"], parts["zeros"], columns=columns, dtype=dtype)
 
 

@@ -42,6 +42,14 @@ class Source:
         """Shapes known without reading any data (for checks before writing); may be partial."""
         return {}
 
+    def block_scheme(self, key: str) -> str | None:
+        """The scheme `key` can be kept in as the source's own quantized blocks (a GGUF's), or None."""
+        return None
+
+    def read_blocks(self, key: str) -> torch.Tensor:
+        """`key`'s blocks as stored (only where `block_scheme(key)` names a scheme)."""
+        raise NotImplementedError
+
     def want(self, keys) -> None:
         """The conversion will read `keys` (and no others); a source may plan with that."""
 

@@ -38,6 +38,8 @@ DEVICES = ("cuda",)  # where the compiled expansion runs (the CPU's Inductor wor
 # Compiled on the CPU too: torch's float8 -> float32 cast runs about an element per 5 ns there, and
 # fused into one vectorized pass the fp8 expansion is about 10x faster (a multiply, no add: exact).
 CPU_COMPILED = ("fp8-block",)
+# Only these compile: a fused multiply-add would round GGML blocks' two-step math differently.
+COMPILED = ("int8", "int4", "fp8-block", "mxfp4")
 RECOMPILE_LIMIT = 64  # graphs of the expansion: about 4 per (scheme, dtype) with dynamic shapes
 _lock = threading.Lock()  # compiling is not safe from two threads at once
 _state: dict = {"compiled": None, "failed": False, "limit_said": False, "fallbacks": 0}
@@ -46,7 +48,8 @@ _state: dict = {"compiled": None, "failed": False, "limit_said": False, "fallbac
 def expand_weight(parts: dict[str, torch.Tensor], scheme: str, *, columns: int, dtype: torch.dtype) -> torch.Tensor:
     """reshard.quant.dequantize(parts, ...): compiled on CUDA (and fp8 on the CPU), plain torch elsewhere."""
     device = next(iter(parts.values())).device.type
-    wanted = dtype in EXACT_DTYPES and (device in DEVICES or (device == "cpu" and scheme in CPU_COMPILED))
+    wanted = scheme in COMPILED and dtype in EXACT_DTYPES and (
+        device in DEVICES or (device == "cpu" and scheme in CPU_COMPILED))
     fn = _compiled() if wanted else None
     if fn is not None:
         try:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from reshard.errors import CorruptFileError
-from reshard.format import ST_TO_DTYPE, dense_range, expert_range, expert_tensors, quant_part_names
+from reshard.format import ST_TO_DTYPE, dense_range, expert_range, expert_tensors, quant_part_names, scheme_of
 from reshard.plan import ROUTED_ARGS
 
 from . import budget
@@ -257,20 +257,20 @@ class ExpertStreamer:
                 if param not in quantized:
                     pieces.append((gf.infos[param], row, expert_range(gf.infos[param], count, e)))
                     continue
-                parts = {}
-                for part, name in quant_part_names(param, self.loader.scheme).items():
+                parts, scheme = {}, scheme_of(self.loader.manifest.groups[i], param, self.loader.scheme)
+                for part, name in quant_part_names(param, scheme).items():
                     info = gf.infos[name]
                     parts[part] = torch.empty(info.shape[1:], dtype=ST_TO_DTYPE[info.dtype], device=self.device)
                     pieces.append((info, parts[part], expert_range(info, count, e)))
-                expand.append((row, parts, {**quantized[param], "shape": quantized[param]["shape"][1:]}))
+                expand.append((row, parts, {**quantized[param], "shape": quantized[param]["shape"][1:]}, scheme))
         nbytes = sum(end - begin for _, _, (begin, end) in pieces)
         if held is not None:  # pinned host memory -> device
             for info, dst, (begin, end) in pieces:
                 dst.copy_(_typed(held[begin:end], info, dst), non_blocking=True)
         else:
             self._read_file(gf, pieces)
-        for row, parts, info in expand:
-            row.copy_(expand_param(parts, info, self.loader.scheme, self.dtype))
+        for row, parts, info, scheme in expand:
+            row.copy_(expand_param(parts, info, scheme, self.dtype))
         self.stats.experts_read += len(jobs)
         self.stats.expert_bytes += nbytes
         self.stats.bytes_read += nbytes if held is None else 0

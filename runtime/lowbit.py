@@ -98,20 +98,23 @@ def plan_packing(model: nn.Module, manifest, device: torch.device) -> dict[str, 
     that run packed: on the CPU, with the kernels present, held by a plain `nn.Linear` or
     `Conv1D` (a subclass may change the math: it expands), of a shape the kernels take."""
     quant = manifest.quantization or {}
-    scheme = quant.get("scheme")
-    if device.type != "cpu" or scheme not in ("int8", "int4"):
+    if device.type != "cpu":
         return {}
     backends = [b for b, ok in (("native", native.lowbit() is not None), ("torch", kernels_available())) if ok]
     if not backends:
         return {}
     from transformers.pytorch_utils import Conv1D
 
-    group = (quant.get("group_size") or 0) if scheme == "int4" else 0
+    from reshard.format import scheme_of
+
     specs = {}
     for g, name, info in ((g, n, i) for g in manifest.groups for n, i in g.quantized.items()):
+        scheme = scheme_of(g, name, quant.get("scheme"))
         owner = model.get_submodule(name.rpartition(".")[0])
-        if type(owner) not in (nn.Linear, Conv1D) or not name.endswith(".weight"):
+        if scheme not in ("int8", "int4") or type(owner) not in (nn.Linear, Conv1D) or not name.endswith(".weight"):
             continue
+        # a parameter with a scheme of its own may name its group size too (GGUF blocks re-packed)
+        group = (info.get("group_size", quant.get("group_size")) or 0) if scheme == "int4" else 0
         out, inp = reversed(info["shape"]) if info.get("transposed") else info["shape"]
         scale_dtype = stored_scale_dtype(g, name, scheme)
         for backend in backends:  # the project's kernel where it takes the shape, else torch's

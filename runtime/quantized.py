@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from reshard.format import ST_TO_DTYPE, Group, param_names, quant_part_names
+from reshard.format import ST_TO_DTYPE, Group, param_names, quant_part_names, scheme_of
 
 from .expansion import expand_weight
 from .lowbit import PackSpec, pack_param, packed_names, packed_nbytes
@@ -28,14 +28,15 @@ def expand_group(tensors: dict[str, torch.Tensor], group: Group, scheme: str | N
     replaced by the parameter itself, in `dtype`, or by its packed form if it is in `packing`."""
     packing = packing or {}
     for param in group.quantized:
-        names = quant_part_names(param, scheme)
+        own = scheme_of(group, param, scheme)
+        names = quant_part_names(param, own)
         if not all(name in tensors for name in names.values()):
             continue  # routed expert weights left out of this load (runtime/experts.py expands them)
         parts = {part: tensors.pop(name) for part, name in names.items()}
         if param in packing:
             tensors.update(zip(packed_names(param), pack_param(parts, packing[param])))
         else:
-            tensors[param] = expand_param(parts, group.quantized[param], scheme, dtype)
+            tensors[param] = expand_param(parts, group.quantized[param], own, dtype)
     return tensors
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from reshard.format import ST_TO_DTYPE, GroupFile, Manifest, param_names, quant_part_names
+from reshard.format import ST_TO_DTYPE, GroupFile, Manifest, param_names, quant_part_names, scheme_of
 from reshard.quant import SCHEMES as QUANT_SCHEMES
 
 from . import expansion
@@ -196,7 +196,7 @@ class GroupLoader:
         infos = self.files[j].infos
         if name not in self.manifest.groups[j].quantized:
             return infos[name].nbytes
-        return sum(infos[n].nbytes for n in quant_part_names(name, self.scheme).values())
+        return sum(infos[n].nbytes for n in quant_part_names(name, scheme_of(self.manifest.groups[j], name, self.scheme)).values())
 
     def hold(self, i: int) -> None:
         """Keep group i's file bytes in host memory from now on (pinned when the device is CUDA)."""
@@ -288,8 +288,9 @@ class GroupLoader:
         group, gf = self.manifest.groups[j], self.files[j]
         if name not in group.quantized:
             return self._cast(move(gf.tensor(name)))
-        parts = {part: move(gf.tensor(n)) for part, n in quant_part_names(name, self.scheme).items()}
-        return expand_param(parts, group.quantized[name], self.scheme, self.dtype)
+        scheme = scheme_of(group, name, self.scheme)
+        parts = {part: move(gf.tensor(n)) for part, n in quant_part_names(name, scheme).items()}
+        return expand_param(parts, group.quantized[name], scheme, self.dtype)
 
     def _load_cuda(self, i: int) -> Loaded:
         gf, tensors, read = self.files[i], {}, 0.0

@@ -51,8 +51,9 @@ def llama_tensors(layers: int, hidden: int, inter: int, heads: int, kv_heads: in
 
 
 def write_random_llama(path: Path, like: Path, *, layers: int, hidden: int, inter: int, heads: int,
-                       kv_heads: int, seed: int = 0) -> int:
-    """A random llama GGUF with `like`'s tokenizer and metadata (dimensions replaced); returns its size."""
+                       kv_heads: int, seed: int = 0, types: dict | None = None) -> int:
+    """A random llama GGUF with `like`'s tokenizer and metadata (dimensions replaced); returns its size.
+    `types` {GGUF tensor name: GGML type} overrides llama_tensors' types."""
     reader = GGUFReader(like)
     vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     writer = GGUFWriter(path, "llama")
@@ -60,7 +61,8 @@ def write_random_llama(path: Path, like: Path, *, layers: int, hidden: int, inte
                                    "llama.feed_forward_length": inter, "llama.attention.head_count": heads,
                                    "llama.attention.head_count_kv": kv_heads, "llama.vocab_size": vocab,
                                    "llama.rope.dimension_count": hidden // heads, "general.file_type": 7})
-    tensors = llama_tensors(layers, hidden, inter, heads, kv_heads, vocab)
+    tensors = [(n, shape, (types or {}).get(n, q)) for n, shape, q in llama_tensors(layers, hidden, inter, heads,
+                                                                                 kv_heads, vocab)]
     for name, shape, qtype in tensors:
         writer.add_tensor_info(name, _byte_shape(shape, qtype), np.dtype(np.uint8 if qtype != Q.F32 else np.float32),
                                _nbytes(shape, qtype), raw_dtype=qtype)
@@ -91,13 +93,15 @@ def _nbytes(shape, qtype) -> int:
 
 
 def _random_blocks(rng, shape, qtype) -> np.ndarray:
-    """Random blocks whose float16 scales (d, and dmin for Q4_K) are small and finite."""
+    """Random blocks whose float16 scales (d, and dmin or m) are small and finite."""
     if qtype == Q.F32:
         return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
     block, size = GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, (int(np.prod(shape)) // block, size), dtype=np.uint8)
-    scales = 2 if qtype == Q.Q8_0 else 4  # Q8_0: d; Q4_K: d, dmin (each float16, first in the block)
-    blocks[:, :scales] = (rng.random((len(blocks), scales // 2)) * 0.02).astype(np.float16).view(np.uint8)
+    # where the float16 scales lie: Q8_0, Q4_0 d first; Q4_1 d, m and Q4_K d, dmin first; Q6_K d last
+    where = {Q.Q8_0: slice(0, 2), Q.Q4_0: slice(0, 2), Q.Q6_K: slice(size - 2, size)}.get(qtype, slice(0, 4))
+    count = (where.stop - where.start) // 2
+    blocks[:, where] = (rng.random((len(blocks), count)) * 0.02).astype(np.float16).view(np.uint8)
     return blocks.reshape(_byte_shape(shape, qtype))
 
 

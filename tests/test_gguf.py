@@ -27,11 +27,15 @@ def small_gguf_converted(small_gguf, tmp_path_factory) -> Path:
 
 
 def stored_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The folder's parameters, those kept as GGUF blocks expanded (reshard/ggml_quants.py)."""
+    from runtime.quantized import expand_group
+
     tensors = {}
     for group in read_manifest(folder).groups:
         if group.file:
             with safe_open(folder / group.file, framework="pt") as f:
-                tensors.update({k: f.get_tensor(k) for k in f.keys()})
+                own = {k: f.get_tensor(k) for k in f.keys()}
+            tensors.update(expand_group(own, group, None, torch.float32))
     return tensors
 
 

@@ -1,0 +1,107 @@
+"""GGML block types kept as they are in a `.gguf` file, and their de-quantization in torch.
+
+A GGUF weight of shape (out, in) is stored as `out` rows of `in / block` blocks of bytes; a
+row of the weight is a row of blocks, so a row permutation (transformers' q/k un-permuting)
+moves whole rows of bytes. reshard keeps these bytes as one uint8 part, `X.weight.blocks`
+(out, in / block * block_bytes), under a scheme named after the type ("q8_0", "q4_k", ...).
+
+The expansion is a port of the gguf package's `dequantize_blocks` (ggml's reference formulas),
+operation for operation, so it equals `gguf.quants.dequantize` bit for bit in float32: every
+product and sum rounds as numpy's does (no fused multiply-add). Then it is cast to the compute
+dtype, as the de-quantize-at-convert path casts gguf's float32 result.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import SourceError
+
+QK_K = 256
+# scheme -> (GGML type name, values per block, bytes per block)
+BLOCK_TYPES = {"q8_0": ("Q8_0", 32, 34), "q4_0": ("Q4_0", 32, 18), "q4_1": ("Q4_1", 32, 20),
+               "q4_k": ("Q4_K", QK_K, 144), "q6_k": ("Q6_K", QK_K, 210)}
+
+
+def scheme_for(ggml_type_name: str) -> str | None:
+    """The stored scheme that keeps GGML type `ggml_type_name` (e.g. "Q4_K") as blocks, or None."""
+    return next((s for s, (name, _, _) in BLOCK_TYPES.items() if name == ggml_type_name), None)
+
+
+def check_block_shape(name: str, raw: torch.Tensor, scheme: str, shape) -> None:
+    """`raw` must be the blocks of an (out, in) = `shape` weight in `scheme`."""
+    _, size, nbytes = BLOCK_TYPES[scheme]
+    if len(shape) != 2 or shape[1] % size or list(raw.shape) != [shape[0], shape[1] // size * nbytes]:
+        raise SourceError(f"{name}: the source's {scheme} blocks {list(raw.shape)} do not make a weight of "
+                          f"shape {list(shape)}; the checkpoint does not match its config")
+
+
+def dequantize_blocks(raw: torch.Tensor, scheme: str, *, dtype: torch.dtype) -> torch.Tensor:
+    """(rows, in) weight in `dtype` from `raw` (rows, in / block * block_bytes) uint8 blocks."""
+    _, size, nbytes = BLOCK_TYPES[scheme]
+    rows = raw.shape[0]
+    blocks = raw.reshape(-1, nbytes)
+    w = _DEQUANTIZE[scheme](blocks)  # (n_blocks, size) float32
+    return w.reshape(rows, -1).to(dtype)
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """Two bytes per row (little-endian float16) -> (n, 1) float32."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor, width: int) -> torch.Tensor:
+    """(n, k, width) bytes -> (n, k, 2, width): low nibbles, then high nibbles."""
+    return torch.stack([qs & 0x0F, qs >> 4], dim=-2)
+
+
+def _q8_0(blocks):
+    d = _f16(blocks[:, :2])
+    x = blocks[:, 2:].contiguous().view(torch.int8).float()
+    return x * d
+
+
+def _q4_0(blocks):
+    d = _f16(blocks[:, :2])
+    qs = _nibbles(blocks[:, 2:].reshape(len(blocks), 1, 16), 16).reshape(len(blocks), -1)
+    return d * (qs.to(torch.int8) - 8).float()
+
+
+def _q4_1(blocks):
+    d, m = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
+    qs = _nibbles(blocks[:, 4:].reshape(len(blocks), 1, 16), 16).reshape(len(blocks), -1).float()
+    return (d * qs) + m
+
+
+def _q4_k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8 six-bit scales and mins packed in a Q4_K block's 12 bytes (see gguf's Q4_K.get_scale_min)."""
+    s = scales.reshape(-1, 3, 4)
+    d, m, m_d = s[:, 0], s[:, 1], s[:, 2]
+    sc = torch.cat([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc, mn
+
+
+def _q4_k(blocks):
+    n = len(blocks)
+    d, dmin = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
+    sc, m = _q4_k_scale_min(blocks[:, 4:16])
+    d = (d * sc.float()).reshape(n, -1, 1)
+    dm = (dmin * m.float()).reshape(n, -1, 1)
+    qs = _nibbles(blocks[:, 16:].reshape(n, -1, 32), 32).reshape(n, -1, 32).float()
+    return (d * qs - dm).reshape(n, QK_K)
+
+
+def _q6_k(blocks):
+    n = len(blocks)
+    ql, qh = blocks[:, :QK_K // 2], blocks[:, QK_K // 2:QK_K // 2 + QK_K // 4]
+    scales = blocks[:, QK_K // 2 + QK_K // 4:-2].contiguous().view(torch.int8).float()
+    d = (_f16(blocks[:, -2:]) * scales).reshape(n, QK_K // 16, 1)
+    ql = _nibbles(ql.reshape(n, -1, 64), 64).reshape(n, -1, 32)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device).reshape(1, 1, 4, 1)
+    qh = ((qh.reshape(n, -1, 1, 32) >> shifts) & 0x03).reshape(n, -1, 32)
+    q = (ql | (qh << 4)).to(torch.int8) - 32
+    return (d * q.reshape(n, QK_K // 16, -1).float()).reshape(n, QK_K)
+
+
+_DEQUANTIZE = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "q4_k": _q4_k, "q6_k": _q6_k}
