@@ -8,7 +8,8 @@
 #   PYTHONPATH=. bash benchmarks/gpu_check.sh          # on a machine with an NVIDIA GPU (H200, 2026-11-27: ~8 min in all)
 #   PYTHONPATH=. bash benchmarks/gpu_check.sh --dry    # CPU, tiny shapes, no pytest: what CI runs
 # The interpreter is $PYTHON (default python3 from PATH): it needs torch, transformers and this project.
-# GPU_CHECK_PYTEST=0 skips the GPU tests, GPU_CHECK_SERVE=0 the serve section (benchmarks/serve.py on 4
+# GPU_CHECK_PYTEST=0 skips the GPU tests (run in one process: the project's pytest addopts ask for
+# pytest-xdist, which the GPU machine may lack), GPU_CHECK_NEW=0 the FP8 and hybrid sections, GPU_CHECK_SERVE=0 the serve section (benchmarks/serve.py on 4
 # random layers of Llama-2-70B's shapes streamed from pinned RAM; it needs fastapi, uvicorn and openai).
 # Arguments go to gpu_check.py (e.g. --only streaming,quantized).
 set -uo pipefail
@@ -33,13 +34,22 @@ if [[ $dry == 0 && "${GPU_CHECK_SERVE:-1}" == 1 ]]; then
         --tokenizer .gpu/smollm2-trim/tokenizer --max-gpu-memory 0 --max-cpu-memory 1TB --repeat 1 2>&1 || status=$?
     echo '```'
 fi
+if [[ $dry == 0 && "${GPU_CHECK_NEW:-1}" == 1 ]]; then  # sections of issues 22 and 25 (each prints its own header)
+    echo; echo "## FP8 (fp8-block) against bf16 at Llama-2-70B layer shapes, pinned RAM (issue 22)"; echo; echo '```'
+    timeout "${GPU_FP8_TIMEOUT:-240}" "$py" benchmarks/fp8_pass.py --device cuda --placement pinned --hidden 8192 \
+        --intermediate 28672 --heads 64 --kv-heads 8 --layers 4 --repeat 3 2>&1 || status=$?
+    echo '```'
+    echo; echo "## Hybrid: host layers streamed vs computed on the CPU vs the planner (issue 25)"; echo; echo '```'
+    timeout "${GPU_HYBRID_TIMEOUT:-240}" "$py" benchmarks/hybrid.py 2>&1 || status=$?
+    echo '```'
+fi
 if [[ $dry == 0 && "${GPU_CHECK_PYTEST:-1}" == 1 ]]; then
     echo; echo "## GPU tests"; echo; echo '```'
     "$py" -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(f"commit: {common.commit()}")'
     echo "command: $py -m pytest -m gpu -rA -q tests/"
     # .gpu/site last: the gguf package prepare_gpu_check.py carried, where none is installed
     PYTHONPATH="$PYTHONPATH:$PWD/.gpu/site" timeout "${GPU_PYTEST_TIMEOUT:-300}" \
-        "$py" -m pytest -m gpu -rA -q -p no:cacheprovider tests/ 2>&1 || status=$?
+        "$py" -m pytest -o addopts="" -m gpu -rA -q -p no:cacheprovider tests/ 2>&1 || status=$?
     echo '```'
 fi
 exit $status
