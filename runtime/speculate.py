@@ -166,3 +166,63 @@ class TreeSpeculator:
                 return new, path
             node = kids[i]
             path.append(node)
+
+
+def generate_tree(lm, input_ids: torch.Tensor, draft, *, tree_budget="auto", max_new_tokens: int = 20,
+                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, streamer=None,
+                  generator: torch.Generator | None = None, **unused) -> torch.Tensor:
+    """`LayeredModel.generate(input_ids, draft=..., tree_budget=...)`: the prompt and its new tokens
+    (1, L + new), as transformers' generate returns them. `draft` is a model or a folder (a
+    checkpoint or a converted folder, loaded whole on the target's device); `tree_budget` the tree
+    nodes per pass, or "auto" (runtime.treecost: measured once per model)."""
+    from .batch import eos_ids
+
+    if unused.get("min_new_tokens"):
+        raise UsageError("min_new_tokens is not supported with a draft; drop it or generate without --draft")
+    if input_ids.shape[0] != 1:
+        raise UsageError(f"tree speculation generates one sequence at a time, not {input_ids.shape[0]}; "
+                         "pass one prompt, or generate without a draft")
+    draft = open_draft(lm, draft)
+    budget = resolve_budget(lm, draft, tree_budget)
+    sampling = Sampling(max_tokens=max(1, max_new_tokens), temperature=temperature if do_sample else 0.0,
+                        top_p=top_p or 1.0)
+    spec = TreeSpeculator(lm, draft, budget=budget, sampling=sampling, generator=generator, eos=eos_ids(lm))
+    prompt = input_ids[0].tolist()
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    on_tokens = None if streamer is None else (lambda new: streamer.put(torch.tensor(new)))
+    out = spec.generate(prompt, max_new_tokens, on_tokens) if max_new_tokens > 0 else []
+    if streamer is not None:
+        streamer.end()
+    lm.speculation = {**spec.stats.as_dict(), "tree_budget": budget}
+    return torch.tensor([prompt + out], device=input_ids.device)
+
+
+def open_draft(lm, draft):
+    """A draft model object as is; a folder loaded whole on the target's device, after checking
+    that it shares the target's tokenizer."""
+    if isinstance(draft, torch.nn.Module):
+        return draft
+    from pathlib import Path
+
+    from .batch import load_assistant
+    from .opening import load_tokenizer
+
+    theirs = load_tokenizer(Path(draft))
+    if lm.tokenizer is not None and theirs is not None and theirs.get_vocab() != lm.tokenizer.get_vocab():
+        raise UsageError(f"draft {draft} uses a different tokenizer than the target; tree speculation needs a "
+                         "draft with the same tokenizer (for a different one, use --assistant)")
+    return load_assistant(draft, device=lm.device, dtype=lm.dtype)
+
+
+def resolve_budget(lm, draft, tree_budget) -> int:
+    """`tree_budget` as given, or for "auto" the best budget for measured costs (measured at first use)."""
+    if tree_budget != "auto":
+        if not isinstance(tree_budget, int) or tree_budget < 1:
+            raise UsageError(f"tree budget must be a number of tokens (1 or more) or 'auto', not {tree_budget!r}")
+        return tree_budget
+    from .treecost import measure_costs
+
+    if getattr(lm, "tree_costs", None) is None or lm.tree_costs[0] is not draft:
+        lm.tree_costs = (draft, measure_costs(lm, draft))
+    return lm.tree_costs[1].best_budget()
