@@ -83,7 +83,7 @@ class TreeSpeculator:
 
     def generate(self, prompt: list[int], max_new_tokens: int, on_tokens=None) -> list[int]:
         """New tokens after `prompt` (at most `max_new_tokens`, through the first end of sequence);
-        `on_tokens(list)` hears each pass's accepted tokens."""
+        `on_tokens(list)` hears each pass's accepted tokens, and stops generation by returning True."""
         from transformers import DynamicCache
 
         target, drafted = DynamicCache(config=self.lm.config), DynamicCache(config=self.draft.config)
@@ -95,8 +95,8 @@ class TreeSpeculator:
             stop = next((k for k, t in enumerate(new) if t in self.eos), None)
             new = new if stop is None else new[:stop + 1]
             out += new
-            if on_tokens is not None:
-                on_tokens(new)
+            if on_tokens is not None and on_tokens(new):  # a caller's stop (chat's Ctrl-C)
+                break
             if stop is not None:
                 break
             pending, dpending = new[-1:], new  # the target's cache holds the path; the draft's only the prefix
@@ -170,7 +170,7 @@ class TreeSpeculator:
 
 def generate_tree(lm, input_ids: torch.Tensor, draft, *, tree_budget="auto", max_new_tokens: int = 20,
                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, streamer=None,
-                  generator: torch.Generator | None = None, **unused) -> torch.Tensor:
+                  generator: torch.Generator | None = None, stopping_criteria=None, **unused) -> torch.Tensor:
     """`LayeredModel.generate(input_ids, draft=..., tree_budget=...)`: the prompt and its new tokens
     (1, L + new), as transformers' generate returns them. `draft` is a model or a folder (a
     checkpoint or a converted folder, loaded whole on the target's device); `tree_budget` the tree
@@ -190,8 +190,17 @@ def generate_tree(lm, input_ids: torch.Tensor, draft, *, tree_budget="auto", max
     prompt = input_ids[0].tolist()
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    on_tokens = None if streamer is None else (lambda new: streamer.put(torch.tensor(new)))
-    out = spec.generate(prompt, max_new_tokens, on_tokens) if max_new_tokens > 0 else []
+    out: list[int] = []
+
+    def on_tokens(new: list[int]) -> bool:
+        out.extend(new)
+        if streamer is not None:
+            streamer.put(torch.tensor(new))
+        so_far = torch.tensor([prompt + out])
+        return any(bool(stop(so_far, None)) for stop in stopping_criteria or ())
+
+    if max_new_tokens > 0:
+        spec.generate(prompt, max_new_tokens, on_tokens)
     if streamer is not None:
         streamer.end()
     lm.speculation = {**spec.stats.as_dict(), "tree_budget": budget}
