@@ -50,7 +50,7 @@ def accept_child(p: torch.Tensor, children: list[int], q_rows: list[torch.Tensor
     """The multi-draft acceptance rule at one node. `p` (V,) is the target's distribution there,
     `children` the candidate tokens in order and `q_rows` the distribution each was proposed from.
     Returns (index of the accepted child or None, the token that comes next)."""
-    p = p.double()
+    p = p.double() / p.double().sum()  # (top-p leaves it unnormalized)
     for i, (x, q) in enumerate(zip(children, q_rows)):
         q = q.double()
         u = float(torch.rand((), generator=generator, dtype=torch.float64))
