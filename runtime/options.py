@@ -142,7 +142,9 @@ def tree_options(fn):
         click.option("--draft", default=None, metavar="PATH", type=click.Path(), cls=Option, section=SPECULATION,
                      help="a small draft model (checkpoint or converted folder, e.g. an int4 copy) kept whole on "
                           "the device; it grows a tree of guesses that each pass checks at once. It must use the "
-                          "target's tokenizer (a different one is refused: use --assistant for that)"),
+                          "target's tokenizer (a different one is refused: use --assistant for that). "
+                          "'prompt-lookup': no model, the tree holds what followed earlier occurrences of the "
+                          "context's last tokens"),
         click.option("--tree-budget", default="auto", metavar="N|auto", callback=check_tree_budget, cls=Option,
                      section=SPECULATION, show_default="from the measured cost of a pass",
                      help="tokens of the draft's tree checked per pass"),

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
+from transformers import DynamicCache
 
 from reshard.errors import UsageError
 
 from .kvcache import keep_columns
+from .lookup import lookup_tree
 from .sampling import Sampling, token_probs
 from .score import cache_arg
 from .tree import TokenTree, grow_tree, tree_mask, tree_positions
@@ -69,8 +71,12 @@ def point_mass(token: int, vocab: int) -> torch.Tensor:
     return q
 
 
+LOOKUP = "prompt-lookup"  # the draft that is no model: trees of the context's n-gram continuations
+
+
 class TreeSpeculator:
-    """Generates for one sequence with `lm` (the target) checking trees grown by `draft`."""
+    """Generates for one sequence with `lm` (the target) checking trees grown by `draft`, or with
+    `draft` None, trees of prompt lookup's continuations (runtime/lookup.py)."""
 
     def __init__(self, lm, draft, *, budget: int, sampling: Sampling, generator=None, eos=(), width=None):
         if budget < 1:
@@ -79,17 +85,21 @@ class TreeSpeculator:
         self.generator, self.eos = generator, set(eos)
         self.width = width or max(1, -(-budget // 8))  # about 8 draft steps a tree
         self.stats = SpecStats()
+        keep_columns(DynamicCache(config=lm.config), torch.arange(0))  # refuses sliding-window caches now, not later
         self._draft_lm = SimpleNamespace(model=draft)  # what score.cache_arg reads the forward's arguments from
 
     def generate(self, prompt: list[int], max_new_tokens: int, on_tokens=None) -> list[int]:
         """New tokens after `prompt` (at most `max_new_tokens`, through the first end of sequence);
         `on_tokens(list)` hears each pass's accepted tokens, and stops generation by returning True."""
-        from transformers import DynamicCache
-
-        target, drafted = DynamicCache(config=self.lm.config), DynamicCache(config=self.draft.config)
+        target = DynamicCache(config=self.lm.config)
+        drafted = DynamicCache(config=self.draft.config) if self.draft is not None else None
         pending, dpending, out = list(prompt), list(prompt), []
         while len(out) < max_new_tokens:
-            tree = self.grow(drafted, dpending)
+            depth = max_new_tokens - len(out) - 1  # deeper guesses would pass the tokens wanted
+            if self.draft is None:
+                tree = lookup_tree(prompt + out, self.budget, depth=depth)
+            else:
+                tree = self.grow(drafted, dpending, depth)
             new, path = self.verify(target, pending, tree)
             new = new[:max_new_tokens - len(out)]
             stop = next((k for k, t in enumerate(new) if t in self.eos), None)
@@ -104,7 +114,9 @@ class TreeSpeculator:
         return out
 
     # --- the draft grows a tree ----------------------------------------------------------
-    def grow(self, cache, pending: list[int]) -> TokenTree:
+    def grow(self, cache, pending: list[int], depth: int | None = None) -> TokenTree:
+        """The draft's tree after `pending` (its cache holds what came before; it is left so),
+        `depth` deep at most (default: the budget)."""
         root = self._draft_forward(torch.tensor([pending]), cache, None, None)[-1]
         base = cache.get_seq_length()
 
@@ -114,7 +126,8 @@ class TreeSpeculator:
             ids = torch.tensor([[tree.tokens[j] for j in nodes]])
             return self._draft_forward(ids, cache, mask, pos)
 
-        tree = grow_tree(step, root, self.budget, width=self.width)
+        depth = self.budget if depth is None else depth
+        tree = grow_tree(step, root, self.budget, width=self.width, depth=depth) if depth > 0 else TokenTree()
         keep_columns(cache, torch.arange(base, device=self.draft.device))  # the nodes go
         return tree
 
@@ -174,7 +187,8 @@ def generate_tree(lm, input_ids: torch.Tensor, draft, *, tree_budget="auto", max
     """`LayeredModel.generate(input_ids, draft=..., tree_budget=...)`: the prompt and its new tokens
     (1, L + new), as transformers' generate returns them. `draft` is a model or a folder (a
     checkpoint or a converted folder, loaded whole on the target's device); `tree_budget` the tree
-    nodes per pass, or "auto" (runtime.treecost: measured once per model)."""
+    nodes per pass, or "auto" (runtime.treecost: measured once per model). `draft="prompt-lookup"`
+    makes the trees from the context's n-gram matches instead (no model)."""
     from .batch import eos_ids
 
     if unused.get("min_new_tokens"):
@@ -208,10 +222,12 @@ def generate_tree(lm, input_ids: torch.Tensor, draft, *, tree_budget="auto", max
 
 
 def open_draft(lm, draft):
-    """A draft model object as is; a folder loaded whole on the target's device, after checking
-    that it shares the target's tokenizer."""
+    """A draft model object as is; "prompt-lookup" None (no model); a folder loaded whole on the
+    target's device, after checking that it shares the target's tokenizer."""
     if isinstance(draft, torch.nn.Module):
         return draft
+    if draft == LOOKUP:
+        return None
     from pathlib import Path
 
     from .batch import load_assistant

@@ -88,10 +88,10 @@ def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
     return mask[None, None]
 
 
-def grow_tree(draft_step, root_logits: torch.Tensor, budget: int, *, width: int) -> TokenTree:
-    """The tree of `budget` nodes the draft likes best. `root_logits` (V,) are the draft's after the
-    root; `draft_step(tree, nodes)` forwards the range of new nodes and returns their logits
-    (len(nodes), V). Each step adds the `width` best offers not yet taken."""
+def grow_tree(draft_step, root_logits: torch.Tensor, budget: int, *, width: int, depth: int) -> TokenTree:
+    """The tree of `budget` nodes the draft likes best, `depth` deep at most. `root_logits` (V,) are
+    the draft's after the root; `draft_step(tree, nodes)` forwards the range of new nodes and returns
+    their logits (len(nodes), V). Each step adds the `width` best offers not yet taken."""
     tree = TokenTree()
     offers: list[tuple[float, int, int, int]] = []  # (-cumulative log q, order, parent, token)
     order = 0
@@ -116,5 +116,6 @@ def grow_tree(draft_step, root_logits: torch.Tensor, budget: int, *, width: int)
             break  # the last nodes' children would not fit: no draft step for them
         logits = draft_step(tree, nodes)
         for j, row in zip(nodes, logits):
-            offer(j, row, tree.logq[j])
+            if tree.depths[j] < depth:  # deeper tokens would pass the tokens still wanted
+                offer(j, row, tree.logq[j])
     return tree

@@ -46,10 +46,13 @@ def expected_tokens(budget: int) -> float:
 
 
 def measure_costs(lm, draft) -> TreeCosts:
-    """Time one target pass and one draft forward over 1 and over PROBE tokens (fresh caches)."""
+    """Time one target pass and one draft forward over 1 and over PROBE tokens (fresh caches);
+    `draft` None (prompt lookup) costs nothing."""
     first = _timed(lm, lm, 1)  # (a streamed target's first pass may read from disk, the next from the page cache)
     tn = _timed(lm, lm, PROBE)
     t1 = min(first, _timed(lm, lm, 1))
+    if draft is None:  # prompt lookup: no draft forwards
+        return TreeCosts(max(1e-9, t1 - (tn - t1) / (PROBE - 1)), max(0.0, (tn - t1) / (PROBE - 1)), 0.0, 0.0)
     draft_lm = SimpleNamespace(model=draft)
     _timed(draft, draft_lm, 1)  # warm-up: a first forward pays for one-time setup
     d1, dn = _timed(draft, draft_lm, 1), _timed(draft, draft_lm, PROBE)
