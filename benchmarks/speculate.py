@@ -8,7 +8,8 @@ what verifying a tree costs next to a 1-token pass of streamed 70B-shaped layers
 cpu: SmolLM2-135M-Instruct (float32, every group streamed: --max-cpu-memory 0) as the target, its
 int4 copy (de-quantized, whole in RAM) as the draft; plain greedy is the baseline in the same run.
 Chain = transformers' assisted generation (today's --assistant) and prompt lookup (--prompt-lookup);
-tree = runtime/speculate.py (--draft) at a fixed budget and at the measured ("auto") one. Every
+tree = runtime/speculate.py (--draft) at a fixed budget and at the measured ("auto") one, and
+prompt lookup's trees (--draft prompt-lookup) on the copying prompt. Every
 method's tokens are checked against plain greedy's (same = yes).
 
 gpu: 4 random Llama-2-70B-shaped int4 layers held in pinned host RAM and streamed to the GPU each
@@ -78,6 +79,7 @@ def cpu_section() -> None:
                    f"tree auto ({auto})": {"draft": draft, "tree_budget": "auto"}}
         if name == "copying":
             methods["chain (prompt lookup 10)"] = {"prompt_lookup_num_tokens": 10}
+            methods["tree (prompt lookup 64)"] = {"draft": "prompt-lookup", "tree_budget": 64}
         plain = None
         for method, options in methods.items():
             print(f"speculate: {name} / {method}", file=sys.stderr)
