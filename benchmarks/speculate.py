@@ -41,17 +41,17 @@ PROMPTS = {
 }
 
 
-def run_method(model, ids, **options) -> tuple[list[int], int, float]:
+def run_method(model, ids, new_tokens: int, **options) -> tuple[list[int], int, float]:
     """New tokens, target passes and seconds of one greedy generate."""
     model.stats.passes = 0
     start = time.perf_counter()
-    got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+    got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                          do_sample=False, **options)
     seconds = time.perf_counter() - start
     return got[0, ids.shape[1]:].tolist(), model.stats.passes, seconds
 
 
-def cpu_section() -> None:
+def cpu_section(new_tokens: int) -> None:
     from models import converted, smollm2_checkpoint
     from runtime.batch import chat_ids, load_assistant
     from runtime.model import LayeredModel
@@ -67,7 +67,7 @@ def cpu_section() -> None:
     start = time.perf_counter()
     auto = resolve_budget(model, draft, "auto")  # measured once (3 target passes, 3 draft forwards), not timed below
     out(f"target: {target_folder.name} streamed (every group read each pass); draft: {draft_folder.name} whole "
-        f"in RAM as float32; {NEW_TOKENS} new tokens, greedy")
+        f"in RAM as float32; {new_tokens} new tokens, greedy")
     out(f"measured costs ({time.perf_counter() - start:.1f} s): {model.tree_costs[1]}; auto budget: {auto}")
     out()
     out("| prompt | method | tokens/pass | target passes | s/token | vs plain | same as plain |")
@@ -83,7 +83,7 @@ def cpu_section() -> None:
         plain = None
         for method, options in methods.items():
             print(f"speculate: {name} / {method}", file=sys.stderr)
-            tokens, passes, seconds = run_method(model, ids, **options)
+            tokens, passes, seconds = run_method(model, ids, new_tokens, **options)
             plain = plain or (tokens, seconds)
             out(f"| {name} | {method} | {len(tokens) / passes:.2f} | {passes} | {seconds / len(tokens):.3f} | "
                 f"{plain[1] / seconds:.2f}x | {'yes' if tokens == plain[0] else 'NO'} |")
@@ -166,12 +166,13 @@ def verify_seconds(model, cache, tree, prefix: int, device: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("section", choices=["cpu", "gpu"])
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="cpu section: tokens per generate")
     parser.add_argument("--dry", action="store_true", help="gpu section: tiny shapes on the CPU")
     parser.add_argument("--tokens-per-pass", type=float, default=4.0,
                         help="gpu section's arithmetic: tokens a tree pass yields (from the CPU section)")
     args = parser.parse_args()
     if args.section == "cpu":
-        cpu_section()
+        cpu_section(args.new_tokens)
     else:
         gpu_section(args.dry, args.tokens_per_pass)
 
