@@ -31,6 +31,7 @@ from .lookup import lookup_tree
 from .sampling import Sampling, token_probs
 from .score import cache_arg
 from .tree import TokenTree, grow_tree, tree_mask, tree_positions
+from .treecost import DRAFT_STEPS
 
 
 @dataclass
@@ -83,7 +84,7 @@ class TreeSpeculator:
             raise UsageError(f"tree budget must be 1 or more, not {budget}")
         self.lm, self.draft, self.budget, self.sampling = lm, draft, budget, sampling
         self.generator, self.eos = generator, set(eos)
-        self.width = width or max(1, -(-budget // 8))  # about 8 draft steps a tree
+        self.width = width or max(1, -(-budget // DRAFT_STEPS))  # about DRAFT_STEPS draft forwards a tree
         self.stats = SpecStats()
         keep_columns(DynamicCache(config=lm.config), torch.arange(0))  # refuses sliding-window caches now, not later
         self._draft_lm = SimpleNamespace(model=draft)  # what score.cache_arg reads the forward's arguments from
