@@ -15,9 +15,9 @@ import click
 from reshard.commandline import CONTEXT, Group, Option, output_option, run_command, version_option
 from reshard.errors import UsageError
 
-from .commands import generate_file, generate_one, open_model, score_file
+from .commands import generate_file, generate_one, open_model, score_file, speculation_stats, tree_speculation
 from .options import (SAMPLING, check_generation, model_argument, model_options, ray_options, sampling_kwargs,
-                      sampling_options)
+                      sampling_options, tree_options)
 from .progress import report_stats, show_first_pass
 
 
@@ -59,6 +59,7 @@ def main(argv=None) -> int:
 @click.option("--assistant", default=None, metavar="PATH", type=click.Path(), cls=Option, section="Speculation",
               help="a small draft model (checkpoint or converted folder) kept on the device, proposing tokens "
                    "for each pass")
+@tree_options
 @model_options
 @ray_options
 def generate(**options) -> int:
@@ -71,6 +72,10 @@ def generate(**options) -> int:
         raise UsageError("--prompt and --prompts-file cannot be combined; pick one")
     if args.prompt_lookup is not None and args.assistant is not None:
         raise UsageError("--prompt-lookup and --assistant cannot be combined; pick one")
+    if args.draft is not None and (args.prompt_lookup is not None or args.assistant is not None):
+        raise UsageError("--draft cannot be combined with --prompt-lookup or --assistant; pick one")
+    if args.draft is not None and args.prompts_file is not None:
+        raise UsageError("--draft works on one prompt at a time; drop --prompts-file")
     if args.ray_workers is not None and args.prompts_file is None:
         raise UsageError("--ray-workers needs --prompts-file (one prompt runs on one model)")
     use_converted_folder(args)
@@ -173,6 +178,7 @@ def serve(**options) -> int:
 @click.option("--system", default=None, cls=Option, section=SAMPLING, show_default="the template's",
               help="system prompt at the start of the conversation")
 @sampling_options
+@tree_options
 @model_options
 def chat(**options) -> int:
     """Chat with MODEL (a converted folder, a hub repo id or a .gguf file) through its tokenizer's
@@ -191,10 +197,11 @@ def chat(**options) -> int:
         torch.manual_seed(args.seed)
     model = open_model(args)
     show_first_pass(model)
-    options = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens, **sampling_kwargs(args)}
+    options = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens, **sampling_kwargs(args),
+               **tree_speculation(args, model)}
     answers = run_chat(Chat(model, system=args.system, generate_options=options))
     if args.stats:
-        report_stats({**model.stats.as_dict(), "answers": answers})
+        report_stats({**model.stats.as_dict(), "answers": answers, **speculation_stats(model)})
     model.close()
     return 0
 

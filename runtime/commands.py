@@ -66,13 +66,15 @@ def generate_one(args) -> int:
                          max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, streamer=streamer,
                          pad_token_id=pad_id(model), **sampling, **speculation(args, model))
     if args.stats:
-        report_stats({**model.stats.as_dict(), "new_tokens": int(out.shape[1] - len(ids))})
+        report_stats({**model.stats.as_dict(), "new_tokens": int(out.shape[1] - len(ids)), **speculation_stats(model)})
     model.close()
     return 0
 
 
 def speculation(args, model) -> dict:
-    """generate() options for --prompt-lookup and --assistant (several tokens per pass)."""
+    """generate() options for --prompt-lookup, --assistant and --draft (several tokens per pass)."""
+    if getattr(args, "draft", None) is not None:
+        return tree_speculation(args, model)
     if args.prompt_lookup is not None:
         return {"prompt_lookup_num_tokens": args.prompt_lookup}
     if args.assistant is not None:
@@ -80,6 +82,22 @@ def speculation(args, model) -> dict:
 
         return {"assistant_model": load_assistant(args.assistant, device=model.device, dtype=model.dtype)}
     return {}
+
+
+def tree_speculation(args, model) -> dict:
+    """generate() options for --draft and --tree-budget: the draft loaded once, whole on the device."""
+    if args.draft is None:
+        return {}
+    if args.min_new_tokens:
+        raise UsageError("--min-new-tokens cannot be combined with --draft; drop one")
+    from .speculate import open_draft
+
+    return {"draft": open_draft(model, args.draft), "tree_budget": args.tree_budget}
+
+
+def speculation_stats(model) -> dict:
+    """--stats' figures of the last tree speculation: tokens per pass, tree size, acceptance."""
+    return {"speculation": model.speculation} if model.speculation is not None else {}
 
 
 def generate_file(args) -> int:

@@ -76,6 +76,19 @@ class BatchCache:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
 
 
+def keep_columns(cache, index: torch.Tensor) -> None:
+    """Keep only the columns `index` (1D, in order) of every layer of a one-sequence `DynamicCache`:
+    what tree speculation keeps of a verified tree (the prefix and the accepted path)."""
+    from reshard.errors import UsageError
+
+    for layer in cache.layers:
+        if hasattr(layer, "cumulative_length"):
+            raise UsageError("tree speculation does not support sliding-window attention layers; "
+                             "generate without a draft")
+        if layer.is_initialized:
+            layer.keys, layer.values = layer.keys[:, :, index], layer.values[:, :, index]
+
+
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     """`t` padded with zeros at the start of dimension `dim` (1 or -2) to `width`."""
     missing = width - t.shape[dim]

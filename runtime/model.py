@@ -73,6 +73,8 @@ class LayeredModel:
         self.lockstep = None  # set while a Lockstep runs several forwards through one pass
         self.cuda_threads = 0  # the most forward threads a job ran on CUDA: their cuBLAS handles stay (allowance)
         self._hooks: list = []  # handles of the streaming hooks, removed by close()
+        self.tree_costs = None  # (draft, runtime.treecost.TreeCosts): measured at the first tree speculation
+        self.speculation = None  # the last tree speculation's statistics (runtime.speculate.SpecStats)
         self._hold_resident()
         self._install_hooks()
         self.host = host  # layers computed on the CPU beside the device (runtime/hostcompute.py), or None
@@ -157,7 +159,14 @@ class LayeredModel:
         with torch.inference_mode():
             return self.model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, draft=None, tree_budget="auto", **kwargs):
+        """transformers' `generate`; with `draft` (a model or a folder sharing the target's tokenizer),
+        tree speculative decoding instead, `tree_budget` tokens checked per pass (runtime/speculate.py)."""
+        if draft is not None:
+            from .speculate import generate_tree
+
+            input_ids = kwargs.pop("input_ids") if "input_ids" in kwargs else args[0]
+            return generate_tree(self, input_ids, draft, tree_budget=tree_budget, **kwargs)
         self.fit_job(allowance.shape_of_generate(args, kwargs, self.model.generation_config))
         with torch.inference_mode():
             return self.model.generate(*args, **kwargs)

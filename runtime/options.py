@@ -141,6 +141,33 @@ def sampling_options(fn):
     return fn
 
 
+SPECULATION = "Speculation"
+
+
+def check_tree_budget(ctx, param, value):
+    if value == "auto" or (value.isdigit() and int(value) >= 1):
+        return value if value == "auto" else int(value)
+    raise click.BadParameter(f"{value!r} is neither a number of tokens (1 or more) nor auto", ctx, param)
+
+
+def tree_options(fn):
+    """--draft, --tree-budget: tree speculative decoding (runtime/speculate.py)."""
+    decorators = [
+        click.option("--draft", default=None, metavar="PATH", type=click.Path(), cls=Option, section=SPECULATION,
+                     help="a small draft model (checkpoint or converted folder, e.g. an int4 copy) kept whole on "
+                          "the device; it grows a tree of guesses that each pass checks at once. It must use the "
+                          "target's tokenizer (a different one is refused: use --assistant for that). "
+                          "'prompt-lookup': no model, the tree holds what followed earlier occurrences of the "
+                          "context's last tokens"),
+        click.option("--tree-budget", default="auto", metavar="N|auto", callback=check_tree_budget, cls=Option,
+                     section=SPECULATION, show_default="from the measured cost of a pass",
+                     help="tokens of the draft's tree checked per pass"),
+    ]
+    for decorate in reversed(decorators):
+        fn = decorate(fn)
+    return fn
+
+
 def check_generation(args) -> None:
     """Combinations of generation options that cannot work, refused before a model loads."""
     if args.min_new_tokens is not None and args.min_new_tokens > args.max_new_tokens:

@@ -51,10 +51,15 @@ def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     logits = logits.float()
     if sampling.temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.cpu() / sampling.temperature, dim=-1)
+    return int(torch.multinomial(token_probs(logits, sampling), 1, generator=generator))
+
+
+def token_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The distribution (V,) a sampled token is drawn from: softmax at the temperature, cut to top-p."""
+    probs = torch.softmax(logits.float().cpu() / sampling.temperature, dim=-1)
     if sampling.top_p < 1:
         probs = _nucleus(probs, sampling.top_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return probs
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -1,0 +1,249 @@
+"""Tree speculative decoding (runtime/speculate.py): greedy gives plain greedy's tokens, sampling
+keeps plain sampling's distribution, and the KV cache keeps exactly the accepted path."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers import DynamicCache
+
+from conftest import open_placed, save_tiny, save_tiny_tokenizer
+from reshard.errors import UsageError
+from runtime.batch import load_assistant
+from runtime.cli import main as runtime_main
+from runtime.sampling import Sampling, token_probs
+from runtime.lookup import lookup_tree
+from runtime.speculate import TreeSpeculator, accept_child, point_mass
+from runtime.tree import TokenTree
+from runtime.treecost import TreeCosts
+
+ALARM = 1e-3  # false-alarm rate of every statistical test here
+PROMPT = [5, 17, 40, 9, 100, 3]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="session")
+def other_draft(tmp_path_factory):
+    """A tiny llama with other random weights and the same vocabulary: most guesses are wrong."""
+    return save_tiny("llama", tmp_path_factory.mktemp("draft") / "llama-seed1", seed=1)
+
+
+@pytest.fixture(scope="session")
+def smollm2_int4(smollm2_checkpoint, tmp_path_factory):
+    from reshard.convert import convert
+
+    out = tmp_path_factory.mktemp("smollm2-int4")
+    convert(str(smollm2_checkpoint), out, progress=False, quantize="int4")
+    return out
+
+
+def plain_greedy(model, ids: list[int], n: int) -> list[int]:
+    out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def tree_greedy(model, ids: list[int], n: int, draft, budget) -> list[int]:
+    out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, draft=draft, tree_budget=budget)
+    return out[0, len(ids):].tolist()
+
+
+def no_eos(model) -> None:
+    """Random tiny models may say end-of-sequence early; plain and tree then both stop there, but
+    the tests want the full length."""
+    model.generation_config.eos_token_id = None
+
+
+@pytest.mark.parametrize("draft_name", ["itself", "other"])
+def test_greedy_equals_plain_tiny(draft_name, placement, tiny_checkpoints, tiny_converted, other_draft):
+    model = open_placed(tiny_converted["llama"], placement)
+    no_eos(model)
+    plain = plain_greedy(model, PROMPT, 24)
+    folder = tiny_checkpoints["llama"] if draft_name == "itself" else other_draft
+    draft = load_assistant(folder, device=CPU, dtype=torch.float32)
+    for budget in (1, 5, 32):
+        assert tree_greedy(model, PROMPT, 24, draft, budget) == plain, budget
+        stats = model.speculation
+        assert 0 < stats["tree_size"] <= budget  # (smaller near the end: no deeper than the tokens wanted)
+        if draft_name == "itself":  # the draft's first guess is the target's: at least 2 tokens a pass
+            assert stats["tokens_per_pass"] >= 2, stats
+    model.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_greedy_equals_plain_moe(arch, moe_checkpoints, moe_converted, other_draft):
+    """A mixture-of-experts target, streamed (only routed experts read), with a dense draft."""
+    model = open_placed(moe_converted[arch], "streamed")
+    no_eos(model)
+    plain = plain_greedy(model, PROMPT, 16)
+    for folder in (moe_checkpoints[arch], other_draft):
+        draft = load_assistant(folder, device=CPU, dtype=torch.float32)
+        assert tree_greedy(model, PROMPT, 16, draft, 12) == plain, folder
+    assert model.speculation["target_passes"] < 16  # (the last draft is the model itself)
+    model.close()
+
+
+@pytest.mark.slow
+def test_greedy_equals_plain_smollm2_int4_draft(placement, smollm2_converted, smollm2_int4):
+    model = open_placed(smollm2_converted, placement)
+    ids = model.tokenizer("The first five planets from the sun are Mercury, Venus,")["input_ids"]
+    plain = plain_greedy(model, ids, 16)
+    draft = load_assistant(smollm2_int4, device=CPU, dtype=torch.float32)
+    assert tree_greedy(model, ids, 16, draft, 16) == plain
+    assert model.speculation["tokens_per_pass"] > 1.5, model.speculation
+    model.close()
+
+
+def test_lookup_tree_merges_the_continuations_of_earlier_matches():
+    tree = lookup_tree([1, 2, 3, 1, 2, 4, 1, 2], 16, depth=3)
+    root = [tree.tokens[j] for j in tree.children(-1)]
+    assert root == [4, 3]  # after "1 2" came 4 (the latest) and 3
+    after_4 = tree.children(tree.children(-1)[0])
+    assert [tree.tokens[j] for j in after_4] == [1]
+    assert len(lookup_tree([1, 2, 3, 1, 2, 4, 1, 2], 2, depth=3)) == 2  # the budget bounds it
+
+
+def test_prompt_lookup_tree_equals_plain_in_fewer_passes(placement, tiny_converted):
+    """Random tiny models continue a loop by copying it: the case prompt lookup speeds up."""
+    model = open_placed(tiny_converted["llama"], placement)
+    no_eos(model)
+    loop = [5, 6, 7, 5, 6, 7, 5, 6, 7]
+    plain = plain_greedy(model, loop, 20)
+    assert tree_greedy(model, loop, 20, "prompt-lookup", 16) == plain
+    assert model.speculation["target_passes"] < 20 and model.speculation["draft_steps"] == 0
+    model.close()
+
+
+def test_batch_is_refused(tiny_checkpoints, tiny_converted):
+    model = open_placed(tiny_converted["llama"], "resident")
+    with pytest.raises(UsageError, match="^tree speculation generates one sequence at a time, not 2; pass one "
+                                         "prompt, or generate without a draft$"):
+        model.generate(input_ids=torch.tensor([PROMPT, PROMPT]), draft=tiny_checkpoints["llama"], tree_budget=4)
+    model.close()
+
+
+def test_cache_after_partly_accepted_tree_equals_plain(placement, tiny_checkpoints, tiny_converted):
+    """After one verified tree, the target's cache holds the prompt and the accepted path only:
+    what a plain forward over the same tokens leaves."""
+    model = open_placed(tiny_converted["llama"], placement)
+    draft = load_assistant(tiny_checkpoints["llama"], device=CPU, dtype=torch.float32)
+    spec = TreeSpeculator(model, draft, budget=24, sampling=Sampling(max_tokens=8, temperature=0))
+    tree = spec.grow(DynamicCache(config=draft.config), PROMPT)
+    cache = DynamicCache(config=model.config)
+    new, path = spec.verify(cache, PROMPT, tree)
+    assert 1 <= len(path) < len(tree)  # partly accepted
+    assert [tree.tokens[j] for j in path] == new[:-1]
+    plain = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([PROMPT + new[:-1]]), past_key_values=plain, use_cache=True)
+    assert cache.get_seq_length() == plain.get_seq_length() == len(PROMPT) + len(path)
+    for mine, theirs in zip(cache.layers, plain.layers):
+        torch.testing.assert_close(mine.keys, theirs.keys, rtol=0, atol=1e-5)
+        torch.testing.assert_close(mine.values, theirs.values, rtol=0, atol=1e-5)
+    model.close()
+
+
+# --- sampling: the output distribution is the target's -------------------------------------
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """The p-value of `counts` drawn from `probs` (cells of probability 0 must be empty)."""
+    live = probs > 0
+    assert counts[~live].sum() == 0, "drew a token of probability 0"
+    expected = probs[live].double() * counts.sum()
+    return float(chisquare(counts[live].double().numpy(), expected.numpy()).pvalue)
+
+
+P = torch.tensor([0.30, 0.25, 0.20, 0.15, 0.07, 0.03], dtype=torch.float64)
+Q = torch.tensor([0.05, 0.10, 0.40, 0.30, 0.10, 0.05], dtype=torch.float64)
+DRAWS = 20000
+
+
+@pytest.mark.parametrize("children", ["top", "sampled"])
+def test_acceptance_rule_keeps_the_target_distribution(children):
+    """Children as the tree makes them (the draft's top tokens, each a point mass) and as SpecInfer
+    draws them (independently from q): the next token is distributed as p either way."""
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(len(P))
+    for _ in range(DRAWS):
+        if children == "top":
+            cands = [2, 3, 1]
+            rows = [point_mass(t, len(P)) for t in cands]
+        else:
+            cands = torch.multinomial(Q, 3, replacement=True, generator=g).tolist()
+            rows = [Q] * 3
+        _, token = accept_child(P, cands, rows, g)
+        counts[token] += 1
+    assert chi_square_p(counts, P) > ALARM
+
+
+def probs(logits, sampling) -> torch.Tensor:
+    p = token_probs(logits, sampling).double()
+    return p / p.sum()
+
+
+def test_walk_samples_the_target_distribution_two_tokens_deep():
+    """The whole walk down a tree, with temperature and top-p: the first two tokens of a pass are
+    distributed as plain sampling's (the root's distribution, then the chosen child's)."""
+    vocab = 5
+    logits = torch.tensor([[0.1, 0.35, 0.1, 0.3, 0.15],  # after the root, then after nodes 0, 1, 2
+                           [0.3, 0.1, 0.2, 0.2, 0.2],
+                           [0.05, 0.05, 0.6, 0.2, 0.1],
+                           [0.2, 0.2, 0.2, 0.2, 0.2]]).log()
+    sampling = Sampling(max_tokens=4, temperature=0.8, top_p=0.9)
+    tree = TokenTree()
+    for token, parent in ((1, -1), (3, -1), (0, 0)):
+        tree.add(token, parent, 0.0)
+    spec = TreeSpeculator.__new__(TreeSpeculator)
+    spec.sampling, spec.generator, spec.eos = sampling, torch.Generator().manual_seed(2), set()
+    root, after = probs(logits[0], sampling), {1: probs(logits[1], sampling), 3: probs(logits[2], sampling)}
+    stop = vocab  # the second cell "no second token": the first was the target's own
+    expected = torch.zeros(vocab, vocab + 1, dtype=torch.float64)
+    for x in range(vocab):
+        if x in after:
+            expected[x, :vocab] = root[x] * after[x]
+        else:
+            expected[x, stop] = root[x]
+    counts = torch.zeros(vocab, vocab + 1)
+    for _ in range(DRAWS):
+        new, _ = spec.walk(tree, logits)
+        counts[new[0], new[1] if len(new) > 1 else stop] += 1
+    assert chi_square_p(counts.flatten(), expected.flatten()) > ALARM
+
+
+# --- the budget --------------------------------------------------------------------------
+def test_budget_is_large_when_streaming_dominates_and_small_when_compute_does():
+    streaming = TreeCosts(target_fixed=1.5, target_per_token=2e-5, draft_fixed=0.01, draft_per_token=1e-5)
+    compute = TreeCosts(target_fixed=0.05, target_per_token=0.01, draft_fixed=0.005, draft_per_token=1e-4)
+    assert streaming.best_budget() >= 256
+    assert compute.best_budget() <= 8
+
+
+# --- the CLI -----------------------------------------------------------------------------
+def test_cli_draft_gives_plain_text_and_stats(tiny_converted, tiny_checkpoints, capsys):
+    args = ["generate", str(tiny_converted["llama"]), "-p", "w5 w17 w40", "-n", "10", "--device", "cpu",
+            "--max-cpu-memory", "0"]
+    assert runtime_main(args) == 0
+    plain = capsys.readouterr().out
+    assert runtime_main(args + ["--draft", str(tiny_checkpoints["llama"]), "--tree-budget", "8", "--stats"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain
+    assert '"speculation": {"target_passes": ' in captured.err and '"tree_budget": 8}' in captured.err
+
+
+def test_cli_draft_errors(tiny_converted, tiny_checkpoints, tmp_path, capsys):
+    args = ["generate", str(tiny_converted["llama"]), "-p", "w5", "-n", "4", "--device", "cpu"]
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_checkpoints["llama"], other)
+    save_tiny_tokenizer(other, 300)
+    assert runtime_main(args + ["--draft", str(other)]) == 2
+    assert capsys.readouterr().err.strip() == (f"Error: draft {other} uses a different tokenizer than the target; "
+                                               "tree speculation needs a draft with the same tokenizer (for a "
+                                               "different one, use --assistant)")
+    assert runtime_main(args + ["--draft", str(other), "--prompt-lookup", "3"]) == 2
+    assert capsys.readouterr().err.strip() == ("Error: --draft cannot be combined with --prompt-lookup or "
+                                               "--assistant; pick one")
+    with pytest.raises(SystemExit) as exit_:
+        runtime_main(args + ["--draft", str(other), "--tree-budget", "0"])
+    assert exit_.value.code == 2
+    assert "'0' is neither a number of tokens (1 or more) nor auto" in capsys.readouterr().err
