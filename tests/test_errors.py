@@ -26,6 +26,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 MESSAGES: dict[str, tuple[str, ...]] = {
+    "--draft cannot be combined with --prompt-lookup or --assistant; pick one": ("test_speculate.py::test_cli_draft_errors",),
+    "--draft works on one prompt at a time; drop --prompts-file": (
+        "test_speculate.py::test_cli_draft_conflicts_are_one_error_line",),
+    "--min-new-tokens cannot be combined with --draft; drop one": (
+        "test_speculate.py::test_cli_draft_conflicts_are_one_error_line",),
+    "cpu_layers must be a layer count (0 or more) or 'auto', not {}": ("test_hostcompute.py::test_bad_cpu_layers_is_refused",),
+    "tree speculation does not support sliding-window attention layers; generate without a draft": (
+        "test_speculate.py::test_api_draft_refusals",),
+    "--cpu-layers {} is not understood; give a layer count (e.g. 8) or auto": (
+        "test_hostcompute.py::test_cli_bad_cpu_layers_exits_2",),
+    "min_new_tokens is not supported with a draft; drop it or generate without --draft": (
+        "test_speculate.py::test_api_draft_refusals",),
+    "tree speculation generates one sequence at a time, not {}; pass one prompt, or generate without a draft": (
+        "test_speculate.py::test_batch_is_refused",),
+    "draft {} uses a different tokenizer than the target; tree speculation needs a draft with the same tokenizer "
+    "(for a different one, use --assistant)": ("test_speculate.py::test_cli_draft_errors",),
+    "tree budget must be 1 or more, not {}": ("test_speculate.py::test_api_draft_refusals",),
+    "tree budget must be a number of tokens (1 or more) or 'auto', not {}": ("test_speculate.py::test_api_draft_refusals",),
     # --- reshard convert: the source -------------------------------------------------------
     "{} does not exist; give a checkpoint folder, a .gguf file or a hub repo id":
         ("test_robustness.py::test_missing_source",),

@@ -247,3 +247,35 @@ def test_cli_draft_errors(tiny_converted, tiny_checkpoints, tmp_path, capsys):
         runtime_main(args + ["--draft", str(other), "--tree-budget", "0"])
     assert exit_.value.code == 2
     assert "'0' is neither a number of tokens (1 or more) nor auto" in capsys.readouterr().err
+
+
+def test_cli_draft_conflicts_are_one_error_line(tiny_converted, tiny_checkpoints, tmp_path, capsys):
+    args = ["generate", str(tiny_converted["llama"]), "-n", "4", "--device", "cpu", "--max-cpu-memory", "0",
+            "--draft", str(tiny_checkpoints["llama"])]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w5\nw6\n")
+    assert runtime_main(args + ["--prompts-file", str(prompts)]) == 2
+    assert capsys.readouterr().err.strip() == "Error: --draft works on one prompt at a time; drop --prompts-file"
+    assert runtime_main(args + ["-p", "w5", "--min-new-tokens", "2"]) == 2
+    assert capsys.readouterr().err.strip() == "Error: --min-new-tokens cannot be combined with --draft; drop one"
+
+
+def test_api_draft_refusals(tiny_checkpoints, tiny_converted):
+    import transformers as tf
+
+    from runtime.kvcache import keep_columns
+
+    model = open_placed(tiny_converted["llama"], "resident")
+    ids, draft = torch.tensor([PROMPT]), tiny_checkpoints["llama"]
+    with pytest.raises(UsageError, match="^min_new_tokens is not supported with a draft; drop it or generate "
+                                         "without --draft$"):
+        model.generate(input_ids=ids, draft=draft, tree_budget=4, min_new_tokens=2)
+    with pytest.raises(UsageError, match=r"^tree budget must be a number of tokens \(1 or more\) or 'auto', not 0$"):
+        model.generate(input_ids=ids, draft=draft, tree_budget=0)
+    with pytest.raises(UsageError, match="^tree budget must be 1 or more, not 0$"):
+        TreeSpeculator(model, None, budget=0, sampling=Sampling(max_tokens=4))
+    model.close()
+    sliding = DynamicCache(config=tf.MistralConfig(num_hidden_layers=2, sliding_window=16))
+    with pytest.raises(UsageError, match="^tree speculation does not support sliding-window attention layers; "
+                                         "generate without a draft$"):
+        keep_columns(sliding, torch.arange(0))
