@@ -61,8 +61,9 @@ def test_auto_on_the_cpu_changes_nothing(tiny_converted):
 
 @pytest.mark.parametrize("bad", [-1, "two", 1.5, True])
 def test_bad_cpu_layers_is_refused(tiny_converted, bad):
-    with pytest.raises(UsageError, match=rf"^cpu_layers must be a layer count \(0 or more\) or 'auto', not {bad!r}$"):
+    with pytest.raises(UsageError) as refused:
         LayeredModel.from_pretrained(tiny_converted["llama"], device="cpu", max_cpu_memory=0, cpu_layers=bad)
+    assert str(refused.value) == f"cpu_layers must be a layer count (0 or more) or 'auto', not {bad!r}"
 
 
 def test_candidates_are_the_last_layers_off_the_device():

@@ -270,8 +270,9 @@ def test_api_draft_refusals(tiny_checkpoints, tiny_converted):
     with pytest.raises(UsageError, match="^min_new_tokens is not supported with a draft; drop it or generate "
                                          "without --draft$"):
         model.generate(input_ids=ids, draft=draft, tree_budget=4, min_new_tokens=2)
-    with pytest.raises(UsageError, match=r"^tree budget must be a number of tokens \(1 or more\) or 'auto', not 0$"):
+    with pytest.raises(UsageError) as refused:
         model.generate(input_ids=ids, draft=draft, tree_budget=0)
+    assert str(refused.value) == "tree budget must be a number of tokens (1 or more) or 'auto', not 0"
     with pytest.raises(UsageError, match="^tree budget must be 1 or more, not 0$"):
         TreeSpeculator(model, None, budget=0, sampling=Sampling(max_tokens=4))
     model.close()
