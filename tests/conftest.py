@@ -235,6 +235,26 @@ def smollm2_converted(smollm2_checkpoint, tmp_path_factory) -> Path:
                       lambda folder: convert(str(smollm2_checkpoint), folder, progress=False))
 
 
+class GroupWrites:
+    """The group files `reshard.convert` writes, by name in order; before the write after
+    `stop_after` of them it raises KeyboardInterrupt (a Ctrl-C mid-conversion), until `resume()`."""
+
+    def __init__(self, monkeypatch, stop_after: int):
+        import reshard.convert as conv
+
+        self.real, self.names, self.stop_after = conv.write_group_file, [], stop_after
+        monkeypatch.setattr(conv, "write_group_file", self._write)
+
+    def _write(self, path, tensors, *args):
+        if self.stop_after is not None and len(self.names) == self.stop_after:
+            raise KeyboardInterrupt
+        self.names.append(path.name)
+        return self.real(path, tensors, *args)
+
+    def resume(self) -> None:
+        self.stop_after = None
+
+
 class FakeHub:
     """The hub at the `huggingface_hub` boundary: `model_info`, `hf_hub_download` and
     `try_to_load_from_cache`, served from a local checkpoint folder for any repo id.

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import CPU_BUDGETS, PLACEMENTS, moe_config, save_tiny_tokenizer
+from conftest import CPU_BUDGETS, PLACEMENTS, GroupWrites, moe_config, save_tiny_tokenizer
 from reshard.convert import convert
 from reshard.format import GroupFile, expert_range, expert_tensors, read_header, read_manifest
 from reshard.fp8 import quantize_fp8
@@ -310,23 +310,13 @@ def test_compressed_fp8_logits_equal_transformers_own_load(strategy, compressed)
 
 
 def test_interrupted_fp8_conversion_resumes_byte_identical(fp8, tmp_path, monkeypatch):
-    import reshard.convert as conv
-
     src, done = fp8["deepseek_v3"]
-    real, written = conv.write_group_file, []
-
-    def dies_after_two(path, tensors, *args):
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        written.append(path.name)
-        return real(path, tensors, *args)
-
-    monkeypatch.setattr(conv, "write_group_file", dies_after_two)
+    writes = GroupWrites(monkeypatch, stop_after=2)
     with pytest.raises(KeyboardInterrupt):
         convert(str(src), tmp_path / "c", progress=False)
-    monkeypatch.setattr(conv, "write_group_file", lambda path, tensors, *args: (written.append(path.name),
-                                                                               real(path, tensors, *args))[1])
+    writes.resume()
     convert(str(src), tmp_path / "c", progress=False)  # the same command again: resumes
+    written = writes.names
     assert written[:2] == ["embed.safetensors", "layers.00000.safetensors"]
     assert "layers.00000.safetensors" not in written[2:] and "layers.00001.safetensors" in written[2:]
     assert {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir()} == {

@@ -20,7 +20,7 @@ from reshard.convert import convert
 from reshard.format import read_manifest
 from runtime.model import LayeredModel
 
-from conftest import CPU_BUDGETS, PLACEMENTS, FakeHub, assert_placed, open_placed, save_tiny_tokenizer
+from conftest import CPU_BUDGETS, PLACEMENTS, FakeHub, GroupWrites, assert_placed, open_placed, save_tiny_tokenizer
 
 OUT_IN = 128  # hidden size; group 128 then holds one group per row of q/k/v/o/gate/up, two of down
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -376,22 +376,12 @@ def test_kernels_take_repacked_weights_and_packed_false_expands_them_exactly(kin
 # --- from the hub; resumed ---------------------------------------------------------------------
 
 def test_gptq_repo_from_the_hub_converts_and_resumes_byte_identical(published, tmp_path, monkeypatch):
-    import reshard.convert as conv
-
     src, folder = published["gptq"]
     hub = FakeHub(src, tmp_path / "cache").install(monkeypatch)
-    real, written = conv.write_group_file, []
-
-    def dies_after_two(path, tensors, *args):
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        written.append(path.name)
-        return real(path, tensors, *args)
-
-    monkeypatch.setattr(conv, "write_group_file", dies_after_two)
+    writes = GroupWrites(monkeypatch, stop_after=2)
     with pytest.raises(KeyboardInterrupt):
         convert("org/gptq", tmp_path / "out", progress=False)
-    monkeypatch.setattr(conv, "write_group_file", real)
+    writes.resume()
     m = convert("org/gptq", tmp_path / "out", progress=False)  # the same command again: resumes
     assert "model.safetensors" in hub.downloads and m.quantization["source_format"] == "GPTQ"
     for g in (g for g in m.groups if g.file):  # the same bytes as the local conversion, kept groups included

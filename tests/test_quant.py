@@ -16,7 +16,7 @@ from reshard.quant import dequantize, quantize
 from runtime import cli as runtime_cli
 from runtime.model import LayeredModel
 
-from conftest import ARCHS
+from conftest import ARCHS, GroupWrites
 
 TEXT = Path(__file__).parent / "data" / "english.txt"
 
@@ -161,29 +161,20 @@ def _folder_bytes(folder: Path) -> dict[str, bytes]:
 
 
 def test_quantized_conversion_is_deterministic_and_resumes_byte_identical(tiny_checkpoints, tmp_path, monkeypatch):
-    import reshard.convert as conv
-
     src = str(tiny_checkpoints["qwen2"])
     kwargs = dict(progress=False, quantize="int4", quantize_group=32, quantize_embeddings=True)
     convert(src, tmp_path / "a", **kwargs)
     convert(src, tmp_path / "b", **kwargs)
     assert _folder_bytes(tmp_path / "a") == _folder_bytes(tmp_path / "b")
 
-    real, written = conv.write_group_file, []
-
-    def dies_after_two(path, tensors, *args):
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        written.append(path.name)
-        return real(path, tensors, *args)
-
-    monkeypatch.setattr(conv, "write_group_file", dies_after_two)
+    writes = GroupWrites(monkeypatch, stop_after=2)
     with pytest.raises(KeyboardInterrupt):
         convert(src, tmp_path / "c", **kwargs)
+    written = writes.names
     assert written == ["embed.safetensors", "layers.00000.safetensors"]
     assert not (tmp_path / "c" / MANIFEST).exists()
     kept_inode = (tmp_path / "c" / "layers.00000.safetensors").stat().st_ino
-    monkeypatch.setattr(conv, "write_group_file", lambda path, tensors, *args: (written.append(path.name), real(path, tensors, *args))[1])
+    writes.resume()
     convert(src, tmp_path / "c", **kwargs)  # the same command again: resumes
     assert written[2:] == ["layers.00001.safetensors", "layers.00002.safetensors", "norm.safetensors", "head.safetensors"]
     assert (tmp_path / "c" / "layers.00000.safetensors").stat().st_ino == kept_inode  # finished work was kept
