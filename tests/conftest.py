@@ -235,6 +235,24 @@ def smollm2_converted(smollm2_checkpoint, tmp_path_factory) -> Path:
                       lambda folder: convert(str(smollm2_checkpoint), folder, progress=False))
 
 
+@pytest.fixture(scope="session")
+def small_smollm2_checkpoint(small_gguf, tmp_path_factory) -> Path:
+    """`small_gguf` (SmolLM2's first 2 layers and 1024 tokens, its chat template and byte-level BPE)
+    as an ordinary safetensors checkpoint: for tests of the tokenizer, chat and text paths against
+    transformers, where the real model's 30 layers would only cost time."""
+    from reshard.demo import gguf_to_checkpoint
+
+    return built_once(tmp_path_factory, "small-smollm2-hf", lambda folder: gguf_to_checkpoint(small_gguf, folder))
+
+
+@pytest.fixture(scope="session")
+def small_smollm2_converted(small_smollm2_checkpoint, tmp_path_factory) -> Path:
+    from reshard.convert import convert
+
+    return built_once(tmp_path_factory, "small-smollm2-out",
+                      lambda folder: convert(str(small_smollm2_checkpoint), folder, progress=False))
+
+
 class GroupWrites:
     """The group files `reshard.convert` writes, by name in order; before the write after
     `stop_after` of them it raises KeyboardInterrupt (a Ctrl-C mid-conversion), until `resume()`."""
