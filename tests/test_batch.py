@@ -68,10 +68,10 @@ def test_batched_generation_equals_transformers_tiny(arch, placement, tiny_check
     model.close()
 
 
-@pytest.mark.slow
-def test_batched_generation_equals_transformers_smollm2(placement, smollm2_checkpoint, smollm2_converted):
-    model = open_placed(smollm2_converted, placement, dtype="float32")
-    ref = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint, dtype=torch.float32).eval()
+def test_batched_generation_equals_transformers_smollm2(placement, small_smollm2_checkpoint, small_smollm2_converted):
+    """SmolLM2's tokenizer, chat template and first 2 layers: prompts of different lengths, left padded."""
+    model = open_placed(small_smollm2_converted, placement, dtype="float32")
+    ref = AutoModelForCausalLM.from_pretrained(small_smollm2_checkpoint, dtype=torch.float32).eval()
     prompts = ["What is the capital of France?", "Write a haiku about the sea in winter, please.", "Hi!"]
     done = assert_same_as_transformers(model, ref, prompts, chat=True, **GREEDY)
     assert len({g.text for g in done}) == 3 and all(len(g.tokens) > 2 for g in done)
@@ -113,7 +113,10 @@ def test_prompt_lookup_and_assistant_equal_greedy_tiny(arch, placement, tiny_che
 
 
 @pytest.mark.slow
-def test_prompt_lookup_and_assistant_equal_greedy_in_fewer_passes(placement, smollm2_checkpoint, smollm2_converted):
+def test_prompt_lookup_and_assistant_equal_greedy_in_fewer_passes(smollm2_checkpoint, smollm2_converted):
+    """The real model (it copies the text: the case these methods speed up), streamed; the tiny
+    models above cover both placements."""
+    placement = "streamed"
     model = open_placed(smollm2_converted, placement)
     kwargs = dict(chat=True, do_sample=False, max_new_tokens=24)
     [plain] = generate_batch(model, [COPY_PROMPT], **kwargs)

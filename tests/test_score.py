@@ -126,7 +126,9 @@ def test_shared_prompt_is_computed_once(tiny_converted):
 
 
 @pytest.mark.slow
-def test_score_smollm2_equals_transformers(placement, smollm2_checkpoint, smollm2_converted):
+def test_score_smollm2_equals_transformers(smollm2_checkpoint, smollm2_converted):
+    """The real model, streamed (the tiny models cover both placements): it must prefer the right answers."""
+    placement = "streamed"
     ref = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint, dtype=torch.float32).eval()
     model = open_placed(smollm2_converted, placement)
     items = [
