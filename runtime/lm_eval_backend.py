@@ -19,6 +19,7 @@ continuation split, BOS else EOS before an empty context), so the numbers are co
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 
@@ -53,9 +54,7 @@ class ReshardLM(LM):
                  verify: bool = False, offload_activations: bool = False, max_length: int | None = None,
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, stats: bool = False, max_batch_size=None, **unknown):
         super().__init__()
-        if unknown:
-            raise UsageError(f"unknown model_args for the reshard backend: {', '.join(sorted(unknown))}; "
-                             f"see `runtime eval --help`")
+        refuse_unknown(unknown)
         self.batch_size = check_batch_size(batch_size, max_batch_size)
         self.model = open_folder(pretrained, device=device, dtype=dtype, prefetch=prefetch,
                                  max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory,
@@ -201,6 +200,26 @@ def open_folder(path, *, device, dtype, prefetch, max_gpu_memory, max_cpu_memory
                                         trust_remote_code=bool(trust_remote_code), verify=bool(verify))
 
 
+def refuse_unknown(names) -> None:
+    if names:
+        raise UsageError(f"unknown model_args for the reshard backend: {', '.join(sorted(names))}; "
+                         f"see `runtime eval --help`")
+
+
+def check_model_args(argv: list[str]) -> None:
+    """The reshard backend's `--model_args` in lm_eval's argv, checked before lm_eval loads its
+    tasks (seconds): unknown names and the batch sizes, each error the line ReshardLM would give."""
+    from lm_eval.utils import simple_parse_args_string
+
+    given = [argv[k + 1] for k, a in enumerate(argv[:-1]) if a == "--model_args"]
+    given += [a.split("=", 1)[1] for a in argv if a.startswith("--model_args=")]
+    known = set(inspect.signature(ReshardLM.__init__).parameters) - {"self", "unknown"}
+    for arg_string in given:
+        args = simple_parse_args_string(arg_string) if isinstance(arg_string, str) else {}
+        refuse_unknown(set(args) - known)
+        check_batch_size(args.get("batch_size"), args.get("max_batch_size"))
+
+
 def check_batch_size(value, cap=None) -> int:
     """lm-eval's batch_size: a number, or "auto" (taken as 8: one weight pass serves every batch
     anyway), no more than `cap` (lm-eval's max_batch_size) where given."""
@@ -272,6 +291,10 @@ def main(argv=None) -> None:
     if command in ([], ["run"]) and rest and not any(a == "--model" or a.startswith("--model=") for a in rest):
         rest = ["--model", "reshard", *rest]
     argv = command + rest
+    model = [rest[k + 1] for k, a in enumerate(rest[:-1]) if a == "--model"]
+    model += [a.split("=", 1)[1] for a in rest if a.startswith("--model=")]
+    if command in ([], ["run"]) and model == ["reshard"]:
+        check_model_args(rest)
     saved, sys.argv = sys.argv, ["lm_eval", *argv]  # lm_eval's CLI reads sys.argv
     try:
         cli_evaluate()

@@ -1,5 +1,5 @@
 """The lm-evaluation-harness backend: `runtime eval --model reshard` (lm_eval with the backend
-registered) on SmolLM2 converted gives the per-item numbers of `lm_eval --model hf` on the source
+registered) on SmolLM2 converted (its first 2 layers: the tokenizer is the point) gives the per-item numbers of `lm_eval --model hf` on the source
 checkpoint (float32 CPU), reading each layer group once per request type.
 
 Tasks and data are written by the test: a multiple-choice task (loglikelihood), a perplexity
@@ -74,17 +74,30 @@ def run_lm_eval(argv: list[str], output: Path) -> subprocess.CompletedProcess:
     return done
 
 
+def hf_samples(checkpoint: Path, tasks: list[str], include_path: Path) -> dict[str, list[dict]]:
+    """task -> samples (by doc_id) of lm-eval's own `hf` backend on `checkpoint`, run in this
+    process with only the test's tasks indexed (lm_eval's CLI indexes its thousands of built-in
+    tasks first: about 10 s)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    seeds = dict(random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={checkpoint},dtype=float32,max_length={MAX_LENGTH}",
+                                  device="cpu", batch_size=1, tasks=tasks, log_samples=True, **seeds,
+                                  task_manager=TaskManager(include_path=str(include_path), include_defaults=False))
+    return {task: sorted(samples, key=lambda s: s["doc_id"]) for task, samples in out["samples"].items()}
+
+
 @pytest.mark.slow
-def test_reshard_backend_equals_hf_backend(smollm2_checkpoint, smollm2_converted, tmp_path):
+def test_reshard_backend_equals_hf_backend(small_smollm2_checkpoint, small_smollm2_converted, tmp_path, monkeypatch):
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
     tasks = ",".join(write_tasks(tmp_path))
     ours = run_lm_eval(["--model", "reshard", "--model_args",
-                        f"pretrained={smollm2_converted},device=cpu,dtype=float32,max_cpu_memory=0,batch_size=4,"
+                        f"pretrained={small_smollm2_converted},device=cpu,dtype=float32,max_cpu_memory=0,batch_size=4,"
                         f"max_length={MAX_LENGTH},stats=true",
                         "--tasks", tasks, "--include_path", str(tmp_path)], tmp_path / "ours")
-    theirs = run_lm_eval(["--model", "hf", "--model_args",
-                          f"pretrained={smollm2_checkpoint},dtype=float32,max_length={MAX_LENGTH}", "--device", "cpu",
-                          "--batch_size", "1", "--tasks", tasks, "--include_path", str(tmp_path)], tmp_path / "hf")
-    got, want = samples_of(tmp_path / "ours"), samples_of(tmp_path / "hf")
+    got, want = samples_of(tmp_path / "ours"), hf_samples(small_smollm2_checkpoint, tasks.split(","), tmp_path)
     assert sorted(got) == sorted(want) == sorted(tasks.split(","))
 
     # multiple choice: every choice's log-likelihood to 1e-4, the same greedy flags and accuracy
@@ -92,7 +105,7 @@ def test_reshard_backend_equals_hf_backend(smollm2_checkpoint, smollm2_converted
         ours_ll = [float(r[0]) for r in a["filtered_resps"]]  # logged as strings
         hf_ll = [float(r[0]) for r in b["filtered_resps"]]
         assert ours_ll == pytest.approx(hf_ll, abs=1e-4), a["doc_id"]
-        assert [r[1] for r in a["filtered_resps"]] == [r[1] for r in b["filtered_resps"]]
+        assert [str(r[1]) for r in a["filtered_resps"]] == [str(r[1]) for r in b["filtered_resps"]]
         assert a["acc"] == b["acc"]
 
     # perplexity: each text's rolling log-likelihood (several windows each) to 1e-4
@@ -194,6 +207,18 @@ def test_bad_model_args_are_one_error_line(args, line, tiny_converted, tmp_path,
             "--tasks", "reshard_test_mc", "--include_path", str(tmp_path)]
     assert main(argv) == 2
     assert [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("Error:")] == [line]
+
+
+def test_bad_model_args_are_refused_in_python_too(tiny_converted):
+    """lm_eval.simple_evaluate(model="reshard", model_args=...) builds the backend without `runtime
+    eval`'s early check: the backend gives the same lines."""
+    from reshard.errors import UsageError
+    from runtime.lm_eval_backend import ReshardLM
+
+    with pytest.raises(UsageError, match="^unknown model_args for the reshard backend: colour; "):
+        ReshardLM.create_from_arg_string(f"pretrained={tiny_converted['llama']},device=cpu,colour=red")
+    with pytest.raises(UsageError, match="^batch_size must be 1 or more, not 0$"):
+        ReshardLM.create_from_arg_string(f"pretrained={tiny_converted['llama']},device=cpu,batch_size=0")
 
 
 def test_folder_without_a_tokenizer_is_refused(tiny_converted, tmp_path):
