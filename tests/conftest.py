@@ -13,6 +13,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+# The tests run on two pytest-xdist workers (pyproject's addopts), for the 2 cores of CI: each
+# worker, and the processes its tests start, computes on one thread, so that the workers' thread
+# pools do not fight over the same cores (idle OpenMP threads busy-wait).
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
