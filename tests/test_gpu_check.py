@@ -78,7 +78,8 @@ def test_gpu_check_dry_run(gpu_assets, tmp_path, tmp_path_factory):
 def test_gpu_check_fails_without_assets(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry", "--assets",
-                          str(tmp_path / "missing"), "--layers", "1"], capture_output=True, text=True, env=env, timeout=300)
+                          str(tmp_path / "missing"), "--layers", "1", "--only", "parity,small"],
+                         capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 1
     assert "parity section FAILED" in run.stdout and "run `python benchmarks/prepare_gpu_check.py` first" in run.stdout
     assert "no tokenizer in" in run.stdout  # the small-GPU section's prompts need it too
