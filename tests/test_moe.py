@@ -238,13 +238,13 @@ def test_quantized_experts_stream_alone(scheme, moe_checkpoints, tmp_path):
 def test_only_the_routed_experts_ranges_are_read(moe_converted, monkeypatch):
     """Every expert read is one the router picked in that layer, at that expert's byte range;
     the layer's other tensors come as one span that holds no expert byte."""
-    import runtime.experts as experts_mod
+    import runtime.expertread as expertread
 
     folder = moe_converted["mixtral"]
     model = LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=0, expert_cache=0)
     reads, routed = [], {}
-    real = experts_mod._pread
-    monkeypatch.setattr(experts_mod, "_pread", lambda fd, dst, off, path: (
+    real = expertread._pread
+    monkeypatch.setattr(expertread, "_pread", lambda fd, dst, off, path: (
         reads.append((path.name, off, off + dst.numel())), real(fd, dst, off, path))[1])
     manifest = read_manifest(folder)
     for group in moe_layers(manifest):
@@ -277,11 +277,11 @@ def test_an_expert_read_that_comes_back_short_names_the_file(moe_converted, monk
     the file cut, so that no mapped page past its end is touched."""
     import re
 
-    import runtime.experts as experts_mod
+    import runtime.expertread as expertread
     from reshard.errors import CorruptFileError
 
     model = LayeredModel.from_pretrained(moe_converted["mixtral"], device="cpu", max_cpu_memory=0, expert_cache=0)
-    monkeypatch.setattr(experts_mod.os, "preadv", lambda fd, buffers, offset: 0)
+    monkeypatch.setattr(expertread.os, "preadv", lambda fd, buffers, offset: 0)
     with pytest.raises(CorruptFileError) as e:
         model(torch.tensor([[5, 17, 42]]))
     assert re.fullmatch(r".*/layers\.\d{5}\.safetensors: ends before byte \d+; run `reshard convert` again to repair it",
@@ -297,7 +297,7 @@ def test_the_expert_cache_takes_what_the_plan_leaves_and_gives_way_to_a_larger_j
 
     from runtime import allowance
     from runtime.budget import Budget, device_need
-    from runtime.experts import cache_budget
+    from runtime.expertcache import cache_budget
 
     model = LayeredModel.from_pretrained(moe_converted["mixtral"], device="cpu", max_cpu_memory=0)
     assert model.experts.cache.capacity == 0  # a budget of 0 leaves no room
@@ -356,13 +356,13 @@ def test_a_pass_routing_consecutive_experts_reads_them_in_one_go(moe_checkpoints
     """Slots hold experts in order and the file stores them in order: a run of consecutive routed
     experts is one read per expert tensor, so a prefill routing every expert reads each tensor
     whole, sequentially; the logits stay transformers' own."""
-    import runtime.experts as experts_mod
+    import runtime.expertread as expertread
 
     folder = moe_converted["mixtral"]
     model = LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=0, expert_cache=0)
     sizes = []
-    real = experts_mod._pread
-    monkeypatch.setattr(experts_mod, "_pread", lambda fd, dst, off, path: (sizes.append(dst.numel()),
+    real = expertread._pread
+    monkeypatch.setattr(expertread, "_pread", lambda fd, dst, off, path: (sizes.append(dst.numel()),
                                                                            real(fd, dst, off, path))[1])
     routed = {}
     manifest = read_manifest(folder)
