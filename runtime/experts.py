@@ -41,7 +41,7 @@ from reshard.format import (ST_TO_DTYPE, dense_range, expert_range, expert_tenso
 from reshard.plan import ROUTED_ARGS
 
 from . import budget
-from .expertcache import ExpertCache
+from .expertcache import POLICIES, ExpertCache
 from .expertread import ExpertReader, typed
 from .prediction import ExpertPredictor
 from .quantized import expand_param
@@ -71,7 +71,7 @@ class _Slots:
 class ExpertStreamer:
     """Expert hooks for every streamed MoE group that `loader` (a GroupLoader) loads."""
 
-    def __init__(self, loader, *, cache_bytes: int = 0, cache_policy: str = "lru", predict: bool = False):
+    def __init__(self, loader, *, cache_bytes: int = 0, cache_policy: str = POLICIES[0], predict: bool = False):
         self.loader, self.stats = loader, loader.stats  # no reference to the LayeredModel: no cycle
         self.device, self.dtype = loader.device, loader.dtype
         self.cache = ExpertCache(cache_bytes, cache_policy)

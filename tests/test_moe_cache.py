@@ -66,7 +66,7 @@ def entry(n: int) -> dict[str, torch.Tensor]:
 def test_the_policies_evict_the_least_recent_or_the_least_frequent(policy, kept):
     """Three 10-byte entries fill 30 bytes; `a` used thrice long ago, `b` once just now: a fourth
     entry evicts `a` under LRU, `b` under LFU."""
-    cache = ExpertCache(30, policy)
+    cache = ExpertCache(30, policy, aging=1000)
     for key in "abc":
         assert cache.get(key) is None
         cache.put(key, entry(10))
@@ -80,13 +80,10 @@ def test_the_policies_evict_the_least_recent_or_the_least_frequent(policy, kept)
 
 
 @pytest.mark.parametrize("aging, kept", [(1000, {"a", "c"}), (2, {"b", "c"})])
-def test_lfu_counts_age(aging, kept, monkeypatch):
+def test_lfu_counts_age(aging, kept):
     """`a` used 7 times, then `b` 4 times: without aging a new entry evicts `b` (fewer uses);
     with counts halved every 2 x (entries) accesses, `a`'s old uses have faded and it goes."""
-    import runtime.expertcache as expertcache
-
-    monkeypatch.setattr(expertcache, "AGING", aging)
-    cache = ExpertCache(20, "lfu")
+    cache = ExpertCache(20, "lfu", aging=aging)
     for key in "ab":
         cache.get(key)
         cache.put(key, entry(10))
