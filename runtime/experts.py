@@ -21,10 +21,14 @@ device across passes, as stored (quantized ones as their parts): one it holds is
 there instead of re-read. With `predict`, runtime/prediction.py reads the next MoE layer's likely
 experts ahead while a layer computes.
 
-A prefill or batch that routes most of a layer's experts needs no whole-layer read of its own:
-slots keep experts in file order, so the reads of consecutive experts merge (runtime/expertread.py) and a
-pass routing every expert reads each expert tensor in one sequential read; a gap costs one more
-read per expert tensor and saves that gap's bytes (benchmarks/results/moe_*.txt, prefill pass).
+A prefill or batch that routes most of a layer's experts gets no whole-layer read of its own:
+slots keep experts in file order, so the reads of consecutive experts merge (runtime/expertread.py)
+and a pass routing every expert reads each expert tensor in one sequential read; a gap costs one
+more read per expert tensor and saves that gap's bytes, so by bytes sparse never loses. What a
+whole-layer load has that these reads lack is timing: the prefetcher reads it while the previous
+layer computes, where routed experts are read once the router has run. Loading such a pass's
+layers whole would bring back the [E, ...] memory the slots removed (expanded, for quantized
+experts); it is not done (benchmarks/results/moe_prefill_cpu_cold.txt measures both).
 """
 
 from __future__ import annotations
