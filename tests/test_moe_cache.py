@@ -34,6 +34,15 @@ def one_expert_bytes(group) -> int:
     return expert_bytes(group) // entry["num_experts"]
 
 
+def assert_cached_as_stored(model) -> None:
+    """Every expert the cache of `model` (a LayeredModel) holds takes its stored bytes, no more."""
+    cache, groups = model.experts.cache, model.manifest.groups
+    assert cache.entries
+    for (i, e, *params), stored in cache.entries.items():
+        assert sum(t.numel() * t.element_size() for t in stored.values()) == one_expert_bytes(groups[i])
+    assert cache.used == sum(one_expert_bytes(groups[key[0]]) for key in cache.entries)
+
+
 def test_the_cache_holds_int4_experts_as_their_stored_parts(int4_moe):
     """A cached int4 expert is its packed bytes and scales (the stored size, not the expanded
     one), expanded into its slot when routed: the logits equal the uncached run's bit for bit."""
@@ -53,9 +62,26 @@ def test_the_cache_holds_int4_experts_as_their_stored_parts(int4_moe):
         size = sum(t.numel() * t.element_size() for t in stored.values())
         expanded = sum(math.prod(group.quantized[p]["shape"][1:]) * 4 for p in params)  # float32 rows
         assert size == one_expert_bytes(group) and 4 * size < expanded
-    assert cache.used == sum(one_expert_bytes(manifest.groups[key[0]]) for key in cache.entries)
+    assert_cached_as_stored(cached)
     plain.close()
     cached.close()
+
+
+def test_the_cache_holds_bfloat16_experts_in_bfloat16_when_computing_in_float32(moe_checkpoints, tmp_path):
+    """A bfloat16 folder computing in float32: the cache keeps the experts' bfloat16 rows (the
+    cast back to float32 is exact), half the bytes of the float32 slots, and the logits hold."""
+    from reshard.convert import convert
+
+    convert(str(moe_checkpoints["mixtral"]), tmp_path / "bf16", dtype="bfloat16", progress=False)
+    plain = LayeredModel.from_pretrained(tmp_path / "bf16", device="cpu", dtype="float32", max_cpu_memory=0,
+                                         expert_cache=0)
+    cached = LayeredModel.from_pretrained(tmp_path / "bf16", device="cpu", dtype="float32", max_cpu_memory=0,
+                                          expert_cache="4MB")
+    want = plain(IDS).logits
+    assert torch.equal(cached(IDS).logits, want) and torch.equal(cached(IDS).logits, want)
+    assert cached.stats.per_pass[-1].experts_read == 0 and cached.stats.per_pass[-1].experts_cached > 0
+    assert all(t.dtype == torch.bfloat16 for stored in cached.experts.cache.entries.values() for t in stored.values())
+    assert_cached_as_stored(cached)
 
 
 def entry(n: int) -> dict[str, torch.Tensor]:
