@@ -8,7 +8,10 @@ folders (reshard.synthetic) and decoded at batch 1, every group streamed (max_cp
 - sparse: only the routed experts are read (runtime/experts.py), no expert cache;
 - sparse+cache: the same with an expert cache of `--cache-fraction` of the expert bytes;
 - sparse+predict, sparse+cache+predict: the same with the next MoE layer's experts guessed and read
-  ahead while a layer computes (runtime/prediction.py).
+  ahead while a layer computes (runtime/prediction.py);
+- sparse-reads: sparse, but a pass that routes most experts (a prefill) reads its routed experts
+  too instead of loading its layers whole (runtime/experts.py's WHOLE_AT; on the CPU the sparse
+  modes load them whole).
 With `--cold` (default) the folder's pages are dropped from the page cache before every pass, so
 each pass reads from the disk what it brings; `--warm` leaves them cached. The modes take turns
 run by run (a round: each mode once). Figures are medians over the decode passes (the prompt pass is
@@ -81,6 +84,8 @@ def run_once(folder: Path, mode: str, tokens: int, cold: bool, device: str, cach
     kwargs = dict(sparse_experts=False) if mode == "whole" else dict(
         expert_cache=int(experts * cache_fraction) if "cache" in mode else 0, predict_experts="predict" in mode)
     model = LayeredModel.from_pretrained(folder, device=device, max_cpu_memory=0, max_gpu_memory=0, **kwargs)
+    if mode == "sparse-reads":
+        model.experts.whole_at = None
     if cold:  # before the pass's clock starts (prepend): every pass reads its bytes from the disk
         model.model.register_forward_pre_hook(lambda *_: evict_page_cache(folder), prepend=True)
     ids = torch.randint(3, 8000, (1, prompt), generator=torch.Generator().manual_seed(0)).to(model.device)

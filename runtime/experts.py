@@ -50,6 +50,11 @@ from .expertread import ExpertReader, typed
 from .prediction import ExpertPredictor
 from .quantized import expand_param
 
+# A pass expected to route at least this share of a layer's experts (uniform picks: 1 - (1 - k/E)^tokens)
+# loads that layer whole, where that costs no memory (the CPU, a folder used as stored): one read
+# by the prefetcher while the previous layer computes (benchmarks/results/moe_prefill_cpu_cold.txt).
+WHOLE_AT = 0.75
+
 class _Slots:
     """The experts one streamed layer's module computes with: rows [S, ...] per expert tensor
     holding experts `held` (ascending), S sized by what the passes route, not by E."""
@@ -84,6 +89,10 @@ class ExpertStreamer:
         self.reader = ExpertReader(self.device)  # file ranges -> buffers (runtime/expertread.py)
         self.hooks: list = []
         self.warned: set[type] = set()  # experts classes read whole (said once per class)
+        self.empty: dict[str, dict] = {}  # experts module path -> its placeholder parameters
+        self.placed: set[str] = set()  # experts modules computing on slots this call
+        self.whole_at: float | None = WHOLE_AT  # None: every pass reads routed experts alone
+        self.wholes: dict[int, tuple] = {}  # group -> (sparse span, E, k): may load whole for a pass
 
     def install(self, model: nn.Module) -> None:
         """Make every streamed group with experts load without them, and hook the experts modules
@@ -95,10 +104,18 @@ class ExpertStreamer:
             self.loader.partial[i] = (dense_range(gf.infos, group), frozenset(expert_tensors(group)))
             for path, entry in group.experts.items():
                 module = model.get_submodule(path)
-                empty = {a: module._parameters[a] for a in (n.rpartition(".")[2] for n in entry["tensors"])}
+                self.empty[path] = {a: module._parameters[a] for a in (n.rpartition(".")[2] for n in entry["tensors"])}
                 self.hooks.append(module.register_forward_pre_hook(self._hook(i, path, module, entry), with_kwargs=True))
-                self.hooks.append(module.register_forward_hook(self._restore(module, empty)))
+                self.hooks.append(module.register_forward_hook(self._restore(path, module)))
         top_k = getattr(model.config, "num_experts_per_tok", None)
+        for i in self.loader.partial:  # where a whole load is views of the mapping: no memory of its own
+            group = self.loader.manifest.groups[i]
+            if self.device.type == "cpu" and not self.loader.made_anew(i) and self.loader.places[i] == budget.DISK \
+                    and isinstance(top_k, int) and len(group.experts) == 1:
+                count = next(iter(group.experts.values()))["num_experts"]
+                self.wholes[i] = (self.loader.partial[i], count, top_k)
+        if self.wholes:
+            self.hooks.append(model.register_forward_pre_hook(self._plan, with_kwargs=True))
         if self.predict and self.hooks and isinstance(top_k, int):
             self.predictor = ExpertPredictor(self.loader, model, self.read_ahead, self._cached, top_k=top_k)
 
@@ -119,6 +136,18 @@ class ExpertStreamer:
         if self.predictor is not None:
             self.predictor.drop(i)
 
+    def _plan(self, module, args, kwargs) -> None:
+        """A forward begins: per group, read its routed experts alone or load it whole (its expected
+        routed share >= whole_at): a prefill or batch reads its layers in one go, ahead."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = kwargs.get("inputs_embeds") if ids is None else ids
+        tokens = ids.shape[0] * ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else 1
+        for i, (span, count, k) in self.wholes.items():
+            if self.whole_at is not None and 1 - (1 - k / count) ** tokens >= self.whole_at:
+                self.loader.partial.pop(i, None)
+            else:
+                self.loader.partial[i] = span
+
     def _cached(self, i: int, e: int) -> bool:
         entry = next(iter(self.loader.manifest.groups[i].experts.values()))
         return (i, e, *entry["tensors"]) in self.cache.entries
@@ -135,6 +164,8 @@ class ExpertStreamer:
                   f"each pass through it reads all {count} of its experts", file=sys.stderr)
 
         def pre_hook(mod, args, kwargs):
+            if any(mod._parameters[a] is not p for a, p in self.empty[path].items()):
+                return None  # the group was loaded whole (see _plan): its [E, ...] tensors are in place
             try:
                 bound = signature.bind(*args, **kwargs)
             except TypeError:
@@ -158,15 +189,21 @@ class ExpertStreamer:
         return pre_hook
 
     def _guess(self, i: int, arguments: dict) -> None:
-        """Layer i's routed experts are in place: guess the next MoE layer's from its hidden state."""
-        if self.predictor is not None and isinstance(arguments.get("hidden_states"), torch.Tensor):
+        """Layer i's routed experts are in place: guess the next MoE layer's from its hidden state
+        (not for a layer this pass loads whole)."""
+        j = self.predictor.next.get(i) if self.predictor is not None else None
+        if j is not None and (j not in self.wholes or j in self.loader.partial) \
+                and isinstance(arguments.get("hidden_states"), torch.Tensor):
             self.predictor.guess(i, arguments["hidden_states"])
 
-    def _restore(self, module: nn.Module, empty: dict):
+    def _restore(self, path: str, module: nn.Module):
         experts = getattr(module, "num_experts", None)
 
         def post_hook(mod, *_):
-            mod._parameters.update(empty)
+            if path not in self.placed:  # computed on its group's whole load: the model clears those
+                return
+            self.placed.discard(path)
+            mod._parameters.update(self.empty[path])
             if experts is not None:
                 mod.num_experts = experts
 
@@ -216,6 +253,7 @@ class ExpertStreamer:
                     self.cache.put((i, e, *entry["tensors"]), stored)
             self.stats.wait_seconds += time.perf_counter() - t0  # compute waits for its routed experts
         self.slots[path] = slots
+        self.placed.add(path)
         for name, t in slots.tensors.items():
             module._parameters[name.rpartition(".")[2]] = nn.Parameter(t, requires_grad=False)
         return slots
