@@ -21,14 +21,15 @@ device across passes, as stored (quantized ones as their parts): one it holds is
 there instead of re-read. With `predict`, runtime/prediction.py reads the next MoE layer's likely
 experts ahead while a layer computes.
 
-A prefill or batch that routes most of a layer's experts gets no whole-layer read of its own:
-slots keep experts in file order, so the reads of consecutive experts merge (runtime/expertread.py)
-and a pass routing every expert reads each expert tensor in one sequential read; a gap costs one
-more read per expert tensor and saves that gap's bytes, so by bytes sparse never loses. What a
-whole-layer load has that these reads lack is timing: the prefetcher reads it while the previous
-layer computes, where routed experts are read once the router has run. Loading such a pass's
-layers whole would bring back the [E, ...] memory the slots removed (expanded, for quantized
-experts); it is not done (benchmarks/results/moe_prefill_cpu_cold.txt measures both).
+A prefill or batch that routes most of a layer's experts: by bytes, reading its routed experts
+never loses (slots keep experts in file order, so the reads of consecutive experts merge, see
+runtime/expertread.py, and a pass routing every expert reads each expert tensor in one sequential
+read). What a whole-layer load has is timing: the prefetcher reads it while the previous layer
+computes, where routed experts are read once the router has run. So a pass expected to route at
+least WHOLE_AT of a layer's experts loads that layer whole, where that costs no memory: on the
+CPU, for a folder used as stored (the load is views of the mapping, pages the OS can drop).
+Elsewhere a whole load would bring back the [E, ...] memory the slots removed (expanded, for
+quantized experts), which the budget does not plan for: those passes read their routed experts.
 """
 
 from __future__ import annotations
