@@ -97,7 +97,8 @@ def replay(keys: list, capacity: int, policy: str) -> float:
 
 
 def belady(keys: list, capacity: int) -> float:
-    """Hit rate of the optimal offline policy: on a miss with the cache full, evict the key whose next use is furthest."""
+    """Hit rate of the optimal offline policy: on a miss with the cache full, evict the key used
+    furthest in the future."""
     import heapq
 
     upcoming, nxt = {}, [0] * len(keys)

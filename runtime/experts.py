@@ -56,6 +56,7 @@ from .quantized import expand_param
 # by the prefetcher while the previous layer computes (benchmarks/results/moe_prefill_cpu_cold.txt).
 WHOLE_AT = 0.75
 
+
 class _Slots:
     """The experts one streamed layer's module computes with: rows [S, ...] per expert tensor
     holding experts `held` (ascending), S sized by what the passes route, not by E."""

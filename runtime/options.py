@@ -54,9 +54,9 @@ def model_argument():
 
 
 def model_options(fn):
-    """--device, --dtype, --prefetch, --max-gpu-memory, --max-cpu-memory, --expert-cache, --predict-experts, --cpu-layers,
-    --trust-remote-code, --verify, --stats, and --revision, --token for a hub repo id: what
-    `open_model` needs."""
+    """--device, --dtype, --prefetch, --max-gpu-memory, --max-cpu-memory, --expert-cache, --predict-experts,
+    --cpu-layers, --trust-remote-code, --verify, --stats, and --revision, --token for a hub repo id:
+    what `open_model` needs."""
     decorators = [
         click.option("--device", default=None, callback=check_device, cls=Option, section=MODEL,
                      show_default="cuda if available, else cpu", help="cpu, cuda or cuda:N"),

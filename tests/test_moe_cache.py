@@ -126,8 +126,8 @@ def routing_log(model, manifest) -> dict:
     for i, group in enumerate(manifest.groups):
         for path in group.experts:
             model.model.get_submodule(path).register_forward_pre_hook(
-                lambda m, args, i=i: routed.setdefault((model.stats.passes, i), set()).update(args[1].unique().tolist()),
-                prepend=True)
+                lambda m, args, i=i: routed.setdefault((model.stats.passes, i), set()).update(
+                    args[1].unique().tolist()), prepend=True)
     return routed
 
 
@@ -147,7 +147,8 @@ def test_predicted_experts_change_no_token_and_their_counts_add_up(arch, cache, 
                                                 real(j, experts, entry))[1]
     routed = routing_log(model, manifest)
     ids = torch.tensor([[5, 17, 42, 99, 7]])
-    want = AutoModelForCausalLM.from_pretrained(moe_checkpoints[arch], dtype=torch.float32).eval().generate(ids, **GREEDY)
+    ref = AutoModelForCausalLM.from_pretrained(moe_checkpoints[arch], dtype=torch.float32).eval()
+    want = ref.generate(ids, **GREEDY)
     assert torch.equal(model.generate(ids, **GREEDY), want)
     hits = sum(len(set(experts) & routed[(p, j)]) for p, j, experts in guesses)
     wasted = sum(len(set(experts) - routed[(p, j)]) * one_expert_bytes(manifest.groups[j]) for p, j, experts in guesses)
