@@ -23,7 +23,7 @@ LAYERS = {"mixtral": 4, "qwen3": 8}  # Mixtral: ~2.9 GB a layer, Qwen3-30B-A3B: 
 def moe_streaming(out, device: torch.device, work, dry: bool, cache_fraction: float = 0.25) -> bool:
     """Print the table; True if every shape ran (the goals are reported, not enforced)."""
     dtype = torch.float32 if dry else torch.bfloat16
-    tokens, modes = (2 if dry else 4), ["whole", "sparse", "sparse+cache"]
+    tokens, modes = (2 if dry else 4), ["whole", "sparse", "sparse+cache", "sparse+cache+predict"]
     ok = True
     out("MoE: batch-1 decode, every group streamed from disk, page cache dropped before each pass")
     for shape, goal in GOALS.items():
@@ -31,14 +31,13 @@ def moe_streaming(out, device: torch.device, work, dry: bool, cache_fraction: fl
         out(describe(shape, folder))
         rows = {}
         for mode in modes:
-            passes = run_once(folder, mode, tokens, True, str(device), cache_fraction)
-            rows[mode] = summarize(passes)
+            rows[mode] = summarize([run_once(folder, mode, tokens, True, str(device), cache_fraction)], [])
         base = rows["whole"]["s_per_token"]
         for mode, r in rows.items():
             speedup = base / r["s_per_token"] if r["s_per_token"] else float("nan")
             out(f"  {mode:<13} {r['s_per_token']:.3f} s/token ({speedup:.2f}x whole; goal for sparse >= {goal:g}x)  "
                 f"{r['bytes_per_pass'] / 1e9:.3f} GB/pass (experts {r['expert_bytes_per_pass'] / 1e9:.3f} GB, "
-                f"{r['experts_read_per_pass']:g} read), cache hits {r['cache_hit_rate']}")
+                f"{r['experts_read_per_pass']:g} read), cache hits {r['cache_hit_rate']}, guess hits {r['guess_hit_rate']}")
         ok = ok and all(r["passes"] for r in rows.values())
         shutil.rmtree(folder, ignore_errors=True)
     return ok

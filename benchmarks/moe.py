@@ -1,17 +1,26 @@
-"""MoE decode: bytes and s/token per pass, expert-sparse streaming vs whole layers, expert cache hits.
+"""MoE decode: bytes and s/token per pass, expert-sparse streaming vs whole layers, expert cache and
+guess (--predict-experts) hit rates.
 
 Random mixtures of experts shaped like Mixtral (8 experts, 2 per token) and Qwen3-30B-A3B
 (many small experts, 8 per token), scaled down to fit the machine, are written as converted
 folders (reshard.synthetic) and decoded at batch 1, every group streamed (max_cpu_memory=0):
 - whole: MoE layers stream whole (sparse_experts=False), the baseline;
 - sparse: only the routed experts are read (runtime/experts.py), no expert cache;
-- sparse+cache: the same with an expert cache of `--cache-fraction` of the expert bytes.
+- sparse+cache: the same with an expert cache of `--cache-fraction` of the expert bytes;
+- sparse+predict, sparse+cache+predict: the same with the next MoE layer's experts guessed and read
+  ahead while a layer computes (runtime/prediction.py);
+- sparse-reads: sparse, but a pass that routes most experts (a prefill) reads its routed experts
+  too instead of loading its layers whole (runtime/experts.py's WHOLE_AT; on the CPU the sparse
+  modes load them whole).
 With `--cold` (default) the folder's pages are dropped from the page cache before every pass, so
 each pass reads from the disk what it brings; `--warm` leaves them cached. The modes take turns
-run by run. Figures are medians over the decode passes (the prompt pass is left out) of all runs.
+run by run (a round: each mode once). Figures are medians over the decode passes (the prompt pass is
+left out) of all runs; "vs whole" is the median over rounds of whole's median s/token divided by
+the mode's, both from the same round. The prompt pass (`--prompt` tokens, a prefill that routes
+most experts) is timed apart: sparse reads of the union of its experts against whole layers.
 
 Usage: python benchmarks/moe.py [--tokens 12] [--runs 2] [--threads 2] [--layers 6] [--warm]
-       [--device cpu|cuda] [--dtype float32] [--shapes mixtral,qwen3]
+       [--device cpu|cuda] [--dtype float32] [--shapes mixtral,qwen3] [--prompt 8] [--modes ...]
 """
 
 from __future__ import annotations
@@ -62,31 +71,49 @@ def folder_of(name: str, layers: int, dtype: torch.dtype, device: str = "cpu", s
     return folder
 
 
-def run_once(folder: Path, mode: str, tokens: int, cold: bool, device: str, cache_fraction: float) -> list:
+MODES = ["whole", "sparse", "sparse+predict", "sparse+cache", "sparse+cache+predict"]
+
+
+def run_once(folder: Path, mode: str, tokens: int, cold: bool, device: str, cache_fraction: float,
+             prompt: int = 8) -> tuple:
+    """(the prompt pass, the decode passes) of one greedy generation in `mode`."""
     from reshard.format import expert_bytes, read_manifest
     from runtime import LayeredModel
 
     experts = sum(expert_bytes(g) for g in read_manifest(folder).groups)
-    kwargs = {"whole": dict(sparse_experts=False), "sparse": dict(expert_cache=0),
-              "sparse+cache": dict(expert_cache=int(experts * cache_fraction))}[mode]
+    kwargs = dict(sparse_experts=False) if mode == "whole" else dict(
+        expert_cache=int(experts * cache_fraction) if "cache" in mode else 0, predict_experts="predict" in mode)
     model = LayeredModel.from_pretrained(folder, device=device, max_cpu_memory=0, max_gpu_memory=0, **kwargs)
+    if mode == "sparse-reads":
+        model.experts.whole_at = None
     if cold:  # before the pass's clock starts (prepend): every pass reads its bytes from the disk
         model.model.register_forward_pre_hook(lambda *_: evict_page_cache(folder), prepend=True)
-    ids = torch.randint(3, 8000, (1, 8), generator=torch.Generator().manual_seed(0)).to(model.device)
+    ids = torch.randint(3, 8000, (1, prompt), generator=torch.Generator().manual_seed(0)).to(model.device)
     model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
-    passes = model.stats.per_pass[1:]  # decode passes only
+    first, passes = model.stats.per_pass[0], model.stats.per_pass[1:]  # the prompt's pass, the decode passes
     model.close()
-    return passes
+    return first, passes
 
 
-def summarize(passes: list) -> dict:
+def summarize(runs: list[tuple], ratios: list[float]) -> dict:
+    """Figures of one mode over its runs ((prompt pass, decode passes) each); `ratios`: whole's
+    median s/token over this mode's, one per round."""
+    passes = [p for _, run in runs for p in run]
     read = sum(p.experts_read for p in passes)
     cached = sum(p.experts_cached for p in passes)
+    guessed, used = sum(p.experts_predicted for p in passes), sum(p.predicted_used for p in passes)
     return {"s_per_token": statistics.median(p.seconds for p in passes),
-            "bytes_per_pass": int(statistics.median(p.bytes for p in passes)),
+            "vs_whole": round(statistics.median(ratios), 3) if ratios else None,
+            "bytes_per_pass": int(statistics.median(p.bytes + p.predicted_wasted_bytes for p in passes)),
             "expert_bytes_per_pass": int(statistics.median(p.expert_bytes for p in passes)),
+            "wasted_bytes_per_pass": int(statistics.median(p.predicted_wasted_bytes for p in passes)),
             "experts_read_per_pass": statistics.median(p.experts_read for p in passes),
             "cache_hit_rate": round(cached / (read + cached), 3) if read + cached else None,
+            "guess_hit_rate": round(used / guessed, 3) if guessed else None,
+            "guessed_share": round(used / (read + cached), 3) if guessed and read + cached else None,
+            "prompt_s": statistics.median(first.seconds for first, _ in runs),
+            "prompt_bytes": int(statistics.median(first.bytes for first, _ in runs)),
+            "prompt_reads": statistics.median(first.expert_reads for first, _ in runs),
             "passes": len(passes)}
 
 
@@ -102,6 +129,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="mixtral,qwen3")
     ap.add_argument("--full-width", action="store_true", help="the real models' layer shapes (GPU machines)")
     ap.add_argument("--cache-fraction", type=float, default=0.5)
+    ap.add_argument("--prompt", type=int, default=8, help="prompt tokens (the prefill pass)")
+    ap.add_argument("--modes", default=",".join(MODES))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -109,22 +138,30 @@ def main() -> None:
         print(line)
     print(f"decode at batch 1, {args.tokens} new tokens x {args.runs} runs, every group streamed, "
           f"{'warm page cache' if args.warm else 'page cache dropped before every pass (cold)'}, device {args.device}")
-    modes = ["whole", "sparse", "sparse+cache"]
+    modes = args.modes.split(",")
     results = {}
     for shape in args.shapes.split(","):
         folder = folder_of(shape, args.layers, dtype, "cuda" if args.device.startswith("cuda") else "cpu",
                            0 if args.full_width else 1)
         print(describe(shape, folder))
-        runs = {m: [] for m in modes}
+        runs, ratios = {m: [] for m in modes}, {m: [] for m in modes}
         for _ in range(args.runs):
+            medians = {}
             for mode in modes:  # taking turns: load from other jobs hits every mode alike
-                runs[mode] += run_once(folder, mode, args.tokens, not args.warm, args.device, args.cache_fraction)
-        results[shape] = {m: summarize(p) for m, p in runs.items()}
-        base = results[shape]["whole"]["s_per_token"]
+                runs[mode].append(run_once(folder, mode, args.tokens, not args.warm, args.device,
+                                           args.cache_fraction, args.prompt))
+                medians[mode] = statistics.median(p.seconds for p in runs[mode][-1][1])
+            for mode in modes:
+                if "whole" in medians:
+                    ratios[mode].append(medians["whole"] / medians[mode])
+        results[shape] = {m: summarize(runs[m], ratios[m]) for m in modes}
         for mode, r in results[shape].items():
-            print(f"  {mode:<13} {r['s_per_token']:.4f} s/token ({base / r['s_per_token']:.2f}x whole)  "
-                  f"{r['bytes_per_pass'] / 1e6:8.1f} MB/pass (experts {r['expert_bytes_per_pass'] / 1e6:.1f} MB, "
-                  f"{r['experts_read_per_pass']:g} read)  cache hits {r['cache_hit_rate']}")
+            print(f"  {mode:<20} {r['s_per_token']:.4f} s/token ({r['vs_whole']}x whole)  "
+                  f"{r['bytes_per_pass'] / 1e6:7.1f} MB/pass (experts {r['expert_bytes_per_pass'] / 1e6:.1f} MB, "
+                  f"{r['experts_read_per_pass']:g} read, {r['wasted_bytes_per_pass'] / 1e6:.1f} MB guessed unused)  "
+                  f"cache hits {r['cache_hit_rate']}  guess hits {r['guess_hit_rate']} "
+                  f"(share of routed {r['guessed_share']})  prompt pass {r['prompt_s']:.3f} s, "
+                  f"{r['prompt_bytes'] / 1e6:.1f} MB, {r['prompt_reads']:g} expert reads")
     print(json.dumps(results))
 
 

@@ -24,8 +24,12 @@ declare -A SECTIONS=(  # each a command line; its stdout is the section's raw ou
     [convert_before_after]="$py benchmarks/bench_convert.py --runs 2 --before 89e3a60"
     [quant]="$py benchmarks/quant.py --repeat 3 --models smollm2-135m --work $cache/quant"
     [passes]="$py benchmarks/passes.py all --repeat 1 --score-sizes 8,32,64 --max-new-tokens 48 --batch-sizes 1,4,16 --work $cache"
-    [moe_cpu_cold]="$py benchmarks/moe.py --tokens 12 --runs 2 --layers 4 --threads 1"
-    [moe_cpu_warm]="$py benchmarks/moe.py --tokens 12 --runs 2 --layers 4 --threads 1 --warm"
+    [moe_cpu_cold]="$py benchmarks/moe.py --tokens 12 --runs 2 --layers 4 --threads 1 --modes whole,sparse,sparse+cache"
+    [moe_cpu_warm]="$py benchmarks/moe.py --tokens 12 --runs 2 --layers 4 --threads 1 --warm --modes whole,sparse,sparse+cache"
+    [moe_predict_cpu_cold]="$py benchmarks/moe.py --tokens 12 --runs 3 --layers 4 --threads 2"
+    [moe_predict_cpu_warm]="$py benchmarks/moe.py --tokens 12 --runs 3 --layers 4 --threads 2 --warm"
+    [moe_prefill_cpu_cold]="$py benchmarks/moe.py --tokens 2 --runs 5 --layers 4 --threads 2 --prompt 32 --modes whole,sparse,sparse-reads"
+    [moe_cache_policy]="$py benchmarks/moe_cache_policy.py --tokens 256"
     [cpu_llamacpp]="$py benchmarks/cpu_llamacpp.py --rounds 3"
     [cpu_kernels]="$py benchmarks/cpu_kernels.py"
     [profile_decode]="$py benchmarks/profile_decode.py"
@@ -33,7 +37,8 @@ declare -A SECTIONS=(  # each a command line; its stdout is the section's raw ou
     [ray_workers]="$py benchmarks/ray_workers.py --items 64"
     [gpu_check_dry]="$py benchmarks/prepare_gpu_check.py --out $cache/gpu-assets >&2 && $py benchmarks/gpu_check.py --dry --assets $cache/gpu-assets"
 )
-ORDER=(decode cold peers convert convert_before_after quant passes moe_cpu_cold moe_cpu_warm cpu_llamacpp cpu_kernels profile_decode
+ORDER=(decode cold peers convert convert_before_after quant passes moe_cpu_cold moe_cpu_warm moe_predict_cpu_cold
+       moe_predict_cpu_warm moe_prefill_cpu_cold moe_cache_policy cpu_llamacpp cpu_kernels profile_decode
        serve_cpu ray_workers gpu_check_dry)
 log="$results/reproduce.txt"
 mkdir -p "$results"

@@ -22,6 +22,7 @@ def open_model(args):
                                         max_gpu_memory=args.max_gpu_memory, max_cpu_memory=args.max_cpu_memory,
                                         trust_remote_code=args.trust_remote_code, verify=args.verify,
                                         expert_cache=getattr(args, "expert_cache", None),
+                                        predict_experts=getattr(args, "predict_experts", False),
                                         cpu_layers=getattr(args, "cpu_layers", None))
 
 

@@ -16,62 +16,45 @@ one whose forward takes no routed ids at all gets all its experts, and the strea
 
 Several forwards through one layer load (runtime/lockstep.py) add only the experts still
 missing, so a pass brings the union of its tokens' experts once; the slots go when the layer
-is unloaded. An `ExpertCache` keeps recently used experts (LRU, a byte budget) on the
-compute device across passes; an expert it holds is copied from there instead of re-read.
+is unloaded. An `ExpertCache` (runtime/expertcache.py) keeps experts used lately on the compute
+device across passes, as stored (quantized ones as their parts): one it holds is expanded from
+there instead of re-read. With `predict`, runtime/prediction.py reads the next MoE layer's likely
+experts ahead while a layer computes.
+
+A prefill or batch that routes most of a layer's experts: by bytes, reading its routed experts
+never loses (slots keep experts in file order, so the reads of consecutive experts merge, see
+runtime/expertread.py, and a pass routing every expert reads each expert tensor in one sequential
+read). What a whole-layer load has is timing: the prefetcher reads it while the previous layer
+computes, where routed experts are read once the router has run. So a pass expected to route at
+least WHOLE_AT of a layer's experts loads that layer whole, where that costs no memory: on the
+CPU, for a folder used as stored (the load is views of the mapping, pages the OS can drop).
+Elsewhere a whole load would bring back the [E, ...] memory the slots removed (expanded, for
+quantized experts), which the budget does not plan for: those passes read their routed experts.
 """
 
 from __future__ import annotations
 
-import collections
 import inspect
-import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
 
-from reshard.errors import CorruptFileError
-from reshard.format import ST_TO_DTYPE, dense_range, expert_range, expert_tensors, quant_part_names, scheme_of
+from reshard.format import (ST_TO_DTYPE, dense_range, expert_range, expert_tensors, quant_part_names, scheme_of,
+                            stored_names)
 from reshard.plan import ROUTED_ARGS
 
 from . import budget
+from .expertcache import POLICIES, ExpertCache
+from .expertread import ExpertReader, typed
+from .prediction import ExpertPredictor
 from .quantized import expand_param
 
-READERS = 4  # expert reads in flight at once (NVMe drives want several)
-
-
-class ExpertCache:
-    """Experts kept on the compute device across passes, least recently used dropped first."""
-
-    def __init__(self, capacity: int):
-        self.capacity, self.used = max(0, int(capacity)), 0
-        self.entries: collections.OrderedDict[tuple, dict[str, torch.Tensor]] = collections.OrderedDict()
-
-    def get(self, key: tuple) -> dict[str, torch.Tensor] | None:
-        found = self.entries.get(key)
-        if found is not None:
-            self.entries.move_to_end(key)
-        return found
-
-    def resize(self, capacity: int) -> None:
-        """Hold at most `capacity` bytes from now on, dropping the least recently used experts."""
-        self.capacity = max(0, int(capacity))
-        while self.used > self.capacity:
-            _, old = self.entries.popitem(last=False)
-            self.used -= sum(t.numel() * t.element_size() for t in old.values())
-
-    def put(self, key: tuple, tensors: dict[str, torch.Tensor]) -> None:
-        """Keep a copy of `tensors` (one expert's rows) if they fit, dropping older experts."""
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
-        if size > self.capacity or key in self.entries:
-            return
-        while self.used + size > self.capacity:
-            _, old = self.entries.popitem(last=False)
-            self.used -= sum(t.numel() * t.element_size() for t in old.values())
-        self.entries[key] = {n: t.clone() for n, t in tensors.items()}
-        self.used += size
+# A pass expected to route at least this share of a layer's experts (uniform picks: 1 - (1 - k/E)^tokens)
+# loads that layer whole, where that costs no memory (the CPU, a folder used as stored): one read
+# by the prefetcher while the previous layer computes (benchmarks/results/moe_prefill_cpu_cold.txt).
+WHOLE_AT = 0.75
 
 
 class _Slots:
@@ -80,10 +63,11 @@ class _Slots:
 
     def __init__(self, owner: int, held: list[int], tensors: dict[str, torch.Tensor], *, full: bool = False):
         self.owner, self.held, self.tensors, self.full = owner, held, tensors, full
+        self.rows = {e: e if full else k for k, e in enumerate(held)}
 
     def row(self, expert: int) -> int:
         """Where `expert` (one of `held`) sits: its own row in full-size tensors, else its slot."""
-        return expert if self.full else self.held.index(expert)
+        return self.rows[expert]
 
     def index(self, top_k_index: torch.Tensor, count: int) -> torch.Tensor:
         """Expert ids -> slot ids. The map is increasing, so the module visits its experts (and
@@ -98,17 +82,19 @@ class _Slots:
 class ExpertStreamer:
     """Expert hooks for every streamed MoE group that `loader` (a GroupLoader) loads."""
 
-    def __init__(self, loader, *, cache_bytes: int = 0):
+    def __init__(self, loader, *, cache_bytes: int = 0, cache_policy: str = POLICIES[0], predict: bool = False):
         self.loader, self.stats = loader, loader.stats  # no reference to the LayeredModel: no cycle
         self.device, self.dtype = loader.device, loader.dtype
-        self.cache = ExpertCache(cache_bytes)
+        self.cache = ExpertCache(cache_bytes, cache_policy)
+        self.predict, self.predictor = predict, None  # runtime/prediction.py, made by install
         self.slots: dict[str, _Slots] = {}  # experts module path -> its slots while its layer is loaded
-        self.staging: torch.Tensor | None = None  # bytes of experts being read (pinned on CUDA)
-        self.staging_done: torch.cuda.Event | None = None
-        self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="runtime-experts")  # reads at once
-        self.fds: dict = {}  # file path -> descriptor for the expert reads
+        self.reader = ExpertReader(self.device)  # file ranges -> buffers (runtime/expertread.py)
         self.hooks: list = []
         self.warned: set[type] = set()  # experts classes read whole (said once per class)
+        self.empty: dict[str, dict] = {}  # experts module path -> its placeholder parameters
+        self.placed: set[str] = set()  # experts modules computing on slots this call
+        self.whole_at: float | None = WHOLE_AT  # None: every pass reads routed experts alone
+        self.wholes: dict[int, tuple] = {}  # group -> (sparse span, E, k): may load whole for a pass
 
     def install(self, model: nn.Module) -> None:
         """Make every streamed group with experts load without them, and hook the experts modules
@@ -120,26 +106,53 @@ class ExpertStreamer:
             self.loader.partial[i] = (dense_range(gf.infos, group), frozenset(expert_tensors(group)))
             for path, entry in group.experts.items():
                 module = model.get_submodule(path)
-                empty = {a: module._parameters[a] for a in (n.rpartition(".")[2] for n in entry["tensors"])}
+                self.empty[path] = {a: module._parameters[a] for a in (n.rpartition(".")[2] for n in entry["tensors"])}
                 self.hooks.append(module.register_forward_pre_hook(self._hook(i, path, module, entry), with_kwargs=True))
-                self.hooks.append(module.register_forward_hook(self._restore(module, empty)))
+                self.hooks.append(module.register_forward_hook(self._restore(path, module)))
+        top_k = getattr(model.config, "num_experts_per_tok", None)
+        for i in self.loader.partial:  # where a whole load is views of the mapping: no memory of its own
+            group = self.loader.manifest.groups[i]
+            if self.device.type == "cpu" and not self.loader.made_anew(i) and self.loader.places[i] == budget.DISK \
+                    and isinstance(top_k, int) and len(group.experts) == 1:
+                count = next(iter(group.experts.values()))["num_experts"]
+                self.wholes[i] = (self.loader.partial[i], count, top_k)
+        if self.wholes:
+            self.hooks.append(model.register_forward_pre_hook(self._plan, with_kwargs=True))
+        if self.predict and self.hooks and isinstance(top_k, int):
+            self.predictor = ExpertPredictor(self.loader, model, self.read_ahead, self._cached, top_k=top_k)
 
     def close(self) -> None:
+        if self.predictor is not None:  # its reads use the pool
+            self.predictor.close()
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
         self.slots.clear()
-        self.cache.entries.clear()
-        self.staging = None
-        self.pool.shutdown(wait=True)
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
+        self.cache.clear()
+        self.reader.close()
 
     def release(self, i: int) -> None:
         """Group i is unloaded: its slots go (the next load of it starts from none)."""
         for path in [p for p, s in self.slots.items() if s.owner == i]:
             del self.slots[path]
+        if self.predictor is not None:
+            self.predictor.drop(i)
+
+    def _plan(self, module, args, kwargs) -> None:
+        """A forward begins: per group, read its routed experts alone or load it whole (its expected
+        routed share >= whole_at): a prefill or batch reads its layers in one go, ahead."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = kwargs.get("inputs_embeds") if ids is None else ids
+        tokens = ids.shape[0] * ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else 1
+        for i, (span, count, k) in self.wholes.items():
+            if self.whole_at is not None and 1 - (1 - k / count) ** tokens >= self.whole_at:
+                self.loader.partial.pop(i, None)
+            else:
+                self.loader.partial[i] = span
+
+    def _cached(self, i: int, e: int) -> bool:
+        entry = next(iter(self.loader.manifest.groups[i].experts.values()))
+        return (i, e, *entry["tensors"]) in self.cache.entries
 
     # --- the hooks -------------------------------------------------------------------------
     def _hook(self, i: int, path: str, module: nn.Module, entry: dict):
@@ -153,6 +166,8 @@ class ExpertStreamer:
                   f"each pass through it reads all {count} of its experts", file=sys.stderr)
 
         def pre_hook(mod, args, kwargs):
+            if any(mod._parameters[a] is not p for a, p in self.empty[path].items()):
+                return None  # the group was loaded whole (see _plan): its [E, ...] tensors are in place
             try:
                 bound = signature.bind(*args, **kwargs)
             except TypeError:
@@ -165,19 +180,32 @@ class ExpertStreamer:
             routed = [e for e in torch.unique(index).tolist() if 0 <= e < count]
             if not compact:  # ids index the module's own [E, ...] tensors: the routed rows, in place
                 self.bring(i, path, mod, entry, routed, full=True)
+                self._guess(i, bound.arguments)
                 return None
             slots = self.bring(i, path, mod, entry, routed)
             mod.num_experts = len(slots.held)  # the module's own loops and bins run over the slots
             bound.arguments["top_k_index"] = slots.index(index, count)
+            self._guess(i, bound.arguments)
             return bound.args, bound.kwargs
 
         return pre_hook
 
-    def _restore(self, module: nn.Module, empty: dict):
+    def _guess(self, i: int, arguments: dict) -> None:
+        """Layer i's routed experts are in place: guess the next MoE layer's from its hidden state
+        (not for a layer this pass loads whole)."""
+        j = self.predictor.next.get(i) if self.predictor is not None else None
+        if j is not None and (j not in self.wholes or j in self.loader.partial) \
+                and isinstance(arguments.get("hidden_states"), torch.Tensor):
+            self.predictor.guess(i, arguments["hidden_states"])
+
+    def _restore(self, path: str, module: nn.Module):
         experts = getattr(module, "num_experts", None)
 
         def post_hook(mod, *_):
-            mod._parameters.update(empty)
+            if path not in self.placed:  # computed on its group's whole load: the model clears those
+                return
+            self.placed.discard(path)
+            mod._parameters.update(self.empty[path])
             if experts is not None:
                 mod.num_experts = experts
 
@@ -186,7 +214,8 @@ class ExpertStreamer:
     def bring(self, i: int, path: str, module: nn.Module, entry: dict, routed, *, full: bool = False) -> _Slots:
         """Put group i's experts module in place with slots for (at least) experts `routed`:
         the experts this layer load already brought (several forwards through one load, see
-        runtime/lockstep.py, share it) keep theirs, the others come from the cache or the file.
+        runtime/lockstep.py, share it) keep theirs, the others come from the cache, a guess read
+        ahead (runtime/prediction.py) or the file.
         `full`: [E, ...] tensors, expert e in row e (for modules that index by expert id)."""
         for other in [p for p, s in self.slots.items() if s.owner != i]:
             del self.slots[other]  # another layer's experts (not released): their memory goes first
@@ -201,7 +230,7 @@ class ExpertStreamer:
                        for name, (shape, dtype) in self._rows(i, entry).items()}
             slots = _Slots(i, held, tensors, full=full)
             t0 = time.perf_counter()
-            to_read = []
+            to_read, fresh = [], {}  # experts to read; expert -> stored tensors for the cache
             for e in held:
                 rows = {name: t[slots.row(e)] for name, t in tensors.items()}
                 if e in have:
@@ -209,19 +238,24 @@ class ExpertStreamer:
                     for name, row in rows.items():
                         row.copy_(old.tensors[name][at])
                     continue
-                cached = self.cache.get((i, e, *entry["tensors"]))
-                if cached is None:
+                stored = self.cache.get((i, e, *entry["tensors"]))
+                if stored is not None:
+                    self.stats.experts_cached += 1
+                elif self.predictor is not None and (stored := self._guessed(i, e)) is not None:
+                    fresh[e] = stored
+                if stored is None:
                     to_read.append((e, rows))
                     continue
-                for name, row in rows.items():
-                    row.copy_(cached[name])
-                self.stats.experts_cached += 1
+                self._fill(i, rows, stored)
             old = None
-            self._read(i, to_read, entry)
-            for e, rows in to_read:
-                self.cache.put((i, e, *entry["tensors"]), rows)
+            for e, stored in self._read(i, to_read, entry).items():
+                fresh[e] = self._keepable(i, entry, stored) if self.cache.capacity else None
+            for e, stored in fresh.items():
+                if stored is not None:
+                    self.cache.put((i, e, *entry["tensors"]), stored)
             self.stats.wait_seconds += time.perf_counter() - t0  # compute waits for its routed experts
         self.slots[path] = slots
+        self.placed.add(path)
         for name, t in slots.tensors.items():
             module._parameters[name.rpartition(".")[2]] = nn.Parameter(t, requires_grad=False)
         return slots
@@ -242,112 +276,99 @@ class ExpertStreamer:
         stored = ST_TO_DTYPE[info.dtype]
         return self.dtype if stored.is_floating_point else stored
 
-    def _read(self, i: int, jobs: list[tuple[int, dict[str, torch.Tensor]]], entry: dict) -> None:
-        """For each (expert, {tensor name: its slot row}) of `jobs`, the expert's rows from group
-        i's file (or its pinned host copy): one read per expert and stored tensor, several at once,
-        straight into the slot where it can; quantized expert weights are read as their parts and
-        expanded into the slot."""
-        if not jobs:
-            return
-        gf, held, count = self.loader.files[i], self.loader.host_data(i), entry["num_experts"]
-        quantized = self.loader.manifest.groups[i].quantized
-        pieces, expand = [], []  # (stored info, destination, byte range); (row, parts, param info)
-        for e, rows in jobs:
-            for param, row in rows.items():
-                if param not in quantized:
-                    pieces.append((gf.infos[param], row, expert_range(gf.infos[param], count, e)))
-                    continue
-                parts, scheme = {}, scheme_of(self.loader.manifest.groups[i], param, self.loader.scheme)
-                for part, name in quant_part_names(param, scheme).items():
-                    info = gf.infos[name]
-                    parts[part] = torch.empty(info.shape[1:], dtype=ST_TO_DTYPE[info.dtype], device=self.device)
-                    pieces.append((info, parts[part], expert_range(info, count, e)))
-                expand.append((row, parts, {**quantized[param], "shape": quantized[param]["shape"][1:]}, scheme))
-        nbytes = sum(end - begin for _, _, (begin, end) in pieces)
-        if held is not None:  # pinned host memory -> device
-            for info, dst, (begin, end) in pieces:
-                dst.copy_(_typed(held[begin:end], info, dst), non_blocking=True)
-        else:
-            self._read_file(gf, pieces)
-        for row, parts, info, scheme in expand:
+    def _fill(self, i: int, rows: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]) -> None:
+        """Slot rows of one expert from its stored tensors (cached, read ahead, or just read): a
+        weight copied (cast where the compute dtype differs: exact for a cached narrower copy), a
+        quantized one expanded from its parts: the one function every way in goes through."""
+        group = self.loader.manifest.groups[i]
+        for param, row in rows.items():
+            if param not in group.quantized:
+                row.copy_(stored[param])
+                continue
+            scheme = scheme_of(group, param, self.loader.scheme)
+            parts = {part: stored[name].to(self.device, non_blocking=True)
+                     for part, name in quant_part_names(param, scheme).items()}
+            info = {**group.quantized[param], "shape": group.quantized[param]["shape"][1:]}
             row.copy_(expand_param(parts, info, scheme, self.dtype))
-        self.stats.experts_read += len(jobs)
+
+    def _keepable(self, i: int, entry: dict, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One read expert's stored tensors as the cache keeps them: quantized parts as read (their
+        own tensors, in the file's precision); a weight's slot row copied (a view would keep the
+        whole slot tensor alive), in its stored dtype where that is narrower (the cast back is exact)."""
+        kept = {}
+        for name, t in stored.items():
+            if name not in entry["tensors"]:  # a quantized weight's part
+                kept[name] = t
+                continue
+            narrow = ST_TO_DTYPE[self.loader.files[i].infos[name].dtype]
+            narrower = narrow.is_floating_point and narrow.itemsize < t.element_size()
+            kept[name] = t.to(narrow) if narrower else t.clone()
+        return kept
+
+    def _guessed(self, i: int, e: int) -> dict[str, torch.Tensor] | None:
+        """Expert e of group i if a guess read it ahead (waiting for that read), counted as read."""
+        stored = self.predictor.take(i, e)
+        if stored is None:
+            return None
+        stored = {name: t.to(self.device) for name, t in stored.items()}
+        nbytes = sum(t.numel() * t.element_size() for t in stored.values())
+        self._count_read(1, nbytes, self.loader.host_data(i) is None)
+        return stored
+
+    def _count_read(self, experts: int, nbytes: int, from_file: bool) -> None:
+        self.stats.experts_read += experts
         self.stats.expert_bytes += nbytes
-        self.stats.bytes_read += nbytes if held is None else 0
+        self.stats.bytes_read += nbytes if from_file else 0
         self.stats.bytes_copied += nbytes if self.device.type == "cuda" else 0
         self.stats.bytes_streamed += nbytes
 
-    def _read_file(self, gf, pieces: list) -> None:
-        """File ranges -> their buffer rows: read in place into CPU rows of the stored dtype,
-        else into (pinned) staging memory, then copied (and cast) to the rows."""
-        direct = [p for p in pieces if p[1].device.type == "cpu" and p[1].dtype == ST_TO_DTYPE[p[0].dtype]]
-        staged = sorted((p for p in pieces if not any(p is d for d in direct)), key=lambda p: p[2][0])
-        staging = self._stage(sum(end - begin for _, _, (begin, end) in staged))
-        jobs, at = [], 0
-        for info, dst, (begin, end) in direct:
-            jobs.append((dst.view(-1).view(torch.uint8), begin))
-        for info, dst, (begin, end) in staged:
-            jobs.append((staging[at:at + end - begin], begin))
-            at += end - begin
-        jobs = _coalesce(jobs)
-        self.stats.expert_reads += len(jobs)
-        fd = self._fd(gf)
-        list(self.pool.map(lambda job: _pread(fd, job[0], gf.data_start + job[1], gf.path), jobs))
-        at = 0
-        for info, dst, (begin, end) in staged:
-            dst.copy_(_typed(staging[at:at + end - begin], info, dst), non_blocking=True)
-            at += end - begin
-        if staged and self.device.type == "cuda":
-            self.staging_done = torch.cuda.Event()
-            self.staging_done.record(torch.cuda.current_stream(self.device))
+    def _read(self, i: int, jobs: list[tuple[int, dict[str, torch.Tensor]]], entry: dict) -> dict:
+        """For each (expert, {tensor name: its slot row}) of `jobs`, the expert's rows from group
+        i's file (or its pinned host copy): one read per expert and stored tensor, several at once,
+        straight into the slot where it can; quantized expert weights are read as their parts and
+        expanded into the slot. Returns {expert: its stored tensors} (slot rows, parts)."""
+        if not jobs:
+            return {}
+        gf, held, count = self.loader.files[i], self.loader.host_data(i), entry["num_experts"]
+        quantized = self.loader.manifest.groups[i].quantized
+        pieces, out = [], {}  # (stored info, destination, byte range); expert -> stored tensors
+        for e, rows in jobs:
+            out[e] = stored = {}
+            for param, row in rows.items():
+                if param not in quantized:
+                    stored[param] = row
+                    pieces.append((gf.infos[param], row, expert_range(gf.infos[param], count, e)))
+                    continue
+                scheme = scheme_of(self.loader.manifest.groups[i], param, self.loader.scheme)
+                for name in quant_part_names(param, scheme).values():
+                    info = gf.infos[name]
+                    stored[name] = torch.empty(info.shape[1:], dtype=ST_TO_DTYPE[info.dtype], device=self.device)
+                    pieces.append((info, stored[name], expert_range(info, count, e)))
+        nbytes = sum(end - begin for _, _, (begin, end) in pieces)
+        if held is not None:  # pinned host memory -> device
+            for info, dst, (begin, end) in pieces:
+                dst.copy_(typed(held[begin:end], info, dst), non_blocking=True)
+        else:
+            self.stats.expert_reads += self.reader.read(gf, pieces)
+        for e, rows in jobs:
+            self._fill(i, {p: row for p, row in rows.items() if p in quantized}, out[e])
+        self._count_read(len(jobs), nbytes, held is None)
+        return out
 
-    def _fd(self, gf) -> int:
-        fd = self.fds.get(gf.path)
-        if fd is None:
-            fd = self.fds[gf.path] = os.open(gf.path, os.O_RDONLY)
-        return fd
+    def read_ahead(self, i: int, experts: list[int], entry: dict) -> tuple[dict, int]:
+        """Experts of group i from its file into host memory as stored, for a guess (runtime/
+        prediction.py, on its thread): ({expert: {stored tensor name: tensor}}, reads taken).
+        CPU tensors of the stored dtype are read into directly: no staging buffer is shared."""
+        gf, count, group = self.loader.files[i], entry["num_experts"], self.loader.manifest.groups[i]
+        out, pieces = {}, []
+        for e in experts:
+            out[e] = {}
+            for name in (n for param in entry["tensors"] for n in stored_names(param, group.tensors)):
+                info = gf.infos[name]
+                out[e][name] = torch.empty(info.shape[1:], dtype=ST_TO_DTYPE[info.dtype])
+                pieces.append((info, out[e][name], expert_range(info, count, e)))
+        return out, self.reader.read(gf, pieces)
 
-    def _stage(self, n: int) -> torch.Tensor:
-        """n bytes of staging memory (pinned on CUDA), free again (its last copy to the device finished)."""
-        if self.staging_done is not None:
-            self.staging_done.synchronize()
-            self.staging_done = None
-        if self.staging is None or self.staging.numel() < n:
-            self.staging = torch.empty(n, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        return self.staging[:n]
-
-
-def _coalesce(jobs: list[tuple[torch.Tensor, int]]) -> list[tuple[torch.Tensor, int]]:
-    """(destination bytes, file offset) reads merged where both the file ranges and the memory
-    they go to follow on: consecutive experts (slots are in expert order) become one sequential
-    read, so a prefill or batch that routes most of a layer's experts reads it nearly whole."""
-    merged: list[tuple[torch.Tensor, int]] = []
-    for dst, offset in sorted(jobs, key=lambda job: job[1]):
-        if merged:
-            last, at = merged[-1]
-            if (at + last.numel() == offset and last.data_ptr() + last.numel() == dst.data_ptr()
-                    and last.untyped_storage().data_ptr() == dst.untyped_storage().data_ptr()):
-                both = torch.empty(0, dtype=torch.uint8).set_(last.untyped_storage(), last.storage_offset(),
-                                                              (last.numel() + dst.numel(),))
-                merged[-1] = (both, at)
-                continue
-        merged.append((dst, offset))
-    return merged
-
-
-def _typed(raw: torch.Tensor, info, dst: torch.Tensor) -> torch.Tensor:
-    """Raw bytes of one expert of tensor `info`, as its rows (stored dtype)."""
-    return raw.view(ST_TO_DTYPE[info.dtype]).view(dst.shape)
-
-
-def _pread(fd: int, dst: torch.Tensor, offset: int, path) -> None:
-    """Read exactly dst.numel() bytes at `offset` into `dst` (uint8, contiguous, on the CPU)."""
-    view, done = memoryview(dst.numpy()), 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise CorruptFileError(path, f"ends before byte {offset + done}")
-        done += n
 
 def load_persistent_buffers(model: nn.Module, loader) -> None:
     """Buffers the checkpoint holds (a router's score bias, say) replace the computed ones, once."""
@@ -357,14 +378,3 @@ def load_persistent_buffers(model: nn.Module, loader) -> None:
             module = model.get_submodule(owner)
             module._buffers[attr] = loader.files[i].tensor(name).to(loader.device, copy=True)
 
-
-def cache_budget(loader, costs: list[budget.GroupCost], memory: budget.Budget, job: int, asked) -> int:
-    """Bytes for the expert cache: `asked`, or what the memory budget leaves once the groups are
-    placed and a job of `job` bytes has its room (0 where no streamed group has experts). The
-    cache is the first to give way: `LayeredModel.fit_job` shrinks it for a larger job."""
-    asked = budget.parse_size(asked)
-    if asked is not None:
-        return asked
-    if not any(g.experts for g, p in zip(loader.manifest.groups, loader.places) if p != budget.DEVICE):
-        return 0
-    return max(0, memory.capacity - budget.device_need(costs, loader.places, memory, job))

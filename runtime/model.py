@@ -24,7 +24,8 @@ from reshard.plan import build_empty_model, read_config
 from reshard.verify import verify_folder
 
 from . import allowance, budget, lowbit
-from .experts import ExpertStreamer, cache_budget, load_persistent_buffers
+from .expertcache import cache_budget
+from .experts import ExpertStreamer, load_persistent_buffers
 from .opening import (converted_folder, group_costs, load_generation_config, load_tokenizer, pin_device,
                       place_buffers, place_groups, resolve_device, resolve_runtime_dtype)
 from .hostcompute import HostCompute, open_host_compute
@@ -57,7 +58,8 @@ class LayeredModel:
 
     def __init__(self, model, manifest, loader: GroupLoader, *, device, prefetch: int, tokenizer=None,
                  expert_cache: int = 0, sparse_experts: bool = True, memory: budget.Budget | None = None,
-                 costs: list[budget.GroupCost] | None = None, host: HostCompute | None = None):
+                 costs: list[budget.GroupCost] | None = None, host: HostCompute | None = None,
+                 predict_experts: bool = False):
         self.model, self.manifest, self.loader = model, manifest, loader
         self.device, self.tokenizer, self.memory, self.depth = device, tokenizer, memory, prefetch
         self.costs = costs if costs is not None else group_costs(loader)  # from_pretrained's, made once
@@ -85,7 +87,7 @@ class LayeredModel:
                 self.prefetcher.close()
                 self.streamed = [i for i in self.streamed if i not in host.candidates]
                 self.prefetcher = Prefetcher(loader.load, self.streamed, prefetch, self.stats)
-        self.experts = ExpertStreamer(loader, cache_bytes=expert_cache)  # MoE layers: only routed experts
+        self.experts = ExpertStreamer(loader, cache_bytes=expert_cache, predict=predict_experts)  # MoE: routed experts
         if sparse_experts:
             self.experts.install(model)
 
@@ -94,7 +96,8 @@ class LayeredModel:
                         max_gpu_memory=None, max_cpu_memory=None, trust_remote_code: bool = False,
                         verify: bool = False, revision: str | None = None, token: str | None = None,
                         quantize: str | None = None, expert_cache=None,
-                        sparse_experts: bool = True, packed: bool = True, cpu_layers=None) -> "LayeredModel":
+                        sparse_experts: bool = True, packed: bool = True, cpu_layers=None,
+                        predict_experts: bool = False) -> "LayeredModel":
         """Open a converted folder. `device` defaults to cuda if torch sees a GPU, else cpu;
         `dtype` defaults to the folder's (on the CPU, a float16 or bfloat16 folder computes in
         bfloat16 where the CPU does it natively, else in float32); `prefetch` is how many groups
@@ -108,8 +111,9 @@ class LayeredModel:
         A job larger than the plan allowed for moves resident groups off the device when it starts.
         Streamed mixture-of-experts layers read only the experts their tokens use
         (runtime/experts.py); `expert_cache` (bytes or text) keeps recently used experts on the
-        device, by default in what the budget leaves after placing the groups; `sparse_experts`
-        False streams MoE layers whole (the baseline the MoE benchmark compares with).
+        device, by default in what the budget leaves after placing the groups; `predict_experts`
+        starts reading the next MoE layer's likely experts while a layer computes (runtime/prediction.py);
+        `sparse_experts` False streams MoE layers whole (the baseline the MoE benchmark compares with).
         Every file's presence, size and header are checked against the manifest; `verify`
         also checks their sha256 (reads every byte once).
 
@@ -151,7 +155,7 @@ class LayeredModel:
         host = open_host_compute(cpu_layers, path, loader, costs, lambda i: int(manifest.groups[i].name.split(".")[1]))
         return cls(model, manifest, loader, device=dev, prefetch=prefetch, tokenizer=load_tokenizer(path),
                    expert_cache=cache if sparse_experts else 0, sparse_experts=sparse_experts, memory=memory,
-                   costs=costs, host=host)
+                   costs=costs, host=host, predict_experts=predict_experts)
 
     # --- calls go to transformers ------------------------------------------------------------
     def __call__(self, *args, **kwargs):

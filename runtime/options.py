@@ -54,9 +54,9 @@ def model_argument():
 
 
 def model_options(fn):
-    """--device, --dtype, --prefetch, --max-gpu-memory, --max-cpu-memory, --expert-cache, --cpu-layers,
-    --trust-remote-code, --verify, --stats, and --revision, --token for a hub repo id: what
-    `open_model` needs."""
+    """--device, --dtype, --prefetch, --max-gpu-memory, --max-cpu-memory, --expert-cache, --predict-experts,
+    --cpu-layers, --trust-remote-code, --verify, --stats, and --revision, --token for a hub repo id:
+    what `open_model` needs."""
     decorators = [
         click.option("--device", default=None, callback=check_device, cls=Option, section=MODEL,
                      show_default="cuda if available, else cpu", help="cpu, cuda or cuda:N"),
@@ -75,6 +75,9 @@ def model_options(fn):
         click.option("--expert-cache", default=None, metavar="SIZE", callback=check_size, cls=Option,
                      section=MODEL, show_default="what the budgets leave",
                      help="mixtures of experts: recently used experts kept on the device, e.g. 4GiB"),
+        click.option("--predict-experts", is_flag=True, cls=Option, section=MODEL,
+                     help="mixtures of experts: while a layer computes, read the experts the next layer's router "
+                          "likely picks (a wrong guess costs bytes, never results); --stats counts the hits"),
         click.option("--cpu-layers", default=None, metavar="N|auto", callback=parse_cpu_layers, cls=Option,
                      section=MODEL, show_default="off",
                      help="compute the last N layers kept off the GPU on the CPU, where their weights wait, "

@@ -65,6 +65,9 @@ class PassStats:
     experts_cached: int = 0  # routed experts served from the expert cache
     expert_bytes: int = 0  # bytes of the experts read (part of `bytes`)
     expert_reads: int = 0  # file reads they took (consecutive experts are one read)
+    experts_predicted: int = 0  # routed experts read ahead on a guess (runtime/prediction.py)
+    predicted_used: int = 0  # of those, experts their layer routed (the hits)
+    predicted_wasted_bytes: int = 0  # bytes of the others (read, never used)
     cpu_layers: dict = field(default_factory=dict)  # --cpu-layers: group -> "cpu|stream: why" (runtime/hostcompute.py)
 
 
@@ -83,13 +86,17 @@ class StreamStats:
     experts_cached: int = 0  # routed experts served from the expert cache
     expert_bytes: int = 0  # bytes of the experts read (part of bytes_streamed)
     expert_reads: int = 0  # file reads they took (consecutive experts are one read)
+    experts_predicted: int = 0  # routed experts read ahead on a guess (runtime/prediction.py)
+    predicted_used: int = 0  # of those, experts their layer routed (the hits)
+    predicted_wasted_bytes: int = 0  # bytes of the others (read, never used; part of bytes_read)
     resident_bytes: dict = field(default_factory=dict)  # "device"/"host"/"disk" -> bytes placed there
     per_group_loads: collections.Counter = field(default_factory=collections.Counter)
     per_pass: list = field(default_factory=list)  # one PassStats per forward pass
-    _mark: tuple = (0.0, 0.0, 0.0, 0, 0.0, (0, 0, 0, 0))
+    _mark: tuple = (0.0, 0.0, 0.0, 0, 0.0, (0,) * 7)
 
-    def _experts(self) -> tuple[int, int, int, int]:
-        return self.experts_read, self.experts_cached, self.expert_bytes, self.expert_reads
+    def _experts(self) -> tuple[int, ...]:
+        return (self.experts_read, self.experts_cached, self.expert_bytes, self.expert_reads,
+                self.experts_predicted, self.predicted_used, self.predicted_wasted_bytes)
 
     def start_pass(self) -> None:
         self._mark = (self.read_seconds, self.copy_seconds, self.wait_seconds, self.bytes_streamed,

@@ -61,15 +61,15 @@ def test_cuda_memory_stays_at_a_few_groups(tiny_converted):
 @pytest.mark.parametrize("placement", list(PLACEMENTS))
 def test_moe_cuda_equals_transformers_on_cuda(arch, placement, moe_checkpoints, moe_converted):
     """Routed experts only, through pinned staging (disk) or the pinned group copy (pinned);
-    with the expert cache too."""
+    with the expert cache (holding experts as stored) too, and with guessed experts read ahead."""
     ref = AutoModelForCausalLM.from_pretrained(moe_checkpoints[arch], dtype=torch.float32).eval().to("cuda")
     ids = torch.randint(3, ref.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2)).cuda()
     with torch.no_grad():
         want = ref(ids).logits
     kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
-    for cache in (0, "1MB"):
+    for cache, predict in ((0, False), ("1MB", False), (0, True)):
         model = LayeredModel.from_pretrained(moe_converted[arch], device="cuda", expert_cache=cache,
-                                             **PLACEMENTS[placement])
+                                             predict_experts=predict, **PLACEMENTS[placement])
         torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=1e-5)
         assert torch.equal(model.generate(ids[:1], **kwargs), ref.generate(ids[:1], **kwargs))
         assert (model.stats.experts_read > 0) == (placement != "device")

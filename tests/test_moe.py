@@ -67,8 +67,11 @@ def test_logits_equal_transformers(arch, placement, moe_checkpoints, moe_convert
     model = LayeredModel.from_pretrained(moe_converted[arch], device="cpu", **PLACEMENTS[placement])
     with torch.no_grad():
         want = ref(IDS).logits
-    assert torch.equal(model(IDS).logits, want)
-    if placement == "streamed":  # the routed experts came through the expert hooks
+    assert torch.equal(model(IDS).logits, want)  # streamed: 22 tokens load the MoE layers whole
+    if placement == "streamed":  # and through the expert hooks, the routed experts alone
+        assert model.stats.experts_read == 0
+        model.experts.whole_at = None
+        assert torch.equal(model(IDS).logits, want)
         assert model.stats.experts_read > 0
 
 
@@ -113,6 +116,7 @@ def test_expert_cache_serves_repeated_experts(moe_checkpoints, moe_converted):
     ref = reference(moe_checkpoints["mixtral"])
     model = LayeredModel.from_pretrained(moe_converted["mixtral"], device="cpu", max_cpu_memory=0,
                                          expert_cache="1MB")
+    model.experts.whole_at = None  # 22 tokens would load the layers whole
     with torch.no_grad():
         want = ref(IDS).logits
     assert torch.equal(model(IDS).logits, want)
@@ -169,6 +173,7 @@ def test_score_equals_transformers(arch, moe_checkpoints, moe_converted):
 
     ref = reference(moe_checkpoints[arch])
     model = open_placed(moe_converted[arch], "streamed", expert_cache=0)
+    model.experts.whole_at = None  # micro-batches of this size would load the layers whole
     model.tokenizer = word_tokenizer(moe_converted[arch])
     got = model.score(ITEMS, batch_size=2)
     assert_close(got, reference_scores(ref, model.tokenizer, ITEMS), ITEMS)
@@ -238,13 +243,13 @@ def test_quantized_experts_stream_alone(scheme, moe_checkpoints, tmp_path):
 def test_only_the_routed_experts_ranges_are_read(moe_converted, monkeypatch):
     """Every expert read is one the router picked in that layer, at that expert's byte range;
     the layer's other tensors come as one span that holds no expert byte."""
-    import runtime.experts as experts_mod
+    import runtime.expertread as expertread
 
     folder = moe_converted["mixtral"]
     model = LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=0, expert_cache=0)
     reads, routed = [], {}
-    real = experts_mod._pread
-    monkeypatch.setattr(experts_mod, "_pread", lambda fd, dst, off, path: (
+    real = expertread._pread
+    monkeypatch.setattr(expertread, "_pread", lambda fd, dst, off, path: (
         reads.append((path.name, off, off + dst.numel())), real(fd, dst, off, path))[1])
     manifest = read_manifest(folder)
     for group in moe_layers(manifest):
@@ -277,11 +282,11 @@ def test_an_expert_read_that_comes_back_short_names_the_file(moe_converted, monk
     the file cut, so that no mapped page past its end is touched."""
     import re
 
-    import runtime.experts as experts_mod
+    import runtime.expertread as expertread
     from reshard.errors import CorruptFileError
 
     model = LayeredModel.from_pretrained(moe_converted["mixtral"], device="cpu", max_cpu_memory=0, expert_cache=0)
-    monkeypatch.setattr(experts_mod.os, "preadv", lambda fd, buffers, offset: 0)
+    monkeypatch.setattr(expertread.os, "preadv", lambda fd, buffers, offset: 0)
     with pytest.raises(CorruptFileError) as e:
         model(torch.tensor([[5, 17, 42]]))
     assert re.fullmatch(r".*/layers\.\d{5}\.safetensors: ends before byte \d+; run `reshard convert` again to repair it",
@@ -297,7 +302,7 @@ def test_the_expert_cache_takes_what_the_plan_leaves_and_gives_way_to_a_larger_j
 
     from runtime import allowance
     from runtime.budget import Budget, device_need
-    from runtime.experts import cache_budget
+    from runtime.expertcache import cache_budget
 
     model = LayeredModel.from_pretrained(moe_converted["mixtral"], device="cpu", max_cpu_memory=0)
     assert model.experts.cache.capacity == 0  # a budget of 0 leaves no room
@@ -356,13 +361,14 @@ def test_a_pass_routing_consecutive_experts_reads_them_in_one_go(moe_checkpoints
     """Slots hold experts in order and the file stores them in order: a run of consecutive routed
     experts is one read per expert tensor, so a prefill routing every expert reads each tensor
     whole, sequentially; the logits stay transformers' own."""
-    import runtime.experts as experts_mod
+    import runtime.expertread as expertread
 
     folder = moe_converted["mixtral"]
     model = LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=0, expert_cache=0)
+    model.experts.whole_at = None  # routed experts read alone, however many
     sizes = []
-    real = experts_mod._pread
-    monkeypatch.setattr(experts_mod, "_pread", lambda fd, dst, off, path: (sizes.append(dst.numel()),
+    real = expertread._pread
+    monkeypatch.setattr(expertread, "_pread", lambda fd, dst, off, path: (sizes.append(dst.numel()),
                                                                            real(fd, dst, off, path))[1])
     routed = {}
     manifest = read_manifest(folder)
@@ -380,3 +386,31 @@ def test_a_pass_routing_consecutive_experts_reads_them_in_one_go(moe_checkpoints
     assert len(sizes) == len(names) == model.stats.per_pass[-1].expert_reads
     whole = [GroupFile(folder / g.file, g).infos[n] for g in moe_layers(manifest) for n in expert_tensors(g)]
     assert sorted(sizes) == sorted(i.nbytes for i in whole)  # each tensor in one read
+
+
+def test_a_prefill_routing_most_experts_loads_its_layers_whole(moe_checkpoints, moe_converted):
+    """On the CPU, for a folder used as stored, a pass expected to route most experts (40 tokens,
+    2 of 8 each) loads its MoE layers whole, by the prefetcher (no expert read; all file bytes),
+    and decode passes read their routed experts alone; a scoring pass (micro-batches through one
+    load) computes on the whole layers too. Logits, tokens and scores stay transformers' own."""
+    from conftest import word_tokenizer
+    from test_score import ITEMS, assert_close, reference_scores
+
+    folder = moe_converted["mixtral"]
+    manifest = read_manifest(folder)
+    ref = reference(moe_checkpoints["mixtral"])
+    model = LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=0, expert_cache=0)
+    ids = torch.randint(3, 320, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref(ids).logits
+    assert torch.equal(model(ids).logits, want)
+    prefill = model.stats.per_pass[-1]
+    assert prefill.experts_read == 0 and prefill.bytes == manifest.total_bytes
+    short = {**GREEDY, "max_new_tokens": 3, "min_new_tokens": 3}
+    assert torch.equal(model.generate(ids, **short), ref.generate(ids, **short))
+    k, layers = model.config.num_experts_per_tok, len(moe_layers(manifest))
+    assert model.stats.per_pass[-1].experts_read == k * layers  # decode: sparse again
+    model.tokenizer = word_tokenizer(folder)
+    before = model.stats.experts_read
+    assert_close(model.score(ITEMS, batch_size=4), reference_scores(ref, model.tokenizer, ITEMS), ITEMS)
+    assert model.stats.experts_read == before
