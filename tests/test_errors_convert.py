@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from reshard.cli import main as reshard_main
 from reshard.errors import FormatError, SourceError, UsageError
