@@ -85,10 +85,24 @@ def test_greedy_equals_plain_moe(arch, moe_checkpoints, moe_converted, other_dra
     model.close()
 
 
+@pytest.fixture(scope="session")
+def small_smollm2_int4(small_smollm2_checkpoint, tmp_path_factory):
+    from reshard.convert import convert
+
+    out = tmp_path_factory.mktemp("small-smollm2-int4")
+    convert(str(small_smollm2_checkpoint), out, progress=False, quantize="int4")
+    return out
+
+
 @pytest.mark.slow
-def test_greedy_equals_plain_smollm2_int4_draft(smollm2_converted, smollm2_int4):
-    """The real model streamed, its int4 copy as the draft (the tiny models above cover both placements)."""
-    model = open_placed(smollm2_converted, "streamed")
+@pytest.mark.parametrize("placement, size", [("streamed", "real"), ("resident", "2 layers")])
+def test_greedy_equals_plain_smollm2_int4_draft(placement, size, request):
+    """SmolLM2 as the target, its int4 copy as the draft: the real model streamed, and its first
+    2 layers resident (the same path at a fraction of the compute)."""
+    target, draft_folder = (("smollm2_converted", "smollm2_int4") if size == "real" else
+                            ("small_smollm2_converted", "small_smollm2_int4"))
+    smollm2_int4 = request.getfixturevalue(draft_folder)
+    model = open_placed(request.getfixturevalue(target), placement)
     ids = model.tokenizer("The first five planets from the sun are Mercury, Venus,")["input_ids"]
     plain = plain_greedy(model, ids, 16)
     draft = load_assistant(smollm2_int4, device=CPU, dtype=torch.float32)
