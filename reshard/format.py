@@ -129,6 +129,7 @@ class Manifest:
 # --- quantized parameters ------------------------------------------------------------------
 
 QUANT_PARTS = {"int8": ("qweight", "scales"), "int4": ("qweight", "scales", "zeros"),
+               "int4-sym": ("qweight", "scales"),  # int4 with zeros = -8 * scales (GGUF Q4_0: reshard/ggml_repack.py)
                "fp8-block": ("qweight", "scale_inv"),  # reshard/fp8.py
                "mxfp4": ("blocks", "scales"),  # reshard/mxfp4.py
                # GGML blocks kept as in a GGUF file (reshard/ggml_quants.py): one uint8 part
