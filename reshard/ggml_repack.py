@@ -12,7 +12,7 @@ project's own schemes store per group of 32 input columns (reshard/quant.py):
 The values are those of `gguf.quants.dequantize`, bit for bit in float32 up to the sign of a zero:
 q * d (at most 8 by 11 significant bits) is exact in float32, so zeros + q * scales rounds once,
 as ggml's (d * q) + m does; for Q4_0 the sum -8d + q*d is the exact d * (q - 8), but a zero
-comes out +0 where ggml's 0 * d gives -0 for a negative d (equal values: no product or sum differs).
+comes out +0 where ggml's 0 * d gives -0 for a negative d (equal values, which torch.equal takes as equal).
 A block's 16 Q4_0/Q4_1 bytes hold values j (low nibble) and j + 16 (high nibble); the project
 packs columns 2i and 2i + 1 in a byte, so the nibbles are re-paired here.
 """

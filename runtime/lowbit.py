@@ -24,6 +24,8 @@ Two kernels, chosen once per weight when the model is built (`PackSpec.backend`)
 Both kernels take bfloat16 activations (their float32 paths are reference loops, ~100x slower),
 so a PackedLinear computes in bfloat16 whatever the model's dtype and casts back.
 
+An "int4-sym" weight (a GGUF's Q4_0 re-packed, reshard/ggml_repack.py) runs as int4 with its zeros
+-8 * scales made at load; int8 with group scales (a GGUF's Q8_0) expands: both kernels scale per row.
 What the kernels refuse (or, for int8, crash on) is left to the expansion in runtime/quantized.py:
 int8 needs K % 16 == 0; int4 needs g in {32, 64, 128, 256}, K % g == 0 and N % 16 == 0.
 Both read their operands with aligned vector loads and crash on a tensor that does not start
