@@ -1,4 +1,4 @@
-"""GPTQ mixture-of-experts checkpoints (issue 22): per-expert packed weights (`experts.N.w1.qweight`,
+"""GPTQ and AWQ mixture-of-experts checkpoints (issue 22): per-expert packed weights (`experts.N.w1.qweight`,
 ...) re-packed into int4 and stacked as transformers stacks them at load, each part [E, ...] so
 that one expert's bytes of it are one range and expert-sparse streaming reads an expert alone.
 
@@ -25,9 +25,14 @@ GROUP = 32
 PACKED = (".self_attn.q_proj.", ".self_attn.k_proj.", ".self_attn.v_proj.", ".self_attn.o_proj.", ".experts.")
 
 
-def write_gptq_mixtral(folder: Path, *, seed: int = 0) -> Path:
-    """A tiny Mixtral with every decoder-layer linear weight (experts included, router not) in GPTQ
-    v2 layout, group 32, and its published de-quantization as a float32 checkpoint in folder/reference."""
+KINDS = ("gptq_v2", "awq")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def write_packed_mixtral(folder: Path, kind: str, *, seed: int = 0) -> Path:
+    """A tiny Mixtral with every decoder-layer linear weight (experts included, router not) in
+    `kind`'s layout (GPTQ v2 or AWQ gemm), group 32, and its published de-quantization as a
+    float32 checkpoint in folder/reference."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -45,14 +50,18 @@ def write_gptq_mixtral(folder: Path, *, seed: int = 0) -> Path:
         q, z, s = random_linear(out, inp, GROUP, gen)
         g_idx = torch.arange(inp, dtype=torch.int32) // GROUP
         prefix = key[: -len("weight")]
-        stored.update({prefix + "qweight": pack_rows(q.t()), prefix + "qzeros": pack_cols(z.t()),
-                       prefix + "scales": s.t().contiguous(), prefix + "g_idx": g_idx})
+        if kind == "awq":
+            stored.update({prefix + "qweight": pack_cols(q.t(), AWQ_ORDER), prefix + "qzeros": pack_cols(z.t(), AWQ_ORDER),
+                           prefix + "scales": s.t().contiguous()})
+        else:
+            stored.update({prefix + "qweight": pack_rows(q.t()), prefix + "qzeros": pack_cols(z.t()),
+                           prefix + "scales": s.t().contiguous(), prefix + "g_idx": g_idx})
         reference[key] = (q - z[:, g_idx.long()]).float() * s.float()[:, g_idx.long()]
     folder.mkdir(parents=True)
     save_file(stored, folder / "model.safetensors",
               metadata={"format": "pt"})
     raw = config.to_dict()
-    raw["quantization_config"] = {**QUANT_CONFIGS["gptq_v2"], "group_size": GROUP}
+    raw["quantization_config"] = {**QUANT_CONFIGS[kind], "group_size": GROUP}
     (folder / "config.json").write_text(json.dumps(raw))
     save_tiny_tokenizer(folder, config.vocab_size)
     config.dtype = "float32"
@@ -61,10 +70,10 @@ def write_gptq_mixtral(folder: Path, *, seed: int = 0) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def gptq_moe(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("gptq-moe")
-    src = write_gptq_mixtral(root / "src")
+@pytest.fixture(scope="module", params=KINDS)
+def gptq_moe(request, tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp(f"{request.param}-moe")
+    src = write_packed_mixtral(root / "src", request.param)
     convert(str(src), root / "out", progress=False)
     return src, root / "out"
 
@@ -74,7 +83,8 @@ def test_expert_weights_are_stored_int4_one_range_per_expert(gptq_moe):
     expands to the published values of its own w1/w3 (gate_up) and w2 (down) weights."""
     src, out = gptq_moe
     manifest = read_manifest(out)
-    assert manifest.quantization["scheme"] == "int4" and manifest.quantization["source_format"] == "GPTQ"
+    label = "AWQ" if src.parent.name.startswith("awq") else "GPTQ"
+    assert manifest.quantization["scheme"] == "int4" and manifest.quantization["source_format"] == label
     reference = load_file(src / "reference" / "model.safetensors")
     layers = [g for g in manifest.groups if g.kind == "layer"]
     for group in layers:
