@@ -289,10 +289,7 @@ class RepackSpec:
             fusion = mapping.fused[first]
             if not isinstance(raw.get(fusion.keys[0]), Repacked):
                 continue
-            packed = [raw.pop(k) for k in fusion.keys]
-            if len({p.shape[1] for p in packed}) != 1:
-                raise SourceError(f"the packed weights fused into {first!r} differ in input width; "
-                                  f"is the config the one of these weights?")
+            packed = [raw.pop(k) for k in fusion.keys]  # of one input width, or the stacking below fails
             parts = {}
             for part in packed[0].parts:
                 dtypes = {p.parts[part].dtype for p in packed}  # zeros: float16 where exact, else float32
