@@ -25,6 +25,7 @@ from .format import (DTYPE_NAMES, stored_names, DTYPE_TO_ST, MANIFEST, Group, Ma
 from .fp8 import Fp8Source, Fp8Spec, layout as fp8_layout
 from .mxfp4 import Mxfp4Source, Mxfp4Spec, is_mxfp4
 from .ggml_quants import check_block_shape
+from .ggml_repack import GROUP as REPACKED_GROUP, REPACKED, repack_blocks
 from .keymap import KeyMap, check_shape, check_shapes, map_keys
 from .plan import build_empty_model, plan_groups, read_config
 from .published import PublishedSource, RepackSpec, check_repackable, published_format
@@ -321,12 +322,9 @@ def _prepare_group(src: Source, model, planned, mapping: KeyMap, target: torch.d
             quant.store(pname, kept[pname], target, tensors, quantized)
             check_shape(pname, torch.empty(quantized[pname]["shape"], device="meta"), shape)
             continue
-        if pname in blocks:  # kept as the source's blocks: expanded at load (reshard/ggml_quants.py)
-            t = src.read_blocks(mapping.direct[pname])
-            check_block_shape(pname, t, blocks[pname], shape)
-            tensors[quant_part_names(pname, blocks[pname])["blocks"]] = t
-            quantized[pname] = {"shape": list(shape), "dtype": DTYPE_TO_ST[target], "transposed": False,
-                                "scheme": blocks[pname]}
+        if pname in blocks:  # the source's blocks, kept or re-packed: expanded at load
+            _store_blocks(pname, src.read_blocks(mapping.direct[pname]), blocks[pname], shape, target,
+                          tensors, quantized)
             continue
         if pname in as_stored:
             t = as_stored[pname]
@@ -343,6 +341,22 @@ def _prepare_group(src: Source, model, planned, mapping: KeyMap, target: torch.d
         check_shape(bname, t, shape)
         tensors[bname] = t.to(dtype)
     return planned, tensors, quantized, buffers
+
+
+def _store_blocks(pname: str, raw: torch.Tensor, scheme: str, shape, target: torch.dtype, tensors: dict,
+                  quantized: dict) -> None:
+    """`pname`'s GGML blocks as stored: re-packed into int8/int4 group 32 where those hold them
+    exactly (Q8_0, Q4_0, Q4_1: reshard/ggml_repack.py), else as the blocks (reshard/ggml_quants.py)."""
+    check_block_shape(pname, raw, scheme, shape)
+    entry = {"shape": list(shape), "dtype": DTYPE_TO_ST[target], "transposed": False}
+    if scheme in REPACKED:
+        scheme, parts = repack_blocks(raw, scheme)
+        entry["group_size"] = REPACKED_GROUP
+    else:
+        parts = {"blocks": raw}
+    for part, name in quant_part_names(pname, scheme).items():
+        tensors[name] = parts[part]
+    quantized[pname] = {**entry, "scheme": scheme}
 
 
 def _write_group(planned, out: Path, tensors: dict, quantized: dict, buffers: list) -> Group:

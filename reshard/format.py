@@ -129,6 +129,7 @@ class Manifest:
 # --- quantized parameters ------------------------------------------------------------------
 
 QUANT_PARTS = {"int8": ("qweight", "scales"), "int4": ("qweight", "scales", "zeros"),
+               "int4-sym": ("qweight", "scales"),  # int4 with zeros = -8 * scales (GGUF Q4_0: reshard/ggml_repack.py)
                "fp8-block": ("qweight", "scale_inv"),  # reshard/fp8.py
                "mxfp4": ("blocks", "scales"),  # reshard/mxfp4.py
                # GGML blocks kept as in a GGUF file (reshard/ggml_quants.py): one uint8 part
@@ -291,7 +292,14 @@ EXPERT_ALIGN = 64  # data section start in files with expert tensors (see build_
 
 
 def _ordered(tensors: dict[str, torch.Tensor], first=frozenset()) -> list[str]:
-    return sorted(tensors, key=lambda k: (-tensors[k].element_size(), k not in first, k))
+    """By element size (largest first), then name; expert tensors (`first`) before all the others
+    when their bytes add up to a multiple of 8 (the others keep their alignment after them), else
+    before the others of their element size. Either way, in a folder of one dtype, one byte range
+    holds every non-expert tensor; with experts of several element sizes (quantized parts) only
+    the first keeps expert bytes out of that range (`dense_range`)."""
+    size = {k: tensors[k].element_size() for k in tensors}
+    apart = sum(tensors[k].numel() * size[k] for k in tensors if k in first) % 8 == 0
+    return sorted(tensors, key=lambda k: (apart and k not in first, -size[k], k not in first, k))
 
 
 def build_header(tensors: dict[str, torch.Tensor], first=frozenset()) -> bytes:

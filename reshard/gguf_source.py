@@ -145,7 +145,8 @@ class GGUFSource(Source):
         raw = np.empty(t.data.shape, dtype=np.uint8)
         with open(self.files[i], "rb") as f:
             _pread_into(f.fileno(), raw, t.data_offset, self.files[i], t.name)
-        return torch.from_numpy(np.ascontiguousarray(raw[self._row_order(t)]))
+        order = self._row_order(t)
+        return torch.from_numpy(raw if np.array_equal(order, np.arange(len(order))) else raw[order])
 
     def _row_order(self, t) -> np.ndarray | None:
         """The row permutation transformers' processor applies to tensor `t` (identity included),

@@ -228,14 +228,37 @@ class PublishedSource(Source):
 
 
 def check_repackable(src: PublishedSource, mapping, spec: "RepackSpec") -> None:
-    """Every packed weight must be a linear weight of its own (not one fused or stacked at load);
-    `spec.params` is narrowed to them, so the others are copied as stored."""
+    """Every packed weight must be a linear weight of its own, or one of the per-expert weights
+    transformers stacks (and concatenates) into an [E, out, in] parameter, all of them packed;
+    `spec.params` is narrowed to those parameters, so the others are copied as stored."""
     direct = {key: param for param, key in mapping.direct.items()}
+    fused = {key: f for f in mapping.fused.values() for key in f.keys}
+    params = {}
     for key in src.packed:
-        if direct.get(key) not in spec.params:
+        fusion = fused.get(key)
+        if direct.get(key) in spec.params:
+            params[direct[key]] = False
+        elif fusion is not None and fusion.target in spec.params and all(k in src.packed for k in fusion.keys) \
+                and keeps_rows(fusion.converter.operations):
+            params.update({t: False for t in fusion.targets()})
+        else:
             raise SourceError(f"{key} is a packed {spec.fmt.label} weight that transformers combines with others "
                               f"at load; convert with --dtype float16 (or bfloat16) to de-quantize it")
-    spec.params = {direct[key]: False for key in src.packed}
+    spec.params = params
+
+
+def keeps_rows(operations) -> bool:
+    """Whether transformers' operations only stack per-expert (out, in) weights (`MergeModulelist`
+    on dim 0) and concatenate them along a dimension before the last: then they may run on each
+    re-packed part alone, whose last dimension holds the packed input columns."""
+    rank = 2
+    for op in operations:
+        name, dim = type(op).__name__, getattr(op, "dim", None)
+        if name == "MergeModulelist" and dim == 0:
+            rank += 1
+        elif not (name == "Concatenate" and isinstance(dim, int) and 0 <= dim < rank - 1):
+            return False
+    return True
 
 
 @dataclass
@@ -255,6 +278,27 @@ class RepackSpec:
     def manifest_entry(self) -> dict:
         return {"scheme": self.fmt.scheme, "group_size": self.group or None, "embeddings": False,
                 "source_format": self.fmt.label}
+
+    def take(self, planned, mapping, raw: dict, model) -> dict[str, Repacked]:
+        """{param: Repacked [E, out, in]} for `planned`'s expert parameters made from packed
+        per-expert weights (popped from `raw`): transformers' own stacking and concatenation run on
+        each part alone (check_repackable made sure they keep rows whole), so every part is
+        [E, ...] and each expert's bytes of it one range, as `--quantize` stores experts."""
+        out = {}
+        for first in dict.fromkeys(mapping.made_by[p] for p in planned.params if p in mapping.made_by):
+            fusion = mapping.fused[first]
+            if not isinstance(raw.get(fusion.keys[0]), Repacked):
+                continue
+            packed = [raw.pop(k) for k in fusion.keys]  # of one input width, or the stacking below fails
+            parts = {}
+            for part in packed[0].parts:
+                dtypes = {p.parts[part].dtype for p in packed}  # zeros: float16 where exact, else float32
+                dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+                parts[part] = fusion.run({k: p.parts[part] for k, p in zip(fusion.keys, packed)}, model, dtype)
+            for name in parts["qweight"]:
+                one = {part: made[name] for part, made in parts.items()}
+                out[name] = Repacked(torch.Size([*one["qweight"].shape[:2], packed[0].shape[1]]), one)
+        return out
 
     def store(self, name: str, t, target: torch.dtype, tensors: dict, quantized: dict) -> None:
         """`name`'s parts into `tensors` and its entry into `quantized` if it came packed, else `t` cast."""

@@ -20,6 +20,7 @@ from .errors import UsageError
 from .fp8 import SCHEME as FP8_SCHEME, dequantize_fp8
 from .mxfp4 import SCHEME as MXFP4_SCHEME, dequantize_mxfp4
 from .ggml_quants import BLOCK_TYPES, dequantize_blocks
+from .ggml_repack import symmetric_zeros
 
 SCHEMES = ("int8", "int4")
 DEFAULT_GROUP = 32
@@ -55,6 +56,9 @@ def dequantize(parts: dict[str, torch.Tensor], scheme: str, *, columns: int, dty
         return dequantize_int8(parts["qweight"], parts["scales"], dtype=dtype)
     if scheme in BLOCK_TYPES:  # GGML blocks kept from a GGUF file (reshard/ggml_quants.py)
         return dequantize_blocks(parts["blocks"], scheme, dtype=dtype)
+    if scheme == "int4-sym":  # int4 whose zeros are -8 * scales (a GGUF's Q4_0: reshard/ggml_repack.py)
+        return dequantize_int4(parts["qweight"], parts["scales"], symmetric_zeros(parts["scales"]), columns=columns,
+                               dtype=dtype)
     return dequantize_int4(parts["qweight"], parts["scales"], parts["zeros"], columns=columns, dtype=dtype)
 
 
@@ -70,7 +74,12 @@ def quantize_int8(w: torch.Tensor, *, dtype: torch.dtype) -> tuple[torch.Tensor,
 
 
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
+    """q * scales, with scales (out,) one per row, or (out, G) one per group of in / G columns
+    (a GGUF's Q8_0 re-packed: reshard/ggml_repack.py)."""
     work = _work_dtype(dtype, scales)
+    if scales.dim() == 2:
+        rows, groups = scales.shape
+        return (q.view(rows, groups, -1).to(work) * scales.to(work)[..., None]).view(rows, -1).to(dtype)
     return (q.to(work) * scales.to(work)[:, None]).to(dtype)
 
 

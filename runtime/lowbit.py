@@ -24,6 +24,8 @@ Two kernels, chosen once per weight when the model is built (`PackSpec.backend`)
 Both kernels take bfloat16 activations (their float32 paths are reference loops, ~100x slower),
 so a PackedLinear computes in bfloat16 whatever the model's dtype and casts back.
 
+An "int4-sym" weight (a GGUF's Q4_0 re-packed, reshard/ggml_repack.py) runs as int4 with its zeros
+-8 * scales made at load; int8 with group scales (a GGUF's Q8_0) expands: both kernels scale per row.
 What the kernels refuse (or, for int8, crash on) is left to the expansion in runtime/quantized.py:
 int8 needs K % 16 == 0; int4 needs g in {32, 64, 128, 256}, K % g == 0 and N % 16 == 0.
 Both read their operands with aligned vector loads and crash on a tensor that does not start
@@ -40,10 +42,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from reshard.ggml_repack import symmetric_zeros
+
 from . import native
 
 KERNEL_DTYPE = torch.bfloat16  # what both kernels are fast with
 INT4_GROUPS = (32, 64, 128, 256)
+# stored scheme -> the kernel's; "int4-sym" is int4 with zeros -8 * scales (reshard/ggml_repack.py)
+KERNEL_SCHEMES = {"int8": "int8", "int4": "int4", "int4-sym": "int4"}
 SCALES = "qscales"
 ALIGN = 64  # bytes; torch's CPU allocator aligns every allocation to this  # a PackedLinear's second tensor: int8 scales, or int4 scales-and-zeros
 
@@ -111,14 +117,16 @@ def plan_packing(model: nn.Module, manifest, device: torch.device) -> dict[str, 
     for g, name, info in ((g, n, i) for g in manifest.groups for n, i in g.quantized.items()):
         scheme = scheme_of(g, name, quant.get("scheme"))
         owner = model.get_submodule(name.rpartition(".")[0])
-        if scheme not in ("int8", "int4") or type(owner) not in (nn.Linear, Conv1D) or not name.endswith(".weight"):
+        if scheme not in KERNEL_SCHEMES or type(owner) not in (nn.Linear, Conv1D) or not name.endswith(".weight"):
             continue
         # a parameter with a scheme of its own may name its group size too (GGUF blocks re-packed)
-        group = (info.get("group_size", quant.get("group_size")) or 0) if scheme == "int4" else 0
+        group = info.get("group_size", quant.get("group_size")) or 0
+        if scheme == "int8" and group:  # int8 with group scales (a GGUF's Q8_0): both kernels scale per row
+            continue
         out, inp = reversed(info["shape"]) if info.get("transposed") else info["shape"]
         scale_dtype = stored_scale_dtype(g, name, scheme)
         for backend in backends:  # the project's kernel where it takes the shape, else torch's
-            spec = PackSpec(scheme, group, out, inp, backend, scale_dtype)
+            spec = PackSpec(KERNEL_SCHEMES[scheme], group, out, inp, backend, scale_dtype)
             if supported(spec):
                 specs[name] = spec
                 break
@@ -150,17 +158,18 @@ def packed_names(param: str) -> tuple[str, str]:
 def pack_param(parts: dict[str, torch.Tensor], spec: PackSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed weight, scales) for the kernel from a weight's stored parts (on the CPU)."""
     scales = parts["scales"]
+    zeros = parts["zeros"] if "zeros" in parts else symmetric_zeros(scales)  # int4-sym: not stored
     if spec.backend == "native":  # the weight as stored (a view of the mapped file where resident)
         if spec.scheme == "int8":
             return parts["qweight"].contiguous(), scales.float()
-        table = native.int4_scales(scales.to(spec.scale_dtype), parts["zeros"], spec.group)
+        table = native.int4_scales(scales.to(spec.scale_dtype), zeros, spec.group)
         return parts["qweight"].contiguous(), table
     if spec.scheme == "int8":
         return aligned(parts["qweight"]), aligned(scales.to(KERNEL_DTYPE))
     packed = parts["qweight"]
     q = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(spec.out_features, -1).to(torch.int32)
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    shifted = parts["zeros"].float() + 8 * scales.float()  # the kernel's zero point is q = 8
+    shifted = zeros.float() + 8 * scales.float()  # the kernel's zero point is q = 8
     sz = torch.stack([scales.float(), shifted], dim=-1).transpose(0, 1)  # (K / g, N, 2)
     return weight, aligned(sz.to(KERNEL_DTYPE))
 

@@ -51,16 +51,19 @@ def llama_tensors(layers: int, hidden: int, inter: int, heads: int, kv_heads: in
 
 
 def write_random_llama(path: Path, like: Path, *, layers: int, hidden: int, inter: int, heads: int,
-                       kv_heads: int, seed: int = 0, types: dict | None = None) -> int:
+                       kv_heads: int, seed: int = 0, types: dict | None = None, vocab: int | None = None) -> int:
     """A random llama GGUF with `like`'s tokenizer and metadata (dimensions replaced); returns its size.
-    `types` {GGUF tensor name: GGML type} overrides llama_tensors' types."""
+    `types` {GGUF tensor name: GGML type} overrides llama_tensors' types; `vocab` keeps only the
+    first `vocab` tokens (see write_trimmed: a small vocabulary opens in a fraction of the time)."""
     reader = GGUFReader(like)
-    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    overrides = vocab_overrides(reader, vocab) if vocab else {}
+    vocab = vocab or len(reader.fields["tokenizer.ggml.tokens"].data)
     writer = GGUFWriter(path, "llama")
     copy_metadata(writer, reader, {"llama.block_count": layers, "llama.embedding_length": hidden,
                                    "llama.feed_forward_length": inter, "llama.attention.head_count": heads,
                                    "llama.attention.head_count_kv": kv_heads, "llama.vocab_size": vocab,
-                                   "llama.rope.dimension_count": hidden // heads, "general.file_type": 7})
+                                   "llama.rope.dimension_count": hidden // heads, "general.file_type": 7,
+                                   **overrides})
     tensors = [(n, shape, (types or {}).get(n, q)) for n, shape, q in llama_tensors(layers, hidden, inter, heads,
                                                                                  kv_heads, vocab)]
     for name, shape, qtype in tensors:
@@ -105,6 +108,17 @@ def _random_blocks(rng, shape, qtype) -> np.ndarray:
     return blocks.reshape(_byte_shape(shape, qtype))
 
 
+def vocab_overrides(reader: GGUFReader, vocab: int) -> dict:
+    """The tokenizer fields of `reader` (a byte-level BPE one, as SmolLM2's) cut to its first `vocab`
+    tokens: the token list and types, and the merges whose pieces are all kept."""
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()[:vocab]
+    kept = set(tokens)
+    merges = [m for m in reader.fields["tokenizer.ggml.merges"].contents()
+              if all(p in kept for p in m.split(" ")) and m.replace(" ", "") in kept]
+    return {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
+            "tokenizer.ggml.token_type": reader.fields["tokenizer.ggml.token_type"].contents()[:vocab]}
+
+
 def write_trimmed(src: Path, out: Path, *, layers: int, vocab: int) -> Path:
     """`src` (a llama GGUF with a byte-level BPE tokenizer, as SmolLM2's) cut to its first `layers`
     blocks and first `vocab` tokens: the token list, the merges whose pieces are all kept, and the
@@ -112,13 +126,7 @@ def write_trimmed(src: Path, out: Path, *, layers: int, vocab: int) -> Path:
     alone), so a small one makes a file that converts in a fraction of the time: the tensors and
     their block types stay SmolLM2's own."""
     reader = GGUFReader(src)
-    tokens = reader.fields["tokenizer.ggml.tokens"].contents()[:vocab]
-    kept = set(tokens)
-    merges = [m for m in reader.fields["tokenizer.ggml.merges"].contents()
-              if all(p in kept for p in m.split(" ")) and m.replace(" ", "") in kept]
-    overrides = {"llama.block_count": layers, "llama.vocab_size": vocab, "tokenizer.ggml.tokens": tokens,
-                 "tokenizer.ggml.token_type": reader.fields["tokenizer.ggml.token_type"].contents()[:vocab],
-                 "tokenizer.ggml.merges": merges}
+    overrides = {"llama.block_count": layers, "llama.vocab_size": vocab, **vocab_overrides(reader, vocab)}
     writer = GGUFWriter(out, "llama")
     copy_metadata(writer, reader, overrides)
     kept_tensors = [t for t in reader.tensors if not t.name.startswith("blk.") or int(t.name.split(".")[1]) < layers]

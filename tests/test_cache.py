@@ -131,14 +131,14 @@ def test_gguf_path_converts_once_then_reuses(small_gguf, cache, monkeypatch, cap
 
     from reshard.gguf_source import GGUFSource
 
-    with open_cpu(small_gguf) as model:
+    with open_cpu(small_gguf, packed=False) as model:  # the re-packed int4 expands: exact
         ref = AutoModelForCausalLM.from_pretrained(small_gguf.parent, gguf_file=small_gguf.name, dtype=torch.float32)
         assert torch.equal(model(IDS).logits, ref(IDS).logits)
     (folder,) = (cache / "gguf").glob("SmolLM2-135M-Instruct.first2layers--*/auto")
     assert capsys.readouterr().err.splitlines()[0] == (
         f"reshard: converting {small_gguf} (auto) into {folder} (once; later runs reuse it)")
     monkeypatch.setattr(GGUFSource, "load", lambda self, model: pytest.fail("converted again"))
-    with open_cpu(small_gguf) as model:
+    with open_cpu(small_gguf, packed=False) as model:  # the re-packed int4 expands: exact
         assert torch.equal(model(IDS).logits, ref(IDS).logits)
     assert capsys.readouterr().err.splitlines() == [f"reshard: using {folder} ({small_gguf} (auto), converted earlier)"]
 

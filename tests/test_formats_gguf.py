@@ -1,6 +1,7 @@
-"""GGUF quantized blocks kept compact (issue 22): Q8_0, Q4_0, Q4_1, Q4_K and Q6_K weights are
-stored as the file's own blocks (per-parameter schemes) and expanded at load; the runtime
-equals transformers' own `from_pretrained(..., gguf_file=...)` of the same file."""
+"""GGUF quantized blocks kept compact (issue 22): Q4_K and Q6_K weights are stored as the file's
+own blocks, Q8_0, Q4_0 and Q4_1 re-packed into the project's int8/int4 group 32 (per-parameter
+schemes), expanded at load; the runtime equals transformers' own
+`from_pretrained(..., gguf_file=...)` of the same file."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from gguf_files import write_random_llama
 from reshard.convert import convert
 from reshard.format import read_manifest
 from reshard.ggml_quants import BLOCK_TYPES, dequantize_blocks
+from reshard.ggml_repack import REPACKED, repack_blocks
+from reshard.quant import dequantize as dequantize_parts
 
 LAYERS = 2
 # every kept type in the decoder layers, q/k (rows permuted by transformers) included
@@ -30,7 +33,7 @@ TYPES = {"blk.0.attn_q.weight": Q.Q4_K, "blk.0.attn_k.weight": Q.Q6_K, "blk.0.at
 def mixed_gguf(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("mixed-gguf") / "mixed.gguf"
     write_random_llama(path, smollm2_gguf(), layers=LAYERS, hidden=256, inter=512, heads=4, kv_heads=2,
-                       types=TYPES)
+                       types=TYPES, vocab=8192)  # a small vocabulary opens fast (gguf_files.write_trimmed)
     return path
 
 
@@ -49,26 +52,64 @@ def reference(mixed_gguf):
                                                 dtype=torch.float32).eval()
 
 
+def random_blocks(scheme: str, rows: int = 8, per_row: int = 3, scale: float = 0.05) -> np.ndarray:
+    """(rows, per_row blocks) of random `scheme` blocks whose float16 scales are finite, of both signs."""
+    name, size, nbytes = BLOCK_TYPES[scheme]
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 256, (rows * per_row, nbytes), dtype=np.uint8)
+    where = {"q6_k": [nbytes - 2], "q4_1": [0, 2], "q4_k": [0, 2]}.get(scheme, [0])
+    for at in where:
+        raw[:, at:at + 2] = (rng.standard_normal((len(raw), 1)) * scale).astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
 @pytest.mark.parametrize("scheme", list(BLOCK_TYPES))
 def test_block_expansion_equals_gguf_dequantize(scheme):
     """The torch port equals the gguf package's de-quantization bit for bit in float32."""
     name, size, nbytes = BLOCK_TYPES[scheme]
-    rng = np.random.default_rng(1)
-    raw = rng.integers(0, 256, (8 * 3, nbytes), dtype=np.uint8)
-    where = {"q6_k": [nbytes - 2], "q4_1": [0, 2], "q4_k": [0, 2]}.get(scheme, [0])
-    for at in where:  # finite float16 scales, of both signs
-        raw[:, at:at + 2] = (rng.standard_normal((len(raw), 1)) * 0.05).astype(np.float16).view(np.uint8)
-    raw = raw.reshape(8, -1)
+    raw = random_blocks(scheme)
     want = torch.from_numpy(dequantize(raw, getattr(Q, name)))
     got = dequantize_blocks(torch.from_numpy(raw), scheme, dtype=torch.float32)
     assert got.shape == (8, 3 * size) and torch.equal(got, want)
     assert torch.equal(dequantize_blocks(torch.from_numpy(raw), scheme, dtype=torch.bfloat16), want.bfloat16())
 
 
+@pytest.mark.parametrize("scheme", list(REPACKED))
+def test_repacked_blocks_expand_to_gguf_dequantize(scheme):
+    """Q8_0, Q4_0 and Q4_1 re-packed into int8/int4 group 32 expand (reshard.quant's math, the
+    one the runtime runs) to the gguf package's values: equal in float32 (bit for bit but the sign
+    of some zeros, see reshard/ggml_repack.py), and cast once in half precision."""
+    raw = random_blocks(scheme, rows=16, per_row=4)
+    want = torch.from_numpy(dequantize(raw, getattr(Q, BLOCK_TYPES[scheme][0])))
+    stored, parts = repack_blocks(torch.from_numpy(raw), scheme)
+    assert stored == REPACKED[scheme] and parts["scales"].shape == (16, 4)
+    assert sum(t.nbytes for t in parts.values()) == raw.nbytes  # the source's bytes, re-arranged
+    got = dequantize_parts(parts, stored, columns=128, dtype=torch.float32)
+    assert torch.equal(got, want)
+    differ = got.view(torch.int32) != want.view(torch.int32)
+    assert (want[differ] == 0).all()  # only zeros' signs may differ
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(dequantize_parts(parts, stored, columns=128, dtype=dtype), want.to(dtype))
+
+
+def test_q4_0_whose_zeros_overflow_float16_keeps_them_in_float32():
+    """A Q4_0 scale above 8188 makes -8 * d overflow float16: that weight is plain int4, its zeros
+    float32, and still expands to gguf's values."""
+    raw = random_blocks("q4_0", rows=2, per_row=2)
+    raw[0, :2] = np.array([9000.0], dtype=np.float16).view(np.uint8)
+    stored, parts = repack_blocks(torch.from_numpy(raw), "q4_0")
+    assert stored == "int4" and parts["zeros"].dtype == torch.float32
+    want = torch.from_numpy(dequantize(raw, Q.Q4_0))
+    assert torch.equal(dequantize_parts(parts, stored, columns=64, dtype=torch.float32), want)
+
+
 def test_blocks_are_kept_with_their_own_scheme(mixed_converted, mixed_gguf):
-    """Each decoder-layer weight is stored as its GGUF blocks under the scheme of its type, and
-    the decoder layers' stored bytes are at most 1.1x the source's."""
+    """Each decoder-layer weight is stored as its GGUF blocks under the scheme of its type, or
+    re-packed (Q8_0, Q4_0, Q4_1); each weight's stored bytes, so every type's bytes per pass, are
+    at most 1.1x the source tensor's, and so are the decoder layers'."""
     from gguf import GGUFReader
+
+    from reshard.format import ST_TO_DTYPE, quant_part_names
 
     manifest = read_manifest(mixed_converted)
     schemes = {p: q["scheme"] for g in manifest.groups for p, q in g.quantized.items()}
@@ -76,8 +117,16 @@ def test_blocks_are_kept_with_their_own_scheme(mixed_converted, mixed_gguf):
         ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
         ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
         ("mlp.down_proj", "ffn_down"))}
-    assert schemes == {p: TYPES[n].name.lower() for p, n in hf.items()}
-    source = sum(int(t.n_bytes) for t in GGUFReader(mixed_gguf).tensors if t.name.startswith("blk."))
+    assert schemes == {p: REPACKED.get(TYPES[n].name.lower(), TYPES[n].name.lower()) for p, n in hf.items()}
+    groups = {p: q.get("group_size") for g in manifest.groups for p, q in g.quantized.items()}
+    assert all(groups[p] == (32 if TYPES[n].name.lower() in REPACKED else None) for p, n in hf.items())
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(mixed_gguf).tensors}
+    for g in manifest.groups:
+        for p, q in g.quantized.items():
+            parts = [g.tensors[n] for n in quant_part_names(p, q["scheme"]).values()]
+            nbytes = sum(np.prod(t["shape"]) * ST_TO_DTYPE[t["dtype"]].itemsize for t in parts)
+            assert nbytes <= 1.1 * tensors[hf[p]], (p, q["scheme"], nbytes, tensors[hf[p]])
+    source = sum(n for name, n in tensors.items() if name.startswith("blk."))
     stored = sum(g.bytes for g in manifest.groups if g.kind == "layer")
     assert stored <= 1.1 * source, (stored, source)
 
@@ -91,9 +140,33 @@ def test_logits_and_tokens_equal_transformers(mixed_converted, reference, reside
         want = reference(ids).logits
         want_tokens = reference.generate(ids, max_new_tokens=5, do_sample=False)
     kwargs = {} if resident else {"max_cpu_memory": 0}
-    with LayeredModel.from_pretrained(mixed_converted, device="cpu", **kwargs) as model:
+    # packed=False: the re-packed int4/int8 weights expand (the CPU kernels compute in bfloat16)
+    with LayeredModel.from_pretrained(mixed_converted, device="cpu", packed=False, **kwargs) as model:
         assert torch.equal(model(ids).logits, want)
         assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), want_tokens)
+
+
+def test_repacked_weights_run_through_the_cpu_kernels(mixed_converted, reference):
+    """By default the re-packed int4 weights (Q4_0, Q4_1) run packed through the CPU's low-bit
+    kernels, each close to the exact product; int8 with group scales (Q8_0) expands."""
+    from runtime import LayeredModel, native
+    from runtime.lowbit import PackedLinear, kernels_available
+
+    if native.lowbit() is None and not kernels_available():
+        pytest.skip("no CPU low-bit kernel on this machine")
+    manifest = read_manifest(mixed_converted)
+    int4 = {p[: -len(".weight")] for g in manifest.groups for p, q in g.quantized.items() if q["scheme"].startswith("int4")}
+    weights = dict(reference.named_parameters())
+    x = torch.randn(4, 512, generator=torch.Generator().manual_seed(7))
+    with LayeredModel.from_pretrained(mixed_converted, device="cpu", dtype="float32") as lm:
+        lm(torch.tensor([[1, 504, 3458]]))
+        packed = {n: m for n, m in lm.model.named_modules() if isinstance(m, PackedLinear)}
+        assert set(packed) == int4
+        for name, module in packed.items():
+            xs = x[:, :module.spec.in_features]
+            exact = xs @ weights[name + ".weight"].t()
+            err = (module(xs) - exact).abs().max() / exact.abs().max()
+            assert 0 < err < 0.03, (name, err)  # bfloat16 activations and scales in the kernels
 
 
 def test_explicit_dtype_dequantizes_at_convert(mixed_gguf, mixed_converted, tmp_path):

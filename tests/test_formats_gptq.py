@@ -37,7 +37,7 @@ def _config():
 
 # --- the packings, written from each format's description ------------------------------------
 
-def _pack_rows(v: torch.Tensor, bits: int = 4) -> torch.Tensor:
+def pack_rows(v: torch.Tensor, bits: int = 4) -> torch.Tensor:
     """(R, C) small ints -> (R / k, C) int32: row k*r + j in bits `bits`*j of word r (GPTQ qweight)."""
     k = 32 // bits
     v = v.to(torch.int64).view(-1, k, v.shape[1])
@@ -45,7 +45,7 @@ def _pack_rows(v: torch.Tensor, bits: int = 4) -> torch.Tensor:
     return (words - ((words >= 2**31).long() << 32)).to(torch.int32).contiguous()  # two's complement, as stored
 
 
-def _pack_cols(v: torch.Tensor, order=tuple(range(8)), bits: int = 4) -> torch.Tensor:
+def pack_cols(v: torch.Tensor, order=tuple(range(8)), bits: int = 4) -> torch.Tensor:
     """(R, C) small ints -> (R, C / k) int32: column k*c + order[j] in bits `bits`*j of word c."""
     k = 32 // bits
     v = v.to(torch.int64).view(v.shape[0], -1, k)
@@ -53,7 +53,7 @@ def _pack_cols(v: torch.Tensor, order=tuple(range(8)), bits: int = 4) -> torch.T
     return (words - ((words >= 2**31).long() << 32)).to(torch.int32).contiguous()
 
 
-def _random_linear(out: int, inp: int, group: int, gen):
+def random_linear(out: int, inp: int, group: int, gen):
     q = torch.randint(0, 16, (out, inp), generator=gen)
     groups = inp // group
     z = torch.randint(0, 16, (out, groups), generator=gen)
@@ -78,19 +78,19 @@ def write_checkpoint(folder: Path, kind: str, *, seed: int = 0) -> Path:
             name = f"model.layers.{layer}.{lin}"
             out, inp = state.pop(name + ".weight").shape
             group = inp if kind == "gptq_row" else group  # group_size -1: one group per row
-            q, z, s = _random_linear(out, inp, group, gen)
+            q, z, s = random_linear(out, inp, group, gen)
             if kind.startswith("ct"):
                 bits = 4 if kind == "ct4" else 8
                 g = group if kind == "ct4" else inp
                 q = torch.randint(-(1 << bits - 1), 1 << bits - 1, (out, inp), generator=gen)
                 s = (torch.rand(out, inp // g, generator=gen) * 0.02 + 0.001).half()
-                state[name + ".weight_packed"] = _pack_cols(q + (1 << bits - 1), bits=bits)
+                state[name + ".weight_packed"] = pack_cols(q + (1 << bits - 1), bits=bits)
                 state[name + ".weight_scale"] = s
                 state[name + ".weight_shape"] = torch.tensor([out, inp])
                 w = q.float() * s.float().repeat_interleave(g, dim=1)
             elif kind == "awq":
-                state[name + ".qweight"] = _pack_cols(q.t(), (0, 2, 4, 6, 1, 3, 5, 7))
-                state[name + ".qzeros"] = _pack_cols(z.t(), (0, 2, 4, 6, 1, 3, 5, 7))
+                state[name + ".qweight"] = pack_cols(q.t(), (0, 2, 4, 6, 1, 3, 5, 7))
+                state[name + ".qzeros"] = pack_cols(z.t(), (0, 2, 4, 6, 1, 3, 5, 7))
                 state[name + ".scales"] = s.t().contiguous()
                 w = (q - z.repeat_interleave(group, dim=1)).float() * s.float().repeat_interleave(group, dim=1)
             else:  # GPTQ; v1 ("gptq") stores z - 1, so z runs 1..16 there; symmetric: z = 8
@@ -98,8 +98,8 @@ def write_checkpoint(folder: Path, kind: str, *, seed: int = 0) -> Path:
                 z = z if kind == "gptq_v2" else z + 1
                 stored = z if kind == "gptq_v2" else z - 1
                 g_idx = torch.arange(inp, dtype=torch.int32) // group
-                state[name + ".qweight"] = _pack_rows(q.t())
-                state[name + ".qzeros"] = _pack_cols(stored.t())
+                state[name + ".qweight"] = pack_rows(q.t())
+                state[name + ".qzeros"] = pack_cols(stored.t())
                 state[name + ".scales"] = s.t().contiguous()
                 state[name + ".g_idx"] = g_idx
                 w = (q - z[:, g_idx.long()]).float() * s.float()[:, g_idx.long()]
@@ -249,8 +249,9 @@ def test_gptq_whose_g_idx_is_out_of_order_is_refused(published, tmp_path, capsys
 
 
 def test_packed_expert_weights_are_refused_unless_dequantized(tmp_path, capsys):
-    """Expert weights that transformers stacks into one [E, ...] tensor at load are not re-packed
-    (yet); an explicit --dtype de-quantizes them, and the folder runs."""
+    """A packed expert weight that transformers stacks with unpacked ones into one [E, ...] tensor
+    at load cannot be re-packed (all packed, they are: tests/test_formats_gptq_moe.py); an explicit
+    --dtype de-quantizes it, and the folder runs."""
     import shutil
 
     from transformers import AutoModelForCausalLM
@@ -261,11 +262,11 @@ def test_packed_expert_weights_are_refused_unless_dequantized(tmp_path, capsys):
     state = load_file(src / "model.safetensors")
     key = next(k for k in state if ".experts.0." in k and k.endswith(".weight"))
     out, inp = state.pop(key).shape
-    q, z, s = _random_linear(out, inp, inp, torch.Generator().manual_seed(3))
+    q, z, s = random_linear(out, inp, inp, torch.Generator().manual_seed(3))
     ref = shutil.copytree(src, tmp_path / "reference")  # the published formula's weight, in float32
     save_file({**state, key: (q - z).float() * s.float()}, ref / "model.safetensors", metadata={"format": "pt"})
     prefix = key[: -len("weight")]
-    state.update({prefix + "qweight": _pack_rows(q.t()), prefix + "qzeros": _pack_cols(z.t()),
+    state.update({prefix + "qweight": pack_rows(q.t()), prefix + "qzeros": pack_cols(z.t()),
                   prefix + "scales": s.t().contiguous(), prefix + "g_idx": torch.zeros(inp, dtype=torch.int32)})
     save_file(state, src / "model.safetensors", metadata={"format": "pt"})
     raw = json.loads((src / "config.json").read_text())

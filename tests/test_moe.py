@@ -238,6 +238,8 @@ def test_quantized_experts_stream_alone(scheme, moe_checkpoints, tmp_path):
     last = streamed.stats.per_pass[-1]
     assert last.experts_read == 2 * len(moe_layers(manifest))
     assert last.expert_bytes == sum(expert_bytes(g) * 2 // 8 for g in moe_layers(manifest))
+    # the layers' other tensors come as one range that holds no expert byte, parts of any size
+    assert last.bytes <= manifest.total_bytes - sum(expert_bytes(g) * 6 // 8 for g in moe_layers(manifest))
 
 
 def test_only_the_routed_experts_ranges_are_read(moe_converted, monkeypatch):

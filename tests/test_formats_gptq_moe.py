@@ -1,0 +1,144 @@
+"""GPTQ and AWQ mixture-of-experts checkpoints (issue 22): per-expert packed weights (`experts.N.w1.qweight`,
+...) re-packed into int4 and stacked as transformers stacks them at load, each part [E, ...] so
+that one expert's bytes of it are one range and expert-sparse streaming reads an expert alone.
+
+As in tests/test_formats_gptq.py, the reference is the published formula (written out in that
+module, independent of reshard's code) saved as a float32 checkpoint that transformers loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import PLACEMENTS, moe_config, open_placed, save_tiny_tokenizer
+from reshard.convert import convert
+from reshard.format import expert_tensors, read_manifest
+from reshard.quant import dequantize
+from test_formats_gptq import QUANT_CONFIGS, pack_cols, pack_rows, random_linear
+
+GROUP = 32
+PACKED = (".self_attn.q_proj.", ".self_attn.k_proj.", ".self_attn.v_proj.", ".self_attn.o_proj.", ".experts.")
+
+
+KINDS = ("gptq_v2", "awq")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def write_packed_mixtral(folder: Path, kind: str, *, seed: int = 0) -> Path:
+    """A tiny Mixtral with every decoder-layer linear weight (experts included, router not) in
+    `kind`'s layout (GPTQ v2 or AWQ gemm), group 32, and its published de-quantization as a
+    float32 checkpoint in folder/reference."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = moe_config("mixtral")
+    config.intermediate_size = 64  # so group 32 divides every input width
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder.parent / "plain")  # per-expert names, as published
+    state = load_file(folder.parent / "plain" / "model.safetensors")
+    gen = torch.Generator().manual_seed(seed)
+    reference, stored = {}, {}
+    for key, w in state.items():
+        if not (key.endswith(".weight") and any(p in key for p in PACKED)):
+            reference[key], stored[key] = w.float(), w
+            continue
+        out, inp = w.shape
+        q, z, s = random_linear(out, inp, GROUP, gen)
+        g_idx = torch.arange(inp, dtype=torch.int32) // GROUP
+        prefix = key[: -len("weight")]
+        if kind == "awq":
+            stored.update({prefix + "qweight": pack_cols(q.t(), AWQ_ORDER), prefix + "qzeros": pack_cols(z.t(), AWQ_ORDER),
+                           prefix + "scales": s.t().contiguous()})
+        else:
+            stored.update({prefix + "qweight": pack_rows(q.t()), prefix + "qzeros": pack_cols(z.t()),
+                           prefix + "scales": s.t().contiguous(), prefix + "g_idx": g_idx})
+        reference[key] = (q - z[:, g_idx.long()]).float() * s.float()[:, g_idx.long()]
+    folder.mkdir(parents=True)
+    save_file(stored, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    raw = config.to_dict()
+    raw["quantization_config"] = {**QUANT_CONFIGS[kind], "group_size": GROUP}
+    (folder / "config.json").write_text(json.dumps(raw))
+    save_tiny_tokenizer(folder, config.vocab_size)
+    config.dtype = "float32"
+    config.save_pretrained(folder / "reference")
+    save_file(reference, folder / "reference" / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def gptq_moe(request, tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp(f"{request.param}-moe")
+    src = write_packed_mixtral(root / "src", request.param)
+    convert(str(src), root / "out", progress=False)
+    return src, root / "out"
+
+
+def test_expert_weights_are_stored_int4_one_range_per_expert(gptq_moe):
+    """Each layer's stacked expert parameters are int4 parts [E, ...]; expert e's slice of them
+    expands to the published values of its own w1/w3 (gate_up) and w2 (down) weights."""
+    src, out = gptq_moe
+    manifest = read_manifest(out)
+    label = "AWQ" if src.parent.name.startswith("awq") else "GPTQ"
+    assert manifest.quantization["scheme"] == "int4" and manifest.quantization["source_format"] == label
+    reference = load_file(src / "reference" / "model.safetensors")
+    layers = [g for g in manifest.groups if g.kind == "layer"]
+    for group in layers:
+        i = int(group.name.split(".")[1])
+        experts = f"model.layers.{i}.mlp.experts"
+        assert set(expert_tensors(group)) == {f"{experts}.{p}.{part}" for p in ("gate_up_proj", "down_proj")
+                                              for part in ("qweight", "scales", "zeros")}
+        with safe_open(out / group.file, framework="pt") as f:
+            for param, sources in (("gate_up_proj", ("w1", "w3")), ("down_proj", ("w2",))):
+                info = group.quantized[f"{experts}.{param}"]
+                parts = {part: f.get_tensor(f"{experts}.{param}.{part}") for part in ("qweight", "scales", "zeros")}
+                assert all(t.shape[0] == 8 for t in parts.values())
+                for e in (0, 5):
+                    want = torch.cat([reference[f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"]
+                                      for w in sources])
+                    got = dequantize({k: v[e] for k, v in parts.items()}, "int4", columns=info["shape"][2],
+                                     dtype=torch.float32)
+                    assert torch.equal(got, want), (param, e)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_gptq_moe_equals_the_published_dequantization(gptq_moe, placement):
+    """Float32 logits and greedy tokens equal transformers' load of the published de-quantization,
+    streamed (routed experts read alone) and resident."""
+    from transformers import AutoModelForCausalLM
+
+    src, out = gptq_moe
+    ref = AutoModelForCausalLM.from_pretrained(src / "reference", dtype=torch.float32).eval()
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = ref(ids).logits
+        want_tokens = ref.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    lm = open_placed(out, placement, dtype="float32", packed=False)
+    try:
+        assert torch.equal(lm(ids).logits, want)
+        assert torch.equal(lm.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), want_tokens)
+    finally:
+        lm.close()
+
+
+def test_decode_pass_reads_only_the_routed_experts_int4_bytes(gptq_moe):
+    """Streamed batch-1 decode reads, per MoE layer, k experts' int4 parts (each expert alone),
+    not the layer's whole expert tensors."""
+    from runtime import LayeredModel
+
+    from reshard.format import expert_bytes
+
+    _, out = gptq_moe
+    manifest = read_manifest(out)
+    moe = [g for g in manifest.groups if g.experts]
+    with LayeredModel.from_pretrained(out, device="cpu", dtype="float32", packed=False, max_cpu_memory=0,
+                                      expert_cache=0) as lm:
+        lm.generate(torch.tensor([[5, 17, 42, 99, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+        k, last = lm.config.num_experts_per_tok, lm.stats.per_pass[-1]
+    assert len(moe) == 3 and last.experts_read == k * len(moe)
+    assert last.expert_bytes == sum(expert_bytes(g) * k // 8 for g in moe) > 0
+    assert last.bytes <= manifest.total_bytes - sum(expert_bytes(g) * (8 - k) // 8 for g in moe)
