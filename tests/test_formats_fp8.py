@@ -470,15 +470,16 @@ def test_experts_of_fp8_and_unquantized_tensors_are_not_kept_in_fp8(fp8, tmp_pat
     assert reshard_main(["convert", str(src), str(tmp_path / "bf16"), "--dtype", "bfloat16", "--quiet"]) == 0
 
 
-@pytest.mark.slow  # compiles (Inductor, C++) for two dtypes: tens of seconds on a small machine
+@pytest.mark.slow  # compiles (Inductor, C++): seconds on a small machine
 def test_compiled_cpu_expansion_equals_plain_torch():
-    """On the CPU fp8 weights expand through the compiled function in half precision: the same numbers."""
+    """On the CPU fp8 weights expand through the compiled function in half precision: the same
+    numbers. (bfloat16 goes through it in the next test, whose logits are transformers' own.)"""
     from reshard.quant import dequantize
     from runtime.expansion import compiled_dequantize
 
     q, s = quantize_fp8(torch.randn(256, 384, generator=torch.Generator().manual_seed(0)), (128, 128))
     parts = {"qweight": q, "scale_inv": s}
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype in (torch.float16,):
         want = dequantize(parts, "fp8-block", columns=384, dtype=dtype)
         assert torch.equal(compiled_dequantize()(parts, "fp8-block", columns=384, dtype=dtype), want)
 
