@@ -42,7 +42,7 @@ def error_hub(monkeypatch):
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), HubReplies)
     server.reply, server.paths = (404, "RepoNotFound"), []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}"
     monkeypatch.setenv("HF_ENDPOINT", url)
     monkeypatch.setattr(constants, "ENDPOINT", url)  # read once at import; this process imported it already
