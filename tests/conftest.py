@@ -329,8 +329,20 @@ def fake_hub(tiny_checkpoints, tmp_path, monkeypatch) -> FakeHub:
     return FakeHub(tiny_checkpoints["llama"], tmp_path / "hub-cache").install(monkeypatch)
 
 
+# The files that take longest (from `--durations`), run first: pytest-xdist hands a worker the
+# next file when it is nearly done with its last (--dist loadfile), so the run ends on short
+# files instead of one worker finishing a long file alone. The rest keep their order.
+LONGEST_FIRST = ["test_distributed.py", "test_gpu_check.py", "test_quant.py", "test_memory.py",
+                 "test_memory_budget.py", "test_formats_fp8.py", "test_robustness.py", "test_convert.py",
+                 "test_chat.py", "test_speculate.py", "test_formats_gguf.py", "test_gguf.py",
+                 "test_end_to_end.py", "test_lm_eval.py", "test_serve.py"]
+
+
 def pytest_collection_modifyitems(config, items):
-    """GPU tests are collected everywhere and skipped, visibly, where torch sees no CUDA device."""
+    """Longest files first (see LONGEST_FIRST). GPU tests are collected everywhere and skipped,
+    visibly, where torch sees no CUDA device."""
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="no CUDA device here; benchmarks/gpu_check.sh runs these on a GPU machine")
