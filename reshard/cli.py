@@ -170,8 +170,24 @@ def describe(folder) -> dict:
         "layer_bytes_unquantized": sum(unquantized_bytes(g, scheme) for g in m.groups if g.kind == "layer"),
         # mixtures of experts: bytes of routed experts, and what a batch-1 token reads of the files
         "expert_bytes": sum(expert_bytes(g) for g in m.groups), "token_bytes": token_bytes(folder, m),
-        **routed_memory(folder, m, sizes),
+        **routed_memory(folder, m, sizes), "stored_formats": stored_formats(m),
     }
+
+
+def stored_formats(m) -> dict[str, int]:
+    """Bytes of the folder's tensors by how they are stored, largest first: a quantization scheme
+    (each parameter's own where a folder mixes them, as one from a GGUF does) or a dtype."""
+    from .format import ST_TO_DTYPE, dtype_name, quant_part_names, scheme_of
+
+    scheme = (m.quantization or {}).get("scheme")
+    found: dict[str, int] = {}
+    for g in m.groups:
+        parts = {p: quant_part_names(p, scheme_of(g, p, scheme)).values() for p in g.quantized}
+        kind = {n: scheme_of(g, p, scheme) for p, names in parts.items() for n in names}
+        for n, t in g.tensors.items():
+            key = kind.get(n) or dtype_name(ST_TO_DTYPE[t["dtype"]])
+            found[key] = found.get(key, 0) + math.prod(t["shape"]) * ST_TO_DTYPE[t["dtype"]].itemsize
+    return dict(sorted(found.items(), key=lambda kv: -kv[1]))
 
 
 def routed_memory(folder, m, sizes: list[int]) -> dict:
@@ -233,11 +249,17 @@ def print_info(folder, *, as_json: bool = False) -> None:
     for g in d["groups"]:
         print(f"  {g['name']:<14} {g['file'] or '(tied)':<28} {_gb(g['bytes']):>10}")
     print(f"total         {_gb(d['total_bytes'])}")
+    mixed = not d["quantization"] and len(d["stored_formats"]) > 1  # per-parameter schemes (a GGUF's)
+    if mixed:
+        total = sum(d["stored_formats"].values())
+        print("stored as     " + ", ".join(f"{name} {_gb(n)} ({n / total:.0%})"
+                                           for name, n in d["stored_formats"].items()))
     if d["quantization"]:
         q = d["quantization"]
         group = f" group {q['group_size']}" if q.get("group_size") else ""
         origin = f" (from {q['source_format']})" if q.get("source_format") else ""  # re-packed published weights
         print(f"quantization  {q['scheme']}{group}{origin}{', embeddings too' if q.get('embeddings') else ''}")
+    if d["quantization"] or (mixed and d["pass_bytes"] < d["pass_bytes_unquantized"]):
         print(f"bytes/pass    {_gb(d['pass_bytes'])} ({_gb(d['pass_bytes_unquantized'])} unquantized, "
               f"{d['pass_bytes'] / d['pass_bytes_unquantized']:.3f}x); decoder layers "
               f"{d['layer_bytes'] / d['layer_bytes_unquantized']:.3f}x")

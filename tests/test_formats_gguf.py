@@ -131,6 +131,33 @@ def test_blocks_are_kept_with_their_own_scheme(mixed_converted, mixed_gguf):
     assert stored <= 1.1 * source, (stored, source)
 
 
+def test_info_names_each_stored_format(mixed_converted, capsys):
+    """`reshard info` of a folder that mixes block types names each with its bytes (counted here
+    from the files themselves) and the bytes per pass."""
+    from safetensors import safe_open
+
+    from reshard.cli import describe, main
+    from reshard.format import dtype_name
+
+    want: dict[str, int] = {}
+    for g in read_manifest(mixed_converted).groups:
+        if not g.file:
+            continue
+        owner = {n: q["scheme"] for p, q in g.quantized.items() for n in g.tensors if n.startswith(p + ".")}
+        with safe_open(mixed_converted / g.file, framework="pt") as f:
+            for n in f.keys():
+                t = f.get_tensor(n)
+                key = owner.get(n) or dtype_name(t.dtype)
+                want[key] = want.get(key, 0) + t.nbytes
+    assert {"q4_k", "q6_k", "int8", "int4", "int4-sym"} <= set(want)
+    assert describe(mixed_converted)["stored_formats"] == want
+    assert main(["info", str(mixed_converted)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    [stored] = [ln for ln in lines if ln.startswith("stored as ")]
+    assert all(f" {name} " in stored for name in want), stored
+    assert any(ln.startswith("bytes/pass ") for ln in lines)
+
+
 @pytest.mark.parametrize("resident", [False, True], ids=["streamed", "resident"])
 def test_logits_and_tokens_equal_transformers(mixed_converted, reference, resident):
     from runtime import LayeredModel
