@@ -5,9 +5,10 @@ This is the only module that knows file names, the manifest schema and the byte 
 reader together, is why it is longer than the other modules). See docs/FORMAT.md.
 
 A layer file is a plain safetensors file (readable by `safetensors.safe_open`) written
-deterministically: tensors ordered by element size (largest first) then name, so every
-tensor's offset is a multiple of its element size and can be viewed in place; the JSON
-header has sorted keys and is padded with spaces to a multiple of 8 bytes.
+deterministically: tensors ordered by element size (largest first) then name, those of whole
+multiples of 64 bytes first (see `_ordered`), so every tensor's offset is a multiple of its
+element size and can be viewed in place, and the weights lie 64-byte aligned; the JSON header has
+sorted keys and is padded with spaces so that the data starts at a multiple of 64 bytes.
 """
 
 from __future__ import annotations
@@ -288,27 +289,34 @@ def _writing(path: Path):
 
 # --- layer files ---------------------------------------------------------------------------
 
-EXPERT_ALIGN = 64  # data section start in files with expert tensors (see build_header)
+ALIGN = 64  # the data section's start in a file, and of each tensor it can align (see _ordered)
 
 
 def _ordered(tensors: dict[str, torch.Tensor], first=frozenset()) -> list[str]:
-    """By element size (largest first), then name; expert tensors (`first`) before all the others
-    when their bytes add up to a multiple of 8 (the others keep their alignment after them), else
-    before the others of their element size. Either way, in a folder of one dtype, one byte range
-    holds every non-expert tensor; with experts of several element sizes (quantized parts) only
-    the first keeps expert bytes out of that range (`dense_range`)."""
+    """By element size (largest first), then name, with two refinements:
+    - tensors whose bytes are a whole multiple of ALIGN come before the others (of the file, or
+      of the experts and of the rest): each then starts ALIGN-aligned in a memory map, as in a
+      fresh allocation, and CPU matmul kernels round an operand by its alignment (so only then
+      do generation's one-row products give transformers' bits on fresh weights);
+    - expert tensors (`first`) before all the others when their bytes add up to a multiple of 8
+      (the others keep their alignment after them; of ALIGN, their ALIGN too), else before the
+      others of their element size. Either way, in a folder of one dtype, one byte range holds
+      every non-expert tensor; with experts of several element sizes (quantized parts) only the
+      first keeps expert bytes out of that range (`dense_range`)."""
     size = {k: tensors[k].element_size() for k in tensors}
-    apart = sum(tensors[k].numel() * size[k] for k in tensors if k in first) % 8 == 0
-    return sorted(tensors, key=lambda k: (apart and k not in first, -size[k], k not in first, k))
+    nbytes = {k: tensors[k].numel() * size[k] for k in tensors}
+    experts = sum(nbytes[k] for k in tensors if k in first)
+    apart, aligned = experts % 8 == 0, experts % ALIGN == 0
+    return sorted(tensors, key=lambda k: (apart and k not in first, aligned and nbytes[k] % ALIGN != 0, -size[k],
+                                          k not in first, k))
 
 
 def build_header(tensors: dict[str, torch.Tensor], first=frozenset()) -> bytes:
     """The safetensors header (length prefix included) for `tensors`, in our canonical order.
 
-    Tensors in `first` (expert tensors) come before the others of their element size, and the
-    header is then padded so that the data section starts at a multiple of EXPERT_ALIGN: the
-    experts are then as aligned in a memory map as in a fresh allocation, which CPU matmul
-    kernels need to give bit-identical results."""
+    Tensors in `first` are expert tensors (see `_ordered`). The header is padded so that the data
+    section starts at a multiple of ALIGN: the tensors `_ordered` aligns are then as aligned in a
+    memory map as in a fresh allocation."""
     entries, offset = {}, 0
     for name in _ordered(tensors, first):
         t = tensors[name]
@@ -319,7 +327,7 @@ def build_header(tensors: dict[str, torch.Tensor], first=frozenset()) -> bytes:
         offset += n
     entries["__metadata__"] = {"format": "pt"}
     text = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-(len(text) + 8) % EXPERT_ALIGN if first else -len(text) % 8)
+    text += b" " * (-(len(text) + 8) % ALIGN)
     return struct.pack("<Q", len(text)) + text
 
 

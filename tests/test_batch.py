@@ -20,12 +20,23 @@ COPY_PROMPT = ("Repeat the following text exactly.\n\nText: The old lighthouse k
                "evening, lit the lamp, and watched the ships pass the rocky coast until dawn.\n\nRepeated text:")
 
 
-# Logits are transformers' up to float32 rounding, relative to the largest logit: batched, left
-# padding changes sums' order; alone too, as a forward gives transformers' bits but generation's
-# one-row products (the last position's head, decode steps) meet weights mapped from the file at
-# addresses not 64-byte aligned, which the CPU's matrix-vector kernel rounds differently (an
-# aligned copy of the weight gives transformers' bits). Measured: up to 2e-6 (SmolLM2), 4e-7 (tiny).
+# A prompt generated alone gives transformers' logits bit for bit. The CPU's one-row products
+# (decode steps, the last position's head) round by the weight's address alignment: every weight
+# lies 64-byte aligned in our files (reshard.format._ordered), as in a fresh allocation, while
+# transformers' own load leaves weights in place in its safetensors map at whatever offset the
+# checkpoint has (so the same checkpoint sharded otherwise gives other bits in transformers too).
+# The reference's weights are therefore moved to fresh memory (`fresh`). Batched, left padding
+# changes sums' order: those are transformers' up to float32 rounding, relative to the largest
+# logit (measured: up to 2e-6 on SmolLM2, 4e-7 on the tiny models).
 LOGITS_RTOL = 1e-5
+
+
+def fresh(model):
+    """`model` with every parameter and buffer copied into fresh (aligned) memory."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.clone()
+    return model
 
 
 def transformers_greedy(ref, ids: list[int], *, pad: int, eos: list[int], max_new_tokens: int, **kwargs):
@@ -39,9 +50,10 @@ def transformers_greedy(ref, ids: list[int], *, pad: int, eos: list[int], max_ne
     return new[:n], torch.stack([step[0] for step in out.logits[:n]])
 
 
-def assert_same_as_transformers(model, ref, prompts, *, chat=False, **kwargs):
-    """Each prompt's tokens, batched and alone, are transformers' on that prompt alone, and its
-    logits those up to float32 rounding (LOGITS_RTOL)."""
+def assert_same_as_transformers(model, ref, prompts, *, chat=False, exact_alone=True, **kwargs):
+    """Each prompt's tokens, batched and alone, are transformers' on that prompt alone; its logits
+    alone are transformers' bit for bit (where `exact_alone`), batched up to float32 rounding
+    (LOGITS_RTOL)."""
     together = generate_batch(model, prompts, chat=chat, keep_logits=True, **kwargs)
     for prompt, got in zip(prompts, together):
         ids = prompt_ids(model.tokenizer, prompt, chat=chat)
@@ -53,6 +65,8 @@ def assert_same_as_transformers(model, ref, prompts, *, chat=False, **kwargs):
         scale = want_logits.abs().max().item()
         for logits in (alone.logits, got.logits):
             assert (logits - want_logits).abs().max().item() <= LOGITS_RTOL * scale, prompt
+        if exact_alone:
+            assert torch.equal(alone.logits, want_logits), prompt
     return together
 
 
@@ -60,7 +74,7 @@ def assert_same_as_transformers(model, ref, prompts, *, chat=False, **kwargs):
 def test_batched_generation_equals_transformers_tiny(arch, placement, tiny_checkpoints, tiny_converted):
     model = open_placed(tiny_converted[arch], placement)
     model.tokenizer = word_tokenizer(tiny_converted[arch])
-    ref = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[arch], dtype=torch.float32).eval()
+    ref = fresh(AutoModelForCausalLM.from_pretrained(tiny_checkpoints[arch], dtype=torch.float32).eval())
     prompts = ["w5 w6 w7", "w20 w21 w22 w23 w24 w25 w26 w27 w28", "w40", "w100 w101 w102 w100"]
     done = assert_same_as_transformers(model, ref, prompts, **GREEDY)
     assert len({tuple(g.tokens) for g in done}) > 1  # the prompts lead somewhere different
@@ -71,7 +85,7 @@ def test_batched_generation_equals_transformers_tiny(arch, placement, tiny_check
 def test_batched_generation_equals_transformers_smollm2(placement, small_smollm2_checkpoint, small_smollm2_converted):
     """SmolLM2's tokenizer, chat template and first 2 layers: prompts of different lengths, left padded."""
     model = open_placed(small_smollm2_converted, placement, dtype="float32")
-    ref = AutoModelForCausalLM.from_pretrained(small_smollm2_checkpoint, dtype=torch.float32).eval()
+    ref = fresh(AutoModelForCausalLM.from_pretrained(small_smollm2_checkpoint, dtype=torch.float32).eval())
     prompts = ["What is the capital of France?", "Write a haiku about the sea in winter, please.", "Hi!"]
     done = assert_same_as_transformers(model, ref, prompts, chat=True, **GREEDY)
     assert len({g.text for g in done}) == 3 and all(len(g.tokens) > 2 for g in done)

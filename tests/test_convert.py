@@ -79,6 +79,27 @@ def test_written_files_are_plain_safetensors(tiny_converted, tiny_checkpoints):
         assert (tiny_converted["qwen2"] / side).is_file()
 
 
+def test_weights_lie_64_byte_aligned_in_their_files(tiny_converted, moe_converted):
+    """Every tensor whose bytes are a whole multiple of 64 (every weight matrix here) starts at a
+    multiple of 64 in its file, as a fresh allocation would (docs/FORMAT.md, Layer files)."""
+    import json
+    import struct
+
+    for folder in [*tiny_converted.values(), *moe_converted.values()]:
+        for g in read_manifest(folder).groups:
+            if not g.file:
+                continue
+            with open(folder / g.file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            header.pop("__metadata__")
+            assert (8 + n) % 64 == 0, g.file
+            whole = {k: v for k, v in header.items() if (v["data_offsets"][1] - v["data_offsets"][0]) % 64 == 0}
+            if g.kind == "layer":
+                assert any(len(v["shape"]) >= 2 for v in whole.values()), g.file  # the weight matrices are here
+            assert all(v["data_offsets"][0] % 64 == 0 for v in whole.values()), (folder, g.file)
+
+
 def test_dtype_option(tmp_path, tiny_checkpoints):
     from reshard.convert import convert
 
