@@ -496,19 +496,11 @@ def test_bfloat16_logits_equal_transformers_bfloat16_load(fp8):
 def test_cache_and_guesses_keep_deepseek_fp8_tokens(fp8):
     """DeepSeek-V3 fp8 experts cached as their float8 bytes and scales, next layers' experts guessed:
     the logits and greedy tokens stay transformers' own."""
-    from test_moe_cache import assert_cached_as_stored, one_expert_bytes
+    from test_moe_cache import assert_cached_and_guessed_as_transformers, one_expert_bytes
 
     src, out = fp8["deepseek_v3"]
     ref = reference(src)
     ten = 10 * max(one_expert_bytes(g) for g in read_manifest(out).groups if g.experts)  # of 16: some misses
     model = LayeredModel.from_pretrained(out, device="cpu", dtype=torch.float32, max_cpu_memory=0,
                                          expert_cache=ten, predict_experts=True)
-    with torch.no_grad():
-        want = ref(IDS).logits
-    assert torch.equal(model(IDS).logits, want)
-    assert torch.equal(model(IDS).logits, want)  # this time from the cache
-    assert model.stats.per_pass[-1].experts_cached > 0
-    assert_cached_as_stored(model)
-    ids = torch.tensor([[5, 17, 42, 99, 7]])
-    assert torch.equal(model.generate(ids, **GREEDY), ref.generate(ids, **GREEDY))
-    assert model.stats.experts_predicted > 0  # the misses were guessed
+    assert_cached_and_guessed_as_transformers(model, ref, IDS, GREEDY)

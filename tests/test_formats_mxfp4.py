@@ -139,7 +139,7 @@ def test_decode_pass_reads_only_the_routed_experts(mxfp4):
 def test_cache_and_guesses_keep_logits_and_tokens(mxfp4):
     """gpt-oss with an expert cache (each expert's fp4 blocks and e8m0 scales kept as stored) and
     guessed experts (its router has a bias): logits and tokens stay transformers' own."""
-    from test_moe_cache import assert_cached_as_stored, one_expert_bytes
+    from test_moe_cache import assert_cached_and_guessed_as_transformers, one_expert_bytes
 
     src, out = mxfp4
     ref = reference(src)
@@ -147,12 +147,4 @@ def test_cache_and_guesses_keep_logits_and_tokens(mxfp4):
     model = LayeredModel.from_pretrained(out, device="cpu", dtype=torch.float32, max_cpu_memory=0,
                                          expert_cache=six, predict_experts=True)
     assert model.experts.predictor.next  # layer 0 guesses for layer 1
-    with torch.no_grad():
-        want = ref(IDS).logits
-    assert torch.equal(model(IDS).logits, want)
-    assert torch.equal(model(IDS).logits, want)  # this time from the cache
-    assert model.stats.per_pass[-1].experts_cached > 0
-    assert_cached_as_stored(model)
-    ids = torch.tensor([[5, 17, 42, 99, 7]])
-    assert torch.equal(model.generate(ids, **GREEDY), ref.generate(ids, **GREEDY))
-    assert model.stats.experts_predicted > 0  # the misses were guessed
+    assert_cached_and_guessed_as_transformers(model, ref, IDS, GREEDY)

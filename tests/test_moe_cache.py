@@ -43,6 +43,21 @@ def assert_cached_as_stored(model) -> None:
     assert cache.used == sum(one_expert_bytes(groups[key[0]]) for key in cache.entries)
 
 
+def assert_cached_and_guessed_as_transformers(model, ref, ids, greedy: dict) -> None:
+    """`model` (an expert cache and guesses on) gives `ref`'s logits on `ids` twice (the second
+    time from the cache, which holds experts as stored) and its greedy tokens on a prompt, and
+    guessed experts on the way."""
+    with torch.no_grad():
+        want = ref(ids).logits
+    assert torch.equal(model(ids).logits, want)
+    assert torch.equal(model(ids).logits, want)  # this time from the cache
+    assert model.stats.per_pass[-1].experts_cached > 0
+    assert_cached_as_stored(model)
+    prompt = torch.tensor([[5, 17, 42, 99, 7]])
+    assert torch.equal(model.generate(prompt, **greedy), ref.generate(prompt, **greedy))
+    assert model.stats.experts_predicted > 0  # the misses were guessed
+
+
 def test_the_cache_holds_int4_experts_as_their_stored_parts(int4_moe):
     """A cached int4 expert is its packed bytes and scales (the stored size, not the expanded
     one), expanded into its slot when routed: the logits equal the uncached run's bit for bit."""
