@@ -22,7 +22,8 @@ def open_model(args):
                                         max_gpu_memory=args.max_gpu_memory, max_cpu_memory=args.max_cpu_memory,
                                         trust_remote_code=args.trust_remote_code, verify=args.verify,
                                         expert_cache=getattr(args, "expert_cache", None),
-                                        cpu_layers=getattr(args, "cpu_layers", None))
+                                        cpu_layers=getattr(args, "cpu_layers", None),
+                                        cpu_experts=getattr(args, "cpu_experts", None))
 
 
 def encode_prompt(tokenizer, text: str, *, chat: bool) -> list[int]:

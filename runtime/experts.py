@@ -109,6 +109,7 @@ class ExpertStreamer:
         self.fds: dict = {}  # file path -> descriptor for the expert reads
         self.hooks: list = []
         self.warned: set[type] = set()  # experts classes read whole (said once per class)
+        self.elsewhere = lambda path: False  # --cpu-experts: this call of module `path` runs on the host (runtime/cpuexperts.py)
 
     def install(self, model: nn.Module) -> None:
         """Make every streamed group with experts load without them, and hook the experts modules
@@ -153,6 +154,8 @@ class ExpertStreamer:
                   f"each pass through it reads all {count} of its experts", file=sys.stderr)
 
         def pre_hook(mod, args, kwargs):
+            if self.elsewhere(path):  # computed on the host: bring nothing to the device
+                return None
             try:
                 bound = signature.bind(*args, **kwargs)
             except TypeError:

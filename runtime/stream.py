@@ -66,6 +66,7 @@ class PassStats:
     expert_bytes: int = 0  # bytes of the experts read (part of `bytes`)
     expert_reads: int = 0  # file reads they took (consecutive experts are one read)
     cpu_layers: dict = field(default_factory=dict)  # --cpu-layers: group -> "cpu|stream: why" (runtime/hostcompute.py)
+    cpu_experts: dict = field(default_factory=dict)  # --cpu-experts: MoE layer -> "cpu|stream: why" (runtime/cpuexperts.py)
 
 
 @dataclass

@@ -1,0 +1,146 @@
+"""Routed experts computed on the CPU beside the device (runtime/cpuexperts.py): as transformers computes.
+
+On this CPU-only machine the device *is* the CPU, so the moves are no-ops, but `--cpu-experts on`
+takes the path a CUDA model takes: the device's expert streamer brings nothing, the routed
+experts come into CPU slots through the host's own streamer, transformers' experts module
+computes on them, and --stats says where each layer's experts ran."""
+
+import json
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import MOE_ARCHS
+from reshard.errors import UsageError
+from runtime import LayeredModel, hybrid
+
+IDS = torch.randint(3, 320, (2, 11), generator=torch.Generator().manual_seed(2))
+GREEDY = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def reference(moe_checkpoints):
+    """transformers' own float32 logits and greedy tokens, by architecture."""
+    out = {}
+    for arch in MOE_ARCHS:
+        model = AutoModelForCausalLM.from_pretrained(moe_checkpoints[arch], dtype=torch.float32).eval()
+        with torch.inference_mode():
+            out[arch] = (model(IDS).logits, model.generate(IDS[:1, :5], **GREEDY))
+    return out
+
+
+def moe_names(model):
+    return [g.name for g, p in zip(model.groups, model.places) if g.experts and p != "device"]
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_cpu_experts_equal_transformers(moe_converted, reference, arch):
+    logits, tokens = reference[arch]
+    with LayeredModel.from_pretrained(moe_converted[arch], device="cpu", dtype="float32", max_cpu_memory=0,
+                                      cpu_experts="on") as model:
+        names = moe_names(model)
+        assert names and sorted(model.cpu_experts.groups.values()) == names
+        assert torch.equal(model(IDS).logits, logits)
+        assert model.stats.per_pass[-1].cpu_experts == {n: "cpu: --cpu-experts on" for n in names}
+        # the device's streamer brought no routed expert: the host's did
+        assert model.stats.experts_read == 0 and model.cpu_experts.host.stats.experts_read > 0
+        assert torch.equal(model.generate(IDS[:1, :5], **GREEDY), tokens)
+
+
+def test_resident_experts_stay_and_equal_transformers(moe_converted, reference):
+    """All experts already on the compute device: nothing to compute elsewhere, the result unchanged."""
+    with LayeredModel.from_pretrained(moe_converted["qwen3_moe"], device="cpu", dtype="float32",
+                                      max_cpu_memory="1GB", cpu_experts="on") as model:
+        assert model.cpu_experts is None
+        assert torch.equal(model(IDS).logits, reference["qwen3_moe"][0])
+
+
+def test_experts_from_a_held_copy_equal_the_file_read(moe_converted, reference):
+    """A HOST group on CUDA: the CPU's slots are filled from the pinned copy the device loader holds."""
+    with LayeredModel.from_pretrained(moe_converted["mixtral"], device="cpu", dtype="float32", max_cpu_memory=0,
+                                      cpu_experts="on") as model:
+        held = {i: model.loader.files[i].data().clone() for i in model.cpu_experts.groups}  # stands in for pinned
+        model.cpu_experts.host.loader.host_data = held.get
+        assert torch.equal(model(IDS).logits, reference["mixtral"][0])
+        host = model.cpu_experts.host.stats
+        assert host.experts_read > 0 and host.bytes_read == 0  # no byte came from the files
+
+
+def test_auto_on_the_cpu_and_off_change_nothing(moe_converted):
+    for mode in ("auto", "off", None):
+        with LayeredModel.from_pretrained(moe_converted["mixtral"], device="cpu", max_cpu_memory=0,
+                                          cpu_experts=mode) as model:
+            assert model.cpu_experts is None
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, True])
+def test_bad_cpu_experts_is_refused(moe_converted, bad):
+    with pytest.raises(UsageError) as refused:
+        LayeredModel.from_pretrained(moe_converted["mixtral"], device="cpu", max_cpu_memory=0, cpu_experts=bad)
+    assert str(refused.value) == f"cpu_experts must be 'auto', 'on' or 'off', not {bad!r}"
+
+
+def test_auto_asks_the_planner_per_call(moe_converted, reference):
+    """`auto` with given speeds: a slow link sends every call to the CPU, a fast one streams; both exact."""
+    link_bound = hybrid.Speeds(link=1e3, cpu_bytes=1e12, cpu_flops=1e15, gpu_flops=1e15)
+    gpu_bound = hybrid.Speeds(link=1e15, cpu_bytes=1e3, cpu_flops=1e3, gpu_flops=1e15)
+    for speeds, where in ((link_bound, hybrid.CPU), (gpu_bound, hybrid.STREAM)):
+        with LayeredModel.from_pretrained(moe_converted["deepseek_v3"], device="cpu", dtype="float32",
+                                          max_cpu_memory=0, cpu_experts="on") as model:
+            model.cpu_experts.fixed, model.cpu_experts.measure = False, lambda: speeds
+            assert torch.equal(model(IDS).logits, reference["deepseek_v3"][0])
+            ran = model.stats.per_pass[-1].cpu_experts
+            assert ran.keys() == set(moe_names(model))
+            assert all(v.startswith(f"{where}: cpu ") and " vs stream " in v for v in ran.values())
+            assert (model.stats.experts_read > 0) == (where == hybrid.STREAM)
+
+
+def test_next_group_copy_is_not_blocked_by_cpu_experts(moe_converted):
+    """While the CPU computes a layer's experts, the prefetcher is already loading the next group:
+    each CPU compute waits (bounded) for that load to start, so a load held back until the compute
+    ended would show up as a timeout."""
+    with LayeredModel.from_pretrained(moe_converted["mixtral"], device="cpu", dtype="float32", max_cpu_memory=0,
+                                      prefetch=1, cpu_experts="on") as model:
+        started = {i: threading.Event() for i in range(len(model.groups))}
+        load = model.prefetcher.load
+
+        def recorded(i):
+            started[i].set()
+            return load(i)
+        model.prefetcher.load = recorded
+        overlapped = []
+
+        def on_compute(i, phase):
+            if phase == "start":
+                order = model.streamed
+                nxt = order[(order.index(i) + 1) % len(order)]
+                overlapped.append((i, started[nxt].wait(timeout=10)))
+        model.cpu_experts.on_compute = on_compute
+        model(IDS)
+        assert [i for i, _ in overlapped] == sorted(model.cpu_experts.groups)
+        assert all(ok for _, ok in overlapped)
+
+
+def test_cli_cpu_experts_text_and_stats(moe_converted, capsys):
+    from runtime.cli import main as runtime_main
+
+    args = ["generate", str(moe_converted["qwen3_moe"]), "--prompt", "w5 w17 w42", "--device", "cpu",
+            "--max-new-tokens", "3", "--min-new-tokens", "3", "--max-cpu-memory", "0", "--stats"]
+    assert runtime_main(args) == 0
+    plain = capsys.readouterr().out
+    assert runtime_main([*args, "--cpu-experts", "on"]) == 0
+    out, err = capsys.readouterr()
+    assert out == plain
+    passes = json.loads(err.strip().splitlines()[-1])["per_pass"]
+    assert len(passes) == 3 and all(p["cpu_experts"] == {"layers.1": "cpu: --cpu-experts on",
+                                                        "layers.2": "cpu: --cpu-experts on"} for p in passes)
+
+
+def test_cli_bad_cpu_experts_exits_2(moe_converted, capsys):
+    from runtime.cli import main as runtime_main
+
+    code = runtime_main(["generate", str(moe_converted["mixtral"]), "-p", "w5", "--cpu-experts", "some"])
+    assert code == 2
+    assert "--cpu-experts 'some' is not understood; give auto, on or off" in capsys.readouterr().err
