@@ -55,6 +55,7 @@ class CpuExperts:
         self.host = ExpertStreamer(HostView(loader))  # its bring() fills CPU slots, its hooks are never installed
         self.log: dict[str, str] = {}  # this pass: layer -> "cpu|stream: why"
         self.here: dict[str, str] = {}  # experts module path -> why it runs on the host this call
+        self.sizes: dict[str, tuple[int, int]] = {}  # experts module path -> (stored bytes, weights) of one expert
         self.on_compute: Callable[[int, str], None] = lambda i, phase: None  # "start"/"end" (ordering tests)
         self.hooks: list = []
 
@@ -76,6 +77,7 @@ class CpuExperts:
                 signature = inspect.signature(module.forward)
                 if "top_k_index" not in signature.parameters or not isinstance(getattr(module, "num_experts", None), int):
                     continue  # routes by another name: stays on the device (see runtime/experts.py)
+                self.sizes[path] = self._sizes(i, entry)
                 self.hooks.append(module.register_forward_pre_hook(
                     self._decide(i, path, entry, signature), with_kwargs=True, prepend=True))
                 module.forward = self._forward(i, path, module, entry, signature, module.forward)
@@ -98,8 +100,7 @@ class CpuExperts:
             else:
                 routed = [e for e in torch.unique(index).tolist() if 0 <= e < count]
                 pairs = int(((index >= 0) & (index < count)).sum())
-                stored, params = self._sizes(i, entry, len(routed))
-                choice = hybrid.choose(stored, params, pairs, self.speeds())
+                choice = hybrid.choose_experts(len(routed), pairs, *self.sizes[path], self.speeds())
                 where, why = choice.where, choice.reason
             self.log[self.groups[i]] = f"{where}: {why}"
             if where == hybrid.CPU:
@@ -108,8 +109,8 @@ class CpuExperts:
 
         return pre_hook
 
-    def _sizes(self, i: int, entry: dict, routed: int) -> tuple[int, int]:
-        """(stored bytes of `routed` experts of `entry`, weights of one expert) for the planner."""
+    def _sizes(self, i: int, entry: dict) -> tuple[int, int]:
+        """(stored bytes, weights) of one expert of `entry`, for the planner."""
         group, count = self.loader.manifest.groups[i], entry["num_experts"]
         gf = self.loader.files[i]
         stored = sum(end - begin for p in entry["tensors"] for n in stored_names(p, group.tensors)
@@ -118,7 +119,7 @@ class CpuExperts:
         for p in entry["tensors"]:
             shape = group.quantized[p]["shape"] if p in group.quantized else gf.infos[p].shape
             params += int(torch.Size(shape[1:]).numel())
-        return stored * routed, params
+        return stored, params
 
     def _forward(self, i: int, path: str, module: torch.nn.Module, entry: dict, signature, original):
         count = entry["num_experts"]

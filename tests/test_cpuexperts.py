@@ -144,3 +144,37 @@ def test_cli_bad_cpu_experts_exits_2(moe_converted, capsys):
     code = runtime_main(["generate", str(moe_converted["mixtral"]), "-p", "w5", "--cpu-experts", "some"])
     assert code == 2
     assert "--cpu-experts 'some' is not understood; give auto, on or off" in capsys.readouterr().err
+
+
+# --- the planner for a MoE layer's experts (runtime/hybrid.py choose_experts) ------------------
+
+# one DeepSeek-V3 routed expert (gate, up, down: 7168 x 2048 each) in int4, 8 of 256 routed per token
+EXPERT_PARAMS = 3 * 7168 * 2048
+EXPERT_STORED = EXPERT_PARAMS // 2
+DDR5 = hybrid.Speeds(link=25e9, cpu_bytes=60e9, cpu_flops=2e12, gpu_flops=200e12)  # a PCIe4 box
+
+
+def test_experts_link_bound_pick_the_cpu_at_batch_1():
+    # 8 experts, 176 MB: 2.9 ms read by the CPU, 7 ms over the link
+    choice = hybrid.choose_experts(8, 8, EXPERT_STORED, EXPERT_PARAMS, DDR5)
+    assert choice.where == hybrid.CPU and choice.cpu_seconds < choice.stream_seconds
+
+
+def test_experts_of_a_large_batch_go_to_the_gpu():
+    # a 4096-token prefill routes every expert, 32768 token-expert pairs: 2.9 s of CPU arithmetic
+    # against 0.56 s to copy all 256
+    choice = hybrid.choose_experts(256, 4096 * 8, EXPERT_STORED, EXPERT_PARAMS, DDR5)
+    assert choice.where == hybrid.STREAM and choice.cpu_seconds > 2 * choice.stream_seconds
+
+
+def test_experts_crossover_follows_the_token_expert_pairs():
+    one = hybrid.choose_experts(64, 512, EXPERT_STORED, EXPERT_PARAMS, DDR5)  # batch 64 decode
+    many = hybrid.choose_experts(64, 512 * 16, EXPERT_STORED, EXPERT_PARAMS, DDR5)  # same experts, 16x the pairs
+    assert (one.where, many.where) == (hybrid.CPU, hybrid.STREAM)
+    assert many.stream_seconds == one.stream_seconds  # the copy does not grow with the pairs
+
+
+def test_experts_with_a_link_faster_than_the_cpu_stream():
+    h200 = hybrid.Speeds(link=55e9, cpu_bytes=40e9, cpu_flops=3e12, gpu_flops=500e12)
+    assert all(hybrid.choose_experts(r, p, EXPERT_STORED, EXPERT_PARAMS, h200).where == hybrid.STREAM
+               for r, p in ((8, 8), (50, 64), (256, 512)))
