@@ -39,7 +39,7 @@ class HostView:
 
     def __init__(self, loader):
         self.manifest, self.files, self.scheme = loader.manifest, loader.files, loader.scheme
-        self.places, self.partial, self.host_data = loader.places, {}, loader.host_data
+        self.host_data = loader.host_data
         self.device, self.dtype, self.stats = torch.device("cpu"), loader.dtype, StreamStats()
 
 
