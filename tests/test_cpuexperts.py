@@ -178,3 +178,21 @@ def test_experts_with_a_link_faster_than_the_cpu_stream():
     h200 = hybrid.Speeds(link=55e9, cpu_bytes=40e9, cpu_flops=3e12, gpu_flops=500e12)
     assert all(hybrid.choose_experts(r, p, EXPERT_STORED, EXPERT_PARAMS, h200).where == hybrid.STREAM
                for r, p in ((8, 8), (50, 64), (256, 512)))
+
+
+def test_int4_experts_on_the_cpu_equal_the_streamed_run(moe_checkpoints, tmp_path):
+    """Quantized experts: the host's slots get each routed expert's parts (from the held copy) and
+    expand them as the device's streamer does; the logits equal the run without --cpu-experts."""
+    from reshard.convert import convert
+
+    folder = tmp_path / "int4"
+    convert(str(moe_checkpoints["qwen3_moe"]), folder, quantize="int4", progress=False)
+    logits = []
+    for mode in ("off", "on"):
+        with LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=0, cpu_experts=mode) as model:
+            if mode == "on":
+                held = {i: model.loader.files[i].data().clone() for i in model.cpu_experts.groups}
+                model.cpu_experts.host.loader.host_data = held.get
+            logits.append(model(IDS).logits)
+            assert (model.stats.experts_read > 0) == (mode == "off")
+    assert torch.equal(logits[0], logits[1])
