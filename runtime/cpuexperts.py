@@ -75,7 +75,8 @@ class CpuExperts:
             for path, entry in self.loader.manifest.groups[i].experts.items():
                 module = model.get_submodule(path)
                 signature = inspect.signature(module.forward)
-                if "top_k_index" not in signature.parameters or not isinstance(getattr(module, "num_experts", None), int):
+                experts = getattr(module, "num_experts", None)
+                if "top_k_index" not in signature.parameters or not isinstance(experts, int):
                     continue  # routes by another name: stays on the device (see runtime/experts.py)
                 self.sizes[path] = self._sizes(i, entry)
                 self.hooks.append(module.register_forward_pre_hook(

@@ -109,7 +109,7 @@ class ExpertStreamer:
         self.fds: dict = {}  # file path -> descriptor for the expert reads
         self.hooks: list = []
         self.warned: set[type] = set()  # experts classes read whole (said once per class)
-        self.elsewhere = lambda path: False  # --cpu-experts: this call of module `path` runs on the host (runtime/cpuexperts.py)
+        self.elsewhere = lambda path: False  # this call of `path` runs on the host (runtime/cpuexperts.py)
 
     def install(self, model: nn.Module) -> None:
         """Make every streamed group with experts load without them, and hook the experts modules

@@ -159,9 +159,10 @@ class LayeredModel:
         cache = cache_budget(loader, costs, memory,
                              allowance.job_bytes(model.config, compute_dtype, allowance.DEFAULT), expert_cache)
         host = open_host_compute(cpu_layers, path, loader, costs, lambda i: int(manifest.groups[i].name.split(".")[1]))
+        routed_on_cpu = open_cpu_experts(cpu_experts, loader) if sparse_experts else None
         return cls(model, manifest, loader, device=dev, prefetch=prefetch, tokenizer=load_tokenizer(path),
                    expert_cache=cache if sparse_experts else 0, sparse_experts=sparse_experts, memory=memory,
-                   costs=costs, host=host, cpu_experts=open_cpu_experts(cpu_experts, loader) if sparse_experts else None)
+                   costs=costs, host=host, cpu_experts=routed_on_cpu)
 
     # --- calls go to transformers ------------------------------------------------------------
     def __call__(self, *args, **kwargs):
