@@ -78,6 +78,9 @@ class CpuExperts:
                 experts = getattr(module, "num_experts", None)
                 if "top_k_index" not in signature.parameters or not isinstance(experts, int):
                     continue  # routes by another name: stays on the device (see runtime/experts.py)
+                own = {n.rpartition(".")[2] for n in entry["tensors"]}
+                if set(module._parameters) - own or any(b is not None for b in module._buffers.values()):
+                    continue  # holds tensors the slots do not replace (they live on the device)
                 self.sizes[path] = self._sizes(i, entry)
                 self.hooks.append(module.register_forward_pre_hook(
                     self._decide(i, path, entry, signature), with_kwargs=True, prepend=True))
