@@ -196,3 +196,23 @@ def test_int4_experts_on_the_cpu_equal_the_streamed_run(moe_checkpoints, tmp_pat
             logits.append(model(IDS).logits)
             assert (model.stats.experts_read > 0) == (mode == "off")
     assert torch.equal(logits[0], logits[1])
+
+
+def test_batched_generation_with_cpu_experts_equals_transformers(moe_checkpoints, moe_converted):
+    """generate_batch runs its sequences through one pass (runtime/lockstep.py): each forward's
+    routed experts are computed on the CPU; the tokens are transformers' own."""
+    from transformers import AutoTokenizer
+
+    from runtime.batch import generate_batch
+
+    ref = AutoModelForCausalLM.from_pretrained(moe_checkpoints["qwen3_moe"], dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(moe_checkpoints["qwen3_moe"])
+    prompts = ["w5 w6 w7", "w20 w21 w22 w23 w24", "w40"]
+    with LayeredModel.from_pretrained(moe_converted["qwen3_moe"], device="cpu", max_cpu_memory=0,
+                                      cpu_experts="on") as model:
+        done = generate_batch(model, prompts, do_sample=False, max_new_tokens=6)
+        assert model.stats.experts_read == 0 and model.cpu_experts.host.stats.experts_read > 0
+    for prompt, got in zip(prompts, done):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        want = ref.generate(ids, do_sample=False, max_new_tokens=6, pad_token_id=0)[0, ids.shape[1]:]
+        assert got.tokens == want.tolist()
