@@ -94,7 +94,7 @@ def test_auto_asks_the_planner_per_call(moe_converted, reference):
             ran = model.stats.per_pass[-1].cpu_experts
             assert ran.keys() == set(moe_names(model))
             assert all(v.startswith(f"{where}: cpu ") and " vs stream " in v for v in ran.values())
-            assert (model.stats.experts_read > 0) == (where == hybrid.STREAM)
+            assert (model.cpu_experts.host.stats.experts_read > 0) == (where == hybrid.CPU)
 
 
 def test_next_group_copy_is_not_blocked_by_cpu_experts(moe_converted):
