@@ -8,6 +8,7 @@
 #   PYTHONPATH=. bash benchmarks/gpu_check.sh          # on a machine with an NVIDIA GPU (H200, 2026-11-27: ~8 min in all)
 #   PYTHONPATH=. bash benchmarks/gpu_check.sh --dry    # CPU, tiny shapes, no pytest: what CI runs
 # The interpreter is $PYTHON (default python3 from PATH): it needs torch, transformers and this project.
+# GPU_HYBRID_MOE_LAYERS (default 1) sizes the hybrid MoE section: ~6.4 GB of int4 DeepSeek-V3 layer each, in pinned RAM.
 # GPU_CHECK_PYTEST=0 skips the GPU tests (run in one process: the project's pytest addopts ask for
 # pytest-xdist, which the GPU machine may lack), GPU_CHECK_NEW=0 the FP8 and hybrid sections, GPU_CHECK_SERVE=0 the serve section (benchmarks/serve.py on 4
 # random layers of Llama-2-70B's shapes streamed from pinned RAM; it needs fastapi, uvicorn and openai).
@@ -41,6 +42,14 @@ if [[ $dry == 0 && "${GPU_CHECK_NEW:-1}" == 1 ]]; then  # sections of issues 22 
     echo '```'
     echo; echo "## Hybrid: host layers streamed vs computed on the CPU vs the planner (issue 25)"; echo; echo '```'
     timeout "${GPU_HYBRID_TIMEOUT:-240}" "$py" benchmarks/hybrid.py 2>&1 || status=$?
+    echo '```'
+    echo; echo "## Hybrid MoE: DeepSeek-V3-shaped routed experts streamed vs computed on the CPU vs the planner (issue 25)"; echo; echo '```'
+    timeout "${GPU_HYBRID_MOE_TIMEOUT:-300}" "$py" benchmarks/hybrid.py --moe --layers "${GPU_HYBRID_MOE_LAYERS:-1}" 2>&1 || status=$?
+    echo '```'
+fi
+if [[ $dry == 1 ]]; then  # the hybrid MoE section's code path on tiny shapes (CPU; its figures mean nothing)
+    echo; echo "## Hybrid MoE (dry: tiny DeepSeek-V3 shape on the CPU)"; echo; echo '```'
+    timeout 120 "$py" benchmarks/hybrid.py --moe --dry --batches 1 --tokens 2 2>&1 || status=$?
     echo '```'
 fi
 if [[ $dry == 0 && "${GPU_CHECK_PYTEST:-1}" == 1 ]]; then

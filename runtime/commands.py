@@ -23,7 +23,8 @@ def open_model(args):
                                         trust_remote_code=args.trust_remote_code, verify=args.verify,
                                         expert_cache=getattr(args, "expert_cache", None),
                                         predict_experts=getattr(args, "predict_experts", False),
-                                        cpu_layers=getattr(args, "cpu_layers", None))
+                                        cpu_layers=getattr(args, "cpu_layers", None),
+                                        cpu_experts=getattr(args, "cpu_experts", None))
 
 
 def encode_prompt(tokenizer, text: str, *, chat: bool) -> list[int]:

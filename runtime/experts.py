@@ -95,6 +95,7 @@ class ExpertStreamer:
         self.placed: set[str] = set()  # experts modules computing on slots this call
         self.whole_at: float | None = WHOLE_AT  # None: every pass reads routed experts alone
         self.wholes: dict[int, tuple] = {}  # group -> (sparse span, E, k): may load whole for a pass
+        self.elsewhere = lambda path: False  # this call of `path` runs on the host (runtime/cpuexperts.py)
 
     def install(self, model: nn.Module) -> None:
         """Make every streamed group with experts load without them, and hook the experts modules
@@ -168,6 +169,8 @@ class ExpertStreamer:
         def pre_hook(mod, args, kwargs):
             if any(mod._parameters[a] is not p for a, p in self.empty[path].items()):
                 return None  # the group was loaded whole (see _plan): its [E, ...] tensors are in place
+            if self.elsewhere(path):  # computed on the host: bring nothing to the device
+                return None
             try:
                 bound = signature.bind(*args, **kwargs)
             except TypeError:

@@ -144,7 +144,7 @@ def open_host_compute(cpu_layers, folder, loader: GroupLoader, costs, layer_inde
         return None
     manifest = loader.manifest
     chosen = candidates_for(cpu_layers, loader.places, manifest.groups, DEVICE)
-    if loader.device.type != "cpu":  # the expert streamer puts routed experts on the device (--cpu-experts: not built)
+    if loader.device.type != "cpu":  # the expert streamer puts routed experts on the device (--cpu-experts computes them on the CPU instead)
         chosen = [i for i in chosen if not expert_bytes(manifest.groups[i])]
     if not chosen:
         return None

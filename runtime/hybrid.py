@@ -63,6 +63,14 @@ def choose(stored: int, params: int, tokens: int, speeds: Speeds) -> Choice:
     return Choice(CPU if cpu < stream else STREAM, cpu, stream)
 
 
+def choose_experts(routed: int, pairs: int, expert_stored: int, expert_params: int, speeds: Speeds) -> Choice:
+    """CPU or STREAM for one call of a MoE layer's experts module (runtime/cpuexperts.py): `routed`
+    distinct experts of `expert_stored` bytes and `expert_params` weights each, `pairs` (token, expert)
+    pairs to compute. Either side moves (or reads) the routed experts' bytes once and does
+    2 * expert_params FLOPs per pair."""
+    return choose(routed * expert_stored, expert_params, pairs, speeds)
+
+
 # --- calibration -----------------------------------------------------------------------------
 
 _MEASURED: dict[str, Speeds] = {}  # this process's measurements, by device and dtype

@@ -28,6 +28,7 @@ from .expertcache import cache_budget
 from .experts import ExpertStreamer, load_persistent_buffers
 from .opening import (converted_folder, group_costs, load_generation_config, load_tokenizer, pin_device,
                       place_buffers, place_groups, resolve_device, resolve_runtime_dtype)
+from .cpuexperts import CpuExperts, open_cpu_experts
 from .hostcompute import HostCompute, open_host_compute
 from .stream import GroupLoader, Loaded, Prefetcher, StreamStats
 
@@ -59,7 +60,7 @@ class LayeredModel:
     def __init__(self, model, manifest, loader: GroupLoader, *, device, prefetch: int, tokenizer=None,
                  expert_cache: int = 0, sparse_experts: bool = True, memory: budget.Budget | None = None,
                  costs: list[budget.GroupCost] | None = None, host: HostCompute | None = None,
-                 predict_experts: bool = False):
+                 predict_experts: bool = False, cpu_experts: CpuExperts | None = None):
         self.model, self.manifest, self.loader = model, manifest, loader
         self.device, self.tokenizer, self.memory, self.depth = device, tokenizer, memory, prefetch
         self.costs = costs if costs is not None else group_costs(loader)  # from_pretrained's, made once
@@ -90,6 +91,10 @@ class LayeredModel:
         self.experts = ExpertStreamer(loader, cache_bytes=expert_cache, predict=predict_experts)  # MoE: routed experts
         if sparse_experts:
             self.experts.install(model)
+        self.cpu_experts = cpu_experts  # routed experts computed on the CPU (runtime/cpuexperts.py), or None
+        if cpu_experts is not None:
+            self.experts.elsewhere = cpu_experts.elsewhere
+            cpu_experts.install(model)
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None, prefetch: int = 1,
@@ -97,7 +102,7 @@ class LayeredModel:
                         verify: bool = False, revision: str | None = None, token: str | None = None,
                         quantize: str | None = None, expert_cache=None,
                         sparse_experts: bool = True, packed: bool = True, cpu_layers=None,
-                        predict_experts: bool = False) -> "LayeredModel":
+                        predict_experts: bool = False, cpu_experts=None) -> "LayeredModel":
         """Open a converted folder. `device` defaults to cuda if torch sees a GPU, else cpu;
         `dtype` defaults to the folder's (on the CPU, a float16 or bfloat16 folder computes in
         bfloat16 where the CPU does it natively, else in float32); `prefetch` is how many groups
@@ -128,7 +133,10 @@ class LayeredModel:
         `cpu_layers` (N or "auto"; llama.cpp's -ngl seen from the other side) computes decoder
         layers on the CPU where their weights wait instead of copying them to the device: N the last
         N layers not resident on the device, "auto" each of those per pass when the planner finds the
-        CPU faster at that pass's token count (runtime/hybrid.py, runtime/hostcompute.py)."""
+        CPU faster at that pass's token count (runtime/hybrid.py, runtime/hostcompute.py).
+        `cpu_experts` ("on", "auto", "off"; llama.cpp's --n-cpu-moe) computes the routed experts of
+        streamed MoE layers on the CPU, attention, router and shared experts staying on the device:
+        always, or per call where the planner finds the CPU faster (runtime/cpuexperts.py)."""
         path = converted_folder(path, dtype=dtype, revision=revision, token=token, quantize=quantize,
                                 trust_remote_code=trust_remote_code)
         manifest = read_manifest(path)
@@ -153,9 +161,10 @@ class LayeredModel:
         cache = cache_budget(loader, costs, memory,
                              allowance.job_bytes(model.config, compute_dtype, allowance.DEFAULT), expert_cache)
         host = open_host_compute(cpu_layers, path, loader, costs, lambda i: int(manifest.groups[i].name.split(".")[1]))
+        routed_on_cpu = open_cpu_experts(cpu_experts, loader) if sparse_experts else None
         return cls(model, manifest, loader, device=dev, prefetch=prefetch, tokenizer=load_tokenizer(path),
                    expert_cache=cache if sparse_experts else 0, sparse_experts=sparse_experts, memory=memory,
-                   costs=costs, host=host, predict_experts=predict_experts)
+                   costs=costs, host=host, predict_experts=predict_experts, cpu_experts=routed_on_cpu)
 
     # --- calls go to transformers ------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -288,6 +297,8 @@ class LayeredModel:
         transformers model to this object are removed too). The model cannot run after this."""
         self.prefetcher.close()
         self.experts.close()
+        if self.cpu_experts is not None:
+            self.cpu_experts.close()
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
@@ -412,3 +423,5 @@ class LayeredModel:
         done = self.stats.end_pass()
         if self.host is not None:
             done.cpu_layers = dict(self.host.log)
+        if self.cpu_experts is not None:
+            done.cpu_experts = dict(self.cpu_experts.log)

@@ -48,6 +48,13 @@ def parse_cpu_layers(ctx, param, value):
     return int(value)
 
 
+def parse_cpu_experts(ctx, param, value):
+    """--cpu-experts: "auto", "on" or "off"."""
+    if value not in ("auto", "on", "off"):
+        raise UsageError(f"--cpu-experts {value!r} is not understood; give auto, on or off")
+    return value
+
+
 def model_argument():
     """MODEL: a converted folder, or a hub repo id or `.gguf` file (converted into the cache on first use)."""
     return click.argument("model", metavar="MODEL", type=click.Path())
@@ -55,8 +62,8 @@ def model_argument():
 
 def model_options(fn):
     """--device, --dtype, --prefetch, --max-gpu-memory, --max-cpu-memory, --expert-cache, --predict-experts,
-    --cpu-layers, --trust-remote-code, --verify, --stats, and --revision, --token for a hub repo id:
-    what `open_model` needs."""
+    --cpu-layers, --cpu-experts, --trust-remote-code, --verify, --stats, and --revision, --token for a
+    hub repo id: what `open_model` needs."""
     decorators = [
         click.option("--device", default=None, callback=check_device, cls=Option, section=MODEL,
                      show_default="cuda if available, else cpu", help="cpu, cuda or cuda:N"),
@@ -83,6 +90,10 @@ def model_options(fn):
                      help="compute the last N layers kept off the GPU on the CPU, where their weights wait, "
                           "instead of copying them (auto: per pass, where measured speeds say the CPU is "
                           "faster); --stats says where each ran"),
+        click.option("--cpu-experts", default="off", metavar="auto|on|off", callback=parse_cpu_experts, cls=Option,
+                     section=MODEL, help="mixtures of experts: compute the routed experts of layers kept off the "
+                                         "GPU on the CPU, where they wait (auto: per call, where measured speeds "
+                                         "say the CPU is faster); --stats says where each ran"),
         trust_remote_code_option(section=MODEL),
         click.option("--verify", is_flag=True, cls=Option, section=MODEL,
                      help="check every file's sha256 against the manifest first"),

@@ -69,6 +69,7 @@ class PassStats:
     predicted_used: int = 0  # of those, experts their layer routed (the hits)
     predicted_wasted_bytes: int = 0  # bytes of the others (read, never used)
     cpu_layers: dict = field(default_factory=dict)  # --cpu-layers: group -> "cpu|stream: why" (runtime/hostcompute.py)
+    cpu_experts: dict = field(default_factory=dict)  # --cpu-experts: MoE layer -> "cpu|stream: why" (runtime/cpuexperts.py)
 
 
 @dataclass

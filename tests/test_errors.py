@@ -32,6 +32,8 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "--min-new-tokens cannot be combined with --draft; drop one": (
         "test_speculate.py::test_cli_draft_conflicts_are_one_error_line",),
     "cpu_layers must be a layer count (0 or more) or 'auto', not {}": ("test_hostcompute.py::test_bad_cpu_layers_is_refused",),
+    "cpu_experts must be 'auto', 'on' or 'off', not {}": ("test_cpuexperts.py::test_bad_cpu_experts_is_refused",),
+    "--cpu-experts {} is not understood; give auto, on or off": ("test_cpuexperts.py::test_cli_bad_cpu_experts_exits_2",),
     "tree speculation does not support sliding-window attention layers; generate without a draft": (
         "test_speculate.py::test_api_draft_refusals",),
     "--cpu-layers {} is not understood; give a layer count (e.g. 8) or auto": (

@@ -57,6 +57,9 @@ def test_gpu_check_dry_run(gpu_assets, tmp_path, tmp_path_factory):
     assert any(re.fullmatch(r"commit: [0-9a-f]{40}( \+ uncommitted changes)?", line) for line in header), header
     assert any(line.startswith("| resident on device (compute only) | 6 device |") for line in lines)
     assert any(line.startswith("| streamed from disk, cold cache | 6 disk |") for line in lines)
+    # the hybrid MoE section (--cpu-experts) ran its three modes on the tiny DeepSeek-V3 shape
+    assert any(re.fullmatch(r"  batch   1 cpu +[0-9.]+ s/token .*routed experts ran on cpu\)", line) for line in lines)
+    assert any(line.startswith("  batch   1 planner/best = ") for line in lines)
     for label in ("int8", "int4 g32"):  # the quantized streaming section: its table rows and logits check
         assert any(line.startswith(f"| {label} | ") and line.endswith("x |") for line in lines), label
         assert f"{label} logits streamed (page cache; disk, cold cache) vs resident on the device: max |diff| 0: MATCH" in lines
@@ -72,7 +75,8 @@ def test_gpu_check_dry_run(gpu_assets, tmp_path, tmp_path_factory):
     assert any(line.startswith("| accelerate device_map=auto | fp16 | generate | ") and line.endswith("| same as ours | n/a |")
                for line in lines)
     assert any(line.startswith("| AirLLM | fp16 | generate | not importable") for line in lines)
-    assert lines[-2:] == ["gpu_check: OK", "```"]
+    ok = lines.index("gpu_check: OK")  # gpu_check.py's last line; gpu_check.sh's own sections follow it
+    assert lines[ok + 1] == "```" and lines[-1] == "```"
     assert list(tmp_path.iterdir()) == []  # the synthetic model was written to a temp dir and removed
 
 

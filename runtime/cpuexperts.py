@@ -1,0 +1,178 @@
+"""A mixture-of-experts layer's routed experts computed on the CPU, where they wait, beside the device.
+
+For each streamed MoE layer (`--cpu-experts on|auto`), attention, router and shared experts run
+on the compute device as usual; the routed experts do not cross the link. A forward pre-hook on
+transformers' experts module (put before the expert streamer's, see runtime/experts.py) reads
+the routed ids and decides where this call runs: always the CPU with `on`, else the faster side
+by the planner (runtime/hybrid.py `choose`, from the routed experts' bytes and the call's
+token-expert pairs). On the CPU the module's forward gets the hidden states, `top_k_index` and
+`top_k_weights` moved to the host, the routed experts brought into CPU slots by a second
+`ExpertStreamer` over the host (from the device loader's pinned copy of a HOST group, else from
+the group's file), and its own code computes there; the result goes back to the device. The
+math is transformers', on the same slots the device path uses, so on the CPU the result is
+bit-identical. `log` says per pass where each layer's experts ran and why (--stats).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+import torch
+
+from reshard.errors import UsageError
+from reshard.format import expert_range, stored_names
+
+from . import budget, hybrid
+from .experts import ExpertStreamer
+from .hostcompute import move
+from .stream import StreamStats
+
+MODES = ("auto", "on", "off")
+
+
+class HostView:
+    """What an `ExpertStreamer` reads from a loader, for one on the host: the device loader's files
+    and its pinned copies of HOST groups, rows made on the CPU in the compute dtype. Its own stats:
+    these bytes do not cross the link."""
+
+    def __init__(self, loader):
+        self.manifest, self.files, self.scheme = loader.manifest, loader.files, loader.scheme
+        self.host_data = loader.host_data
+        self.device, self.dtype, self.stats = torch.device("cpu"), loader.dtype, StreamStats()
+
+
+class CpuExperts:
+    """Routed experts of the MoE groups `groups` (group index -> layer name) computed on the host.
+
+    `fixed`: always (`on`); else `speeds()` (calibrated on first use) feeds `hybrid.choose` per call."""
+
+    def __init__(self, loader, groups: dict[int, str], *, fixed: bool,
+                 speeds: Callable[[], hybrid.Speeds] | None = None):
+        self.loader, self.device, self.groups = loader, loader.device, groups
+        self.fixed, self.measure, self._known = fixed, speeds, None  # measure(): the Speeds for `auto`
+        self.host = ExpertStreamer(HostView(loader))  # its bring() fills CPU slots, its hooks are never installed
+        self.log: dict[str, str] = {}  # this pass: layer -> "cpu|stream: why"
+        self.here: dict[str, str] = {}  # experts module path -> why it runs on the host this call
+        self.sizes: dict[str, tuple[int, int]] = {}  # experts module path -> (stored bytes, weights) of one expert
+        self.on_compute: Callable[[int, str], None] = lambda i, phase: None  # "start"/"end" (ordering tests)
+        self.hooks: list = []
+
+    def speeds(self) -> hybrid.Speeds:
+        if self._known is None:
+            self._known = self.measure()
+        return self._known
+
+    def elsewhere(self, path: str) -> bool:
+        """The expert streamer's question: does this call of module `path` run on the host (bring nothing)?"""
+        return path in self.here
+
+    def install(self, model: torch.nn.Module) -> None:
+        """Hook the experts modules of the candidate groups in `model` and reset `log` at each pass."""
+        self.hooks.append(model.register_forward_pre_hook(lambda *_: self.log.clear()))
+        for i in self.groups:
+            for path, entry in self.loader.manifest.groups[i].experts.items():
+                module = model.get_submodule(path)
+                signature = inspect.signature(module.forward)
+                experts = getattr(module, "num_experts", None)
+                if "top_k_index" not in signature.parameters or not isinstance(experts, int):
+                    continue  # routes by another name: stays on the device (see runtime/experts.py)
+                own = {n.rpartition(".")[2] for n in entry["tensors"]}
+                if set(module._parameters) - own or any(b is not None for b in module._buffers.values()):
+                    continue  # holds tensors the slots do not replace (they live on the device)
+                self.sizes[path] = self._sizes(i, entry)
+                self.hooks.append(module.register_forward_pre_hook(
+                    self._decide(i, path, entry, signature), with_kwargs=True, prepend=True))
+                module.forward = self._forward(i, path, module, entry, signature, module.forward)
+                self.hooks.append(_Restore(module))
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+        self.host.close()
+
+    def _decide(self, i: int, path: str, entry: dict, signature):
+        count = entry["num_experts"]
+
+        def pre_hook(mod, args, kwargs):
+            self.here.pop(path, None)
+            index = signature.bind(*args, **kwargs).arguments["top_k_index"]
+            if self.fixed:
+                where, why = hybrid.CPU, "--cpu-experts on"
+            else:
+                routed = [e for e in torch.unique(index).tolist() if 0 <= e < count]
+                pairs = int(((index >= 0) & (index < count)).sum())
+                choice = hybrid.choose_experts(len(routed), pairs, *self.sizes[path], self.speeds())
+                where, why = choice.where, choice.reason
+            self.log[self.groups[i]] = f"{where}: {why}"
+            if where == hybrid.CPU:
+                self.here[path] = why
+            return None
+
+        return pre_hook
+
+    def _sizes(self, i: int, entry: dict) -> tuple[int, int]:
+        """(stored bytes, weights) of one expert of `entry`, for the planner."""
+        group, count = self.loader.manifest.groups[i], entry["num_experts"]
+        gf = self.loader.files[i]
+        stored = sum(end - begin for p in entry["tensors"] for n in stored_names(p, group.tensors)
+                     for begin, end in [expert_range(gf.infos[n], count, 0)])
+        params = 0
+        for p in entry["tensors"]:
+            shape = group.quantized[p]["shape"] if p in group.quantized else gf.infos[p].shape
+            params += int(torch.Size(shape[1:]).numel())
+        return stored, params
+
+    def _forward(self, i: int, path: str, module: torch.nn.Module, entry: dict, signature, original):
+        count = entry["num_experts"]
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            if path not in self.here:
+                return original(*args, **kwargs)
+            self.on_compute(i, "start")
+            bound = signature.bind(*move(args, self.host.device), **move(kwargs, self.host.device))
+            index = bound.arguments["top_k_index"]
+            routed = [e for e in torch.unique(index).tolist() if 0 <= e < count]
+            before, experts = dict(module._parameters), module.num_experts
+            try:
+                slots = self.host.bring(i, path, module, entry, routed)  # CPU slots as the module's parameters
+                module.num_experts = len(slots.held)
+                bound.arguments["top_k_index"] = slots.index(index, count)
+                out = original(*bound.args, **bound.kwargs)
+            finally:
+                module._parameters.update(before)
+                module.num_experts = experts
+            self.on_compute(i, "end")
+            return move(out, self.device)
+
+        return forward
+
+
+class _Restore:
+    """A handle that puts a module's own forward back (the instance attribute goes)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+
+def open_cpu_experts(mode, loader) -> CpuExperts | None:
+    """The CpuExperts for `mode` ("on", "auto", "off" or None) over `loader`'s plan, or None when no
+    streamed MoE layer's experts run on the host (also "auto" on the CPU, where the host is the device)."""
+    if mode is None or mode == "off":
+        return None
+    if mode not in MODES:
+        raise UsageError(f"cpu_experts must be 'auto', 'on' or 'off', not {mode!r}")
+    if mode == "auto" and loader.device.type == "cpu":
+        return None
+    groups = {i: g.name for i, (g, p) in enumerate(zip(loader.manifest.groups, loader.places))
+              if g.experts and p != budget.DEVICE}
+    if not groups:
+        return None
+    speeds = lambda: hybrid.calibrate(loader.device, loader.dtype, cache_file=hybrid.default_cache_file())  # noqa: E731
+    return CpuExperts(loader, groups, fixed=mode == "on", speeds=speeds)
