@@ -138,6 +138,7 @@ SERVER = "Server"
 @click.option("--model-name", default=None, cls=Option, section=SERVER,
               show_default="the folder's name, or MODEL as given",
               help="the model's name in the API (the `model` field of requests)")
+@tree_options
 @model_options
 def serve(**options) -> int:
     """Serve MODEL (a converted folder, or a hub repo id or .gguf file converted into the cache once)
@@ -145,7 +146,9 @@ def serve(**options) -> int:
     "stream": true), GET /v1/models, /health and /metrics.
 
     One scheduler runs the model: new requests are prefilled together and join the running batch,
-    and every pass decodes one token for each running request. Ctrl-C stops the server.
+    and every pass decodes one token for each running request. With --draft, a request that runs
+    alone decodes with tree speculation (several tokens a pass), and goes back to the shared passes
+    when another arrives. Ctrl-C stops the server.
     """
     from pathlib import Path
 
@@ -161,7 +164,8 @@ def serve(**options) -> int:
     model = open_model(args)
     try:
         serve_http(model, model_name=name, host=args.host,
-                   port=args.port, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key)
+                   port=args.port, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
+                   draft=args.draft, tree_budget=args.tree_budget)
         if args.stats:
             print(json.dumps(model.stats.as_dict()), file=sys.stderr)
     finally:

@@ -72,12 +72,17 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
 
 
 def serve(lm, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
-          max_queue: int = 64, api_key: str | None = None) -> None:
-    """Serve `lm` over HTTP until interrupted (Ctrl-C); the engine is closed after."""
+          max_queue: int = 64, api_key: str | None = None, draft=None, tree_budget="auto") -> None:
+    """Serve `lm` over HTTP until interrupted (Ctrl-C); the engine is closed after. With `draft` (a
+    model, a folder or "prompt-lookup"), a request that runs alone decodes with tree speculation."""
     import sys
 
+    from .batch import eos_ids
+    from .solo import SoloSpeculation
+
+    solo = None if draft is None else SoloSpeculation(lm, draft, tree_budget=tree_budget, eos=eos_ids(lm))
     sock = bind(host, port)
-    engine = Engine(lm, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(lm, max_batch=max_batch, max_queue=max_queue, solo=solo)
     try:
         server = make_server(create_app(engine, model_name=model_name, api_key=api_key), host=host, port=port)
         print(f"serving {model_name!r} on http://{host}:{sock.getsockname()[1]}/v1 (max batch {max_batch}, "
