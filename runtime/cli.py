@@ -58,7 +58,8 @@ def main(argv=None) -> int:
               section="Speculation", help="propose N tokens per pass copied from the prompt (transformers' prompt lookup)")
 @click.option("--assistant", default=None, metavar="PATH", type=click.Path(), cls=Option, section="Speculation",
               help="a small draft model (checkpoint or converted folder) kept on the device, proposing tokens "
-                   "for each pass")
+                   "for each pass; one with another tokenizer and vocabulary size is translated through text "
+                   "(transformers' universal assisted decoding)")
 @tree_options
 @model_options
 @ray_options

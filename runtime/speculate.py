@@ -254,13 +254,9 @@ def open_draft(lm, draft):
         return draft
     if draft == LOOKUP:
         return None
-    from pathlib import Path
+    from .batch import load_assistant, other_tokenizer
 
-    from .batch import load_assistant
-    from .opening import load_tokenizer
-
-    theirs = load_tokenizer(Path(draft))
-    if lm.tokenizer is not None and theirs is not None and theirs.get_vocab() != lm.tokenizer.get_vocab():
+    if other_tokenizer(lm, draft) is not None:
         raise UsageError(f"draft {draft} uses a different tokenizer than the target; tree speculation needs a "
                          "draft with the same tokenizer (for a different one, use --assistant)")
     return load_assistant(draft, device=lm.device, dtype=lm.dtype)

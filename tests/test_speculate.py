@@ -287,6 +287,49 @@ def test_cli_draft_errors(tiny_converted, tiny_checkpoints, tmp_path, capsys):
     assert "'0' is neither a number of tokens (1 or more) nor auto" in capsys.readouterr().err
 
 
+def save_shuffled_draft(folder, vocab_size: int = 300):
+    """A tiny llama with its own vocabulary size and a word tokenizer whose ids are shuffled: the
+    same words as the target's, other ids."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.vocab_size = vocab_size
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    words = {f"w{i}": 3 + (i - 3) * 7 % (vocab_size - 3) for i in range(3, vocab_size)}  # 7 is prime to 297
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, **words}, unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece(prefix="##")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    config_path = folder / "tokenizer_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return folder
+
+
+def test_a_draft_with_another_tokenizer(tiny_converted, tmp_path, capsys):
+    """Tree speculation refuses it with one line; --assistant translates through text (transformers'
+    universal assisted decoding, given both tokenizers) and gives plain greedy's text."""
+    import json
+
+    draft = save_shuffled_draft(tmp_path / "shuffled")
+    args = ["generate", str(tiny_converted["llama"]), "-p", "w5 w6 w30 w7", "-n", "12", "--device", "cpu",
+            "--max-cpu-memory", "0", "--stats"]
+    assert runtime_main(args) == 0
+    plain = capsys.readouterr()
+    assert runtime_main(args + ["--assistant", str(draft)]) == 0
+    translated = capsys.readouterr()
+    assert translated.out == plain.out and len(plain.out.split()) == 12
+    assert json.loads(translated.err.strip().splitlines()[-1])["new_tokens"] == 12
+    assert runtime_main(args + ["--draft", str(draft)]) == 2
+    assert capsys.readouterr().err.strip() == (f"Error: draft {draft} uses a different tokenizer than the target; "
+                                               "tree speculation needs a draft with the same tokenizer (for a "
+                                               "different one, use --assistant)")
+
+
 def test_cli_draft_conflicts_are_one_error_line(tiny_converted, tiny_checkpoints, tmp_path, capsys):
     args = ["generate", str(tiny_converted["llama"]), "-n", "4", "--device", "cpu", "--max-cpu-memory", "0",
             "--draft", str(tiny_checkpoints["llama"])]
