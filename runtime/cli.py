@@ -204,7 +204,7 @@ def chat(**options) -> int:
     show_first_pass(model)
     options = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens, **sampling_kwargs(args),
                **tree_speculation(args, model)}
-    answers = run_chat(Chat(model, system=args.system, generate_options=options))
+    answers = run_chat(Chat(model, system=args.system, generate_options=options, stats=args.stats))
     if args.stats:
         report_stats({**model.stats.as_dict(), "answers": answers, **speculation_stats(model)})
     model.close()
