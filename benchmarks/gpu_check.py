@@ -77,7 +77,8 @@ def parse_args(argv):
     ap.add_argument("--only", type=_sections, default=None,
                     help=f"run only these sections, comma-separated: {','.join(SECTIONS)} (default: all)")
     ap.add_argument("--tokens-per-pass", type=float, default=4.0,
-                    help="speculation section's 70B arithmetic: tokens a tree pass yields (benchmarks/results/speculate_cpu.txt)")
+                    help="speculation section's 70B arithmetic: tokens a tree pass yields "
+                         "(benchmarks/results/speculate_cpu.txt)")
     ap.add_argument("--work", type=Path, default=None, help="where to write the synthetic model (default: a temp dir)")
     args = ap.parse_args(argv)
     args.layers = args.layers or (3 if args.dry else 4)
