@@ -168,7 +168,7 @@ def serve(**options) -> int:
                    port=args.port, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
                    draft=args.draft, tree_budget=args.tree_budget)
         if args.stats:
-            print(json.dumps(model.stats.as_dict()), file=sys.stderr)
+            print(json.dumps({**model.stats.as_dict(), **speculation_stats(model)}), file=sys.stderr)
     finally:
         model.close()
     return 0

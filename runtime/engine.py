@@ -243,6 +243,7 @@ class Engine:
             self._batch = self._empty_batch()
         spec, place = seq.solo
         for token in spec.step(place, seq.sampling.max_tokens - len(seq.tokens)):
+            spec.stats.new_tokens += 1
             if seq.cancelled or self._take(seq, token):
                 break
 

@@ -94,6 +94,8 @@ def serve(lm, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, max
     finally:
         engine.close()
         sock.close()
+        if solo is not None:  # what --stats reports, as after `runtime generate --draft`
+            lm.speculation = {**solo.stats.as_dict(), "tree_budget": solo.budget}
 
 
 def bind(host: str, port: int):
@@ -321,6 +323,11 @@ def prometheus_text(state: ServerState) -> str:
          stats.bytes_streamed),
         ("runtime_response_bytes_total", "counter", "bytes of completions sent to clients", state.response_bytes),
     ]
+    if engine.solo is not None:  # --draft: passes that checked a tree for a request running alone
+        spec = engine.solo.stats
+        rows += [("runtime_tree_passes_total", "counter", "passes that checked a draft's tree", spec.passes),
+                 ("runtime_tree_tokens_total", "counter", "tokens those passes generated", spec.new_tokens),
+                 ("runtime_tree_nodes_total", "counter", "tree nodes those passes checked", spec.tree_tokens)]
     return "".join(f"# HELP {n} {h}\n# TYPE {n} {t}\n{n} {v}\n" for n, t, h, v in rows)
 
 

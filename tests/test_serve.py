@@ -172,12 +172,16 @@ def test_streamed_completion_is_the_whole_one(tiny_server):
 def test_a_request_alone_speculates_and_answers_as_runtime_generate(tiny_converted, tiny_checkpoints, capsys):
     want = runtime_generate(capsys, tiny_converted["llama"], "w5 w6 w7", 24)
     with serving(tiny_converted["llama"], draft=tiny_checkpoints["llama"]) as (url, engine):
-        before = metrics(url)["runtime_passes_total"]
+        before = metrics(url)
         r = client(url).completions.create(model="m", prompt="w5 w6 w7", temperature=0, max_tokens=24)
-        passes = metrics(url)["runtime_passes_total"] - before
+        after = metrics(url)
+    grew = {name: after[name] - before[name] for name in after}
     assert r.choices[0].text == want and r.usage.completion_tokens > 4
     # the draft is the target itself: every tree's first guesses are right, 2+ tokens a pass
-    assert passes <= 1 + r.usage.completion_tokens // 2 and engine.solo.stats.passes == passes - 1
+    passes, n = grew["runtime_passes_total"], r.usage.completion_tokens
+    assert passes <= 1 + n // 2 and grew["runtime_tree_passes_total"] == passes - 1  # all but the prefill
+    assert grew["runtime_tree_tokens_total"] == n - 1  # the prefill gives the first token
+    assert grew["runtime_tree_nodes_total"] >= passes - 1
 
 
 def test_requests_that_arrive_mid_speculation_share_passes_and_change_no_answer(tiny_converted, tiny_checkpoints,
