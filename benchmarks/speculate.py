@@ -90,24 +90,29 @@ def cpu_section(new_tokens: int) -> None:
     model.close()
 
 
-def gpu_section(dry: bool, tokens_per_pass: float) -> None:
+def gpu_section(dry: bool, tokens_per_pass: float, work: Path | None = None, *, header: bool = True) -> None:
+    """The verify-cost table and the 70B arithmetic. The synthetic model is written into `work`
+    (default: the benchmark cache, kept for the next run); `header`: print the machine first
+    (benchmarks/gpu_check.py prints its own)."""
     from transformers import DynamicCache, LlamaConfig
 
     from models import CACHE, LLAMA2_70B
     from reshard.synthetic import write_random_model
     from runtime.kvcache import keep_columns
     from runtime.model import LayeredModel
+    from runtime.score import cache_arg
     from runtime.tree import TokenTree
 
     device = "cpu" if dry else "cuda"
     shapes = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
                   vocab_size=1000) if dry else LLAMA2_70B
-    folder = CACHE / ("speculate-tiny" if dry else "speculate-70b-4l-int4")
+    folder = (work or CACHE) / ("speculate-tiny" if dry else "speculate-70b-4l-int4")
     if not (folder / "manifest.json").is_file():
         config = LlamaConfig(**shapes, num_hidden_layers=4, max_position_embeddings=4096, tie_word_embeddings=False)
         write_random_model(config, folder, dtype=torch.float16, quantize="int4", device=device)
-    for line in machine_lines("float16"):
-        out(line)
+    if header:
+        for line in machine_lines("float16"):
+            out(line)
     model = LayeredModel.from_pretrained(folder, device=device, dtype="float16", max_gpu_memory="0" if not dry else None,
                                          max_cpu_memory="1TB" if not dry else 0)
     out(f"model: {folder.name} ({'tiny, --dry' if dry else 'Llama-2-70B layer shapes'}); places: {model.places}")
@@ -115,7 +120,7 @@ def gpu_section(dry: bool, tokens_per_pass: float) -> None:
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         model(input_ids=torch.randint(0, shapes["vocab_size"], (1, prefix), device=device), use_cache=True,
-              past_key_values=cache)
+              **cache_arg(model, cache))
     g = torch.Generator().manual_seed(0)
     times = {}
     for n in sizes:
@@ -123,7 +128,8 @@ def gpu_section(dry: bool, tokens_per_pass: float) -> None:
         for j in range(n):  # a random bushy tree: each node under one of the earlier ones (or the root)
             tree.add(int(torch.randint(0, shapes["vocab_size"], (), generator=g)),
                      int(torch.randint(-1, j, (), generator=g)) if j else -1, 0.0)
-        times[n] = statistics.median(verify_seconds(model, cache, tree, prefix, device) for _ in range(3))
+        repeats = 1 if dry else 3  # (dry: the script is checked, nothing measured)
+        times[n] = statistics.median(verify_seconds(model, cache, tree, prefix, device) for _ in range(repeats))
         keep_columns(cache, torch.arange(prefix, device=device))
     out()
     out("| tree tokens | seconds per pass | vs 1-token pass |")
@@ -144,6 +150,7 @@ def gpu_section(dry: bool, tokens_per_pass: float) -> None:
 
 def verify_seconds(model, cache, tree, prefix: int, device: str) -> float:
     from runtime.kvcache import keep_columns
+    from runtime.score import cache_arg
     from runtime.tree import tree_mask, tree_positions
 
     keep_columns(cache, torch.arange(prefix, device=device))
@@ -156,8 +163,8 @@ def verify_seconds(model, cache, tree, prefix: int, device: str) -> float:
         torch.cuda.synchronize()
     start = time.perf_counter()
     with torch.inference_mode():
-        model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-              logits_to_keep=len(tree))
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=len(tree),
+              **cache_arg(model, cache))
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start

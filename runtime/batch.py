@@ -117,6 +117,30 @@ def load_assistant(path, *, device: torch.device, dtype: torch.dtype):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
+def other_tokenizer(lm, path):
+    """The tokenizer of the draft folder `path` when it differs from `lm`'s (None when they agree,
+    or when either has none)."""
+    from .opening import load_tokenizer
+
+    theirs = load_tokenizer(Path(path))
+    if lm.tokenizer is None or theirs is None or theirs.get_vocab() == lm.tokenizer.get_vocab():
+        return None
+    return theirs
+
+
+def assistant_options(lm, path) -> dict:
+    """generate() options for the assistant folder `path`: the model, and with a tokenizer and a
+    vocabulary size other than the target's, both tokenizers (transformers' universal assisted
+    decoding: the draft's tokens go through text and are re-tokenized by the target). Transformers
+    tells the two cases apart by vocabulary size: with the same size it takes the ids as shared."""
+    assistant = load_assistant(path, device=lm.device, dtype=lm.dtype)
+    options = {"assistant_model": assistant}
+    sizes = {m.config.get_text_config().vocab_size for m in (lm, assistant)}
+    if len(sizes) > 1 and (theirs := other_tokenizer(lm, path)) is not None:
+        options.update(tokenizer=lm.tokenizer, assistant_tokenizer=theirs)
+    return options
+
+
 def _load_converted(path: Path, device: torch.device, dtype: torch.dtype):
     from transformers import AutoConfig
 

@@ -10,6 +10,7 @@ and keeps the chat going; a second Ctrl-C before it stops interrupts for good.
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 from contextlib import contextmanager
@@ -49,13 +50,15 @@ class Printer(TextStreamer):
 class Chat:
     """The messages of one conversation with `model`, and how to answer the next turn."""
 
-    def __init__(self, model, *, system: str | None = None, generate_options: dict | None = None):
+    def __init__(self, model, *, system: str | None = None, generate_options: dict | None = None,
+                 stats: bool = False):
         tokenizer = model.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise UsageError("this folder's tokenizer has no chat template; `runtime chat` needs one "
                              "(use `runtime generate` for plain text)")
         self.model, self.tokenizer, self.system = model, tokenizer, system
         self.options = generate_options or {}
+        self.stats = stats  # --stats: each answer's tree speculation figures on stderr
         self.messages: list[dict] = []
         self.reset()
 
@@ -76,6 +79,8 @@ class Chat:
                                   pad_token_id=gc.pad_token_id if gc.pad_token_id is not None else gc.eos_token_id,
                                   **self.options)
         answer = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        if self.stats and "draft" in self.options:  # tokens per pass, tree size, acceptance of this answer
+            print(json.dumps({"speculation": self.model.speculation}), file=sys.stderr, flush=True)
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         return answer
 

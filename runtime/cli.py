@@ -58,7 +58,8 @@ def main(argv=None) -> int:
               section="Speculation", help="propose N tokens per pass copied from the prompt (transformers' prompt lookup)")
 @click.option("--assistant", default=None, metavar="PATH", type=click.Path(), cls=Option, section="Speculation",
               help="a small draft model (checkpoint or converted folder) kept on the device, proposing tokens "
-                   "for each pass")
+                   "for each pass; one with another tokenizer and vocabulary size is translated through text "
+                   "(transformers' universal assisted decoding)")
 @tree_options
 @model_options
 @ray_options
@@ -138,6 +139,7 @@ SERVER = "Server"
 @click.option("--model-name", default=None, cls=Option, section=SERVER,
               show_default="the folder's name, or MODEL as given",
               help="the model's name in the API (the `model` field of requests)")
+@tree_options
 @model_options
 def serve(**options) -> int:
     """Serve MODEL (a converted folder, or a hub repo id or .gguf file converted into the cache once)
@@ -145,7 +147,9 @@ def serve(**options) -> int:
     "stream": true), GET /v1/models, /health and /metrics.
 
     One scheduler runs the model: new requests are prefilled together and join the running batch,
-    and every pass decodes one token for each running request. Ctrl-C stops the server.
+    and every pass decodes one token for each running request. With --draft, a request that runs
+    alone decodes with tree speculation (several tokens a pass), and goes back to the shared passes
+    when another arrives. Ctrl-C stops the server.
     """
     from pathlib import Path
 
@@ -161,9 +165,10 @@ def serve(**options) -> int:
     model = open_model(args)
     try:
         serve_http(model, model_name=name, host=args.host,
-                   port=args.port, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key)
+                   port=args.port, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
+                   draft=args.draft, tree_budget=args.tree_budget)
         if args.stats:
-            print(json.dumps(model.stats.as_dict()), file=sys.stderr)
+            print(json.dumps({**model.stats.as_dict(), **speculation_stats(model)}), file=sys.stderr)
     finally:
         model.close()
     return 0
@@ -199,7 +204,7 @@ def chat(**options) -> int:
     show_first_pass(model)
     options = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens, **sampling_kwargs(args),
                **tree_speculation(args, model)}
-    answers = run_chat(Chat(model, system=args.system, generate_options=options))
+    answers = run_chat(Chat(model, system=args.system, generate_options=options, stats=args.stats))
     if args.stats:
         report_stats({**model.stats.as_dict(), "answers": answers, **speculation_stats(model)})
     model.close()

@@ -80,9 +80,9 @@ def speculation(args, model) -> dict:
     if args.prompt_lookup is not None:
         return {"prompt_lookup_num_tokens": args.prompt_lookup}
     if args.assistant is not None:
-        from .batch import load_assistant
+        from .batch import assistant_options
 
-        return {"assistant_model": load_assistant(args.assistant, device=model.device, dtype=model.dtype)}
+        return assistant_options(model, args.assistant)
     return {}
 
 

@@ -16,7 +16,8 @@ positions and attends only to its own tokens, so a greedy sequence gets the toke
 alone. Sampling is per sequence (runtime.sampling). Callers `submit` token ids with a
 `deliver` callback, which the scheduler thread calls with each `Event`; `cancel` frees a slot
 at the next pass boundary. The queue of requests not yet admitted is bounded: past
-`max_queue`, `submit` raises `QueueFullError`.
+`max_queue`, `submit` raises `QueueFullError`. With `solo` (runtime/solo.py), a sequence that
+runs alone decodes with tree speculation, several tokens a pass, until another one joins.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Sequence:
     cancelled: bool = False
     finish_reason: str | None = None
     tokens: list[int] = field(default_factory=list)
+    solo: tuple | None = None  # (TreeSpeculator, Place) while it decodes alone with speculation
 
 
 @dataclass
@@ -84,12 +86,13 @@ class Counters:
 class Engine:
     """One scheduler thread running `lm` for every submitted sequence; see the module docstring."""
 
-    def __init__(self, lm, *, max_batch: int = 8, max_queue: int = 64):
+    def __init__(self, lm, *, max_batch: int = 8, max_queue: int = 64, solo=None):
         if lm.tokenizer is None:
             raise UsageError("this folder has no tokenizer files; convert a checkpoint that has them")
         if max_batch < 1 or max_queue < 0:
             raise UsageError(f"max_batch must be 1 or more and max_queue 0 or more, not {max_batch} and {max_queue}")
         self.lm, self.max_batch, self.max_queue = lm, max_batch, max_queue
+        self.solo = solo  # a runtime.solo.SoloSpeculation: a sequence running alone decodes with trees
         self.context = getattr(lm.config, "max_position_embeddings", None)
         self.counters = Counters()
         # Fast tokenizers may not encode and decode at once from two threads; callers encode under it.
@@ -176,9 +179,13 @@ class Engine:
     def _step(self, new: list[Sequence]) -> None:
         try:
             if new:
+                self._rejoin()
                 self._prefill(new)
             self._drop_finished()
-            if self._active:
+            if self._active and self.solo is not None and len(self._active) == 1:
+                self._speculate()
+                self._drop_finished()
+            elif self._active:
                 self._decode()
                 self._drop_finished()
         except Exception as e:  # a failed pass fails its sequences, not the server
@@ -228,6 +235,24 @@ class Engine:
         logits = self._forward(ids, self._batch.grow_mask(), positions, self._batch.cache)
         self._advance(self._active, logits)
 
+    def _speculate(self) -> None:
+        """One pass checking a tree for the one running sequence (runtime/solo.py)."""
+        seq = self._active[0]
+        if seq.solo is None:
+            seq.solo = self.solo.enter(self._batch, seq.sampling, seq.generator, seq.prompt + seq.tokens)
+            self._batch = self._empty_batch()
+        spec, place = seq.solo
+        for token in spec.step(place, seq.sampling.max_tokens - len(seq.tokens)):
+            spec.stats.new_tokens += 1
+            if seq.cancelled or self._take(seq, token):
+                break
+
+    def _rejoin(self) -> None:
+        """A sequence decoding alone goes back into the batch (others are about to join it)."""
+        for seq in self._active:
+            if seq.solo is not None:
+                self._batch, seq.solo = self.solo.leave(seq.solo[1]), None
+
     def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
         out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                             **cache_arg(self.lm, cache), **last_logits_only(self.lm))
@@ -236,19 +261,22 @@ class Engine:
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Each sequence takes its next token from its row of `logits`, and hears about it."""
         for seq, row in zip(seqs, logits):
-            if seq.cancelled:
-                continue
-            token = pick_token(row, seq.sampling, seq.generator)
-            seq.tokens.append(token)
-            self.counters.generated_tokens += 1
-            with self.tokenizer_lock:
-                text = seq.tail.add(token)
-            if token in self._eos or seq.tail.stopped:
-                self._finish(seq, "stop", text=text)
-            elif len(seq.tokens) >= seq.sampling.max_tokens:
-                self._finish(seq, "length", text=text)
-            elif text:
-                self._send(seq, Event(text=text))
+            if not seq.cancelled:
+                self._take(seq, pick_token(row, seq.sampling, seq.generator))
+
+    def _take(self, seq: Sequence, token: int) -> bool:
+        """`seq` takes its next token and hears about it; True when that finished it."""
+        seq.tokens.append(token)
+        self.counters.generated_tokens += 1
+        with self.tokenizer_lock:
+            text = seq.tail.add(token)
+        if token in self._eos or seq.tail.stopped:
+            self._finish(seq, "stop", text=text)
+        elif len(seq.tokens) >= seq.sampling.max_tokens:
+            self._finish(seq, "length", text=text)
+        elif text:
+            self._send(seq, Event(text=text))
+        return seq.finish_reason is not None
 
     def _drop_finished(self) -> None:
         keep = [r for r, s in enumerate(self._active) if s.finish_reason is None and not s.cancelled]

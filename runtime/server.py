@@ -72,12 +72,17 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
 
 
 def serve(lm, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
-          max_queue: int = 64, api_key: str | None = None) -> None:
-    """Serve `lm` over HTTP until interrupted (Ctrl-C); the engine is closed after."""
+          max_queue: int = 64, api_key: str | None = None, draft=None, tree_budget="auto") -> None:
+    """Serve `lm` over HTTP until interrupted (Ctrl-C); the engine is closed after. With `draft` (a
+    model, a folder or "prompt-lookup"), a request that runs alone decodes with tree speculation."""
     import sys
 
+    from .batch import eos_ids
+    from .solo import SoloSpeculation
+
+    solo = None if draft is None else SoloSpeculation(lm, draft, tree_budget=tree_budget, eos=eos_ids(lm))
     sock = bind(host, port)
-    engine = Engine(lm, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(lm, max_batch=max_batch, max_queue=max_queue, solo=solo)
     try:
         server = make_server(create_app(engine, model_name=model_name, api_key=api_key), host=host, port=port)
         print(f"serving {model_name!r} on http://{host}:{sock.getsockname()[1]}/v1 (max batch {max_batch}, "
@@ -89,6 +94,8 @@ def serve(lm, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, max
     finally:
         engine.close()
         sock.close()
+        if solo is not None:  # what --stats reports, as after `runtime generate --draft`
+            lm.speculation = {**solo.stats.as_dict(), "tree_budget": solo.budget}
 
 
 def bind(host: str, port: int):
@@ -316,6 +323,11 @@ def prometheus_text(state: ServerState) -> str:
          stats.bytes_streamed),
         ("runtime_response_bytes_total", "counter", "bytes of completions sent to clients", state.response_bytes),
     ]
+    if engine.solo is not None:  # --draft: passes that checked a tree for a request running alone
+        spec = engine.solo.stats
+        rows += [("runtime_tree_passes_total", "counter", "passes that checked a draft's tree", spec.passes),
+                 ("runtime_tree_tokens_total", "counter", "tokens those passes generated", spec.new_tokens),
+                 ("runtime_tree_nodes_total", "counter", "tree nodes those passes checked", spec.tree_tokens)]
     return "".join(f"# HELP {n} {h}\n# TYPE {n} {t}\n{n} {v}\n" for n, t, h, v in rows)
 
 

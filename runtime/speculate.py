@@ -72,6 +72,17 @@ def point_mass(token: int, vocab: int) -> torch.Tensor:
     return q
 
 
+@dataclass
+class Place:
+    """One sequence's state between passes."""
+
+    target: DynamicCache  # the target's KV cache: every context token but `pending`
+    drafted: DynamicCache | None  # the draft's: every context token but `dpending` (None: prompt lookup)
+    pending: list[int]  # tokens the target has not seen (the last is the tree's root)
+    dpending: list[int]  # tokens the draft has not seen
+    context: list[int]  # the prompt and every token so far
+
+
 LOOKUP = "prompt-lookup"  # the draft that is no model: trees of the context's n-gram continuations
 
 
@@ -92,27 +103,41 @@ class TreeSpeculator:
     def generate(self, prompt: list[int], max_new_tokens: int, on_tokens=None) -> list[int]:
         """New tokens after `prompt` (at most `max_new_tokens`, through the first end of sequence);
         `on_tokens(list)` hears each pass's accepted tokens, and stops generation by returning True."""
-        target = DynamicCache(config=self.lm.config)
-        drafted = DynamicCache(config=self.draft.config) if self.draft is not None else None
-        pending, dpending, out = list(prompt), list(prompt), []
+        place, out = self.start(prompt), []
         while len(out) < max_new_tokens:
-            depth = max_new_tokens - len(out) - 1  # deeper guesses would pass the tokens wanted
-            if self.draft is None:
-                tree = lookup_tree(prompt + out, self.budget, depth=depth)
-            else:
-                tree = self.grow(drafted, dpending, depth)
-            new, path = self.verify(target, pending, tree)
-            new = new[:max_new_tokens - len(out)]
-            stop = next((k for k, t in enumerate(new) if t in self.eos), None)
-            new = new if stop is None else new[:stop + 1]
+            new = self.step(place, max_new_tokens - len(out))
             out += new
             if on_tokens is not None and on_tokens(new):  # a caller's stop (chat's Ctrl-C)
                 break
-            if stop is not None:
+            if new[-1] in self.eos:
                 break
-            pending, dpending = new[-1:], new  # the target's cache holds the path; the draft's only the prefix
         self.stats.new_tokens += len(out)
         return out
+
+    def start(self, prompt: list[int], target=None) -> Place:
+        """Where a sequence stands before its first pass: `prompt` after the target's KV cache
+        `target` (None: an empty one; else it holds every context token but the last of `prompt`)."""
+        target = DynamicCache(config=self.lm.config) if target is None else target
+        pending = list(prompt) if target.get_seq_length() == 0 else list(prompt[-1:])
+        drafted = DynamicCache(config=self.draft.config) if self.draft is not None else None
+        return Place(target, drafted, pending, list(prompt), list(prompt))
+
+    def step(self, place: Place, limit: int) -> list[int]:
+        """One target pass: the next tokens (at most `limit`, through the first end of sequence);
+        `place` moves past them (the target's cache holds all but the last)."""
+        depth = limit - 1  # deeper guesses would pass the tokens wanted
+        if self.draft is None:
+            tree = lookup_tree(place.context, self.budget, depth=depth)
+        else:
+            tree = self.grow(place.drafted, place.dpending, depth)
+        new, _ = self.verify(place.target, place.pending, tree)
+        new = new[:limit]
+        stop = next((k for k, t in enumerate(new) if t in self.eos), None)
+        new = new if stop is None else new[:stop + 1]
+        # the target's cache holds the accepted path; the draft's only what came before dpending
+        place.pending, place.dpending = new[-1:], new
+        place.context += new
+        return new
 
     # --- the draft grows a tree ----------------------------------------------------------
     def grow(self, cache, pending: list[int], depth: int | None = None) -> TokenTree:
@@ -229,13 +254,9 @@ def open_draft(lm, draft):
         return draft
     if draft == LOOKUP:
         return None
-    from pathlib import Path
+    from .batch import load_assistant, other_tokenizer
 
-    from .batch import load_assistant
-    from .opening import load_tokenizer
-
-    theirs = load_tokenizer(Path(draft))
-    if lm.tokenizer is not None and theirs is not None and theirs.get_vocab() != lm.tokenizer.get_vocab():
+    if other_tokenizer(lm, draft) is not None:
         raise UsageError(f"draft {draft} uses a different tokenizer than the target; tree speculation needs a "
                          "draft with the same tokenizer (for a different one, use --assistant)")
     return load_assistant(draft, device=lm.device, dtype=lm.dtype)

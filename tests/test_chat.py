@@ -190,3 +190,24 @@ def test_too_long_a_conversation_is_refused_and_the_chat_goes_on(tiny_converted,
         "Error: the conversation plus --max-new-tokens is 144 tokens, more than the model's context of 128; "
         "/reset to start again or lower --max-new-tokens"]
     assert len(out.split()) == 4  # the short turn was answered
+
+
+def test_chat_stats_give_each_answers_tokens_per_pass(tiny_converted, tiny_checkpoints, tmp_path, monkeypatch, capsys):
+    """With --draft and --stats, every answer's speculation figures follow it on stderr (one JSON line each)."""
+    import shutil
+
+    from runtime.cli import main
+
+    folder = tmp_path / "with-template"
+    shutil.copytree(tiny_converted["llama"], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("w5 w6 w7\nw9 w8\n"))
+    assert main(["chat", str(folder), "--device", "cpu", "-n", "8", "--max-cpu-memory", "0", "--draft",
+                 str(tiny_checkpoints["llama"]), "--tree-budget", "8", "--stats"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    turns = [json.loads(line)["speculation"] for line in err if line.startswith('{"speculation"')]
+    assert len(turns) == 2
+    for turn in turns:  # the draft is the target itself: its first guesses are right, 2+ tokens a pass
+        assert turn["tree_budget"] == 8 and turn["tokens_per_pass"] >= 2 and 0 < turn["tree_size"] <= 8, turn

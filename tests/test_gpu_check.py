@@ -75,6 +75,10 @@ def test_gpu_check_dry_run(gpu_assets, tmp_path, tmp_path_factory):
     assert any(line.startswith("| accelerate device_map=auto | fp16 | generate | ") and line.endswith("| same as ours | n/a |")
                for line in lines)
     assert any(line.startswith("| AirLLM | fp16 | generate | not importable") for line in lines)
+    for n in (1, 16, 64, 256, 1024):  # tree speculation's verify cost (issue 24), then the 70B arithmetic
+        assert any(re.fullmatch(rf"\| {n} \| \d+\.\d{{4}} \| \d+\.\d\dx \|", line) for line in lines), n
+    assert [line.split(":")[0].strip() for line in lines if "GB/s x " in line] == ["PCIe4 x16 (~25 GB/s)"] * 2 + [
+        "PCIe5 x16 (~50 GB/s)"] * 2
     ok = lines.index("gpu_check: OK")  # gpu_check.py's last line; gpu_check.sh's own sections follow it
     assert lines[ok + 1] == "```" and lines[-1] == "```"
     assert list(tmp_path.iterdir()) == []  # the synthetic model was written to a temp dir and removed

@@ -16,9 +16,12 @@ import openai
 import pytest
 
 from runtime import LayeredModel
+from runtime.batch import eos_ids
 from runtime.cli import main as runtime_main
 from runtime.engine import Engine
+from runtime.sampling import Sampling
 from runtime.server import BackgroundServer, create_app
+from runtime.solo import SoloSpeculation
 
 KEY = "sk-test"
 CHATS = ["What is the capital of France?", "Write a haiku about the sea in winter.", "Hi!", "Name three colours.",
@@ -27,10 +30,12 @@ CHATS = ["What is the capital of France?", "Write a haiku about the sea in winte
 
 
 @contextlib.contextmanager
-def serving(folder, *, api_key=KEY, **engine_options):
-    """A server for `folder` (streamed, float32, CPU) on a free port; yields (url, engine)."""
+def serving(folder, *, api_key=KEY, draft=None, **engine_options):
+    """A server for `folder` (streamed, float32, CPU) on a free port; yields (url, engine). With
+    `draft`, a request that runs alone decodes with tree speculation (a budget of 8)."""
     lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", max_cpu_memory=0)
-    engine = Engine(lm, **engine_options)
+    solo = None if draft is None else SoloSpeculation(lm, draft, tree_budget=8, eos=eos_ids(lm))
+    engine = Engine(lm, solo=solo, **engine_options)
     server = BackgroundServer(create_app(engine, model_name="m", api_key=api_key))
     try:
         yield server.url, engine
@@ -160,6 +165,55 @@ def test_streamed_completion_is_the_whole_one(tiny_server):
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == whole.choices[0].text
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+# --- tree speculation for a request that runs alone ------------------------------------------------
+
+def test_a_request_alone_speculates_and_answers_as_runtime_generate(tiny_converted, tiny_checkpoints, capsys):
+    want = runtime_generate(capsys, tiny_converted["llama"], "w5 w6 w7", 24)
+    with serving(tiny_converted["llama"], draft=tiny_checkpoints["llama"]) as (url, engine):
+        before = metrics(url)
+        r = client(url).completions.create(model="m", prompt="w5 w6 w7", temperature=0, max_tokens=24)
+        after = metrics(url)
+    grew = {name: after[name] - before[name] for name in after}
+    assert r.choices[0].text == want and r.usage.completion_tokens > 4
+    # the draft is the target itself: every tree's first guesses are right, 2+ tokens a pass
+    passes, n = grew["runtime_passes_total"], r.usage.completion_tokens
+    assert passes <= 1 + n // 2 and grew["runtime_tree_passes_total"] == passes - 1  # all but the prefill
+    assert grew["runtime_tree_tokens_total"] == n - 1  # the prefill gives the first token
+    assert grew["runtime_tree_nodes_total"] >= passes - 1
+
+
+def test_requests_that_arrive_mid_speculation_share_passes_and_change_no_answer(tiny_converted, tiny_checkpoints,
+                                                                                 capsys):
+    """The first request decodes alone with trees; at its first text the other two arrive, so it goes
+    back into the batch; when they finish it speculates again. Every greedy answer is its answer alone."""
+    prompts = {"w5 w6": 40, "w9 w8 w7 w6 w5 w4": 6, "w3 w30 w12": 10}
+    want = [runtime_generate(capsys, tiny_converted["llama"], p, n) for p, n in prompts.items()]
+    texts, done = [""] * 3, [threading.Event() for _ in prompts]
+    with serving(tiny_converted["llama"], draft=tiny_checkpoints["llama"]) as (url, engine):
+        entered = []
+        enter = engine.solo.enter
+        engine.solo.enter = lambda *a: entered.append(1) or enter(*a)
+
+        def deliver(k, ev):
+            texts[k] += ev.text
+            if ev.finish_reason:
+                done[k].set()
+            if k == 0 and len(entered) == 1 and not engine.waiting and engine.counters.requests == 1:
+                for j, (p, n) in enumerate(list(prompts.items())[1:], start=1):
+                    engine.submit(ids(engine, p), Sampling(max_tokens=n, temperature=0), lambda ev, j=j: deliver(j, ev))
+
+        engine.submit(ids(engine, "w5 w6"), Sampling(max_tokens=40, temperature=0), lambda ev: deliver(0, ev))
+        assert all(d.wait(120) for d in done)
+    assert texts == want and all(len(t.split()) >= 4 for t in want), want
+    assert len(entered) == 2, entered  # alone, then alone again after the others left
+
+
+def ids(engine, prompt: str) -> list[int]:
+    from runtime.batch import prompt_ids
+
+    return prompt_ids(engine.lm.tokenizer, prompt, chat=False)
 
 
 # --- SmolLM2: answers equal `runtime generate`, passes are shared, slots come back ------------------

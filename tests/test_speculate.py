@@ -139,9 +139,17 @@ def test_batch_is_refused(tiny_checkpoints, tiny_converted):
     model.close()
 
 
-def test_cache_after_partly_accepted_tree_equals_plain(placement, tiny_checkpoints, tiny_converted):
-    """After one verified tree, the target's cache holds the prompt and the accepted path only:
-    what a plain forward over the same tokens leaves."""
+def test_cache_after_partly_accepted_tree_equals_plain_decoding(placement, tiny_checkpoints, tiny_converted):
+    """After one verified tree grown by a draft, the target's cache holds the prompt and the accepted
+    path only: what plain decoding of the same tokens (one forward each) leaves, to float32 rounding.
+
+    Why not bit for bit: a token's K/V row comes out of a matmul over all the forward's tokens, and
+    BLAS computes full tiles of rows and the edge tile with different kernels (a different order of
+    summation); plain decoding runs one row at a time (a matrix-vector product). So the same token at
+    another row, or alone, can differ in the last bits: here about 1e-7 per layer, at values of
+    about 1 (float32's epsilon is 1.2e-7). The tolerance, 1e-6, is a few such roundings per layer of
+    the tiny model's 3. With the accepted path at the same rows as in a plain forward, the cache is
+    bit-identical (next test)."""
     model = open_placed(tiny_converted["llama"], placement)
     draft = load_assistant(tiny_checkpoints["llama"], device=CPU, dtype=torch.float32)
     spec = TreeSpeculator(model, draft, budget=24, sampling=Sampling(max_tokens=8, temperature=0))
@@ -149,14 +157,44 @@ def test_cache_after_partly_accepted_tree_equals_plain(placement, tiny_checkpoin
     cache = DynamicCache(config=model.config)
     new, path = spec.verify(cache, PROMPT, tree)
     assert 1 <= len(path) < len(tree)  # partly accepted
+    assert path != list(range(len(path)))  # the accepted nodes are not the first rows of the tree
     assert [tree.tokens[j] for j in path] == new[:-1]
     plain = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(input_ids=torch.tensor([PROMPT + new[:-1]]), past_key_values=plain, use_cache=True)
+        model(input_ids=torch.tensor([PROMPT]), past_key_values=plain, use_cache=True)
+        for token in new[:-1]:
+            model(input_ids=torch.tensor([[token]]), past_key_values=plain, use_cache=True)
     assert cache.get_seq_length() == plain.get_seq_length() == len(PROMPT) + len(path)
     for mine, theirs in zip(cache.layers, plain.layers):
-        torch.testing.assert_close(mine.keys, theirs.keys, rtol=0, atol=1e-5)
-        torch.testing.assert_close(mine.values, theirs.values, rtol=0, atol=1e-5)
+        torch.testing.assert_close(mine.keys, theirs.keys, rtol=0, atol=1e-6)
+        torch.testing.assert_close(mine.values, theirs.values, rtol=0, atol=1e-6)
+    model.close()
+
+
+def test_cache_after_partly_accepted_tree_is_bit_identical_at_the_same_rows(placement, tiny_converted):
+    """A tree whose accepted path is its first nodes (plain greedy's next 3 tokens in a chain, then a
+    wrong guess below them and a wrong sibling): the accepted tokens sit at the same rows of the
+    forward as in one plain forward over the prompt and the whole tree's tokens (same M, causal), so
+    the kept cache equals that forward's first columns bit for bit: the tree mask, the positions and
+    the columns kept add nothing of their own."""
+    model = open_placed(tiny_converted["llama"], placement)
+    no_eos(model)
+    greedy = plain_greedy(model, PROMPT, 4)
+    wrong = [(t + 1) % model.config.vocab_size for t in greedy]
+    tree = TokenTree()
+    for parent, token in [(-1, greedy[0]), (0, greedy[1]), (1, greedy[2]), (2, wrong[3]), (-1, wrong[0])]:
+        tree.add(token, parent, 0.0)
+    spec = TreeSpeculator(model, None, budget=len(tree), sampling=Sampling(max_tokens=8, temperature=0))
+    cache = DynamicCache(config=model.config)
+    new, path = spec.verify(cache, PROMPT, tree)
+    assert (new, path) == (greedy, [0, 1, 2])
+    plain = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([PROMPT + tree.tokens]), past_key_values=plain, use_cache=True)
+    kept = len(PROMPT) + len(path)
+    assert cache.get_seq_length() == kept
+    for mine, theirs in zip(cache.layers, plain.layers):
+        assert torch.equal(mine.keys, theirs.keys[:, :, :kept]) and torch.equal(mine.values, theirs.values[:, :, :kept])
     model.close()
 
 
@@ -262,6 +300,50 @@ def test_cli_draft_errors(tiny_converted, tiny_checkpoints, tmp_path, capsys):
         runtime_main(args + ["--draft", str(other), "--tree-budget", "0"])
     assert exit_.value.code == 2
     assert "'0' is neither a number of tokens (1 or more) nor auto" in capsys.readouterr().err
+
+
+def save_shuffled_draft(folder, vocab_size: int = 300):
+    """A tiny llama with its own vocabulary size and a word tokenizer whose ids are shuffled: the
+    same words as the target's, other ids."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.vocab_size = vocab_size
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    words = {f"w{i}": 3 + (i - 3) * 7 % (vocab_size - 3) for i in range(3, vocab_size)}  # 7 is prime to 297
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, **words}, unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece(prefix="##")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    path = folder / "tokenizer_config.json"  # AutoTokenizer loads this class, not the architecture's default
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return folder
+
+
+def test_a_draft_with_another_tokenizer(tiny_converted, tmp_path, capsys):
+    """Tree speculation refuses it with one line; --assistant translates through text (transformers'
+    universal assisted decoding, given both tokenizers) and gives plain greedy's text."""
+    import json
+
+    draft = save_shuffled_draft(tmp_path / "shuffled")
+    args = ["generate", str(tiny_converted["llama"]), "-p", "w5 w6 w30 w7", "-n", "12", "--device", "cpu",
+            "--max-cpu-memory", "0", "--stats"]
+    assert runtime_main(args) == 0
+    plain = capsys.readouterr()
+    assert runtime_main(args + ["--assistant", str(draft)]) == 0
+    translated = capsys.readouterr()
+    assert translated.out == plain.out and len(plain.out.split()) == 12
+    assert json.loads(translated.err.strip().splitlines()[-1])["new_tokens"] == 12
+    assert runtime_main(args + ["--draft", str(draft)]) == 2
+    assert capsys.readouterr().err.strip() == (f"Error: draft {draft} uses a different tokenizer than the target; "
+                                               "tree speculation needs a draft with the same tokenizer (for a "
+                                               "different one, use --assistant)")
 
 
 def test_cli_draft_conflicts_are_one_error_line(tiny_converted, tiny_checkpoints, tmp_path, capsys):
