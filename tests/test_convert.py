@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from reshard.format import read_manifest
 
-from conftest import FakeHub
+from conftest import FakeHub, built_once
 
 # Peak RSS from VmHWM: Linux carries the parent's peak into a child's ru_maxrss across fork and
 # exec, so ru_maxrss would report pytest's own peak instead of the conversion's.
@@ -47,15 +47,27 @@ def _llama(folder: Path, layers: int, hidden: int, inter: int) -> int:
     return layer
 
 
+@pytest.fixture(scope="module")
+def big_and_small_llama(tmp_path_factory):
+    """A 12-layer and a 1-layer float32 llama (one shard each), built once per run and shared by
+    both dtypes of the peak-memory test; also the bytes of one layer."""
+    def build(root):
+        layer = _llama(root / "big", layers=12, hidden=512, inter=2048)
+        _llama(root / "small", layers=1, hidden=512, inter=2048)
+        (root / "layer_bytes").write_text(str(layer))
+
+    root = built_once(tmp_path_factory, "convert-peak-llamas", build)
+    return root / "big", root / "small", int((root / "layer_bytes").read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["auto", "bfloat16"])  # copied as stored; read, cast and written
-def test_convert_peak_memory_is_about_one_layer(tmp_path, dtype):
-    layer_bytes = _llama(tmp_path / "big", layers=12, hidden=512, inter=2048)
-    _llama(tmp_path / "small", layers=1, hidden=512, inter=2048)
-    shard = max(f.stat().st_size for f in (tmp_path / "big").glob("*.safetensors"))
+def test_convert_peak_memory_is_about_one_layer(tmp_path, dtype, big_and_small_llama):
+    big_src, small_src, layer_bytes = big_and_small_llama
+    shard = max(f.stat().st_size for f in big_src.glob("*.safetensors"))
     assert shard > 10 * layer_bytes
-    base = _peak_rss_of_convert(tmp_path / "small", tmp_path / "small-out", tmp_path, "--dtype", dtype)
-    big = _peak_rss_of_convert(tmp_path / "big", tmp_path / "big-out", tmp_path, "--dtype", dtype)
+    base = _peak_rss_of_convert(small_src, tmp_path / "small-out", tmp_path, "--dtype", dtype)
+    big = _peak_rss_of_convert(big_src, tmp_path / "big-out", tmp_path, "--dtype", dtype)
     # Growth over a one-layer model (float32 layers): a couple of layers at most (the group being
     # written and the next one, read ahead), far below the shard size.
     assert big - base < 3 * layer_bytes, (big - base, layer_bytes, shard)

@@ -346,20 +346,33 @@ def _fp8_llama(folder, layers: int) -> int:
                if ".layers.0." in key)
 
 
+@pytest.fixture(scope="module")
+def fp8_big_and_small(tmp_path_factory):
+    """A 12-layer and a 1-layer fp8 llama built once per run, shared by both dtypes of the
+    peak-memory test; returns their root folder and the bytes of one source layer."""
+    from conftest import built_once
+
+    def build(root):
+        (root / "layer_bytes").write_text(str(_fp8_llama(root / "big", 12)))
+        _fp8_llama(root / "small", 1)
+
+    root = built_once(tmp_path_factory, "fp8-peak-llamas", build)
+    return root, int((root / "layer_bytes").read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["auto", "bfloat16"])  # kept fp8; de-quantized while reading
-def test_fp8_convert_peak_memory_is_about_one_layer(tmp_path, dtype):
+def test_fp8_convert_peak_memory_is_about_one_layer(tmp_path, dtype, fp8_big_and_small):
     import subprocess
     import sys
 
     from test_convert import PEAK_RSS  # a conversion's peak RSS in a fresh process
 
-    layer = _fp8_llama(tmp_path / "big", 12)
-    _fp8_llama(tmp_path / "small", 1)
+    src, layer = fp8_big_and_small
     peaks = {}
     for name in ("small", "big"):
         report = tmp_path / f"rss-{name}.txt"
-        proc = subprocess.run([sys.executable, "-c", PEAK_RSS, str(report), "convert", str(tmp_path / name),
+        proc = subprocess.run([sys.executable, "-c", PEAK_RSS, str(report), "convert", str(src / name),
                                str(tmp_path / f"{name}-out"), "--dtype", dtype, "--quiet"],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
