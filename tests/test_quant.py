@@ -240,13 +240,14 @@ def test_manifest_missing_a_quantized_part_is_refused(tiny_checkpoints, tmp_path
 # --- SmolLM2: bytes per pass, perplexity, generation ----------------------------------------
 
 @pytest.fixture(scope="module")
-def smollm2_quantized(smollm2_checkpoint, tmp_path_factory) -> dict[str, Path]:
-    """fp16, int8 and int4 (group 32) conversions of SmolLM2."""
+def smollm2_quantized(smollm2_checkpoint, smollm2_converted, tmp_path_factory) -> dict[str, Path]:
+    """SmolLM2 as converted (float32, the shared folder) and its int8 and int4 (group 32)
+    conversions from float16."""
     root = tmp_path_factory.mktemp("smollm2-quant")
-    out = {}
-    for name, scheme in [("fp16", None), ("int8", "int8"), ("int4", "int4")]:
-        convert(str(smollm2_checkpoint), root / name, dtype="float16", quantize=scheme, progress=False)
-        out[name] = root / name
+    out = {"float32": smollm2_converted}
+    for scheme in ("int8", "int4"):
+        convert(str(smollm2_checkpoint), root / scheme, dtype="float16", quantize=scheme, progress=False)
+        out[scheme] = root / scheme
     return out
 
 
@@ -255,7 +256,7 @@ def _layer_file_bytes(folder: Path) -> int:
 
 
 def test_bytes_per_pass_of_decoder_layers(smollm2_quantized):
-    fp16 = _layer_file_bytes(smollm2_quantized["fp16"])
+    fp16 = _layer_file_bytes(smollm2_quantized["float32"]) / 2  # the same tensors at 2 bytes, up to headers
     assert _layer_file_bytes(smollm2_quantized["int8"]) <= 0.53 * fp16
     assert _layer_file_bytes(smollm2_quantized["int4"]) <= 0.33 * fp16
     for name in ("int8", "int4"):  # `reshard info`'s "unquantized" figure is the fp16 folder's, up to headers
@@ -321,14 +322,14 @@ def _perplexity(folder: Path, backend: str) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("kernel_backend", ["expanded", "packed"], indirect=True)
 def test_smollm2_perplexity_int8_and_int4(smollm2_quantized, kernel_backend):
-    """fp16 (in float32) vs int8 vs int4 group 32 on the CPU with prefetch on: expanded to
+    """float32 vs int8 vs int4 group 32 on the CPU with prefetch on: expanded to
     float32, or packed through the project's kernels (activations quantized per block of 32)
     where they build, else torch's weight-only ones (bfloat16 activations in those layers; the
     next test runs those on int4 where the project's build)."""
     ppl = {name: smollm2_perplexity(folder, kernel_backend) for name, folder in smollm2_quantized.items()}
-    assert 5 < ppl["fp16"] < 40, ppl  # the model reads English
-    assert ppl["int8"] <= 1.01 * ppl["fp16"], ppl
-    assert ppl["int4"] <= 1.02 * ppl["fp16"], ppl
+    assert 5 < ppl["float32"] < 40, ppl  # the model reads English
+    assert ppl["int8"] <= 1.01 * ppl["float32"], ppl
+    assert ppl["int4"] <= 1.02 * ppl["float32"], ppl
 
 
 @pytest.mark.slow
