@@ -59,47 +59,62 @@ def only_error(err: str) -> str:
 
 # --- SIGKILL at several points, then resume ---------------------------------------------
 
-# Runs `reshard convert` and SIGKILLs itself at the point argv[1] names: half-way through
+# One fresh interpreter imports the converter once, then for each point in argv[3:] forks a
+# child that runs `reshard convert SOURCE OUT` and SIGKILLs itself at that point: half-way through
 # writing file NAME ("during:NAME"), or just before or after the rename that finishes it
-# ("before:NAME" / "after:NAME"): a half-written temporary file, a whole one, a finished
-# file not yet recorded.
+# ("before:NAME" / "after:NAME"): a half-written temporary file, a whole one, a finished file not
+# yet recorded. (No torch op runs before a fork: no thread pool is copied half-alive.) After each
+# child, a JSON line: how it ended and what OUT then holds (file sizes, the embeddings' inode).
 KILLER = """
-import os, signal, sys
-import reshard.format
-when, name = sys.argv[1].split(":")
-def writing_it(fd):
-    return os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) == name + ".partial"
-real_write_at, real_copy_at = reshard.format.write_at, reshard.format.copy_at
-def write_at(fd, data, offset):
-    if when == "during" and writing_it(fd):
-        view = memoryview(data).cast("B")
-        real_write_at(fd, view[: len(view) // 2], offset)
-        os.kill(os.getpid(), signal.SIGKILL)
-    real_write_at(fd, data, offset)
-def copy_at(src, src_offset, nbytes, fd, offset):
-    if when == "during" and writing_it(fd):
-        real_copy_at(src, src_offset, nbytes // 2, fd, offset)
-        os.kill(os.getpid(), signal.SIGKILL)
-    real_copy_at(src, src_offset, nbytes, fd, offset)
-reshard.format.write_at, reshard.format.copy_at = write_at, copy_at
-real_replace = os.replace
-def replace(src, dst):
-    hit = os.path.basename(dst) == name
-    if hit and when == "before":
-        os.kill(os.getpid(), signal.SIGKILL)
-    real_replace(src, dst)
-    if hit and when == "after":
-        os.kill(os.getpid(), signal.SIGKILL)
-os.replace = replace
+import json, os, signal, sys
+import reshard.convert, reshard.format
+import transformers.models.llama.modeling_llama  # what converting the llama needs, imported once
 from reshard.cli import main
-sys.exit(main(sys.argv[2:]))
+source, out, points = sys.argv[1], sys.argv[2], sys.argv[3:]
+def kill_at(when, name):
+    def writing_it(fd):
+        return os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) == name + ".partial"
+    real_write_at, real_copy_at, real_replace = reshard.format.write_at, reshard.format.copy_at, os.replace
+    def write_at(fd, data, offset):
+        if when == "during" and writing_it(fd):
+            view = memoryview(data).cast("B")
+            real_write_at(fd, view[: len(view) // 2], offset)
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_write_at(fd, data, offset)
+    def copy_at(src, src_offset, nbytes, fd, offset):
+        if when == "during" and writing_it(fd):
+            real_copy_at(src, src_offset, nbytes // 2, fd, offset)
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_copy_at(src, src_offset, nbytes, fd, offset)
+    def replace(src, dst):
+        hit = os.path.basename(dst) == name
+        if hit and when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_replace(src, dst)
+        if hit and when == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+    reshard.format.write_at, reshard.format.copy_at, os.replace = write_at, copy_at, replace
+for point in points:
+    pid = os.fork()
+    if pid == 0:
+        kill_at(*point.split(":"))
+        os._exit(main(["convert", source, out, "--quiet"]))
+    _, status = os.waitpid(pid, 0)
+    files = {f: os.stat(os.path.join(out, f)).st_size for f in os.listdir(out)} if os.path.isdir(out) else {}
+    embed = os.path.join(out, "embed.safetensors")
+    print(json.dumps({"point": point, "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                      "files": files, "embed_inode": os.stat(embed).st_ino if os.path.exists(embed) else None}),
+          flush=True)
 """
 
 
-def run_killed(point: str, source: Path, out: Path) -> subprocess.CompletedProcess:
+def run_killed(points: list[str], source: Path, out: Path) -> list[dict]:
+    """What each point's killed conversion left (KILLER's JSON lines), in order."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-c", KILLER, point, "convert", str(source), str(out), "--quiet"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(source), str(out), *points],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [json.loads(line) for line in proc.stdout.splitlines()]
 
 
 @pytest.mark.slow
@@ -107,21 +122,20 @@ def test_sigkill_at_several_points_then_resume_is_byte_identical(tiny_checkpoint
     source = tiny_checkpoints["llama"]
     assert convert(source, tmp_path / "clean") == 0
     out = tmp_path / "out"
-    embed_inode = None
-    for point in ["before:convert-progress.json",  # OUT made, nothing recorded
-                  "after:layers.00000.safetensors",  # file finished, not yet recorded
-                  "during:layers.00001.safetensors",  # temporary file half-written
-                  "before:layers.00002.safetensors",  # file written to its temporary name only
-                  "before:manifest.json"]:  # every group done, no manifest
-        proc = run_killed(point, source, out)
-        assert proc.returncode == -signal.SIGKILL, (point, proc.stderr[-2000:])
-        assert not (out / "manifest.json").exists()
-        if point == "during:layers.00001.safetensors":
-            half = (out / "layers.00001.safetensors.partial").stat().st_size
-            assert 0 < half < (tmp_path / "clean" / "layers.00001.safetensors").stat().st_size
-        if point == "before:layers.00002.safetensors":
-            assert (out / "layers.00002.safetensors.partial").is_file()
-            embed_inode = (out / "embed.safetensors").stat().st_ino
+    points = ["before:convert-progress.json",  # OUT made, nothing recorded
+              "after:layers.00000.safetensors",  # file finished, not yet recorded
+              "during:layers.00001.safetensors",  # temporary file half-written
+              "before:layers.00002.safetensors",  # file written to its temporary name only
+              "before:manifest.json"]  # every group done, no manifest
+    left = run_killed(points, source, out)
+    assert [r["point"] for r in left] == points
+    for r in left:
+        assert r["signal"] == signal.SIGKILL, r
+        assert "manifest.json" not in r["files"], r
+    half = left[2]["files"]["layers.00001.safetensors.partial"]
+    assert 0 < half < (tmp_path / "clean" / "layers.00001.safetensors").stat().st_size
+    assert "layers.00002.safetensors.partial" in left[3]["files"]
+    embed_inode = left[3]["embed_inode"]
     assert convert(source, out) == 0
     assert_same_files(out, tmp_path / "clean")
     assert (out / "embed.safetensors").stat().st_ino == embed_inode  # finished work was kept
