@@ -185,7 +185,7 @@ def test_repacked_weights_run_through_the_cpu_kernels(mixed_converted, reference
     int4 = {p[: -len(".weight")] for g in manifest.groups for p, q in g.quantized.items() if q["scheme"].startswith("int4")}
     weights = dict(reference.named_parameters())
     x = torch.randn(4, 512, generator=torch.Generator().manual_seed(7))
-    with LayeredModel.from_pretrained(mixed_converted, device="cpu", dtype="float32") as lm:
+    with LayeredModel.from_pretrained(mixed_converted, device="cpu", dtype="float32", max_cpu_memory="100GB") as lm:
         lm(torch.tensor([[1, 504, 3458]]))
         packed = {n: m for n, m in lm.model.named_modules() if isinstance(m, PackedLinear)}
         assert set(packed) == int4
