@@ -125,6 +125,33 @@ def save_tiny(arch: str, folder: Path, *, seed: int = 0, max_shard_size: str | N
     return folder
 
 
+def save_published(folder: Path, plain: Path, tensors: dict, quantization_config: dict) -> Path:
+    """A checkpoint as a quantized model is published: `tensors` in one safetensors file, the
+    config of the plain checkpoint `plain` with `quantization_config` added, the tiny tokenizer."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((plain / "config.json").read_text())
+    cfg["quantization_config"] = quantization_config
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_tiny_tokenizer(folder, cfg["vocab_size"])
+    return folder
+
+
+def converted_each(root: Path, names, save) -> dict[str, tuple[Path, Path]]:
+    """name -> (the checkpoint `save(name, folder, plain_folder)` writes under `root`, its
+    conversion with default options)."""
+    from reshard.convert import convert
+
+    out = {}
+    for name in names:
+        src = save(name, root / name, root / f"{name}-plain")
+        convert(str(src), root / f"{name}-out", progress=False)
+        out[name] = (src, root / f"{name}-out")
+    return out
+
+
 def word_tokenizer(folder):
     """The word-level test tokenizer of a tiny folder, whatever class AutoTokenizer would pick."""
     from transformers import PreTrainedTokenizerFast

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import CPU_BUDGETS, PLACEMENTS, GroupWrites, moe_config, save_tiny_tokenizer
+from conftest import CPU_BUDGETS, PLACEMENTS, GroupWrites, converted_each, moe_config, save_published
 from reshard.convert import convert
 from reshard.format import GroupFile, expert_range, expert_tensors, read_header, read_manifest
 from reshard.fp8 import quantize_fp8
@@ -59,25 +59,14 @@ def save_fp8(arch: str, folder, plain, block: list[int] | None = None):
                     tensors[key], tensors[key + "_scale_inv"] = quantize_fp8(t, block)
                 else:
                     tensors[key] = t
-    folder.mkdir()
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    cfg = json.loads((plain / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": block}
-    (folder / "config.json").write_text(json.dumps(cfg))
-    save_tiny_tokenizer(folder, cfg["vocab_size"])
-    return folder
+    return save_published(folder, plain, tensors, {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                                   "weight_block_size": block})
 
 
 @pytest.fixture(scope="module")
 def fp8(tmp_path_factory):
     """arch -> (fp8 checkpoint, its conversion with default options)."""
-    root = tmp_path_factory.mktemp("fp8")
-    out = {}
-    for arch in BLOCKS:
-        src = save_fp8(arch, root / arch, root / f"{arch}-plain")
-        convert(str(src), root / f"{arch}-out", progress=False)
-        out[arch] = (src, root / f"{arch}-out")
-    return out
+    return converted_each(tmp_path_factory.mktemp("fp8"), BLOCKS, save_fp8)
 
 
 def reference(src):
@@ -214,17 +203,11 @@ def save_compressed_fp8(strategy: str, folder, plain):
                 tensors[key[:-len("weight")] + "weight_scale"] = scale
             else:
                 tensors[key] = t
-    folder.mkdir()
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    cfg = json.loads((plain / "config.json").read_text())
     weights = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False,
                **({"block_structure": CT_BLOCK} if strategy == "block" else {})}
-    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "float-quantized",
-                                  "quantization_status": "compressed", "ignore": ["lm_head"],
-                                  "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
-    (folder / "config.json").write_text(json.dumps(cfg))
-    save_tiny_tokenizer(folder, cfg["vocab_size"])
-    return folder
+    return save_published(folder, plain, tensors, {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"], "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}})
 
 
 STRATEGIES = ["channel", "tensor", "block"]
@@ -234,13 +217,7 @@ CT_BLOCK = [96, 96]  # 384 columns in 4 blocks, 256 rows in 3 (the last one part
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
     """strategy -> (compressed-tensors checkpoint, its conversion with default options)."""
-    root = tmp_path_factory.mktemp("ct-fp8")
-    out = {}
-    for strategy in STRATEGIES:
-        src = save_compressed_fp8(strategy, root / strategy, root / f"{strategy}-plain")
-        convert(str(src), root / f"{strategy}-out", progress=False)
-        out[strategy] = (src, root / f"{strategy}-out")
-    return out
+    return converted_each(tmp_path_factory.mktemp("ct-fp8"), STRATEGIES, save_compressed_fp8)
 
 
 def formula_reference(src):

@@ -3,15 +3,13 @@ and run exactly as transformers runs them once it has de-quantized them on the C
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import CPU_BUDGETS, PLACEMENTS, save_tiny_tokenizer
+from conftest import CPU_BUDGETS, PLACEMENTS, save_published
 from reshard.convert import convert
 from reshard.format import GroupFile, expert_range, read_header, read_manifest
 from runtime import LayeredModel
@@ -45,14 +43,8 @@ def save_mxfp4(folder, plain):
                                                          dtype=torch.uint8)
             else:
                 tensors[key] = t
-    folder.mkdir()
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    cfg = json.loads((plain / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
-    (folder / "config.json").write_text(json.dumps(cfg))
-    save_tiny_tokenizer(folder, cfg["vocab_size"])
-    return folder
+    return save_published(folder, plain, tensors, {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})
 
 
 @pytest.fixture(scope="module")
