@@ -12,6 +12,7 @@ from runtime import lowbit
 from runtime.lowbit import PackedLinear, PackSpec
 from runtime.model import LayeredModel
 
+import memwatch
 from conftest import ARCHS
 from test_quant import quantized_reference
 
@@ -179,24 +180,18 @@ def test_cpu_bf16_fast_agrees_with_the_cpu_flags():
 # --- memory: a resident int8 folder holds its stored bytes ----------------------------------
 
 HOLD_SCRIPT = """
-import json, resource, sys, torch
+import json, sys, torch
+from memwatch import high_water, reset_peak, rss
 import transformers.models.llama.modeling_llama  # imported before the base line is taken
 from runtime.model import LayeredModel
 torch.set_num_threads(2)
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-def high_water():  # this process's own peak RSS (VmHWM; ru_maxrss carries the parent's across exec)
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
 def touch(tensors):  # read a byte of every page: a weight that is a view of the mapped file counts once touched
     for t in tensors:
         if t.is_contiguous() and t.numel():
             t.detach().reshape(-1).view(torch.uint8)[::1024].sum()
 touch([torch.zeros(1 << 20)])  # the reading op's own code is in memory before the base line
 base = rss()
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # the peak from here on: the load and the passes
+reset_peak()  # the peak from here on: the load and the passes
 model = LayeredModel.from_pretrained(sys.argv[1], device="cpu", max_cpu_memory="100GB", packed=sys.argv[2] == "1")
 loaded = rss()
 touch([*model.model.parameters(), *model.model.buffers()])
@@ -213,11 +208,9 @@ def _held(folder, packed: bool) -> dict:
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, "-c", HOLD_SCRIPT, str(folder), "1" if packed else "0"], capture_output=True,
-                         text=True, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=600)
+                         text=True, env={"PYTHONPATH": memwatch.PATH, "PATH": "/usr/bin:/bin"}, timeout=600)
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout.splitlines()[-1])
 

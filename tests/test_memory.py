@@ -9,28 +9,21 @@ import sys
 import textwrap
 from pathlib import Path
 
+import memwatch
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # Run in a fresh process, and read its peak from VmHWM: Linux carries the parent's peak into a
 # child's ru_maxrss across fork and exec, so ru_maxrss would report pytest's own peak.
 PASS_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, torch
+    import json, sys, torch
+    from memwatch import high_water, reset_peak, rss
     from runtime.model import LayeredModel
     torch.set_num_threads(2)
     model = LayeredModel.from_pretrained(sys.argv[1], device="cpu", max_cpu_memory=sys.argv[2])
     ids = torch.tensor([[11, 12, 13, 14]])
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-    def high_water():  # this process's peak RSS (not ru_maxrss: see above)
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
     base = rss()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the high-water mark to the current RSS: the peak of the passes alone
+    reset_peak()  # the peak of the passes alone
     with torch.inference_mode():
         for _ in range(2):
             logits = model(ids, use_cache=False).logits
@@ -56,7 +49,7 @@ def big_model(tmp_path_factory):
 
 def _pass_memory(folder: Path, budget: str) -> dict:
     run = subprocess.run([sys.executable, "-c", PASS_SCRIPT, str(folder), budget], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=600)
+                         env={"PYTHONPATH": memwatch.PATH, "PATH": "/usr/bin:/bin"}, timeout=600)
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout.splitlines()[-1])
 

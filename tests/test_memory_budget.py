@@ -10,29 +10,21 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
+import memwatch
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # A fresh process; its own peak from VmHWM (ru_maxrss carries the parent's across exec), reset
 # just before the model is opened, so the peak covers opening (resident groups) and the passes.
 SCRIPT = textwrap.dedent("""
-    import json, resource, sys, torch
+    import json, sys, torch
+    from memwatch import high_water, reset_peak, rss
     import transformers  # imported before the base line is taken: its modules are not the model
     from runtime.model import LayeredModel
     torch.set_num_threads(2)
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-    def high_water():
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
     base = rss()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    reset_peak()
     model = LayeredModel.from_pretrained(sys.argv[1], device="cpu", max_cpu_memory=int(sys.argv[2]),
                                          packed=sys.argv[3] == "packed")
     ids = torch.tensor([[11, 12, 13, 14]])
@@ -69,7 +61,7 @@ def test_int4_folder_stays_within_its_cpu_budget(int4_model, form):
     folder, stored = int4_model
     budget = int(1.2 * stored)
     run = subprocess.run([sys.executable, "-c", SCRIPT, str(folder), str(budget), form], capture_output=True,
-                         text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=900)
+                         text=True, env={"PYTHONPATH": memwatch.PATH, "PATH": "/usr/bin:/bin"}, timeout=900)
     assert run.returncode == 0, run.stderr
     m = json.loads(run.stdout.splitlines()[-1])
     assert m["finite"]

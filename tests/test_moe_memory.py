@@ -12,27 +12,20 @@ import sys
 import textwrap
 from pathlib import Path
 
+import memwatch
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 # A fresh process per folder, its peak read from VmHWM after a reset (see tests/test_memory.py).
 DECODE_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, torch
+    import json, sys, torch
+    from memwatch import high_water, reset_peak, rss
     from runtime.model import LayeredModel
     torch.set_num_threads(2)
     model = LayeredModel.from_pretrained(sys.argv[1], device="cpu", max_cpu_memory=0, expert_cache=0)
     ids = torch.tensor([[11, 12]])  # two tokens: the prompt's pass routes few experts too
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-    def high_water():
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
     base = rss()  # before any pass: what the experts' memory ever holds counts
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    reset_peak()
     torch.manual_seed(0)
     out = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=True, pad_token_id=0)
     print(json.dumps({"base": base, "peak": high_water(), "tokens": out.shape[1] - ids.shape[1],
@@ -62,7 +55,7 @@ def _folder(root: Path, experts: int) -> tuple[Path, int]:
 
 def _decode_memory(folder: Path) -> dict:
     run = subprocess.run([sys.executable, "-c", DECODE_SCRIPT, str(folder)], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=600)
+                         env={"PYTHONPATH": memwatch.PATH, "PATH": "/usr/bin:/bin"}, timeout=600)
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout.splitlines()[-1])
 
