@@ -25,7 +25,7 @@ from reshard.errors import UsageError
 from reshard.format import expert_range, stored_names
 
 from . import budget, hybrid
-from .experts import ExpertStreamer
+from .experts import ExpertStreamer, routed_experts
 from .hostcompute import move
 from .stream import StreamStats
 
@@ -102,7 +102,7 @@ class CpuExperts:
             if self.fixed:
                 where, why = hybrid.CPU, "--cpu-experts on"
             else:
-                routed = [e for e in torch.unique(index).tolist() if 0 <= e < count]
+                routed = routed_experts(index, count)
                 pairs = int(((index >= 0) & (index < count)).sum())
                 choice = hybrid.choose_experts(len(routed), pairs, *self.sizes[path], self.speeds())
                 where, why = choice.where, choice.reason
@@ -135,7 +135,7 @@ class CpuExperts:
             self.on_compute(i, "start")
             bound = signature.bind(*move(args, self.host.device), **move(kwargs, self.host.device))
             index = bound.arguments["top_k_index"]
-            routed = [e for e in torch.unique(index).tolist() if 0 <= e < count]
+            routed = routed_experts(index, count)
             before, experts = dict(module._parameters), module.num_experts
             try:
                 slots = self.host.bring(i, path, module, entry, routed)  # CPU slots as the module's parameters

@@ -57,6 +57,12 @@ from .quantized import expand_param
 WHOLE_AT = 0.75
 
 
+def routed_experts(index: torch.Tensor, count: int) -> list[int]:
+    """The experts (ascending) a router's `top_k_index` sends tokens to; ids outside 0..count-1
+    (padding of some routers) left out."""
+    return [e for e in torch.unique(index).tolist() if 0 <= e < count]
+
+
 class _Slots:
     """The experts one streamed layer's module computes with: rows [S, ...] per expert tensor
     holding experts `held` (ascending), S sized by what the passes route, not by E."""
@@ -180,7 +186,7 @@ class ExpertStreamer:
                 self.bring(i, path, mod, entry, range(count), full=True)
                 return None
             index = bound.arguments[arg]
-            routed = [e for e in torch.unique(index).tolist() if 0 <= e < count]
+            routed = routed_experts(index, count)
             if not compact:  # ids index the module's own [E, ...] tensors: the routed rows, in place
                 self.bring(i, path, mod, entry, routed, full=True)
                 self._guess(i, bound.arguments)
