@@ -56,14 +56,21 @@ def generate_ids(lm, seqs: list[list[int]], prompts: list[str] | None = None, *,
     pad = pad_id(lm)
     ids, mask = pad_batch(seqs, pad, left=True)
     dev = lm.device
-    out = lm.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), pad_token_id=pad,
-                      return_dict_in_generate=True, output_logits=keep_logits, **generate_kwargs)
-    new = out.sequences[:, ids.shape[1]:].cpu()
+    if generate_kwargs.get("draft") is not None:  # tree speculation (runtime/speculate.py): token ids back
+        if keep_logits:
+            raise UsageError("keeping each token's logits cannot be combined with a draft; drop one")
+        sequences, steps = lm.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), pad_token_id=pad,
+                                       **generate_kwargs), None
+    else:
+        out = lm.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), pad_token_id=pad,
+                          return_dict_in_generate=True, output_logits=keep_logits, **generate_kwargs)
+        sequences, steps = out.sequences, out.logits
+    new = sequences[:, ids.shape[1]:].cpu()
     eos = eos_ids(lm)
     results = []
     for r, prompt in enumerate(prompts):
         tokens = _until_eos(new[r].tolist(), eos)
-        logits = torch.stack([step[r] for step in out.logits[:len(tokens)]]).cpu() if keep_logits else None
+        logits = torch.stack([step[r] for step in steps[:len(tokens)]]).cpu() if keep_logits else None
         results.append(Generated(prompt, tok.decode(tokens, skip_special_tokens=True), tokens, logits))
     return results
 

@@ -75,8 +75,6 @@ def generate(**options) -> int:
         raise UsageError("--prompt-lookup and --assistant cannot be combined; pick one")
     if args.draft is not None and (args.prompt_lookup is not None or args.assistant is not None):
         raise UsageError("--draft cannot be combined with --prompt-lookup or --assistant; pick one")
-    if args.draft is not None and args.prompts_file is not None:
-        raise UsageError("--draft works on one prompt at a time; drop --prompts-file")
     if args.ray_workers is not None and args.prompts_file is None:
         raise UsageError("--ray-workers needs --prompts-file (one prompt runs on one model)")
     use_converted_folder(args)

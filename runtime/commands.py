@@ -18,13 +18,18 @@ from .progress import report_stats, show_first_pass
 def open_model(args):
     from .model import LayeredModel
 
-    return LayeredModel.from_pretrained(args.model, device=args.device, dtype=args.dtype, prefetch=args.prefetch,
-                                        max_gpu_memory=args.max_gpu_memory, max_cpu_memory=args.max_cpu_memory,
-                                        trust_remote_code=args.trust_remote_code, verify=args.verify,
-                                        expert_cache=getattr(args, "expert_cache", None),
-                                        predict_experts=getattr(args, "predict_experts", False),
-                                        cpu_layers=getattr(args, "cpu_layers", None),
-                                        cpu_experts=getattr(args, "cpu_experts", None))
+    return LayeredModel.from_pretrained(args.model, **model_kwargs(args))
+
+
+def model_kwargs(args) -> dict:
+    """`LayeredModel.from_pretrained`'s options from the model options of the command line, for this
+    process or each Ray worker (whose device is its own)."""
+    return {"device": args.device, "dtype": args.dtype, "prefetch": args.prefetch,
+            "max_gpu_memory": args.max_gpu_memory, "max_cpu_memory": args.max_cpu_memory,
+            "trust_remote_code": args.trust_remote_code, "verify": args.verify,
+            "expert_cache": getattr(args, "expert_cache", None),
+            "predict_experts": getattr(args, "predict_experts", False),
+            "cpu_layers": getattr(args, "cpu_layers", None), "cpu_experts": getattr(args, "cpu_experts", None)}
 
 
 def encode_prompt(tokenizer, text: str, *, chat: bool) -> list[int]:
@@ -92,9 +97,10 @@ def tree_speculation(args, model) -> dict:
         return {}
     if args.min_new_tokens:
         raise UsageError("--min-new-tokens cannot be combined with --draft; drop one")
-    from .speculate import open_draft
+    from .speculate import LOOKUP, open_draft
 
-    return {"draft": open_draft(model, args.draft), "tree_budget": args.tree_budget}
+    draft = args.draft if args.draft == LOOKUP else open_draft(model, args.draft)  # (prompt lookup: no model)
+    return {"draft": draft, "tree_budget": args.tree_budget}
 
 
 def speculation_stats(model) -> dict:
@@ -131,7 +137,8 @@ def generate_file(args) -> int:
     for item, g in zip(items, done):
         print(json.dumps({**item, "completion": g.text, "new_tokens": len(g.tokens)}), flush=True)
     if args.stats:
-        report_stats({**model.stats.as_dict(), "new_tokens": sum(len(g.tokens) for g in done)})
+        report_stats({**model.stats.as_dict(), "new_tokens": sum(len(g.tokens) for g in done),
+                      **speculation_stats(model)})
     model.close()
     return 0
 
@@ -189,19 +196,12 @@ def write_jsonl(output: str, items: list[dict]) -> None:
         print(output)
 
 
-def ray_model_options(args) -> dict:
-    """What each Ray worker passes to LayeredModel.from_pretrained (the device is the worker's own)."""
-    return {"device": args.device, "dtype": args.dtype, "prefetch": args.prefetch,
-            "max_gpu_memory": args.max_gpu_memory, "max_cpu_memory": args.max_cpu_memory,
-            "trust_remote_code": args.trust_remote_code, "verify": args.verify}
-
-
 def score_with_ray(args, items: list[dict]) -> int:
     from .distributed import score_items
 
     scored, blocks = score_items(items, args.model, workers=args.ray_workers, address=args.ray_address,
                                  block_size=args.ray_block_size, threads=args.ray_threads,
-                                 model_options=ray_model_options(args), batch_size=args.batch_size,
+                                 model_options=model_kwargs(args), batch_size=args.batch_size,
                                  offload=args.offload_activations)
     write_jsonl(args.output, scored)
     if args.stats:
@@ -214,15 +214,20 @@ def generate_with_ray(args, items: list[dict]) -> int:
 
     done, blocks = generate_items(items, args.model, workers=args.ray_workers, address=args.ray_address,
                                   block_size=args.ray_block_size, threads=args.ray_threads,
-                                  model_options=ray_model_options(args), chat=args.chat, seed=args.seed,
+                                  model_options=model_kwargs(args), chat=args.chat, seed=args.seed,
                                   max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                                  **sampling_kwargs(args))
+                                  **sampling_kwargs(args), **ray_speculation(args))
     for item in done:
         print(json.dumps(item), flush=True)
     if args.stats:
         print(json.dumps({"new_tokens": sum(it["new_tokens"] for it in done),
                           "blocks": [b.__dict__ for b in blocks]}), file=sys.stderr)
     return 0
+
+
+def ray_speculation(args) -> dict:
+    """--draft and --tree-budget for Ray workers: each opens the draft once (runtime.distributed.Worker)."""
+    return {} if args.draft is None else {"draft": args.draft, "tree_budget": args.tree_budget}
 
 
 def _json_line(path, n: int, line: str):

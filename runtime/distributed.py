@@ -73,11 +73,15 @@ class Worker:
         import torch
 
         from .model import LayeredModel
+        from .speculate import LOOKUP, open_draft
 
         if threads:  # else the CPUs Ray gave this worker (it sets OMP_NUM_THREADS)
             torch.set_num_threads(threads)
         self.task, self.task_options = task, dict(task_options)
         self.model = LayeredModel.from_pretrained(folder, **_with_device(model_options))
+        draft = self.task_options.get("draft")
+        if isinstance(draft, str) and draft != LOOKUP:  # a draft folder: opened once, whole on the worker's device
+            self.task_options["draft"] = open_draft(self.model, draft)
         self.name = f"{os.uname().nodename}:{os.getpid()}"
 
     def run(self, items: list[dict]) -> tuple[list[dict], BlockStats]:

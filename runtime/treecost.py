@@ -6,7 +6,9 @@ in the tokens (a fixed part, the weights moved, and a part per token, the comput
 tokens a pass yields from a tree of B nodes is taken as 1 + log2(1 + B) / 2 (a prior, about what
 SpecExec and Sequoia report for real pairs; trees yield roughly logarithmically in their size).
 The budget maximizes that over the pass's time (verification plus the draft's steps): large
-when streaming dominates a pass, small on a CPU where each verified token costs compute.
+when streaming dominates a pass, small on a CPU where each verified token costs compute, and
+smaller per sequence when several sequences share a pass (their trees' compute adds up, the
+weights move once).
 """
 
 from __future__ import annotations
@@ -32,13 +34,16 @@ class TreeCosts:
     draft_fixed: float
     draft_per_token: float
 
-    def pass_seconds(self, budget: int) -> float:
+    def pass_seconds(self, budget: int, rows: int = 1) -> float:
+        """One pass of `rows` sequences, each with a tree of `budget` nodes: the weights are moved
+        once, every sequence's tokens computed and its tree drafted."""
         width = -(-budget // DRAFT_STEPS)
         draft = (DRAFT_STEPS + 1) * self.draft_fixed + (budget + DRAFT_STEPS * width) * self.draft_per_token
-        return self.target_fixed + (budget + 1) * self.target_per_token + draft
+        return self.target_fixed + rows * ((budget + 1) * self.target_per_token + draft)
 
-    def best_budget(self) -> int:
-        return max(BUDGETS, key=lambda b: expected_tokens(b) / self.pass_seconds(b))
+    def best_budget(self, rows: int = 1) -> int:
+        """The tree size per sequence that yields the most tokens per second when `rows` share a pass."""
+        return max(BUDGETS, key=lambda b: rows * expected_tokens(b) / self.pass_seconds(b, rows))
 
 
 def expected_tokens(budget: int) -> float:

@@ -27,8 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 MESSAGES: dict[str, tuple[str, ...]] = {
     "--draft cannot be combined with --prompt-lookup or --assistant; pick one": ("test_speculate.py::test_cli_draft_errors",),
-    "--draft works on one prompt at a time; drop --prompts-file": (
-        "test_speculate.py::test_cli_draft_conflicts_are_one_error_line",),
     "--min-new-tokens cannot be combined with --draft; drop one": (
         "test_speculate.py::test_cli_draft_conflicts_are_one_error_line",),
     "cpu_layers must be a layer count (0 or more) or 'auto', not {}": ("test_hostcompute.py::test_bad_cpu_layers_is_refused",),
@@ -38,10 +36,11 @@ MESSAGES: dict[str, tuple[str, ...]] = {
         "test_speculate.py::test_api_draft_refusals",),
     "--cpu-layers {} is not understood; give a layer count (e.g. 8) or auto": (
         "test_hostcompute.py::test_cli_bad_cpu_layers_exits_2",),
+    "a streamer takes one sequence, not {}; stream one prompt at a time": ("test_speculate.py::test_api_draft_refusals",),
+    "keeping each token's logits cannot be combined with a draft; drop one": (
+        "test_speculate.py::test_batch_of_a_moe_target_and_generate_batch",),
     "min_new_tokens is not supported with a draft; drop it or generate without --draft": (
         "test_speculate.py::test_api_draft_refusals",),
-    "tree speculation generates one sequence at a time, not {}; pass one prompt, or generate without a draft": (
-        "test_speculate.py::test_batch_is_refused",),
     "draft {} uses a different tokenizer than the target; tree speculation needs a draft with the same tokenizer "
     "(for a different one, use --assistant)": ("test_speculate.py::test_cli_draft_errors",),
     "tree budget must be 1 or more, not {}": ("test_speculate.py::test_api_draft_refusals",),

@@ -131,11 +131,50 @@ def test_prompt_lookup_tree_equals_plain_in_fewer_passes(placement, tiny_convert
     model.close()
 
 
-def test_batch_is_refused(tiny_checkpoints, tiny_converted):
-    model = open_placed(tiny_converted["llama"], "resident")
-    with pytest.raises(UsageError, match="^tree speculation generates one sequence at a time, not 2; pass one "
-                                         "prompt, or generate without a draft$"):
-        model.generate(input_ids=torch.tensor([PROMPT, PROMPT]), draft=tiny_checkpoints["llama"], tree_budget=4)
+BATCH = [PROMPT, [7, 7, 31], [12, 200, 45, 45, 3, 9, 80, 61, 2, 8]]  # three lengths: padded left as generate_batch does
+
+
+@pytest.mark.parametrize("draft_name", ["itself", "other", "prompt-lookup"])
+def test_batch_equals_plain_greedy_each_row_in_shared_passes(draft_name, placement, tiny_checkpoints, tiny_converted,
+                                                             other_draft):
+    """Several prompts, each row its own tree, all verified through one read of the weights per pass
+    (runtime/lockstep.py): every row gets plain greedy's tokens alone, and the batch takes as many
+    passes as its slowest row alone (each row's trees are the ones it grows alone)."""
+    from runtime.score import pad_batch
+
+    model = open_placed(tiny_converted["llama"], placement)
+    no_eos(model)
+    draft = {"itself": tiny_checkpoints["llama"], "other": other_draft}.get(draft_name, draft_name)
+    if draft_name != "prompt-lookup":
+        draft = load_assistant(draft, device=CPU, dtype=torch.float32)
+    alone = []
+    for ids in BATCH:
+        assert tree_greedy(model, ids, 12, draft, 8) == plain_greedy(model, ids, 12)
+        alone.append(model.speculation["target_passes"])
+    ids, mask = pad_batch(BATCH, 0, left=True)
+    loads = model.stats.layer_loads
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, draft=draft, tree_budget=8)
+    loads = model.stats.layer_loads - loads
+    assert out.shape == (3, ids.shape[1] + 12) and torch.equal(out[:, :ids.shape[1]], ids)
+    for row, prompt in zip(out[:, ids.shape[1]:].tolist(), BATCH):
+        assert row == plain_greedy(model, prompt, 12), prompt
+    assert model.speculation["target_passes"] == max(alone), (model.speculation, alone)
+    assert loads == len(model.streamed) * max(alone)  # each streamed group read once a pass
+    model.close()
+
+
+def test_batch_of_a_moe_target_and_generate_batch(moe_converted, moe_checkpoints):
+    """A streamed mixture-of-experts target (only routed experts read, each pass's union across
+    rows) and `generate_batch`'s rows with ends of sequence: each row's tokens are plain greedy's."""
+    model = open_placed(moe_converted["qwen3_moe"], "streamed")
+    draft = load_assistant(moe_checkpoints["qwen3_moe"], device=CPU, dtype=torch.float32)
+    plain = model.generate_batch(["w5 w17 w40", "w9", "w3 w3 w3 w3 w3"], max_new_tokens=10)
+    tree = model.generate_batch(["w5 w17 w40", "w9", "w3 w3 w3 w3 w3"], max_new_tokens=10, draft=draft,
+                                tree_budget=6)
+    assert [g.tokens for g in tree] == [g.tokens for g in plain] and [g.text for g in tree] == [g.text for g in plain]
+    assert model.speculation["tokens_per_pass"] > 3, model.speculation  # three rows, the draft is the target
+    with pytest.raises(UsageError, match="^keeping each token's logits cannot be combined with a draft; drop one$"):
+        model.generate_batch(["w9"], max_new_tokens=2, draft=draft, keep_logits=True)
     model.close()
 
 
@@ -284,6 +323,25 @@ def test_cli_draft_gives_plain_text_and_stats(tiny_converted, tiny_checkpoints, 
     assert '"speculation": {"target_passes": ' in captured.err and '"tree_budget": 8}' in captured.err
 
 
+@pytest.mark.parametrize("draft", ["checkpoint", "prompt-lookup"])
+def test_cli_draft_with_a_prompts_file_gives_plain_completions_and_stats(draft, tiny_converted, tiny_checkpoints,
+                                                                        tmp_path, capsys):
+    import json
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w5 w17 w40\nw6\nw7 w8 w7 w8 w7 w8\n")
+    args = ["generate", str(tiny_converted["llama"]), "--prompts-file", str(prompts), "-n", "8", "--device", "cpu",
+            "--max-cpu-memory", "0"]
+    assert runtime_main(args) == 0
+    plain = capsys.readouterr().out
+    draft = str(tiny_checkpoints["llama"]) if draft == "checkpoint" else draft
+    assert runtime_main(args + ["--draft", draft, "--tree-budget", "6", "--stats"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain and len(plain.splitlines()) == 3
+    stats = json.loads(captured.err.strip().splitlines()[-1])
+    assert stats["speculation"]["tree_budget"] == 6 and stats["speculation"]["target_passes"] == stats["passes"]
+
+
 def test_cli_draft_errors(tiny_converted, tiny_checkpoints, tmp_path, capsys):
     args = ["generate", str(tiny_converted["llama"]), "-p", "w5", "-n", "4", "--device", "cpu"]
     other = tmp_path / "other-tokenizer"
@@ -349,10 +407,6 @@ def test_a_draft_with_another_tokenizer(tiny_converted, tmp_path, capsys):
 def test_cli_draft_conflicts_are_one_error_line(tiny_converted, tiny_checkpoints, tmp_path, capsys):
     args = ["generate", str(tiny_converted["llama"]), "-n", "4", "--device", "cpu", "--max-cpu-memory", "0",
             "--draft", str(tiny_checkpoints["llama"])]
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("w5\nw6\n")
-    assert runtime_main(args + ["--prompts-file", str(prompts)]) == 2
-    assert capsys.readouterr().err.strip() == "Error: --draft works on one prompt at a time; drop --prompts-file"
     assert runtime_main(args + ["-p", "w5", "--min-new-tokens", "2"]) == 2
     assert capsys.readouterr().err.strip() == "Error: --min-new-tokens cannot be combined with --draft; drop one"
 
@@ -370,6 +424,9 @@ def test_api_draft_refusals(tiny_checkpoints, tiny_converted):
     with pytest.raises(UsageError) as refused:
         model.generate(input_ids=ids, draft=draft, tree_budget=0)
     assert str(refused.value) == "tree budget must be a number of tokens (1 or more) or 'auto', not 0"
+    with pytest.raises(UsageError, match="^a streamer takes one sequence, not 2; stream one prompt at a time$"):
+        model.generate(input_ids=torch.tensor([PROMPT, PROMPT]), draft=draft, tree_budget=4,
+                       streamer=tf.TextStreamer(model.tokenizer))
     with pytest.raises(UsageError, match="^tree budget must be 1 or more, not 0$"):
         TreeSpeculator(model, None, budget=0, sampling=Sampling(max_tokens=4))
     model.close()
