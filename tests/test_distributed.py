@@ -171,3 +171,20 @@ def test_prompts_are_checked_before_any_worker_starts(tiny_converted, tmp_path, 
     assert runtime_main(["generate", folder, "--prompts-file", str(long), "-n", "4", *common]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("Error: prompt plus --max-new-tokens is ") and "more than the model's context of 128" in err
+
+
+def test_a_worker_opens_the_draft_once_and_gives_plain_completions(tiny_converted, tiny_checkpoints):
+    """What `--draft` hands each worker (runtime.commands.ray_speculation): the folder, opened once
+    in the worker, whole on its device; every block then speculates with it (no Ray needed here)."""
+    import torch
+
+    folder = str(tiny_converted["llama"])
+    items = [{"prompt": p} for p in ("w5 w17 w40", "w6", "w7 w8 w7 w8")]
+    plain = distributed.Worker(folder, "generate", STREAMED, {"max_new_tokens": 6}).run(items)[0]
+    worker = distributed.Worker(folder, "generate", STREAMED,
+                                {"max_new_tokens": 6, "draft": str(tiny_checkpoints["llama"]), "tree_budget": 4})
+    draft = worker.task_options["draft"]
+    assert isinstance(draft, torch.nn.Module)
+    out, block = worker.run(items)
+    assert out == plain and worker.task_options["draft"] is draft
+    assert block.passes < 6 and worker.model.speculation["tree_budget"] == 4  # several rows' tokens per pass
