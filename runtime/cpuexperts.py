@@ -4,8 +4,9 @@ For each streamed MoE layer (`--cpu-experts on|auto`), attention, router and sha
 on the compute device as usual; the routed experts do not cross the link. A forward pre-hook on
 transformers' experts module (put before the expert streamer's, see runtime/experts.py) reads
 the routed ids and decides where this call runs: always the CPU with `on`, else the faster side
-by the planner (runtime/hybrid.py `choose`, from the routed experts' bytes and the call's
-token-expert pairs). On the CPU the module's forward gets the hidden states, `top_k_index` and
+by the planner (runtime/hybrid.py `choose_experts`, from the routed experts' bytes, those the
+device holds already (its expert cache), what the host's slots cost and the call's token-expert
+pairs). On the CPU the module's forward gets the hidden states, `top_k_index` and
 `top_k_weights` moved to the host, the routed experts brought into CPU slots by a second
 `ExpertStreamer` over the host (from the device loader's pinned copy of a HOST group, else from
 the group's file), and its own code computes there; the result goes back to the device. The
@@ -55,7 +56,9 @@ class CpuExperts:
         self.host = ExpertStreamer(HostView(loader))  # its bring() fills CPU slots, its hooks are never installed
         self.log: dict[str, str] = {}  # this pass: layer -> "cpu|stream: why"
         self.here: dict[str, str] = {}  # experts module path -> why it runs on the host this call
-        self.sizes: dict[str, tuple[int, int]] = {}  # experts module path -> (stored bytes, weights) of one expert
+        self.sizes: dict[str, tuple[int, int, int]] = {}  # experts module path -> one expert's (stored bytes,
+        # weights, host memory traffic computed here)
+        self.on_device: Callable[[int, str, list[int]], int] = lambda i, path, routed: 0  # held there already
         self.on_compute: Callable[[int, str], None] = lambda i, phase: None  # "start"/"end" (ordering tests)
         self.hooks: list = []
 
@@ -102,10 +105,15 @@ class CpuExperts:
             if self.fixed:
                 where, why = hybrid.CPU, "--cpu-experts on"
             else:
+                index = index.cpu()  # one wait for the router, then both counts on the host
                 routed = routed_experts(index, count)
                 pairs = int(((index >= 0) & (index < count)).sum())
-                choice = hybrid.choose_experts(len(routed), pairs, *self.sizes[path], self.speeds())
+                stored, params, traffic = self.sizes[path]
+                held = self.on_device(i, path, routed)
+                choice = hybrid.choose_experts(len(routed), pairs, stored, params, self.speeds(), on_device=held,
+                                               cpu_traffic=traffic)
                 where, why = choice.where, choice.reason
+                why += f", {held} of {len(routed)} on the device" if held else ""
             self.log[self.groups[i]] = f"{where}: {why}"
             if where == hybrid.CPU:
                 self.here[path] = why
@@ -113,8 +121,10 @@ class CpuExperts:
 
         return pre_hook
 
-    def _sizes(self, i: int, entry: dict) -> tuple[int, int]:
-        """(stored bytes, weights) of one expert of `entry`, for the planner."""
+    def _sizes(self, i: int, entry: dict) -> tuple[int, int, int]:
+        """(stored bytes, weights, host memory traffic on the CPU) of one expert of `entry`, for the
+        planner. On the CPU an expert's stored bytes are read, its slot rows written in the compute
+        dtype (expanded, if quantized) and read again by the matmul."""
         group, count = self.loader.manifest.groups[i], entry["num_experts"]
         gf = self.loader.files[i]
         stored = sum(end - begin for p in entry["tensors"] for n in stored_names(p, group.tensors)
@@ -123,7 +133,7 @@ class CpuExperts:
         for p in entry["tensors"]:
             shape = group.quantized[p]["shape"] if p in group.quantized else gf.infos[p].shape
             params += int(torch.Size(shape[1:]).numel())
-        return stored, params
+        return stored, params, stored + 2 * params * self.loader.dtype.itemsize
 
     def _forward(self, i: int, path: str, module: torch.nn.Module, entry: dict, signature, original):
         count = entry["num_experts"]

@@ -157,6 +157,14 @@ class ExpertStreamer:
             else:
                 self.loader.partial[i] = span
 
+    def on_device(self, i: int, path: str, routed: list[int]) -> int:
+        """How many of `routed`, experts of group i's module `path`, are on the device already: in
+        its slots (an earlier forward through this load brought them) or in the cache."""
+        slots = self.slots.get(path)
+        have = set(slots.held) if slots is not None and slots.owner == i else set()
+        names = self.loader.manifest.groups[i].experts[path]["tensors"]
+        return sum(1 for e in routed if e in have or (i, e, *names) in self.cache.entries)
+
     def _cached(self, i: int, e: int) -> bool:
         entry = next(iter(self.loader.manifest.groups[i].experts.values()))
         return (i, e, *entry["tensors"]) in self.cache.entries

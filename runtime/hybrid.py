@@ -63,12 +63,18 @@ def choose(stored: int, params: int, tokens: int, speeds: Speeds) -> Choice:
     return Choice(CPU if cpu < stream else STREAM, cpu, stream)
 
 
-def choose_experts(routed: int, pairs: int, expert_stored: int, expert_params: int, speeds: Speeds) -> Choice:
+def choose_experts(routed: int, pairs: int, expert_stored: int, expert_params: int, speeds: Speeds, *,
+                   on_device: int = 0, cpu_traffic: int | None = None) -> Choice:
     """CPU or STREAM for one call of a MoE layer's experts module (runtime/cpuexperts.py): `routed`
     distinct experts of `expert_stored` bytes and `expert_params` weights each, `pairs` (token, expert)
-    pairs to compute. Either side moves (or reads) the routed experts' bytes once and does
-    2 * expert_params FLOPs per pair."""
-    return choose(routed * expert_stored, expert_params, pairs, speeds)
+    pairs to compute, 2 * expert_params FLOPs each. Streamed, the routed experts not `on_device`
+    already (the device's expert cache, or brought for an earlier forward of this pass) cross the
+    link; on the CPU, each routed expert costs `cpu_traffic` bytes of host memory traffic (default
+    its stored bytes: computed where it lies)."""
+    cpu = max(routed * (expert_stored if cpu_traffic is None else cpu_traffic) / speeds.cpu_bytes,
+              2 * expert_params * pairs / speeds.cpu_flops)
+    stream = stream_seconds((routed - on_device) * expert_stored, expert_params, pairs, speeds)
+    return Choice(CPU if cpu < stream else STREAM, cpu, stream)
 
 
 # --- calibration -----------------------------------------------------------------------------

@@ -94,6 +94,7 @@ class LayeredModel:
         self.cpu_experts = cpu_experts  # routed experts computed on the CPU (runtime/cpuexperts.py), or None
         if cpu_experts is not None:
             self.experts.elsewhere = cpu_experts.elsewhere
+            cpu_experts.on_device = self.experts.on_device
             cpu_experts.install(model)
 
     @classmethod

@@ -180,6 +180,17 @@ def test_experts_with_a_link_faster_than_the_cpu_stream():
                for r, p in ((8, 8), (50, 64), (256, 512)))
 
 
+def test_experts_on_the_device_and_the_cpus_own_traffic_count():
+    """Experts the device holds already cost no copy; on the CPU, slot rows written and read in bfloat16
+    (int4 experts expanded) cost host memory traffic: either can turn a batch-1 call to streaming."""
+    assert hybrid.choose_experts(8, 8, EXPERT_STORED, EXPERT_PARAMS, DDR5).where == hybrid.CPU
+    held = hybrid.choose_experts(8, 8, EXPERT_STORED, EXPERT_PARAMS, DDR5, on_device=6)
+    assert held.where == hybrid.STREAM and held.stream_seconds == pytest.approx(2 * EXPERT_STORED / DDR5.link)
+    expanded = hybrid.choose_experts(8, 8, EXPERT_STORED, EXPERT_PARAMS, DDR5,
+                                     cpu_traffic=EXPERT_STORED + 2 * 2 * EXPERT_PARAMS)
+    assert expanded.where == hybrid.STREAM and expanded.cpu_seconds > 8 * expanded.stream_seconds / 3
+
+
 def test_int4_experts_on_the_cpu_equal_the_streamed_run(moe_checkpoints, tmp_path):
     """Quantized experts: the host's slots get each routed expert's parts (from the held copy) and
     expand them as the device's streamer does; the logits equal the run without --cpu-experts."""
@@ -216,3 +227,29 @@ def test_batched_generation_with_cpu_experts_equals_transformers(moe_checkpoints
         ids = tok(prompt, return_tensors="pt").input_ids
         want = ref.generate(ids, do_sample=False, max_new_tokens=6, pad_token_id=0)[0, ids.shape[1]:]
         assert got.tokens == want.tolist()
+
+
+def test_auto_streams_the_experts_the_device_holds_already(moe_converted, reference):
+    """Routed experts in the device's expert cache cost no copy: on a link-bound machine a call goes
+    to the CPU only while some of its routed experts are not on the device; the logits stay exact."""
+    link_bound = hybrid.Speeds(link=1e3, cpu_bytes=1e12, cpu_flops=1e15, gpu_flops=1e15)
+    gpu_bound = hybrid.Speeds(link=1e15, cpu_bytes=1e3, cpu_flops=1e3, gpu_flops=1e15)
+    with LayeredModel.from_pretrained(moe_converted["deepseek_v3"], device="cpu", dtype="float32",
+                                      max_cpu_memory=0, expert_cache="64MiB", cpu_experts="on") as model:
+        model.cpu_experts.fixed = False
+        model.experts.whole_at = None  # routed experts alone even for the prompt, so they reach the cache
+        runs = []
+        for speeds, clear in ((gpu_bound, False), (link_bound, False), (link_bound, True)):
+            if clear:
+                model.experts.cache.clear()
+            model.cpu_experts._known = speeds
+            assert torch.equal(model(IDS).logits, reference["deepseek_v3"][0])
+            runs.append(model.stats.per_pass[-1].cpu_experts)
+        assert all(r.keys() == set(moe_names(model)) for r in runs), runs
+        first, cached, cleared = ([v.partition(":")[0] for v in r.values()] for r in runs)
+        assert first == cached == [hybrid.STREAM] * 2 and cleared == [hybrid.CPU] * 2, runs
+        # the second pass found every routed expert where the first pass's copies stayed
+        for why in runs[1].values():
+            held, _, routed = why.rpartition(", ")[2].removesuffix(" on the device").partition(" of ")
+            assert held == routed and int(held) > 0, why
+        assert not any("on the device" in why for why in runs[2].values())
