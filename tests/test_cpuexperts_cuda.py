@@ -45,13 +45,14 @@ def test_auto_streams_the_prefill_and_computes_decode_experts_on_the_cpu(moe_con
     with LayeredModel.from_pretrained(folder, **PINNED) as plain:
         ids = _ids(plain.config.vocab_size)
         want = plain.generate(ids, **GEN)
-    with LayeredModel.from_pretrained(folder, cpu_experts="auto", **PINNED) as model:
-        stored, params = next(iter(model.cpu_experts.sizes.values()))
-        # with t = stored / link: the CPU reads an expert in t/4 and computes a token-expert pair in t/2.
-        # Decode (2 experts, 2 pairs): CPU t vs stream 2t. Prefill (9 tokens, 18 pairs, at most 8 experts):
-        # CPU 9t vs stream at most 8t.
+    # no expert cache: every streamed call copies its routed experts (cached ones would cost nothing)
+    with LayeredModel.from_pretrained(folder, cpu_experts="auto", expert_cache=0, **PINNED) as model:
+        stored, params, traffic = next(iter(model.cpu_experts.sizes.values()))
+        # with t = stored / link: the CPU moves an expert's bytes in t/4 and computes a token-expert pair
+        # in t/2. Decode (2 experts, 2 pairs): CPU t vs stream 2t. Prefill (9 tokens, 18 pairs, at most
+        # 8 experts): CPU 9t vs stream at most 8t.
         t = 1e-3
-        speeds = hybrid.Speeds(link=stored / t, cpu_bytes=4 * stored / t, cpu_flops=2 * params / (t / 2),
+        speeds = hybrid.Speeds(link=stored / t, cpu_bytes=4 * traffic / t, cpu_flops=2 * params / (t / 2),
                                gpu_flops=1e18)
         model.cpu_experts.measure = lambda: speeds
         assert torch.equal(model.generate(ids, **GEN), want)
