@@ -129,8 +129,11 @@ class Manifest:
 
 # --- quantized parameters ------------------------------------------------------------------
 
+ACT_ORDER = "int4-act"  # int4 with its columns gathered group by group (act-order GPTQ: reshard/published.py)
 QUANT_PARTS = {"int8": ("qweight", "scales"), "int4": ("qweight", "scales", "zeros"),
                "int4-sym": ("qweight", "scales"),  # int4 with zeros = -8 * scales (GGUF Q4_0: reshard/ggml_repack.py)
+               # int4 over the columns in act order; `columns` (in,) int32: each weight column's place there
+               ACT_ORDER: ("qweight", "scales", "zeros", "columns"),
                "fp8-block": ("qweight", "scale_inv"),  # reshard/fp8.py
                "mxfp4": ("blocks", "scales"),  # reshard/mxfp4.py
                # GGML blocks kept as in a GGUF file (reshard/ggml_quants.py): one uint8 part

@@ -7,7 +7,9 @@ scale and an integer zero point per group of `group` input columns; all three de
 
 so each unpacks here into one `Affine` (q, z, s). Layouts (bits 4; 8 for compressed-tensors):
 - GPTQ: `qweight` (in/8, out), input row 8r+j in bits 4j of word r; `qzeros` (groups, out/8),
-  output column 8c+j in bits 4j; `scales` (groups, out); `g_idx` (in,) each row's group. The v1
+  output column 8c+j in bits 4j; `scales` (groups, out); `g_idx` (in,) each row's group: i // group,
+  or with act-order (`desc_act`) the group of the row's place in the order GPTQ quantized the
+  rows in, so that a group's rows lie anywhere (then i // group above reads g_idx[i]). The v1
   checkpoint format ("gptq", AutoGPTQ's) stores z - 1: the published kernels add 1 back.
 - AWQ "gemm": `qweight` (in, out/8) and `qzeros` (groups, out/8), output columns packed in the
   order [0, 2, 4, 6, 1, 3, 5, 7] (column 8c + ORDER[j] in bits 4j); `scales` (groups, out); no +1.
@@ -22,26 +24,31 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SourceError
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of an AWQ word holds column 8c + AWQ_ORDER[j]
 
 
 @dataclass
 class Affine:
-    """w = (q - z[:, i // group]) * s[:, i // group], all (out, ...) in nn.Linear's orientation."""
+    """w = (q - z[:, g(i)]) * s[:, g(i)], all (out, ...) in nn.Linear's orientation, with column i in
+    group g(i) = i // group, or `g_idx[i]` where the checkpoint orders its groups otherwise (act-order)."""
     q: torch.Tensor  # (out, in) int16, the stored unsigned values
     z: torch.Tensor  # (out, groups) int16
     s: torch.Tensor  # (out, groups), the checkpoint's scale dtype
     group: int  # input columns per group
+    g_idx: torch.Tensor | None = None  # (in,) each column's group, where it is not i // group
+
+    def groups_of_columns(self) -> torch.Tensor:
+        """(in,) long: each input column's group."""
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        return torch.arange(self.q.shape[1]) // self.group
 
     def dequantize(self) -> torch.Tensor:
         """The (out, in) weight in float32, exactly: (q - z) is a small integer and the scale has
         at most 11 significant bits, so each product is exact in float32."""
-        cols = self.q.shape[1]
-        z = self.z.repeat_interleave(self.group, dim=1)[:, :cols]
-        s = self.s.float().repeat_interleave(self.group, dim=1)[:, :cols]
-        return (self.q - z).float() * s
+        g = self.groups_of_columns()
+        return (self.q - self.z[:, g]).float() * self.s.float()[:, g]
 
 
 def unpack_words(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -56,17 +63,16 @@ def unpack_words(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return vals.reshape(shape).to(torch.int16)
 
 
-def unpack_gptq(parts: dict[str, torch.Tensor], *, group: int, v1: bool, name: str) -> Affine:
-    """A GPTQ linear from its `qweight`, `qzeros`, `scales` (and `g_idx`, which must be the plain
-    i // group: act-order checkpoints are refused before this)."""
+def unpack_gptq(parts: dict[str, torch.Tensor], *, group: int, v1: bool) -> Affine:
+    """A GPTQ linear from its `qweight`, `qzeros`, `scales` and `g_idx` (kept where it is not i // group)."""
     q = unpack_words(parts["qweight"], 4, 0).t()  # (in, out) -> (out, in)
     cols = q.shape[1]
     g = group if group > 0 else cols
-    if "g_idx" in parts and not torch.equal(parts["g_idx"].long(), torch.arange(cols) // g):
-        raise SourceError(f"{name}.g_idx is not in plain group order (act-order GPTQ); this cannot be re-packed "
-                          f"exactly: convert the unquantized checkpoint, or an act-order-free GPTQ version")
+    g_idx = parts.get("g_idx")
+    if g_idx is not None and torch.equal(g_idx.long(), torch.arange(cols) // g):
+        g_idx = None
     z = unpack_words(parts["qzeros"], 4, 1) + (1 if v1 else 0)  # (groups, out)
-    return Affine(q.contiguous(), z.t().contiguous(), parts["scales"].t().contiguous(), g)
+    return Affine(q.contiguous(), z.t().contiguous(), parts["scales"].t().contiguous(), g, g_idx)
 
 
 def unpack_awq(parts: dict[str, torch.Tensor], *, group: int) -> Affine:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import SourceError
-from .format import DTYPE_TO_ST, quant_part_names
+from .format import ACT_ORDER, DTYPE_TO_ST, quant_part_names
 from .fp8 import layout as fp8_layout
 from .gptq import Affine, unpack_awq, unpack_gptq, unpack_pack_quantized
 from .mxfp4 import is_mxfp4
@@ -38,9 +38,9 @@ class Published:
     parts: tuple[str, ...]  # the stored parts of a packed weight (optional ones may be absent)
     v1: bool = False  # GPTQ's v1 checkpoint format stores zero points minus one
 
-    def unpack(self, parts: dict[str, torch.Tensor], name: str) -> Affine:
+    def unpack(self, parts: dict[str, torch.Tensor]) -> Affine:
         if self.method == "gptq":
-            return unpack_gptq(parts, group=self.group, v1=self.v1, name=name)
+            return unpack_gptq(parts, group=self.group, v1=self.v1)
         if self.method == "awq":
             return unpack_awq(parts, group=self.group)
         return unpack_pack_quantized(parts, bits=self.bits, group=self.group)
@@ -85,8 +85,6 @@ def _gptq_like(qc: dict, method: str, name: str) -> Published:
     problem = None
     if bits != 4:
         problem = f"{bits}-bit {label}"
-    elif method == "gptq" and qc.get("desc_act"):
-        problem = "act-order (desc_act) GPTQ"
     elif method == "gptq" and fmt not in ("gptq", "gptq_v2"):
         problem = f"GPTQ in the {fmt!r} checkpoint format"
     elif method == "awq" and (fmt != "gemm" or qc.get("zero_point") is False):
@@ -139,22 +137,48 @@ class Repacked:
         return len(self.shape)
 
 
-def repack(a: Affine, scheme: str, group: int) -> dict[str, torch.Tensor]:
+def repack(a: Affine, scheme: str, group: int, *, name: str) -> dict[str, torch.Tensor]:
     """The project's `scheme` parts holding exactly `a`'s values, with `group` columns per group
     (int4; a multiple or divisor of a's). int4 expands as zeros + q * scales: zeros = -z * s in
     float32 is exact (kept in the scales' dtype where that is exact too), so that is (q - z) * s
-    with one rounding, as the published formula."""
+    with one rounding, as the published formula. Act-order groups (`a.g_idx`) are stored with
+    their columns gathered group by group, and a `columns` part, each weight column's place
+    among them ("int4-act", see `stored_scheme`): expansion puts them back."""
     rows, cols = a.q.shape
     if scheme == "int8":  # one scale per row, z = 128 on the stored unsigned values
         return {"qweight": (a.q - a.z).to(torch.int8), "scales": a.s.reshape(rows)}
+    q, columns = a.q, None
+    if a.g_idx is not None:
+        order = torch.argsort(a.g_idx.long(), stable=True)  # the columns, group by group
+        if not torch.equal(a.g_idx.long()[order], torch.arange(cols) // a.group):
+            raise SourceError(f"{name}.g_idx does not give each group {a.group} columns; this cannot be re-packed "
+                              f"exactly: convert with --dtype float16 (or bfloat16) to de-quantize it")
+        q, columns = q[:, order], torch.empty(cols, dtype=torch.int32)
+        columns[order] = torch.arange(cols, dtype=torch.int32)
     groups = -(-cols // group)
     index = (torch.arange(groups) * group) // a.group  # each new group's source group
     s, z = a.s[:, index], a.z[:, index]
-    q = torch.nn.functional.pad(a.q, (0, groups * group - cols)).to(torch.uint8)
+    q = torch.nn.functional.pad(q, (0, groups * group - cols)).to(torch.uint8)
     zeros = -z.float() * s.float()
     narrow = zeros.to(s.dtype)  # symmetric formats' -8 * s is exact in the scales' dtype: half the bytes
     zeros = narrow if torch.equal(narrow.float(), zeros) else zeros
-    return {"qweight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": s.contiguous(), "zeros": zeros.contiguous()}
+    parts = {"qweight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": s.contiguous(), "zeros": zeros.contiguous()}
+    return parts if columns is None else {**parts, "columns": columns}
+
+
+def one_order(columns: torch.Tensor, key: str) -> torch.Tensor:
+    """[E, in] from the [E, R, in] `columns` of R weights concatenated along their rows (a fused gate and
+    up projection): one input order serves them all only if they share it, as GPTQ's act-order gives
+    weights that read the same input."""
+    if not torch.equal(columns, columns[:, :1].expand_as(columns)):
+        raise SourceError(f"{key} and the weights transformers concatenates with it have different act-orders; "
+                          f"convert with --dtype float16 (or bfloat16) to de-quantize them")
+    return columns[:, 0].contiguous()
+
+
+def stored_scheme(parts: dict[str, torch.Tensor], scheme: str) -> str:
+    """The scheme re-packed `parts` are stored in: `scheme`, or "int4-act" for act-order int4."""
+    return ACT_ORDER if "columns" in parts else scheme
 
 
 def stored_group(fmt: Published, in_features: list[int]) -> int:
@@ -216,11 +240,12 @@ class PublishedSource(Source):
         for key in (k for k in keys if k in self.packed):
             names = self._parts(key)
             raw = self.inner.read(list(names.values()))
-            affine = self.fmt.unpack({part: raw[n] for part, n in names.items()}, key[: -len(".weight")])
+            affine = self.fmt.unpack({part: raw[n] for part, n in names.items()})
             if self.group is None:
                 plain[key] = affine.dequantize()
             else:
-                plain[key] = Repacked(torch.Size(affine.q.shape), repack(affine, self.fmt.scheme, self.group))
+                parts = repack(affine, self.fmt.scheme, self.group, name=key[: -len(".weight")])
+                plain[key] = Repacked(torch.Size(affine.q.shape), parts)
         return plain
 
     def close(self):
@@ -290,10 +315,17 @@ class RepackSpec:
             if not isinstance(raw.get(fusion.keys[0]), Repacked):
                 continue
             packed = [raw.pop(k) for k in fusion.keys]  # of one input width, or the stacking below fails
+            if len({stored_scheme(p.parts, self.fmt.scheme) for p in packed}) > 1:
+                raise SourceError(f"{fusion.keys[0]} and the weights transformers stacks with it are not all in "
+                                  f"act-order (or all not); convert with --dtype float16 (or bfloat16) to de-quantize")
             parts = {}
             for part in packed[0].parts:
                 dtypes = {p.parts[part].dtype for p in packed}  # zeros: float16 where exact, else float32
                 dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+                if part == "columns":  # one order of input columns per weight: as a row, concatenations stack it
+                    made = fusion.run({k: p.parts[part][None] for k, p in zip(fusion.keys, packed)}, model, dtype)
+                    parts[part] = {name: one_order(t, fusion.keys[0]) for name, t in made.items()}
+                    continue
                 parts[part] = fusion.run({k: p.parts[part] for k, p in zip(fusion.keys, packed)}, model, dtype)
             for name in parts["qweight"]:
                 one = {part: made[name] for part, made in parts.items()}
@@ -305,6 +337,9 @@ class RepackSpec:
         if not isinstance(t, Repacked):
             tensors[name] = t.to(target) if t.is_floating_point() else t
             return
-        for part, stored in quant_part_names(name, self.fmt.scheme).items():
+        scheme = stored_scheme(t.parts, self.fmt.scheme)
+        for part, stored in quant_part_names(name, scheme).items():
             tensors[stored] = t.parts[part]
         quantized[name] = {"shape": list(t.shape), "dtype": DTYPE_TO_ST[target], "transposed": False}
+        if scheme != self.fmt.scheme:  # a parameter's own scheme (act-order), as a GGUF's block types
+            quantized[name]["scheme"] = scheme

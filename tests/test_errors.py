@@ -87,9 +87,17 @@ MESSAGES: dict[str, tuple[str, ...]] = {
         ("test_formats_gptq.py::test_unreadable_quantization_is_refused_before_any_weight_download",),
     "{} is compressed-tensors in the {} format, which reshard cannot read; {}":
         ("test_formats_gptq.py::test_unreadable_quantization_is_refused_before_any_weight_download",),
-    "{}.g_idx is not in plain group order (act-order GPTQ); this cannot be re-packed exactly: convert the "
-    "unquantized checkpoint, or an act-order-free GPTQ version":
-        ("test_formats_gptq.py::test_gptq_whose_g_idx_is_out_of_order_is_refused",),
+    "{}.g_idx does not give each group {} columns; this cannot be re-packed exactly: convert with --dtype "
+    "float16 (or bfloat16) to de-quantize it": (
+        "test_formats_gptq.py::test_gptq_whose_groups_are_uneven_is_refused_unless_dequantized",),
+    "{} and the weights transformers stacks with it are not all in act-order (or all not); convert with --dtype "
+    "float16 (or bfloat16) to de-quantize": (
+        "test_formats_gptq_moe.py::test_act_order_experts_are_stored_in_group_order_and_equal_the_published_"
+        "dequantization",),
+    "{} and the weights transformers concatenates with it have different act-orders; convert with --dtype "
+    "float16 (or bfloat16) to de-quantize them": (
+        "test_formats_gptq_moe.py::test_act_order_experts_are_stored_in_group_order_and_equal_the_published_"
+        "dequantization",),
     "{} is a packed {} weight that transformers combines with others at load; convert with --dtype float16 (or "
     "bfloat16) to de-quantize it": ("test_formats_gptq.py::test_packed_expert_weights_are_refused_unless_dequantized",),
     "transformers cannot read the config of {}: {}": ("test_robustness.py::test_config_transformers_cannot_load",),

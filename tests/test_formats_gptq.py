@@ -98,6 +98,8 @@ def write_checkpoint(folder: Path, kind: str, *, seed: int = 0) -> Path:
                 z = z if kind == "gptq_v2" else z + 1
                 stored = z if kind == "gptq_v2" else z - 1
                 g_idx = torch.arange(inp, dtype=torch.int32) // group
+                if kind == "gptq_act":  # act-order: each group's rows anywhere (GPTQ's order of quantizing them)
+                    g_idx = g_idx[torch.randperm(inp, generator=gen)].contiguous()
                 state[name + ".qweight"] = pack_rows(q.t())
                 state[name + ".qzeros"] = pack_cols(stored.t())
                 state[name + ".scales"] = s.t().contiguous()
@@ -131,6 +133,8 @@ QUANT_CONFIGS = {
                 "checkpoint_format": "gptq_v2"},
     "gptq_sym": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
     "gptq_row": {"quant_method": "gptq", "bits": 4, "group_size": -1, "desc_act": False, "sym": False},
+    "gptq_act": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": False,
+                 "checkpoint_format": "gptq"},
     "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm", "zero_point": True},
     "ct4": _ct(4, "group", 64),
     "ct8": _ct(8, "channel", None),
@@ -216,7 +220,6 @@ ADVICE = ("convert the original unquantized checkpoint, or an FP8, MXFP4, GPTQ, 
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quantized with 'bitsandbytes'"),
     ({"quant_method": "hqq", "nbits": 4}, "quantized with 'hqq'"),
     ({"quant_method": "exl2"}, "quantized with 'exl2'"),
-    ({**QUANT_CONFIGS["gptq"], "desc_act": True}, "act-order (desc_act) GPTQ"),
     ({**QUANT_CONFIGS["gptq"], "bits": 3}, "3-bit GPTQ"),
     ({**QUANT_CONFIGS["awq"], "version": "gemv"}, "AWQ version 'gemv'"),
     ({**QUANT_CONFIGS["ct4"], "format": "marlin-24", "config_groups": {}}, "compressed-tensors in the marlin-24 format"),
@@ -236,16 +239,47 @@ def test_unreadable_quantization_is_refused_before_any_weight_download(qc, what,
     assert not (tmp_path / "out").exists()
 
 
-def test_gptq_whose_g_idx_is_out_of_order_is_refused(published, tmp_path, capsys):
+def test_act_order_weights_keep_their_columns_in_group_order(published):
+    """Act-order GPTQ (desc_act): each weight is stored with its columns gathered group by group and
+    their places ("int4-act", its own scheme), so every group is one contiguous range as in plain int4."""
+    folder = published["gptq_act"][1]
+    m = read_manifest(folder)
+    layer = next(g for g in m.groups if g.kind == "layer")
+    for name, info in layer.quantized.items():
+        if info["shape"][1] > 128:  # more than one group: stored in act order
+            assert info["scheme"] == "int4-act" and f"{name}.columns" in layer.tensors, name
+        else:  # one group: any order of its columns is the plain one
+            assert "scheme" not in info and f"{name}.columns" not in layer.tensors, name
+    assert any("scheme" in info for info in layer.quantized.values())
+    assert all("scheme" not in i for g in read_manifest(published["gptq"][1]).groups for i in g.quantized.values())
+
+
+def test_gptq_whose_groups_are_uneven_is_refused_unless_dequantized(published, tmp_path, capsys):
+    """A g_idx that gives one group more columns than another has no exact int4 form with groups
+    of one size: refused with one line; --dtype float16 de-quantizes it (the published formula)."""
     src = _with_quant_config(published["gptq"][0], tmp_path / "src", QUANT_CONFIGS["gptq"])
     state = load_file(src / "model.safetensors")
     key = "model.layers.1.mlp.down_proj.g_idx"
-    state[key] = state[key].flip(0).contiguous()  # act-order: rows in another order than their groups
+    state[key] = torch.zeros_like(state[key])  # every row in group 0
     save_file(state, src / "model.safetensors", metadata={"format": "pt"})
     assert reshard_cli.main(["convert", str(src), str(tmp_path / "out"), "--quiet"]) == 1
     assert _error_line(capsys) == (
-        "Error: model.layers.1.mlp.down_proj.g_idx is not in plain group order (act-order GPTQ); this cannot be "
-        "re-packed exactly: convert the unquantized checkpoint, or an act-order-free GPTQ version")
+        "Error: model.layers.1.mlp.down_proj.g_idx does not give each group 128 columns; this cannot be re-packed "
+        "exactly: convert with --dtype float16 (or bfloat16) to de-quantize it")
+    assert reshard_cli.main(["convert", str(src), str(tmp_path / "f16"), "--quiet", "--dtype", "float16"]) == 0
+    down = _stored(tmp_path / "f16", "model.layers.1.mlp.down_proj.weight")
+    assert torch.equal(down, gptq_formula(state, "model.layers.1.mlp.down_proj").half())
+
+
+def gptq_formula(state: dict, name: str) -> torch.Tensor:
+    """GPTQ's published de-quantization (v1 format) of linear `name`, from its stored tensors alone:
+    w[:, i] = (q[i] - z[g_idx[i]]) * s[g_idx[i]], transposed to (out, in)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    qweight, qzeros = state[name + ".qweight"], state[name + ".qzeros"]
+    q = ((qweight[:, None, :] >> shifts[None, :, None]) & 15).reshape(-1, qweight.shape[1])  # (in, out)
+    z = ((qzeros[:, :, None] >> shifts) & 15).reshape(qzeros.shape[0], -1) + 1  # (groups, out)
+    g = state[name + ".g_idx"].long()
+    return ((q - z[g]).float() * state[name + ".scales"].float()[g]).t()
 
 
 def test_packed_expert_weights_are_refused_unless_dequantized(tmp_path, capsys):

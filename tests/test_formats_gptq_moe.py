@@ -8,6 +8,7 @@ module, independent of reshard's code) saved as a float32 checkpoint that transf
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 def write_packed_mixtral(folder: Path, kind: str, *, seed: int = 0) -> Path:
     """A tiny Mixtral with every decoder-layer linear weight (experts included, router not) in
-    `kind`'s layout (GPTQ v2 or AWQ gemm), group 32, and its published de-quantization as a
+    `kind`'s layout (GPTQ v2, act-order GPTQ or AWQ gemm), group 32, and its published de-quantization as a
     float32 checkpoint in folder/reference."""
     from transformers import AutoModelForCausalLM
 
@@ -49,6 +50,9 @@ def write_packed_mixtral(folder: Path, kind: str, *, seed: int = 0) -> Path:
         out, inp = w.shape
         q, z, s = random_linear(out, inp, GROUP, gen)
         g_idx = torch.arange(inp, dtype=torch.int32) // GROUP
+        if kind == "gptq_act":  # act-order: each group's rows anywhere, one order per input (w1 and w3 share it)
+            seed = zlib.crc32(key.rsplit(".", 2)[0].encode())
+            g_idx = g_idx[torch.randperm(inp, generator=torch.Generator().manual_seed(seed))].contiguous()
         prefix = key[: -len("weight")]
         if kind == "awq":
             stored.update({prefix + "qweight": pack_cols(q.t(), AWQ_ORDER), prefix + "qzeros": pack_cols(z.t(), AWQ_ORDER),
@@ -61,7 +65,8 @@ def write_packed_mixtral(folder: Path, kind: str, *, seed: int = 0) -> Path:
     save_file(stored, folder / "model.safetensors",
               metadata={"format": "pt"})
     raw = config.to_dict()
-    raw["quantization_config"] = {**QUANT_CONFIGS[kind], "group_size": GROUP}
+    v2 = {"checkpoint_format": "gptq_v2"} if kind == "gptq_act" else {}  # z as stored (as gptq_v2's)
+    raw["quantization_config"] = {**QUANT_CONFIGS[kind], "group_size": GROUP, **v2}
     (folder / "config.json").write_text(json.dumps(raw))
     save_tiny_tokenizer(folder, config.vocab_size)
     config.dtype = "float32"
@@ -142,3 +147,42 @@ def test_decode_pass_reads_only_the_routed_experts_int4_bytes(gptq_moe):
     assert len(moe) == 3 and last.experts_read == k * len(moe)
     assert last.expert_bytes == sum(expert_bytes(g) * k // 8 for g in moe) > 0
     assert last.bytes <= manifest.total_bytes - sum(expert_bytes(g) * (8 - k) // 8 for g in moe)
+
+
+def test_act_order_experts_are_stored_in_group_order_and_equal_the_published_dequantization(tmp_path, capsys):
+    """Act-order GPTQ experts: each expert's columns gathered group by group ("int4-act", its
+    `columns` part [E, in] too), so an expert is still one range of each part; streamed float32
+    logits equal the published de-quantization. Experts stacked with plain ones are refused."""
+    from transformers import AutoModelForCausalLM
+
+    from reshard import cli as reshard_cli
+
+    src = write_packed_mixtral(tmp_path / "src", "gptq_act")
+    convert(str(src), tmp_path / "out", progress=False)
+    layer = next(g for g in read_manifest(tmp_path / "out").groups if g.kind == "layer")
+    experts = "model.layers.0.mlp.experts"
+    assert {layer.quantized[f"{experts}.{p}"].get("scheme") for p in ("gate_up_proj", "down_proj")} == {"int4-act"}
+    assert f"{experts}.down_proj.columns" in expert_tensors(layer)
+    ref = AutoModelForCausalLM.from_pretrained(src / "reference", dtype=torch.float32).eval()
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = ref(ids).logits
+    lm = open_placed(tmp_path / "out", "streamed", dtype="float32", packed=False)
+    try:
+        assert torch.equal(lm(ids).logits, want)
+    finally:
+        lm.close()
+    state = load_file(src / "model.safetensors")
+    key = "model.layers.0.block_sparse_moe.experts.3.w1.g_idx"
+    state[key] = torch.arange(state[key].numel(), dtype=torch.int32) // GROUP  # this one expert in plain order
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    assert reshard_cli.main(["convert", str(src), str(tmp_path / "mixed"), "--quiet"]) == 1
+    assert ("Error: model.layers.0.block_sparse_moe.experts.0.w1.weight and the weights transformers stacks with "
+            "it are not all in act-order (or all not); convert with --dtype float16 (or bfloat16) to de-quantize"
+            ) in capsys.readouterr().err.splitlines()
+    state[key] = state[key].flip(0).contiguous()  # act-order again, but not w3's order: one order cannot serve both
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    assert reshard_cli.main(["convert", str(src), str(tmp_path / "two-orders"), "--quiet"]) == 1
+    assert ("Error: model.layers.0.block_sparse_moe.experts.0.w1.weight and the weights transformers concatenates "
+            "with it have different act-orders; convert with --dtype float16 (or bfloat16) to de-quantize them"
+            ) in capsys.readouterr().err.splitlines()
