@@ -39,6 +39,8 @@ DEVICES = ("cuda",)  # where the compiled expansion runs (the CPU's Inductor wor
 # fused into one vectorized pass the fp8 expansion is about 10x faster (a multiply, no add: exact).
 CPU_COMPILED = ("fp8-block",)
 # Only these compile: a fused multiply-add would round GGML blocks' two-step math differently.
+# ("int4-act", act-order GPTQ, expands with plain torch: compiling its column gather costs a test
+# run about 25 s of a cold compile on 2 cores, more than its share of the suite.)
 COMPILED = ("int8", "int4", "int4-sym", "fp8-block", "mxfp4")
 RECOMPILE_LIMIT = 64  # graphs of the expansion: about 4 per (scheme, dtype) with dynamic shapes
 _lock = threading.Lock()  # compiling is not safe from two threads at once
