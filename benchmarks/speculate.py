@@ -2,6 +2,7 @@
 what verifying a tree costs next to a 1-token pass of streamed 70B-shaped layers.
 
   python benchmarks/speculate.py cpu > benchmarks/results/speculate_cpu.txt
+  python benchmarks/speculate.py cpu-batch --new-tokens 32 > benchmarks/results/speculate_cpu_batch.txt
   python benchmarks/speculate.py gpu [--tokens-per-pass X]   # a GPU (acceptance 3): tree of 16/64/256/1024
   python benchmarks/speculate.py gpu --dry                   # the same, tiny, on the CPU (CI)
 
@@ -11,6 +12,10 @@ Chain = transformers' assisted generation (today's --assistant) and prompt looku
 tree = runtime/speculate.py (--draft) at a fixed budget and at the measured ("auto") one, and
 prompt lookup's trees (--draft prompt-lookup) on the copying prompt. Every
 method's tokens are checked against plain greedy's (same = yes).
+
+cpu-batch: the same pair on a batch of prompts: plain batched greedy (one pass per token for the
+whole batch) against tree speculation where each prompt grows its own tree and one pass verifies
+them all; each row's tokens are checked against plain's.
 
 gpu: 4 random Llama-2-70B-shaped int4 layers held in pinned host RAM and streamed to the GPU each
 pass, a 512-token prefix in the KV cache; the time of one forward verifying a tree of n tokens over
@@ -87,6 +92,44 @@ def cpu_section(new_tokens: int) -> None:
             plain = plain or (tokens, seconds)
             out(f"| {name} | {method} | {len(tokens) / passes:.2f} | {passes} | {seconds / len(tokens):.3f} | "
                 f"{plain[1] / seconds:.2f}x | {'yes' if tokens == plain[0] else 'NO'} |")
+    model.close()
+
+
+BATCH = ["Explain in a few sentences why the sky is blue.", "Write a short poem about the sea.",
+         "List three uses of copper.", PROMPTS["copying"]]
+
+
+def cpu_batch_section(new_tokens: int) -> None:
+    from models import converted, smollm2_checkpoint
+    from runtime.batch import load_assistant
+    from runtime.model import LayeredModel
+
+    source = smollm2_checkpoint()
+    target_folder = converted(source, "smollm2-f32", "float32")
+    draft_folder = converted(source, "smollm2-int4-g32", "float16", "int4")
+    for line in machine_lines("float32"):
+        out(line)
+    model = LayeredModel.from_pretrained(target_folder, device="cpu", dtype="float32", max_cpu_memory=0)
+    draft = load_assistant(draft_folder, device=torch.device("cpu"), dtype=torch.float32)
+    out(f"target: {target_folder.name} streamed (every group read each pass); draft: {draft_folder.name} whole "
+        f"in RAM as float32; {len(BATCH)} chat prompts together, {new_tokens} new tokens each, greedy")
+    out()
+    out("| method | tokens/pass (all rows) | target passes | s/token (all rows) | vs plain | rows same as plain |")
+    out("|---|---|---|---|---|---|")
+    plain = None
+    for method, options in {"plain batch": {}, "tree 16 per row": {"draft": draft, "tree_budget": 16},
+                            "tree 64 per row": {"draft": draft, "tree_budget": 64}}.items():
+        print(f"speculate: batch / {method}", file=sys.stderr)
+        model.stats.passes = 0
+        start = time.perf_counter()
+        done = model.generate_batch(BATCH, chat=True, max_new_tokens=new_tokens, do_sample=False, **options)
+        seconds, passes = time.perf_counter() - start, model.stats.passes
+        rows = [g.tokens for g in done]
+        tokens = sum(map(len, rows))
+        plain = plain or (rows, seconds)
+        same = sum(r == p for r, p in zip(rows, plain[0]))
+        out(f"| {method} | {tokens / passes:.2f} | {passes} | {seconds / tokens:.3f} | {plain[1] / seconds:.2f}x | "
+            f"{same}/{len(rows)} |")
     model.close()
 
 
@@ -172,7 +215,7 @@ def verify_seconds(model, cache, tree, prefix: int, device: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("section", choices=["cpu", "gpu"])
+    parser.add_argument("section", choices=["cpu", "cpu-batch", "gpu"])
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="cpu section: tokens per generate")
     parser.add_argument("--dry", action="store_true", help="gpu section: tiny shapes on the CPU")
     parser.add_argument("--tokens-per-pass", type=float, default=4.0,
@@ -180,6 +223,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.section == "cpu":
         cpu_section(args.new_tokens)
+    elif args.section == "cpu-batch":
+        cpu_batch_section(args.new_tokens)
     else:
         gpu_section(args.dry, args.tokens_per_pass)
 
