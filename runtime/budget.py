@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -102,6 +102,14 @@ def make_budget(device: torch.device, prefetch: int, max_gpu_memory, max_cpu_mem
     user = gpu is not None and 0 < gpu < free
     return Budget(cuda=True, capacity=gpu if user else free, host=cpu, residents=gpu != 0, prefetch=prefetch,
                          limit_from_user=user)
+
+
+def set_aside(memory: Budget, host_bytes: int) -> Budget:
+    """`memory` less `host_bytes` of host memory kept for something else (read-ahead guesses): from
+    the host RAM for HOST groups on CUDA, from the whole budget on the CPU (host memory is the device's)."""
+    if memory.cuda:
+        return replace(memory, host=max(0, memory.host - host_bytes))
+    return replace(memory, capacity=max(0, memory.capacity - host_bytes), residents=memory.capacity > host_bytes)
 
 
 # --- the plan ---------------------------------------------------------------------------------

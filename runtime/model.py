@@ -26,6 +26,7 @@ from reshard.verify import verify_folder
 from . import allowance, budget, lowbit
 from .expertcache import cache_budget
 from .experts import ExpertStreamer, load_persistent_buffers
+from .prediction import guess_allowance
 from .opening import (converted_folder, group_costs, load_generation_config, load_tokenizer, pin_device,
                       place_buffers, place_groups, resolve_device, resolve_runtime_dtype)
 from .cpuexperts import CpuExperts, open_cpu_experts
@@ -155,6 +156,8 @@ class LayeredModel:
         load_generation_config(model, path)
         loader = GroupLoader(path, manifest, dev, compute_dtype, StreamStats(), packing=packing)
         memory = budget.make_budget(dev, prefetch, max_gpu_memory, max_cpu_memory)
+        if predict_experts and sparse_experts:  # guesses wait in host memory (runtime/prediction.py)
+            memory = budget.set_aside(memory, guess_allowance(manifest))
         costs = group_costs(loader)
         loader.places, memory = place_groups(loader, model.config, memory, costs)
         prefetch = memory.prefetch  # 0 where two groups in flight would not fit

@@ -8,7 +8,10 @@ into host memory, in their stored form, on a background thread while layer i com
 j's hook takes the guessed experts it routes from there instead of reading them; the rest are
 dropped when layer j is unloaded. A wrong guess costs bytes, never correctness: each layer
 computes with the experts its own router picked. A prefill or batch whose guess covers more than
-half the experts guesses nothing (its pass reads the layer nearly whole anyway).
+half the experts guesses nothing (its pass reads the layer nearly whole anyway), and the guesses
+for one layer, all forwards of a pass together, never pass half its experts: with a layer's
+guesses held until it is unloaded and the next one's being read, host memory holds at most
+`guess_allowance` for them, which the budget sets aside at open (runtime/model.py).
 
 The router is the MoE block's `gate.weight` or `router.weight` ([E, hidden], read from the
 layer file's mapping: E x hidden values), with the router's bias and DeepSeek-V3's score
@@ -28,6 +31,21 @@ from . import budget
 
 MOST = 0.5  # a guess covering more of the experts than this is not read ahead
 ROUTER_NAMES = ("gate", "router")  # the MoE block's router module, beside its `experts`
+
+
+def most_guessed(count: int) -> int:
+    """The most experts of a layer of `count` that its guesses hold at once."""
+    return int(count * MOST)
+
+
+def guess_allowance(manifest) -> int:
+    """Host bytes guesses may hold at once: two layers' worth (one being used, the next being
+    read) of `most_guessed` experts, as stored, for the largest MoE layer of `manifest`."""
+    from reshard.format import expert_bytes
+
+    per_layer = [most_guessed(entry["num_experts"]) * expert_bytes(g, entry) // entry["num_experts"]
+                 for g in manifest.groups for entry in g.experts.values()]
+    return 2 * max(per_layer, default=0)
 
 
 @dataclass
@@ -100,10 +118,11 @@ class ExpertPredictor:
             return
         router = self.routers[j]
         picked = router.pick(self.loader.files[j], hidden, self.top_k)
-        if len(picked) > router.entry["num_experts"] * MOST:
+        most = most_guessed(router.entry["num_experts"])
+        if len(picked) > most:
             return
         asked = {e for g in self.pending.get(j, ()) for e in g.experts}
-        todo = [e for e in picked if e not in asked and not self.held(j, e)]
+        todo = [e for e in picked if e not in asked and not self.held(j, e)][:most - len(asked)]
         if todo:
             future = self.pool.submit(self.read, j, todo, router.entry)
             self.pending.setdefault(j, []).append(Guess(todo, future))

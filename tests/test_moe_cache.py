@@ -187,3 +187,31 @@ def test_cli_predict_experts_reports_its_counts(moe_converted, capsys):
     stats = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert 0 <= stats["predicted_used"] <= stats["experts_predicted"] > 0
     assert stats["predicted_wasted_bytes"] >= 0 and "experts_predicted" in stats["per_pass"][-1]
+
+
+def test_guesses_have_host_memory_set_aside_and_hold_at_most_half_a_layer(moe_converted):
+    """--predict-experts sets aside `guess_allowance` of the memory budget (two layers' worth of half
+    their experts, as stored); however many forwards guess for a layer, its guesses hold at most half
+    its experts."""
+    from runtime.prediction import guess_allowance, most_guessed
+
+    folder = moe_converted["deepseek_v3"]
+    manifest = read_manifest(folder)
+    moe = next(g for g in manifest.groups if g.experts)
+    count = next(iter(moe.experts.values()))["num_experts"]
+    allowance = guess_allowance(manifest)
+    assert allowance == 2 * most_guessed(count) * one_expert_bytes(moe) > 0
+    capacity = {}
+    for predict in (False, True):
+        with LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory="1GiB", predict_experts=predict) as m:
+            capacity[predict] = m.memory.capacity
+    assert capacity[False] - capacity[True] == allowance
+    with LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=0, expert_cache=0,
+                                      predict_experts=True) as model:
+        predictor = model.experts.predictor
+        i, j = next(iter(predictor.next.items()))
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(12):  # as many forwards through one layer load (runtime/lockstep.py), each its own guess
+            predictor.guess(i, torch.randn(1, 1, model.config.hidden_size, generator=gen))
+        asked = [e for g in predictor.pending[j] for e in g.experts]
+        assert len(asked) == len(set(asked)) == most_guessed(count)
