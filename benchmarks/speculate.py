@@ -56,11 +56,12 @@ def run_method(model, ids, new_tokens: int, **options) -> tuple[list[int], int, 
     return got[0, ids.shape[1]:].tolist(), model.stats.passes, seconds
 
 
-def cpu_section(new_tokens: int) -> None:
+def open_pair(what: str):
+    """The CPU sections' target (SmolLM2 float32, every group streamed) and draft (its int4 copy, whole
+    in RAM as float32), after the machine lines and a line saying so and `what` is generated."""
     from models import converted, smollm2_checkpoint
-    from runtime.batch import chat_ids, load_assistant
+    from runtime.batch import load_assistant
     from runtime.model import LayeredModel
-    from runtime.speculate import resolve_budget
 
     source = smollm2_checkpoint()
     target_folder = converted(source, "smollm2-f32", "float32")
@@ -69,10 +70,18 @@ def cpu_section(new_tokens: int) -> None:
         out(line)
     model = LayeredModel.from_pretrained(target_folder, device="cpu", dtype="float32", max_cpu_memory=0)
     draft = load_assistant(draft_folder, device=torch.device("cpu"), dtype=torch.float32)
+    out(f"target: {target_folder.name} streamed (every group read each pass); draft: {draft_folder.name} whole "
+        f"in RAM as float32; {what}, greedy")
+    return model, draft
+
+
+def cpu_section(new_tokens: int) -> None:
+    from runtime.batch import chat_ids
+    from runtime.speculate import resolve_budget
+
+    model, draft = open_pair(f"{new_tokens} new tokens")
     start = time.perf_counter()
     auto = resolve_budget(model, draft, "auto")  # measured once (3 target passes, 3 draft forwards), not timed below
-    out(f"target: {target_folder.name} streamed (every group read each pass); draft: {draft_folder.name} whole "
-        f"in RAM as float32; {new_tokens} new tokens, greedy")
     out(f"measured costs ({time.perf_counter() - start:.1f} s): {model.tree_costs[1]}; auto budget: {auto}")
     out()
     out("| prompt | method | tokens/pass | target passes | s/token | vs plain | same as plain |")
@@ -100,19 +109,7 @@ BATCH = ["Explain in a few sentences why the sky is blue.", "Write a short poem 
 
 
 def cpu_batch_section(new_tokens: int) -> None:
-    from models import converted, smollm2_checkpoint
-    from runtime.batch import load_assistant
-    from runtime.model import LayeredModel
-
-    source = smollm2_checkpoint()
-    target_folder = converted(source, "smollm2-f32", "float32")
-    draft_folder = converted(source, "smollm2-int4-g32", "float16", "int4")
-    for line in machine_lines("float32"):
-        out(line)
-    model = LayeredModel.from_pretrained(target_folder, device="cpu", dtype="float32", max_cpu_memory=0)
-    draft = load_assistant(draft_folder, device=torch.device("cpu"), dtype=torch.float32)
-    out(f"target: {target_folder.name} streamed (every group read each pass); draft: {draft_folder.name} whole "
-        f"in RAM as float32; {len(BATCH)} chat prompts together, {new_tokens} new tokens each, greedy")
+    model, draft = open_pair(f"{len(BATCH)} chat prompts together, {new_tokens} new tokens each")
     out()
     out("| method | tokens/pass (all rows) | target passes | s/token (all rows) | vs plain | rows same as plain |")
     out("|---|---|---|---|---|---|")
