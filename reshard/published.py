@@ -140,8 +140,9 @@ class Repacked:
 def repack(a: Affine, scheme: str, group: int, *, name: str) -> dict[str, torch.Tensor]:
     """The project's `scheme` parts holding exactly `a`'s values, with `group` columns per group
     (int4; a multiple or divisor of a's). int4 expands as zeros + q * scales: zeros = -z * s in
-    float32 is exact (kept in the scales' dtype where that is exact too), so that is (q - z) * s
-    with one rounding, as the published formula. Act-order groups (`a.g_idx`) are stored with
+    float32 is exact, so that is (q - z) * s with one rounding, as the published formula. The zeros
+    are stored in the scales' dtype where -z * s is exact there (symmetric formats), else as the
+    integer z, one byte (reshard.quant.float_zeros makes -z * s of it). Act-order groups (`a.g_idx`) are stored with
     their columns gathered group by group, and a `columns` part, each weight column's place
     among them ("int4-act", see `stored_scheme`): expansion puts them back."""
     rows, cols = a.q.shape
@@ -160,10 +161,16 @@ def repack(a: Affine, scheme: str, group: int, *, name: str) -> dict[str, torch.
     s, z = a.s[:, index], a.z[:, index]
     q = torch.nn.functional.pad(q, (0, groups * group - cols)).to(torch.uint8)
     zeros = -z.float() * s.float()
-    narrow = zeros.to(s.dtype)  # symmetric formats' -8 * s is exact in the scales' dtype: half the bytes
-    zeros = narrow if torch.equal(narrow.float(), zeros) else zeros
+    narrow = zeros.to(s.dtype)  # symmetric formats' -8 * s is exact in the scales' dtype (the CPU kernels' table too)
+    zeros = narrow if torch.equal(narrow.float(), zeros) else z.to(torch.uint8)  # else the integer zero points
     parts = {"qweight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": s.contiguous(), "zeros": zeros.contiguous()}
     return parts if columns is None else {**parts, "columns": columns}
+
+
+def integer_zeros(zeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Re-packed zeros as U8 integer zero points: as they are, or z = -zeros / scales of float ones
+    (exact: a float zero here is -z * s, exact in the scales' dtype)."""
+    return zeros if zeros.dtype == torch.uint8 else (-zeros.float() / scales.float()).round().to(torch.uint8)
 
 
 def one_order(columns: torch.Tensor, key: str) -> torch.Tensor:
@@ -320,7 +327,11 @@ class RepackSpec:
                                   f"act-order (or all not); convert with --dtype float16 (or bfloat16) to de-quantize")
             parts = {}
             for part in packed[0].parts:
-                dtypes = {p.parts[part].dtype for p in packed}  # zeros: float16 where exact, else float32
+                dtypes = {p.parts[part].dtype for p in packed}  # zeros: the scales' dtype where exact, else U8
+                if dtypes == {torch.uint8, next(iter(packed)).parts["scales"].dtype} and part == "zeros":
+                    dtypes = {torch.uint8}  # integer zero points for all: those exact in float are integers too
+                    for p in packed:
+                        p.parts[part] = integer_zeros(p.parts[part], p.parts["scales"])
                 dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
                 if part == "columns":  # one order of input columns per weight: as a row, concatenations stack it
                     made = fusion.run({k: p.parts[part][None] for k, p in zip(fusion.keys, packed)}, model, dtype)

@@ -107,11 +107,21 @@ def quantize_int4(w: torch.Tensor, *, group: int, dtype: torch.dtype) -> tuple[t
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *, columns: int,
                     dtype: torch.dtype) -> torch.Tensor:
     rows, groups = scales.shape
+    zeros = float_zeros(zeros, scales)
     work = _work_dtype(dtype, scales, zeros)
     q = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(rows, groups, -1).to(work)  # (out, groups, group)
     # addcmul rounds once (opmath), so half-precision results match float32 math cast down.
     w = torch.addcmul(zeros.to(work)[..., None], q, scales.to(work)[..., None])
     return w.view(rows, -1)[:, :columns].to(dtype)
+
+
+def float_zeros(zeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """An int4 weight's zeros as `q * scales + zeros` adds them: as stored where they are floats;
+    U8 integer zero points z (a re-packed asymmetric GPTQ/AWQ weight, w = (q - z) * scales) become
+    -z * scales in float32, exact (z has 4 bits, a scale at most 24)."""
+    if zeros.dtype == torch.uint8:
+        return -zeros.float() * scales.float()
+    return zeros
 
 
 def _work_dtype(dtype: torch.dtype, *parts: torch.Tensor) -> torch.dtype:

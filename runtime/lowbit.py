@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from reshard.ggml_repack import symmetric_zeros
+from reshard.quant import float_zeros
 
 from . import native
 
@@ -135,7 +136,8 @@ def plan_packing(model: nn.Module, manifest, device: torch.device) -> dict[str, 
 
 def stored_scale_dtype(group, name: str, scheme: str) -> torch.dtype:
     """The dtype that holds a weight's stored scales and zeros exactly: theirs, or float32 where they
-    differ (a re-packed GPTQ's float16 scales and float32 zeros); what the native int4 table keeps."""
+    differ (a re-packed GPTQ's float16 scales and integer zero points, whose -z * s float16 cannot
+    hold); what the native int4 table keeps."""
     from reshard.format import ST_TO_DTYPE, quant_part_names
 
     names = quant_part_names(name, scheme)
@@ -158,7 +160,7 @@ def packed_names(param: str) -> tuple[str, str]:
 def pack_param(parts: dict[str, torch.Tensor], spec: PackSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed weight, scales) for the kernel from a weight's stored parts (on the CPU)."""
     scales = parts["scales"]
-    zeros = parts["zeros"] if "zeros" in parts else symmetric_zeros(scales)  # int4-sym: not stored
+    zeros = float_zeros(parts["zeros"], scales) if "zeros" in parts else symmetric_zeros(scales)  # int4-sym: not stored
     if spec.backend == "native":  # the weight as stored (a view of the mapped file where resident)
         if spec.scheme == "int8":
             return parts["qweight"].contiguous(), scales.float()

@@ -190,6 +190,10 @@ def test_published_folder_is_stored_quantized_within_a_tenth_of_the_source(kind,
         src_bytes = sum(t.numel() * t.element_size() for k, t in source.items() if k.startswith(prefix))
         assert len(g.quantized) == len(LINEARS)
         assert g.bytes <= 1.1 * src_bytes, (g.bytes, src_bytes)
+    if q["scheme"] == "int4":  # integer zero points stay one byte; symmetric ones are exact as -8 * s
+        layer = next(g for g in m.groups if g.kind == "layer")
+        zeros = {layer.tensors[f"{name}.zeros"]["dtype"] for name in layer.quantized}
+        assert zeros == ({"F16"} if kind in ("gptq_sym", "ct4") else {"U8"}), zeros
 
 
 # --- refused: formats reshard cannot read, before any weight is downloaded --------------------

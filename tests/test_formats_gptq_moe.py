@@ -110,6 +110,17 @@ def test_expert_weights_are_stored_int4_one_range_per_expert(gptq_moe):
                     assert torch.equal(got, want), (param, e)
 
 
+def test_layers_take_at_most_a_tenth_more_than_the_source_at_group_32(gptq_moe):
+    """Asymmetric zero points kept as integers (one byte a group, not a float32 -z * s): a decoder
+    layer's bytes stay within 1.1x the source's even at group 32, experts and attention alike."""
+    src, out = gptq_moe
+    source = load_file(src / "model.safetensors")
+    for g in (g for g in read_manifest(out).groups if g.kind == "layer"):
+        prefix = f"model.{g.name}."
+        src_bytes = sum(t.numel() * t.element_size() for k, t in source.items() if k.startswith(prefix))
+        assert g.bytes <= 1.1 * src_bytes, (g.name, g.bytes, src_bytes)
+
+
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_gptq_moe_equals_the_published_dequantization(gptq_moe, placement):
     """Float32 logits and greedy tokens equal transformers' load of the published de-quantization,
