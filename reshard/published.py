@@ -17,6 +17,7 @@ import torch
 from .errors import SourceError
 from .format import ACT_ORDER, DTYPE_TO_ST, quant_part_names
 from .fp8 import layout as fp8_layout
+from .ggml_repack import SYMMETRIC_ZERO
 from .gptq import Affine, unpack_awq, unpack_gptq, unpack_pack_quantized
 from .mxfp4 import is_mxfp4
 from .quant import plan_shape, quantizable_params
@@ -140,9 +141,9 @@ class Repacked:
 def repack(a: Affine, scheme: str, group: int, *, name: str) -> dict[str, torch.Tensor]:
     """The project's `scheme` parts holding exactly `a`'s values, with `group` columns per group
     (int4; a multiple or divisor of a's). int4 expands as zeros + q * scales: zeros = -z * s in
-    float32 is exact, so that is (q - z) * s with one rounding, as the published formula. The zeros
-    are stored in the scales' dtype where -z * s is exact there (symmetric formats), else as the
-    integer z, one byte (reshard.quant.float_zeros makes -z * s of it). Act-order groups (`a.g_idx`) are stored with
+    float32 is exact, so that is (q - z) * s with one rounding, as the published formula. Zeros all
+    8 (symmetric formats) are left out ("int4-sym"); others are stored in the scales' dtype where
+    -z * s is exact there, else as the integer z, one byte (reshard.quant.float_zeros makes -z * s). Act-order groups (`a.g_idx`) are stored with
     their columns gathered group by group, and a `columns` part, each weight column's place
     among them ("int4-act", see `stored_scheme`): expansion puts them back."""
     rows, cols = a.q.shape
@@ -160,10 +161,13 @@ def repack(a: Affine, scheme: str, group: int, *, name: str) -> dict[str, torch.
     index = (torch.arange(groups) * group) // a.group  # each new group's source group
     s, z = a.s[:, index], a.z[:, index]
     q = torch.nn.functional.pad(q, (0, groups * group - cols)).to(torch.uint8)
+    parts = {"qweight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": s.contiguous()}
+    if columns is None and bool((z == SYMMETRIC_ZERO).all()):
+        return parts  # symmetric (GPTQ sym, compressed-tensors): "int4-sym", its zeros -8 * s implied
     zeros = -z.float() * s.float()
-    narrow = zeros.to(s.dtype)  # symmetric formats' -8 * s is exact in the scales' dtype (the CPU kernels' table too)
+    narrow = zeros.to(s.dtype)  # exact in the scales' dtype (the CPU kernels' table too)?
     zeros = narrow if torch.equal(narrow.float(), zeros) else z.to(torch.uint8)  # else the integer zero points
-    parts = {"qweight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": s.contiguous(), "zeros": zeros.contiguous()}
+    parts["zeros"] = zeros.contiguous()
     return parts if columns is None else {**parts, "columns": columns}
 
 
@@ -184,8 +188,11 @@ def one_order(columns: torch.Tensor, key: str) -> torch.Tensor:
 
 
 def stored_scheme(parts: dict[str, torch.Tensor], scheme: str) -> str:
-    """The scheme re-packed `parts` are stored in: `scheme`, or "int4-act" for act-order int4."""
-    return ACT_ORDER if "columns" in parts else scheme
+    """The scheme re-packed `parts` are stored in: `scheme`, "int4-act" for act-order int4, or
+    "int4-sym" for int4 whose zero points are all 8."""
+    if "columns" in parts:
+        return ACT_ORDER
+    return "int4-sym" if scheme == "int4" and "zeros" not in parts else scheme
 
 
 def stored_group(fmt: Published, in_features: list[int]) -> int:
@@ -322,6 +329,9 @@ class RepackSpec:
             if not isinstance(raw.get(fusion.keys[0]), Repacked):
                 continue
             packed = [raw.pop(k) for k in fusion.keys]  # of one input width, or the stacking below fails
+            if {stored_scheme(p.parts, self.fmt.scheme) for p in packed} == {"int4", "int4-sym"}:
+                for p in (p for p in packed if "zeros" not in p.parts):  # stacked with others: zero points 8
+                    p.parts["zeros"] = torch.full(p.parts["scales"].shape, SYMMETRIC_ZERO, dtype=torch.uint8)
             if len({stored_scheme(p.parts, self.fmt.scheme) for p in packed}) > 1:
                 raise SourceError(f"{fusion.keys[0]} and the weights transformers stacks with it are not all in "
                                   f"act-order (or all not); convert with --dtype float16 (or bfloat16) to de-quantize")

@@ -190,10 +190,14 @@ def test_published_folder_is_stored_quantized_within_a_tenth_of_the_source(kind,
         src_bytes = sum(t.numel() * t.element_size() for k, t in source.items() if k.startswith(prefix))
         assert len(g.quantized) == len(LINEARS)
         assert g.bytes <= 1.1 * src_bytes, (g.bytes, src_bytes)
-    if q["scheme"] == "int4":  # integer zero points stay one byte; symmetric ones are exact as -8 * s
+    if q["scheme"] == "int4":  # symmetric: no zeros stored (int4-sym); else integer zero points, a byte each
         layer = next(g for g in m.groups if g.kind == "layer")
-        zeros = {layer.tensors[f"{name}.zeros"]["dtype"] for name in layer.quantized}
-        assert zeros == ({"F16"} if kind in ("gptq_sym", "ct4") else {"U8"}), zeros
+        symmetric = kind in ("gptq_sym", "ct4")
+        assert {i.get("scheme") for i in layer.quantized.values()} == (
+            {"int4-sym"} if symmetric else {"int4-act", None} if kind == "gptq_act" else {None})
+        zeros = {layer.tensors[f"{name}.zeros"]["dtype"] for name in layer.quantized
+                 if f"{name}.zeros" in layer.tensors}
+        assert zeros == (set() if symmetric else {"U8"}), zeros
 
 
 # --- refused: formats reshard cannot read, before any weight is downloaded --------------------
