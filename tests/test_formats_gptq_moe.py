@@ -32,7 +32,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 def write_packed_mixtral(folder: Path, kind: str, *, seed: int = 0) -> Path:
     """A tiny Mixtral with every decoder-layer linear weight (experts included, router not) in
-    `kind`'s layout (GPTQ v2, act-order GPTQ or AWQ gemm), group 32, and its published de-quantization as a
+    `kind`'s layout (GPTQ v2, act-order or symmetric GPTQ, or AWQ gemm), group 32, and its published de-quantization as a
     float32 checkpoint in folder/reference."""
     from transformers import AutoModelForCausalLM
 
@@ -50,6 +50,7 @@ def write_packed_mixtral(folder: Path, kind: str, *, seed: int = 0) -> Path:
         out, inp = w.shape
         q, z, s = random_linear(out, inp, GROUP, gen)
         g_idx = torch.arange(inp, dtype=torch.int32) // GROUP
+        z = torch.full_like(z, 8) if kind == "gptq_sym" else z
         if kind == "gptq_act":  # act-order: each group's rows anywhere, one order per input (w1 and w3 share it)
             seed = zlib.crc32(key.rsplit(".", 2)[0].encode())
             g_idx = g_idx[torch.randperm(inp, generator=torch.Generator().manual_seed(seed))].contiguous()
@@ -65,7 +66,7 @@ def write_packed_mixtral(folder: Path, kind: str, *, seed: int = 0) -> Path:
     save_file(stored, folder / "model.safetensors",
               metadata={"format": "pt"})
     raw = config.to_dict()
-    v2 = {"checkpoint_format": "gptq_v2"} if kind == "gptq_act" else {}  # z as stored (as gptq_v2's)
+    v2 = {"checkpoint_format": "gptq_v2"} if kind in ("gptq_act", "gptq_sym") else {}  # z as stored (as gptq_v2's)
     raw["quantization_config"] = {**QUANT_CONFIGS[kind], "group_size": GROUP, **v2}
     (folder / "config.json").write_text(json.dumps(raw))
     save_tiny_tokenizer(folder, config.vocab_size)
@@ -158,6 +159,26 @@ def test_decode_pass_reads_only_the_routed_experts_int4_bytes(gptq_moe):
     assert len(moe) == 3 and last.experts_read == k * len(moe)
     assert last.expert_bytes == sum(expert_bytes(g) * k // 8 for g in moe) > 0
     assert last.bytes <= manifest.total_bytes - sum(expert_bytes(g) * (8 - k) // 8 for g in moe)
+
+
+def test_symmetric_experts_store_no_zeros_and_equal_the_published_dequantization(tmp_path):
+    """Symmetric GPTQ (every zero point 8): each weight, experts stacked, is "int4-sym" (scales only)."""
+    from transformers import AutoModelForCausalLM
+
+    src = write_packed_mixtral(tmp_path / "src", "gptq_sym")
+    convert(str(src), tmp_path / "out", progress=False)
+    layer = next(g for g in read_manifest(tmp_path / "out").groups if g.kind == "layer")
+    assert {i.get("scheme") for i in layer.quantized.values()} == {"int4-sym"}
+    assert not [n for n in layer.tensors if n.endswith(".zeros")]
+    ref = AutoModelForCausalLM.from_pretrained(src / "reference", dtype=torch.float32).eval()
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = ref(ids).logits
+    lm = open_placed(tmp_path / "out", "streamed", dtype="float32", packed=False)
+    try:
+        assert torch.equal(lm(ids).logits, want)
+    finally:
+        lm.close()
 
 
 def test_act_order_experts_are_stored_in_group_order_and_equal_the_published_dequantization(tmp_path, capsys):
