@@ -25,7 +25,9 @@ Both kernels take bfloat16 activations (their float32 paths are reference loops,
 so a PackedLinear computes in bfloat16 whatever the model's dtype and casts back.
 
 An "int4-sym" weight (a GGUF's Q4_0 re-packed, reshard/ggml_repack.py) runs as int4 with its zeros
--8 * scales made at load; int8 with group scales (a GGUF's Q8_0) expands: both kernels scale per row.
+-8 * scales made at load; an "int4-act" one (act-order GPTQ, its columns stored group by group) runs
+as int4 on the input gathered into that order (`X.qorder`, a third tensor); int8 with group scales
+(a GGUF's Q8_0) expands: both kernels scale per row.
 What the kernels refuse (or, for int8, crash on) is left to the expansion in runtime/quantized.py:
 int8 needs K % 16 == 0; int4 needs g in {32, 64, 128, 256}, K % g == 0 and N % 16 == 0.
 Both read their operands with aligned vector loads and crash on a tensor that does not start
@@ -37,11 +39,12 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from reshard.format import ACT_ORDER
 from reshard.ggml_repack import symmetric_zeros
 from reshard.quant import float_zeros
 
@@ -49,9 +52,11 @@ from . import native
 
 KERNEL_DTYPE = torch.bfloat16  # what both kernels are fast with
 INT4_GROUPS = (32, 64, 128, 256)
-# stored scheme -> the kernel's; "int4-sym" is int4 with zeros -8 * scales (reshard/ggml_repack.py)
-KERNEL_SCHEMES = {"int8": "int8", "int4": "int4", "int4-sym": "int4"}
+# stored scheme -> the kernel's; "int4-sym" is int4 with zeros -8 * scales (reshard/ggml_repack.py);
+# "int4-act" int4 over the input columns in act order (act-order GPTQ): the input is gathered to match
+KERNEL_SCHEMES = {"int8": "int8", "int4": "int4", "int4-sym": "int4", ACT_ORDER: "int4"}
 SCALES = "qscales"
+ORDER = "qorder"  # a PackedLinear's third tensor, for an "int4-act" weight: the input columns' order
 ALIGN = 64  # bytes; torch's CPU allocator aligns every allocation to this  # a PackedLinear's second tensor: int8 scales, or int4 scales-and-zeros
 
 
@@ -65,6 +70,7 @@ class PackSpec:
     in_features: int  # K
     backend: str = "torch"  # "native" (runtime/native.py) or "torch"
     scale_dtype: torch.dtype = torch.bfloat16  # the stored scales' (and zeros') dtype: what the native int4 table keeps
+    permuted: bool = False  # stored over the input columns in another order ("int4-act"): the input follows it
 
 
 def kernels_available() -> bool:
@@ -127,7 +133,7 @@ def plan_packing(model: nn.Module, manifest, device: torch.device) -> dict[str, 
         out, inp = reversed(info["shape"]) if info.get("transposed") else info["shape"]
         scale_dtype = stored_scale_dtype(g, name, scheme)
         for backend in backends:  # the project's kernel where it takes the shape, else torch's
-            spec = PackSpec(KERNEL_SCHEMES[scheme], group, out, inp, backend, scale_dtype)
+            spec = PackSpec(KERNEL_SCHEMES[scheme], group, out, inp, backend, scale_dtype, scheme == ACT_ORDER)
             if supported(spec):
                 specs[name] = spec
                 break
@@ -141,7 +147,7 @@ def stored_scale_dtype(group, name: str, scheme: str) -> torch.dtype:
     from reshard.format import ST_TO_DTYPE, quant_part_names
 
     names = quant_part_names(name, scheme)
-    dtypes = {ST_TO_DTYPE[group.tensors[names[p]]["dtype"]] for p in names if p != "qweight"}
+    dtypes = {ST_TO_DTYPE[group.tensors[names[p]]["dtype"]] for p in names if p in ("scales", "zeros")}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
@@ -152,13 +158,19 @@ def install_packed(model: nn.Module, specs: dict[str, PackSpec]) -> None:
         model.set_submodule(path, PackedLinear(model.get_submodule(path), spec))
 
 
-def packed_names(param: str) -> tuple[str, str]:
-    """The two tensors a packed `X.weight` is held as: `X.weight` (packed) and `X.qscales`."""
-    return param, f"{param.rpartition('.')[0]}.{SCALES}"
+def packed_names(param: str, spec: PackSpec) -> tuple[str, ...]:
+    """The tensors a packed `X.weight` is held as: `X.weight` (packed) and `X.qscales`, and for a
+    permuted one `X.qorder`."""
+    owner = param.rpartition(".")[0]
+    return (param, f"{owner}.{SCALES}") + ((f"{owner}.{ORDER}",) if spec.permuted else ())
 
 
-def pack_param(parts: dict[str, torch.Tensor], spec: PackSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed weight, scales) for the kernel from a weight's stored parts (on the CPU)."""
+def pack_param(parts: dict[str, torch.Tensor], spec: PackSpec) -> tuple[torch.Tensor, ...]:
+    """(packed weight, scales[, input order]) for the kernel from a weight's stored parts (on the CPU)."""
+    if spec.permuted:  # stored column j holds weight column order[j] (`columns` says where each one went)
+        order = torch.argsort(parts["columns"].long())
+        return (*pack_param({k: v for k, v in parts.items() if k != "columns"}, replace(spec, permuted=False)),
+                order)
     scales = parts["scales"]
     zeros = float_zeros(parts["zeros"], scales) if "zeros" in parts else symmetric_zeros(scales)  # int4-sym: not stored
     if spec.backend == "native":  # the weight as stored (a view of the mapped file where resident)
@@ -195,10 +207,12 @@ def packed_shape(spec: PackSpec) -> tuple[tuple[int, ...], torch.dtype, tuple[in
 
 
 def packed_nbytes(spec: PackSpec) -> int:
-    """Bytes a packed weight takes in memory (weight and scales): what runtime.budget should count
-    for it on the CPU, about its stored bytes (int8: N * K + 2 or 4 N; int4: N * K / 2 + 2 or 4 N * K / g)."""
+    """Bytes a packed weight takes in memory (weight and scales, and a permuted one's input order):
+    what runtime.budget should count for it on the CPU, about its stored bytes (int8: N * K + 2 or
+    4 N; int4: N * K / 2 + 2 or 4 N * K / g; the order 8 K)."""
     wshape, wdtype, sshape, sdtype = packed_shape(spec)
-    return math.prod(wshape) * wdtype.itemsize + math.prod(sshape) * sdtype.itemsize
+    order = 8 * spec.in_features if spec.permuted else 0
+    return math.prod(wshape) * wdtype.itemsize + math.prod(sshape) * sdtype.itemsize + order
 
 
 class PackedLinear(nn.Module):
@@ -216,12 +230,17 @@ class PackedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(wshape, dtype=wdtype, device="meta"), requires_grad=False)
         self.qscales = nn.Parameter(torch.empty(sshape, dtype=sdtype, device="meta"), requires_grad=False)
         self.bias = module.bias
+        if spec.permuted:  # the input's columns in the order the weight's are stored
+            self.qorder = nn.Parameter(torch.empty(spec.in_features, dtype=torch.long, device="meta"),
+                                       requires_grad=False)
         self.native = None  # the project's kernel for this weight, where spec.backend says "native"
         if spec.backend == "native":
             self.native = native.int8_gemm if spec.scheme == "int8" else functools.partial(
                 native.int4_gemm, group=spec.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.permuted:
+            x = x.index_select(-1, self.qorder)
         if self.native:  # float32 and bfloat16 in and out as they are, others through float32
             rows = x.reshape(-1, self.in_features)
             if rows.dtype not in native.IO_KINDS:
@@ -242,4 +261,5 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return f"in_features={s.in_features}, out_features={s.out_features}, {s.scheme} ({s.backend})" + (
-            f" group {s.group}" if s.group else "") + f", bias={self.bias is not None}"
+            f" group {s.group}" if s.group else "") + (", act order" if s.permuted else "") + \
+            f", bias={self.bias is not None}"

@@ -4,7 +4,8 @@ The loader reads and copies a group's stored (compressed) tensors as they are; t
 each quantized parameter's parts (`X.weight.qweight`, `.scales`, `.zeros`) into what the
 model runs with, on the background thread (and the copy stream on CUDA):
 - a weight in `packing` (the CPU, see runtime/lowbit.py) becomes the packed weight and scales
-  a `PackedLinear` takes (`X.weight`, `X.qscales`): its bytes stay about the stored ones;
+  a `PackedLinear` takes (`X.weight`, `X.qscales`, and `X.qorder` for act order): its bytes
+  stay about the stored ones;
 - any other is expanded to `X.weight` in the compute dtype with reshard.quant's math (compiled
   into one kernel per weight on CUDA: runtime/expansion.py), so the hooks put ordinary tensors
   in place and transformers' modules run unchanged.
@@ -34,7 +35,7 @@ def expand_group(tensors: dict[str, torch.Tensor], group: Group, scheme: str | N
             continue  # routed expert weights left out of this load (runtime/experts.py expands them)
         parts = {part: tensors.pop(name) for part, name in names.items()}
         if param in packing:
-            tensors.update(zip(packed_names(param), pack_param(parts, packing[param])))
+            tensors.update(zip(packed_names(param, packing[param]), pack_param(parts, packing[param])))
         else:
             tensors[param] = expand_param(parts, group.quantized[param], own, dtype)
     return tensors
@@ -57,7 +58,7 @@ def held_names(names: list[str], packing: dict[str, PackSpec]) -> list[str]:
     weight followed by its scales."""
     out = []
     for name in names:
-        out.extend(packed_names(name) if name in packing else (name,))
+        out.extend(packed_names(name, packing[name]) if name in packing else (name,))
     return out
 
 

@@ -387,7 +387,7 @@ def test_quantize_from_a_published_checkpoint_requantizes_its_weights(scheme, pu
 
 # --- the CPU's low-bit kernels: they take re-packed weights whose parts are in the folder's dtype --
 
-@pytest.mark.parametrize("kind", ["gptq", "gptq_sym", "ct4", "ct8"])
+@pytest.mark.parametrize("kind", ["gptq", "gptq_sym", "gptq_act", "ct4", "ct8"])
 def test_kernels_take_repacked_weights_and_packed_false_expands_them_exactly(kind, published):
     """Re-packed weights run through the CPU kernels, each close to the exact product (asymmetric
     GPTQ's float32 zeros in a float32 table); with packed=False they expand, bit-identical."""
@@ -407,6 +407,8 @@ def test_kernels_take_repacked_weights_and_packed_false_expands_them_exactly(kin
         lm(ids)
         packed = {n: m for n, m in lm.model.named_modules() if isinstance(m, PackedLinear)}
         assert len(packed) == 2 * len(LINEARS)
+        permuted = {n for n, m in packed.items() if m.spec.permuted}  # act order: the input gathered to match
+        assert bool(permuted) == (kind == "gptq_act") and all(packed[n].qorder.shape == (256,) for n in permuted)
         x = torch.randn(4, 256, generator=torch.Generator().manual_seed(7))
         for name, module in packed.items():  # each re-packed weight, through the kernel, against the exact product
             exact = x[:, :module.spec.in_features] @ reference[name + ".weight"].t()
