@@ -270,6 +270,15 @@ def smollm2_converted(smollm2_checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_int4_converted(smollm2_checkpoint, tmp_path_factory) -> Path:
+    """SmolLM2 converted from float16 to int4 (group 32): the quantization tests' and speculation's draft."""
+    from reshard.convert import convert
+
+    return built_once(tmp_path_factory, "smollm2-int4", lambda folder: convert(
+        str(smollm2_checkpoint), folder, dtype="float16", quantize="int4", progress=False))
+
+
+@pytest.fixture(scope="session")
 def small_smollm2_checkpoint(small_gguf, tmp_path_factory) -> Path:
     """`small_gguf` (SmolLM2's first 2 layers and 1024 tokens, its chat template and byte-level BPE)
     as an ordinary safetensors checkpoint: for tests of the tokenizer, chat and text paths against
@@ -285,6 +294,15 @@ def small_smollm2_converted(small_smollm2_checkpoint, tmp_path_factory) -> Path:
 
     return built_once(tmp_path_factory, "small-smollm2-out",
                       lambda folder: convert(str(small_smollm2_checkpoint), folder, progress=False))
+
+
+@pytest.fixture(scope="session")
+def small_smollm2_int4_converted(small_smollm2_checkpoint, tmp_path_factory) -> Path:
+    """`small_smollm2_checkpoint` converted from float16 to int4 (group 32)."""
+    from reshard.convert import convert
+
+    return built_once(tmp_path_factory, "small-smollm2-int4", lambda folder: convert(
+        str(small_smollm2_checkpoint), folder, dtype="float16", quantize="int4", progress=False))
 
 
 class GroupWrites:

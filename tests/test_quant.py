@@ -240,15 +240,12 @@ def test_manifest_missing_a_quantized_part_is_refused(tiny_checkpoints, tmp_path
 # --- SmolLM2: bytes per pass, perplexity, generation ----------------------------------------
 
 @pytest.fixture(scope="module")
-def smollm2_quantized(smollm2_checkpoint, smollm2_converted, tmp_path_factory) -> dict[str, Path]:
+def smollm2_quantized(smollm2_checkpoint, smollm2_converted, smollm2_int4_converted, tmp_path_factory) -> dict:
     """SmolLM2 as converted (float32, the shared folder) and its int8 and int4 (group 32)
-    conversions from float16."""
+    conversions from float16 (int4: the shared folder)."""
     root = tmp_path_factory.mktemp("smollm2-quant")
-    out = {"float32": smollm2_converted}
-    for scheme in ("int8", "int4"):
-        convert(str(smollm2_checkpoint), root / scheme, dtype="float16", quantize=scheme, progress=False)
-        out[scheme] = root / scheme
-    return out
+    convert(str(smollm2_checkpoint), root / "int8", dtype="float16", quantize="int8", progress=False)
+    return {"float32": smollm2_converted, "int8": root / "int8", "int4": smollm2_int4_converted}
 
 
 def _layer_file_bytes(folder: Path) -> int:
@@ -348,11 +345,11 @@ def test_smollm2_native_int4_costs_at_most_half_a_percent_over_weight_only(smoll
     assert ours <= 1.005 * weight_only, (ours, weight_only)
 
 
-def test_smollm2_int4_generates_as_transformers_does_with_the_same_weights(small_smollm2_checkpoint, tmp_path):
+def test_smollm2_int4_generates_as_transformers_does_with_the_same_weights(small_smollm2_checkpoint,
+                                                                          small_smollm2_int4_converted):
     """SmolLM2's first 2 layers at int4 (group 32), streamed with prefetch, expanded: transformers'
     greedy tokens on the same quantize -> dequantize weights."""
-    folder = tmp_path / "int4"
-    convert(str(small_smollm2_checkpoint), folder, dtype="float16", quantize="int4", progress=False)
+    folder = small_smollm2_int4_converted
     lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", prefetch=1, max_cpu_memory=0,
                                       packed=False)
     ids = lm.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]

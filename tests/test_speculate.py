@@ -31,13 +31,6 @@ def other_draft(tmp_path_factory):
     return save_tiny("llama", tmp_path_factory.mktemp("draft") / "llama-seed1", seed=1)
 
 
-@pytest.fixture(scope="session")
-def smollm2_int4(smollm2_checkpoint, tmp_path_factory):
-    from reshard.convert import convert
-
-    out = tmp_path_factory.mktemp("smollm2-int4")
-    convert(str(smollm2_checkpoint), out, progress=False, quantize="int4")
-    return out
 
 
 def plain_greedy(model, ids: list[int], n: int) -> list[int]:
@@ -85,22 +78,13 @@ def test_greedy_equals_plain_moe(arch, moe_checkpoints, moe_converted, other_dra
     model.close()
 
 
-@pytest.fixture(scope="session")
-def small_smollm2_int4(small_smollm2_checkpoint, tmp_path_factory):
-    from reshard.convert import convert
-
-    out = tmp_path_factory.mktemp("small-smollm2-int4")
-    convert(str(small_smollm2_checkpoint), out, progress=False, quantize="int4")
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("placement, size", [("streamed", "real"), ("resident", "2 layers")])
 def test_greedy_equals_plain_smollm2_int4_draft(placement, size, request):
     """SmolLM2 as the target, its int4 copy as the draft: the real model streamed, and its first
     2 layers resident (the same path at a fraction of the compute)."""
-    target, draft_folder = (("smollm2_converted", "smollm2_int4") if size == "real" else
-                            ("small_smollm2_converted", "small_smollm2_int4"))
+    target, draft_folder = (("smollm2_converted", "smollm2_int4_converted") if size == "real" else
+                            ("small_smollm2_converted", "small_smollm2_int4_converted"))
     smollm2_int4 = request.getfixturevalue(draft_folder)
     model = open_placed(request.getfixturevalue(target), placement)
     ids = model.tokenizer("The first five planets from the sun are Mercury, Venus,")["input_ids"]
