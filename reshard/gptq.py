@@ -16,6 +16,8 @@ so each unpacks here into one `Affine` (q, z, s). Layouts (bits 4; 8 for compres
 - compressed-tensors "pack-quantized", symmetric: `weight_packed` (out, in/k), input column
   k*c+j in bits `bits`*j of word c, each value stored as q + 2^(bits-1); `weight_scale`
   (out, groups), `weight_shape` [out, in]; z = 0 on the signed values (2^(bits-1) on the stored).
+  With `actorder: "group"` a `weight_g_idx` (in,) gives each column's group, as GPTQ's g_idx
+  (-1 everywhere, or absent, as with `actorder: "weight"`: i // group).
 """
 
 from __future__ import annotations
@@ -68,11 +70,16 @@ def unpack_gptq(parts: dict[str, torch.Tensor], *, group: int, v1: bool) -> Affi
     q = unpack_words(parts["qweight"], 4, 0).t()  # (in, out) -> (out, in)
     cols = q.shape[1]
     g = group if group > 0 else cols
-    g_idx = parts.get("g_idx")
-    if g_idx is not None and torch.equal(g_idx.long(), torch.arange(cols) // g):
-        g_idx = None
     z = unpack_words(parts["qzeros"], 4, 1) + (1 if v1 else 0)  # (groups, out)
-    return Affine(q.contiguous(), z.t().contiguous(), parts["scales"].t().contiguous(), g, g_idx)
+    return Affine(q.contiguous(), z.t().contiguous(), parts["scales"].t().contiguous(), g,
+                  _group_order(parts.get("g_idx"), cols, g))
+
+
+def _group_order(g_idx: torch.Tensor | None, cols: int, group: int) -> torch.Tensor | None:
+    """A stored g_idx where it is not plain i // group (absent, or -1 everywhere: plain), else None."""
+    if g_idx is None or bool((g_idx < 0).all()) or torch.equal(g_idx.long(), torch.arange(cols) // group):
+        return None
+    return g_idx
 
 
 def unpack_awq(parts: dict[str, torch.Tensor], *, group: int) -> Affine:
@@ -97,4 +104,4 @@ def unpack_pack_quantized(parts: dict[str, torch.Tensor], *, bits: int, group: i
     s = parts["weight_scale"].reshape(out, -1)
     g = group if group > 0 else cols
     z = torch.full(s.shape, 1 << (bits - 1), dtype=torch.int16)
-    return Affine(q.contiguous(), z, s.contiguous(), g)
+    return Affine(q.contiguous(), z, s.contiguous(), g, _group_order(parts.get("weight_g_idx"), cols, g))

@@ -104,7 +104,7 @@ def _compressed_tensors(qc: dict, name: str) -> Published:
     w = schemes[0]["weights"]
     group = int(w.get("group_size") or 0) if w.get("strategy") == "group" else 0
     return Published("compressed-tensors", "compressed-tensors", w["num_bits"], group, "weight_packed",
-                     ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"))
+                     ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx"))
 
 
 def _ct_problem(qc: dict, schemes: list[dict]) -> str | None:
@@ -121,8 +121,6 @@ def _ct_problem(qc: dict, schemes: list[dict]) -> str | None:
         return f"compressed-tensors {w.get('type')} {bits}-bit{'' if symmetric else ' asymmetric'}"
     if strategy not in ("group", "channel") or (bits == 8 and strategy != "channel"):
         return f"compressed-tensors {bits}-bit with the {strategy!r} strategy"
-    if w.get("actorder"):  # a weight_g_idx permutes the groups
-        return f"act-order ({w['actorder']}) compressed-tensors"
     return None
 
 

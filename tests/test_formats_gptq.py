@@ -62,7 +62,7 @@ def random_linear(out: int, inp: int, group: int, gen):
 
 
 def write_checkpoint(folder: Path, kind: str, *, seed: int = 0) -> Path:
-    """A tiny llama in `kind`'s layout ("gptq", "gptq_v2", "awq", "ct4", "ct8") in `folder`, and
+    """A tiny llama in `kind`'s layout (a key of QUANT_CONFIGS) in `folder`, and
     the same model de-quantized by the published formula as a float32 checkpoint in folder/reference."""
     from transformers import AutoModelForCausalLM
 
@@ -72,7 +72,7 @@ def write_checkpoint(folder: Path, kind: str, *, seed: int = 0) -> Path:
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     reference = {k: v.float() for k, v in state.items()}
     gen = torch.Generator().manual_seed(seed)
-    group = 64 if kind == "ct4" else 128
+    group = 64 if kind in ("ct4", "ct4_act") else 128
     for layer in range(config.num_hidden_layers):
         for lin in LINEARS:
             name = f"model.layers.{layer}.{lin}"
@@ -80,14 +80,18 @@ def write_checkpoint(folder: Path, kind: str, *, seed: int = 0) -> Path:
             group = inp if kind == "gptq_row" else group  # group_size -1: one group per row
             q, z, s = random_linear(out, inp, group, gen)
             if kind.startswith("ct"):
-                bits = 4 if kind == "ct4" else 8
-                g = group if kind == "ct4" else inp
+                bits = 8 if kind == "ct8" else 4
+                g = inp if kind == "ct8" else group
                 q = torch.randint(-(1 << bits - 1), 1 << bits - 1, (out, inp), generator=gen)
                 s = (torch.rand(out, inp // g, generator=gen) * 0.02 + 0.001).half()
                 state[name + ".weight_packed"] = pack_cols(q + (1 << bits - 1), bits=bits)
                 state[name + ".weight_scale"] = s
                 state[name + ".weight_shape"] = torch.tensor([out, inp])
-                w = q.float() * s.float().repeat_interleave(g, dim=1)
+                g_idx = torch.arange(inp) // g
+                if kind == "ct4_act":  # actorder "group": weight_g_idx puts each group's columns anywhere
+                    g_idx = g_idx[torch.randperm(inp, generator=gen)]
+                    state[name + ".weight_g_idx"] = g_idx.to(torch.int32)
+                w = q.float() * s.float()[:, g_idx]
             elif kind == "awq":
                 state[name + ".qweight"] = pack_cols(q.t(), (0, 2, 4, 6, 1, 3, 5, 7))
                 state[name + ".qzeros"] = pack_cols(z.t(), (0, 2, 4, 6, 1, 3, 5, 7))
@@ -137,6 +141,9 @@ QUANT_CONFIGS = {
                  "checkpoint_format": "gptq"},
     "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm", "zero_point": True},
     "ct4": _ct(4, "group", 64),
+    "ct4_act": {**_ct(4, "group", 64), "config_groups": {"group_0": {
+        "targets": ["Linear"], "format": "pack-quantized", "weights": {
+            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64, "actorder": "group"}}}},
     "ct8": _ct(8, "channel", None),
 }
 
@@ -183,7 +190,7 @@ def test_published_folder_is_stored_quantized_within_a_tenth_of_the_source(kind,
     m = read_manifest(folder)
     q = m.quantization
     assert q["scheme"] == ("int8" if kind == "ct8" else "int4") and q["source_format"]
-    assert q["group_size"] == {"ct4": 64, "ct8": None}.get(kind, 128)
+    assert q["group_size"] == {"ct4": 64, "ct4_act": 64, "ct8": None}.get(kind, 128)
     source = load_file(src / "model.safetensors")
     for g in (g for g in m.groups if g.kind == "layer"):
         prefix = f"model.{g.name}."
@@ -193,11 +200,11 @@ def test_published_folder_is_stored_quantized_within_a_tenth_of_the_source(kind,
     if q["scheme"] == "int4":  # symmetric: no zeros stored (int4-sym); else integer zero points, a byte each
         layer = next(g for g in m.groups if g.kind == "layer")
         symmetric = kind in ("gptq_sym", "ct4")
-        assert {i.get("scheme") for i in layer.quantized.values()} == (
-            {"int4-sym"} if symmetric else {"int4-act", None} if kind == "gptq_act" else {None})
+        assert {i.get("scheme") for i in layer.quantized.values()} == {  # (gptq_act: one-group weights are plain)
+            "gptq_act": {"int4-act", None}, "ct4_act": {"int4-act"}}.get(kind, {"int4-sym"} if symmetric else {None})
         zeros = {layer.tensors[f"{name}.zeros"]["dtype"] for name in layer.quantized
                  if f"{name}.zeros" in layer.tensors}
-        assert zeros == (set() if symmetric else {"U8"}), zeros
+        assert zeros == (set() if symmetric else {"F16"} if kind == "ct4_act" else {"U8"}), zeros  # (-8 * s exact)
 
 
 # --- refused: formats reshard cannot read, before any weight is downloaded --------------------
@@ -231,9 +238,6 @@ ADVICE = ("convert the original unquantized checkpoint, or an FP8, MXFP4, GPTQ, 
     ({**QUANT_CONFIGS["gptq"], "bits": 3}, "3-bit GPTQ"),
     ({**QUANT_CONFIGS["awq"], "version": "gemv"}, "AWQ version 'gemv'"),
     ({**QUANT_CONFIGS["ct4"], "format": "marlin-24", "config_groups": {}}, "compressed-tensors in the marlin-24 format"),
-    (_ct(4, "group", 128) | {"config_groups": {"g": {"format": "pack-quantized", "weights": {
-        "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128, "actorder": "group"}}}},
-     "act-order (group) compressed-tensors"),
     (_ct(4, "tensor", None), "compressed-tensors 4-bit with the 'tensor' strategy"),
 ])
 def test_unreadable_quantization_is_refused_before_any_weight_download(qc, what, published, tmp_path,
