@@ -74,3 +74,26 @@ def test_moe_cuda_equals_transformers_on_cuda(arch, placement, moe_checkpoints, 
         assert torch.equal(model.generate(ids[:1], **kwargs), ref.generate(ids[:1], **kwargs))
         assert (model.stats.experts_read > 0) == (placement != "device")
         model.close()
+
+
+@pytest.mark.parametrize("placement", ["disk", "pinned"])
+def test_batch_tree_speculation_on_cuda_gives_each_row_plain_greedy(placement, tiny_checkpoints, tiny_converted):
+    """Several rows' trees verified through one weight pass (Lockstep, a thread per row on the device):
+    each row's tokens are its plain greedy ones, in fewer passes (the draft is the target itself)."""
+    from runtime.batch import load_assistant
+    from runtime.score import pad_batch
+
+    model = LayeredModel.from_pretrained(tiny_converted["llama"], device="cuda", dtype="float32",
+                                         **PLACEMENTS[placement])
+    model.generation_config.eos_token_id = None  # the full length on every row
+    draft = load_assistant(tiny_checkpoints["llama"], device=torch.device("cuda"), dtype=torch.float32)
+    prompts = [[5, 17, 40, 9, 100, 3], [7, 7, 31], [12, 200, 45, 45, 3, 9, 80, 61]]
+    ids, mask = pad_batch(prompts, 0, left=True)
+    out = model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=10, draft=draft,
+                         tree_budget=8)
+    for row, prompt in zip(out[:, ids.shape[1]:].tolist(), prompts):
+        plain = model.generate(input_ids=torch.tensor([prompt]).cuda(), max_new_tokens=10, min_new_tokens=10,
+                               do_sample=False)
+        assert row == plain[0, len(prompt):].tolist(), prompt
+    assert model.speculation["tokens_per_pass"] > 3, model.speculation
+    model.close()
