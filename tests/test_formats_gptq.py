@@ -445,3 +445,24 @@ def test_gptq_repo_converts_with_low_disk_one_shard_at_a_time(published, tmp_pat
     assert not (tmp_path / ".out.download").exists()  # the shards work folder is removed at the end
     for g in (g for g in m.groups if g.file):
         assert (tmp_path / "out" / g.file).read_bytes() == (folder / g.file).read_bytes(), g.name
+
+
+# --- on a GPU: the same folders expand on the device's copy stream ------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["gptq", "gptq_sym", "gptq_act", "ct4_act", "awq"])
+def test_published_folder_on_cuda_equals_the_dequantized_checkpoint(kind, published):
+    """Integer zero points, int4-sym and int4-act weights expand on CUDA (float32: as on the CPU, up to
+    the device's matmul rounding), streamed from pinned host memory; greedy tokens equal."""
+    from transformers import AutoModelForCausalLM
+
+    src, folder = published[kind]
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(1)).cuda()
+    ref = AutoModelForCausalLM.from_pretrained(src / "reference", dtype=torch.float32).eval().cuda()
+    with torch.no_grad():
+        want, want_tokens = ref(ids).logits, ref.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with LayeredModel.from_pretrained(folder, device="cuda", dtype="float32", max_gpu_memory=0,
+                                      max_cpu_memory="1GB") as lm:
+        torch.testing.assert_close(lm(ids).logits, want, rtol=0, atol=1e-4)
+        assert torch.equal(lm.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), want_tokens)
