@@ -24,7 +24,9 @@ Two kernels, chosen once per weight when the model is built (`PackSpec.backend`)
 Both kernels take bfloat16 activations (their float32 paths are reference loops, ~100x slower),
 so a PackedLinear computes in bfloat16 whatever the model's dtype and casts back.
 
-An "int4-sym" weight (a GGUF's Q4_0 re-packed, reshard/ggml_repack.py) runs as int4 with its zeros
+A GGUF's Q4_K and Q6_K blocks (reshard/ggml_quants.py) run natively as stored, one uint8 tensor
+(runtime/kernels/kquant_cpu.c: the blocks' own scales decoded in the loop, each weight ggml's
+value); with no native kernel they expand. An "int4-sym" weight (a GGUF's Q4_0 re-packed, reshard/ggml_repack.py) runs as int4 with its zeros
 -8 * scales made at load; an "int4-act" one (act-order GPTQ, its columns stored group by group) runs
 as int4 on the input gathered into that order (`X.qorder`, a third tensor); int8 with group scales
 (a GGUF's Q8_0) expands: both kernels scale per row.
@@ -45,6 +47,7 @@ import torch
 from torch import nn
 
 from reshard.format import ACT_ORDER
+from reshard.ggml_quants import BLOCK_TYPES
 from reshard.ggml_repack import symmetric_zeros
 from reshard.quant import float_zeros
 
@@ -54,7 +57,10 @@ KERNEL_DTYPE = torch.bfloat16  # what both kernels are fast with
 INT4_GROUPS = (32, 64, 128, 256)
 # stored scheme -> the kernel's; "int4-sym" is int4 with zeros -8 * scales (reshard/ggml_repack.py);
 # "int4-act" int4 over the input columns in act order (act-order GPTQ): the input is gathered to match
-KERNEL_SCHEMES = {"int8": "int8", "int4": "int4", "int4-sym": "int4", ACT_ORDER: "int4"}
+KERNEL_SCHEMES = {"int8": "int8", "int4": "int4", "int4-sym": "int4", ACT_ORDER: "int4",
+                  **{s: s for s in native.KQUANT_KINDS}}
+# GGML K-quant blocks: multiplied as stored, by the native kernel only (a weight, no scale table)
+KQUANTS = frozenset(native.KQUANT_KINDS)
 SCALES = "qscales"
 ORDER = "qorder"  # a PackedLinear's third tensor, for an "int4-act" weight: the input columns' order
 ALIGN = 64  # bytes; torch's CPU allocator aligns every allocation to this  # a PackedLinear's second tensor: int8 scales, or int4 scales-and-zeros
@@ -64,7 +70,7 @@ ALIGN = 64  # bytes; torch's CPU allocator aligns every allocation to this  # a 
 class PackSpec:
     """How one quantized weight runs packed."""
 
-    scheme: str  # "int8" or "int4"
+    scheme: str  # "int8", "int4", or a K-quant's ("q4_k", "q6_k": native only)
     group: int  # int4 group size (0 for int8)
     out_features: int  # N
     in_features: int  # K
@@ -99,6 +105,8 @@ def cpu_compute_dtype(folder_dtype: torch.dtype) -> torch.dtype:
 def supported(spec: PackSpec) -> bool:
     """Whether `spec.backend`'s kernel takes a weight of this shape (outside it torch's fail, or for int8 crash)."""
     n, k = spec.out_features, spec.in_features
+    if spec.scheme in KQUANTS:
+        return spec.backend == "native" and k % 256 == 0
     if spec.backend == "native":
         return k % 64 == 0 and (spec.scheme == "int8" or (spec.group % 32 == 0 and k % spec.group == 0))
     if spec.scheme == "int8":
@@ -160,13 +168,18 @@ def install_packed(model: nn.Module, specs: dict[str, PackSpec]) -> None:
 
 def packed_names(param: str, spec: PackSpec) -> tuple[str, ...]:
     """The tensors a packed `X.weight` is held as: `X.weight` (packed) and `X.qscales`, and for a
-    permuted one `X.qorder`."""
+    permuted one `X.qorder`; K-quant blocks as `X.weight` alone."""
+    if spec.scheme in KQUANTS:
+        return (param,)
     owner = param.rpartition(".")[0]
     return (param, f"{owner}.{SCALES}") + ((f"{owner}.{ORDER}",) if spec.permuted else ())
 
 
 def pack_param(parts: dict[str, torch.Tensor], spec: PackSpec) -> tuple[torch.Tensor, ...]:
-    """(packed weight, scales[, input order]) for the kernel from a weight's stored parts (on the CPU)."""
+    """(packed weight, scales[, input order]) for the kernel from a weight's stored parts (on the CPU);
+    (blocks,) for K-quant blocks, as stored (a view of the mapped file where resident)."""
+    if spec.scheme in KQUANTS:
+        return (parts["blocks"].contiguous(),)
     if spec.permuted:  # stored column j holds weight column order[j] (`columns` says where each one went)
         order = torch.argsort(parts["columns"].long())
         return (*pack_param({k: v for k, v in parts.items() if k != "columns"}, replace(spec, permuted=False)),
@@ -195,8 +208,12 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def packed_shape(spec: PackSpec) -> tuple[tuple[int, ...], torch.dtype, tuple[int, ...], torch.dtype]:
-    """(weight shape, weight dtype, scales shape, scales dtype) of a packed weight."""
+    """(weight shape, weight dtype, scales shape, scales dtype) of a packed weight (K-quant blocks:
+    no scales, shape (0,))."""
     n, k = spec.out_features, spec.in_features
+    if spec.scheme in KQUANTS:
+        _, size, nbytes = BLOCK_TYPES[spec.scheme]
+        return (n, k // size * nbytes), torch.uint8, (0,), torch.uint8
     if spec.backend == "native":
         if spec.scheme == "int8":
             return (n, k), torch.int8, (n,), torch.float32
@@ -228,13 +245,16 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = spec.in_features, spec.out_features
         wshape, wdtype, sshape, sdtype = packed_shape(spec)
         self.weight = nn.Parameter(torch.empty(wshape, dtype=wdtype, device="meta"), requires_grad=False)
-        self.qscales = nn.Parameter(torch.empty(sshape, dtype=sdtype, device="meta"), requires_grad=False)
+        if spec.scheme not in KQUANTS:  # K-quant blocks carry their scales
+            self.qscales = nn.Parameter(torch.empty(sshape, dtype=sdtype, device="meta"), requires_grad=False)
         self.bias = module.bias
         if spec.permuted:  # the input's columns in the order the weight's are stored
             self.qorder = nn.Parameter(torch.empty(spec.in_features, dtype=torch.long, device="meta"),
                                        requires_grad=False)
         self.native = None  # the project's kernel for this weight, where spec.backend says "native"
-        if spec.backend == "native":
+        if spec.scheme in KQUANTS:
+            self.native = functools.partial(native.kquant_gemm, scheme=spec.scheme)
+        elif spec.backend == "native":
             self.native = native.int8_gemm if spec.scheme == "int8" else functools.partial(
                 native.int4_gemm, group=spec.group)
 
@@ -245,7 +265,8 @@ class PackedLinear(nn.Module):
             rows = x.reshape(-1, self.in_features)
             if rows.dtype not in native.IO_KINDS:
                 rows = rows.float()
-            y = self.native(rows if rows.is_contiguous() else rows.contiguous(), self.weight, self.qscales)
+            tables = () if self.spec.scheme in KQUANTS else (self.qscales,)
+            y = self.native(rows if rows.is_contiguous() else rows.contiguous(), self.weight, *tables)
             y = y.view(*x.shape[:-1], self.out_features)
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)

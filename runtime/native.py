@@ -39,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("kernels") / "lowbit_cpu.c"
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = (KERNELS / "lowbit_cpu.c", KERNELS / "kquant_cpu.c")  # one library; their shared header: common.h
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 HALF_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # how the int4 kernel reads scales
 
@@ -70,7 +71,7 @@ def lowbit() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     try:
-        lib = load(build(SOURCE, compiler))
+        lib = load(build(SOURCES, compiler))
     except (OSError, subprocess.SubprocessError) as e:
         print(f"runtime: could not build the CPU kernels ({str(e).strip().splitlines()[-1] if str(e).strip() else e!r}); "
               f"quantized layers run through torch's kernels instead", file=sys.stderr)
@@ -90,16 +91,23 @@ def load(path: Path) -> ctypes.CDLL:
     lib.reshard_int8_gemm.argtypes = [ptr, i32, i64, i64, ptr, ptr, i64, ptr, i32]
     lib.reshard_int4_gemm.argtypes = [ptr, i32, i64, i64, ptr, ptr, i32, i64, i64, ptr, i32]
     lib.reshard_int8_gemm.restype = lib.reshard_int4_gemm.restype = i32
+    if hasattr(lib, "reshard_kquant_gemm"):  # an older version of the source (a benchmark's baseline) lacks it
+        lib.reshard_kquant_gemm.argtypes = [ptr, i32, i64, i64, ptr, i32, i64, ptr, i32]
+        lib.reshard_kquant_gemm.restype = i32
     return lib
 
 
 _lib: ctypes.CDLL | None = None  # what lowbit() loaded, for the gemm functions (one lookup less per call)
 
 
-def build(source: Path, compiler: str) -> Path:
-    """`source` compiled into this user's kernel folder (or the copy already there): its path. Where
-    the folder or the copy is not `private`, compiled into a fresh temporary folder instead."""
-    key = hashlib.sha256(source.read_bytes() + " ".join([compiler, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
+def build(sources, compiler: str) -> Path:
+    """`sources` (one C file or several, with the headers beside the first) compiled into one library
+    in this user's kernel folder (or the copy already there): its path. Where the folder or the
+    copy is not `private`, compiled into a fresh temporary folder instead."""
+    sources = [Path(sources)] if isinstance(sources, (str, Path)) else [Path(s) for s in sources]
+    text = b"".join(p.read_bytes() for p in [*sources, *sorted(sources[0].parent.glob("*.h"))])
+    key = hashlib.sha256(text + " ".join([compiler, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
+    source = sources[0]
     name = f"{source.stem}-{key}.so"
     folder = cache_dir()
     try:
@@ -114,15 +122,15 @@ def build(source: Path, compiler: str) -> Path:
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         print(f"runtime: not loading CPU kernels from {refused}: it must be owned by this user and writable by no "
               f"one else; building them into {folder} for this process instead", file=sys.stderr)
-    return _compile(source, compiler, folder / name)
+    return _compile(sources, compiler, folder / name)
 
 
-def _compile(source: Path, compiler: str, out: Path) -> Path:
-    """`source` compiled to `out`, through a temporary name in the same folder (an atomic rename)."""
+def _compile(sources: list[Path], compiler: str, out: Path) -> Path:
+    """`sources` compiled to `out`, through a temporary name in the same folder (an atomic rename)."""
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(source), "-lm"], capture_output=True, text=True,
+        done = subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, sources), "-lm"], capture_output=True, text=True,
                               timeout=120)
         if done.returncode != 0:
             raise subprocess.SubprocessError(done.stderr or f"{compiler} exited with {done.returncode}")
@@ -169,6 +177,23 @@ def int4_gemm(x: torch.Tensor, weight: torch.Tensor, sz: torch.Tensor, group: in
     y = torch.empty(m, n, dtype=x.dtype)
     rc = (lib or _lib or lowbit()).reshard_int4_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), sz.data_ptr(),
                                     HALF_KINDS[sz.dtype], group, n, y.data_ptr(), torch.get_num_threads())
+    _check(rc)
+    return y
+
+
+KQUANT_KINDS = {"q4_k": 0, "q6_k": 1}  # the GGML K-quant blocks kquant_cpu.c multiplies as stored
+
+
+def kquant_gemm(x: torch.Tensor, blocks: torch.Tensor, scheme: str, *, lib: ctypes.CDLL | None = None
+                ) -> torch.Tensor:
+    """x (M, K) float32 or bfloat16, contiguous, @ W.T -> (M, N) in x's dtype; W (N, K) kept as its
+    GGML blocks `blocks` (N, K / 256 * block bytes) uint8, contiguous, in `scheme` ("q4_k", "q6_k"):
+    each weight exactly gguf's de-quantized value, the activations quantized per block of 32."""
+    m, k = x.shape
+    n = blocks.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype)
+    rc = (lib or _lib or lowbit()).reshard_kquant_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, blocks.data_ptr(),
+                                                       KQUANT_KINDS[scheme], n, y.data_ptr(), torch.get_num_threads())
     _check(rc)
     return y
 

@@ -23,87 +23,11 @@
  * x and y are float32 (io 0) or bfloat16 (io 2). Results are deterministic: the same inputs give
  * the same bits whatever the thread count.
  */
-#include <immintrin.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
-#define HAVE_VNNI 1
-#else
-#define HAVE_VNNI 0
-#endif
-
-#define BLOCK 32
+#include "common.h"
 
 int reshard_lowbit_isa(void) { return HAVE_VNNI; }
 
 #if HAVE_VNNI
-
-/* scale/zero storage: 0 float32, 1 float16, 2 bfloat16 */
-static inline float load_half(const void *p, int64_t i, int kind) {
-    if (kind == 0) return ((const float *)p)[i];
-    uint16_t h = ((const uint16_t *)p)[i];
-    if (kind == 1) return _cvtsh_ss(h);
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* y[i] = v, as float32 (io 0) or bfloat16 (io 2, rounded to nearest even as torch rounds) */
-static inline void put(void *y, int64_t i, float v, int io) {
-    if (io == 0) { ((float *)y)[i] = v; return; }
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    ((uint16_t *)y)[i] = (v != v) ? 0x7FC0 : (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
-
-/* x as float32: itself (io 0), or a new buffer of its bfloat16 values widened (io 2; free it) */
-static const float *floats(const void *x, int64_t count, int io, float **owned) {
-    *owned = NULL;
-    if (io == 0) return (const float *)x;
-    float *f = malloc(sizeof(float) * count);
-    if (!f) return NULL;
-    for (int64_t i = 0; i < count; i++) {
-        uint32_t u = (uint32_t)((const uint16_t *)x)[i] << 16;
-        memcpy(f + i, &u, 4);
-    }
-    *owned = f;
-    return f;
-}
-
-/* One row of x (K values) -> xq (K int8), d (K/32 scales), in the layout each kernel reads. */
-static void quantize_row(const float *x, int64_t K, int8_t *xq, float *d) {
-    for (int64_t b = 0; b < K / BLOCK; b++) {  /* x * (127 / max) rounded to nearest even, as lrintf would */
-        __m512 v0 = _mm512_loadu_ps(x + b * BLOCK), v1 = _mm512_loadu_ps(x + b * BLOCK + 16);
-        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        float inv = amax > 0.f ? 127.f / amax : 0.f;
-        d[b] = amax / 127.f;
-        __m512 iv = _mm512_set1_ps(inv);
-        _mm_storeu_si128((__m128i *)(xq + b * BLOCK), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, iv))));
-        _mm_storeu_si128((__m128i *)(xq + b * BLOCK + 16),
-                         _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, iv))));
-    }
-}
-
-/* An empty product (M, N or K zero), where the buffers below would be empty: y is M x N zeros, as
- * torch gives. 1 if it was one (y written), else 0. */
-static int empty(int64_t M, int64_t K, int64_t N, void *y, int io) {
-    if (M && N && K) return 0;
-    for (int64_t i = 0; i < M * N; i++) put(y, i, 0.f, io);
-    return 1;
-}
-
-static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
-
-static inline float hsum8(__m256 v) {
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s4 = _mm_hadd_ps(s4, s4);
-    s4 = _mm_hadd_ps(s4, s4);
-    return _mm_cvtss_f32(s4);
-}
 
 /* ---- int8 ---------------------------------------------------------------------------------- */
 
@@ -205,8 +129,6 @@ typedef struct {
     float *xs;        /* (M, K/group): sums of the quantized x per group */
 } act4;
 
-static const int ORDER[8] = {0, 2, 4, 6, 1, 3, 5, 7};
-
 static int prepare4(const float *x, int64_t M, int64_t K, int64_t group, act4 *a) {
     a->xe = aligned_alloc(64, ((M * K / 2 + 63) / 64) * 64);
     a->xo = aligned_alloc(64, ((M * K / 2 + 63) / 64) * 64);
@@ -241,21 +163,6 @@ static int prepare4(const float *x, int64_t M, int64_t K, int64_t group, act4 *a
 }
 
 static void release4(act4 *a) { free(a->xe); free(a->xo); free(a->d); free(a->xs); }
-
-/* eight consecutive values of `kind` (0 float32, 1 float16, 2 bfloat16) as floats */
-static inline __m256 load8(const void *p, int64_t i, int kind) {
-    if (kind == 0) return _mm256_loadu_ps((const float *)p + i);
-    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
-    if (kind == 1) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-/* the integer dot products of 64 values: the weights' low and high nibbles (the values at even and
- * odd positions) against the activations' even and odd values; lanes 0-3 the first block's, 4-7 the second's */
-static inline __m256i dot64(__m256i lo, __m256i hi, const int8_t *xe, const int8_t *xo) {
-    __m256i dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i *)xe));
-    return _mm256_dpbusd_epi32(dp, hi, _mm256_loadu_si256((const __m256i *)xo));
-}
 
 /* y[m, n] from the full chunks' sums in `acc`: plus the tail shorter than 256 values (blocks in
  * order), plus the zeros' term */

@@ -1,0 +1,255 @@
+/* GGML's K-quant blocks (Q4_K, Q6_K), as a .gguf file stores them, multiplied on the CPU at memory
+ * speed: y = x @ W.T with W (N, K) kept as its blocks (reshard/ggml_quants.py), read once, never
+ * expanded to floats. For runtime/lowbit.py (built and loaded by runtime/native.py with lowbit_cpu.c).
+ *
+ * The activations are quantized per block of 32 values, as for the int4 kernel (common.h), and
+ * every product is an integer dot product (vpdpbusd: unsigned weight bytes times signed
+ * activations). Each weight is exactly ggml's de-quantized value; the error is that of x alone.
+ *
+ * Q4_K, 256 values in 144 bytes: float16 d, float16 dmin, twelve bytes of eight 6-bit scales and
+ * eight 6-bit mins, 128 bytes of nibbles. Block b of 32 values: w = d * sc_b * q - dmin * m_b, and
+ * in each 32 bytes of nibbles the low ones are block 2j, the high ones block 2j + 1. So, per row,
+ *   y = sum_b d * sc_b * xd_b * sum_{k in b} q[k] * xq[k]  -  dmin * sum_b m_b * xs_b
+ * with xs_b = xd_b * sum_{k in b} xq[k], the quantized activations' sum (see lowbit_cpu.c for why
+ * these sums rather than x's own).
+ * Q6_K, 256 values in 210 bytes: 128 bytes of low nibbles, 64 of 2-bit highs, sixteen int8 scales
+ * (one per 16 values), float16 d. w = d * sc_g * (q - 32), q = 0..63 unsigned; per group g of 16
+ *   sum = d * sc_g * xd_{b(g)} * (sum_{k in g} q[k] * xq[k] - 32 * sum_{k in g} xq[k]).
+ * K % 256 == 0 (a K-quant row is whole blocks). x and y are float32 (io 0) or bfloat16 (io 2).
+ * Results are deterministic, whatever the thread count.
+ */
+#include "common.h"
+
+#if HAVE_VNNI
+
+#define QK 256
+#define Q4K_BYTES 144
+#define Q6K_BYTES 210
+
+/* ---- the activations ------------------------------------------------------------------------ */
+/* Per row m: xq in the layout each kernel pairs with its weight vectors, and per-chunk tables in the
+ * order the chunk's sums come out of the horizontal adds (ORDER). */
+typedef struct {
+    int8_t *xq;   /* (M, K) */
+    float *d;     /* Q4_K: (M, K/32) block scales in ORDER per 256; Q6_K: (M, K/16) per group's block, ORDER per 128 */
+    float *xs;    /* Q4_K: (M, K/32) quantized sums per block, ORDER per 256 */
+    int32_t *s16; /* Q6_K: (M, K/16) 32 * the sum of xq per group of 16, ORDER per 128 */
+} actk;
+
+static void releasek(actk *a) { free(a->xq); free(a->d); free(a->xs); free(a->s16); }
+
+/* Q4_K pairs each 64 values' nibbles, re-laid as [low 0-15 | high 0-15] and [low 16-31 | high 16-31]
+ * (two cross-lane permutes), with xq as [x 0-15 | x 32-47] and [x 16-31 | x 48-63]: dot64 then puts
+ * block 2j in lanes 0-3 and block 2j + 1 in lanes 4-7, as for the int4 kernel. */
+static int preparek4(const float *x, int64_t M, int64_t K, actk *a) {
+    memset(a, 0, sizeof *a);
+    a->xq = aligned_alloc(64, ((M * K + 63) / 64) * 64);
+    a->d = malloc(sizeof(float) * M * (K / BLOCK));
+    a->xs = malloc(sizeof(float) * M * (K / BLOCK));
+    int8_t *q = malloc(K);
+    float *d = malloc(sizeof(float) * (K / BLOCK));
+    if (!a->xq || !a->d || !a->xs || !q || !d) { free(q); free(d); return -1; }
+    for (int64_t m = 0; m < M; m++) {
+        quantize_row(x + m * K, K, q, d);
+        int8_t *xq = a->xq + m * K;
+        for (int64_t c = 0; c < K; c += 64) {  /* xe then xo, 32 each, per 64 values */
+            memcpy(xq + c, q + c, 16);
+            memcpy(xq + c + 16, q + c + 32, 16);
+            memcpy(xq + c + 32, q + c + 16, 16);
+            memcpy(xq + c + 48, q + c + 48, 16);
+        }
+        for (int64_t b = 0; b < K / BLOCK; b++) {
+            int64_t src = b / 8 * 8 + ORDER[b % 8];
+            int32_t sum = 0;
+            for (int i = 0; i < BLOCK; i++) sum += q[src * BLOCK + i];
+            a->d[m * (K / BLOCK) + b] = d[src];
+            a->xs[m * (K / BLOCK) + b] = d[src] * (float)sum;
+        }
+    }
+    free(q);
+    free(d);
+    return 0;
+}
+
+/* Q6_K pairs each 32 values of a half-block with the 32 activations they multiply, in order; a
+ * half-block's 16-value groups come out of the adds as 0, 2, 4, 6, 1, 3, 5, 7 (ORDER). */
+static int preparek6(const float *x, int64_t M, int64_t K, actk *a) {
+    memset(a, 0, sizeof *a);
+    a->xq = aligned_alloc(64, ((M * K + 63) / 64) * 64);
+    a->d = malloc(sizeof(float) * M * (K / 16));
+    a->s16 = malloc(sizeof(int32_t) * M * (K / 16));
+    float *d = malloc(sizeof(float) * (K / BLOCK));
+    if (!a->xq || !a->d || !a->s16 || !d) { free(d); return -1; }
+    for (int64_t m = 0; m < M; m++) {
+        int8_t *q = a->xq + m * K;
+        quantize_row(x + m * K, K, q, d);
+        for (int64_t g = 0; g < K / 16; g++) {
+            int64_t src = g / 8 * 8 + ORDER[g % 8];  /* the group whose sum lands in slot g */
+            int32_t sum = 0;
+            for (int i = 0; i < 16; i++) sum += q[src * 16 + i];
+            a->d[m * (K / 16) + g] = d[src / 2];
+            a->s16[m * (K / 16) + g] = 32 * sum;
+        }
+    }
+    free(d);
+    return 0;
+}
+
+/* eight 32-lane sums -> one per lane: lanes i of a, b, c, d summed in fours, in ORDER */
+static inline __m256i sums8(__m256i a, __m256i b, __m256i c, __m256i d) {
+    return _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+}
+
+/* ---- Q4_K ----------------------------------------------------------------------------------- */
+
+/* one block's d * sc and dmin * m, in ORDER (ggml's get_scale_min_k4) */
+static inline void q4k_scales(const uint8_t *blk, __m256 *ws, __m256 *wm) {
+    const float dd = _cvtsh_ss(*(const uint16_t *)blk), dmin = _cvtsh_ss(*(const uint16_t *)(blk + 2));
+    const uint8_t *s = blk + 4;
+    float sc[8], mn[8];
+    for (int j = 0; j < 4; j++) {
+        sc[j] = (float)(s[j] & 63);
+        mn[j] = (float)(s[j + 4] & 63);
+        sc[j + 4] = (float)((s[j + 8] & 0xF) | ((s[j] >> 6) << 4));
+        mn[j + 4] = (float)((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
+    }
+    *ws = _mm256_mul_ps(_mm256_set1_ps(dd), _mm256_setr_ps(sc[0], sc[2], sc[4], sc[6], sc[1], sc[3], sc[5], sc[7]));
+    *wm = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_setr_ps(mn[0], mn[2], mn[4], mn[6], mn[1], mn[3], mn[5], mn[7]));
+}
+
+#define UNPACKQ4(j)                                                                             \
+    __m256i p##j = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));                         \
+    __m256i l##j = _mm256_and_si256(p##j, low), h##j = _mm256_and_si256(_mm256_srli_epi16(p##j, 4), low); \
+    __m256i e##j = _mm256_permute2x128_si256(l##j, h##j, 0x20), o##j = _mm256_permute2x128_si256(l##j, h##j, 0x31);
+#define ACTK(r)                                                                                 \
+    const int8_t *xq##r = a->xq + (m + r) * K;                                                  \
+    const float *d##r = a->d + (m + r) * NB, *xs##r = a->xs + (m + r) * NB;                     \
+    __m256 acc##r = _mm256_setzero_ps(), accm##r = _mm256_setzero_ps();
+#define STEPQ4(r)                                                                               \
+    acc##r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums8(                                          \
+        dot64(e0, o0, xq##r + k, xq##r + k + 32), dot64(e1, o1, xq##r + k + 64, xq##r + k + 96),    \
+        dot64(e2, o2, xq##r + k + 128, xq##r + k + 160), dot64(e3, o3, xq##r + k + 192, xq##r + k + 224))), \
+        _mm256_mul_ps(_mm256_loadu_ps(d##r + k / BLOCK), ws), acc##r);                              \
+    accm##r = _mm256_fmadd_ps(_mm256_loadu_ps(xs##r + k / BLOCK), wm, accm##r)
+#define PUTK(r) put(y, (m + r) * N + n, hsum8(acc##r) - hsum8(accm##r), io)
+
+static inline void rowq4(const actk *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
+                         int io) {
+    const int64_t NB = K / BLOCK;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const uint8_t *wr = w + n * (K / QK * Q4K_BYTES);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+        ACTK(0) ACTK(1) ACTK(2) ACTK(3)
+        for (int64_t k = 0; k < K; k += QK) {
+            const uint8_t *blk = wr + k / QK * Q4K_BYTES, *qs = blk + 16;
+            __m256 ws, wm;
+            q4k_scales(blk, &ws, &wm);
+            UNPACKQ4(0) UNPACKQ4(1) UNPACKQ4(2) UNPACKQ4(3)
+            STEPQ4(0); STEPQ4(1); STEPQ4(2); STEPQ4(3);
+        }
+        PUTK(0); PUTK(1); PUTK(2); PUTK(3);
+    }
+    for (; m < M; m++) {
+        ACTK(0)
+        for (int64_t k = 0; k < K; k += QK) {
+            const uint8_t *blk = wr + k / QK * Q4K_BYTES, *qs = blk + 16;
+            __m256 ws, wm;
+            q4k_scales(blk, &ws, &wm);
+            UNPACKQ4(0) UNPACKQ4(1) UNPACKQ4(2) UNPACKQ4(3)
+            STEPQ4(0);
+        }
+        PUTK(0);
+    }
+}
+
+/* ---- Q6_K ----------------------------------------------------------------------------------- */
+
+/* a half-block's four 32-value vectors of q (0..63): low nibbles of ql[0:32], of ql[32:64], then the
+ * high nibbles, each with its 2 bits of qh (bits 0-1, 2-3, 4-5, 6-7) above */
+#define UNPACKQ6(hf)                                                                            \
+    const uint8_t *ql = blk + 64 * hf, *qh = blk + 128 + 32 * hf;                              \
+    __m256i a0 = _mm256_loadu_si256((const __m256i *)ql), a1 = _mm256_loadu_si256((const __m256i *)(ql + 32)); \
+    __m256i hb = _mm256_loadu_si256((const __m256i *)qh);                                       \
+    __m256i v0 = _mm256_or_si256(_mm256_and_si256(a0, low), _mm256_and_si256(_mm256_slli_epi16(hb, 4), two)); \
+    __m256i v1 = _mm256_or_si256(_mm256_and_si256(a1, low), _mm256_and_si256(_mm256_slli_epi16(hb, 2), two)); \
+    __m256i v2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a0, 4), low), _mm256_and_si256(hb, two)); \
+    __m256i v3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a1, 4), low),              \
+                                 _mm256_and_si256(_mm256_srli_epi16(hb, 2), two));              \
+    const int8_t *sc = (const int8_t *)(blk + 192) + 8 * hf;                                    \
+    __m256 ws = _mm256_mul_ps(dd, _mm256_setr_ps(sc[0], sc[2], sc[4], sc[6], sc[1], sc[3], sc[5], sc[7]));
+#define ACTK6(r)                                                                                \
+    const int8_t *xq##r = a->xq + (m + r) * K;                                                  \
+    const float *d##r = a->d + (m + r) * (K / 16);                                              \
+    const int32_t *s##r = a->s16 + (m + r) * (K / 16);                                          \
+    __m256 acc##r = _mm256_setzero_ps();
+#define DOT32(v, x) _mm256_dpbusd_epi32(_mm256_setzero_si256(), v, _mm256_loadu_si256((const __m256i *)(x)))
+#define STEPQ6(r)                                                                               \
+    acc##r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sums8(                         \
+        DOT32(v0, xq##r + k), DOT32(v1, xq##r + k + 32), DOT32(v2, xq##r + k + 64), DOT32(v3, xq##r + k + 96)), \
+        _mm256_loadu_si256((const __m256i *)(s##r + k / 16)))),                                 \
+        _mm256_mul_ps(_mm256_loadu_ps(d##r + k / 16), ws), acc##r)
+#define PUTK6(r) put(y, (m + r) * N + n, hsum8(acc##r), io)
+
+static inline void rowq6(const actk *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
+                         int io) {
+    const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x30);
+    const uint8_t *wr = w + n * (K / QK * Q6K_BYTES);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+        ACTK6(0) ACTK6(1) ACTK6(2) ACTK6(3)
+        for (int64_t kb = 0; kb < K; kb += QK) {
+            const uint8_t *blk = wr + kb / QK * Q6K_BYTES;
+            const __m256 dd = _mm256_set1_ps(_cvtsh_ss(*(const uint16_t *)(blk + 208)));
+            for (int hf = 0; hf < 2; hf++) {
+                const int64_t k = kb + 128 * hf;
+                UNPACKQ6(hf)
+                STEPQ6(0); STEPQ6(1); STEPQ6(2); STEPQ6(3);
+            }
+        }
+        PUTK6(0); PUTK6(1); PUTK6(2); PUTK6(3);
+    }
+    for (; m < M; m++) {
+        ACTK6(0)
+        for (int64_t kb = 0; kb < K; kb += QK) {
+            const uint8_t *blk = wr + kb / QK * Q6K_BYTES;
+            const __m256 dd = _mm256_set1_ps(_cvtsh_ss(*(const uint16_t *)(blk + 208)));
+            for (int hf = 0; hf < 2; hf++) {
+                const int64_t k = kb + 128 * hf;
+                UNPACKQ6(hf)
+                STEPQ6(0);
+            }
+        }
+        PUTK6(0);
+    }
+}
+
+/* kind: 0 Q4_K, 1 Q6_K; w: (N, K / 256 * block bytes) as the file stores it; K % 256 == 0 */
+int reshard_kquant_gemm(const void *xin, int io, int64_t M, int64_t K, const uint8_t *w, int kind, int64_t N,
+                        void *y, int threads) {
+    if (K % QK || kind < 0 || kind > 1) return -2;
+    if (empty(M, K, N, y, io)) return 0;
+    float *owned;
+    const float *x = floats(xin, M * K, io, &owned);
+    actk a;
+    memset(&a, 0, sizeof a);
+    int failed = x == NULL || (kind == 0 ? preparek4(x, M, K, &a) : preparek6(x, M, K, &a));
+    free(owned);
+    if (failed) { releasek(&a); return -1; }
+    if (kind == 0) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++) rowq4(&a, M, K, w, N, n, y, io);
+    } else {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++) rowq6(&a, M, K, w, N, n, y, io);
+    }
+    releasek(&a);
+    return 0;
+}
+
+#else  /* no AVX512-VNNI: runtime/native.py sees reshard_lowbit_isa() == 0 and these layers expand */
+
+int reshard_kquant_gemm(const void *x, int io, int64_t M, int64_t K, const uint8_t *w, int kind, int64_t N,
+                        void *y, int threads) { return -3; }
+
+#endif

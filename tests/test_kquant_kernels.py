@@ -1,0 +1,108 @@
+"""The native kernel for GGML's K-quant blocks (runtime/kernels/kquant_cpu.c): Q4_K and Q6_K weights
+multiplied as a .gguf file stores them. Its products are the exact product of the activations
+quantized per block of 32 (as for the int4 kernel, tests/test_native.py) with the weights as the
+gguf package de-quantizes them, within float32's rounding; a PackedLinear runs them so, holding the
+blocks alone. Needs an x86 CPU with AVX512-VNNI and a C compiler (CI's machine has both)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q, dequantize
+from test_native import U, dequantized_activations, kernels  # noqa: F401 (a fixture)
+from torch import nn
+
+from reshard.ggml_quants import BLOCK_TYPES
+from runtime import native
+from runtime.lowbit import PackedLinear, PackSpec, pack_param, packed_nbytes, supported
+
+TYPES = {"q4_k": Q.Q4_K, "q6_k": Q.Q6_K}
+
+
+def random_blocks(scheme: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """(n, k / 256 * block bytes) random blocks of `scheme` whose float16 scales are finite, of both
+    signs (every other byte random: 6-bit scales and mins, nibbles, Q6_K's int8 scales)."""
+    _, size, nbytes = BLOCK_TYPES[scheme]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (n * k // size, nbytes), dtype=np.uint8)
+    for at in ([0, 2] if scheme == "q4_k" else [nbytes - 2]):  # Q4_K: d, dmin first; Q6_K: d last
+        raw[:, at:at + 2] = (rng.standard_normal((len(raw), 1)) * 0.02).astype(np.float16).view(np.uint8)
+    return torch.from_numpy(raw.reshape(n, -1))
+
+
+def gguf_weight(blocks: torch.Tensor, scheme: str) -> torch.Tensor:
+    """The (N, K) weight as the gguf package de-quantizes the blocks (float32 values), in float64."""
+    return torch.from_numpy(dequantize(blocks.numpy(), TYPES[scheme])).double()
+
+
+def assert_within_rounding(got: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, scheme: str) -> None:
+    """got equals the quantized activations times gguf's weights, up to float32 sums of the terms:
+    each rounded at most K/32 + 16 times (as in tests/test_native.py). The terms are |x| times each
+    weight's two parts: Q4_K's d * sc * q and dmin * m (the kernel sums them apart), Q6_K's w."""
+    k = x.shape[1]
+    xdq = dequantized_activations(x)
+    w = gguf_weight(blocks, scheme)
+    want = xdq @ w.T
+    if scheme == "q4_k":  # dmin * m of each 32 values: the weight's value at q = 0, negated
+        zero_q = blocks.clone()
+        zero_q[:, [b * 144 + i for b in range(k // 256) for i in range(16, 144)]] = 0
+        mins = -gguf_weight(zero_q, scheme)
+        terms = xdq.abs() @ ((w + mins).abs() + mins.abs()).T
+    else:
+        terms = xdq.abs() @ w.abs().T
+    bound = (k / 32 + 16) * U * terms + U * want.abs()
+    err = (got.double() - want).abs()
+    assert (err <= bound).all(), f"{(err / bound).max().item():.2f} times the float32 rounding bound"
+
+
+@pytest.mark.parametrize("scheme", list(TYPES))
+@pytest.mark.parametrize("m,n,k", [(1, 96, 256), (6, 40, 512), (5, 300, 2816)])
+def test_k_quant_kernel_is_the_product_of_gguf_weights_with_quantized_activations(scheme, m, n, k, kernels):
+    blocks = random_blocks(scheme, n, k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))  # m = 6: a block of four rows, two after
+    got = native.kquant_gemm(x, blocks, scheme)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert_within_rounding(got, x, blocks, scheme)
+    exact = x.double() @ gguf_weight(blocks, scheme).T  # the price of quantizing x: not zero
+    assert ((got.double() - exact).abs().max() / exact.abs().max()).item() > 1e-4
+    rows = torch.cat([native.kquant_gemm(x[i:i + 1], blocks, scheme) for i in range(m)])
+    assert torch.equal(rows, got)  # each row alone as in a block of four: the same bits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3 if threads == 1 else 1)
+    try:
+        assert torch.equal(native.kquant_gemm(x, blocks, scheme), got)  # whatever the thread count
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("scheme", list(TYPES))
+def test_k_quant_kernel_takes_and_gives_bfloat16(scheme, kernels):
+    blocks = random_blocks(scheme, 64, 512, seed=3)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(3)).bfloat16()
+    got = native.kquant_gemm(x, blocks, scheme)
+    assert got.dtype == torch.bfloat16
+    want = native.kquant_gemm(x.float(), blocks, scheme).bfloat16()  # float32 inside, rounded once at the end
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("scheme", list(TYPES))
+def test_packed_linear_holds_the_blocks_as_stored_and_runs_them(scheme, kernels):
+    n, k = 48, 768
+    blocks = random_blocks(scheme, n, k, seed=5)
+    spec = PackSpec(scheme, 0, n, k, "native")
+    assert supported(spec) and not supported(PackSpec(scheme, 0, n, 640, "native"))  # K whole blocks of 256
+    assert not supported(PackSpec(scheme, 0, n, k, "torch"))  # torch has no kernel for them: they expand
+    linear = nn.Linear(k, n, bias=True)
+    module = PackedLinear(linear, spec)
+    assert not hasattr(module, "qscales")
+    (weight,) = pack_param({"blocks": blocks}, spec)
+    assert weight.data_ptr() == blocks.data_ptr()  # the stored bytes themselves (a view of the mapped file)
+    assert packed_nbytes(spec) == blocks.nbytes
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    x = torch.randn(2, 3, k, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = module(x)
+    assert got.shape == (2, 3, n)
+    want = native.kquant_gemm(x.reshape(6, k), blocks, scheme).view(2, 3, n) + linear.bias
+    assert torch.equal(got, want)
