@@ -245,9 +245,17 @@ class QuantSpec:
 
 
 def _kept_blocks(src: Source, model, plan, mapping: KeyMap) -> dict[str, str]:
-    """{param: scheme} for the decoder layers' linear weights the source holds as quantized
-    blocks reshard stores as they are (a GGUF's Q4_K, Q8_0, ...: reshard/ggml_quants.py)."""
+    """{param: scheme} for the decoder layers' linear weights, and the output head's where it is a
+    linear layer of its own (not tied to the input embeddings), that the source holds as quantized
+    blocks reshard stores as they are (a GGUF's Q4_K, Q8_0, ...: reshard/ggml_quants.py). The
+    head is read whole on every pass (a Q6_K head is a quarter of float32's bytes); the input
+    embeddings are looked up, never multiplied, so they are de-quantized at convert."""
     linear = quantizable_params(model, plan)
+    head = model.get_output_embeddings()
+    if type(head) is torch.nn.Linear and head is not model.get_input_embeddings():
+        name = next(n for n, m in model.named_modules() if m is head) + ".weight"
+        if any(name in g.params for g in plan.groups):  # stored: not an alias of the input embeddings
+            linear[name] = False
     return {p: scheme for p, transposed in linear.items()
             if not transposed and p in mapping.direct and (scheme := src.block_scheme(mapping.direct[p]))}
 

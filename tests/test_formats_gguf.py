@@ -105,8 +105,8 @@ def test_q4_0_whose_zeros_overflow_float16_keeps_them_in_float32():
 
 def test_blocks_are_kept_with_their_own_scheme(mixed_converted, mixed_gguf):
     """Each decoder-layer weight is stored as its GGUF blocks under the scheme of its type, or
-    re-packed (Q8_0, Q4_0, Q4_1); each weight's stored bytes, so every type's bytes per pass, are
-    at most 1.1x the source tensor's, and so are the decoder layers'."""
+    re-packed (Q8_0, Q4_0, Q4_1), the output head's too; each weight's stored bytes, so every type's
+    bytes per pass, are at most 1.1x the source tensor's, and so are the decoder layers'."""
     from gguf import GGUFReader
 
     from reshard.format import ST_TO_DTYPE, quant_part_names
@@ -117,9 +117,11 @@ def test_blocks_are_kept_with_their_own_scheme(mixed_converted, mixed_gguf):
         ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
         ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
         ("mlp.down_proj", "ffn_down"))}
-    assert schemes == {p: REPACKED.get(TYPES[n].name.lower(), TYPES[n].name.lower()) for p, n in hf.items()}
+    hf["lm_head.weight"] = "output.weight"  # the head too (untied): read whole on every pass
+    types = {**TYPES, "output.weight": Q.Q4_K}
+    assert schemes == {p: REPACKED.get(types[n].name.lower(), types[n].name.lower()) for p, n in hf.items()}
     groups = {p: q.get("group_size") for g in manifest.groups for p, q in g.quantized.items()}
-    assert all(groups[p] == (32 if TYPES[n].name.lower() in REPACKED else None) for p, n in hf.items())
+    assert all(groups[p] == (32 if types[n].name.lower() in REPACKED else None) for p, n in hf.items())
     tensors = {t.name: int(t.n_bytes) for t in GGUFReader(mixed_gguf).tensors}
     for g in manifest.groups:
         for p, q in g.quantized.items():
