@@ -1,16 +1,17 @@
 """GGUF Q4_K kept as blocks vs the same file de-quantized to bfloat16: bytes per pass, s/token.
 
-A random llama GGUF (SmolLM2's tokenizer; decoder-layer weights all Q4_K, embeddings Q8_0)
-is converted twice in the same run: with default options (Q4_K blocks kept, expanded at load,
-reshard/ggml_quants.py) and with `--dtype bfloat16` (de-quantized at convert, as before).
-Each folder streams every group from its file (max_cpu_memory=0) and decodes `--tokens`
-greedy tokens after a warm-up; bytes per pass is what the loader streamed per forward pass.
-
-"layer MB" is the decoder layers' stored bytes, read once per pass: the Q4_K share. MB/pass also
-counts the embeddings and head, which a default GGUF conversion stores in float32 (the GGUF's
-config names no dtype) against bfloat16 in the other folder: at this model's 49k x 1024 vocabulary
-they outweigh the layers, so read both columns. On the CPU the blocks are expanded at load with
-plain torch (several kernels per weight), which is what s/token pays for the smaller reads.
+A random llama GGUF (SmolLM2's tokenizer; decoder-layer weights Q4_K, the output head Q6_K as in
+a Q4_K_M file, embeddings Q8_0) is converted twice in the same run: with default options (the
+blocks kept, head included) and with `--dtype bfloat16` (de-quantized at convert). Three ways to
+run them on the CPU, each streamed from its files (max_cpu_memory=0) and resident (the default
+budget keeps every group in RAM):
+- "q4_k native": the default; the blocks multiplied as stored by runtime/kernels/kquant_cpu.c;
+- "q4_k expanded": `packed=False`, the blocks expanded at load to bfloat16 with ggml's formulas in
+  plain torch (what every Q4_K weight paid before the native kernel);
+- "bf16": the de-quantized folder, transformers' bfloat16 matmuls.
+Each decodes `--tokens` greedy tokens after a warm-up. `--rounds` rounds run every configuration
+once; a ratio pairs figures of the same round and placement, and the median of the rounds' ratios is
+quoted. MB/pass is what the loader streamed per forward pass (0 for resident groups).
 
   python benchmarks/gguf_quants.py > benchmarks/results/gguf_quants.txt
 """
@@ -18,6 +19,7 @@ plain torch (several kernels per weight), which is what s/token pays for the sma
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +36,7 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf_files import llama_tensors, write_random_llama  # noqa: E402
 
 from reshard.convert import convert  # noqa: E402
+from runtime import native  # noqa: E402
 from runtime.model import LayeredModel  # noqa: E402
 
 SHAPE = dict(layers=8, hidden=1024, inter=2816, heads=16, kv_heads=4)
@@ -43,11 +46,12 @@ def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
-def decode(folder: Path, tokens: int) -> tuple[float, float]:
-    """(s/token, bytes streamed per forward pass) of greedy decoding, streamed from disk."""
-    lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="bfloat16", max_cpu_memory=0)
+def decode(folder: Path, tokens: int, *, resident: bool, packed: bool) -> tuple[float, float]:
+    """(s/token, bytes streamed per forward pass) of greedy decoding."""
+    budget = {} if resident else {"max_cpu_memory": 0}
+    lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="bfloat16", packed=packed, **budget)
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2]])
-    lm.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up: page cache, allocator
+    lm.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up: page cache, allocator, resident loads
     before, passes = lm.stats.bytes_streamed, tokens
     t0 = time.perf_counter()
     lm.generate(ids, max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens)
@@ -57,32 +61,51 @@ def decode(folder: Path, tokens: int) -> tuple[float, float]:
     return seconds / tokens, per_pass
 
 
+RUNS = (("q4_k native", "auto", True), ("q4_k expanded", "auto", False), ("bf16", "bfloat16", True))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     print("\n".join(machine_lines("bfloat16", torch.get_num_threads())))
+    print(f"native kernels: {'yes' if native.lowbit() is not None else 'no (Q4_K expands: both q4_k rows are the same path)'}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         gguf = tmp / "q4k.gguf"
-        types = {n: Q.Q4_K for n, _, _ in llama_tensors(SHAPE["layers"], SHAPE["hidden"], SHAPE["inter"],
-                                                          SHAPE["heads"], SHAPE["kv_heads"], 1)
-                 if n.startswith("blk.") and not n.endswith("norm.weight")}
+        names = [n for n, _, _ in llama_tensors(SHAPE["layers"], SHAPE["hidden"], SHAPE["inter"], SHAPE["heads"],
+                                                SHAPE["kv_heads"], 1)]
+        types = {n: Q.Q4_K for n in names if n.startswith("blk.") and not n.endswith("norm.weight")}
+        types["output.weight"] = Q.Q6_K
         size = write_random_llama(gguf, smollm2_gguf(), types=types, **SHAPE)
-        print(f"source: random llama GGUF {SHAPE}, decoder weights Q4_K, {size / 1e6:.0f} MB")
-        rows = []
-        for label, dtype in (("q4_k blocks", "auto"), ("bf16 (--dtype bfloat16)", "bfloat16")):
-            log(f"converting: {label}")
+        print(f"source: random llama GGUF {SHAPE}, decoder weights Q4_K, head Q6_K, {size / 1e6:.0f} MB; "
+              f"{args.tokens} tokens per run, {args.rounds} rounds")
+        stored = {}
+        for dtype in ("auto", "bfloat16"):
+            log(f"converting: {dtype}")
             manifest = convert(str(gguf), tmp / dtype, dtype=dtype, progress=False)
-            layers = sum(g.bytes for g in manifest.groups if g.kind == "layer")
-            log(f"decoding: {label}")
-            s_token, per_pass = decode(tmp / dtype, args.tokens)
-            rows.append((label, layers, per_pass, s_token))
-    base = rows[1]
-    print(f"\n{'folder':<26}{'layer MB':>10}{'MB/pass':>10}{'s/token':>10}{'bytes ratio':>13}{'time ratio':>12}")
-    for label, layers, per_pass, s_token in rows:
-        print(f"{label:<26}{layers / 1e6:>10.1f}{per_pass / 1e6:>10.1f}{s_token:>10.3f}"
-              f"{per_pass / base[2]:>13.2f}{s_token / base[3]:>12.2f}")
+            stored[dtype] = (sum(g.bytes for g in manifest.groups if g.kind == "layer"),
+                             sum(g.bytes for g in manifest.groups))
+        results = {}  # (placement, label) -> [(s/token, bytes/pass) per round]
+        for r in range(args.rounds):
+            for placement in ("streamed", "resident"):
+                for label, dtype, packed in RUNS:
+                    log(f"round {r + 1}: {placement} {label}")
+                    results.setdefault((placement, label), []).append(
+                        decode(tmp / dtype, args.tokens, resident=placement == "resident", packed=packed))
+    for placement in ("streamed", "resident"):
+        print(f"\n{placement}: {'every group read from its file each pass' if placement == 'streamed' else 'every group kept in RAM'}")
+        print(f"{'folder':<16}{'layers MB':>10}{'all MB':>9}{'MB/pass':>9}  {'s/token per round':<24}"
+              f"{'median':>8}  time / bf16's per round, median")
+        base = results[(placement, "bf16")]
+        for label, dtype, _ in RUNS:
+            runs = results[(placement, label)]
+            ratios = [s / b for (s, _), (b, _) in zip(runs, base)]
+            print(f"{label:<16}{stored[dtype][0] / 1e6:>10.1f}{stored[dtype][1] / 1e6:>9.1f}"
+                  f"{statistics.median(b for _, b in runs) / 1e6:>9.1f}  {' '.join(f'{s:.4f}' for s, _ in runs):<24}"
+                  f"{statistics.median(s for s, _ in runs):>8.4f}  {' '.join(f'{r:.3f}' for r in ratios)}, "
+                  f"{statistics.median(ratios):.2f}x")
 
 
 if __name__ == "__main__":
