@@ -357,8 +357,9 @@ def _store_blocks(pname: str, raw: torch.Tensor, scheme: str, shape, target: tor
     exactly (Q8_0, Q4_0, Q4_1: reshard/ggml_repack.py), else as the blocks (reshard/ggml_quants.py)."""
     check_block_shape(pname, raw, scheme, shape)
     entry = {"shape": list(shape), "dtype": DTYPE_TO_ST[target], "transposed": False}
-    if scheme in REPACKED:
-        scheme, parts = repack_blocks(raw, scheme)
+    if scheme in REPACKED:  # experts [E, out, ...] re-packed as one matrix of E * out rows: each expert's rows stay together
+        scheme, parts = repack_blocks(raw.reshape(-1, raw.shape[-1]), scheme)
+        parts = {part: p.reshape(*raw.shape[:-1], *p.shape[1:]) for part, p in parts.items()}
         entry["group_size"] = REPACKED_GROUP
     else:
         parts = {"blocks": raw}

@@ -29,9 +29,10 @@ def scheme_for(ggml_type_name: str) -> str | None:
 
 
 def check_block_shape(name: str, raw: torch.Tensor, scheme: str, shape) -> None:
-    """`raw` must be the blocks of an (out, in) = `shape` weight in `scheme`."""
+    """`raw` must be the blocks of an (out, in) = `shape` weight in `scheme` (or of [E, out, in]
+    experts: [E, out, in / block * block_bytes])."""
     _, size, nbytes = BLOCK_TYPES[scheme]
-    if len(shape) != 2 or shape[1] % size or list(raw.shape) != [shape[0], shape[1] // size * nbytes]:
+    if len(shape) not in (2, 3) or shape[-1] % size or list(raw.shape) != [*shape[:-1], shape[-1] // size * nbytes]:
         raise SourceError(f"{name}: the source's {scheme} blocks {list(raw.shape)} do not make a weight of "
                           f"shape {list(shape)}; the checkpoint does not match its config")
 

@@ -65,6 +65,7 @@ class GGUFSource(Source):
         self._metadata = self._save_config_and_tokenizer()
         self._processor = self._mapping = None
         self._sources: dict[str, list] = {}  # transformers name -> [(reader index, ReaderTensor)]
+        self._row_maps: dict[str, np.ndarray | None] = {}  # transformers name -> _row_map's answer
 
     def _save_config_and_tokenizer(self) -> dict:
         """config.json and the tokenizer files (transformers reads them from the first file)."""
@@ -103,7 +104,7 @@ class GGUFSource(Source):
         cls = TENSOR_PROCESSORS.get(self.architecture, TensorProcessor)
         self._processor = cls(config=self._metadata["config"])
         self._mapping = get_gguf_hf_weights_map(meta_model, self._processor)
-        self._sources = {}
+        self._sources, self._row_maps = {}, {}
         for i, tensors in enumerate(self._tensors):
             for t in tensors:
                 # merged tensors (MoE experts) are mapped without their ".weight" suffix
@@ -131,40 +132,73 @@ class GGUFSource(Source):
         return {k: parsed["tensors"][k] for k in keys}
 
     def block_scheme(self, key: str) -> str | None:
-        """The reshard/ggml_quants.py scheme `key` is kept in: its one GGUF tensor is a 2-D weight
-        of a block type reshard stores, and transformers' processor only reorders its rows."""
+        """The reshard/ggml_quants.py scheme `key` is kept in: its GGUF tensors (one, or several that
+        transformers' processor merges, as a MoE layer's gate and up experts) are weights of one
+        block type reshard stores, and the processor only moves their rows (see `_row_map`)."""
         found = self._sources.get(key, [])
-        if len(found) != 1 or len(found[0][1].shape) != 2:
+        if not found or any(len(t.shape) not in (2, 3) for _, t in found):
             return None
-        scheme = scheme_for(found[0][1].tensor_type.name)
-        return scheme if scheme is not None and self._row_order(found[0][1]) is not None else None
+        schemes = {scheme_for(t.tensor_type.name) for _, t in found}
+        columns = {int(t.shape[0]) for _, t in found}  # GGUF shapes are (columns, rows[, experts])
+        if len(schemes) != 1 or None in schemes or len(columns) != 1:
+            return None
+        return schemes.pop() if self._row_map(key) is not None else None
 
     def read_blocks(self, key: str) -> torch.Tensor:
-        """`key`'s blocks as in the file, (rows, bytes per row) uint8, rows in transformers' order."""
-        (i, t), = self._sources[key]
-        raw = np.empty(t.data.shape, dtype=np.uint8)
-        with open(self.files[i], "rb") as f:
-            _pread_into(f.fileno(), raw, t.data_offset, self.files[i], t.name)
-        order = self._row_order(t)
-        return torch.from_numpy(raw if np.array_equal(order, np.arange(len(order))) else raw[order])
+        """`key`'s blocks as in the file, (rows, bytes per row) uint8 ([E, rows, bytes] for experts),
+        rows where transformers puts them (the sources' rows gathered by `_row_map`)."""
+        raws = []
+        for i, t in self._ordered(key):
+            raw = np.empty(t.data.shape, dtype=np.uint8)
+            with open(self.files[i], "rb") as f:
+                _pread_into(f.fileno(), raw, t.data_offset, self.files[i], t.name)
+            raws.append(raw.reshape(-1, raw.shape[-1]))
+        rows = raws[0] if len(raws) == 1 else np.concatenate(raws)
+        order = self._row_map(key)
+        flat = order.reshape(-1)
+        if not np.array_equal(flat, np.arange(len(flat))):
+            rows = rows[flat]
+        return torch.from_numpy(rows.reshape(*order.shape, rows.shape[-1]))
 
-    def _row_order(self, t) -> np.ndarray | None:
-        """The row permutation transformers' processor applies to tensor `t` (identity included),
-        or None where it does more than permute rows: found by processing a small probe whose
-        every value is distinct, (rows, 2) float64 (exact for any row count)."""
-        rows = int(t.shape[1])  # GGUF shapes are (columns, rows)
-        probe = np.arange(rows * 2, dtype=np.float64).reshape(rows, 2)
-        parsed = {"tensors": {}}
-        result = self._processor.process(weights=probe, name=t.name, tensor_key_mapping=self._mapping,
-                                          parsed_parameters=parsed)
-        out = np.asarray(result.weights)
-        if parsed["tensors"] or result.name != t.name or out.shape != probe.shape:
-            return None
-        order = out[:, 0] // 2
-        if not (np.all((order >= 0) & (order < rows)) and len(np.unique(order)) == rows
-                and np.array_equal(out, probe[order.astype(np.int64)])):
-            return None
-        return order.astype(np.int64)
+    def _ordered(self, key: str) -> list:
+        """`key`'s GGUF tensors in the order `read` hands them to the processor (file order)."""
+        return [it for _, it in sorted({(i, t.data_offset): (i, t) for i, t in self._sources[key]}.items())]
+
+    def _row_map(self, key: str) -> np.ndarray | None:
+        """Where each row of the weight transformers makes from `key`'s GGUF tensors comes from, as
+        an index into those tensors' rows stacked in file order (an array of the weight's shape but
+        its last dimension), or None where the processor does more than move whole rows. Found by
+        processing a small probe, (..., rows, 2) float64 per tensor, whose every value is distinct."""
+        cache = self._row_maps
+        if key in cache:
+            return cache[key]
+        parsed, offset, made = {"tensors": {}}, 0, None
+        for _, t in self._ordered(key):
+            lead = tuple(int(n) for n in reversed(t.shape.tolist()[1:]))  # ([experts,] rows)
+            count = int(np.prod(lead))
+            probe = ((offset + np.arange(count, dtype=np.float64)).reshape(*lead, 1) * 2 + np.arange(2.0))
+            offset += count
+            result = self._processor.process(weights=probe, name=t.name, tensor_key_mapping=self._mapping,
+                                              parsed_parameters=parsed)
+            if result.name is not None:  # not merged by the processor itself
+                if self._mapping.get(result.name) != key or made is not None:
+                    made = False
+                    break
+                made = np.asarray(result.weights)
+        merged = parsed["tensors"]
+        if made is None and set(merged) == {key}:
+            made = np.asarray(merged[key])
+        elif made is False or made is None or merged:
+            made = None
+        order = None
+        if made is not None and made.ndim >= 2 and made.shape[-1] == 2:
+            index = made[..., 0] // 2
+            flat = index.reshape(-1)
+            if (np.all((flat >= 0) & (flat < offset)) and len(np.unique(flat)) == offset == len(flat)
+                    and np.array_equal(made, index[..., None] * 2 + np.arange(2.0))):
+                order = index.astype(np.int64)
+        cache[key] = order
+        return order
 
     def _dequantize(self, i: int, t) -> np.ndarray:
         """Tensor `t` of file `i` as float32, read and de-quantized a block of rows at a time."""

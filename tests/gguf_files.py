@@ -136,3 +136,54 @@ def write_trimmed(src: Path, out: Path, *, layers: int, vocab: int) -> Path:
         writer.add_tensor_info(t.name, array.shape, array.dtype, array.nbytes, raw_dtype=t.tensor_type)
     _write_streamed(writer, arrays)
     return out
+
+
+QWEN3MOE_INTER = 768  # transformers reads no expert width from a qwen3moe GGUF: its config's default
+
+
+def qwen3moe_tensors(layers: int, hidden: int, experts: int, heads: int, kv_heads: int, head_dim: int, vocab: int):
+    """[(GGUF name, numpy shape, type)] of a Qwen3-MoE model: experts Q4_K (down Q6_K), router F32."""
+    inter = QWEN3MOE_INTER
+    out = [("token_embd.weight", (vocab, hidden), Q.Q8_0)]
+    for i in range(layers):
+        b = f"blk.{i}."
+        out += [(b + "attn_norm.weight", (hidden,), Q.F32), (b + "attn_q.weight", (heads * head_dim, hidden), Q.Q4_K),
+                (b + "attn_k.weight", (kv_heads * head_dim, hidden), Q.Q4_K),
+                (b + "attn_v.weight", (kv_heads * head_dim, hidden), Q.Q6_K),
+                (b + "attn_output.weight", (hidden, heads * head_dim), Q.Q4_K),
+                (b + "attn_q_norm.weight", (head_dim,), Q.F32), (b + "attn_k_norm.weight", (head_dim,), Q.F32),
+                (b + "ffn_norm.weight", (hidden,), Q.F32), (b + "ffn_gate_inp.weight", (experts, hidden), Q.F32),
+                (b + "ffn_gate_exps.weight", (experts, inter, hidden), Q.Q4_K),
+                (b + "ffn_up_exps.weight", (experts, inter, hidden), Q.Q4_K),
+                (b + "ffn_down_exps.weight", (experts, hidden, inter), Q.Q6_K)]
+    return out + [("output_norm.weight", (hidden,), Q.F32), ("output.weight", (vocab, hidden), Q.Q6_K)]
+
+
+def write_random_qwen3moe(path: Path, like: Path, *, layers: int, hidden: int, experts: int, used: int, heads: int,
+                          kv_heads: int, head_dim: int = 64, vocab: int, seed: int = 0, types: dict | None = None) -> int:
+    """A random Qwen3-MoE GGUF (as llama.cpp writes one: experts as [E, out, in] tensors per layer)
+    with `like`'s tokenizer cut to `vocab` tokens; `types` overrides qwen3moe_tensors' types."""
+    reader = GGUFReader(like)
+    writer = GGUFWriter(path, "qwen3moe")
+    kept = {k: f for k, f in reader.fields.items() if k.startswith(("tokenizer.", "general.")) and not k.startswith(SKIP_KEYS)}
+    overrides = vocab_overrides(reader, vocab)
+    for key, field in kept.items():
+        sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, overrides.get(key, field.contents()), field.types[0], sub_type=sub_type)
+    u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
+    for key, value, kind in (("block_count", layers, u32), ("context_length", 4096, u32), ("embedding_length", hidden, u32),
+                             ("feed_forward_length", QWEN3MOE_INTER, u32), ("attention.head_count", heads, u32),
+                             ("attention.head_count_kv", kv_heads, u32), ("attention.key_length", head_dim, u32),
+                             ("attention.value_length", head_dim, u32), ("rope.freq_base", 1e6, f32),
+                             ("attention.layer_norm_rms_epsilon", 1e-6, f32), ("expert_count", experts, u32),
+                             ("expert_used_count", used, u32), ("expert_feed_forward_length", QWEN3MOE_INTER, u32),
+                             ("vocab_size", vocab, u32)):
+        writer.add_key_value(f"qwen3moe.{key}", value, kind)
+    tensors = [(n, shape, (types or {}).get(n, q))
+               for n, shape, q in qwen3moe_tensors(layers, hidden, experts, heads, kv_heads, head_dim, vocab)]
+    for name, shape, qtype in tensors:
+        writer.add_tensor_info(name, _byte_shape(shape, qtype), np.dtype(np.uint8 if qtype != Q.F32 else np.float32),
+                               _nbytes(shape, qtype), raw_dtype=qtype)
+    rng = np.random.default_rng(seed)
+    _write_streamed(writer, (_random_blocks(rng, shape, qtype) for _, shape, qtype in tensors))
+    return path.stat().st_size

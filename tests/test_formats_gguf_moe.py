@@ -1,0 +1,120 @@
+"""A mixture-of-experts GGUF (Qwen3-MoE, as llama.cpp writes one: each layer's experts one
+[E, out, in] tensor per projection) keeps its expert blocks (issue 22): gate and up, which
+transformers merges into one gate_up_proj, are stored as their blocks' rows in transformers'
+order (Q4_K kept, Q8_0 re-packed), down as its own (Q6_K kept, Q4_1 re-packed), each expert one
+byte range; the runtime, streaming only the routed experts, equals transformers' own
+`from_pretrained(..., gguf_file=...)` of the same file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import smollm2_gguf
+from gguf import GGMLQuantizationType as Q
+from gguf_files import write_random_qwen3moe
+
+from reshard.convert import convert
+from reshard.format import ST_TO_DTYPE, quant_part_names, read_manifest
+
+LAYERS, EXPERTS = 2, 8
+# layer 0's experts kept as K-quant blocks, layer 1's re-packed into int8/int4 (Q8_0, Q4_1)
+TYPES = {"blk.1.ffn_gate_exps.weight": Q.Q8_0, "blk.1.ffn_up_exps.weight": Q.Q8_0,
+         "blk.1.ffn_down_exps.weight": Q.Q4_1}
+SCHEMES = {"model.layers.0.mlp.experts.gate_up_proj": "q4_k", "model.layers.0.mlp.experts.down_proj": "q6_k",
+           "model.layers.1.mlp.experts.gate_up_proj": "int8", "model.layers.1.mlp.experts.down_proj": "int4"}
+IDS = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2]])
+
+
+@pytest.fixture(scope="module")
+def moe_gguf(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("moe-gguf") / "qwen3moe.gguf"
+    write_random_qwen3moe(path, smollm2_gguf(), layers=LAYERS, hidden=256, experts=EXPERTS, used=2, heads=4,
+                          kv_heads=2, vocab=8192, types=TYPES)
+    return path
+
+
+@pytest.fixture(scope="module")
+def moe_converted(moe_gguf, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("moe-gguf-out")
+    convert(str(moe_gguf), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(moe_gguf):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(moe_gguf.parent, gguf_file=moe_gguf.name, dtype=torch.float32).eval()
+
+
+def test_expert_blocks_are_kept_one_range_per_expert(moe_converted, moe_gguf):
+    """Each layer's experts under the scheme of their GGUF type, every part [E, ...] (so each
+    expert is one byte range of each part); the decoder layers' bytes at most 1.1x the source's."""
+    from gguf import GGUFReader
+
+    manifest = read_manifest(moe_converted)
+    schemes = {p: q["scheme"] for g in manifest.groups for p, q in g.quantized.items() if ".experts." in p}
+    assert schemes == SCHEMES
+    for g in manifest.groups:
+        for p, q in g.quantized.items():
+            if ".experts." in p:
+                assert q["shape"][0] == EXPERTS
+                assert all(g.tensors[n]["shape"][0] == EXPERTS for n in quant_part_names(p, q["scheme"]).values())
+                assert list(g.experts.values())[0]["tensors"]  # a MoE layer: routed experts stream alone
+    source = sum(int(t.n_bytes) for t in GGUFReader(moe_gguf).tensors if t.name.startswith("blk."))
+    stored = sum(np.prod(i["shape"]) * ST_TO_DTYPE[i["dtype"]].itemsize
+                 for g in manifest.groups if g.kind == "layer" for i in g.tensors.values())
+    assert stored <= 1.1 * source, (stored, source)
+
+
+def test_the_merged_gate_and_up_blocks_expand_to_transformers_weights(moe_converted, reference):
+    """gate_up_proj from its stored blocks equals transformers' merge of the two GGUF tensors."""
+    from safetensors import safe_open
+
+    from reshard.quant import dequantize
+
+    manifest = read_manifest(moe_converted)
+    weights = dict(reference.named_parameters())
+    for g in manifest.groups:
+        for p, q in g.quantized.items():
+            if ".experts." not in p:
+                continue
+            with safe_open(moe_converted / g.file, framework="pt") as f:
+                parts = {part: f.get_tensor(n) for part, n in quant_part_names(p, q["scheme"]).items()}
+            for e in (0, EXPERTS - 1):
+                got = dequantize({k: v[e] for k, v in parts.items()}, q["scheme"], columns=q["shape"][-1],
+                                 dtype=torch.float32)
+                assert torch.equal(got, weights[p][e]), (p, e)
+
+
+@pytest.mark.parametrize("resident", [False, True], ids=["streamed", "resident"])
+def test_logits_and_tokens_equal_transformers(moe_converted, reference, resident):
+    from runtime import LayeredModel
+
+    with torch.no_grad():
+        want = reference(IDS).logits
+        want_tokens = reference.generate(IDS, max_new_tokens=4, do_sample=False)
+    kwargs = {} if resident else {"max_cpu_memory": 0}
+    # packed=False: exact float32 math (the CPU kernels quantize the activations)
+    with LayeredModel.from_pretrained(moe_converted, device="cpu", packed=False, **kwargs) as model:
+        assert torch.equal(model(IDS).logits, want)
+        assert torch.equal(model.generate(IDS, max_new_tokens=4, do_sample=False), want_tokens)
+        if not resident:  # a decode pass reads its routed experts only: 2 of 8 per layer for one token
+            last = model.stats.per_pass[-1]
+            assert 0 < last.experts_read <= 2 * LAYERS and last.expert_bytes > 0
+
+
+def test_default_options_run_close_to_transformers(moe_converted, reference):
+    """With the CPU kernels (Q4_K/Q6_K attention as stored; routed experts expanded) the logits
+    stay close to the exact ones."""
+    from runtime import LayeredModel
+
+    with torch.no_grad():
+        want = reference(IDS).logits
+    with LayeredModel.from_pretrained(moe_converted, device="cpu", dtype="float32", max_cpu_memory=0) as model:
+        got = model(IDS).logits
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err < 0.03, err
