@@ -394,3 +394,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def kernels():
+    """The project's C kernels (runtime/native.py), built on first use (not while collecting); skips
+    where they cannot run."""
+    from runtime import native
+
+    if native.lowbit() is None:
+        pytest.skip("needs a C compiler and an x86 CPU with AVX512-VNNI")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q, dequantize
-from test_native import U, dequantized_activations, kernels  # noqa: F401 (a fixture)
+from test_native import U, dequantized_activations
 from torch import nn
 
 from reshard.ggml_quants import BLOCK_TYPES

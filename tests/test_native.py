@@ -3,7 +3,7 @@ equal the same math done in torch, bit for bit where it is integer math and with
 rounding where it is not; the build is cached and atomic, in a folder no one else can write; and
 where they cannot run the quantized layers fall back to torch's kernels. The kernel tests need an
 x86 CPU with AVX512-VNNI and a C compiler (CI's machine has both) and build on first use (the
-`kernels` fixture); the reference math and the fallback tests run everywhere."""
+`kernels` fixture, tests/conftest.py); the reference math and the fallback tests run everywhere."""
 
 from __future__ import annotations
 
@@ -17,13 +17,6 @@ from runtime import lowbit, native
 from runtime.lowbit import PackedLinear, PackSpec
 
 U = 2.0 ** -24  # float32's unit roundoff: one rounding moves a value by at most U times itself
-
-
-@pytest.fixture
-def kernels():
-    """The project's kernels, built on first use (not while collecting); skips where they cannot run."""
-    if native.lowbit() is None:
-        pytest.skip("needs a C compiler and an x86 CPU with AVX512-VNNI")
 
 
 # --- the reference: the kernels' math in torch, float64 where they are exact --------------------
