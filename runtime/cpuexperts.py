@@ -42,6 +42,7 @@ class HostView:
         self.manifest, self.files, self.scheme = loader.manifest, loader.files, loader.scheme
         self.host_data = loader.host_data
         self.device, self.dtype, self.stats = torch.device("cpu"), loader.dtype, StreamStats()
+        self.expert_packing = {}  # its experts expand into CPU slots (runtime/packedexperts.py is for CPU-only runs)
 
 
 class CpuExperts:

@@ -48,6 +48,7 @@ from reshard.plan import ROUTED_ARGS
 from . import budget
 from .expertcache import POLICIES, ExpertCache
 from .expertread import ExpertReader, typed
+from .packedexperts import PACKED, operands
 from .prediction import ExpertPredictor
 from .quantized import expand_param
 
@@ -102,6 +103,7 @@ class ExpertStreamer:
         self.whole_at: float | None = WHOLE_AT  # None: every pass reads routed experts alone
         self.wholes: dict[int, tuple] = {}  # group -> (sparse span, E, k): may load whole for a pass
         self.elsewhere = lambda path: False  # this call of `path` runs on the host (runtime/cpuexperts.py)
+        self.packed = loader.expert_packing  # experts module path -> {attr: PackSpec}: computed as stored
 
     def install(self, model: nn.Module) -> None:
         """Make every streamed group with experts load without them, and hook the experts modules
@@ -195,6 +197,10 @@ class ExpertStreamer:
                 return None
             index = bound.arguments[arg]
             routed = routed_experts(index, count)
+            if compact and path in self.packed:  # the kernels take the experts as read: ids stay E's
+                self.bring_packed(i, path, mod, entry, routed)
+                self._guess(i, bound.arguments)
+                return None
             if not compact:  # ids index the module's own [E, ...] tensors: the routed rows, in place
                 self.bring(i, path, mod, entry, routed, full=True)
                 self._guess(i, bound.arguments)
@@ -222,6 +228,7 @@ class ExpertStreamer:
             if path not in self.placed:  # computed on its group's whole load: the model clears those
                 return
             self.placed.discard(path)
+            mod.__dict__.pop(PACKED, None)
             mod._parameters.update(self.empty[path])
             if experts is not None:
                 mod.num_experts = experts
@@ -276,6 +283,42 @@ class ExpertStreamer:
         for name, t in slots.tensors.items():
             module._parameters[name.rpartition(".")[2]] = nn.Parameter(t, requires_grad=False)
         return slots
+
+    def bring_packed(self, i: int, path: str, module: nn.Module, entry: dict, routed: list[int]) -> None:
+        """As `bring`, for a module computing on its experts as stored (runtime/packedexperts.py):
+        each routed expert's stored tensors (kept from an earlier forward through this load, from
+        the cache, a guess, or read from the file) become its kernel operands on the module."""
+        for other in [p for p, s in self.slots.items() if s.owner != i]:
+            del self.slots[other]
+        old = self.slots.pop(path, None)
+        have = dict(old.tensors) if old is not None else {}  # expert -> its stored tensors
+        t0 = time.perf_counter()
+        to_read = []
+        for e in (e for e in routed if e not in have):
+            stored = self.cache.get((i, e, *entry["tensors"]))
+            if stored is not None:
+                self.stats.experts_cached += 1
+            elif self.predictor is not None:
+                stored = self._guessed(i, e)
+            if stored is None:
+                to_read.append(e)
+            else:
+                have[e] = stored
+        if to_read:
+            read, reads = self.read_ahead(i, to_read, entry)
+            self.stats.expert_reads += reads
+            self._count_read(len(read), sum(t.nbytes for s in read.values() for t in s.values()), True)
+            for e, stored in read.items():
+                have[e] = stored
+                if self.cache.capacity:
+                    self.cache.put((i, e, *entry["tensors"]), stored)
+        self.stats.wait_seconds += time.perf_counter() - t0
+        self.slots[path] = _Slots(i, sorted(have), have)
+        self.placed.add(path)
+        group, specs = self.loader.manifest.groups[i], self.packed[path]
+        names = {name.rpartition(".")[2]: name for name in entry["tensors"]}
+        per_expert = {e: operands(group, names, specs, stored, self.loader.scheme) for e, stored in have.items()}
+        module.__dict__[PACKED] = {attr: {e: ops[attr] for e, ops in per_expert.items()} for attr in specs}
 
     def _rows(self, i: int, entry: dict) -> dict[str, tuple[tuple, torch.dtype]]:
         """Each expert tensor's row shape and the dtype the module computes with."""

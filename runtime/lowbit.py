@@ -126,26 +126,36 @@ def plan_packing(model: nn.Module, manifest, device: torch.device) -> dict[str, 
         return {}
     from transformers.pytorch_utils import Conv1D
 
-    from reshard.format import scheme_of
-
     specs = {}
     for g, name, info in ((g, n, i) for g in manifest.groups for n, i in g.quantized.items()):
-        scheme = scheme_of(g, name, quant.get("scheme"))
         owner = model.get_submodule(name.rpartition(".")[0])
-        if scheme not in KERNEL_SCHEMES or type(owner) not in (nn.Linear, Conv1D) or not name.endswith(".weight"):
+        if type(owner) not in (nn.Linear, Conv1D) or not name.endswith(".weight"):
             continue
-        # a parameter with a scheme of its own may name its group size too (GGUF blocks re-packed)
-        group = info.get("group_size", quant.get("group_size")) or 0
-        if scheme == "int8" and group:  # int8 with group scales (a GGUF's Q8_0): both kernels scale per row
-            continue
-        out, inp = reversed(info["shape"]) if info.get("transposed") else info["shape"]
-        scale_dtype = stored_scale_dtype(g, name, scheme)
-        for backend in backends:  # the project's kernel where it takes the shape, else torch's
-            spec = PackSpec(KERNEL_SCHEMES[scheme], group, out, inp, backend, scale_dtype, scheme == ACT_ORDER)
-            if supported(spec):
-                specs[name] = spec
-                break
+        spec = weight_spec(g, name, quant, backends)
+        if spec is not None:
+            specs[name] = spec
     return specs
+
+
+def weight_spec(group, name: str, quant: dict, backends) -> PackSpec | None:
+    """How quantized weight `name` of `group` runs packed through the first of `backends`
+    ("native", "torch") whose kernel takes it, or None where none does; an [E, out, in] expert
+    weight (runtime/packedexperts.py) by each expert's matrix."""
+    from reshard.format import scheme_of
+
+    info = group.quantized[name]
+    scheme = scheme_of(group, name, quant.get("scheme"))
+    # a parameter with a scheme of its own may name its group size too (GGUF blocks re-packed)
+    size = info.get("group_size", quant.get("group_size")) or 0
+    if scheme not in KERNEL_SCHEMES or (scheme == "int8" and size):
+        return None  # int8 with group scales (a GGUF's Q8_0): both kernels scale per row
+    out, inp = reversed(info["shape"][-2:]) if info.get("transposed") else info["shape"][-2:]
+    scale_dtype = stored_scale_dtype(group, name, scheme)
+    for backend in backends:  # the project's kernel where it takes the shape, else torch's
+        spec = PackSpec(KERNEL_SCHEMES[scheme], size, out, inp, backend, scale_dtype, scheme == ACT_ORDER)
+        if supported(spec):
+            return spec
+    return None
 
 
 def stored_scale_dtype(group, name: str, scheme: str) -> torch.dtype:
@@ -232,6 +242,14 @@ def packed_nbytes(spec: PackSpec) -> int:
     return math.prod(wshape) * wdtype.itemsize + math.prod(sshape) * sdtype.itemsize + order
 
 
+def native_kernel(spec: PackSpec):
+    """The project's kernel for a weight of `spec` (backend "native"): f(x (M, K) float32 or bfloat16,
+    contiguous, *the operands `pack_param` gives) -> (M, N) in x's dtype."""
+    if spec.scheme in KQUANTS:
+        return functools.partial(native.kquant_gemm, scheme=spec.scheme)
+    return native.int8_gemm if spec.scheme == "int8" else functools.partial(native.int4_gemm, group=spec.group)
+
+
 class PackedLinear(nn.Module):
     """`y = x @ W.T + b` with W packed (int8 per row, or int4 grouped), through a low-bit CPU kernel.
 
@@ -251,12 +269,7 @@ class PackedLinear(nn.Module):
         if spec.permuted:  # the input's columns in the order the weight's are stored
             self.qorder = nn.Parameter(torch.empty(spec.in_features, dtype=torch.long, device="meta"),
                                        requires_grad=False)
-        self.native = None  # the project's kernel for this weight, where spec.backend says "native"
-        if spec.scheme in KQUANTS:
-            self.native = functools.partial(native.kquant_gemm, scheme=spec.scheme)
-        elif spec.backend == "native":
-            self.native = native.int8_gemm if spec.scheme == "int8" else functools.partial(
-                native.int4_gemm, group=spec.group)
+        self.native = native_kernel(spec) if spec.backend == "native" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.permuted:

@@ -23,7 +23,7 @@ from reshard.format import read_manifest
 from reshard.plan import build_empty_model, read_config
 from reshard.verify import verify_folder
 
-from . import allowance, budget, lowbit
+from . import allowance, budget, lowbit, packedexperts
 from .expertcache import cache_budget
 from .experts import ExpertStreamer, load_persistent_buffers
 from .prediction import guess_allowance
@@ -151,10 +151,13 @@ class LayeredModel:
         model = build_empty_model(config, dtype=compute_dtype, trust_remote_code=trust_remote_code)
         packing = lowbit.plan_packing(model, manifest, dev) if packed else {}
         lowbit.install_packed(model, packing)
+        expert_packing = packedexperts.plan(model, manifest, dev) if packed and sparse_experts else {}
+        packedexperts.install(model, expert_packing)
         place_buffers(model, dev)
         pin_device(model, dev)
         load_generation_config(model, path)
-        loader = GroupLoader(path, manifest, dev, compute_dtype, StreamStats(), packing=packing)
+        loader = GroupLoader(path, manifest, dev, compute_dtype, StreamStats(), packing=packing,
+                             expert_packing=expert_packing)
         memory = budget.make_budget(dev, prefetch, max_gpu_memory, max_cpu_memory)
         if predict_experts and sparse_experts:  # guesses wait in host memory (runtime/prediction.py)
             memory = budget.set_aside(memory, guess_allowance(manifest))

@@ -133,14 +133,15 @@ class GroupLoader:
     `places[i]` (see runtime.budget) says where group i lives between passes; `hold(i)`
     puts a HOST group's bytes in (pinned) host memory once, and `load(i)` reads from there.
     `packing` (runtime.lowbit.plan_packing) names the quantized weights loaded packed for a
-    low-bit kernel rather than expanded.
+    low-bit kernel rather than expanded; `expert_packing` (runtime.packedexperts.plan) the experts
+    modules whose streamed experts are computed as stored.
     """
 
     def __init__(self, folder: Path, manifest: Manifest, device: torch.device, dtype: torch.dtype,
                  stats: StreamStats, *, places: list[str] | None = None,
-                 packing: dict[str, PackSpec] | None = None):
+                 packing: dict[str, PackSpec] | None = None, expert_packing: dict[str, dict] | None = None):
         self.manifest, self.device, self.dtype, self.stats = manifest, device, dtype, stats
-        self.packing = packing or {}
+        self.packing, self.expert_packing = packing or {}, expert_packing or {}
         self.files = [GroupFile(folder / g.file, g) if g.file else None for g in manifest.groups]
         self.scheme = (manifest.quantization or {}).get("scheme")
         self.places = places or [DISK] * len(self.files)

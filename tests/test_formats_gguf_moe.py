@@ -118,3 +118,90 @@ def test_default_options_run_close_to_transformers(moe_converted, reference):
         got = model(IDS).logits
     err = ((got - want).abs().max() / want.abs().max()).item()
     assert err < 0.03, err
+
+
+def exact_experts(module_name: str, reference, hidden, index, weights) -> torch.Tensor:
+    """transformers' experts math in float64 on the reference's weights (gguf's de-quantized values)."""
+    experts = reference.get_submodule(module_name)
+    gate_up, down = experts.gate_up_proj.double(), experts.down_proj.double()
+    out = torch.zeros(hidden.shape, dtype=torch.float64)
+    for t in range(hidden.shape[0]):
+        for slot, e in enumerate(index[t].tolist()):
+            gate, up = (gate_up[e] @ hidden[t].double()).chunk(2)
+            out[t] += weights[t, slot].double() * (down[e] @ (torch.nn.functional.silu(gate) * up))
+    return out
+
+
+@pytest.fixture(scope="module")
+def moe_int4(moe_gguf, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("moe-gguf-int4")
+    convert(str(moe_gguf), out, quantize="int4", progress=False)
+    return out
+
+
+@pytest.mark.parametrize("folder", ["blocks", "int4"])
+def test_streamed_experts_are_computed_as_stored(folder, moe_converted, moe_int4, reference, kernels):
+    """By default on the CPU a streamed layer's routed experts are computed from their stored bits by
+    the native kernels (runtime/packedexperts.py): Q4_K/Q6_K blocks (layer 0 of the GGUF folder)
+    and int4 (every layer of the --quantize int4 one); Q8_0's int8 with group scales has no kernel
+    and expands (layer 1 of the GGUF folder). Each call's output is transformers' experts math on
+    the stored weights, within the kernels' error (activations quantized per block of 32; expanded:
+    float32's), and the same experts are read as when they expand."""
+    from runtime import LayeredModel
+
+    path = moe_converted if folder == "blocks" else moe_int4
+    packed_layers = {0} if folder == "blocks" else {0, 1}
+    seen = {}
+    with LayeredModel.from_pretrained(path, device="cpu", dtype="float32", max_cpu_memory=0) as model:
+        assert set(model.loader.expert_packing) == {f"model.layers.{i}.mlp.experts" for i in packed_layers}
+        for i in range(LAYERS):
+            name = f"model.layers.{i}.mlp.experts"
+
+            def args_in(module, args, i=i):  # before the streamer's hook maps expert ids to its slots
+                seen[i] = tuple(a.clone() for a in args[:3])
+
+            def out(module, args, result, i=i):
+                seen[i] += (result.clone(),)
+
+            experts = model.model.get_submodule(name)
+            experts.register_forward_pre_hook(args_in, prepend=True)
+            experts.register_forward_hook(out)
+        model(IDS)
+        read = model.stats.experts_read
+    with LayeredModel.from_pretrained(path, device="cpu", dtype="float32", max_cpu_memory=0, packed=False) as plain:
+        plain(IDS)
+        assert plain.stats.experts_read == read
+    if folder == "int4":  # the reference holds what the int4 folder stores, expanded
+        from reshard.format import GroupFile
+        from runtime.quantized import expand_param
+
+        reference = __import__("copy").deepcopy(reference)
+        for g in read_manifest(path).groups:
+            gf = GroupFile(path / g.file, g)
+            for param, info in g.quantized.items():
+                parts = {part: gf.tensor(n) for part, n in quant_part_names(param, "int4").items()}
+                with torch.no_grad():
+                    reference.get_parameter(param).copy_(expand_param(parts, info, "int4", torch.float32))
+    for i in range(LAYERS):
+        hidden, index, weights, out = seen[i]
+        want = exact_experts(f"model.layers.{i}.mlp.experts", reference, hidden, index, weights)
+        err = ((out.double() - want).abs().max() / want.abs().max()).item()
+        if i in packed_layers:
+            assert 1e-5 < err < 0.03, (i, err)  # the kernels' price: not zero, small
+        else:
+            assert err < 1e-5, (i, err)
+
+
+def test_cached_experts_give_the_same_bits_as_read_ones(moe_int4, kernels):
+    """The expert cache holds experts as stored: one served from it is computed exactly as one read
+    from the file (the same operands, the same kernel): greedy decoding gives the same logits."""
+    from runtime import LayeredModel
+
+    kwargs = dict(device="cpu", dtype="float32", max_cpu_memory=0)
+    with LayeredModel.from_pretrained(moe_int4, expert_cache=0, **kwargs) as plain:
+        want = plain.generate(IDS, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with LayeredModel.from_pretrained(moe_int4, expert_cache="64MB", **kwargs) as cached:
+        got = cached.generate(IDS, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        assert cached.stats.experts_cached > 0
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))

@@ -1,0 +1,109 @@
+"""Routed experts computed from their stored bits on the CPU: no expansion per expert per pass.
+
+A streamed MoE layer reads only its routed experts (runtime/experts.py). Where they are quantized
+(a GGUF's Q4_K/Q6_K blocks, int4/int8 folders) and the project's native kernels run
+(runtime/native.py), expanding each one to floats before its two products costs more than the
+products: at batch 1 an expert is used for a token or two, then dropped. So on the CPU such an
+experts module keeps its routed experts as read (or as the expert cache holds them) and computes
+with the same kernels as the packed linear layers (runtime/lowbit.py): per routed expert, the
+gate/up product, transformers' own `_apply_gate` (or activation), the down product, the routing
+weight; the tokens' top-k outputs are summed as transformers' batched experts implementation sums
+them. The contract is transformers' `use_experts_implementation` (has_gate, has_bias, is_transposed,
+_apply_gate, act_fn, post_expert_norm): only modules that declare it and have no expert biases run
+packed. Their results are those of the kernels (activations quantized per block of 32), as for
+packed linear layers; `packed=False` expands the experts instead (exact float32 math).
+
+The module's own forward stays in place for every call not packed (a layer loaded whole, or
+resident): `install` wraps it per instance, and the streamer (runtime/experts.py) puts the routed
+experts' operands on the module for the call (`PACKED`) and takes them off after.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from reshard.format import quant_part_names, scheme_of
+
+from . import native
+from .lowbit import PackSpec, native_kernel, pack_param, weight_spec
+
+PACKED = "_reshard_packed"  # on an experts module during a packed call: {param attr: {expert: operands}}
+
+
+def plan(model: nn.Module, manifest, device: torch.device) -> dict[str, dict[str, PackSpec]]:
+    """{experts module path: {param attr: PackSpec}} for the MoE experts modules of `manifest`'s
+    groups whose expert weights are all quantized in a scheme the native kernels take (on the CPU,
+    where they run), held by a module that declares transformers' experts contract without biases."""
+    if device.type != "cpu" or native.lowbit() is None:
+        return {}
+    quant = manifest.quantization or {}
+    specs = {}
+    for group in manifest.groups:
+        for path, entry in group.experts.items():
+            module = model.get_submodule(path)
+            if not hasattr(module, "has_gate") or getattr(module, "has_bias", True):
+                continue
+            attrs = {name.rpartition(".")[2]: name for name in entry["tensors"]}
+            if set(attrs) != {"gate_up_proj" if module.has_gate else "up_proj", "down_proj"}:
+                continue
+            found = {a: weight_spec(group, n, quant, ["native"]) if n in group.quantized else None
+                     for a, n in attrs.items()}
+            if all(s is not None and not s.permuted for s in found.values()):
+                specs[path] = found
+    return specs
+
+
+def operands(group, names: dict[str, str], specs: dict[str, PackSpec], stored: dict[str, torch.Tensor],
+             scheme: str | None) -> dict[str, tuple]:
+    """One expert's kernel operands per param attr, from its stored tensors {stored name: tensor}
+    (`names`: param attr -> param name)."""
+    out = {}
+    for attr, spec in specs.items():
+        param = names[attr]
+        parts = {part: stored[name] for part, name in quant_part_names(param, scheme_of(group, param, scheme)).items()}
+        out[attr] = pack_param(parts, spec)
+    return out
+
+
+def install(model: nn.Module, specs: dict[str, dict[str, PackSpec]]) -> None:
+    """Wrap the forward of each experts module in `specs`: packed while the streamer has put its
+    operands on it, the module's own otherwise."""
+    for path, found in specs.items():
+        module = model.get_submodule(path)
+        module.forward = _forward(module, found)
+
+
+def _forward(module: nn.Module, specs: dict[str, PackSpec]):
+    own = module.forward  # the bound method: transformers' dispatch to the configured implementation
+    signature = inspect.signature(own)
+    kernels = {attr: native_kernel(spec) for attr, spec in specs.items()}
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+
+    def forward(*args, **kwargs):
+        packed = module.__dict__.get(PACKED)
+        if packed is None:
+            return own(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs).arguments
+        hidden, index, weights = bound["hidden_states"], bound["top_k_index"], bound["top_k_weights"]
+        tokens, k = index.shape
+        x = hidden if hidden.dtype in native.IO_KINDS else hidden.float()
+        flat = index.reshape(-1)
+        out = torch.zeros(tokens * k, hidden.shape[-1], dtype=x.dtype)
+        for e in sorted(packed[first]):
+            rows = (flat == e).nonzero().squeeze(-1)
+            if rows.numel() == 0:
+                continue
+            h = kernels[first](x.index_select(0, rows // k).contiguous(), *packed[first][e])
+            h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+            y = kernels["down_proj"](h.to(x.dtype).contiguous(), *packed["down_proj"][e])
+            if getattr(module, "has_post_expert_norm", False):
+                y = module.post_expert_norm(y)
+            out.index_copy_(0, rows, y.to(x.dtype))
+        out = out * weights.reshape(-1, 1).to(out.dtype)
+        return out.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
+
+    forward.__signature__ = signature
+    return forward
