@@ -14,6 +14,11 @@ once; a ratio pairs figures of the same round and placement, and the median of t
 quoted. MB/pass is what the loader streamed per forward pass (0 for resident groups).
 
   python benchmarks/gguf_quants.py > benchmarks/results/gguf_quants.txt
+  python benchmarks/gguf_quants.py --model qwen3moe > benchmarks/results/gguf_quants_moe.txt
+
+With `--model qwen3moe` the source is a random Qwen3-MoE GGUF (tests/gguf_files.py): streamed, each
+layer reads its routed experts alone, and "q4_k native" computes them as read
+(runtime/packedexperts.py) where "q4_k expanded" expands each one first.
 """
 
 from __future__ import annotations
@@ -33,13 +38,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")]
 from common import machine_lines  # noqa: E402
 from conftest import smollm2_gguf  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
-from gguf_files import llama_tensors, write_random_llama  # noqa: E402
+from gguf_files import QWEN3MOE_INTER, llama_tensors, write_random_llama, write_random_qwen3moe  # noqa: E402
 
 from reshard.convert import convert  # noqa: E402
 from runtime import native  # noqa: E402
 from runtime.model import LayeredModel  # noqa: E402
 
 SHAPE = dict(layers=8, hidden=1024, inter=2816, heads=16, kv_heads=4)
+MOE_SHAPE = dict(layers=4, hidden=1024, experts=32, used=4, heads=8, kv_heads=4, vocab=32768)
 
 
 def log(*a) -> None:
@@ -68,19 +74,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--model", choices=["llama", "qwen3moe"], default="llama",
+                    help="qwen3moe: a mixture of experts, streamed layers read their routed experts alone")
     args = ap.parse_args()
     print("\n".join(machine_lines("bfloat16", torch.get_num_threads())))
     print(f"native kernels: {'yes' if native.lowbit() is not None else 'no (Q4_K expands: both q4_k rows are the same path)'}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         gguf = tmp / "q4k.gguf"
-        names = [n for n, _, _ in llama_tensors(SHAPE["layers"], SHAPE["hidden"], SHAPE["inter"], SHAPE["heads"],
-                                                SHAPE["kv_heads"], 1)]
-        types = {n: Q.Q4_K for n in names if n.startswith("blk.") and not n.endswith("norm.weight")}
-        types["output.weight"] = Q.Q6_K
-        size = write_random_llama(gguf, smollm2_gguf(), types=types, **SHAPE)
-        print(f"source: random llama GGUF {SHAPE}, decoder weights Q4_K, head Q6_K, {size / 1e6:.0f} MB; "
-              f"{args.tokens} tokens per run, {args.rounds} rounds")
+        if args.model == "llama":
+            names = [n for n, _, _ in llama_tensors(SHAPE["layers"], SHAPE["hidden"], SHAPE["inter"], SHAPE["heads"],
+                                                    SHAPE["kv_heads"], 1)]
+            types = {n: Q.Q4_K for n in names if n.startswith("blk.") and not n.endswith("norm.weight")}
+            types["output.weight"] = Q.Q6_K
+            size = write_random_llama(gguf, smollm2_gguf(), types=types, **SHAPE)
+            print(f"source: random llama GGUF {SHAPE}, decoder weights Q4_K, head Q6_K, {size / 1e6:.0f} MB; "
+                  f"{args.tokens} tokens per run, {args.rounds} rounds")
+        else:  # tests/gguf_files.py's types: attention Q4_K (v Q6_K), experts Q4_K (down Q6_K), head Q6_K
+            size = write_random_qwen3moe(gguf, smollm2_gguf(), **MOE_SHAPE)
+            print(f"source: random Qwen3-MoE GGUF {MOE_SHAPE}, expert width {QWEN3MOE_INTER}, experts Q4_K (down "
+                  f"Q6_K), attention Q4_K/Q6_K, head Q6_K, {size / 1e6:.0f} MB; {args.tokens} tokens per run, "
+                  f"{args.rounds} rounds")
         stored = {}
         for dtype in ("auto", "bfloat16"):
             log(f"converting: {dtype}")

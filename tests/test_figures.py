@@ -76,7 +76,7 @@ def test_a_derivation_needs_raw_inputs(tmp_path):
     run = check(doc)
     assert run.returncode == 1
     assert run.stdout == (f"{doc}:{line_of(doc, '49.4')}: 0.69x: input 49.4 of its derivation is not in "
-                          "cpu_kernels_issue26.txt, cpu_kernels.txt, cpu_llamacpp.txt\n")
+                          "cpu_kernels_issue26.txt, cpu_kernels.txt, gguf_quants.txt, cpu_llamacpp.txt\n")
 
 
 def test_a_changed_raw_output_fails(tmp_path):
