@@ -23,7 +23,7 @@ from reshard.format import read_manifest
 from reshard.plan import build_empty_model, read_config
 from reshard.verify import verify_folder
 
-from . import allowance, budget, lowbit, packedexperts
+from . import allowance, budget, embedrows, lowbit, packedexperts
 from .expertcache import cache_budget
 from .experts import ExpertStreamer, load_persistent_buffers
 from .prediction import guess_allowance
@@ -81,6 +81,8 @@ class LayeredModel:
         self.speculation = None  # the last tree speculation's statistics (runtime.speculate.SpecStats)
         self._hold_resident()
         self._install_hooks()
+        if (embedding := embedrows.find(model, loader)) is not None:  # a streamed lookup reads its rows alone
+            self._hooks.extend(embedrows.EmbeddingRows(model, loader, *embedding).install())
         self.host = host  # layers computed on the CPU beside the device (runtime/hostcompute.py), or None
         if host is not None:
             host.enabled = lambda: self.lockstep is None
