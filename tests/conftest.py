@@ -404,3 +404,23 @@ def kernels():
 
     if native.lowbit() is None:
         pytest.skip("needs a C compiler and an x86 CPU with AVX512-VNNI")
+
+
+def pass_bytes(lm, ids: torch.Tensor) -> int:
+    """The bytes a pass of `ids` through `lm` (a LayeredModel with every group streamed) reads:
+    every group's file, but where the input embeddings' rows are gathered (runtime/embedrows.py)
+    only the rows of the distinct ids in place of that group's file."""
+    import math
+
+    from reshard.format import ST_TO_DTYPE
+    from runtime import embedrows
+
+    total = lm.manifest.total_bytes
+    found = embedrows.find(lm.model, lm.loader)
+    if found is None:
+        return total
+    i, name = found
+    info = lm.manifest.groups[i].tensors[name]
+    row = math.prod(info["shape"][1:]) * ST_TO_DTYPE[info["dtype"]].itemsize
+    return total - lm.manifest.groups[i].bytes + row * len(torch.unique(ids))
+
