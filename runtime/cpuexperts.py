@@ -11,7 +11,9 @@ pairs). On the CPU the module's forward gets the hidden states, `top_k_index` an
 `ExpertStreamer` over the host (from the device loader's pinned copy of a HOST group, else from
 the group's file), and its own code computes there; the result goes back to the device. The
 math is transformers', on the same slots the device path uses, so on the CPU the result is
-bit-identical. `log` says per pass where each layer's experts ran and why (--stats).
+bit-identical. Quantized experts the native CPU kernels take (int4, int8, GGUF Q4_K/Q6_K) are not
+expanded into slots: they are computed as stored (runtime/packedexperts.py), so the host reads
+each expert's stored bytes once, which the planner counts. `log` says per pass where each layer's experts ran and why (--stats).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from reshard.errors import UsageError
 from reshard.format import expert_range, stored_names
 
-from . import budget, hybrid
+from . import budget, hybrid, packedexperts
 from .experts import ExpertStreamer, routed_experts
 from .hostcompute import move
 from .stream import StreamStats
@@ -42,7 +44,7 @@ class HostView:
         self.manifest, self.files, self.scheme = loader.manifest, loader.files, loader.scheme
         self.host_data = loader.host_data
         self.device, self.dtype, self.stats = torch.device("cpu"), loader.dtype, StreamStats()
-        self.expert_packing = {}  # its experts expand into CPU slots (runtime/packedexperts.py is for CPU-only runs)
+        self.expert_packing: dict[str, dict] = {}  # experts computed as stored (set by CpuExperts.install)
 
 
 class CpuExperts:
@@ -75,6 +77,8 @@ class CpuExperts:
     def install(self, model: torch.nn.Module) -> None:
         """Hook the experts modules of the candidate groups in `model` and reset `log` at each pass."""
         self.hooks.append(model.register_forward_pre_hook(lambda *_: self.log.clear()))
+        # quantized experts the CPU's native kernels take are computed as stored (runtime/packedexperts.py)
+        self.host.packed.update(packedexperts.plan(model, self.loader.manifest, self.host.device))
         for i in self.groups:
             for path, entry in self.loader.manifest.groups[i].experts.items():
                 module = model.get_submodule(path)
@@ -134,7 +138,8 @@ class CpuExperts:
         for p in entry["tensors"]:
             shape = group.quantized[p]["shape"] if p in group.quantized else gf.infos[p].shape
             params += int(torch.Size(shape[1:]).numel())
-        return stored, params, stored + 2 * params * self.loader.dtype.itemsize
+        packed = any(path in self.host.packed for path in self.loader.manifest.groups[i].experts)
+        return stored, params, stored if packed else stored + 2 * params * self.loader.dtype.itemsize
 
     def _forward(self, i: int, path: str, module: torch.nn.Module, entry: dict, signature, original):
         count = entry["num_experts"]
@@ -147,6 +152,15 @@ class CpuExperts:
             bound = signature.bind(*move(args, self.host.device), **move(kwargs, self.host.device))
             index = bound.arguments["top_k_index"]
             routed = routed_experts(index, count)
+            if path in self.host.packed:  # the routed experts as stored, through the native kernels
+                self.host.bring_packed(i, path, module, entry, routed)
+                try:
+                    out = packedexperts.run(module, self.host.packed[path], module.__dict__[packedexperts.PACKED],
+                                            bound.arguments["hidden_states"], index, bound.arguments["top_k_weights"])
+                finally:
+                    module.__dict__.pop(packedexperts.PACKED, None)
+                self.on_compute(i, "end")
+                return move(out, self.device)
             before, experts = dict(module._parameters), module.num_experts
             try:
                 slots = self.host.bring(i, path, module, entry, routed)  # CPU slots as the module's parameters

@@ -305,9 +305,10 @@ class ExpertStreamer:
             else:
                 have[e] = stored
         if to_read:
-            read, reads = self.read_ahead(i, to_read, entry)
+            held = self.loader.host_data(i)
+            read, reads = self.read_ahead(i, to_read, entry, held)
             self.stats.expert_reads += reads
-            self._count_read(len(read), sum(t.nbytes for s in read.values() for t in s.values()), True)
+            self._count_read(len(read), sum(t.nbytes for s in read.values() for t in s.values()), held is None)
             for e, stored in read.items():
                 have[e] = stored
                 if self.cache.capacity:
@@ -415,10 +416,12 @@ class ExpertStreamer:
         self._count_read(len(jobs), nbytes, held is None)
         return out
 
-    def read_ahead(self, i: int, experts: list[int], entry: dict) -> tuple[dict, int]:
-        """Experts of group i from its file into host memory as stored, for a guess (runtime/
-        prediction.py, on its thread): ({expert: {stored tensor name: tensor}}, reads taken).
-        CPU tensors of the stored dtype are read into directly: no staging buffer is shared."""
+    def read_ahead(self, i: int, experts: list[int], entry: dict, held: torch.Tensor | None = None
+                   ) -> tuple[dict, int]:
+        """Experts of group i from its file (or `held`, its data section in host memory) into host
+        memory as stored, for a guess (runtime/prediction.py, on its thread) or a packed call:
+        ({expert: {stored tensor name: tensor}}, file reads taken). CPU tensors of the stored
+        dtype are read into directly: no staging buffer is shared."""
         gf, count, group = self.loader.files[i], entry["num_experts"], self.loader.manifest.groups[i]
         out, pieces = {}, []
         for e in experts:
@@ -427,6 +430,10 @@ class ExpertStreamer:
                 info = gf.infos[name]
                 out[e][name] = torch.empty(info.shape[1:], dtype=ST_TO_DTYPE[info.dtype])
                 pieces.append((info, out[e][name], expert_range(info, count, e)))
+        if held is not None:
+            for info, dst, (begin, end) in pieces:
+                dst.copy_(typed(held[begin:end], info, dst))
+            return out, 0
         return out, self.reader.read(gf, pieces)
 
 

@@ -76,34 +76,40 @@ def install(model: nn.Module, specs: dict[str, dict[str, PackSpec]]) -> None:
         module.forward = _forward(module, found)
 
 
+def run(module: nn.Module, specs: dict[str, PackSpec], packed: dict[str, dict[int, tuple]],
+        hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The experts module's output for routed `index` / `weights` (tokens, k) computed on the CPU
+    from `packed` ({param attr: {expert: kernel operands}}, the experts the call routes)."""
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    up, down = native_kernel(specs[first]), native_kernel(specs["down_proj"])
+    tokens, k = index.shape
+    x = hidden if hidden.dtype in native.IO_KINDS else hidden.float()
+    flat = index.reshape(-1)
+    out = torch.zeros(tokens * k, hidden.shape[-1], dtype=x.dtype)
+    for e in sorted(packed[first]):
+        rows = (flat == e).nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            continue
+        h = up(x.index_select(0, rows // k).contiguous(), *packed[first][e])
+        h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+        y = down(h.to(x.dtype).contiguous(), *packed["down_proj"][e])
+        if getattr(module, "has_post_expert_norm", False):
+            y = module.post_expert_norm(y)
+        out.index_copy_(0, rows, y.to(x.dtype))
+    out = out * weights.reshape(-1, 1).to(out.dtype)
+    return out.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
+
+
 def _forward(module: nn.Module, specs: dict[str, PackSpec]):
     own = module.forward  # the bound method: transformers' dispatch to the configured implementation
     signature = inspect.signature(own)
-    kernels = {attr: native_kernel(spec) for attr, spec in specs.items()}
-    first = "gate_up_proj" if module.has_gate else "up_proj"
 
     def forward(*args, **kwargs):
         packed = module.__dict__.get(PACKED)
         if packed is None:
             return own(*args, **kwargs)
         bound = signature.bind(*args, **kwargs).arguments
-        hidden, index, weights = bound["hidden_states"], bound["top_k_index"], bound["top_k_weights"]
-        tokens, k = index.shape
-        x = hidden if hidden.dtype in native.IO_KINDS else hidden.float()
-        flat = index.reshape(-1)
-        out = torch.zeros(tokens * k, hidden.shape[-1], dtype=x.dtype)
-        for e in sorted(packed[first]):
-            rows = (flat == e).nonzero().squeeze(-1)
-            if rows.numel() == 0:
-                continue
-            h = kernels[first](x.index_select(0, rows // k).contiguous(), *packed[first][e])
-            h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
-            y = kernels["down_proj"](h.to(x.dtype).contiguous(), *packed["down_proj"][e])
-            if getattr(module, "has_post_expert_norm", False):
-                y = module.post_expert_norm(y)
-            out.index_copy_(0, rows, y.to(x.dtype))
-        out = out * weights.reshape(-1, 1).to(out.dtype)
-        return out.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
+        return run(module, specs, packed, bound["hidden_states"], bound["top_k_index"], bound["top_k_weights"])
 
     forward.__signature__ = signature
     return forward

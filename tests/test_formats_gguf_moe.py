@@ -205,3 +205,20 @@ def test_cached_experts_give_the_same_bits_as_read_ones(moe_int4, kernels):
         assert cached.stats.experts_cached > 0
     assert torch.equal(got.sequences, want.sequences)
     assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
+
+
+def test_cpu_experts_compute_the_same_packed_experts(moe_int4, kernels):
+    """--cpu-experts on (here the host is the device too) computes the routed experts as stored with
+    the same kernels: the same bits as the default path, and the planner counts no expansion."""
+    from runtime import LayeredModel
+
+    kwargs = dict(device="cpu", dtype="float32", max_cpu_memory=0, expert_cache=0)
+    with LayeredModel.from_pretrained(moe_int4, **kwargs) as default:
+        want = default(IDS).logits
+    with LayeredModel.from_pretrained(moe_int4, cpu_experts="on", **kwargs) as hosted:
+        assert set(hosted.cpu_experts.host.packed) == set(hosted.loader.expert_packing)
+        got = hosted(IDS).logits
+        assert all(v.startswith("cpu") for v in hosted.cpu_experts.log.values())
+        stored, _, traffic = next(iter(hosted.cpu_experts.sizes.values()))
+        assert traffic == stored  # read as stored, nothing expanded
+    assert torch.equal(got, want)
