@@ -345,6 +345,8 @@ class LayeredModel:
                     loaded.event.synchronize()
                 for slot, name in zip(self._slots[i], self._names[i]):
                     slot.put(loaded.tensors[name])
+                packedexperts.place(self.model, self.groups[i], loaded.tensors, self.loader.expert_packing,
+                                    self.loader.scheme)
                 self.stats.per_group_loads[i] += 1
                 if self.costs[i].made_anew:  # expanded or cast: the file's pages are not used
                     self.loader.release_pages(i)
@@ -397,6 +399,7 @@ class LayeredModel:
         for slot, name in zip(self._slots[i], self._names[i]):
             if name in loaded.tensors:  # routed experts are put in place by runtime/experts.py
                 slot.put(loaded.tensors[name])
+        packedexperts.place(self.model, self.groups[i], loaded.tensors, self.loader.expert_packing, self.loader.scheme)
         self._current = loaded
         self.stats.layer_loads += 1
         self.stats.bytes_streamed += loaded.nbytes
@@ -411,6 +414,7 @@ class LayeredModel:
             return
         for slot in self._slots[i]:
             slot.clear()
+        packedexperts.clear(self.model, self.groups[i])
         self.experts.release(i)
         self._current = None
         if self.host is not None and i in self.host.active:

@@ -68,6 +68,31 @@ def operands(group, names: dict[str, str], specs: dict[str, PackSpec], stored: d
     return out
 
 
+def place(model: nn.Module, group, tensors: dict[str, torch.Tensor], specs: dict[str, dict[str, PackSpec]],
+          scheme: str | None) -> None:
+    """After a load of `group` that brought its experts (a resident group, loaded once): each of
+    its experts modules in `specs` gets every expert's operands from `tensors`, its stored parts
+    [E, ...], for good. A load that left the experts out (a streamed layer: the streamer brings
+    the routed ones per call) puts nothing."""
+    for path, entry in group.experts.items():
+        if path not in specs:
+            continue
+        names = {name.rpartition(".")[2]: name for name in entry["tensors"]}
+        parts = [n for p in entry["tensors"] for n in quant_part_names(p, scheme_of(group, p, scheme)).values()]
+        if not all(n in tensors for n in parts):
+            continue
+        per_expert = {e: operands(group, names, specs[path], {n: tensors[n][e] for n in parts}, scheme)
+                      for e in range(entry["num_experts"])}
+        model.get_submodule(path).__dict__[PACKED] = {a: {e: ops[a] for e, ops in per_expert.items()}
+                                                       for a in specs[path]}
+
+
+def clear(model: nn.Module, group) -> None:
+    """`group` leaves: its experts modules let go of the operands `place` gave them."""
+    for path in group.experts:
+        model.get_submodule(path).__dict__.pop(PACKED, None)
+
+
 def install(model: nn.Module, specs: dict[str, dict[str, PackSpec]]) -> None:
     """Wrap the forward of each experts module in `specs`: packed while the streamer has put its
     operands on it, the module's own otherwise."""

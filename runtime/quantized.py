@@ -24,11 +24,14 @@ from .lowbit import PackSpec, pack_param, packed_names, packed_nbytes
 
 
 def expand_group(tensors: dict[str, torch.Tensor], group: Group, scheme: str | None,
-                 dtype: torch.dtype, packing: dict[str, PackSpec] | None = None) -> dict[str, torch.Tensor]:
+                 dtype: torch.dtype, packing: dict[str, PackSpec] | None = None, keep=()) -> dict[str, torch.Tensor]:
     """`tensors` (a group's stored tensors by name) with each quantized parameter's parts
-    replaced by the parameter itself, in `dtype`, or by its packed form if it is in `packing`."""
+    replaced by the parameter itself, in `dtype`, or by its packed form if it is in `packing`;
+    the parameters in `keep` stay as their parts (experts computed as stored, runtime/packedexperts.py)."""
     packing = packing or {}
     for param in group.quantized:
+        if param in keep:
+            continue
         own = scheme_of(group, param, scheme)
         names = quant_part_names(param, own)
         if not all(name in tensors for name in names.values()):

@@ -142,6 +142,8 @@ class GroupLoader:
                  packing: dict[str, PackSpec] | None = None, expert_packing: dict[str, dict] | None = None):
         self.manifest, self.device, self.dtype, self.stats = manifest, device, dtype, stats
         self.packing, self.expert_packing = packing or {}, expert_packing or {}
+        # expert weights computed as stored: loaded as their parts, never expanded (runtime/packedexperts.py)
+        self.kept = frozenset(f"{path}.{attr}" for path, specs in self.expert_packing.items() for attr in specs)
         self.files = [GroupFile(folder / g.file, g) if g.file else None for g in manifest.groups]
         self.scheme = (manifest.quantization or {}).get("scheme")
         self.places = places or [DISK] * len(self.files)
@@ -167,7 +169,8 @@ class GroupLoader:
     def tensor_names(self, i: int) -> list[str]:
         """The names load(i)'s tensors carry: parameters (a packed weight with its scales), then aliases."""
         group = self.manifest.groups[i]
-        return [*held_names(param_names(group, self.scheme), self.packing), *group.aliases]
+        names = [n for n in param_names(group, self.scheme) if n not in self.kept]  # kept: put in place as operands
+        return [*held_names(names, self.packing), *group.aliases]
 
     def group_bytes(self, i: int) -> int:
         """Bytes group i takes once loaded: its file plus the tied tensors it borrows."""
@@ -185,6 +188,9 @@ class GroupLoader:
             as_stored = not self.cuda and not self.made_anew(i)
             own = self.files[i].nbytes if as_stored else held_bytes(group, self.scheme, self.dtype, self.device,
                                                                     self.packing)
+            if not as_stored:  # experts computed as stored take their stored bytes, not expanded ones
+                own += sum(self._stored_bytes(i, n) - param_held_bytes(group, n, self.dtype, self.device)
+                           for n in group.quantized if n in self.kept)
         return own + sum(param_held_bytes(self.manifest.groups[j], name, self.dtype, self.device, self.packing)
                          for j, name in self.aliases[i].values() if self.cuda or self._param_made_anew(j, name))
 
@@ -290,7 +296,9 @@ class GroupLoader:
     def _expand(self, i: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Group i's stored tensors -> its parameters: quantized ones expanded to the compute dtype."""
         group = self.manifest.groups[i]
-        return expand_group(tensors, group, self.scheme, self.dtype, self.packing) if group.quantized else tensors
+        if not group.quantized:
+            return tensors
+        return expand_group(tensors, group, self.scheme, self.dtype, self.packing, self.kept)
 
     def _param(self, j: int, name: str, move) -> torch.Tensor:
         """Parameter `name` from group j's file, moved by `move` (to the device), expanded if quantized."""

@@ -222,3 +222,30 @@ def test_cpu_experts_compute_the_same_packed_experts(moe_int4, kernels):
         stored, _, traffic = next(iter(hosted.cpu_experts.sizes.values()))
         assert traffic == stored  # read as stored, nothing expanded
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("folder", ["blocks", "int4"])
+def test_resident_experts_stay_as_stored(folder, moe_converted, moe_int4, kernels):
+    """A resident MoE layer keeps its packed experts as stored (views of the file, all E of them,
+    planned at their stored bytes, not expanded ones) and computes them as the streamed path
+    does: the same logits, bit for bit."""
+    from runtime import LayeredModel
+    from runtime.packedexperts import PACKED
+
+    path = moe_converted if folder == "blocks" else moe_int4
+    kwargs = dict(device="cpu", dtype="float32", expert_cache=0)
+    with LayeredModel.from_pretrained(path, max_cpu_memory=0, **kwargs) as streamed:
+        want = streamed(IDS).logits
+    with LayeredModel.from_pretrained(path, max_cpu_memory="64GiB", **kwargs) as resident:
+        packed = resident.loader.expert_packing
+        assert packed and resident.stats.resident_bytes.get("device", 0) > 0
+        for i, group in enumerate(resident.groups):
+            for path_ in group.experts:
+                if path_ in packed:
+                    operands = resident.model.get_submodule(path_).__dict__[PACKED]
+                    assert all(len(per) == EXPERTS for per in operands.values())
+                    # planned at about the file's bytes (the layer's other tensors are float32 as stored)
+                    assert resident.costs[i].held <= 1.05 * group.bytes, (resident.costs[i].held, group.bytes)
+        got = resident(IDS).logits
+        assert resident.stats.per_pass[-1].bytes == 0  # nothing streamed
+    assert torch.equal(got, want)
