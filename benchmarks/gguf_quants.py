@@ -11,7 +11,8 @@ budget keeps every group in RAM):
 - "bf16": the de-quantized folder, transformers' bfloat16 matmuls.
 Each decodes `--tokens` greedy tokens after a warm-up. `--rounds` rounds run every configuration
 once; a ratio pairs figures of the same round and placement, and the median of the rounds' ratios is
-quoted. MB/pass is what the loader streamed per forward pass (0 for resident groups).
+quoted. MB/pass is what the loader streamed per forward pass (0 for resident groups); RAM MB what the
+groups kept in RAM take (the budget's count: expanded weights at their expanded size).
 
   python benchmarks/gguf_quants.py > benchmarks/results/gguf_quants.txt
   python benchmarks/gguf_quants.py --model qwen3moe > benchmarks/results/gguf_quants_moe.txt
@@ -52,8 +53,8 @@ def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
-def decode(folder: Path, tokens: int, *, resident: bool, packed: bool) -> tuple[float, float]:
-    """(s/token, bytes streamed per forward pass) of greedy decoding."""
+def decode(folder: Path, tokens: int, *, resident: bool, packed: bool) -> tuple[float, float, int]:
+    """(s/token, bytes streamed per forward pass, bytes of the groups kept in RAM) of greedy decoding."""
     budget = {} if resident else {"max_cpu_memory": 0}
     lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="bfloat16", packed=packed, **budget)
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2]])
@@ -63,8 +64,9 @@ def decode(folder: Path, tokens: int, *, resident: bool, packed: bool) -> tuple[
     lm.generate(ids, max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens)
     seconds = time.perf_counter() - t0
     per_pass = (lm.stats.bytes_streamed - before) / passes
+    kept = lm.stats.resident_bytes.get("device", 0)
     lm.close()
-    return seconds / tokens, per_pass
+    return seconds / tokens, per_pass, kept
 
 
 RUNS = (("q4_k native", "auto", True), ("q4_k expanded", "auto", False), ("bf16", "bfloat16", True))
@@ -110,15 +112,15 @@ def main() -> None:
                         decode(tmp / dtype, args.tokens, resident=placement == "resident", packed=packed))
     for placement in ("streamed", "resident"):
         print(f"\n{placement}: {'every group read from its file each pass' if placement == 'streamed' else 'every group kept in RAM'}")
-        print(f"{'folder':<16}{'layers MB':>10}{'all MB':>9}{'MB/pass':>9}  {'s/token per round':<24}"
+        print(f"{'folder':<16}{'layers MB':>10}{'all MB':>9}{'RAM MB':>9}{'MB/pass':>9}  {'s/token per round':<24}"
               f"{'median':>8}  time / bf16's per round, median")
         base = results[(placement, "bf16")]
         for label, dtype, _ in RUNS:
             runs = results[(placement, label)]
-            ratios = [s / b for (s, _), (b, _) in zip(runs, base)]
+            ratios = [s / b for (s, _, _), (b, _, _) in zip(runs, base)]
             print(f"{label:<16}{stored[dtype][0] / 1e6:>10.1f}{stored[dtype][1] / 1e6:>9.1f}"
-                  f"{statistics.median(b for _, b in runs) / 1e6:>9.1f}  {' '.join(f'{s:.4f}' for s, _ in runs):<24}"
-                  f"{statistics.median(s for s, _ in runs):>8.4f}  {' '.join(f'{r:.3f}' for r in ratios)}, "
+                  f"{runs[-1][2] / 1e6:>9.1f}{statistics.median(b for _, b, _ in runs) / 1e6:>9.1f}  "
+                  f"{' '.join(f'{s:.4f}' for s, _, _ in runs):<24}{statistics.median(s for s, _, _ in runs):>8.4f}  {' '.join(f'{r:.3f}' for r in ratios)}, "
                   f"{statistics.median(ratios):.2f}x")
 
 
