@@ -149,7 +149,7 @@ def check_quantize_flags(quantize, quantize_group: int, quantize_embeddings: boo
 
 
 def describe(folder) -> dict:
-    from .format import expert_bytes, read_manifest, unquantized_bytes
+    from .format import expert_bytes, read_manifest, row_gathered, unquantized_bytes
 
     m = read_manifest(folder)
     scheme = (m.quantization or {}).get("scheme")
@@ -170,6 +170,7 @@ def describe(folder) -> dict:
         "layer_bytes_unquantized": sum(unquantized_bytes(g, scheme) for g in m.groups if g.kind == "layer"),
         # mixtures of experts: bytes of routed experts, and what a batch-1 token reads of the files
         "expert_bytes": sum(expert_bytes(g) for g in m.groups), "token_bytes": token_bytes(folder, m),
+        "embedding_rows": row_gathered(m) is not None,  # a streamed pass reads the rows it looks up
         **routed_memory(folder, m, sizes), "stored_formats": stored_formats(m),
     }
 
@@ -219,11 +220,14 @@ def routed_memory(folder, m, sizes: list[int]) -> dict:
 
 
 def token_bytes(folder, m) -> int | None:
-    """Bytes one token's pass needs when only its routed experts are read (None: k unknown)."""
-    from .format import expert_bytes
+    """Bytes one token's streamed pass reads: every file, but only its routed experts of a MoE
+    layer (None: k unknown) and one row of input embeddings read by rows (format.row_gathered)."""
+    from .format import expert_bytes, row_gathered
 
+    gathered = row_gathered(m)
+    total = m.total_bytes - (m.groups[gathered[0]].bytes - gathered[2] if gathered else 0)
     if not any(g.experts for g in m.groups):
-        return m.total_bytes
+        return total
     try:
         k = json.loads((Path(folder) / "config.json").read_text())["num_experts_per_tok"]
     except (OSError, ValueError, KeyError):
@@ -233,7 +237,7 @@ def token_bytes(folder, m) -> int | None:
         for entry in g.experts.values():
             count = entry["num_experts"]
             unused += expert_bytes(g, entry) * max(0, count - k) // count
-    return m.total_bytes - unused
+    return total - unused
 
 
 def print_info(folder, *, as_json: bool = False) -> None:
@@ -263,13 +267,14 @@ def print_info(folder, *, as_json: bool = False) -> None:
         print(f"bytes/pass    {_gb(d['pass_bytes'])} ({_gb(d['pass_bytes_unquantized'])} unquantized, "
               f"{d['pass_bytes'] / d['pass_bytes_unquantized']:.3f}x); decoder layers "
               f"{d['layer_bytes'] / d['layer_bytes_unquantized']:.3f}x")
+    if d["token_bytes"] is not None and d["token_bytes"] < d["total_bytes"]:
+        print(f"bytes/token   {_gb(d['token_bytes'])} a streamed batch-1 pass reads: "
+              f"{'routed experts only, ' if d['expert_bytes'] else ''}"
+              f"{'the looked-up embedding row, ' if d['embedding_rows'] else ''}(all files: {_gb(d['total_bytes'])})")
     if d["expert_bytes"]:
         print(f"experts       {_gb(d['expert_bytes'])} routed-expert bytes in "
               f"{sum(1 for g in d['groups'] if g['expert_bytes'])} layers "
               f"({_gb(max(g['expert_bytes'] for g in d['groups']))} in the largest)")
-        if d["token_bytes"] is not None:
-            print(f"bytes/token   {_gb(d['token_bytes'])} at batch 1 reading only routed experts "
-                  f"(all files: {_gb(d['total_bytes'])})")
         for g in d["moe_layers"]:
             print(f"  {g['name']:<14} experts {_gb(g['expert_bytes']):>10}, a batch-1 token routes "
                   f"{_gb(g['token_bytes'])}")

@@ -199,6 +199,23 @@ def expert_bytes(group: Group, entry: dict | None = None) -> int:
     return sum(_numel(group.tensors[n]["shape"]) * ST_TO_DTYPE[group.tensors[n]["dtype"]].itemsize for n in names)
 
 
+def row_gathered(manifest: Manifest) -> tuple[int, str, int] | None:
+    """(group index, tensor name, bytes of one row) of the input embeddings where a streamed pass
+    reads only the rows it looks up (runtime/embedrows.py): the first group ("pre") holds one
+    unquantized 2-D tensor, with no alias, that no other group borrows (a tied head would)."""
+    for i, group in enumerate(manifest.groups):
+        if group.kind != "pre":
+            continue
+        if len(group.tensors) != 1 or group.quantized or group.aliases or not group.file:
+            return None
+        name, info = next(iter(group.tensors.items()))
+        borrowed = any(target == name for g in manifest.groups for target in g.aliases.values())
+        if len(info["shape"]) != 2 or borrowed:
+            return None
+        return i, name, info["shape"][1] * ST_TO_DTYPE[info["dtype"]].itemsize
+    return None
+
+
 def unquantized_bytes(group: Group, scheme: str | None) -> int:
     """The group's file size had its quantized parameters been stored in their own dtype."""
     size = group.bytes

@@ -15,25 +15,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from reshard.format import row_gathered
+
 from . import budget
 
 
 def find(model: nn.Module, loader) -> tuple[int, str] | None:
     """(group index, weight name) of the input embeddings where their rows can be gathered: the
-    weight of `model.get_input_embeddings()` (an `nn.Embedding`) is its group's only tensor, stored
-    unquantized, borrowed by no other group, and the group is not resident on the device."""
+    folder's first group holds that weight alone (`reshard.format.row_gathered`), it is the weight of
+    `model.get_input_embeddings()` (an `nn.Embedding`), and the group is not resident on the device."""
+    found = row_gathered(loader.manifest)
     module = model.get_input_embeddings()
-    if not isinstance(module, nn.Embedding):
+    if found is None or not isinstance(module, nn.Embedding):
         return None
-    name = next((f"{n}.weight" for n, m in model.named_modules() if m is module), None)
-    for i, group in enumerate(loader.manifest.groups):
-        if name in group.tensors:
-            borrowed = any(j == i for aliases in loader.aliases for j, _ in aliases.values())
-            alone = list(group.tensors) == [name] and not group.quantized and not group.aliases
-            if alone and not borrowed and loader.places[i] != budget.DEVICE and loader.files[i] is not None:
-                return i, name
-            return None
-    return None
+    i, name, _ = found
+    owner, _, attr = name.rpartition(".")
+    if attr != "weight" or model.get_submodule(owner) is not module or loader.places[i] == budget.DEVICE:
+        return None
+    return i, name
 
 
 class EmbeddingRows:
