@@ -51,7 +51,7 @@ def plan(model: nn.Module, manifest, device: torch.device) -> dict[str, dict[str
                 continue
             found = {a: weight_spec(group, n, quant, ["native"]) if n in group.quantized else None
                      for a, n in attrs.items()}
-            if all(s is not None and not s.permuted for s in found.values()):
+            if all(s is not None for s in found.values()):
                 specs[path] = found
     return specs
 
@@ -106,7 +106,8 @@ def run(module: nn.Module, specs: dict[str, PackSpec], packed: dict[str, dict[in
     """The experts module's output for routed `index` / `weights` (tokens, k) computed on the CPU
     from `packed` ({param attr: {expert: kernel operands}}, the experts the call routes)."""
     first = "gate_up_proj" if module.has_gate else "up_proj"
-    up, down = native_kernel(specs[first]), native_kernel(specs["down_proj"])
+    kernels = {attr: _product(spec) for attr, spec in specs.items()}
+    up, down = kernels[first], kernels["down_proj"]
     tokens, k = index.shape
     x = hidden if hidden.dtype in native.IO_KINDS else hidden.float()
     flat = index.reshape(-1)
@@ -115,14 +116,23 @@ def run(module: nn.Module, specs: dict[str, PackSpec], packed: dict[str, dict[in
         rows = (flat == e).nonzero().squeeze(-1)
         if rows.numel() == 0:
             continue
-        h = up(x.index_select(0, rows // k).contiguous(), *packed[first][e])
+        h = up(x.index_select(0, rows // k), packed[first][e])
         h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
-        y = down(h.to(x.dtype).contiguous(), *packed["down_proj"][e])
+        y = down(h.to(x.dtype), packed["down_proj"][e])
         if getattr(module, "has_post_expert_norm", False):
             y = module.post_expert_norm(y)
         out.index_copy_(0, rows, y.to(x.dtype))
     out = out * weights.reshape(-1, 1).to(out.dtype)
     return out.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
+
+
+def _product(spec: PackSpec):
+    """f(x (M, K), one expert's operands) -> x @ W.T through the native kernel; an act-order weight's
+    input gathered into its stored column order first (its operands end with that order)."""
+    kernel = native_kernel(spec)
+    if spec.permuted:
+        return lambda x, ops: kernel(x.index_select(-1, ops[-1]).contiguous(), *ops[:-1])
+    return lambda x, ops: kernel(x.contiguous(), *ops)
 
 
 def _forward(module: nn.Module, specs: dict[str, PackSpec]):

@@ -179,6 +179,7 @@ def test_symmetric_experts_store_no_zeros_and_equal_the_published_dequantization
         assert torch.equal(lm(ids).logits, want)
     finally:
         lm.close()
+    assert_experts_computed_as_stored(tmp_path / "out", ref, ids)
 
 
 def test_act_order_experts_are_stored_in_group_order_and_equal_the_published_dequantization(tmp_path, capsys):
@@ -204,6 +205,7 @@ def test_act_order_experts_are_stored_in_group_order_and_equal_the_published_deq
         assert torch.equal(lm(ids).logits, want)
     finally:
         lm.close()
+    assert_experts_computed_as_stored(tmp_path / "out", ref, ids)
     state = load_file(src / "model.safetensors")
     key = "model.layers.0.block_sparse_moe.experts.3.w1.g_idx"
     state[key] = torch.arange(state[key].numel(), dtype=torch.int32) // GROUP  # this one expert in plain order
@@ -218,3 +220,23 @@ def test_act_order_experts_are_stored_in_group_order_and_equal_the_published_deq
     assert ("Error: model.layers.0.block_sparse_moe.experts.0.w1.weight and the weights transformers concatenates "
             "with it have different act-orders; convert with --dtype float16 (or bfloat16) to de-quantize them"
             ) in capsys.readouterr().err.splitlines()
+
+
+def assert_experts_computed_as_stored(folder: Path, ref, ids) -> None:
+    """By default the CPU computes the experts as stored (runtime/packedexperts.py; act-order ones
+    with the input gathered into their column order): each experts call of layer 0 is the published
+    experts' math within the kernels' error (activations quantized per block of 32)."""
+    from test_formats_gguf_moe import exact_experts
+
+    experts, seen = "model.layers.0.mlp.experts", {}
+    with open_placed(folder, "streamed", dtype="float32") as lm:
+        if not lm.loader.expert_packing:
+            return  # no native kernel on this machine: the experts expand (tested above)
+        assert set(lm.loader.expert_packing) == {f"model.layers.{i}.mlp.experts" for i in range(3)}
+        module = lm.model.get_submodule(experts)
+        module.register_forward_pre_hook(lambda m, args: seen.update(args=[a.clone() for a in args[:3]]), prepend=True)
+        module.register_forward_hook(lambda m, args, out: seen.update(out=out.clone()))
+        lm(ids)
+    exact = exact_experts(experts, ref, *seen["args"])
+    err = ((seen["out"].double() - exact).abs().max() / exact.abs().max()).item()
+    assert 1e-5 < err < 0.03, err
