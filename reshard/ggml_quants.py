@@ -20,7 +20,7 @@ from .errors import SourceError
 QK_K = 256
 # scheme -> (GGML type name, values per block, bytes per block)
 BLOCK_TYPES = {"q8_0": ("Q8_0", 32, 34), "q4_0": ("Q4_0", 32, 18), "q4_1": ("Q4_1", 32, 20),
-               "q4_k": ("Q4_K", QK_K, 144), "q6_k": ("Q6_K", QK_K, 210)}
+               "q4_k": ("Q4_K", QK_K, 144), "q5_k": ("Q5_K", QK_K, 176), "q6_k": ("Q6_K", QK_K, 210)}
 
 
 def scheme_for(ggml_type_name: str) -> str | None:
@@ -93,6 +93,22 @@ def _q4_k(blocks):
     return (d * qs - dm).reshape(n, QK_K)
 
 
+def _q5_k(blocks):
+    """Q4_K's scales and mins, then 32 bytes of fifth bits (bit b of byte i: value i of block b) and
+    the 128 bytes of low nibbles laid out as Q4_K's."""
+    n = len(blocks)
+    d, dmin = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
+    sc, m = _q4_k_scale_min(blocks[:, 4:16])
+    d = (d * sc.float()).reshape(n, -1, 1)
+    dm = (dmin * m.float()).reshape(n, -1, 1)
+    qh = blocks[:, 16:48].reshape(n, 1, 32)
+    bits = torch.arange(8, dtype=torch.uint8, device=blocks.device).reshape(1, 8, 1)
+    high = (qh >> bits) & 0x01  # (n, 8, 32): block b's fifth bits
+    ql = _nibbles(blocks[:, 48:].reshape(n, -1, 32), 32).reshape(n, -1, 32)
+    q = (ql | (high << 4)).float()
+    return (d * q - dm).reshape(n, QK_K)
+
+
 def _q6_k(blocks):
     n = len(blocks)
     ql, qh = blocks[:, :QK_K // 2], blocks[:, QK_K // 2:QK_K // 2 + QK_K // 4]
@@ -105,4 +121,4 @@ def _q6_k(blocks):
     return (d * q.reshape(n, QK_K // 16, -1).float()).reshape(n, QK_K)
 
 
-_DEQUANTIZE = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "q4_k": _q4_k, "q6_k": _q6_k}
+_DEQUANTIZE = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "q4_k": _q4_k, "q5_k": _q5_k, "q6_k": _q6_k}

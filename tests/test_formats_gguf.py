@@ -1,4 +1,4 @@
-"""GGUF quantized blocks kept compact (issue 22): Q4_K and Q6_K weights are stored as the file's
+"""GGUF quantized blocks kept compact (issue 22): Q4_K, Q5_K and Q6_K weights are stored as the file's
 own blocks, Q8_0, Q4_0 and Q4_1 re-packed into the project's int8/int4 group 32 (per-parameter
 schemes), expanded at load; the runtime equals transformers' own
 `from_pretrained(..., gguf_file=...)` of the same file."""
@@ -26,7 +26,7 @@ TYPES = {"blk.0.attn_q.weight": Q.Q4_K, "blk.0.attn_k.weight": Q.Q6_K, "blk.0.at
          "blk.0.attn_output.weight": Q.Q4_0, "blk.0.ffn_gate.weight": Q.Q4_1, "blk.0.ffn_up.weight": Q.Q4_K,
          "blk.0.ffn_down.weight": Q.Q6_K, "blk.1.attn_q.weight": Q.Q4_0, "blk.1.attn_k.weight": Q.Q4_1,
          "blk.1.attn_v.weight": Q.Q6_K, "blk.1.attn_output.weight": Q.Q8_0, "blk.1.ffn_gate.weight": Q.Q6_K,
-         "blk.1.ffn_up.weight": Q.Q4_0, "blk.1.ffn_down.weight": Q.Q4_K}
+         "blk.1.ffn_up.weight": Q.Q5_K, "blk.1.ffn_down.weight": Q.Q4_K}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def random_blocks(scheme: str, rows: int = 8, per_row: int = 3, scale: float = 0
     name, size, nbytes = BLOCK_TYPES[scheme]
     rng = np.random.default_rng(1)
     raw = rng.integers(0, 256, (rows * per_row, nbytes), dtype=np.uint8)
-    where = {"q6_k": [nbytes - 2], "q4_1": [0, 2], "q4_k": [0, 2]}.get(scheme, [0])
+    where = {"q6_k": [nbytes - 2], "q4_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2]}.get(scheme, [0])
     for at in where:
         raw[:, at:at + 2] = (rng.standard_normal((len(raw), 1)) * scale).astype(np.float16).view(np.uint8)
     return raw.reshape(rows, -1)
@@ -177,7 +177,7 @@ def test_logits_and_tokens_equal_transformers(mixed_converted, reference, reside
 
 def test_repacked_and_k_quant_weights_run_through_the_cpu_kernels(mixed_converted, reference):
     """By default the re-packed int4 weights (Q4_0, Q4_1) run packed through the CPU's low-bit
-    kernels, and so do Q4_K and Q6_K blocks, as stored, where the project's native kernels run;
+    kernels, and so do Q4_K, Q5_K and Q6_K blocks, as stored, where the project's native kernels run;
     each close to the exact product; int8 with group scales (Q8_0) expands."""
     from runtime import LayeredModel, native
     from runtime.lowbit import PackedLinear, kernels_available
@@ -185,10 +185,10 @@ def test_repacked_and_k_quant_weights_run_through_the_cpu_kernels(mixed_converte
     if native.lowbit() is None and not kernels_available():
         pytest.skip("no CPU low-bit kernel on this machine")
     manifest = read_manifest(mixed_converted)
-    kernel = ("int4", "q4_k", "q6_k") if native.lowbit() is not None else ("int4",)
+    kernel = ("int4", "q4_k", "q5_k", "q6_k") if native.lowbit() is not None else ("int4",)
     want = {p[: -len(".weight")]: q["scheme"] for g in manifest.groups for p, q in g.quantized.items()
             if q["scheme"].startswith(kernel)}
-    assert {"q4_k", "q6_k"} <= set(want.values()) or native.lowbit() is None
+    assert {"q4_k", "q5_k", "q6_k"} <= set(want.values()) or native.lowbit() is None
     weights = dict(reference.named_parameters())
     x = torch.randn(4, 512, generator=torch.Generator().manual_seed(7))
     with LayeredModel.from_pretrained(mixed_converted, device="cpu", dtype="float32", max_cpu_memory="100GB") as lm:
@@ -196,7 +196,7 @@ def test_repacked_and_k_quant_weights_run_through_the_cpu_kernels(mixed_converte
         packed = {n: m for n, m in lm.model.named_modules() if isinstance(m, PackedLinear)}
         assert set(packed) == set(want)
         for name, module in packed.items():
-            if want[name] in ("q4_k", "q6_k"):  # held as the file's blocks: the stored bytes, no scale table
+            if want[name] in ("q4_k", "q5_k", "q6_k"):  # held as the file's blocks: the stored bytes, no scale table
                 assert module.weight.dtype == torch.uint8 and not hasattr(module, "qscales")
             xs = x[:, :module.spec.in_features]
             exact = xs @ weights[name + ".weight"].t()

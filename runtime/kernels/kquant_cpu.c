@@ -1,4 +1,4 @@
-/* GGML's K-quant blocks (Q4_K, Q6_K), as a .gguf file stores them, multiplied on the CPU at memory
+/* GGML's K-quant blocks (Q4_K, Q5_K, Q6_K), as a .gguf file stores them, multiplied on the CPU at memory
  * speed: y = x @ W.T with W (N, K) kept as its blocks (reshard/ggml_quants.py), read once, never
  * expanded to floats. For runtime/lowbit.py (built and loaded by runtime/native.py with lowbit_cpu.c).
  *
@@ -12,6 +12,8 @@
  *   y = sum_b d * sc_b * xd_b * sum_{k in b} q[k] * xq[k]  -  dmin * sum_b m_b * xs_b
  * with xs_b = xd_b * sum_{k in b} xq[k], the quantized activations' sum (see lowbit_cpu.c for why
  * these sums rather than x's own).
+ * Q5_K, 256 values in 176 bytes: Q4_K's d, dmin, scales and mins, then 32 bytes of fifth bits (bit b
+ * of byte i above value i of block b), then Q4_K's 128 bytes of nibbles: q = 0..31, the same sums.
  * Q6_K, 256 values in 210 bytes: 128 bytes of low nibbles, 64 of 2-bit highs, sixteen int8 scales
  * (one per 16 values), float16 d. w = d * sc_g * (q - 32), q = 0..63 unsigned; per group g of 16
  *   sum = d * sc_g * xd_{b(g)} * (sum_{k in g} q[k] * xq[k] - 32 * sum_{k in g} xq[k]).
@@ -24,6 +26,7 @@
 
 #define QK 256
 #define Q4K_BYTES 144
+#define Q5K_BYTES 176
 #define Q6K_BYTES 210
 
 /* ---- the activations ------------------------------------------------------------------------ */
@@ -117,9 +120,14 @@ static inline void q4k_scales(const uint8_t *blk, __m256 *ws, __m256 *wm) {
     *wm = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_setr_ps(mn[0], mn[2], mn[4], mn[6], mn[1], mn[3], mn[5], mn[7]));
 }
 
+/* chunk j's nibbles (and for Q5_K their fifth bits, bits 2j and 2j + 1 of `hb`) as unsigned bytes */
 #define UNPACKQ4(j)                                                                             \
     __m256i p##j = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));                         \
     __m256i l##j = _mm256_and_si256(p##j, low), h##j = _mm256_and_si256(_mm256_srli_epi16(p##j, 4), low); \
+    if (five) {                                                                                 \
+        l##j = _mm256_or_si256(l##j, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * j), one), 4)); \
+        h##j = _mm256_or_si256(h##j, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * j + 1), one), 4)); \
+    }                                                                                           \
     __m256i e##j = _mm256_permute2x128_si256(l##j, h##j, 0x20), o##j = _mm256_permute2x128_si256(l##j, h##j, 0x31);
 #define ACTK(r)                                                                                 \
     const int8_t *xq##r = a->xq + (m + r) * K;                                                  \
@@ -133,16 +141,18 @@ static inline void q4k_scales(const uint8_t *blk, __m256 *ws, __m256 *wm) {
     accm##r = _mm256_fmadd_ps(_mm256_loadu_ps(xs##r + k / BLOCK), wm, accm##r)
 #define PUTK(r) put(y, (m + r) * N + n, hsum8(acc##r) - hsum8(accm##r), io)
 
+/* Q4_K (five 0) or Q5_K (five 1): the same scales, mins and nibbles, Q5_K's fifth bits before the nibbles */
 static inline void rowq4(const actk *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
-                         int io) {
-    const int64_t NB = K / BLOCK;
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    const uint8_t *wr = w + n * (K / QK * Q4K_BYTES);
+                         int io, int five) {
+    const int64_t NB = K / BLOCK, bytes = five ? Q5K_BYTES : Q4K_BYTES, at = five ? 48 : 16;
+    const __m256i low = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(0x01);
+    const uint8_t *wr = w + n * (K / QK * bytes);
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) {
         ACTK(0) ACTK(1) ACTK(2) ACTK(3)
         for (int64_t k = 0; k < K; k += QK) {
-            const uint8_t *blk = wr + k / QK * Q4K_BYTES, *qs = blk + 16;
+            const uint8_t *blk = wr + k / QK * bytes, *qs = blk + at;
+            const __m256i hb = five ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
             __m256 ws, wm;
             q4k_scales(blk, &ws, &wm);
             UNPACKQ4(0) UNPACKQ4(1) UNPACKQ4(2) UNPACKQ4(3)
@@ -153,7 +163,8 @@ static inline void rowq4(const actk *a, int64_t M, int64_t K, const uint8_t *w, 
     for (; m < M; m++) {
         ACTK(0)
         for (int64_t k = 0; k < K; k += QK) {
-            const uint8_t *blk = wr + k / QK * Q4K_BYTES, *qs = blk + 16;
+            const uint8_t *blk = wr + k / QK * bytes, *qs = blk + at;
+            const __m256i hb = five ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
             __m256 ws, wm;
             q4k_scales(blk, &ws, &wm);
             UNPACKQ4(0) UNPACKQ4(1) UNPACKQ4(2) UNPACKQ4(3)
@@ -224,21 +235,21 @@ static inline void rowq6(const actk *a, int64_t M, int64_t K, const uint8_t *w, 
     }
 }
 
-/* kind: 0 Q4_K, 1 Q6_K; w: (N, K / 256 * block bytes) as the file stores it; K % 256 == 0 */
+/* kind: 0 Q4_K, 1 Q6_K, 2 Q5_K; w: (N, K / 256 * block bytes) as the file stores it; K % 256 == 0 */
 int reshard_kquant_gemm(const void *xin, int io, int64_t M, int64_t K, const uint8_t *w, int kind, int64_t N,
                         void *y, int threads) {
-    if (K % QK || kind < 0 || kind > 1) return -2;
+    if (K % QK || kind < 0 || kind > 2) return -2;
     if (empty(M, K, N, y, io)) return 0;
     float *owned;
     const float *x = floats(xin, M * K, io, &owned);
     actk a;
     memset(&a, 0, sizeof a);
-    int failed = x == NULL || (kind == 0 ? preparek4(x, M, K, &a) : preparek6(x, M, K, &a));
+    int failed = x == NULL || (kind == 1 ? preparek6(x, M, K, &a) : preparek4(x, M, K, &a));
     free(owned);
     if (failed) { releasek(&a); return -1; }
-    if (kind == 0) {
+    if (kind != 1) {
 #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++) rowq4(&a, M, K, w, N, n, y, io);
+        for (int64_t n = 0; n < N; n++) rowq4(&a, M, K, w, N, n, y, io, kind == 2);
     } else {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n++) rowq6(&a, M, K, w, N, n, y, io);
