@@ -20,7 +20,8 @@ from .errors import SourceError
 QK_K = 256
 # scheme -> (GGML type name, values per block, bytes per block)
 BLOCK_TYPES = {"q8_0": ("Q8_0", 32, 34), "q4_0": ("Q4_0", 32, 18), "q4_1": ("Q4_1", 32, 20),
-               "q4_k": ("Q4_K", QK_K, 144), "q5_k": ("Q5_K", QK_K, 176), "q6_k": ("Q6_K", QK_K, 210)}
+               "q2_k": ("Q2_K", QK_K, 84), "q3_k": ("Q3_K", QK_K, 110), "q4_k": ("Q4_K", QK_K, 144),
+               "q5_k": ("Q5_K", QK_K, 176), "q6_k": ("Q6_K", QK_K, 210)}
 
 
 def scheme_for(ggml_type_name: str) -> str | None:
@@ -74,6 +75,38 @@ def _q4_1(blocks):
     return (d * qs) + m
 
 
+def _shifts(*bits: int, device) -> torch.Tensor:
+    return torch.tensor(bits, dtype=torch.uint8, device=device).reshape(1, 1, len(bits), 1)
+
+
+def _q2_k(blocks):
+    """16 bytes of 4-bit scales and mins (one each per 16 values), 64 bytes of 2-bit values, d, dmin."""
+    n = len(blocks)
+    scales, qs = blocks[:, :16], blocks[:, 16:80]
+    d, dmin = _f16(blocks[:, 80:82]), _f16(blocks[:, 82:84])
+    dl = (d * (scales & 0xF).float()).reshape(n, QK_K // 16, 1)
+    ml = (dmin * (scales >> 4).float()).reshape(n, QK_K // 16, 1)
+    q = ((qs.reshape(n, -1, 1, 32) >> _shifts(0, 2, 4, 6, device=blocks.device)) & 3).reshape(n, QK_K // 16, 16)
+    return (dl * q.float() - ml).reshape(n, QK_K)
+
+
+def _q3_k(blocks):
+    """32 bytes of high-bit masks, 64 bytes of 2-bit values, twelve bytes of sixteen 6-bit scales, d."""
+    n = len(blocks)
+    hmask, qs, scales, d = blocks[:, :32], blocks[:, 32:96], blocks[:, 96:108], _f16(blocks[:, 108:110])
+    low = (scales[:, :8].reshape(n, 1, 8) >> torch.tensor([0, 4], dtype=torch.uint8, device=blocks.device
+                                                          ).reshape(1, 2, 1)).reshape(n, 16)
+    high = (scales[:, 8:].reshape(n, 1, 4) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device
+                                                           ).reshape(1, 4, 1)).reshape(n, 16)
+    sc = (((low & 0x0F) | ((high & 0x03) << 4)).to(torch.int8) - 32).float()
+    dl = (d * sc).reshape(n, 16, 1)
+    ql = (qs.reshape(n, -1, 1, 32) >> _shifts(0, 2, 4, 6, device=blocks.device)).reshape(n, 16, QK_K // 16) & 3
+    qh = (hmask.reshape(n, -1, 1, 32) >> _shifts(*range(8), device=blocks.device)).reshape(n, 16, QK_K // 16) & 1
+    qh = qh ^ 1  # the offset is zero where the mask bit is set
+    q = (ql.to(torch.int8) - (qh << 2).to(torch.int8)).float()
+    return (dl * q).reshape(n, QK_K)
+
+
 def _q4_k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The 8 six-bit scales and mins packed in a Q4_K block's 12 bytes (see gguf's Q4_K.get_scale_min)."""
     s = scales.reshape(-1, 3, 4)
@@ -121,4 +154,5 @@ def _q6_k(blocks):
     return (d * q.reshape(n, QK_K // 16, -1).float()).reshape(n, QK_K)
 
 
-_DEQUANTIZE = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "q4_k": _q4_k, "q5_k": _q5_k, "q6_k": _q6_k}
+_DEQUANTIZE = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "q2_k": _q2_k, "q3_k": _q3_k, "q4_k": _q4_k,
+               "q5_k": _q5_k, "q6_k": _q6_k}

@@ -24,8 +24,8 @@ LAYERS = 2
 # every kept type in the decoder layers, q/k (rows permuted by transformers) included
 TYPES = {"blk.0.attn_q.weight": Q.Q4_K, "blk.0.attn_k.weight": Q.Q6_K, "blk.0.attn_v.weight": Q.Q8_0,
          "blk.0.attn_output.weight": Q.Q4_0, "blk.0.ffn_gate.weight": Q.Q4_1, "blk.0.ffn_up.weight": Q.Q4_K,
-         "blk.0.ffn_down.weight": Q.Q6_K, "blk.1.attn_q.weight": Q.Q4_0, "blk.1.attn_k.weight": Q.Q4_1,
-         "blk.1.attn_v.weight": Q.Q6_K, "blk.1.attn_output.weight": Q.Q8_0, "blk.1.ffn_gate.weight": Q.Q6_K,
+         "blk.0.ffn_down.weight": Q.Q2_K, "blk.1.attn_q.weight": Q.Q4_0, "blk.1.attn_k.weight": Q.Q4_1,
+         "blk.1.attn_v.weight": Q.Q6_K, "blk.1.attn_output.weight": Q.Q3_K, "blk.1.ffn_gate.weight": Q.Q6_K,
          "blk.1.ffn_up.weight": Q.Q5_K, "blk.1.ffn_down.weight": Q.Q4_K}
 
 
@@ -57,7 +57,8 @@ def random_blocks(scheme: str, rows: int = 8, per_row: int = 3, scale: float = 0
     name, size, nbytes = BLOCK_TYPES[scheme]
     rng = np.random.default_rng(1)
     raw = rng.integers(0, 256, (rows * per_row, nbytes), dtype=np.uint8)
-    where = {"q6_k": [nbytes - 2], "q4_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2]}.get(scheme, [0])
+    where = {"q6_k": [nbytes - 2], "q3_k": [nbytes - 2], "q2_k": [nbytes - 4, nbytes - 2], "q4_1": [0, 2],
+             "q4_k": [0, 2], "q5_k": [0, 2]}.get(scheme, [0])
     for at in where:
         raw[:, at:at + 2] = (rng.standard_normal((len(raw), 1)) * scale).astype(np.float16).view(np.uint8)
     return raw.reshape(rows, -1)
