@@ -21,7 +21,9 @@ QK_K = 256
 # scheme -> (GGML type name, values per block, bytes per block)
 BLOCK_TYPES = {"q8_0": ("Q8_0", 32, 34), "q4_0": ("Q4_0", 32, 18), "q4_1": ("Q4_1", 32, 20),
                "q2_k": ("Q2_K", QK_K, 84), "q3_k": ("Q3_K", QK_K, 110), "q4_k": ("Q4_K", QK_K, 144),
-               "q5_k": ("Q5_K", QK_K, 176), "q6_k": ("Q6_K", QK_K, 210)}
+               "q5_k": ("Q5_K", QK_K, 176), "q6_k": ("Q6_K", QK_K, 210), "iq4_nl": ("IQ4_NL", 32, 18),
+               "iq4_xs": ("IQ4_XS", QK_K, 136)}
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
 
 
 def scheme_for(ggml_type_name: str) -> str | None:
@@ -107,6 +109,33 @@ def _q3_k(blocks):
     return (dl * q).reshape(n, QK_K)
 
 
+def _iq4(q: torch.Tensor) -> torch.Tensor:
+    """4-bit indices -> ggml's non-linear IQ4 values, as float32."""
+    return torch.tensor(IQ4_VALUES, dtype=torch.int8, device=q.device)[q.long()].float()
+
+
+def _iq4_nl(blocks):
+    """float16 d, then 16 bytes: low nibbles values 0-15, high nibbles 16-31, each an index into IQ4_VALUES."""
+    n = len(blocks)
+    q = _nibbles(blocks[:, 2:].reshape(n, 1, 16), 16).reshape(n, -1)
+    return _f16(blocks[:, :2]) * _iq4(q)
+
+
+def _iq4_xs(blocks):
+    """float16 d, 2 + 4 bytes of eight 6-bit scales (high bits, low nibbles), then eight blocks of 32
+    values laid out as IQ4_NL's, each an index into IQ4_VALUES."""
+    n = len(blocks)
+    d = _f16(blocks[:, :2])
+    high = blocks[:, 2].int() | (blocks[:, 3].int() << 8)
+    high = (high.reshape(n, 1) >> torch.arange(0, 16, 2, dtype=torch.int32, device=blocks.device)) & 0x03
+    low = (blocks[:, 4:8].reshape(n, -1, 1) >> torch.tensor([0, 4], dtype=torch.uint8, device=blocks.device
+                                                            ).reshape(1, 1, 2)).reshape(n, -1) & 0x0F
+    scales = (low.int() | (high << 4)).to(torch.int8) - 32
+    dl = (d * scales.float()).reshape(n, -1, 1)
+    q = _nibbles(blocks[:, 8:].reshape(n, -1, 16), 16).reshape(n, -1, 32)
+    return (dl * _iq4(q)).reshape(n, QK_K)
+
+
 def _q4_k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The 8 six-bit scales and mins packed in a Q4_K block's 12 bytes (see gguf's Q4_K.get_scale_min)."""
     s = scales.reshape(-1, 3, 4)
@@ -155,4 +184,4 @@ def _q6_k(blocks):
 
 
 _DEQUANTIZE = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "q2_k": _q2_k, "q3_k": _q3_k, "q4_k": _q4_k,
-               "q5_k": _q5_k, "q6_k": _q6_k}
+               "q5_k": _q5_k, "q6_k": _q6_k, "iq4_nl": _iq4_nl, "iq4_xs": _iq4_xs}

@@ -24,8 +24,8 @@ LAYERS = 2
 # every kept type in the decoder layers, q/k (rows permuted by transformers) included
 TYPES = {"blk.0.attn_q.weight": Q.Q4_K, "blk.0.attn_k.weight": Q.Q6_K, "blk.0.attn_v.weight": Q.Q8_0,
          "blk.0.attn_output.weight": Q.Q4_0, "blk.0.ffn_gate.weight": Q.Q4_1, "blk.0.ffn_up.weight": Q.Q4_K,
-         "blk.0.ffn_down.weight": Q.Q2_K, "blk.1.attn_q.weight": Q.Q4_0, "blk.1.attn_k.weight": Q.Q4_1,
-         "blk.1.attn_v.weight": Q.Q6_K, "blk.1.attn_output.weight": Q.Q3_K, "blk.1.ffn_gate.weight": Q.Q6_K,
+         "blk.0.ffn_down.weight": Q.Q2_K, "blk.1.attn_q.weight": Q.Q4_0, "blk.1.attn_k.weight": Q.IQ4_NL,
+         "blk.1.attn_v.weight": Q.Q6_K, "blk.1.attn_output.weight": Q.Q3_K, "blk.1.ffn_gate.weight": Q.IQ4_XS,
          "blk.1.ffn_up.weight": Q.Q5_K, "blk.1.ffn_down.weight": Q.Q4_K}
 
 
