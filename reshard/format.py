@@ -248,8 +248,11 @@ def _check_quantized(m: Manifest, path) -> None:
     for g in m.groups:
         for param in g.quantized:
             scheme = scheme_of(g, param, folder_scheme)
-            if scheme not in QUANT_PARTS:
+            if scheme is None:
                 raise FormatError(f"{path}: group {g.name} has quantized tensors but the quantization scheme is {scheme!r}")
+            if scheme not in QUANT_PARTS:  # a folder written by a newer reshard (a format added since)
+                raise FormatError(f"{path}: {param} is stored as {scheme!r}, which this version of reshard does not "
+                                  f"read; update reshard, or convert the model again with this version")
             missing = [n for n in quant_part_names(param, scheme).values() if n not in g.tensors]
             if missing:
                 raise FormatError(f"{path}: quantized {param} lacks {missing[0]}; run `reshard convert` again")

@@ -190,6 +190,8 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "{} is damaged ({}); run `reshard convert` again": ("test_errors_convert.py::test_damaged_manifest",),
     "{}: group {} has quantized tensors but the quantization scheme is {}":
         ("test_errors_convert.py::test_quantized_groups_without_a_scheme",),
+    "{}: {} is stored as {}, which this version of reshard does not read; update reshard, or convert the model "
+    "again with this version": ("test_errors_convert.py::test_quantized_in_a_scheme_this_version_does_not_read",),
     "{}: expert tensor {} of group {} is not [{}, ...]; run `reshard convert` again":
         ("test_errors_convert.py::test_expert_tensor_of_the_wrong_size",),
     "{}: quantized {} lacks {}; run `reshard convert` again":

@@ -320,6 +320,15 @@ def test_quantized_groups_without_a_scheme(quantized, capsys):
         1, f"Error: {path}: group layers.0 has quantized tensors but the quantization scheme is None")
 
 
+def test_quantized_in_a_scheme_this_version_does_not_read(quantized, capsys):
+    """A folder from a newer reshard (a stored format added since) is refused at open, in one line."""
+    name = "model.layers.0.mlp.down_proj.weight"
+    path = edit_manifest(quantized, lambda m: m["groups"][1]["quantized"][name].update(scheme="q9_z"))
+    assert info(capsys, quantized) == (
+        1, f"Error: {path}: {name} is stored as 'q9_z', which this version of reshard does not read; update "
+           f"reshard, or convert the model again with this version")
+
+
 def test_quantized_tensor_without_its_scales(quantized, capsys):
     def drop_scales(m):
         del m["groups"][1]["tensors"]["model.layers.0.mlp.down_proj.weight.scales"]
