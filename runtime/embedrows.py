@@ -30,7 +30,11 @@ def find(model: nn.Module, loader) -> tuple[int, str] | None:
         return None
     i, name, _ = found
     owner, _, attr = name.rpartition(".")
-    if attr != "weight" or model.get_submodule(owner) is not module or loader.places[i] == budget.DEVICE:
+    try:
+        holder = model.get_submodule(owner)
+    except AttributeError:  # not a module's parameter (a buffer's group, say)
+        return None
+    if attr != "weight" or holder is not module or loader.places[i] == budget.DEVICE:
         return None
     return i, name
 

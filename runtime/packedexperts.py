@@ -13,9 +13,10 @@ _apply_gate, act_fn, post_expert_norm): only modules that declare it and have no
 packed. Their results are those of the kernels (activations quantized per block of 32), as for
 packed linear layers; `packed=False` expands the experts instead (exact float32 math).
 
-The module's own forward stays in place for every call not packed (a layer loaded whole, or
-resident): `install` wraps it per instance, and the streamer (runtime/experts.py) puts the routed
-experts' operands on the module for the call (`PACKED`) and takes them off after.
+Where the operands come from: for a streamed layer the streamer (runtime/experts.py) puts its
+routed experts' operands on the module for the call (`PACKED`) and takes them off after; for a
+resident layer `place` puts every expert's (views of the file) there for good. `install` wraps the
+module's forward per instance: with no operands on the module, its own forward runs.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from reshard.format import quant_part_names, scheme_of
 from . import native
 from .lowbit import PackSpec, native_kernel, pack_param, weight_spec
 
-PACKED = "_reshard_packed"  # on an experts module during a packed call: {param attr: {expert: operands}}
+PACKED = "_reshard_packed"  # on an experts module computing as stored: {param attr: {expert: operands}}
 
 
 def plan(model: nn.Module, manifest, device: torch.device) -> dict[str, dict[str, PackSpec]]:
