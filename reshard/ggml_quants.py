@@ -20,6 +20,7 @@ from .errors import SourceError
 QK_K = 256
 # scheme -> (GGML type name, values per block, bytes per block)
 BLOCK_TYPES = {"q8_0": ("Q8_0", 32, 34), "q4_0": ("Q4_0", 32, 18), "q4_1": ("Q4_1", 32, 20),
+               "q5_0": ("Q5_0", 32, 22), "q5_1": ("Q5_1", 32, 24),
                "q2_k": ("Q2_K", QK_K, 84), "q3_k": ("Q3_K", QK_K, 110), "q4_k": ("Q4_K", QK_K, 144),
                "q5_k": ("Q5_K", QK_K, 176), "q6_k": ("Q6_K", QK_K, 210), "iq4_nl": ("IQ4_NL", 32, 18),
                "iq4_xs": ("IQ4_XS", QK_K, 136)}
@@ -75,6 +76,26 @@ def _q4_1(blocks):
     d, m = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
     qs = _nibbles(blocks[:, 4:].reshape(len(blocks), 1, 16), 16).reshape(len(blocks), -1).float()
     return (d * qs) + m
+
+
+def _q5(blocks, at: int) -> torch.Tensor:
+    """Q5_0/Q5_1's 5-bit values (0..31) from their 4 bytes of fifth bits (a little-endian uint32 at
+    `at`: bit i above value i) and the 16 bytes of nibbles after them, as float32 (n, 32)."""
+    n = len(blocks)
+    qh = sum(blocks[:, at + i].long() << (8 * i) for i in range(4)).reshape(n, 1)
+    high = ((qh >> torch.arange(32, device=blocks.device)) & 1).to(torch.uint8)
+    low = _nibbles(blocks[:, at + 4:].reshape(n, 1, 16), 16).reshape(n, -1)
+    return low | (high << 4)
+
+
+def _q5_0(blocks):
+    """float16 d, then the 5-bit values: w = d * (q - 16)."""
+    return _f16(blocks[:, :2]) * (_q5(blocks, 2).to(torch.int8) - 16).float()
+
+
+def _q5_1(blocks):
+    """float16 d and m, then the 5-bit values: w = d * q + m."""
+    return (_f16(blocks[:, :2]) * _q5(blocks, 4).float()) + _f16(blocks[:, 2:4])
 
 
 def _shifts(*bits: int, device) -> torch.Tensor:
@@ -183,5 +204,5 @@ def _q6_k(blocks):
     return (d * q.reshape(n, QK_K // 16, -1).float()).reshape(n, QK_K)
 
 
-_DEQUANTIZE = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "q2_k": _q2_k, "q3_k": _q3_k, "q4_k": _q4_k,
+_DEQUANTIZE = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "q5_0": _q5_0, "q5_1": _q5_1, "q2_k": _q2_k, "q3_k": _q3_k, "q4_k": _q4_k,
                "q5_k": _q5_k, "q6_k": _q6_k, "iq4_nl": _iq4_nl, "iq4_xs": _iq4_xs}

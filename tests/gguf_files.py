@@ -125,7 +125,7 @@ def _random_blocks(rng, shape, qtype) -> np.ndarray:
     blocks = rng.integers(0, 256, (int(np.prod(shape)) // block, size), dtype=np.uint8)
     # where the float16 scales lie: Q8_0, Q4_0 d first; Q4_1 d, m and Q4_K, Q5_K d, dmin first; Q6_K, Q3_K d
     # last; Q2_K d, dmin last
-    where = {Q.Q8_0: slice(0, 2), Q.Q4_0: slice(0, 2), Q.IQ4_NL: slice(0, 2), Q.IQ4_XS: slice(0, 2),
+    where = {Q.Q8_0: slice(0, 2), Q.Q4_0: slice(0, 2), Q.Q5_0: slice(0, 2), Q.IQ4_NL: slice(0, 2), Q.IQ4_XS: slice(0, 2),
              Q.Q6_K: slice(size - 2, size), Q.Q3_K: slice(size - 2, size),
              Q.Q2_K: slice(size - 4, size)}.get(qtype, slice(0, 4))
     count = (where.stop - where.start) // 2

@@ -1,7 +1,7 @@
-"""GGUF quantized blocks kept compact (issue 22): Q4_K, Q5_K and Q6_K weights are stored as the file's
-own blocks, Q8_0, Q4_0 and Q4_1 re-packed into the project's int8/int4 group 32 (per-parameter
-schemes), expanded at load; the runtime equals transformers' own
-`from_pretrained(..., gguf_file=...)` of the same file."""
+"""GGUF quantized blocks kept compact (issue 22): K-quants (Q2_K to Q6_K), Q5_0, Q5_1, IQ4_NL and
+IQ4_XS weights are stored as the file's own blocks, Q8_0, Q4_0 and Q4_1 re-packed into the project's
+int8/int4 group 32 (per-parameter schemes), expanded at load or multiplied as stored; the runtime
+equals transformers' own `from_pretrained(..., gguf_file=...)` of the same file."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ LAYERS = 2
 # every kept type in the decoder layers, q/k (rows permuted by transformers) included
 TYPES = {"blk.0.attn_q.weight": Q.Q4_K, "blk.0.attn_k.weight": Q.Q6_K, "blk.0.attn_v.weight": Q.Q8_0,
          "blk.0.attn_output.weight": Q.Q4_0, "blk.0.ffn_gate.weight": Q.Q4_1, "blk.0.ffn_up.weight": Q.Q4_K,
-         "blk.0.ffn_down.weight": Q.Q2_K, "blk.1.attn_q.weight": Q.Q4_0, "blk.1.attn_k.weight": Q.IQ4_NL,
+         "blk.0.ffn_down.weight": Q.Q2_K, "blk.1.attn_q.weight": Q.Q5_0, "blk.1.attn_k.weight": Q.IQ4_NL,
          "blk.1.attn_v.weight": Q.Q6_K, "blk.1.attn_output.weight": Q.Q3_K, "blk.1.ffn_gate.weight": Q.IQ4_XS,
-         "blk.1.ffn_up.weight": Q.Q5_K, "blk.1.ffn_down.weight": Q.Q4_K}
+         "blk.1.ffn_up.weight": Q.Q5_K, "blk.1.ffn_down.weight": Q.Q5_1}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def random_blocks(scheme: str, rows: int = 8, per_row: int = 3, scale: float = 0
     rng = np.random.default_rng(1)
     raw = rng.integers(0, 256, (rows * per_row, nbytes), dtype=np.uint8)
     where = {"q6_k": [nbytes - 2], "q3_k": [nbytes - 2], "q2_k": [nbytes - 4, nbytes - 2], "q4_1": [0, 2],
-             "q4_k": [0, 2], "q5_k": [0, 2]}.get(scheme, [0])
+             "q4_k": [0, 2], "q5_k": [0, 2], "q5_1": [0, 2]}.get(scheme, [0])
     for at in where:
         raw[:, at:at + 2] = (rng.standard_normal((len(raw), 1)) * scale).astype(np.float16).view(np.uint8)
     return raw.reshape(rows, -1)
