@@ -181,14 +181,14 @@ def int4_gemm(x: torch.Tensor, weight: torch.Tensor, sz: torch.Tensor, group: in
     return y
 
 
-KQUANT_KINDS = {"q4_k": 0, "q6_k": 1, "q5_k": 2}  # the GGML K-quant blocks kquant_cpu.c multiplies as stored
+KQUANT_KINDS = {"q4_k": 0, "q6_k": 1, "q5_k": 2, "iq4_xs": 3}  # the GGML K-quant blocks kquant_cpu.c multiplies as stored
 
 
 def kquant_gemm(x: torch.Tensor, blocks: torch.Tensor, scheme: str, *, lib: ctypes.CDLL | None = None
                 ) -> torch.Tensor:
     """x (M, K) float32 or bfloat16, contiguous, @ W.T -> (M, N) in x's dtype; W (N, K) kept as its
-    GGML blocks `blocks` (N, K / 256 * block bytes) uint8, contiguous, in `scheme` ("q4_k", "q5_k", "q6_k"):
-    each weight exactly gguf's de-quantized value, the activations quantized per block of 32."""
+    GGML blocks `blocks` (N, K / 256 * block bytes) uint8, contiguous, in `scheme` (a KQUANT_KINDS
+    key): each weight exactly gguf's de-quantized value, the activations quantized per block of 32."""
     m, k = x.shape
     n = blocks.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)

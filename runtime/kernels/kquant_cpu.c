@@ -1,4 +1,4 @@
-/* GGML's K-quant blocks (Q4_K, Q5_K, Q6_K), as a .gguf file stores them, multiplied on the CPU at memory
+/* GGML's K-quant blocks (Q4_K, Q5_K, Q6_K) and IQ4_XS, as a .gguf file stores them, multiplied on the CPU at memory
  * speed: y = x @ W.T with W (N, K) kept as its blocks (reshard/ggml_quants.py), read once, never
  * expanded to floats. For runtime/lowbit.py (built and loaded by runtime/native.py with lowbit_cpu.c).
  *
@@ -17,6 +17,10 @@
  * Q6_K, 256 values in 210 bytes: 128 bytes of low nibbles, 64 of 2-bit highs, sixteen int8 scales
  * (one per 16 values), float16 d. w = d * sc_g * (q - 32), q = 0..63 unsigned; per group g of 16
  *   sum = d * sc_g * xd_{b(g)} * (sum_{k in g} q[k] * xq[k] - 32 * sum_{k in g} xq[k]).
+ * IQ4_XS, 256 values in 136 bytes: float16 d, eight 6-bit scales (2 bytes of high bits, 4 of low
+ * nibbles), then eight blocks of 32 as 16 bytes each (low nibbles values 0-15, high 16-31), each an
+ * index into ggml's 16 non-linear values v: w = d * (scale - 32) * v[q]. v is signed, so each
+ * product is |v| times x with v's sign (vpdpbusd takes the unsigned operand first).
  * K % 256 == 0 (a K-quant row is whole blocks). x and y are float32 (io 0) or bfloat16 (io 2).
  * Results are deterministic, whatever the thread count.
  */
@@ -28,6 +32,9 @@
 #define Q4K_BYTES 144
 #define Q5K_BYTES 176
 #define Q6K_BYTES 210
+#define IQ4XS_BYTES 136
+
+static const int8_t IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 /* ---- the activations ------------------------------------------------------------------------ */
 /* Per row m: xq in the layout each kernel pairs with its weight vectors, and per-chunk tables in the
@@ -235,10 +242,68 @@ static inline void rowq6(const actk *a, int64_t M, int64_t K, const uint8_t *w, 
     }
 }
 
-/* kind: 0 Q4_K, 1 Q6_K, 2 Q5_K; w: (N, K / 256 * block bytes) as the file stores it; K % 256 == 0 */
+/* ---- IQ4_XS --------------------------------------------------------------------------------- */
+
+/* one block's d * (scale - 32) for its eight blocks of 32, in ORDER */
+static inline __m256 iq4xs_scales(const uint8_t *blk) {
+    const float d = _cvtsh_ss(*(const uint16_t *)blk);
+    const int h = blk[2] | (blk[3] << 8);
+    float s[8];
+    for (int j = 0; j < 8; j++)
+        s[j] = (float)((((blk[4 + j / 2] >> (4 * (j % 2))) & 0xF) | (((h >> (2 * j)) & 3) << 4)) - 32);
+    return _mm256_mul_ps(_mm256_set1_ps(d), _mm256_setr_ps(s[0], s[2], s[4], s[6], s[1], s[3], s[5], s[7]));
+}
+
+/* blocks 2j and 2j + 1: their values (signed) for the first and the last 16 positions of each, paired
+ * with xq as Q4_K's are (preparek4): lanes 0-3 block 2j, 4-7 block 2j + 1 */
+#define DOTIQ4(j, xe, xo)                                                                       \
+    _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(v##j),         \
+                                            _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xe)), v##j)), \
+                        _mm256_abs_epi8(u##j), _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xo)), u##j))
+#define UNPACKIQ4(j)                                                                            \
+    __m256i p##j = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));                         \
+    __m256i v##j = _mm256_shuffle_epi8(table, _mm256_and_si256(p##j, low));                    \
+    __m256i u##j = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(p##j, 4), low));
+#define STEPIQ4(r)                                                                              \
+    acc##r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums8(                                          \
+        DOTIQ4(0, xq##r + k, xq##r + k + 32), DOTIQ4(1, xq##r + k + 64, xq##r + k + 96),             \
+        DOTIQ4(2, xq##r + k + 128, xq##r + k + 160), DOTIQ4(3, xq##r + k + 192, xq##r + k + 224))), \
+        _mm256_mul_ps(_mm256_loadu_ps(d##r + k / BLOCK), ws), acc##r)
+#define PUTIQ4(r) put(y, (m + r) * N + n, hsum8(acc##r), io)
+
+static inline void rowiq4(const actk *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
+                          int io) {
+    const int64_t NB = K / BLOCK;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_VALUES));
+    const uint8_t *wr = w + n * (K / QK * IQ4XS_BYTES);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+        ACTK(0) ACTK(1) ACTK(2) ACTK(3)
+        for (int64_t k = 0; k < K; k += QK) {
+            const uint8_t *blk = wr + k / QK * IQ4XS_BYTES, *qs = blk + 8;
+            const __m256 ws = iq4xs_scales(blk);
+            UNPACKIQ4(0) UNPACKIQ4(1) UNPACKIQ4(2) UNPACKIQ4(3)
+            STEPIQ4(0); STEPIQ4(1); STEPIQ4(2); STEPIQ4(3);
+        }
+        PUTIQ4(0); PUTIQ4(1); PUTIQ4(2); PUTIQ4(3);
+    }
+    for (; m < M; m++) {
+        ACTK(0)
+        for (int64_t k = 0; k < K; k += QK) {
+            const uint8_t *blk = wr + k / QK * IQ4XS_BYTES, *qs = blk + 8;
+            const __m256 ws = iq4xs_scales(blk);
+            UNPACKIQ4(0) UNPACKIQ4(1) UNPACKIQ4(2) UNPACKIQ4(3)
+            STEPIQ4(0);
+        }
+        PUTIQ4(0);
+    }
+}
+
+/* kind: 0 Q4_K, 1 Q6_K, 2 Q5_K, 3 IQ4_XS; w: (N, K / 256 * block bytes) as the file stores it; K % 256 == 0 */
 int reshard_kquant_gemm(const void *xin, int io, int64_t M, int64_t K, const uint8_t *w, int kind, int64_t N,
                         void *y, int threads) {
-    if (K % QK || kind < 0 || kind > 2) return -2;
+    if (K % QK || kind < 0 || kind > 3) return -2;
     if (empty(M, K, N, y, io)) return 0;
     float *owned;
     const float *x = floats(xin, M * K, io, &owned);
@@ -247,7 +312,10 @@ int reshard_kquant_gemm(const void *xin, int io, int64_t M, int64_t K, const uin
     int failed = x == NULL || (kind == 1 ? preparek6(x, M, K, &a) : preparek4(x, M, K, &a));
     free(owned);
     if (failed) { releasek(&a); return -1; }
-    if (kind != 1) {
+    if (kind == 3) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++) rowiq4(&a, M, K, w, N, n, y, io);
+    } else if (kind != 1) {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n++) rowq4(&a, M, K, w, N, n, y, io, kind == 2);
     } else {
