@@ -1,4 +1,4 @@
-"""The native kernel for GGML's K-quant blocks (runtime/kernels/kquant_cpu.c): Q4_K, Q5_K, Q6_K and IQ4_XS weights
+"""The native kernel for GGML's K-quant blocks (runtime/kernels/kquant_cpu.c): Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS weights
 multiplied as a .gguf file stores them. Its products are the exact product of the activations
 quantized per block of 32 (as for the int4 kernel, tests/test_native.py) with the weights as the
 gguf package de-quantizes them, within float32's rounding; a PackedLinear runs them so, holding the
@@ -17,7 +17,7 @@ from reshard.ggml_quants import BLOCK_TYPES
 from runtime import native
 from runtime.lowbit import PackedLinear, PackSpec, pack_param, packed_nbytes, supported
 
-TYPES = {"q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K, "iq4_xs": Q.IQ4_XS}
+TYPES = {"q3_k": Q.Q3_K, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K, "iq4_xs": Q.IQ4_XS}
 
 
 def random_blocks(scheme: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -26,8 +26,8 @@ def random_blocks(scheme: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
     _, size, nbytes = BLOCK_TYPES[scheme]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (n * k // size, nbytes), dtype=np.uint8)
-    # Q4_K, Q5_K: d, dmin first; Q6_K: d last; IQ4_XS: d first
-    for at in {"q6_k": [nbytes - 2], "iq4_xs": [0]}.get(scheme, [0, 2]):
+    # Q4_K, Q5_K: d, dmin first; Q6_K, Q3_K: d last; IQ4_XS: d first
+    for at in {"q6_k": [nbytes - 2], "q3_k": [nbytes - 2], "iq4_xs": [0]}.get(scheme, [0, 2]):
         raw[:, at:at + 2] = (rng.standard_normal((len(raw), 1)) * 0.02).astype(np.float16).view(np.uint8)
     return torch.from_numpy(raw.reshape(n, -1))
 

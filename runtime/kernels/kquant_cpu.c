@@ -1,4 +1,4 @@
-/* GGML's K-quant blocks (Q4_K, Q5_K, Q6_K) and IQ4_XS, as a .gguf file stores them, multiplied on the CPU at memory
+/* GGML's K-quant blocks (Q3_K, Q4_K, Q5_K, Q6_K) and IQ4_XS, as a .gguf file stores them, multiplied on the CPU at memory
  * speed: y = x @ W.T with W (N, K) kept as its blocks (reshard/ggml_quants.py), read once, never
  * expanded to floats. For runtime/lowbit.py (built and loaded by runtime/native.py with lowbit_cpu.c).
  *
@@ -17,6 +17,9 @@
  * Q6_K, 256 values in 210 bytes: 128 bytes of low nibbles, 64 of 2-bit highs, sixteen int8 scales
  * (one per 16 values), float16 d. w = d * sc_g * (q - 32), q = 0..63 unsigned; per group g of 16
  *   sum = d * sc_g * xd_{b(g)} * (sum_{k in g} q[k] * xq[k] - 32 * sum_{k in g} xq[k]).
+ * Q3_K, 256 values in 110 bytes: 32 bytes of third bits, 64 of 2-bit values, sixteen 6-bit scales in 12
+ * bytes, float16 d: w = d * (scale - 32) * (q - 4), q = 0..7; summed per group of 16 as Q6_K's, with 4
+ * for 32.
  * IQ4_XS, 256 values in 136 bytes: float16 d, eight 6-bit scales (2 bytes of high bits, 4 of low
  * nibbles), then eight blocks of 32 as 16 bytes each (low nibbles values 0-15, high 16-31), each an
  * index into ggml's 16 non-linear values v: w = d * (scale - 32) * v[q]. v is signed, so each
@@ -33,6 +36,7 @@
 #define Q5K_BYTES 176
 #define Q6K_BYTES 210
 #define IQ4XS_BYTES 136
+#define Q3K_BYTES 110
 
 static const int8_t IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
@@ -43,7 +47,7 @@ typedef struct {
     int8_t *xq;   /* (M, K) */
     float *d;     /* Q4_K: (M, K/32) block scales in ORDER per 256; Q6_K: (M, K/16) per group's block, ORDER per 128 */
     float *xs;    /* Q4_K: (M, K/32) quantized sums per block, ORDER per 256 */
-    int32_t *s16; /* Q6_K: (M, K/16) 32 * the sum of xq per group of 16, ORDER per 128 */
+    int32_t *s16; /* Q6_K, Q3_K: (M, K/16) the offset (32, 4) times the sum of xq per group of 16, ORDER per 128 */
 } actk;
 
 static void releasek(actk *a) { free(a->xq); free(a->d); free(a->xs); free(a->s16); }
@@ -83,7 +87,7 @@ static int preparek4(const float *x, int64_t M, int64_t K, actk *a) {
 
 /* Q6_K pairs each 32 values of a half-block with the 32 activations they multiply, in order; a
  * half-block's 16-value groups come out of the adds as 0, 2, 4, 6, 1, 3, 5, 7 (ORDER). */
-static int preparek6(const float *x, int64_t M, int64_t K, actk *a) {
+static int preparek6(const float *x, int64_t M, int64_t K, actk *a, int offset) {
     memset(a, 0, sizeof *a);
     a->xq = aligned_alloc(64, ((M * K + 63) / 64) * 64);
     a->d = malloc(sizeof(float) * M * (K / 16));
@@ -98,7 +102,7 @@ static int preparek6(const float *x, int64_t M, int64_t K, actk *a) {
             int32_t sum = 0;
             for (int i = 0; i < 16; i++) sum += q[src * 16 + i];
             a->d[m * (K / 16) + g] = d[src / 2];
-            a->s16[m * (K / 16) + g] = 32 * sum;
+            a->s16[m * (K / 16) + g] = offset * sum;
         }
     }
     free(d);
@@ -242,6 +246,74 @@ static inline void rowq6(const actk *a, int64_t M, int64_t K, const uint8_t *w, 
     }
 }
 
+/* ---- Q3_K ----------------------------------------------------------------------------------- */
+
+/* one block's sixteen d * (scale - 32), in the order of Q6_K's: per half, groups 0, 2, 4, 6, 1, 3, 5, 7 */
+static inline void q3k_scales(const uint8_t *blk, __m256 ws[2]) {
+    const uint8_t *s = blk + 96;
+    const float dd = _cvtsh_ss(*(const uint16_t *)(blk + 108));
+    float sc[16];
+    for (int i = 0; i < 16; i++) {
+        int low = i < 8 ? s[i] & 0xF : s[i - 8] >> 4;
+        int high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+        sc[i] = (float)((low | (high << 4)) - 32);
+    }
+    for (int hf = 0; hf < 2; hf++) {
+        const float *c = sc + 8 * hf;
+        ws[hf] = _mm256_mul_ps(_mm256_set1_ps(dd), _mm256_setr_ps(c[0], c[2], c[4], c[6], c[1], c[3], c[5], c[7]));
+    }
+}
+
+/* a half-block's four 32-value vectors of q (0..7): 2-bit pairs of qs[32 hf:] (bits 2j, 2j + 1) with
+ * third bit 4 hf + j of hmask above */
+#define UNPACKQ3(hf)                                                                            \
+    __m256i a0 = _mm256_loadu_si256((const __m256i *)(blk + 32 + 32 * hf));                    \
+    __m256i hm = _mm256_loadu_si256((const __m256i *)blk);                                     \
+    __m256i v0 = _mm256_or_si256(_mm256_and_si256(a0, three),                                  \
+        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 4 * hf), one), 2));           \
+    __m256i v1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a0, 2), three),            \
+        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 4 * hf + 1), one), 2));       \
+    __m256i v2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a0, 4), three),            \
+        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 4 * hf + 2), one), 2));       \
+    __m256i v3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a0, 6), three),            \
+        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 4 * hf + 3), one), 2));       \
+    __m256 ws = wsc[hf];
+
+static inline void rowq3(const actk *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
+                         int io) {
+    const __m256i three = _mm256_set1_epi8(0x03), one = _mm256_set1_epi8(0x01);
+    const uint8_t *wr = w + n * (K / QK * Q3K_BYTES);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+        ACTK6(0) ACTK6(1) ACTK6(2) ACTK6(3)
+        for (int64_t kb = 0; kb < K; kb += QK) {
+            const uint8_t *blk = wr + kb / QK * Q3K_BYTES;
+            __m256 wsc[2];
+            q3k_scales(blk, wsc);
+            for (int hf = 0; hf < 2; hf++) {
+                const int64_t k = kb + 128 * hf;
+                UNPACKQ3(hf)
+                STEPQ6(0); STEPQ6(1); STEPQ6(2); STEPQ6(3);
+            }
+        }
+        PUTK6(0); PUTK6(1); PUTK6(2); PUTK6(3);
+    }
+    for (; m < M; m++) {
+        ACTK6(0)
+        for (int64_t kb = 0; kb < K; kb += QK) {
+            const uint8_t *blk = wr + kb / QK * Q3K_BYTES;
+            __m256 wsc[2];
+            q3k_scales(blk, wsc);
+            for (int hf = 0; hf < 2; hf++) {
+                const int64_t k = kb + 128 * hf;
+                UNPACKQ3(hf)
+                STEPQ6(0);
+            }
+        }
+        PUTK6(0);
+    }
+}
+
 /* ---- IQ4_XS --------------------------------------------------------------------------------- */
 
 /* one block's d * (scale - 32) for its eight blocks of 32, in ORDER */
@@ -300,19 +372,23 @@ static inline void rowiq4(const actk *a, int64_t M, int64_t K, const uint8_t *w,
     }
 }
 
-/* kind: 0 Q4_K, 1 Q6_K, 2 Q5_K, 3 IQ4_XS; w: (N, K / 256 * block bytes) as the file stores it; K % 256 == 0 */
+/* kind: 0 Q4_K, 1 Q6_K, 2 Q5_K, 3 IQ4_XS, 4 Q3_K; w: (N, K / 256 * block bytes) as the file stores it; K % 256 == 0 */
 int reshard_kquant_gemm(const void *xin, int io, int64_t M, int64_t K, const uint8_t *w, int kind, int64_t N,
                         void *y, int threads) {
-    if (K % QK || kind < 0 || kind > 3) return -2;
+    if (K % QK || kind < 0 || kind > 4) return -2;
     if (empty(M, K, N, y, io)) return 0;
     float *owned;
     const float *x = floats(xin, M * K, io, &owned);
     actk a;
     memset(&a, 0, sizeof a);
-    int failed = x == NULL || (kind == 1 ? preparek6(x, M, K, &a) : preparek4(x, M, K, &a));
+    int failed = x == NULL || (kind == 1 ? preparek6(x, M, K, &a, 32) : kind == 4 ? preparek6(x, M, K, &a, 4)
+                                                                         : preparek4(x, M, K, &a));
     free(owned);
     if (failed) { releasek(&a); return -1; }
-    if (kind == 3) {
+    if (kind == 4) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++) rowq3(&a, M, K, w, N, n, y, io);
+    } else if (kind == 3) {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n++) rowiq4(&a, M, K, w, N, n, y, io);
     } else if (kind != 1) {
