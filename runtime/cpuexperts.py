@@ -11,7 +11,7 @@ pairs). On the CPU the module's forward gets the hidden states, `top_k_index` an
 `ExpertStreamer` over the host (from the device loader's pinned copy of a HOST group, else from
 the group's file), and its own code computes there; the result goes back to the device. The
 math is transformers', on the same slots the device path uses, so on the CPU the result is
-bit-identical. Quantized experts the native CPU kernels take (int4, int8, GGUF Q3_K/Q4_K/Q5_K/Q6_K/IQ4_XS) are not
+bit-identical. Quantized experts the native CPU kernels take (int4, int8, GGUF Q2_K to Q6_K, IQ4_XS) are not
 expanded into slots: they are computed as stored (runtime/packedexperts.py), so the host reads
 each expert's stored bytes once, which the planner counts. `log` says per pass where each layer's experts ran and why (--stats).
 """

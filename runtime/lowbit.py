@@ -24,7 +24,7 @@ Two kernels, chosen once per weight when the model is built (`PackSpec.backend`)
 Both kernels take bfloat16 activations (their float32 paths are reference loops, ~100x slower),
 so a PackedLinear computes in bfloat16 whatever the model's dtype and casts back.
 
-A GGUF's Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS blocks (reshard/ggml_quants.py) run natively as stored, one uint8 tensor
+A GGUF's Q2_K to Q6_K and IQ4_XS blocks (reshard/ggml_quants.py) run natively as stored, one uint8 tensor
 (runtime/kernels/kquant_cpu.c: the blocks' own scales decoded in the loop, each weight ggml's
 value); with no native kernel they expand. An "int4-sym" weight (a GGUF's Q4_0 re-packed, reshard/ggml_repack.py) runs as int4 with its zeros
 -8 * scales made at load; an "int4-act" one (act-order GPTQ, its columns stored group by group) runs
@@ -70,7 +70,7 @@ ALIGN = 64  # bytes; torch's CPU allocator aligns every allocation to this  # a 
 class PackSpec:
     """How one quantized weight runs packed."""
 
-    scheme: str  # "int8", "int4", or a K-quant's ("q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs": native only)
+    scheme: str  # "int8", "int4", or GGML blocks (native.KQUANT_KINDS: "q2_k" to "q6_k", "iq4_xs"; native only)
     group: int  # int4 group size (0 for int8)
     out_features: int  # N
     in_features: int  # K

@@ -181,7 +181,7 @@ def int4_gemm(x: torch.Tensor, weight: torch.Tensor, sz: torch.Tensor, group: in
     return y
 
 
-KQUANT_KINDS = {"q4_k": 0, "q6_k": 1, "q5_k": 2, "iq4_xs": 3, "q3_k": 4}  # the GGML K-quant blocks kquant_cpu.c multiplies as stored
+KQUANT_KINDS = {"q4_k": 0, "q6_k": 1, "q5_k": 2, "iq4_xs": 3, "q3_k": 4, "q2_k": 5}  # the GGML K-quant blocks kquant_cpu.c multiplies as stored
 
 
 def kquant_gemm(x: torch.Tensor, blocks: torch.Tensor, scheme: str, *, lib: ctypes.CDLL | None = None

@@ -1,7 +1,7 @@
 """Routed experts computed from their stored bits on the CPU: no expansion per expert per pass.
 
 A streamed MoE layer reads only its routed experts (runtime/experts.py). Where they are quantized
-(a GGUF's Q3_K/Q4_K/Q5_K/Q6_K/IQ4_XS blocks, int4/int8 folders, act-order GPTQ) and the project's native kernels run
+(a GGUF's Q2_K to Q6_K and IQ4_XS blocks, int4/int8 folders, act-order GPTQ) and the project's native kernels run
 (runtime/native.py), expanding each one to floats before its two products costs more than the
 products: at batch 1 an expert is used for a token or two, then dropped. So on the CPU such an
 experts module keeps its routed experts as read (or as the expert cache holds them) and computes

@@ -1,4 +1,4 @@
-"""The native kernel for GGML's K-quant blocks (runtime/kernels/kquant_cpu.c): Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS weights
+"""The native kernel for GGML's K-quant blocks (runtime/kernels/kquant_cpu.c): Q2_K to Q6_K and IQ4_XS weights
 multiplied as a .gguf file stores them. Its products are the exact product of the activations
 quantized per block of 32 (as for the int4 kernel, tests/test_native.py) with the weights as the
 gguf package de-quantizes them, within float32's rounding; a PackedLinear runs them so, holding the
@@ -17,7 +17,8 @@ from reshard.ggml_quants import BLOCK_TYPES
 from runtime import native
 from runtime.lowbit import PackedLinear, PackSpec, pack_param, packed_nbytes, supported
 
-TYPES = {"q3_k": Q.Q3_K, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K, "iq4_xs": Q.IQ4_XS}
+TYPES = {"q2_k": Q.Q2_K, "q3_k": Q.Q3_K, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K, "iq4_xs": Q.IQ4_XS}
+VALUE_BYTES = {"q2_k": (16, 80), "q4_k": (16, 144), "q5_k": (16, 176)}  # each block's bytes of q (with mins)
 
 
 def random_blocks(scheme: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -26,8 +27,9 @@ def random_blocks(scheme: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
     _, size, nbytes = BLOCK_TYPES[scheme]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (n * k // size, nbytes), dtype=np.uint8)
-    # Q4_K, Q5_K: d, dmin first; Q6_K, Q3_K: d last; IQ4_XS: d first
-    for at in {"q6_k": [nbytes - 2], "q3_k": [nbytes - 2], "iq4_xs": [0]}.get(scheme, [0, 2]):
+    # Q4_K, Q5_K: d, dmin first; Q6_K, Q3_K: d last; Q2_K: d, dmin last; IQ4_XS: d first
+    for at in {"q6_k": [nbytes - 2], "q3_k": [nbytes - 2], "q2_k": [nbytes - 4, nbytes - 2], "iq4_xs": [0]
+               }.get(scheme, [0, 2]):
         raw[:, at:at + 2] = (rng.standard_normal((len(raw), 1)) * 0.02).astype(np.float16).view(np.uint8)
     return torch.from_numpy(raw.reshape(n, -1))
 
@@ -40,15 +42,16 @@ def gguf_weight(blocks: torch.Tensor, scheme: str) -> torch.Tensor:
 def assert_within_rounding(got: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, scheme: str) -> None:
     """got equals the quantized activations times gguf's weights, up to float32 sums of the terms:
     each rounded at most K/32 + 16 times (as in tests/test_native.py). The terms are |x| times each
-    weight's two parts: Q4_K's (and Q5_K's) d * sc * q and dmin * m (the kernel sums them apart), Q6_K's w."""
+    weight's two parts: Q2_K's, Q4_K's and Q5_K's d * sc * q and dmin * m (the kernel sums them apart),
+    the others' w."""
     k = x.shape[1]
     xdq = dequantized_activations(x)
     w = gguf_weight(blocks, scheme)
     want = xdq @ w.T
-    if scheme in ("q4_k", "q5_k"):  # dmin * m of each 32 values: the weight's value at q = 0, negated
-        size = BLOCK_TYPES[scheme][2]
+    if scheme in VALUE_BYTES:  # dmin * m of each group: the weight's value at q = 0, negated
+        size, (first, end) = BLOCK_TYPES[scheme][2], VALUE_BYTES[scheme]
         zero_q = blocks.clone()
-        zero_q[:, [b * size + i for b in range(k // 256) for i in range(16, size)]] = 0
+        zero_q[:, [b * size + i for b in range(k // 256) for i in range(first, end)]] = 0
         mins = -gguf_weight(zero_q, scheme)
         terms = xdq.abs() @ ((w + mins).abs() + mins.abs()).T
     else:

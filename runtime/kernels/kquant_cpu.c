@@ -1,4 +1,4 @@
-/* GGML's K-quant blocks (Q3_K, Q4_K, Q5_K, Q6_K) and IQ4_XS, as a .gguf file stores them, multiplied on the CPU at memory
+/* GGML's K-quant blocks (Q2_K to Q6_K) and IQ4_XS, as a .gguf file stores them, multiplied on the CPU at memory
  * speed: y = x @ W.T with W (N, K) kept as its blocks (reshard/ggml_quants.py), read once, never
  * expanded to floats. For runtime/lowbit.py (built and loaded by runtime/native.py with lowbit_cpu.c).
  *
@@ -17,6 +17,9 @@
  * Q6_K, 256 values in 210 bytes: 128 bytes of low nibbles, 64 of 2-bit highs, sixteen int8 scales
  * (one per 16 values), float16 d. w = d * sc_g * (q - 32), q = 0..63 unsigned; per group g of 16
  *   sum = d * sc_g * xd_{b(g)} * (sum_{k in g} q[k] * xq[k] - 32 * sum_{k in g} xq[k]).
+ * Q2_K, 256 values in 84 bytes: sixteen bytes of a 4-bit scale (low) and min (high) per 16 values, 64
+ * bytes of 2-bit values, float16 d and dmin: w = d * sc * q - dmin * m, summed per group of 16 as Q6_K's
+ * with the quantized activations' sums taken apart for the mins.
  * Q3_K, 256 values in 110 bytes: 32 bytes of third bits, 64 of 2-bit values, sixteen 6-bit scales in 12
  * bytes, float16 d: w = d * (scale - 32) * (q - 4), q = 0..7; summed per group of 16 as Q6_K's, with 4
  * for 32.
@@ -37,6 +40,7 @@
 #define Q6K_BYTES 210
 #define IQ4XS_BYTES 136
 #define Q3K_BYTES 110
+#define Q2K_BYTES 84
 
 static const int8_t IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
@@ -47,7 +51,7 @@ typedef struct {
     int8_t *xq;   /* (M, K) */
     float *d;     /* Q4_K: (M, K/32) block scales in ORDER per 256; Q6_K: (M, K/16) per group's block, ORDER per 128 */
     float *xs;    /* Q4_K: (M, K/32) quantized sums per block, ORDER per 256 */
-    int32_t *s16; /* Q6_K, Q3_K: (M, K/16) the offset (32, 4) times the sum of xq per group of 16, ORDER per 128 */
+    int32_t *s16; /* Q6_K, Q3_K, Q2_K: (M, K/16) an offset (32, 4, 1) times the sum of xq per group of 16, ORDER per 128 */
 } actk;
 
 static void releasek(actk *a) { free(a->xq); free(a->d); free(a->xs); free(a->s16); }
@@ -314,6 +318,70 @@ static inline void rowq3(const actk *a, int64_t M, int64_t K, const uint8_t *w, 
     }
 }
 
+/* ---- Q2_K ----------------------------------------------------------------------------------- */
+
+/* one block's d * sc and dmin * m per group of 16, per half in Q6_K's order (0, 2, 4, 6, 1, 3, 5, 7) */
+static inline void q2k_scales(const uint8_t *blk, __m256 ws[2], __m256 wm[2]) {
+    const float dd = _cvtsh_ss(*(const uint16_t *)(blk + 80)), dmin = _cvtsh_ss(*(const uint16_t *)(blk + 82));
+    for (int hf = 0; hf < 2; hf++) {
+        const uint8_t *s = blk + 8 * hf;
+        ws[hf] = _mm256_mul_ps(_mm256_set1_ps(dd), _mm256_setr_ps(s[0] & 0xF, s[2] & 0xF, s[4] & 0xF, s[6] & 0xF,
+                                                                  s[1] & 0xF, s[3] & 0xF, s[5] & 0xF, s[7] & 0xF));
+        wm[hf] = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_setr_ps(s[0] >> 4, s[2] >> 4, s[4] >> 4, s[6] >> 4,
+                                                                    s[1] >> 4, s[3] >> 4, s[5] >> 4, s[7] >> 4));
+    }
+}
+
+/* a half-block's four 32-value vectors of q (0..3): bits 2j, 2j + 1 of qs[32 hf:] */
+#define UNPACKQ2(hf)                                                                            \
+    __m256i a0 = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * hf));                    \
+    __m256i v0 = _mm256_and_si256(a0, three), v1 = _mm256_and_si256(_mm256_srli_epi16(a0, 2), three); \
+    __m256i v2 = _mm256_and_si256(_mm256_srli_epi16(a0, 4), three), v3 = _mm256_and_si256(_mm256_srli_epi16(a0, 6), three); \
+    __m256 ws = wsc[hf], wmin = wmc[hf];
+#define ACTK2(r) ACTK6(r) __m256 accm##r = _mm256_setzero_ps();
+#define STEPQ2(r)                                                                               \
+    acc##r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums8(                                          \
+        DOT32(v0, xq##r + k), DOT32(v1, xq##r + k + 32), DOT32(v2, xq##r + k + 64), DOT32(v3, xq##r + k + 96))), \
+        _mm256_mul_ps(_mm256_loadu_ps(d##r + k / 16), ws), acc##r);                              \
+    accm##r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(s##r + k / 16))), \
+        _mm256_mul_ps(_mm256_loadu_ps(d##r + k / 16), wmin), accm##r)
+#define PUTQ2(r) put(y, (m + r) * N + n, hsum8(acc##r) - hsum8(accm##r), io)
+
+static inline void rowq2(const actk *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
+                         int io) {
+    const __m256i three = _mm256_set1_epi8(0x03);
+    const uint8_t *wr = w + n * (K / QK * Q2K_BYTES);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+        ACTK2(0) ACTK2(1) ACTK2(2) ACTK2(3)
+        for (int64_t kb = 0; kb < K; kb += QK) {
+            const uint8_t *blk = wr + kb / QK * Q2K_BYTES;
+            __m256 wsc[2], wmc[2];
+            q2k_scales(blk, wsc, wmc);
+            for (int hf = 0; hf < 2; hf++) {
+                const int64_t k = kb + 128 * hf;
+                UNPACKQ2(hf)
+                STEPQ2(0); STEPQ2(1); STEPQ2(2); STEPQ2(3);
+            }
+        }
+        PUTQ2(0); PUTQ2(1); PUTQ2(2); PUTQ2(3);
+    }
+    for (; m < M; m++) {
+        ACTK2(0)
+        for (int64_t kb = 0; kb < K; kb += QK) {
+            const uint8_t *blk = wr + kb / QK * Q2K_BYTES;
+            __m256 wsc[2], wmc[2];
+            q2k_scales(blk, wsc, wmc);
+            for (int hf = 0; hf < 2; hf++) {
+                const int64_t k = kb + 128 * hf;
+                UNPACKQ2(hf)
+                STEPQ2(0);
+            }
+        }
+        PUTQ2(0);
+    }
+}
+
 /* ---- IQ4_XS --------------------------------------------------------------------------------- */
 
 /* one block's d * (scale - 32) for its eight blocks of 32, in ORDER */
@@ -372,20 +440,23 @@ static inline void rowiq4(const actk *a, int64_t M, int64_t K, const uint8_t *w,
     }
 }
 
-/* kind: 0 Q4_K, 1 Q6_K, 2 Q5_K, 3 IQ4_XS, 4 Q3_K; w: (N, K / 256 * block bytes) as the file stores it; K % 256 == 0 */
+/* kind: 0 Q4_K, 1 Q6_K, 2 Q5_K, 3 IQ4_XS, 4 Q3_K, 5 Q2_K; w: (N, K / 256 * block bytes) as the file stores it; K % 256 == 0 */
 int reshard_kquant_gemm(const void *xin, int io, int64_t M, int64_t K, const uint8_t *w, int kind, int64_t N,
                         void *y, int threads) {
-    if (K % QK || kind < 0 || kind > 4) return -2;
+    if (K % QK || kind < 0 || kind > 5) return -2;
     if (empty(M, K, N, y, io)) return 0;
     float *owned;
     const float *x = floats(xin, M * K, io, &owned);
     actk a;
     memset(&a, 0, sizeof a);
-    int failed = x == NULL || (kind == 1 ? preparek6(x, M, K, &a, 32) : kind == 4 ? preparek6(x, M, K, &a, 4)
-                                                                         : preparek4(x, M, K, &a));
+    const int offset = kind == 1 ? 32 : kind == 4 ? 4 : kind == 5 ? 1 : 0;  /* the per-16 kernels' */
+    int failed = x == NULL || (offset ? preparek6(x, M, K, &a, offset) : preparek4(x, M, K, &a));
     free(owned);
     if (failed) { releasek(&a); return -1; }
-    if (kind == 4) {
+    if (kind == 5) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++) rowq2(&a, M, K, w, N, n, y, io);
+    } else if (kind == 4) {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n++) rowq3(&a, M, K, w, N, n, y, io);
     } else if (kind == 3) {
