@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import smollm2_gguf
+from conftest import CPU_BUDGETS, smollm2_gguf
 from gguf import GGMLQuantizationType as Q, dequantize
 from gguf_files import write_random_llama
 
@@ -169,7 +169,7 @@ def test_logits_and_tokens_equal_transformers(mixed_converted, reference, reside
     with torch.no_grad():
         want = reference(ids).logits
         want_tokens = reference.generate(ids, max_new_tokens=5, do_sample=False)
-    kwargs = {} if resident else {"max_cpu_memory": 0}
+    kwargs = {"max_cpu_memory": CPU_BUDGETS["resident" if resident else "streamed"]}
     # packed=False: the re-packed int4/int8 weights expand (the CPU kernels compute in bfloat16)
     with LayeredModel.from_pretrained(mixed_converted, device="cpu", packed=False, **kwargs) as model:
         assert torch.equal(model(ids).logits, want)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CPU_BUDGETS
 from gguf import GGMLQuantizationType as Q
 from gguf_files import TOKENIZER_VOCAB, tokenizer_gguf, write_random_qwen3moe
 
@@ -96,7 +97,7 @@ def test_logits_and_tokens_equal_transformers(moe_converted, reference, resident
     with torch.no_grad():
         want = reference(IDS).logits
         want_tokens = reference.generate(IDS, max_new_tokens=4, do_sample=False)
-    kwargs = {} if resident else {"max_cpu_memory": 0}
+    kwargs = {"max_cpu_memory": CPU_BUDGETS["resident" if resident else "streamed"]}
     # packed=False: exact float32 math (the CPU kernels quantize the activations)
     with LayeredModel.from_pretrained(moe_converted, device="cpu", packed=False, **kwargs) as model:
         assert torch.equal(model(IDS).logits, want)
@@ -294,7 +295,8 @@ def test_streamed_embedding_rows_on_cuda(tiny_converted):
     from runtime import LayeredModel
 
     ids = torch.tensor([[5, 17, 42, 17, 9]]).cuda()
-    with LayeredModel.from_pretrained(tiny_converted["qwen2"], device="cuda", dtype="float32") as resident:
+    with LayeredModel.from_pretrained(tiny_converted["qwen2"], device="cuda", dtype="float32", max_gpu_memory="4GiB",
+                                      max_cpu_memory="4GiB") as resident:
         want = resident(ids).logits
     with LayeredModel.from_pretrained(tiny_converted["qwen2"], device="cuda", dtype="float32", max_gpu_memory=0,
                                       max_cpu_memory=0) as streamed:
