@@ -286,15 +286,17 @@ class ExpertStreamer:
 
     def bring_packed(self, i: int, path: str, module: nn.Module, entry: dict, routed: list[int]) -> None:
         """As `bring`, for a module computing on its experts as stored (runtime/packedexperts.py):
-        each routed expert's stored tensors (kept from an earlier forward through this load, from
-        the cache, a guess, or read from the file) become its kernel operands on the module."""
+        each routed expert's stored tensors (from the cache, a guess, or read from the file) become
+        its kernel operands on the module, made once per layer load (later forwards through the same
+        load keep those of the experts they share)."""
         for other in [p for p, s in self.slots.items() if s.owner != i]:
             del self.slots[other]
         old = self.slots.pop(path, None)
-        have = dict(old.tensors) if old is not None else {}  # expert -> its stored tensors
+        ready = dict(old.tensors) if old is not None else {}  # expert -> its kernel operands
+        fresh = {}  # expert -> its stored tensors
         t0 = time.perf_counter()
         to_read = []
-        for e in (e for e in routed if e not in have):
+        for e in (e for e in routed if e not in ready):
             stored = self.cache.get((i, e, *entry["tensors"]))
             if stored is not None:
                 self.stats.experts_cached += 1
@@ -303,23 +305,23 @@ class ExpertStreamer:
             if stored is None:
                 to_read.append(e)
             else:
-                have[e] = stored
+                fresh[e] = stored
         if to_read:
             held = self.loader.host_data(i)
             read, reads = self.read_ahead(i, to_read, entry, held)
             self.stats.expert_reads += reads
             self._count_read(len(read), sum(t.nbytes for s in read.values() for t in s.values()), held is None)
             for e, stored in read.items():
-                have[e] = stored
+                fresh[e] = stored
                 if self.cache.capacity:
                     self.cache.put((i, e, *entry["tensors"]), stored)
-        self.stats.wait_seconds += time.perf_counter() - t0
-        self.slots[path] = _Slots(i, sorted(have), have)
-        self.placed.add(path)
         group, specs = self.loader.manifest.groups[i], self.packed[path]
         names = {name.rpartition(".")[2]: name for name in entry["tensors"]}
-        per_expert = {e: operands(group, names, specs, stored, self.loader.scheme) for e, stored in have.items()}
-        module.__dict__[PACKED] = {attr: {e: ops[attr] for e, ops in per_expert.items()} for attr in specs}
+        ready.update({e: operands(group, names, specs, stored, self.loader.scheme) for e, stored in fresh.items()})
+        self.stats.wait_seconds += time.perf_counter() - t0
+        self.slots[path] = _Slots(i, sorted(ready), ready)
+        self.placed.add(path)
+        module.__dict__[PACKED] = {attr: {e: ops[attr] for e, ops in ready.items()} for attr in specs}
 
     def _rows(self, i: int, entry: dict) -> dict[str, tuple[tuple, torch.dtype]]:
         """Each expert tensor's row shape and the dtype the module computes with."""

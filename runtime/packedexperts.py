@@ -21,6 +21,7 @@ module's forward per instance: with no operands on the module, its own forward r
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -127,6 +128,7 @@ def run(module: nn.Module, specs: dict[str, PackSpec], packed: dict[str, dict[in
     return out.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
 
 
+@functools.cache  # one per weight shape and scheme, not one per call
 def _product(spec: PackSpec):
     """f(x (M, K), one expert's operands) -> x @ W.T through the native kernel; an act-order weight's
     input gathered into its stored column order first (its operands end with that order)."""
