@@ -131,8 +131,8 @@ class LayeredModel:
         `quantize` ("int8", "int4"), and opened from there.
 
         On the CPU, a quantized folder's linear weights stay packed and run through torch's
-        low-bit kernels with bfloat16 activations (runtime/lowbit.py), and so do the routed experts of
-        streamed MoE layers (runtime/packedexperts.py); `packed=False` expands them to the compute
+        low-bit kernels with bfloat16 activations (runtime/lowbit.py), and so do the quantized experts
+        of MoE layers (runtime/packedexperts.py); `packed=False` expands them to the compute
         dtype instead (slower, but exact float32 math with dtype="float32").
 
         `cpu_layers` (N or "auto"; llama.cpp's -ngl seen from the other side) computes decoder
