@@ -78,7 +78,7 @@ def quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor,
     rows, cols = w.shape
     bm, bn = block
     grows, gcols = -(-rows // bm), -(-cols // bn)
-    padded = torch.zeros(grows * bm, gcols * bn)
+    padded = torch.zeros(grows * bm, gcols * bn, device=w.device)
     padded[:rows, :cols] = w.float()
     blocks = padded.view(grows, bm, gcols, bn)
     scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX
