@@ -16,6 +16,13 @@ groups kept in RAM take (the budget's count: expanded weights at their expanded 
 
   python benchmarks/gguf_quants.py > benchmarks/results/gguf_quants.txt
   python benchmarks/gguf_quants.py --model qwen3moe > benchmarks/results/gguf_quants_moe.txt
+  python benchmarks/gguf_quants.py --device cuda --model llama70b --tokens 4 --rounds 3  # GPU check (issue 22)
+
+With `--device cuda` every group waits in pinned host RAM and is copied to the GPU each pass
+(max_gpu_memory=0), the Q4_K blocks expanded there after the copy (reshard/ggml_quants.py's
+formulas in torch); "q4_k" and "bf16" are the rows, "placement" is "pinned". `--model llama70b`
+is Llama-2-70B's layer shapes (4 layers, hidden 8192, 64 heads, 8 KV heads, intermediate 28672)
+with a 1024-token vocabulary, so the layers are what a pass moves.
 
 With `--model qwen3moe` the source is a random Qwen3-MoE GGUF (tests/gguf_files.py): streamed, each
 layer reads its routed experts alone, and "q4_k native" computes them as read
@@ -37,15 +44,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")]
 
 from common import machine_lines  # noqa: E402
-from conftest import smollm2_gguf  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
-from gguf_files import QWEN3MOE_INTER, llama_tensors, write_random_llama, write_random_qwen3moe  # noqa: E402
+from gguf_files import (QWEN3MOE_INTER, TOKENIZER_VOCAB, llama_tensors, tokenizer_gguf, write_random_llama,  # noqa: E402
+                        write_random_qwen3moe)
 
 from reshard.convert import convert  # noqa: E402
 from runtime import native  # noqa: E402
 from runtime.model import LayeredModel  # noqa: E402
 
 SHAPE = dict(layers=8, hidden=1024, inter=2816, heads=16, kv_heads=4)
+LLAMA70B = dict(layers=4, hidden=8192, inter=28672, heads=64, kv_heads=8)
+PLACEMENTS = {"streamed": dict(max_cpu_memory=0), "resident": {},  # the CPU's; the GPU's: pinned host RAM
+              "pinned": dict(max_cpu_memory="1TB", max_gpu_memory=0)}
 MOE_SHAPE = dict(layers=4, hidden=1024, experts=32, used=4, heads=8, kv_heads=4, vocab=32768)
 
 
@@ -53,47 +63,58 @@ def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
-def decode(folder: Path, tokens: int, *, resident: bool, packed: bool) -> tuple[float, float, int]:
+def decode(folder: Path, tokens: int, *, placement: str, packed: bool, device: str = "cpu") -> tuple[float, float, int]:
     """(s/token, bytes streamed per forward pass, bytes of the groups kept in RAM) of greedy decoding."""
-    budget = {} if resident else {"max_cpu_memory": 0}
-    lm = LayeredModel.from_pretrained(folder, device="cpu", dtype="bfloat16", packed=packed, **budget)
-    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2]])
+    lm = LayeredModel.from_pretrained(folder, device=device, dtype="bfloat16", packed=packed, **PLACEMENTS[placement])
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2]]) % TOKENIZER_VOCAB
+    ids = ids.to(lm.device)
     lm.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up: page cache, allocator, resident loads
     before, passes = lm.stats.bytes_streamed, tokens
     t0 = time.perf_counter()
     lm.generate(ids, max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens)
     seconds = time.perf_counter() - t0
     per_pass = (lm.stats.bytes_streamed - before) / passes
-    kept = lm.stats.resident_bytes.get("device", 0)
+    kept = lm.stats.resident_bytes.get("device" if device == "cpu" else "host", 0)
     lm.close()
     return seconds / tokens, per_pass, kept
 
 
 RUNS = (("q4_k native", "auto", True), ("q4_k expanded", "auto", False), ("bf16", "bfloat16", True))
+WHERE = {"streamed": "every group read from its file each pass", "resident": "every group kept in RAM",
+         "pinned": "every group in pinned host RAM, copied to the GPU each pass"}
+GPU_RUNS = (("q4_k", "auto", True), ("bf16", "bfloat16", True))  # no native kernel there: blocks expand on the device
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--model", choices=["llama", "qwen3moe"], default="llama",
-                    help="qwen3moe: a mixture of experts, streamed layers read their routed experts alone")
+    ap.add_argument("--model", choices=["llama", "qwen3moe", "llama70b"], default="llama",
+                    help="qwen3moe: a mixture of experts, streamed layers read their routed experts alone; "
+                         "llama70b: Llama-2-70B's layer shapes (for --device cuda)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: every group in pinned host RAM, copied to the GPU each pass")
     args = ap.parse_args()
+    gpu = args.device == "cuda"
+    runs, placements = (GPU_RUNS, ("pinned",)) if gpu else (RUNS, ("streamed", "resident"))
     print("\n".join(machine_lines("bfloat16", torch.get_num_threads())))
-    print(f"native kernels: {'yes' if native.lowbit() is not None else 'no (Q4_K expands: both q4_k rows are the same path)'}")
+    if not gpu:
+        print(f"native kernels: {'yes' if native.lowbit() is not None else 'no (Q4_K expands: both q4_k rows are the same path)'}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         gguf = tmp / "q4k.gguf"
-        if args.model == "llama":
-            names = [n for n, _, _ in llama_tensors(SHAPE["layers"], SHAPE["hidden"], SHAPE["inter"], SHAPE["heads"],
-                                                    SHAPE["kv_heads"], 1)]
+        if args.model in ("llama", "llama70b"):
+            shape = SHAPE if args.model == "llama" else LLAMA70B
+            names = [n for n, _, _ in llama_tensors(shape["layers"], shape["hidden"], shape["inter"], shape["heads"],
+                                                    shape["kv_heads"], 1)]
             types = {n: Q.Q4_K for n in names if n.startswith("blk.") and not n.endswith("norm.weight")}
             types["output.weight"] = Q.Q6_K
-            size = write_random_llama(gguf, smollm2_gguf(), types=types, **SHAPE)
-            print(f"source: random llama GGUF {SHAPE}, decoder weights Q4_K, head Q6_K, {size / 1e6:.0f} MB; "
-                  f"{args.tokens} tokens per run, {args.rounds} rounds")
+            vocab = TOKENIZER_VOCAB if args.model == "llama70b" else None
+            size = write_random_llama(gguf, tokenizer_gguf(), types=types, vocab=vocab, **shape)
+            print(f"source: random llama GGUF {shape}{f', vocabulary {vocab}' if vocab else ''}, decoder weights "
+                  f"Q4_K, head Q6_K, {size / 1e6:.0f} MB; {args.tokens} tokens per run, {args.rounds} rounds")
         else:  # tests/gguf_files.py's types: attention Q4_K (v Q6_K), experts Q4_K (down Q6_K), head Q6_K
-            size = write_random_qwen3moe(gguf, smollm2_gguf(), **MOE_SHAPE)
+            size = write_random_qwen3moe(gguf, tokenizer_gguf(), **MOE_SHAPE)
             print(f"source: random Qwen3-MoE GGUF {MOE_SHAPE}, expert width {QWEN3MOE_INTER}, experts Q4_K (down "
                   f"Q6_K), attention Q4_K/Q6_K, head Q6_K, {size / 1e6:.0f} MB; {args.tokens} tokens per run, "
                   f"{args.rounds} rounds")
@@ -105,24 +126,23 @@ def main() -> None:
                              sum(g.bytes for g in manifest.groups))
         results = {}  # (placement, label) -> [(s/token, bytes/pass) per round]
         for r in range(args.rounds):
-            for placement in ("streamed", "resident"):
-                for label, dtype, packed in RUNS:
+            for placement in placements:
+                for label, dtype, packed in runs:
                     log(f"round {r + 1}: {placement} {label}")
                     results.setdefault((placement, label), []).append(
-                        decode(tmp / dtype, args.tokens, resident=placement == "resident", packed=packed))
-    for placement in ("streamed", "resident"):
-        print(f"\n{placement}: {'every group read from its file each pass' if placement == 'streamed' else 'every group kept in RAM'}")
+                        decode(tmp / dtype, args.tokens, placement=placement, packed=packed, device=args.device))
+    for placement in placements:
+        print(f"\n{placement}: {WHERE[placement]}")
         print(f"{'folder':<16}{'layers MB':>10}{'all MB':>9}{'RAM MB':>9}{'MB/pass':>9}  {'s/token per round':<24}"
               f"{'median':>8}  time / bf16's per round, median")
         base = results[(placement, "bf16")]
-        for label, dtype, _ in RUNS:
-            runs = results[(placement, label)]
-            ratios = [s / b for (s, _, _), (b, _, _) in zip(runs, base)]
+        for label, dtype, _ in runs:
+            got = results[(placement, label)]
+            ratios = [s / b for (s, _, _), (b, _, _) in zip(got, base)]
             print(f"{label:<16}{stored[dtype][0] / 1e6:>10.1f}{stored[dtype][1] / 1e6:>9.1f}"
-                  f"{runs[-1][2] / 1e6:>9.1f}{statistics.median(b for _, b, _ in runs) / 1e6:>9.1f}  "
-                  f"{' '.join(f'{s:.4f}' for s, _, _ in runs):<24}{statistics.median(s for s, _, _ in runs):>8.4f}  {' '.join(f'{r:.3f}' for r in ratios)}, "
-                  f"{statistics.median(ratios):.2f}x")
-
+                  f"{got[-1][2] / 1e6:>9.1f}{statistics.median(b for _, b, _ in got) / 1e6:>9.1f}  "
+                  f"{' '.join(f'{s:.4f}' for s, _, _ in got):<24}{statistics.median(s for s, _, _ in got):>8.4f}  "
+                  f"{' '.join(f'{r:.3f}' for r in ratios)}, {statistics.median(ratios):.2f}x")
 
 if __name__ == "__main__":
     main()
