@@ -53,6 +53,7 @@ from runtime import native  # noqa: E402
 from runtime.model import LayeredModel  # noqa: E402
 
 SHAPE = dict(layers=8, hidden=1024, inter=2816, heads=16, kv_heads=4)
+TINY = dict(layers=2, hidden=256, inter=512, heads=4, kv_heads=2)  # gpu_check.sh --dry: the code runs
 LLAMA70B = dict(layers=4, hidden=8192, inter=28672, heads=64, kv_heads=8)
 PLACEMENTS = {"streamed": dict(max_cpu_memory=0), "resident": {},  # the CPU's; the GPU's: pinned host RAM
               "pinned": dict(max_cpu_memory="1TB", max_gpu_memory=0)}
@@ -89,7 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--model", choices=["llama", "qwen3moe", "llama70b"], default="llama",
+    ap.add_argument("--model", choices=["llama", "qwen3moe", "llama70b", "tiny"], default="llama",
                     help="qwen3moe: a mixture of experts, streamed layers read their routed experts alone; "
                          "llama70b: Llama-2-70B's layer shapes (for --device cuda)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -103,13 +104,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         gguf = tmp / "q4k.gguf"
-        if args.model in ("llama", "llama70b"):
-            shape = SHAPE if args.model == "llama" else LLAMA70B
+        if args.model in ("llama", "llama70b", "tiny"):
+            shape = {"llama": SHAPE, "llama70b": LLAMA70B, "tiny": TINY}[args.model]
             names = [n for n, _, _ in llama_tensors(shape["layers"], shape["hidden"], shape["inter"], shape["heads"],
                                                     shape["kv_heads"], 1)]
             types = {n: Q.Q4_K for n in names if n.startswith("blk.") and not n.endswith("norm.weight")}
             types["output.weight"] = Q.Q6_K
-            vocab = TOKENIZER_VOCAB if args.model == "llama70b" else None
+            vocab = None if args.model == "llama" else TOKENIZER_VOCAB
             size = write_random_llama(gguf, tokenizer_gguf(), types=types, vocab=vocab, **shape)
             print(f"source: random llama GGUF {shape}{f', vocabulary {vocab}' if vocab else ''}, decoder weights "
                   f"Q4_K, head Q6_K, {size / 1e6:.0f} MB; {args.tokens} tokens per run, {args.rounds} rounds")
