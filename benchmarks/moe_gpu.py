@@ -43,7 +43,7 @@ QWEN3_235B = dict(hidden_size=4096, intermediate_size=12288, moe_intermediate_si
                   num_experts_per_tok=8, num_attention_heads=64, num_key_value_heads=4, head_dim=128)
 QWEN3_TINY = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=16,
                   num_experts_per_tok=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-RUNS = {"deepseek-v3": ("int4", "fp8"), "qwen3-235b": ("int4",)}
+RUNS = ("deepseek-v3:int4", "qwen3-235b:int4", "deepseek-v3:fp8")  # the largest last
 MODES = {"sparse": dict(expert_cache=0), "cache": dict(), "cache+predict": dict(predict_experts=True)}
 GOAL = 1.3
 
@@ -99,11 +99,11 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=8, help="decode tokens per run (the prompt pass is not counted)")
     parser.add_argument("--free", type=float, default=6.0, help="GB of device memory the blocker leaves free")
-    parser.add_argument("--runs", default=",".join(f"{s}:{q}" for s, qs in RUNS.items() for q in qs),
+    parser.add_argument("--runs", default=",".join(RUNS),
                         help="shape:scheme pairs, comma-separated")
     args = parser.parse_args()
     device = "cpu" if args.dry or not torch.cuda.is_available() else "cuda"
-    from reshard.format import expert_bytes, read_manifest
+    from reshard.format import expert_bytes
     from reshard.synthetic import write_random_model
 
     for line in machine_lines("bfloat16" if device == "cuda" else "float32"):
@@ -126,8 +126,7 @@ def main() -> int:
             out(f"\n{shape} {scheme}: {len(layers)} MoE layers of {layers[0].bytes / 1e9:.2f} GB ({experts / 1e9:.2f} GB "
                 f"routed experts, {entry['num_experts']} of {experts / entry['num_experts'] / 1e6:.1f} MB, {k} a token), "
                 f"{sum(g.bytes for g in manifest.groups) / 1e9:.1f} GB in all, written in {time.perf_counter() - start:.0f} s")
-            if blocker is None:
-                blocker, _ = block(torch.device(device), args.free)
+            blocker, _ = block(torch.device(device), args.free)  # after the writing, which draws on the device
             for mode in MODES:
                 r = run_mode(folder, device, mode, args.tokens)
                 floor = r["bytes"] / (gbps * 1e9)
@@ -136,6 +135,9 @@ def main() -> int:
                     f"({r['s'] / floor if floor else float('nan'):.2f}x the floor; goal <= {GOAL})  "
                     f"experts routed/token {r['routed']:g}, cache hits {hits(r['cache_hits'])}, guess hits "
                     f"{hits(r['guess_hits'])}; expert cache {r['cache_gb']:.2f} GB; places {r['places']}; peak device {peak} GB")
+            blocker = None
+            if device == "cuda":
+                torch.cuda.empty_cache()  # the next model is drawn on the device
             shutil.rmtree(folder, ignore_errors=True)
     finally:
         del blocker
