@@ -6,7 +6,8 @@
 #   gguf         GGUF Q4_K kept as blocks vs bf16, same shapes and placement (issue 22; benchmarks/gguf_quants.py)
 #   hybrid       70B-shaped int4 layers streamed vs computed on the CPU vs the planner, batch 1/8/64 (issue 25)
 #   hybrid-moe   the same for DeepSeek-V3-shaped routed experts (issue 25; GPU_HYBRID_MOE_LAYERS, default 1)
-#   moe          DeepSeek-V3 (int4, fp8) and Qwen3-235B (int4) shapes decoding with 6 GB free (issue 23; benchmarks/moe_gpu.py)
+#   moe          DeepSeek-V3 (int4, fp8) and Qwen3-235B (int4) shapes decoding with 6 GB free (issue 23; benchmarks/moe_gpu.py;
+#                GPU_MOE_RUNS=shape:scheme,... picks some)
 #   pytest       the GPU tests (`pytest -m gpu -rA`, every test's outcome by name)
 # Older sections (issues closed before; about 8 min on an H200): GPU_CHECK_SECTIONS="legacy serve" runs
 # gpu_check.py's streaming, speculation, quantized, moe, parity and small-GPU sections, and benchmarks/serve.py.
@@ -83,7 +84,8 @@ if want hybrid-moe; then
 fi
 if want moe; then
     section "Frontier MoE shapes on a GPU with 6 GB free, experts from pinned RAM (issue 23)" \
-        "${GPU_MOE_TIMEOUT:-300}" "$py" benchmarks/moe_gpu.py $([[ $dry == 1 ]] && echo --dry --runs deepseek-v3:fp8)
+        "${GPU_MOE_TIMEOUT:-300}" "$py" benchmarks/moe_gpu.py $([[ $dry == 1 ]] && echo --dry --runs deepseek-v3:fp8) \
+        ${GPU_MOE_RUNS:+--runs "$GPU_MOE_RUNS"}
 fi
 if [[ $dry == 0 ]] && want serve; then
     section "runtime serve on the GPU: tokens/s against concurrency" "${GPU_SERVE_TIMEOUT:-300}" \
