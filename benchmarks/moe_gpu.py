@@ -126,7 +126,7 @@ def main() -> int:
             out(f"\n{shape} {scheme}: {len(layers)} MoE layers of {layers[0].bytes / 1e9:.2f} GB ({experts / 1e9:.2f} GB "
                 f"routed experts, {entry['num_experts']} of {experts / entry['num_experts'] / 1e6:.1f} MB, {k} a token), "
                 f"{sum(g.bytes for g in manifest.groups) / 1e9:.1f} GB in all, written in {time.perf_counter() - start:.0f} s")
-            blocker, _ = block(torch.device(device), args.free)  # after the writing, which draws on the device
+            blocker, _ = block(torch.device(device, 0) if device == "cuda" else torch.device(device), args.free)  # after the writing
             for mode in MODES:
                 r = run_mode(folder, device, mode, args.tokens)
                 floor = r["bytes"] / (gbps * 1e9)
