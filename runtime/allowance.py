@@ -45,6 +45,8 @@ class JobShape:
 SMALLEST = JobShape(batch=1, tokens=16, context=32)
 # what the plan at load time makes room for; a larger job demotes weights when it starts
 DEFAULT = JobShape(batch=1, tokens=512, context=1024)
+# one decode step at batch 1: the routed experts a sparse MoE layer's slots are planned for at load
+DECODE = JobShape(batch=1, tokens=1, context=1024)
 
 
 def job_bytes(config, dtype: torch.dtype, shape: JobShape, cuda_threads: int = 0) -> int:
@@ -83,6 +85,12 @@ class _Dims:
         experts = _first(c, "num_experts_per_tok", default=1) or 1  # MoE: the chosen experts' rows
         moe = _first(c, "moe_intermediate_size", default=0) or 0
         self.intermediate = max(inter, experts * moe)
+
+
+def experts_per_token(config) -> int:
+    """The routed experts a token uses in a mixture-of-experts config (0 for a dense model)."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return _first(c, "num_experts_per_tok", "num_experts_per_token", "moe_topk", default=0) or 0
 
 
 def _first(config, *names: str, default: int | None = None):

@@ -120,11 +120,29 @@ class GroupCost:
     stored: int  # bytes of its file: what each pass reads, what host RAM holds for a HOST group
     kind: str  # "pre", "layer" or "post"
     made_anew: bool = False  # loading makes new tensors (expanded or cast), not views of its bytes
+    # a MoE layer whose routed experts stream sparsely (runtime/experts.py): `experts` of them, each
+    # `expert_held` bytes in its slot on the device and `expert_stored` in the file, `per_token` a token
+    experts: int = 0
+    expert_held: int = 0
+    expert_stored: int = 0
+    per_token: int = 0
 
     @property
     def in_flight(self) -> int:
-        """Bytes while it is being loaded: a group that is expanded or cast holds both forms for a moment."""
+        """Bytes while it is being loaded, the whole group: a group that is expanded or cast holds
+        both forms for a moment."""
         return self.held + (self.stored if self.made_anew else 0)
+
+    def flight(self, routed_tokens: int | None = None) -> int:
+        """Bytes in flight for a pass of `routed_tokens` tokens: a sparsely streamed MoE layer brings
+        its other tensors and slots for the experts those tokens route (at most all of them), never
+        the [E, ...] tensors; None counts the whole group (`in_flight`)."""
+        if routed_tokens is None or not self.experts:
+            return self.in_flight
+        slots = min(self.experts, max(1, routed_tokens) * self.per_token)
+        rest_held = self.held - self.experts * self.expert_held
+        rest_stored = self.stored - self.experts * self.expert_stored
+        return rest_held + slots * self.expert_held + (rest_stored if self.made_anew else 0)
 
 
 @dataclass(frozen=True)
@@ -139,27 +157,30 @@ class Budget:
     limit_from_user: bool = False  # `capacity` is --max-gpu-memory's (else what the device has free)
 
 
-def stream_reserve(costs: list[GroupCost], budget: Budget, streamed: list[int] | None = None) -> int:
+def stream_reserve(costs: list[GroupCost], budget: Budget, streamed: list[int] | None = None,
+                   routed_tokens: int | None = None) -> int:
     """Device bytes streaming takes: the group in use plus `prefetch` read ahead, each at its
-    largest while loading (`streamed`: the groups that stream; default all of them)."""
+    largest while loading (`streamed`: the groups that stream; default all of them), sparse MoE
+    layers with the slots a pass of `routed_tokens` tokens routes (None: whole; see GroupCost.flight)."""
     idx = range(len(costs)) if streamed is None else streamed
-    largest = max((costs[i].in_flight for i in idx), default=0)
+    largest = max((costs[i].flight(routed_tokens) for i in idx), default=0)
     return (budget.prefetch + 1) * largest if largest else 0
 
 
-def device_need(costs: list[GroupCost], places: list[str], budget: Budget, job: int) -> int:
-    """Device bytes the plan `places` needs for a job of `job` bytes."""
+def device_need(costs: list[GroupCost], places: list[str], budget: Budget, job: int,
+                routed_tokens: int | None = None) -> int:
+    """Device bytes the plan `places` needs for a job of `job` bytes (of `routed_tokens` tokens a pass)."""
     resident = sum(c.held for c, p in zip(costs, places) if p == DEVICE)
     streamed = [i for i, p in enumerate(places) if p != DEVICE]
-    return resident + stream_reserve(costs, budget, streamed) + job
+    return resident + stream_reserve(costs, budget, streamed, routed_tokens) + job
 
 
-def smallest_capacity(costs: list[GroupCost], budget: Budget, job: int) -> int:
+def smallest_capacity(costs: list[GroupCost], budget: Budget, job: int, routed_tokens: int | None = None) -> int:
     """The least device memory with which every group streams next to a job of `job` bytes."""
-    return stream_reserve(costs, budget) + job
+    return stream_reserve(costs, budget, routed_tokens=routed_tokens) + job
 
 
-def plan(costs: list[GroupCost], budget: Budget, job: int) -> list[str]:
+def plan(costs: list[GroupCost], budget: Budget, job: int, routed_tokens: int | None = None) -> list[str]:
     """One of DEVICE/HOST/DISK per group, for a job of `job` bytes (see module docstring).
 
     Everything stays on the device if it fits with the job. Otherwise the device keeps room
@@ -173,7 +194,8 @@ def plan(costs: list[GroupCost], budget: Budget, job: int) -> list[str]:
     order = sorted(range(len(costs)), key=lambda i: (costs[i].kind == "layer", i))
     places = [DISK] * len(costs)
     if budget.residents:
-        _fill(places, order, [c.held for c in costs], budget.capacity - stream_reserve(costs, budget) - job, DEVICE)
+        _fill(places, order, [c.held for c in costs],
+              budget.capacity - stream_reserve(costs, budget, routed_tokens=routed_tokens) - job, DEVICE)
     if not budget.cuda:
         return places
     stored = [c.stored for c in costs]
@@ -184,20 +206,21 @@ def plan(costs: list[GroupCost], budget: Budget, job: int) -> list[str]:
     return _fill(places, order, stored, budget.host - staging, HOST)
 
 
-def demote(costs: list[GroupCost], places: list[str], budget: Budget, job: int) -> list[str]:
+def demote(costs: list[GroupCost], places: list[str], budget: Budget, job: int,
+           routed_tokens: int | None = None) -> list[str]:
     """`places` with resident groups moved off the device until a job of `job` bytes fits next
     to them: decoder layers first, the last first; to host RAM where it has room (CUDA), else
     to disk. Unchanged if it fits already, or if even streaming everything would not make it fit
     (moving weights would then cost passes and gain nothing)."""
     streamed_all = [p if p != DEVICE else DISK for p in places]
-    if device_need(costs, streamed_all, budget, job) > budget.capacity:
+    if device_need(costs, streamed_all, budget, job, routed_tokens) > budget.capacity:
         return list(places)
     places = list(places)
     host_used = sum(c.stored for c, p in zip(costs, places) if p == HOST)
     staging = 2 * max((c.stored for c in costs), default=0)
     order = sorted((i for i, p in enumerate(places) if p == DEVICE), key=lambda i: (costs[i].kind != "layer", -i))
     for i in order:
-        if device_need(costs, places, budget, job) <= budget.capacity:
+        if device_need(costs, places, budget, job, routed_tokens) <= budget.capacity:
             break
         to_host = budget.cuda and host_used + costs[i].stored + staging <= budget.host
         places[i] = HOST if to_host else DISK

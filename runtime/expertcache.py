@@ -125,13 +125,15 @@ class ExpertCache:
         heapq.heapify(self.heap)
 
 
-def cache_budget(loader, costs: list[budget.GroupCost], memory: budget.Budget, job: int, asked) -> int:
+def cache_budget(loader, costs: list[budget.GroupCost], memory: budget.Budget, job: int, asked,
+                 routed_tokens: int | None = None) -> int:
     """Bytes for the expert cache: `asked`, or what the memory budget leaves once the groups are
-    placed and a job of `job` bytes has its room (0 where no streamed group has experts). The
-    cache is the first to give way: `LayeredModel.fit_job` shrinks it for a larger job."""
+    placed and a job of `job` bytes (`routed_tokens` a pass: budget.device_need) has its room (0
+    where no streamed group has experts). The cache is the first to give way:
+    `LayeredModel.fit_job` shrinks it for a larger job."""
     asked = budget.parse_size(asked)
     if asked is not None:
         return asked
     if not any(g.experts for g, p in zip(loader.manifest.groups, loader.places) if p != budget.DEVICE):
         return 0
-    return max(0, memory.capacity - budget.device_need(costs, loader.places, memory, job))
+    return max(0, memory.capacity - budget.device_need(costs, loader.places, memory, job, routed_tokens))

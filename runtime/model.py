@@ -28,7 +28,7 @@ from .expertcache import cache_budget
 from .experts import ExpertStreamer, load_persistent_buffers
 from .prediction import guess_allowance
 from .opening import (converted_folder, group_costs, load_generation_config, load_tokenizer, pin_device,
-                      place_buffers, place_groups, resolve_device, resolve_runtime_dtype)
+                      place_buffers, place_groups, resolve_device, resolve_runtime_dtype, routed_tokens)
 from .cpuexperts import CpuExperts, open_cpu_experts
 from .hostcompute import HostCompute, open_host_compute
 from .stream import GroupLoader, Loaded, Prefetcher, StreamStats
@@ -164,12 +164,12 @@ class LayeredModel:
         memory = budget.make_budget(dev, prefetch, max_gpu_memory, max_cpu_memory)
         if predict_experts and sparse_experts:  # guesses wait in host memory (runtime/prediction.py)
             memory = budget.set_aside(memory, guess_allowance(manifest))
-        costs = group_costs(loader)
+        costs = group_costs(loader, allowance.experts_per_token(model.config) if sparse_experts else 0)
         loader.places, memory = place_groups(loader, model.config, memory, costs)
         prefetch = memory.prefetch  # 0 where two groups in flight would not fit
         load_persistent_buffers(model, loader)
-        cache = cache_budget(loader, costs, memory,
-                             allowance.job_bytes(model.config, compute_dtype, allowance.DEFAULT), expert_cache)
+        cache = cache_budget(loader, costs, memory, allowance.job_bytes(model.config, compute_dtype, allowance.DEFAULT),
+                             expert_cache, routed_tokens(costs, allowance.DECODE.tokens))
         host = open_host_compute(cpu_layers, path, loader, costs, lambda i: int(manifest.groups[i].name.split(".")[1]))
         routed_on_cpu = open_cpu_experts(cpu_experts, loader) if sparse_experts else None
         return cls(model, manifest, loader, device=dev, prefetch=prefetch, tokenizer=load_tokenizer(path),
@@ -190,7 +190,9 @@ class LayeredModel:
 
             input_ids = kwargs.pop("input_ids") if "input_ids" in kwargs else args[0]
             return generate_tree(self, input_ids, draft, tree_budget=tree_budget, **kwargs)
-        self.fit_job(allowance.shape_of_generate(args, kwargs, self.model.generation_config))
+        chunk = self.fit_job(allowance.shape_of_generate(args, kwargs, self.model.generation_config), chunkable=True)
+        if chunk and kwargs.get("prefill_chunk_size") is None:
+            kwargs["prefill_chunk_size"] = chunk
         with torch.inference_mode():
             return self.model.generate(*args, **kwargs)
 
@@ -223,32 +225,66 @@ class LayeredModel:
         Always on the CPU, where a job larger than the budget runs anyway (host RAM pages)."""
         if self.memory is None or not self.memory.cuda:
             return True
-        job = self.job_bytes(shape)
-        places = budget.demote(self.costs, self.places, self.memory, job)
-        return budget.device_need(self.costs, places, self.memory, job) <= self.memory.capacity
+        job, routed = self.job_bytes(shape), self._routed(shape)
+        places = budget.demote(self.costs, self.places, self.memory, job, routed)
+        return budget.device_need(self.costs, places, self.memory, job, routed) <= self.memory.capacity
 
-    def fit_job(self, shape: allowance.JobShape) -> None:
+    def _routed(self, shape: allowance.JobShape) -> int | None:
+        """The tokens a pass of `shape` routes through sparse MoE layers (budget.GroupCost.flight),
+        None where none streams its experts sparsely."""
+        return routed_tokens(self.costs, shape.batch * shape.tokens)
+
+    def fit_job(self, shape: allowance.JobShape, *, chunkable: bool = False) -> int | None:
         """Make room for a job of `shape` before it starts: resident groups move to host RAM or
         disk if its activations, KV cache and logits need their space (said once on stderr).
         On CUDA, a job that does not fit even with every group streamed next turns read-ahead off
         (one group in flight instead of `prefetch + 1`), and if that is not enough either raises
-        MemoryBudgetError naming the --max-gpu-memory it needs; on the CPU it runs anyway."""
+        MemoryBudgetError naming the --max-gpu-memory it needs; on the CPU it runs anyway.
+        `chunkable` (generate): where the prompt's pass would not fit only for the slots of the
+        experts its tokens route, the prompt tokens per pass that do fit, without moving weights
+        (the prompt is then prefilled in chunks, a weight pass each); else None."""
         if self.memory is None:
-            return
-        job = self.job_bytes(shape)
-        places = budget.demote(self.costs, self.places, self.memory, job)
-        if self.memory.cuda and budget.device_need(self.costs, places, self.memory, job) > self.memory.capacity:
+            return None
+        chunk = self._prefill_chunk(shape) if chunkable else None
+        if chunk:
+            print(f"runtime: the experts a {shape.tokens}-token prompt routes do not fit on the device at once; "
+                  f"prefilling it {chunk} tokens a pass", file=sys.stderr)
+            shape = dataclasses.replace(shape, tokens=chunk)
+        job, routed = self.job_bytes(shape), self._routed(shape)
+        places = budget.demote(self.costs, self.places, self.memory, job, routed)
+        if self.memory.cuda and budget.device_need(self.costs, places, self.memory, job, routed) > self.memory.capacity:
             alone = dataclasses.replace(self.memory, prefetch=0)
-            least = budget.smallest_capacity(self.costs, alone, job)
+            least = budget.smallest_capacity(self.costs, alone, job, routed)
             job_text = f"{shape.describe()} (about {budget.gib(job)})"
             if least > self.memory.capacity:  # fails before anything moved
                 raise MemoryBudgetError(budget.too_small(alone, least, job_text, self.device))
             self._stop_read_ahead(alone, job_text)
-            places = budget.demote(self.costs, self.places, self.memory, job)
+            places = budget.demote(self.costs, self.places, self.memory, job, routed)
         if places != self.places:
             self._demote(places, shape, job)
         self.cuda_threads = self._cuda_threads(shape)
         self._fit_expert_cache(shape, job)
+        return chunk
+
+    def _prefill_chunk(self, shape: allowance.JobShape) -> int | None:
+        """The most prompt tokens per row a pass can take where the whole prompt's does not fit on
+        CUDA with the groups where they are but a shorter one does, because sparse MoE layers need
+        slots for the experts the tokens route; None where the prompt fits, or chunks do not help."""
+        if not self.memory.cuda or shape.tokens <= 1 or self._routed(shape) is None:
+            return None
+
+        def fits(tokens: int) -> bool:
+            part = dataclasses.replace(shape, tokens=tokens)
+            need = budget.device_need(self.costs, self.places, self.memory, self.job_bytes(part), self._routed(part))
+            return need <= self.memory.capacity
+
+        if fits(shape.tokens) or not fits(1):
+            return None
+        low, high = 1, shape.tokens - 1  # fits(low), the answer is at most high
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid - 1)
+        return low
 
     def _fit_expert_cache(self, shape: allowance.JobShape, job: int) -> None:
         """On CUDA the expert cache gives way to the job: it keeps only what the plan leaves (said
@@ -256,7 +292,8 @@ class LayeredModel:
         cache = self.experts.cache
         if not self.memory.cuda or cache.capacity == 0:  # nothing to do (and no sums on every call)
             return
-        room = max(0, self.memory.capacity - budget.device_need(self.costs, self.places, self.memory, job))
+        room = max(0, self.memory.capacity - budget.device_need(self.costs, self.places, self.memory, job,
+                                                                self._routed(shape)))
         if cache.capacity > room:
             print(f"runtime: {shape.describe()} needs about {budget.gib(job)} next to the weights; the expert "
                   f"cache shrinks from {budget.gib(cache.capacity)} to {budget.gib(room)}", file=sys.stderr)

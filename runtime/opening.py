@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from reshard.errors import MemoryBudgetError, UsageError
-from reshard.format import DTYPE_NAMES, dtype_name
+from reshard.format import DTYPE_NAMES, dtype_name, expert_bytes
 
 from . import allowance, budget, lowbit
+from .quantized import param_held_bytes
 from .stream import GroupLoader
 
 
@@ -67,10 +68,29 @@ def resolve_runtime_dtype(dtype, default: str, device: torch.device | None = Non
 
 
 
-def group_costs(loader: GroupLoader) -> list[budget.GroupCost]:
-    """What each group takes on the device and on disk (runtime.budget plans with these)."""
-    return [budget.GroupCost(loader.held_bytes(i), loader.group_bytes(i), g.kind, loader.made_anew(i))
-            for i, g in enumerate(loader.manifest.groups)]
+def group_costs(loader: GroupLoader, per_token: int = 0) -> list[budget.GroupCost]:
+    """What each group takes on the device and on disk (runtime.budget plans with these). With
+    `per_token` (the experts a token routes, where routed experts stream sparsely) a CUDA MoE
+    layer also says what one routed expert takes, so a streamed one counts slots, not E experts."""
+    costs = []
+    for i, g in enumerate(loader.manifest.groups):
+        cost = budget.GroupCost(loader.held_bytes(i), loader.group_bytes(i), g.kind, loader.made_anew(i))
+        if per_token and loader.cuda and g.experts:
+            entries = list(g.experts.values())
+            count = entries[0]["num_experts"]
+            if all(e["num_experts"] == count for e in entries):
+                held = sum(param_held_bytes(g, n, loader.dtype, loader.device, loader.packing)
+                           for e in entries for n in e["tensors"])
+                cost = dataclasses.replace(cost, experts=count, expert_held=-(-held // count),
+                                           expert_stored=-(-expert_bytes(g) // count), per_token=per_token)
+        costs.append(cost)
+    return costs
+
+
+def routed_tokens(costs: list[budget.GroupCost], tokens: int) -> int | None:
+    """What budget functions take for a pass of `tokens` tokens: None where no layer streams its
+    experts sparsely (whole groups are counted), else the tokens."""
+    return tokens if any(c.experts for c in costs) else None
 
 
 def place_groups(loader: GroupLoader, config, memory: budget.Budget,
@@ -79,14 +99,17 @@ def place_groups(loader: GroupLoader, config, memory: budget.Budget,
     and the budget to run with (`costs`: `group_costs(loader)`, made here if not given). On CUDA,
     where the groups in flight with read-ahead do not fit next to the smallest job but one group
     does, read-ahead is turned off (said once on stderr); fails at once if even that cannot fit,
-    naming the least --max-gpu-memory that works."""
+    naming the least --max-gpu-memory that works. A MoE layer whose experts stream sparsely is
+    planned with the slots of a decode step (a batch-1 token's experts): a prompt whose union of
+    experts does not fit is prefilled in chunks that do (LayeredModel.fit_job)."""
     costs = costs if costs is not None else group_costs(loader)
+    decode = routed_tokens(costs, allowance.DECODE.batch * allowance.DECODE.tokens)
     if memory.cuda:
         smallest = allowance.job_bytes(config, loader.dtype, allowance.SMALLEST)
-        need = budget.smallest_capacity(costs, memory, smallest)
+        need = budget.smallest_capacity(costs, memory, smallest, decode)
         if need > memory.capacity and memory.prefetch:
             alone = dataclasses.replace(memory, prefetch=0)
-            least = budget.smallest_capacity(costs, alone, smallest)
+            least = budget.smallest_capacity(costs, alone, smallest, decode)
             if least <= memory.capacity:
                 print(f"runtime: {memory.prefetch + 1} groups in flight need {budget.gib(need)} of device memory, "
                       f"more than the {budget.gib(memory.capacity)} there is; reading each group when it is "
@@ -94,7 +117,7 @@ def place_groups(loader: GroupLoader, config, memory: budget.Budget,
             memory, need = alone, least
         if need > memory.capacity:
             raise MemoryBudgetError(budget.too_small(memory, need, "the smallest job", loader.device))
-    return budget.plan(costs, memory, allowance.job_bytes(config, loader.dtype, allowance.DEFAULT)), memory
+    return budget.plan(costs, memory, allowance.job_bytes(config, loader.dtype, allowance.DEFAULT), decode), memory
 
 
 def place_buffers(model: nn.Module, device: torch.device) -> None:
