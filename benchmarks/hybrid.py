@@ -6,6 +6,7 @@ beside a 35 GB model), decoded at batch 1, 8 and 64:
 - stream: every layer copied to the GPU each pass (the runtime's default);
 - cpu: every layer computed on the CPU where it waits (--cpu-layers <all>);
 - auto: the planner's choice per pass (--cpu-layers auto), from speeds measured at open.
+Each run opens the folder, generates 2 tokens to warm up, then times `--tokens` decode passes (median).
 `--moe` does the same for DeepSeek-V3-shaped MoE layers (hidden 7168, 256 routed experts of
 2048, 8 per token, one shared expert, MLA attention; every layer MoE), int4, with the routed
 experts streamed (--cpu-experts off), computed on the CPU (on) or placed by the planner per call
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -68,8 +70,9 @@ def build(folder: Path, layers: int, dry: bool, device: str, moe: bool = False) 
 
 
 def s_per_token(folder: Path, device: str, mode: str, batch: int, tokens: int, moe: bool = False) -> tuple[float, dict]:
-    """Mean decode-pass seconds, and the last pass's record of where each layer (--moe: each layer's
-    routed experts) ran."""
+    """Median decode-pass seconds after a warm-up generate (compiled expansions, the allocator and
+    the first calibration are paid there), and the last pass's record of where each layer (--moe:
+    each layer's routed experts) ran."""
     from runtime import LayeredModel
 
     where = dict(cpu_experts=MOE_MODES[mode]) if moe else dict(cpu_layers=MODES[mode])
@@ -78,9 +81,11 @@ def s_per_token(folder: Path, device: str, mode: str, batch: int, tokens: int, m
                                          **where)
     try:
         ids = torch.randint(3, 8000, (batch, 8), generator=torch.Generator().manual_seed(0)).to(model.device)
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+        warm = len(model.stats.per_pass)
         model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
-        decode = model.stats.per_pass[1:]
-        return sum(p.seconds for p in decode) / len(decode), decode[-1].cpu_experts if moe else decode[-1].cpu_layers
+        decode = model.stats.per_pass[warm + 1:]
+        return statistics.median(p.seconds for p in decode), decode[-1].cpu_experts if moe else decode[-1].cpu_layers
     finally:
         model.close()
         del model

@@ -25,7 +25,8 @@ AUTO = "auto"
 
 
 class HostCompute:
-    """Layer groups `candidates` (group index -> (stored bytes, weights, cache index)) that may run on `host`.
+    """Layer groups `candidates` (group index -> (stored bytes, weights, cache index, stored bytes the
+    host expands each pass)) that may run on `host`.
 
     `fixed`: they always run there (`--cpu-layers N`); else `speeds()` (calibrated on first use)
     feeds `hybrid.choose` at each pass's token count."""
@@ -47,11 +48,11 @@ class HostCompute:
         self.active, self.log = {}, {}
         if not self.enabled():
             return
-        for i, (stored, params, _) in self.candidates.items():
+        for i, (stored, params, _, expanded) in self.candidates.items():
             if self.fixed:
                 where, why = hybrid.CPU, "--cpu-layers"
             else:
-                choice = hybrid.choose(stored, params, tokens, self.speeds())
+                choice = hybrid.choose(stored, params, tokens, self.speeds(), expanded)
                 where, why = choice.where, choice.reason
             self.log[self.names[i]] = f"{where}: {why}"
             if where == hybrid.CPU:
@@ -71,7 +72,7 @@ class HostCompute:
     def install(self, model: torch.nn.Module, layers: torch.nn.ModuleList) -> list:
         """Hooks: the pass's token count on `model`, the moves on each candidate layer; their handles."""
         handles = [model.register_forward_pre_hook(self._start, with_kwargs=True)]
-        for i, (_, _, index) in self.candidates.items():
+        for i, (_, _, index, _) in self.candidates.items():
             layer = layers[index]
             handles.append(layer.register_forward_pre_hook(
                 lambda mod, args, kwargs, i=i: self._inputs(i, args, kwargs), with_kwargs=True))
@@ -150,7 +151,7 @@ def open_host_compute(cpu_layers, folder, loader: GroupLoader, costs, layer_inde
         return None
     host = GroupLoader(folder, manifest, torch.device("cpu"), loader.dtype, loader.stats, packing=loader.packing)
     size = loader.dtype.itemsize
-    candidates = {i: (costs[i].stored, costs[i].held // size, layer_index(i)) for i in chosen}
+    candidates = {i: (costs[i].stored, costs[i].held // size, layer_index(i), host.expanded_bytes(i)) for i in chosen}
     speeds = lambda: hybrid.calibrate(loader.device, loader.dtype, cache_file=hybrid.default_cache_file())  # noqa: E731
     return HostCompute(host, loader.device, candidates, fixed=cpu_layers != AUTO, speeds=speeds,
                        held=loader.host_data)

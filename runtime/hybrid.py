@@ -29,6 +29,7 @@ class Speeds:
     cpu_bytes: float  # weight bytes/s the CPU's matmul reads at one token (memory-bound)
     cpu_flops: float  # FLOP/s of the CPU's matmul with many tokens (compute-bound)
     gpu_flops: float  # FLOP/s of the device's matmul
+    cpu_expand: float = 0.0  # stored bytes/s the CPU expands quantized (int4) weights at; 0: not measured
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,12 @@ class Choice:
         return f"cpu {self.cpu_seconds * 1e3:.3g} ms vs stream {self.stream_seconds * 1e3:.3g} ms"
 
 
-def cpu_seconds(stored: int, params: int, tokens: int, speeds: Speeds) -> float:
-    """The CPU's time for a group of `stored` bytes and `params` weights at `tokens` tokens."""
-    return max(stored / speeds.cpu_bytes, 2 * params * tokens / speeds.cpu_flops)
+def cpu_seconds(stored: int, params: int, tokens: int, speeds: Speeds, expanded: int = 0) -> float:
+    """The CPU's time for a group of `stored` bytes and `params` weights at `tokens` tokens, of
+    which `expanded` stored bytes are quantized weights the CPU expands before its matmul (no
+    kernel multiplies them as stored), every pass: unknown (infinite) where that rate is not measured."""
+    expand = 0.0 if not expanded else expanded / speeds.cpu_expand if speeds.cpu_expand > 0 else float("inf")
+    return expand + max(stored / speeds.cpu_bytes, 2 * params * tokens / speeds.cpu_flops)
 
 
 def stream_seconds(stored: int, params: int, tokens: int, speeds: Speeds) -> float:
@@ -55,10 +59,11 @@ def stream_seconds(stored: int, params: int, tokens: int, speeds: Speeds) -> flo
     return max(copy, 2 * params * tokens / speeds.gpu_flops)
 
 
-def choose(stored: int, params: int, tokens: int, speeds: Speeds) -> Choice:
-    """CPU or STREAM for a host-resident group of `stored` bytes holding `params` weights, for a pass
-    of `tokens` tokens: the faster of the two estimates; a tie streams (the device path is the default)."""
-    cpu = cpu_seconds(stored, params, tokens, speeds)
+def choose(stored: int, params: int, tokens: int, speeds: Speeds, expanded: int = 0) -> Choice:
+    """CPU or STREAM for a host-resident group of `stored` bytes holding `params` weights (`expanded`
+    of those bytes expanded on the CPU each pass: `cpu_seconds`), for a pass of `tokens` tokens: the
+    faster of the two estimates; a tie streams (the device path is the default)."""
+    cpu = cpu_seconds(stored, params, tokens, speeds, expanded)
     stream = stream_seconds(stored, params, tokens, speeds)
     return Choice(CPU if cpu < stream else STREAM, cpu, stream)
 
@@ -89,12 +94,12 @@ def calibrate(device: torch.device, dtype: torch.dtype, *, cache_file: Path | No
     if key in _MEASURED:
         return _MEASURED[key]
     known = _read_cache(cache_file)
-    if key in known:
+    if key in known and known[key].get("cpu_expand"):  # (older entries lack the expansion rate: measured anew)
         speeds = Speeds(**known[key])
     else:
         cpu_bytes, cpu_flops = measure_cpu(dtype)
         link, gpu_flops = (measure_link(device), measure_gpu(device, dtype)) if device.type == "cuda" else (0.0, 1.0)
-        speeds = Speeds(link, cpu_bytes, cpu_flops, gpu_flops)
+        speeds = Speeds(link, cpu_bytes, cpu_flops, gpu_flops, measure_cpu_expand(dtype))
         if cache_file is not None:
             _write_cache(cache_file, {**known, key: asdict(speeds)})
     _MEASURED[key] = speeds
@@ -115,6 +120,18 @@ def measure_cpu(dtype: torch.dtype, rows: int = 4096, cols: int = 2048, tokens: 
     many_x = torch.randn(tokens, cols).to(dtype)
     many = _best(lambda: torch.nn.functional.linear(many_x, weight))
     return weight.numel() * weight.element_size() / one, 2 * rows * cols * tokens / many
+
+
+def measure_cpu_expand(dtype: torch.dtype, rows: int = 4096, cols: int = 2048, group: int = 32) -> float:
+    """Stored bytes/s at which the CPU expands an int4 weight (group `group`) to `dtype`: what a
+    host-computed group pays each pass for quantized weights no CPU kernel multiplies as stored."""
+    from reshard.quant import quantize
+
+    from .expansion import expand_weight
+
+    parts = quantize(torch.randn(rows, cols) * 0.02, "int4", group=group, dtype=torch.float16)
+    stored = sum(t.numel() * t.element_size() for t in parts.values())
+    return stored / _best(lambda: expand_weight(parts, "int4", columns=cols, dtype=dtype))
 
 
 def measure_link(device: torch.device, nbytes: int = 64 << 20) -> float:

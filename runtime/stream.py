@@ -206,6 +206,11 @@ class GroupLoader:
         stored = ST_TO_DTYPE[group.tensors[name]["dtype"]]
         return stored.is_floating_point and stored != self.dtype
 
+    def expanded_bytes(self, i: int) -> int:
+        """Stored bytes of group i's quantized weights that loading expands (no kernel takes them as stored)."""
+        group = self.manifest.groups[i]
+        return sum(self._stored_bytes(i, n) for n in group.quantized if n not in self.packing and n not in self.kept)
+
     def _stored_bytes(self, j: int, name: str) -> int:
         """Bytes parameter `name` takes in group j's file (all its parts if quantized)."""
         infos = self.files[j].infos

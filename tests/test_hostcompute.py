@@ -173,3 +173,28 @@ def test_generate_batch_with_cpu_layers_equals_without(tiny_converted):
                                                                  do_sample=False)])
             assert bool(model.stats.per_pass[-1].cpu_layers) == bool(cpu_layers)
     assert done[0] == done[1]
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_planner_is_told_what_the_host_expands_each_pass(tmp_path, packed):
+    """A candidate's last field is the stored bytes of quantized weights the host loader expands
+    (runtime/hybrid.py charges the CPU for it): none where the kernels take them as stored."""
+    from transformers import LlamaConfig
+
+    from reshard.format import quant_part_names
+    from reshard.synthetic import write_random_model
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=2, vocab_size=300, tie_word_embeddings=False)
+    manifest = write_random_model(config, tmp_path / "int4", dtype=torch.float32, quantize="int4", quantize_group=32)
+    with LayeredModel.from_pretrained(tmp_path / "int4", device="cpu", max_cpu_memory=0, cpu_layers=1,
+                                      packed=packed) as model:
+        (i,) = model.host.candidates
+        stored, _, _, expanded = model.host.candidates[i]
+        group = manifest.groups[i]
+        want = sum(model.host.loader.files[i].infos[n].nbytes
+                   for p in group.quantized for n in quant_part_names(p, "int4").values())
+        if packed:  # the CPU's kernels (the project's, or torch's int4pack) take every int4 weight here
+            assert model.host.loader.packing.keys() >= group.quantized.keys() and expanded == 0
+        else:
+            assert expanded == want and 0 < expanded < stored

@@ -40,7 +40,7 @@ def test_auto_moves_layers_and_their_cache_between_passes(tiny_converted):
         want = plain.generate(ids, **GEN)
     with LayeredModel.from_pretrained(tiny_converted["llama"], cpu_layers="auto", **PINNED) as model:
         # speeds for which the 9-token prefill streams and the 1-token decode passes run on the CPU
-        stored, params, _ = next(iter(model.host.candidates.values()))
+        stored, params, *_ = next(iter(model.host.candidates.values()))
         model.host._known = hybrid.Speeds(link=stored / 1e-3, cpu_bytes=stored / 0.5e-3,
                                           cpu_flops=2 * params * 4 / 1e-3, gpu_flops=1e15)
         assert torch.equal(model.generate(ids, **GEN), want)

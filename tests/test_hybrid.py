@@ -62,6 +62,34 @@ def test_calibrate_measures_once_and_reads_the_cache(tmp_path, monkeypatch):
     assert json.loads(cache.read_text())["cpu/torch.float32"]["cpu_bytes"] == speeds.cpu_bytes
     # a new process reads the file rather than measuring again
     monkeypatch.setattr(hybrid, "_MEASURED", {})
-    marked = {"cpu/torch.float32": {"link": 0.0, "cpu_bytes": 123.0, "cpu_flops": 456.0, "gpu_flops": 1.0}}
+    marked = {"cpu/torch.float32": {"link": 0.0, "cpu_bytes": 123.0, "cpu_flops": 456.0, "gpu_flops": 1.0,
+                                    "cpu_expand": 789.0}}
     cache.write_text(json.dumps(marked))
-    assert hybrid.calibrate(torch.device("cpu"), torch.float32, cache_file=cache).cpu_bytes == 123.0
+    assert hybrid.calibrate(torch.device("cpu"), torch.float32, cache_file=cache).cpu_expand == 789.0
+    # an entry written before the expansion rate was measured is measured anew
+    monkeypatch.setattr(hybrid, "_MEASURED", {})
+    del marked["cpu/torch.float32"]["cpu_expand"]
+    cache.write_text(json.dumps(marked))
+    again = hybrid.calibrate(torch.device("cpu"), torch.float32, cache_file=cache)
+    assert again.cpu_bytes != 123.0 and again.cpu_expand > 0
+
+
+# the H200 machine of benchmarks/results/gpu_check_h200_2026-12-04.txt: the link at 54.7 GB/s, the CPU's
+# float16 matmul reading 95.2 GB/s at one token and 0.50 TFLOP/s at 256; expanding int4 on its CPU
+# took about 3 s for 2.1 GB (4 layers of 0.5 GiB), some 0.7 GB/s
+H200_BOX = Speeds(link=54.7e9, cpu_bytes=95.2e9, cpu_flops=0.5e12, gpu_flops=GPU, cpu_expand=0.7e9)
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 64])
+def test_weights_the_cpu_must_expand_every_pass_stream(tokens):
+    """int4 layers no CPU kernel multiplies as stored: expanding them costs the CPU ~0.8 s a layer,
+    so streaming (9 ms over the link) wins at every batch, where the matmul alone would pick the CPU."""
+    choice = choose(STORED, PARAMS, tokens, H200_BOX, expanded=STORED)
+    assert choice.where == STREAM and choice.cpu_seconds > 0.5
+    assert choose(STORED, PARAMS, 1, H200_BOX).where == CPU  # multiplied as stored: the CPU reads faster
+
+
+def test_an_unmeasured_expansion_rate_never_picks_the_cpu_for_expanded_weights():
+    speeds = Speeds(link=PCIE4, cpu_bytes=60e9, cpu_flops=2e12, gpu_flops=GPU)  # cpu_expand 0: unknown
+    assert choose(STORED, PARAMS, 1, speeds, expanded=1).where == STREAM
+    assert choose(STORED, PARAMS, 1, speeds).where == CPU
