@@ -156,6 +156,7 @@ class GroupLoader:
         self._staging_done: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.expand_stream = torch.cuda.Stream(device) if self.cuda else None  # casts and expansions (_load_cuda)
         # groups whose loads bring one span of their data section, without the tensors named
         # (their routed experts come separately, see runtime/experts.py): i -> (span, names left out)
         self.partial: dict[int, tuple[tuple[int, int], frozenset]] = {}
@@ -315,12 +316,22 @@ class GroupLoader:
         return expand_param(parts, group.quantized[name], scheme, self.dtype)
 
     def _load_cuda(self, i: int) -> Loaded:
+        """Group i on the device: its bytes copied on the copy stream, then cast and expanded on the
+        expand stream, which waits for that copy alone. The background thread returns once the copy
+        is done, so the next group's copy starts while this one expands: the link stays busy, and
+        a quantized pass costs max(copy, expansion) per group rather than their sum. Compute waits
+        for the returned event (the expansion's end)."""
         gf, tensors, read = self.files[i], {}, 0.0
         span, skip, nbytes = self._span(i)
         t0 = time.perf_counter()
         with torch.cuda.stream(self.copy_stream):
-            if gf is not None:
-                flat, read = self._to_device(i, gf, span)
+            flat, read = self._to_device(i, gf, span) if gf is not None else (None, 0.0)
+            copied = torch.cuda.Event()
+            copied.record(self.copy_stream)
+        with torch.cuda.stream(self.expand_stream):
+            self.expand_stream.wait_event(copied)
+            if flat is not None:
+                flat.record_stream(self.expand_stream)  # its memory outlives the kernels that read it here
                 base = span[0] if span else 0
                 tensors = self._expand(i, {name: self._cast(gf.view_of(flat, name, base), name, i)
                                            for name in gf.infos if name not in skip})
@@ -329,8 +340,8 @@ class GroupLoader:
             for alias, (j, name) in self.aliases[i].items():
                 tensors[alias] = self._param(j, name, lambda t: t.to(self.device))
             event = torch.cuda.Event()
-            event.record(self.copy_stream)
-        event.synchronize()  # the background thread waits for its copy, compute does not
+            event.record(self.expand_stream)
+        copied.synchronize()  # the background thread waits for its copy; compute waits for `event`
         self.stats.read_seconds += read
         self.stats.copy_seconds += time.perf_counter() - t0 - read
         self.stats.bytes_copied += nbytes
