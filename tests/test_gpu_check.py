@@ -86,9 +86,9 @@ def test_gpu_check_dry_run(gpu_assets, tmp_path, tmp_path_factory):
     assert any(line.startswith("raw s/token warm, fp8-block (default): ") for line in lines)
     assert sum(re.match(r"(q4_k native|q4_k expanded|bf16) +[0-9.]+ ", line) is not None for line in lines) == 6
     assert any(re.fullmatch(r"  batch   1 cpu +[0-9.]+ s/token .*layers ran on cpu\)", line) for line in lines)
-    assert any(line.startswith("deepseek-v3 fp8: 3 MoE layers") for line in lines)
-    assert [line.split()[0] for line in lines if re.match(r"  (sparse|cache|cache\+predict) +[0-9.]+ s/token", line)] == [
-        "sparse", "cache", "cache+predict"]
+    frontier = next(k for k, line in enumerate(lines) if line.startswith("deepseek-v3 fp8: 3 MoE layers"))
+    assert [line.split()[0] for line in lines[frontier + 1:frontier + 4]] == ["sparse", "cache", "cache+predict"]
+    assert all(re.search(r" [0-9.]+ s/token .* GB/token -> floor ", line) for line in lines[frontier + 1:frontier + 4])
     assert list(tmp_path.iterdir()) == []  # the synthetic model was written to a temp dir and removed
 
 
