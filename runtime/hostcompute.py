@@ -1,7 +1,11 @@
 """Decoder layers computed on the CPU, where their weights wait, next to a model on the device.
 
 A layer group run this way gets its weights from a `GroupLoader` on the host (views of its file,
-quantized weights packed or expanded as the CPU runs them) instead of a copy over the link. Hooks
+quantized weights packed or expanded as the CPU runs them) instead of a copy over the link. Beside
+a GPU, whose modules hold expanded weights, a quantized linear weight the CPU's kernels take is
+loaded packed, and while its layer runs on the host its module is a `PackedLinear` holding those
+bytes (the plain module is put back when the layer leaves): the CPU multiplies it as stored, as
+it does the routed experts of runtime/cpuexperts.py, instead of expanding it every pass. Hooks
 on transformers' own layer module move what the layer is given (hidden states, position
 embeddings, masks) to the host before it runs and its output back after, and keep that layer's
 KV cache on the host while it computes there (moved once when a pass picks the other side).
@@ -18,7 +22,7 @@ import torch
 from reshard.errors import UsageError
 from reshard.format import expert_bytes
 
-from . import hybrid
+from . import hybrid, lowbit
 from .stream import GroupLoader, Loaded
 
 AUTO = "auto"
@@ -31,10 +35,13 @@ class HostCompute:
     `fixed`: they always run there (`--cpu-layers N`); else `speeds()` (calibrated on first use)
     feeds `hybrid.choose` at each pass's token count."""
 
-    def __init__(self, loader: GroupLoader, device: torch.device, candidates: dict[int, tuple[int, int, int]],
+    def __init__(self, loader: GroupLoader, device: torch.device, candidates: dict[int, tuple[int, int, int, int]],
                  *, fixed: bool, speeds: Callable[[], hybrid.Speeds] | None = None,
-                 held: Callable[[int], torch.Tensor | None] = lambda i: None):
+                 held: Callable[[int], torch.Tensor | None] = lambda i: None, swapped: frozenset = frozenset()):
         self.loader, self.device, self.host = loader, device, loader.device
+        self.swapped = swapped  # packed weights whose plain module makes way for a PackedLinear on the host
+        self._plain: dict[str, torch.nn.Module] = {}  # module path -> the plain module while a PackedLinear stands in
+        self._model: torch.nn.Module | None = None  # whose modules those are
         self.candidates, self.fixed, self._speeds = candidates, fixed, speeds
         self.held = held  # group -> its bytes already in host memory (the device loader's pinned copy), or None
         self.names = {i: loader.manifest.groups[i].name for i in candidates}
@@ -45,6 +52,8 @@ class HostCompute:
 
     def plan_pass(self, tokens: int) -> None:
         """Decide, for a pass of `tokens` tokens, which candidates run on the host."""
+        if self._plain:  # a pass that stopped midway (an exception) left PackedLinears in place
+            self.put_plain(self._model)
         self.active, self.log = {}, {}
         if not self.enabled():
             return
@@ -68,6 +77,27 @@ class HostCompute:
         the device's loader holds one (a HOST group), else read from its file."""
         data = self.held(i)
         return self.loader.load(i) if data is None else self.loader.load_from(i, data)
+
+    def put_packed(self, model: torch.nn.Module, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Group i's packed weights (in `tensors`, from `weights(i)`) into PackedLinear modules standing
+        in for their plain ones, which keep their other parameters (bias) as put in place."""
+        for name in self.loader.manifest.groups[i].quantized:
+            if name not in self.swapped:
+                continue
+            spec = self.loader.packing[name]
+            path = name.rpartition(".")[0]
+            plain = model.get_submodule(path)
+            packed = lowbit.PackedLinear(plain, spec)
+            for stored in lowbit.packed_names(name, spec):
+                packed._parameters[stored.rpartition(".")[2]] = torch.nn.Parameter(tensors[stored], requires_grad=False)
+            model.set_submodule(path, packed)
+            self._plain[path], self._model = plain, model
+
+    def put_plain(self, model: torch.nn.Module) -> None:
+        """The plain modules back where `put_packed` stood PackedLinears in."""
+        for path, plain in self._plain.items():
+            model.set_submodule(path, plain)
+        self._plain.clear()
 
     def install(self, model: torch.nn.Module, layers: torch.nn.ModuleList) -> list:
         """Hooks: the pass's token count on `model`, the moves on each candidate layer; their handles."""
@@ -132,9 +162,12 @@ def candidates_for(cpu_layers, places: list[str], groups, resident: str) -> list
     return off_device[max(0, len(off_device) - int(cpu_layers)):] if cpu_layers else []
 
 
-def open_host_compute(cpu_layers, folder, loader: GroupLoader, costs, layer_index: Callable[[int], int]):
+def open_host_compute(cpu_layers, folder, loader: GroupLoader, costs, layer_index: Callable[[int], int],
+                      model: torch.nn.Module | None = None):
     """The HostCompute for `cpu_layers` (None, 0, N or "auto") over `loader`'s plan, or None when
-    no layer runs on the host (also for "auto" on the CPU, where the host is the device)."""
+    no layer runs on the host (also for "auto" on the CPU, where the host is the device). With
+    `model` (the model's modules, where `packed` is asked for), the candidates' quantized linear
+    weights that `loader` expands but the CPU's kernels take are loaded packed on the host."""
     from .budget import DEVICE
 
     if cpu_layers is None:
@@ -149,9 +182,16 @@ def open_host_compute(cpu_layers, folder, loader: GroupLoader, costs, layer_inde
         chosen = [i for i in chosen if not expert_bytes(manifest.groups[i])]
     if not chosen:
         return None
-    host = GroupLoader(folder, manifest, torch.device("cpu"), loader.dtype, loader.stats, packing=loader.packing)
+    packing, swapped = dict(loader.packing), frozenset()
+    if model is not None:
+        names = {n for i in chosen for n in manifest.groups[i].quantized}
+        extra = {n: spec for n, spec in lowbit.plan_packing(model, manifest, torch.device("cpu")).items()
+                 if n in names and n not in packing}
+        packing.update(extra)
+        swapped = frozenset(extra)
+    host = GroupLoader(folder, manifest, torch.device("cpu"), loader.dtype, loader.stats, packing=packing)
     size = loader.dtype.itemsize
     candidates = {i: (costs[i].stored, costs[i].held // size, layer_index(i), host.expanded_bytes(i)) for i in chosen}
     speeds = lambda: hybrid.calibrate(loader.device, loader.dtype, cache_file=hybrid.default_cache_file())  # noqa: E731
     return HostCompute(host, loader.device, candidates, fixed=cpu_layers != AUTO, speeds=speeds,
-                       held=loader.host_data)
+                       held=loader.host_data, swapped=swapped)

@@ -170,7 +170,8 @@ class LayeredModel:
         load_persistent_buffers(model, loader)
         cache = cache_budget(loader, costs, memory, allowance.job_bytes(model.config, compute_dtype, allowance.DEFAULT),
                              expert_cache, routed_tokens(costs, allowance.DECODE.tokens))
-        host = open_host_compute(cpu_layers, path, loader, costs, lambda i: int(manifest.groups[i].name.split(".")[1]))
+        host = open_host_compute(cpu_layers, path, loader, costs, lambda i: int(manifest.groups[i].name.split(".")[1]),
+                                 model if packed else None)
         routed_on_cpu = open_cpu_experts(cpu_experts, loader) if sparse_experts else None
         return cls(model, manifest, loader, device=dev, prefetch=prefetch, tokenizer=load_tokenizer(path),
                    expert_cache=cache if sparse_experts else 0, sparse_experts=sparse_experts, memory=memory,
@@ -421,8 +422,9 @@ class LayeredModel:
         """Group i runs on the CPU this pass: its weights from host memory, nothing crosses the link."""
         loaded = self.host.weights(i)
         for slot, name in zip(self._slots[i], self._names[i]):
-            if name in loaded.tensors:
+            if name in loaded.tensors and name not in self.host.swapped:
                 slot.put(loaded.tensors[name])
+        self.host.put_packed(self.model, i, loaded.tensors)
         self._current = loaded
 
     def _load_group(self, i: int) -> None:
@@ -455,6 +457,7 @@ class LayeredModel:
         self.experts.release(i)
         self._current = None
         if self.host is not None and i in self.host.active:
+            self.host.put_plain(self.model)
             self.host.loader.release_pages(i)
         elif self.device.type == "cpu":
             self.loader.release_pages(i)

@@ -198,3 +198,41 @@ def test_the_planner_is_told_what_the_host_expands_each_pass(tmp_path, packed):
             assert model.host.loader.packing.keys() >= group.quantized.keys() and expanded == 0
         else:
             assert expanded == want and 0 < expanded < stored
+
+
+def test_quantized_host_layers_beside_an_expanding_device_are_multiplied_as_stored(tmp_path, monkeypatch):
+    """Beside a GPU the device's modules expand int4 weights; a layer computed on the host gets them
+    packed instead, in PackedLinear modules standing in while it runs. Here the device's packing is
+    emptied (as on CUDA) at the seam: every layer on the host then computes what the all-packed CPU
+    model computes, bit for bit, and the plain modules are back after the pass."""
+    from transformers import LlamaConfig
+
+    from reshard.synthetic import write_random_model
+    from runtime import lowbit
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=2, vocab_size=300, tie_word_embeddings=False)
+    manifest = write_random_model(config, tmp_path / "int4", dtype=torch.float32, quantize="int4", quantize_group=32)
+    ids = IDS % 300
+    with LayeredModel.from_pretrained(tmp_path / "int4", device="cpu", dtype="float32", max_cpu_memory=0) as plain:
+        want = plain(ids).logits
+    real, calls = lowbit.plan_packing, []
+
+    def device_expands(model, manifest, device):  # the first call plans the device's modules: none packed
+        calls.append(device)
+        return {} if len(calls) == 1 else real(model, manifest, device)
+
+    monkeypatch.setattr(lowbit, "plan_packing", device_expands)
+    quantized = {n for g in manifest.groups for n in g.quantized}
+    with LayeredModel.from_pretrained(tmp_path / "int4", device="cpu", dtype="float32", max_cpu_memory=0,
+                                      cpu_layers=2) as model:
+        assert model.loader.packing == {} and model.host.swapped == quantized
+        layers = model.model.get_submodule(model.manifest.layers_path)
+        seen = []
+        for layer in layers:  # after the runtime's own hooks: what the layer computes with
+            layer.register_forward_pre_hook(lambda mod, *_: seen.append(type(mod.mlp.down_proj).__name__))
+        got = model(ids).logits
+        assert seen == ["PackedLinear", "PackedLinear"]
+        assert all(type(layer.mlp.down_proj) is torch.nn.Linear for layer in layers)  # put back
+        assert set(v.split(":")[0] for v in model.stats.per_pass[-1].cpu_layers.values()) == {"cpu"}
+    assert torch.equal(got, want)
