@@ -111,7 +111,8 @@ def main() -> int:
         out(line)
     speeds = hybrid.calibrate(torch.device(device), dtype)
     out(f"measured: link {speeds.link / 1e9:.1f} GB/s host->device; CPU matmul {speeds.cpu_bytes / 1e9:.1f} GB/s "
-        f"at 1 token, {speeds.cpu_flops / 1e12:.2f} TFLOP/s at 256; GPU {speeds.gpu_flops / 1e12:.1f} TFLOP/s")
+        f"at 1 token, {speeds.cpu_flops / 1e12:.2f} TFLOP/s at 256; CPU int4 kernel {speeds.cpu_packed / 1e9:.1f} GB/s "
+        f"at 1 token; CPU int4 expansion {speeds.cpu_expand / 1e9:.2f} GB/s; GPU {speeds.gpu_flops / 1e12:.1f} TFLOP/s")
     work = Path(tempfile.mkdtemp(prefix="hybrid-bench-"))
     try:
         layers, moe = 2 if args.dry else args.layers, args.moe

@@ -16,6 +16,7 @@ planner (runtime/hybrid.py) estimates the CPU faster at this pass's token count.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -28,14 +29,23 @@ from .stream import GroupLoader, Loaded
 AUTO = "auto"
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A layer group that may run on the host, as the planner (runtime/hybrid.py) sees it."""
+    stored: int  # bytes of its file
+    params: int  # weights it holds
+    index: int  # its layer's index in the model (and its KV cache's)
+    expanded: int = 0  # stored bytes of quantized weights the host expands every pass
+    packed: int = 0  # stored bytes the host's low-bit kernels read as stored
+
+
 class HostCompute:
-    """Layer groups `candidates` (group index -> (stored bytes, weights, cache index, stored bytes the
-    host expands each pass)) that may run on `host`.
+    """Layer groups `candidates` (group index -> Candidate) that may run on `host`.
 
     `fixed`: they always run there (`--cpu-layers N`); else `speeds()` (calibrated on first use)
     feeds `hybrid.choose` at each pass's token count."""
 
-    def __init__(self, loader: GroupLoader, device: torch.device, candidates: dict[int, tuple[int, int, int, int]],
+    def __init__(self, loader: GroupLoader, device: torch.device, candidates: dict[int, Candidate],
                  *, fixed: bool, speeds: Callable[[], hybrid.Speeds] | None = None,
                  held: Callable[[int], torch.Tensor | None] = lambda i: None, swapped: frozenset = frozenset()):
         self.loader, self.device, self.host = loader, device, loader.device
@@ -57,11 +67,11 @@ class HostCompute:
         self.active, self.log = {}, {}
         if not self.enabled():
             return
-        for i, (stored, params, _, expanded) in self.candidates.items():
+        for i, c in self.candidates.items():
             if self.fixed:
                 where, why = hybrid.CPU, "--cpu-layers"
             else:
-                choice = hybrid.choose(stored, params, tokens, self.speeds(), expanded)
+                choice = hybrid.choose(c.stored, c.params, tokens, self.speeds(), c.expanded, c.packed)
                 where, why = choice.where, choice.reason
             self.log[self.names[i]] = f"{where}: {why}"
             if where == hybrid.CPU:
@@ -102,8 +112,8 @@ class HostCompute:
     def install(self, model: torch.nn.Module, layers: torch.nn.ModuleList) -> list:
         """Hooks: the pass's token count on `model`, the moves on each candidate layer; their handles."""
         handles = [model.register_forward_pre_hook(self._start, with_kwargs=True)]
-        for i, (_, _, index, _) in self.candidates.items():
-            layer = layers[index]
+        for i, c in self.candidates.items():
+            layer = layers[c.index]
             handles.append(layer.register_forward_pre_hook(
                 lambda mod, args, kwargs, i=i: self._inputs(i, args, kwargs), with_kwargs=True))
             handles.append(layer.register_forward_hook(lambda mod, args, out, i=i: self._output(i, out)))
@@ -117,7 +127,7 @@ class HostCompute:
 
     def _inputs(self, i: int, args, kwargs):
         where = self.host if i in self.active else self.device
-        move_cache_layer(kwargs.get("past_key_values"), self.candidates[i][2], where)
+        move_cache_layer(kwargs.get("past_key_values"), self.candidates[i].index, where)
         if i not in self.active:
             return None
         return move(args, self.host), move(kwargs, self.host)
@@ -191,7 +201,8 @@ def open_host_compute(cpu_layers, folder, loader: GroupLoader, costs, layer_inde
         swapped = frozenset(extra)
     host = GroupLoader(folder, manifest, torch.device("cpu"), loader.dtype, loader.stats, packing=packing)
     size = loader.dtype.itemsize
-    candidates = {i: (costs[i].stored, costs[i].held // size, layer_index(i), host.expanded_bytes(i)) for i in chosen}
+    candidates = {i: Candidate(costs[i].stored, costs[i].held // size, layer_index(i), host.expanded_bytes(i),
+                               host.packed_bytes(i)) for i in chosen}
     speeds = lambda: hybrid.calibrate(loader.device, loader.dtype, cache_file=hybrid.default_cache_file())  # noqa: E731
     return HostCompute(host, loader.device, candidates, fixed=cpu_layers != AUTO, speeds=speeds,
                        held=loader.host_data, swapped=swapped)

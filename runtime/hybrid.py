@@ -30,6 +30,7 @@ class Speeds:
     cpu_flops: float  # FLOP/s of the CPU's matmul with many tokens (compute-bound)
     gpu_flops: float  # FLOP/s of the device's matmul
     cpu_expand: float = 0.0  # stored bytes/s the CPU expands quantized (int4) weights at; 0: not measured
+    cpu_packed: float = 0.0  # stored bytes/s the CPU's int4 kernel reads at one token; 0: no kernel (cpu_bytes then)
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,14 @@ class Choice:
         return f"cpu {self.cpu_seconds * 1e3:.3g} ms vs stream {self.stream_seconds * 1e3:.3g} ms"
 
 
-def cpu_seconds(stored: int, params: int, tokens: int, speeds: Speeds, expanded: int = 0) -> float:
+def cpu_seconds(stored: int, params: int, tokens: int, speeds: Speeds, expanded: int = 0, packed: int = 0) -> float:
     """The CPU's time for a group of `stored` bytes and `params` weights at `tokens` tokens, of
     which `expanded` stored bytes are quantized weights the CPU expands before its matmul (no
-    kernel multiplies them as stored), every pass: unknown (infinite) where that rate is not measured."""
+    kernel multiplies them as stored), every pass (unknown, so infinite, where that rate is not
+    measured), and `packed` bytes are read by the low-bit kernels (at `cpu_packed` where measured)."""
     expand = 0.0 if not expanded else expanded / speeds.cpu_expand if speeds.cpu_expand > 0 else float("inf")
-    return expand + max(stored / speeds.cpu_bytes, 2 * params * tokens / speeds.cpu_flops)
+    read = (stored - packed) / speeds.cpu_bytes + packed / (speeds.cpu_packed or speeds.cpu_bytes)
+    return expand + max(read, 2 * params * tokens / speeds.cpu_flops)
 
 
 def stream_seconds(stored: int, params: int, tokens: int, speeds: Speeds) -> float:
@@ -59,11 +62,12 @@ def stream_seconds(stored: int, params: int, tokens: int, speeds: Speeds) -> flo
     return max(copy, 2 * params * tokens / speeds.gpu_flops)
 
 
-def choose(stored: int, params: int, tokens: int, speeds: Speeds, expanded: int = 0) -> Choice:
+def choose(stored: int, params: int, tokens: int, speeds: Speeds, expanded: int = 0, packed: int = 0) -> Choice:
     """CPU or STREAM for a host-resident group of `stored` bytes holding `params` weights (`expanded`
-    of those bytes expanded on the CPU each pass: `cpu_seconds`), for a pass of `tokens` tokens: the
-    faster of the two estimates; a tie streams (the device path is the default)."""
-    cpu = cpu_seconds(stored, params, tokens, speeds, expanded)
+    of those bytes expanded on the CPU each pass, `packed` read by its low-bit kernels: `cpu_seconds`),
+    for a pass of `tokens` tokens: the faster of the two estimates; a tie streams (the device path is
+    the default)."""
+    cpu = cpu_seconds(stored, params, tokens, speeds, expanded, packed)
     stream = stream_seconds(stored, params, tokens, speeds)
     return Choice(CPU if cpu < stream else STREAM, cpu, stream)
 
@@ -94,12 +98,12 @@ def calibrate(device: torch.device, dtype: torch.dtype, *, cache_file: Path | No
     if key in _MEASURED:
         return _MEASURED[key]
     known = _read_cache(cache_file)
-    if key in known and known[key].get("cpu_expand"):  # (older entries lack the expansion rate: measured anew)
+    if key in known and known[key].get("cpu_expand") and "cpu_packed" in known[key]:  # (older entries: measured anew)
         speeds = Speeds(**known[key])
     else:
         cpu_bytes, cpu_flops = measure_cpu(dtype)
         link, gpu_flops = (measure_link(device), measure_gpu(device, dtype)) if device.type == "cuda" else (0.0, 1.0)
-        speeds = Speeds(link, cpu_bytes, cpu_flops, gpu_flops, measure_cpu_expand(dtype))
+        speeds = Speeds(link, cpu_bytes, cpu_flops, gpu_flops, measure_cpu_expand(dtype), measure_cpu_packed())
         if cache_file is not None:
             _write_cache(cache_file, {**known, key: asdict(speeds)})
     _MEASURED[key] = speeds
@@ -132,6 +136,22 @@ def measure_cpu_expand(dtype: torch.dtype, rows: int = 4096, cols: int = 2048, g
     parts = quantize(torch.randn(rows, cols) * 0.02, "int4", group=group, dtype=torch.float16)
     stored = sum(t.numel() * t.element_size() for t in parts.values())
     return stored / _best(lambda: expand_weight(parts, "int4", columns=cols, dtype=dtype))
+
+
+def measure_cpu_packed(rows: int = 8192, cols: int = 4096, group: int = 32) -> float:
+    """Stored bytes/s the project's int4 kernel (runtime/native.py) reads at one token, on a weight
+    larger than the caches; 0 where the kernel cannot run here."""
+    from reshard.quant import quantize
+
+    from . import lowbit, native
+
+    if native.lowbit() is None:
+        return 0.0
+    spec = lowbit.PackSpec("int4", group, rows, cols, "native", torch.float16)
+    parts = quantize(torch.randn(rows, cols) * 0.02, "int4", group=group, dtype=torch.float16)
+    operands = lowbit.pack_param(parts, spec)
+    kernel, x = lowbit.native_kernel(spec), torch.randn(1, cols)
+    return sum(t.numel() * t.element_size() for t in operands) / _best(lambda: kernel(x, *operands))
 
 
 def measure_link(device: torch.device, nbytes: int = 64 << 20) -> float:

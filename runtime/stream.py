@@ -212,6 +212,10 @@ class GroupLoader:
         group = self.manifest.groups[i]
         return sum(self._stored_bytes(i, n) for n in group.quantized if n not in self.packing and n not in self.kept)
 
+    def packed_bytes(self, i: int) -> int:
+        """Stored bytes of group i's quantized weights the low-bit kernels read as stored (packing)."""
+        return sum(self._stored_bytes(i, n) for n in self.manifest.groups[i].quantized if n in self.packing)
+
     def _stored_bytes(self, j: int, name: str) -> int:
         """Bytes parameter `name` takes in group j's file (all its parts if quantized)."""
         infos = self.files[j].infos

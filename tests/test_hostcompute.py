@@ -190,14 +190,16 @@ def test_the_planner_is_told_what_the_host_expands_each_pass(tmp_path, packed):
     with LayeredModel.from_pretrained(tmp_path / "int4", device="cpu", max_cpu_memory=0, cpu_layers=1,
                                       packed=packed) as model:
         (i,) = model.host.candidates
-        stored, _, _, expanded = model.host.candidates[i]
+        candidate = model.host.candidates[i]
+        stored, expanded = candidate.stored, candidate.expanded
         group = manifest.groups[i]
         want = sum(model.host.loader.files[i].infos[n].nbytes
                    for p in group.quantized for n in quant_part_names(p, "int4").values())
         if packed:  # the CPU's kernels (the project's, or torch's int4pack) take every int4 weight here
             assert model.host.loader.packing.keys() >= group.quantized.keys() and expanded == 0
+            assert candidate.packed == want  # read by the kernels as stored
         else:
-            assert expanded == want and 0 < expanded < stored
+            assert expanded == want and 0 < expanded < stored and candidate.packed == 0
 
 
 def test_quantized_host_layers_beside_an_expanding_device_are_multiplied_as_stored(tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ def test_cpu_layers_on_cuda_match_the_all_gpu_run(arch, tiny_converted):
         assert out.logits.device.type == "cuda"
         torch.testing.assert_close(out.logits, want, rtol=0, atol=1e-4)
         assert torch.equal(model.generate(ids, **GEN), want_tokens)
-        on_cpu = {model.host.candidates[i][2] for i in model.host.active}
+        on_cpu = {model.host.candidates[i].index for i in model.host.active}
         devices = {k: layer.keys.device.type for k, layer in enumerate(out.past_key_values.layers)}
         assert on_cpu and all(devices[k] == ("cpu" if k in on_cpu else "cuda") for k in devices)
 
@@ -40,7 +40,8 @@ def test_auto_moves_layers_and_their_cache_between_passes(tiny_converted):
         want = plain.generate(ids, **GEN)
     with LayeredModel.from_pretrained(tiny_converted["llama"], cpu_layers="auto", **PINNED) as model:
         # speeds for which the 9-token prefill streams and the 1-token decode passes run on the CPU
-        stored, params, *_ = next(iter(model.host.candidates.values()))
+        first = next(iter(model.host.candidates.values()))
+        stored, params = first.stored, first.params
         model.host._known = hybrid.Speeds(link=stored / 1e-3, cpu_bytes=stored / 0.5e-3,
                                           cpu_flops=2 * params * 4 / 1e-3, gpu_flops=1e15)
         assert torch.equal(model.generate(ids, **GEN), want)

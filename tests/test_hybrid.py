@@ -63,7 +63,7 @@ def test_calibrate_measures_once_and_reads_the_cache(tmp_path, monkeypatch):
     # a new process reads the file rather than measuring again
     monkeypatch.setattr(hybrid, "_MEASURED", {})
     marked = {"cpu/torch.float32": {"link": 0.0, "cpu_bytes": 123.0, "cpu_flops": 456.0, "gpu_flops": 1.0,
-                                    "cpu_expand": 789.0}}
+                                    "cpu_expand": 789.0, "cpu_packed": 0.0}}
     cache.write_text(json.dumps(marked))
     assert hybrid.calibrate(torch.device("cpu"), torch.float32, cache_file=cache).cpu_expand == 789.0
     # an entry written before the expansion rate was measured is measured anew
@@ -87,6 +87,23 @@ def test_weights_the_cpu_must_expand_every_pass_stream(tokens):
     choice = choose(STORED, PARAMS, tokens, H200_BOX, expanded=STORED)
     assert choice.where == STREAM and choice.cpu_seconds > 0.5
     assert choose(STORED, PARAMS, 1, H200_BOX).where == CPU  # multiplied as stored: the CPU reads faster
+
+
+def test_weights_the_kernels_read_as_stored_cost_the_kernels_rate():
+    """A layer of int4 weights multiplied as stored: at one token the CPU's time is their bytes at the
+    kernel's measured rate, so a slow kernel streams where the float matmul's rate would pick the CPU."""
+    fast = choose(STORED, PARAMS, 1, H200_BOX, packed=STORED)
+    assert fast.where == CPU and fast.cpu_seconds == pytest.approx(STORED / H200_BOX.cpu_bytes)  # not measured: cpu_bytes
+    slow_kernel = Speeds(**{**H200_BOX.__dict__, "cpu_packed": 30e9})  # slower than the 54.7 GB/s link
+    choice = choose(STORED, PARAMS, 1, slow_kernel, packed=STORED)
+    assert choice.where == STREAM and choice.cpu_seconds == pytest.approx(STORED / 30e9)
+
+
+def test_calibration_measures_the_int4_kernel_where_it_runs():
+    from runtime import native
+
+    rate = hybrid.measure_cpu_packed(rows=1024, cols=1024)
+    assert rate > 0 if native.lowbit() is not None else rate == 0
 
 
 def test_an_unmeasured_expansion_rate_never_picks_the_cpu_for_expanded_weights():
