@@ -9,6 +9,10 @@
 #   moe          DeepSeek-V3 (int4, fp8) and Qwen3-235B (int4) shapes decoding with 6 GB free (issue 23; benchmarks/moe_gpu.py;
 #                GPU_MOE_RUNS=shape:scheme,... picks some)
 #   pytest       the GPU tests (`pytest -m gpu -rA`, every test's outcome by name)
+# On the H200 of 2026-12-04 (benchmarks/results/gpu_check_h200_2026-12-04.txt): speculation ~90 s, fp8 75 s,
+# gguf 50 s, hybrid 87 s, hybrid-moe 58 s, pytest 77 s; moe did not run through (expect ~4 min: about 55 GB of
+# random layers written and pinned). Two calls fit 15 minutes of device time, the second at once while the
+# machine is warm: GPU_CHECK_SECTIONS="speculation fp8 gguf hybrid hybrid-moe pytest", then "moe".
 # Older sections (issues closed before; about 8 min on an H200): GPU_CHECK_SECTIONS="legacy serve" runs
 # gpu_check.py's streaming, speculation, quantized, moe, parity and small-GPU sections, and benchmarks/serve.py.
 # A dry run (--dry or GPU_CHECK_DRY=1: the CPU, tiny shapes, no pytest; tests/test_gpu_check.py) runs
