@@ -231,7 +231,7 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "<runtime/opening.py:place_groups>": ("test_planner.py::test_too_small_names_the_least_budget_that_works",
                                           "test_budget_cuda.py::test_too_small_budget_is_one_error_naming_what_works"),
     "ends before byte {}": ("test_moe.py::test_an_expert_read_that_comes_back_short_names_the_file",),
-    "<runtime/model.py:fit_job>": ("test_degrade.py::test_scoring_that_cannot_fit_names_the_budget_that_would",),
+    "<runtime/jobmemory.py:fit_job>": ("test_degrade.py::test_scoring_that_cannot_fit_names_the_budget_that_would",),
     # --- runtime generate ------------------------------------------------------------------
     "empty prompt; pass --prompt TEXT or text on stdin": ("test_errors_runtime.py::test_empty_prompt",),
     "this folder has no tokenizer files; convert a checkpoint that has them":
