@@ -64,6 +64,13 @@ def routed_experts(index: torch.Tensor, count: int) -> list[int]:
     return [e for e in torch.unique(index).tolist() if 0 <= e < count]
 
 
+def computes_on_slots(module: nn.Module) -> bool:
+    """Whether a streamed experts module computes on [S, ...] slots (it takes `top_k_index` and
+    loops over `num_experts`), rather than on full-size [E, ...] tensors holding the routed rows."""
+    signature = inspect.signature(module.forward)
+    return "top_k_index" in signature.parameters and isinstance(getattr(module, "num_experts", None), int)
+
+
 class _Slots:
     """The experts one streamed layer's module computes with: rows [S, ...] per expert tensor
     holding experts `held` (ascending), S sized by what the passes route, not by E."""
@@ -175,7 +182,7 @@ class ExpertStreamer:
     def _hook(self, i: int, path: str, module: nn.Module, entry: dict):
         signature = inspect.signature(module.forward)
         count = entry["num_experts"]
-        compact = "top_k_index" in signature.parameters and isinstance(getattr(module, "num_experts", None), int)
+        compact = computes_on_slots(module)
         routes = any(a in signature.parameters for a in ROUTED_ARGS)
         if not routes and type(module) not in self.warned:
             self.warned.add(type(module))

@@ -163,7 +163,7 @@ class LayeredModel(JobMemory):
         memory = budget.make_budget(dev, prefetch, max_gpu_memory, max_cpu_memory)
         if predict_experts and sparse_experts:  # guesses wait in host memory (runtime/prediction.py)
             memory = budget.set_aside(memory, guess_allowance(manifest))
-        costs = group_costs(loader, allowance.experts_per_token(model.config) if sparse_experts else 0)
+        costs = group_costs(loader, allowance.experts_per_token(model.config) if sparse_experts else 0, model)
         loader.places, memory = place_groups(loader, model.config, memory, costs)
         prefetch = memory.prefetch  # 0 where two groups in flight would not fit
         load_persistent_buffers(model, loader)

@@ -18,6 +18,7 @@ from reshard.errors import MemoryBudgetError, UsageError
 from reshard.format import DTYPE_NAMES, dtype_name, expert_bytes
 
 from . import allowance, budget, lowbit
+from .experts import computes_on_slots
 from .quantized import param_held_bytes
 from .stream import GroupLoader
 
@@ -68,14 +69,16 @@ def resolve_runtime_dtype(dtype, default: str, device: torch.device | None = Non
 
 
 
-def group_costs(loader: GroupLoader, per_token: int = 0) -> list[budget.GroupCost]:
+def group_costs(loader: GroupLoader, per_token: int = 0, model: nn.Module | None = None) -> list[budget.GroupCost]:
     """What each group takes on the device and on disk (runtime.budget plans with these). With
     `per_token` (the experts a token routes, where routed experts stream sparsely) a CUDA MoE
-    layer also says what one routed expert takes, so a streamed one counts slots, not E experts."""
+    layer also says what one routed expert takes, so a streamed one counts slots, not E experts;
+    not one whose experts module (in `model`) computes on full-size tensors (gpt-oss's)."""
     costs = []
     for i, g in enumerate(loader.manifest.groups):
         cost = budget.GroupCost(loader.held_bytes(i), loader.group_bytes(i), g.kind, loader.made_anew(i))
-        if per_token and loader.cuda and g.experts:
+        slotted = model is None or all(computes_on_slots(model.get_submodule(path)) for path in g.experts)
+        if per_token and loader.cuda and g.experts and slotted:
             entries = list(g.experts.values())
             count = entries[0]["num_experts"]
             if all(e["num_experts"] == count for e in entries):

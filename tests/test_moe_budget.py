@@ -125,3 +125,27 @@ def test_small_gpu_decodes_a_moe_whose_experts_do_not_fit(folder, capsys):
         got = lm.generate(ids, **gen)
     assert torch.equal(got, want)
     assert "prefilling it" in capsys.readouterr().err
+
+
+def test_experts_computed_on_full_size_tensors_are_counted_whole(folder, tmp_path, monkeypatch):
+    """gpt-oss's experts module takes `router_indices` with routing weights dense over E: the streamer
+    gives it full-size [E, ...] tensors, so the budget keeps counting its layers whole."""
+    from transformers import GptOssConfig
+
+    from reshard.plan import build_empty_model
+    from runtime.experts import computes_on_slots
+
+    config = GptOssConfig(hidden_size=64, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
+                          vocab_size=300, tie_word_embeddings=False)
+    write_random_model(config, tmp_path / "gpt-oss", dtype=torch.float32)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)
+    loader = GroupLoader(tmp_path / "gpt-oss", read_manifest(tmp_path / "gpt-oss"), torch.device("cuda"),
+                         torch.float16, StreamStats())
+    model = build_empty_model(config, dtype=torch.float16)
+    moe = [g for g in loader.manifest.groups if g.experts]
+    assert moe and not any(computes_on_slots(model.get_submodule(p)) for g in moe for p in g.experts)
+    assert all(c.experts == 0 for c in group_costs(loader, 2, model))
+    assert any(c.experts for c in group_costs(loader, 2))  # without the model's modules: slots assumed
+    dsv3 = build_empty_model(_config(), dtype=torch.float16)  # DeepSeek-V3's experts compute on slots
+    assert all(computes_on_slots(dsv3.get_submodule(p)) for g in read_manifest(folder).groups for p in g.experts)
