@@ -150,8 +150,6 @@ def out(line: str = "") -> None:
 @contextlib.contextmanager
 def opened(folder: Path, device, gpu: str, cpu: str, dtype="float16"):
     """A LayeredModel on `folder` (prefetch 1) with explicit budgets, closed and its memory freed on exit."""
-    import torch
-
     from runtime.model import LayeredModel
 
     model = LayeredModel.from_pretrained(folder, device=str(device), dtype=dtype, max_gpu_memory=gpu,
@@ -159,11 +157,20 @@ def opened(folder: Path, device, gpu: str, cpu: str, dtype="float16"):
     try:
         yield model
     finally:
-        model.close()
-        del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release(model)
+
+
+def release(model) -> None:
+    """Close a LayeredModel and give its memory back (the allocator's cache too, on CUDA), so the next
+    model a benchmark opens plans with what it left."""
+    import torch
+
+    cuda = model.device.type == "cuda"
+    model.close()
+    del model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
 
 
 def count_places(places) -> str:

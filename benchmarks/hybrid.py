@@ -25,7 +25,6 @@ mode (goal: at most 1.05), and the arithmetic for a PCIe4 box. `--dry` runs tiny
 from __future__ import annotations
 
 import argparse
-import gc
 import shutil
 import statistics
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_lines, out  # noqa: E402
+from common import machine_lines, out, release  # noqa: E402
 
 LLAMA70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8)
 TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
@@ -87,11 +86,7 @@ def s_per_token(folder: Path, device: str, mode: str, batch: int, tokens: int, m
         decode = model.stats.per_pass[warm + 1:]
         return statistics.median(p.seconds for p in decode), decode[-1].cpu_experts if moe else decode[-1].cpu_layers
     finally:
-        model.close()
-        del model
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        release(model)
 
 
 def main() -> int:

@@ -21,7 +21,6 @@ model took beside the blocker. `--dry` runs tiny shapes on the CPU (the code run
 from __future__ import annotations
 
 import argparse
-import gc
 import shutil
 import statistics
 import sys
@@ -33,7 +32,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 import torch  # noqa: E402
 
-from common import machine_lines, out  # noqa: E402
+from common import machine_lines, out, release  # noqa: E402
 from gpu_check import pinned_copy_gbps  # noqa: E402
 from hybrid import DSV3, DSV3_TINY  # noqa: E402
 from small_gpu import block  # noqa: E402
@@ -82,11 +81,7 @@ def run_mode(folder: Path, device: str, mode: str, tokens: int) -> dict:
                 "cache_gb": model.experts.cache.capacity / 1e9,
                 "peak_gb": (torch.cuda.max_memory_allocated() - base) / 1e9 if device == "cuda" else None}
     finally:
-        model.close()
-        del model
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        release(model)
 
 
 def hits(rate) -> str:
