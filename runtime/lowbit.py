@@ -28,8 +28,9 @@ A GGUF's Q2_K to Q6_K and IQ4_XS blocks (reshard/ggml_quants.py) run natively as
 (runtime/kernels/kquant_cpu.c: the blocks' own scales decoded in the loop, each weight ggml's
 value); with no native kernel they expand. An "int4-sym" weight (a GGUF's Q4_0 re-packed, reshard/ggml_repack.py) runs as int4 with its zeros
 -8 * scales made at load; an "int4-act" one (act-order GPTQ, its columns stored group by group) runs
-as int4 on the input gathered into that order (`X.qorder`, a third tensor); int8 with group scales
-(a GGUF's Q8_0) expands: both kernels scale per row.
+as int4 on the input gathered into that order (`X.qorder`, a third tensor); int8 with a scale per
+block of 32 (a GGUF's Q8_0 re-packed) runs natively with its (N, K/32) scales as float32 (torch's
+int8 kernel scales per row only: without the native one it expands).
 What the kernels refuse (or, for int8, crash on) is left to the expansion in runtime/quantized.py:
 int8 needs K % 16 == 0; int4 needs g in {32, 64, 128, 256}, K % g == 0 and N % 16 == 0.
 Both read their operands with aligned vector loads and crash on a tensor that does not start
@@ -71,7 +72,7 @@ class PackSpec:
     """How one quantized weight runs packed."""
 
     scheme: str  # "int8", "int4", or GGML blocks (native.KQUANT_KINDS: "q2_k" to "q6_k", "iq4_xs"; native only)
-    group: int  # int4 group size (0 for int8)
+    group: int  # int4 group size; int8: 0 (a scale per row) or 32 (per block of 32 columns, native only)
     out_features: int  # N
     in_features: int  # K
     backend: str = "torch"  # "native" (runtime/native.py) or "torch"
@@ -107,10 +108,12 @@ def supported(spec: PackSpec) -> bool:
     n, k = spec.out_features, spec.in_features
     if spec.scheme in KQUANTS:
         return spec.backend == "native" and k % 256 == 0
-    if spec.backend == "native":
-        return k % 64 == 0 and (spec.scheme == "int8" or (spec.group % 32 == 0 and k % spec.group == 0))
+    if spec.backend == "native":  # int8: a scale per row, or per block of 32 (a GGUF's Q8_0)
+        if spec.scheme == "int8":
+            return k % 64 == 0 and spec.group in (0, 32)
+        return k % 64 == 0 and spec.group % 32 == 0 and k % spec.group == 0
     if spec.scheme == "int8":
-        return k % 16 == 0
+        return k % 16 == 0 and not spec.group
     return spec.group in INT4_GROUPS and k % spec.group == 0 and n % 16 == 0
 
 
@@ -147,8 +150,8 @@ def weight_spec(group, name: str, quant: dict, backends) -> PackSpec | None:
     scheme = scheme_of(group, name, quant.get("scheme"))
     # a parameter with a scheme of its own may name its group size too (GGUF blocks re-packed)
     size = info.get("group_size", quant.get("group_size")) or 0
-    if scheme not in KERNEL_SCHEMES or (scheme == "int8" and size):
-        return None  # int8 with group scales (a GGUF's Q8_0): both kernels scale per row
+    if scheme not in KERNEL_SCHEMES:
+        return None
     out, inp = reversed(info["shape"][-2:]) if info.get("transposed") else info["shape"][-2:]
     scale_dtype = stored_scale_dtype(group, name, scheme)
     for backend in backends:  # the project's kernel where it takes the shape, else torch's
@@ -225,8 +228,8 @@ def packed_shape(spec: PackSpec) -> tuple[tuple[int, ...], torch.dtype, tuple[in
         _, size, nbytes = BLOCK_TYPES[spec.scheme]
         return (n, k // size * nbytes), torch.uint8, (0,), torch.uint8
     if spec.backend == "native":
-        if spec.scheme == "int8":
-            return (n, k), torch.int8, (n,), torch.float32
+        if spec.scheme == "int8":  # a scale per row, or per block of `group` columns
+            return (n, k), torch.int8, ((n, k // spec.group) if spec.group else (n,)), torch.float32
         return (n, k // 2), torch.uint8, (n, k // 32 + k // spec.group), spec.scale_dtype
     if spec.scheme == "int8":
         return (n, k), torch.int8, (n,), KERNEL_DTYPE
@@ -247,7 +250,9 @@ def native_kernel(spec: PackSpec):
     contiguous, *the operands `pack_param` gives) -> (M, N) in x's dtype."""
     if spec.scheme in KQUANTS:
         return functools.partial(native.kquant_gemm, scheme=spec.scheme)
-    return native.int8_gemm if spec.scheme == "int8" else functools.partial(native.int4_gemm, group=spec.group)
+    if spec.scheme == "int8":
+        return native.int8_group_gemm if spec.group else native.int8_gemm
+    return functools.partial(native.int4_gemm, group=spec.group)
 
 
 class PackedLinear(nn.Module):

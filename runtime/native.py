@@ -91,6 +91,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.reshard_int8_gemm.argtypes = [ptr, i32, i64, i64, ptr, ptr, i64, ptr, i32]
     lib.reshard_int4_gemm.argtypes = [ptr, i32, i64, i64, ptr, ptr, i32, i64, i64, ptr, i32]
     lib.reshard_int8_gemm.restype = lib.reshard_int4_gemm.restype = i32
+    if hasattr(lib, "reshard_int8g_gemm"):  # an older version of the source (a benchmark's baseline) lacks it
+        lib.reshard_int8g_gemm.argtypes = [ptr, i32, i64, i64, ptr, ptr, i64, ptr, i32]
+        lib.reshard_int8g_gemm.restype = i32
     if hasattr(lib, "reshard_kquant_gemm"):  # an older version of the source (a benchmark's baseline) lacks it
         lib.reshard_kquant_gemm.argtypes = [ptr, i32, i64, i64, ptr, i32, i64, ptr, i32]
         lib.reshard_kquant_gemm.restype = i32
@@ -163,6 +166,19 @@ def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, *, li
     y = torch.empty(m, n, dtype=x.dtype)
     rc = (lib or _lib or lowbit()).reshard_int8_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), scales.data_ptr(), n,
                                     y.data_ptr(), torch.get_num_threads())
+    _check(rc)
+    return y
+
+
+def int8_group_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, *, lib: ctypes.CDLL | None = None
+                    ) -> torch.Tensor:
+    """x (M, K) float32 or bfloat16, contiguous, @ (weight (N, K) int8 * scales (N, K/32) float32,
+    one scale per block of 32 columns: a GGUF's Q8_0).T -> (M, N) in x's dtype; as int8_gemm."""
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype)
+    rc = (lib or _lib or lowbit()).reshard_int8g_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(),
+                                                      scales.data_ptr(), n, y.data_ptr(), torch.get_num_threads())
     _check(rc)
     return y
 

@@ -178,18 +178,18 @@ def test_logits_and_tokens_equal_transformers(mixed_converted, reference, reside
 
 def test_repacked_and_k_quant_weights_run_through_the_cpu_kernels(mixed_converted, reference):
     """By default the re-packed int4 weights (Q4_0, Q4_1) run packed through the CPU's low-bit
-    kernels, and so do Q2_K to Q6_K and IQ4_XS blocks, as stored, where the project's native kernels run;
-    each close to the exact product; int8 with group scales (Q8_0) expands."""
+    kernels, and so do Q2_K to Q6_K and IQ4_XS blocks, as stored, and Q8_0's int8 with a scale per
+    block of 32, where the project's native kernels run; each close to the exact product."""
     from runtime import LayeredModel, native
     from runtime.lowbit import PackedLinear, kernels_available
 
     if native.lowbit() is None and not kernels_available():
         pytest.skip("no CPU low-bit kernel on this machine")
     manifest = read_manifest(mixed_converted)
-    kernel = ("int4", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs") if native.lowbit() is not None else ("int4",)
+    kernel = ("int4", "int8", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs") if native.lowbit() is not None else ("int4",)
     want = {p[: -len(".weight")]: q["scheme"] for g in manifest.groups for p, q in g.quantized.items()
             if q["scheme"].startswith(kernel)}
-    assert {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"} <= set(want.values()) or native.lowbit() is None
+    assert {"int8", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"} <= set(want.values()) or native.lowbit() is None
     weights = dict(reference.named_parameters())
     x = torch.randn(4, 512, generator=torch.Generator().manual_seed(7))
     with LayeredModel.from_pretrained(mixed_converted, device="cpu", dtype="float32", max_cpu_memory="100GB") as lm:
@@ -197,8 +197,11 @@ def test_repacked_and_k_quant_weights_run_through_the_cpu_kernels(mixed_converte
         packed = {n: m for n, m in lm.model.named_modules() if isinstance(m, PackedLinear)}
         assert set(packed) == set(want)
         for name, module in packed.items():
-            if not want[name].startswith("int4"):  # held as the file's blocks: the stored bytes, no scale table
+            if not want[name].startswith(("int4", "int8")):  # held as the file's blocks: the stored bytes, no scale table
                 assert module.weight.dtype == torch.uint8 and not hasattr(module, "qscales")
+            if want[name] == "int8":  # Q8_0 as stored: its int8 values and a float32 scale per block of 32
+                assert module.weight.dtype == torch.int8 and module.qscales.shape == (module.spec.out_features,
+                                                                                     module.spec.in_features // 32)
             xs = x[:, :module.spec.in_features]
             exact = xs @ weights[name + ".weight"].t()
             err = (module(xs) - exact).abs().max() / exact.abs().max()

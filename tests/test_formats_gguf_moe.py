@@ -144,15 +144,14 @@ def moe_int4(moe_gguf, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("folder", ["blocks", "int4"])
 def test_streamed_experts_are_computed_as_stored(folder, moe_converted, moe_int4, reference, kernels):
     """By default on the CPU a streamed layer's routed experts are computed from their stored bits by
-    the native kernels (runtime/packedexperts.py): Q4_K/Q6_K blocks (layer 0 of the GGUF folder)
-    and int4 (every layer of the --quantize int4 one); Q8_0's int8 with group scales has no kernel
-    and expands (layer 1 of the GGUF folder). Each call's output is transformers' experts math on
-    the stored weights, within the kernels' error (activations quantized per block of 32; expanded:
-    float32's)."""
+    the native kernels (runtime/packedexperts.py): Q4_K/Q6_K blocks (layer 0 of the GGUF folder),
+    Q8_0's int8 with a scale per block of 32 (layer 1) and int4 (every layer of the --quantize int4
+    one). Each call's output is transformers' experts math on the stored weights, within the
+    kernels' error (activations quantized per block of 32)."""
     from runtime import LayeredModel
 
     path = moe_converted if folder == "blocks" else moe_int4
-    packed_layers = {0} if folder == "blocks" else {0, 1}
+    packed_layers = {0, 1}
     seen = {}
     with LayeredModel.from_pretrained(path, device="cpu", dtype="float32", max_cpu_memory=0) as model:
         assert set(model.loader.expert_packing) == {f"model.layers.{i}.mlp.experts" for i in packed_layers}

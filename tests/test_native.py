@@ -55,7 +55,11 @@ def reference(x: torch.Tensor, parts: dict, scheme: str) -> tuple[torch.Tensor, 
     k = x.shape[1]
     xdq = dequantized_activations(x)
     n = k / 32 + 16
-    if scheme == "int8":
+    if scheme == "int8" and parts["scales"].dim() == 2:  # a scale per block of 32 (a GGUF's Q8_0)
+        q, wscale = parts["qweight"].double(), parts["scales"].double().repeat_interleave(32, dim=1)
+        want = xdq @ (q * wscale).T
+        terms = xdq.abs() @ ((q + 128).abs() * wscale).T + 128 * xdq.abs() @ wscale.T
+    elif scheme == "int8":
         q, wscale = parts["qweight"].double(), parts["scales"].double()
         want = (xdq @ q.T) * wscale
         # the kernel sums (q + 128) * xq and takes off 128 * xq's sum (see lowbit_cpu.c)
@@ -165,6 +169,45 @@ def test_an_empty_batch_gives_an_empty_result(scheme, kernels):
     packed.weight, packed.qscales = nn.Parameter(weight, requires_grad=False), nn.Parameter(scales, requires_grad=False)
     x = torch.empty(0, 5, 128)
     assert packed(x).shape == nn.Linear(128, 40)(x).shape == (0, 5, 40)
+
+
+def q8_0_parts(n: int, k: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """int8 values with a float16 scale per block of 32 columns: a GGUF's Q8_0 as reshard/ggml_repack.py stores it."""
+    g = torch.Generator().manual_seed(seed)
+    return {"qweight": torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8),
+            "scales": (torch.rand(n, k // 32, generator=g) * 0.01 + 1e-4).half()}
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 96, 256), (6, 7, 64), (5, 300, 5632), (4, 256, 576)])
+def test_int8_kernel_with_block_scales_is_the_integer_math(m, n, k, kernels):
+    parts = q8_0_parts(n, k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
+    got = native.int8_group_gemm(x, parts["qweight"], parts["scales"].float())
+    assert_within_rounding(got, x, parts, "int8")
+    per_row = native.int8_gemm(x, parts["qweight"], parts["scales"][:, 0].float().contiguous())  # the block scales matter
+    assert not torch.allclose(got, per_row, rtol=1e-3)
+    bf16 = native.int8_group_gemm(x.bfloat16(), parts["qweight"], parts["scales"].float())
+    rounded_in = native.int8_group_gemm(x.bfloat16().float(), parts["qweight"], parts["scales"].float())
+    assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, rounded_in.bfloat16())  # bfloat16 in and out
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(native.int8_group_gemm(x, parts["qweight"], parts["scales"].float()), got)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_q8_0_packed_linear_runs_its_block_scales(kernels):
+    spec = PackSpec("int8", 32, 96, 256, "native", torch.float16)
+    assert lowbit.supported(spec) and not lowbit.supported(PackSpec("int8", 32, 96, 256, "torch"))
+    parts = q8_0_parts(96, 256, seed=2)
+    weight, scales = lowbit.pack_param(parts, spec)
+    assert weight.nbytes + scales.nbytes == lowbit.packed_nbytes(spec) and scales.shape == (96, 8)
+    packed = PackedLinear(nn.Linear(256, 96, bias=False), spec)
+    packed.weight, packed.qscales = nn.Parameter(weight, requires_grad=False), nn.Parameter(scales, requires_grad=False)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        assert_within_rounding(packed(x), x, parts, "int8")
 
 
 def test_results_do_not_depend_on_the_thread_count(kernels):

@@ -8,6 +8,7 @@
  * stored: the loop is bound by the memory, not by expanding weights to floats.
  *
  * int8, row n:  y = wscale[n] * sum_b d_b * sum_{k in b} w[n,k] * xq[k]
+ *   (with a scale per block of 32 instead, a GGUF's Q8_0: reshard_int8g_gemm below)
  *   vpdpbusd multiplies unsigned by signed bytes: it takes (w ^ 0x80) = w + 128 as the unsigned
  *   operand, which adds 128 * sum_b d_b * sum_{k in b} xq[k] to the row's sum: the same for every
  *   row, so it is computed once per activation row and taken off at the end.
@@ -113,6 +114,80 @@ int reshard_int8_gemm(const void *xin, int io, int64_t M, int64_t K, const int8_
     if (failed) { if (x) release8(&a); return -1; }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) row8(&a, M, K, w, wscale, N, n, y, io);
+    release8(&a);
+    return 0;
+}
+
+/* ---- int8 with a scale per block of 32 -------------------------------------------------------- */
+/* A GGUF's Q8_0 re-packed (reshard/ggml_repack.py): wscale is (N, K/32), row n:
+ *   y = sum_b wscale[n,b] * d_b * sum_{k in b} w[n,k] * xq[k]
+ * Each 64-value step holds two blocks (lanes 0-7 the first, 8-15 the second), so each lane's
+ * d_b is multiplied by its block's weight scale. The (w + 128) correction is per block as well:
+ * per row, sum_b wscale[n,b] * cb[b], cb[b] = 128 * d_b * sum_{k in b} xq[k] (once per activation row). */
+#define ACT8G(j)                                                                                \
+    const int8_t *xq##j = a->xq + (m + j) * K;                                                  \
+    const float *dl##j = a->dl + (m + j) * (K / 4), *cb##j = cb + (m + j) * (K / BLOCK);         \
+    __m512 acc##j = _mm512_setzero_ps();                                                        \
+    float c##j = 0.f;
+#define STEP8G(j)                                                                               \
+    acc##j = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(                            \
+        _mm512_setzero_si512(), wv, _mm512_loadu_si512(xq##j + k))),                             \
+        _mm512_mul_ps(_mm512_loadu_ps(dl##j + k / 4), ws), acc##j)
+#define CORR8G(j) c##j += sr[b] * cb##j[b];
+
+static inline void row8g(const act8 *a, const float *cb, int64_t M, int64_t K, const int8_t *w,
+                         const float *wscale, int64_t N, int64_t n, void *y, int io) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const int8_t *wr = w + n * K;
+    const float *sr = wscale + n * (K / BLOCK);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+        ACT8G(0) ACT8G(1) ACT8G(2) ACT8G(3)
+        for (int64_t k = 0; k < K; k += 64) {
+            __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(wr + k), flip);
+            __m512 ws = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sr[k / BLOCK]), _mm512_set1_ps(sr[k / BLOCK + 1]));
+            STEP8G(0); STEP8G(1); STEP8G(2); STEP8G(3);
+        }
+        for (int64_t b = 0; b < K / BLOCK; b++) { CORR8G(0) CORR8G(1) CORR8G(2) CORR8G(3) }
+        put(y, m * N + n, hsum(acc0) - c0, io);
+        put(y, (m + 1) * N + n, hsum(acc1) - c1, io);
+        put(y, (m + 2) * N + n, hsum(acc2) - c2, io);
+        put(y, (m + 3) * N + n, hsum(acc3) - c3, io);
+    }
+    for (; m < M; m++) {
+        ACT8G(0)
+        for (int64_t k = 0; k < K; k += 64) {
+            __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(wr + k), flip);
+            __m512 ws = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sr[k / BLOCK]), _mm512_set1_ps(sr[k / BLOCK + 1]));
+            STEP8G(0);
+        }
+        for (int64_t b = 0; b < K / BLOCK; b++) { CORR8G(0) }
+        put(y, m * N + n, hsum(acc0) - c0, io);
+    }
+}
+
+/* K % 64 == 0; wscale (N, K/32) float32 */
+int reshard_int8g_gemm(const void *xin, int io, int64_t M, int64_t K, const int8_t *w, const float *wscale,
+                       int64_t N, void *y, int threads) {
+    if (K % 64) return -2;
+    if (empty(M, K, N, y, io)) return 0;
+    float *owned;
+    const float *x = floats(xin, M * K, io, &owned);
+    act8 a;
+    int failed = x == NULL || prepare8(x, M, K, &a);
+    free(owned);
+    if (failed) { if (x) release8(&a); return -1; }
+    float *cb = malloc(sizeof(float) * M * (K / BLOCK));
+    if (!cb) { release8(&a); return -1; }
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < K / BLOCK; b++) {
+            int32_t sum = 0;
+            for (int i = 0; i < BLOCK; i++) sum += a.xq[m * K + b * BLOCK + i];
+            cb[m * (K / BLOCK) + b] = a.dl[m * (K / 4) + b * (BLOCK / 4)] * (float)(128 * sum);
+        }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) row8g(&a, cb, M, K, w, wscale, N, n, y, io);
+    free(cb);
     release8(&a);
     return 0;
 }
@@ -265,6 +340,8 @@ int reshard_int4_gemm(const void *xin, int io, int64_t M, int64_t K, const uint8
 
 int reshard_int8_gemm(const void *x, int io, int64_t M, int64_t K, const int8_t *w, const float *wscale,
                       int64_t N, void *y, int threads) { return -3; }
+int reshard_int8g_gemm(const void *x, int io, int64_t M, int64_t K, const int8_t *w, const float *wscale,
+                       int64_t N, void *y, int threads) { return -3; }
 int reshard_int4_gemm(const void *x, int io, int64_t M, int64_t K, const uint8_t *w, const void *sz, int kind,
                       int64_t group, int64_t N, void *y, int threads) { return -3; }
 
