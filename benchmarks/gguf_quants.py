@@ -16,6 +16,7 @@ groups kept in RAM take (the budget's count: expanded weights at their expanded 
 
   python benchmarks/gguf_quants.py > benchmarks/results/gguf_quants.txt
   python benchmarks/gguf_quants.py --model qwen3moe > benchmarks/results/gguf_quants_moe.txt
+  python benchmarks/gguf_quants.py --weights q8_0 > benchmarks/results/gguf_q8_0.txt  # a Q8_0 file
   python benchmarks/gguf_quants.py --device cuda --model llama70b --tokens 4 --rounds 3  # GPU check (issue 22)
 
 With `--device cuda` every group waits in pinned host RAM and is copied to the GPU each pass
@@ -80,7 +81,11 @@ def decode(folder: Path, tokens: int, *, placement: str, packed: bool, device: s
     return seconds / tokens, per_pass, kept
 
 
-RUNS = (("q4_k native", "auto", True), ("q4_k expanded", "auto", False), ("bf16", "bfloat16", True))
+def runs_of(weights: str) -> tuple:
+    """(label, folder dtype, packed) of each configuration on the CPU."""
+    return ((f"{weights} native", "auto", True), (f"{weights} expanded", "auto", False), ("bf16", "bfloat16", True))
+
+
 WHERE = {"streamed": "every group read from its file each pass", "resident": "every group kept in RAM",
          "pinned": "every group in pinned host RAM, copied to the GPU each pass"}
 GPU_RUNS = (("q4_k", "auto", True), ("bf16", "bfloat16", True))  # no native kernel there: blocks expand on the device
@@ -95,9 +100,11 @@ def main() -> None:
                          "llama70b: Llama-2-70B's layer shapes (for --device cuda)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cuda: every group in pinned host RAM, copied to the GPU each pass")
+    ap.add_argument("--weights", choices=["q4_k", "q8_0"], default="q4_k",
+                    help="q8_0: a Q8_0 file's decoder weights and head (re-packed int8 with a scale per block of 32)")
     args = ap.parse_args()
     gpu = args.device == "cuda"
-    runs, placements = (GPU_RUNS, ("pinned",)) if gpu else (RUNS, ("streamed", "resident"))
+    runs, placements = (GPU_RUNS, ("pinned",)) if gpu else (runs_of(args.weights), ("streamed", "resident"))
     print("\n".join(machine_lines("bfloat16", torch.get_num_threads())))
     if not gpu:
         print(f"native kernels: {'yes' if native.lowbit() is not None else 'no (Q4_K expands: both q4_k rows are the same path)'}")
@@ -108,12 +115,15 @@ def main() -> None:
             shape = {"llama": SHAPE, "llama70b": LLAMA70B, "tiny": TINY}[args.model]
             names = [n for n, _, _ in llama_tensors(shape["layers"], shape["hidden"], shape["inter"], shape["heads"],
                                                     shape["kv_heads"], 1)]
-            types = {n: Q.Q4_K for n in names if n.startswith("blk.") and not n.endswith("norm.weight")}
-            types["output.weight"] = Q.Q6_K
+            block = Q.Q8_0 if args.weights == "q8_0" else Q.Q4_K
+            types = {n: block for n in names if n.startswith("blk.") and not n.endswith("norm.weight")}
+            types["output.weight"] = Q.Q8_0 if args.weights == "q8_0" else Q.Q6_K
             vocab = None if args.model == "llama" else TOKENIZER_VOCAB
             size = write_random_llama(gguf, tokenizer_gguf(), types=types, vocab=vocab, **shape)
+            head = "Q8_0" if args.weights == "q8_0" else "Q6_K"
             print(f"source: random llama GGUF {shape}{f', vocabulary {vocab}' if vocab else ''}, decoder weights "
-                  f"Q4_K, head Q6_K, {size / 1e6:.0f} MB; {args.tokens} tokens per run, {args.rounds} rounds")
+                  f"{args.weights.upper()}, head {head}, {size / 1e6:.0f} MB; {args.tokens} tokens per run, "
+                  f"{args.rounds} rounds")
         else:  # tests/gguf_files.py's types: attention Q4_K (v Q6_K), experts Q4_K (down Q6_K), head Q6_K
             size = write_random_qwen3moe(gguf, tokenizer_gguf(), **MOE_SHAPE)
             print(f"source: random Qwen3-MoE GGUF {MOE_SHAPE}, expert width {QWEN3MOE_INTER}, experts Q4_K (down "
