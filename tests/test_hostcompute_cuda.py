@@ -52,3 +52,28 @@ def test_auto_moves_layers_and_their_cache_between_passes(tiny_converted):
 def test_calibration_measures_the_link_on_cuda(tmp_path):
     speeds = hybrid.calibrate(torch.device("cuda"), torch.float32, cache_file=tmp_path / "s.json")
     assert speeds.link > 1e8 and speeds.gpu_flops > speeds.cpu_flops > 0
+
+
+def test_int4_cpu_layers_on_cuda_are_multiplied_as_stored(tmp_path):
+    """Beside a GPU an int4 layer computed on the CPU runs its weights as stored (PackedLinear,
+    native or torch's kernel) and puts the plain modules back after: with every layer on the CPU,
+    the logits are the CPU-only packed model's within 1e-4 (the embeddings and head run on the GPU)
+    and the greedy tokens are its tokens."""
+    from transformers import LlamaConfig
+
+    from reshard.synthetic import write_random_model
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=2, vocab_size=300, tie_word_embeddings=False)
+    write_random_model(config, tmp_path / "int4", dtype=torch.float32, quantize="int4", quantize_group=32)
+    ids = _ids(300)
+    with LayeredModel.from_pretrained(tmp_path / "int4", device="cpu", dtype="float32", max_cpu_memory=0) as cpu:
+        want, want_tokens = cpu(ids.cpu()).logits, cpu.generate(ids.cpu(), **GEN)
+    with LayeredModel.from_pretrained(tmp_path / "int4", cpu_layers=2, **PINNED) as model:
+        assert model.host.swapped and model.loader.packing == {}
+        got = model(ids).logits
+        layers = model.model.get_submodule(model.manifest.layers_path)
+        assert all(type(layer.mlp.down_proj) is torch.nn.Linear for layer in layers)  # put back after the pass
+        assert {c.packed > 0 and c.expanded == 0 for c in model.host.candidates.values()} == {True}
+        torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-4)
+        assert torch.equal(model.generate(ids, **GEN).cpu(), want_tokens)
