@@ -250,9 +250,7 @@ def native_kernel(spec: PackSpec):
     contiguous, *the operands `pack_param` gives) -> (M, N) in x's dtype."""
     if spec.scheme in KQUANTS:
         return functools.partial(native.kquant_gemm, scheme=spec.scheme)
-    if spec.scheme == "int8":
-        return native.int8_group_gemm if spec.group else native.int8_gemm
-    return functools.partial(native.int4_gemm, group=spec.group)
+    return native.int8_gemm if spec.scheme == "int8" else functools.partial(native.int4_gemm, group=spec.group)
 
 
 class PackedLinear(nn.Module):

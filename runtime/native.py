@@ -159,26 +159,16 @@ IO_KINDS = {torch.float32: 0, torch.bfloat16: 2}  # what the kernels take x in a
 
 def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, *, lib: ctypes.CDLL | None = None
               ) -> torch.Tensor:
-    """x (M, K) float32 or bfloat16, contiguous, @ (weight (N, K) int8 * scales (N,) float32).T
-    -> (M, N) in x's dtype; through `lib` (from `load`) where given, else `lowbit()`."""
+    """x (M, K) float32 or bfloat16, contiguous, @ (weight (N, K) int8 * scales).T -> (M, N) in x's
+    dtype; `scales` float32, (N,) one per row or (N, K/32) one per block of 32 columns (a GGUF's
+    Q8_0). Through `lib` (from `load`) where given, else `lowbit()`."""
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
-    rc = (lib or _lib or lowbit()).reshard_int8_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), scales.data_ptr(), n,
-                                    y.data_ptr(), torch.get_num_threads())
-    _check(rc)
-    return y
-
-
-def int8_group_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, *, lib: ctypes.CDLL | None = None
-                    ) -> torch.Tensor:
-    """x (M, K) float32 or bfloat16, contiguous, @ (weight (N, K) int8 * scales (N, K/32) float32,
-    one scale per block of 32 columns: a GGUF's Q8_0).T -> (M, N) in x's dtype; as int8_gemm."""
-    m, k = x.shape
-    n = weight.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype)
-    rc = (lib or _lib or lowbit()).reshard_int8g_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(),
-                                                      scales.data_ptr(), n, y.data_ptr(), torch.get_num_threads())
+    lib = lib or _lib or lowbit()
+    gemm = lib.reshard_int8g_gemm if scales.dim() == 2 else lib.reshard_int8_gemm
+    rc = gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, weight.data_ptr(), scales.data_ptr(), n, y.data_ptr(),
+              torch.get_num_threads())
     _check(rc)
     return y
 

@@ -182,17 +182,17 @@ def q8_0_parts(n: int, k: int, seed: int = 0) -> dict[str, torch.Tensor]:
 def test_int8_kernel_with_block_scales_is_the_integer_math(m, n, k, kernels):
     parts = q8_0_parts(n, k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
-    got = native.int8_group_gemm(x, parts["qweight"], parts["scales"].float())
+    got = native.int8_gemm(x, parts["qweight"], parts["scales"].float())
     assert_within_rounding(got, x, parts, "int8")
     per_row = native.int8_gemm(x, parts["qweight"], parts["scales"][:, 0].float().contiguous())  # the block scales matter
     assert not torch.allclose(got, per_row, rtol=1e-3)
-    bf16 = native.int8_group_gemm(x.bfloat16(), parts["qweight"], parts["scales"].float())
-    rounded_in = native.int8_group_gemm(x.bfloat16().float(), parts["qweight"], parts["scales"].float())
+    bf16 = native.int8_gemm(x.bfloat16(), parts["qweight"], parts["scales"].float())
+    rounded_in = native.int8_gemm(x.bfloat16().float(), parts["qweight"], parts["scales"].float())
     assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, rounded_in.bfloat16())  # bfloat16 in and out
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert torch.equal(native.int8_group_gemm(x, parts["qweight"], parts["scales"].float()), got)
+        assert torch.equal(native.int8_gemm(x, parts["qweight"], parts["scales"].float()), got)
     finally:
         torch.set_num_threads(threads)
 

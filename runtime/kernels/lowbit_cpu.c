@@ -35,24 +35,27 @@ int reshard_lowbit_isa(void) { return HAVE_VNNI; }
 typedef struct {
     int8_t *xq;     /* (M, K) */
     float *corr;    /* (M): 128 * sum_b d_b * sum_{k in b} xq[k], what (w + 128) adds over w */
+    float *cb;      /* (M, K/32): that correction's term of each block (int8 with block scales weighs them) */
     float *dl;      /* (M, K/4): d of the block each 4 values belong to, one per lane */
 } act8;
 
 static int prepare8(const float *x, int64_t M, int64_t K, act8 *a) {
     a->xq = aligned_alloc(64, ((M * K + 63) / 64) * 64);
     a->corr = malloc(sizeof(float) * M);
+    a->cb = malloc(sizeof(float) * M * (K / BLOCK));
     a->dl = aligned_alloc(64, ((M * K + 63) / 64) * 64);
     float *d = malloc(sizeof(float) * (K / BLOCK));
-    if (!a->xq || !a->corr || !a->dl || !d) { free(d); return -1; }
+    if (!a->xq || !a->corr || !a->cb || !a->dl || !d) { free(d); return -1; }
     for (int64_t m = 0; m < M; m++) {
         int8_t *q = a->xq + m * K;
         quantize_row(x + m * K, K, q, d);
         for (int64_t l = 0; l < K / 4; l++) a->dl[m * (K / 4) + l] = d[(4 * l) / BLOCK];
-        float corr = 0.f;
+        float corr = 0.f, *cb = a->cb + m * (K / BLOCK);
         for (int64_t b = 0; b < K / BLOCK; b++) {
             int32_t sum = 0;
             for (int i = 0; i < BLOCK; i++) sum += q[b * BLOCK + i];
-            corr += d[b] * (float)(128 * sum);
+            cb[b] = d[b] * (float)(128 * sum);
+            corr += cb[b];
         }
         a->corr[m] = corr;
     }
@@ -60,7 +63,7 @@ static int prepare8(const float *x, int64_t M, int64_t K, act8 *a) {
     return 0;
 }
 
-static void release8(act8 *a) { free(a->xq); free(a->corr); free(a->dl); }
+static void release8(act8 *a) { free(a->xq); free(a->corr); free(a->cb); free(a->dl); }
 
 /* Row n of y for every m. One weight row at a time: four rows interleaved (sharing the
  * activations' loads) ran at half the speed on an AMD EPYC core, 12 against 23 GB/s (the
@@ -101,32 +104,16 @@ static inline void row8(const act8 *a, int64_t M, int64_t K, const int8_t *w, co
     }
 }
 
-/* K % 64 == 0 (the loops read 64 values at a time) */
-int reshard_int8_gemm(const void *xin, int io, int64_t M, int64_t K, const int8_t *w, const float *wscale,
-                      int64_t N, void *y, int threads) {
-    if (K % 64) return -2;
-    if (empty(M, K, N, y, io)) return 0;
-    float *owned;
-    const float *x = floats(xin, M * K, io, &owned);
-    act8 a;
-    int failed = x == NULL || prepare8(x, M, K, &a);
-    free(owned);
-    if (failed) { if (x) release8(&a); return -1; }
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) row8(&a, M, K, w, wscale, N, n, y, io);
-    release8(&a);
-    return 0;
-}
-
 /* ---- int8 with a scale per block of 32 -------------------------------------------------------- */
 /* A GGUF's Q8_0 re-packed (reshard/ggml_repack.py): wscale is (N, K/32), row n:
  *   y = sum_b wscale[n,b] * d_b * sum_{k in b} w[n,k] * xq[k]
  * Each 64-value step holds two blocks (lanes 0-7 the first, 8-15 the second), so each lane's
  * d_b is multiplied by its block's weight scale. The (w + 128) correction is per block as well:
- * per row, sum_b wscale[n,b] * cb[b], cb[b] = 128 * d_b * sum_{k in b} xq[k] (once per activation row). */
+ * per row, sum_b wscale[n,b] * cb[b], cb[b] = 128 * d_b * sum_{k in b} xq[k] (prepare8's, once per
+ * activation row). */
 #define ACT8G(j)                                                                                \
     const int8_t *xq##j = a->xq + (m + j) * K;                                                  \
-    const float *dl##j = a->dl + (m + j) * (K / 4), *cb##j = cb + (m + j) * (K / BLOCK);         \
+    const float *dl##j = a->dl + (m + j) * (K / 4), *cb##j = a->cb + (m + j) * (K / BLOCK);      \
     __m512 acc##j = _mm512_setzero_ps();                                                        \
     float c##j = 0.f;
 #define STEP8G(j)                                                                               \
@@ -135,7 +122,7 @@ int reshard_int8_gemm(const void *xin, int io, int64_t M, int64_t K, const int8_
         _mm512_mul_ps(_mm512_loadu_ps(dl##j + k / 4), ws), acc##j)
 #define CORR8G(j) c##j += sr[b] * cb##j[b];
 
-static inline void row8g(const act8 *a, const float *cb, int64_t M, int64_t K, const int8_t *w,
+static inline void row8g(const act8 *a, int64_t M, int64_t K, const int8_t *w,
                          const float *wscale, int64_t N, int64_t n, void *y, int io) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     const int8_t *wr = w + n * K;
@@ -166,10 +153,10 @@ static inline void row8g(const act8 *a, const float *cb, int64_t M, int64_t K, c
     }
 }
 
-/* K % 64 == 0; wscale (N, K/32) float32 */
-int reshard_int8g_gemm(const void *xin, int io, int64_t M, int64_t K, const int8_t *w, const float *wscale,
-                       int64_t N, void *y, int threads) {
-    if (K % 64) return -2;
+/* The int8 kernels' shared body: `grouped` picks row8g (wscale (N, K/32)) over row8 (wscale (N,)). */
+static int gemm8(const void *xin, int io, int64_t M, int64_t K, const int8_t *w, const float *wscale,
+                 int64_t N, void *y, int threads, int grouped) {
+    if (K % 64) return -2;  /* the loops read 64 values at a time */
     if (empty(M, K, N, y, io)) return 0;
     float *owned;
     const float *x = floats(xin, M * K, io, &owned);
@@ -177,19 +164,25 @@ int reshard_int8g_gemm(const void *xin, int io, int64_t M, int64_t K, const int8
     int failed = x == NULL || prepare8(x, M, K, &a);
     free(owned);
     if (failed) { if (x) release8(&a); return -1; }
-    float *cb = malloc(sizeof(float) * M * (K / BLOCK));
-    if (!cb) { release8(&a); return -1; }
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t b = 0; b < K / BLOCK; b++) {
-            int32_t sum = 0;
-            for (int i = 0; i < BLOCK; i++) sum += a.xq[m * K + b * BLOCK + i];
-            cb[m * (K / BLOCK) + b] = a.dl[m * (K / 4) + b * (BLOCK / 4)] * (float)(128 * sum);
-        }
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) row8g(&a, cb, M, K, w, wscale, N, n, y, io);
-    free(cb);
+    for (int64_t n = 0; n < N; n++) {
+        if (grouped) row8g(&a, M, K, w, wscale, N, n, y, io);
+        else row8(&a, M, K, w, wscale, N, n, y, io);
+    }
     release8(&a);
     return 0;
+}
+
+/* wscale (N,) float32, one scale per row */
+int reshard_int8_gemm(const void *xin, int io, int64_t M, int64_t K, const int8_t *w, const float *wscale,
+                      int64_t N, void *y, int threads) {
+    return gemm8(xin, io, M, K, w, wscale, N, y, threads, 0);
+}
+
+/* wscale (N, K/32) float32, one scale per block of 32 */
+int reshard_int8g_gemm(const void *xin, int io, int64_t M, int64_t K, const int8_t *w, const float *wscale,
+                       int64_t N, void *y, int threads) {
+    return gemm8(xin, io, M, K, w, wscale, N, y, threads, 1);
 }
 
 /* ---- int4 ---------------------------------------------------------------------------------- */
