@@ -50,6 +50,9 @@ class HostCompute:
                  held: Callable[[int], torch.Tensor | None] = lambda i: None, swapped: frozenset = frozenset()):
         self.loader, self.device, self.host = loader, device, loader.device
         self.swapped = swapped  # packed weights whose plain module makes way for a PackedLinear on the host
+        self._swaps = {i: [n for n in loader.manifest.groups[i].quantized if n in swapped] for i in candidates}
+        self._standins: dict[str, torch.nn.Module] = {}  # module path -> its PackedLinear, made on first use
+        self._empty: dict[str, dict] = {}  # module path -> its PackedLinear's meta parameters (bias aside)
         self._plain: dict[str, torch.nn.Module] = {}  # module path -> the plain module while a PackedLinear stands in
         self._model: torch.nn.Module | None = None  # whose modules those are
         self.candidates, self.fixed, self._speeds = candidates, fixed, speeds
@@ -90,16 +93,18 @@ class HostCompute:
 
     def put_packed(self, model: torch.nn.Module, i: int, tensors: dict[str, torch.Tensor]) -> None:
         """Group i's packed weights (in `tensors`, from `weights(i)`) into PackedLinear modules standing
-        in for their plain ones, which keep their other parameters (bias) as put in place."""
-        for name in self.loader.manifest.groups[i].quantized:
-            if name not in self.swapped:
-                continue
-            spec = self.loader.packing[name]
+        in for their plain ones (made once per module), with the plain one's bias as put in place."""
+        for name in self._swaps.get(i, ()):
             path = name.rpartition(".")[0]
             plain = model.get_submodule(path)
-            packed = lowbit.PackedLinear(plain, spec)
-            for stored in lowbit.packed_names(name, spec):
+            packed = self._standins.get(path)
+            if packed is None:
+                packed = self._standins[path] = lowbit.PackedLinear(plain, self.loader.packing[name])
+                self._empty[path] = {a: t for a, t in packed._parameters.items() if a != "bias"}
+            for stored in lowbit.packed_names(name, packed.spec):
                 packed._parameters[stored.rpartition(".")[2]] = torch.nn.Parameter(tensors[stored], requires_grad=False)
+            if plain.bias is not None:
+                packed.bias = plain.bias
             model.set_submodule(path, packed)
             self._plain[path], self._model = plain, model
 
@@ -107,6 +112,7 @@ class HostCompute:
         """The plain modules back where `put_packed` stood PackedLinears in."""
         for path, plain in self._plain.items():
             model.set_submodule(path, plain)
+            self._standins[path]._parameters.update(self._empty[path])  # no pass's weights kept alive between passes
         self._plain.clear()
 
     def install(self, model: torch.nn.Module, layers: torch.nn.ModuleList) -> list:

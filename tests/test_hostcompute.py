@@ -237,4 +237,5 @@ def test_quantized_host_layers_beside_an_expanding_device_are_multiplied_as_stor
         assert seen == ["PackedLinear", "PackedLinear"]
         assert all(type(layer.mlp.down_proj) is torch.nn.Linear for layer in layers)  # put back
         assert set(v.split(":")[0] for v in model.stats.per_pass[-1].cpu_layers.values()) == {"cpu"}
+        assert torch.equal(model(ids).logits, got)  # a second pass: the same stand-ins, this pass's weights
     assert torch.equal(got, want)
