@@ -17,6 +17,19 @@
 
 #define BLOCK 32
 
+/* Every row function's frame: y[m, n] for every activation row m, four rows at a time (each weight
+ * vector loaded once for the four: batches and prompts, M > 1), then one at a time. ACT(r) declares
+ * row m + r's pointers and accumulators; WALK(STEPS) walks weight row n and runs STEPS(STEP) where a
+ * vector of weights is ready (FOUR or ONE: STEP(r) for each row); PUT(r) writes y[m + r, n]. One
+ * weight row at a time: four rows interleaved (sharing the activations' loads) ran at half the speed
+ * on an AMD EPYC core, 12 against 23 GB/s (the prefetcher follows one stream per core better). */
+#define FOUR(S) S(0); S(1); S(2); S(3);
+#define ONE(S) S(0);
+#define ROWS(ACT, WALK, PUT)                                                                    \
+    int64_t m = 0;                                                                              \
+    for (; m + 4 <= M; m += 4) { ACT(0) ACT(1) ACT(2) ACT(3) WALK(FOUR) FOUR(PUT) }             \
+    for (; m < M; m++) { ACT(0) WALK(ONE) ONE(PUT) }
+
 #if HAVE_VNNI
 
 /* scale/zero storage: 0 float32, 1 float16, 2 bfloat16 */

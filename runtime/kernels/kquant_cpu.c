@@ -156,37 +156,23 @@ static inline void q4k_scales(const uint8_t *blk, __m256 *ws, __m256 *wm) {
     accm##r = _mm256_fmadd_ps(_mm256_loadu_ps(xs##r + k / BLOCK), wm, accm##r)
 #define PUTK(r) put(y, (m + r) * N + n, hsum8(acc##r) - hsum8(accm##r), io)
 
+#define WALKQ4(STEPS)                                                                           \
+    for (int64_t k = 0; k < K; k += QK) {                                                       \
+        const uint8_t *blk = wr + k / QK * bytes, *qs = blk + at;                               \
+        const __m256i hb = five ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256(); \
+        __m256 ws, wm;                                                                          \
+        q4k_scales(blk, &ws, &wm);                                                              \
+        UNPACKQ4(0) UNPACKQ4(1) UNPACKQ4(2) UNPACKQ4(3)                                         \
+        STEPS(STEPQ4)                                                                           \
+    }
+
 /* Q4_K (five 0) or Q5_K (five 1): the same scales, mins and nibbles, Q5_K's fifth bits before the nibbles */
 static inline void rowq4(const actk *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
                          int io, int five) {
     const int64_t NB = K / BLOCK, bytes = five ? Q5K_BYTES : Q4K_BYTES, at = five ? 48 : 16;
     const __m256i low = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(0x01);
     const uint8_t *wr = w + n * (K / QK * bytes);
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) {
-        ACTK(0) ACTK(1) ACTK(2) ACTK(3)
-        for (int64_t k = 0; k < K; k += QK) {
-            const uint8_t *blk = wr + k / QK * bytes, *qs = blk + at;
-            const __m256i hb = five ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
-            __m256 ws, wm;
-            q4k_scales(blk, &ws, &wm);
-            UNPACKQ4(0) UNPACKQ4(1) UNPACKQ4(2) UNPACKQ4(3)
-            STEPQ4(0); STEPQ4(1); STEPQ4(2); STEPQ4(3);
-        }
-        PUTK(0); PUTK(1); PUTK(2); PUTK(3);
-    }
-    for (; m < M; m++) {
-        ACTK(0)
-        for (int64_t k = 0; k < K; k += QK) {
-            const uint8_t *blk = wr + k / QK * bytes, *qs = blk + at;
-            const __m256i hb = five ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
-            __m256 ws, wm;
-            q4k_scales(blk, &ws, &wm);
-            UNPACKQ4(0) UNPACKQ4(1) UNPACKQ4(2) UNPACKQ4(3)
-            STEPQ4(0);
-        }
-        PUTK(0);
-    }
+    ROWS(ACTK, WALKQ4, PUTK)
 }
 
 /* ---- Q6_K ----------------------------------------------------------------------------------- */
@@ -217,37 +203,22 @@ static inline void rowq4(const actk *a, int64_t M, int64_t K, const uint8_t *w, 
         _mm256_mul_ps(_mm256_loadu_ps(d##r + k / 16), ws), acc##r)
 #define PUTK6(r) put(y, (m + r) * N + n, hsum8(acc##r), io)
 
+#define WALKQ6(STEPS)                                                                           \
+    for (int64_t kb = 0; kb < K; kb += QK) {                                                    \
+        const uint8_t *blk = wr + kb / QK * Q6K_BYTES;                                          \
+        const __m256 dd = _mm256_set1_ps(_cvtsh_ss(*(const uint16_t *)(blk + 208)));            \
+        for (int hf = 0; hf < 2; hf++) {                                                        \
+            const int64_t k = kb + 128 * hf;                                                    \
+            UNPACKQ6(hf)                                                                        \
+            STEPS(STEPQ6)                                                                       \
+        }                                                                                       \
+    }
+
 static inline void rowq6(const actk *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
                          int io) {
     const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x30);
     const uint8_t *wr = w + n * (K / QK * Q6K_BYTES);
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) {
-        ACTK6(0) ACTK6(1) ACTK6(2) ACTK6(3)
-        for (int64_t kb = 0; kb < K; kb += QK) {
-            const uint8_t *blk = wr + kb / QK * Q6K_BYTES;
-            const __m256 dd = _mm256_set1_ps(_cvtsh_ss(*(const uint16_t *)(blk + 208)));
-            for (int hf = 0; hf < 2; hf++) {
-                const int64_t k = kb + 128 * hf;
-                UNPACKQ6(hf)
-                STEPQ6(0); STEPQ6(1); STEPQ6(2); STEPQ6(3);
-            }
-        }
-        PUTK6(0); PUTK6(1); PUTK6(2); PUTK6(3);
-    }
-    for (; m < M; m++) {
-        ACTK6(0)
-        for (int64_t kb = 0; kb < K; kb += QK) {
-            const uint8_t *blk = wr + kb / QK * Q6K_BYTES;
-            const __m256 dd = _mm256_set1_ps(_cvtsh_ss(*(const uint16_t *)(blk + 208)));
-            for (int hf = 0; hf < 2; hf++) {
-                const int64_t k = kb + 128 * hf;
-                UNPACKQ6(hf)
-                STEPQ6(0);
-            }
-        }
-        PUTK6(0);
-    }
+    ROWS(ACTK6, WALKQ6, PUTK6)
 }
 
 /* ---- Q3_K ----------------------------------------------------------------------------------- */
@@ -283,39 +254,23 @@ static inline void q3k_scales(const uint8_t *blk, __m256 ws[2]) {
         _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 4 * hf + 3), one), 2));       \
     __m256 ws = wsc[hf];
 
+#define WALKQ3(STEPS)                                                                           \
+    for (int64_t kb = 0; kb < K; kb += QK) {                                                    \
+        const uint8_t *blk = wr + kb / QK * Q3K_BYTES;                                          \
+        __m256 wsc[2];                                                                          \
+        q3k_scales(blk, wsc);                                                                   \
+        for (int hf = 0; hf < 2; hf++) {                                                        \
+            const int64_t k = kb + 128 * hf;                                                    \
+            UNPACKQ3(hf)                                                                        \
+            STEPS(STEPQ6)                                                                       \
+        }                                                                                       \
+    }
+
 static inline void rowq3(const actk *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
                          int io) {
     const __m256i three = _mm256_set1_epi8(0x03), one = _mm256_set1_epi8(0x01);
     const uint8_t *wr = w + n * (K / QK * Q3K_BYTES);
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) {
-        ACTK6(0) ACTK6(1) ACTK6(2) ACTK6(3)
-        for (int64_t kb = 0; kb < K; kb += QK) {
-            const uint8_t *blk = wr + kb / QK * Q3K_BYTES;
-            __m256 wsc[2];
-            q3k_scales(blk, wsc);
-            for (int hf = 0; hf < 2; hf++) {
-                const int64_t k = kb + 128 * hf;
-                UNPACKQ3(hf)
-                STEPQ6(0); STEPQ6(1); STEPQ6(2); STEPQ6(3);
-            }
-        }
-        PUTK6(0); PUTK6(1); PUTK6(2); PUTK6(3);
-    }
-    for (; m < M; m++) {
-        ACTK6(0)
-        for (int64_t kb = 0; kb < K; kb += QK) {
-            const uint8_t *blk = wr + kb / QK * Q3K_BYTES;
-            __m256 wsc[2];
-            q3k_scales(blk, wsc);
-            for (int hf = 0; hf < 2; hf++) {
-                const int64_t k = kb + 128 * hf;
-                UNPACKQ3(hf)
-                STEPQ6(0);
-            }
-        }
-        PUTK6(0);
-    }
+    ROWS(ACTK6, WALKQ3, PUTK6)
 }
 
 /* ---- Q2_K ----------------------------------------------------------------------------------- */
@@ -347,39 +302,23 @@ static inline void q2k_scales(const uint8_t *blk, __m256 ws[2], __m256 wm[2]) {
         _mm256_mul_ps(_mm256_loadu_ps(d##r + k / 16), wmin), accm##r)
 #define PUTQ2(r) put(y, (m + r) * N + n, hsum8(acc##r) - hsum8(accm##r), io)
 
+#define WALKQ2(STEPS)                                                                           \
+    for (int64_t kb = 0; kb < K; kb += QK) {                                                    \
+        const uint8_t *blk = wr + kb / QK * Q2K_BYTES;                                          \
+        __m256 wsc[2], wmc[2];                                                                  \
+        q2k_scales(blk, wsc, wmc);                                                              \
+        for (int hf = 0; hf < 2; hf++) {                                                        \
+            const int64_t k = kb + 128 * hf;                                                    \
+            UNPACKQ2(hf)                                                                        \
+            STEPS(STEPQ2)                                                                       \
+        }                                                                                       \
+    }
+
 static inline void rowq2(const actk *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
                          int io) {
     const __m256i three = _mm256_set1_epi8(0x03);
     const uint8_t *wr = w + n * (K / QK * Q2K_BYTES);
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) {
-        ACTK2(0) ACTK2(1) ACTK2(2) ACTK2(3)
-        for (int64_t kb = 0; kb < K; kb += QK) {
-            const uint8_t *blk = wr + kb / QK * Q2K_BYTES;
-            __m256 wsc[2], wmc[2];
-            q2k_scales(blk, wsc, wmc);
-            for (int hf = 0; hf < 2; hf++) {
-                const int64_t k = kb + 128 * hf;
-                UNPACKQ2(hf)
-                STEPQ2(0); STEPQ2(1); STEPQ2(2); STEPQ2(3);
-            }
-        }
-        PUTQ2(0); PUTQ2(1); PUTQ2(2); PUTQ2(3);
-    }
-    for (; m < M; m++) {
-        ACTK2(0)
-        for (int64_t kb = 0; kb < K; kb += QK) {
-            const uint8_t *blk = wr + kb / QK * Q2K_BYTES;
-            __m256 wsc[2], wmc[2];
-            q2k_scales(blk, wsc, wmc);
-            for (int hf = 0; hf < 2; hf++) {
-                const int64_t k = kb + 128 * hf;
-                UNPACKQ2(hf)
-                STEPQ2(0);
-            }
-        }
-        PUTQ2(0);
-    }
+    ROWS(ACTK2, WALKQ2, PUTQ2)
 }
 
 /* ---- IQ4_XS --------------------------------------------------------------------------------- */
@@ -411,33 +350,21 @@ static inline __m256 iq4xs_scales(const uint8_t *blk) {
         _mm256_mul_ps(_mm256_loadu_ps(d##r + k / BLOCK), ws), acc##r)
 #define PUTIQ4(r) put(y, (m + r) * N + n, hsum8(acc##r), io)
 
+#define WALKIQ4(STEPS)                                                                          \
+    for (int64_t k = 0; k < K; k += QK) {                                                       \
+        const uint8_t *blk = wr + k / QK * IQ4XS_BYTES, *qs = blk + 8;                          \
+        const __m256 ws = iq4xs_scales(blk);                                                    \
+        UNPACKIQ4(0) UNPACKIQ4(1) UNPACKIQ4(2) UNPACKIQ4(3)                                     \
+        STEPS(STEPIQ4)                                                                          \
+    }
+
 static inline void rowiq4(const actk *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
                           int io) {
     const int64_t NB = K / BLOCK;
     const __m256i low = _mm256_set1_epi8(0x0F);
     const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_VALUES));
     const uint8_t *wr = w + n * (K / QK * IQ4XS_BYTES);
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) {
-        ACTK(0) ACTK(1) ACTK(2) ACTK(3)
-        for (int64_t k = 0; k < K; k += QK) {
-            const uint8_t *blk = wr + k / QK * IQ4XS_BYTES, *qs = blk + 8;
-            const __m256 ws = iq4xs_scales(blk);
-            UNPACKIQ4(0) UNPACKIQ4(1) UNPACKIQ4(2) UNPACKIQ4(3)
-            STEPIQ4(0); STEPIQ4(1); STEPIQ4(2); STEPIQ4(3);
-        }
-        PUTIQ4(0); PUTIQ4(1); PUTIQ4(2); PUTIQ4(3);
-    }
-    for (; m < M; m++) {
-        ACTK(0)
-        for (int64_t k = 0; k < K; k += QK) {
-            const uint8_t *blk = wr + k / QK * IQ4XS_BYTES, *qs = blk + 8;
-            const __m256 ws = iq4xs_scales(blk);
-            UNPACKIQ4(0) UNPACKIQ4(1) UNPACKIQ4(2) UNPACKIQ4(3)
-            STEPIQ4(0);
-        }
-        PUTIQ4(0);
-    }
+    ROWS(ACTK, WALKIQ4, PUTIQ4)
 }
 
 /* kind: 0 Q4_K, 1 Q6_K, 2 Q5_K, 3 IQ4_XS, 4 Q3_K, 5 Q2_K; w: (N, K / 256 * block bytes) as the file stores it; K % 256 == 0 */

@@ -65,10 +65,7 @@ static int prepare8(const float *x, int64_t M, int64_t K, act8 *a) {
 
 static void release8(act8 *a) { free(a->xq); free(a->corr); free(a->cb); free(a->dl); }
 
-/* Row n of y for every m. One weight row at a time: four rows interleaved (sharing the
- * activations' loads) ran at half the speed on an AMD EPYC core, 12 against 23 GB/s (the
- * prefetcher follows one stream per core better than four). Activation rows go four at a time
- * instead, each weight vector loaded once for the four (batches and prompts, M > 1). */
+/* Row n of y for every m (common.h's ROWS frame). */
 #define ACT8(j)                                                                                 \
     const int8_t *xq##j = a->xq + (m + j) * K;                                                  \
     const float *dl##j = a->dl + (m + j) * (K / 4);                                             \
@@ -78,30 +75,18 @@ static void release8(act8 *a) { free(a->xq); free(a->corr); free(a->cb); free(a-
         _mm512_setzero_si512(), wv, _mm512_loadu_si512(xq##j + k))),                             \
         _mm512_loadu_ps(dl##j + k / 4), acc##j)
 
+#define WALK8(STEPS)                                                                            \
+    for (int64_t k = 0; k < K; k += 64) {                                                       \
+        __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(wr + k), flip);                        \
+        STEPS(STEP8)                                                                            \
+    }
+#define PUT8(j) put(y, (m + j) * N + n, wscale[n] * (hsum(acc##j) - a->corr[m + j]), io)
+
 static inline void row8(const act8 *a, int64_t M, int64_t K, const int8_t *w, const float *wscale,
                         int64_t N, int64_t n, void *y, int io) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     const int8_t *wr = w + n * K;
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) {
-        ACT8(0) ACT8(1) ACT8(2) ACT8(3)
-        for (int64_t k = 0; k < K; k += 64) {
-            __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(wr + k), flip);
-            STEP8(0); STEP8(1); STEP8(2); STEP8(3);
-        }
-        put(y, m * N + n, wscale[n] * (hsum(acc0) - a->corr[m]), io);
-        put(y, (m + 1) * N + n, wscale[n] * (hsum(acc1) - a->corr[m + 1]), io);
-        put(y, (m + 2) * N + n, wscale[n] * (hsum(acc2) - a->corr[m + 2]), io);
-        put(y, (m + 3) * N + n, wscale[n] * (hsum(acc3) - a->corr[m + 3]), io);
-    }
-    for (; m < M; m++) {
-        ACT8(0)
-        for (int64_t k = 0; k < K; k += 64) {
-            __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(wr + k), flip);
-            STEP8(0);
-        }
-        put(y, m * N + n, wscale[n] * (hsum(acc0) - a->corr[m]), io);
-    }
+    ROWS(ACT8, WALK8, PUT8)
 }
 
 /* ---- int8 with a scale per block of 32 -------------------------------------------------------- */
@@ -120,37 +105,23 @@ static inline void row8(const act8 *a, int64_t M, int64_t K, const int8_t *w, co
     acc##j = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(                            \
         _mm512_setzero_si512(), wv, _mm512_loadu_si512(xq##j + k))),                             \
         _mm512_mul_ps(_mm512_loadu_ps(dl##j + k / 4), ws), acc##j)
-#define CORR8G(j) c##j += sr[b] * cb##j[b];
+#define CORR8G(j) c##j += sr[b] * cb##j[b]
+
+#define WALK8G(STEPS)                                                                           \
+    for (int64_t k = 0; k < K; k += 64) {                                                       \
+        __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(wr + k), flip);                        \
+        __m512 ws = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sr[k / BLOCK]), _mm512_set1_ps(sr[k / BLOCK + 1])); \
+        STEPS(STEP8G)                                                                           \
+    }                                                                                           \
+    for (int64_t b = 0; b < K / BLOCK; b++) { STEPS(CORR8G) }
+#define PUT8G(j) put(y, (m + j) * N + n, hsum(acc##j) - c##j, io)
 
 static inline void row8g(const act8 *a, int64_t M, int64_t K, const int8_t *w,
                          const float *wscale, int64_t N, int64_t n, void *y, int io) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     const int8_t *wr = w + n * K;
     const float *sr = wscale + n * (K / BLOCK);
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) {
-        ACT8G(0) ACT8G(1) ACT8G(2) ACT8G(3)
-        for (int64_t k = 0; k < K; k += 64) {
-            __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(wr + k), flip);
-            __m512 ws = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sr[k / BLOCK]), _mm512_set1_ps(sr[k / BLOCK + 1]));
-            STEP8G(0); STEP8G(1); STEP8G(2); STEP8G(3);
-        }
-        for (int64_t b = 0; b < K / BLOCK; b++) { CORR8G(0) CORR8G(1) CORR8G(2) CORR8G(3) }
-        put(y, m * N + n, hsum(acc0) - c0, io);
-        put(y, (m + 1) * N + n, hsum(acc1) - c1, io);
-        put(y, (m + 2) * N + n, hsum(acc2) - c2, io);
-        put(y, (m + 3) * N + n, hsum(acc3) - c3, io);
-    }
-    for (; m < M; m++) {
-        ACT8G(0)
-        for (int64_t k = 0; k < K; k += 64) {
-            __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(wr + k), flip);
-            __m512 ws = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sr[k / BLOCK]), _mm512_set1_ps(sr[k / BLOCK + 1]));
-            STEP8G(0);
-        }
-        for (int64_t b = 0; b < K / BLOCK; b++) { CORR8G(0) }
-        put(y, m * N + n, hsum(acc0) - c0, io);
-    }
+    ROWS(ACT8G, WALK8G, PUT8G)
 }
 
 /* The int8 kernels' shared body: `grouped` picks row8g (wscale (N, K/32)) over row8 (wscale (N,)). */
@@ -284,32 +255,20 @@ static inline float finish4(const act4 *a, int64_t m, __m256 acc, const uint8_t 
     __m256 ws = load8(sz, srow + k / BLOCK, kind);
 
 /* row n of y for every m; activation rows four at a time, as in row8 */
+#define WALK4(STEPS)                                                                            \
+    for (int64_t k = 0; k < full; k += 256) {                                                   \
+        UNPACK4                                                                                 \
+        STEPS(CHUNK4)                                                                           \
+    }
+#define PUT4(j) put(y, (m + j) * N + n, finish4(a, m + j, acc##j, wr, sz, kind, K, group, srow), io)
+
 static inline void row4(const act4 *a, int64_t M, int64_t K, const uint8_t *w, const void *sz, int kind,
                         int64_t group, int64_t N, int64_t n, void *y, int io) {
     const int64_t G = K / group, NB = K / BLOCK, full = K / 256 * 256;
     const __m256i low = _mm256_set1_epi8(0x0F);
     const uint8_t *wr = w + n * (K / 2);
     const int64_t srow = n * (NB + G);  /* this row's block scales, then its zeros, in `sz` */
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) {
-        ACT4(0) ACT4(1) ACT4(2) ACT4(3)
-        for (int64_t k = 0; k < full; k += 256) {
-            UNPACK4
-            CHUNK4(0); CHUNK4(1); CHUNK4(2); CHUNK4(3);
-        }
-        put(y, m * N + n, finish4(a, m, acc0, wr, sz, kind, K, group, srow), io);
-        put(y, (m + 1) * N + n, finish4(a, m + 1, acc1, wr, sz, kind, K, group, srow), io);
-        put(y, (m + 2) * N + n, finish4(a, m + 2, acc2, wr, sz, kind, K, group, srow), io);
-        put(y, (m + 3) * N + n, finish4(a, m + 3, acc3, wr, sz, kind, K, group, srow), io);
-    }
-    for (; m < M; m++) {
-        ACT4(0)
-        for (int64_t k = 0; k < full; k += 256) {
-            UNPACK4
-            CHUNK4(0);
-        }
-        put(y, m * N + n, finish4(a, m, acc0, wr, sz, kind, K, group, srow), io);
-    }
+    ROWS(ACT4, WALK4, PUT4)
 }
 
 /* w: (N, K/2) bytes; sz: (N, K/32 + K/group) of `kind` (see above); K % 64 == 0, group % 32 == 0, K % group == 0 */
