@@ -62,8 +62,10 @@ class JobMemory:
             return None
         chunk = self._prefill_chunk(shape) if chunkable else None
         if chunk:
-            print(f"runtime: the experts a {shape.tokens}-token prompt routes do not fit on the device at once; "
-                  f"prefilling it {chunk} tokens a pass", file=sys.stderr)
+            if not getattr(self, "_chunk_said", False):  # said once: a server's every prompt would repeat it
+                print(f"runtime: the experts a {shape.tokens}-token prompt routes do not fit on the device at "
+                      f"once; prefilling it {chunk} tokens a pass (said once)", file=sys.stderr)
+                self._chunk_said = True
             shape = dataclasses.replace(shape, tokens=chunk)
         job, routed = self.job_bytes(shape), self._routed(shape)
         places = budget.demote(self.costs, self.places, self.memory, job, routed)
