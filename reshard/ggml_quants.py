@@ -7,8 +7,13 @@ moves whole rows of bytes. reshard keeps these bytes as one uint8 part, `X.weigh
 
 The expansion is a port of the gguf package's `dequantize_blocks` (ggml's reference formulas),
 operation for operation, so it equals `gguf.quants.dequantize` bit for bit in float32: every
-product and sum rounds as numpy's does (no fused multiply-add). Then it is cast to the compute
-dtype, as the de-quantize-at-convert path casts gguf's float32 result.
+product and sum rounds as numpy's does. Then it is cast to the compute dtype, as the
+de-quantize-at-convert path casts gguf's float32 result.
+
+Every product here is exact in float32: a float16 scale (11 significant bits) times integers of
+at most 13 bits together (a 6-bit sub-block scale and a 4-bit value, say) fits float32's 24. So
+each value rounds at most once before the cast, at its one add or subtract, and a fused
+multiply-add gives the same float32: compiled code (runtime/expansion.py) equals this bit for bit.
 """
 
 from __future__ import annotations
@@ -43,11 +48,13 @@ def check_block_shape(name: str, raw: torch.Tensor, scheme: str, shape) -> None:
 
 def dequantize_blocks(raw: torch.Tensor, scheme: str, *, dtype: torch.dtype) -> torch.Tensor:
     """(rows, in) weight in `dtype` from `raw` (rows, in / block * block_bytes) uint8 blocks."""
-    _, size, nbytes = BLOCK_TYPES[scheme]
-    rows = raw.shape[0]
-    blocks = raw.reshape(-1, nbytes)
-    w = _DEQUANTIZE[scheme](blocks)  # (n_blocks, size) float32
-    return w.reshape(rows, -1).to(dtype)
+    return expand_blocks(raw.reshape(-1, BLOCK_TYPES[scheme][2]), scheme, dtype=dtype).reshape(raw.shape[0], -1)
+
+
+def expand_blocks(blocks: torch.Tensor, scheme: str, *, dtype: torch.dtype) -> torch.Tensor:
+    """(n, block_bytes) uint8 blocks -> (n, values per block) in `dtype`: the blocks alone, whatever
+    the weight's shape (what runtime/expansion.py compiles, one graph per scheme and dtype)."""
+    return _DEQUANTIZE[scheme](blocks).to(dtype)
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -124,7 +131,9 @@ def _q3_k(blocks):
     sc = (((low & 0x0F) | ((high & 0x03) << 4)).to(torch.int8) - 32).float()
     dl = (d * sc).reshape(n, 16, 1)
     ql = (qs.reshape(n, -1, 1, 32) >> _shifts(0, 2, 4, 6, device=blocks.device)).reshape(n, 16, QK_K // 16) & 3
-    qh = (hmask.reshape(n, -1, 1, 32) >> _shifts(*range(8), device=blocks.device)).reshape(n, 16, QK_K // 16) & 1
+    bits = torch.arange(8, dtype=torch.uint8, device=blocks.device).reshape(1, 1, 8, 1)  # (not _shifts: torch.compile
+    # mis-traces torch.tensor of eight values there)
+    qh = (hmask.reshape(n, -1, 1, 32) >> bits).reshape(n, 16, QK_K // 16) & 1
     qh = qh ^ 1  # the offset is zero where the mask bit is set
     q = (ql.to(torch.int8) - (qh << 2).to(torch.int8)).float()
     return (dl * q).reshape(n, QK_K)

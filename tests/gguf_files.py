@@ -10,6 +10,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES
 
+from reshard.ggml_quants import BLOCK_TYPES, scheme_for
+
 SKIP_KEYS = ("GGUF.", "general.architecture", "split.")  # written by the writer itself
 TOKENIZER_VOCAB = 1024  # the tokens tokenizer_gguf() keeps where SmolLM2's whole file is not installed
 GPU_TOKENIZER = Path(__file__).resolve().parent.parent / ".gpu" / "tokenizer.gguf"  # benchmarks/prepare_gpu_check.py
@@ -117,19 +119,33 @@ def _nbytes(shape, qtype) -> int:
     return int(np.prod(shape)) // block * size
 
 
+def scale_offsets(scheme: str) -> list[int]:
+    """Where a `scheme` block's float16 scales lie (byte offsets): Q8_0, Q4_0, Q5_0, IQ4_* d first;
+    Q4_1, Q5_1 d, m and Q4_K, Q5_K d, dmin first; Q6_K, Q3_K d last; Q2_K d, dmin last."""
+    nbytes = BLOCK_TYPES[scheme][2]
+    return {"q6_k": [nbytes - 2], "q3_k": [nbytes - 2], "q2_k": [nbytes - 4, nbytes - 2], "q4_1": [0, 2],
+            "q4_k": [0, 2], "q5_k": [0, 2], "q5_1": [0, 2]}.get(scheme, [0])
+
+
+def random_blocks(scheme: str, rows: int = 8, per_row: int = 3, *, scale: float = 0.05, seed: int = 1) -> np.ndarray:
+    """(rows, per_row blocks) of random `scheme` blocks whose float16 scales are finite, of both signs."""
+    _, size, nbytes = BLOCK_TYPES[scheme]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows * per_row, nbytes), dtype=np.uint8)
+    for at in scale_offsets(scheme):
+        raw[:, at:at + 2] = (rng.standard_normal((len(raw), 1)) * scale).astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
 def _random_blocks(rng, shape, qtype) -> np.ndarray:
-    """Random blocks whose float16 scales (d, and dmin or m) are small and finite."""
+    """Random blocks whose float16 scales (d, and dmin or m) are small, positive and finite."""
     if qtype == Q.F32:
         return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
     block, size = GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, (int(np.prod(shape)) // block, size), dtype=np.uint8)
-    # where the float16 scales lie: Q8_0, Q4_0 d first; Q4_1 d, m and Q4_K, Q5_K d, dmin first; Q6_K, Q3_K d
-    # last; Q2_K d, dmin last
-    where = {Q.Q8_0: slice(0, 2), Q.Q4_0: slice(0, 2), Q.Q5_0: slice(0, 2), Q.IQ4_NL: slice(0, 2), Q.IQ4_XS: slice(0, 2),
-             Q.Q6_K: slice(size - 2, size), Q.Q3_K: slice(size - 2, size),
-             Q.Q2_K: slice(size - 4, size)}.get(qtype, slice(0, 4))
-    count = (where.stop - where.start) // 2
-    blocks[:, where] = (rng.random((len(blocks), count)) * 0.02).astype(np.float16).view(np.uint8)
+    at = scale_offsets(scheme_for(qtype.name))  # one or two float16 values side by side
+    where = slice(at[0], at[-1] + 2)
+    blocks[:, where] = (rng.random((len(blocks), len(at))) * 0.02).astype(np.float16).view(np.uint8)
     return blocks.reshape(_byte_shape(shape, qtype))
 
 

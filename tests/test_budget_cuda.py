@@ -32,6 +32,22 @@ def test_compiled_expansion_equals_plain_torch(scheme, dtype):
     assert torch.equal(expand_weight(parts, scheme, columns=1000, dtype=dtype), want)
 
 
+@pytest.mark.parametrize("scheme", ["q4_k", "q6_k"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compiled_gguf_block_expansion_equals_plain_torch(scheme, dtype):
+    """Triton may fuse a GGML block's multiply and subtract: its products are exact, so the same numbers."""
+    from gguf_files import random_blocks
+
+    from runtime.expansion import expand_weight, fallbacks
+
+    before = fallbacks()
+    for rows, per_row in ((256, 4), (1000, 3)):
+        parts = {"blocks": torch.from_numpy(random_blocks(scheme, rows, per_row, scale=0.02)).to(DEV)}
+        want = dequantize(parts, scheme, columns=per_row * 256, dtype=dtype)
+        assert torch.equal(expand_weight(parts, scheme, columns=per_row * 256, dtype=dtype), want)
+    assert fallbacks() == before  # compiled, not the plain fallback
+
+
 def test_memory_fraction_caps_the_default_budget():
     total = torch.cuda.mem_get_info(DEV)[1]
     torch.cuda.set_per_process_memory_fraction(0.1, DEV)

@@ -20,7 +20,7 @@ SHAPES = [(64, 128), (96, 256), (32, 64), (48, 160), (80, 96), (16, 320), (112, 
 def on_cpu(monkeypatch):
     """The compiled expansion on the CPU too, with this test's fallback count and messages."""
     monkeypatch.setattr(expansion, "DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(expansion, "_state", {"compiled": None, "failed": False, "limit_said": False, "fallbacks": 0})
+    monkeypatch.setattr(expansion, "_state", {"compiled": {}, "failed": set(), "limit_said": False, "fallbacks": 0})
     monkeypatch.delenv("RUNTIME_COMPILE_EXPANSION", raising=False)
 
 
@@ -95,4 +95,65 @@ def test_repacked_gguf_schemes_compile_and_equal_plain_torch(on_cpu):
         stored, parts = repack_blocks(raw.reshape(48, -1), scheme)
         got = expansion.expand_weight(parts, stored, columns=128, dtype=dtype)
         assert torch.equal(got, dequantize(parts, stored, columns=128, dtype=dtype)), (scheme, dtype)
+    assert expansion.fallbacks() == 0
+
+
+def _blocks(scheme, rows, per_row, seed=0):
+    from gguf_files import random_blocks
+
+    return {"blocks": torch.from_numpy(random_blocks(scheme, rows, per_row, scale=0.02, seed=seed))}
+
+
+def test_gguf_blocks_compile_once_for_every_shape_and_equal_plain_torch(on_cpu, capfd):
+    """Q4_K blocks of a model's weight shapes: one graph (the blocks alone, their number dynamic; a
+    single block is torch's own case),
+    equal to plain torch bit for bit though compiled code may fuse the multiply and subtract."""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    for n, (rows, per_row) in enumerate([(64, 2), (96, 1), (40, 5), (8, 3), (1, 1), (128, 4)]):
+        parts = _blocks("q4_k", rows, per_row, seed=n)
+        got = expansion.expand_weight(parts, "q4_k", columns=256 * per_row, dtype=torch.bfloat16)
+        assert got.shape == (rows, 256 * per_row)
+        assert torch.equal(got, dequantize(parts, "q4_k", columns=256 * per_row, dtype=torch.bfloat16)), (rows, per_row)
+    assert counters["stats"]["unique_graphs"] - graphs <= 2  # any number of blocks; a single block (torch's own case)
+    assert expansion.fallbacks() == 0 and "runtime:" not in capfd.readouterr().err
+
+
+def test_a_failure_of_the_blocks_compile_leaves_the_other_weights_compiled(on_cpu, monkeypatch, capfd):
+    """GGUF blocks' graph failing turns off that compiled function alone: int4 weights still compile."""
+    from reshard.ggml_quants import expand_blocks
+
+    real = torch.compile
+
+    def compile_but_blocks(fn, **options):
+        if fn is expand_blocks:
+            def broken(*args, **kwargs):
+                raise RuntimeError("triton: unsupported bitcast")
+            return broken
+        return real(fn, **options)
+
+    monkeypatch.setattr(torch, "compile", compile_but_blocks)
+    parts = _blocks("q6_k", 16, 2)
+    for _ in range(2):
+        got = expansion.expand_weight(parts, "q6_k", columns=512, dtype=torch.bfloat16)
+        assert torch.equal(got, dequantize(parts, "q6_k", columns=512, dtype=torch.bfloat16))
+    assert expansion.fallbacks() == 2
+    assert capfd.readouterr().err.splitlines() == [
+        "runtime: compiled expansion of GGUF blocks failed (RuntimeError: triton: unsupported bitcast); "
+        "expanding with plain torch"]
+    assert expansion.compiled_dequantize() is not None  # int4, int8, fp8 ... still compile
+    int4 = _parts(64, 128, "int4", torch.bfloat16)
+    expansion.expand_weight(int4, "int4", columns=128, dtype=torch.bfloat16)
+    assert expansion.fallbacks() == 2
+
+
+@pytest.mark.slow  # compiles a graph per GGML type (about 2 minutes on 2 cores)
+@pytest.mark.parametrize("scheme", sorted(set(expansion.COMPILED) - {"int8", "int4", "int4-sym", "fp8-block", "mxfp4"}))
+def test_every_gguf_block_type_compiles_and_equals_plain_torch(on_cpu, scheme):
+    for n, (rows, per_row) in enumerate([(48, 2), (24, 3)]):
+        parts = _blocks(scheme, rows, per_row, seed=n)
+        columns = per_row * expansion.BLOCK_TYPES[scheme][1]
+        got = expansion.expand_weight(parts, scheme, columns=columns, dtype=torch.bfloat16)
+        assert torch.equal(got, dequantize(parts, scheme, columns=columns, dtype=torch.bfloat16)), (scheme, rows)
     assert expansion.fallbacks() == 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import CPU_BUDGETS, smollm2_gguf
 from gguf import GGMLQuantizationType as Q, dequantize
-from gguf_files import write_random_llama
+from gguf_files import random_blocks, write_random_llama
 
 from reshard.convert import convert
 from reshard.format import read_manifest
@@ -50,18 +50,6 @@ def reference(mixed_gguf):
 
     return AutoModelForCausalLM.from_pretrained(mixed_gguf.parent, gguf_file=mixed_gguf.name,
                                                 dtype=torch.float32).eval()
-
-
-def random_blocks(scheme: str, rows: int = 8, per_row: int = 3, scale: float = 0.05) -> np.ndarray:
-    """(rows, per_row blocks) of random `scheme` blocks whose float16 scales are finite, of both signs."""
-    name, size, nbytes = BLOCK_TYPES[scheme]
-    rng = np.random.default_rng(1)
-    raw = rng.integers(0, 256, (rows * per_row, nbytes), dtype=np.uint8)
-    where = {"q6_k": [nbytes - 2], "q3_k": [nbytes - 2], "q2_k": [nbytes - 4, nbytes - 2], "q4_1": [0, 2],
-             "q4_k": [0, 2], "q5_k": [0, 2], "q5_1": [0, 2]}.get(scheme, [0])
-    for at in where:
-        raw[:, at:at + 2] = (rng.standard_normal((len(raw), 1)) * scale).astype(np.float16).view(np.uint8)
-    return raw.reshape(rows, -1)
 
 
 @pytest.mark.parametrize("scheme", list(BLOCK_TYPES))

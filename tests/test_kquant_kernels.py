@@ -6,8 +6,8 @@ blocks alone. Needs an x86 CPU with AVX512-VNNI and a C compiler (CI's machine h
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
+import gguf_files
 import torch
 from gguf import GGMLQuantizationType as Q, dequantize
 from test_native import U, dequantized_activations
@@ -24,14 +24,7 @@ VALUE_BYTES = {"q2_k": (16, 80), "q4_k": (16, 144), "q5_k": (16, 176)}  # each b
 def random_blocks(scheme: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
     """(n, k / 256 * block bytes) random blocks of `scheme` whose float16 scales are finite, of both
     signs (every other byte random: 6-bit scales and mins, nibbles, Q6_K's int8 scales)."""
-    _, size, nbytes = BLOCK_TYPES[scheme]
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, (n * k // size, nbytes), dtype=np.uint8)
-    # Q4_K, Q5_K: d, dmin first; Q6_K, Q3_K: d last; Q2_K: d, dmin last; IQ4_XS: d first
-    for at in {"q6_k": [nbytes - 2], "q3_k": [nbytes - 2], "q2_k": [nbytes - 4, nbytes - 2], "iq4_xs": [0]
-               }.get(scheme, [0, 2]):
-        raw[:, at:at + 2] = (rng.standard_normal((len(raw), 1)) * 0.02).astype(np.float16).view(np.uint8)
-    return torch.from_numpy(raw.reshape(n, -1))
+    return torch.from_numpy(gguf_files.random_blocks(scheme, n, k // BLOCK_TYPES[scheme][1], scale=0.02, seed=seed))
 
 
 def gguf_weight(blocks: torch.Tensor, scheme: str) -> torch.Tensor:
