@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from . import ggml_iquants
 from .errors import SourceError
 
 QK_K = 256
@@ -29,6 +30,7 @@ BLOCK_TYPES = {"q8_0": ("Q8_0", 32, 34), "q4_0": ("Q4_0", 32, 18), "q4_1": ("Q4_
                "q2_k": ("Q2_K", QK_K, 84), "q3_k": ("Q3_K", QK_K, 110), "q4_k": ("Q4_K", QK_K, 144),
                "q5_k": ("Q5_K", QK_K, 176), "q6_k": ("Q6_K", QK_K, 210), "iq4_nl": ("IQ4_NL", 32, 18),
                "iq4_xs": ("IQ4_XS", QK_K, 136)}
+BLOCK_TYPES.update(ggml_iquants.BLOCK_TYPES)  # IQ1-IQ3, TQ and MXFP4 blocks: reshard/ggml_iquants.py
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
 
 
@@ -49,6 +51,12 @@ def check_block_shape(name: str, raw: torch.Tensor, scheme: str, shape) -> None:
 def dequantize_blocks(raw: torch.Tensor, scheme: str, *, dtype: torch.dtype) -> torch.Tensor:
     """(rows, in) weight in `dtype` from `raw` (rows, in / block * block_bytes) uint8 blocks."""
     return expand_blocks(raw.reshape(-1, BLOCK_TYPES[scheme][2]), scheme, dtype=dtype).reshape(raw.shape[0], -1)
+
+
+def prepare(scheme: str, device) -> None:
+    """Make the tables `scheme`'s expansion looks up (grids: reshard/ggml_iquants.py) on `device`,
+    before compiled code traces it."""
+    ggml_iquants.prepare(scheme, device)
 
 
 def expand_blocks(blocks: torch.Tensor, scheme: str, *, dtype: torch.dtype) -> torch.Tensor:
@@ -214,4 +222,4 @@ def _q6_k(blocks):
 
 
 _DEQUANTIZE = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "q5_0": _q5_0, "q5_1": _q5_1, "q2_k": _q2_k, "q3_k": _q3_k, "q4_k": _q4_k,
-               "q5_k": _q5_k, "q6_k": _q6_k, "iq4_nl": _iq4_nl, "iq4_xs": _iq4_xs}
+               "q5_k": _q5_k, "q6_k": _q6_k, "iq4_nl": _iq4_nl, "iq4_xs": _iq4_xs, **ggml_iquants.DEQUANTIZE}

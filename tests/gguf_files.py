@@ -120,32 +120,50 @@ def _nbytes(shape, qtype) -> int:
 
 
 def scale_offsets(scheme: str) -> list[int]:
-    """Where a `scheme` block's float16 scales lie (byte offsets): Q8_0, Q4_0, Q5_0, IQ4_* d first;
-    Q4_1, Q5_1 d, m and Q4_K, Q5_K d, dmin first; Q6_K, Q3_K d last; Q2_K d, dmin last."""
+    """Where a `scheme` block's float16 scales lie (byte offsets): Q8_0, Q4_0, Q5_0, IQ4_*, IQ1_S-IQ3_S d
+    first; Q4_1, Q5_1 d, m and Q4_K, Q5_K d, dmin first; Q6_K, Q3_K, TQ1_0, TQ2_0 d last; Q2_K d, dmin
+    last. (IQ1_M and MXFP4 store theirs otherwise: `put_scales`.)"""
     nbytes = BLOCK_TYPES[scheme][2]
-    return {"q6_k": [nbytes - 2], "q3_k": [nbytes - 2], "q2_k": [nbytes - 4, nbytes - 2], "q4_1": [0, 2],
+    last = [nbytes - 4, nbytes - 2] if scheme == "q2_k" else [nbytes - 2]
+    return {"q6_k": last, "q3_k": last, "q2_k": last, "tq1_0": last, "tq2_0": last, "q4_1": [0, 2],
             "q4_k": [0, 2], "q5_k": [0, 2], "q5_1": [0, 2]}.get(scheme, [0])
 
 
+def put_scales(raw: np.ndarray, scheme: str, values: list[np.ndarray]) -> None:
+    """Write `values` (one (n, 1) array per scale of `scheme`'s blocks) as the blocks' scales: float16
+    where `scale_offsets` says; IQ1_M's d in the top nibbles of its last four uint16; MXFP4's power
+    of two as an e8m0 exponent (its magnitude's, the sign dropped)."""
+    if scheme == "iq1_m":
+        d = values[0][:, 0].astype(np.float16).view(np.uint16)
+        sc = raw[:, 48:56].copy().view(np.uint16)
+        for j in range(4):
+            sc[:, j] = (sc[:, j] & 0x0FFF) | (((d >> (4 * j)) & 0xF) << 12)
+        raw[:, 48:56] = sc.view(np.uint8)
+    elif scheme == "mxfp4_blocks":
+        raw[:, 0] = np.clip(np.floor(np.log2(np.abs(values[0][:, 0]) + 1e-30)) + 127, 1, 254).astype(np.uint8)
+    else:
+        for at, v in zip(scale_offsets(scheme), values):
+            raw[:, at:at + 2] = v.astype(np.float16).view(np.uint8)
+
+
 def random_blocks(scheme: str, rows: int = 8, per_row: int = 3, *, scale: float = 0.05, seed: int = 1) -> np.ndarray:
-    """(rows, per_row blocks) of random `scheme` blocks whose float16 scales are finite, of both signs."""
+    """(rows, per_row blocks) of random `scheme` blocks whose scales are finite, of both signs."""
     _, size, nbytes = BLOCK_TYPES[scheme]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (rows * per_row, nbytes), dtype=np.uint8)
-    for at in scale_offsets(scheme):
-        raw[:, at:at + 2] = (rng.standard_normal((len(raw), 1)) * scale).astype(np.float16).view(np.uint8)
+    put_scales(raw, scheme, [rng.standard_normal((len(raw), 1)) * scale for _ in scale_offsets(scheme)])
     return raw.reshape(rows, -1)
 
 
 def _random_blocks(rng, shape, qtype) -> np.ndarray:
-    """Random blocks whose float16 scales (d, and dmin or m) are small, positive and finite."""
+    """Random blocks whose scales (d, and dmin or m) are small, positive and finite."""
     if qtype == Q.F32:
         return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
     block, size = GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, (int(np.prod(shape)) // block, size), dtype=np.uint8)
-    at = scale_offsets(scheme_for(qtype.name))  # one or two float16 values side by side
-    where = slice(at[0], at[-1] + 2)
-    blocks[:, where] = (rng.random((len(blocks), len(at))) * 0.02).astype(np.float16).view(np.uint8)
+    scheme = scheme_for(qtype.name)
+    values = rng.random((len(blocks), len(scale_offsets(scheme)))) * 0.02
+    put_scales(blocks, scheme, [values[:, k:k + 1] for k in range(values.shape[1])])
     return blocks.reshape(_byte_shape(shape, qtype))
 
 

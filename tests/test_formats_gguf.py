@@ -16,17 +16,20 @@ from gguf_files import random_blocks, write_random_llama
 
 from reshard.convert import convert
 from reshard.format import read_manifest
-from reshard.ggml_quants import BLOCK_TYPES, dequantize_blocks
+from reshard.ggml_quants import BLOCK_TYPES, dequantize_blocks, scheme_for
 from reshard.ggml_repack import REPACKED, repack_blocks
 from reshard.quant import dequantize as dequantize_parts
 
-LAYERS = 2
+LAYERS = 3
 # every kept type in the decoder layers, q/k (rows permuted by transformers) included
 TYPES = {"blk.0.attn_q.weight": Q.Q4_K, "blk.0.attn_k.weight": Q.Q6_K, "blk.0.attn_v.weight": Q.Q8_0,
-         "blk.0.attn_output.weight": Q.Q4_0, "blk.0.ffn_gate.weight": Q.Q4_1, "blk.0.ffn_up.weight": Q.Q4_K,
+         "blk.0.attn_output.weight": Q.Q4_0, "blk.0.ffn_gate.weight": Q.Q4_1, "blk.0.ffn_up.weight": Q.IQ2_XXS,
          "blk.0.ffn_down.weight": Q.Q2_K, "blk.1.attn_q.weight": Q.Q5_0, "blk.1.attn_k.weight": Q.IQ4_NL,
-         "blk.1.attn_v.weight": Q.Q6_K, "blk.1.attn_output.weight": Q.Q3_K, "blk.1.ffn_gate.weight": Q.IQ4_XS,
-         "blk.1.ffn_up.weight": Q.Q5_K, "blk.1.ffn_down.weight": Q.Q5_1}
+         "blk.1.attn_v.weight": Q.IQ2_XS, "blk.1.attn_output.weight": Q.Q3_K, "blk.1.ffn_gate.weight": Q.IQ4_XS,
+         "blk.1.ffn_up.weight": Q.Q5_K, "blk.1.ffn_down.weight": Q.Q5_1,
+         "blk.2.attn_q.weight": Q.IQ2_S, "blk.2.attn_k.weight": Q.IQ3_XXS, "blk.2.attn_v.weight": Q.IQ3_S,
+         "blk.2.attn_output.weight": Q.IQ1_S, "blk.2.ffn_gate.weight": Q.IQ1_M, "blk.2.ffn_up.weight": Q.TQ1_0,
+         "blk.2.ffn_down.weight": Q.TQ2_0, "output.weight": Q.MXFP4}
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +110,10 @@ def test_blocks_are_kept_with_their_own_scheme(mixed_converted, mixed_gguf):
         ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
         ("mlp.down_proj", "ffn_down"))}
     hf["lm_head.weight"] = "output.weight"  # the head too (untied): read whole on every pass
-    types = {**TYPES, "output.weight": Q.Q4_K}
-    assert schemes == {p: REPACKED.get(types[n].name.lower(), types[n].name.lower()) for p, n in hf.items()}
+    kept = {p: scheme_for(TYPES[n].name) for p, n in hf.items()}  # "mxfp4_blocks" for MXFP4
+    assert schemes == {p: REPACKED.get(s, s) for p, s in kept.items()}
     groups = {p: q.get("group_size") for g in manifest.groups for p, q in g.quantized.items()}
-    assert all(groups[p] == (32 if types[n].name.lower() in REPACKED else None) for p, n in hf.items())
+    assert all(groups[p] == (32 if kept[p] in REPACKED else None) for p in hf)
     tensors = {t.name: int(t.n_bytes) for t in GGUFReader(mixed_gguf).tensors}
     for g in manifest.groups:
         for p, q in g.quantized.items():

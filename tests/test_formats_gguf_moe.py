@@ -1,7 +1,7 @@
 """A mixture-of-experts GGUF (Qwen3-MoE, as llama.cpp writes one: each layer's experts one
 [E, out, in] tensor per projection) keeps its expert blocks (issue 22): gate and up, which
 transformers merges into one gate_up_proj, are stored as their blocks' rows in transformers'
-order (Q4_K kept, Q8_0 re-packed), down as its own (Q6_K kept, Q4_1 re-packed), each expert one
+order (Q4_K kept, Q8_0 re-packed, IQ2_XXS kept), down as its own (Q6_K kept, Q4_1 re-packed, MXFP4 kept), each expert one
 byte range; the runtime, streaming only the routed experts, equals transformers' own
 `from_pretrained(..., gguf_file=...)` of the same file."""
 
@@ -19,12 +19,16 @@ from gguf_files import TOKENIZER_VOCAB, tokenizer_gguf, write_random_qwen3moe
 from reshard.convert import convert
 from reshard.format import ST_TO_DTYPE, quant_part_names, read_manifest
 
-LAYERS, EXPERTS = 2, 8
-# layer 0's experts kept as K-quant blocks, layer 1's re-packed into int8/int4 (Q8_0, Q4_1)
+LAYERS, EXPERTS = 3, 8
+# layer 0's experts kept as K-quant blocks, layer 1's re-packed into int8/int4 (Q8_0, Q4_1), layer 2's
+# kept as the lowest-bit blocks (IQ2_XXS, MXFP4: reshard/ggml_iquants.py)
 TYPES = {"blk.1.ffn_gate_exps.weight": Q.Q8_0, "blk.1.ffn_up_exps.weight": Q.Q8_0,
-         "blk.1.ffn_down_exps.weight": Q.Q4_1}
+         "blk.1.ffn_down_exps.weight": Q.Q4_1, "blk.2.ffn_gate_exps.weight": Q.IQ2_XXS,
+         "blk.2.ffn_up_exps.weight": Q.IQ2_XXS, "blk.2.ffn_down_exps.weight": Q.MXFP4}
 SCHEMES = {"model.layers.0.mlp.experts.gate_up_proj": "q4_k", "model.layers.0.mlp.experts.down_proj": "q6_k",
-           "model.layers.1.mlp.experts.gate_up_proj": "int8", "model.layers.1.mlp.experts.down_proj": "int4"}
+           "model.layers.1.mlp.experts.gate_up_proj": "int8", "model.layers.1.mlp.experts.down_proj": "int4",
+           "model.layers.2.mlp.experts.gate_up_proj": "iq2_xxs",
+           "model.layers.2.mlp.experts.down_proj": "mxfp4_blocks"}
 IDS = torch.tensor([[1, 504, 345, 282, 649, 314, 2]])
 
 
@@ -146,12 +150,12 @@ def test_streamed_experts_are_computed_as_stored(folder, moe_converted, moe_int4
     """By default on the CPU a streamed layer's routed experts are computed from their stored bits by
     the native kernels (runtime/packedexperts.py): Q4_K/Q6_K blocks (layer 0 of the GGUF folder),
     Q8_0's int8 with a scale per block of 32 (layer 1) and int4 (every layer of the --quantize int4
-    one). Each call's output is transformers' experts math on the stored weights, within the
+    one); layer 2's IQ2_XXS and MXFP4 blocks, which no kernel takes, expand exactly. Each call's output is transformers' experts math on the stored weights, within the
     kernels' error (activations quantized per block of 32)."""
     from runtime import LayeredModel
 
     path = moe_converted if folder == "blocks" else moe_int4
-    packed_layers = {0, 1}
+    packed_layers = {0, 1} if folder == "blocks" else set(range(LAYERS))  # IQ2_XXS, MXFP4 blocks: expanded
     seen = {}
     with LayeredModel.from_pretrained(path, device="cpu", dtype="float32", max_cpu_memory=0) as model:
         assert set(model.loader.expert_packing) == {f"model.layers.{i}.mlp.experts" for i in packed_layers}
