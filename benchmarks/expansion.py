@@ -5,7 +5,7 @@ Q5_1, IQ4_NL) are expanded at every load of a streamed layer; on a GPU every typ
 one (rows x cols) weight of random blocks per type, expanded to bfloat16 by reshard/ggml_quants.py's
 formulas in plain torch and by runtime/expansion.py's compiled graph (the blocks alone, their
 number dynamic), after a warm-up call that compiles. `--rounds` rounds time each way once per type;
-the ratio compiled / plain pairs the figures of one round, and the median of the rounds' ratios is
+the ratio compiled / plain ("vs plain") pairs the figures of one round, and the median of the rounds' ratios is
 quoted. Both give the same bits (tests/test_expansion.py). GB/s counts the blocks' bytes.
 
   python benchmarks/expansion.py > benchmarks/results/expansion_cpu.txt
@@ -60,7 +60,7 @@ def main() -> None:
         out(line)
     out(f"weight: {args.rows} x {args.cols}, expanded to bfloat16 on {device}; {args.rounds} rounds")
     out()
-    out(f"{'type':<13} {'bits/w':>6} {'plain ms':>9} {'compiled ms':>11} {'compiled GB/s':>13} {'compiled/plain':>14}")
+    out(f"{'type':<13} {'bits/w':>6} {'plain ms':>9} {'compiled ms':>11} {'compiled GB/s':>13} {'vs plain':>9}")
     for scheme in args.types.split(","):
         _, size, nbytes = BLOCK_TYPES[scheme]
         parts = {"blocks": torch.from_numpy(random_blocks(scheme, args.rows, args.cols // size, scale=0.02)).to(device)}
@@ -78,7 +78,7 @@ def main() -> None:
         ratio = statistics.median(r[1] / r[0] for r in rounds)
         stored = parts["blocks"].numel()
         out(f"{scheme:<13} {8 * nbytes / size:>6.2f} {p * 1e3:>9.1f} {c * 1e3:>11.1f} {stored / c / 1e9:>13.2f} "
-            f"{ratio:>14.3f}")
+            f"{ratio:>8.3f}x")
     out()
     out(f"fallbacks to plain torch: {expansion.fallbacks()}")
 

@@ -21,7 +21,7 @@ groups kept in RAM take (the budget's count: expanded weights at their expanded 
 
 With `--device cuda` every group waits in pinned host RAM and is copied to the GPU each pass
 (max_gpu_memory=0), the Q4_K blocks expanded there after the copy (reshard/ggml_quants.py's
-formulas in torch); "q4_k" and "bf16" are the rows, "placement" is "pinned". `--model llama70b`
+formulas, one compiled kernel per weight: runtime/expansion.py); "q4_k" and "bf16" are the rows, "placement" is "pinned". `--model llama70b`
 is Llama-2-70B's layer shapes (4 layers, hidden 8192, 64 heads, 8 KV heads, intermediate 28672)
 with a 1024-token vocabulary, so the layers are what a pass moves.
 

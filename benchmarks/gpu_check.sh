@@ -3,7 +3,8 @@
 # Sections (GPU_CHECK_SECTIONS picks some, space-separated; the default is all of these, in this order):
 #   speculation  tree verify cost vs a 1-token pass, 4 int4 Llama-2-70B layers from pinned RAM (issue 24)
 #   fp8          fp8-block vs bf16 at Llama-2-70B layer shapes, pinned RAM (issue 22; benchmarks/fp8_pass.py)
-#   gguf         GGUF Q4_K kept as blocks vs bf16, same shapes and placement (issue 22; benchmarks/gguf_quants.py)
+#   gguf         GGUF Q4_K kept as blocks vs bf16, same shapes and placement (issue 22; benchmarks/gguf_quants.py),
+#                then GGUF blocks' compiled expansion vs plain torch on the GPU (benchmarks/expansion.py)
 #   hybrid       70B-shaped int4 layers streamed vs computed on the CPU vs the planner, batch 1/8/64 (issue 25)
 #   hybrid-moe   the same for DeepSeek-V3-shaped routed experts (issue 25; GPU_HYBRID_MOE_LAYERS, default 1)
 #   moe          DeepSeek-V3 (int4, fp8) and Qwen3-235B (int4) shapes decoding with 6 GB free (issue 23; benchmarks/moe_gpu.py;
@@ -76,6 +77,10 @@ if want gguf; then
     else shape=(--device cuda --model llama70b --tokens 4 --rounds 3); fi
     section "GGUF Q4_K kept as blocks against bf16 at Llama-2-70B layer shapes, pinned RAM (issue 22)" \
         "${GPU_GGUF_TIMEOUT:-200}" "$py" benchmarks/gguf_quants.py "${shape[@]}"
+    if [[ $dry == 1 ]]; then shape=(--rows 64 --cols 512 --rounds 1 --types q4_k,iq2_xxs)
+    else shape=(--device cuda --rows 8192 --cols 28672 --rounds 3 --types q4_k,q6_k,iq2_xxs,iq3_s,mxfp4_blocks); fi
+    section "GGUF blocks' compiled expansion against plain torch, a Llama-2-70B down_proj (issue 22)" \
+        "${GPU_EXPANSION_TIMEOUT:-120}" "$py" benchmarks/expansion.py "${shape[@]}"
 fi
 if want hybrid; then
     section "Hybrid: host layers streamed vs computed on the CPU vs the planner (issue 25)" \

@@ -46,8 +46,8 @@ DEVICES = ("cuda",)  # where the compiled expansion runs (the CPU's Inductor wor
 # Compiled on the CPU too: torch's float8 -> float32 cast runs about an element per 5 ns there, and
 # fused into one vectorized pass the fp8 expansion is about 10x faster (a multiply, no add: exact).
 # GGML blocks no native kernel multiplies (IQ1-IQ3, TQ, MXFP4, Q5_0, IQ4_NL; the K-quants where the
-# kernels are missing) expand 4-7x faster compiled than in plain torch's dozen passes on a 2-core
-# EPYC (16M weights: IQ2_XXS 31 against 209 ms, TQ1_0 56 against 377).
+# kernels are missing) expand in 0.09-0.28x plain torch's time compiled, on a 2-core EPYC
+# (benchmarks/results/expansion_cpu.txt).
 CPU_COMPILED = ("fp8-block", *BLOCK_TYPES)
 # Only these compile. ("int4-act", act-order GPTQ, expands with plain torch: compiling its column
 # gather costs a test run about 25 s of a cold compile on 2 cores, more than its share of the suite.)
