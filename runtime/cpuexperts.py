@@ -28,7 +28,9 @@ from reshard.errors import UsageError
 from reshard.format import expert_range, stored_names
 
 from . import budget, hybrid, packedexperts
-from .experts import ExpertStreamer, routed_experts
+from .expertrounds import Restore
+from .experts import ExpertStreamer
+from .expertslots import routed_experts
 from .hostcompute import move
 from .stream import StreamStats
 
@@ -93,7 +95,7 @@ class CpuExperts:
                 self.hooks.append(module.register_forward_pre_hook(
                     self._decide(i, path, entry, signature), with_kwargs=True, prepend=True))
                 module.forward = self._forward(i, path, module, entry, signature, module.forward)
-                self.hooks.append(_Restore(module))
+                self.hooks.append(Restore(module))
 
     def close(self) -> None:
         for h in self.hooks:
@@ -174,16 +176,6 @@ class CpuExperts:
             return move(out, self.device)
 
         return forward
-
-
-class _Restore:
-    """A handle that puts a module's own forward back (the instance attribute goes)."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.module = module
-
-    def remove(self) -> None:
-        self.module.__dict__.pop("forward", None)
 
 
 def open_cpu_experts(mode, loader) -> CpuExperts | None:

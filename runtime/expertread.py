@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from reshard.errors import CorruptFileError
-from reshard.format import ST_TO_DTYPE
+from reshard.format import ST_TO_DTYPE, expert_range, stored_names
 
 READERS = 4  # expert reads in flight at once (NVMe drives want several)
 
@@ -80,6 +80,27 @@ class ExpertReader:
         if self.staging is None or self.staging.numel() < n:
             self.staging = torch.empty(n, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         return self.staging[:n]
+
+
+def read_stored(reader: ExpertReader, gf, group, entry: dict, experts: list[int], held: torch.Tensor | None = None
+                ) -> tuple[dict, int]:
+    """Experts `experts` of a layer file `gf` (manifest group `group`, experts module `entry`) into
+    host memory as stored, or from `held`, its data section in host memory: ({expert: {stored
+    tensor name: tensor}}, file reads taken). CPU tensors of the stored dtype are read into
+    directly: no staging buffer is shared."""
+    count = entry["num_experts"]
+    out, pieces = {}, []
+    for e in experts:
+        out[e] = {}
+        for name in (n for param in entry["tensors"] for n in stored_names(param, group.tensors)):
+            info = gf.infos[name]
+            out[e][name] = torch.empty(info.shape[1:], dtype=ST_TO_DTYPE[info.dtype])
+            pieces.append((info, out[e][name], expert_range(info, count, e)))
+    if held is not None:
+        for info, dst, (begin, end) in pieces:
+            dst.copy_(typed(held[begin:end], info, dst))
+        return out, 0
+    return out, reader.read(gf, pieces)
 
 
 def _coalesce(jobs: list[tuple[torch.Tensor, int]]) -> list[tuple[torch.Tensor, int]]:

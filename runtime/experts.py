@@ -21,6 +21,10 @@ device across passes, as stored (quantized ones as their parts): one it holds is
 there instead of re-read. With `predict`, runtime/prediction.py reads the next MoE layer's likely
 experts ahead while a layer computes.
 
+Where a job's slots do not fit on the device (a scoring pass or batch on a small GPU routes most
+of each layer's experts), calls with more than `round_tokens` tokens run in rounds that do
+(runtime/expertrounds.py).
+
 A prefill or batch that routes most of a layer's experts: by bytes, reading its routed experts
 never loses (slots keep experts in file order, so the reads of consecutive experts merge, see
 runtime/expertread.py, and a pass routing every expert reads each expert tensor in one sequential
@@ -41,13 +45,14 @@ import time
 import torch
 from torch import nn
 
-from reshard.format import (ST_TO_DTYPE, dense_range, expert_range, expert_tensors, quant_part_names, scheme_of,
-                            stored_names)
+from reshard.format import ST_TO_DTYPE, dense_range, expert_range, expert_tensors, quant_part_names, scheme_of
 from reshard.plan import ROUTED_ARGS
 
 from . import budget
 from .expertcache import POLICIES, ExpertCache
-from .expertread import ExpertReader, typed
+from .expertrounds import Restore, in_rounds
+from .expertslots import Slots, computes_on_slots, routed_experts
+from .expertread import ExpertReader, read_stored, typed
 from .packedexperts import PACKED, operands
 from .prediction import ExpertPredictor
 from .quantized import expand_param
@@ -58,41 +63,6 @@ from .quantized import expand_param
 WHOLE_AT = 0.75
 
 
-def routed_experts(index: torch.Tensor, count: int) -> list[int]:
-    """The experts (ascending) a router's `top_k_index` sends tokens to; ids outside 0..count-1
-    (padding of some routers) left out."""
-    return [e for e in torch.unique(index).tolist() if 0 <= e < count]
-
-
-def computes_on_slots(module: nn.Module) -> bool:
-    """Whether a streamed experts module computes on [S, ...] slots (it takes `top_k_index` and
-    loops over `num_experts`), rather than on full-size [E, ...] tensors holding the routed rows."""
-    signature = inspect.signature(module.forward)
-    return "top_k_index" in signature.parameters and isinstance(getattr(module, "num_experts", None), int)
-
-
-class _Slots:
-    """The experts one streamed layer's module computes with: rows [S, ...] per expert tensor
-    holding experts `held` (ascending), S sized by what the passes route, not by E."""
-
-    def __init__(self, owner: int, held: list[int], tensors: dict[str, torch.Tensor], *, full: bool = False):
-        self.owner, self.held, self.tensors, self.full = owner, held, tensors, full
-        self.rows = {e: e if full else k for k, e in enumerate(held)}
-
-    def row(self, expert: int) -> int:
-        """Where `expert` (one of `held`) sits: its own row in full-size tensors, else its slot."""
-        return self.rows[expert]
-
-    def index(self, top_k_index: torch.Tensor, count: int) -> torch.Tensor:
-        """Expert ids -> slot ids. The map is increasing, so the module visits its experts (and
-        adds their outputs) in the same order as over [E, ...]; an id outside [0, count) (an
-        expert-parallel sentinel) becomes the slots' own sentinel, S."""
-        table = torch.full((count + 1,), len(self.held), dtype=top_k_index.dtype, device=top_k_index.device)
-        table[torch.tensor(self.held, dtype=torch.long, device=top_k_index.device)] = torch.arange(
-            len(self.held), dtype=top_k_index.dtype, device=top_k_index.device)
-        return table[top_k_index.clamp(0, count).masked_fill(top_k_index < 0, count)]
-
-
 class ExpertStreamer:
     """Expert hooks for every streamed MoE group that `loader` (a GroupLoader) loads."""
 
@@ -101,7 +71,7 @@ class ExpertStreamer:
         self.device, self.dtype = loader.device, loader.dtype
         self.cache = ExpertCache(cache_bytes, cache_policy)
         self.predict, self.predictor = predict, None  # runtime/prediction.py, made by install
-        self.slots: dict[str, _Slots] = {}  # experts module path -> its slots while its layer is loaded
+        self.slots: dict[str, Slots] = {}  # experts module path -> its slots while its layer is loaded
         self.reader = ExpertReader(self.device)  # file ranges -> buffers (runtime/expertread.py)
         self.hooks: list = []
         self.warned: set[type] = set()  # experts classes read whole (said once per class)
@@ -111,6 +81,10 @@ class ExpertStreamer:
         self.wholes: dict[int, tuple] = {}  # group -> (sparse span, E, k): may load whole for a pass
         self.elsewhere = lambda path: False  # this call of `path` runs on the host (runtime/cpuexperts.py)
         self.packed = loader.expert_packing  # experts module path -> {attr: PackSpec}: computed as stored
+        # the most tokens a slot-computing experts call takes at once, more in rounds (runtime/expertrounds.py):
+        # set per job by LayeredModel.fit_job where a job's slots do not fit on the device, else None
+        self.round_tokens: int | None = None
+        self.rounds_possible = False  # some streamed experts module computes on slots (so can run in rounds)
 
     def install(self, model: nn.Module) -> None:
         """Make every streamed group with experts load without them, and hook the experts modules
@@ -125,6 +99,10 @@ class ExpertStreamer:
                 self.empty[path] = {a: module._parameters[a] for a in (n.rpartition(".")[2] for n in entry["tensors"])}
                 self.hooks.append(module.register_forward_pre_hook(self._hook(i, path, module, entry), with_kwargs=True))
                 self.hooks.append(module.register_forward_hook(self._restore(path, module)))
+                if computes_on_slots(module):
+                    module.forward = in_rounds(module, module.forward, self._round_limit(path))
+                    self.hooks.append(Restore(module))
+                    self.rounds_possible = True
         top_k = getattr(model.config, "num_experts_per_tok", None)
         for i in self.loader.partial:  # where a whole load is views of the mapping: no memory of its own
             group = self.loader.manifest.groups[i]
@@ -203,6 +181,8 @@ class ExpertStreamer:
                 self.bring(i, path, mod, entry, range(count), full=True)
                 return None
             index = bound.arguments[arg]
+            if compact and self.round_tokens is not None and index.shape[0] > self.round_tokens:
+                return None  # the forward splits the call into rounds (runtime/expertrounds.py), each brought here
             routed = routed_experts(index, count)
             if compact and path in self.packed:  # the kernels take the experts as read: ids stay E's
                 self.bring_packed(i, path, mod, entry, routed)
@@ -212,7 +192,7 @@ class ExpertStreamer:
                 self.bring(i, path, mod, entry, routed, full=True)
                 self._guess(i, bound.arguments)
                 return None
-            slots = self.bring(i, path, mod, entry, routed)
+            slots = self.bring(i, path, mod, entry, routed, alone=self.round_tokens is not None)
             mod.num_experts = len(slots.held)  # the module's own loops and bins run over the slots
             bound.arguments["top_k_index"] = slots.index(index, count)
             self._guess(i, bound.arguments)
@@ -242,15 +222,25 @@ class ExpertStreamer:
 
         return post_hook
 
-    def bring(self, i: int, path: str, module: nn.Module, entry: dict, routed, *, full: bool = False) -> _Slots:
+    def _round_limit(self, path: str):
+        """What runtime/expertrounds.py asks per call of `path`: the tokens a round takes, or None
+        (no rounds: none set, or this call computes on the host)."""
+        return lambda: None if self.round_tokens is None or self.elsewhere(path) else self.round_tokens
+
+    def bring(self, i: int, path: str, module: nn.Module, entry: dict, routed, *, full: bool = False,
+              alone: bool = False) -> Slots:
         """Put group i's experts module in place with slots for (at least) experts `routed`:
         the experts this layer load already brought (several forwards through one load, see
         runtime/lockstep.py, share it) keep theirs, the others come from the cache, a guess read
         ahead (runtime/prediction.py) or the file.
-        `full`: [E, ...] tensors, expert e in row e (for modules that index by expert id)."""
+        `full`: [E, ...] tensors, expert e in row e (for modules that index by expert id).
+        `alone` (rounds of tokens): the slots hold `routed` only; the experts earlier calls brought go
+        first (their memory is what the round may use), the ones needed again re-read or cached."""
         for other in [p for p, s in self.slots.items() if s.owner != i]:
             del self.slots[other]  # another layer's experts (not released): their memory goes first
         old = self.slots.pop(path, None)
+        if alone and old is not None and not set(old.held).issuperset(routed):
+            old = None
         have = set(old.held) if old is not None else set()
         if old is not None and have.issuperset(routed):
             slots = old
@@ -259,7 +249,7 @@ class ExpertStreamer:
             size = entry["num_experts"] if full else len(held)
             tensors = {name: torch.empty((size, *shape), dtype=dtype, device=self.device)
                        for name, (shape, dtype) in self._rows(i, entry).items()}
-            slots = _Slots(i, held, tensors, full=full)
+            slots = Slots(i, held, tensors, full=full)
             t0 = time.perf_counter()
             to_read, fresh = [], {}  # experts to read; expert -> stored tensors for the cache
             for e in held:
@@ -326,7 +316,7 @@ class ExpertStreamer:
         names = {name.rpartition(".")[2]: name for name in entry["tensors"]}
         ready.update({e: operands(group, names, specs, stored, self.loader.scheme) for e, stored in fresh.items()})
         self.stats.wait_seconds += time.perf_counter() - t0
-        self.slots[path] = _Slots(i, sorted(ready), ready)
+        self.slots[path] = Slots(i, sorted(ready), ready)
         self.placed.add(path)
         module.__dict__[PACKED] = {attr: {e: ops[attr] for e, ops in ready.items()} for attr in specs}
 
@@ -429,21 +419,8 @@ class ExpertStreamer:
                    ) -> tuple[dict, int]:
         """Experts of group i from its file (or `held`, its data section in host memory) into host
         memory as stored, for a guess (runtime/prediction.py, on its thread) or a packed call:
-        ({expert: {stored tensor name: tensor}}, file reads taken). CPU tensors of the stored
-        dtype are read into directly: no staging buffer is shared."""
-        gf, count, group = self.loader.files[i], entry["num_experts"], self.loader.manifest.groups[i]
-        out, pieces = {}, []
-        for e in experts:
-            out[e] = {}
-            for name in (n for param in entry["tensors"] for n in stored_names(param, group.tensors)):
-                info = gf.infos[name]
-                out[e][name] = torch.empty(info.shape[1:], dtype=ST_TO_DTYPE[info.dtype])
-                pieces.append((info, out[e][name], expert_range(info, count, e)))
-        if held is not None:
-            for info, dst, (begin, end) in pieces:
-                dst.copy_(typed(held[begin:end], info, dst))
-            return out, 0
-        return out, self.reader.read(gf, pieces)
+        ({expert: {stored tensor name: tensor}}, file reads taken); see expertread.read_stored."""
+        return read_stored(self.reader, self.loader.files[i], self.loader.manifest.groups[i], entry, experts, held)
 
 
 def load_persistent_buffers(model: nn.Module, loader) -> None:

@@ -42,7 +42,9 @@ class JobMemory:
             return True
         job, routed = self.job_bytes(shape), self._routed(shape)
         places = budget.demote(self.costs, self.places, self.memory, job, routed)
-        return budget.device_need(self.costs, places, self.memory, job, routed) <= self.memory.capacity
+        if budget.device_need(self.costs, places, self.memory, job, routed) <= self.memory.capacity:
+            return True
+        return self._expert_rounds(job, routed) is not None  # its experts would come in rounds
 
     def _routed(self, shape: allowance.JobShape) -> int | None:
         """The tokens a pass of `shape` routes through sparse MoE layers (budget.GroupCost.flight),
@@ -57,9 +59,12 @@ class JobMemory:
         MemoryBudgetError naming the --max-gpu-memory it needs; on the CPU it runs anyway.
         `chunkable` (generate): where the prompt's pass would not fit only for the slots of the
         experts its tokens route, the prompt tokens per pass that do fit, without moving weights
-        (the prompt is then prefilled in chunks, a weight pass each); else None."""
+        (the prompt is then prefilled in chunks, a weight pass each); else None.
+        A job that does not fit for its experts' slots alone, and is not chunked, computes each MoE
+        layer's routed experts in rounds of the most tokens that fit (runtime/expertrounds.py)."""
         if self.memory is None:
             return None
+        self.experts.round_tokens = None
         chunk = self._prefill_chunk(shape) if chunkable else None
         if chunk:
             if not getattr(self, "_chunk_said", False):  # said once: a server's every prompt would repeat it
@@ -69,6 +74,12 @@ class JobMemory:
             shape = dataclasses.replace(shape, tokens=chunk)
         job, routed = self.job_bytes(shape), self._routed(shape)
         places = budget.demote(self.costs, self.places, self.memory, job, routed)
+        if self.memory.cuda and budget.device_need(self.costs, places, self.memory, job, routed) > self.memory.capacity:
+            rounds = self._expert_rounds(job, routed)
+            if rounds is not None:
+                self._say_rounds(shape, rounds)
+                self.experts.round_tokens = routed = rounds
+                places = budget.demote(self.costs, self.places, self.memory, job, routed)
         if self.memory.cuda and budget.device_need(self.costs, places, self.memory, job, routed) > self.memory.capacity:
             alone = dataclasses.replace(self.memory, prefetch=0)
             least = budget.smallest_capacity(self.costs, alone, job, routed)
@@ -80,7 +91,7 @@ class JobMemory:
         if places != self.places:
             self._demote(places, shape, job)
         self.cuda_threads = self._cuda_threads(shape)
-        self._fit_expert_cache(shape, job)
+        self._fit_expert_cache(shape, job, routed)
         return chunk
 
     def _prefill_chunk(self, shape: allowance.JobShape) -> int | None:
@@ -103,14 +114,38 @@ class JobMemory:
             low, high = (mid, high) if fits(mid) else (low, mid - 1)
         return low
 
-    def _fit_expert_cache(self, shape: allowance.JobShape, job: int) -> None:
+    def _expert_rounds(self, job: int, routed: int | None) -> int | None:
+        """The most tokens per experts call with which a job of `job` bytes fits on CUDA (resident
+        groups moved off as needed), where it does not with `routed` tokens but does with fewer
+        because sparse MoE layers need slots for the experts its tokens route; else None."""
+        if routed is None or routed <= 1 or not self.experts.rounds_possible:
+            return None
+
+        def fits(tokens: int) -> bool:
+            places = budget.demote(self.costs, self.places, self.memory, job, tokens)
+            return budget.device_need(self.costs, places, self.memory, job, tokens) <= self.memory.capacity
+
+        if not fits(1):
+            return None
+        low, high = 1, routed - 1  # fits(low), the answer is at most high
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid - 1)
+        return low
+
+    def _say_rounds(self, shape: allowance.JobShape, tokens: int) -> None:
+        if getattr(self, "_rounds_said", None) != tokens:  # said once per size: a server's every job would repeat it
+            print(f"runtime: the experts {shape.describe()} routes do not fit on the device at once; each MoE "
+                  f"layer computes them {tokens} tokens at a time", file=sys.stderr)
+            self._rounds_said = tokens
+
+    def _fit_expert_cache(self, shape: allowance.JobShape, job: int, routed: int | None) -> None:
         """On CUDA the expert cache gives way to the job: it keeps only what the plan leaves (said
         when it shrinks). On the CPU a job past the budget runs anyway, so the cache stays."""
         cache = self.experts.cache
         if not self.memory.cuda or cache.capacity == 0:  # nothing to do (and no sums on every call)
             return
-        room = max(0, self.memory.capacity - budget.device_need(self.costs, self.places, self.memory, job,
-                                                                self._routed(shape)))
+        room = max(0, self.memory.capacity - budget.device_need(self.costs, self.places, self.memory, job, routed))
         if cache.capacity > room:
             print(f"runtime: {shape.describe()} needs about {budget.gib(job)} next to the weights; the expert "
                   f"cache shrinks from {budget.gib(cache.capacity)} to {budget.gib(room)}", file=sys.stderr)

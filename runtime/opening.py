@@ -18,7 +18,7 @@ from reshard.errors import MemoryBudgetError, UsageError
 from reshard.format import DTYPE_NAMES, dtype_name, expert_bytes
 
 from . import allowance, budget, lowbit
-from .experts import computes_on_slots
+from .expertslots import computes_on_slots
 from .quantized import param_held_bytes
 from .stream import GroupLoader
 

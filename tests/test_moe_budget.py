@@ -118,7 +118,8 @@ def test_small_gpu_decodes_a_moe_whose_experts_do_not_fit(folder, capsys):
     config = _config()
     smallest = allowance.job_bytes(config, torch.float32, allowance.SMALLEST)
     alone = budget.Budget(cuda=True, capacity=0, host=1 << 40, prefetch=0)
-    small = budget.smallest_capacity(sparse, alone, smallest, routed_tokens=1) + (1 << 20)
+    one, two = (budget.smallest_capacity(sparse, alone, smallest, routed_tokens=t) for t in (1, 2))
+    small = one + (two - one) // 2  # a decode step's slots and half a token's more (this model's experts are KBs)
     assert small < budget.smallest_capacity(sparse, alone, smallest)  # whole layers would not fit
     with LayeredModel.from_pretrained(folder, device="cuda", dtype="float32", max_cpu_memory="1GB",
                                       max_gpu_memory=small, expert_cache=0) as lm:
@@ -133,7 +134,7 @@ def test_experts_computed_on_full_size_tensors_are_counted_whole(folder, tmp_pat
     from transformers import GptOssConfig
 
     from reshard.plan import build_empty_model
-    from runtime.experts import computes_on_slots
+    from runtime.expertslots import computes_on_slots
 
     config = GptOssConfig(hidden_size=64, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
@@ -149,3 +150,92 @@ def test_experts_computed_on_full_size_tensors_are_counted_whole(folder, tmp_pat
     assert any(c.experts for c in group_costs(loader, 2))  # without the model's modules: slots assumed
     dsv3 = build_empty_model(_config(), dtype=torch.float16)  # DeepSeek-V3's experts compute on slots
     assert all(computes_on_slots(dsv3.get_submodule(p)) for g in read_manifest(folder).groups for p in g.experts)
+
+
+def test_a_job_too_wide_for_the_slots_gets_rounds_of_the_most_tokens_that_fit(cuda_loader):
+    """LayeredModel._expert_rounds on the plan above: a job whose experts' slots do not fit computes
+    them in rounds of the most tokens that do (fits() says so too); the CPU and layers without
+    slots never get rounds."""
+    config = _config()
+    costs = group_costs(cuda_loader, K)
+    lm = object.__new__(LayeredModel)
+    lm.model, lm.loader, lm.cuda_threads = types.SimpleNamespace(config=config), cuda_loader, 0
+    lm.costs, lm.places = costs, [budget.HOST] * len(costs)
+    lm.experts = types.SimpleNamespace(rounds_possible=True)
+    batch = allowance.JobShape(batch=4, tokens=12, context=12)
+    job = allowance.job_bytes(config, torch.float16, batch)
+
+    def need(tokens: int) -> int:
+        return budget.device_need(costs, lm.places, lm.memory, job, tokens)
+
+    lm.memory = budget.Budget(cuda=True, capacity=0, host=1 << 40, prefetch=0)
+    lm.memory = dataclasses.replace(lm.memory, capacity=need(2) + (need(3) - need(2)) // 2)
+    assert lm._expert_rounds(job, 48) == 2 and lm.fits(batch)
+    lm.memory = dataclasses.replace(lm.memory, capacity=need(1) - 1)
+    assert lm._expert_rounds(job, 48) is None and not lm.fits(batch)  # nothing fits: fit_job's error
+    lm.memory = dataclasses.replace(lm.memory, capacity=need(2))
+    lm.experts.rounds_possible = False  # experts on full-size tensors (gpt-oss): no rounds
+    assert lm._expert_rounds(job, 48) is None and not lm.fits(batch)
+
+
+@pytest.fixture(scope="module")
+def float_folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe-rounds") / "dsv3"
+    write_random_model(_config(), out, dtype=torch.float32)
+    return out
+
+
+def test_experts_in_rounds_give_the_same_logits_with_slots_for_a_round_at_a_time(float_folder, monkeypatch):
+    """Rounds of 2 tokens (what fit_job sets where a job's slots do not fit on CUDA) on the CPU: each
+    round's slots hold its own experts only (at most 2 x k), the layer's other weights pass once, and
+    greedy tokens equal the unsplit model's. Each token sums the same experts' outputs in the same
+    order, but an expert's matmul over fewer rows may round differently (float32 on this CPU: one
+    unit in the last place), as a prefill in chunks does: rounds happen only where one call's slots
+    do not fit on the device."""
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(1))
+    opts = dict(device="cpu", dtype="float32", packed=False, max_cpu_memory=0, expert_cache=0)
+    with LayeredModel.from_pretrained(float_folder, **opts) as plain:
+        want = plain(ids).logits
+        want_tokens = plain.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    with LayeredModel.from_pretrained(float_folder, **opts) as lm:
+        fit = lm.fit_job
+        monkeypatch.setattr(lm, "fit_job", lambda shape, **kw: (fit(shape, **kw), setattr(lm.experts, "round_tokens", 2))[0])
+        held, bring = [], lm.experts.bring
+
+        def counted(*args, **kwargs):
+            slots = bring(*args, **kwargs)
+            held.append(len(slots.held))
+            return slots
+
+        monkeypatch.setattr(lm.experts, "bring", counted)
+        lm.experts.whole_at = None  # the CPU would load these layers whole (views of the files): no slots
+        passes = lm.stats.passes
+        got = lm(ids).logits
+        assert lm.stats.passes == passes + 1  # one weight pass, its experts in rounds
+        layers = sum(1 for g in lm.groups if g.experts)
+        assert len(held) == layers * 9 and max(held) <= 2 * K  # 18 tokens: 9 rounds a layer, 2 tokens' experts each
+        assert torch.allclose(got, want, rtol=0, atol=1e-5)
+        assert torch.equal(lm.generate(ids[:1], max_new_tokens=4, do_sample=False), want_tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_small_gpu_runs_a_batch_whose_experts_do_not_fit_in_rounds(folder, capsys):
+    """On CUDA with room for a batch's activations and 2 tokens' slots but not the experts its 48
+    tokens route: the forward runs (no MemoryBudgetError), its experts in rounds of 2 tokens, and
+    the logits are the roomy device's within float32 rounding, the same greedy picks."""
+    ids = torch.randint(3, 300, (4, 12), generator=torch.Generator().manual_seed(2)).cuda()
+    with LayeredModel.from_pretrained(folder, device="cuda", dtype="float32", max_cpu_memory="1GB") as roomy:
+        want = roomy(ids).logits
+        sparse = roomy.costs
+        job = roomy.job_bytes(allowance.shape_of_call((ids,), {}))
+    alone = budget.Budget(cuda=True, capacity=0, host=1 << 40, prefetch=0)
+    two, three = (budget.smallest_capacity(sparse, alone, job, routed_tokens=t) for t in (2, 3))
+    small = two + (three - two) // 2
+    assert small < budget.smallest_capacity(sparse, alone, job, routed_tokens=48)
+    with LayeredModel.from_pretrained(folder, device="cuda", dtype="float32", max_cpu_memory="1GB",
+                                      max_gpu_memory=small, expert_cache=0) as lm:
+        got = lm(ids).logits
+        assert lm.experts.round_tokens == 2
+    assert torch.allclose(got, want, rtol=0, atol=1e-4) and torch.equal(got.argmax(-1), want.argmax(-1))
+    assert "computes them 2 tokens at a time" in capsys.readouterr().err
