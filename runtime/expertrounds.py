@@ -47,8 +47,12 @@ def in_rounds(module: nn.Module, original: Callable, limit: Callable[[], int | N
             per_token = isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == tokens
             return value[start:start + cap] if per_token else value
 
-        out = [module(**{name: rows(value, start) for name, value in bound.arguments.items()})
-               for start in range(0, tokens, cap)]
+        out = []
+        for start in range(0, tokens, cap):
+            part = signature.bind(*args, **kwargs)
+            for name, value in part.arguments.items():
+                part.arguments[name] = rows(value, start)
+            out.append(module(*part.args, **part.kwargs))  # its hooks bring this round's experts
         return torch.cat(out)
 
     return forward
