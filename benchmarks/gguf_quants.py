@@ -17,6 +17,7 @@ groups kept in RAM take (the budget's count: expanded weights at their expanded 
   python benchmarks/gguf_quants.py > benchmarks/results/gguf_quants.txt
   python benchmarks/gguf_quants.py --model qwen3moe > benchmarks/results/gguf_quants_moe.txt
   python benchmarks/gguf_quants.py --weights q8_0 > benchmarks/results/gguf_q8_0.txt  # a Q8_0 file
+  python benchmarks/gguf_quants.py --weights iq2_xxs > benchmarks/results/gguf_iq2_xxs.txt  # an IQ2_XXS file
   python benchmarks/gguf_quants.py --device cuda --model llama70b --tokens 4 --rounds 3  # GPU check (issue 22)
 
 With `--device cuda` every group waits in pinned host RAM and is copied to the GPU each pass
@@ -100,8 +101,9 @@ def main() -> None:
                          "llama70b: Llama-2-70B's layer shapes (for --device cuda)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cuda: every group in pinned host RAM, copied to the GPU each pass")
-    ap.add_argument("--weights", choices=["q4_k", "q8_0"], default="q4_k",
-                    help="q8_0: a Q8_0 file's decoder weights and head (re-packed int8 with a scale per block of 32)")
+    ap.add_argument("--weights", choices=["q4_k", "q8_0", "iq2_xxs", "iq3_xxs"], default="q4_k",
+                    help="the decoder weights' type; q8_0: the head too (re-packed int8 with a scale per block of "
+                         "32); iq2_xxs, iq3_xxs: grid blocks (runtime/kernels/iquant_cpu.c), the head Q6_K")
     args = ap.parse_args()
     gpu = args.device == "cuda"
     runs, placements = (GPU_RUNS, ("pinned",)) if gpu else (runs_of(args.weights), ("streamed", "resident"))
@@ -115,7 +117,7 @@ def main() -> None:
             shape = {"llama": SHAPE, "llama70b": LLAMA70B, "tiny": TINY}[args.model]
             names = [n for n, _, _ in llama_tensors(shape["layers"], shape["hidden"], shape["inter"], shape["heads"],
                                                     shape["kv_heads"], 1)]
-            block = Q.Q8_0 if args.weights == "q8_0" else Q.Q4_K
+            block = getattr(Q, args.weights.upper())
             types = {n: block for n in names if n.startswith("blk.") and not n.endswith("norm.weight")}
             types["output.weight"] = Q.Q8_0 if args.weights == "q8_0" else Q.Q6_K
             vocab = None if args.model == "llama" else TOKENIZER_VOCAB

@@ -41,6 +41,14 @@ def prepare(scheme: str, device: torch.device) -> None:
         _ksigns(device)
 
 
+def kernel_tables(scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What runtime/kernels/iquant_cpu.c reads for `scheme`'s blocks: its grid as uint8 rows (the
+    values are small integers: exact) and the 128 sign patterns as rows of eight int8, +1 or -1."""
+    grid = _grid(GRIDS[scheme], torch.device("cpu")).to(torch.uint8).contiguous()
+    signs = (1 - 2 * _bits(_ksigns(torch.device("cpu")).long(), 8, 1, 1)).to(torch.int8).contiguous()
+    return grid, signs
+
+
 def _grid(name: str, device: torch.device) -> torch.Tensor:
     """ggml's grid for the gguf class `name`, (rows, 4 or 8) float32, as gguf de-quantizes with it."""
     key = (name, str(device))

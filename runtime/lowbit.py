@@ -24,9 +24,10 @@ Two kernels, chosen once per weight when the model is built (`PackSpec.backend`)
 Both kernels take bfloat16 activations (their float32 paths are reference loops, ~100x slower),
 so a PackedLinear computes in bfloat16 whatever the model's dtype and casts back.
 
-A GGUF's Q2_K to Q6_K and IQ4_XS blocks (reshard/ggml_quants.py) run natively as stored, one uint8 tensor
-(runtime/kernels/kquant_cpu.c: the blocks' own scales decoded in the loop, each weight ggml's
-value); with no native kernel they expand. An "int4-sym" weight (a GGUF's Q4_0 re-packed, reshard/ggml_repack.py) runs as int4 with its zeros
+A GGUF's Q2_K to Q6_K and IQ4_XS blocks (reshard/ggml_quants.py), and IQ2_XXS and IQ3_XXS ones
+(reshard/ggml_iquants.py), run natively as stored, one uint8 tensor (runtime/kernels/kquant_cpu.c and
+iquant_cpu.c: the blocks' own scales, grids and signs decoded in the loop, each weight ggml's value);
+with no native kernel they expand. An "int4-sym" weight (a GGUF's Q4_0 re-packed, reshard/ggml_repack.py) runs as int4 with its zeros
 -8 * scales made at load; an "int4-act" one (act-order GPTQ, its columns stored group by group) runs
 as int4 on the input gathered into that order (`X.qorder`, a third tensor); int8 with a scale per
 block of 32 (a GGUF's Q8_0 re-packed) runs natively with its (N, K/32) scales as float32 (torch's
@@ -59,9 +60,9 @@ INT4_GROUPS = (32, 64, 128, 256)
 # stored scheme -> the kernel's; "int4-sym" is int4 with zeros -8 * scales (reshard/ggml_repack.py);
 # "int4-act" int4 over the input columns in act order (act-order GPTQ): the input is gathered to match
 KERNEL_SCHEMES = {"int8": "int8", "int4": "int4", "int4-sym": "int4", ACT_ORDER: "int4",
-                  **{s: s for s in native.KQUANT_KINDS}}
-# GGML K-quant blocks: multiplied as stored, by the native kernel only (a weight, no scale table)
-KQUANTS = frozenset(native.KQUANT_KINDS)
+                  **{s: s for s in native.BLOCK_SCHEMES}}
+# GGML K-quant and grid blocks: multiplied as stored, by the native kernels only (a weight, no scale table)
+KQUANTS = native.BLOCK_SCHEMES
 SCALES = "qscales"
 ORDER = "qorder"  # a PackedLinear's third tensor, for an "int4-act" weight: the input columns' order
 ALIGN = 64  # bytes; torch's CPU allocator aligns every allocation to this  # a PackedLinear's second tensor: int8 scales, or int4 scales-and-zeros
@@ -71,7 +72,7 @@ ALIGN = 64  # bytes; torch's CPU allocator aligns every allocation to this  # a 
 class PackSpec:
     """How one quantized weight runs packed."""
 
-    scheme: str  # "int8", "int4", or GGML blocks (native.KQUANT_KINDS: "q2_k" to "q6_k", "iq4_xs"; native only)
+    scheme: str  # "int8", "int4", or GGML blocks (native.BLOCK_SCHEMES: "q2_k" to "q6_k", "iq4_xs", ...; native only)
     group: int  # int4 group size; int8: 0 (a scale per row) or 32 (per block of 32 columns, native only)
     out_features: int  # N
     in_features: int  # K

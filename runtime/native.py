@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = (KERNELS / "lowbit_cpu.c", KERNELS / "kquant_cpu.c")  # one library; their shared header: common.h
+SOURCES = (KERNELS / "lowbit_cpu.c", KERNELS / "kquant_cpu.c", KERNELS / "iquant_cpu.c")  # one library; their shared header: common.h
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 HALF_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # how the int4 kernel reads scales
 
@@ -97,6 +97,9 @@ def load(path: Path) -> ctypes.CDLL:
     if hasattr(lib, "reshard_kquant_gemm"):  # an older version of the source (a benchmark's baseline) lacks it
         lib.reshard_kquant_gemm.argtypes = [ptr, i32, i64, i64, ptr, i32, i64, ptr, i32]
         lib.reshard_kquant_gemm.restype = i32
+    if hasattr(lib, "reshard_iquant_gemm"):
+        lib.reshard_iquant_gemm.argtypes = [ptr, i32, i64, i64, ptr, i32, ptr, ptr, i64, ptr, i32]
+        lib.reshard_iquant_gemm.restype = i32
     return lib
 
 
@@ -188,20 +191,38 @@ def int4_gemm(x: torch.Tensor, weight: torch.Tensor, sz: torch.Tensor, group: in
 
 
 KQUANT_KINDS = {"q4_k": 0, "q6_k": 1, "q5_k": 2, "iq4_xs": 3, "q3_k": 4, "q2_k": 5}  # the GGML K-quant blocks kquant_cpu.c multiplies as stored
+IQUANT_KINDS = {"iq2_xxs": 0, "iq3_xxs": 1}  # the GGML grid blocks iquant_cpu.c multiplies as stored
+BLOCK_SCHEMES = frozenset(KQUANT_KINDS) | frozenset(IQUANT_KINDS)  # every GGML block type the kernels take as stored
 
 
 def kquant_gemm(x: torch.Tensor, blocks: torch.Tensor, scheme: str, *, lib: ctypes.CDLL | None = None
                 ) -> torch.Tensor:
     """x (M, K) float32 or bfloat16, contiguous, @ W.T -> (M, N) in x's dtype; W (N, K) kept as its
     GGML blocks `blocks` (N, K / 256 * block bytes) uint8, contiguous, in `scheme` (a KQUANT_KINDS
-    key): each weight exactly gguf's de-quantized value, the activations quantized per block of 32."""
+    key, or an IQUANT_KINDS one: their grids from `iquant_tables`): each weight exactly gguf's
+    de-quantized value, the activations quantized per block of 32."""
     m, k = x.shape
     n = blocks.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
-    rc = (lib or _lib or lowbit()).reshard_kquant_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, blocks.data_ptr(),
-                                                       KQUANT_KINDS[scheme], n, y.data_ptr(), torch.get_num_threads())
+    lib = lib or _lib or lowbit()
+    if scheme in IQUANT_KINDS:
+        grid, signs = iquant_tables(scheme)
+        rc = lib.reshard_iquant_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, blocks.data_ptr(), IQUANT_KINDS[scheme],
+                                     grid.data_ptr(), signs.data_ptr(), n, y.data_ptr(), torch.get_num_threads())
+    else:
+        rc = lib.reshard_kquant_gemm(x.data_ptr(), IO_KINDS[x.dtype], m, k, blocks.data_ptr(), KQUANT_KINDS[scheme],
+                                     n, y.data_ptr(), torch.get_num_threads())
     _check(rc)
     return y
+
+
+@functools.cache
+def iquant_tables(scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid and sign patterns iquant_cpu.c reads for `scheme` (reshard/ggml_iquants.py: the gguf
+    package's own), made once."""
+    from reshard.ggml_iquants import kernel_tables
+
+    return kernel_tables(scheme)
 
 
 def int4_scales(scales: torch.Tensor, zeros: torch.Tensor, group: int) -> torch.Tensor:

@@ -1,0 +1,131 @@
+/* GGML's grid blocks IQ2_XXS and IQ3_XXS, as a .gguf file stores them, multiplied on the CPU at memory speed:
+ * y = x @ W.T with W (N, K) kept as its blocks (reshard/ggml_iquants.py), read once, never expanded to
+ * floats. For runtime/lowbit.py (built and loaded by runtime/native.py with lowbit_cpu.c and kquant_cpu.c).
+ *
+ * The activations are quantized per block of 32 values in their own order (common.h's quantize_row), and
+ * every product is an integer dot product (vpdpbusd): the grid's values are unsigned (at most 62), each
+ * weight's sign goes onto its activation (vpsignb). Each weight is exactly ggml's de-quantized value.
+ *
+ * IQ2_XXS, 256 values in 66 bytes: float16 d, then per block of 32 a uint32 of four grid indices (a
+ * row of 8 values each in ggml's 256-row grid) and a uint32 of four 7-bit sign indices (into ggml's 128
+ * eight-sign patterns) and a 4-bit scale s: w = d * (2 s + 1) / 8 * grid * sign.
+ * IQ3_XXS, 256 values in 98 bytes: float16 d, 64 bytes of grid indices (a row of 4 values each in
+ * ggml's 256-row grid), then per block of 32 a uint32 of four sign indices and a scale as IQ2_XXS's:
+ * w = d * (2 s + 1) / 4 * grid * sign.
+ * The grids and the sign patterns are the gguf package's (runtime/lowbit.py passes them): `grid` one row
+ * per index (8 bytes for IQ2_XXS, 4 for IQ3_XXS), `signs` 128 rows of eight bytes, +1 or -1.
+ * Per row and block the kernel sums d_x * d_w * dot, the dot's eight lanes kept apart until the row's end.
+ * K % 256 == 0. x and y are float32 (io 0) or bfloat16 (io 2). Results are deterministic, whatever the
+ * thread count.
+ */
+#include "common.h"
+
+#if HAVE_VNNI
+
+#define QK 256
+#define IQ2XXS_BYTES 66
+#define IQ3XXS_BYTES 98
+
+typedef struct {
+    int8_t *xq; /* (M, K), in order */
+    float *d;   /* (M, K/32): each block's activation scale */
+} acti;
+
+static int preparei(const float *x, int64_t M, int64_t K, acti *a) {
+    a->xq = aligned_alloc(64, ((M * K + 63) / 64) * 64);
+    a->d = malloc(sizeof(float) * M * (K / BLOCK));
+    if (!a->xq || !a->d) return -1;
+    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, a->xq + m * K, a->d + m * (K / BLOCK));
+    return 0;
+}
+
+#define ACTI(r)                                                                                 \
+    const int8_t *xq##r = a->xq + (m + r) * K;                                                  \
+    const float *d##r = a->d + (m + r) * (K / BLOCK);                                           \
+    __m256 acc##r = _mm256_setzero_ps();
+/* block b (32 values at k) of row r: the grid bytes g, the signs s, the weight scale ws */
+#define STEPI(r)                                                                                \
+    acc##r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), g,  \
+        _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq##r + k)), s))),                 \
+        _mm256_set1_ps(d##r[k / BLOCK] * ws), acc##r)
+#define PUTI(r) put(y, (m + r) * N + n, hsum8(acc##r), io)
+
+/* the eight signs of four sign indices (7 bits each, from bit 0 of aux) */
+#define SIGNS4(aux) _mm256_set_epi64x(signs[((aux) >> 21) & 127], signs[((aux) >> 14) & 127],      \
+                                      signs[((aux) >> 7) & 127], signs[(aux) & 127])
+
+#define WALKIQ2(STEPS)                                                                          \
+    for (int64_t kb = 0; kb < K; kb += QK) {                                                    \
+        const uint8_t *blk = wr + kb / QK * IQ2XXS_BYTES;                                       \
+        const float dd = _cvtsh_ss(*(const uint16_t *)blk) * 0.125f;                            \
+        for (int j = 0; j < 8; j++) {                                                           \
+            const int64_t k = kb + 32 * j;                                                      \
+            const uint8_t *idx = blk + 2 + 8 * j;                                               \
+            uint32_t aux;                                                                       \
+            memcpy(&aux, idx + 4, 4);                                                           \
+            const __m256i g = _mm256_set_epi64x(grid[idx[3]], grid[idx[2]], grid[idx[1]], grid[idx[0]]); \
+            const __m256i s = SIGNS4(aux);                                                      \
+            const float ws = dd * (float)(2 * (aux >> 28) + 1);                                 \
+            STEPS(STEPI)                                                                        \
+        }                                                                                       \
+    }
+
+static inline void rowiq2xxs(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint64_t *grid,
+                             const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
+    const uint8_t *wr = w + n * (K / QK * IQ2XXS_BYTES);
+    ROWS(ACTI, WALKIQ2, PUTI)
+}
+
+#define WALKIQ3(STEPS)                                                                          \
+    for (int64_t kb = 0; kb < K; kb += QK) {                                                    \
+        const uint8_t *blk = wr + kb / QK * IQ3XXS_BYTES;                                       \
+        const float dd = _cvtsh_ss(*(const uint16_t *)blk) * 0.25f;                             \
+        for (int j = 0; j < 8; j++) {                                                           \
+            const int64_t k = kb + 32 * j;                                                      \
+            const uint8_t *idx = blk + 2 + 8 * j;                                               \
+            uint32_t aux;                                                                       \
+            memcpy(&aux, blk + 66 + 4 * j, 4);                                                  \
+            const __m256i g = _mm256_set_epi32(grid3[idx[7]], grid3[idx[6]], grid3[idx[5]], grid3[idx[4]], \
+                                               grid3[idx[3]], grid3[idx[2]], grid3[idx[1]], grid3[idx[0]]); \
+            const __m256i s = SIGNS4(aux);                                                      \
+            const float ws = dd * (float)(2 * (aux >> 28) + 1);                                 \
+            STEPS(STEPI)                                                                        \
+        }                                                                                       \
+    }
+
+static inline void rowiq3xxs(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint32_t *grid3,
+                             const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
+    const uint8_t *wr = w + n * (K / QK * IQ3XXS_BYTES);
+    ROWS(ACTI, WALKIQ3, PUTI)
+}
+
+/* kind: 0 IQ2_XXS (grid: 256 rows of 8 bytes), 1 IQ3_XXS (256 rows of 4 bytes); signs: 128 rows of 8 bytes;
+ * w: (N, K / 256 * block bytes) as the file stores it; K % 256 == 0 */
+int reshard_iquant_gemm(const void *xin, int io, int64_t M, int64_t K, const uint8_t *w, int kind,
+                        const void *grid, const void *signs, int64_t N, void *y, int threads) {
+    if (K % QK || kind < 0 || kind > 1) return -2;
+    if (empty(M, K, N, y, io)) return 0;
+    float *owned;
+    const float *x = floats(xin, M * K, io, &owned);
+    acti a = {0};
+    int failed = x == NULL || preparei(x, M, K, &a);
+    free(owned);
+    if (failed) { free(a.xq); free(a.d); return -1; }
+    if (kind == 0) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++) rowiq2xxs(&a, M, K, w, grid, signs, N, n, y, io);
+    } else {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++) rowiq3xxs(&a, M, K, w, grid, signs, N, n, y, io);
+    }
+    free(a.xq);
+    free(a.d);
+    return 0;
+}
+
+#else  /* no AVX512-VNNI: runtime/native.py sees reshard_lowbit_isa() == 0 and these layers expand */
+
+int reshard_iquant_gemm(const void *x, int io, int64_t M, int64_t K, const uint8_t *w, int kind,
+                        const void *grid, const void *signs, int64_t N, void *y, int threads) { return -3; }
+
+#endif
