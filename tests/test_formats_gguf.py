@@ -169,7 +169,7 @@ def test_logits_and_tokens_equal_transformers(mixed_converted, reference, reside
 
 def test_repacked_and_k_quant_weights_run_through_the_cpu_kernels(mixed_converted, reference):
     """By default the re-packed int4 weights (Q4_0, Q4_1) run packed through the CPU's low-bit
-    kernels, and so do Q2_K to Q6_K, IQ4_XS, IQ2_XXS and IQ3_XXS blocks, as stored, and Q8_0's int8 with a scale per
+    kernels, and so do Q2_K to Q6_K, IQ4_XS and the IQ2/IQ3 grid blocks, as stored, and Q8_0's int8 with a scale per
     block of 32, where the project's native kernels run; each close to the exact product."""
     from runtime import LayeredModel, native
     from runtime.lowbit import PackedLinear, kernels_available
@@ -177,8 +177,7 @@ def test_repacked_and_k_quant_weights_run_through_the_cpu_kernels(mixed_converte
     if native.lowbit() is None and not kernels_available():
         pytest.skip("no CPU low-bit kernel on this machine")
     manifest = read_manifest(mixed_converted)
-    kernel = ("int4", "int8", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs", "iq2_xxs", "iq3_xxs") \
-        if native.lowbit() is not None else ("int4",)
+    kernel = ("int4", "int8", *sorted(native.BLOCK_SCHEMES)) if native.lowbit() is not None else ("int4",)
     want = {p[: -len(".weight")]: q["scheme"] for g in manifest.groups for p, q in g.quantized.items()
             if q["scheme"] in kernel or q["scheme"].startswith("int4")}
     assert set(kernel) <= set(want.values()) or native.lowbit() is None

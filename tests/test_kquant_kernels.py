@@ -1,5 +1,5 @@
 """The native kernels for GGML's K-quant blocks (runtime/kernels/kquant_cpu.c: Q2_K to Q6_K and IQ4_XS) and
-grid blocks (iquant_cpu.c: IQ2_XXS, IQ3_XXS): weights multiplied as a .gguf file stores them. Their products are the exact product of the activations
+grid blocks (iquant_cpu.c: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S): weights multiplied as a .gguf file stores them. Their products are the exact product of the activations
 quantized per block of 32 (as for the int4 kernel, tests/test_native.py) with the weights as the
 gguf package de-quantizes them, within float32's rounding; a PackedLinear runs them so, holding the
 blocks alone. Needs an x86 CPU with AVX512-VNNI and a C compiler (CI's machine has both)."""
@@ -18,7 +18,8 @@ from runtime import native
 from runtime.lowbit import PackedLinear, PackSpec, pack_param, packed_nbytes, supported
 
 TYPES = {"q2_k": Q.Q2_K, "q3_k": Q.Q3_K, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K, "iq4_xs": Q.IQ4_XS,
-         "iq2_xxs": Q.IQ2_XXS, "iq3_xxs": Q.IQ3_XXS}  # the last two: runtime/kernels/iquant_cpu.c
+         "iq2_xxs": Q.IQ2_XXS, "iq3_xxs": Q.IQ3_XXS, "iq3_s": Q.IQ3_S, "iq2_xs": Q.IQ2_XS,
+         "iq2_s": Q.IQ2_S}  # the grid blocks, from iq2_xxs: runtime/kernels/iquant_cpu.c
 VALUE_BYTES = {"q2_k": (16, 80), "q4_k": (16, 144), "q5_k": (16, 176)}  # each block's bytes of q (with mins)
 
 

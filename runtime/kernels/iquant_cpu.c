@@ -1,4 +1,4 @@
-/* GGML's grid blocks IQ2_XXS and IQ3_XXS, as a .gguf file stores them, multiplied on the CPU at memory speed:
+/* GGML's grid blocks IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S, as a .gguf file stores them, multiplied on the CPU at memory speed:
  * y = x @ W.T with W (N, K) kept as its blocks (reshard/ggml_iquants.py), read once, never expanded to
  * floats. For runtime/lowbit.py (built and loaded by runtime/native.py with lowbit_cpu.c and kquant_cpu.c).
  *
@@ -12,6 +12,14 @@
  * IQ3_XXS, 256 values in 98 bytes: float16 d, 64 bytes of grid indices (a row of 4 values each in
  * ggml's 256-row grid), then per block of 32 a uint32 of four sign indices and a scale as IQ2_XXS's:
  * w = d * (2 s + 1) / 4 * grid * sign.
+ * IQ3_S, 256 values in 110 bytes: float16 d, 64 bytes of grid indices' low 8 bits (rows of 4 values in a
+ * 512-row grid), 8 bytes of their 9th bits, 32 bytes of signs (a bit per value), 4 bytes of a 4-bit scale
+ * per block of 32: w = d * (1 + 2 s) * grid * sign.
+ * IQ2_XS, 256 values in 74 bytes: float16 d, 32 uint16 (a 9-bit index into a 512-row grid of 8 values, a
+ * 7-bit sign index), 8 bytes of two 4-bit scales (values 0-15, 16-31 of a block): w = d * (2 s + 1) / 8 *
+ * grid * sign.
+ * IQ2_S, 256 values in 82 bytes: float16 d, 32 bytes of grid indices' low 8 bits (a 1024-row grid of 8),
+ * 32 bytes of signs (a bit per value), 8 bytes of the indices' 2 high bits, 8 bytes of scales as IQ2_XS's.
  * The grids and the sign patterns are the gguf package's (runtime/lowbit.py passes them): `grid` one row
  * per index (8 bytes for IQ2_XXS, 4 for IQ3_XXS), `signs` 128 rows of eight bytes, +1 or -1.
  * Per row and block the kernel sums d_x * d_w * dot, the dot's eight lanes kept apart until the row's end.
@@ -25,6 +33,9 @@
 #define QK 256
 #define IQ2XXS_BYTES 66
 #define IQ3XXS_BYTES 98
+#define IQ3S_BYTES 110
+#define IQ2XS_BYTES 74
+#define IQ2S_BYTES 82
 
 typedef struct {
     int8_t *xq; /* (M, K), in order */
@@ -43,11 +54,12 @@ static int preparei(const float *x, int64_t M, int64_t K, acti *a) {
     const int8_t *xq##r = a->xq + (m + r) * K;                                                  \
     const float *d##r = a->d + (m + r) * (K / BLOCK);                                           \
     __m256 acc##r = _mm256_setzero_ps();
-/* block b (32 values at k) of row r: the grid bytes g, the signs s, the weight scale ws */
+/* block b (32 values at k) of row r: the grid bytes g, the signs s, the weights' scales ws per lane
+ * (lanes 0-3 hold values 0-15, lanes 4-7 values 16-31: a scale per 16 is two halves) */
 #define STEPI(r)                                                                                \
     acc##r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), g,  \
         _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq##r + k)), s))),                 \
-        _mm256_set1_ps(d##r[k / BLOCK] * ws), acc##r)
+        _mm256_mul_ps(_mm256_set1_ps(d##r[k / BLOCK]), ws), acc##r)
 #define PUTI(r) put(y, (m + r) * N + n, hsum8(acc##r), io)
 
 /* the eight signs of four sign indices (7 bits each, from bit 0 of aux) */
@@ -65,7 +77,7 @@ static int preparei(const float *x, int64_t M, int64_t K, acti *a) {
             memcpy(&aux, idx + 4, 4);                                                           \
             const __m256i g = _mm256_set_epi64x(grid[idx[3]], grid[idx[2]], grid[idx[1]], grid[idx[0]]); \
             const __m256i s = SIGNS4(aux);                                                      \
-            const float ws = dd * (float)(2 * (aux >> 28) + 1);                                 \
+            const __m256 ws = _mm256_set1_ps(dd * (float)(2 * (aux >> 28) + 1));                \
             STEPS(STEPI)                                                                        \
         }                                                                                       \
     }
@@ -88,7 +100,7 @@ static inline void rowiq2xxs(const acti *a, int64_t M, int64_t K, const uint8_t 
             const __m256i g = _mm256_set_epi32(grid3[idx[7]], grid3[idx[6]], grid3[idx[5]], grid3[idx[4]], \
                                                grid3[idx[3]], grid3[idx[2]], grid3[idx[1]], grid3[idx[0]]); \
             const __m256i s = SIGNS4(aux);                                                      \
-            const float ws = dd * (float)(2 * (aux >> 28) + 1);                                 \
+            const __m256 ws = _mm256_set1_ps(dd * (float)(2 * (aux >> 28) + 1));                \
             STEPS(STEPI)                                                                        \
         }                                                                                       \
     }
@@ -99,11 +111,89 @@ static inline void rowiq3xxs(const acti *a, int64_t M, int64_t K, const uint8_t 
     ROWS(ACTI, WALKIQ3, PUTI)
 }
 
-/* kind: 0 IQ2_XXS (grid: 256 rows of 8 bytes), 1 IQ3_XXS (256 rows of 4 bytes); signs: 128 rows of 8 bytes;
- * w: (N, K / 256 * block bytes) as the file stores it; K % 256 == 0 */
+/* four sign bytes (bit i: value i negative) -> their 32 signs */
+#define SIGNBYTES(p) _mm256_set_epi64x(signs[(p)[3]], signs[(p)[2]], signs[(p)[1]], signs[(p)[0]])
+/* a block's two 4-bit scales (values 0-15, 16-31) -> d * (2 s + 1) per lane */
+#define HALVES(byte, dd) _mm256_setr_m128(_mm_set1_ps((dd) * (float)(2 * ((byte) & 15) + 1)),   \
+                                          _mm_set1_ps((dd) * (float)(2 * ((byte) >> 4) + 1)))
+
+#define WALKIQ3S(STEPS)                                                                         \
+    for (int64_t kb = 0; kb < K; kb += QK) {                                                    \
+        const uint8_t *blk = wr + kb / QK * IQ3S_BYTES;                                         \
+        const float dd = _cvtsh_ss(*(const uint16_t *)blk);                                     \
+        for (int j = 0; j < 8; j++) {                                                           \
+            const int64_t k = kb + 32 * j;                                                      \
+            const uint8_t *idx = blk + 2 + 8 * j;                                               \
+            const int h = blk[66 + j];                                                          \
+            int at[8];                                                                          \
+            for (int i = 0; i < 8; i++) at[i] = idx[i] | (((h >> i) & 1) << 8);                \
+            const __m256i g = _mm256_set_epi32(grid3[at[7]], grid3[at[6]], grid3[at[5]], grid3[at[4]], \
+                                               grid3[at[3]], grid3[at[2]], grid3[at[1]], grid3[at[0]]); \
+            const __m256i s = SIGNBYTES(blk + 74 + 4 * j);                                      \
+            const int sc = (blk[106 + j / 2] >> (4 * (j % 2))) & 15;                           \
+            const __m256 ws = _mm256_set1_ps(dd * (float)(1 + 2 * sc));                         \
+            STEPS(STEPI)                                                                        \
+        }                                                                                       \
+    }
+
+static inline void rowiq3s(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint32_t *grid3,
+                           const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
+    const uint8_t *wr = w + n * (K / QK * IQ3S_BYTES);
+    ROWS(ACTI, WALKIQ3S, PUTI)
+}
+
+#define WALKIQ2XS(STEPS)                                                                        \
+    for (int64_t kb = 0; kb < K; kb += QK) {                                                    \
+        const uint8_t *blk = wr + kb / QK * IQ2XS_BYTES;                                        \
+        const float dd = _cvtsh_ss(*(const uint16_t *)blk) * 0.125f;                            \
+        for (int j = 0; j < 8; j++) {                                                           \
+            const int64_t k = kb + 32 * j;                                                      \
+            uint16_t q[4];                                                                      \
+            memcpy(q, blk + 2 + 8 * j, 8);                                                      \
+            const __m256i g = _mm256_set_epi64x(grid[q[3] & 511], grid[q[2] & 511], grid[q[1] & 511], \
+                                                grid[q[0] & 511]);                              \
+            const __m256i s = _mm256_set_epi64x(signs[q[3] >> 9], signs[q[2] >> 9], signs[q[1] >> 9], \
+                                                signs[q[0] >> 9]);                              \
+            const __m256 ws = HALVES(blk[66 + j], dd);                                          \
+            STEPS(STEPI)                                                                        \
+        }                                                                                       \
+    }
+
+static inline void rowiq2xs(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint64_t *grid,
+                            const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
+    const uint8_t *wr = w + n * (K / QK * IQ2XS_BYTES);
+    ROWS(ACTI, WALKIQ2XS, PUTI)
+}
+
+#define WALKIQ2S(STEPS)                                                                         \
+    for (int64_t kb = 0; kb < K; kb += QK) {                                                    \
+        const uint8_t *blk = wr + kb / QK * IQ2S_BYTES;                                         \
+        const float dd = _cvtsh_ss(*(const uint16_t *)blk) * 0.125f;                            \
+        for (int j = 0; j < 8; j++) {                                                           \
+            const int64_t k = kb + 32 * j;                                                      \
+            const uint8_t *idx = blk + 2 + 4 * j;                                               \
+            const int h = blk[66 + j];                                                          \
+            const __m256i g = _mm256_set_epi64x(grid[idx[3] | ((h >> 6) & 3) << 8], grid[idx[2] | ((h >> 4) & 3) << 8], \
+                                                grid[idx[1] | ((h >> 2) & 3) << 8], grid[idx[0] | (h & 3) << 8]); \
+            const __m256i s = SIGNBYTES(blk + 34 + 4 * j);                                      \
+            const __m256 ws = HALVES(blk[74 + j], dd);                                          \
+            STEPS(STEPI)                                                                        \
+        }                                                                                       \
+    }
+
+static inline void rowiq2s(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint64_t *grid,
+                           const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
+    const uint8_t *wr = w + n * (K / QK * IQ2S_BYTES);
+    ROWS(ACTI, WALKIQ2S, PUTI)
+}
+
+/* kind: 0 IQ2_XXS (grid: 256 rows of 8 bytes), 1 IQ3_XXS (256 rows of 4), 2 IQ3_S (512 rows of 4), 3 IQ2_XS
+ * (512 rows of 8), 4 IQ2_S (1024 rows of 8); signs: 8 bytes per sign index (IQ2_XXS, IQ3_XXS, IQ2_XS: 128
+ * patterns) or per sign byte (IQ3_S, IQ2_S: 256); w: (N, K / 256 * block bytes) as the file stores it;
+ * K % 256 == 0 */
 int reshard_iquant_gemm(const void *xin, int io, int64_t M, int64_t K, const uint8_t *w, int kind,
                         const void *grid, const void *signs, int64_t N, void *y, int threads) {
-    if (K % QK || kind < 0 || kind > 1) return -2;
+    if (K % QK || kind < 0 || kind > 4) return -2;
     if (empty(M, K, N, y, io)) return 0;
     float *owned;
     const float *x = floats(xin, M * K, io, &owned);
@@ -114,9 +204,18 @@ int reshard_iquant_gemm(const void *xin, int io, int64_t M, int64_t K, const uin
     if (kind == 0) {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n++) rowiq2xxs(&a, M, K, w, grid, signs, N, n, y, io);
-    } else {
+    } else if (kind == 1) {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n++) rowiq3xxs(&a, M, K, w, grid, signs, N, n, y, io);
+    } else if (kind == 2) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++) rowiq3s(&a, M, K, w, grid, signs, N, n, y, io);
+    } else if (kind == 3) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++) rowiq2xs(&a, M, K, w, grid, signs, N, n, y, io);
+    } else {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++) rowiq2s(&a, M, K, w, grid, signs, N, n, y, io);
     }
     free(a.xq);
     free(a.d);
