@@ -191,7 +191,8 @@ def int4_gemm(x: torch.Tensor, weight: torch.Tensor, sz: torch.Tensor, group: in
 
 
 KQUANT_KINDS = {"q4_k": 0, "q6_k": 1, "q5_k": 2, "iq4_xs": 3, "q3_k": 4, "q2_k": 5}  # the GGML K-quant blocks kquant_cpu.c multiplies as stored
-IQUANT_KINDS = {"iq2_xxs": 0, "iq3_xxs": 1, "iq3_s": 2, "iq2_xs": 3, "iq2_s": 4}  # the GGML grid blocks iquant_cpu.c multiplies as stored
+# the GGML grid blocks and blocks of 32 iquant_cpu.c multiplies as stored
+IQUANT_KINDS = {"iq2_xxs": 0, "iq3_xxs": 1, "iq3_s": 2, "iq2_xs": 3, "iq2_s": 4, "iq4_nl": 5, "mxfp4_blocks": 6, "q5_0": 7}
 BLOCK_SCHEMES = frozenset(KQUANT_KINDS) | frozenset(IQUANT_KINDS)  # every GGML block type the kernels take as stored
 
 
@@ -218,11 +219,16 @@ def kquant_gemm(x: torch.Tensor, blocks: torch.Tensor, scheme: str, *, lib: ctyp
 
 @functools.cache
 def iquant_tables(scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grid and sign patterns iquant_cpu.c reads for `scheme` (reshard/ggml_iquants.py: the gguf
-    package's own), made once."""
-    from reshard.ggml_iquants import kernel_tables
+    """What iquant_cpu.c reads for `scheme`, made once: a grid type's grid and sign patterns
+    (reshard/ggml_iquants.py: the gguf package's own), IQ4_NL's and MXFP4's 16 values, or nothing."""
+    from reshard.ggml_iquants import GRIDS, MXFP4_VALUES, kernel_tables
+    from reshard.ggml_quants import IQ4_VALUES
 
-    return kernel_tables(scheme)
+    if scheme in GRIDS:
+        return kernel_tables(scheme)
+    values = {"iq4_nl": IQ4_VALUES, "mxfp4_blocks": MXFP4_VALUES}.get(scheme, (0,) * 16)
+    table = torch.tensor(values, dtype=torch.int8)
+    return table, table
 
 
 def int4_scales(scales: torch.Tensor, zeros: torch.Tensor, group: int) -> torch.Tensor:

@@ -150,15 +150,15 @@ def test_streamed_experts_are_computed_as_stored(folder, moe_converted, moe_int4
     """By default on the CPU a streamed layer's routed experts are computed from their stored bits by
     the native kernels (runtime/packedexperts.py): Q4_K/Q6_K blocks (layer 0 of the GGUF folder),
     Q8_0's int8 with a scale per block of 32 (layer 1) and int4 (every layer of the --quantize int4
-    one); layer 2's IQ2_XXS and MXFP4 blocks, which no kernel takes, expand exactly. Each call's output is transformers' experts math on the stored weights, within the
-    kernels' error (activations quantized per block of 32)."""
+    one); layer 2's IQ2_XXS and MXFP4 blocks (runtime/kernels/iquant_cpu.c). Each call's output is
+    transformers' experts math on the stored weights, within the kernels' error (activations
+    quantized per block of 32)."""
     from runtime import LayeredModel
 
     path = moe_converted if folder == "blocks" else moe_int4
-    packed_layers = {0, 1} if folder == "blocks" else set(range(LAYERS))  # IQ2_XXS, MXFP4 blocks: expanded
     seen = {}
     with LayeredModel.from_pretrained(path, device="cpu", dtype="float32", max_cpu_memory=0) as model:
-        assert set(model.loader.expert_packing) == {f"model.layers.{i}.mlp.experts" for i in packed_layers}
+        assert set(model.loader.expert_packing) == {f"model.layers.{i}.mlp.experts" for i in range(LAYERS)}
         for i in range(LAYERS):
             name = f"model.layers.{i}.mlp.experts"
 
@@ -188,10 +188,7 @@ def test_streamed_experts_are_computed_as_stored(folder, moe_converted, moe_int4
         hidden, index, weights, out = seen[i]
         want = exact_experts(f"model.layers.{i}.mlp.experts", reference, hidden, index, weights)
         err = ((out.double() - want).abs().max() / want.abs().max()).item()
-        if i in packed_layers:
-            assert 1e-5 < err < 0.03, (i, err)  # the kernels' price: not zero, small
-        else:
-            assert err < 1e-5, (i, err)
+        assert 1e-5 < err < 0.03, (i, err)  # the kernels' price: not zero, small
 
 
 def test_cached_experts_give_the_same_bits_as_read_ones(moe_int4, kernels):

@@ -19,7 +19,9 @@ from runtime.lowbit import PackedLinear, PackSpec, pack_param, packed_nbytes, su
 
 TYPES = {"q2_k": Q.Q2_K, "q3_k": Q.Q3_K, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K, "iq4_xs": Q.IQ4_XS,
          "iq2_xxs": Q.IQ2_XXS, "iq3_xxs": Q.IQ3_XXS, "iq3_s": Q.IQ3_S, "iq2_xs": Q.IQ2_XS,
-         "iq2_s": Q.IQ2_S}  # the grid blocks, from iq2_xxs: runtime/kernels/iquant_cpu.c
+         "iq2_s": Q.IQ2_S, "iq4_nl": Q.IQ4_NL, "mxfp4_blocks": Q.MXFP4, "q5_0": Q.Q5_0}
+# from iq2_xxs on: runtime/kernels/iquant_cpu.c (the last three in blocks of 32: any K % 32 == 0)
+BLOCKS32 = ("iq4_nl", "mxfp4_blocks", "q5_0")
 VALUE_BYTES = {"q2_k": (16, 80), "q4_k": (16, 144), "q5_k": (16, 176)}  # each block's bytes of q (with mins)
 
 
@@ -56,8 +58,8 @@ def assert_within_rounding(got: torch.Tensor, x: torch.Tensor, blocks: torch.Ten
     assert (err <= bound).all(), f"{(err / bound).max().item():.2f} times the float32 rounding bound"
 
 
-@pytest.mark.parametrize("scheme", list(TYPES))
-@pytest.mark.parametrize("m,n,k", [(1, 96, 256), (6, 40, 512), (5, 300, 2816)])
+@pytest.mark.parametrize("scheme,m,n,k", [(s, *shape) for s in TYPES for shape in [(1, 96, 256), (6, 40, 512), (5, 300, 2816)]]
+                         + [(s, 5, 24, 2880) for s in BLOCKS32])  # rows of 90 blocks of 32: not whole blocks of 256
 def test_k_quant_kernel_is_the_product_of_gguf_weights_with_quantized_activations(scheme, m, n, k, kernels):
     blocks = random_blocks(scheme, n, k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))  # m = 6: a block of four rows, two after
@@ -91,7 +93,8 @@ def test_packed_linear_holds_the_blocks_as_stored_and_runs_them(scheme, kernels)
     n, k = 48, 768
     blocks = random_blocks(scheme, n, k, seed=5)
     spec = PackSpec(scheme, 0, n, k, "native")
-    assert supported(spec) and not supported(PackSpec(scheme, 0, n, 640, "native"))  # K whole blocks of 256
+    whole = BLOCK_TYPES[scheme][1]  # K whole blocks of 256, or of 32
+    assert supported(spec) and not supported(PackSpec(scheme, 0, n, 640 if whole == 256 else 650, "native"))
     assert not supported(PackSpec(scheme, 0, n, k, "torch"))  # torch has no kernel for them: they expand
     linear = nn.Linear(k, n, bias=True)
     module = PackedLinear(linear, spec)

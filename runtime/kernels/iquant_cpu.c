@@ -1,4 +1,5 @@
-/* GGML's grid blocks IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S, as a .gguf file stores them, multiplied on the CPU at memory speed:
+/* GGML's grid blocks IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S, and the blocks of 32 IQ4_NL, MXFP4 and Q5_0,
+ * as a .gguf file stores them, multiplied on the CPU at memory speed:
  * y = x @ W.T with W (N, K) kept as its blocks (reshard/ggml_iquants.py), read once, never expanded to
  * floats. For runtime/lowbit.py (built and loaded by runtime/native.py with lowbit_cpu.c and kquant_cpu.c).
  *
@@ -20,6 +21,10 @@
  * grid * sign.
  * IQ2_S, 256 values in 82 bytes: float16 d, 32 bytes of grid indices' low 8 bits (a 1024-row grid of 8),
  * 32 bytes of signs (a bit per value), 8 bytes of the indices' 2 high bits, 8 bytes of scales as IQ2_XS's.
+ * IQ4_NL, 32 values in 18 bytes: float16 d, 16 bytes of nibbles (low: values 0-15, high: 16-31) indexing
+ * ggml's 16 non-linear int8 values: w = d * v. MXFP4, 32 in 17: an e8m0 exponent, the nibbles indexing
+ * e2m1's values doubled: w = 2^(e - 128) * v. Q5_0, 32 in 22: float16 d, a uint32 of fifth bits, the
+ * nibbles: w = d * (q - 16). Their signed values go through the same product (|v|, x with v's sign).
  * The grids and the sign patterns are the gguf package's (runtime/lowbit.py passes them): `grid` one row
  * per index (8 bytes for IQ2_XXS, 4 for IQ3_XXS), `signs` 128 rows of eight bytes, +1 or -1.
  * Per row and block the kernel sums d_x * d_w * dot, the dot's eight lanes kept apart until the row's end.
@@ -36,6 +41,9 @@
 #define IQ3S_BYTES 110
 #define IQ2XS_BYTES 74
 #define IQ2S_BYTES 82
+#define IQ4NL_BYTES 18
+#define MXFP4_BYTES 17
+#define Q50_BYTES 22
 
 typedef struct {
     int8_t *xq; /* (M, K), in order */
@@ -187,13 +195,75 @@ static inline void rowiq2s(const acti *a, int64_t M, int64_t K, const uint8_t *w
     ROWS(ACTI, WALKIQ2S, PUTI)
 }
 
+/* ---- blocks of 32 values: IQ4_NL, MXFP4, Q5_0 (K % 32 == 0: these are what a GGUF uses where rows
+ * are not whole blocks of 256) ------------------------------------------------------------------ */
+
+/* a block's 32 values from 16 bytes of nibbles: low nibbles values 0-15, high nibbles 16-31 */
+static inline __m256i nibbles32(const uint8_t *p) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)p), low4 = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low4), _mm_and_si128(b, low4));
+}
+
+/* a little-endian uint32 of 32 bits as a mask: bit i for byte i */
+static inline __mmask32 bits32(const uint8_t *p) {
+    uint32_t u;
+    memcpy(&u, p, 4);
+    return (__mmask32)u;
+}
+
+/* ggml's e8m0_to_fp32_half: 2^(e - 128), as MXFP4's values are doubled */
+static inline float e8m0_half(uint8_t e) {
+    const uint32_t bits = e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* v: the block's 32 signed values; the product takes |v| (unsigned) and x with v's sign */
+#define WALK32(STEPS, BYTES, VALUES, SCALE)                                                     \
+    for (int64_t k = 0; k < K; k += BLOCK) {                                                    \
+        const uint8_t *blk = wr + k / BLOCK * (BYTES);                                          \
+        const __m256i v = VALUES, g = _mm256_abs_epi8(v), s = v;                                \
+        const __m256 ws = _mm256_set1_ps(SCALE);                                                \
+        STEPS(STEPI)                                                                            \
+    }
+#define WALKIQ4NL(STEPS) WALK32(STEPS, IQ4NL_BYTES, _mm256_shuffle_epi8(table, nibbles32(blk + 2)), \
+                                _cvtsh_ss(*(const uint16_t *)blk))
+#define WALKMXFP4(STEPS) WALK32(STEPS, MXFP4_BYTES, _mm256_shuffle_epi8(table, nibbles32(blk + 1)), e8m0_half(blk[0]))
+/* Q5_0: the nibbles with their fifth bits (a uint32: bit i above value i), minus 16 */
+#define WALKQ50(STEPS) WALK32(STEPS, Q50_BYTES, _mm256_sub_epi8(_mm256_or_si256(nibbles32(blk + 6),            \
+                                  _mm256_and_si256(_mm256_movm_epi8(bits32(blk + 2)), sixteen)), sixteen), \
+                              _cvtsh_ss(*(const uint16_t *)blk))
+
+static inline void rowiq4nl(const acti *a, int64_t M, int64_t K, const uint8_t *w, const int8_t *values, int64_t N,
+                            int64_t n, void *y, int io) {
+    const uint8_t *wr = w + n * (K / BLOCK * IQ4NL_BYTES);
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)values));
+    ROWS(ACTI, WALKIQ4NL, PUTI)
+}
+
+static inline void rowmxfp4(const acti *a, int64_t M, int64_t K, const uint8_t *w, const int8_t *values, int64_t N,
+                            int64_t n, void *y, int io) {
+    const uint8_t *wr = w + n * (K / BLOCK * MXFP4_BYTES);
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)values));
+    ROWS(ACTI, WALKMXFP4, PUTI)
+}
+
+static inline void rowq50(const acti *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
+                          int io) {
+    const uint8_t *wr = w + n * (K / BLOCK * Q50_BYTES);
+    const __m256i sixteen = _mm256_set1_epi8(16);
+    ROWS(ACTI, WALKQ50, PUTI)
+}
+
 /* kind: 0 IQ2_XXS (grid: 256 rows of 8 bytes), 1 IQ3_XXS (256 rows of 4), 2 IQ3_S (512 rows of 4), 3 IQ2_XS
  * (512 rows of 8), 4 IQ2_S (1024 rows of 8); signs: 8 bytes per sign index (IQ2_XXS, IQ3_XXS, IQ2_XS: 128
- * patterns) or per sign byte (IQ3_S, IQ2_S: 256); w: (N, K / 256 * block bytes) as the file stores it;
- * K % 256 == 0 */
+ * patterns) or per sign byte (IQ3_S, IQ2_S: 256); K % 256 == 0. Blocks of 32 (K % 32 == 0): 5 IQ4_NL and
+ * 6 MXFP4 (grid: their 16 int8 values), 7 Q5_0 (no tables). w: (N, K / block * block bytes) as the file
+ * stores it. */
 int reshard_iquant_gemm(const void *xin, int io, int64_t M, int64_t K, const uint8_t *w, int kind,
                         const void *grid, const void *signs, int64_t N, void *y, int threads) {
-    if (K % QK || kind < 0 || kind > 4) return -2;
+    if (kind < 0 || kind > 7 || K % (kind < 5 ? QK : BLOCK)) return -2;
     if (empty(M, K, N, y, io)) return 0;
     float *owned;
     const float *x = floats(xin, M * K, io, &owned);
@@ -213,9 +283,18 @@ int reshard_iquant_gemm(const void *xin, int io, int64_t M, int64_t K, const uin
     } else if (kind == 3) {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n++) rowiq2xs(&a, M, K, w, grid, signs, N, n, y, io);
-    } else {
+    } else if (kind == 4) {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n++) rowiq2s(&a, M, K, w, grid, signs, N, n, y, io);
+    } else if (kind == 5) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++) rowiq4nl(&a, M, K, w, grid, N, n, y, io);
+    } else if (kind == 6) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++) rowmxfp4(&a, M, K, w, grid, N, n, y, io);
+    } else {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++) rowq50(&a, M, K, w, N, n, y, io);
     }
     free(a.xq);
     free(a.d);
