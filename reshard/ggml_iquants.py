@@ -42,10 +42,10 @@ def prepare(scheme: str, device: torch.device) -> None:
 
 
 def kernel_tables(scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """What runtime/kernels/iquant_cpu.c reads for `scheme`'s blocks: its grid as uint8 rows (the
-    values are small integers: exact) and the 128 sign patterns as rows of eight int8, +1 or -1."""
+    """What runtime/kernels/iquant_cpu.c reads for `scheme`'s blocks: its grid as int8 rows (the
+    values are small integers: exact) and its sign patterns as rows of eight int8, +1 or -1."""
     cpu = torch.device("cpu")
-    grid = _grid(GRIDS[scheme], cpu).to(torch.uint8).contiguous()
+    grid = _grid(GRIDS[scheme], cpu).to(torch.int8).contiguous()  # -1..62
     # IQ2_XXS, IQ3_XXS, IQ2_XS: a 7-bit index into IQ2_XXS's patterns; IQ2_S, IQ3_S: the sign byte itself
     patterns = _ksigns(cpu).long() if scheme in ("iq2_xxs", "iq3_xxs", "iq2_xs") else torch.arange(256)
     signs = (1 - 2 * _bits(patterns, 8, 1, 1)).to(torch.int8).contiguous()

@@ -24,8 +24,8 @@ Two kernels, chosen once per weight when the model is built (`PackSpec.backend`)
 Both kernels take bfloat16 activations (their float32 paths are reference loops, ~100x slower),
 so a PackedLinear computes in bfloat16 whatever the model's dtype and casts back.
 
-A GGUF's Q2_K to Q6_K, IQ4_XS, IQ4_NL and Q5_0 blocks (reshard/ggml_quants.py), and IQ2_XXS, IQ2_XS,
-IQ2_S, IQ3_XXS, IQ3_S and MXFP4 ones (reshard/ggml_iquants.py), run natively as stored, one uint8 tensor (runtime/kernels/kquant_cpu.c and
+A GGUF's Q2_K to Q6_K, IQ4_XS, IQ4_NL, Q5_0 and Q5_1 blocks (reshard/ggml_quants.py), and IQ1_S,
+IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, TQ2_0 and MXFP4 ones (reshard/ggml_iquants.py), run natively as stored, one uint8 tensor (runtime/kernels/kquant_cpu.c and
 iquant_cpu.c: the blocks' own scales, grids and signs decoded in the loop, each weight ggml's value);
 with no native kernel they expand. An "int4-sym" weight (a GGUF's Q4_0 re-packed, reshard/ggml_repack.py) runs as int4 with its zeros
 -8 * scales made at load; an "int4-act" one (act-order GPTQ, its columns stored group by group) runs
@@ -107,7 +107,7 @@ def cpu_compute_dtype(folder_dtype: torch.dtype) -> torch.dtype:
 def supported(spec: PackSpec) -> bool:
     """Whether `spec.backend`'s kernel takes a weight of this shape (outside it torch's fail, or for int8 crash)."""
     n, k = spec.out_features, spec.in_features
-    if spec.scheme in KQUANTS:  # whole blocks (256 values, or 32 for IQ4_NL, MXFP4, Q5_0)
+    if spec.scheme in KQUANTS:  # whole blocks (256 values, or 32 for IQ4_NL, MXFP4, Q5_0, Q5_1)
         return spec.backend == "native" and k % BLOCK_TYPES[spec.scheme][1] == 0
     if spec.backend == "native":  # int8: a scale per row, or per block of 32 (a GGUF's Q8_0)
         if spec.scheme == "int8":

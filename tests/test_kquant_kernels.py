@@ -19,10 +19,11 @@ from runtime.lowbit import PackedLinear, PackSpec, pack_param, packed_nbytes, su
 
 TYPES = {"q2_k": Q.Q2_K, "q3_k": Q.Q3_K, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K, "iq4_xs": Q.IQ4_XS,
          "iq2_xxs": Q.IQ2_XXS, "iq3_xxs": Q.IQ3_XXS, "iq3_s": Q.IQ3_S, "iq2_xs": Q.IQ2_XS,
-         "iq2_s": Q.IQ2_S, "iq4_nl": Q.IQ4_NL, "mxfp4_blocks": Q.MXFP4, "q5_0": Q.Q5_0}
-# from iq2_xxs on: runtime/kernels/iquant_cpu.c (the last three in blocks of 32: any K % 32 == 0)
-BLOCKS32 = ("iq4_nl", "mxfp4_blocks", "q5_0")
-VALUE_BYTES = {"q2_k": (16, 80), "q4_k": (16, 144), "q5_k": (16, 176)}  # each block's bytes of q (with mins)
+         "iq2_s": Q.IQ2_S, "iq1_s": Q.IQ1_S, "tq2_0": Q.TQ2_0, "iq4_nl": Q.IQ4_NL, "mxfp4_blocks": Q.MXFP4,
+         "q5_0": Q.Q5_0, "q5_1": Q.Q5_1}
+# from iq2_xxs on: runtime/kernels/iquant_cpu.c (the last four in blocks of 32: any K % 32 == 0)
+BLOCKS32 = ("iq4_nl", "mxfp4_blocks", "q5_0", "q5_1")
+VALUE_BYTES = {"q2_k": (16, 80), "q4_k": (16, 144), "q5_k": (16, 176), "q5_1": (4, 24)}  # each block's bytes of q (with mins)
 
 
 def random_blocks(scheme: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -39,8 +40,8 @@ def gguf_weight(blocks: torch.Tensor, scheme: str) -> torch.Tensor:
 def assert_within_rounding(got: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, scheme: str) -> None:
     """got equals the quantized activations times gguf's weights, up to float32 sums of the terms:
     each rounded at most K/32 + 16 times (as in tests/test_native.py). The terms are |x| times each
-    weight's two parts: Q2_K's, Q4_K's and Q5_K's d * sc * q and dmin * m (the kernel sums them apart),
-    the others' w."""
+    weight's two parts: Q2_K's, Q4_K's and Q5_K's d * sc * q and dmin * m, Q5_1's d * q and m (the kernels
+    sum them apart), the others' w."""
     k = x.shape[1]
     xdq = dequantized_activations(x)
     w = gguf_weight(blocks, scheme)
@@ -48,11 +49,13 @@ def assert_within_rounding(got: torch.Tensor, x: torch.Tensor, blocks: torch.Ten
     if scheme in VALUE_BYTES:  # dmin * m of each group: the weight's value at q = 0, negated
         size, (first, end) = BLOCK_TYPES[scheme][2], VALUE_BYTES[scheme]
         zero_q = blocks.clone()
-        zero_q[:, [b * size + i for b in range(k // 256) for i in range(first, end)]] = 0
+        zero_q[:, [b * size + i for b in range(k // BLOCK_TYPES[scheme][1]) for i in range(first, end)]] = 0
         mins = -gguf_weight(zero_q, scheme)
         terms = xdq.abs() @ ((w + mins).abs() + mins.abs()).T
     else:
         terms = xdq.abs() @ w.abs().T
+    if scheme == "iq1_s":  # summed apart: d * s * grid and d * s * (+-1/8); |grid +- 1/8| >= 1/8, so each <= 9 |w|
+        terms = 9 * terms
     bound = (k / 32 + 16) * U * terms + U * want.abs()
     err = (got.double() - want).abs()
     assert (err <= bound).all(), f"{(err / bound).max().item():.2f} times the float32 rounding bound"

@@ -1,4 +1,5 @@
-/* GGML's grid blocks IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S, and the blocks of 32 IQ4_NL, MXFP4 and Q5_0,
+/* GGML's grid blocks IQ1_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S, the ternary TQ2_0 and the blocks of 32
+ * IQ4_NL, MXFP4, Q5_0 and Q5_1,
  * as a .gguf file stores them, multiplied on the CPU at memory speed:
  * y = x @ W.T with W (N, K) kept as its blocks (reshard/ggml_iquants.py), read once, never expanded to
  * floats. For runtime/lowbit.py (built and loaded by runtime/native.py with lowbit_cpu.c and kquant_cpu.c).
@@ -44,17 +45,29 @@
 #define IQ4NL_BYTES 18
 #define MXFP4_BYTES 17
 #define Q50_BYTES 22
+#define Q51_BYTES 24
+#define TQ2_BYTES 66
+#define IQ1S_BYTES 50
 
 typedef struct {
     int8_t *xq; /* (M, K), in order */
     float *d;   /* (M, K/32): each block's activation scale */
+    float *xs;  /* (M, K/32): each block's quantized activations summed, times its scale (for offsets) */
 } acti;
 
 static int preparei(const float *x, int64_t M, int64_t K, acti *a) {
     a->xq = aligned_alloc(64, ((M * K + 63) / 64) * 64);
     a->d = malloc(sizeof(float) * M * (K / BLOCK));
-    if (!a->xq || !a->d) return -1;
-    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, a->xq + m * K, a->d + m * (K / BLOCK));
+    a->xs = malloc(sizeof(float) * M * (K / BLOCK));
+    if (!a->xq || !a->d || !a->xs) return -1;
+    for (int64_t m = 0; m < M; m++) {
+        quantize_row(x + m * K, K, a->xq + m * K, a->d + m * (K / BLOCK));
+        for (int64_t b = 0; b < K / BLOCK; b++) {
+            int32_t sum = 0;
+            for (int i = 0; i < BLOCK; i++) sum += a->xq[m * K + b * BLOCK + i];
+            a->xs[m * (K / BLOCK) + b] = a->d[m * (K / BLOCK) + b] * (float)sum;
+        }
+    }
     return 0;
 }
 
@@ -69,6 +82,10 @@ static int preparei(const float *x, int64_t M, int64_t K, acti *a) {
         _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq##r + k)), s))),                 \
         _mm256_mul_ps(_mm256_set1_ps(d##r[k / BLOCK]), ws), acc##r)
 #define PUTI(r) put(y, (m + r) * N + n, hsum8(acc##r), io)
+/* types with an offset per block (w = scale * q + offset): its product with the block's activations apart */
+#define ACTO(r) ACTI(r) const float *xs##r = a->xs + (m + r) * (K / BLOCK); float accm##r = 0.f;
+#define STEPO(r) STEPI(r); accm##r += wo * xs##r[k / BLOCK]
+#define PUTO(r) put(y, (m + r) * N + n, hsum8(acc##r) + accm##r, io)
 
 /* the eight signs of four sign indices (7 bits each, from bit 0 of aux) */
 #define SIGNS4(aux) _mm256_set_epi64x(signs[((aux) >> 21) & 127], signs[((aux) >> 14) & 127],      \
@@ -249,6 +266,75 @@ static inline void rowmxfp4(const acti *a, int64_t M, int64_t K, const uint8_t *
     ROWS(ACTI, WALKMXFP4, PUTI)
 }
 
+/* Q5_1, 32 values in 24 bytes: float16 d and m, a uint32 of fifth bits, the nibbles: w = d * q + m, q
+ * unsigned (x's own signs) */
+#define WALKQ51(STEPS)                                                                          \
+    for (int64_t k = 0; k < K; k += BLOCK) {                                                    \
+        const uint8_t *blk = wr + k / BLOCK * Q51_BYTES;                                        \
+        const __m256i g = _mm256_or_si256(nibbles32(blk + 8), _mm256_and_si256(_mm256_movm_epi8(bits32(blk + 4)), sixteen)); \
+        const __m256i s = ones;                                                                 \
+        const __m256 ws = _mm256_set1_ps(_cvtsh_ss(*(const uint16_t *)blk));                    \
+        const float wo = _cvtsh_ss(*(const uint16_t *)(blk + 2));                               \
+        STEPS(STEPO)                                                                            \
+    }
+
+static inline void rowq51(const acti *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
+                          int io) {
+    const uint8_t *wr = w + n * (K / BLOCK * Q51_BYTES);
+    const __m256i sixteen = _mm256_set1_epi8(16), ones = _mm256_set1_epi8(1);
+    ROWS(ACTO, WALKQ51, PUTO)
+}
+
+/* TQ2_0, 256 values in 66 bytes: 64 bytes of 2-bit values (value 32 j + i of each half of 128: bits 2 j
+ * of byte i), float16 d: w = d * (q - 1) */
+#define WALKTQ2(STEPS)                                                                          \
+    for (int64_t kb = 0; kb < K; kb += QK) {                                                    \
+        const uint8_t *blk = wr + kb / QK * TQ2_BYTES;                                          \
+        const __m256 ws = _mm256_set1_ps(_cvtsh_ss(*(const uint16_t *)(blk + 64)));             \
+        for (int j = 0; j < 8; j++) {                                                           \
+            const int64_t k = kb + 32 * j;                                                      \
+            const __m256i q = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(blk + 32 * (j / 4))), \
+                                                                 2 * (j % 4)), three);          \
+            const __m256i s = _mm256_sub_epi8(q, one), g = _mm256_abs_epi8(s);                  \
+            STEPS(STEPI)                                                                        \
+        }                                                                                       \
+    }
+
+static inline void rowtq2(const acti *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
+                          int io) {
+    const uint8_t *wr = w + n * (K / QK * TQ2_BYTES);
+    const __m256i three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    ROWS(ACTI, WALKTQ2, PUTI)
+}
+
+/* IQ1_S, 256 values in 50 bytes: float16 d, 32 bytes of grid indices' low 8 bits (rows of 8 values -1, 0,
+ * 1 in a 2048-row grid), per block of 32 a uint16: four 3-bit high parts, a 3-bit scale s, the sign of a
+ * shift: w = d * (2 s + 1) * (grid +- 1/8) */
+#define WALKIQ1S(STEPS)                                                                         \
+    for (int64_t kb = 0; kb < K; kb += QK) {                                                    \
+        const uint8_t *blk = wr + kb / QK * IQ1S_BYTES;                                         \
+        const float dd = _cvtsh_ss(*(const uint16_t *)blk);                                     \
+        for (int j = 0; j < 8; j++) {                                                           \
+            const int64_t k = kb + 32 * j;                                                      \
+            const uint8_t *idx = blk + 2 + 4 * j;                                               \
+            uint16_t h;                                                                         \
+            memcpy(&h, blk + 34 + 2 * j, 2);                                                    \
+            const __m256i s = _mm256_set_epi64x(grid[idx[3] | ((h >> 9) & 7) << 8], grid[idx[2] | ((h >> 6) & 7) << 8], \
+                                                grid[idx[1] | ((h >> 3) & 7) << 8], grid[idx[0] | (h & 7) << 8]); \
+            const __m256i g = _mm256_abs_epi8(s);                                               \
+            const float dl = dd * (float)(2 * ((h >> 12) & 7) + 1);                             \
+            const __m256 ws = _mm256_set1_ps(dl);                                               \
+            const float wo = (h & 0x8000) ? -0.125f * dl : 0.125f * dl;                         \
+            STEPS(STEPO)                                                                        \
+        }                                                                                       \
+    }
+
+static inline void rowiq1s(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint64_t *grid, int64_t N,
+                           int64_t n, void *y, int io) {
+    const uint8_t *wr = w + n * (K / QK * IQ1S_BYTES);
+    ROWS(ACTO, WALKIQ1S, PUTO)
+}
+
 static inline void rowq50(const acti *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
                           int io) {
     const uint8_t *wr = w + n * (K / BLOCK * Q50_BYTES);
@@ -259,18 +345,18 @@ static inline void rowq50(const acti *a, int64_t M, int64_t K, const uint8_t *w,
 /* kind: 0 IQ2_XXS (grid: 256 rows of 8 bytes), 1 IQ3_XXS (256 rows of 4), 2 IQ3_S (512 rows of 4), 3 IQ2_XS
  * (512 rows of 8), 4 IQ2_S (1024 rows of 8); signs: 8 bytes per sign index (IQ2_XXS, IQ3_XXS, IQ2_XS: 128
  * patterns) or per sign byte (IQ3_S, IQ2_S: 256); K % 256 == 0. Blocks of 32 (K % 32 == 0): 5 IQ4_NL and
- * 6 MXFP4 (grid: their 16 int8 values), 7 Q5_0 (no tables). w: (N, K / block * block bytes) as the file
- * stores it. */
+ * 6 MXFP4 (grid: their 16 int8 values), 7 Q5_0, 8 Q5_1 (no tables). 9 TQ2_0 (no tables), 10 IQ1_S (grid:
+ * 2048 rows of 8 int8). w: (N, K / block * block bytes) as the file stores it. */
 int reshard_iquant_gemm(const void *xin, int io, int64_t M, int64_t K, const uint8_t *w, int kind,
                         const void *grid, const void *signs, int64_t N, void *y, int threads) {
-    if (kind < 0 || kind > 7 || K % (kind < 5 ? QK : BLOCK)) return -2;
+    if (kind < 0 || kind > 10 || K % (kind >= 5 && kind <= 8 ? BLOCK : QK)) return -2;
     if (empty(M, K, N, y, io)) return 0;
     float *owned;
     const float *x = floats(xin, M * K, io, &owned);
     acti a = {0};
     int failed = x == NULL || preparei(x, M, K, &a);
     free(owned);
-    if (failed) { free(a.xq); free(a.d); return -1; }
+    if (failed) { free(a.xq); free(a.d); free(a.xs); return -1; }
     if (kind == 0) {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n++) rowiq2xxs(&a, M, K, w, grid, signs, N, n, y, io);
@@ -292,12 +378,22 @@ int reshard_iquant_gemm(const void *xin, int io, int64_t M, int64_t K, const uin
     } else if (kind == 6) {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n++) rowmxfp4(&a, M, K, w, grid, N, n, y, io);
-    } else {
+    } else if (kind == 7) {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n++) rowq50(&a, M, K, w, N, n, y, io);
+    } else if (kind == 8) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++) rowq51(&a, M, K, w, N, n, y, io);
+    } else if (kind == 9) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++) rowtq2(&a, M, K, w, N, n, y, io);
+    } else {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++) rowiq1s(&a, M, K, w, grid, N, n, y, io);
     }
     free(a.xq);
     free(a.d);
+    free(a.xs);
     return 0;
 }
 
