@@ -91,21 +91,27 @@ static int preparei(const float *x, int64_t M, int64_t K, acti *a) {
 #define SIGNS4(aux) _mm256_set_epi64x(signs[((aux) >> 21) & 127], signs[((aux) >> 14) & 127],      \
                                       signs[((aux) >> 7) & 127], signs[(aux) & 127])
 
-#define WALKIQ2(STEPS)                                                                          \
+/* every block of 256 of weight row `wr` (BYTES each; dd: its float16 d at D_AT, times DMUL) and in it every
+ * block of 32 (j; k its first value), where BODY makes the block's g, s and ws (and wo, for STEPO) */
+#define WALK256(STEPS, STEP, BYTES, D_AT, DMUL, BODY)                                           \
     for (int64_t kb = 0; kb < K; kb += QK) {                                                    \
-        const uint8_t *blk = wr + kb / QK * IQ2XXS_BYTES;                                       \
-        const float dd = _cvtsh_ss(*(const uint16_t *)blk) * 0.125f;                            \
+        const uint8_t *blk = wr + kb / QK * (BYTES);                                            \
+        const float dd = _cvtsh_ss(*(const uint16_t *)(blk + (D_AT))) * (DMUL);                 \
         for (int j = 0; j < 8; j++) {                                                           \
             const int64_t k = kb + 32 * j;                                                      \
-            const uint8_t *idx = blk + 2 + 8 * j;                                               \
-            uint32_t aux;                                                                       \
-            memcpy(&aux, idx + 4, 4);                                                           \
-            const __m256i g = _mm256_set_epi64x(grid[idx[3]], grid[idx[2]], grid[idx[1]], grid[idx[0]]); \
-            const __m256i s = SIGNS4(aux);                                                      \
-            const __m256 ws = _mm256_set1_ps(dd * (float)(2 * (aux >> 28) + 1));                \
-            STEPS(STEPI)                                                                        \
+            BODY                                                                                \
+            STEPS(STEP)                                                                         \
         }                                                                                       \
     }
+
+#define IQ2XXS                                                                              \
+    const uint8_t *idx = blk + 2 + 8 * j;                                                   \
+    uint32_t aux;                                                                           \
+    memcpy(&aux, idx + 4, 4);                                                               \
+    const __m256i g = _mm256_set_epi64x(grid[idx[3]], grid[idx[2]], grid[idx[1]], grid[idx[0]]);\
+    const __m256i s = SIGNS4(aux);                                                          \
+    const __m256 ws = _mm256_set1_ps(dd * (float)(2 * (aux >> 28) + 1));
+#define WALKIQ2(STEPS) WALK256(STEPS, STEPI, IQ2XXS_BYTES, 0, 0.125f, IQ2XXS)
 
 static inline void rowiq2xxs(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint64_t *grid,
                              const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
@@ -113,22 +119,15 @@ static inline void rowiq2xxs(const acti *a, int64_t M, int64_t K, const uint8_t 
     ROWS(ACTI, WALKIQ2, PUTI)
 }
 
-#define WALKIQ3(STEPS)                                                                          \
-    for (int64_t kb = 0; kb < K; kb += QK) {                                                    \
-        const uint8_t *blk = wr + kb / QK * IQ3XXS_BYTES;                                       \
-        const float dd = _cvtsh_ss(*(const uint16_t *)blk) * 0.25f;                             \
-        for (int j = 0; j < 8; j++) {                                                           \
-            const int64_t k = kb + 32 * j;                                                      \
-            const uint8_t *idx = blk + 2 + 8 * j;                                               \
-            uint32_t aux;                                                                       \
-            memcpy(&aux, blk + 66 + 4 * j, 4);                                                  \
-            const __m256i g = _mm256_set_epi32(grid3[idx[7]], grid3[idx[6]], grid3[idx[5]], grid3[idx[4]], \
-                                               grid3[idx[3]], grid3[idx[2]], grid3[idx[1]], grid3[idx[0]]); \
-            const __m256i s = SIGNS4(aux);                                                      \
-            const __m256 ws = _mm256_set1_ps(dd * (float)(2 * (aux >> 28) + 1));                \
-            STEPS(STEPI)                                                                        \
-        }                                                                                       \
-    }
+#define IQ3XXS                                                                              \
+    const uint8_t *idx = blk + 2 + 8 * j;                                                   \
+    uint32_t aux;                                                                           \
+    memcpy(&aux, blk + 66 + 4 * j, 4);                                                      \
+    const __m256i g = _mm256_set_epi32(grid3[idx[7]], grid3[idx[6]], grid3[idx[5]], grid3[idx[4]],\
+                                       grid3[idx[3]], grid3[idx[2]], grid3[idx[1]], grid3[idx[0]]);\
+    const __m256i s = SIGNS4(aux);                                                          \
+    const __m256 ws = _mm256_set1_ps(dd * (float)(2 * (aux >> 28) + 1));
+#define WALKIQ3(STEPS) WALK256(STEPS, STEPI, IQ3XXS_BYTES, 0, 0.25f, IQ3XXS)
 
 static inline void rowiq3xxs(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint32_t *grid3,
                              const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
@@ -142,24 +141,17 @@ static inline void rowiq3xxs(const acti *a, int64_t M, int64_t K, const uint8_t 
 #define HALVES(byte, dd) _mm256_setr_m128(_mm_set1_ps((dd) * (float)(2 * ((byte) & 15) + 1)),   \
                                           _mm_set1_ps((dd) * (float)(2 * ((byte) >> 4) + 1)))
 
-#define WALKIQ3S(STEPS)                                                                         \
-    for (int64_t kb = 0; kb < K; kb += QK) {                                                    \
-        const uint8_t *blk = wr + kb / QK * IQ3S_BYTES;                                         \
-        const float dd = _cvtsh_ss(*(const uint16_t *)blk);                                     \
-        for (int j = 0; j < 8; j++) {                                                           \
-            const int64_t k = kb + 32 * j;                                                      \
-            const uint8_t *idx = blk + 2 + 8 * j;                                               \
-            const int h = blk[66 + j];                                                          \
-            int at[8];                                                                          \
-            for (int i = 0; i < 8; i++) at[i] = idx[i] | (((h >> i) & 1) << 8);                \
-            const __m256i g = _mm256_set_epi32(grid3[at[7]], grid3[at[6]], grid3[at[5]], grid3[at[4]], \
-                                               grid3[at[3]], grid3[at[2]], grid3[at[1]], grid3[at[0]]); \
-            const __m256i s = SIGNBYTES(blk + 74 + 4 * j);                                      \
-            const int sc = (blk[106 + j / 2] >> (4 * (j % 2))) & 15;                           \
-            const __m256 ws = _mm256_set1_ps(dd * (float)(1 + 2 * sc));                         \
-            STEPS(STEPI)                                                                        \
-        }                                                                                       \
-    }
+#define IQ3S                                                                                \
+    const uint8_t *idx = blk + 2 + 8 * j;                                                   \
+    const int h = blk[66 + j];                                                              \
+    int at[8];                                                                              \
+    for (int i = 0; i < 8; i++) at[i] = idx[i] | (((h >> i) & 1) << 8);                     \
+    const __m256i g = _mm256_set_epi32(grid3[at[7]], grid3[at[6]], grid3[at[5]], grid3[at[4]],\
+                                       grid3[at[3]], grid3[at[2]], grid3[at[1]], grid3[at[0]]);\
+    const __m256i s = SIGNBYTES(blk + 74 + 4 * j);                                          \
+    const int sc = (blk[106 + j / 2] >> (4 * (j % 2))) & 15;                                \
+    const __m256 ws = _mm256_set1_ps(dd * (float)(1 + 2 * sc));
+#define WALKIQ3S(STEPS) WALK256(STEPS, STEPI, IQ3S_BYTES, 0, 1.0f, IQ3S)
 
 static inline void rowiq3s(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint32_t *grid3,
                            const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
@@ -167,22 +159,13 @@ static inline void rowiq3s(const acti *a, int64_t M, int64_t K, const uint8_t *w
     ROWS(ACTI, WALKIQ3S, PUTI)
 }
 
-#define WALKIQ2XS(STEPS)                                                                        \
-    for (int64_t kb = 0; kb < K; kb += QK) {                                                    \
-        const uint8_t *blk = wr + kb / QK * IQ2XS_BYTES;                                        \
-        const float dd = _cvtsh_ss(*(const uint16_t *)blk) * 0.125f;                            \
-        for (int j = 0; j < 8; j++) {                                                           \
-            const int64_t k = kb + 32 * j;                                                      \
-            uint16_t q[4];                                                                      \
-            memcpy(q, blk + 2 + 8 * j, 8);                                                      \
-            const __m256i g = _mm256_set_epi64x(grid[q[3] & 511], grid[q[2] & 511], grid[q[1] & 511], \
-                                                grid[q[0] & 511]);                              \
-            const __m256i s = _mm256_set_epi64x(signs[q[3] >> 9], signs[q[2] >> 9], signs[q[1] >> 9], \
-                                                signs[q[0] >> 9]);                              \
-            const __m256 ws = HALVES(blk[66 + j], dd);                                          \
-            STEPS(STEPI)                                                                        \
-        }                                                                                       \
-    }
+#define IQ2XS                                                                               \
+    uint16_t q[4];                                                                          \
+    memcpy(q, blk + 2 + 8 * j, 8);                                                          \
+    const __m256i g = _mm256_set_epi64x(grid[q[3] & 511], grid[q[2] & 511], grid[q[1] & 511], grid[q[0] & 511]);\
+    const __m256i s = _mm256_set_epi64x(signs[q[3] >> 9], signs[q[2] >> 9], signs[q[1] >> 9], signs[q[0] >> 9]);\
+    const __m256 ws = HALVES(blk[66 + j], dd);
+#define WALKIQ2XS(STEPS) WALK256(STEPS, STEPI, IQ2XS_BYTES, 0, 0.125f, IQ2XS)
 
 static inline void rowiq2xs(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint64_t *grid,
                             const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
@@ -190,21 +173,14 @@ static inline void rowiq2xs(const acti *a, int64_t M, int64_t K, const uint8_t *
     ROWS(ACTI, WALKIQ2XS, PUTI)
 }
 
-#define WALKIQ2S(STEPS)                                                                         \
-    for (int64_t kb = 0; kb < K; kb += QK) {                                                    \
-        const uint8_t *blk = wr + kb / QK * IQ2S_BYTES;                                         \
-        const float dd = _cvtsh_ss(*(const uint16_t *)blk) * 0.125f;                            \
-        for (int j = 0; j < 8; j++) {                                                           \
-            const int64_t k = kb + 32 * j;                                                      \
-            const uint8_t *idx = blk + 2 + 4 * j;                                               \
-            const int h = blk[66 + j];                                                          \
-            const __m256i g = _mm256_set_epi64x(grid[idx[3] | ((h >> 6) & 3) << 8], grid[idx[2] | ((h >> 4) & 3) << 8], \
-                                                grid[idx[1] | ((h >> 2) & 3) << 8], grid[idx[0] | (h & 3) << 8]); \
-            const __m256i s = SIGNBYTES(blk + 34 + 4 * j);                                      \
-            const __m256 ws = HALVES(blk[74 + j], dd);                                          \
-            STEPS(STEPI)                                                                        \
-        }                                                                                       \
-    }
+#define IQ2S                                                                                \
+    const uint8_t *idx = blk + 2 + 4 * j;                                                   \
+    const int h = blk[66 + j];                                                              \
+    const __m256i g = _mm256_set_epi64x(grid[idx[3] | ((h >> 6) & 3) << 8], grid[idx[2] | ((h >> 4) & 3) << 8],\
+                                        grid[idx[1] | ((h >> 2) & 3) << 8], grid[idx[0] | (h & 3) << 8]);\
+    const __m256i s = SIGNBYTES(blk + 34 + 4 * j);                                          \
+    const __m256 ws = HALVES(blk[74 + j], dd);
+#define WALKIQ2S(STEPS) WALK256(STEPS, STEPI, IQ2S_BYTES, 0, 0.125f, IQ2S)
 
 static inline void rowiq2s(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint64_t *grid,
                            const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
@@ -287,18 +263,12 @@ static inline void rowq51(const acti *a, int64_t M, int64_t K, const uint8_t *w,
 
 /* TQ2_0, 256 values in 66 bytes: 64 bytes of 2-bit values (value 32 j + i of each half of 128: bits 2 j
  * of byte i), float16 d: w = d * (q - 1) */
-#define WALKTQ2(STEPS)                                                                          \
-    for (int64_t kb = 0; kb < K; kb += QK) {                                                    \
-        const uint8_t *blk = wr + kb / QK * TQ2_BYTES;                                          \
-        const __m256 ws = _mm256_set1_ps(_cvtsh_ss(*(const uint16_t *)(blk + 64)));             \
-        for (int j = 0; j < 8; j++) {                                                           \
-            const int64_t k = kb + 32 * j;                                                      \
-            const __m256i q = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(blk + 32 * (j / 4))), \
-                                                                 2 * (j % 4)), three);          \
-            const __m256i s = _mm256_sub_epi8(q, one), g = _mm256_abs_epi8(s);                  \
-            STEPS(STEPI)                                                                        \
-        }                                                                                       \
-    }
+#define TQ2                                                                                 \
+    const __m256i q = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(blk + 32 * (j / 4))),\
+                                                         2 * (j % 4)), three);              \
+    const __m256i s = _mm256_sub_epi8(q, one), g = _mm256_abs_epi8(s);                      \
+    const __m256 ws = _mm256_set1_ps(dd);
+#define WALKTQ2(STEPS) WALK256(STEPS, STEPI, TQ2_BYTES, 64, 1.0f, TQ2)
 
 static inline void rowtq2(const acti *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
                           int io) {
@@ -310,24 +280,17 @@ static inline void rowtq2(const acti *a, int64_t M, int64_t K, const uint8_t *w,
 /* IQ1_S, 256 values in 50 bytes: float16 d, 32 bytes of grid indices' low 8 bits (rows of 8 values -1, 0,
  * 1 in a 2048-row grid), per block of 32 a uint16: four 3-bit high parts, a 3-bit scale s, the sign of a
  * shift: w = d * (2 s + 1) * (grid +- 1/8) */
-#define WALKIQ1S(STEPS)                                                                         \
-    for (int64_t kb = 0; kb < K; kb += QK) {                                                    \
-        const uint8_t *blk = wr + kb / QK * IQ1S_BYTES;                                         \
-        const float dd = _cvtsh_ss(*(const uint16_t *)blk);                                     \
-        for (int j = 0; j < 8; j++) {                                                           \
-            const int64_t k = kb + 32 * j;                                                      \
-            const uint8_t *idx = blk + 2 + 4 * j;                                               \
-            uint16_t h;                                                                         \
-            memcpy(&h, blk + 34 + 2 * j, 2);                                                    \
-            const __m256i s = _mm256_set_epi64x(grid[idx[3] | ((h >> 9) & 7) << 8], grid[idx[2] | ((h >> 6) & 7) << 8], \
-                                                grid[idx[1] | ((h >> 3) & 7) << 8], grid[idx[0] | (h & 7) << 8]); \
-            const __m256i g = _mm256_abs_epi8(s);                                               \
-            const float dl = dd * (float)(2 * ((h >> 12) & 7) + 1);                             \
-            const __m256 ws = _mm256_set1_ps(dl);                                               \
-            const float wo = (h & 0x8000) ? -0.125f * dl : 0.125f * dl;                         \
-            STEPS(STEPO)                                                                        \
-        }                                                                                       \
-    }
+#define IQ1S                                                                                \
+    const uint8_t *idx = blk + 2 + 4 * j;                                                   \
+    uint16_t h;                                                                             \
+    memcpy(&h, blk + 34 + 2 * j, 2);                                                        \
+    const __m256i s = _mm256_set_epi64x(grid[idx[3] | ((h >> 9) & 7) << 8], grid[idx[2] | ((h >> 6) & 7) << 8],\
+                                        grid[idx[1] | ((h >> 3) & 7) << 8], grid[idx[0] | (h & 7) << 8]);\
+    const __m256i g = _mm256_abs_epi8(s);                                                   \
+    const float dl = dd * (float)(2 * ((h >> 12) & 7) + 1);                                 \
+    const __m256 ws = _mm256_set1_ps(dl);                                                   \
+    const float wo = (h & 0x8000) ? -0.125f * dl : 0.125f * dl;
+#define WALKIQ1S(STEPS) WALK256(STEPS, STEPO, IQ1S_BYTES, 0, 1.0f, IQ1S)
 
 static inline void rowiq1s(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint64_t *grid, int64_t N,
                            int64_t n, void *y, int io) {
