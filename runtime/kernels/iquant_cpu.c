@@ -1,4 +1,4 @@
-/* GGML's grid blocks IQ1_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S, the ternary TQ2_0 and the blocks of 32
+/* GGML's grid blocks IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S, the ternary TQ2_0 and the blocks of 32
  * IQ4_NL, MXFP4, Q5_0 and Q5_1,
  * as a .gguf file stores them, multiplied on the CPU at memory speed:
  * y = x @ W.T with W (N, K) kept as its blocks (reshard/ggml_iquants.py), read once, never expanded to
@@ -48,6 +48,7 @@
 #define Q51_BYTES 24
 #define TQ2_BYTES 66
 #define IQ1S_BYTES 50
+#define IQ1M_BYTES 56
 
 typedef struct {
     int8_t *xq; /* (M, K), in order */
@@ -91,12 +92,14 @@ static int preparei(const float *x, int64_t M, int64_t K, acti *a) {
 #define SIGNS4(aux) _mm256_set_epi64x(signs[((aux) >> 21) & 127], signs[((aux) >> 14) & 127],      \
                                       signs[((aux) >> 7) & 127], signs[(aux) & 127])
 
-/* every block of 256 of weight row `wr` (BYTES each; dd: its float16 d at D_AT, times DMUL) and in it every
+#define HALF(p) _cvtsh_ss(*(const uint16_t *)(p))  /* a float16 at p */
+
+/* every block of 256 of weight row `wr` (BYTES each; dd: D, an expression of its bytes blk) and in it every
  * block of 32 (j; k its first value), where BODY makes the block's g, s and ws (and wo, for STEPO) */
-#define WALK256(STEPS, STEP, BYTES, D_AT, DMUL, BODY)                                           \
+#define WALK256(STEPS, STEP, BYTES, D, BODY)                                                    \
     for (int64_t kb = 0; kb < K; kb += QK) {                                                    \
         const uint8_t *blk = wr + kb / QK * (BYTES);                                            \
-        const float dd = _cvtsh_ss(*(const uint16_t *)(blk + (D_AT))) * (DMUL);                 \
+        const float dd = (D);                                                                   \
         for (int j = 0; j < 8; j++) {                                                           \
             const int64_t k = kb + 32 * j;                                                      \
             BODY                                                                                \
@@ -111,7 +114,7 @@ static int preparei(const float *x, int64_t M, int64_t K, acti *a) {
     const __m256i g = _mm256_set_epi64x(grid[idx[3]], grid[idx[2]], grid[idx[1]], grid[idx[0]]);\
     const __m256i s = SIGNS4(aux);                                                          \
     const __m256 ws = _mm256_set1_ps(dd * (float)(2 * (aux >> 28) + 1));
-#define WALKIQ2(STEPS) WALK256(STEPS, STEPI, IQ2XXS_BYTES, 0, 0.125f, IQ2XXS)
+#define WALKIQ2(STEPS) WALK256(STEPS, STEPI, IQ2XXS_BYTES, HALF(blk) * 0.125f, IQ2XXS)
 
 static inline void rowiq2xxs(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint64_t *grid,
                              const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
@@ -127,7 +130,7 @@ static inline void rowiq2xxs(const acti *a, int64_t M, int64_t K, const uint8_t 
                                        grid3[idx[3]], grid3[idx[2]], grid3[idx[1]], grid3[idx[0]]);\
     const __m256i s = SIGNS4(aux);                                                          \
     const __m256 ws = _mm256_set1_ps(dd * (float)(2 * (aux >> 28) + 1));
-#define WALKIQ3(STEPS) WALK256(STEPS, STEPI, IQ3XXS_BYTES, 0, 0.25f, IQ3XXS)
+#define WALKIQ3(STEPS) WALK256(STEPS, STEPI, IQ3XXS_BYTES, HALF(blk) * 0.25f, IQ3XXS)
 
 static inline void rowiq3xxs(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint32_t *grid3,
                              const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
@@ -151,7 +154,7 @@ static inline void rowiq3xxs(const acti *a, int64_t M, int64_t K, const uint8_t 
     const __m256i s = SIGNBYTES(blk + 74 + 4 * j);                                          \
     const int sc = (blk[106 + j / 2] >> (4 * (j % 2))) & 15;                                \
     const __m256 ws = _mm256_set1_ps(dd * (float)(1 + 2 * sc));
-#define WALKIQ3S(STEPS) WALK256(STEPS, STEPI, IQ3S_BYTES, 0, 1.0f, IQ3S)
+#define WALKIQ3S(STEPS) WALK256(STEPS, STEPI, IQ3S_BYTES, HALF(blk), IQ3S)
 
 static inline void rowiq3s(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint32_t *grid3,
                            const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
@@ -165,7 +168,7 @@ static inline void rowiq3s(const acti *a, int64_t M, int64_t K, const uint8_t *w
     const __m256i g = _mm256_set_epi64x(grid[q[3] & 511], grid[q[2] & 511], grid[q[1] & 511], grid[q[0] & 511]);\
     const __m256i s = _mm256_set_epi64x(signs[q[3] >> 9], signs[q[2] >> 9], signs[q[1] >> 9], signs[q[0] >> 9]);\
     const __m256 ws = HALVES(blk[66 + j], dd);
-#define WALKIQ2XS(STEPS) WALK256(STEPS, STEPI, IQ2XS_BYTES, 0, 0.125f, IQ2XS)
+#define WALKIQ2XS(STEPS) WALK256(STEPS, STEPI, IQ2XS_BYTES, HALF(blk) * 0.125f, IQ2XS)
 
 static inline void rowiq2xs(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint64_t *grid,
                             const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
@@ -180,7 +183,7 @@ static inline void rowiq2xs(const acti *a, int64_t M, int64_t K, const uint8_t *
                                         grid[idx[1] | ((h >> 2) & 3) << 8], grid[idx[0] | (h & 3) << 8]);\
     const __m256i s = SIGNBYTES(blk + 34 + 4 * j);                                          \
     const __m256 ws = HALVES(blk[74 + j], dd);
-#define WALKIQ2S(STEPS) WALK256(STEPS, STEPI, IQ2S_BYTES, 0, 0.125f, IQ2S)
+#define WALKIQ2S(STEPS) WALK256(STEPS, STEPI, IQ2S_BYTES, HALF(blk) * 0.125f, IQ2S)
 
 static inline void rowiq2s(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint64_t *grid,
                            const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
@@ -268,7 +271,7 @@ static inline void rowq51(const acti *a, int64_t M, int64_t K, const uint8_t *w,
                                                          2 * (j % 4)), three);              \
     const __m256i s = _mm256_sub_epi8(q, one), g = _mm256_abs_epi8(s);                      \
     const __m256 ws = _mm256_set1_ps(dd);
-#define WALKTQ2(STEPS) WALK256(STEPS, STEPI, TQ2_BYTES, 64, 1.0f, TQ2)
+#define WALKTQ2(STEPS) WALK256(STEPS, STEPI, TQ2_BYTES, HALF(blk + 64), TQ2)
 
 static inline void rowtq2(const acti *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
                           int io) {
@@ -290,12 +293,46 @@ static inline void rowtq2(const acti *a, int64_t M, int64_t K, const uint8_t *w,
     const float dl = dd * (float)(2 * ((h >> 12) & 7) + 1);                                 \
     const __m256 ws = _mm256_set1_ps(dl);                                                   \
     const float wo = (h & 0x8000) ? -0.125f * dl : 0.125f * dl;
-#define WALKIQ1S(STEPS) WALK256(STEPS, STEPO, IQ1S_BYTES, 0, 1.0f, IQ1S)
+#define WALKIQ1S(STEPS) WALK256(STEPS, STEPO, IQ1S_BYTES, HALF(blk), IQ1S)
 
 static inline void rowiq1s(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint64_t *grid, int64_t N,
                            int64_t n, void *y, int io) {
     const uint8_t *wr = w + n * (K / QK * IQ1S_BYTES);
     ROWS(ACTO, WALKIQ1S, PUTO)
+}
+
+/* IQ1_M, 256 values in 56 bytes: 32 bytes of grid indices' low 8 bits (IQ1_S's grid), 16 bytes of two
+ * nibbles per block of 16 (3 high bits of an index, the sign of its 8 values' shift), four uint16 of 3-bit
+ * scales (one per 16 values) whose top nibbles make the float16 d: w = d * (2 s + 1) * (grid +- 1/8). Here
+ * each value is 8 grid +- 1 (exact, -9..9) and the scale d (2 s + 1) / 8. */
+static inline float iq1m_d(const uint8_t *blk) {
+    uint16_t sc[4];
+    memcpy(sc, blk + 48, 8);
+    const uint16_t h = (sc[0] >> 12) | ((sc[1] >> 8) & 0x00F0) | ((sc[2] >> 4) & 0x0F00) | (sc[3] & 0xF000);
+    return _cvtsh_ss(h) * 0.125f;
+}
+
+#define IQ1M                                                                                    \
+    const uint8_t *idx = blk + 4 * j, h0 = blk[32 + 2 * j], h1 = blk[33 + 2 * j];               \
+    const int hi[4] = {h0 & 15, h0 >> 4, h1 & 15, h1 >> 4};                                     \
+    int64_t sh[4];                                                                              \
+    for (int i = 0; i < 4; i++) sh[i] = (hi[i] & 8) ? -1 : 0x0101010101010101;                  \
+    const __m256i grid8 = _mm256_sign_epi8(eight, _mm256_set_epi64x(grid[idx[3] | (hi[3] & 7) << 8],  \
+        grid[idx[2] | (hi[2] & 7) << 8], grid[idx[1] | (hi[1] & 7) << 8], grid[idx[0] | (hi[0] & 7) << 8])); \
+    const __m256i s = _mm256_add_epi8(grid8, _mm256_set_epi64x(sh[3], sh[2], sh[1], sh[0]));   \
+    const __m256i g = _mm256_abs_epi8(s);                                                       \
+    uint16_t u;                                                                                 \
+    memcpy(&u, blk + 48 + 2 * (j / 2), 2);                                                      \
+    const int t = 6 * (j % 2);                                                                  \
+    const __m256 ws = _mm256_setr_m128(_mm_set1_ps(dd * (float)(2 * ((u >> t) & 7) + 1)),      \
+                                       _mm_set1_ps(dd * (float)(2 * ((u >> (t + 3)) & 7) + 1)));
+#define WALKIQ1M(STEPS) WALK256(STEPS, STEPI, IQ1M_BYTES, iq1m_d(blk), IQ1M)
+
+static inline void rowiq1m(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint64_t *grid, int64_t N,
+                           int64_t n, void *y, int io) {
+    const uint8_t *wr = w + n * (K / QK * IQ1M_BYTES);
+    const __m256i eight = _mm256_set1_epi8(8);
+    ROWS(ACTI, WALKIQ1M, PUTI)
 }
 
 static inline void rowq50(const acti *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
@@ -308,11 +345,11 @@ static inline void rowq50(const acti *a, int64_t M, int64_t K, const uint8_t *w,
 /* kind: 0 IQ2_XXS (grid: 256 rows of 8 bytes), 1 IQ3_XXS (256 rows of 4), 2 IQ3_S (512 rows of 4), 3 IQ2_XS
  * (512 rows of 8), 4 IQ2_S (1024 rows of 8); signs: 8 bytes per sign index (IQ2_XXS, IQ3_XXS, IQ2_XS: 128
  * patterns) or per sign byte (IQ3_S, IQ2_S: 256); K % 256 == 0. Blocks of 32 (K % 32 == 0): 5 IQ4_NL and
- * 6 MXFP4 (grid: their 16 int8 values), 7 Q5_0, 8 Q5_1 (no tables). 9 TQ2_0 (no tables), 10 IQ1_S (grid:
- * 2048 rows of 8 int8). w: (N, K / block * block bytes) as the file stores it. */
+ * 6 MXFP4 (grid: their 16 int8 values), 7 Q5_0, 8 Q5_1 (no tables). 9 TQ2_0 (no tables), 10 IQ1_S and
+ * 11 IQ1_M (grid: 2048 rows of 8 int8). w: (N, K / block * block bytes) as the file stores it. */
 int reshard_iquant_gemm(const void *xin, int io, int64_t M, int64_t K, const uint8_t *w, int kind,
                         const void *grid, const void *signs, int64_t N, void *y, int threads) {
-    if (kind < 0 || kind > 10 || K % (kind >= 5 && kind <= 8 ? BLOCK : QK)) return -2;
+    if (kind < 0 || kind > 11 || K % (kind >= 5 && kind <= 8 ? BLOCK : QK)) return -2;
     if (empty(M, K, N, y, io)) return 0;
     float *owned;
     const float *x = floats(xin, M * K, io, &owned);
@@ -350,9 +387,12 @@ int reshard_iquant_gemm(const void *xin, int io, int64_t M, int64_t K, const uin
     } else if (kind == 9) {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n++) rowtq2(&a, M, K, w, N, n, y, io);
-    } else {
+    } else if (kind == 10) {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n++) rowiq1s(&a, M, K, w, grid, N, n, y, io);
+    } else {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++) rowiq1m(&a, M, K, w, grid, N, n, y, io);
     }
     free(a.xq);
     free(a.d);
