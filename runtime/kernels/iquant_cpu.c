@@ -147,10 +147,9 @@ static inline void rowiq3xxs(const acti *a, int64_t M, int64_t K, const uint8_t 
 #define IQ3S                                                                                \
     const uint8_t *idx = blk + 2 + 8 * j;                                                   \
     const int h = blk[66 + j];                                                              \
-    int at[8];                                                                              \
-    for (int i = 0; i < 8; i++) at[i] = idx[i] | (((h >> i) & 1) << 8);                     \
-    const __m256i g = _mm256_set_epi32(grid3[at[7]], grid3[at[6]], grid3[at[5]], grid3[at[4]],\
-                                       grid3[at[3]], grid3[at[2]], grid3[at[1]], grid3[at[0]]);\
+    const __m256i at = _mm256_or_si256(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)idx)),       \
+        _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(h), bit), one32), 8));  \
+    const __m256i g = _mm256_i32gather_epi32((const int *)grid3, at, 4); /* faster here than 8 inserts */ \
     const __m256i s = SIGNBYTES(blk + 74 + 4 * j);                                          \
     const int sc = (blk[106 + j / 2] >> (4 * (j % 2))) & 15;                                \
     const __m256 ws = _mm256_set1_ps(dd * (float)(1 + 2 * sc));
@@ -159,6 +158,7 @@ static inline void rowiq3xxs(const acti *a, int64_t M, int64_t K, const uint8_t 
 static inline void rowiq3s(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint32_t *grid3,
                            const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
     const uint8_t *wr = w + n * (K / QK * IQ3S_BYTES);
+    const __m256i bit = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), one32 = _mm256_set1_epi32(1);
     ROWS(ACTI, WALKIQ3S, PUTI)
 }
 
@@ -292,7 +292,7 @@ static inline void rowtq2(const acti *a, int64_t M, int64_t K, const uint8_t *w,
     const __m256i g = _mm256_abs_epi8(s);                                                   \
     const float dl = dd * (float)(2 * ((h >> 12) & 7) + 1);                                 \
     const __m256 ws = _mm256_set1_ps(dl);                                                   \
-    const float wo = (h & 0x8000) ? -0.125f * dl : 0.125f * dl;
+    const float wo = 0.125f * dl * (float)(1 - 2 * (h >> 15)); /* no branch: random signs */
 #define WALKIQ1S(STEPS) WALK256(STEPS, STEPO, IQ1S_BYTES, HALF(blk), IQ1S)
 
 static inline void rowiq1s(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint64_t *grid, int64_t N,
