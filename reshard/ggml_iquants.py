@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import UsageError
+
 QK_K = 256
 # scheme -> (GGML type name, values per block, bytes per block)
 BLOCK_TYPES = {"iq2_xxs": ("IQ2_XXS", QK_K, 66), "iq2_xs": ("IQ2_XS", QK_K, 74), "iq2_s": ("IQ2_S", QK_K, 82),
@@ -41,6 +43,18 @@ def prepare(scheme: str, device: torch.device) -> None:
         _ksigns(device)
 
 
+def require_gguf():
+    """The `gguf` package (reading a .gguf file, or expanding the grid types, needs it), or one clear
+    line where it is not installed."""
+    try:
+        import gguf
+        import gguf.quants  # noqa: F401 - the grids and de-quantization
+    except ImportError as e:
+        raise UsageError(f"GGUF files and the GGML blocks they hold need the gguf package ({e.name} is not "
+                         f"installed): pip install 'reshard[gguf]'") from None
+    return gguf
+
+
 def kernel_tables(scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
     """What runtime/kernels/iquant_cpu.c reads for `scheme`'s blocks: its grid as int8 rows (the
     values are small integers: exact) and its sign patterns as rows of eight int8, +1 or -1."""
@@ -56,9 +70,7 @@ def _grid(name: str, device: torch.device) -> torch.Tensor:
     """ggml's grid for the gguf class `name`, (rows, 4 or 8) float32, as gguf de-quantizes with it."""
     key = (name, str(device))
     if key not in _TABLES:
-        import gguf.quants
-
-        cls = getattr(gguf.quants, name)
+        cls = getattr(require_gguf().quants, name)
         cls.init_grid()
         _TABLES[key] = torch.from_numpy(cls.grid.reshape(cls.grid_shape).copy()).to(device)
     return _TABLES[key]
@@ -68,9 +80,8 @@ def _ksigns(device: torch.device) -> torch.Tensor:
     """IQ2_XXS's 128 sign patterns (eight signs from seven bits and their parity), uint8."""
     key = ("ksigns", str(device))
     if key not in _TABLES:
-        from gguf.quants import IQ2_XXS
-
-        _TABLES[key] = torch.frombuffer(bytearray(IQ2_XXS.ksigns), dtype=torch.uint8).to(device)
+        ksigns = require_gguf().quants.IQ2_XXS.ksigns
+        _TABLES[key] = torch.frombuffer(bytearray(ksigns), dtype=torch.uint8).to(device)
     return _TABLES[key]
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import SourceError
+from .ggml_iquants import require_gguf
 from .ggml_quants import scheme_for
 from .source import Source
 
@@ -46,8 +47,7 @@ class GGUFSource(Source):
     """Tensors of a GGUF checkpoint under transformers' names; call `load(model)` before `keys()`."""
 
     def __init__(self, path: Path):
-        from gguf import GGUFReader
-
+        GGUFReader = require_gguf().GGUFReader  # noqa: N806 - the class
         self.path, self.files = path, split_files(path)
         self.info = {"id": str(self.files[0].resolve()), "revision": None, "commit": None}
         try:

@@ -70,6 +70,8 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "{}: GGUF architecture {} is not supported by reshard yet; load it with transformers and save it as "
     "safetensors first": ("test_gguf.py::test_gguf_of_transformers_newer_path_is_refused",),
     "{} is not a readable GGUF file ({}); download it again": ("test_gguf.py::test_gguf_that_is_not_gguf",),
+    "GGUF files and the GGML blocks they hold need the gguf package ({} is not installed): pip install 'reshard[gguf]'":
+        ("test_gguf.py::test_gguf_without_the_gguf_package_is_one_line",),
     "{}: the source's {} blocks {} do not make a weight of shape {}; the checkpoint does not match its config":
         ("test_formats_gguf.py::test_blocks_that_do_not_fit_the_config",),
     "{} is truncated in tensor {}; download it again": ("test_gguf.py::test_gguf_shrunk_while_converting",),

@@ -173,6 +173,22 @@ def test_gguf_that_is_not_gguf(tmp_path, capsys):
         1, f"Error: {gguf} is not a readable GGUF file ({reason}); download it again")
 
 
+def test_gguf_without_the_gguf_package_is_one_line(tmp_path, monkeypatch, capsys):
+    """Converting a .gguf, or expanding a folder's grid blocks, where the gguf package is missing: one
+    line naming the package and the extra that installs it (exit 2), not an ImportError."""
+    from reshard import ggml_iquants
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + b"\x00" * 60)
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` fails as where it is not installed
+    line = ("Error: GGUF files and the GGML blocks they hold need the gguf package (gguf is not installed): "
+            "pip install 'reshard[gguf]'")
+    assert cli_convert(capsys, gguf, tmp_path / "out") == (2, line)
+    monkeypatch.setattr(ggml_iquants, "_TABLES", {})
+    with pytest.raises(ggml_iquants.UsageError, match="need the gguf package"):
+        ggml_iquants.prepare("iq2_xxs", torch.device("cpu"))
+
+
 def test_gguf_shrunk_while_converting(tmp_path, small_gguf, monkeypatch, capsys):
     from reshard.gguf_source import GGUFSource
 
