@@ -89,6 +89,11 @@ def choose_experts(routed: int, pairs: int, expert_stored: int, expert_params: i
 # --- calibration -----------------------------------------------------------------------------
 
 _MEASURED: dict[str, Speeds] = {}  # this process's measurements, by device and dtype
+# How the calibration measures, for its cache: 2 reads the weights of the one-token rates from memory,
+# not a cache (COLD_BYTES of them); entries of 1 (one 16 MB weight, read again: a server's L3 held it,
+# and the CPU looked faster than its memory) are measured anew.
+CALIBRATION_METHOD = 2
+COLD_BYTES = 512 << 20  # more than a CPU's caches: what a model's layers are
 
 
 def calibrate(device: torch.device, dtype: torch.dtype, *, cache_file: Path | None = None) -> Speeds:
@@ -98,14 +103,15 @@ def calibrate(device: torch.device, dtype: torch.dtype, *, cache_file: Path | No
     if key in _MEASURED:
         return _MEASURED[key]
     known = _read_cache(cache_file)
-    if key in known and known[key].get("cpu_expand") and "cpu_packed" in known[key]:  # (older entries: measured anew)
-        speeds = Speeds(**known[key])
+    entry = known.get(key, {})
+    if entry.get("method") == CALIBRATION_METHOD:  # (entries an older way of measuring wrote: measured anew)
+        speeds = Speeds(**{k: v for k, v in entry.items() if k != "method"})
     else:
         cpu_bytes, cpu_flops = measure_cpu(dtype)
         link, gpu_flops = (measure_link(device), measure_gpu(device, dtype)) if device.type == "cuda" else (0.0, 1.0)
         speeds = Speeds(link, cpu_bytes, cpu_flops, gpu_flops, measure_cpu_expand(dtype), measure_cpu_packed())
         if cache_file is not None:
-            _write_cache(cache_file, {**known, key: asdict(speeds)})
+            _write_cache(cache_file, {**known, key: {**asdict(speeds), "method": CALIBRATION_METHOD}})
     _MEASURED[key] = speeds
     return speeds
 
@@ -117,10 +123,14 @@ def default_cache_file() -> Path:
     return cache_root() / "speeds.json"
 
 
-def measure_cpu(dtype: torch.dtype, rows: int = 4096, cols: int = 2048, tokens: int = 256) -> tuple[float, float]:
-    """(weight bytes/s at one token, FLOP/s at `tokens` tokens) of the CPU's matmul on a fresh weight."""
+def measure_cpu(dtype: torch.dtype, rows: int = 4096, cols: int = 2048, tokens: int = 256,
+                cold_bytes: int = COLD_BYTES) -> tuple[float, float]:
+    """(weight bytes/s at one token, FLOP/s at `tokens` tokens) of the CPU's matmul: the first over
+    copies of the weight `cold_bytes` in all, each read once a round (from memory, as a model's
+    layers are, not from a cache), the second on one weight (compute-bound)."""
     weight = torch.randn(rows, cols).to(dtype)
-    one = _best(lambda: torch.nn.functional.linear(torch.randn(1, cols).to(dtype), weight))
+    x = torch.randn(1, cols).to(dtype)
+    one = _cold(lambda w: torch.nn.functional.linear(x, w), _copies(weight, cold_bytes))
     many_x = torch.randn(tokens, cols).to(dtype)
     many = _best(lambda: torch.nn.functional.linear(many_x, weight))
     return weight.numel() * weight.element_size() / one, 2 * rows * cols * tokens / many
@@ -138,9 +148,9 @@ def measure_cpu_expand(dtype: torch.dtype, rows: int = 4096, cols: int = 2048, g
     return stored / _best(lambda: expand_weight(parts, "int4", columns=cols, dtype=dtype))
 
 
-def measure_cpu_packed(rows: int = 8192, cols: int = 4096, group: int = 32) -> float:
-    """Stored bytes/s the project's int4 kernel (runtime/native.py) reads at one token, on a weight
-    larger than the caches; 0 where the kernel cannot run here."""
+def measure_cpu_packed(rows: int = 8192, cols: int = 4096, group: int = 32, cold_bytes: int = COLD_BYTES) -> float:
+    """Stored bytes/s the project's int4 kernel (runtime/native.py) reads at one token, over copies of
+    a weight `cold_bytes` in all (read from memory, not a cache); 0 where the kernel cannot run here."""
     from reshard.quant import quantize
 
     from . import lowbit, native
@@ -151,7 +161,9 @@ def measure_cpu_packed(rows: int = 8192, cols: int = 4096, group: int = 32) -> f
     parts = quantize(torch.randn(rows, cols) * 0.02, "int4", group=group, dtype=torch.float16)
     operands = lowbit.pack_param(parts, spec)
     kernel, x = lowbit.native_kernel(spec), torch.randn(1, cols)
-    return sum(t.numel() * t.element_size() for t in operands) / _best(lambda: kernel(x, *operands))
+    nbytes = sum(t.numel() * t.element_size() for t in operands)
+    copies = [tuple(t.clone() for t in operands) for _ in range(max(1, -(-cold_bytes // nbytes)))]
+    return nbytes / _cold(lambda ops: kernel(x, *ops), copies)
 
 
 def measure_link(device: torch.device, nbytes: int = 64 << 20) -> float:
@@ -173,6 +185,24 @@ def measure_gpu(device: torch.device, dtype: torch.dtype, n: int = 4096) -> floa
         a @ a
         torch.cuda.synchronize(device)
     return 2 * n ** 3 / _best(mm)
+
+
+def _copies(t: torch.Tensor, total: int) -> list[torch.Tensor]:
+    """`t` and copies of it, `total` bytes in all (at least `t`)."""
+    return [t] + [t.clone() for _ in range(-(-total // (t.numel() * t.element_size())) - 1)]
+
+
+def _cold(fn, operands: list, repeats: int = 3) -> float:
+    """Seconds of one `fn(op)`, each of `operands` in turn (their memory larger than the caches, so
+    each is read from memory): the best of `repeats` rounds, after a warm-up call."""
+    fn(operands[0])
+    rounds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for op in operands:
+            fn(op)
+        rounds.append((time.perf_counter() - t0) / len(operands))
+    return max(min(rounds), 1e-9)
 
 
 def _best(fn, repeats: int = 3) -> float:

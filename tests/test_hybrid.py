@@ -63,12 +63,12 @@ def test_calibrate_measures_once_and_reads_the_cache(tmp_path, monkeypatch):
     # a new process reads the file rather than measuring again
     monkeypatch.setattr(hybrid, "_MEASURED", {})
     marked = {"cpu/torch.float32": {"link": 0.0, "cpu_bytes": 123.0, "cpu_flops": 456.0, "gpu_flops": 1.0,
-                                    "cpu_expand": 789.0, "cpu_packed": 0.0}}
+                                    "cpu_expand": 789.0, "cpu_packed": 0.0, "method": hybrid.CALIBRATION_METHOD}}
     cache.write_text(json.dumps(marked))
     assert hybrid.calibrate(torch.device("cpu"), torch.float32, cache_file=cache).cpu_expand == 789.0
-    # an entry written before the expansion rate was measured is measured anew
+    # an entry an older way of measuring wrote (a weight small enough for a cache) is measured anew
     monkeypatch.setattr(hybrid, "_MEASURED", {})
-    del marked["cpu/torch.float32"]["cpu_expand"]
+    marked["cpu/torch.float32"]["method"] = 1
     cache.write_text(json.dumps(marked))
     again = hybrid.calibrate(torch.device("cpu"), torch.float32, cache_file=cache)
     assert again.cpu_bytes != 123.0 and again.cpu_expand > 0
