@@ -155,7 +155,7 @@ def measure_cpu_packed(rows: int = 8192, cols: int = 4096, group: int = 32, cold
 
     from . import lowbit, native
 
-    if native.lowbit() is None:
+    if not native.int_kernels():
         return 0.0
     spec = lowbit.PackSpec("int4", group, rows, cols, "native", torch.float16)
     parts = quantize(torch.randn(rows, cols) * 0.02, "int4", group=group, dtype=torch.float16)

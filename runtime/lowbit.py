@@ -110,6 +110,8 @@ def supported(spec: PackSpec) -> bool:
     if spec.scheme in KQUANTS:  # whole blocks (256 values, or 32 for IQ4_NL, MXFP4, Q5_0, Q5_1)
         return spec.backend == "native" and k % BLOCK_TYPES[spec.scheme][1] == 0
     if spec.backend == "native":  # int8: a scale per row, or per block of 32 (a GGUF's Q8_0)
+        if not native.int_kernels():  # AVX2 alone: the block kernels only
+            return False
         if spec.scheme == "int8":
             return k % 64 == 0 and spec.group in (0, 32)
         return k % 64 == 0 and spec.group % 32 == 0 and k % spec.group == 0

@@ -17,9 +17,11 @@ folder and no one else can write either (see `private`); otherwise the kernels a
 fresh private temporary folder for this process, and stderr says so once. OpenMP is the same
 runtime torch loaded (torch's libgomp.so.1), so the two share one thread pool.
 
-Where there is no compiler, the build fails, the CPU lacks AVX512-VNNI, or `RESHARD_NATIVE=0`
-is set, `lowbit()` is None and the quantized layers run through torch's kernels; a failed build
-says so once on stderr.
+The int8/int4 kernels need AVX512-VNNI; the GGML block kernels (kquant_cpu.c, iquant_cpu.c) run on
+AVX2 alone too (most desktop CPUs without AVX512), with the same bits (`int_kernels()` tells which).
+Where there is no compiler, the build fails, the CPU has neither, or `RESHARD_NATIVE=0` is set,
+`lowbit()` is None and the quantized layers run through torch's kernels; a failed build says so
+once on stderr.
 """
 
 from __future__ import annotations
@@ -76,11 +78,18 @@ def lowbit() -> ctypes.CDLL | None:
         print(f"runtime: could not build the CPU kernels ({str(e).strip().splitlines()[-1] if str(e).strip() else e!r}); "
               f"quantized layers run through torch's kernels instead", file=sys.stderr)
         return None
-    if lib.reshard_lowbit_isa() != 1:
-        return None  # this CPU has no AVX512-VNNI
+    if lib.reshard_lowbit_isa() not in (1, 2):
+        return None  # this CPU has neither AVX512-VNNI nor AVX2
     global _lib
     _lib = lib
     return lib
+
+
+def int_kernels() -> bool:
+    """Whether the int8/int4 kernels run here too (AVX512-VNNI), not only the GGML block kernels
+    (which AVX2 alone runs: reshard_lowbit_isa() 2)."""
+    lib = lowbit()
+    return lib is not None and lib.reshard_lowbit_isa() == 1
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -106,13 +115,13 @@ def load(path: Path) -> ctypes.CDLL:
 _lib: ctypes.CDLL | None = None  # what lowbit() loaded, for the gemm functions (one lookup less per call)
 
 
-def build(sources, compiler: str) -> Path:
+def build(sources, compiler: str, flags: tuple[str, ...] = ()) -> Path:
     """`sources` (one C file or several, with the headers beside the first) compiled into one library
     in this user's kernel folder (or the copy already there): its path. Where the folder or the
     copy is not `private`, compiled into a fresh temporary folder instead."""
     sources = [Path(sources)] if isinstance(sources, (str, Path)) else [Path(s) for s in sources]
     text = b"".join(p.read_bytes() for p in [*sources, *sorted(sources[0].parent.glob("*.h"))])
-    key = hashlib.sha256(text + " ".join([compiler, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(text + " ".join([compiler, *FLAGS, *flags, _cpu()]).encode()).hexdigest()[:16]
     source = sources[0]
     name = f"{source.stem}-{key}.so"
     folder = cache_dir()
@@ -128,15 +137,15 @@ def build(sources, compiler: str) -> Path:
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         print(f"runtime: not loading CPU kernels from {refused}: it must be owned by this user and writable by no "
               f"one else; building them into {folder} for this process instead", file=sys.stderr)
-    return _compile(sources, compiler, folder / name)
+    return _compile(sources, compiler, folder / name, flags)
 
 
-def _compile(sources: list[Path], compiler: str, out: Path) -> Path:
+def _compile(sources: list[Path], compiler: str, out: Path, flags: tuple[str, ...] = ()) -> Path:
     """`sources` compiled to `out`, through a temporary name in the same folder (an atomic rename)."""
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, sources), "-lm"], capture_output=True, text=True,
+        done = subprocess.run([compiler, *FLAGS, *flags, "-o", tmp, *map(str, sources), "-lm"], capture_output=True, text=True,
                               timeout=120)
         if done.returncode != 0:
             raise subprocess.SubprocessError(done.stderr or f"{compiler} exited with {done.returncode}")

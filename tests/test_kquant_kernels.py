@@ -112,3 +112,24 @@ def test_packed_linear_holds_the_blocks_as_stored_and_runs_them(scheme, kernels)
     assert got.shape == (2, 3, n)
     want = native.kquant_gemm(x.reshape(6, k), blocks, scheme).view(2, 3, n) + linear.bias
     assert torch.equal(got, want)
+
+
+def test_the_block_kernels_run_on_avx2_alone_with_the_same_bits(kernels, monkeypatch):
+    """Built without AVX512 (as for a desktop CPU that has AVX2 only), the library says so (isa 2),
+    its GGML block kernels give the AVX512-VNNI build's results bit for bit, and the int8/int4
+    kernels, which need AVX512-VNNI, are not offered: those weights go to torch's kernels."""
+    import shutil
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    avx2 = native.load(native.build(native.SOURCES, compiler, ("-mno-avx512f",)))
+    assert avx2.reshard_lowbit_isa() == 2
+    for scheme in sorted(native.BLOCK_SCHEMES):
+        size = BLOCK_TYPES[scheme][1]
+        k = 2816 if size == 256 else 2880
+        blocks = random_blocks(scheme, 24, k, seed=7)
+        x = torch.randn(5, k, generator=torch.Generator().manual_seed(7))
+        assert torch.equal(native.kquant_gemm(x, blocks, scheme, lib=avx2), native.kquant_gemm(x, blocks, scheme)), scheme
+    monkeypatch.setattr(native, "lowbit", lambda: avx2)
+    assert not native.int_kernels()
+    assert supported(PackSpec("q4_k", 0, 64, 256, "native")) and supported(PackSpec("iq2_xxs", 0, 64, 256, "native"))
+    assert not supported(PackSpec("int4", 32, 64, 256, "native")) and not supported(PackSpec("int8", 0, 64, 256, "native"))

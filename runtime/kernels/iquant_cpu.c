@@ -34,7 +34,7 @@
  */
 #include "common.h"
 
-#if HAVE_VNNI
+#if HAVE_BLOCKS
 
 #define QK 256
 #define IQ2XXS_BYTES 66
@@ -79,7 +79,7 @@ static int preparei(const float *x, int64_t M, int64_t K, acti *a) {
 /* block b (32 values at k) of row r: the grid bytes g, the signs s, the weights' scales ws per lane
  * (lanes 0-3 hold values 0-15, lanes 4-7 values 16-31: a scale per 16 is two halves) */
 #define STEPI(r)                                                                                \
-    acc##r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), g,  \
+    acc##r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DPBUSD(_mm256_setzero_si256(), g,  \
         _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq##r + k)), s))),                 \
         _mm256_mul_ps(_mm256_set1_ps(d##r[k / BLOCK]), ws), acc##r)
 #define PUTI(r) put(y, (m + r) * N + n, hsum8(acc##r), io)
@@ -200,11 +200,11 @@ static inline __m256i nibbles32(const uint8_t *p) {
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low4), _mm_and_si128(b, low4));
 }
 
-/* a little-endian uint32 of 32 bits as a mask: bit i for byte i */
-static inline __mmask32 bits32(const uint8_t *p) {
+/* a little-endian uint32 of 32 bits: bit i for byte i */
+static inline uint32_t bits32(const uint8_t *p) {
     uint32_t u;
     memcpy(&u, p, 4);
-    return (__mmask32)u;
+    return u;
 }
 
 /* ggml's e8m0_to_fp32_half: 2^(e - 128), as MXFP4's values are doubled */
@@ -228,7 +228,7 @@ static inline float e8m0_half(uint8_t e) {
 #define WALKMXFP4(STEPS) WALK32(STEPS, MXFP4_BYTES, _mm256_shuffle_epi8(table, nibbles32(blk + 1)), e8m0_half(blk[0]))
 /* Q5_0: the nibbles with their fifth bits (a uint32: bit i above value i), minus 16 */
 #define WALKQ50(STEPS) WALK32(STEPS, Q50_BYTES, _mm256_sub_epi8(_mm256_or_si256(nibbles32(blk + 6),            \
-                                  _mm256_and_si256(_mm256_movm_epi8(bits32(blk + 2)), sixteen)), sixteen), \
+                                  _mm256_and_si256(bytes_of_bits(bits32(blk + 2)), sixteen)), sixteen), \
                               _cvtsh_ss(*(const uint16_t *)blk))
 
 static inline void rowiq4nl(const acti *a, int64_t M, int64_t K, const uint8_t *w, const int8_t *values, int64_t N,
@@ -250,7 +250,7 @@ static inline void rowmxfp4(const acti *a, int64_t M, int64_t K, const uint8_t *
 #define WALKQ51(STEPS)                                                                          \
     for (int64_t k = 0; k < K; k += BLOCK) {                                                    \
         const uint8_t *blk = wr + k / BLOCK * Q51_BYTES;                                        \
-        const __m256i g = _mm256_or_si256(nibbles32(blk + 8), _mm256_and_si256(_mm256_movm_epi8(bits32(blk + 4)), sixteen)); \
+        const __m256i g = _mm256_or_si256(nibbles32(blk + 8), _mm256_and_si256(bytes_of_bits(bits32(blk + 4)), sixteen)); \
         const __m256i s = ones;                                                                 \
         const __m256 ws = _mm256_set1_ps(_cvtsh_ss(*(const uint16_t *)blk));                    \
         const float wo = _cvtsh_ss(*(const uint16_t *)(blk + 2));                               \
@@ -400,7 +400,7 @@ int reshard_iquant_gemm(const void *xin, int io, int64_t M, int64_t K, const uin
     return 0;
 }
 
-#else  /* no AVX512-VNNI: runtime/native.py sees reshard_lowbit_isa() == 0 and these layers expand */
+#else  /* neither AVX512-VNNI nor AVX2: runtime/native.py sees reshard_lowbit_isa() == 0 and these layers expand */
 
 int reshard_iquant_gemm(const void *x, int io, int64_t M, int64_t K, const uint8_t *w, int kind,
                         const void *grid, const void *signs, int64_t N, void *y, int threads) { return -3; }

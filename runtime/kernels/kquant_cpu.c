@@ -32,7 +32,7 @@
  */
 #include "common.h"
 
-#if HAVE_VNNI
+#if HAVE_BLOCKS
 
 #define QK 256
 #define Q4K_BYTES 144
@@ -195,7 +195,7 @@ static inline void rowq4(const actk *a, int64_t M, int64_t K, const uint8_t *w, 
     const float *d##r = a->d + (m + r) * (K / 16);                                              \
     const int32_t *s##r = a->s16 + (m + r) * (K / 16);                                          \
     __m256 acc##r = _mm256_setzero_ps();
-#define DOT32(v, x) _mm256_dpbusd_epi32(_mm256_setzero_si256(), v, _mm256_loadu_si256((const __m256i *)(x)))
+#define DOT32(v, x) DPBUSD(_mm256_setzero_si256(), v, _mm256_loadu_si256((const __m256i *)(x)))
 #define STEPQ6(r)                                                                               \
     acc##r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sums8(                         \
         DOT32(v0, xq##r + k), DOT32(v1, xq##r + k + 32), DOT32(v2, xq##r + k + 64), DOT32(v3, xq##r + k + 96)), \
@@ -336,7 +336,7 @@ static inline __m256 iq4xs_scales(const uint8_t *blk) {
 /* blocks 2j and 2j + 1: their values (signed) for the first and the last 16 positions of each, paired
  * with xq as Q4_K's are (preparek4): lanes 0-3 block 2j, 4-7 block 2j + 1 */
 #define DOTIQ4(j, xe, xo)                                                                       \
-    _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(v##j),         \
+    DPBUSD(DPBUSD(_mm256_setzero_si256(), _mm256_abs_epi8(v##j),         \
                                             _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xe)), v##j)), \
                         _mm256_abs_epi8(u##j), _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xo)), u##j))
 #define UNPACKIQ4(j)                                                                            \
@@ -400,7 +400,7 @@ int reshard_kquant_gemm(const void *xin, int io, int64_t M, int64_t K, const uin
     return 0;
 }
 
-#else  /* no AVX512-VNNI: runtime/native.py sees reshard_lowbit_isa() == 0 and these layers expand */
+#else  /* neither AVX512-VNNI nor AVX2: runtime/native.py sees reshard_lowbit_isa() == 0 and these layers expand */
 
 int reshard_kquant_gemm(const void *x, int io, int64_t M, int64_t K, const uint8_t *w, int kind, int64_t N,
                         void *y, int threads) { return -3; }

@@ -26,7 +26,8 @@
  */
 #include "common.h"
 
-int reshard_lowbit_isa(void) { return HAVE_VNNI; }
+/* 1: every kernel (AVX512-VNNI); 2: the GGML block kernels only (AVX2); 0: none */
+int reshard_lowbit_isa(void) { return HAVE_VNNI ? 1 : HAVE_AVX2 ? 2 : 0; }
 
 #if HAVE_VNNI
 
