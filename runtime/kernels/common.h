@@ -45,6 +45,8 @@
  * unsigned, or |v| of a signed one; the activations are within [-127, 127]). */
 #if HAVE_VNNI
 #define DPBUSD(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#elif defined(__AVXVNNI__)  /* AVX-VNNI (Intel since Alder Lake, AMD Zen 5): the same instruction without AVX512 */
+#define DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
 #else
 #define DPBUSD(acc, u, s) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
 #endif
