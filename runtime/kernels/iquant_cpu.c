@@ -1,12 +1,13 @@
-/* GGML's grid blocks IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S, the ternary TQ2_0 and the blocks of 32
- * IQ4_NL, MXFP4, Q5_0 and Q5_1,
- * as a .gguf file stores them, multiplied on the CPU at memory speed:
- * y = x @ W.T with W (N, K) kept as its blocks (reshard/ggml_iquants.py), read once, never expanded to
- * floats. For runtime/lowbit.py (built and loaded by runtime/native.py with lowbit_cpu.c and kquant_cpu.c).
+/* GGML's grid blocks (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S), the ternary TQ2_0 and the blocks
+ * of 32 (IQ4_NL, MXFP4, Q5_0, Q5_1), as a .gguf file stores them, multiplied on the CPU: y = x @ W.T with
+ * W (N, K) kept as its blocks (reshard/ggml_iquants.py, reshard/ggml_quants.py), read once, never expanded
+ * to floats. For runtime/lowbit.py (built and loaded by runtime/native.py with lowbit_cpu.c and kquant_cpu.c).
  *
  * The activations are quantized per block of 32 values in their own order (common.h's quantize_row), and
- * every product is an integer dot product (vpdpbusd): the grid's values are unsigned (at most 62), each
- * weight's sign goes onto its activation (vpsignb). Each weight is exactly ggml's de-quantized value.
+ * every product is an integer dot product of bytes (DPBUSD: vpdpbusd, or AVX2's two-step form): a block's
+ * 32 weight values v as |v| (unsigned) against the activations with v's signs (vpsignb). Where a type
+ * adds an offset to each value (Q5_1's m, IQ1_S's +-1/8), its product with the block's activations is
+ * summed apart, from their block sums. Each weight is exactly ggml's de-quantized value.
  *
  * IQ2_XXS, 256 values in 66 bytes: float16 d, then per block of 32 a uint32 of four grid indices (a
  * row of 8 values each in ggml's 256-row grid) and a uint32 of four 7-bit sign indices (into ggml's 128
@@ -22,15 +23,15 @@
  * grid * sign.
  * IQ2_S, 256 values in 82 bytes: float16 d, 32 bytes of grid indices' low 8 bits (a 1024-row grid of 8),
  * 32 bytes of signs (a bit per value), 8 bytes of the indices' 2 high bits, 8 bytes of scales as IQ2_XS's.
+ * IQ1_S, IQ1_M and TQ2_0: at their walks below.
  * IQ4_NL, 32 values in 18 bytes: float16 d, 16 bytes of nibbles (low: values 0-15, high: 16-31) indexing
  * ggml's 16 non-linear int8 values: w = d * v. MXFP4, 32 in 17: an e8m0 exponent, the nibbles indexing
  * e2m1's values doubled: w = 2^(e - 128) * v. Q5_0, 32 in 22: float16 d, a uint32 of fifth bits, the
- * nibbles: w = d * (q - 16). Their signed values go through the same product (|v|, x with v's sign).
- * The grids and the sign patterns are the gguf package's (runtime/lowbit.py passes them): `grid` one row
- * per index (8 bytes for IQ2_XXS, 4 for IQ3_XXS), `signs` 128 rows of eight bytes, +1 or -1.
- * Per row and block the kernel sums d_x * d_w * dot, the dot's eight lanes kept apart until the row's end.
- * K % 256 == 0. x and y are float32 (io 0) or bfloat16 (io 2). Results are deterministic, whatever the
- * thread count.
+ * nibbles: w = d * (q - 16). Q5_1: at its walk.
+ * The grids and the sign patterns are the gguf package's (runtime/native.py passes them): `grid` one row
+ * per index (int8 values), `signs` rows of eight bytes, +1 or -1.
+ * K is whole blocks (of 256, or of 32 for the blocks of 32). x and y are float32 (io 0) or bfloat16 (io 2).
+ * Results are deterministic, whatever the thread count.
  */
 #include "common.h"
 
