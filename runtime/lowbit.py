@@ -25,7 +25,7 @@ Both kernels take bfloat16 activations (their float32 paths are reference loops,
 so a PackedLinear computes in bfloat16 whatever the model's dtype and casts back.
 
 A GGUF's Q2_K to Q6_K, IQ4_XS, IQ4_NL, Q5_0 and Q5_1 blocks (reshard/ggml_quants.py), and IQ1_S,
-IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, TQ2_0 and MXFP4 ones (reshard/ggml_iquants.py), run natively as stored, one uint8 tensor (runtime/kernels/kquant_cpu.c and
+IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, TQ1_0, TQ2_0 and MXFP4 ones (reshard/ggml_iquants.py), run natively as stored, one uint8 tensor (runtime/kernels/kquant_cpu.c and
 iquant_cpu.c: the blocks' own scales, grids and signs decoded in the loop, each weight ggml's value);
 with no native kernel they expand. An "int4-sym" weight (a GGUF's Q4_0 re-packed, reshard/ggml_repack.py) runs as int4 with its zeros
 -8 * scales made at load; an "int4-act" one (act-order GPTQ, its columns stored group by group) runs

@@ -202,7 +202,7 @@ def int4_gemm(x: torch.Tensor, weight: torch.Tensor, sz: torch.Tensor, group: in
 KQUANT_KINDS = {"q4_k": 0, "q6_k": 1, "q5_k": 2, "iq4_xs": 3, "q3_k": 4, "q2_k": 5}  # the GGML K-quant blocks kquant_cpu.c multiplies as stored
 # the GGML grid blocks and blocks of 32 iquant_cpu.c multiplies as stored
 IQUANT_KINDS = {"iq2_xxs": 0, "iq3_xxs": 1, "iq3_s": 2, "iq2_xs": 3, "iq2_s": 4, "iq4_nl": 5, "mxfp4_blocks": 6, "q5_0": 7,
-                "q5_1": 8, "tq2_0": 9, "iq1_s": 10, "iq1_m": 11}
+                "q5_1": 8, "tq2_0": 9, "iq1_s": 10, "iq1_m": 11, "tq1_0": 12}
 BLOCK_SCHEMES = frozenset(KQUANT_KINDS) | frozenset(IQUANT_KINDS)  # every GGML block type the kernels take as stored
 
 

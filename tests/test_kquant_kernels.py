@@ -19,7 +19,7 @@ from runtime.lowbit import PackedLinear, PackSpec, pack_param, packed_nbytes, su
 
 TYPES = {"q2_k": Q.Q2_K, "q3_k": Q.Q3_K, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K, "iq4_xs": Q.IQ4_XS,
          "iq2_xxs": Q.IQ2_XXS, "iq3_xxs": Q.IQ3_XXS, "iq3_s": Q.IQ3_S, "iq2_xs": Q.IQ2_XS,
-         "iq2_s": Q.IQ2_S, "iq1_s": Q.IQ1_S, "iq1_m": Q.IQ1_M, "tq2_0": Q.TQ2_0, "iq4_nl": Q.IQ4_NL, "mxfp4_blocks": Q.MXFP4,
+         "iq2_s": Q.IQ2_S, "iq1_s": Q.IQ1_S, "iq1_m": Q.IQ1_M, "tq1_0": Q.TQ1_0, "tq2_0": Q.TQ2_0, "iq4_nl": Q.IQ4_NL, "mxfp4_blocks": Q.MXFP4,
          "q5_0": Q.Q5_0, "q5_1": Q.Q5_1}
 # from iq2_xxs on: runtime/kernels/iquant_cpu.c (the last four in blocks of 32: any K % 32 == 0)
 BLOCKS32 = ("iq4_nl", "mxfp4_blocks", "q5_0", "q5_1")

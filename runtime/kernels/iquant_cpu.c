@@ -1,4 +1,4 @@
-/* GGML's grid blocks (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S), the ternary TQ2_0 and the blocks
+/* GGML's grid blocks (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S), the ternary TQ1_0 and TQ2_0 and the blocks
  * of 32 (IQ4_NL, MXFP4, Q5_0, Q5_1), as a .gguf file stores them, multiplied on the CPU: y = x @ W.T with
  * W (N, K) kept as its blocks (reshard/ggml_iquants.py, reshard/ggml_quants.py), read once, never expanded
  * to floats. For runtime/lowbit.py (built and loaded by runtime/native.py with lowbit_cpu.c and kquant_cpu.c).
@@ -23,7 +23,7 @@
  * grid * sign.
  * IQ2_S, 256 values in 82 bytes: float16 d, 32 bytes of grid indices' low 8 bits (a 1024-row grid of 8),
  * 32 bytes of signs (a bit per value), 8 bytes of the indices' 2 high bits, 8 bytes of scales as IQ2_XS's.
- * IQ1_S, IQ1_M and TQ2_0: at their walks below.
+ * IQ1_S, IQ1_M, TQ1_0 and TQ2_0: at their walks below.
  * IQ4_NL, 32 values in 18 bytes: float16 d, 16 bytes of nibbles (low: values 0-15, high: 16-31) indexing
  * ggml's 16 non-linear int8 values: w = d * v. MXFP4, 32 in 17: an e8m0 exponent, the nibbles indexing
  * e2m1's values doubled: w = 2^(e - 128) * v. Q5_0, 32 in 22: float16 d, a uint32 of fifth bits, the
@@ -50,6 +50,7 @@
 #define TQ2_BYTES 66
 #define IQ1S_BYTES 50
 #define IQ1M_BYTES 56
+#define TQ1_BYTES 54
 
 typedef struct {
     int8_t *xq; /* (M, K), in order */
@@ -336,6 +337,44 @@ static inline void rowiq1m(const acti *a, int64_t M, int64_t K, const uint8_t *w
     ROWS(ACTI, WALKIQ1M, PUTI)
 }
 
+/* TQ1_0, 256 values in 54 bytes: 48 bytes of five base-3 digits each, 4 bytes of four, float16 d:
+ * w = d * (t - 1). Digit t of a byte q is the top trit of q * 3^t modulo 256: ((q 3^t mod 256) * 3) >> 8.
+ * Values 32 t + i: digit t of byte i of the first 32; 160 + 16 t + i: of the next 16; 240 + 4 t + i: of
+ * the last 4. */
+static inline __m256i top_trits(__m256i q, __m256i pw) {  /* q's bytes times pw (per 16-bit lane) mod 256 -> 0..2 */
+    const __m256i lo = _mm256_and_si256(_mm256_mullo_epi16(q, pw), _mm256_set1_epi16(0x00FF));
+    const __m256i hi = _mm256_slli_epi16(_mm256_mullo_epi16(_mm256_srli_epi16(q, 8), pw), 8);
+    const __m256i v = _mm256_or_si256(lo, hi);
+    const __m256i one = _mm256_cmpeq_epi8(_mm256_max_epu8(v, _mm256_set1_epi8(86)), v);   /* v >= 86 */
+    const __m256i two = _mm256_cmpeq_epi8(_mm256_max_epu8(v, _mm256_set1_epi8((char)171)), v);  /* v >= 171 */
+    return _mm256_sub_epi8(_mm256_setzero_si256(), _mm256_add_epi8(one, two));
+}
+
+static const int16_t POW3[5] = {1, 3, 9, 27, 81};
+
+#define TQ1                                                                                     \
+    __m256i q, pw;                                                                              \
+    if (j < 5) {                                                                                \
+        q = _mm256_loadu_si256((const __m256i *)blk);                                           \
+        pw = _mm256_set1_epi16(POW3[j]);                                                        \
+    } else if (j < 7) {  /* digits 2 j - 10 and 2 j - 9 of the next 16 bytes */                  \
+        q = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + 32)));          \
+        pw = _mm256_set_m128i(_mm_set1_epi16(POW3[2 * j - 9]), _mm_set1_epi16(POW3[2 * j - 10])); \
+    } else {  /* digit 4 of the next 16 bytes, then the last 4 bytes' four digits */              \
+        q = _mm256_set_m128i(_mm_set1_epi32((int)bits32(blk + 48)), _mm_loadu_si128((const __m128i *)(blk + 32))); \
+        pw = _mm256_set_m128i(_mm_setr_epi16(1, 1, 3, 3, 9, 9, 27, 27), _mm_set1_epi16(81));     \
+    }                                                                                           \
+    const __m256i s = _mm256_sub_epi8(top_trits(q, pw), one), g = _mm256_abs_epi8(s);           \
+    const __m256 ws = _mm256_set1_ps(dd);
+#define WALKTQ1(STEPS) WALK256(STEPS, STEPI, TQ1_BYTES, HALF(blk + 52), TQ1)
+
+static inline void rowtq1(const acti *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
+                          int io) {
+    const uint8_t *wr = w + n * (K / QK * TQ1_BYTES);
+    const __m256i one = _mm256_set1_epi8(1);
+    ROWS(ACTI, WALKTQ1, PUTI)
+}
+
 static inline void rowq50(const acti *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
                           int io) {
     const uint8_t *wr = w + n * (K / BLOCK * Q50_BYTES);
@@ -347,10 +386,10 @@ static inline void rowq50(const acti *a, int64_t M, int64_t K, const uint8_t *w,
  * (512 rows of 8), 4 IQ2_S (1024 rows of 8); signs: 8 bytes per sign index (IQ2_XXS, IQ3_XXS, IQ2_XS: 128
  * patterns) or per sign byte (IQ3_S, IQ2_S: 256); K % 256 == 0. Blocks of 32 (K % 32 == 0): 5 IQ4_NL and
  * 6 MXFP4 (grid: their 16 int8 values), 7 Q5_0, 8 Q5_1 (no tables). 9 TQ2_0 (no tables), 10 IQ1_S and
- * 11 IQ1_M (grid: 2048 rows of 8 int8). w: (N, K / block * block bytes) as the file stores it. */
+ * 11 IQ1_M (grid: 2048 rows of 8 int8), 12 TQ1_0 (no tables). w: (N, K / block * block bytes) as the file stores it. */
 int reshard_iquant_gemm(const void *xin, int io, int64_t M, int64_t K, const uint8_t *w, int kind,
                         const void *grid, const void *signs, int64_t N, void *y, int threads) {
-    if (kind < 0 || kind > 11 || K % (kind >= 5 && kind <= 8 ? BLOCK : QK)) return -2;
+    if (kind < 0 || kind > 12 || K % (kind >= 5 && kind <= 8 ? BLOCK : QK)) return -2;
     if (empty(M, K, N, y, io)) return 0;
     float *owned;
     const float *x = floats(xin, M * K, io, &owned);
@@ -391,9 +430,12 @@ int reshard_iquant_gemm(const void *xin, int io, int64_t M, int64_t K, const uin
     } else if (kind == 10) {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n++) rowiq1s(&a, M, K, w, grid, N, n, y, io);
-    } else {
+    } else if (kind == 11) {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n++) rowiq1m(&a, M, K, w, grid, N, n, y, io);
+    } else {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++) rowtq1(&a, M, K, w, N, n, y, io);
     }
     free(a.xq);
     free(a.d);
