@@ -29,7 +29,7 @@ from reshard.ggml_quants import BLOCK_TYPES  # noqa: E402
 from runtime import native  # noqa: E402
 
 TYPES = ("q4_k", "q6_k", "q2_k", "iq4_xs", "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s",
-         "tq2_0", "iq4_nl", "mxfp4_blocks", "q5_0", "q5_1")
+         "tq1_0", "tq2_0", "iq4_nl", "mxfp4_blocks", "q5_0", "q5_1")
 
 
 def timed(fn, repeat: int) -> float:
