@@ -96,6 +96,22 @@ static int preparei(const float *x, int64_t M, int64_t K, acti *a) {
 
 #define HALF(p) _cvtsh_ss(*(const uint16_t *)(p))  /* a float16 at p */
 
+/* One weight row's products, y[:, n], for every type: the same signature (a type reads the tables it
+ * has: `grid` or `grid3` rows, `values`, `signs`), its bytes at wr; the rest declares its constants. */
+typedef void (*rowfn)(const acti *a, int64_t M, int64_t K, const uint8_t *w, const void *tables,
+                      const void *patterns, int64_t N, int64_t n, void *y, int io);
+#define ROWFN(name, SIZE, BYTES, ACT, WALK, PUT, ...)                                            \
+    static void name(const acti *a, int64_t M, int64_t K, const uint8_t *w, const void *tables,  \
+                     const void *patterns, int64_t N, int64_t n, void *y, int io) {              \
+        const uint64_t *grid = tables, *signs = patterns;                                       \
+        const uint32_t *grid3 = tables;                                                         \
+        const int8_t *values = tables;                                                          \
+        (void)grid; (void)grid3; (void)values; (void)signs;                                     \
+        const uint8_t *wr = w + n * (K / (SIZE) * (BYTES));                                     \
+        __VA_ARGS__                                                                             \
+        ROWS(ACT, WALK, PUT)                                                                    \
+    }
+
 /* every block of 256 of weight row `wr` (BYTES each; dd: D, an expression of its bytes blk) and in it every
  * block of 32 (j; k its first value), where BODY makes the block's g, s and ws (and wo, for STEPO) */
 #define WALK256(STEPS, STEP, BYTES, D, BODY)                                                    \
@@ -118,11 +134,7 @@ static int preparei(const float *x, int64_t M, int64_t K, acti *a) {
     const __m256 ws = _mm256_set1_ps(dd * (float)(2 * (aux >> 28) + 1));
 #define WALKIQ2(STEPS) WALK256(STEPS, STEPI, IQ2XXS_BYTES, HALF(blk) * 0.125f, IQ2XXS)
 
-static inline void rowiq2xxs(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint64_t *grid,
-                             const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
-    const uint8_t *wr = w + n * (K / QK * IQ2XXS_BYTES);
-    ROWS(ACTI, WALKIQ2, PUTI)
-}
+ROWFN(rowiq2xxs, QK, IQ2XXS_BYTES, ACTI, WALKIQ2, PUTI, )
 
 #define IQ3XXS                                                                              \
     const uint8_t *idx = blk + 2 + 8 * j;                                                   \
@@ -134,11 +146,7 @@ static inline void rowiq2xxs(const acti *a, int64_t M, int64_t K, const uint8_t 
     const __m256 ws = _mm256_set1_ps(dd * (float)(2 * (aux >> 28) + 1));
 #define WALKIQ3(STEPS) WALK256(STEPS, STEPI, IQ3XXS_BYTES, HALF(blk) * 0.25f, IQ3XXS)
 
-static inline void rowiq3xxs(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint32_t *grid3,
-                             const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
-    const uint8_t *wr = w + n * (K / QK * IQ3XXS_BYTES);
-    ROWS(ACTI, WALKIQ3, PUTI)
-}
+ROWFN(rowiq3xxs, QK, IQ3XXS_BYTES, ACTI, WALKIQ3, PUTI, )
 
 /* four sign bytes (bit i: value i negative) -> their 32 signs */
 #define SIGNBYTES(p) _mm256_set_epi64x(signs[(p)[3]], signs[(p)[2]], signs[(p)[1]], signs[(p)[0]])
@@ -157,12 +165,7 @@ static inline void rowiq3xxs(const acti *a, int64_t M, int64_t K, const uint8_t 
     const __m256 ws = _mm256_set1_ps(dd * (float)(1 + 2 * sc));
 #define WALKIQ3S(STEPS) WALK256(STEPS, STEPI, IQ3S_BYTES, HALF(blk), IQ3S)
 
-static inline void rowiq3s(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint32_t *grid3,
-                           const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
-    const uint8_t *wr = w + n * (K / QK * IQ3S_BYTES);
-    const __m256i bit = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), one32 = _mm256_set1_epi32(1);
-    ROWS(ACTI, WALKIQ3S, PUTI)
-}
+ROWFN(rowiq3s, QK, IQ3S_BYTES, ACTI, WALKIQ3S, PUTI, const __m256i bit = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), one32 = _mm256_set1_epi32(1);)
 
 #define IQ2XS                                                                               \
     uint16_t q[4];                                                                          \
@@ -172,11 +175,7 @@ static inline void rowiq3s(const acti *a, int64_t M, int64_t K, const uint8_t *w
     const __m256 ws = HALVES(blk[66 + j], dd);
 #define WALKIQ2XS(STEPS) WALK256(STEPS, STEPI, IQ2XS_BYTES, HALF(blk) * 0.125f, IQ2XS)
 
-static inline void rowiq2xs(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint64_t *grid,
-                            const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
-    const uint8_t *wr = w + n * (K / QK * IQ2XS_BYTES);
-    ROWS(ACTI, WALKIQ2XS, PUTI)
-}
+ROWFN(rowiq2xs, QK, IQ2XS_BYTES, ACTI, WALKIQ2XS, PUTI, )
 
 #define IQ2S                                                                                \
     const uint8_t *idx = blk + 2 + 4 * j;                                                   \
@@ -187,11 +186,7 @@ static inline void rowiq2xs(const acti *a, int64_t M, int64_t K, const uint8_t *
     const __m256 ws = HALVES(blk[74 + j], dd);
 #define WALKIQ2S(STEPS) WALK256(STEPS, STEPI, IQ2S_BYTES, HALF(blk) * 0.125f, IQ2S)
 
-static inline void rowiq2s(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint64_t *grid,
-                           const uint64_t *signs, int64_t N, int64_t n, void *y, int io) {
-    const uint8_t *wr = w + n * (K / QK * IQ2S_BYTES);
-    ROWS(ACTI, WALKIQ2S, PUTI)
-}
+ROWFN(rowiq2s, QK, IQ2S_BYTES, ACTI, WALKIQ2S, PUTI, )
 
 /* ---- blocks of 32 values: IQ4_NL, MXFP4, Q5_0 (K % 32 == 0: these are what a GGUF uses where rows
  * are not whole blocks of 256) ------------------------------------------------------------------ */
@@ -233,19 +228,9 @@ static inline float e8m0_half(uint8_t e) {
                                   _mm256_and_si256(bytes_of_bits(bits32(blk + 2)), sixteen)), sixteen), \
                               _cvtsh_ss(*(const uint16_t *)blk))
 
-static inline void rowiq4nl(const acti *a, int64_t M, int64_t K, const uint8_t *w, const int8_t *values, int64_t N,
-                            int64_t n, void *y, int io) {
-    const uint8_t *wr = w + n * (K / BLOCK * IQ4NL_BYTES);
-    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)values));
-    ROWS(ACTI, WALKIQ4NL, PUTI)
-}
+ROWFN(rowiq4nl, BLOCK, IQ4NL_BYTES, ACTI, WALKIQ4NL, PUTI, const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)values));)
 
-static inline void rowmxfp4(const acti *a, int64_t M, int64_t K, const uint8_t *w, const int8_t *values, int64_t N,
-                            int64_t n, void *y, int io) {
-    const uint8_t *wr = w + n * (K / BLOCK * MXFP4_BYTES);
-    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)values));
-    ROWS(ACTI, WALKMXFP4, PUTI)
-}
+ROWFN(rowmxfp4, BLOCK, MXFP4_BYTES, ACTI, WALKMXFP4, PUTI, const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)values));)
 
 /* Q5_1, 32 values in 24 bytes: float16 d and m, a uint32 of fifth bits, the nibbles: w = d * q + m, q
  * unsigned (x's own signs) */
@@ -259,12 +244,7 @@ static inline void rowmxfp4(const acti *a, int64_t M, int64_t K, const uint8_t *
         STEPS(STEPO)                                                                            \
     }
 
-static inline void rowq51(const acti *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
-                          int io) {
-    const uint8_t *wr = w + n * (K / BLOCK * Q51_BYTES);
-    const __m256i sixteen = _mm256_set1_epi8(16), ones = _mm256_set1_epi8(1);
-    ROWS(ACTO, WALKQ51, PUTO)
-}
+ROWFN(rowq51, BLOCK, Q51_BYTES, ACTO, WALKQ51, PUTO, const __m256i sixteen = _mm256_set1_epi8(16), ones = _mm256_set1_epi8(1);)
 
 /* TQ2_0, 256 values in 66 bytes: 64 bytes of 2-bit values (value 32 j + i of each half of 128: bits 2 j
  * of byte i), float16 d: w = d * (q - 1) */
@@ -275,12 +255,7 @@ static inline void rowq51(const acti *a, int64_t M, int64_t K, const uint8_t *w,
     const __m256 ws = _mm256_set1_ps(dd);
 #define WALKTQ2(STEPS) WALK256(STEPS, STEPI, TQ2_BYTES, HALF(blk + 64), TQ2)
 
-static inline void rowtq2(const acti *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
-                          int io) {
-    const uint8_t *wr = w + n * (K / QK * TQ2_BYTES);
-    const __m256i three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
-    ROWS(ACTI, WALKTQ2, PUTI)
-}
+ROWFN(rowtq2, QK, TQ2_BYTES, ACTI, WALKTQ2, PUTI, const __m256i three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);)
 
 /* IQ1_S, 256 values in 50 bytes: float16 d, 32 bytes of grid indices' low 8 bits (rows of 8 values -1, 0,
  * 1 in a 2048-row grid), per block of 32 a uint16: four 3-bit high parts, a 3-bit scale s, the sign of a
@@ -297,11 +272,7 @@ static inline void rowtq2(const acti *a, int64_t M, int64_t K, const uint8_t *w,
     const float wo = 0.125f * dl * (float)(1 - 2 * (h >> 15)); /* no branch: random signs */
 #define WALKIQ1S(STEPS) WALK256(STEPS, STEPO, IQ1S_BYTES, HALF(blk), IQ1S)
 
-static inline void rowiq1s(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint64_t *grid, int64_t N,
-                           int64_t n, void *y, int io) {
-    const uint8_t *wr = w + n * (K / QK * IQ1S_BYTES);
-    ROWS(ACTO, WALKIQ1S, PUTO)
-}
+ROWFN(rowiq1s, QK, IQ1S_BYTES, ACTO, WALKIQ1S, PUTO, )
 
 /* IQ1_M, 256 values in 56 bytes: 32 bytes of grid indices' low 8 bits (IQ1_S's grid), 16 bytes of two
  * nibbles per block of 16 (3 high bits of an index, the sign of its 8 values' shift), four uint16 of 3-bit
@@ -330,12 +301,7 @@ static inline float iq1m_d(const uint8_t *blk) {
                                        _mm_set1_ps(dd * (float)(2 * ((u >> (t + 3)) & 7) + 1)));
 #define WALKIQ1M(STEPS) WALK256(STEPS, STEPI, IQ1M_BYTES, iq1m_d(blk), IQ1M)
 
-static inline void rowiq1m(const acti *a, int64_t M, int64_t K, const uint8_t *w, const uint64_t *grid, int64_t N,
-                           int64_t n, void *y, int io) {
-    const uint8_t *wr = w + n * (K / QK * IQ1M_BYTES);
-    const __m256i eight = _mm256_set1_epi8(8);
-    ROWS(ACTI, WALKIQ1M, PUTI)
-}
+ROWFN(rowiq1m, QK, IQ1M_BYTES, ACTI, WALKIQ1M, PUTI, const __m256i eight = _mm256_set1_epi8(8);)
 
 /* TQ1_0, 256 values in 54 bytes: 48 bytes of five base-3 digits each, 4 bytes of four, float16 d:
  * w = d * (t - 1). Digit t of a byte q is the top trit of q * 3^t modulo 256: ((q 3^t mod 256) * 3) >> 8.
@@ -368,19 +334,9 @@ static const int16_t POW3[5] = {1, 3, 9, 27, 81};
     const __m256 ws = _mm256_set1_ps(dd);
 #define WALKTQ1(STEPS) WALK256(STEPS, STEPI, TQ1_BYTES, HALF(blk + 52), TQ1)
 
-static inline void rowtq1(const acti *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
-                          int io) {
-    const uint8_t *wr = w + n * (K / QK * TQ1_BYTES);
-    const __m256i one = _mm256_set1_epi8(1);
-    ROWS(ACTI, WALKTQ1, PUTI)
-}
+ROWFN(rowtq1, QK, TQ1_BYTES, ACTI, WALKTQ1, PUTI, const __m256i one = _mm256_set1_epi8(1);)
 
-static inline void rowq50(const acti *a, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t n, void *y,
-                          int io) {
-    const uint8_t *wr = w + n * (K / BLOCK * Q50_BYTES);
-    const __m256i sixteen = _mm256_set1_epi8(16);
-    ROWS(ACTI, WALKQ50, PUTI)
-}
+ROWFN(rowq50, BLOCK, Q50_BYTES, ACTI, WALKQ50, PUTI, const __m256i sixteen = _mm256_set1_epi8(16);)
 
 /* kind: 0 IQ2_XXS (grid: 256 rows of 8 bytes), 1 IQ3_XXS (256 rows of 4), 2 IQ3_S (512 rows of 4), 3 IQ2_XS
  * (512 rows of 8), 4 IQ2_S (1024 rows of 8); signs: 8 bytes per sign index (IQ2_XXS, IQ3_XXS, IQ2_XS: 128
@@ -397,46 +353,11 @@ int reshard_iquant_gemm(const void *xin, int io, int64_t M, int64_t K, const uin
     int failed = x == NULL || preparei(x, M, K, &a);
     free(owned);
     if (failed) { free(a.xq); free(a.d); free(a.xs); return -1; }
-    if (kind == 0) {
+    static const rowfn ROW[] = {rowiq2xxs, rowiq3xxs, rowiq3s, rowiq2xs, rowiq2s, rowiq4nl, rowmxfp4, rowq50,
+                                rowq51, rowtq2, rowiq1s, rowiq1m, rowtq1};  /* by kind */
+    const rowfn row = ROW[kind];
 #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++) rowiq2xxs(&a, M, K, w, grid, signs, N, n, y, io);
-    } else if (kind == 1) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++) rowiq3xxs(&a, M, K, w, grid, signs, N, n, y, io);
-    } else if (kind == 2) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++) rowiq3s(&a, M, K, w, grid, signs, N, n, y, io);
-    } else if (kind == 3) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++) rowiq2xs(&a, M, K, w, grid, signs, N, n, y, io);
-    } else if (kind == 4) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++) rowiq2s(&a, M, K, w, grid, signs, N, n, y, io);
-    } else if (kind == 5) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++) rowiq4nl(&a, M, K, w, grid, N, n, y, io);
-    } else if (kind == 6) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++) rowmxfp4(&a, M, K, w, grid, N, n, y, io);
-    } else if (kind == 7) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++) rowq50(&a, M, K, w, N, n, y, io);
-    } else if (kind == 8) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++) rowq51(&a, M, K, w, N, n, y, io);
-    } else if (kind == 9) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++) rowtq2(&a, M, K, w, N, n, y, io);
-    } else if (kind == 10) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++) rowiq1s(&a, M, K, w, grid, N, n, y, io);
-    } else if (kind == 11) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++) rowiq1m(&a, M, K, w, grid, N, n, y, io);
-    } else {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++) rowtq1(&a, M, K, w, N, n, y, io);
-    }
+    for (int64_t n = 0; n < N; n++) row(&a, M, K, w, grid, signs, N, n, y, io);
     free(a.xq);
     free(a.d);
     free(a.xs);
