@@ -1,18 +1,21 @@
-"""Routed experts in rounds of tokens, where a call's experts do not fit on the device at once.
+"""Routed experts in rounds, where a call's experts do not fit on the device at once.
 
 A streamed MoE layer computes on slots for the experts its tokens route (runtime/experts.py). A
 scoring pass, a batch or a long prompt routes most of a layer's experts: DeepSeek-V3's 256 at
 bfloat16 are 22.5 GB of slots, more than a 16 or 24 GB GPU has. Where a job's slots do not fit
-(LayeredModel.fit_job, runtime/jobmemory.py), the streamer gets `round_tokens`: the most tokens
-one call of an experts module computes at once. A call with more is split here into rounds of
-that many tokens, each an ordinary call of the module (its hooks bring that round's experts into
-slots that replace the last round's), and the rounds' outputs are put back in token order.
+(LayeredModel.fit_job, runtime/jobmemory.py), the streamer gets `round_experts`: the most experts
+one call of an experts module brings at once. A call that routes more is split here into rounds
+by expert: each round is an ordinary call of the module over all the tokens, its routed ids
+outside the round's experts made the "no expert" sentinel transformers' experts code skips (the
+one expert parallelism uses; its batched and grouped kernels mask the sentinel's rows where the
+module's `_is_expert_parallel` says so, set for the rounds), so its hooks bring that round's experts
+alone, into slots that replace the last round's. The rounds' outputs are summed.
 
-Each token's output is the same sum over its own experts, in the same order, so the math is
-unchanged; an expert's matmul then runs over fewer rows at a time, which a GPU's kernels may
-round differently (as a prefill in chunks does). Attention and everything else in the layer run
-once over all the tokens: only the experts' weights come in rounds, and a round re-reads an
-expert an earlier one used (from the expert cache where it holds it).
+Each routed expert is read once per layer, as without rounds, and computes on the same rows of
+tokens, so its output is the same bits. What changes is how a token's sum over its experts is
+grouped: the experts of one round are summed in order, then the rounds' sums are added, where
+one call sums them all in order; float rounding may differ there, so rounds happen only where one
+call's slots do not fit.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .expertslots import routed_experts
+
 
 def in_rounds(module: nn.Module, original: Callable, limit: Callable[[], int | None]) -> Callable:
-    """A forward for `module` (an experts module taking `hidden_states` and `top_k_index`, a row
-    per token) that runs `original` as it is, or, where `limit()` is a number of tokens smaller
-    than the call's, calls the module once per round of that many tokens."""
+    """A forward for `module` (an experts module taking `top_k_index` and looping over its
+    `num_experts`) that runs `original` as it is, or, where `limit()` is a number of experts smaller
+    than the call routes, calls the module once per round of that many routed experts (ascending)."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)
@@ -37,23 +42,29 @@ def in_rounds(module: nn.Module, original: Callable, limit: Callable[[], int | N
         if cap is None:
             return original(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
-        hidden, index = bound.arguments.get("hidden_states"), bound.arguments.get("top_k_index")
-        if not isinstance(hidden, torch.Tensor) or not isinstance(index, torch.Tensor) or hidden.dim() != 2 \
-                or index.shape[0] != hidden.shape[0] or hidden.shape[0] <= cap:
+        index, count = bound.arguments.get("top_k_index"), module.num_experts
+        if not isinstance(index, torch.Tensor):
             return original(*args, **kwargs)
-        tokens = hidden.shape[0]
-
-        def rows(value, start):  # a per-token argument's rows of this round; others as they are
-            per_token = isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == tokens
-            return value[start:start + cap] if per_token else value
-
-        out = []
-        for start in range(0, tokens, cap):
-            part = signature.bind(*args, **kwargs)
-            for name, value in part.arguments.items():
-                part.arguments[name] = rows(value, start)
-            out.append(module(*part.args, **part.kwargs))  # its hooks bring this round's experts
-        return torch.cat(out)
+        routed = routed_experts(index, count)
+        if len(routed) <= cap:
+            return original(*args, **kwargs)
+        valid = (index >= 0) & (index < count)
+        parallel = getattr(module, "_is_expert_parallel", None)  # transformers' batched/grouped kernels
+        total = None
+        try:
+            if parallel is not None:  # mask the sentinel's rows only where told: expert parallelism's flag
+                module._is_expert_parallel = True
+            for start in range(0, len(routed), cap):
+                chosen = torch.zeros(count + 1, dtype=torch.bool, device=index.device)
+                chosen[torch.tensor(routed[start:start + cap], device=index.device)] = True
+                part = signature.bind(*args, **kwargs)
+                part.arguments["top_k_index"] = torch.where(valid & chosen[index.clamp(0, count)], index, count)
+                out = module(*part.args, **part.kwargs)  # its hooks bring this round's experts
+                total = out if total is None else total + out
+        finally:
+            if parallel is not None:
+                module._is_expert_parallel = parallel
+        return total
 
     return forward
 

@@ -22,7 +22,7 @@ there instead of re-read. With `predict`, runtime/prediction.py reads the next M
 experts ahead while a layer computes.
 
 Where a job's slots do not fit on the device (a scoring pass or batch on a small GPU routes most
-of each layer's experts), calls with more than `round_tokens` tokens run in rounds that do
+of each layer's experts), calls that route more than `round_experts` experts run in rounds that do
 (runtime/expertrounds.py).
 
 A prefill or batch that routes most of a layer's experts: by bytes, reading its routed experts
@@ -81,9 +81,9 @@ class ExpertStreamer:
         self.wholes: dict[int, tuple] = {}  # group -> (sparse span, E, k): may load whole for a pass
         self.elsewhere = lambda path: False  # this call of `path` runs on the host (runtime/cpuexperts.py)
         self.packed = loader.expert_packing  # experts module path -> {attr: PackSpec}: computed as stored
-        # the most tokens a slot-computing experts call takes at once, more in rounds (runtime/expertrounds.py):
+        # the most experts a slot-computing experts call brings at once, more in rounds (runtime/expertrounds.py):
         # set per job by LayeredModel.fit_job where a job's slots do not fit on the device, else None
-        self.round_tokens: int | None = None
+        self.round_experts: int | None = None
         self.rounds_possible = False  # some streamed experts module computes on slots (so can run in rounds)
 
     def install(self, model: nn.Module) -> None:
@@ -181,9 +181,9 @@ class ExpertStreamer:
                 self.bring(i, path, mod, entry, range(count), full=True)
                 return None
             index = bound.arguments[arg]
-            if compact and self.round_tokens is not None and index.shape[0] > self.round_tokens:
-                return None  # the forward splits the call into rounds (runtime/expertrounds.py), each brought here
             routed = routed_experts(index, count)
+            if compact and self.round_experts is not None and len(routed) > self.round_experts:
+                return None  # the forward splits the call into rounds (runtime/expertrounds.py), each brought here
             if compact and path in self.packed:  # the kernels take the experts as read: ids stay E's
                 self.bring_packed(i, path, mod, entry, routed)
                 self._guess(i, bound.arguments)
@@ -192,7 +192,7 @@ class ExpertStreamer:
                 self.bring(i, path, mod, entry, routed, full=True)
                 self._guess(i, bound.arguments)
                 return None
-            slots = self.bring(i, path, mod, entry, routed, alone=self.round_tokens is not None)
+            slots = self.bring(i, path, mod, entry, routed, alone=self.round_experts is not None)
             mod.num_experts = len(slots.held)  # the module's own loops and bins run over the slots
             bound.arguments["top_k_index"] = slots.index(index, count)
             self._guess(i, bound.arguments)
@@ -223,9 +223,9 @@ class ExpertStreamer:
         return post_hook
 
     def _round_limit(self, path: str):
-        """What runtime/expertrounds.py asks per call of `path`: the tokens a round takes, or None
+        """What runtime/expertrounds.py asks per call of `path`: the experts a round brings, or None
         (no rounds: none set, or this call computes on the host)."""
-        return lambda: None if self.round_tokens is None or self.elsewhere(path) else self.round_tokens
+        return lambda: None if self.round_experts is None or self.elsewhere(path) else self.round_experts
 
     def bring(self, i: int, path: str, module: nn.Module, entry: dict, routed, *, full: bool = False,
               alone: bool = False) -> Slots:
@@ -234,7 +234,7 @@ class ExpertStreamer:
         runtime/lockstep.py, share it) keep theirs, the others come from the cache, a guess read
         ahead (runtime/prediction.py) or the file.
         `full`: [E, ...] tensors, expert e in row e (for modules that index by expert id).
-        `alone` (rounds of tokens): the slots hold `routed` only; the experts earlier calls brought go
+        `alone` (rounds of experts): the slots hold `routed` only; the experts earlier calls brought go
         first (their memory is what the round may use), the ones needed again re-read or cached."""
         for other in [p for p, s in self.slots.items() if s.owner != i]:
             del self.slots[other]  # another layer's experts (not released): their memory goes first

@@ -61,10 +61,10 @@ class JobMemory:
         experts its tokens route, the prompt tokens per pass that do fit, without moving weights
         (the prompt is then prefilled in chunks, a weight pass each); else None.
         A job that does not fit for its experts' slots alone, and is not chunked, computes each MoE
-        layer's routed experts in rounds of the most tokens that fit (runtime/expertrounds.py)."""
+        layer's routed experts in rounds of the most experts that fit (runtime/expertrounds.py)."""
         if self.memory is None:
             return None
-        self.experts.round_tokens = None
+        self.experts.round_experts = None
         chunk = self._prefill_chunk(shape) if chunkable else None
         if chunk:
             if not getattr(self, "_chunk_said", False):  # said once: a server's every prompt would repeat it
@@ -76,9 +76,10 @@ class JobMemory:
         places = budget.demote(self.costs, self.places, self.memory, job, routed)
         if self.memory.cuda and budget.device_need(self.costs, places, self.memory, job, routed) > self.memory.capacity:
             rounds = self._expert_rounds(job, routed)
-            if rounds is not None:
-                self._say_rounds(shape, rounds)
-                self.experts.round_tokens = routed = rounds
+            if rounds is not None:  # slots for `rounds` tokens' experts: that many experts a round
+                routed = rounds
+                self.experts.round_experts = max(c.per_token for c in self.costs if c.experts) * rounds
+                self._say_rounds(shape, self.experts.round_experts)
                 places = budget.demote(self.costs, self.places, self.memory, job, routed)
         if self.memory.cuda and budget.device_need(self.costs, places, self.memory, job, routed) > self.memory.capacity:
             alone = dataclasses.replace(self.memory, prefetch=0)
@@ -115,9 +116,9 @@ class JobMemory:
         return low
 
     def _expert_rounds(self, job: int, routed: int | None) -> int | None:
-        """The most tokens per experts call with which a job of `job` bytes fits on CUDA (resident
-        groups moved off as needed), where it does not with `routed` tokens but does with fewer
-        because sparse MoE layers need slots for the experts its tokens route; else None."""
+        """The most tokens whose experts' slots let a job of `job` bytes fit on CUDA (resident groups
+        moved off as needed), where `routed` tokens' do not but fewer do: a round then brings that
+        many tokens' worth of experts (budget.GroupCost.flight); else None."""
         if routed is None or routed <= 1 or not self.experts.rounds_possible:
             return None
 
@@ -133,11 +134,11 @@ class JobMemory:
             low, high = (mid, high) if fits(mid) else (low, mid - 1)
         return low
 
-    def _say_rounds(self, shape: allowance.JobShape, tokens: int) -> None:
-        if getattr(self, "_rounds_said", None) != tokens:  # said once per size: a server's every job would repeat it
+    def _say_rounds(self, shape: allowance.JobShape, experts: int) -> None:
+        if getattr(self, "_rounds_said", None) != experts:  # said once per size: a server's every job would repeat it
             print(f"runtime: the experts {shape.describe()} routes do not fit on the device at once; each MoE "
-                  f"layer computes them {tokens} tokens at a time", file=sys.stderr)
-            self._rounds_said = tokens
+                  f"layer brings them {experts} at a time", file=sys.stderr)
+            self._rounds_said = experts
 
     def _fit_expert_cache(self, shape: allowance.JobShape, job: int, routed: int | None) -> None:
         """On CUDA the expert cache gives way to the job: it keeps only what the plan leaves (said

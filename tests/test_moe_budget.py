@@ -185,35 +185,41 @@ def float_folder(tmp_path_factory):
     return out
 
 
-def test_experts_in_rounds_give_the_same_logits_with_slots_for_a_round_at_a_time(float_folder, monkeypatch):
-    """Rounds of 2 tokens (what fit_job sets where a job's slots do not fit on CUDA) on the CPU: each
-    round's slots hold its own experts only (at most 2 x k), the layer's other weights pass once, and
-    greedy tokens equal the unsplit model's. Each token sums the same experts' outputs in the same
-    order, but an expert's matmul over fewer rows may round differently (float32 on this CPU: one
-    unit in the last place), as a prefill in chunks does: rounds happen only where one call's slots
-    do not fit on the device."""
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm", "eager"])  # transformers' experts kernels
+def test_experts_in_rounds_read_each_once_and_give_the_same_logits(float_folder, implementation, monkeypatch):
+    """Rounds of 3 experts (what fit_job sets where a job's slots do not fit on CUDA) on the CPU: each
+    round's slots hold its own experts only, every routed expert is read once per layer as without
+    rounds, the layer's other weights pass once, and greedy tokens equal the unsplit model's. Each
+    expert computes on the same rows; a token's sum is grouped by round, so float32 may differ in the
+    last place: rounds happen only where one call's slots do not fit on the device."""
     ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(1))
     opts = dict(device="cpu", dtype="float32", packed=False, max_cpu_memory=0, expert_cache=0)
     with LayeredModel.from_pretrained(float_folder, **opts) as plain:
+        plain.model.config._experts_implementation = implementation
         want = plain(ids).logits
         want_tokens = plain.generate(ids[:1], max_new_tokens=4, do_sample=False)
     with LayeredModel.from_pretrained(float_folder, **opts) as lm:
+        lm.model.config._experts_implementation = implementation
         fit = lm.fit_job
-        monkeypatch.setattr(lm, "fit_job", lambda shape, **kw: (fit(shape, **kw), setattr(lm.experts, "round_tokens", 2))[0])
-        held, bring = [], lm.experts.bring
+        monkeypatch.setattr(lm, "fit_job", lambda shape, **kw: (fit(shape, **kw), setattr(lm.experts, "round_experts", 3))[0])
+        brought, bring = [], lm.experts.bring
 
-        def counted(*args, **kwargs):
-            slots = bring(*args, **kwargs)
-            held.append(len(slots.held))
+        def counted(i, path, module, entry, routed, **kwargs):
+            slots = bring(i, path, module, entry, routed, **kwargs)
+            brought.append((i, slots.held))
             return slots
 
         monkeypatch.setattr(lm.experts, "bring", counted)
         lm.experts.whole_at = None  # the CPU would load these layers whole (views of the files): no slots
-        passes = lm.stats.passes
+        passes, reads = lm.stats.passes, lm.stats.experts_read
         got = lm(ids).logits
         assert lm.stats.passes == passes + 1  # one weight pass, its experts in rounds
-        layers = sum(1 for g in lm.groups if g.experts)
-        assert len(held) == layers * 9 and max(held) <= 2 * K  # 18 tokens: 9 rounds a layer, 2 tokens' experts each
+        layers = {i for i, _ in brought}
+        assert len(brought) > len(layers) and max(len(held) for _, held in brought) <= 3  # rounds of at most 3
+        for layer in layers:  # each routed expert brought (and read) once per layer, as without rounds
+            experts = [e for i, held in brought if i == layer for e in held]
+            assert len(experts) == len(set(experts)), (layer, experts)
+        assert lm.stats.experts_read - reads == sum(len(held) for _, held in brought)
         assert torch.allclose(got, want, rtol=0, atol=1e-5)
         assert torch.equal(lm.generate(ids[:1], max_new_tokens=4, do_sample=False), want_tokens)
 
@@ -222,8 +228,8 @@ def test_experts_in_rounds_give_the_same_logits_with_slots_for_a_round_at_a_time
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_small_gpu_runs_a_batch_whose_experts_do_not_fit_in_rounds(folder, capsys):
     """On CUDA with room for a batch's activations and 2 tokens' slots but not the experts its 48
-    tokens route: the forward runs (no MemoryBudgetError), its experts in rounds of 2 tokens, and
-    the logits are the roomy device's within float32 rounding, the same greedy picks."""
+    tokens route: the forward runs (no MemoryBudgetError), its experts in rounds of 2 tokens' worth
+    (2 k), and the logits are the roomy device's within float32 rounding, the same greedy picks."""
     ids = torch.randint(3, 300, (4, 12), generator=torch.Generator().manual_seed(2)).cuda()
     with LayeredModel.from_pretrained(folder, device="cuda", dtype="float32", max_cpu_memory="1GB") as roomy:
         want = roomy(ids).logits
@@ -236,6 +242,6 @@ def test_small_gpu_runs_a_batch_whose_experts_do_not_fit_in_rounds(folder, capsy
     with LayeredModel.from_pretrained(folder, device="cuda", dtype="float32", max_cpu_memory="1GB",
                                       max_gpu_memory=small, expert_cache=0) as lm:
         got = lm(ids).logits
-        assert lm.experts.round_tokens == 2
+        assert lm.experts.round_experts == 2 * K  # 2 tokens' worth of slots
     assert torch.allclose(got, want, rtol=0, atol=1e-4) and torch.equal(got.argmax(-1), want.argmax(-1))
-    assert "computes them 2 tokens at a time" in capsys.readouterr().err
+    assert f"brings them {2 * K} at a time" in capsys.readouterr().err
