@@ -46,7 +46,7 @@ DEVICES = ("cuda",)  # where the compiled expansion runs (the CPU's Inductor wor
 # Compiled on the CPU too: torch's float8 -> float32 cast runs about an element per 5 ns there, and
 # fused into one vectorized pass the fp8 expansion is about 10x faster (a multiply, no add: exact).
 # GGML blocks where no native kernel multiplies them (a CPU with neither AVX2 nor AVX512, no compiler)
-# expand in 0.09-0.28x plain torch's time compiled, on a 2-core EPYC
+# expand in 0.09-0.67x plain torch's time compiled (most types under 0.28x), on a 2-core EPYC
 # (benchmarks/results/expansion_cpu.txt).
 CPU_COMPILED = ("fp8-block", *BLOCK_TYPES)
 # Only these compile. ("int4-act", act-order GPTQ, expands with plain torch: compiling its column
