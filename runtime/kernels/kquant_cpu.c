@@ -349,6 +349,10 @@ static inline __m256 iq4xs_scales(const uint8_t *blk) {
         DOTIQ4(2, xq##r + k + 128, xq##r + k + 160), DOTIQ4(3, xq##r + k + 192, xq##r + k + 224))), \
         _mm256_mul_ps(_mm256_loadu_ps(d##r + k / BLOCK), ws), acc##r)
 #define PUTIQ4(r) put(y, (m + r) * N + n, hsum8(acc##r), io)
+#define ACTIQ4(r)  /* Q4_K's activations, without its mins' sums */                              \
+    const int8_t *xq##r = a->xq + (m + r) * K;                                                  \
+    const float *d##r = a->d + (m + r) * NB;                                                    \
+    __m256 acc##r = _mm256_setzero_ps();
 
 #define WALKIQ4(STEPS)                                                                          \
     for (int64_t k = 0; k < K; k += QK) {                                                       \
@@ -364,7 +368,7 @@ static inline void rowiq4(const actk *a, int64_t M, int64_t K, const uint8_t *w,
     const __m256i low = _mm256_set1_epi8(0x0F);
     const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_VALUES));
     const uint8_t *wr = w + n * (K / QK * IQ4XS_BYTES);
-    ROWS(ACTK, WALKIQ4, PUTIQ4)
+    ROWS(ACTIQ4, WALKIQ4, PUTIQ4)
 }
 
 /* kind: 0 Q4_K, 1 Q6_K, 2 Q5_K, 3 IQ4_XS, 4 Q3_K, 5 Q2_K; w: (N, K / 256 * block bytes) as the file stores it; K % 256 == 0 */
