@@ -4,7 +4,7 @@
 # output (it starts with the date, commit, machine and load average) goes to
 # benchmarks/results/<section>.txt; benchmarks/results/reproduce.txt records the run: commit,
 # load average before and after, and each section's wall time.
-#   bash benchmarks/reproduce.sh                 # ~15 min on the 2-core VM with nothing else running
+#   bash benchmarks/reproduce.sh                 # every section, with nothing else running (the older ones took ~15 min on the 2-core VM)
 #   bash benchmarks/reproduce.sh decode cold     # only some sections (their record is appended)
 # $PYTHON picks the interpreter (default python3). AirLLM, in (c), runs only where
 # $AIRLLM_PYTHON (default /tmp/airllm-venv/bin/python) is a Python with airllm installed.
@@ -36,10 +36,18 @@ declare -A SECTIONS=(  # each a command line; its stdout is the section's raw ou
     [serve_cpu]="$py benchmarks/serve.py --repeat 2"
     [ray_workers]="$py benchmarks/ray_workers.py --items 64"
     [gpu_check_dry]="$py benchmarks/prepare_gpu_check.py --out $cache/gpu-assets >&2 && $py benchmarks/gpu_check.py --dry --assets $cache/gpu-assets"
+    [fp8_pass]="$py benchmarks/fp8_pass.py"
+    [gguf_quants]="$py benchmarks/gguf_quants.py"
+    [gguf_quants_moe]="$py benchmarks/gguf_quants.py --model qwen3moe"
+    [gguf_q8_0]="$py benchmarks/gguf_quants.py --weights q8_0"
+    [gguf_iq2_xxs]="$py benchmarks/gguf_quants.py --weights iq2_xxs"
+    [gguf_kernels]="$py benchmarks/gguf_kernels.py"
+    [expansion_cpu]="$py benchmarks/expansion.py"
 )
 ORDER=(decode cold peers convert convert_before_after quant passes moe_cpu_cold moe_cpu_warm moe_predict_cpu_cold
        moe_predict_cpu_warm moe_prefill_cpu_cold moe_cache_policy cpu_llamacpp cpu_kernels profile_decode
-       serve_cpu ray_workers gpu_check_dry)
+       serve_cpu ray_workers gpu_check_dry fp8_pass gguf_quants gguf_quants_moe gguf_q8_0 gguf_iq2_xxs gguf_kernels
+       expansion_cpu)
 log="$results/reproduce.txt"
 mkdir -p "$results"
 if [[ $# -gt 0 ]]; then  # some sections: their record goes after the last full run's
