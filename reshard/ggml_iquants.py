@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .errors import UsageError
+from .ggml_bytes import bits, half, nibbles, words
 
 QK_K = 256
 # scheme -> (GGML type name, values per block, bytes per block)
@@ -62,7 +63,7 @@ def kernel_tables(scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
     grid = _grid(GRIDS[scheme], cpu).to(torch.int8).contiguous()  # -1..62
     # IQ2_XXS, IQ3_XXS, IQ2_XS: a 7-bit index into IQ2_XXS's patterns; IQ2_S, IQ3_S: the sign byte itself
     patterns = _ksigns(cpu).long() if scheme in ("iq2_xxs", "iq3_xxs", "iq2_xs") else torch.arange(256)
-    signs = (1 - 2 * _bits(patterns, 8, 1, 1)).to(torch.int8).contiguous()
+    signs = (1 - 2 * bits(patterns, 8, 1, 1)).to(torch.int8).contiguous()
     return grid, signs
 
 
@@ -85,23 +86,6 @@ def _ksigns(device: torch.device) -> torch.Tensor:
     return _TABLES[key]
 
 
-def _half(b: torch.Tensor) -> torch.Tensor:
-    """Two bytes per row (little-endian float16) -> (n, 1) float32."""
-    return b.contiguous().view(torch.float16).float()
-
-
-def _words(b: torch.Tensor, width: int) -> torch.Tensor:
-    """(n, k * width) bytes -> (n, k) little-endian unsigned integers of `width` bytes, as int64."""
-    b = b.reshape(len(b), -1, width).long()
-    return sum(b[..., i] << (8 * i) for i in range(width))
-
-
-def _bits(b: torch.Tensor, count: int, step: int, mask: int) -> torch.Tensor:
-    """(n, k) integers -> (n, k, count): fields of `step` bits masked by `mask`, lowest first."""
-    shifts = torch.arange(0, count * step, step, dtype=b.dtype, device=b.device)
-    return (b.unsqueeze(-1) >> shifts) & mask
-
-
 def _signs(bits: torch.Tensor) -> torch.Tensor:
     """Sign bits -> +1 (bit 0) or -1 (bit 1), float32."""
     return torch.where(bits == 0, 1.0, -1.0)
@@ -111,12 +95,12 @@ def _iq2_xxs(blocks):
     """float16 d, then eight groups of 8 bytes: four grid indices, then a uint32 of four 7-bit sign
     indices and a 4-bit scale: w = d * (0.5 + s) * 0.25 * grid * sign."""
     n = len(blocks)
-    d = _half(blocks[:, :2])
+    d = half(blocks[:, :2])
     groups = blocks[:, 2:].reshape(n, 8, 8)
-    aux = _words(groups[:, :, 4:].reshape(n, -1), 4)  # (n, 8)
+    aux = words(groups[:, :, 4:].reshape(n, -1), 4)  # (n, 8)
     db = (d * (0.5 + (aux >> 28).float()) * 0.25).reshape(n, 8, 1, 1)
-    signs = _ksigns(blocks.device)[_bits(aux, 4, 7, 0x7F)]  # (n, 8, 4)
-    signs = _signs(_bits(signs.long(), 8, 1, 1))  # (n, 8, 4, 8)
+    signs = _ksigns(blocks.device)[bits(aux, 4, 7, 0x7F)]  # (n, 8, 4)
+    signs = _signs(bits(signs.long(), 8, 1, 1))  # (n, 8, 4, 8)
     grid = _grid("IQ2_XXS", blocks.device)[groups[:, :, :4].long()]  # (n, 8, 4, 8)
     return (db * grid * signs).reshape(n, QK_K)
 
@@ -124,11 +108,11 @@ def _iq2_xxs(blocks):
 def _iq2_xs(blocks):
     """float16 d, 32 uint16 (a 9-bit grid index, a 7-bit sign index), 8 bytes of two 4-bit scales."""
     n = len(blocks)
-    d = _half(blocks[:, :2])
-    qs = _words(blocks[:, 2:66], 2)  # (n, 32)
-    scales = _bits(blocks[:, 66:74].long(), 2, 4, 0x0F).reshape(n, 16)
+    d = half(blocks[:, :2])
+    qs = words(blocks[:, 2:66], 2)  # (n, 32)
+    scales = bits(blocks[:, 66:74].long(), 2, 4, 0x0F).reshape(n, 16)
     db = (d * (0.5 + scales.float()) * 0.25).reshape(n, 16, 1, 1)
-    signs = _signs(_bits(_ksigns(blocks.device)[qs >> 9].long(), 8, 1, 1)).reshape(n, 16, 2, 8)
+    signs = _signs(bits(_ksigns(blocks.device)[qs >> 9].long(), 8, 1, 1)).reshape(n, 16, 2, 8)
     grid = _grid("IQ2_XS", blocks.device)[qs & 511].reshape(n, 16, 2, 8)
     return (db * grid * signs).reshape(n, QK_K)
 
@@ -137,12 +121,12 @@ def _iq2_s(blocks):
     """float16 d, 32 bytes of grid indices' low 8 bits, 32 bytes of signs, 8 bytes of their 2 high
     bits, 8 bytes of two 4-bit scales."""
     n = len(blocks)
-    d = _half(blocks[:, :2])
+    d = half(blocks[:, :2])
     qs, signs, qh, scales = blocks[:, 2:34], blocks[:, 34:66], blocks[:, 66:74], blocks[:, 74:82]
-    scales = _bits(scales.long(), 2, 4, 0x0F).reshape(n, 16)
+    scales = bits(scales.long(), 2, 4, 0x0F).reshape(n, 16)
     db = (d * (0.5 + scales.float()) * 0.25).reshape(n, 16, 1, 1)
-    signs = _signs(_bits(signs.long(), 8, 1, 1)).reshape(n, 16, 2, 8)
-    index = qs.long() | (_bits(qh.long(), 4, 2, 0x03).reshape(n, 32) << 8)
+    signs = _signs(bits(signs.long(), 8, 1, 1)).reshape(n, 16, 2, 8)
+    index = qs.long() | (bits(qh.long(), 4, 2, 0x03).reshape(n, 32) << 8)
     grid = _grid("IQ2_S", blocks.device)[index].reshape(n, 16, 2, 8)
     return (db * grid * signs).reshape(n, QK_K)
 
@@ -151,10 +135,10 @@ def _iq3_xxs(blocks):
     """float16 d, 64 grid indices (4 values each), eight uint32 of four 7-bit sign indices and a
     4-bit scale: w = d * (0.5 + s) * 0.5 * grid * sign."""
     n = len(blocks)
-    d = _half(blocks[:, :2])
-    aux = _words(blocks[:, 66:98], 4)  # (n, 8)
+    d = half(blocks[:, :2])
+    aux = words(blocks[:, 66:98], 4)  # (n, 8)
     db = (d * (0.5 + (aux >> 28).float()) * 0.5).reshape(n, 8, 1, 1)
-    signs = _signs(_bits(_ksigns(blocks.device)[_bits(aux, 4, 7, 0x7F)].long(), 8, 1, 1))  # (n, 8, 4, 8)
+    signs = _signs(bits(_ksigns(blocks.device)[bits(aux, 4, 7, 0x7F)].long(), 8, 1, 1))  # (n, 8, 4, 8)
     grid = _grid("IQ3_XXS", blocks.device)[blocks[:, 2:66].long()].reshape(n, 8, 4, 8)
     return (db * grid * signs).reshape(n, QK_K)
 
@@ -163,12 +147,12 @@ def _iq3_s(blocks):
     """float16 d, 64 bytes of grid indices' low 8 bits, 8 bytes of their 9th bits, 32 bytes of
     signs, 4 bytes of two 4-bit scales: w = d * (1 + 2 s) * grid * sign."""
     n = len(blocks)
-    d = _half(blocks[:, :2])
+    d = half(blocks[:, :2])
     qs, qh, signs, scales = blocks[:, 2:66], blocks[:, 66:74], blocks[:, 74:106], blocks[:, 106:110]
-    scales = _bits(scales.long(), 2, 4, 0x0F).reshape(n, 8)
+    scales = bits(scales.long(), 2, 4, 0x0F).reshape(n, 8)
     db = (d * (1 + 2 * scales).float()).reshape(n, 8, 1, 1)
-    signs = _signs(_bits(signs.long(), 8, 1, 1)).reshape(n, 8, 4, 8)
-    index = qs.long() | (_bits(qh.long(), 8, 1, 0x01).reshape(n, 64) << 8)
+    signs = _signs(bits(signs.long(), 8, 1, 1)).reshape(n, 8, 4, 8)
+    index = qs.long() | (bits(qh.long(), 8, 1, 0x01).reshape(n, 64) << 8)
     grid = _grid("IQ3_S", blocks.device)[index].reshape(n, 8, 4, 8)
     return (db * grid * signs).reshape(n, QK_K)
 
@@ -177,11 +161,11 @@ def _iq1_s(blocks):
     """float16 d, 32 bytes of grid indices' low 8 bits, eight uint16: four 3-bit high parts, a 3-bit
     scale and the sign of a shift: w = d * (2 s + 1) * (grid +- 0.125)."""
     n = len(blocks)
-    d = _half(blocks[:, :2])
-    qh = _words(blocks[:, 34:50], 2)  # (n, 8)
+    d = half(blocks[:, :2])
+    qh = words(blocks[:, 34:50], 2)  # (n, 8)
     dl = (d * (2 * ((qh >> 12) & 7) + 1).float()).reshape(n, 8, 1, 1)
     delta = torch.where((qh & 0x8000) == 0, IQ1_DELTA, -IQ1_DELTA).reshape(n, 8, 1, 1)
-    index = blocks[:, 2:34].long() | (_bits(qh, 4, 3, 0x07).reshape(n, 32) << 8)
+    index = blocks[:, 2:34].long() | (bits(qh, 4, 3, 0x07).reshape(n, 32) << 8)
     grid = _grid("IQ1_S", blocks.device)[index].reshape(n, 8, 4, 8)
     return (dl * (grid + delta)).reshape(n, QK_K)
 
@@ -191,11 +175,11 @@ def _iq1_m(blocks):
     uint16 of 3-bit scales whose top nibbles together are the float16 d."""
     n = len(blocks)
     qs, qh = blocks[:, :32], blocks[:, 32:48]
-    scales = _words(blocks[:, 48:56], 2)  # (n, 4)
-    bits = ((scales & 0xF000) >> torch.tensor([12, 8, 4, 0], device=blocks.device)).sum(-1)  # disjoint: an OR
-    d = _half(torch.stack([bits & 0xFF, bits >> 8], dim=-1).to(torch.uint8))
-    dl = (d * (2 * _bits(scales, 4, 3, 0x07).reshape(n, 16) + 1).float()).reshape(n, 8, 2, 1, 1)
-    high = _bits(qh.long(), 2, 4, 0x0F).reshape(n, 32)
+    scales = words(blocks[:, 48:56], 2)  # (n, 4)
+    top = ((scales & 0xF000) >> torch.tensor([12, 8, 4, 0], device=blocks.device)).sum(-1)  # disjoint: an OR
+    d = half(torch.stack([top & 0xFF, top >> 8], dim=-1).to(torch.uint8))
+    dl = (d * (2 * bits(scales, 4, 3, 0x07).reshape(n, 16) + 1).float()).reshape(n, 8, 2, 1, 1)
+    high = bits(qh.long(), 2, 4, 0x0F).reshape(n, 32)
     index = qs.long() | ((high & 0x07) << 8)
     delta = torch.where((high & 0x08) == 0, IQ1_DELTA, -IQ1_DELTA).reshape(n, 8, 2, 2, 1)
     grid = _grid("IQ1_S", blocks.device)[index].reshape(n, 8, 2, 2, 8)
@@ -214,7 +198,7 @@ def _tq1_0(blocks):
     """48 bytes of five trits each (32 then 16), 4 bytes of four, float16 d: w = d * (t - 1)."""
     q = torch.cat([_trits(blocks[:, :32], (1, 3, 9, 27, 81)), _trits(blocks[:, 32:48], (1, 3, 9, 27, 81)),
                    _trits(blocks[:, 48:52], (1, 3, 9, 27))], dim=-1)
-    return _half(blocks[:, 52:54]) * (q - 1).float()
+    return half(blocks[:, 52:54]) * (q - 1).float()
 
 
 def _tq2_0(blocks):
@@ -222,7 +206,7 @@ def _tq2_0(blocks):
     n = len(blocks)
     q = (blocks[:, :64].reshape(n, 2, 1, 32).long() >> torch.tensor([0, 2, 4, 6], device=blocks.device
                                                                      ).reshape(1, 1, 4, 1)) & 3
-    return _half(blocks[:, 64:66]) * (q.reshape(n, QK_K) - 1).float()
+    return half(blocks[:, 64:66]) * (q.reshape(n, QK_K) - 1).float()
 
 
 def _mxfp4_blocks(blocks):
@@ -230,9 +214,9 @@ def _mxfp4_blocks(blocks):
     w = 2^(e - 128) * 2 v (ggml's e8m0_to_fp32_half; v doubled in MXFP4_VALUES)."""
     n = len(blocks)
     e = blocks[:, :1].long()
-    bits = torch.where(e < 2, 0x00200000 << e, (e - 1) << 23)
-    d = bits.to(torch.int32).view(torch.float32)
-    q = torch.stack([blocks[:, 1:] & 0x0F, blocks[:, 1:] >> 4], dim=1).reshape(n, 32)
+    exponent = torch.where(e < 2, 0x00200000 << e, (e - 1) << 23)
+    d = exponent.to(torch.int32).view(torch.float32)
+    q = nibbles(blocks[:, 1:].reshape(n, 1, 16), 16).reshape(n, 32)
     values = torch.tensor(MXFP4_VALUES, dtype=torch.int8, device=blocks.device)[q.long()]
     return d * values.float()
 

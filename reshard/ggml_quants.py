@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import ggml_iquants
+from .ggml_bytes import half, nibbles, words
 from .errors import SourceError
 
 QK_K = 256
@@ -65,31 +66,21 @@ def expand_blocks(blocks: torch.Tensor, scheme: str, *, dtype: torch.dtype) -> t
     return _DEQUANTIZE[scheme](blocks).to(dtype)
 
 
-def _f16(b: torch.Tensor) -> torch.Tensor:
-    """Two bytes per row (little-endian float16) -> (n, 1) float32."""
-    return b.contiguous().view(torch.float16).float()
-
-
-def _nibbles(qs: torch.Tensor, width: int) -> torch.Tensor:
-    """(n, k, width) bytes -> (n, k, 2, width): low nibbles, then high nibbles."""
-    return torch.stack([qs & 0x0F, qs >> 4], dim=-2)
-
-
 def _q8_0(blocks):
-    d = _f16(blocks[:, :2])
+    d = half(blocks[:, :2])
     x = blocks[:, 2:].contiguous().view(torch.int8).float()
     return x * d
 
 
 def _q4_0(blocks):
-    d = _f16(blocks[:, :2])
-    qs = _nibbles(blocks[:, 2:].reshape(len(blocks), 1, 16), 16).reshape(len(blocks), -1)
+    d = half(blocks[:, :2])
+    qs = nibbles(blocks[:, 2:].reshape(len(blocks), 1, 16), 16).reshape(len(blocks), -1)
     return d * (qs.to(torch.int8) - 8).float()
 
 
 def _q4_1(blocks):
-    d, m = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
-    qs = _nibbles(blocks[:, 4:].reshape(len(blocks), 1, 16), 16).reshape(len(blocks), -1).float()
+    d, m = half(blocks[:, :2]), half(blocks[:, 2:4])
+    qs = nibbles(blocks[:, 4:].reshape(len(blocks), 1, 16), 16).reshape(len(blocks), -1).float()
     return (d * qs) + m
 
 
@@ -97,20 +88,20 @@ def _q5(blocks, at: int) -> torch.Tensor:
     """Q5_0/Q5_1's 5-bit values (0..31) from their 4 bytes of fifth bits (a little-endian uint32 at
     `at`: bit i above value i) and the 16 bytes of nibbles after them, as float32 (n, 32)."""
     n = len(blocks)
-    qh = sum(blocks[:, at + i].long() << (8 * i) for i in range(4)).reshape(n, 1)
+    qh = words(blocks[:, at:at + 4], 4)  # (n, 1)
     high = ((qh >> torch.arange(32, device=blocks.device)) & 1).to(torch.uint8)
-    low = _nibbles(blocks[:, at + 4:].reshape(n, 1, 16), 16).reshape(n, -1)
+    low = nibbles(blocks[:, at + 4:].reshape(n, 1, 16), 16).reshape(n, -1)
     return low | (high << 4)
 
 
 def _q5_0(blocks):
     """float16 d, then the 5-bit values: w = d * (q - 16)."""
-    return _f16(blocks[:, :2]) * (_q5(blocks, 2).to(torch.int8) - 16).float()
+    return half(blocks[:, :2]) * (_q5(blocks, 2).to(torch.int8) - 16).float()
 
 
 def _q5_1(blocks):
     """float16 d and m, then the 5-bit values: w = d * q + m."""
-    return (_f16(blocks[:, :2]) * _q5(blocks, 4).float()) + _f16(blocks[:, 2:4])
+    return (half(blocks[:, :2]) * _q5(blocks, 4).float()) + half(blocks[:, 2:4])
 
 
 def _shifts(*bits: int, device) -> torch.Tensor:
@@ -121,7 +112,7 @@ def _q2_k(blocks):
     """16 bytes of 4-bit scales and mins (one each per 16 values), 64 bytes of 2-bit values, d, dmin."""
     n = len(blocks)
     scales, qs = blocks[:, :16], blocks[:, 16:80]
-    d, dmin = _f16(blocks[:, 80:82]), _f16(blocks[:, 82:84])
+    d, dmin = half(blocks[:, 80:82]), half(blocks[:, 82:84])
     dl = (d * (scales & 0xF).float()).reshape(n, QK_K // 16, 1)
     ml = (dmin * (scales >> 4).float()).reshape(n, QK_K // 16, 1)
     q = ((qs.reshape(n, -1, 1, 32) >> _shifts(0, 2, 4, 6, device=blocks.device)) & 3).reshape(n, QK_K // 16, 16)
@@ -131,7 +122,7 @@ def _q2_k(blocks):
 def _q3_k(blocks):
     """32 bytes of high-bit masks, 64 bytes of 2-bit values, twelve bytes of sixteen 6-bit scales, d."""
     n = len(blocks)
-    hmask, qs, scales, d = blocks[:, :32], blocks[:, 32:96], blocks[:, 96:108], _f16(blocks[:, 108:110])
+    hmask, qs, scales, d = blocks[:, :32], blocks[:, 32:96], blocks[:, 96:108], half(blocks[:, 108:110])
     low = (scales[:, :8].reshape(n, 1, 8) >> torch.tensor([0, 4], dtype=torch.uint8, device=blocks.device
                                                           ).reshape(1, 2, 1)).reshape(n, 16)
     high = (scales[:, 8:].reshape(n, 1, 4) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device
@@ -155,22 +146,22 @@ def _iq4(q: torch.Tensor) -> torch.Tensor:
 def _iq4_nl(blocks):
     """float16 d, then 16 bytes: low nibbles values 0-15, high nibbles 16-31, each an index into IQ4_VALUES."""
     n = len(blocks)
-    q = _nibbles(blocks[:, 2:].reshape(n, 1, 16), 16).reshape(n, -1)
-    return _f16(blocks[:, :2]) * _iq4(q)
+    q = nibbles(blocks[:, 2:].reshape(n, 1, 16), 16).reshape(n, -1)
+    return half(blocks[:, :2]) * _iq4(q)
 
 
 def _iq4_xs(blocks):
     """float16 d, 2 + 4 bytes of eight 6-bit scales (high bits, low nibbles), then eight blocks of 32
     values laid out as IQ4_NL's, each an index into IQ4_VALUES."""
     n = len(blocks)
-    d = _f16(blocks[:, :2])
+    d = half(blocks[:, :2])
     high = blocks[:, 2].int() | (blocks[:, 3].int() << 8)
     high = (high.reshape(n, 1) >> torch.arange(0, 16, 2, dtype=torch.int32, device=blocks.device)) & 0x03
     low = (blocks[:, 4:8].reshape(n, -1, 1) >> torch.tensor([0, 4], dtype=torch.uint8, device=blocks.device
                                                             ).reshape(1, 1, 2)).reshape(n, -1) & 0x0F
     scales = (low.int() | (high << 4)).to(torch.int8) - 32
     dl = (d * scales.float()).reshape(n, -1, 1)
-    q = _nibbles(blocks[:, 8:].reshape(n, -1, 16), 16).reshape(n, -1, 32)
+    q = nibbles(blocks[:, 8:].reshape(n, -1, 16), 16).reshape(n, -1, 32)
     return (dl * _iq4(q)).reshape(n, QK_K)
 
 
@@ -185,11 +176,11 @@ def _q4_k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _q4_k(blocks):
     n = len(blocks)
-    d, dmin = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
+    d, dmin = half(blocks[:, :2]), half(blocks[:, 2:4])
     sc, m = _q4_k_scale_min(blocks[:, 4:16])
     d = (d * sc.float()).reshape(n, -1, 1)
     dm = (dmin * m.float()).reshape(n, -1, 1)
-    qs = _nibbles(blocks[:, 16:].reshape(n, -1, 32), 32).reshape(n, -1, 32).float()
+    qs = nibbles(blocks[:, 16:].reshape(n, -1, 32), 32).reshape(n, -1, 32).float()
     return (d * qs - dm).reshape(n, QK_K)
 
 
@@ -197,14 +188,14 @@ def _q5_k(blocks):
     """Q4_K's scales and mins, then 32 bytes of fifth bits (bit b of byte i: value i of block b) and
     the 128 bytes of low nibbles laid out as Q4_K's."""
     n = len(blocks)
-    d, dmin = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
+    d, dmin = half(blocks[:, :2]), half(blocks[:, 2:4])
     sc, m = _q4_k_scale_min(blocks[:, 4:16])
     d = (d * sc.float()).reshape(n, -1, 1)
     dm = (dmin * m.float()).reshape(n, -1, 1)
     qh = blocks[:, 16:48].reshape(n, 1, 32)
     bits = torch.arange(8, dtype=torch.uint8, device=blocks.device).reshape(1, 8, 1)
     high = (qh >> bits) & 0x01  # (n, 8, 32): block b's fifth bits
-    ql = _nibbles(blocks[:, 48:].reshape(n, -1, 32), 32).reshape(n, -1, 32)
+    ql = nibbles(blocks[:, 48:].reshape(n, -1, 32), 32).reshape(n, -1, 32)
     q = (ql | (high << 4)).float()
     return (d * q - dm).reshape(n, QK_K)
 
@@ -213,8 +204,8 @@ def _q6_k(blocks):
     n = len(blocks)
     ql, qh = blocks[:, :QK_K // 2], blocks[:, QK_K // 2:QK_K // 2 + QK_K // 4]
     scales = blocks[:, QK_K // 2 + QK_K // 4:-2].contiguous().view(torch.int8).float()
-    d = (_f16(blocks[:, -2:]) * scales).reshape(n, QK_K // 16, 1)
-    ql = _nibbles(ql.reshape(n, -1, 64), 64).reshape(n, -1, 32)
+    d = (half(blocks[:, -2:]) * scales).reshape(n, QK_K // 16, 1)
+    ql = nibbles(ql.reshape(n, -1, 64), 64).reshape(n, -1, 32)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device).reshape(1, 1, 4, 1)
     qh = ((qh.reshape(n, -1, 1, 32) >> shifts) & 0x03).reshape(n, -1, 32)
     q = (ql | (qh << 4)).to(torch.int8) - 32
