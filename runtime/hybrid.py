@@ -130,7 +130,7 @@ def measure_cpu(dtype: torch.dtype, rows: int = 4096, cols: int = 2048, tokens: 
     layers are, not from a cache), the second on one weight (compute-bound)."""
     weight = torch.randn(rows, cols).to(dtype)
     x = torch.randn(1, cols).to(dtype)
-    one = _cold(lambda w: torch.nn.functional.linear(x, w), _copies(weight, cold_bytes))
+    one = _cold(lambda ops: torch.nn.functional.linear(x, *ops), _copies((weight,), cold_bytes))
     many_x = torch.randn(tokens, cols).to(dtype)
     many = _best(lambda: torch.nn.functional.linear(many_x, weight))
     return weight.numel() * weight.element_size() / one, 2 * rows * cols * tokens / many
@@ -162,8 +162,7 @@ def measure_cpu_packed(rows: int = 8192, cols: int = 4096, group: int = 32, cold
     operands = lowbit.pack_param(parts, spec)
     kernel, x = lowbit.native_kernel(spec), torch.randn(1, cols)
     nbytes = sum(t.numel() * t.element_size() for t in operands)
-    copies = [tuple(t.clone() for t in operands) for _ in range(max(1, -(-cold_bytes // nbytes)))]
-    return nbytes / _cold(lambda ops: kernel(x, *ops), copies)
+    return nbytes / _cold(lambda ops: kernel(x, *ops), _copies(operands, cold_bytes))
 
 
 def measure_link(device: torch.device, nbytes: int = 64 << 20) -> float:
@@ -187,9 +186,10 @@ def measure_gpu(device: torch.device, dtype: torch.dtype, n: int = 4096) -> floa
     return 2 * n ** 3 / _best(mm)
 
 
-def _copies(t: torch.Tensor, total: int) -> list[torch.Tensor]:
-    """`t` and copies of it, `total` bytes in all (at least `t`)."""
-    return [t] + [t.clone() for _ in range(-(-total // (t.numel() * t.element_size())) - 1)]
+def _copies(operands: tuple, total: int) -> list[tuple]:
+    """`operands` (tensors) and copies of them, `total` bytes in all (at least the originals)."""
+    nbytes = sum(t.numel() * t.element_size() for t in operands)
+    return [operands] + [tuple(t.clone() for t in operands) for _ in range(-(-total // nbytes) - 1)]
 
 
 def _cold(fn, operands: list, repeats: int = 3) -> float:
