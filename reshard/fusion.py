@@ -46,14 +46,15 @@ class Fusion:
         for keys in self.sources.values():
             keys.sort(key=natural_key)
 
-    def run(self, raw: dict[str, torch.Tensor], model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def run(self, raw: dict[str, torch.Tensor], model, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         """Apply the converter to the source tensors in `raw` (popped from it, cast to `dtype`
-        first, as transformers does); return {parameter name: tensor}."""
+        first, as transformers does for a checkpoint's tensors; None: left as they are, as it
+        does for a GGUF's); return {parameter name: tensor}."""
         conv = copy.deepcopy(self.converter)
         for pattern, keys in self.sources.items():
             for key in keys:
                 t = raw.pop(key)
-                t = t.to(dtype) if t.is_floating_point() else t
+                t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
                 conv.add_tensor(self.target, key, pattern, lambda t=t: t)
         try:
             out = conv.convert(self.target, model=model, config=model.config)

@@ -3,9 +3,10 @@
 The `gguf` package's `GGUFReader` maps each file and lists its tensors (name, type, shape,
 offset); a tensor's bytes are read with `pread` when it is needed, de-quantized with gguf's own
 `dequantize` (every type it supports), and renamed and permuted exactly as transformers' GGUF
-loader does (`transformers.modeling_gguf_pytorch_utils`: its name map from the model and its
-per-architecture `TensorProcessor`). So memory is one group's tensors, whatever the file's size,
-and the tensors equal what `from_pretrained(..., gguf_file=...)` loads.
+loader does: for most architectures its name map from the model and its per-architecture
+`TensorProcessor` (`transformers.modeling_gguf_pytorch_utils`), for those of its newer path its
+conversion mappings (reshard/gguf_conversions.py). So memory is one group's tensors, whatever the
+file's size, and the tensors equal what `from_pretrained(..., gguf_file=...)` loads.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import torch
 from .errors import SourceError
 from .ggml_iquants import require_gguf
 from .ggml_quants import scheme_for
+from .gguf_conversions import ConversionMap, newer_path
 from .source import Source
 
 SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 CHUNK_ELEMENTS = 1 << 22  # de-quantize in row blocks of about this many values (bounds gguf's temporaries)
+HALF_TYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
 TIED_ANYWAY = ("falcon", "bloom")  # transformers' exceptions to "no output.weight means tied"
 
 
@@ -55,7 +58,7 @@ class GGUFSource(Source):
         except (ValueError, OSError) as e:
             raise SourceError(f"{path} is not a readable GGUF file ({e}); download it again") from None
         self.architecture = _architecture(readers[0])
-        self._refuse_newer_path()
+        self._newer = newer_path(self.architecture)
         # Only the tensor tables are needed from here on: the metadata (a vocabulary is
         # hundreds of thousands of small arrays) is what transformers reads, from the file.
         self._tensors = [list(r.tensors) for r in readers]
@@ -63,7 +66,7 @@ class GGUFSource(Source):
         self._tmp = tempfile.mkdtemp(prefix="reshard-gguf-")
         self.folder = Path(self._tmp)
         self._metadata = self._save_config_and_tokenizer()
-        self._processor = self._mapping = None
+        self._processor = self._mapping = self._conversions = None
         self._sources: dict[str, list] = {}  # transformers name -> [(reader index, ReaderTensor)]
         self._row_maps: dict[str, np.ndarray | None] = {}  # transformers name -> _row_map's answer
 
@@ -73,8 +76,8 @@ class GGUFSource(Source):
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
         first = self.files[0]
-        try:
-            metadata = load_gguf_checkpoint(str(first), return_tensors=False)
+        try:  # the newer path's architectures have no legacy metadata (nor need it)
+            metadata = None if self._newer else load_gguf_checkpoint(str(first), return_tensors=False)
             config = AutoConfig.from_pretrained(first.parent, gguf_file=first.name)
             tokenizer = AutoTokenizer.from_pretrained(first.parent, gguf_file=first.name)
         except Exception as e:  # transformers raises many kinds here; say which file and why
@@ -82,29 +85,26 @@ class GGUFSource(Source):
         if len(self.files) > 1:  # transformers saw the first file's tensors only: apply its rule to all
             tied = self.architecture in TIED_ANYWAY or not any(
                 t.name == "output.weight" for tensors in self._tensors for t in tensors)
-            config.tie_word_embeddings = metadata["config"]["tie_word_embeddings"] = tied
+            config.tie_word_embeddings = tied
+            if metadata is not None:
+                metadata["config"]["tie_word_embeddings"] = tied
         config.save_pretrained(self.folder)
         tokenizer.save_pretrained(self.folder)
         return metadata
-
-    def _refuse_newer_path(self) -> None:
-        """transformers loads a few architectures through its newer GGUF path (its own weight
-        conversions, not the `TensorProcessor`s this source applies): refuse those, rather than
-        write weights that could differ from what `from_pretrained` loads."""
-        from transformers.integrations.gguf import is_gguf_arch_supported
-
-        if is_gguf_arch_supported(self.architecture):
-            raise SourceError(f"{self.path}: GGUF architecture {self.architecture!r} is not supported by "
-                              f"reshard yet; load it with transformers and save it as safetensors first")
 
     def load(self, meta_model) -> None:
         """Map GGUF tensor names to `meta_model`'s names, as transformers' loader does."""
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
+        self._sources, self._row_maps = {}, {}
+        if self._newer:
+            located = {t.name: (i, t) for i, tensors in enumerate(self._tensors) for t in tensors}
+            self._conversions = ConversionMap(self.architecture, meta_model, list(located))
+            self._sources = {k: [located[n] for n in names] for k, names in self._conversions.sources.items()}
+            return
         cls = TENSOR_PROCESSORS.get(self.architecture, TensorProcessor)
         self._processor = cls(config=self._metadata["config"])
         self._mapping = get_gguf_hf_weights_map(meta_model, self._processor)
-        self._sources, self._row_maps = {}, {}
         for i, tensors in enumerate(self._tensors):
             for t in tensors:
                 # merged tensors (MoE experts) are mapped without their ".weight" suffix
@@ -117,7 +117,10 @@ class GGUFSource(Source):
 
     def read(self, keys):
         """De-quantize the GGUF tensors behind `keys`, in file order, through transformers'
-        processor (which may permute, transpose or merge them)."""
+        processor (which may permute, transpose or merge them) or its conversion mapping."""
+        if self._conversions is not None:
+            return {k: self._conversions.make(k, {t.name: self._values(i, t) for i, t in self._ordered(k)})
+                    for k in keys}
         wanted = sorted({(i, t.data_offset): (i, t) for k in keys for i, t in self._sources[k]}.items())
         parsed = {"tensors": {}}  # where processors put the tensors they merge or rename themselves
         for _, (i, t) in wanted:
@@ -172,24 +175,13 @@ class GGUFSource(Source):
         cache = self._row_maps
         if key in cache:
             return cache[key]
-        parsed, offset, made = {"tensors": {}}, 0, None
+        probes, offset = {}, 0
         for _, t in self._ordered(key):
             lead = tuple(int(n) for n in reversed(t.shape.tolist()[1:]))  # ([experts,] rows)
             count = int(np.prod(lead))
-            probe = ((offset + np.arange(count, dtype=np.float64)).reshape(*lead, 1) * 2 + np.arange(2.0))
+            probes[t.name] = ((offset + np.arange(count, dtype=np.float64)).reshape(*lead, 1) * 2 + np.arange(2.0))
             offset += count
-            result = self._processor.process(weights=probe, name=t.name, tensor_key_mapping=self._mapping,
-                                              parsed_parameters=parsed)
-            if result.name is not None:  # not merged by the processor itself
-                if self._mapping.get(result.name) != key or made is not None:
-                    made = False
-                    break
-                made = np.asarray(result.weights)
-        merged = parsed["tensors"]
-        if made is None and set(merged) == {key}:
-            made = np.asarray(merged[key])
-        elif made is False or made is None or merged:
-            made = None
+        made = self._converted_probe(key, probes) if self._conversions is not None else self._processed_probe(key, probes)
         order = None
         if made is not None and made.ndim >= 2 and made.shape[-1] == 2:
             index = made[..., 0] // 2
@@ -199,6 +191,41 @@ class GGUFSource(Source):
                 order = index.astype(np.int64)
         cache[key] = order
         return order
+
+    def _converted_probe(self, key: str, probes: dict) -> np.ndarray | None:
+        """The probes made into `key` by its conversion mapping, or None where its operations fail
+        on them (a column permutation, which no row map can express)."""
+        try:
+            made = self._conversions.make(key, {n: torch.from_numpy(p) for n, p in probes.items()})
+        except (SourceError, IndexError, RuntimeError, ValueError):
+            return None
+        return made.numpy()
+
+    def _processed_probe(self, key: str, probes: dict) -> np.ndarray | None:
+        """The probes made into `key` by transformers' TensorProcessor, or None where it does more
+        than return one array for it."""
+        parsed, made = {"tensors": {}}, None
+        for _, t in self._ordered(key):
+            probe = probes[t.name]
+            result = self._processor.process(weights=probe, name=t.name, tensor_key_mapping=self._mapping,
+                                              parsed_parameters=parsed)
+            if result.name is not None:  # not merged by the processor itself
+                if self._mapping.get(result.name) != key or made is not None:
+                    made = False
+                    break
+                made = np.asarray(result.weights)
+        merged = parsed["tensors"]
+        if made is None and set(merged) == {key}:
+            return np.asarray(merged[key])
+        return None if made is False or made is None or merged else made
+
+    def _values(self, i: int, t) -> torch.Tensor:
+        """Tensor `t` of file `i` as transformers' newer path hands it to its conversions: blocks
+        de-quantized to float32, float tensors in the file's own type (a norm stored as `w + 1` in
+        float16 is un-offset in float16 there; their float32 values convert back exactly)."""
+        values = torch.from_numpy(self._dequantize(i, t))
+        dtype = HALF_TYPES.get(t.tensor_type.name)
+        return values.to(dtype) if dtype is not None else values
 
     def _dequantize(self, i: int, t) -> np.ndarray:
         """Tensor `t` of file `i` as float32, read and de-quantized a block of rows at a time."""

@@ -84,17 +84,21 @@ def write_random_llama(path: Path, like: Path, *, layers: int, hidden: int, inte
                                    "llama.attention.head_count_kv": kv_heads, "llama.vocab_size": vocab,
                                    "llama.rope.dimension_count": hidden // heads, "general.file_type": 7,
                                    **overrides})
-    return _write_random(writer, path, llama_tensors(layers, hidden, inter, heads, kv_heads, vocab), types, seed)
+    return write_random_tensors(writer, path, llama_tensors(layers, hidden, inter, heads, kv_heads, vocab), types, seed)
 
 
-def _write_random(writer: GGUFWriter, path: Path, tensors, types: dict | None, seed: int) -> int:
-    """`tensors` [(name, shape, type)] (`types` {name: type} overriding) as random blocks; the file's size."""
+def write_random_tensors(writer: GGUFWriter, path: Path, tensors, types: dict | None, seed: int,
+                         values: dict | None = None) -> int:
+    """`tensors` [(name, shape, type)] (`types` {name: type} overriding) as random blocks, or as
+    `values` {name: float32 array} where given; the file's size."""
     tensors = [(n, shape, (types or {}).get(n, q)) for n, shape, q in tensors]
+    values = values or {}
     for name, shape, qtype in tensors:
         writer.add_tensor_info(name, _byte_shape(shape, qtype), np.dtype(np.uint8 if qtype != Q.F32 else np.float32),
                                _nbytes(shape, qtype), raw_dtype=qtype)
     rng = np.random.default_rng(seed)
-    _write_streamed(writer, (_random_blocks(rng, shape, qtype) for _, shape, qtype in tensors))
+    _write_streamed(writer, (values[n] if n in values else _random_blocks(rng, shape, qtype)
+                             for n, shape, qtype in tensors))
     return path.stat().st_size
 
 
@@ -238,5 +242,5 @@ def write_random_qwen3moe(path: Path, like: Path, *, layers: int, hidden: int, e
                              ("expert_used_count", used, u32), ("expert_feed_forward_length", QWEN3MOE_INTER, u32),
                              ("vocab_size", vocab, u32)):
         writer.add_key_value(f"qwen3moe.{key}", value, kind)
-    return _write_random(writer, path, qwen3moe_tensors(layers, hidden, experts, heads, kv_heads, head_dim, vocab),
+    return write_random_tensors(writer, path, qwen3moe_tensors(layers, hidden, experts, heads, kv_heads, head_dim, vocab),
                          types, seed)

@@ -67,8 +67,6 @@ MESSAGES: dict[str, tuple[str, ...]] = {
         ("test_errors_convert.py::test_gguf_that_transformers_cannot_read",),
     "{} is part {} of a {}-file GGUF, but {} {} missing from {}":
         ("test_gguf.py::test_split_gguf_with_a_missing_part_is_refused",),
-    "{}: GGUF architecture {} is not supported by reshard yet; load it with transformers and save it as "
-    "safetensors first": ("test_gguf.py::test_gguf_of_transformers_newer_path_is_refused",),
     "{} is not a readable GGUF file ({}); download it again": ("test_gguf.py::test_gguf_that_is_not_gguf",),
     "GGUF files and the GGML blocks they hold need the gguf package ({} is not installed): pip install 'reshard[gguf]'":
         ("test_gguf.py::test_gguf_without_the_gguf_package_is_one_line",),

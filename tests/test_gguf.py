@@ -142,24 +142,6 @@ def test_split_gguf_with_a_missing_part_is_refused(tmp_path, small_gguf, capsys)
         1, f"Error: {parts[0]} is part 1 of a 3-file GGUF, but smol-00003-of-00003.gguf is missing from {tmp_path}")
 
 
-def write_header_only(path: Path, arch: str) -> Path:
-    from gguf import GGUFWriter
-
-    writer = GGUFWriter(path, arch)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    writer.close()
-    return path
-
-
-def test_gguf_of_transformers_newer_path_is_refused(tmp_path, capsys):
-    gguf = write_header_only(tmp_path / "m.gguf", "lfm2")
-    assert cli_convert(capsys, gguf, tmp_path / "out") == (
-        1, f"Error: {gguf}: GGUF architecture 'lfm2' is not supported by reshard yet; load it with transformers "
-           f"and save it as safetensors first")
-
-
 def test_gguf_that_is_not_gguf(tmp_path, capsys):
     from gguf import GGUFReader
 
