@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import hub
 from .errors import DiskSpaceError, SourceError, UsageError
-from .format import (DTYPE_NAMES, stored_names, DTYPE_TO_ST, MANIFEST, Group, Manifest, dtype_name, group_file_name,
+from .format import (DTYPE_NAMES, blocks_of, stored_names, DTYPE_TO_ST, MANIFEST, Group, Manifest, dtype_name, group_file_name,
                      quant_part_names, write_bytes_atomic, write_group_file, write_text_atomic)
 from .fp8 import Fp8Source, Fp8Spec, layout as fp8_layout
 from .mxfp4 import Mxfp4Source, Mxfp4Spec, is_mxfp4
@@ -331,8 +331,9 @@ def _prepare_group(src: Source, model, planned, mapping: KeyMap, target: torch.d
             check_shape(pname, torch.empty(quantized[pname]["shape"], device="meta"), shape)
             continue
         if pname in blocks:  # the source's blocks, kept or re-packed: expanded at load
-            _store_blocks(pname, src.read_blocks(mapping.direct[pname]), blocks[pname], shape, target,
-                          tensors, quantized)
+            key = mapping.direct[pname]
+            columns = src.block_columns(key) if blocks_of(blocks[pname]) else None
+            _store_blocks(pname, src.read_blocks(key), blocks[pname], shape, target, tensors, quantized, columns)
             continue
         if pname in as_stored:
             t = as_stored[pname]
@@ -352,17 +353,18 @@ def _prepare_group(src: Source, model, planned, mapping: KeyMap, target: torch.d
 
 
 def _store_blocks(pname: str, raw: torch.Tensor, scheme: str, shape, target: torch.dtype, tensors: dict,
-                  quantized: dict) -> None:
+                  quantized: dict, columns: torch.Tensor | None = None) -> None:
     """`pname`'s GGML blocks as stored: re-packed into int8/int4 group 32 where those hold them
-    exactly (Q8_0, Q4_0, Q4_1: reshard/ggml_repack.py), else as the blocks (reshard/ggml_quants.py)."""
-    check_block_shape(pname, raw, scheme, shape)
+    exactly (Q8_0, Q4_0, Q4_1: reshard/ggml_repack.py), else as the blocks (reshard/ggml_quants.py),
+    with their `columns` order for a reordered scheme."""
+    check_block_shape(pname, raw, blocks_of(scheme) or scheme, shape)
     entry = {"shape": list(shape), "dtype": DTYPE_TO_ST[target], "transposed": False}
     if scheme in REPACKED:  # experts [E, out, ...] re-packed as one matrix of E * out rows: each expert's rows stay together
         scheme, parts = repack_blocks(raw.reshape(-1, raw.shape[-1]), scheme)
         parts = {part: p.reshape(*raw.shape[:-1], *p.shape[1:]) for part, p in parts.items()}
         entry["group_size"] = REPACKED_GROUP
     else:
-        parts = {"blocks": raw}
+        parts = {"blocks": raw} if columns is None else {"blocks": raw, "columns": columns}
     for part, name in quant_part_names(pname, scheme).items():
         tensors[name] = parts[part]
     quantized[pname] = {**entry, "scheme": scheme}

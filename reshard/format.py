@@ -130,6 +130,7 @@ class Manifest:
 # --- quantized parameters ------------------------------------------------------------------
 
 ACT_ORDER = "int4-act"  # int4 with its columns gathered group by group (act-order GPTQ: reshard/published.py)
+REORDERED = "-reordered"  # GGML blocks whose stored columns are in another order (see QUANT_PARTS)
 QUANT_PARTS = {"int8": ("qweight", "scales"), "int4": ("qweight", "scales", "zeros"),
                "int4-sym": ("qweight", "scales"),  # int4 with zeros = -8 * scales (GGUF Q4_0: reshard/ggml_repack.py)
                # int4 over the columns in act order; `columns` (in,) int32: each weight column's place there
@@ -137,7 +138,21 @@ QUANT_PARTS = {"int8": ("qweight", "scales"), "int4": ("qweight", "scales", "zer
                "fp8-block": ("qweight", "scale_inv"),  # reshard/fp8.py
                "mxfp4": ("blocks", "scales"),  # reshard/mxfp4.py
                # GGML blocks kept as in a GGUF file (reshard/ggml_quants.py): one uint8 part
-               **{s: ("blocks",) for s in BLOCK_TYPES}}
+               **{s: ("blocks",) for s in BLOCK_TYPES},
+               # GGML blocks whose columns the model takes in another order (a Qwen3.5 GGUF's
+               # linear-attention output projection, regrouped by value head): `columns` (in,) int32,
+               # as act order's, gives each weight column's place in the stored ones
+               **{s + REORDERED: ("blocks", "columns") for s in BLOCK_TYPES}}
+
+
+def reordered(scheme: str) -> str:
+    """The scheme of `scheme`'s GGML blocks stored with their columns in another order."""
+    return scheme + REORDERED
+
+
+def blocks_of(scheme: str) -> str | None:
+    """The GGML block scheme a reordered-columns scheme stores its blocks in, or None for any other."""
+    return scheme[:-len(REORDERED)] if scheme.endswith(REORDERED) else None
 
 
 def quant_part_names(param: str, scheme: str) -> dict[str, str]:

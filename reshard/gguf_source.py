@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .errors import SourceError
+from .format import reordered
 from .ggml_iquants import require_gguf
 from .ggml_quants import scheme_for
 from .gguf_conversions import ConversionMap, newer_path
@@ -69,6 +70,7 @@ class GGUFSource(Source):
         self._processor = self._mapping = self._conversions = None
         self._sources: dict[str, list] = {}  # transformers name -> [(reader index, ReaderTensor)]
         self._row_maps: dict[str, np.ndarray | None] = {}  # transformers name -> _row_map's answer
+        self._column_maps: dict[str, torch.Tensor | None] = {}  # transformers name -> block_columns' answer
 
     def _save_config_and_tokenizer(self) -> dict:
         """config.json and the tokenizer files (transformers reads them from the first file)."""
@@ -96,7 +98,7 @@ class GGUFSource(Source):
         """Map GGUF tensor names to `meta_model`'s names, as transformers' loader does."""
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
-        self._sources, self._row_maps = {}, {}
+        self._sources, self._row_maps, self._column_maps = {}, {}, {}
         if self._newer:
             located = {t.name: (i, t) for i, tensors in enumerate(self._tensors) for t in tensors}
             self._conversions = ConversionMap(self.architecture, meta_model, list(located))
@@ -137,7 +139,9 @@ class GGUFSource(Source):
     def block_scheme(self, key: str) -> str | None:
         """The reshard/ggml_quants.py scheme `key` is kept in: its GGUF tensors (one, or several that
         transformers' processor merges, as a MoE layer's gate and up experts) are weights of one
-        block type reshard stores, and the processor only moves their rows (see `_row_map`)."""
+        block type reshard stores, and the processor only moves their rows (see `_row_map`); or
+        the same scheme `reordered` where a single matrix's processing only moves its columns
+        (`block_columns`: their order is stored beside the blocks)."""
         found = self._sources.get(key, [])
         if not found or any(len(t.shape) not in (2, 3) for _, t in found):
             return None
@@ -145,11 +149,35 @@ class GGUFSource(Source):
         columns = {int(t.shape[0]) for _, t in found}  # GGUF shapes are (columns, rows[, experts])
         if len(schemes) != 1 or None in schemes or len(columns) != 1:
             return None
-        return schemes.pop() if self._row_map(key) is not None else None
+        if self._row_map(key) is not None:
+            return schemes.pop()
+        return reordered(schemes.pop()) if self.block_columns(key) is not None else None
+
+    def block_columns(self, key: str) -> torch.Tensor | None:
+        """Where each column of the weight transformers makes from `key`'s one GGUF matrix lies in
+        the stored one ((in,) int32: its processing gathers whole columns, as Qwen3.5's output
+        projection's regrouping by value head), or None. Found as `_row_map`'s rows are: a probe
+        of distinct values, two rows of the matrix's width, processed."""
+        if key in self._column_maps:
+            return self._column_maps[key]
+        found, order = self._ordered(key), None
+        # the newer path's converters only: a legacy processor's reshapes assume the tensor's own rows
+        if self._conversions is not None and len(found) == 1 and len(found[0][1].shape) == 2:
+            name, width = found[0][1].name, int(found[0][1].shape[0])
+            probe = np.arange(2 * width, dtype=np.float64).reshape(2, width)
+            made = self._converted_probe(key, {name: probe})
+            if made is not None and made.shape == (2, width):
+                index = made[0].astype(np.int64)
+                if (np.array_equal(np.sort(index), np.arange(width))
+                        and np.array_equal(made, probe[:, index])):
+                    order = torch.from_numpy(index.astype(np.int32))
+        self._column_maps[key] = order
+        return order
 
     def read_blocks(self, key: str) -> torch.Tensor:
         """`key`'s blocks as in the file, (rows, bytes per row) uint8 ([E, rows, bytes] for experts),
-        rows where transformers puts them (the sources' rows gathered by `_row_map`)."""
+        rows where transformers puts them (the sources' rows gathered by `_row_map`; columns are
+        `block_columns`' to put)."""
         raws = []
         for i, t in self._ordered(key):
             raw = np.empty(t.data.shape, dtype=np.uint8)
@@ -158,6 +186,8 @@ class GGUFSource(Source):
             raws.append(raw.reshape(-1, raw.shape[-1]))
         rows = raws[0] if len(raws) == 1 else np.concatenate(raws)
         order = self._row_map(key)
+        if order is None:  # a reordered scheme's matrix: its rows as they are (`block_columns`)
+            return torch.from_numpy(rows)
         flat = order.reshape(-1)
         if not np.array_equal(flat, np.arange(len(flat))):
             rows = rows[flat]

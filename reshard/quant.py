@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .errors import UsageError
-from .format import ACT_ORDER
+from .format import ACT_ORDER, blocks_of
 from .fp8 import SCHEME as FP8_SCHEME, dequantize_fp8
 from .mxfp4 import SCHEME as MXFP4_SCHEME, dequantize_mxfp4
 from .ggml_quants import BLOCK_TYPES, dequantize_blocks
@@ -57,6 +57,8 @@ def dequantize(parts: dict[str, torch.Tensor], scheme: str, *, columns: int, dty
         return dequantize_int8(parts["qweight"], parts["scales"], dtype=dtype)
     if scheme in BLOCK_TYPES:  # GGML blocks kept from a GGUF file (reshard/ggml_quants.py)
         return dequantize_blocks(parts["blocks"], scheme, dtype=dtype)
+    if blocks_of(scheme):  # the same with their columns in another order: each column back in its place
+        return dequantize_blocks(parts["blocks"], blocks_of(scheme), dtype=dtype).index_select(1, parts["columns"].long())
     if scheme == ACT_ORDER:  # int4 over the columns in act order (act-order GPTQ): each column back in its place
         w = dequantize_int4(parts["qweight"], parts["scales"], parts["zeros"], columns=columns, dtype=dtype)
         return w.index_select(1, parts["columns"].long())

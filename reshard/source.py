@@ -50,6 +50,10 @@ class Source:
         """`key`'s blocks as stored (only where `block_scheme(key)` names a scheme)."""
         raise NotImplementedError
 
+    def block_columns(self, key: str) -> torch.Tensor | None:
+        """Where each weight column lies in `key`'s stored blocks, for a `reordered` block scheme."""
+        return None
+
     def want(self, keys) -> None:
         """The conversion will read `keys` (and no others); a source may plan with that."""
 

@@ -37,6 +37,7 @@ import threading
 import torch
 
 from reshard.ggml_quants import BLOCK_TYPES, expand_blocks, prepare
+from reshard.format import blocks_of
 from reshard.quant import dequantize
 
 # Compiled output equals plain torch's bit for bit in these (checked on the CPU's Inductor too);
@@ -60,6 +61,9 @@ _state: dict = {"compiled": {}, "failed": set(), "limit_said": False, "fallbacks
 
 def expand_weight(parts: dict[str, torch.Tensor], scheme: str, *, columns: int, dtype: torch.dtype) -> torch.Tensor:
     """reshard.quant.dequantize(parts, ...): compiled on CUDA (and fp8 on the CPU), plain torch elsewhere."""
+    if blocks_of(scheme):  # GGML blocks with their columns in another order: expanded, then each column put back
+        w = expand_weight({"blocks": parts["blocks"]}, blocks_of(scheme), columns=columns, dtype=dtype)
+        return w.index_select(1, parts["columns"].long())
     device = next(iter(parts.values())).device.type
     wanted = scheme in COMPILED and dtype in EXACT_DTYPES and (
         device in DEVICES or (device == "cpu" and scheme in CPU_COMPILED))

@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from reshard.format import ACT_ORDER
+from reshard.format import ACT_ORDER, blocks_of, reordered
 from reshard.ggml_quants import BLOCK_TYPES
 from reshard.ggml_repack import symmetric_zeros
 from reshard.quant import float_zeros
@@ -58,13 +58,14 @@ from . import native
 KERNEL_DTYPE = torch.bfloat16  # what both kernels are fast with
 INT4_GROUPS = (32, 64, 128, 256)
 # stored scheme -> the kernel's; "int4-sym" is int4 with zeros -8 * scales (reshard/ggml_repack.py);
-# "int4-act" int4 over the input columns in act order (act-order GPTQ): the input is gathered to match
+# "int4-act" int4 over the input columns in act order (act-order GPTQ), and GGML blocks whose columns
+# are reordered (reshard.format.reordered): the input is gathered to match
 KERNEL_SCHEMES = {"int8": "int8", "int4": "int4", "int4-sym": "int4", ACT_ORDER: "int4",
-                  **{s: s for s in native.BLOCK_SCHEMES}}
+                  **{s: s for s in native.BLOCK_SCHEMES}, **{reordered(s): s for s in native.BLOCK_SCHEMES}}
 # GGML K-quant and grid blocks: multiplied as stored, by the native kernels only (a weight, no scale table)
 KQUANTS = native.BLOCK_SCHEMES
 SCALES = "qscales"
-ORDER = "qorder"  # a PackedLinear's third tensor, for an "int4-act" weight: the input columns' order
+ORDER = "qorder"  # a PackedLinear's last tensor, for a permuted weight: the input columns' order
 ALIGN = 64  # bytes; torch's CPU allocator aligns every allocation to this  # a PackedLinear's second tensor: int8 scales, or int4 scales-and-zeros
 
 
@@ -158,7 +159,8 @@ def weight_spec(group, name: str, quant: dict, backends) -> PackSpec | None:
     out, inp = reversed(info["shape"][-2:]) if info.get("transposed") else info["shape"][-2:]
     scale_dtype = stored_scale_dtype(group, name, scheme)
     for backend in backends:  # the project's kernel where it takes the shape, else torch's
-        spec = PackSpec(KERNEL_SCHEMES[scheme], size, out, inp, backend, scale_dtype, scheme == ACT_ORDER)
+        permuted = scheme == ACT_ORDER or blocks_of(scheme) is not None
+        spec = PackSpec(KERNEL_SCHEMES[scheme], size, out, inp, backend, scale_dtype, permuted)
         if supported(spec):
             return spec
     return None
@@ -184,22 +186,21 @@ def install_packed(model: nn.Module, specs: dict[str, PackSpec]) -> None:
 
 def packed_names(param: str, spec: PackSpec) -> tuple[str, ...]:
     """The tensors a packed `X.weight` is held as: `X.weight` (packed) and `X.qscales`, and for a
-    permuted one `X.qorder`; K-quant blocks as `X.weight` alone."""
-    if spec.scheme in KQUANTS:
-        return (param,)
+    permuted one `X.qorder`; K-quant blocks as `X.weight` alone (and `X.qorder`)."""
     owner = param.rpartition(".")[0]
-    return (param, f"{owner}.{SCALES}") + ((f"{owner}.{ORDER}",) if spec.permuted else ())
+    order = (f"{owner}.{ORDER}",) if spec.permuted else ()
+    return (param, *order) if spec.scheme in KQUANTS else (param, f"{owner}.{SCALES}", *order)
 
 
 def pack_param(parts: dict[str, torch.Tensor], spec: PackSpec) -> tuple[torch.Tensor, ...]:
     """(packed weight, scales[, input order]) for the kernel from a weight's stored parts (on the CPU);
     (blocks,) for K-quant blocks, as stored (a view of the mapped file where resident)."""
-    if spec.scheme in KQUANTS:
-        return (parts["blocks"].contiguous(),)
     if spec.permuted:  # stored column j holds weight column order[j] (`columns` says where each one went)
         order = torch.argsort(parts["columns"].long())
         return (*pack_param({k: v for k, v in parts.items() if k != "columns"}, replace(spec, permuted=False)),
                 order)
+    if spec.scheme in KQUANTS:
+        return (parts["blocks"].contiguous(),)
     scales = parts["scales"]
     zeros = float_zeros(parts["zeros"], scales) if "zeros" in parts else symmetric_zeros(scales)  # int4-sym: not stored
     if spec.backend == "native":  # the weight as stored (a view of the mapped file where resident)

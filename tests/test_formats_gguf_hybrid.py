@@ -1,8 +1,9 @@
 """GGUF files of the architectures transformers loads through its newer GGUF path (Qwen3.5 dense
 and MoE, LFM2: reshard/gguf_conversions.py) convert with their names, norms, value-head order and
 merged experts as transformers makes them; blocks stay blocks wherever the conversion only moves
-whole rows (Qwen3.5's value-head regrouping, the gate and up experts joined), and the runtime,
-streamed and resident, equals transformers' own `from_pretrained(..., gguf_file=...)` bit for bit."""
+whole rows (Qwen3.5's value-head regrouping, the gate and up experts joined) or a matrix's columns
+(its output projection: the column order is stored beside the blocks), and the runtime, streamed
+and resident, equals transformers' own `from_pretrained(..., gguf_file=...)` bit for bit."""
 
 from __future__ import annotations
 
@@ -76,9 +77,9 @@ def stored_schemes(folder) -> dict[str, str]:
 
 def test_blocks_stay_where_the_conversion_only_moves_rows(hybrid):
     """Qwen3.5-MoE: the linear attention's q/k/v and z projections (value heads regrouped: a row
-    order) and the gate+up experts (two tensors joined) keep their blocks; its output projection,
-    whose *columns* follow the value heads, is de-quantized; the norms stored as `w + 1` are un-offset;
-    the multi-token-prediction block is dropped, as transformers drops it."""
+    order) and the gate+up experts (two tensors joined) keep their blocks; so does its output
+    projection, whose *columns* follow the value heads, with their order; the norms stored as
+    `w + 1` are un-offset; the multi-token-prediction block is dropped, as transformers drops it."""
     from safetensors import safe_open
 
     path, folder = hybrid["qwen35moe"]
@@ -88,14 +89,13 @@ def test_blocks_stay_where_the_conversion_only_moves_rows(hybrid):
     assert schemes["model.layers.0.mlp.experts.gate_up_proj"] == "int8"  # Q8_0 re-packed
     assert schemes["model.layers.1.self_attn.q_proj.weight"] == "q4_k"
     assert schemes["lm_head.weight"] == "q6_k"
-    assert "model.layers.0.linear_attn.out_proj.weight" not in schemes
+    assert schemes["model.layers.0.linear_attn.out_proj.weight"] == "q6_k-reordered"
     ref = reference(path).state_dict()
     names = set()
     for file in folder.glob("*.safetensors"):
         with safe_open(file, "pt") as f:
             names |= set(f.keys())
-            for key in ("model.layers.0.linear_attn.out_proj.weight", "model.layers.0.input_layernorm.weight",
-                        "model.layers.0.linear_attn.A_log"):
+            for key in ("model.layers.0.input_layernorm.weight", "model.layers.0.linear_attn.A_log"):
                 if key in f.keys():
                     assert torch.equal(f.get_tensor(key), ref[key]), key
     assert not any(n.startswith("mtp") for n in names) and "model.layers.0.linear_attn.A_log" in names
@@ -105,17 +105,38 @@ def test_blocks_stay_where_the_conversion_only_moves_rows(hybrid):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_decoder_layers_are_at_most_the_sources_bytes(hybrid, name):
-    """Every decoder layer stores at most 1.1x the bytes its GGUF tensors take, but for the output
-    projections a Qwen3.5 file's de-quantization costs (float32 where the file holds Q6_K)."""
+    """Every decoder layer stores at most 1.1x the bytes its GGUF tensors take."""
     from gguf import GGUFReader
 
     path, folder = hybrid[name]
     source = {}
     for t in GGUFReader(path).tensors:
-        if t.name.startswith("blk.") and not t.name.endswith("ssm_out.weight"):
+        if t.name.startswith("blk."):
             source[int(t.name.split(".")[1])] = source.get(int(t.name.split(".")[1]), 0) + int(t.n_bytes)
-    manifest = read_manifest(folder)
-    for i, group in enumerate(g for g in manifest.groups if g.kind == "layer"):
-        out_proj = group.tensors.get(f"model.layers.{i}.linear_attn.out_proj.weight")
-        dense = 4 * torch.Size(out_proj["shape"]).numel() if out_proj else 0
-        assert group.bytes - dense <= 1.1 * source[i], (name, i)
+    layers = [g for g in read_manifest(folder).groups if g.kind == "layer"]
+    assert len(layers) == 4
+    for i, group in enumerate(layers):
+        assert group.bytes <= 1.1 * source[i], (name, i, group.bytes, source[i])
+
+
+def test_reordered_blocks_run_through_the_cpu_kernels_with_their_input_gathered(hybrid):
+    """Where the native kernels are built, the output projection's Q6_K blocks multiply as stored,
+    the input's columns gathered into the stored order: close to transformers' product (the
+    kernels round activations to bfloat16), and far from the product without the gather."""
+    from runtime import LayeredModel, native
+    from runtime.lowbit import PackedLinear
+
+    if native.lowbit() is None:
+        pytest.skip("no native CPU kernels on this machine")
+    path, folder = hybrid["qwen35moe"]
+    name = "model.layers.0.linear_attn.out_proj"
+    want_weight = reference(path).get_submodule(name).weight
+    with LayeredModel.from_pretrained(folder, device="cpu", dtype="float32", max_cpu_memory="64GiB") as lm:
+        module = lm.model.get_submodule(name)
+        assert isinstance(module, PackedLinear) and module.spec.permuted
+        lm(IDS)  # resident: every group loaded and kept
+        x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0))
+        got, want = module(x), x @ want_weight.T
+        unordered = x[:, torch.argsort(module.qorder)] @ want_weight.T
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < 0.03 and ((unordered - want).norm() / want.norm()).item() > 0.3, err
