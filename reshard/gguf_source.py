@@ -25,6 +25,7 @@ from .format import reordered
 from .ggml_iquants import require_gguf
 from .ggml_quants import scheme_for
 from .gguf_conversions import ConversionMap, newer_path
+from .gguf_deepseek import ARCHITECTURE as DEEPSEEK2, Deepseek2Map, config_from_metadata, metadata_fields
 from .source import Source
 
 SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -60,6 +61,8 @@ class GGUFSource(Source):
             raise SourceError(f"{path} is not a readable GGUF file ({e}); download it again") from None
         self.architecture = _architecture(readers[0])
         self._newer = newer_path(self.architecture)
+        # an architecture transformers does not read, mapped here (reshard/gguf_deepseek.py)
+        self._fields = metadata_fields(readers[0]) if self.architecture == DEEPSEEK2 else None
         # Only the tensor tables are needed from here on: the metadata (a vocabulary is
         # hundreds of thousands of small arrays) is what transformers reads, from the file.
         self._tensors = [list(r.tensors) for r in readers]
@@ -74,14 +77,20 @@ class GGUFSource(Source):
 
     def _save_config_and_tokenizer(self) -> dict:
         """config.json and the tokenizer files (transformers reads them from the first file)."""
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
         first = self.files[0]
+        if self._fields is not None:
+            names = [t.name for tensors in self._tensors for t in tensors]
+            config = config_from_metadata(self._fields, names, first)
         try:  # the newer path's architectures have no legacy metadata (nor need it)
-            metadata = None if self._newer else load_gguf_checkpoint(str(first), return_tensors=False)
-            config = AutoConfig.from_pretrained(first.parent, gguf_file=first.name)
-            tokenizer = AutoTokenizer.from_pretrained(first.parent, gguf_file=first.name)
+            if self._fields is not None:  # the tokenizer alone, whatever the architecture
+                metadata, tokenizer = None, PreTrainedTokenizerFast.from_pretrained(first.parent, gguf_file=first.name)
+            else:
+                metadata = None if self._newer else load_gguf_checkpoint(str(first), return_tensors=False)
+                config = AutoConfig.from_pretrained(first.parent, gguf_file=first.name)
+                tokenizer = AutoTokenizer.from_pretrained(first.parent, gguf_file=first.name)
         except Exception as e:  # transformers raises many kinds here; say which file and why
             raise SourceError(f"{first}: transformers cannot read this GGUF file ({str(e).splitlines()[0]})") from None
         if len(self.files) > 1:  # transformers saw the first file's tensors only: apply its rule to all
@@ -99,9 +108,10 @@ class GGUFSource(Source):
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
         self._sources, self._row_maps, self._column_maps = {}, {}, {}
-        if self._newer:
+        if self._newer or self._fields is not None:
             located = {t.name: (i, t) for i, tensors in enumerate(self._tensors) for t in tensors}
-            self._conversions = ConversionMap(self.architecture, meta_model, list(located))
+            self._conversions = (Deepseek2Map(meta_model, list(located)) if self._fields is not None
+                                 else ConversionMap(self.architecture, meta_model, list(located)))
             self._sources = {k: [located[n] for n in names] for k, names in self._conversions.sources.items()}
             return
         cls = TENSOR_PROCESSORS.get(self.architecture, TensorProcessor)

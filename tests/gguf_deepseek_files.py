@@ -1,0 +1,126 @@
+"""DeepSeek-V3 GGUF files as llama.cpp's converter (`convert_hf_to_gguf.py`, `DeepseekV2Model`) writes
+them from a transformers model: names from the `gguf` package's table for `deepseek2`, experts
+stacked into one [E, out, in] tensor per projection, MLA's `kv_b_proj` split per head into `attn_k_b`
+(transposed) and `attn_v_b` (or kept whole, as files before llama.cpp's MLA support), one key/value
+head in the metadata, YaRN as `yarn_log_multiplier = 0.1 * mscale_all_dim`. Weights written as Q8_0
+are first rounded to what Q8_0 holds, in the model too, so the model is the file's exact reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFValueType, GGUFWriter, MODEL_ARCH, get_tensor_name_map
+from gguf.quants import dequantize, quantize
+
+from gguf_files import SKIP_KEYS, vocab_overrides
+
+ARCH = "deepseek2"
+
+
+def deepseek_v3_config(*, vocab: int, yarn: bool = True):
+    """A small DeepSeek-V3 config: MLA with a q LoRA, 8 routed experts in 2 groups, one dense layer."""
+    import transformers as tf
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if yarn:
+        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+                "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707}
+    return tf.DeepseekV3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                               n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+                               first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
+                               qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=256,
+                               routed_scaling_factor=2.5, rope_parameters=rope, tie_word_embeddings=False)
+
+
+def random_model(config, seed: int = 0, q8_0=lambda name: False):
+    """A random float32 model of `config` (its score-correction biases random too), each weight that
+    `q8_0(name)` picks rounded to Q8_0 along its rows."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("e_score_correction_bias"):
+                t.copy_(torch.rand(t.shape) * 0.1)
+            elif q8_0(name):
+                t.copy_(torch.from_numpy(dequantize(quantize(t.numpy(), Q.Q8_0), Q.Q8_0)).reshape(t.shape))
+    return model
+
+
+def write_deepseek2(path: Path, like: Path, model, *, q8_0=lambda name: False, split_kv_b: bool = True) -> None:
+    """`model` (a transformers DeepSeek-V3) as llama.cpp writes its GGUF, with `like`'s tokenizer cut
+    to the model's vocabulary; the weights `q8_0(transformers name)` picks in Q8_0, the rest F32."""
+    config = model.config
+    table = get_tensor_name_map(MODEL_ARCH.DEEPSEEK2, config.num_hidden_layers)
+    tensors = []  # (GGUF name, float32 array, type)
+    for name, t in model.state_dict().items():
+        a, qtype = t.float().numpy(), Q.Q8_0 if q8_0(name) else Q.F32
+        base = name.rsplit(".", 1)[0]
+        if name.endswith("mlp.experts.gate_up_proj"):  # llama.cpp stacks each projection's experts
+            gate, up = np.split(a, 2, axis=1)
+            tensors += [(table.get_name(f"{base}.gate_proj") + ".weight", gate, qtype),
+                        (table.get_name(f"{base}.up_proj") + ".weight", up, qtype)]
+        elif name.endswith("mlp.experts.down_proj"):
+            tensors.append((table.get_name(name) + ".weight", a, qtype))
+        elif name.endswith("e_score_correction_bias"):
+            tensors.append((table.get_name(name[:-len("_bias")]) + ".bias", a, Q.F32))
+        elif name.endswith("kv_b_proj.weight") and split_kv_b:
+            heads, nope = config.num_attention_heads, config.qk_nope_head_dim
+            kv_b = a.reshape(heads, nope + config.v_head_dim, -1)
+            k_b, v_b = np.ascontiguousarray(kv_b[:, :nope].transpose(0, 2, 1)), np.ascontiguousarray(kv_b[:, nope:])
+            tensors += [(table.get_name(base.replace("kv_b", "k_b")) + ".weight", k_b, Q.F32),
+                        (table.get_name(base.replace("kv_b", "v_b")) + ".weight", v_b, Q.F32)]
+        else:
+            tensors.append((table.get_name(name, try_suffixes=(".weight", ".bias")), a, qtype))
+    reader = GGUFReader(like)
+    writer = GGUFWriter(path, ARCH)
+    overrides = vocab_overrides(reader, config.vocab_size)
+    for key, field in reader.fields.items():
+        if key.startswith(("tokenizer.", "general.")) and not key.startswith(SKIP_KEYS):
+            sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+            writer.add_key_value(key, overrides.get(key, field.contents()), field.types[0], sub_type=sub_type)
+    for key, value in _metadata(config, split_kv_b).items():
+        kind = GGUFValueType.STRING if isinstance(value, str) else GGUFValueType.FLOAT32 if isinstance(value, float) \
+            else GGUFValueType.BOOL if isinstance(value, bool) else GGUFValueType.UINT32
+        writer.add_key_value(f"{ARCH}.{key}", value, kind)
+    for name, a, qtype in tensors:
+        data = quantize(a, qtype) if qtype != Q.F32 else a.astype(np.float32)
+        writer.add_tensor(name, data, raw_dtype=qtype if qtype != Q.F32 else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _metadata(config, split_kv_b: bool) -> dict:
+    """The `deepseek2.*` keys llama.cpp's converter writes for `config`."""
+    rope = config.qk_rope_head_dim
+    out = {"block_count": config.num_hidden_layers, "context_length": config.max_position_embeddings,
+           "embedding_length": config.hidden_size, "feed_forward_length": config.intermediate_size,
+           "attention.head_count": config.num_attention_heads, "attention.head_count_kv": 1,
+           "rope.freq_base": float(config.rope_parameters["rope_theta"]),
+           "attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
+           "expert_used_count": config.num_experts_per_tok, "leading_dense_block_count": config.first_k_dense_replace,
+           "vocab_size": config.vocab_size, "attention.q_lora_rank": config.q_lora_rank,
+           "attention.kv_lora_rank": config.kv_lora_rank,
+           "expert_feed_forward_length": config.moe_intermediate_size, "expert_count": config.n_routed_experts,
+           "expert_shared_count": config.n_shared_experts,
+           "expert_weights_scale": float(config.routed_scaling_factor), "expert_weights_norm": config.norm_topk_prob,
+           "expert_gating_func": 2, "expert_group_count": config.n_group, "expert_group_used_count": config.topk_group,
+           "rope.dimension_count": rope}
+    if split_kv_b:  # MLA files: the compressed head's sizes, and the decompressed ones as *_mla
+        out.update({"attention.key_length": config.kv_lora_rank + rope, "attention.value_length": config.kv_lora_rank,
+                    "attention.key_length_mla": config.qk_nope_head_dim + rope,
+                    "attention.value_length_mla": config.v_head_dim})
+    else:
+        out.update({"attention.key_length": config.qk_nope_head_dim + rope, "attention.value_length": config.v_head_dim})
+    params = config.rope_parameters
+    if params.get("rope_type") == "yarn":
+        out.update({"rope.scaling.type": "yarn", "rope.scaling.factor": float(params["factor"]),
+                    "rope.scaling.original_context_length": params["original_max_position_embeddings"],
+                    "rope.scaling.yarn_log_multiplier": 0.1 * params["mscale_all_dim"]})
+    return out

@@ -1,0 +1,127 @@
+"""DeepSeek-V3 GGUF files (llama.cpp's `deepseek2`: DeepSeek-V3/R1, Kimi-K2), which transformers'
+GGUF loader does not read, convert by reshard/gguf_deepseek.py's own mapping: the config from the
+file's metadata (MLA sizes, routing groups, YaRN), experts kept as blocks, MLA's `kv_b_proj` from
+llama.cpp's per-head `attn_k_b`/`attn_v_b` split (or from `attn_kv_b`, as older files keep it). The
+reference is the transformers model the file was written from (its Q8_0 weights rounded to Q8_0
+first): logits bit-identical in float32, streamed and resident."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CPU_BUDGETS
+from gguf_deepseek_files import deepseek_v3_config, random_model, write_deepseek2
+from gguf_files import TOKENIZER_VOCAB, tokenizer_gguf
+from test_gguf import cli_convert
+
+from reshard.convert import convert
+from reshard.format import read_manifest
+
+IDS = torch.tensor([[1, 504, 345, 282, 649, 314, 2]])
+
+
+def q8_0(name: str) -> bool:
+    """Q8_0 for the matrices 32-value blocks fit (the experts among them), F32 for the rest."""
+    return name.endswith(("q_a_proj.weight", "q_b_proj.weight", "o_proj.weight", "gate_proj.weight", "up_proj.weight",
+                          "down_proj.weight", "gate_up_proj", "down_proj", "embed_tokens.weight", "lm_head.weight"))
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory) -> dict:
+    """"split" (attn_k_b + attn_v_b, as llama.cpp writes since its MLA support) and "whole" (attn_kv_b)
+    -> (GGUF, its conversion); "model" -> the transformers model they were written from."""
+    root = tmp_path_factory.mktemp("deepseek-gguf")
+    model = random_model(deepseek_v3_config(vocab=TOKENIZER_VOCAB), q8_0=q8_0)
+    out = {"model": model}
+    for name, split in (("split", True), ("whole", False)):
+        path = root / f"{name}.gguf"
+        write_deepseek2(path, tokenizer_gguf(), model, q8_0=q8_0, split_kv_b=split)
+        convert(str(path), root / f"{name}-out", progress=False)
+        out[name] = (path, root / f"{name}-out")
+    return out
+
+
+@pytest.mark.parametrize("layout", ["split", "whole"])
+@pytest.mark.parametrize("placement", ["streamed", "resident"])
+def test_logits_and_tokens_equal_the_model_the_file_was_written_from(deepseek, layout, placement):
+    from runtime import LayeredModel
+
+    ref = deepseek["model"]
+    with torch.no_grad():
+        want, want_tokens = ref(IDS).logits, ref.generate(IDS, max_new_tokens=5, do_sample=False)
+    _, folder = deepseek[layout]
+    with LayeredModel.from_pretrained(folder, device="cpu", packed=False, max_cpu_memory=CPU_BUDGETS[placement]) as lm:
+        assert lm.model.config.rope_parameters["rope_type"] == "yarn"
+        assert torch.equal(lm(IDS).logits, want)
+        assert torch.equal(lm.generate(IDS, max_new_tokens=5, do_sample=False), want_tokens)
+
+
+def test_expert_blocks_stay_blocks_one_range_per_expert(deepseek):
+    """The routed experts' Q8_0 blocks are re-packed as int8 (gate and up joined by rows), each layer's
+    [E, ...] so a token reads only its experts; `kv_b_proj`, made from the transposed `attn_k_b`, is a
+    float weight."""
+    _, folder = deepseek["split"]
+    manifest = read_manifest(folder)
+    layer = manifest.group("layers.1")
+    assert layer.quantized["model.layers.1.mlp.experts.gate_up_proj"]["scheme"] == "int8"
+    assert layer.quantized["model.layers.1.mlp.experts.gate_up_proj"]["shape"] == [8, 64, 64]
+    assert "model.layers.1.self_attn.kv_b_proj.weight" in layer.tensors
+    assert list(layer.experts.values())[0]["num_experts"] == 8
+
+
+def test_softmax_routed_deepseek2_file_is_one_line(tmp_path, capsys):
+    """DeepSeek-V2's routing (softmax, llama.cpp's expert_gating_func 1) is a different model: refused."""
+    from gguf import GGUFReader, GGUFWriter
+
+    path = tmp_path / "v2.gguf"
+    model = random_model(deepseek_v3_config(vocab=TOKENIZER_VOCAB, yarn=False))
+    write_deepseek2(path, tokenizer_gguf(), model)
+    reader, writer = GGUFReader(path), GGUFWriter(tmp_path / "v2-softmax.gguf", "deepseek2")
+    _copy_with(reader, writer, {"deepseek2.expert_gating_func": 1})
+    assert cli_convert(capsys, tmp_path / "v2-softmax.gguf", tmp_path / "out") == (
+        1, f"Error: {tmp_path / 'v2-softmax.gguf'} is a softmax-routed deepseek2 GGUF (DeepSeek-V2 or V2.5), which "
+           f"reshard cannot read yet; convert the model's safetensors checkpoint instead")
+
+
+def test_deepseek2_file_missing_a_size_is_one_line(tmp_path, capsys):
+    from gguf import GGUFReader, GGUFWriter
+
+    path = tmp_path / "m.gguf"
+    write_deepseek2(path, tokenizer_gguf(), random_model(deepseek_v3_config(vocab=TOKENIZER_VOCAB, yarn=False)))
+    _copy_with(GGUFReader(path), GGUFWriter(tmp_path / "cut.gguf", "deepseek2"), drop="deepseek2.attention.kv_lora_rank")
+    assert cli_convert(capsys, tmp_path / "cut.gguf", tmp_path / "out") == (
+        1, f"Error: {tmp_path / 'cut.gguf'} is a deepseek2 GGUF without deepseek2.attention.kv_lora_rank; "
+           f"download it again")
+
+
+def test_k_b_that_does_not_match_the_metadata_is_one_line(tmp_path, capsys):
+    """A file whose MLA sizes in the metadata do not fit its `attn_k_b` tensors."""
+    from gguf import GGUFReader, GGUFWriter
+
+    path = tmp_path / "m.gguf"
+    write_deepseek2(path, tokenizer_gguf(), random_model(deepseek_v3_config(vocab=TOKENIZER_VOCAB, yarn=False)))
+    reader = GGUFReader(path)
+    wrong = int(reader.fields["deepseek2.attention.key_length_mla"].contents()) + 8
+    _copy_with(reader, GGUFWriter(tmp_path / "bad.gguf", "deepseek2"), {"deepseek2.attention.key_length_mla": wrong})
+    code, line = cli_convert(capsys, tmp_path / "bad.gguf", tmp_path / "out")
+    assert code == 1 and line == ("Error: blk.0.attn_k_b.weight has shape [4, 32, 16], not [heads, kv_lora_rank, "
+                                  "qk_nope_head_dim]; is the file's metadata the one of these weights?"), line
+
+
+def _copy_with(reader, writer, overrides: dict | None = None, drop: str | None = None) -> None:
+    """`reader`'s file rewritten by `writer` with some metadata values replaced or one key dropped."""
+    import numpy as np
+    from gguf import GGUFValueType
+
+    overrides = overrides or {}
+    for key, field in reader.fields.items():
+        if key.startswith(("GGUF.", "general.architecture")) or key == drop:
+            continue
+        sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, overrides.get(key, field.contents()), field.types[0], sub_type=sub_type)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.asarray(t.data), raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
