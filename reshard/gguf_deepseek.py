@@ -1,5 +1,5 @@
-"""DeepSeek-V3-style GGUF files (llama.cpp's `deepseek2` architecture: DeepSeek-V3, R1, V3.1, Kimi-K2),
-which transformers' GGUF loader does not read.
+"""GGUF files of llama.cpp's `deepseek2` architecture (DeepSeek-V3, R1, V3.1, Kimi-K2 with sigmoid
+routing; DeepSeek-V2, V2.5 and V2-Lite with softmax routing), which transformers' GGUF loader does not read.
 
 Where transformers has no mapping, this module is one, built as llama.cpp's converter
 (`convert_hf_to_gguf.py`, `DeepseekV2Model`) writes these files:
@@ -31,8 +31,10 @@ SIGMOID, SOFTMAX = 2, 1
 
 
 def config_from_metadata(fields: dict, tensor_names, path) -> object:
-    """The transformers `DeepseekV3Config` of a `deepseek2` GGUF with key-value `fields` {key: value}."""
-    from transformers import DeepseekV3Config
+    """The transformers config of a `deepseek2` GGUF with key-value `fields` {key: value}:
+    `DeepseekV3Config` for sigmoid routing, `DeepseekV2Config` for softmax routing (its experts
+    limited to groups where the file counts groups, as llama.cpp routes them)."""
+    from transformers import DeepseekV2Config, DeepseekV3Config
 
     def key(name, default=None):
         value = fields.get(f"{ARCHITECTURE}.{name}", default)
@@ -40,8 +42,9 @@ def config_from_metadata(fields: dict, tensor_names, path) -> object:
             raise SourceError(f"{path} is a deepseek2 GGUF without {ARCHITECTURE}.{name}; download it again")
         return value
 
-    if key("expert_gating_func", SOFTMAX) != SIGMOID:
-        raise SourceError(f"{path} is a softmax-routed deepseek2 GGUF (DeepSeek-V2 or V2.5), which reshard cannot "
+    gating = key("expert_gating_func", SOFTMAX)
+    if gating not in (SIGMOID, SOFTMAX):
+        raise SourceError(f"{path} is a deepseek2 GGUF with expert_gating_func {gating}, which reshard cannot "
                           f"read yet; convert the model's safetensors checkpoint instead")
     rope = key("rope.dimension_count")
     mtp = key("nextn_predict_layers", 0)
@@ -70,7 +73,11 @@ def config_from_metadata(fields: dict, tensor_names, path) -> object:
         "bos_token_id": fields.get("tokenizer.ggml.bos_token_id"), "eos_token_id": fields.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": fields.get("tokenizer.ggml.padding_token_id"),
     }
-    return DeepseekV3Config(**config, architectures=["DeepseekV3ForCausalLM"])
+    if gating == SIGMOID:
+        return DeepseekV3Config(**config, architectures=["DeepseekV3ForCausalLM"])
+    grouped = config["n_group"] > 1
+    return DeepseekV2Config(**config, topk_method="group_limited_greedy" if grouped else "greedy",
+                            architectures=["DeepseekV2ForCausalLM"])
 
 
 def _rope(fields: dict, theta: float) -> dict:
@@ -95,7 +102,8 @@ class Deepseek2Map:
 
         config = model.config
         self.heads, self.nope = config.num_attention_heads, config.qk_nope_head_dim
-        table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, config.num_hidden_layers + config.num_nextn_predict_layers)
+        layers = config.num_hidden_layers + getattr(config, "num_nextn_predict_layers", 0)
+        table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, layers)
         present = set(names)
         self.sources: dict[str, list[str]] = {}
         self.kinds: dict[str, str] = {}  # parameter -> "experts" (gate, up joined) or "kv_b" (from k_b, v_b)

@@ -35,6 +35,17 @@ def deepseek_v3_config(*, vocab: int, yarn: bool = True):
                                routed_scaling_factor=2.5, rope_parameters=rope, tie_word_embeddings=False)
 
 
+def deepseek_v2_lite_config(*, vocab: int):
+    """A small DeepSeek-V2-Lite config: softmax routing without groups, no q LoRA (a plain q_proj)."""
+    import transformers as tf
+
+    return tf.DeepseekV2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                               n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=None,
+                               kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                               max_position_embeddings=256, tie_word_embeddings=False)
+
+
 def random_model(config, seed: int = 0, q8_0=lambda name: False):
     """A random float32 model of `config` (its score-correction biases random too), each weight that
     `q8_0(name)` picks rounded to Q8_0 along its rows."""
@@ -102,23 +113,28 @@ def _metadata(config, split_kv_b: bool) -> dict:
     out = {"block_count": config.num_hidden_layers, "context_length": config.max_position_embeddings,
            "embedding_length": config.hidden_size, "feed_forward_length": config.intermediate_size,
            "attention.head_count": config.num_attention_heads, "attention.head_count_kv": 1,
-           "rope.freq_base": float(config.rope_parameters["rope_theta"]),
+           "rope.freq_base": float((config.rope_parameters or {}).get("rope_theta", 10000.0)),
            "attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
            "expert_used_count": config.num_experts_per_tok, "leading_dense_block_count": config.first_k_dense_replace,
-           "vocab_size": config.vocab_size, "attention.q_lora_rank": config.q_lora_rank,
-           "attention.kv_lora_rank": config.kv_lora_rank,
+           "vocab_size": config.vocab_size, "attention.kv_lora_rank": config.kv_lora_rank,
            "expert_feed_forward_length": config.moe_intermediate_size, "expert_count": config.n_routed_experts,
            "expert_shared_count": config.n_shared_experts,
-           "expert_weights_scale": float(config.routed_scaling_factor), "expert_weights_norm": config.norm_topk_prob,
-           "expert_gating_func": 2, "expert_group_count": config.n_group, "expert_group_used_count": config.topk_group,
-           "rope.dimension_count": rope}
+           "expert_weights_scale": float(config.routed_scaling_factor), "rope.dimension_count": rope}
+    if config.q_lora_rank is not None:
+        out["attention.q_lora_rank"] = config.q_lora_rank
+    if config.norm_topk_prob:
+        out["expert_weights_norm"] = True
+    if config.model_type == "deepseek_v3":  # sigmoid routing; llama.cpp reads no key as softmax (V2's)
+        out["expert_gating_func"] = 2
+    if config.n_group:
+        out.update({"expert_group_count": config.n_group, "expert_group_used_count": config.topk_group})
     if split_kv_b:  # MLA files: the compressed head's sizes, and the decompressed ones as *_mla
         out.update({"attention.key_length": config.kv_lora_rank + rope, "attention.value_length": config.kv_lora_rank,
                     "attention.key_length_mla": config.qk_nope_head_dim + rope,
                     "attention.value_length_mla": config.v_head_dim})
     else:
         out.update({"attention.key_length": config.qk_nope_head_dim + rope, "attention.value_length": config.v_head_dim})
-    params = config.rope_parameters
+    params = config.rope_parameters or {}
     if params.get("rope_type") == "yarn":
         out.update({"rope.scaling.type": "yarn", "rope.scaling.factor": float(params["factor"]),
                     "rope.scaling.original_context_length": params["original_max_position_embeddings"],

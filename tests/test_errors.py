@@ -68,9 +68,9 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "{} is part {} of a {}-file GGUF, but {} {} missing from {}":
         ("test_gguf.py::test_split_gguf_with_a_missing_part_is_refused",),
     "{} is not a readable GGUF file ({}); download it again": ("test_gguf.py::test_gguf_that_is_not_gguf",),
-    "{} is a softmax-routed deepseek2 GGUF (DeepSeek-V2 or V2.5), which reshard cannot read yet; convert the "
-    "model's safetensors checkpoint instead":
-        ("test_formats_gguf_deepseek.py::test_softmax_routed_deepseek2_file_is_one_line",),
+    "{} is a deepseek2 GGUF with expert_gating_func {}, which reshard cannot read yet; convert the model's "
+    "safetensors checkpoint instead":
+        ("test_formats_gguf_deepseek.py::test_deepseek2_file_with_an_unknown_routing_is_one_line",),
     "{} is a deepseek2 GGUF without {}.{}; download it again":
         ("test_formats_gguf_deepseek.py::test_deepseek2_file_missing_a_size_is_one_line",),
     "{} has shape {}, not [heads, kv_lora_rank, qk_nope_head_dim]; is the file's metadata the one of these weights?":

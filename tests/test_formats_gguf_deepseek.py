@@ -1,5 +1,5 @@
-"""DeepSeek-V3 GGUF files (llama.cpp's `deepseek2`: DeepSeek-V3/R1, Kimi-K2), which transformers'
-GGUF loader does not read, convert by reshard/gguf_deepseek.py's own mapping: the config from the
+"""DeepSeek GGUF files (llama.cpp's `deepseek2`: DeepSeek-V3/R1, Kimi-K2; DeepSeek-V2/V2-Lite), which
+transformers' GGUF loader does not read, convert by reshard/gguf_deepseek.py's own mapping: the config from the
 file's metadata (MLA sizes, routing groups, YaRN), experts kept as blocks, MLA's `kv_b_proj` from
 llama.cpp's per-head `attn_k_b`/`attn_v_b` split (or from `attn_kv_b`, as older files keep it). The
 reference is the transformers model the file was written from (its Q8_0 weights rounded to Q8_0
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import CPU_BUDGETS
-from gguf_deepseek_files import deepseek_v3_config, random_model, write_deepseek2
+from gguf_deepseek_files import deepseek_v2_lite_config, deepseek_v3_config, random_model, write_deepseek2
 from gguf_files import TOKENIZER_VOCAB, tokenizer_gguf
 from test_gguf import cli_convert
 
@@ -69,18 +69,33 @@ def test_expert_blocks_stay_blocks_one_range_per_expert(deepseek):
     assert list(layer.experts.values())[0]["num_experts"] == 8
 
 
-def test_softmax_routed_deepseek2_file_is_one_line(tmp_path, capsys):
-    """DeepSeek-V2's routing (softmax, llama.cpp's expert_gating_func 1) is a different model: refused."""
+@pytest.mark.parametrize("placement", ["streamed", "resident"])
+def test_deepseek_v2_lite_file_equals_its_model(tmp_path_factory, placement):
+    """A softmax-routed file (no expert_gating_func, as llama.cpp writes DeepSeek-V2's) with a plain
+    q projection (no q LoRA, V2-Lite's) converts to a DeepseekV2 model equal to the one it came from."""
+    from runtime import LayeredModel
+
+    root = tmp_path_factory.mktemp("v2-lite")
+    model = random_model(deepseek_v2_lite_config(vocab=TOKENIZER_VOCAB), q8_0=q8_0)
+    write_deepseek2(root / "v2.gguf", tokenizer_gguf(), model, q8_0=q8_0)
+    convert(str(root / "v2.gguf"), root / "out", progress=False)
+    with torch.no_grad():
+        want = model(IDS).logits
+    with LayeredModel.from_pretrained(root / "out", device="cpu", packed=False,
+                                      max_cpu_memory=CPU_BUDGETS[placement]) as lm:
+        assert type(lm.model).__name__ == "DeepseekV2ForCausalLM"
+        assert torch.equal(lm(IDS).logits, want)
+
+
+def test_deepseek2_file_with_an_unknown_routing_is_one_line(tmp_path, capsys):
     from gguf import GGUFReader, GGUFWriter
 
-    path = tmp_path / "v2.gguf"
-    model = random_model(deepseek_v3_config(vocab=TOKENIZER_VOCAB, yarn=False))
-    write_deepseek2(path, tokenizer_gguf(), model)
-    reader, writer = GGUFReader(path), GGUFWriter(tmp_path / "v2-softmax.gguf", "deepseek2")
-    _copy_with(reader, writer, {"deepseek2.expert_gating_func": 1})
-    assert cli_convert(capsys, tmp_path / "v2-softmax.gguf", tmp_path / "out") == (
-        1, f"Error: {tmp_path / 'v2-softmax.gguf'} is a softmax-routed deepseek2 GGUF (DeepSeek-V2 or V2.5), which "
-           f"reshard cannot read yet; convert the model's safetensors checkpoint instead")
+    path = tmp_path / "m.gguf"
+    write_deepseek2(path, tokenizer_gguf(), random_model(deepseek_v3_config(vocab=TOKENIZER_VOCAB, yarn=False)))
+    _copy_with(GGUFReader(path), GGUFWriter(tmp_path / "odd.gguf", "deepseek2"), {"deepseek2.expert_gating_func": 3})
+    assert cli_convert(capsys, tmp_path / "odd.gguf", tmp_path / "out") == (
+        1, f"Error: {tmp_path / 'odd.gguf'} is a deepseek2 GGUF with expert_gating_func 3, which reshard cannot "
+           f"read yet; convert the model's safetensors checkpoint instead")
 
 
 def test_deepseek2_file_missing_a_size_is_one_line(tmp_path, capsys):
