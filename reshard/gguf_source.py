@@ -25,7 +25,7 @@ from .format import reordered
 from .ggml_iquants import require_gguf
 from .ggml_quants import scheme_for
 from .gguf_conversions import ConversionMap, newer_path
-from .gguf_deepseek import ARCHITECTURE as DEEPSEEK2, Deepseek2Map, config_from_metadata, metadata_fields
+from .gguf_tables import TableMap, config_from_metadata, mapped_here, metadata_fields
 from .source import Source
 
 SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -61,8 +61,8 @@ class GGUFSource(Source):
             raise SourceError(f"{path} is not a readable GGUF file ({e}); download it again") from None
         self.architecture = _architecture(readers[0])
         self._newer = newer_path(self.architecture)
-        # an architecture transformers does not read, mapped here (reshard/gguf_deepseek.py)
-        self._fields = metadata_fields(readers[0]) if self.architecture == DEEPSEEK2 else None
+        # an architecture transformers does not read, mapped here (reshard/gguf_tables.py)
+        self._fields = metadata_fields(readers[0]) if mapped_here(self.architecture) else None
         # Only the tensor tables are needed from here on: the metadata (a vocabulary is
         # hundreds of thousands of small arrays) is what transformers reads, from the file.
         self._tensors = [list(r.tensors) for r in readers]
@@ -83,7 +83,7 @@ class GGUFSource(Source):
         first = self.files[0]
         if self._fields is not None:
             names = [t.name for tensors in self._tensors for t in tensors]
-            config = config_from_metadata(self._fields, names, first)
+            config = config_from_metadata(self.architecture, self._fields, names, first)
         try:  # the newer path's architectures have no legacy metadata (nor need it)
             if self._fields is not None:  # the tokenizer alone, whatever the architecture
                 metadata, tokenizer = None, PreTrainedTokenizerFast.from_pretrained(first.parent, gguf_file=first.name)
@@ -110,7 +110,7 @@ class GGUFSource(Source):
         self._sources, self._row_maps, self._column_maps = {}, {}, {}
         if self._newer or self._fields is not None:
             located = {t.name: (i, t) for i, tensors in enumerate(self._tensors) for t in tensors}
-            self._conversions = (Deepseek2Map(meta_model, list(located)) if self._fields is not None
+            self._conversions = (TableMap(self.architecture, meta_model, list(located)) if self._fields is not None
                                  else ConversionMap(self.architecture, meta_model, list(located)))
             self._sources = {k: [located[n] for n in names] for k, names in self._conversions.sources.items()}
             return

@@ -70,11 +70,11 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "{} is not a readable GGUF file ({}); download it again": ("test_gguf.py::test_gguf_that_is_not_gguf",),
     "{} is a deepseek2 GGUF with expert_gating_func {}, which reshard cannot read yet; convert the model's "
     "safetensors checkpoint instead":
-        ("test_formats_gguf_deepseek.py::test_deepseek2_file_with_an_unknown_routing_is_one_line",),
-    "{} is a deepseek2 GGUF without {}.{}; download it again":
-        ("test_formats_gguf_deepseek.py::test_deepseek2_file_missing_a_size_is_one_line",),
+        ("test_formats_gguf_tables.py::test_deepseek2_file_with_an_unknown_routing_is_one_line",),
+    "{} is a {} GGUF without {}.{}; download it again":
+        ("test_formats_gguf_tables.py::test_deepseek2_file_missing_a_size_is_one_line",),
     "{} has shape {}, not [heads, kv_lora_rank, qk_nope_head_dim]; is the file's metadata the one of these weights?":
-        ("test_formats_gguf_deepseek.py::test_k_b_that_does_not_match_the_metadata_is_one_line",),
+        ("test_formats_gguf_tables.py::test_k_b_that_does_not_match_the_metadata_is_one_line",),
     "GGUF files and the GGML blocks they hold need the gguf package ({} is not installed): pip install 'reshard[gguf]'":
         ("test_gguf.py::test_gguf_without_the_gguf_package_is_one_line",),
     "{}: the source's {} blocks {} do not make a weight of shape {}; the checkpoint does not match its config":

@@ -1,16 +1,17 @@
-"""DeepSeek GGUF files (llama.cpp's `deepseek2`: DeepSeek-V3/R1, Kimi-K2; DeepSeek-V2/V2-Lite), which
-transformers' GGUF loader does not read, convert by reshard/gguf_deepseek.py's own mapping: the config from the
-file's metadata (MLA sizes, routing groups, YaRN), experts kept as blocks, MLA's `kv_b_proj` from
-llama.cpp's per-head `attn_k_b`/`attn_v_b` split (or from `attn_kv_b`, as older files keep it). The
-reference is the transformers model the file was written from (its Q8_0 weights rounded to Q8_0
-first): logits bit-identical in float32, streamed and resident."""
+"""GGUF files transformers' GGUF loader does not read (llama.cpp's `deepseek2`: DeepSeek-V3/R1, Kimi-K2,
+DeepSeek-V2/V2-Lite; `glm4moe`: GLM-4.5) convert by reshard/gguf_tables.py's own mapping: the config
+from the file's metadata (MLA sizes, routing groups, YaRN, GLM's partial rotary), experts kept as
+blocks, MLA's `kv_b_proj` from llama.cpp's per-head `attn_k_b`/`attn_v_b` split (or from `attn_kv_b`, as
+older files keep it), a multi-token-prediction layer dropped. The reference is the transformers model
+the file was written from (its Q8_0 weights rounded to Q8_0 first): logits bit-identical in float32,
+streamed and resident."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import CPU_BUDGETS
-from gguf_deepseek_files import deepseek_v2_lite_config, deepseek_v3_config, random_model, write_deepseek2
+from gguf_table_files import deepseek_v2_lite_config, deepseek_v3_config, glm4_moe_config, random_model, write_mapped
 from gguf_files import TOKENIZER_VOCAB, tokenizer_gguf
 from test_gguf import cli_convert
 
@@ -35,7 +36,7 @@ def deepseek(tmp_path_factory) -> dict:
     out = {"model": model}
     for name, split in (("split", True), ("whole", False)):
         path = root / f"{name}.gguf"
-        write_deepseek2(path, tokenizer_gguf(), model, q8_0=q8_0, split_kv_b=split)
+        write_mapped(path, tokenizer_gguf(), model, q8_0=q8_0, split_kv_b=split)
         convert(str(path), root / f"{name}-out", progress=False)
         out[name] = (path, root / f"{name}-out")
     return out
@@ -77,7 +78,7 @@ def test_deepseek_v2_lite_file_equals_its_model(tmp_path_factory, placement):
 
     root = tmp_path_factory.mktemp("v2-lite")
     model = random_model(deepseek_v2_lite_config(vocab=TOKENIZER_VOCAB), q8_0=q8_0)
-    write_deepseek2(root / "v2.gguf", tokenizer_gguf(), model, q8_0=q8_0)
+    write_mapped(root / "v2.gguf", tokenizer_gguf(), model, q8_0=q8_0)
     convert(str(root / "v2.gguf"), root / "out", progress=False)
     with torch.no_grad():
         want = model(IDS).logits
@@ -87,11 +88,33 @@ def test_deepseek_v2_lite_file_equals_its_model(tmp_path_factory, placement):
         assert torch.equal(lm(IDS).logits, want)
 
 
+@pytest.mark.parametrize("placement", ["streamed", "resident"])
+def test_glm4moe_file_equals_its_model(tmp_path_factory, placement):
+    """GLM-4.5 as llama.cpp writes it (biases, q/k norms, its multi-token-prediction layer counted in
+    block_count and stored after the last layer): a Glm4Moe model equal to the one it came from."""
+    from runtime import LayeredModel
+
+    root = tmp_path_factory.mktemp("glm")
+    model = random_model(glm4_moe_config(vocab=TOKENIZER_VOCAB), q8_0=q8_0)
+    write_mapped(root / "glm.gguf", tokenizer_gguf(), model, q8_0=q8_0, mtp=True)
+    convert(str(root / "glm.gguf"), root / "out", progress=False)
+    with torch.no_grad():
+        want, want_tokens = model(IDS).logits, model.generate(IDS, max_new_tokens=5, do_sample=False)
+    manifest = read_manifest(root / "out")
+    assert manifest.group("layers.1").quantized["model.layers.1.mlp.experts.gate_up_proj"]["scheme"] == "int8"
+    assert len([g for g in manifest.groups if g.kind == "layer"]) == 3
+    with LayeredModel.from_pretrained(root / "out", device="cpu", packed=False,
+                                      max_cpu_memory=CPU_BUDGETS[placement]) as lm:
+        assert type(lm.model).__name__ == "Glm4MoeForCausalLM"
+        assert torch.equal(lm(IDS).logits, want)
+        assert torch.equal(lm.generate(IDS, max_new_tokens=5, do_sample=False), want_tokens)
+
+
 def test_deepseek2_file_with_an_unknown_routing_is_one_line(tmp_path, capsys):
     from gguf import GGUFReader, GGUFWriter
 
     path = tmp_path / "m.gguf"
-    write_deepseek2(path, tokenizer_gguf(), random_model(deepseek_v3_config(vocab=TOKENIZER_VOCAB, yarn=False)))
+    write_mapped(path, tokenizer_gguf(), random_model(deepseek_v3_config(vocab=TOKENIZER_VOCAB, yarn=False)))
     _copy_with(GGUFReader(path), GGUFWriter(tmp_path / "odd.gguf", "deepseek2"), {"deepseek2.expert_gating_func": 3})
     assert cli_convert(capsys, tmp_path / "odd.gguf", tmp_path / "out") == (
         1, f"Error: {tmp_path / 'odd.gguf'} is a deepseek2 GGUF with expert_gating_func 3, which reshard cannot "
@@ -102,7 +125,7 @@ def test_deepseek2_file_missing_a_size_is_one_line(tmp_path, capsys):
     from gguf import GGUFReader, GGUFWriter
 
     path = tmp_path / "m.gguf"
-    write_deepseek2(path, tokenizer_gguf(), random_model(deepseek_v3_config(vocab=TOKENIZER_VOCAB, yarn=False)))
+    write_mapped(path, tokenizer_gguf(), random_model(deepseek_v3_config(vocab=TOKENIZER_VOCAB, yarn=False)))
     _copy_with(GGUFReader(path), GGUFWriter(tmp_path / "cut.gguf", "deepseek2"), drop="deepseek2.attention.kv_lora_rank")
     assert cli_convert(capsys, tmp_path / "cut.gguf", tmp_path / "out") == (
         1, f"Error: {tmp_path / 'cut.gguf'} is a deepseek2 GGUF without deepseek2.attention.kv_lora_rank; "
@@ -114,7 +137,7 @@ def test_k_b_that_does_not_match_the_metadata_is_one_line(tmp_path, capsys):
     from gguf import GGUFReader, GGUFWriter
 
     path = tmp_path / "m.gguf"
-    write_deepseek2(path, tokenizer_gguf(), random_model(deepseek_v3_config(vocab=TOKENIZER_VOCAB, yarn=False)))
+    write_mapped(path, tokenizer_gguf(), random_model(deepseek_v3_config(vocab=TOKENIZER_VOCAB, yarn=False)))
     reader = GGUFReader(path)
     wrong = int(reader.fields["deepseek2.attention.key_length_mla"].contents()) + 8
     _copy_with(reader, GGUFWriter(tmp_path / "bad.gguf", "deepseek2"), {"deepseek2.attention.key_length_mla": wrong})

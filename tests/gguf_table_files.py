@@ -1,9 +1,11 @@
-"""DeepSeek-V3 GGUF files as llama.cpp's converter (`convert_hf_to_gguf.py`, `DeepseekV2Model`) writes
-them from a transformers model: names from the `gguf` package's table for `deepseek2`, experts
-stacked into one [E, out, in] tensor per projection, MLA's `kv_b_proj` split per head into `attn_k_b`
-(transposed) and `attn_v_b` (or kept whole, as files before llama.cpp's MLA support), one key/value
-head in the metadata, YaRN as `yarn_log_multiplier = 0.1 * mscale_all_dim`. Weights written as Q8_0
-are first rounded to what Q8_0 holds, in the model too, so the model is the file's exact reference."""
+"""GGUF files of the architectures transformers does not read (DeepSeek's `deepseek2`, GLM-4.5's
+`glm4moe`) as llama.cpp's converter (`convert_hf_to_gguf.py`: `DeepseekV2Model`, `Glm4MoeModel`) writes
+them from a transformers model: names from the `gguf` package's table, experts stacked into one
+[E, out, in] tensor per projection, MLA's `kv_b_proj` split per head into `attn_k_b` (transposed) and
+`attn_v_b` (or kept whole, as files before llama.cpp's MLA support), one key/value head in deepseek2's
+metadata, YaRN as `yarn_log_multiplier = 0.1 * mscale_all_dim`, GLM's multi-token-prediction layer
+counted in `block_count`. Weights written as Q8_0 are first rounded to what Q8_0 holds, in the model
+too, so the model is the file's exact reference."""
 
 from __future__ import annotations
 
@@ -11,13 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFValueType, GGUFWriter, MODEL_ARCH, get_tensor_name_map
+from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFValueType, GGUFWriter, MODEL_ARCH_NAMES, get_tensor_name_map
 from gguf.quants import dequantize, quantize
 
 from gguf_files import SKIP_KEYS, vocab_overrides
 
-ARCH = "deepseek2"
-
+ARCHS = {"deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2", "glm4_moe": "glm4moe"}  # model type -> GGUF
 
 def deepseek_v3_config(*, vocab: int, yarn: bool = True):
     """A small DeepSeek-V3 config: MLA with a q LoRA, 8 routed experts in 2 groups, one dense layer."""
@@ -46,6 +47,17 @@ def deepseek_v2_lite_config(*, vocab: int):
                                max_position_embeddings=256, tie_word_embeddings=False)
 
 
+def glm4_moe_config(*, vocab: int):
+    """A small GLM-4.5: q/k/v biases, q/k norms, a half-width rotary embedding, one dense layer."""
+    import transformers as tf
+
+    return tf.Glm4MoeConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                            routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=True,
+                            max_position_embeddings=256, tie_word_embeddings=False)
+
+
 def random_model(config, seed: int = 0, q8_0=lambda name: False):
     """A random float32 model of `config` (its score-correction biases random too), each weight that
     `q8_0(name)` picks rounded to Q8_0 along its rows."""
@@ -62,11 +74,15 @@ def random_model(config, seed: int = 0, q8_0=lambda name: False):
     return model
 
 
-def write_deepseek2(path: Path, like: Path, model, *, q8_0=lambda name: False, split_kv_b: bool = True) -> None:
-    """`model` (a transformers DeepSeek-V3) as llama.cpp writes its GGUF, with `like`'s tokenizer cut
-    to the model's vocabulary; the weights `q8_0(transformers name)` picks in Q8_0, the rest F32."""
+def write_mapped(path: Path, like: Path, model, *, q8_0=lambda name: False, split_kv_b: bool = True,
+                 mtp: bool = False) -> None:
+    """`model` (a transformers DeepSeek or GLM-4.5 MoE) as llama.cpp writes its GGUF, with `like`'s
+    tokenizer cut to the model's vocabulary; the weights `q8_0(transformers name)` picks in Q8_0, the
+    rest F32; `mtp` adds a multi-token-prediction layer after the last (GLM's files keep theirs)."""
     config = model.config
-    table = get_tensor_name_map(MODEL_ARCH.DEEPSEEK2, config.num_hidden_layers)
+    arch = ARCHS[config.model_type]
+    gguf_arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch)
+    table = get_tensor_name_map(gguf_arch, config.num_hidden_layers + int(mtp))
     tensors = []  # (GGUF name, float32 array, type)
     for name, t in model.state_dict().items():
         a, qtype = t.float().numpy(), Q.Q8_0 if q8_0(name) else Q.F32
@@ -87,17 +103,22 @@ def write_deepseek2(path: Path, like: Path, model, *, q8_0=lambda name: False, s
                         (table.get_name(base.replace("kv_b", "v_b")) + ".weight", v_b, Q.F32)]
         else:
             tensors.append((table.get_name(name, try_suffixes=(".weight", ".bias")), a, qtype))
+    if mtp:  # llama.cpp's names for the next-token layer's own tensors, and a norm as every layer has
+        n, hidden = config.num_hidden_layers, config.hidden_size
+        tensors += [(f"blk.{n}.nextn.eh_proj.weight", np.ones((hidden, 2 * hidden), np.float32), Q.F32),
+                    (f"blk.{n}.attn_norm.weight", np.ones(hidden, np.float32), Q.F32)]
     reader = GGUFReader(like)
-    writer = GGUFWriter(path, ARCH)
+    writer = GGUFWriter(path, arch)
     overrides = vocab_overrides(reader, config.vocab_size)
     for key, field in reader.fields.items():
         if key.startswith(("tokenizer.", "general.")) and not key.startswith(SKIP_KEYS):
             sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
             writer.add_key_value(key, overrides.get(key, field.contents()), field.types[0], sub_type=sub_type)
-    for key, value in _metadata(config, split_kv_b).items():
+    metadata = _deepseek2(config, split_kv_b) if arch == "deepseek2" else _glm4moe(config, mtp)
+    for key, value in metadata.items():
         kind = GGUFValueType.STRING if isinstance(value, str) else GGUFValueType.FLOAT32 if isinstance(value, float) \
             else GGUFValueType.BOOL if isinstance(value, bool) else GGUFValueType.UINT32
-        writer.add_key_value(f"{ARCH}.{key}", value, kind)
+        writer.add_key_value(f"{arch}.{key}", value, kind)
     for name, a, qtype in tensors:
         data = quantize(a, qtype) if qtype != Q.F32 else a.astype(np.float32)
         writer.add_tensor(name, data, raw_dtype=qtype if qtype != Q.F32 else None)
@@ -107,7 +128,23 @@ def write_deepseek2(path: Path, like: Path, model, *, q8_0=lambda name: False, s
     writer.close()
 
 
-def _metadata(config, split_kv_b: bool) -> dict:
+def _glm4moe(config, mtp: bool) -> dict:
+    """The `glm4moe.*` keys llama.cpp's converter writes for `config`."""
+    return {"block_count": config.num_hidden_layers + int(mtp), "nextn_predict_layers": int(mtp),
+            "context_length": config.max_position_embeddings, "embedding_length": config.hidden_size,
+            "feed_forward_length": config.intermediate_size, "attention.head_count": config.num_attention_heads,
+            "attention.head_count_kv": config.num_key_value_heads, "attention.key_length": config.head_dim,
+            "attention.value_length": config.head_dim,
+            "rope.freq_base": float(config.rope_parameters["rope_theta"]),
+            "rope.dimension_count": int(config.head_dim * config.rope_parameters["partial_rotary_factor"]),
+            "attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
+            "expert_used_count": config.num_experts_per_tok, "expert_count": config.n_routed_experts,
+            "expert_feed_forward_length": config.moe_intermediate_size, "expert_shared_count": config.n_shared_experts,
+            "leading_dense_block_count": config.first_k_dense_replace, "expert_gating_func": 2,
+            "expert_weights_scale": float(config.routed_scaling_factor), "expert_weights_norm": config.norm_topk_prob}
+
+
+def _deepseek2(config, split_kv_b: bool) -> dict:
     """The `deepseek2.*` keys llama.cpp's converter writes for `config`."""
     rope = config.qk_rope_head_dim
     out = {"block_count": config.num_hidden_layers, "context_length": config.max_position_embeddings,

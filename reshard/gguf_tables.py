@@ -1,0 +1,106 @@
+"""GGUF files whose architecture transformers' GGUF loader does not read (`deepseek2`: DeepSeek-V3,
+R1, Kimi-K2, DeepSeek-V2; `glm4moe`: GLM-4.5 to 4.7), mapped here as llama.cpp's converter
+(`convert_hf_to_gguf.py`) writes them:
+- names: the `gguf` package's own table for the architecture (`gguf.get_tensor_name_map`), the one
+  llama.cpp's converter names tensors by;
+- a MoE layer's experts: one [E, out, in] tensor per projection (`ffn_gate_exps`, `ffn_up_exps`,
+  `ffn_down_exps`); transformers' model holds gate and up as one `gate_up_proj`, gate first;
+- the score-correction bias as `exp_probs_b.bias`;
+- MLA's `kv_b_proj` (deepseek2): files written since llama.cpp's MLA support split it per head into
+  `attn_k_b` ([heads, kv_lora_rank, qk_nope], the key part transposed) and `attn_v_b`
+  ([heads, v, kv_lora_rank]); older files keep `attn_kv_b` whole. Both make the same weight;
+- blocks after the model's last layer (a multi-token-prediction layer llama.cpp keeps) are dropped,
+  as transformers' models have no module for them;
+- the config: reshard/gguf_configs.py.
+
+`TableMap` answers as reshard/gguf_conversions.py's `ConversionMap` does (`sources`, `make`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import gguf_configs
+from .errors import SourceError
+
+CONFIGS = {"deepseek2": gguf_configs.deepseek2, "glm4moe": gguf_configs.glm4moe}  # GGUF architecture -> config
+
+
+def mapped_here(architecture: str) -> bool:
+    return architecture in CONFIGS
+
+
+def config_from_metadata(architecture: str, fields: dict, tensor_names, path):
+    """The transformers config of a GGUF of `architecture` with key-value `fields` {key: value}."""
+    return CONFIGS[architecture](gguf_configs.Keys(architecture, fields, path), tensor_names)
+
+
+def metadata_fields(reader) -> dict:
+    """{key: value} of a GGUFReader's key-value fields, but the tokenizer's long arrays (their lengths)."""
+    out = {}
+    for name, field in reader.fields.items():
+        if name.startswith("tokenizer.ggml.") and name.endswith(("tokens", "merges", "token_type", "scores")):
+            out[name + ".count"] = len(field.data)
+            continue
+        try:
+            out[name] = field.contents()
+        except (ValueError, TypeError):  # a field gguf cannot decode is not one a config needs
+            continue
+    return out
+
+
+class TableMap:
+    """Which GGUF tensors make each parameter of a model, and how."""
+
+    def __init__(self, architecture: str, model, names):
+        import gguf
+
+        config = model.config
+        self.heads = config.num_attention_heads
+        self.nope = getattr(config, "qk_nope_head_dim", None)
+        arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == architecture)
+        layers = config.num_hidden_layers
+        table = gguf.get_tensor_name_map(arch, layers + getattr(config, "num_nextn_predict_layers", 0))
+        present = set(names)
+        self.sources: dict[str, list[str]] = {}
+        self.kinds: dict[str, str] = {}  # parameter -> "experts" (gate, up joined) or "kv_b" (from k_b, v_b)
+        for param in model.state_dict():
+            base = param.rsplit(".", 1)[0]
+            if param.endswith(".mlp.experts.gate_up_proj"):
+                made = [table.get_name(f"{base}.gate_proj") + ".weight", table.get_name(f"{base}.up_proj") + ".weight"]
+                self.kinds[param] = "experts"
+            elif param.endswith(".mlp.experts.down_proj"):
+                made = [table.get_name(param) + ".weight"]
+            elif param.endswith(".e_score_correction_bias"):
+                made = [table.get_name(param[:-len("_bias")]) + ".bias"]
+            elif param.endswith("kv_b_proj.weight") and table.get_name(base) + ".weight" not in present:
+                made = [table.get_name(base.replace("kv_b_proj", name)) + ".weight" for name in ("k_b_proj", "v_b_proj")]
+                self.kinds[param] = "kv_b"
+            else:
+                made = [table.get_name(param, try_suffixes=(".weight", ".bias")) or param]
+            if all(m in present for m in made):
+                self.sources[param] = made
+        claimed = {n for made in self.sources.values() for n in made}
+        for name in names:  # left for the conversion's check to name, but the blocks after the last layer
+            if name not in claimed and not _block_at_or_after(name, layers):
+                self.sources[name] = [name]
+
+    def make(self, key: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Parameter `key` from its GGUF tensors {GGUF name: values}, in `sources[key]`'s order."""
+        values = [tensors[n] for n in self.sources[key]]
+        kind = self.kinds.get(key)
+        if kind == "experts":  # [E, I, H] gate and up -> [E, 2I, H]
+            return torch.cat(values, dim=1)
+        if kind == "kv_b":  # per head: the key part (stored transposed), then the value part
+            k_b, v_b = values
+            if k_b.dim() != 3 or v_b.dim() != 3 or k_b.shape[0] != self.heads or k_b.shape[2] != self.nope:
+                raise SourceError(f"{self.sources[key][0]} has shape {list(k_b.shape)}, not [heads, kv_lora_rank, "
+                                  f"qk_nope_head_dim]; is the file's metadata the one of these weights?")
+            return torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(-1, k_b.shape[1])
+        (value,) = values
+        return value
+
+
+def _block_at_or_after(name: str, layers: int) -> bool:
+    parts = name.split(".")
+    return len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) >= layers
