@@ -244,8 +244,9 @@ class QuantSpec:
         quantized[name] = {"shape": list(t.shape), "dtype": DTYPE_TO_ST[target], "transposed": transposed}
 
 
-def _kept_blocks(src: Source, model, plan, mapping: KeyMap) -> dict[str, str]:
-    """{param: scheme} for the decoder layers' linear weights, and the output head's where it is a
+def _kept_blocks(src: Source, model, plan, mapping: KeyMap) -> dict[str, tuple[str, bool]]:
+    """{param: (scheme, transposed)} for the decoder layers' linear weights (and experts, (in, out) ones
+    too where the source's blocks are their (out, in) rows), and the output head's where it is a
     linear layer of its own (not tied to the input embeddings), that the source holds as quantized
     blocks reshard stores as they are (a GGUF's Q4_K, Q8_0, ...: reshard/ggml_quants.py). The
     head is read whole on every pass (a Q6_K head is a quarter of float32's bytes); the input
@@ -256,13 +257,13 @@ def _kept_blocks(src: Source, model, plan, mapping: KeyMap) -> dict[str, str]:
         name = next(n for n, m in model.named_modules() if m is head) + ".weight"
         if any(name in g.params for g in plan.groups):  # stored: not an alias of the input embeddings
             linear[name] = False
-    return {p: scheme for p, transposed in linear.items()
-            if not transposed and p in mapping.direct and (scheme := src.block_scheme(mapping.direct[p]))}
+    return {p: (scheme, transposed) for p, transposed in linear.items()
+            if p in mapping.direct and (scheme := src.block_scheme(mapping.direct[p], transposed))}
 
 
 def _write_groups(src: Source, model, plan, mapping: KeyMap, out: Path, target: torch.dtype, record: Progress,
                   kept: dict[str, Group], progress: bool, quant: QuantSpec | None = None,
-                  blocks: dict[str, str] | None = None) -> list[Group]:
+                  blocks: dict[str, tuple[str, bool]] | None = None) -> list[Group]:
     """Write every group not `kept`, in order; the next one is read (and cast) on a thread
     while this one is written, so reading, casting, writing and hashing overlap."""
     size = {g.name: sum(math.prod(s) for s in g.params.values()) * target.itemsize for g in plan.groups}
@@ -311,7 +312,7 @@ def _prepared_groups(todo: list, prepare, *, ahead: bool):
 
 
 def _prepare_group(src: Source, model, planned, mapping: KeyMap, target: torch.dtype,
-                   quant: QuantSpec | None, blocks: dict[str, str]) -> tuple:
+                   quant: QuantSpec | None, blocks: dict[str, tuple[str, bool]]) -> tuple:
     """(planned, tensors, quantized, buffers) to write for `planned`. Parameters stored in the
     source as they are to be written stay there (`FileSlice`s, copied by the kernel when the
     file is written); the rest are read, fused as transformers fuses them, and cast."""
@@ -332,8 +333,9 @@ def _prepare_group(src: Source, model, planned, mapping: KeyMap, target: torch.d
             continue
         if pname in blocks:  # the source's blocks, kept or re-packed: expanded at load
             key = mapping.direct[pname]
-            columns = src.block_columns(key) if blocks_of(blocks[pname]) else None
-            _store_blocks(pname, src.read_blocks(key), blocks[pname], shape, target, tensors, quantized, columns)
+            scheme, transposed = blocks[pname]
+            columns = src.block_columns(key) if blocks_of(scheme) else None
+            _store_blocks(pname, src.read_blocks(key), scheme, shape, target, tensors, quantized, columns, transposed)
             continue
         if pname in as_stored:
             t = as_stored[pname]
@@ -353,12 +355,14 @@ def _prepare_group(src: Source, model, planned, mapping: KeyMap, target: torch.d
 
 
 def _store_blocks(pname: str, raw: torch.Tensor, scheme: str, shape, target: torch.dtype, tensors: dict,
-                  quantized: dict, columns: torch.Tensor | None = None) -> None:
+                  quantized: dict, columns: torch.Tensor | None = None, transposed: bool = False) -> None:
     """`pname`'s GGML blocks as stored: re-packed into int8/int4 group 32 where those hold them
     exactly (Q8_0, Q4_0, Q4_1: reshard/ggml_repack.py), else as the blocks (reshard/ggml_quants.py),
-    with their `columns` order for a reordered scheme."""
-    check_block_shape(pname, raw, blocks_of(scheme) or scheme, shape)
-    entry = {"shape": list(shape), "dtype": DTYPE_TO_ST[target], "transposed": False}
+    with their `columns` order for a reordered scheme; a `transposed` parameter's blocks are the
+    rows of its (out, in) matrices (its shape's last two dimensions swapped)."""
+    rows = [*shape[:-2], shape[-1], shape[-2]] if transposed else shape
+    check_block_shape(pname, raw, blocks_of(scheme) or scheme, rows)
+    entry = {"shape": list(shape), "dtype": DTYPE_TO_ST[target], "transposed": transposed}
     if scheme in REPACKED:  # experts [E, out, ...] re-packed as one matrix of E * out rows: each expert's rows stay together
         scheme, parts = repack_blocks(raw.reshape(-1, raw.shape[-1]), scheme)
         parts = {part: p.reshape(*raw.shape[:-1], *p.shape[1:]) for part, p in parts.items()}

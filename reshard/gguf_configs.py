@@ -8,6 +8,8 @@ from the `{arch}.*` keys llama.cpp's converter (`convert_hf_to_gguf.py`) writes 
   `yarn_log_multiplier = 0.1 * mscale_all_dim`.
 - `glm4moe` (GLM-4.5, 4.6, 4.7, 4.5-Air): the multi-token-prediction layer counted in `block_count`;
   the rotary width as `rope.dimension_count`; attention biases and q/k norms told by their tensors.
+- `gpt-oss` (gpt-oss-20b, 120b): sliding and full attention alternating as transformers' default has
+  them; YaRN's factor and original context.
 """
 
 from __future__ import annotations
@@ -96,6 +98,22 @@ def glm4moe(keys: Keys, tensor_names):
         rope_parameters={"rope_type": "default", "rope_theta": float(keys("rope.freq_base", 10000.0)),
                          "partial_rotary_factor": keys("rope.dimension_count") / head_dim},
         architectures=["Glm4MoeForCausalLM"])
+
+
+def gpt_oss(keys: Keys, tensor_names):
+    """`GptOssConfig`: gpt-oss's YaRN does not round its correction range (`truncate` False, as its
+    own config says; llama.cpp computes it so and writes no key for it)."""
+    from transformers import GptOssConfig
+
+    rope = _rope(keys, float(keys("rope.freq_base", 150000.0)))
+    if rope["rope_type"] == "yarn":
+        rope = {k: v for k, v in rope.items() if not k.startswith("mscale")} | {"truncate": False}
+    return GptOssConfig(
+        **keys.common(tensor_names), head_dim=keys("attention.key_length"),
+        intermediate_size=keys("expert_feed_forward_length", keys.fields.get("gpt-oss.feed_forward_length")),
+        num_key_value_heads=keys("attention.head_count_kv"), num_local_experts=keys("expert_count"),
+        num_experts_per_tok=keys("expert_used_count"), sliding_window=keys("attention.sliding_window"),
+        rope_parameters=rope, architectures=["GptOssForCausalLM"])
 
 
 def _rope(keys: Keys, theta: float) -> dict:

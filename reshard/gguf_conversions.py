@@ -54,7 +54,11 @@ class ConversionMap:
             if pattern is not None:
                 self.fusions.setdefault(target, Fusion(by_pattern[pattern], target)).add(pattern, name)
 
-    def make(self, key: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def transposed(self, key: str) -> bool:
+        """Whether the GGUF's rows are the columns of parameter `key`: never, on this path."""
+        return False
+
+    def make(self, key: str, tensors: dict[str, torch.Tensor], stored: bool = False) -> torch.Tensor:
         """Parameter `key` from its GGUF tensors {GGUF name: values in the file's own float type}."""
         fusion = self.fusions.get(key)
         if fusion is None:

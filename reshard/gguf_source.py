@@ -146,14 +146,16 @@ class GGUFSource(Source):
             raise SourceError(f"{self.path}: transformers' GGUF processing gave no tensor for {missing[0]}")
         return {k: parsed["tensors"][k] for k in keys}
 
-    def block_scheme(self, key: str) -> str | None:
+    def block_scheme(self, key: str, transposed: bool = False) -> str | None:
         """The reshard/ggml_quants.py scheme `key` is kept in: its GGUF tensors (one, or several that
         transformers' processor merges, as a MoE layer's gate and up experts) are weights of one
         block type reshard stores, and the processor only moves their rows (see `_row_map`); or
         the same scheme `reordered` where a single matrix's processing only moves its columns
-        (`block_columns`: their order is stored beside the blocks)."""
+        (`block_columns`: their order is stored beside the blocks). A `transposed` parameter (gpt-oss's
+        (in, out) experts) keeps blocks where its mapping makes it from the file's (out, in) rows."""
         found = self._sources.get(key, [])
-        if not found or any(len(t.shape) not in (2, 3) for _, t in found):
+        stored_transposed = self._conversions is not None and self._conversions.transposed(key)
+        if not found or any(len(t.shape) not in (2, 3) for _, t in found) or transposed != stored_transposed:
             return None
         schemes = {scheme_for(t.tensor_type.name) for _, t in found}
         columns = {int(t.shape[0]) for _, t in found}  # GGUF shapes are (columns, rows[, experts])
@@ -236,7 +238,7 @@ class GGUFSource(Source):
         """The probes made into `key` by its conversion mapping, or None where its operations fail
         on them (a column permutation, which no row map can express)."""
         try:
-            made = self._conversions.make(key, {n: torch.from_numpy(p) for n, p in probes.items()})
+            made = self._conversions.make(key, {n: torch.from_numpy(p) for n, p in probes.items()}, stored=True)
         except (SourceError, IndexError, RuntimeError, ValueError):
             return None
         return made.numpy()

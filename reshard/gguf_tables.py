@@ -1,11 +1,14 @@
 """GGUF files whose architecture transformers' GGUF loader does not read (`deepseek2`: DeepSeek-V3,
-R1, Kimi-K2, DeepSeek-V2; `glm4moe`: GLM-4.5 to 4.7), mapped here as llama.cpp's converter
-(`convert_hf_to_gguf.py`) writes them:
+R1, Kimi-K2, DeepSeek-V2; `glm4moe`: GLM-4.5 to 4.7; `gpt-oss`, whose files transformers' own mapping
+misnames), mapped here as llama.cpp's converter (`convert_hf_to_gguf.py`) writes them:
 - names: the `gguf` package's own table for the architecture (`gguf.get_tensor_name_map`), the one
   llama.cpp's converter names tensors by;
 - a MoE layer's experts: one [E, out, in] tensor per projection (`ffn_gate_exps`, `ffn_up_exps`,
   `ffn_down_exps`); transformers' model holds gate and up as one `gate_up_proj`, gate first;
 - the score-correction bias as `exp_probs_b.bias`;
+- gpt-oss's experts, which transformers holds as (in, out) matrices with gate and up interleaved
+  (`gate_up_proj` [E, H, 2I], columns g0 u0 g1 u1 ...): llama.cpp writes them as (out, in) tensors of
+  their own, biases alike; the attention sinks as `attn_sinks.weight`;
 - MLA's `kv_b_proj` (deepseek2): files written since llama.cpp's MLA support split it per head into
   `attn_k_b` ([heads, kv_lora_rank, qk_nope], the key part transposed) and `attn_v_b`
   ([heads, v, kv_lora_rank]); older files keep `attn_kv_b` whole. Both make the same weight;
@@ -23,7 +26,8 @@ import torch
 from . import gguf_configs
 from .errors import SourceError
 
-CONFIGS = {"deepseek2": gguf_configs.deepseek2, "glm4moe": gguf_configs.glm4moe}  # GGUF architecture -> config
+CONFIGS = {"deepseek2": gguf_configs.deepseek2, "glm4moe": gguf_configs.glm4moe,  # GGUF architecture -> config
+           "gpt-oss": gguf_configs.gpt_oss}
 
 
 def mapped_here(architecture: str) -> bool:
@@ -63,10 +67,22 @@ class TableMap:
         table = gguf.get_tensor_name_map(arch, layers + getattr(config, "num_nextn_predict_layers", 0))
         present = set(names)
         self.sources: dict[str, list[str]] = {}
-        self.kinds: dict[str, str] = {}  # parameter -> "experts" (gate, up joined) or "kv_b" (from k_b, v_b)
+        # parameter -> how its tensors make it: "experts" (gate, up joined), "kv_b" (from k_b, v_b),
+        # "interleaved" (gpt-oss's gate and up, row by row, transposed; "bias": not transposed),
+        # "transposed" (gpt-oss's down experts)
+        self.kinds: dict[str, str] = {}
         for param in model.state_dict():
             base = param.rsplit(".", 1)[0]
-            if param.endswith(".mlp.experts.gate_up_proj"):
+            experts = base if param.endswith(("_proj", "_proj_bias")) and base.endswith(".mlp.experts") else None
+            if experts and getattr(model.get_submodule(experts), "is_transposed", False):  # gpt-oss
+                suffix = ".bias" if param.endswith("_bias") else ".weight"
+                if ".gate_up_proj" in param:
+                    made = [table.get_name(f"{experts}.{p}") + suffix for p in ("gate_proj", "up_proj")]
+                    self.kinds[param] = "interleaved" if suffix == ".weight" else "interleaved bias"
+                else:
+                    made = [table.get_name(f"{experts}.down_proj") + suffix]
+                    self.kinds[param] = "transposed" if suffix == ".weight" else "bias"
+            elif param.endswith(".mlp.experts.gate_up_proj"):
                 made = [table.get_name(f"{base}.gate_proj") + ".weight", table.get_name(f"{base}.up_proj") + ".weight"]
                 self.kinds[param] = "experts"
             elif param.endswith(".mlp.experts.down_proj"):
@@ -76,6 +92,8 @@ class TableMap:
             elif param.endswith("kv_b_proj.weight") and table.get_name(base) + ".weight" not in present:
                 made = [table.get_name(base.replace("kv_b_proj", name)) + ".weight" for name in ("k_b_proj", "v_b_proj")]
                 self.kinds[param] = "kv_b"
+            elif param.endswith(".sinks"):
+                made = [table.get_name(param) + ".weight"]
             else:
                 made = [table.get_name(param, try_suffixes=(".weight", ".bias")) or param]
             if all(m in present for m in made):
@@ -85,12 +103,24 @@ class TableMap:
             if name not in claimed and not _block_at_or_after(name, layers):
                 self.sources[name] = [name]
 
-    def make(self, key: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Parameter `key` from its GGUF tensors {GGUF name: values}, in `sources[key]`'s order."""
+    def transposed(self, key: str) -> bool:
+        """Whether transformers holds parameter `key` as (in, out) matrices: `make(..., stored=True)`
+        gives them as the file's (out, in) rows."""
+        return self.kinds.get(key) in ("interleaved", "transposed")
+
+    def make(self, key: str, tensors: dict[str, torch.Tensor], stored: bool = False) -> torch.Tensor:
+        """Parameter `key` from its GGUF tensors {GGUF name: values}, in `sources[key]`'s order; a
+        `transposed` one with `stored` as the file's (out, in) rows."""
         values = [tensors[n] for n in self.sources[key]]
         kind = self.kinds.get(key)
         if kind == "experts":  # [E, I, H] gate and up -> [E, 2I, H]
             return torch.cat(values, dim=1)
+        if kind in ("interleaved", "interleaved bias"):  # [E, I(, H)] gate and up -> rows g0 u0 g1 u1 ...
+            rows = torch.stack(values, dim=2).flatten(1, 2)
+            return rows if stored or kind == "interleaved bias" else rows.transpose(1, 2)
+        if kind == "transposed":
+            (value,) = values
+            return value if stored else value.transpose(1, 2)
         if kind == "kv_b":  # per head: the key part (stored transposed), then the value part
             k_b, v_b = values
             if k_b.dim() != 3 or v_b.dim() != 3 or k_b.shape[0] != self.heads or k_b.shape[2] != self.nope:

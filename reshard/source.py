@@ -42,8 +42,9 @@ class Source:
         """Shapes known without reading any data (for checks before writing); may be partial."""
         return {}
 
-    def block_scheme(self, key: str) -> str | None:
-        """The scheme `key` can be kept in as the source's own quantized blocks (a GGUF's), or None."""
+    def block_scheme(self, key: str, transposed: bool = False) -> str | None:
+        """The scheme `key` can be kept in as the source's own quantized blocks (a GGUF's), or None;
+        for a `transposed` parameter (held (in, out)), blocks that are its (out, in) rows."""
         return None
 
     def read_blocks(self, key: str) -> torch.Tensor:

@@ -18,7 +18,8 @@ from gguf.quants import dequantize, quantize
 
 from gguf_files import SKIP_KEYS, vocab_overrides
 
-ARCHS = {"deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2", "glm4_moe": "glm4moe"}  # model type -> GGUF
+ARCHS = {"deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2", "glm4_moe": "glm4moe",  # model type -> GGUF
+         "gpt_oss": "gpt-oss"}
 
 def deepseek_v3_config(*, vocab: int, yarn: bool = True):
     """A small DeepSeek-V3 config: MLA with a q LoRA, 8 routed experts in 2 groups, one dense layer."""
@@ -58,41 +59,72 @@ def glm4_moe_config(*, vocab: int):
                             max_position_embeddings=256, tie_word_embeddings=False)
 
 
-def random_model(config, seed: int = 0, q8_0=lambda name: False):
-    """A random float32 model of `config` (its score-correction biases random too), each weight that
-    `q8_0(name)` picks rounded to Q8_0 along its rows."""
+def gpt_oss_config(*, vocab: int):
+    """A small gpt-oss: 4 experts, 2 per token, sliding and full attention, YaRN without truncation."""
+    import transformers as tf
+
+    return tf.GptOssConfig(vocab_size=vocab, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                           num_local_experts=4, num_experts_per_tok=2, head_dim=16, num_attention_heads=4,
+                           num_key_value_heads=2, sliding_window=4, max_position_embeddings=2048,
+                           rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                                            "original_max_position_embeddings": 64, "beta_fast": 32.0,
+                                            "beta_slow": 1.0, "truncate": False})
+
+
+def random_model(config, seed: int = 0, q8_0=lambda name: False, qtype=Q.Q8_0):
+    """A random float32 model of `config` (its score-correction biases, expert biases and attention
+    sinks random too), each weight that `q8_0(name)` picks rounded to `qtype` (Q8_0, or MXFP4 as
+    gpt-oss's experts are published) along the rows it is written with (an (in, out) expert's columns)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, t in model.state_dict().items():
-            if name.endswith("e_score_correction_bias"):
+            if name.endswith(("e_score_correction_bias", "_proj_bias", ".sinks")):
                 t.copy_(torch.rand(t.shape) * 0.1)
             elif q8_0(name):
-                t.copy_(torch.from_numpy(dequantize(quantize(t.numpy(), Q.Q8_0), Q.Q8_0)).reshape(t.shape))
+                rows = t.transpose(-1, -2) if _transposed(model, name) else t
+                rounded = torch.from_numpy(dequantize(quantize(rows.contiguous().numpy(), qtype), qtype))
+                rows.copy_(rounded.reshape(rows.shape))
     return model
 
 
-def write_mapped(path: Path, like: Path, model, *, q8_0=lambda name: False, split_kv_b: bool = True,
+def _transposed(model, name: str) -> bool:
+    """Whether parameter `name` belongs to experts transformers holds as (in, out) matrices (gpt-oss's)."""
+    owner = name.rsplit(".", 1)[0]
+    return owner.endswith(".experts") and bool(getattr(model.get_submodule(owner), "is_transposed", False))
+
+
+def write_mapped(path: Path, like: Path, model, *, q8_0=lambda name: False, qtype=Q.Q8_0, split_kv_b: bool = True,
                  mtp: bool = False) -> None:
-    """`model` (a transformers DeepSeek or GLM-4.5 MoE) as llama.cpp writes its GGUF, with `like`'s
-    tokenizer cut to the model's vocabulary; the weights `q8_0(transformers name)` picks in Q8_0, the
-    rest F32; `mtp` adds a multi-token-prediction layer after the last (GLM's files keep theirs)."""
+    """`model` (a transformers DeepSeek, GLM-4.5 or gpt-oss) as llama.cpp writes its GGUF, with `like`'s
+    tokenizer cut to the model's vocabulary; the weights `q8_0(transformers name)` picks in `qtype`,
+    the rest F32; `mtp` adds a multi-token-prediction layer after the last (GLM's files keep theirs)."""
     config = model.config
     arch = ARCHS[config.model_type]
     gguf_arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch)
     table = get_tensor_name_map(gguf_arch, config.num_hidden_layers + int(mtp))
     tensors = []  # (GGUF name, float32 array, type)
     for name, t in model.state_dict().items():
-        a, qtype = t.float().numpy(), Q.Q8_0 if q8_0(name) else Q.F32
+        a, kind = t.float().numpy(), qtype if q8_0(name) else Q.F32
         base = name.rsplit(".", 1)[0]
-        if name.endswith("mlp.experts.gate_up_proj"):  # llama.cpp stacks each projection's experts
+        if _transposed(model, name):  # gpt-oss: (in, out) experts, gate and up interleaved, written (out, in)
+            suffix = ".bias" if name.endswith("_bias") else ".weight"
+            a = a if suffix == ".bias" else np.ascontiguousarray(a.swapaxes(-1, -2))
+            if "gate_up_proj" in name:
+                tensors += [(table.get_name(f"{base}.gate_proj") + suffix, np.ascontiguousarray(a[:, ::2]), kind),
+                            (table.get_name(f"{base}.up_proj") + suffix, np.ascontiguousarray(a[:, 1::2]), kind)]
+            else:
+                tensors.append((table.get_name(f"{base}.down_proj") + suffix, a, kind))
+        elif name.endswith(".sinks"):
+            tensors.append((table.get_name(name) + ".weight", a, Q.F32))
+        elif name.endswith("mlp.experts.gate_up_proj"):  # llama.cpp stacks each projection's experts
             gate, up = np.split(a, 2, axis=1)
-            tensors += [(table.get_name(f"{base}.gate_proj") + ".weight", gate, qtype),
-                        (table.get_name(f"{base}.up_proj") + ".weight", up, qtype)]
+            tensors += [(table.get_name(f"{base}.gate_proj") + ".weight", gate, kind),
+                        (table.get_name(f"{base}.up_proj") + ".weight", up, kind)]
         elif name.endswith("mlp.experts.down_proj"):
-            tensors.append((table.get_name(name) + ".weight", a, qtype))
+            tensors.append((table.get_name(name) + ".weight", a, kind))
         elif name.endswith("e_score_correction_bias"):
             tensors.append((table.get_name(name[:-len("_bias")]) + ".bias", a, Q.F32))
         elif name.endswith("kv_b_proj.weight") and split_kv_b:
@@ -102,7 +134,7 @@ def write_mapped(path: Path, like: Path, model, *, q8_0=lambda name: False, spli
             tensors += [(table.get_name(base.replace("kv_b", "k_b")) + ".weight", k_b, Q.F32),
                         (table.get_name(base.replace("kv_b", "v_b")) + ".weight", v_b, Q.F32)]
         else:
-            tensors.append((table.get_name(name, try_suffixes=(".weight", ".bias")), a, qtype))
+            tensors.append((table.get_name(name, try_suffixes=(".weight", ".bias")), a, kind))
     if mtp:  # llama.cpp's names for the next-token layer's own tensors, and a norm as every layer has
         n, hidden = config.num_hidden_layers, config.hidden_size
         tensors += [(f"blk.{n}.nextn.eh_proj.weight", np.ones((hidden, 2 * hidden), np.float32), Q.F32),
@@ -114,18 +146,34 @@ def write_mapped(path: Path, like: Path, model, *, q8_0=lambda name: False, spli
         if key.startswith(("tokenizer.", "general.")) and not key.startswith(SKIP_KEYS):
             sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
             writer.add_key_value(key, overrides.get(key, field.contents()), field.types[0], sub_type=sub_type)
-    metadata = _deepseek2(config, split_kv_b) if arch == "deepseek2" else _glm4moe(config, mtp)
+    metadata = (_deepseek2(config, split_kv_b) if arch == "deepseek2" else _glm4moe(config, mtp) if arch == "glm4moe"
+                else _gpt_oss(config))
     for key, value in metadata.items():
-        kind = GGUFValueType.STRING if isinstance(value, str) else GGUFValueType.FLOAT32 if isinstance(value, float) \
+        vtype = GGUFValueType.STRING if isinstance(value, str) else GGUFValueType.FLOAT32 if isinstance(value, float) \
             else GGUFValueType.BOOL if isinstance(value, bool) else GGUFValueType.UINT32
-        writer.add_key_value(f"{arch}.{key}", value, kind)
-    for name, a, qtype in tensors:
-        data = quantize(a, qtype) if qtype != Q.F32 else a.astype(np.float32)
-        writer.add_tensor(name, data, raw_dtype=qtype if qtype != Q.F32 else None)
+        writer.add_key_value(f"{arch}.{key}", value, vtype)
+    for name, a, kind in tensors:
+        data = quantize(a, kind) if kind != Q.F32 else a.astype(np.float32)
+        writer.add_tensor(name, data, raw_dtype=kind if kind != Q.F32 else None)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _gpt_oss(config) -> dict:
+    """The `gpt-oss.*` keys llama.cpp's converter writes for `config`."""
+    rope = config.rope_parameters
+    return {"block_count": config.num_hidden_layers, "context_length": config.max_position_embeddings,
+            "embedding_length": config.hidden_size, "feed_forward_length": config.intermediate_size,
+            "attention.head_count": config.num_attention_heads, "attention.head_count_kv": config.num_key_value_heads,
+            "attention.key_length": config.head_dim, "attention.value_length": config.head_dim,
+            "rope.freq_base": float(rope["rope_theta"]), "attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
+            "expert_count": config.num_local_experts, "expert_used_count": config.num_experts_per_tok,
+            "expert_feed_forward_length": config.intermediate_size, "attention.sliding_window": config.sliding_window,
+            "rope.scaling.type": "yarn", "rope.scaling.factor": float(rope["factor"]),
+            "rope.scaling.original_context_length": rope["original_max_position_embeddings"],
+            "vocab_size": config.vocab_size}
 
 
 def _glm4moe(config, mtp: bool) -> dict:

@@ -1,5 +1,5 @@
 """GGUF files transformers' GGUF loader does not read (llama.cpp's `deepseek2`: DeepSeek-V3/R1, Kimi-K2,
-DeepSeek-V2/V2-Lite; `glm4moe`: GLM-4.5) convert by reshard/gguf_tables.py's own mapping: the config
+DeepSeek-V2/V2-Lite; `glm4moe`: GLM-4.5; `gpt-oss`, which its mapping misnames) convert by reshard/gguf_tables.py's own mapping: the config
 from the file's metadata (MLA sizes, routing groups, YaRN, GLM's partial rotary), experts kept as
 blocks, MLA's `kv_b_proj` from llama.cpp's per-head `attn_k_b`/`attn_v_b` split (or from `attn_kv_b`, as
 older files keep it), a multi-token-prediction layer dropped. The reference is the transformers model
@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import CPU_BUDGETS
-from gguf_table_files import deepseek_v2_lite_config, deepseek_v3_config, glm4_moe_config, random_model, write_mapped
+from gguf_table_files import (deepseek_v2_lite_config, deepseek_v3_config, glm4_moe_config, gpt_oss_config, random_model,
+                              write_mapped)
 from gguf_files import TOKENIZER_VOCAB, tokenizer_gguf
 from test_gguf import cli_convert
 
@@ -108,6 +109,31 @@ def test_glm4moe_file_equals_its_model(tmp_path_factory, placement):
         assert type(lm.model).__name__ == "Glm4MoeForCausalLM"
         assert torch.equal(lm(IDS).logits, want)
         assert torch.equal(lm.generate(IDS, max_new_tokens=5, do_sample=False), want_tokens)
+
+
+@pytest.mark.parametrize("placement", ["streamed", "resident"])
+def test_gpt_oss_file_keeps_its_mxfp4_experts_and_equals_its_model(tmp_path_factory, placement):
+    """gpt-oss as llama.cpp writes it: MXFP4 experts as (out, in) tensors, gate and up apart, which
+    transformers holds as (in, out) matrices with gate and up interleaved. The blocks stay blocks
+    (rows interleaved, marked transposed), one range per expert; biases and sinks as in the model."""
+    from gguf import GGMLQuantizationType as Q
+    from runtime import LayeredModel
+
+    root = tmp_path_factory.mktemp("gpt-oss")
+    experts = lambda name: name.endswith(("experts.gate_up_proj", "experts.down_proj"))  # noqa: E731
+    model = random_model(gpt_oss_config(vocab=TOKENIZER_VOCAB), q8_0=experts, qtype=Q.MXFP4)
+    write_mapped(root / "oss.gguf", tokenizer_gguf(), model, q8_0=experts, qtype=Q.MXFP4)
+    convert(str(root / "oss.gguf"), root / "out", progress=False)
+    ids = torch.tensor([[1, 504, 345, 282, 649, 314, 2, 55, 66, 77]])  # past the sliding window of 4
+    with torch.no_grad():
+        want, want_tokens = model(ids).logits, model.generate(ids, max_new_tokens=5, do_sample=False)
+    entry = read_manifest(root / "out").group("layers.0").quantized["model.layers.0.mlp.experts.gate_up_proj"]
+    assert entry["scheme"] == "mxfp4_blocks" and entry["transposed"] and entry["shape"] == [4, 64, 128]
+    with LayeredModel.from_pretrained(root / "out", device="cpu", packed=False,
+                                      max_cpu_memory=CPU_BUDGETS[placement]) as lm:
+        assert type(lm.model).__name__ == "GptOssForCausalLM"
+        assert torch.equal(lm(ids).logits, want)
+        assert torch.equal(lm.generate(ids, max_new_tokens=5, do_sample=False), want_tokens)
 
 
 def test_deepseek2_file_with_an_unknown_routing_is_one_line(tmp_path, capsys):
