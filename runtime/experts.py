@@ -53,7 +53,7 @@ from .expertcache import POLICIES, ExpertCache
 from .expertrounds import Restore, in_rounds
 from .expertslots import Slots, computes_on_slots, routed_experts
 from .expertread import ExpertReader, read_stored, typed
-from .packedexperts import PACKED, operands
+from .packedexperts import PACKED, by_attr, operands
 from .prediction import ExpertPredictor
 from .quantized import expand_param
 
@@ -184,7 +184,7 @@ class ExpertStreamer:
             routed = routed_experts(index, count)
             if compact and self.round_experts is not None and len(routed) > self.round_experts:
                 return None  # the forward splits the call into rounds (runtime/expertrounds.py), each brought here
-            if compact and path in self.packed:  # the kernels take the experts as read: ids stay E's
+            if path in self.packed:  # the kernels take the experts as read, by E's ids (any routed module)
                 self.bring_packed(i, path, mod, entry, routed)
                 self._guess(i, bound.arguments)
                 return None
@@ -318,7 +318,7 @@ class ExpertStreamer:
         self.stats.wait_seconds += time.perf_counter() - t0
         self.slots[path] = Slots(i, sorted(ready), ready)
         self.placed.add(path)
-        module.__dict__[PACKED] = {attr: {e: ops[attr] for e, ops in ready.items()} for attr in specs}
+        module.__dict__[PACKED] = by_attr(ready)
 
     def _rows(self, i: int, entry: dict) -> dict[str, tuple[tuple, torch.dtype]]:
         """Each expert tensor's row shape and the dtype the module computes with."""

@@ -9,8 +9,8 @@ with the same kernels as the packed linear layers (runtime/lowbit.py): per route
 gate/up product, transformers' own `_apply_gate` (or activation), the down product, the routing
 weight; the tokens' top-k outputs are summed as transformers' batched experts implementation sums
 them. The contract is transformers' `use_experts_implementation` (has_gate, has_bias, is_transposed,
-_apply_gate, act_fn, post_expert_norm): only modules that declare it and have no expert biases run
-packed. Their results are those of the kernels (activations quantized per block of 32), as for
+_apply_gate, act_fn, post_expert_norm): only modules that declare it run packed, expert biases (gpt-oss's
+`gate_up_proj_bias`, `down_proj_bias`) added after each product as transformers adds them. Their results are those of the kernels (activations quantized per block of 32), as for
 packed linear layers; `packed=False` expands the experts instead (exact float32 math).
 
 Where the operands come from: for a streamed layer the streamer (runtime/experts.py) puts its
@@ -33,12 +33,14 @@ from . import native
 from .lowbit import PackSpec, native_kernel, pack_param, weight_spec
 
 PACKED = "_reshard_packed"  # on an experts module computing as stored: {param attr: {expert: operands}}
+BIAS = "_bias"  # an expert weight's bias attr: `<param attr>_bias`, [E, out] (gpt-oss's)
 
 
 def plan(model: nn.Module, manifest, device: torch.device) -> dict[str, dict[str, PackSpec]]:
     """{experts module path: {param attr: PackSpec}} for the MoE experts modules of `manifest`'s
     groups whose expert weights are all quantized in a scheme the native kernels take (on the CPU,
-    where they run), held by a module that declares transformers' experts contract without biases."""
+    where they run), held by a module that declares transformers' experts contract (biases, if it
+    has them, named `<param attr>_bias`)."""
     if device.type != "cpu" or native.lowbit() is None:
         return {}
     quant = manifest.quantization or {}
@@ -46,11 +48,13 @@ def plan(model: nn.Module, manifest, device: torch.device) -> dict[str, dict[str
     for group in manifest.groups:
         for path, entry in group.experts.items():
             module = model.get_submodule(path)
-            if not hasattr(module, "has_gate") or getattr(module, "has_bias", True):
+            names = {name.rpartition(".")[2]: name for name in entry["tensors"]}
+            attrs = {a: n for a, n in names.items() if not a.endswith(BIAS)}
+            if not hasattr(module, "has_gate") or set(attrs) != {"gate_up_proj" if module.has_gate else "up_proj",
+                                                                 "down_proj"}:
                 continue
-            attrs = {name.rpartition(".")[2]: name for name in entry["tensors"]}
-            if set(attrs) != {"gate_up_proj" if module.has_gate else "up_proj", "down_proj"}:
-                continue
+            if getattr(module, "has_bias", True) and not all(a + BIAS in names for a in attrs):
+                continue  # biases, but not as the expert tensors they are in every transformers module
             found = {a: weight_spec(group, n, quant, ["native"]) if n in group.quantized else None
                      for a, n in attrs.items()}
             if all(s is not None for s in found.values()):
@@ -61,12 +65,14 @@ def plan(model: nn.Module, manifest, device: torch.device) -> dict[str, dict[str
 def operands(group, names: dict[str, str], specs: dict[str, PackSpec], stored: dict[str, torch.Tensor],
              scheme: str | None) -> dict[str, tuple]:
     """One expert's kernel operands per param attr, from its stored tensors {stored name: tensor}
-    (`names`: param attr -> param name)."""
+    (`names`: param attr -> param name), and its biases' rows (as `<attr>_bias`: (row,))."""
     out = {}
     for attr, spec in specs.items():
         param = names[attr]
         parts = {part: stored[name] for part, name in quant_part_names(param, scheme_of(group, param, scheme)).items()}
         out[attr] = pack_param(parts, spec)
+        if attr + BIAS in names:
+            out[attr + BIAS] = (stored[names[attr + BIAS]],)
     return out
 
 
@@ -80,13 +86,19 @@ def place(model: nn.Module, group, tensors: dict[str, torch.Tensor], specs: dict
         if path not in specs:
             continue
         names = {name.rpartition(".")[2]: name for name in entry["tensors"]}
-        parts = [n for p in entry["tensors"] for n in quant_part_names(p, scheme_of(group, p, scheme)).values()]
+        parts = [n for p in entry["tensors"] for n in (
+            quant_part_names(p, scheme_of(group, p, scheme)).values() if p in group.quantized else (p,))]
         if not all(n in tensors for n in parts):
             continue
         per_expert = {e: operands(group, names, specs[path], {n: tensors[n][e] for n in parts}, scheme)
                       for e in range(entry["num_experts"])}
-        model.get_submodule(path).__dict__[PACKED] = {a: {e: ops[a] for e, ops in per_expert.items()}
-                                                       for a in specs[path]}
+        model.get_submodule(path).__dict__[PACKED] = by_attr(per_expert)
+
+
+def by_attr(per_expert: dict[int, dict[str, tuple]]) -> dict[str, dict[int, tuple]]:
+    """{expert: {attr: operands}} (from `operands`) as the module holds them: {attr: {expert: operands}}."""
+    attrs = next(iter(per_expert.values()), {})
+    return {a: {e: ops[a] for e, ops in per_expert.items()} for a in attrs}
 
 
 def clear(model: nn.Module, group) -> None:
@@ -109,6 +121,7 @@ def run(module: nn.Module, specs: dict[str, PackSpec], packed: dict[str, dict[in
     from `packed` ({param attr: {expert: kernel operands}}, the experts the call routes)."""
     first = "gate_up_proj" if module.has_gate else "up_proj"
     kernels = {attr: _product(spec) for attr, spec in specs.items()}
+    bias = {a: packed[a + BIAS] for a in (first, "down_proj") if a + BIAS in packed}
     up, down = kernels[first], kernels["down_proj"]
     tokens, k = index.shape
     x = hidden if hidden.dtype in native.IO_KINDS else hidden.float()
@@ -119,8 +132,12 @@ def run(module: nn.Module, specs: dict[str, PackSpec], packed: dict[str, dict[in
         if rows.numel() == 0:
             continue
         h = up(x.index_select(0, rows // k), packed[first][e])
+        if first in bias:
+            h = h + bias[first][e][0].to(h.dtype)
         h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
         y = down(h.to(x.dtype), packed["down_proj"][e])
+        if "down_proj" in bias:
+            y = y + bias["down_proj"][e][0].to(y.dtype)
         if getattr(module, "has_post_expert_norm", False):
             y = module.post_expert_norm(y)
         out.index_copy_(0, rows, y.to(x.dtype))
@@ -146,8 +163,8 @@ def _forward(module: nn.Module, specs: dict[str, PackSpec]):
         packed = module.__dict__.get(PACKED)
         if packed is None:
             return own(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs).arguments
-        return run(module, specs, packed, bound["hidden_states"], bound["top_k_index"], bound["top_k_weights"])
+        hidden, index, weights = list(signature.bind(*args, **kwargs).arguments.values())[:3]  # gpt-oss names
+        return run(module, specs, packed, hidden, index, weights)  # them router_indices, routing_weights
 
     forward.__signature__ = signature
     return forward

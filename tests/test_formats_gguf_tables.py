@@ -111,29 +111,64 @@ def test_glm4moe_file_equals_its_model(tmp_path_factory, placement):
         assert torch.equal(lm.generate(IDS, max_new_tokens=5, do_sample=False), want_tokens)
 
 
-@pytest.mark.parametrize("placement", ["streamed", "resident"])
-def test_gpt_oss_file_keeps_its_mxfp4_experts_and_equals_its_model(tmp_path_factory, placement):
-    """gpt-oss as llama.cpp writes it: MXFP4 experts as (out, in) tensors, gate and up apart, which
-    transformers holds as (in, out) matrices with gate and up interleaved. The blocks stay blocks
-    (rows interleaved, marked transposed), one range per expert; biases and sinks as in the model."""
+OSS_IDS = torch.tensor([[1, 504, 345, 282, 649, 314, 2, 55, 66, 77]])  # past gpt-oss's sliding window of 4
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
+    """(the transformers gpt-oss a GGUF was written from, with MXFP4 experts; that GGUF's conversion)."""
     from gguf import GGMLQuantizationType as Q
-    from runtime import LayeredModel
 
     root = tmp_path_factory.mktemp("gpt-oss")
     experts = lambda name: name.endswith(("experts.gate_up_proj", "experts.down_proj"))  # noqa: E731
     model = random_model(gpt_oss_config(vocab=TOKENIZER_VOCAB), q8_0=experts, qtype=Q.MXFP4)
     write_mapped(root / "oss.gguf", tokenizer_gguf(), model, q8_0=experts, qtype=Q.MXFP4)
     convert(str(root / "oss.gguf"), root / "out", progress=False)
-    ids = torch.tensor([[1, 504, 345, 282, 649, 314, 2, 55, 66, 77]])  # past the sliding window of 4
+    return model, root / "out"
+
+
+@pytest.mark.parametrize("placement", ["streamed", "resident"])
+def test_gpt_oss_file_keeps_its_mxfp4_experts_and_equals_its_model(gpt_oss, placement):
+    """gpt-oss as llama.cpp writes it: MXFP4 experts as (out, in) tensors, gate and up apart, which
+    transformers holds as (in, out) matrices with gate and up interleaved. The blocks stay blocks
+    (rows interleaved, marked transposed), one range per expert; biases and sinks as in the model."""
+    from runtime import LayeredModel
+
+    model, folder = gpt_oss
     with torch.no_grad():
-        want, want_tokens = model(ids).logits, model.generate(ids, max_new_tokens=5, do_sample=False)
-    entry = read_manifest(root / "out").group("layers.0").quantized["model.layers.0.mlp.experts.gate_up_proj"]
+        want, want_tokens = model(OSS_IDS).logits, model.generate(OSS_IDS, max_new_tokens=5, do_sample=False)
+    entry = read_manifest(folder).group("layers.0").quantized["model.layers.0.mlp.experts.gate_up_proj"]
     assert entry["scheme"] == "mxfp4_blocks" and entry["transposed"] and entry["shape"] == [4, 64, 128]
-    with LayeredModel.from_pretrained(root / "out", device="cpu", packed=False,
-                                      max_cpu_memory=CPU_BUDGETS[placement]) as lm:
+    with LayeredModel.from_pretrained(folder, device="cpu", packed=False, max_cpu_memory=CPU_BUDGETS[placement]) as lm:
         assert type(lm.model).__name__ == "GptOssForCausalLM"
-        assert torch.equal(lm(ids).logits, want)
-        assert torch.equal(lm.generate(ids, max_new_tokens=5, do_sample=False), want_tokens)
+        assert torch.equal(lm(OSS_IDS).logits, want)
+        assert torch.equal(lm.generate(OSS_IDS, max_new_tokens=5, do_sample=False), want_tokens)
+
+
+@pytest.mark.parametrize("placement", ["streamed", "resident"])
+def test_gpt_oss_experts_run_through_the_cpu_kernels_with_their_biases(gpt_oss, placement, monkeypatch):
+    """By default the MXFP4 experts are multiplied as stored by the native kernels, streamed (the
+    routed experts' blocks and bias rows brought per call) and resident, their biases added after
+    each product: close to the exact model (the kernels round activations to bfloat16); greedy
+    tokens equal."""
+    from runtime import LayeredModel, native, packedexperts
+
+    if native.lowbit() is None:
+        pytest.skip("no native CPU kernels on this machine")
+    model, folder = gpt_oss
+    with torch.no_grad():
+        want, want_tokens = model(OSS_IDS).logits, model.generate(OSS_IDS, max_new_tokens=5, do_sample=False)
+    calls = []
+    run = packedexperts.run
+    monkeypatch.setattr(packedexperts, "run", lambda module, specs, packed, *a: calls.append(sorted(packed)) or
+                        run(module, specs, packed, *a))
+    with LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=CPU_BUDGETS[placement]) as lm:
+        got = lm(OSS_IDS).logits
+        tokens = lm.generate(OSS_IDS, max_new_tokens=5, do_sample=False)
+    assert calls and all(c == ["down_proj", "down_proj_bias", "gate_up_proj", "gate_up_proj_bias"] for c in calls)
+    err = ((got - want).norm() / want.norm()).item()
+    assert 0 < err < 0.03, err
+    assert torch.equal(tokens, want_tokens)
 
 
 def test_deepseek2_file_with_an_unknown_routing_is_one_line(tmp_path, capsys):
