@@ -4,8 +4,11 @@ gpt-oss stores each experts weight `X` ([E, in, out] as the model holds it, e.g.
 `mlp.experts.gate_up_proj`) as `X_blocks`, uint8 [E, out, in / 32, 16] (two fp4 e2m1 values a
 byte, the even column in the low nibble, blocks of 32), and `X_scales`, uint8 [E, out, in / 32]
 (e8m0: the block's power of two, biased by 127). A folder converted with default options keeps
-both as they are (scheme "mxfp4", parts `X.blocks` and `X.scales`, each expert one range of each);
-an explicit `--dtype` or `--quantize` de-quantizes them while reading.
+those bytes, re-packed exactly into GGML's MXFP4 blocks (scheme "mxfp4_blocks", reshard/ggml_iquants.py:
+per block of 32 the e8m0 byte, then 16 bytes holding value j in the low nibble and j + 16 in the
+high one), 17 bytes a block as published, each expert one range: what the native CPU kernels multiply
+as stored. (Folders written before keep the published layout, scheme "mxfp4", parts `X.blocks` and
+`X.scales`, and still load.) An explicit `--dtype` or `--quantize` de-quantizes them while reading.
 
 The de-quantization is transformers' (`integrations/mxfp4.py`, `convert_moe_packed_tensors`, what
 it runs when it loads gpt-oss on a CPU without Triton kernels): each nibble looked up in the fp4
@@ -21,7 +24,8 @@ import torch
 
 from .format import DTYPE_TO_ST, quant_part_names
 
-SCHEME = "mxfp4"
+SCHEME = "mxfp4"  # the published layout (folders written before re-packing)
+GGML_SCHEME = "mxfp4_blocks"  # what a conversion stores them as
 SUFFIXES = {"blocks": "_blocks", "scales": "_scales"}  # part -> `X` + suffix in the checkpoint
 # fp4 e2m1: sign, two exponent bits, one mantissa bit
 FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -45,6 +49,16 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, *, dtype: torch
 def dequantize_experts(blocks: torch.Tensor, scales: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
     """The [E, in, out] experts parameter from its [E, ...] blocks and scales."""
     return torch.stack([dequantize_mxfp4(b, s, dtype=dtype).t() for b, s in zip(blocks, scales)])
+
+
+def to_ggml_blocks(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's blocks [..., G, 16] (value 2b in byte b's low nibble, 2b + 1 in its high one) and
+    scales [..., G] as GGML MXFP4 blocks [..., G * 17] (scale byte, then value j low, j + 16 high).
+    The same codes (fp4 e2m1, sign bit 8) and exponents: the values are equal (GGML's code 8 is +0
+    where transformers' table has -0)."""
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).flatten(-2)  # [..., G, 32] in order
+    packed = codes[..., :16] | (codes[..., 16:] << 4)
+    return torch.cat([scales.unsqueeze(-1), packed], dim=-1).flatten(-2)
 
 
 def param_shape(blocks_shape) -> list[int]:
@@ -117,9 +131,10 @@ class Mxfp4Spec:
         return out
 
     def store(self, name: str, parts: dict, target: torch.dtype, tensors: dict, quantized: dict) -> None:
-        """Put `name`'s parts into `tensors` as they are, and what it expands to into `quantized`."""
-        for part, stored in quant_part_names(name, self.scheme).items():
-            tensors[stored] = parts[part].contiguous()
+        """Put `name`'s blocks and scales into `tensors` as GGML MXFP4 blocks (`to_ggml_blocks`), and
+        what they expand to into `quantized`."""
+        (stored,) = quant_part_names(name, GGML_SCHEME).values()
+        tensors[stored] = to_ggml_blocks(parts["blocks"], parts["scales"]).contiguous()
         # the blocks hold each expert's (out, in) matrix: the parameter is its transpose
         quantized[name] = {"shape": param_shape(parts["blocks"].shape), "dtype": DTYPE_TO_ST[target],
-                           "transposed": True}
+                           "transposed": True, "scheme": GGML_SCHEME}

@@ -1,5 +1,7 @@
-"""gpt-oss MXFP4 checkpoints convert keeping their experts' blocks and scales, each expert one range,
-and run exactly as transformers runs them once it has de-quantized them on the CPU."""
+"""gpt-oss MXFP4 checkpoints convert keeping their experts' blocks and scales, re-packed exactly into
+GGML's MXFP4 blocks (the bytes the native CPU kernels multiply), each expert one range, and run exactly
+as transformers runs them once it has de-quantized them on the CPU (expanded: `packed=False`), or
+through the kernels, close to it."""
 
 from __future__ import annotations
 
@@ -60,23 +62,32 @@ def reference(src, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
 
 
-def test_blocks_and_scales_are_stored_per_expert_as_published(mxfp4):
+def test_blocks_and_scales_are_stored_per_expert_as_ggml_blocks(mxfp4):
+    """Each expert's published blocks and scales, re-packed (`to_ggml_blocks`), are one range of the
+    stored `blocks` part (scheme "mxfp4_blocks", 17 bytes per 32 values as published); expanded, the
+    experts equal transformers' own de-quantized parameter."""
+    from reshard.mxfp4 import to_ggml_blocks
+    from runtime.quantized import expand_param
+
     src, out = mxfp4
     manifest = read_manifest(out)
-    assert manifest.quantization["scheme"] == "mxfp4"
+    assert manifest.quantization["scheme"] == "mxfp4"  # the source's method; each weight names its own scheme
     group = manifest.group("layers.1")
     gf = GroupFile(out / group.file, group)
     ref = reference(src)
     with safe_open(src / "model.safetensors", "pt") as f:
         for proj in EXPERTS:
             name = f"model.layers.1.mlp.experts.{proj}"
-            assert group.quantized[name]["shape"] == list(ref.get_parameter(name).shape)
-            for part in ("blocks", "scales"):
-                info = gf.infos[f"{name}.{part}"]
-                want = f.get_tensor(f"{name}_{part}")
-                for e in range(want.shape[0]):  # expert e: one range, its own bytes
-                    lo, hi = expert_range(info, want.shape[0], e)
-                    assert torch.equal(gf.data((lo, hi)), want[e].reshape(-1))
+            entry = group.quantized[name]
+            assert entry["shape"] == list(ref.get_parameter(name).shape) and entry["scheme"] == "mxfp4_blocks"
+            blocks, scales = f.get_tensor(f"{name}_blocks"), f.get_tensor(f"{name}_scales")
+            info = gf.infos[f"{name}.blocks"]
+            assert info.nbytes == blocks.numel() + scales.numel()
+            for e in range(blocks.shape[0]):  # expert e: one range, its own bytes
+                lo, hi = expert_range(info, blocks.shape[0], e)
+                assert torch.equal(gf.data((lo, hi)), to_ggml_blocks(blocks[e], scales[e]).reshape(-1))
+            expanded = expand_param({"blocks": gf.tensor(f"{name}.blocks")}, entry, "mxfp4_blocks", torch.float32)
+            assert torch.equal(expanded, ref.get_parameter(name))
 
 
 def test_layer_bytes_at_most_the_sources(mxfp4):
@@ -94,7 +105,8 @@ def test_layer_bytes_at_most_the_sources(mxfp4):
 def test_logits_and_tokens_equal_transformers(placement, mxfp4):
     src, out = mxfp4
     ref = reference(src)
-    model = LayeredModel.from_pretrained(out, device="cpu", dtype=torch.float32, max_cpu_memory=CPU_BUDGETS[placement])
+    model = LayeredModel.from_pretrained(out, device="cpu", dtype=torch.float32, packed=False,
+                                         max_cpu_memory=CPU_BUDGETS[placement])
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, ref(IDS).logits)
     if placement == "streamed":  # the routed experts' blocks and scales were read one expert at a time
@@ -137,6 +149,32 @@ def test_cache_and_guesses_keep_logits_and_tokens(mxfp4):
     ref = reference(src)
     six = 6 * max(one_expert_bytes(g) for g in read_manifest(out).groups if g.experts)  # of 8: some misses
     model = LayeredModel.from_pretrained(out, device="cpu", dtype=torch.float32, max_cpu_memory=0,
-                                         expert_cache=six, predict_experts=True)
+                                         expert_cache=six, predict_experts=True, packed=False)
     assert model.experts.predictor.next  # layer 0 guesses for layer 1
     assert_cached_and_guessed_as_transformers(model, ref, IDS, GREEDY)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_experts_run_through_the_cpu_kernels_by_default(placement, mxfp4, monkeypatch):
+    """Where the native kernels are built, the re-packed experts are multiplied as stored (their biases
+    added after each product), streamed and resident: close to transformers' float32 model (the
+    kernels quantize activations per block of 32, as llama.cpp's do; this test's random fp4 weights,
+    std 3.5, make that about 1% per experts call and a few % after two layers: too far apart for
+    this random model's near-tied greedy tokens to be asserted; `packed=False` runs exactly)."""
+    from runtime import native, packedexperts
+
+    if native.lowbit() is None:
+        pytest.skip("no native CPU kernels on this machine")
+    src, out = mxfp4
+    ref = reference(src)
+    calls = []
+    run = packedexperts.run
+    monkeypatch.setattr(packedexperts, "run", lambda module, specs, packed, *a: calls.append(1) or
+                        run(module, specs, packed, *a))
+    model = LayeredModel.from_pretrained(out, device="cpu", dtype=torch.float32, max_cpu_memory=CPU_BUDGETS[placement])
+    with torch.no_grad():
+        want = ref(IDS).logits
+        got = model(IDS).logits
+    assert calls
+    err = ((got - want).norm() / want.norm()).item()
+    assert 0 < err < 0.06, err
