@@ -28,7 +28,12 @@ with a 1024-token vocabulary, so the layers are what a pass moves.
 
 With `--model qwen3moe` the source is a random Qwen3-MoE GGUF (tests/gguf_files.py): streamed, each
 layer reads its routed experts alone, and "q4_k native" computes them as read
-(runtime/packedexperts.py) where "q4_k expanded" expands each one first.
+(runtime/packedexperts.py) where "q4_k expanded" expands each one first. `--model gpt-oss` is a
+random gpt-oss written as llama.cpp writes its GGUF (tests/gguf_table_files.py): MXFP4 experts (the
+bytes a hub gpt-oss converts to as well: reshard/mxfp4.py), biases on every expert, attention,
+embeddings and head Q8_0; "mxfp4 native" multiplies the experts as stored, biases added after each product.
+
+  python benchmarks/gguf_quants.py --model gpt-oss > benchmarks/results/gguf_gpt_oss.txt
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from common import machine_lines  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf_files import (QWEN3MOE_INTER, TOKENIZER_VOCAB, llama_tensors, tokenizer_gguf, write_random_llama,  # noqa: E402
                         write_random_qwen3moe)
+from gguf_table_files import random_model, write_mapped  # noqa: E402
 
 from reshard.convert import convert  # noqa: E402
 from runtime import native  # noqa: E402
@@ -60,6 +66,8 @@ LLAMA70B = dict(layers=4, hidden=8192, inter=28672, heads=64, kv_heads=8)
 PLACEMENTS = {"streamed": dict(max_cpu_memory=0), "resident": {},  # the CPU's; the GPU's: pinned host RAM
               "pinned": dict(max_cpu_memory="1TB", max_gpu_memory=0)}
 MOE_SHAPE = dict(layers=4, hidden=1024, experts=32, used=4, heads=8, kv_heads=4, vocab=32768)
+GPT_OSS_SHAPE = dict(num_hidden_layers=4, hidden_size=1024, intermediate_size=1024, num_local_experts=32,
+                     num_experts_per_tok=4, num_attention_heads=16, num_key_value_heads=4, head_dim=64)
 
 
 def log(*a) -> None:
@@ -96,7 +104,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--model", choices=["llama", "qwen3moe", "llama70b", "tiny"], default="llama",
+    ap.add_argument("--model", choices=["llama", "qwen3moe", "gpt-oss", "llama70b", "tiny"], default="llama",
                     help="qwen3moe: a mixture of experts, streamed layers read their routed experts alone; "
                          "llama70b: Llama-2-70B's layer shapes (for --device cuda)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -106,7 +114,8 @@ def main() -> None:
                          "32); iq2_xxs, iq3_xxs: grid blocks (runtime/kernels/iquant_cpu.c), the head Q6_K")
     args = ap.parse_args()
     gpu = args.device == "cuda"
-    runs, placements = (GPU_RUNS, ("pinned",)) if gpu else (runs_of(args.weights), ("streamed", "resident"))
+    weights = "mxfp4" if args.model == "gpt-oss" else args.weights
+    runs, placements = (GPU_RUNS, ("pinned",)) if gpu else (runs_of(weights), ("streamed", "resident"))
     print("\n".join(machine_lines("bfloat16", torch.get_num_threads())))
     if not gpu:
         print(f"native kernels: {'yes' if native.lowbit() is not None else 'no (Q4_K expands: both q4_k rows are the same path)'}")
@@ -125,6 +134,18 @@ def main() -> None:
             head = "Q8_0" if args.weights == "q8_0" else "Q6_K"
             print(f"source: random llama GGUF {shape}{f', vocabulary {vocab}' if vocab else ''}, decoder weights "
                   f"{args.weights.upper()}, head {head}, {size / 1e6:.0f} MB; {args.tokens} tokens per run, "
+                  f"{args.rounds} rounds")
+        elif args.model == "gpt-oss":
+            import transformers
+
+            config = transformers.GptOssConfig(**GPT_OSS_SHAPE, vocab_size=TOKENIZER_VOCAB)
+            experts = ("experts.gate_up_proj", "experts.down_proj")
+            types = lambda n: Q.MXFP4 if n.endswith(experts) else Q.Q8_0 if n.endswith("proj.weight") or n in (  # noqa: E731
+                "lm_head.weight", "model.embed_tokens.weight") else None
+            log("building the random gpt-oss")
+            size = write_mapped(gguf, tokenizer_gguf(), random_model(config, types=types), types=types)
+            print(f"source: random gpt-oss GGUF {GPT_OSS_SHAPE}, vocabulary {TOKENIZER_VOCAB}, experts MXFP4 with biases, "
+                  f"attention and head Q8_0 (router F32), {size / 1e6:.0f} MB; {args.tokens} tokens per run, "
                   f"{args.rounds} rounds")
         else:  # tests/gguf_files.py's types: attention Q4_K (v Q6_K), experts Q4_K (down Q6_K), head Q6_K
             size = write_random_qwen3moe(gguf, tokenizer_gguf(), **MOE_SHAPE)

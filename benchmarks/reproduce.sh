@@ -39,6 +39,7 @@ declare -A SECTIONS=(  # each a command line; its stdout is the section's raw ou
     [fp8_pass]="$py benchmarks/fp8_pass.py"
     [gguf_quants]="$py benchmarks/gguf_quants.py"
     [gguf_quants_moe]="$py benchmarks/gguf_quants.py --model qwen3moe"
+    [gguf_gpt_oss]="$py benchmarks/gguf_quants.py --model gpt-oss"
     [gguf_q8_0]="$py benchmarks/gguf_quants.py --weights q8_0"
     [gguf_iq2_xxs]="$py benchmarks/gguf_quants.py --weights iq2_xxs"
     [gguf_kernels]="$py benchmarks/gguf_kernels.py"
@@ -46,7 +47,7 @@ declare -A SECTIONS=(  # each a command line; its stdout is the section's raw ou
 )
 ORDER=(decode cold peers convert convert_before_after quant passes moe_cpu_cold moe_cpu_warm moe_predict_cpu_cold
        moe_predict_cpu_warm moe_prefill_cpu_cold moe_cache_policy cpu_llamacpp cpu_kernels profile_decode
-       serve_cpu ray_workers gpu_check_dry fp8_pass gguf_quants gguf_quants_moe gguf_q8_0 gguf_iq2_xxs gguf_kernels
+       serve_cpu ray_workers gpu_check_dry fp8_pass gguf_quants gguf_quants_moe gguf_gpt_oss gguf_q8_0 gguf_iq2_xxs gguf_kernels
        expansion_cpu)
 log="$results/reproduce.txt"
 mkdir -p "$results"

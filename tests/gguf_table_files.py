@@ -71,10 +71,10 @@ def gpt_oss_config(*, vocab: int):
                                             "beta_slow": 1.0, "truncate": False})
 
 
-def random_model(config, seed: int = 0, q8_0=lambda name: False, qtype=Q.Q8_0):
+def random_model(config, seed: int = 0, types=lambda name: None):
     """A random float32 model of `config` (its score-correction biases, expert biases and attention
-    sinks random too), each weight that `q8_0(name)` picks rounded to `qtype` (Q8_0, or MXFP4 as
-    gpt-oss's experts are published) along the rows it is written with (an (in, out) expert's columns)."""
+    sinks random too), each weight `types(name)` gives a GGML type (Q8_0, or MXFP4 as gpt-oss's
+    experts are published) rounded to it along the rows it is written with (an (in, out) expert's columns)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -83,7 +83,7 @@ def random_model(config, seed: int = 0, q8_0=lambda name: False, qtype=Q.Q8_0):
         for name, t in model.state_dict().items():
             if name.endswith(("e_score_correction_bias", "_proj_bias", ".sinks")):
                 t.copy_(torch.rand(t.shape) * 0.1)
-            elif q8_0(name):
+            elif (qtype := types(name)) is not None:
                 rows = t.transpose(-1, -2) if _transposed(model, name) else t
                 rounded = torch.from_numpy(dequantize(quantize(rows.contiguous().numpy(), qtype), qtype))
                 rows.copy_(rounded.reshape(rows.shape))
@@ -96,18 +96,19 @@ def _transposed(model, name: str) -> bool:
     return owner.endswith(".experts") and bool(getattr(model.get_submodule(owner), "is_transposed", False))
 
 
-def write_mapped(path: Path, like: Path, model, *, q8_0=lambda name: False, qtype=Q.Q8_0, split_kv_b: bool = True,
-                 mtp: bool = False) -> None:
+def write_mapped(path: Path, like: Path, model, *, types=lambda name: None, split_kv_b: bool = True,
+                 mtp: bool = False) -> int:
     """`model` (a transformers DeepSeek, GLM-4.5 or gpt-oss) as llama.cpp writes its GGUF, with `like`'s
-    tokenizer cut to the model's vocabulary; the weights `q8_0(transformers name)` picks in `qtype`,
-    the rest F32; `mtp` adds a multi-token-prediction layer after the last (GLM's files keep theirs)."""
+    tokenizer cut to the model's vocabulary; each weight in the type `types(transformers name)` gives,
+    the rest F32; `mtp` adds a multi-token-prediction layer after the last (GLM's files keep theirs).
+    Returns the file's size."""
     config = model.config
     arch = ARCHS[config.model_type]
     gguf_arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch)
     table = get_tensor_name_map(gguf_arch, config.num_hidden_layers + int(mtp))
     tensors = []  # (GGUF name, float32 array, type)
     for name, t in model.state_dict().items():
-        a, kind = t.float().numpy(), qtype if q8_0(name) else Q.F32
+        a, kind = t.float().numpy(), types(name) or Q.F32
         base = name.rsplit(".", 1)[0]
         if _transposed(model, name):  # gpt-oss: (in, out) experts, gate and up interleaved, written (out, in)
             suffix = ".bias" if name.endswith("_bias") else ".weight"
@@ -159,6 +160,7 @@ def write_mapped(path: Path, like: Path, model, *, q8_0=lambda name: False, qtyp
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path.stat().st_size
 
 
 def _gpt_oss(config) -> dict:

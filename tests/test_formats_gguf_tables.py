@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType as Q
 from conftest import CPU_BUDGETS
 from gguf_table_files import (deepseek_v2_lite_config, deepseek_v3_config, glm4_moe_config, gpt_oss_config, random_model,
                               write_mapped)
@@ -22,10 +23,10 @@ from reshard.format import read_manifest
 IDS = torch.tensor([[1, 504, 345, 282, 649, 314, 2]])
 
 
-def q8_0(name: str) -> bool:
+def q8_0(name: str):
     """Q8_0 for the matrices 32-value blocks fit (the experts among them), F32 for the rest."""
-    return name.endswith(("q_a_proj.weight", "q_b_proj.weight", "o_proj.weight", "gate_proj.weight", "up_proj.weight",
-                          "down_proj.weight", "gate_up_proj", "down_proj", "embed_tokens.weight", "lm_head.weight"))
+    return Q.Q8_0 if name.endswith(("q_a_proj.weight", "q_b_proj.weight", "o_proj.weight", "gate_proj.weight", "up_proj.weight",
+                          "down_proj.weight", "gate_up_proj", "down_proj", "embed_tokens.weight", "lm_head.weight")) else None
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +34,11 @@ def deepseek(tmp_path_factory) -> dict:
     """"split" (attn_k_b + attn_v_b, as llama.cpp writes since its MLA support) and "whole" (attn_kv_b)
     -> (GGUF, its conversion); "model" -> the transformers model they were written from."""
     root = tmp_path_factory.mktemp("deepseek-gguf")
-    model = random_model(deepseek_v3_config(vocab=TOKENIZER_VOCAB), q8_0=q8_0)
+    model = random_model(deepseek_v3_config(vocab=TOKENIZER_VOCAB), types=q8_0)
     out = {"model": model}
     for name, split in (("split", True), ("whole", False)):
         path = root / f"{name}.gguf"
-        write_mapped(path, tokenizer_gguf(), model, q8_0=q8_0, split_kv_b=split)
+        write_mapped(path, tokenizer_gguf(), model, types=q8_0, split_kv_b=split)
         convert(str(path), root / f"{name}-out", progress=False)
         out[name] = (path, root / f"{name}-out")
     return out
@@ -78,8 +79,8 @@ def test_deepseek_v2_lite_file_equals_its_model(tmp_path_factory, placement):
     from runtime import LayeredModel
 
     root = tmp_path_factory.mktemp("v2-lite")
-    model = random_model(deepseek_v2_lite_config(vocab=TOKENIZER_VOCAB), q8_0=q8_0)
-    write_mapped(root / "v2.gguf", tokenizer_gguf(), model, q8_0=q8_0)
+    model = random_model(deepseek_v2_lite_config(vocab=TOKENIZER_VOCAB), types=q8_0)
+    write_mapped(root / "v2.gguf", tokenizer_gguf(), model, types=q8_0)
     convert(str(root / "v2.gguf"), root / "out", progress=False)
     with torch.no_grad():
         want = model(IDS).logits
@@ -96,8 +97,8 @@ def test_glm4moe_file_equals_its_model(tmp_path_factory, placement):
     from runtime import LayeredModel
 
     root = tmp_path_factory.mktemp("glm")
-    model = random_model(glm4_moe_config(vocab=TOKENIZER_VOCAB), q8_0=q8_0)
-    write_mapped(root / "glm.gguf", tokenizer_gguf(), model, q8_0=q8_0, mtp=True)
+    model = random_model(glm4_moe_config(vocab=TOKENIZER_VOCAB), types=q8_0)
+    write_mapped(root / "glm.gguf", tokenizer_gguf(), model, types=q8_0, mtp=True)
     convert(str(root / "glm.gguf"), root / "out", progress=False)
     with torch.no_grad():
         want, want_tokens = model(IDS).logits, model.generate(IDS, max_new_tokens=5, do_sample=False)
@@ -117,12 +118,10 @@ OSS_IDS = torch.tensor([[1, 504, 345, 282, 649, 314, 2, 55, 66, 77]])  # past gp
 @pytest.fixture(scope="module")
 def gpt_oss(tmp_path_factory):
     """(the transformers gpt-oss a GGUF was written from, with MXFP4 experts; that GGUF's conversion)."""
-    from gguf import GGMLQuantizationType as Q
-
     root = tmp_path_factory.mktemp("gpt-oss")
-    experts = lambda name: name.endswith(("experts.gate_up_proj", "experts.down_proj"))  # noqa: E731
-    model = random_model(gpt_oss_config(vocab=TOKENIZER_VOCAB), q8_0=experts, qtype=Q.MXFP4)
-    write_mapped(root / "oss.gguf", tokenizer_gguf(), model, q8_0=experts, qtype=Q.MXFP4)
+    experts = lambda name: Q.MXFP4 if name.endswith(("experts.gate_up_proj", "experts.down_proj")) else None  # noqa: E731
+    model = random_model(gpt_oss_config(vocab=TOKENIZER_VOCAB), types=experts)
+    write_mapped(root / "oss.gguf", tokenizer_gguf(), model, types=experts)
     convert(str(root / "oss.gguf"), root / "out", progress=False)
     return model, root / "out"
 
