@@ -72,41 +72,53 @@ def test_expert_blocks_stay_blocks_one_range_per_expert(deepseek):
     assert list(layer.experts.values())[0]["num_experts"] == 8
 
 
-@pytest.mark.parametrize("placement", ["streamed", "resident"])
-def test_deepseek_v2_lite_file_equals_its_model(tmp_path_factory, placement):
-    """A softmax-routed file (no expert_gating_func, as llama.cpp writes DeepSeek-V2's) with a plain
-    q projection (no q LoRA, V2-Lite's) converts to a DeepseekV2 model equal to the one it came from."""
-    from runtime import LayeredModel
-
+@pytest.fixture(scope="module")
+def v2_lite(tmp_path_factory):
+    """(a DeepSeek-V2-Lite-style model, the conversion of the GGUF written from it)."""
     root = tmp_path_factory.mktemp("v2-lite")
     model = random_model(deepseek_v2_lite_config(vocab=TOKENIZER_VOCAB), types=q8_0)
     write_mapped(root / "v2.gguf", tokenizer_gguf(), model, types=q8_0)
     convert(str(root / "v2.gguf"), root / "out", progress=False)
+    return model, root / "out"
+
+
+@pytest.mark.parametrize("placement", ["streamed", "resident"])
+def test_deepseek_v2_lite_file_equals_its_model(v2_lite, placement):
+    """A softmax-routed file (no expert_gating_func, as llama.cpp writes DeepSeek-V2's) with a plain
+    q projection (no q LoRA, V2-Lite's) converts to a DeepseekV2 model equal to the one it came from."""
+    from runtime import LayeredModel
+
+    model, folder = v2_lite
     with torch.no_grad():
         want = model(IDS).logits
-    with LayeredModel.from_pretrained(root / "out", device="cpu", packed=False,
-                                      max_cpu_memory=CPU_BUDGETS[placement]) as lm:
+    with LayeredModel.from_pretrained(folder, device="cpu", packed=False, max_cpu_memory=CPU_BUDGETS[placement]) as lm:
         assert type(lm.model).__name__ == "DeepseekV2ForCausalLM"
         assert torch.equal(lm(IDS).logits, want)
 
 
-@pytest.mark.parametrize("placement", ["streamed", "resident"])
-def test_glm4moe_file_equals_its_model(tmp_path_factory, placement):
-    """GLM-4.5 as llama.cpp writes it (biases, q/k norms, its multi-token-prediction layer counted in
-    block_count and stored after the last layer): a Glm4Moe model equal to the one it came from."""
-    from runtime import LayeredModel
-
+@pytest.fixture(scope="module")
+def glm(tmp_path_factory):
+    """(a GLM-4.5-style model, the conversion of the GGUF written from it with a multi-token-prediction layer)."""
     root = tmp_path_factory.mktemp("glm")
     model = random_model(glm4_moe_config(vocab=TOKENIZER_VOCAB), types=q8_0)
     write_mapped(root / "glm.gguf", tokenizer_gguf(), model, types=q8_0, mtp=True)
     convert(str(root / "glm.gguf"), root / "out", progress=False)
+    return model, root / "out"
+
+
+@pytest.mark.parametrize("placement", ["streamed", "resident"])
+def test_glm4moe_file_equals_its_model(glm, placement):
+    """GLM-4.5 as llama.cpp writes it (biases, q/k norms, its multi-token-prediction layer counted in
+    block_count and stored after the last layer): a Glm4Moe model equal to the one it came from."""
+    from runtime import LayeredModel
+
+    model, folder = glm
     with torch.no_grad():
         want, want_tokens = model(IDS).logits, model.generate(IDS, max_new_tokens=5, do_sample=False)
-    manifest = read_manifest(root / "out")
+    manifest = read_manifest(folder)
     assert manifest.group("layers.1").quantized["model.layers.1.mlp.experts.gate_up_proj"]["scheme"] == "int8"
     assert len([g for g in manifest.groups if g.kind == "layer"]) == 3
-    with LayeredModel.from_pretrained(root / "out", device="cpu", packed=False,
-                                      max_cpu_memory=CPU_BUDGETS[placement]) as lm:
+    with LayeredModel.from_pretrained(folder, device="cpu", packed=False, max_cpu_memory=CPU_BUDGETS[placement]) as lm:
         assert type(lm.model).__name__ == "Glm4MoeForCausalLM"
         assert torch.equal(lm(IDS).logits, want)
         assert torch.equal(lm.generate(IDS, max_new_tokens=5, do_sample=False), want_tokens)
@@ -170,35 +182,39 @@ def test_gpt_oss_experts_run_through_the_cpu_kernels_with_their_biases(gpt_oss, 
     assert torch.equal(tokens, want_tokens)
 
 
-def test_deepseek2_file_with_an_unknown_routing_is_one_line(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def plain_deepseek(tmp_path_factory):
+    """A DeepSeek-V3 GGUF the error tests rewrite with one metadata value changed."""
+    path = tmp_path_factory.mktemp("plain-deepseek") / "m.gguf"
+    write_mapped(path, tokenizer_gguf(), random_model(deepseek_v3_config(vocab=TOKENIZER_VOCAB, yarn=False)))
+    return path
+
+
+def test_deepseek2_file_with_an_unknown_routing_is_one_line(plain_deepseek, tmp_path, capsys):
     from gguf import GGUFReader, GGUFWriter
 
-    path = tmp_path / "m.gguf"
-    write_mapped(path, tokenizer_gguf(), random_model(deepseek_v3_config(vocab=TOKENIZER_VOCAB, yarn=False)))
-    _copy_with(GGUFReader(path), GGUFWriter(tmp_path / "odd.gguf", "deepseek2"), {"deepseek2.expert_gating_func": 3})
+    _copy_with(GGUFReader(plain_deepseek), GGUFWriter(tmp_path / "odd.gguf", "deepseek2"),
+               {"deepseek2.expert_gating_func": 3})
     assert cli_convert(capsys, tmp_path / "odd.gguf", tmp_path / "out") == (
         1, f"Error: {tmp_path / 'odd.gguf'} is a deepseek2 GGUF with expert_gating_func 3, which reshard cannot "
            f"read yet; convert the model's safetensors checkpoint instead")
 
 
-def test_deepseek2_file_missing_a_size_is_one_line(tmp_path, capsys):
+def test_deepseek2_file_missing_a_size_is_one_line(plain_deepseek, tmp_path, capsys):
     from gguf import GGUFReader, GGUFWriter
 
-    path = tmp_path / "m.gguf"
-    write_mapped(path, tokenizer_gguf(), random_model(deepseek_v3_config(vocab=TOKENIZER_VOCAB, yarn=False)))
-    _copy_with(GGUFReader(path), GGUFWriter(tmp_path / "cut.gguf", "deepseek2"), drop="deepseek2.attention.kv_lora_rank")
+    _copy_with(GGUFReader(plain_deepseek), GGUFWriter(tmp_path / "cut.gguf", "deepseek2"),
+               drop="deepseek2.attention.kv_lora_rank")
     assert cli_convert(capsys, tmp_path / "cut.gguf", tmp_path / "out") == (
         1, f"Error: {tmp_path / 'cut.gguf'} is a deepseek2 GGUF without deepseek2.attention.kv_lora_rank; "
            f"download it again")
 
 
-def test_k_b_that_does_not_match_the_metadata_is_one_line(tmp_path, capsys):
+def test_k_b_that_does_not_match_the_metadata_is_one_line(plain_deepseek, tmp_path, capsys):
     """A file whose MLA sizes in the metadata do not fit its `attn_k_b` tensors."""
     from gguf import GGUFReader, GGUFWriter
 
-    path = tmp_path / "m.gguf"
-    write_mapped(path, tokenizer_gguf(), random_model(deepseek_v3_config(vocab=TOKENIZER_VOCAB, yarn=False)))
-    reader = GGUFReader(path)
+    reader = GGUFReader(plain_deepseek)
     wrong = int(reader.fields["deepseek2.attention.key_length_mla"].contents()) + 8
     _copy_with(reader, GGUFWriter(tmp_path / "bad.gguf", "deepseek2"), {"deepseek2.attention.key_length_mla": wrong})
     code, line = cli_convert(capsys, tmp_path / "bad.gguf", tmp_path / "out")
