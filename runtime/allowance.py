@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .kvcache import passed_cache
+
 SLACK = 1.25  # allocator rounding, temporaries the count below misses
 FLOOR = 32 << 20  # every job: small tensors, masks, the sampler's buffers
 CUDA_THREAD = 96 << 20  # device memory of a thread's cuBLAS handle and workspace (72 MiB measured, see above)
@@ -107,7 +109,7 @@ def shape_of_call(args: tuple, kwargs: dict) -> JobShape:
     """The shape of `model(input_ids, ...)` (or `inputs_embeds=`): every position's logits
     unless `logits_to_keep` says otherwise; the context grows by what a passed cache holds."""
     rows, tokens = _rows_tokens(args, kwargs)
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    cache = passed_cache(kwargs)
     past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
     keep = kwargs.get("logits_to_keep", 0)
     kept = keep if isinstance(keep, int) and keep > 0 else tokens

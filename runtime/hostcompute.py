@@ -24,6 +24,7 @@ from reshard.errors import UsageError
 from reshard.format import expert_bytes
 
 from . import hybrid, lowbit
+from .kvcache import passed_cache
 from .stream import GroupLoader, Loaded
 
 AUTO = "auto"
@@ -133,7 +134,7 @@ class HostCompute:
 
     def _inputs(self, i: int, args, kwargs):
         where = self.host if i in self.active else self.device
-        move_cache_layer(kwargs.get("past_key_values"), self.candidates[i].index, where)
+        move_cache_layer(passed_cache(kwargs), self.candidates[i].index, where)
         if i not in self.active:
             return None
         return move(args, self.host), move(kwargs, self.host)

@@ -16,6 +16,15 @@ import torch
 import torch.nn.functional as F
 
 
+# what a forward names the cache it is passed: transformers 5.2x `cache`, earlier versions `past_key_values`
+CACHE_ARGS = ("cache", "past_key_values")
+
+
+def passed_cache(kwargs: dict):
+    """The cache a forward call (of the model or of one of its layers) was given, by either name, or None."""
+    return next((kwargs[a] for a in CACHE_ARGS if kwargs.get(a) is not None), None)
+
+
 class BatchCache:
     """A `DynamicCache` of B rows and its (B, L) mask of real columns."""
 

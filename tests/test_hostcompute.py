@@ -93,6 +93,24 @@ def test_move_reaches_nested_tensors_and_the_cache_layer():
     move_cache_layer(cache, 7, meta)  # no such layer: nothing to move
 
 
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_a_host_layer_takes_its_cache_layer_along_whatever_the_argument_is_named(name):
+    """transformers 5.2x hands a decoder layer its cache as `cache=`, earlier versions as
+    `past_key_values=`: either way the layer computed on the host gets its own cache layer there."""
+    from types import SimpleNamespace
+
+    from runtime.hostcompute import HostCompute
+
+    host = object.__new__(HostCompute)  # only what `_inputs` reads: where the host is, which layers run there
+    host.host, host.device, host.active = torch.device("meta"), torch.device("cpu"), {0}
+    host.candidates = {0: SimpleNamespace(index=1)}
+    cache = DynamicCache()
+    for layer in (0, 1):
+        cache.update(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4), layer)
+    host._inputs(0, (torch.ones(2),), {name: cache})
+    assert cache.layers[1].keys.device.type == "meta" and cache.layers[0].keys.device.type == "cpu"
+
+
 def test_cli_cpu_layers_text_and_stats(tiny_converted, capsys):
     from runtime.cli import main as runtime_main
 
