@@ -26,6 +26,8 @@ import itertools
 
 import torch
 
+from reshard.format import ST_TO_DTYPE
+
 from . import budget
 
 POLICIES = ("lfu", "lru")  # the first is the default
@@ -137,3 +139,19 @@ def cache_budget(loader, costs: list[budget.GroupCost], memory: budget.Budget, j
     if not any(g.experts for g, p in zip(loader.manifest.groups, loader.places) if p != budget.DEVICE):
         return 0
     return max(0, memory.capacity - budget.device_need(costs, loader.places, memory, job, routed_tokens))
+
+
+def kept_copy(infos, entry: dict, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One read expert's stored tensors as the cache keeps them: quantized parts as read (their
+    own tensors, in the file's precision); a weight's slot row copied (a view would keep the
+    whole slot tensor alive), in its stored dtype (`infos`: its file's) where that is narrower
+    (the cast back is exact)."""
+    kept = {}
+    for name, t in stored.items():
+        if name not in entry["tensors"]:  # a quantized weight's part
+            kept[name] = t
+            continue
+        narrow = ST_TO_DTYPE[infos[name].dtype]
+        narrower = narrow.is_floating_point and narrow.itemsize < t.element_size()
+        kept[name] = t.to(narrow) if narrower else t.clone()
+    return kept

@@ -49,13 +49,12 @@ from reshard.format import ST_TO_DTYPE, dense_range, expert_range, expert_tensor
 from reshard.plan import ROUTED_ARGS
 
 from . import budget
-from .expertcache import POLICIES, ExpertCache
+from .expertcache import POLICIES, ExpertCache, kept_copy
 from .expertrounds import Restore, in_rounds
-from .expertslots import Slots, computes_on_slots, routed_experts
+from .expertslots import Slots, computes_on_slots, fill_rows, routed_experts
 from .expertread import ExpertReader, read_stored, typed
 from .packedexperts import PACKED, by_attr, operands
 from .prediction import ExpertPredictor
-from .quantized import expand_param
 
 # A pass expected to route at least this share of a layer's experts (uniform picks: 1 - (1 - k/E)^tokens)
 # loads that layer whole, where that costs no memory (the CPU, a folder used as stored): one read
@@ -267,10 +266,10 @@ class ExpertStreamer:
                 if stored is None:
                     to_read.append((e, rows))
                     continue
-                self._fill(i, rows, stored)
+                fill_rows(self.loader.manifest.groups[i], self.loader.scheme, rows, stored, self.dtype)
             old = None
             for e, stored in self._read(i, to_read, entry).items():
-                fresh[e] = self._keepable(i, entry, stored) if self.cache.capacity else None
+                fresh[e] = kept_copy(self.loader.files[i].infos, entry, stored) if self.cache.capacity else None
             for e, stored in fresh.items():
                 if stored is not None:
                     self.cache.put((i, e, *entry["tensors"]), stored)
@@ -336,35 +335,6 @@ class ExpertStreamer:
         stored = ST_TO_DTYPE[info.dtype]
         return self.dtype if stored.is_floating_point else stored
 
-    def _fill(self, i: int, rows: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]) -> None:
-        """Slot rows of one expert from its stored tensors (cached, read ahead, or just read): a
-        weight copied (cast where the compute dtype differs: exact for a cached narrower copy), a
-        quantized one expanded from its parts: the one function every way in goes through."""
-        group = self.loader.manifest.groups[i]
-        for param, row in rows.items():
-            if param not in group.quantized:
-                row.copy_(stored[param])
-                continue
-            scheme = scheme_of(group, param, self.loader.scheme)
-            parts = {part: stored[name].to(self.device, non_blocking=True)
-                     for part, name in quant_part_names(param, scheme).items()}
-            info = {**group.quantized[param], "shape": group.quantized[param]["shape"][1:]}
-            row.copy_(expand_param(parts, info, scheme, self.dtype))
-
-    def _keepable(self, i: int, entry: dict, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One read expert's stored tensors as the cache keeps them: quantized parts as read (their
-        own tensors, in the file's precision); a weight's slot row copied (a view would keep the
-        whole slot tensor alive), in its stored dtype where that is narrower (the cast back is exact)."""
-        kept = {}
-        for name, t in stored.items():
-            if name not in entry["tensors"]:  # a quantized weight's part
-                kept[name] = t
-                continue
-            narrow = ST_TO_DTYPE[self.loader.files[i].infos[name].dtype]
-            narrower = narrow.is_floating_point and narrow.itemsize < t.element_size()
-            kept[name] = t.to(narrow) if narrower else t.clone()
-        return kept
-
     def _guessed(self, i: int, e: int) -> dict[str, torch.Tensor] | None:
         """Expert e of group i if a guess read it ahead (waiting for that read), counted as read."""
         stored = self.predictor.take(i, e)
@@ -411,7 +381,8 @@ class ExpertStreamer:
         else:
             self.stats.expert_reads += self.reader.read(gf, pieces)
         for e, rows in jobs:
-            self._fill(i, {p: row for p, row in rows.items() if p in quantized}, out[e])
+            fill_rows(self.loader.manifest.groups[i], self.loader.scheme,
+                      {p: row for p, row in rows.items() if p in quantized}, out[e], self.dtype)
         self._count_read(len(jobs), nbytes, held is None)
         return out
 
@@ -421,13 +392,3 @@ class ExpertStreamer:
         memory as stored, for a guess (runtime/prediction.py, on its thread) or a packed call:
         ({expert: {stored tensor name: tensor}}, file reads taken); see expertread.read_stored."""
         return read_stored(self.reader, self.loader.files[i], self.loader.manifest.groups[i], entry, experts, held)
-
-
-def load_persistent_buffers(model: nn.Module, loader) -> None:
-    """Buffers the checkpoint holds (a router's score bias, say) replace the computed ones, once."""
-    for i, group in enumerate(loader.manifest.groups):
-        for name in group.buffers:
-            owner, _, attr = name.rpartition(".")
-            module = model.get_submodule(owner)
-            module._buffers[attr] = loader.files[i].tensor(name).to(loader.device, copy=True)
-

@@ -13,6 +13,10 @@ import inspect
 import torch
 from torch import nn
 
+from reshard.format import quant_part_names, scheme_of
+
+from .quantized import expand_param
+
 
 def routed_experts(index: torch.Tensor, count: int) -> list[int]:
     """The experts (ascending) a router's `top_k_index` sends tokens to; ids outside 0..count-1
@@ -47,3 +51,20 @@ class Slots:
         table[torch.tensor(self.held, dtype=torch.long, device=top_k_index.device)] = torch.arange(
             len(self.held), dtype=top_k_index.dtype, device=top_k_index.device)
         return table[top_k_index.clamp(0, count).masked_fill(top_k_index < 0, count)]
+
+
+def fill_rows(group, scheme: str | None, rows: dict[str, torch.Tensor], stored: dict[str, torch.Tensor],
+              dtype: torch.dtype) -> None:
+    """Slot rows {param: row} of one expert of `group` from its stored tensors (cached, read ahead,
+    or just read): a weight copied (cast where the compute dtype differs: exact for a cached
+    narrower copy), a quantized one expanded from its parts to `dtype` (`scheme`: the folder's):
+    the one function every way in goes through."""
+    for param, row in rows.items():
+        if param not in group.quantized:
+            row.copy_(stored[param])
+            continue
+        own = scheme_of(group, param, scheme)
+        parts = {part: stored[name].to(row.device, non_blocking=True)
+                 for part, name in quant_part_names(param, own).items()}
+        info = {**group.quantized[param], "shape": group.quantized[param]["shape"][1:]}
+        row.copy_(expand_param(parts, info, own, dtype))

@@ -23,7 +23,7 @@ from reshard.verify import verify_folder
 
 from . import allowance, budget, embedrows, lowbit, packedexperts
 from .expertcache import cache_budget
-from .experts import ExpertStreamer, load_persistent_buffers
+from .experts import ExpertStreamer
 from .prediction import guess_allowance
 from .opening import (converted_folder, group_costs, load_generation_config, load_tokenizer, pin_device,
                       place_buffers, place_groups, resolve_device, resolve_runtime_dtype, routed_tokens)
@@ -351,3 +351,12 @@ class LayeredModel(JobMemory):
             done.cpu_layers = dict(self.host.log)
         if self.cpu_experts is not None:
             done.cpu_experts = dict(self.cpu_experts.log)
+
+
+def load_persistent_buffers(model, loader) -> None:
+    """Buffers the checkpoint holds (a router's score bias, say) replace the computed ones, once."""
+    for i, group in enumerate(loader.manifest.groups):
+        for name in group.buffers:
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner)
+            module._buffers[attr] = loader.files[i].tensor(name).to(loader.device, copy=True)
