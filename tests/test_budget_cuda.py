@@ -48,6 +48,28 @@ def test_compiled_gguf_block_expansion_equals_plain_torch(scheme, dtype):
     assert fallbacks() == before  # compiled, not the plain fallback
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reordered_and_transposed_blocks_expand_on_cuda_as_on_the_cpu(dtype):
+    """A Qwen3.5 GGUF's output projection (Q6_K blocks with their column order) and gpt-oss's MXFP4
+    experts (the rows of (in, out) matrices) expand on the GPU to the CPU's numbers."""
+    from gguf_files import random_blocks
+
+    from runtime.quantized import expand_param
+
+    blocks = torch.from_numpy(random_blocks("q6_k", 64, 2, scale=0.02))
+    columns = torch.randperm(512, generator=torch.Generator().manual_seed(0)).int()
+    parts = {"blocks": blocks, "columns": columns}
+    info = {"shape": [64, 512], "transposed": False}
+    want = expand_param(parts, info, "q6_k-reordered", dtype)
+    got = expand_param({k: v.to(DEV) for k, v in parts.items()}, info, "q6_k-reordered", dtype)
+    assert torch.equal(got.cpu(), want)
+    experts = torch.from_numpy(random_blocks("mxfp4_blocks", 3 * 96, 2, seed=2)).reshape(3, 96, -1)
+    info = {"shape": [3, 64, 96], "transposed": True}  # [E, in, out]: the blocks are each expert's 96 rows
+    want = expand_param({"blocks": experts}, info, "mxfp4_blocks", dtype)
+    assert want.shape == (3, 64, 96)
+    assert torch.equal(expand_param({"blocks": experts.to(DEV)}, info, "mxfp4_blocks", dtype).cpu(), want)
+
+
 def test_memory_fraction_caps_the_default_budget():
     total = torch.cuda.mem_get_info(DEV)[1]
     torch.cuda.set_per_process_memory_fraction(0.1, DEV)
