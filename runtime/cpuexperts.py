@@ -26,11 +26,12 @@ import torch
 
 from reshard.errors import UsageError
 from reshard.format import expert_range, stored_names
+from reshard.plan import ROUTED_ARGS
 
 from . import budget, hybrid, packedexperts
 from .expertrounds import Restore
 from .experts import ExpertStreamer
-from .expertslots import routed_experts
+from .expertslots import computes_on_slots, routed_experts
 from .hostcompute import move
 from .stream import StreamStats
 
@@ -85,16 +86,16 @@ class CpuExperts:
             for path, entry in self.loader.manifest.groups[i].experts.items():
                 module = model.get_submodule(path)
                 signature = inspect.signature(module.forward)
-                experts = getattr(module, "num_experts", None)
-                if "top_k_index" not in signature.parameters or not isinstance(experts, int):
-                    continue  # routes by another name: stays on the device (see runtime/experts.py)
+                routes = next((a for a in ROUTED_ARGS if a in signature.parameters), None)
+                if routes is None or (not computes_on_slots(module) and path not in self.host.packed):
+                    continue  # takes no expert ids, or computes only on full-size [E, ...] tensors: stays on the device
                 own = {n.rpartition(".")[2] for n in entry["tensors"]}
                 if set(module._parameters) - own or any(b is not None for b in module._buffers.values()):
                     continue  # holds tensors the slots do not replace (they live on the device)
                 self.sizes[path] = self._sizes(i, entry)
                 self.hooks.append(module.register_forward_pre_hook(
-                    self._decide(i, path, entry, signature), with_kwargs=True, prepend=True))
-                module.forward = self._forward(i, path, module, entry, signature, module.forward)
+                    self._decide(i, path, entry, signature, routes), with_kwargs=True, prepend=True))
+                module.forward = self._forward(i, path, module, entry, signature, routes, module.forward)
                 self.hooks.append(Restore(module))
 
     def close(self) -> None:
@@ -103,12 +104,12 @@ class CpuExperts:
         self.hooks.clear()
         self.host.close()
 
-    def _decide(self, i: int, path: str, entry: dict, signature):
+    def _decide(self, i: int, path: str, entry: dict, signature, routes: str):
         count = entry["num_experts"]
 
         def pre_hook(mod, args, kwargs):
             self.here.pop(path, None)
-            index = signature.bind(*args, **kwargs).arguments["top_k_index"]
+            index = signature.bind(*args, **kwargs).arguments[routes]
             if self.fixed:
                 where, why = hybrid.CPU, "--cpu-experts on"
             else:
@@ -143,7 +144,9 @@ class CpuExperts:
         packed = any(path in self.host.packed for path in self.loader.manifest.groups[i].experts)
         return stored, params, stored if packed else stored + 2 * params * self.loader.dtype.itemsize
 
-    def _forward(self, i: int, path: str, module: torch.nn.Module, entry: dict, signature, original):
+    def _forward(self, i: int, path: str, module: torch.nn.Module, entry: dict, signature, routes: str, original):
+        """The module's forward, run on the host when `_decide` said so: packed through the native
+        kernels (any module, gpt-oss's `router_indices` too), else on CPU slots (`top_k_index` ones)."""
         count = entry["num_experts"]
 
         @functools.wraps(original)
@@ -152,13 +155,14 @@ class CpuExperts:
                 return original(*args, **kwargs)
             self.on_compute(i, "start")
             bound = signature.bind(*move(args, self.host.device), **move(kwargs, self.host.device))
-            index = bound.arguments["top_k_index"]
+            index = bound.arguments[routes]
             routed = routed_experts(index, count)
             if path in self.host.packed:  # the routed experts as stored, through the native kernels
                 self.host.bring_packed(i, path, module, entry, routed)
+                hidden, _, weights = list(bound.arguments.values())[:3]  # (hidden, ids, routing weights)
                 try:
                     out = packedexperts.run(module, self.host.packed[path], module.__dict__[packedexperts.PACKED],
-                                            bound.arguments["hidden_states"], index, bound.arguments["top_k_weights"])
+                                            hidden, index, weights)
                 finally:
                     module.__dict__.pop(packedexperts.PACKED, None)
                 self.on_compute(i, "end")

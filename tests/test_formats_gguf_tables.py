@@ -182,6 +182,25 @@ def test_gpt_oss_experts_run_through_the_cpu_kernels_with_their_biases(gpt_oss, 
     assert torch.equal(tokens, want_tokens)
 
 
+def test_gpt_oss_experts_computed_on_the_host_with_cpu_experts(gpt_oss):
+    """`cpu_experts="on"` (llama.cpp's --n-cpu-moe, KTransformers' CPU experts): gpt-oss's experts
+    module, which takes `router_indices` rather than `top_k_index`, runs on the host through the
+    native kernels, its MXFP4 experts read there as stored; the result is that of the packed run."""
+    from runtime import LayeredModel, native
+
+    if native.lowbit() is None:
+        pytest.skip("no native CPU kernels on this machine")
+    model, folder = gpt_oss
+    with LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=0) as lm:
+        want = lm(OSS_IDS).logits
+    with LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=0, cpu_experts="on") as lm:
+        got = lm(OSS_IDS).logits
+        names = [g.name for g in lm.manifest.groups if g.experts]
+        assert lm.stats.per_pass[-1].cpu_experts == {n: "cpu: --cpu-experts on" for n in names}
+        assert lm.stats.experts_read == 0 and lm.cpu_experts.host.stats.experts_read > 0
+    assert torch.equal(got, want)
+
+
 @pytest.fixture(scope="module")
 def plain_deepseek(tmp_path_factory):
     """A DeepSeek-V3 GGUF the error tests rewrite with one metadata value changed."""
