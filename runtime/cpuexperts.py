@@ -171,7 +171,7 @@ class CpuExperts:
             try:
                 slots = self.host.bring(i, path, module, entry, routed)  # CPU slots as the module's parameters
                 module.num_experts = len(slots.held)
-                bound.arguments["top_k_index"] = slots.index(index, count)
+                bound.arguments[routes] = slots.index(index, count)
                 out = original(*bound.args, **bound.kwargs)
             finally:
                 module._parameters.update(before)

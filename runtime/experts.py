@@ -7,12 +7,12 @@ experts module, where transformers dispatches the routed tokens, reads the route
 `top_k_index` and copies only those experts (each one contiguous byte range of the file, see
 reshard.format.expert_range) into slots: [S, ...] tensors, S the experts this layer load routes
 (k at batch 1 decode, the union for a prefill or batch), never E. The hook hands the module the
-slots as its parameters, `top_k_index` mapped to slot ids by an increasing map (so the module
-visits and sums its experts in the same order), and `num_experts` = S for the call (restored
-after): transformers' own experts code computes on the slots, its math unchanged. A module
-that routes by another name (gpt-oss's `router_indices`, whose routing weights are dense over
-E) gets full-size [E, ...] tensors holding the routed experts only (rows of others are never read);
-one whose forward takes no routed ids at all gets all its experts, and the streamer says so once.
+slots as its parameters, its routed ids (`top_k_index`, gpt-oss's `router_indices`) mapped to slot
+ids by an increasing map (so the module visits and sums its experts in the same order), and
+`num_experts` = S for the call (restored after): transformers' own experts code computes on the
+slots, its math unchanged. A module without an int `num_experts` gets full-size [E, ...] tensors
+holding the routed experts only (rows of others are never read); one whose forward takes no
+routed ids at all gets all its experts, and the streamer says so once.
 
 Several forwards through one layer load (runtime/lockstep.py) add only the experts still
 missing, so a pass brings the union of its tokens' experts once; the slots go when the layer
@@ -51,7 +51,7 @@ from reshard.plan import ROUTED_ARGS
 from . import budget
 from .expertcache import POLICIES, ExpertCache, kept_copy
 from .expertrounds import Restore, in_rounds
-from .expertslots import Slots, computes_on_slots, fill_rows, routed_experts
+from .expertslots import Slots, computes_on_slots, fill_rows, routed_experts, runs_in_rounds
 from .expertread import ExpertReader, read_stored, typed
 from .packedexperts import PACKED, by_attr, operands
 from .prediction import ExpertPredictor
@@ -98,7 +98,7 @@ class ExpertStreamer:
                 self.empty[path] = {a: module._parameters[a] for a in (n.rpartition(".")[2] for n in entry["tensors"])}
                 self.hooks.append(module.register_forward_pre_hook(self._hook(i, path, module, entry), with_kwargs=True))
                 self.hooks.append(module.register_forward_hook(self._restore(path, module)))
-                if computes_on_slots(module):
+                if runs_in_rounds(module):
                     module.forward = in_rounds(module, module.forward, self._round_limit(path))
                     self.hooks.append(Restore(module))
                     self.rounds_possible = True
@@ -159,7 +159,7 @@ class ExpertStreamer:
     def _hook(self, i: int, path: str, module: nn.Module, entry: dict):
         signature = inspect.signature(module.forward)
         count = entry["num_experts"]
-        compact = computes_on_slots(module)
+        compact, rounds = computes_on_slots(module), runs_in_rounds(module)
         routes = any(a in signature.parameters for a in ROUTED_ARGS)
         if not routes and type(module) not in self.warned:
             self.warned.add(type(module))
@@ -181,7 +181,7 @@ class ExpertStreamer:
                 return None
             index = bound.arguments[arg]
             routed = routed_experts(index, count)
-            if compact and self.round_experts is not None and len(routed) > self.round_experts:
+            if rounds and self.round_experts is not None and len(routed) > self.round_experts:
                 return None  # the forward splits the call into rounds (runtime/expertrounds.py), each brought here
             if path in self.packed:  # the kernels take the experts as read, by E's ids (any routed module)
                 self.bring_packed(i, path, mod, entry, routed)
@@ -193,7 +193,7 @@ class ExpertStreamer:
                 return None
             slots = self.bring(i, path, mod, entry, routed, alone=self.round_experts is not None)
             mod.num_experts = len(slots.held)  # the module's own loops and bins run over the slots
-            bound.arguments["top_k_index"] = slots.index(index, count)
+            bound.arguments[arg] = slots.index(index, count)
             self._guess(i, bound.arguments)
             return bound.args, bound.kwargs
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from reshard.format import quant_part_names, scheme_of
+from reshard.plan import ROUTED_ARGS
 
 from .quantized import expand_param
 
@@ -25,10 +26,23 @@ def routed_experts(index: torch.Tensor, count: int) -> list[int]:
 
 
 def computes_on_slots(module: nn.Module) -> bool:
-    """Whether a streamed experts module computes on [S, ...] slots (it takes `top_k_index` and
-    loops over `num_experts`), rather than on full-size [E, ...] tensors holding the routed rows."""
+    """Whether a streamed experts module computes on [S, ...] slots (it takes routed expert ids,
+    `top_k_index` or gpt-oss's `router_indices`, and loops over `num_experts`), rather than on
+    full-size [E, ...] tensors holding the routed rows."""
+    return routed_arg(module) is not None and isinstance(getattr(module, "num_experts", None), int)
+
+
+def routed_arg(module: nn.Module) -> str | None:
+    """The name a module's forward takes its routed expert ids by, or None."""
     signature = inspect.signature(module.forward)
-    return "top_k_index" in signature.parameters and isinstance(getattr(module, "num_experts", None), int)
+    return next((a for a in ROUTED_ARGS if a in signature.parameters), None)
+
+
+def runs_in_rounds(module: nn.Module) -> bool:
+    """Whether a slots module can run its experts in rounds (runtime/expertrounds.py): the ones
+    taking `top_k_index`, transformers' experts contract, skip the ids that a round leaves out as its
+    sentinel (`num_experts`); gpt-oss's one-hot over `num_experts` cannot take one."""
+    return computes_on_slots(module) and routed_arg(module) == "top_k_index"
 
 
 class Slots:

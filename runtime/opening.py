@@ -73,7 +73,7 @@ def group_costs(loader: GroupLoader, per_token: int = 0, model: nn.Module | None
     """What each group takes on the device and on disk (runtime.budget plans with these). With
     `per_token` (the experts a token routes, where routed experts stream sparsely) a CUDA MoE
     layer also says what one routed expert takes, so a streamed one counts slots, not E experts;
-    not one whose experts module (in `model`) computes on full-size tensors (gpt-oss's)."""
+    not one whose experts module (in `model`) computes on full-size tensors (no int `num_experts`)."""
     costs = []
     for i, g in enumerate(loader.manifest.groups):
         cost = budget.GroupCost(loader.held_bytes(i), loader.group_bytes(i), g.kind, loader.made_anew(i))

@@ -128,13 +128,14 @@ def test_small_gpu_decodes_a_moe_whose_experts_do_not_fit(folder, capsys):
     assert "prefilling it" in capsys.readouterr().err
 
 
-def test_experts_computed_on_full_size_tensors_are_counted_whole(folder, tmp_path, monkeypatch):
-    """gpt-oss's experts module takes `router_indices` with routing weights dense over E: the streamer
-    gives it full-size [E, ...] tensors, so the budget keeps counting its layers whole."""
+def test_gpt_oss_experts_compute_on_slots_without_rounds(folder, tmp_path, monkeypatch):
+    """gpt-oss's experts module takes `router_indices` (not `top_k_index`) and one-hots them over its
+    `num_experts`: the streamer gives it slots of the routed experts as it does the others, so the
+    budget counts its layers by slots; it cannot skip a round's sentinel, so it never runs in rounds."""
     from transformers import GptOssConfig
 
     from reshard.plan import build_empty_model
-    from runtime.expertslots import computes_on_slots
+    from runtime.expertslots import computes_on_slots, runs_in_rounds
 
     config = GptOssConfig(hidden_size=64, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
@@ -145,11 +146,12 @@ def test_experts_computed_on_full_size_tensors_are_counted_whole(folder, tmp_pat
                          torch.float16, StreamStats())
     model = build_empty_model(config, dtype=torch.float16)
     moe = [g for g in loader.manifest.groups if g.experts]
-    assert moe and not any(computes_on_slots(model.get_submodule(p)) for g in moe for p in g.experts)
-    assert all(c.experts == 0 for c in group_costs(loader, 2, model))
-    assert any(c.experts for c in group_costs(loader, 2))  # without the model's modules: slots assumed
-    dsv3 = build_empty_model(_config(), dtype=torch.float16)  # DeepSeek-V3's experts compute on slots
-    assert all(computes_on_slots(dsv3.get_submodule(p)) for g in read_manifest(folder).groups for p in g.experts)
+    modules = [model.get_submodule(p) for g in moe for p in g.experts]
+    assert moe and all(computes_on_slots(m) and not runs_in_rounds(m) for m in modules)
+    costs = group_costs(loader, 2, model)
+    assert [c.experts for c in costs if c.experts] == [4] * len(moe) and all(c.per_token == 2 for c in costs if c.experts)
+    dsv3 = build_empty_model(_config(), dtype=torch.float16)  # DeepSeek-V3's experts compute on slots, in rounds too
+    assert all(runs_in_rounds(dsv3.get_submodule(p)) for g in read_manifest(folder).groups for p in g.experts)
 
 
 def test_a_job_too_wide_for_the_slots_gets_rounds_of_the_most_tokens_that_fit(cuda_loader):
