@@ -62,8 +62,8 @@ class CpuExperts:
         self.host = ExpertStreamer(HostView(loader))  # its bring() fills CPU slots, its hooks are never installed
         self.log: dict[str, str] = {}  # this pass: layer -> "cpu|stream: why"
         self.here: dict[str, str] = {}  # experts module path -> why it runs on the host this call
-        self.sizes: dict[str, tuple[int, int, int]] = {}  # experts module path -> one expert's (stored bytes,
-        # weights, host memory traffic computed here)
+        self.sizes: dict[str, tuple[int, int, dict]] = {}  # experts module path -> one expert's (stored bytes,
+        # weights, host memory traffic computed here: {kernel scheme or None (the matmul): bytes})
         self.on_device: Callable[[int, str, list[int]], int] = lambda i, path, routed: 0  # held there already
         self.on_compute: Callable[[int, str], None] = lambda i, phase: None  # "start"/"end" (ordering tests)
         self.hooks: list = []
@@ -72,6 +72,10 @@ class CpuExperts:
         if self._known is None:
             self._known = self.measure()
         return self._known
+
+    def kernel_schemes(self) -> list[str]:
+        """The kernel schemes of the experts computed as stored (their rates: runtime/hybrid.py)."""
+        return sorted({spec.scheme for specs in self.host.packed.values() for spec in specs.values()})
 
     def elsewhere(self, path: str) -> bool:
         """The expert streamer's question: does this call of module `path` run on the host (bring nothing)?"""
@@ -92,7 +96,7 @@ class CpuExperts:
                 own = {n.rpartition(".")[2] for n in entry["tensors"]}
                 if set(module._parameters) - own or any(b is not None for b in module._buffers.values()):
                     continue  # holds tensors the slots do not replace (they live on the device)
-                self.sizes[path] = self._sizes(i, entry)
+                self.sizes[path] = self._sizes(i, path, entry)
                 self.hooks.append(module.register_forward_pre_hook(
                     self._decide(i, path, entry, signature, routes), with_kwargs=True, prepend=True))
                 module.forward = self._forward(i, path, module, entry, signature, routes, module.forward)
@@ -129,20 +133,29 @@ class CpuExperts:
 
         return pre_hook
 
-    def _sizes(self, i: int, entry: dict) -> tuple[int, int, int]:
-        """(stored bytes, weights, host memory traffic on the CPU) of one expert of `entry`, for the
-        planner. On the CPU an expert's stored bytes are read, its slot rows written in the compute
+    def _sizes(self, i: int, path: str, entry: dict) -> tuple[int, int, dict]:
+        """(stored bytes, weights, host memory traffic on the CPU {kernel scheme or None: bytes}) of one
+        expert of `entry`, for the planner. Multiplied as stored (`packed`), an expert's weights are
+        read by their kernels; else its stored bytes are read, its slot rows written in the compute
         dtype (expanded, if quantized) and read again by the matmul."""
         group, count = self.loader.manifest.groups[i], entry["num_experts"]
         gf = self.loader.files[i]
-        stored = sum(end - begin for p in entry["tensors"] for n in stored_names(p, group.tensors)
-                     for begin, end in [expert_range(gf.infos[n], count, 0)])
+        one = {p: sum(end - begin for n in stored_names(p, group.tensors) for begin, end in [expert_range(gf.infos[n], count, 0)])
+               for p in entry["tensors"]}
         params = 0
         for p in entry["tensors"]:
             shape = group.quantized[p]["shape"] if p in group.quantized else gf.infos[p].shape
             params += int(torch.Size(shape[1:]).numel())
-        packed = any(path in self.host.packed for path in self.loader.manifest.groups[i].experts)
-        return stored, params, stored if packed else stored + 2 * params * self.loader.dtype.itemsize
+        stored = sum(one.values())
+        specs = self.host.packed.get(path)
+        if specs is None:
+            return stored, params, {None: stored + 2 * params * self.loader.dtype.itemsize}
+        traffic: dict = {}
+        for p, nbytes in one.items():
+            spec = specs.get(p.rpartition(".")[2])
+            key = spec.scheme if spec is not None else None  # biases: read as they are
+            traffic[key] = traffic.get(key, 0) + nbytes
+        return stored, params, traffic
 
     def _forward(self, i: int, path: str, module: torch.nn.Module, entry: dict, signature, routes: str, original):
         """The module's forward, run on the host when `_decide` said so: packed through the native
@@ -195,5 +208,7 @@ def open_cpu_experts(mode, loader) -> CpuExperts | None:
               if g.experts and p != budget.DEVICE}
     if not groups:
         return None
-    speeds = lambda: hybrid.calibrate(loader.device, loader.dtype, cache_file=hybrid.default_cache_file())  # noqa: E731
-    return CpuExperts(loader, groups, fixed=mode == "on", speeds=speeds)
+    speeds = lambda: hybrid.calibrate(loader.device, loader.dtype, cache_file=hybrid.default_cache_file(),  # noqa: E731
+                                      schemes=experts.kernel_schemes())
+    experts = CpuExperts(loader, groups, fixed=mode == "on", speeds=speeds)
+    return experts

@@ -16,7 +16,7 @@ planner (runtime/hybrid.py) estimates the CPU faster at this pass's token count.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,7 +37,7 @@ class Candidate:
     params: int  # weights it holds
     index: int  # its layer's index in the model (and its KV cache's)
     expanded: int = 0  # stored bytes of quantized weights the host expands every pass
-    packed: int = 0  # stored bytes the host's low-bit kernels read as stored
+    packed: dict = field(default_factory=dict)  # {kernel scheme: stored bytes} the host's low-bit kernels read
 
 
 class HostCompute:
@@ -210,6 +210,8 @@ def open_host_compute(cpu_layers, folder, loader: GroupLoader, costs, layer_inde
     size = loader.dtype.itemsize
     candidates = {i: Candidate(costs[i].stored, costs[i].held // size, layer_index(i), host.expanded_bytes(i),
                                host.packed_bytes(i)) for i in chosen}
-    speeds = lambda: hybrid.calibrate(loader.device, loader.dtype, cache_file=hybrid.default_cache_file())  # noqa: E731
+    schemes = sorted({spec.scheme for spec in packing.values()})  # the kernels whose rates the planner needs
+    speeds = lambda: hybrid.calibrate(loader.device, loader.dtype, cache_file=hybrid.default_cache_file(),  # noqa: E731
+                                      schemes=schemes)
     return HostCompute(host, loader.device, candidates, fixed=cpu_layers != AUTO, speeds=speeds,
                        held=loader.host_data, swapped=swapped)

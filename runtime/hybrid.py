@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +31,14 @@ class Speeds:
     gpu_flops: float  # FLOP/s of the device's matmul
     cpu_expand: float = 0.0  # stored bytes/s the CPU expands quantized (int4) weights at; 0: not measured
     cpu_packed: float = 0.0  # stored bytes/s the CPU's int4 kernel reads at one token; 0: no kernel (cpu_bytes then)
+    # stored bytes/s each kernel scheme reads at one token ("q4_k", "iq2_xxs", "mxfp4_blocks", ...: the
+    # grid types decode several times slower than the K-quants); a scheme not measured goes at cpu_packed
+    packed_rates: dict = field(default_factory=dict)
+
+    def packed_rate(self, scheme: str) -> float:
+        """Stored bytes/s the CPU's kernel for `scheme` reads at one token (the int4 kernel's where not
+        measured; the matmul's where there is no kernel)."""
+        return self.packed_rates.get(scheme) or self.cpu_packed or self.cpu_bytes
 
 
 @dataclass(frozen=True)
@@ -46,13 +54,16 @@ class Choice:
         return f"cpu {self.cpu_seconds * 1e3:.3g} ms vs stream {self.stream_seconds * 1e3:.3g} ms"
 
 
-def cpu_seconds(stored: int, params: int, tokens: int, speeds: Speeds, expanded: int = 0, packed: int = 0) -> float:
+def cpu_seconds(stored: int, params: int, tokens: int, speeds: Speeds, expanded: int = 0,
+                packed: dict | None = None) -> float:
     """The CPU's time for a group of `stored` bytes and `params` weights at `tokens` tokens, of
     which `expanded` stored bytes are quantized weights the CPU expands before its matmul (no
     kernel multiplies them as stored), every pass (unknown, so infinite, where that rate is not
-    measured), and `packed` bytes are read by the low-bit kernels (at `cpu_packed` where measured)."""
+    measured), and `packed` {kernel scheme: bytes} are read by the low-bit kernels, each at its
+    scheme's measured rate (`Speeds.packed_rate`)."""
+    packed = packed or {}
     expand = 0.0 if not expanded else expanded / speeds.cpu_expand if speeds.cpu_expand > 0 else float("inf")
-    read = (stored - packed) / speeds.cpu_bytes + packed / (speeds.cpu_packed or speeds.cpu_bytes)
+    read = (stored - sum(packed.values())) / speeds.cpu_bytes + sum(n / speeds.packed_rate(s) for s, n in packed.items())
     return expand + max(read, 2 * params * tokens / speeds.cpu_flops)
 
 
@@ -62,7 +73,8 @@ def stream_seconds(stored: int, params: int, tokens: int, speeds: Speeds) -> flo
     return max(copy, 2 * params * tokens / speeds.gpu_flops)
 
 
-def choose(stored: int, params: int, tokens: int, speeds: Speeds, expanded: int = 0, packed: int = 0) -> Choice:
+def choose(stored: int, params: int, tokens: int, speeds: Speeds, expanded: int = 0,
+           packed: dict | None = None) -> Choice:
     """CPU or STREAM for a host-resident group of `stored` bytes holding `params` weights (`expanded`
     of those bytes expanded on the CPU each pass, `packed` read by its low-bit kernels: `cpu_seconds`),
     for a pass of `tokens` tokens: the faster of the two estimates; a tie streams (the device path is
@@ -73,15 +85,17 @@ def choose(stored: int, params: int, tokens: int, speeds: Speeds, expanded: int 
 
 
 def choose_experts(routed: int, pairs: int, expert_stored: int, expert_params: int, speeds: Speeds, *,
-                   on_device: int = 0, cpu_traffic: int | None = None) -> Choice:
+                   on_device: int = 0, cpu_traffic: dict | None = None) -> Choice:
     """CPU or STREAM for one call of a MoE layer's experts module (runtime/cpuexperts.py): `routed`
     distinct experts of `expert_stored` bytes and `expert_params` weights each, `pairs` (token, expert)
     pairs to compute, 2 * expert_params FLOPs each. Streamed, the routed experts not `on_device`
     already (the device's expert cache, or brought for an earlier forward of this pass) cross the
-    link; on the CPU, each routed expert costs `cpu_traffic` bytes of host memory traffic (default
-    its stored bytes: computed where it lies)."""
-    cpu = max(routed * (expert_stored if cpu_traffic is None else cpu_traffic) / speeds.cpu_bytes,
-              2 * expert_params * pairs / speeds.cpu_flops)
+    link; on the CPU, each routed expert costs `cpu_traffic` {kernel scheme, or None for the
+    matmul: bytes} of host memory traffic, each part at its rate (default: its stored bytes read by
+    the matmul, computed where they lie)."""
+    traffic = {None: expert_stored} if cpu_traffic is None else cpu_traffic
+    per_expert = sum(n / (speeds.packed_rate(s) if s else speeds.cpu_bytes) for s, n in traffic.items())
+    cpu = max(routed * per_expert, 2 * expert_params * pairs / speeds.cpu_flops)
     stream = stream_seconds((routed - on_device) * expert_stored, expert_params, pairs, speeds)
     return Choice(CPU if cpu < stream else STREAM, cpu, stream)
 
@@ -96,22 +110,27 @@ CALIBRATION_METHOD = 2
 COLD_BYTES = 512 << 20  # more than a CPU's caches: what a model's layers are
 
 
-def calibrate(device: torch.device, dtype: torch.dtype, *, cache_file: Path | None = None) -> Speeds:
-    """Measure `Speeds` on this machine for `dtype` (link and GPU only where `device` is CUDA): once per
+def calibrate(device: torch.device, dtype: torch.dtype, *, cache_file: Path | None = None,
+              schemes=()) -> Speeds:
+    """Measure `Speeds` on this machine for `dtype` (link and GPU only where `device` is CUDA), with
+    the kernel rate of each of `schemes` (the kernel schemes of a model's packed weights): once per
     process, and read back from `cache_file` (JSON, keyed by device name and dtype) when it has them."""
     key = f"{_device_name(device)}/{dtype}"
-    if key in _MEASURED:
-        return _MEASURED[key]
-    known = _read_cache(cache_file)
-    entry = known.get(key, {})
-    if entry.get("method") == CALIBRATION_METHOD:  # (entries an older way of measuring wrote: measured anew)
-        speeds = Speeds(**{k: v for k, v in entry.items() if k != "method"})
-    else:
-        cpu_bytes, cpu_flops = measure_cpu(dtype)
-        link, gpu_flops = (measure_link(device), measure_gpu(device, dtype)) if device.type == "cuda" else (0.0, 1.0)
-        speeds = Speeds(link, cpu_bytes, cpu_flops, gpu_flops, measure_cpu_expand(dtype), measure_cpu_packed())
-        if cache_file is not None:
-            _write_cache(cache_file, {**known, key: {**asdict(speeds), "method": CALIBRATION_METHOD}})
+    speeds, fresh = _MEASURED.get(key), False
+    if speeds is None:
+        entry = _read_cache(cache_file).get(key, {})
+        if entry.get("method") == CALIBRATION_METHOD:  # (entries an older way of measuring wrote: measured anew)
+            speeds = Speeds(**{k: v for k, v in entry.items() if k != "method"})
+        else:
+            cpu_bytes, cpu_flops = measure_cpu(dtype)
+            link, gpu_flops = (measure_link(device), measure_gpu(device, dtype)) if device.type == "cuda" else (0.0, 1.0)
+            speeds = Speeds(link, cpu_bytes, cpu_flops, gpu_flops, measure_cpu_expand(dtype), measure_cpu_packed())
+            fresh = True
+    missing = [s for s in dict.fromkeys(schemes) if s not in speeds.packed_rates]
+    if missing:
+        speeds = replace(speeds, packed_rates={**speeds.packed_rates, **{s: measure_cpu_packed(s) for s in missing}})
+    if cache_file is not None and (fresh or missing):
+        _write_cache(cache_file, {**_read_cache(cache_file), key: {**asdict(speeds), "method": CALIBRATION_METHOD}})
     _MEASURED[key] = speeds
     return speeds
 
@@ -148,18 +167,31 @@ def measure_cpu_expand(dtype: torch.dtype, rows: int = 4096, cols: int = 2048, g
     return stored / _best(lambda: expand_weight(parts, "int4", columns=cols, dtype=dtype))
 
 
-def measure_cpu_packed(rows: int = 8192, cols: int = 4096, group: int = 32, cold_bytes: int = COLD_BYTES) -> float:
-    """Stored bytes/s the project's int4 kernel (runtime/native.py) reads at one token, over copies of
-    a weight `cold_bytes` in all (read from memory, not a cache); 0 where the kernel cannot run here."""
+def measure_cpu_packed(scheme: str = "int4", rows: int = 8192, cols: int = 4096, group: int = 32,
+                       cold_bytes: int = COLD_BYTES) -> float:
+    """Stored bytes/s the project's kernel for `scheme` (runtime/native.py: "int4", "int8", or a GGML
+    block scheme such as "q4_k") reads at one token, over copies of a weight `cold_bytes` in all
+    (read from memory, not a cache); 0 where the kernel cannot run here. GGML blocks are random
+    bytes: the kernels' work does not depend on the values."""
+    from reshard.ggml_quants import BLOCK_TYPES
     from reshard.quant import quantize
 
     from . import lowbit, native
 
-    if not native.int_kernels():
-        return 0.0
-    spec = lowbit.PackSpec("int4", group, rows, cols, "native", torch.float16)
-    parts = quantize(torch.randn(rows, cols) * 0.02, "int4", group=group, dtype=torch.float16)
-    operands = lowbit.pack_param(parts, spec)
+    if scheme in BLOCK_TYPES:
+        if native.lowbit() is None or scheme not in native.BLOCK_SCHEMES:
+            return 0.0
+        _, size, nbytes = BLOCK_TYPES[scheme]
+        spec = lowbit.PackSpec(scheme, 0, rows, cols, "native", torch.float32)
+        blocks = torch.randint(0, 256, (rows, cols // size * nbytes), dtype=torch.uint8,
+                               generator=torch.Generator().manual_seed(0))
+        operands = lowbit.pack_param({"blocks": blocks}, spec)
+    else:
+        if not native.int_kernels():
+            return 0.0
+        spec = lowbit.PackSpec(scheme, group if scheme == "int4" else 0, rows, cols, "native", torch.float16)
+        parts = quantize(torch.randn(rows, cols) * 0.02, scheme, group=group, dtype=torch.float16)
+        operands = lowbit.pack_param(parts, spec)
     kernel, x = lowbit.native_kernel(spec), torch.randn(1, cols)
     nbytes = sum(t.numel() * t.element_size() for t in operands)
     return nbytes / _cold(lambda ops: kernel(x, *ops), _copies(operands, cold_bytes))

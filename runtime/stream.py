@@ -212,9 +212,13 @@ class GroupLoader:
         group = self.manifest.groups[i]
         return sum(self._stored_bytes(i, n) for n in group.quantized if n not in self.packing and n not in self.kept)
 
-    def packed_bytes(self, i: int) -> int:
-        """Stored bytes of group i's quantized weights the low-bit kernels read as stored (packing)."""
-        return sum(self._stored_bytes(i, n) for n in self.manifest.groups[i].quantized if n in self.packing)
+    def packed_bytes(self, i: int) -> dict[str, int]:
+        """{kernel scheme: stored bytes} of group i's quantized weights the low-bit kernels read as stored."""
+        out: dict[str, int] = {}
+        for n in self.manifest.groups[i].quantized:
+            if n in self.packing:
+                out[self.packing[n].scheme] = out.get(self.packing[n].scheme, 0) + self._stored_bytes(i, n)
+        return out
 
     def _stored_bytes(self, j: int, name: str) -> int:
         """Bytes parameter `name` takes in group j's file (all its parts if quantized)."""

@@ -187,7 +187,7 @@ def test_experts_on_the_device_and_the_cpus_own_traffic_count():
     held = hybrid.choose_experts(8, 8, EXPERT_STORED, EXPERT_PARAMS, DDR5, on_device=6)
     assert held.where == hybrid.STREAM and held.stream_seconds == pytest.approx(2 * EXPERT_STORED / DDR5.link)
     expanded = hybrid.choose_experts(8, 8, EXPERT_STORED, EXPERT_PARAMS, DDR5,
-                                     cpu_traffic=EXPERT_STORED + 2 * 2 * EXPERT_PARAMS)
+                                     cpu_traffic={None: EXPERT_STORED + 2 * 2 * EXPERT_PARAMS})
     assert expanded.where == hybrid.STREAM and expanded.cpu_seconds > 8 * expanded.stream_seconds / 3
 
 

@@ -198,6 +198,9 @@ def test_gpt_oss_experts_computed_on_the_host_with_cpu_experts(gpt_oss):
         names = [g.name for g in lm.manifest.groups if g.experts]
         assert lm.stats.per_pass[-1].cpu_experts == {n: "cpu: --cpu-experts on" for n in names}
         assert lm.stats.experts_read == 0 and lm.cpu_experts.host.stats.experts_read > 0
+        # the planner's cost of one expert on the host: its MXFP4 blocks at that kernel's rate, biases as read
+        assert set(lm.cpu_experts.sizes["model.layers.0.mlp.experts"][2]) == {"mxfp4_blocks", None}
+        assert lm.cpu_experts.kernel_schemes() == ["mxfp4_blocks"]
     assert torch.equal(got, want)
 
 

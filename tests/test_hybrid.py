@@ -92,11 +92,51 @@ def test_weights_the_cpu_must_expand_every_pass_stream(tokens):
 def test_weights_the_kernels_read_as_stored_cost_the_kernels_rate():
     """A layer of int4 weights multiplied as stored: at one token the CPU's time is their bytes at the
     kernel's measured rate, so a slow kernel streams where the float matmul's rate would pick the CPU."""
-    fast = choose(STORED, PARAMS, 1, H200_BOX, packed=STORED)
+    fast = choose(STORED, PARAMS, 1, H200_BOX, packed={"int4": STORED})
     assert fast.where == CPU and fast.cpu_seconds == pytest.approx(STORED / H200_BOX.cpu_bytes)  # not measured: cpu_bytes
     slow_kernel = Speeds(**{**H200_BOX.__dict__, "cpu_packed": 30e9})  # slower than the 54.7 GB/s link
-    choice = choose(STORED, PARAMS, 1, slow_kernel, packed=STORED)
+    choice = choose(STORED, PARAMS, 1, slow_kernel, packed={"int4": STORED})
     assert choice.where == STREAM and choice.cpu_seconds == pytest.approx(STORED / 30e9)
+
+
+def test_each_kernel_scheme_costs_its_own_rate():
+    """GGUF grid blocks decode several times slower than K-quants (benchmarks/results/gguf_kernels.txt):
+    measured per scheme, a layer of IQ2_XXS streams where the same bytes of Q4_K pick the CPU, and a
+    mixed layer costs each part at its rate; a scheme not measured goes at the int4 kernel's."""
+    rates = Speeds(**{**H200_BOX.__dict__, "cpu_packed": 80e9, "packed_rates": {"q4_k": 90e9, "iq2_xxs": 20e9}})
+    assert choose(STORED, PARAMS, 1, rates, packed={"q4_k": STORED}).where == CPU
+    slow = choose(STORED, PARAMS, 1, rates, packed={"iq2_xxs": STORED})
+    assert slow.where == STREAM and slow.cpu_seconds == pytest.approx(STORED / 20e9)
+    mixed = choose(STORED, PARAMS, 1, rates, packed={"q4_k": STORED // 2, "iq2_xxs": STORED // 2})
+    assert mixed.cpu_seconds == pytest.approx((STORED // 2) / 90e9 + (STORED // 2) / 20e9)
+    assert rates.packed_rate("q6_k") == 80e9 and Speeds(**{**H200_BOX.__dict__}).packed_rate("q6_k") == H200_BOX.cpu_bytes
+
+
+def test_calibrate_measures_each_scheme_once_and_keeps_it(tmp_path, monkeypatch):
+    """The kernel schemes a model's packed weights use are measured on first use, once, and kept in
+    the cache file with the other rates; a later call (or process) with more schemes adds only those."""
+    monkeypatch.setattr(hybrid, "_MEASURED", {})
+    measured = []
+    monkeypatch.setattr(hybrid, "measure_cpu", lambda dtype: (50e9, 1e12))
+    monkeypatch.setattr(hybrid, "measure_cpu_expand", lambda dtype: 1e9)
+    monkeypatch.setattr(hybrid, "measure_cpu_packed", lambda scheme="int4": measured.append(scheme) or len(scheme) * 1e9)
+    cache = tmp_path / "speeds.json"
+    speeds = hybrid.calibrate(torch.device("cpu"), torch.float32, cache_file=cache, schemes=["q4_k", "iq2_xxs"])
+    assert speeds.packed_rates == {"q4_k": 4e9, "iq2_xxs": 7e9} and measured == ["int4", "q4_k", "iq2_xxs"]
+    assert hybrid.calibrate(torch.device("cpu"), torch.float32, cache_file=cache, schemes=["q4_k"]) == speeds
+    monkeypatch.setattr(hybrid, "_MEASURED", {})  # a new process: the file has them
+    more = hybrid.calibrate(torch.device("cpu"), torch.float32, cache_file=cache, schemes=["iq2_xxs", "mxfp4_blocks"])
+    assert measured == ["int4", "q4_k", "iq2_xxs", "mxfp4_blocks"]
+    assert json.loads(cache.read_text())["cpu/torch.float32"]["packed_rates"] == more.packed_rates == {
+        "q4_k": 4e9, "iq2_xxs": 7e9, "mxfp4_blocks": 12e9}
+
+
+def test_every_kernel_scheme_can_be_measured():
+    from runtime import native
+
+    for scheme in ("int8", "q4_k", "iq2_xxs", "mxfp4_blocks"):
+        rate = hybrid.measure_cpu_packed(scheme, rows=256, cols=1024, cold_bytes=8 << 20)
+        assert rate > 0 if native.lowbit() is not None else rate == 0, scheme
 
 
 def test_calibration_measures_the_int4_kernel_where_it_runs():
