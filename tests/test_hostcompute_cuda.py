@@ -74,6 +74,6 @@ def test_int4_cpu_layers_on_cuda_are_multiplied_as_stored(tmp_path):
         got = model(ids).logits
         layers = model.model.get_submodule(model.manifest.layers_path)
         assert all(type(layer.mlp.down_proj) is torch.nn.Linear for layer in layers)  # put back after the pass
-        assert {c.packed > 0 and c.expanded == 0 for c in model.host.candidates.values()} == {True}
+        assert {sum(c.packed.values()) > 0 and c.expanded == 0 for c in model.host.candidates.values()} == {True}
         torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-4)
         assert torch.equal(model.generate(ids, **GEN).cpu(), want_tokens)
