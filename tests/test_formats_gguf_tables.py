@@ -72,14 +72,19 @@ def test_expert_blocks_stay_blocks_one_range_per_expert(deepseek):
     assert list(layer.experts.values())[0]["num_experts"] == 8
 
 
+def written_and_converted(tmp_path_factory, name: str, config, types, **kwargs):
+    """(a random model of `config`, the conversion of the GGUF `write_mapped` writes from it)."""
+    root = tmp_path_factory.mktemp(name)
+    model = random_model(config, types=types)
+    write_mapped(root / f"{name}.gguf", tokenizer_gguf(), model, types=types, **kwargs)
+    convert(str(root / f"{name}.gguf"), root / "out", progress=False)
+    return model, root / "out"
+
+
 @pytest.fixture(scope="module")
 def v2_lite(tmp_path_factory):
     """(a DeepSeek-V2-Lite-style model, the conversion of the GGUF written from it)."""
-    root = tmp_path_factory.mktemp("v2-lite")
-    model = random_model(deepseek_v2_lite_config(vocab=TOKENIZER_VOCAB), types=q8_0)
-    write_mapped(root / "v2.gguf", tokenizer_gguf(), model, types=q8_0)
-    convert(str(root / "v2.gguf"), root / "out", progress=False)
-    return model, root / "out"
+    return written_and_converted(tmp_path_factory, "v2-lite", deepseek_v2_lite_config(vocab=TOKENIZER_VOCAB), q8_0)
 
 
 @pytest.mark.parametrize("placement", ["streamed", "resident"])
@@ -99,11 +104,7 @@ def test_deepseek_v2_lite_file_equals_its_model(v2_lite, placement):
 @pytest.fixture(scope="module")
 def glm(tmp_path_factory):
     """(a GLM-4.5-style model, the conversion of the GGUF written from it with a multi-token-prediction layer)."""
-    root = tmp_path_factory.mktemp("glm")
-    model = random_model(glm4_moe_config(vocab=TOKENIZER_VOCAB), types=q8_0)
-    write_mapped(root / "glm.gguf", tokenizer_gguf(), model, types=q8_0, mtp=True)
-    convert(str(root / "glm.gguf"), root / "out", progress=False)
-    return model, root / "out"
+    return written_and_converted(tmp_path_factory, "glm", glm4_moe_config(vocab=TOKENIZER_VOCAB), q8_0, mtp=True)
 
 
 @pytest.mark.parametrize("placement", ["streamed", "resident"])
@@ -130,12 +131,8 @@ OSS_IDS = torch.tensor([[1, 504, 345, 282, 649, 314, 2, 55, 66, 77]])  # past gp
 @pytest.fixture(scope="module")
 def gpt_oss(tmp_path_factory):
     """(the transformers gpt-oss a GGUF was written from, with MXFP4 experts; that GGUF's conversion)."""
-    root = tmp_path_factory.mktemp("gpt-oss")
     experts = lambda name: Q.MXFP4 if name.endswith(("experts.gate_up_proj", "experts.down_proj")) else None  # noqa: E731
-    model = random_model(gpt_oss_config(vocab=TOKENIZER_VOCAB), types=experts)
-    write_mapped(root / "oss.gguf", tokenizer_gguf(), model, types=experts)
-    convert(str(root / "oss.gguf"), root / "out", progress=False)
-    return model, root / "out"
+    return written_and_converted(tmp_path_factory, "gpt-oss", gpt_oss_config(vocab=TOKENIZER_VOCAB), experts)
 
 
 @pytest.mark.parametrize("placement", ["streamed", "resident"])
