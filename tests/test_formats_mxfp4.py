@@ -178,3 +178,35 @@ def test_experts_run_through_the_cpu_kernels_by_default(placement, mxfp4, monkey
     assert calls
     err = ((got - want).norm() / want.norm()).item()
     assert 0 < err < 0.06, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("placement", ["disk", "pinned"])
+def test_cuda_brings_the_routed_experts_into_slots(mxfp4, placement, monkeypatch):
+    """On a GPU gpt-oss's experts module (it takes `router_indices`) gets slots of the routed experts,
+    expanded from their GGML MXFP4 blocks on the device, not full-size [E, ...] tensors: the logits of
+    transformers' float32 model on the GPU, the same greedy tokens."""
+    from runtime.expertslots import Slots
+
+    src, out = mxfp4
+    ref = reference(src).to("cuda")
+    ids = IDS.cuda()
+    with torch.no_grad():
+        want = ref(ids).logits
+    budgets = {"disk": dict(max_gpu_memory=0, max_cpu_memory=0), "pinned": dict(max_gpu_memory=0, max_cpu_memory="1GB")}
+    held = []
+    bring = Slots.__init__
+
+    def record(self, owner, experts, tensors, **kwargs):
+        held.append((len(experts), kwargs.get("full", False)))
+        bring(self, owner, experts, tensors, **kwargs)
+
+    monkeypatch.setattr(Slots, "__init__", record)
+    with LayeredModel.from_pretrained(out, device="cuda", dtype=torch.float32, expert_cache=0,
+                                      **budgets[placement]) as model:
+        torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=1e-4)
+        assert model.stats.experts_read > 0
+        one = torch.tensor([[5, 17, 42, 99, 7]], device="cuda")
+        assert torch.equal(model.generate(one, **GREEDY), ref.generate(one, **GREEDY))
+    assert held and not any(full for _, full in held) and min(n for n, _ in held) <= 2  # a decode token's 2 experts
