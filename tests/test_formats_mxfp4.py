@@ -180,6 +180,26 @@ def test_experts_run_through_the_cpu_kernels_by_default(placement, mxfp4, monkey
     assert 0 < err < 0.06, err
 
 
+def test_streamed_experts_come_into_slots_of_the_routed_ones(mxfp4, monkeypatch):
+    """gpt-oss's experts module takes `router_indices`: expanded (`packed=False`), a streamed layer's
+    routed experts come into slots of those experts alone, ids mapped, never full-size [E, ...]
+    tensors; a decode token's 2 experts take 2 slots."""
+    from runtime.expertslots import Slots
+
+    src, out = mxfp4
+    held, bring = [], Slots.__init__
+
+    def record(self, owner, experts, tensors, **kwargs):
+        held.append((len(experts), kwargs.get("full", False)))
+        bring(self, owner, experts, tensors, **kwargs)
+
+    monkeypatch.setattr(Slots, "__init__", record)
+    with LayeredModel.from_pretrained(out, device="cpu", dtype=torch.float32, packed=False, max_cpu_memory=0,
+                                      expert_cache=0) as model:
+        model(torch.tensor([[7]]))
+    assert held and not any(full for _, full in held) and max(n for n, _ in held) == 2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("placement", ["disk", "pinned"])
