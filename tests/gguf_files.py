@@ -48,7 +48,8 @@ def write_split(src: Path, out: Path, parts: int) -> list[Path]:
     """`src` rewritten as `parts` files named `<stem>-0000i-of-0000N.gguf` (same tensors and bytes)."""
     reader = GGUFReader(src)
     per_part = -(-len(reader.tensors) // parts)
-    writer = GGUFWriter(out, "llama", split_max_tensors=per_part)
+    arch = reader.fields["general.architecture"].contents()
+    writer = GGUFWriter(out, arch, split_max_tensors=per_part)
     copy_metadata(writer, reader)
     for t in reader.tensors:
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.n_bytes, raw_dtype=t.tensor_type)

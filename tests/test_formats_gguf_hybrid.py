@@ -103,6 +103,18 @@ def test_blocks_stay_where_the_conversion_only_moves_rows(hybrid):
     assert config["num_hidden_layers"] == 4 and config["model_type"] == "qwen3_5_moe_text"
 
 
+def test_a_split_file_converts_as_the_whole_one(hybrid, tmp_path):
+    """A Qwen3.5-MoE GGUF in three parts (as the large ones are published) converts to the same group
+    files, byte for byte, as the one file."""
+    from gguf_files import write_split
+
+    path, folder = hybrid["qwen35moe"]
+    parts = write_split(path, tmp_path / "q.gguf", parts=3)
+    convert(str(parts[0]), tmp_path / "out", progress=False)
+    whole, split = read_manifest(folder), read_manifest(tmp_path / "out")
+    assert [(g.name, g.sha256) for g in split.groups] == [(g.name, g.sha256) for g in whole.groups]
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_decoder_layers_are_at_most_the_sources_bytes(hybrid, name):
     """Every decoder layer stores at most 1.1x the bytes its GGUF tensors take."""

@@ -59,6 +59,19 @@ def test_logits_and_tokens_equal_the_model_the_file_was_written_from(deepseek, l
         assert torch.equal(lm.generate(IDS, max_new_tokens=5, do_sample=False), want_tokens)
 
 
+def test_a_split_file_converts_as_the_whole_one(deepseek, tmp_path):
+    """DeepSeek-V3 GGUFs are published in many parts: the parts (any of them named) convert to the
+    same group files, byte for byte, as the one file (the head and embeddings in different parts)."""
+    from gguf_files import write_split
+
+    path, folder = deepseek["split"]
+    parts = write_split(path, tmp_path / "ds.gguf", parts=3)
+    assert len(parts) == 3
+    convert(str(parts[1]), tmp_path / "out", progress=False)
+    whole, split = read_manifest(folder), read_manifest(tmp_path / "out")
+    assert [(g.name, g.sha256) for g in split.groups] == [(g.name, g.sha256) for g in whole.groups]
+
+
 def test_expert_blocks_stay_blocks_one_range_per_expert(deepseek):
     """The routed experts' Q8_0 blocks are re-packed as int8 (gate and up joined by rows), each layer's
     [E, ...] so a token reads only its experts; `kv_b_proj`, made from the transposed `attn_k_b`, is a
