@@ -344,8 +344,11 @@ def _prepare_group(src: Source, model, planned, mapping: KeyMap, target: torch.d
         check_shape(pname, t, shape)
         if quant and pname in quant.params:
             quant.store(pname, t, target, tensors, quantized)
+        elif isinstance(t, torch.Tensor) and t.is_floating_point():
+            wider = src.wider_dtype(mapping.direct[pname]) if pname in mapping.direct else None
+            tensors[pname] = t.to(wider if wider is not None and wider.itemsize > target.itemsize else target)
         else:
-            tensors[pname] = t.to(target) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            tensors[pname] = t
     for bname in buffers:  # in the buffer's own dtype, as transformers loads it
         shape, dtype = planned.buffers[bname]
         t = raw.pop(mapping.direct[bname])

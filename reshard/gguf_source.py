@@ -93,6 +93,8 @@ class GGUFSource(Source):
                 tokenizer = AutoTokenizer.from_pretrained(first.parent, gguf_file=first.name)
         except Exception as e:  # transformers raises many kinds here; say which file and why
             raise SourceError(f"{first}: transformers cannot read this GGUF file ({str(e).splitlines()[0]})") from None
+        if getattr(config, "dtype", None) is None and (half := self._half_type()) is not None:
+            config.dtype = half  # a file of float16 (or bfloat16) tensors alone converts in that type, not float32
         if len(self.files) > 1:  # transformers saw the first file's tensors only: apply its rule to all
             tied = self.architecture in TIED_ANYWAY or not any(
                 t.name == "output.weight" for tensors in self._tensors for t in tensors)
@@ -102,6 +104,21 @@ class GGUFSource(Source):
         config.save_pretrained(self.folder)
         tokenizer.save_pretrained(self.folder)
         return metadata
+
+    def wider_dtype(self, key: str) -> torch.dtype | None:
+        """float32 for a parameter made from float32 tensors alone (a norm, a convolution kernel, in a
+        file of float16 or bfloat16 weights: kept exact, as a float32 load of the file has them)."""
+        found = self._sources.get(key, [])
+        return torch.float32 if found and all(t.tensor_type.name == "F32" for _, t in found) else None
+
+    def _half_type(self) -> str | None:
+        """"float16" or "bfloat16" where every tensor of the file is that type or float32 (no blocks:
+        transformers loads such a file in that type too); else None."""
+        types = {t.tensor_type.name for tensors in self._tensors for t in tensors}
+        halves = types & set(HALF_TYPES)
+        if types - {"F32", *HALF_TYPES} or len(halves) != 1:
+            return None
+        return {"F16": "float16", "BF16": "bfloat16"}[halves.pop()]
 
     def load(self, meta_model) -> None:
         """Map GGUF tensor names to `meta_model`'s names, as transformers' loader does."""

@@ -51,6 +51,11 @@ class Source:
         """`key`'s blocks as stored (only where `block_scheme(key)` names a scheme)."""
         raise NotImplementedError
 
+    def wider_dtype(self, key: str) -> torch.dtype | None:
+        """A float type `key` is kept in where the folder's is narrower (a GGUF's float32 norms in a
+        float16 file), or None: the folder's."""
+        return None
+
     def block_columns(self, key: str) -> torch.Tensor | None:
         """Where each weight column lies in `key`'s stored blocks, for a `reordered` block scheme."""
         return None

@@ -164,6 +164,10 @@ def _random_blocks(rng, shape, qtype) -> np.ndarray:
     """Random blocks whose scales (d, and dmin or m) are small, positive and finite."""
     if qtype == Q.F32:
         return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    if qtype in (Q.F16, Q.BF16):  # small weights, as bytes (the writer takes a half type's bytes)
+        values = (0.05 * rng.standard_normal(shape)).astype(np.float32)
+        half = values.astype(np.float16).view(np.uint16) if qtype == Q.F16 else (values.view(np.uint32) >> 16).astype(np.uint16)
+        return half.view(np.uint8).reshape(_byte_shape(shape, qtype))
     block, size = GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, (int(np.prod(shape)) // block, size), dtype=np.uint8)
     scheme = scheme_for(qtype.name)

@@ -115,6 +115,31 @@ def test_a_split_file_converts_as_the_whole_one(hybrid, tmp_path):
     assert [(g.name, g.sha256) for g in split.groups] == [(g.name, g.sha256) for g in whole.groups]
 
 
+@pytest.mark.parametrize("half", [Q.F16, Q.BF16])
+def test_a_file_of_half_weights_converts_in_its_own_type(half, tmp_path):
+    """A Qwen3.5-MoE GGUF of float16 (or bfloat16) weights and float32 norms, as llama.cpp's
+    converter writes an unquantized file: the folder takes the weights' type (transformers loads it
+    in that type too), so a decoder layer is no larger than its source, and keeps the float32 norms
+    float32: loaded in float32, the logits are transformers' own float32 load of the file, bit for bit."""
+    from gguf import GGUFReader
+    from runtime import LayeredModel
+
+    config = qwen35_config(moe=True, layers=4, hidden=256, vocab=TOKENIZER_VOCAB)
+    path = tmp_path / "half.gguf"
+    write_random_hybrid(path, tokenizer_gguf(), config, "qwen35", quantized=lambda name, columns: half)
+    manifest = convert(str(path), tmp_path / "out", progress=False)
+    assert manifest.dtype == ("float16" if half == Q.F16 else "bfloat16")
+    layer = manifest.group("layers.0")
+    assert layer.tensors["model.layers.0.input_layernorm.weight"]["dtype"] == "F32"
+    assert layer.tensors["model.layers.0.linear_attn.in_proj_qkv.weight"]["dtype"] == ("F16" if half == Q.F16 else "BF16")
+    source = sum(int(t.n_bytes) for t in GGUFReader(path).tensors if t.name.startswith("blk.0."))
+    assert layer.bytes <= 1.1 * source
+    with torch.no_grad():
+        want = reference(path)(IDS).logits
+    with LayeredModel.from_pretrained(tmp_path / "out", device="cpu", dtype="float32", max_cpu_memory=0) as lm:
+        assert torch.equal(lm(IDS).logits, want)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_decoder_layers_are_at_most_the_sources_bytes(hybrid, name):
     """Every decoder layer stores at most 1.1x the bytes its GGUF tensors take."""
