@@ -15,6 +15,7 @@ from reshard.errors import UsageError
 from runtime.batch import load_assistant
 from runtime.cli import main as runtime_main
 from runtime.sampling import Sampling, token_probs
+from runtime.score import cache_arg
 from runtime.lookup import lookup_tree
 from runtime.speculate import TreeSpeculator, accept_child, point_mass
 from runtime.tree import TokenTree
@@ -184,9 +185,9 @@ def test_cache_after_partly_accepted_tree_equals_plain_decoding(placement, tiny_
     assert [tree.tokens[j] for j in path] == new[:-1]
     plain = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(input_ids=torch.tensor([PROMPT]), past_key_values=plain, use_cache=True)
+        model(input_ids=torch.tensor([PROMPT]), **cache_arg(model, plain), use_cache=True)
         for token in new[:-1]:
-            model(input_ids=torch.tensor([[token]]), past_key_values=plain, use_cache=True)
+            model(input_ids=torch.tensor([[token]]), **cache_arg(model, plain), use_cache=True)
     assert cache.get_seq_length() == plain.get_seq_length() == len(PROMPT) + len(path)
     for mine, theirs in zip(cache.layers, plain.layers):
         torch.testing.assert_close(mine.keys, theirs.keys, rtol=0, atol=1e-6)
@@ -213,7 +214,7 @@ def test_cache_after_partly_accepted_tree_is_bit_identical_at_the_same_rows(plac
     assert (new, path) == (greedy, [0, 1, 2])
     plain = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(input_ids=torch.tensor([PROMPT + tree.tokens]), past_key_values=plain, use_cache=True)
+        model(input_ids=torch.tensor([PROMPT + tree.tokens]), **cache_arg(model, plain), use_cache=True)
     kept = len(PROMPT) + len(path)
     assert cache.get_seq_length() == kept
     for mine, theirs in zip(cache.layers, plain.layers):
