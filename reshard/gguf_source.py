@@ -61,8 +61,10 @@ class GGUFSource(Source):
             raise SourceError(f"{path} is not a readable GGUF file ({e}); download it again") from None
         self.architecture = _architecture(readers[0])
         self._newer = newer_path(self.architecture)
-        # an architecture transformers does not read, mapped here (reshard/gguf_tables.py)
-        self._fields = metadata_fields(readers[0]) if mapped_here(self.architecture) else None
+        # an architecture transformers does not read (or misreads), mapped here (reshard/gguf_tables.py);
+        # once transformers' newer path takes it, its rules are the reference again
+        own = mapped_here(self.architecture) and not self._newer
+        self._fields = metadata_fields(readers[0]) if own else None
         # Only the tensor tables are needed from here on: the metadata (a vocabulary is
         # hundreds of thousands of small arrays) is what transformers reads, from the file.
         self._tensors = [list(r.tensors) for r in readers]
