@@ -95,8 +95,8 @@ def _locate(source: str, options: ConvertOptions, *, revision, token) -> tuple[P
         key = hashlib.sha256(f"{path.resolve()}\n{stat.st_size}\n{stat.st_mtime_ns}".encode()).hexdigest()[:12]
         folder = cache_root() / "gguf" / f"{_safe(path.stem)}--{key}" / options.variant()
         return folder, f"{path} ({options.variant()})", None
-    repo = cache_root() / "hub" / _safe(source.replace("/", "--"))
-    commit = _resolve_commit(source, repo, options, revision=revision, token=token)
+    repo = cache_root() / "hub" / _safe(source.replace("/", "--"))  # a GGUF repo's TAG kept in the name
+    commit = _resolve_commit(hub.split_tag(source)[0], repo, options, revision=revision, token=token)
     return repo / commit / options.variant(), f"{source} @ {commit[:12]} ({options.variant()})", commit
 
 

@@ -56,7 +56,8 @@ def main(argv=None) -> int:
 @click.option("--force", is_flag=True, cls=Option, help="replace an OUT that holds another model or format version")
 def convert(source, out, dtype, quantize, quantize_group, quantize_embeddings, revision, token, low_disk,
             trust_remote_code, quiet, force) -> int:
-    """Convert SOURCE (a hub repo id, a checkpoint folder or a .gguf file) into the folder OUT."""
+    """Convert SOURCE (a hub repo id, a checkpoint folder, a .gguf file, or a hub repo of GGUF files as
+    REPO:TAG, e.g. unsloth/Qwen3-30B-A3B-GGUF:Q4_K_M) into the folder OUT."""
     check_quantize_flags(quantize, quantize_group, quantize_embeddings)
     from .convert import convert as convert_checkpoint
 

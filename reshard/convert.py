@@ -31,38 +31,8 @@ from .plan import build_empty_model, plan_groups, read_config
 from .published import PublishedSource, RepackSpec, check_repackable, published_format
 from .quant import DEFAULT_GROUP, check_scheme, quantizable_params, quantize as quantize_weight, quantize_experts
 from .resume import Progress, conversion_params, manifest_source
-from .gguf_source import GGUFSource
-from .source import SIDE_FILES, Source, open_local
-
-
-def open_source(source: str, *, revision: str | None = None, token: str | None = None,
-                low_disk_out: Path | None = None) -> Source | hub.HubCheckpoint:
-    """The checkpoint `source` names; `low_disk_out` (hub only) fetches one shard at a time.
-
-    A hub repo comes back as a `HubCheckpoint` (config and tokenizer only): `ready_source`
-    downloads its weights once the conversion has checked OUT and the disks.
-    """
-    path = Path(source).expanduser()
-    if path.exists() or not hub.looks_like_repo_id(source):
-        if low_disk_out is not None:
-            raise UsageError(f"--low-disk is for hub repo ids; {source} is a local path, convert it without --low-disk")
-        if path.suffix == ".gguf" and path.is_file():
-            return GGUFSource(path)
-        return open_local(path)
-    if low_disk_out is not None:
-        from .lowdisk import ShardedHubSource, work_folder
-
-        return ShardedHubSource(source, revision=revision, token=token, workdir=work_folder(low_disk_out))
-    return hub.HubCheckpoint(source, revision=revision, token=token)
-
-
-def ready_source(src: Source | hub.HubCheckpoint, model, *, progress: bool = True) -> Source:
-    """The expensive part of opening a source: a hub repo's weights downloaded, a GGUF's names mapped."""
-    if isinstance(src, hub.HubCheckpoint):
-        return open_local(src.open(progress=progress), src.info)
-    if isinstance(src, GGUFSource):
-        src.load(model)
-    return src
+from .opening import open_source, ready_source
+from .source import SIDE_FILES, Source
 
 
 def check_dtype_name(name: str) -> None:
@@ -96,7 +66,8 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
         check_scheme(quantize, quantize_group)
     check_dtype_name(dtype)
     out = Path(out)
-    src = open_source(source, revision=revision, token=token, low_disk_out=out if low_disk else None)
+    src = open_source(source, revision=revision, token=token, low_disk_out=out if low_disk else None,
+                      progress=progress)
     try:
         config = read_config(src.folder, source, trust_remote_code=trust_remote_code)
         published = published_format(config, source)  # an unknown format is refused before any download

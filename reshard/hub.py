@@ -1,6 +1,9 @@
 """Fetch only the files a conversion needs from the Hugging Face hub.
 
-Weights: safetensors when the repo has them, else pytorch `.bin`; never both. The
+Weights: safetensors when the repo has them, else pytorch `.bin`; never both. A repo of GGUF
+files (llama.cpp's downloads) is named `REPO:TAG`, as llama.cpp's `-hf` and Ollama name them
+(`unsloth/DeepSeek-V3-GGUF:UD-IQ1_S`): the parts of the one GGUF model whose path holds TAG as a
+word are fetched (a repo with one GGUF model needs no TAG; vision projectors are left out). The
 revision is pinned to the commit the hub reports first, so every file comes from one
 commit, and that commit is recorded in the manifest. Weight files download in parallel through
 huggingface_hub (resumable, with its fast backends when installed), under one progress bar.
@@ -11,6 +14,7 @@ from __future__ import annotations
 import errno
 import fnmatch
 import os
+import re
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -31,9 +35,62 @@ WEIGHT_PATTERNS = {
 }
 
 
+TAGGED = re.compile(r"^(?P<repo>[^:]+):(?P<tag>[\w.-]+)$")  # REPO:TAG, a GGUF repo's quantization
+GGUF_PART = re.compile(r"-\d{5}-of-\d{5}\.gguf$")  # a split GGUF's part suffix
+
+
+def split_tag(source: str) -> tuple[str, str | None]:
+    """("org/repo", "Q4_K_M") for "org/repo:Q4_K_M"; (source, None) for anything else."""
+    m = TAGGED.match(source)
+    return (m["repo"], m["tag"]) if m else (source, None)
+
+
 def looks_like_repo_id(source: str) -> bool:
-    return (not os.path.exists(source) and source.count("/") <= 1 and not source.startswith((".", "/", "~"))
-            and not source.endswith(("/", ".gguf")))
+    repo, _ = split_tag(source)
+    return (not os.path.exists(source) and repo.count("/") <= 1 and not repo.startswith((".", "/", "~"))
+            and not repo.endswith(("/", ".gguf")))
+
+
+def gguf_models(repo_files: list[str]) -> dict[str, list[str]]:
+    """{model: its files (a split one's parts in order)} of the GGUF files of a repo, by their path
+    without the part suffix; vision projectors (`mmproj`) left out."""
+    models: dict[str, list[str]] = {}
+    for f in sorted(repo_files):
+        if f.endswith(".gguf") and "mmproj" not in f.rsplit("/", 1)[-1].lower():
+            models.setdefault(GGUF_PART.sub("", f).removesuffix(".gguf"), []).append(f)
+    return models
+
+
+def select_gguf(repo_id: str, repo_files: list[str], tag: str | None) -> list[str]:
+    """The files of the one GGUF model of the repo that `tag` names (a word of its path, any case),
+    or its only one; else one line naming what there is."""
+    models = gguf_models(repo_files)
+    word = re.compile(rf"(^|[-_./]){re.escape(tag)}($|[-_./])", re.IGNORECASE) if tag else None
+    chosen = [m for m in models if word is None or word.search(m)]
+    if len(chosen) == 1:
+        return models[chosen[0]]
+    if not models:
+        raise SourceError(f"{repo_id} has no .gguf files (asked for {repo_id}:{tag})")
+    listed = ", ".join(m.rsplit("/", 1)[-1] for m in models)
+    if not chosen:
+        raise SourceError(f"{repo_id} has no GGUF file tagged {tag!r}; it has: {listed}")
+    raise SourceError(f"{repo_id} holds {len(chosen)} GGUF models{f' tagged {tag!r}' if tag else ''}: {listed}; "
+                      f"name one as {repo_id}:TAG (e.g. {repo_id}:Q4_K_M)")
+
+
+def fetch_gguf(source: str, *, revision: str | None = None, token: str | None = None,
+               progress: bool = True) -> tuple[Path, dict]:
+    """Download the GGUF model `source` ("REPO:TAG", or a repo with one) names, resuming what an
+    earlier run fetched; (its first file, the manifest's source info)."""
+    repo_id, tag = split_tag(source)
+    info = repo_info(repo_id, revision=revision, token=token, files_metadata=True)
+    files = select_gguf(repo_id, [s.rfilename for s in info.siblings or []], tag)
+    with tqdm(total=0, unit="B", unit_scale=True, desc="download", file=sys.stderr, disable=not progress) as bar:
+        into_bar = _into(bar)
+        with ThreadPoolExecutor(PARALLEL_DOWNLOADS, thread_name_prefix="reshard-download") as pool:
+            paths = list(pool.map(lambda f: download(repo_id, f, commit=info.sha, token=token, tqdm_class=into_bar),
+                                  files))
+    return paths[0], {"id": source, "revision": revision, "commit": info.sha}
 
 
 def select_files(repo_files: list[str]) -> list[str]:
@@ -137,7 +194,13 @@ class HubCheckpoint:
 
     def __init__(self, repo_id: str, *, revision: str | None = None, token: str | None = None):
         info = repo_info(repo_id, revision=revision, token=token, files_metadata=True)
-        files = select_files([s.rfilename for s in info.siblings or []])
+        names = [s.rfilename for s in info.siblings or []]
+        # a repo of GGUF files alone (llama.cpp's downloads): opening.open_source fetches one GGUF model
+        self.gguf_only = bool(gguf_models(names)) and not any(
+            fnmatch.fnmatch(f, p) for f in names if "/" not in f for ps in WEIGHT_PATTERNS.values() for p in ps)
+        if self.gguf_only:
+            return
+        files = select_files(names)
         if "config.json" not in files:
             raise SourceError(f"{repo_id} has no config.json at its top level; it is not a transformers checkpoint")
         self.repo_id, self.token = repo_id, token

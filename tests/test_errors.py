@@ -68,6 +68,10 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "{} is part {} of a {}-file GGUF, but {} {} missing from {}":
         ("test_gguf.py::test_split_gguf_with_a_missing_part_is_refused",),
     "{} is not a readable GGUF file ({}); download it again": ("test_gguf.py::test_gguf_that_is_not_gguf",),
+    "{} holds {} GGUF models{}: {}; name one as {}:TAG (e.g. {}:Q4_K_M)":
+        ("test_hub_gguf.py::test_an_ambiguous_or_unknown_tag_is_one_line",),
+    "{} has no GGUF file tagged {}; it has: {}": ("test_hub_gguf.py::test_an_ambiguous_or_unknown_tag_is_one_line",),
+    "{} has no .gguf files (asked for {}:{})": ("test_hub_gguf.py::test_a_tag_on_a_repo_without_gguf_files_is_one_line",),
     "{} is a deepseek2 GGUF with expert_gating_func {}, which reshard cannot read yet; convert the model's "
     "safetensors checkpoint instead":
         ("test_formats_gguf_tables.py::test_deepseek2_file_with_an_unknown_routing_is_one_line",),
