@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import hub
-from .errors import DiskSpaceError, SourceError, UsageError
+from .diskspace import check_disk, gb
+from .errors import SourceError, UsageError
 from .format import (DTYPE_NAMES, blocks_of, stored_names, DTYPE_TO_ST, MANIFEST, Group, Manifest, dtype_name, group_file_name,
                      quant_part_names, write_bytes_atomic, write_group_file, write_text_atomic)
 from .fp8 import Fp8Source, Fp8Spec, layout as fp8_layout
@@ -131,53 +131,6 @@ def check_before_fetching(src, out: Path, plan, target: torch.dtype, params: dic
         check_disk(out, plan, earlier, target, extra=sharded or 0, hint=sharded is None, progress=False)
 
 
-def check_disk(out: Path, plan, kept, target: torch.dtype, *, extra: int = 0, extra_dir: Path | None = None,
-               hint: bool = True, progress: bool = True) -> None:
-    """Refuse to start when OUT's disk cannot hold what is left to write, plus `extra` bytes
-    downloaded into `extra_dir` (default: beside OUT); `kept` names the groups already written;
-    `hint`: mention --low-disk."""
-    need = sum(math.prod(s) * target.itemsize for g in plan.groups if g.name not in kept
-               for s in g.params.values())
-    if extra_dir is not None and _device(extra_dir) != _device(out):
-        _check_cache_disk(extra_dir, extra)
-    else:
-        need += extra
-    free = shutil.disk_usage(_existing(out)).free
-    if progress:
-        print(f"reshard: {_gb(need)} to write, {_gb(free)} free on {out}'s disk", file=sys.stderr)
-    if need > free:
-        text = f"{out} needs about {_gb(need)} more but its disk has {_gb(free)} free; " \
-               f"free some space or choose an OUT on another disk"
-        if not hint:
-            raise DiskSpaceError(text)
-        raise DiskSpaceError(text + " (for hub sources, low_disk=True keeps only one source shard)",
-                             cli=text + " (for hub sources, --low-disk keeps only one source shard)")
-
-
-def _check_cache_disk(cache: Path, need: int) -> None:
-    free = shutil.disk_usage(_existing(cache)).free
-    if need > free:
-        text = (f"the hub cache {cache} needs about {_gb(need)} for the download but its disk has {_gb(free)} free; "
-                f"free some space, set HF_HUB_CACHE to a folder on another disk, or convert with ")
-        raise DiskSpaceError(text + "low_disk=True", cli=text + "--low-disk")
-
-
-def _existing(path: Path) -> Path:
-    """`path`, or the nearest folder above it that exists (OUT may not exist yet)."""
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _device(path: Path) -> int:
-    return _existing(path).stat().st_dev
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
-
-
 def _copy_side_files(folder: Path, out: Path) -> None:
     for name in SIDE_FILES:
         if (folder / name).is_file():
@@ -260,7 +213,7 @@ def _write_groups(src: Source, model, plan, mapping: KeyMap, out: Path, target: 
             src.finished(mapping.source_keys([*planned.params, *planned.buffers]))
     if progress and written:
         seconds = time.perf_counter() - start
-        print(f"reshard: wrote {_gb(written)} in {seconds:.2f} s ({written / seconds / 1e9:.2f} GB/s)", file=sys.stderr)
+        print(f"reshard: wrote {gb(written)} in {seconds:.2f} s ({written / seconds / 1e9:.2f} GB/s)", file=sys.stderr)
     return groups
 
 

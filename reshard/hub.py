@@ -78,13 +78,17 @@ def select_gguf(repo_id: str, repo_files: list[str], tag: str | None) -> list[st
                       f"name one as {repo_id}:TAG (e.g. {repo_id}:Q4_K_M)")
 
 
-def fetch_gguf(source: str, *, revision: str | None = None, token: str | None = None,
-               progress: bool = True) -> tuple[Path, dict]:
+def fetch_gguf(source: str, *, revision: str | None = None, token: str | None = None, progress: bool = True,
+               before=lambda nbytes: None) -> tuple[Path, dict]:
     """Download the GGUF model `source` ("REPO:TAG", or a repo with one) names, resuming what an
-    earlier run fetched; (its first file, the manifest's source info)."""
+    earlier run fetched, after `before(bytes not yet in the hub cache)` (a disk check) returns;
+    (its first file, the manifest's source info)."""
     repo_id, tag = split_tag(source)
     info = repo_info(repo_id, revision=revision, token=token, files_metadata=True)
     files = select_gguf(repo_id, [s.rfilename for s in info.siblings or []], tag)
+    sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+    before(sum(sizes[f] for f in files
+               if not isinstance(huggingface_hub.try_to_load_from_cache(repo_id, f, revision=info.sha), str)))
     with tqdm(total=0, unit="B", unit_scale=True, desc="download", file=sys.stderr, disable=not progress) as bar:
         into_bar = _into(bar)
         with ThreadPoolExecutor(PARALLEL_DOWNLOADS, thread_name_prefix="reshard-download") as pool:

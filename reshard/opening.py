@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import hub
+from .diskspace import check_cache_disk
 from .errors import UsageError
 from .gguf_source import GGUFSource
 from .source import Source, open_local
@@ -40,7 +41,9 @@ def open_source(source: str, *, revision: str | None = None, token: str | None =
 
 def _hub_gguf(source: str, *, revision, token, progress: bool) -> GGUFSource:
     """The GGUF model of a hub repo (`hub.fetch_gguf`), its manifest source the repo at its commit."""
-    first, info = hub.fetch_gguf(source, revision=revision, token=token, progress=progress)
+    cache = Path(hub.hub_constants.HF_HUB_CACHE)
+    first, info = hub.fetch_gguf(source, revision=revision, token=token, progress=progress,
+                                 before=lambda nbytes: check_cache_disk(cache, nbytes))
     src = GGUFSource(first)
     src.info = info
     return src

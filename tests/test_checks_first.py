@@ -76,7 +76,7 @@ def test_hub_download_that_does_not_fit_is_refused_before_downloading(fake_hub, 
     weights = sum(p.stat().st_size for p in fake_hub.folder.glob("*.safetensors"))
     written = sum(p.stat().st_size for p in tiny_converted["llama"].glob("*.safetensors"))
     free = written + weights // 2  # room for the output, not for the download too
-    monkeypatch.setattr(reshard.convert.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=0, free=free))
+    monkeypatch.setattr(reshard.diskspace.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=0, free=free))
     out = tmp_path / "out"
     assert convert("org/tiny-llama", out) == 1
     need = written + weights
@@ -89,11 +89,12 @@ def test_hub_download_that_does_not_fit_is_refused_before_downloading(fake_hub, 
 
 def test_hub_cache_on_another_disk_is_checked_for_the_download(fake_hub, tmp_path, monkeypatch):
     import reshard.convert
+    import reshard.diskspace
     from reshard.errors import DiskSpaceError
 
     cache = tmp_path / "hub-cache"
-    monkeypatch.setattr(reshard.convert, "_device", lambda path: cache in [path, *path.parents])
-    monkeypatch.setattr(reshard.convert.shutil, "disk_usage",
+    monkeypatch.setattr(reshard.diskspace, "_device", lambda path: cache in [path, *path.parents])
+    monkeypatch.setattr(reshard.diskspace.shutil, "disk_usage",
                         lambda p: SimpleNamespace(total=10**9, used=0, free=10 if cache in [p, *p.parents] else 10**9))
     monkeypatch.setattr("reshard.hub.HubCheckpoint.cache_dir", cache)
     with pytest.raises(DiskSpaceError) as e:

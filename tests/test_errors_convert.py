@@ -468,7 +468,7 @@ def test_low_disk_conversion_that_does_not_fit(hub, tmp_path, monkeypatch, capsy
     """With --low-disk already asked for, the line does not suggest it."""
     import reshard.convert
 
-    monkeypatch.setattr(reshard.convert.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=0, free=100_000))
+    monkeypatch.setattr(reshard.diskspace.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=0, free=100_000))
     out = tmp_path / "out"
     code, line = convert(capsys, "org/tiny", out, "--low-disk")
     assert code == 1

@@ -95,3 +95,15 @@ def test_runtime_generate_repo_tag_converts_into_the_cache_once(small_gguf, tmp_
         assert out == want
         assert err.splitlines()[0].startswith("reshard: converting" if first else f"reshard: using {folder}")
     assert len(hub.downloads) == 2  # the two parts, once
+
+
+def test_a_download_the_hub_cache_cannot_hold_is_refused_before_it_starts(small_gguf, tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import reshard.diskspace
+
+    hub = gguf_hub(tmp_path / "repo", small_gguf, monkeypatch, models=2)
+    monkeypatch.setattr(reshard.diskspace.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=0, free=10))
+    code, line = cli_convert(capsys, f"{REPO}:Q8_0", tmp_path / "out")
+    assert code == 1 and line.startswith("Error: the hub cache ") and "free some space" in line, line
+    assert hub.downloads == []

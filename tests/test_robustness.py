@@ -203,7 +203,7 @@ def test_not_enough_free_disk_is_refused_before_writing(tiny_checkpoints, tmp_pa
     import reshard.convert
 
     free = 100_000
-    monkeypatch.setattr(reshard.convert.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=0, free=free))
+    monkeypatch.setattr(reshard.diskspace.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=0, free=free))
     out = tmp_path / "out"
     assert convert(tiny_checkpoints["llama"], out) == 1
     assert only_error(capsys.readouterr().err) == (
