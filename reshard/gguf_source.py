@@ -25,7 +25,7 @@ from .format import reordered
 from .ggml_iquants import require_gguf
 from .ggml_quants import scheme_for
 from .gguf_conversions import ConversionMap, newer_path
-from .gguf_tables import TableMap, config_from_metadata, mapped_here, metadata_fields
+from .gguf_tables import TableMap, config_from_metadata, mapped_here, metadata_fields, split_pre_tokens
 from .source import Source
 
 SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -89,6 +89,8 @@ class GGUFSource(Source):
         try:  # the newer path's architectures have no legacy metadata (nor need it)
             if self._fields is not None:  # the tokenizer alone, whatever the architecture
                 metadata, tokenizer = None, PreTrainedTokenizerFast.from_pretrained(first.parent, gguf_file=first.name)
+                if self._fields.get("tokenizer.ggml.model") == "gpt2":
+                    split_pre_tokens(tokenizer, self._fields.get("tokenizer.ggml.pre"))
             else:
                 metadata = None if self._newer else load_gguf_checkpoint(str(first), return_tensors=False)
                 config = AutoConfig.from_pretrained(first.parent, gguf_file=first.name)

@@ -14,6 +14,9 @@ misnames), mapped here as llama.cpp's converter (`convert_hf_to_gguf.py`) writes
   ([heads, v, kv_lora_rank]); older files keep `attn_kv_b` whole. Both make the same weight;
 - blocks after the model's last layer (a multi-token-prediction layer llama.cpp keeps) are dropped,
   as transformers' models have no module for them;
+- the tokenizer: transformers' GGUF tokenizer builder, with the pre-tokenizer splits its table lacks
+  for these files' `tokenizer.ggml.pre` (DeepSeek-V3's, GLM-4's), as llama.cpp's llama-vocab.cpp
+  splits them (`PRE_TOKENIZER_SPLITS`);
 - the config: reshard/gguf_configs.py.
 
 `TableMap` answers as reshard/gguf_conversions.py's `ConversionMap` does (`sources`, `make`).
@@ -26,6 +29,15 @@ import torch
 from . import gguf_configs
 from .errors import SourceError
 
+# tokenizer.ggml.pre -> the regexes text is split by, in order (llama.cpp's llama-vocab.cpp; each
+# split's pieces kept), where transformers' own GGUF table has none
+PRE_TOKENIZER_SPLITS = {
+    "deepseek-v3": (r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+",
+                    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
+                    r"""| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""),
+    "glm4": (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
+}
 CONFIGS = {"deepseek2": gguf_configs.deepseek2, "glm4moe": gguf_configs.glm4moe,  # GGUF architecture -> config
            "gpt-oss": gguf_configs.gpt_oss}
 
@@ -37,6 +49,22 @@ def mapped_here(architecture: str) -> bool:
 def config_from_metadata(architecture: str, fields: dict, tensor_names, path):
     """The transformers config of a GGUF of `architecture` with key-value `fields` {key: value}."""
     return CONFIGS[architecture](gguf_configs.Keys(architecture, fields, path), tensor_names)
+
+
+def split_pre_tokens(tokenizer, pre: str | None) -> None:
+    """Give `tokenizer` (byte-level BPE, from transformers' GGUF builder) the splits of `pre` where
+    transformers' table has none for it; else leave it as built."""
+    from tokenizers import Regex, pre_tokenizers
+
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS as known
+    except ImportError:
+        known = {}
+    if pre not in PRE_TOKENIZER_SPLITS or pre in known:
+        return
+    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZER_SPLITS[pre]]
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 def metadata_fields(reader) -> dict:

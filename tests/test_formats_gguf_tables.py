@@ -222,6 +222,22 @@ def plain_deepseek(tmp_path_factory):
     return path
 
 
+def test_deepseek_v3s_pre_tokenizer_splits_digits_and_cjk_as_its_own(plain_deepseek, tmp_path):
+    """transformers' GGUF tokenizer builder has no splits for `tokenizer.ggml.pre = deepseek-v3` (it
+    would fall back to GPT-2's): the folder's tokenizer splits as llama.cpp splits DeepSeek-V3 text,
+    digits in runs of at most three, kana and CJK apart from Latin letters."""
+    from gguf import GGUFReader, GGUFWriter
+    from transformers import AutoTokenizer
+
+    _copy_with(GGUFReader(plain_deepseek), GGUFWriter(tmp_path / "v3.gguf", "deepseek2"),
+               {"tokenizer.ggml.pre": "deepseek-v3"})
+    convert(str(tmp_path / "v3.gguf"), tmp_path / "out", progress=False)
+    pre = AutoTokenizer.from_pretrained(tmp_path / "out").backend_tokenizer.pre_tokenizer
+    words = [w for w, _ in pre.pre_tokenize_str("Price: 12345 yen, 東京タワーis tall")]
+    assert words[:4] == ["Price", ":", "Ġ", "123"] and words[4] == "45"
+    assert "æĿ±äº¬ãĤ¿ãĥ¯ãĥ¼" in words and "is" in words  # 東京タワー, then "is" on its own
+
+
 def test_deepseek2_file_with_an_unknown_routing_is_one_line(plain_deepseek, tmp_path, capsys):
     from gguf import GGUFReader, GGUFWriter
 
