@@ -26,12 +26,11 @@ import torch
 
 from reshard.errors import UsageError
 from reshard.format import expert_range, stored_names
-from reshard.plan import ROUTED_ARGS
 
 from . import budget, hybrid, packedexperts
 from .expertrounds import Restore
 from .experts import ExpertStreamer
-from .expertslots import computes_on_slots, routed_experts
+from .expertslots import computes_on_slots, routed_arg, routed_experts
 from .hostcompute import move
 from .stream import StreamStats
 
@@ -90,7 +89,7 @@ class CpuExperts:
             for path, entry in self.loader.manifest.groups[i].experts.items():
                 module = model.get_submodule(path)
                 signature = inspect.signature(module.forward)
-                routes = next((a for a in ROUTED_ARGS if a in signature.parameters), None)
+                routes = routed_arg(module)
                 if routes is None or (not computes_on_slots(module) and path not in self.host.packed):
                     continue  # takes no expert ids, or computes only on full-size [E, ...] tensors: stays on the device
                 own = {n.rpartition(".")[2] for n in entry["tensors"]}
@@ -172,10 +171,9 @@ class CpuExperts:
             routed = routed_experts(index, count)
             if path in self.host.packed:  # the routed experts as stored, through the native kernels
                 self.host.bring_packed(i, path, module, entry, routed)
-                hidden, _, weights = list(bound.arguments.values())[:3]  # (hidden, ids, routing weights)
                 try:
                     out = packedexperts.run(module, self.host.packed[path], module.__dict__[packedexperts.PACKED],
-                                            hidden, index, weights)
+                                            *packedexperts.routed_call(bound.arguments))
                 finally:
                     module.__dict__.pop(packedexperts.PACKED, None)
                 self.on_compute(i, "end")

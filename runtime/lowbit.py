@@ -158,8 +158,8 @@ def weight_spec(group, name: str, quant: dict, backends) -> PackSpec | None:
         return None
     out, inp = reversed(info["shape"][-2:]) if info.get("transposed") else info["shape"][-2:]
     scale_dtype = stored_scale_dtype(group, name, scheme)
+    permuted = scheme == ACT_ORDER or blocks_of(scheme) is not None  # the input gathered into the stored order
     for backend in backends:  # the project's kernel where it takes the shape, else torch's
-        permuted = scheme == ACT_ORDER or blocks_of(scheme) is not None
         spec = PackSpec(KERNEL_SCHEMES[scheme], size, out, inp, backend, scale_dtype, permuted)
         if supported(spec):
             return spec

@@ -145,6 +145,13 @@ def run(module: nn.Module, specs: dict[str, PackSpec], packed: dict[str, dict[in
     return out.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
 
 
+def routed_call(arguments: dict) -> tuple:
+    """(hidden states, routed expert ids, routing weights) of an experts module's bound call: its
+    first three arguments, whatever the module names them (gpt-oss: router_indices, routing_weights)."""
+    hidden, index, weights = list(arguments.values())[:3]
+    return hidden, index, weights
+
+
 @functools.cache  # one per weight shape and scheme, not one per call
 def _product(spec: PackSpec):
     """f(x (M, K), one expert's operands) -> x @ W.T through the native kernel; an act-order weight's
@@ -163,8 +170,7 @@ def _forward(module: nn.Module, specs: dict[str, PackSpec]):
         packed = module.__dict__.get(PACKED)
         if packed is None:
             return own(*args, **kwargs)
-        hidden, index, weights = list(signature.bind(*args, **kwargs).arguments.values())[:3]  # gpt-oss names
-        return run(module, specs, packed, hidden, index, weights)  # them router_indices, routing_weights
+        return run(module, specs, packed, *routed_call(signature.bind(*args, **kwargs).arguments))
 
     forward.__signature__ = signature
     return forward
