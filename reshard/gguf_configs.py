@@ -24,8 +24,9 @@ SIGMOID, SOFTMAX = 2, 1
 class Keys:
     """The `{arch}.*` fields of one file, each missing one that is needed said in one line."""
 
-    def __init__(self, arch: str, fields: dict, path):
-        self.arch, self.fields, self.path = arch, fields, path
+    def __init__(self, arch: str, fields: dict, path, names=(), read=None):
+        self.arch, self.fields, self.path, self.names = arch, fields, path, frozenset(names)
+        self.read = read  # name -> the float32 values of one of the file's tensors
 
     def __call__(self, name: str, default=None):
         value = self.fields.get(f"{self.arch}.{name}", default)
@@ -38,13 +39,43 @@ class Keys:
         mtp = self("nextn_predict_layers", 0)
         return {"vocab_size": self("vocab_size", self.fields.get("tokenizer.ggml.tokens.count")),
                 "hidden_size": self("embedding_length"), "num_hidden_layers": self("block_count") - mtp,
-                "num_attention_heads": self("attention.head_count"),
-                "rms_norm_eps": float(self("attention.layer_norm_rms_epsilon")),
+                "num_attention_heads": self("attention.head_count"), **self.norm_eps(),
                 "max_position_embeddings": self("context_length"),
                 "tie_word_embeddings": "output.weight" not in tensor_names,
                 "bos_token_id": self.fields.get("tokenizer.ggml.bos_token_id"),
                 "eos_token_id": self.fields.get("tokenizer.ggml.eos_token_id"),
                 "pad_token_id": self.fields.get("tokenizer.ggml.padding_token_id")}
+
+    def norm_eps(self) -> dict:
+        """RMSNorm's epsilon, or LayerNorm's where the file has that instead (Command-R's)."""
+        rms = self.fields.get(f"{self.arch}.attention.layer_norm_rms_epsilon")
+        if rms is not None:
+            return {"rms_norm_eps": float(rms)}
+        return {"layer_norm_eps": float(self("attention.layer_norm_epsilon"))}
+
+    def attention(self) -> dict:
+        """A decoder's attention and MLP sizes (`head_dim` where the file states a key length) and its
+        rotary embedding."""
+        kv_heads = self("attention.head_count_kv", self("attention.head_count"))
+        if isinstance(kv_heads, list):  # per layer: a hybrid's (Granite 4's, Jamba's)
+            raise SourceError(f"{self.path} is a {self.arch} GGUF with a per-layer key/value head count, which "
+                              f"reshard cannot read yet; convert the model's safetensors checkpoint instead")
+        theta = float(self("rope.freq_base", 10000.0))
+        rope = llama3_rope(self, theta, self.head_dim()) if self.tensor("rope_freqs.weight") is not None \
+            else _rope(self, theta)
+        out = {"num_key_value_heads": kv_heads, "intermediate_size": self("feed_forward_length"), "rope_parameters": rope}
+        head_dim = self.fields.get(f"{self.arch}.attention.key_length")
+        if head_dim is not None:
+            out["head_dim"] = head_dim
+        return out
+
+    def head_dim(self) -> int:
+        """The width of an attention head: the key length the file states, else hidden size / heads."""
+        return self("attention.key_length", self("embedding_length") // self("attention.head_count"))
+
+    def tensor(self, name: str):
+        """The values of small tensor `name` (float32 numpy), or None where the file has none."""
+        return self.read(name) if self.read is not None and name in self.names else None
 
     def experts(self) -> dict:
         """A MoE's routed and shared experts, and its routing."""
@@ -116,16 +147,112 @@ def gpt_oss(keys: Keys, tensor_names):
         rope_parameters=rope, architectures=["GptOssForCausalLM"])
 
 
+def ernie4_5_moe(keys: Keys, tensor_names):
+    """`Ernie4_5_MoeConfig`: MoE layers from `leading_dense_block_count` on, every
+    `interleave_moe_layer_step`-th, to the last; softmax routing (no key)."""
+    from transformers import Ernie4_5_MoeConfig
+
+    common = keys.common(tensor_names)
+    return Ernie4_5_MoeConfig(
+        **common, **keys.attention(), use_bias="blk.0.attn_q.bias" in tensor_names,
+        moe_num_experts=keys("expert_count"), moe_k=keys("expert_used_count"),
+        moe_intermediate_size=keys("expert_feed_forward_length"), moe_num_shared_experts=keys("expert_shared_count", 0),
+        moe_layer_interval=keys("interleave_moe_layer_step", 1), moe_layer_start_index=keys("leading_dense_block_count", 0),
+        moe_layer_end_index=common["num_hidden_layers"] - 1, architectures=["Ernie4_5_MoeForCausalLM"])
+
+
+def hunyuan_moe(keys: Keys, tensor_names):
+    """`HunYuanMoEV1Config`: transformers' model sizes routed and shared experts alike by
+    `intermediate_size`, so a file whose sizes differ (or with other than one shared expert) is refused."""
+    from transformers import HunYuanMoEV1Config
+
+    width, shared = keys("expert_feed_forward_length"), keys("expert_shared_count", 1)
+    if width != keys("feed_forward_length") or shared != 1:
+        raise SourceError(f"{keys.path} is a hunyuan-moe GGUF with experts {width} wide and {shared} shared expert(s), "
+                          f"which transformers' HunYuan model cannot hold; convert the model's safetensors checkpoint instead")
+    return HunYuanMoEV1Config(
+        **keys.common(tensor_names), **{**keys.attention(), "head_dim": keys.head_dim()},
+        attention_bias="blk.0.attn_q.bias" in tensor_names, num_experts=keys("expert_count"),
+        moe_topk=keys("expert_used_count"), architectures=["HunYuanMoEV1ForCausalLM"])
+
+
+def dots1(keys: Keys, tensor_names):
+    """`Dots1Config`: DeepSeek-V3's routing (sigmoid, score-correction bias, groups) without MLA."""
+    from transformers import Dots1Config
+
+    experts = {k: v for k, v in keys.experts().items() if k != "num_nextn_predict_layers"}
+    return Dots1Config(**keys.common(tensor_names), **{**keys.attention(), **experts}, sliding_window=None,
+                       attention_bias="blk.0.attn_q.bias" in tensor_names, architectures=["Dots1ForCausalLM"])
+
+
+def granitemoe(keys: Keys, tensor_names):
+    """`GraniteMoeConfig`, or `GraniteMoeSharedConfig` where the file has shared experts; Granite's
+    multipliers as for `granite`; `feed_forward_length` is an expert's width."""
+    from transformers import GraniteMoeConfig, GraniteMoeSharedConfig
+
+    config = {**keys.common(tensor_names), **keys.attention(), **granite_scales(keys),
+              "num_local_experts": keys("expert_count"), "num_experts_per_tok": keys("expert_used_count")}
+    shared = keys.fields.get("granitemoe.expert_shared_feed_forward_length")
+    if shared is None:
+        return GraniteMoeConfig(**config, architectures=["GraniteMoeForCausalLM"])
+    return GraniteMoeSharedConfig(**config, shared_intermediate_size=shared, architectures=["GraniteMoeSharedForCausalLM"])
+
+
+def granite_scales(keys: Keys) -> dict:
+    """Granite's multipliers; one the file lacks is 1.0, transformers' default (the converter writes
+    each that is not zero)."""
+    return {"attention_multiplier": float(keys("attention.scale", 1.0)),
+            "embedding_multiplier": float(keys("embedding_scale", 1.0)),
+            "residual_multiplier": float(keys("residual_scale", 1.0)), "logits_scaling": float(keys("logit_scale", 1.0))}
+
+
+
+def olmoe(keys: Keys, tensor_names):
+    """`OlmoeConfig`: softmax routing without renormalising the chosen weights (neither writes a key)."""
+    from transformers import OlmoeConfig
+
+    return OlmoeConfig(**keys.common(tensor_names), **keys.attention(), num_experts=keys("expert_count"),
+                       num_experts_per_tok=keys("expert_used_count"), architectures=["OlmoeForCausalLM"])
+
+
 def _rope(keys: Keys, theta: float) -> dict:
     """YaRN as DeepSeek-V3's config states it: llama.cpp keeps its factor, original context and
     `0.1 * mscale_all_dim` (as `yarn_log_multiplier`); DeepSeek's mscale equals mscale_all_dim."""
     prefix = f"{keys.arch}.rope.scaling."
     fields = keys.fields
+    if fields.get(prefix + "type") == "linear":
+        return {"rope_type": "linear", "rope_theta": theta, "factor": float(fields[prefix + "factor"])}
     if fields.get(prefix + "type") != "yarn":
         return {"rope_type": "default", "rope_theta": theta}
-    mscale = fields.get(prefix + "yarn_log_multiplier", 0.0) / 0.1
-    return {"rope_type": "yarn", "rope_theta": theta, "factor": float(fields[prefix + "factor"]),
+    rope = {"rope_type": "yarn", "rope_theta": theta, "factor": float(fields[prefix + "factor"]),
             "original_max_position_embeddings": int(fields[prefix + "original_context_length"]),
             "beta_fast": float(fields.get(prefix + "yarn_beta_fast", 32.0)),
-            "beta_slow": float(fields.get(prefix + "yarn_beta_slow", 1.0)),
-            "mscale": mscale, "mscale_all_dim": mscale}
+            "beta_slow": float(fields.get(prefix + "yarn_beta_slow", 1.0))}
+    if prefix + "yarn_log_multiplier" in fields:
+        mscale = fields[prefix + "yarn_log_multiplier"] / 0.1
+        rope.update(mscale=mscale, mscale_all_dim=mscale)
+    return rope
+
+
+def llama3_rope(keys: Keys, theta: float, head_dim: int) -> dict:
+    """Llama 3's rotary scaling, which llama.cpp's converter keeps as a `rope_freqs` tensor of
+    per-frequency factors alone (no key): its factor is their largest; its context (8192) and
+    frequency bounds (low 1, high 4 as Llama 3.1 and EXAONE 4 publish, or 1 and 1 as Llama 4 Scout)
+    the published ones whose factors equal the tensor's."""
+    import torch
+
+    freqs = keys.tensor("rope_freqs.weight")
+    if freqs is None:
+        return {"rope_type": "default", "rope_theta": theta}
+    factors = torch.from_numpy(freqs).float()
+    factor, context = float(factors.max()), 8192
+    wavelen = 2 * torch.pi * theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    for high in (4.0, 1.0):
+        smooth = (context / wavelen - 1.0) / (high - 1.0) if high != 1.0 else torch.zeros_like(wavelen)
+        want = torch.where(wavelen < context / high, torch.ones_like(wavelen), torch.where(
+            wavelen > context, torch.full_like(wavelen, factor), 1 / ((1 - smooth) / factor + smooth)))
+        if factors.shape == want.shape and torch.allclose(factors, want, rtol=1e-5):
+            return {"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": 1.0,
+                    "high_freq_factor": high, "original_max_position_embeddings": context}
+    raise SourceError(f"{keys.path}: its rope_freqs are not Llama 3's scaling with factor {factor}; "
+                      f"convert the model's safetensors checkpoint instead")

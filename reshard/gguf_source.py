@@ -84,8 +84,9 @@ class GGUFSource(Source):
 
         first = self.files[0]
         if self._fields is not None:
-            names = [t.name for tensors in self._tensors for t in tensors]
-            config = config_from_metadata(self.architecture, self._fields, names, first)
+            located = {t.name: (i, t) for i, tensors in enumerate(self._tensors) for t in tensors}
+            config = config_from_metadata(self.architecture, self._fields, list(located), first,
+                                          read=lambda name: self._dequantize(*located[name]))
         try:  # the newer path's architectures have no legacy metadata (nor need it)
             if self._fields is not None:  # the tokenizer alone, whatever the architecture
                 metadata, tokenizer = None, PreTrainedTokenizerFast.from_pretrained(first.parent, gguf_file=first.name)

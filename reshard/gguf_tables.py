@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from . import gguf_configs
+from . import gguf_dense_configs as dense
 from .errors import SourceError
 
 # tokenizer.ggml.pre -> the regexes text is split by, in order (llama.cpp's llama-vocab.cpp; each
@@ -38,17 +39,28 @@ PRE_TOKENIZER_SPLITS = {
     "glm4": (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
 }
-CONFIGS = {"deepseek2": gguf_configs.deepseek2, "glm4moe": gguf_configs.glm4moe,  # GGUF architecture -> config
-           "gpt-oss": gguf_configs.gpt_oss}
+CONFIGS = {  # GGUF architecture -> its config from the file's metadata
+    "deepseek2": gguf_configs.deepseek2, "glm4moe": gguf_configs.glm4moe, "gpt-oss": gguf_configs.gpt_oss,
+    "ernie4_5-moe": gguf_configs.ernie4_5_moe, "hunyuan-moe": gguf_configs.hunyuan_moe, "dots1": gguf_configs.dots1,
+    "granitemoe": gguf_configs.granitemoe, "olmoe": gguf_configs.olmoe,
+    "command-r": dense.command_r, "cohere2": dense.cohere2, "ernie4_5": dense.ernie4_5,
+    "hunyuan-dense": dense.hunyuan_dense, "seed_oss": dense.seed_oss, "exaone4": dense.exaone4, "glm4": dense.glm4,
+    "granite": dense.granite, "smollm3": dense.smollm3, "arcee": dense.arcee, "olmo2": dense.olmo2,
+}
+# transformers' parameter names -> the names in the checkpoints llama.cpp's converter read, where they differ
+CHECKPOINT_NAMES = ((".router.weight", ".router.layer.weight"),  # granitemoe
+                    (".gate.moe_statics.", ".moe_statics."))  # ernie4_5-moe
+DERIVED = ("rope_freqs.weight",)  # tensors the converter writes from the config (read back into it)
 
 
 def mapped_here(architecture: str) -> bool:
     return architecture in CONFIGS
 
 
-def config_from_metadata(architecture: str, fields: dict, tensor_names, path):
-    """The transformers config of a GGUF of `architecture` with key-value `fields` {key: value}."""
-    return CONFIGS[architecture](gguf_configs.Keys(architecture, fields, path), tensor_names)
+def config_from_metadata(architecture: str, fields: dict, tensor_names, path, read=None):
+    """The transformers config of a GGUF of `architecture` with key-value `fields` {key: value};
+    `read(name)` gives a tensor's float32 values (a `rope_freqs` the config is made from)."""
+    return CONFIGS[architecture](gguf_configs.Keys(architecture, fields, path, tensor_names, read), tensor_names)
 
 
 def split_pre_tokens(tokenizer, pre: str | None) -> None:
@@ -88,48 +100,67 @@ class TableMap:
         import gguf
 
         config = model.config
-        self.heads = config.num_attention_heads
+        self.heads, self.kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
         self.nope = getattr(config, "qk_nope_head_dim", None)
         arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == architecture)
         layers = config.num_hidden_layers
-        table = gguf.get_tensor_name_map(arch, layers + getattr(config, "num_nextn_predict_layers", 0))
-        present = set(names)
+        self.table = gguf.get_tensor_name_map(arch, layers + (getattr(config, "num_nextn_predict_layers", 0) or 0))
+        self.present, self.permuted = set(names), architecture in dense.PERMUTED_QK
+        self.shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
         self.sources: dict[str, list[str]] = {}
-        # parameter -> how its tensors make it: "experts" (gate, up joined), "kv_b" (from k_b, v_b),
-        # "interleaved" (gpt-oss's gate and up, row by row, transposed; "bias": not transposed),
-        # "transposed" (gpt-oss's down experts)
+        # parameter -> how its tensors make it: "experts" (gate, up joined), "joined" (gate, up rows of one
+        # matrix), "kv_b" (from k_b, v_b), "q"/"k" (rows permuted by the converter), "interleaved"
+        # (gpt-oss's gate and up, row by row, transposed; "bias": not transposed), "transposed" (gpt-oss's
+        # down experts)
         self.kinds: dict[str, str] = {}
-        for param in model.state_dict():
-            base = param.rsplit(".", 1)[0]
-            experts = base if param.endswith(("_proj", "_proj_bias")) and base.endswith(".mlp.experts") else None
-            if experts and getattr(model.get_submodule(experts), "is_transposed", False):  # gpt-oss
-                suffix = ".bias" if param.endswith("_bias") else ".weight"
-                if ".gate_up_proj" in param:
-                    made = [table.get_name(f"{experts}.{p}") + suffix for p in ("gate_proj", "up_proj")]
-                    self.kinds[param] = "interleaved" if suffix == ".weight" else "interleaved bias"
-                else:
-                    made = [table.get_name(f"{experts}.down_proj") + suffix]
-                    self.kinds[param] = "transposed" if suffix == ".weight" else "bias"
-            elif param.endswith(".mlp.experts.gate_up_proj"):
-                made = [table.get_name(f"{base}.gate_proj") + ".weight", table.get_name(f"{base}.up_proj") + ".weight"]
-                self.kinds[param] = "experts"
-            elif param.endswith(".mlp.experts.down_proj"):
-                made = [table.get_name(param) + ".weight"]
-            elif param.endswith(".e_score_correction_bias"):
-                made = [table.get_name(param[:-len("_bias")]) + ".bias"]
-            elif param.endswith("kv_b_proj.weight") and table.get_name(base) + ".weight" not in present:
-                made = [table.get_name(base.replace("kv_b_proj", name)) + ".weight" for name in ("k_b_proj", "v_b_proj")]
-                self.kinds[param] = "kv_b"
-            elif param.endswith(".sinks"):
-                made = [table.get_name(param) + ".weight"]
-            else:
-                made = [table.get_name(param, try_suffixes=(".weight", ".bias")) or param]
-            if all(m in present for m in made):
+        for param in self.shapes:
+            made = self._made_of(model, param)
+            if all(m in self.present for m in made):
                 self.sources[param] = made
         claimed = {n for made in self.sources.values() for n in made}
         for name in names:  # left for the conversion's check to name, but the blocks after the last layer
-            if name not in claimed and not _block_at_or_after(name, layers):
+            if name not in claimed and name not in DERIVED and not _block_at_or_after(name, layers):
                 self.sources[name] = [name]
+
+    def _made_of(self, model, param: str) -> list[str]:
+        """The GGUF tensors parameter `param` is made of (its kind noted in `kinds`)."""
+        table, base = self.table, param.rsplit(".", 1)[0]
+        layer = _layer_of(param)
+        if base.endswith(".experts") and getattr(model.get_submodule(base), "is_transposed", False):  # gpt-oss
+            suffix = ".bias" if param.endswith("_bias") else ".weight"
+            if ".gate_up_proj" in param:
+                self.kinds[param] = "interleaved" if suffix == ".weight" else "interleaved bias"
+                return [table.get_name(f"{base}.{p}") + suffix for p in ("gate_proj", "up_proj")]
+            self.kinds[param] = "transposed" if suffix == ".weight" else "bias"
+            return [table.get_name(f"{base}.down_proj") + suffix]
+        if param.endswith(".experts.gate_up_proj"):  # llama.cpp stacks each projection's experts
+            if f"blk.{layer}.ffn_gate_up_exps.weight" in self.present:  # written joined (--fuse-gate-up-exps)
+                return [f"blk.{layer}.ffn_gate_up_exps.weight"]
+            self.kinds[param] = "experts"
+            return [f"blk.{layer}.ffn_gate_exps.weight", f"blk.{layer}.ffn_up_exps.weight"]
+        if param.endswith(".experts.down_proj"):
+            return [f"blk.{layer}.ffn_down_exps.weight"]
+        if param.endswith("shared_mlp.input_linear.weight"):  # granitemoe's shared experts, gate rows first
+            self.kinds[param] = "joined"
+            return [f"blk.{layer}.ffn_gate_shexp.weight", f"blk.{layer}.ffn_up_shexp.weight"]
+        if param.endswith(".e_score_correction_bias"):
+            return [(self._name(param[:-len("_bias")]) or param) + ".bias"]
+        if param.endswith("kv_b_proj.weight") and table.get_name(base) + ".weight" not in self.present:
+            self.kinds[param] = "kv_b"
+            return [table.get_name(base.replace("kv_b_proj", name)) + ".weight" for name in ("k_b_proj", "v_b_proj")]
+        if param.endswith(".sinks"):
+            return [table.get_name(param) + ".weight"]
+        if self.permuted and param.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias",
+                                             "self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+            self.kinds[param] = "q" if ".q_proj." in param else "k"
+        return [table.get_name(param, try_suffixes=(".weight", ".bias")) or self._name(param) or param]
+
+    def _name(self, param: str) -> str | None:
+        """`param`'s GGUF name under the checkpoint name the converter read (CHECKPOINT_NAMES)."""
+        for ours, theirs in CHECKPOINT_NAMES:
+            if ours in param:
+                return self.table.get_name(param.replace(ours, theirs), try_suffixes=(".weight", ".bias"))
+        return self.table.get_name(param, try_suffixes=(".weight", ".bias"))
 
     def transposed(self, key: str) -> bool:
         """Whether transformers holds parameter `key` as (in, out) matrices: `make(..., stored=True)`
@@ -143,6 +174,8 @@ class TableMap:
         kind = self.kinds.get(key)
         if kind == "experts":  # [E, I, H] gate and up -> [E, 2I, H]
             return torch.cat(values, dim=1)
+        if kind == "joined":  # [I, H] gate and up -> [2I, H]
+            return torch.cat(values, dim=0)
         if kind in ("interleaved", "interleaved bias"):  # [E, I(, H)] gate and up -> rows g0 u0 g1 u1 ...
             rows = torch.stack(values, dim=2).flatten(1, 2)
             return rows if stored or kind == "interleaved bias" else rows.transpose(1, 2)
@@ -156,7 +189,30 @@ class TableMap:
                                   f"qk_nope_head_dim]; is the file's metadata the one of these weights?")
             return torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(-1, k_b.shape[1])
         (value,) = values
+        if kind in ("q", "k"):  # llama.cpp's LlamaModel.permute, undone (as transformers' Llama processor does)
+            heads = self.heads if kind == "q" else self.kv_heads
+            return value.reshape(heads, value.shape[0] // heads // 2, 2, *value.shape[1:]).transpose(1, 2) \
+                .reshape(value.shape)
+        shape = self.shapes.get(key)
+        if not stored and shape is not None and value.shape != shape and value.numel() == _numel(shape):
+            return value.reshape(shape)  # a vector kept as (1, E) or (E,)
         return value
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _layer_of(param: str) -> str | None:
+    """The decoder layer index in a parameter name ("model.layers.3.mlp..." -> "3")."""
+    parts = param.split(".")
+    for before, part in zip(parts, parts[1:]):
+        if before == "layers" and part.isdigit():
+            return part
+    return None
 
 
 def _block_at_or_after(name: str, layers: int) -> bool:

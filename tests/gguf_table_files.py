@@ -140,19 +140,30 @@ def write_mapped(path: Path, like: Path, model, *, types=lambda name: None, spli
         n, hidden = config.num_hidden_layers, config.hidden_size
         tensors += [(f"blk.{n}.nextn.eh_proj.weight", np.ones((hidden, 2 * hidden), np.float32), Q.F32),
                     (f"blk.{n}.attn_norm.weight", np.ones(hidden, np.float32), Q.F32)]
+    metadata = (_deepseek2(config, split_kv_b) if arch == "deepseek2" else _glm4moe(config, mtp) if arch == "glm4moe"
+                else _gpt_oss(config))
+    write_file(path, like, arch, config.vocab_size, tensors, metadata)
+    return path.stat().st_size
+
+
+def write_file(path: Path, like: Path, arch: str, vocab: int, tensors, metadata: dict) -> None:
+    """A GGUF of `arch` at `path`: `like`'s tokenizer cut to `vocab` tokens, `metadata` {key: value}
+    as `{arch}.key` (a list as an array of its items' type), `tensors` [(name, float32 array, GGML type)]."""
     reader = GGUFReader(like)
     writer = GGUFWriter(path, arch)
-    overrides = vocab_overrides(reader, config.vocab_size)
+    overrides = vocab_overrides(reader, vocab)
     for key, field in reader.fields.items():
         if key.startswith(("tokenizer.", "general.")) and not key.startswith(SKIP_KEYS):
             sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
             writer.add_key_value(key, overrides.get(key, field.contents()), field.types[0], sub_type=sub_type)
-    metadata = (_deepseek2(config, split_kv_b) if arch == "deepseek2" else _glm4moe(config, mtp) if arch == "glm4moe"
-                else _gpt_oss(config))
     for key, value in metadata.items():
-        vtype = GGUFValueType.STRING if isinstance(value, str) else GGUFValueType.FLOAT32 if isinstance(value, float) \
-            else GGUFValueType.BOOL if isinstance(value, bool) else GGUFValueType.UINT32
-        writer.add_key_value(f"{arch}.{key}", value, vtype)
+        item = value[0] if isinstance(value, list) else value
+        vtype = GGUFValueType.STRING if isinstance(item, str) else GGUFValueType.BOOL if isinstance(item, bool) \
+            else GGUFValueType.FLOAT32 if isinstance(item, float) else GGUFValueType.UINT32
+        if isinstance(value, list):
+            writer.add_key_value(f"{arch}.{key}", value, GGUFValueType.ARRAY, sub_type=vtype)
+        else:
+            writer.add_key_value(f"{arch}.{key}", value, vtype)
     for name, a, kind in tensors:
         data = quantize(a, kind) if kind != Q.F32 else a.astype(np.float32)
         writer.add_tensor(name, data, raw_dtype=kind if kind != Q.F32 else None)
@@ -160,7 +171,6 @@ def write_mapped(path: Path, like: Path, model, *, types=lambda name: None, spli
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path.stat().st_size
 
 
 def _gpt_oss(config) -> dict:

@@ -75,6 +75,20 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "{} is a deepseek2 GGUF with expert_gating_func {}, which reshard cannot read yet; convert the model's "
     "safetensors checkpoint instead":
         ("test_formats_gguf_tables.py::test_deepseek2_file_with_an_unknown_routing_is_one_line",),
+    "{}: its rope_freqs are not Llama 3's scaling with factor {}; convert the model's safetensors checkpoint instead":
+        ("test_formats_gguf_decoders.py::test_a_file_transformers_cannot_hold_is_one_line",),
+    "{} is a hunyuan-moe GGUF with experts {} wide and {} shared expert(s), which transformers' HunYuan model cannot "
+    "hold; convert the model's safetensors checkpoint instead":
+        ("test_formats_gguf_decoders.py::test_a_file_transformers_cannot_hold_is_one_line",),
+    "{} is a {} GGUF with a per-layer key/value head count, which reshard cannot read yet; convert the model's "
+    "safetensors checkpoint instead": ("test_formats_gguf_decoders.py::test_a_file_transformers_cannot_hold_is_one_line",),
+    "{} is a cohere2 GGUF whose rotary embedding covers part of each head, which transformers' Cohere2 model does "
+    "not; convert the model's safetensors checkpoint instead":
+        ("test_formats_gguf_decoders.py::test_a_file_transformers_cannot_hold_is_one_line",),
+    "{} is a granite GGUF made from a Granite 4 hybrid, which reshard cannot read yet; convert the model's "
+    "safetensors checkpoint instead": ("test_formats_gguf_decoders.py::test_a_file_transformers_cannot_hold_is_one_line",),
+    "{} is an olmo2 GGUF with sliding-window layers (OLMo 3), which reshard cannot read yet; convert the model's "
+    "safetensors checkpoint instead": ("test_formats_gguf_decoders.py::test_a_file_transformers_cannot_hold_is_one_line",),
     "{} is a {} GGUF without {}.{}; download it again":
         ("test_formats_gguf_tables.py::test_deepseek2_file_missing_a_size_is_one_line",),
     "{} has shape {}, not [heads, kv_lora_rank, qk_nope_head_dim]; is the file's metadata the one of these weights?":

@@ -1,0 +1,113 @@
+"""GGUF files of decoders transformers' GGUF loader does not read convert by reshard's own mapping
+(reshard/gguf_tables.py, configs in reshard/gguf_configs.py and reshard/gguf_dense_configs.py): Command-R,
+Cohere2, ERNIE 4.5 (dense and MoE), HunYuan (dense and MoE), Seed-OSS, EXAONE 4, GLM-4, Granite (dense and
+MoE with shared experts), SmolLM3, AFM (Arcee), OLMo 2, OLMoE and dots.llm1. Each file is written from a
+transformers model as llama.cpp's converter writes it (tests/gguf_decoder_files.py), its matrices Q8_0
+(the model rounded to Q8_0 first); the runtime equals that model: logits bit-identical in float32,
+streamed and resident, and the same greedy tokens; the Q8_0 blocks stay blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from conftest import CPU_BUDGETS
+from gguf_decoder_files import decoder_model, write_decoder
+from gguf_files import TOKENIZER_VOCAB, tokenizer_gguf
+
+from reshard.convert import convert
+from reshard.format import read_manifest
+
+IDS = torch.tensor([[1, 504, 345, 282, 649, 314, 2, 77, 900]])
+ARCHS = ["command-r", "cohere2", "ernie4_5", "ernie4_5-moe", "hunyuan-moe", "hunyuan-dense", "seed_oss", "exaone4",
+         "glm4", "granite", "granitemoe", "smollm3", "arcee", "olmo2", "olmoe", "dots1"]
+MODEL_CLASSES = {"command-r": "CohereForCausalLM", "granitemoe": "GraniteMoeSharedForCausalLM",
+                 "exaone4": "Exaone4ForCausalLM", "arcee": "ArceeForCausalLM"}
+
+
+def q8_0(name: str):
+    """Q8_0 for the matrices (experts, embeddings and head among them), F32 for norms, biases and routers."""
+    return Q.Q8_0 if name.endswith(("_proj.weight", "gate_up_proj", "down_proj", "embed_tokens.weight",
+                                    "lm_head.weight", "input_linear.weight")) else None
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """arch -> (the model, the folder its GGUF converts to), made once per architecture."""
+    made = {}
+
+    def get(arch: str):
+        if arch not in made:
+            root = tmp_path_factory.mktemp(arch.replace("_", "-"))
+            model = decoder_model(arch, TOKENIZER_VOCAB, types=q8_0)
+            write_decoder(root / f"{arch}.gguf", tokenizer_gguf(), arch, model, types=q8_0)
+            convert(str(root / f"{arch}.gguf"), root / "out", progress=False)
+            made[arch] = (model, root / "out")
+        return made[arch]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_and_tokens_equal_the_model_the_file_was_written_from(converted, arch):
+    from runtime import LayeredModel
+
+    model, folder = converted(arch)
+    with torch.no_grad():
+        want, want_tokens = model(IDS).logits, model.generate(IDS, max_new_tokens=4, do_sample=False)
+    for placement in ("streamed", "resident"):
+        with LayeredModel.from_pretrained(folder, device="cpu", packed=False, max_cpu_memory=CPU_BUDGETS[placement]) as lm:
+            assert type(lm.model).__name__ == type(model).__name__
+            assert torch.equal(lm(IDS).logits, want), placement
+            assert torch.equal(lm.generate(IDS, max_new_tokens=4, do_sample=False), want_tokens), placement
+
+
+@pytest.mark.parametrize("arch", ["granite", "granitemoe", "dots1"])
+def test_q8_0_blocks_stay_blocks(converted, arch):
+    """Q8_0 rows stay int8 blocks, permuted q/k rows (Granite's) and stacked experts alike."""
+    _, folder = converted(arch)
+    layer = read_manifest(folder).group("layers.1")
+    schemes = {k: v["scheme"] for k, v in layer.quantized.items()}
+    assert schemes["model.layers.1.self_attn.q_proj.weight"] == "int8"
+    assert schemes["model.layers.1.self_attn.k_proj.weight"] == "int8"
+    if arch != "granite":
+        experts = next(k for k in schemes if k.endswith("experts.gate_up_proj"))
+        assert schemes[experts] == "int8"
+
+
+def _set(**keys):
+    """An edit setting metadata `keys` (dots written as __)."""
+    return lambda tensors, metadata: metadata.update({k.replace("__", "."): v for k, v in keys.items()})
+
+
+def _scale_rope_freqs(tensors, metadata):
+    i = next(i for i, (name, _, _) in enumerate(tensors) if name == "rope_freqs.weight")
+    name, values, kind = tensors[i]
+    tensors[i] = (name, values * 1.5, kind)
+
+
+REFUSED = {  # arch, what the file has -> the line after "Error: {path} "
+    ("cohere2", _set(rope__dimension_count=8)): "is a cohere2 GGUF whose rotary embedding covers part of each head, "
+    "which transformers' Cohere2 model does not; convert the model's safetensors checkpoint instead",
+    ("granite", _set(ssm__state_size=16)): "is a granite GGUF made from a Granite 4 hybrid, which reshard cannot read "
+    "yet; convert the model's safetensors checkpoint instead",
+    ("olmo2", _set(attention__sliding_window=4)): "is an olmo2 GGUF with sliding-window layers (OLMo 3), which reshard "
+    "cannot read yet; convert the model's safetensors checkpoint instead",
+    ("hunyuan-moe", _set(expert_feed_forward_length=16)): "is a hunyuan-moe GGUF with experts 16 wide and 1 shared "
+    "expert(s), which transformers' HunYuan model cannot hold; convert the model's safetensors checkpoint instead",
+    ("smollm3", _set(attention__head_count_kv=[2, 2, 2, 2])): "is a smollm3 GGUF with a per-layer key/value head "
+    "count, which reshard cannot read yet; convert the model's safetensors checkpoint instead",
+    ("exaone4", _scale_rope_freqs): ": its rope_freqs are not Llama 3's scaling with factor 24.0; convert the "
+    "model's safetensors checkpoint instead",
+}
+
+
+@pytest.mark.parametrize("arch, edit", list(REFUSED), ids=[arch for arch, _ in REFUSED])
+def test_a_file_transformers_cannot_hold_is_one_line(arch, edit, tmp_path, capsys):
+    from test_gguf import cli_convert
+
+    path = tmp_path / f"{arch}.gguf"
+    write_decoder(path, tokenizer_gguf(), arch, decoder_model(arch, TOKENIZER_VOCAB), edit=edit)
+    line = REFUSED[(arch, edit)]
+    assert cli_convert(capsys, path, tmp_path / "out") == (1, f"Error: {path}{'' if line[0] == ':' else ' '}{line}")
+    assert not (tmp_path / "out").exists()
