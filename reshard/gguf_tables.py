@@ -30,6 +30,7 @@ from . import gguf_configs
 from . import gguf_dense_configs as dense
 from .errors import SourceError
 
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 # tokenizer.ggml.pre -> the regexes text is split by, in order (llama.cpp's llama-vocab.cpp; each
 # split's pieces kept), where transformers' own GGUF table has none
 PRE_TOKENIZER_SPLITS = {
@@ -38,7 +39,14 @@ PRE_TOKENIZER_SPLITS = {
                     r"""| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""),
     "glm4": (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
+    # digits one by one, then GPT-2's splits
+    **dict.fromkeys(("command-r", "smollm", "exaone"), (r"\p{N}", _GPT2)),
+    # Qwen2's splits, digits one by one
+    **dict.fromkeys(("hunyuan", "grok-2", "seed-coder"), (
+        r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",)),
 }
+PRE_TOKENIZER_SPLITS["hunyuan-dense"] = PRE_TOKENIZER_SPLITS["deepseek-v3"]
 CONFIGS = {  # GGUF architecture -> its config from the file's metadata
     "deepseek2": gguf_configs.deepseek2, "glm4moe": gguf_configs.glm4moe, "gpt-oss": gguf_configs.gpt_oss,
     "ernie4_5-moe": gguf_configs.ernie4_5_moe, "hunyuan-moe": gguf_configs.hunyuan_moe, "dots1": gguf_configs.dots1,

@@ -111,3 +111,18 @@ def test_a_file_transformers_cannot_hold_is_one_line(arch, edit, tmp_path, capsy
     line = REFUSED[(arch, edit)]
     assert cli_convert(capsys, path, tmp_path / "out") == (1, f"Error: {path}{'' if line[0] == ':' else ' '}{line}")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("pre, digits", [("command-r", ["1", "2", "3", "4", "5"]), ("hunyuan", ["1", "2", "3", "4", "5"]),
+                                         ("hunyuan-dense", ["123", "45"])])
+def test_pre_tokenizers_transformers_lacks_split_digits_as_llama_cpp(converted, pre, digits):
+    """transformers' GGUF tokenizer builder falls back to GPT-2's splits (digits kept whole) for these
+    files' `tokenizer.ggml.pre`; the folder's tokenizer splits digits as llama.cpp does for them."""
+    from transformers import AutoTokenizer
+
+    from reshard.gguf_tables import split_pre_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(converted("command-r")[1])
+    split_pre_tokens(tokenizer, pre)
+    words = [w for w, _ in tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str("Price: 12345 yen")]
+    assert words[words.index("Ġ") + 1:][:len(digits)] == digits, words
