@@ -198,6 +198,47 @@ def granitemoe(keys: Keys, tensor_names):
     return GraniteMoeSharedConfig(**config, shared_intermediate_size=shared, architectures=["GraniteMoeSharedForCausalLM"])
 
 
+def qwen3next(keys: Keys, tensor_names):
+    """`Qwen3NextConfig`: linear-attention layers (gated DeltaNet, sized by the `ssm.*` keys) with
+    full attention every `full_attention_interval`-th layer, as llama.cpp lays them out; every layer's
+    MLP routed experts with a gated shared expert; a partial rotary embedding."""
+    from transformers import Qwen3NextConfig
+
+    common, attention, head_dim = keys.common(tensor_names), keys.attention(), keys.head_dim()
+    attention["rope_parameters"]["partial_rotary_factor"] = keys("rope.dimension_count") / head_dim
+    interval, value_heads = keys("full_attention_interval", 4), keys("ssm.time_step_rank")
+    return Qwen3NextConfig(
+        **common, **{**attention, "head_dim": head_dim}, linear_conv_kernel_dim=keys("ssm.conv_kernel"),
+        linear_key_head_dim=keys("ssm.state_size"), linear_num_key_heads=keys("ssm.group_count"),
+        linear_num_value_heads=value_heads, linear_value_head_dim=keys("ssm.inner_size") // value_heads,
+        num_experts=keys("expert_count"), num_experts_per_tok=keys("expert_used_count"),
+        moe_intermediate_size=keys("expert_feed_forward_length"),
+        shared_expert_intermediate_size=keys("expert_shared_feed_forward_length"), norm_topk_prob=True,
+        layer_types=["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                     for i in range(common["num_hidden_layers"])],
+        architectures=["Qwen3NextForCausalLM"])
+
+
+def llama4(keys: Keys, tensor_names):
+    """`Llama4TextConfig` (Llama 4 Scout, Maverick: the text model): `feed_forward_length` is the
+    dense layers' width, `expert_feed_forward_length` the experts' and the shared expert's. What
+    llama.cpp does not write it fixes as transformers' defaults have it (chunked attention of 8192,
+    rotary-free every 4th layer, attention temperature), q/k norms off for 128 experts (Maverick),
+    and all of it off where the file says `sliding_window` 0."""
+    from transformers import Llama4TextConfig
+
+    common, attention, experts = keys.common(tensor_names), keys.attention(), keys("expert_count")
+    dense_width = attention.pop("intermediate_size")
+    plain = keys.fields.get("llama4.attention.sliding_window") == 0
+    local = {"attention_chunk_size": None, "no_rope_layers": [1] * common["num_hidden_layers"]} if plain else {}
+    return Llama4TextConfig(
+        **common, **{**attention, "head_dim": keys.head_dim()}, **local,
+        intermediate_size=keys("expert_feed_forward_length"), intermediate_size_mlp=dense_width,
+        num_local_experts=experts, num_experts_per_tok=keys("expert_used_count"),
+        interleave_moe_layer_step=keys("interleave_moe_layer_step", 1), use_qk_norm=experts != 128,
+        architectures=["Llama4ForCausalLM"])
+
+
 def granite_scales(keys: Keys) -> dict:
     """Granite's multipliers; one the file lacks is 1.0, transformers' default (the converter writes
     each that is not zero)."""

@@ -1,11 +1,20 @@
 """GGUF files whose architecture transformers' GGUF loader does not read (`deepseek2`: DeepSeek-V3,
 R1, Kimi-K2, DeepSeek-V2; `glm4moe`: GLM-4.5 to 4.7; `gpt-oss`, whose files transformers' own mapping
-misnames), mapped here as llama.cpp's converter (`convert_hf_to_gguf.py`) writes them:
+misnames; `qwen3next`, `llama4`, and the decoders in `CONFIGS`), mapped here as llama.cpp's converter
+(`convert_hf_to_gguf.py`) writes them:
 - names: the `gguf` package's own table for the architecture (`gguf.get_tensor_name_map`), the one
   llama.cpp's converter names tensors by;
 - a MoE layer's experts: one [E, out, in] tensor per projection (`ffn_gate_exps`, `ffn_up_exps`,
   `ffn_down_exps`); transformers' model holds gate and up as one `gate_up_proj`, gate first;
 - the score-correction bias as `exp_probs_b.bias`;
+- q and k rows permuted (`LlamaModel.permute`) for the LLaMA-derived classes (`PERMUTED_QK`), undone
+  as transformers' Llama processor undoes it;
+- Qwen3-Next's norms as `w + 1` (but the gated one's), `A_log` as `ssm_a = -exp(A_log)`, `dt_bias` as
+  `ssm_dt.bias`, the convolution squeezed, and `in_proj_qkvz` (per key head [q, k, v, z]) regrouped
+  into `attn_qkv` (every q head, then k, then v) and `attn_gate` (z);
+- Llama 4's experts, which transformers holds as (in, out) matrices ([E, H, 2I] gate and up): llama.cpp
+  transposes them;
+- a `rope_freqs` tensor (Llama 3 scaling): read into the config, not a parameter;
 - gpt-oss's experts, which transformers holds as (in, out) matrices with gate and up interleaved
   (`gate_up_proj` [E, H, 2I], columns g0 u0 g1 u1 ...): llama.cpp writes them as (out, in) tensors of
   their own, biases alike; the attention sinks as `attn_sinks.weight`;
@@ -54,10 +63,13 @@ CONFIGS = {  # GGUF architecture -> its config from the file's metadata
     "command-r": dense.command_r, "cohere2": dense.cohere2, "ernie4_5": dense.ernie4_5,
     "hunyuan-dense": dense.hunyuan_dense, "seed_oss": dense.seed_oss, "exaone4": dense.exaone4, "glm4": dense.glm4,
     "granite": dense.granite, "smollm3": dense.smollm3, "arcee": dense.arcee, "olmo2": dense.olmo2,
+    "qwen3next": gguf_configs.qwen3next, "llama4": gguf_configs.llama4,
 }
 # transformers' parameter names -> the names in the checkpoints llama.cpp's converter read, where they differ
 CHECKPOINT_NAMES = ((".router.weight", ".router.layer.weight"),  # granitemoe
-                    (".gate.moe_statics.", ".moe_statics."))  # ernie4_5-moe
+                    (".gate.moe_statics.", ".moe_statics."),  # ernie4_5-moe
+                    (".dt_bias", ".dt_proj.bias"))  # qwen3next
+NORMS_PLUS_ONE = frozenset({"qwen3next"})  # architectures whose norms llama.cpp stores as w + 1
 DERIVED = ("rope_freqs.weight",)  # tensors the converter writes from the config (read back into it)
 
 
@@ -108,6 +120,7 @@ class TableMap:
         import gguf
 
         config = model.config
+        self.arch, self.config = architecture, config
         self.heads, self.kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
         self.nope = getattr(config, "qk_nope_head_dim", None)
         arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == architecture)
@@ -141,13 +154,25 @@ class TableMap:
                 return [table.get_name(f"{base}.{p}") + suffix for p in ("gate_proj", "up_proj")]
             self.kinds[param] = "transposed" if suffix == ".weight" else "bias"
             return [table.get_name(f"{base}.down_proj") + suffix]
+        inward = self.arch == "llama4"  # experts held as (in, out) matrices, gate and up joined by columns
         if param.endswith(".experts.gate_up_proj"):  # llama.cpp stacks each projection's experts
             if f"blk.{layer}.ffn_gate_up_exps.weight" in self.present:  # written joined (--fuse-gate-up-exps)
+                if inward:
+                    self.kinds[param] = "inward"
                 return [f"blk.{layer}.ffn_gate_up_exps.weight"]
-            self.kinds[param] = "experts"
+            self.kinds[param] = "inward experts" if inward else "experts"
             return [f"blk.{layer}.ffn_gate_exps.weight", f"blk.{layer}.ffn_up_exps.weight"]
         if param.endswith(".experts.down_proj"):
+            if inward:
+                self.kinds[param] = "inward"
             return [f"blk.{layer}.ffn_down_exps.weight"]
+        if param.endswith(".linear_attn.in_proj_qkvz.weight") and f"blk.{layer}.attn_qkv.weight" in self.present:
+            self.kinds[param] = "qkvz"  # Qwen3-Next: llama.cpp regroups q, k, v by kind (older files keep ssm_in)
+            return [f"blk.{layer}.attn_qkv.weight", f"blk.{layer}.attn_gate.weight"]
+        if param.endswith(".A_log"):
+            self.kinds[param] = "log -x"  # stored as -exp(A_log)
+        elif self.arch in NORMS_PLUS_ONE and param.endswith("norm.weight") and not param.endswith("linear_attn.norm.weight"):
+            self.kinds[param] = "minus one"  # stored as w + 1 (the model computes x * (1 + w))
         if param.endswith("shared_mlp.input_linear.weight"):  # granitemoe's shared experts, gate rows first
             self.kinds[param] = "joined"
             return [f"blk.{layer}.ffn_gate_shexp.weight", f"blk.{layer}.ffn_up_shexp.weight"]
@@ -162,6 +187,16 @@ class TableMap:
                                              "self_attn.k_proj.weight", "self_attn.k_proj.bias")):
             self.kinds[param] = "q" if ".q_proj." in param else "k"
         return [table.get_name(param, try_suffixes=(".weight", ".bias")) or self._name(param) or param]
+
+    def _qkvz(self, qkv: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Qwen3-Next's `in_proj_qkvz` from llama.cpp's `attn_qkv` (q of every key head, then k, then v)
+        and `attn_gate` (z): transformers' rows are per key head [q, k, v, z]."""
+        c = self.config
+        nk, hk = c.linear_num_key_heads, c.linear_key_head_dim
+        width = qkv.shape[1:]
+        q, k, v = qkv.split([nk * hk, nk * hk, qkv.shape[0] - 2 * nk * hk])
+        parts = [t.reshape(nk, -1, *width) for t in (q, k, v, z)]
+        return torch.cat(parts, dim=1).reshape(-1, *width)
 
     def _name(self, param: str) -> str | None:
         """`param`'s GGUF name under the checkpoint name the converter read (CHECKPOINT_NAMES)."""
@@ -184,6 +219,11 @@ class TableMap:
             return torch.cat(values, dim=1)
         if kind == "joined":  # [I, H] gate and up -> [2I, H]
             return torch.cat(values, dim=0)
+        if kind in ("inward experts", "inward"):  # Llama 4: [E, I, H] gate and up -> [E, H, 2I]; [E, H, I] -> [E, I, H]
+            value = torch.cat(values, dim=1)
+            return value if stored else value.transpose(1, 2)
+        if kind == "qkvz":  # all q heads, all k, all v; z -> per key head [q, k, v, z]
+            return self._qkvz(*values)
         if kind in ("interleaved", "interleaved bias"):  # [E, I(, H)] gate and up -> rows g0 u0 g1 u1 ...
             rows = torch.stack(values, dim=2).flatten(1, 2)
             return rows if stored or kind == "interleaved bias" else rows.transpose(1, 2)
@@ -201,6 +241,10 @@ class TableMap:
             heads = self.heads if kind == "q" else self.kv_heads
             return value.reshape(heads, value.shape[0] // heads // 2, 2, *value.shape[1:]).transpose(1, 2) \
                 .reshape(value.shape)
+        if kind == "minus one":
+            return value - 1
+        if kind == "log -x":
+            return torch.log(-value)
         shape = self.shapes.get(key)
         if not stored and shape is not None and value.shape != shape and value.numel() == _numel(shape):
             return value.reshape(shape)  # a vector kept as (1, E) or (E,)

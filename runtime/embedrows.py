@@ -47,10 +47,19 @@ class EmbeddingRows:
         self.module = model.get_input_embeddings()
         self.empty = self.module._parameters["weight"]
         self.padding = self.module.padding_idx
+        self.owner = next((m for m in model.modules() if any(c is self.module for c in m.children())), None)
+        self.ids = None  # the ids the owner's call got (see the module docstring)
         loader.partial[i] = ((0, 0), frozenset([name]))  # the group's load brings nothing
 
     def install(self) -> list:
-        return [self.module.register_forward_pre_hook(self._gather), self.module.register_forward_hook(self._restore)]
+        hooks = [self.module.register_forward_pre_hook(self._gather), self.module.register_forward_hook(self._restore)]
+        if self.owner is not None:
+            hooks.append(self.owner.register_forward_pre_hook(self._keep_ids, with_kwargs=True))
+        return hooks
+
+    def _keep_ids(self, module, args, kwargs):
+        ids = args[0] if args else kwargs.get("input_ids")
+        self.ids = ids if isinstance(ids, torch.Tensor) and not ids.is_floating_point() else None
 
     def _source(self) -> torch.Tensor:
         """The whole stored matrix on the CPU: a view of the pinned host copy or of the file's mapping."""
@@ -59,6 +68,8 @@ class EmbeddingRows:
 
     def _gather(self, module, args):
         ids = args[0]
+        if ids.is_meta and self.ids is not None and self.ids.shape == ids.shape:
+            ids = self.ids
         unique, inverse = torch.unique(ids, return_inverse=True)
         source = self._source()
         rows = source.index_select(0, unique.to("cpu"))  # an id outside the vocabulary raises, as the lookup does

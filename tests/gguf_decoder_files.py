@@ -22,7 +22,9 @@ from gguf import GGMLQuantizationType as Q, MODEL_ARCH_NAMES, get_tensor_name_ma
 from gguf_table_files import random_model, write_file
 
 PERMUTED = {"granite", "granitemoe", "smollm3", "arcee"}  # LlamaModel subclasses with undo_permute
-CHECKPOINT_NAMES = ((".router.weight", ".router.layer.weight"), (".gate.moe_statics.", ".moe_statics."))
+NORMS_PLUS_ONE = {"qwen3next"}  # Qwen3NextModel.modify_tensors: norm weights (but the gated one's) + 1
+CHECKPOINT_NAMES = ((".router.weight", ".router.layer.weight"), (".gate.moe_statics.", ".moe_statics."),
+                    (".dt_bias", ".dt_proj.bias"))  # transformers' names -> the checkpoints' (where the table lacks ours)
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256, pad_token_id=None, bos_token_id=1, eos_token_id=2)
 SCALES = dict(attention_multiplier=0.1, embedding_multiplier=6.0, residual_multiplier=0.5, logits_scaling=4.0)
@@ -60,6 +62,14 @@ def decoder_config(arch: str, vocab: int):
             "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}),
         "olmo2": lambda: tf.Olmo2Config(**small, rms_norm_eps=1e-6, tie_word_embeddings=False),
         "olmoe": lambda: tf.OlmoeConfig(**{**small, **moe}, num_experts=8, num_experts_per_tok=2, rms_norm_eps=1e-5),
+        "qwen3next": lambda: tf.Qwen3NextConfig(
+            **{**small, "num_hidden_layers": 4}, head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=8,
+            linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, num_experts=8,
+            num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, tie_word_embeddings=False),
+        "llama4": lambda: tf.Llama4TextConfig(
+            **{**small, "num_hidden_layers": 4, "max_position_embeddings": 16384, "intermediate_size": 32}, head_dim=16,
+            intermediate_size_mlp=128, num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=2,
+            rope_parameters={**llama3, "rope_theta": 500000.0, "high_freq_factor": 1.0}, tie_word_embeddings=False),
         "dots1": lambda: tf.Dots1Config(**{**small, "num_hidden_layers": 3}, n_routed_experts=8, n_shared_experts=1,
                                         num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
                                         n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
@@ -75,6 +85,12 @@ def decoder_model(arch: str, vocab: int, types=lambda name: None, seed: int = 0)
         for name, t in model.state_dict().items():
             if t.dim() == 1 or name.endswith("_norm.weight"):  # norms around 1, biases around 0
                 t.add_(torch.randn(t.shape) * 0.1)
+            if arch in NORMS_PLUS_ONE and name.endswith("norm.weight"):  # so that (w + 1) - 1 is w
+                t.copy_(torch.round(t * 4096) / 4096)
+            if name.endswith(".A_log"):  # so that log(exp(a)) is a, as the file's -exp(a) is read back
+                for _ in range(4):
+                    t.copy_(torch.log(torch.exp(t)))
+                assert torch.equal(torch.log(torch.exp(t)), t)
     return model
 
 
@@ -90,6 +106,17 @@ def write_decoder(path: Path, like: Path, arch: str, model, *, types=lambda name
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         layer = name.split(".")[2] if name.startswith("model.layers.") else None
+        if arch == "llama4" and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            a = np.ascontiguousarray(a.swapaxes(-1, -2))  # Llama4Model.modify_tensors: (in, out) -> (out, in)
+        if name.endswith("in_proj_qkvz.weight"):
+            tensors += _qkv_and_gate(a, config, layer, kind)
+            continue
+        if arch in NORMS_PLUS_ONE and name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+            a = a + np.float32(1)
+        elif name.endswith(".A_log"):
+            a = (-torch.exp(torch.from_numpy(a))).numpy()  # in torch, as the converter computes it
+        elif "conv1d" in name:
+            a = np.ascontiguousarray(a.squeeze())
         if name.endswith(".experts.gate_up_proj"):  # stacked [E, 2I, H]: gate rows first
             gate, up = np.split(a, 2, axis=1)
             tensors += [(f"blk.{layer}.ffn_gate_exps.weight", gate, kind), (f"blk.{layer}.ffn_up_exps.weight", up, kind)]
@@ -106,15 +133,18 @@ def write_decoder(path: Path, like: Path, arch: str, model, *, types=lambda name
             a = np.ascontiguousarray(a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2)
                                      .reshape(a.shape))
         checkpoint = name.replace("e_score_correction_bias", "e_score_correction.bias")
-        for ours, theirs in CHECKPOINT_NAMES:
-            checkpoint = checkpoint.replace(ours, theirs)
         gguf_name = table.get_name(checkpoint, try_suffixes=(".weight", ".bias"))
+        for ours, theirs in CHECKPOINT_NAMES:
+            if gguf_name is None and ours in checkpoint:
+                gguf_name = table.get_name(checkpoint.replace(ours, theirs), try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, f"{arch}: no GGUF name for {name}"
         tensors.append((gguf_name, a, kind if a.ndim > 1 and not gguf_name.endswith("_norm.weight") else Q.F32))
     rope = dict(config.rope_parameters or {})
     if rope.get("rope_type") == "llama3":  # LlamaModel.generate_extra_tensors (and EXAONE 4's)
         tensors.append(("rope_freqs.weight", _llama3_factors(rope, hp.get("head_dim") or config.hidden_size
                                                               // config.num_attention_heads), Q.F32))
+    if arch == "llama4":  # Llama4Model.__init__: the dense MLP's width is the one TextModel writes
+        hp = {**hp, "intermediate_size": hp["intermediate_size_mlp"], "intermediate_size_moe": hp["intermediate_size"]}
     metadata = {**_text_model(hp, rope), **ARCH_KEYS.get(arch, _none)(hp)}
     if edit is not None:
         edit(tensors, metadata)
@@ -188,6 +218,34 @@ def _dots1(hp: dict) -> dict:
             "expert_gating_func": 2}
 
 
+def _qkv_and_gate(a: np.ndarray, config, layer: str, kind) -> list:
+    """Qwen3NextModel.modify_tensors' split of `in_proj_qkvz` (per key head [q, k, v, z]) into
+    `attn_qkv` (every q head, then k, then v) and `attn_gate` (z)."""
+    nk, hk, hv = config.linear_num_key_heads, config.linear_key_head_dim, config.linear_value_head_dim
+    r = config.linear_num_value_heads // nk
+    split = [hk, hk, r * hv, r * hv]
+    d = a.T.reshape(a.shape[1], nk, sum(split))
+    q, k, v, z = np.split(d, np.cumsum(split)[:-1], axis=-1)
+    qkv = np.concatenate([t.reshape(a.shape[1], -1) for t in (q, k, v)], axis=-1).T
+    return [(f"blk.{layer}.attn_qkv.weight", np.ascontiguousarray(qkv), kind),
+            (f"blk.{layer}.attn_gate.weight", np.ascontiguousarray(z.reshape(a.shape[1], -1).T), kind)]
+
+
+def _qwen3next(hp: dict) -> dict:
+    head_dim, rope = hp["head_dim"], hp["rope_parameters"]
+    return {"expert_feed_forward_length": hp["moe_intermediate_size"],
+            "expert_shared_feed_forward_length": hp["shared_expert_intermediate_size"],
+            "ssm.conv_kernel": hp["linear_conv_kernel_dim"], "ssm.state_size": hp["linear_key_head_dim"],
+            "ssm.group_count": hp["linear_num_key_heads"], "ssm.time_step_rank": hp["linear_num_value_heads"],
+            "ssm.inner_size": hp["linear_value_head_dim"] * hp["linear_num_value_heads"], "full_attention_interval": 4,
+            "rope.dimension_count": int(head_dim * rope.get("partial_rotary_factor", 0.25))}
+
+
+def _llama4(hp: dict) -> dict:
+    return {**_llama(hp), "interleave_moe_layer_step": hp["interleave_moe_layer_step"],
+            "expert_feed_forward_length": hp["intermediate_size_moe"]}
+
+
 ARCH_KEYS = {  # each converter class's set_gguf_parameters, beyond TextModel's
     "command-r": lambda hp: {"logit_scale": float(hp["logit_scale"]), "rope.scaling.type": "none"},
     "cohere2": lambda hp: {"logit_scale": float(hp["logit_scale"]), "attention.sliding_window": hp["sliding_window"],
@@ -197,7 +255,7 @@ ARCH_KEYS = {  # each converter class's set_gguf_parameters, beyond TextModel's
     "glm4": lambda hp: {"rope.dimension_count": int(hp["head_dim"] * hp["rope_parameters"].get("partial_rotary_factor", 0.5))},
     "granite": _granite, "granitemoe": lambda hp: {**_granite(hp),
                                                    "expert_shared_feed_forward_length": hp["shared_intermediate_size"]},
-    "smollm3": _llama, "arcee": _llama,
+    "smollm3": _llama, "arcee": _llama, "qwen3next": _qwen3next, "llama4": _llama4,
 }
 
 

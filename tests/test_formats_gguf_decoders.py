@@ -20,15 +20,19 @@ from reshard.format import read_manifest
 
 IDS = torch.tensor([[1, 504, 345, 282, 649, 314, 2, 77, 900]])
 ARCHS = ["command-r", "cohere2", "ernie4_5", "ernie4_5-moe", "hunyuan-moe", "hunyuan-dense", "seed_oss", "exaone4",
-         "glm4", "granite", "granitemoe", "smollm3", "arcee", "olmo2", "olmoe", "dots1"]
+         "glm4", "granite", "granitemoe", "smollm3", "arcee", "olmo2", "olmoe", "dots1", "qwen3next", "llama4"]
 MODEL_CLASSES = {"command-r": "CohereForCausalLM", "granitemoe": "GraniteMoeSharedForCausalLM",
                  "exaone4": "Exaone4ForCausalLM", "arcee": "ArceeForCausalLM"}
 
 
 def q8_0(name: str):
-    """Q8_0 for the matrices (experts, embeddings and head among them), F32 for norms, biases and routers."""
+    """Q8_0 for the matrices (experts, embeddings and head among them), F32 for norms, biases and routers
+    (and for Llama 4's experts, which transformers holds as (in, out) matrices)."""
+    if "feed_forward.experts." in name:
+        return None
     return Q.Q8_0 if name.endswith(("_proj.weight", "gate_up_proj", "down_proj", "embed_tokens.weight",
-                                    "lm_head.weight", "input_linear.weight")) else None
+                                    "lm_head.weight", "input_linear.weight", "in_proj_qkvz.weight", "in_proj_ba.weight")) \
+        else None
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +66,22 @@ def test_logits_and_tokens_equal_the_model_the_file_was_written_from(converted, 
             assert torch.equal(lm.generate(IDS, max_new_tokens=4, do_sample=False), want_tokens), placement
 
 
-@pytest.mark.parametrize("arch", ["granite", "granitemoe", "dots1"])
+KEPT = {  # arch -> parameters of layer 1 whose Q8_0 rows stay int8 blocks
+    "granite": ["self_attn.q_proj.weight", "self_attn.k_proj.weight"],  # rows permuted back
+    "granitemoe": ["self_attn.q_proj.weight", "block_sparse_moe.experts.gate_up_proj", "shared_mlp.input_linear.weight"],
+    "dots1": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    "qwen3next": ["linear_attn.in_proj_qkvz.weight", "mlp.experts.gate_up_proj"],  # rows regrouped per key head
+}
+
+
+@pytest.mark.parametrize("arch", list(KEPT))
 def test_q8_0_blocks_stay_blocks(converted, arch):
-    """Q8_0 rows stay int8 blocks, permuted q/k rows (Granite's) and stacked experts alike."""
+    """Q8_0 rows stay int8 blocks where the mapping only moves whole rows: permuted q/k rows, stacked
+    experts, joined gate and up, Qwen3-Next's regrouped q/k/v/z."""
     _, folder = converted(arch)
     layer = read_manifest(folder).group("layers.1")
     schemes = {k: v["scheme"] for k, v in layer.quantized.items()}
-    assert schemes["model.layers.1.self_attn.q_proj.weight"] == "int8"
-    assert schemes["model.layers.1.self_attn.k_proj.weight"] == "int8"
-    if arch != "granite":
-        experts = next(k for k in schemes if k.endswith("experts.gate_up_proj"))
-        assert schemes[experts] == "int8"
-
+    assert {p: schemes.get(f"model.layers.1.{p}") for p in KEPT[arch]} == dict.fromkeys(KEPT[arch], "int8")
 
 def _set(**keys):
     """An edit setting metadata `keys` (dots written as __)."""
