@@ -78,7 +78,8 @@ class _Dims:
     def __init__(self, config):
         c = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.hidden = _first(c, "hidden_size", "n_embd", "d_model")
-        self.heads = _first(c, "num_attention_heads", "n_head")
+        # an attention-free model (Mamba 2) has no attention heads: its SSM heads stand in (an estimate)
+        self.heads = _first(c, "num_attention_heads", "n_head", "num_heads", default=None) or 1
         self.kv_heads = _first(c, "num_key_value_heads", "multi_query_group_num", default=self.heads) or self.heads
         self.head_dim = _first(c, "head_dim", default=self.hidden // self.heads) or self.hidden // self.heads
         self.layers = _first(c, "num_hidden_layers", "n_layer")
