@@ -12,7 +12,6 @@ file's size, and the tensors equal what `from_pretrained(..., gguf_file=...)` lo
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,9 +25,8 @@ from .ggml_iquants import require_gguf
 from .ggml_quants import scheme_for
 from .gguf_conversions import ConversionMap, newer_path
 from .gguf_tables import TableMap, config_from_metadata, mapped_here, metadata_fields, split_pre_tokens
-from .source import Source
+from .source import GGUF_SPLIT_NAME, Source
 
-SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 CHUNK_ELEMENTS = 1 << 22  # de-quantize in row blocks of about this many values (bounds gguf's temporaries)
 HALF_TYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
 TIED_ANYWAY = ("falcon", "bloom")  # transformers' exceptions to "no output.weight means tied"
@@ -36,7 +34,7 @@ TIED_ANYWAY = ("falcon", "bloom")  # transformers' exceptions to "no output.weig
 
 def split_files(path: Path) -> list[Path]:
     """All files of a split GGUF given any of them (in order), or `[path]` for a single file."""
-    m = SPLIT_NAME.match(path.name)
+    m = GGUF_SPLIT_NAME.match(path.name)
     if m is None:
         return [path]
     count = int(m["count"])

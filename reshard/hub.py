@@ -26,7 +26,7 @@ import huggingface_hub
 from huggingface_hub import constants as hub_constants, errors as hub_errors
 
 from .errors import HubUnreachableError, SourceError
-from .source import SIDE_FILES
+from .source import GGUF_SPLIT_NAME, SIDE_FILES
 
 PARALLEL_DOWNLOADS = 8  # weight files fetched at once (huggingface_hub's snapshot_download default)
 WEIGHT_PATTERNS = {
@@ -36,7 +36,6 @@ WEIGHT_PATTERNS = {
 
 
 TAGGED = re.compile(r"^(?P<repo>[^:]+):(?P<tag>[\w.-]+)$")  # REPO:TAG, a GGUF repo's quantization
-GGUF_PART = re.compile(r"-\d{5}-of-\d{5}\.gguf$")  # a split GGUF's part suffix
 
 
 def split_tag(source: str) -> tuple[str, str | None]:
@@ -57,7 +56,8 @@ def gguf_models(repo_files: list[str]) -> dict[str, list[str]]:
     models: dict[str, list[str]] = {}
     for f in sorted(repo_files):
         if f.endswith(".gguf") and "mmproj" not in f.rsplit("/", 1)[-1].lower():
-            models.setdefault(GGUF_PART.sub("", f).removesuffix(".gguf"), []).append(f)
+            part = GGUF_SPLIT_NAME.match(f)
+            models.setdefault(part["stem"] if part else f.removesuffix(".gguf"), []).append(f)
     return models
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -18,6 +19,8 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
 SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+# a part of a split GGUF (llama.cpp's gguf-split names): "Model-Q4_K_M-00002-of-00005.gguf"
+GGUF_SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
 class Source:
