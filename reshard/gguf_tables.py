@@ -49,7 +49,7 @@ PRE_TOKENIZER_SPLITS = {
     "glm4": (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
     # digits one by one, then GPT-2's splits
-    **dict.fromkeys(("command-r", "smollm", "exaone"), (r"\p{N}", _GPT2)),
+    **dict.fromkeys(("command-r", "smollm", "exaone", "refact", "starcoder", "codeshell"), (r"\p{N}", _GPT2)),
     # Qwen2's splits, digits one by one
     **dict.fromkeys(("hunyuan", "grok-2", "seed-coder"), (
         r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
