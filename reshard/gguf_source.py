@@ -63,6 +63,7 @@ class GGUFSource(Source):
         # once transformers' newer path takes it, its rules are the reference again
         own = mapped_here(self.architecture) and not self._newer
         self._fields = metadata_fields(readers[0]) if own else None
+        self._splits = tuple(_text_field(readers[0], f"tokenizer.ggml.{k}") for k in ("model", "pre"))
         # Only the tensor tables are needed from here on: the metadata (a vocabulary is
         # hundreds of thousands of small arrays) is what transformers reads, from the file.
         self._tensors = [list(r.tensors) for r in readers]
@@ -88,12 +89,12 @@ class GGUFSource(Source):
         try:  # the newer path's architectures have no legacy metadata (nor need it)
             if self._fields is not None:  # the tokenizer alone, whatever the architecture
                 metadata, tokenizer = None, PreTrainedTokenizerFast.from_pretrained(first.parent, gguf_file=first.name)
-                if self._fields.get("tokenizer.ggml.model") == "gpt2":
-                    split_pre_tokens(tokenizer, self._fields.get("tokenizer.ggml.pre"))
             else:
                 metadata = None if self._newer else load_gguf_checkpoint(str(first), return_tensors=False)
                 config = AutoConfig.from_pretrained(first.parent, gguf_file=first.name)
                 tokenizer = AutoTokenizer.from_pretrained(first.parent, gguf_file=first.name)
+            if self._splits[0] == "gpt2":  # byte-level BPE: split text as llama.cpp does for the file's `pre`
+                split_pre_tokens(tokenizer, self._splits[1])
         except Exception as e:  # transformers raises many kinds here; say which file and why
             raise SourceError(f"{first}: transformers cannot read this GGUF file ({str(e).splitlines()[0]})") from None
         if getattr(config, "dtype", None) is None and (half := self._half_type()) is not None:
@@ -311,6 +312,11 @@ class GGUFSource(Source):
     def close(self):
         self._tensors = []
         shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _text_field(reader, key: str) -> str | None:
+    field = reader.fields.get(key)
+    return field.contents() if field is not None else None
 
 
 def _architecture(reader) -> str:

@@ -59,6 +59,17 @@ def test_gguf_tensors_and_logits_equal_transformers(small_gguf_converted, small_
         assert torch.equal(model(ids).logits, want_logits)
 
 
+
+def test_tokenizer_splits_digits_as_smollm2s_own(small_gguf_converted, small_gguf):
+    """SmolLM2's file says `tokenizer.ggml.pre = smollm`, which transformers' GGUF tokenizer builder
+    does not know (it keeps GPT-2's splits: "12345" one piece); the folder's tokenizer splits digits
+    one by one, as SmolLM2's own tokenizer (its `Digits` pre-tokenizer) and llama.cpp do."""
+    from transformers import AutoTokenizer
+
+    builder = AutoTokenizer.from_pretrained(small_gguf.parent, gguf_file=small_gguf.name)
+    assert AutoTokenizer.from_pretrained(small_gguf_converted).tokenize("Price: 12345")[-5:] == ["1", "2", "3", "4", "5"]
+    assert builder.backend_tokenizer.pre_tokenizer.pre_tokenize_str(" 12345")[0][0] == "Ġ12345"
+
 def test_split_gguf_converts_like_the_single_file(tmp_path, small_gguf, small_gguf_converted):
     parts = write_split(small_gguf, tmp_path / "smol.gguf", parts=3)
     assert [p.name for p in parts] == [f"smol-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
