@@ -22,7 +22,7 @@ from .errors import SourceError
 from .gguf_configs import Keys, granite_scales
 
 # architectures whose q and k rows llama.cpp's converter permutes (its LlamaModel's `undo_permute`)
-PERMUTED_QK = frozenset({"granite", "granitemoe", "smollm3", "arcee"})
+PERMUTED_QK = frozenset({"granite", "granitemoe", "smollm3", "arcee", "granitehybrid", "nemotron_h", "nemotron_h_moe"})
 
 
 def biases(names) -> dict:
@@ -96,9 +96,6 @@ def glm4(keys: Keys, names):
 def granite(keys: Keys, names):
     from transformers import GraniteConfig
 
-    if keys.fields.get("granite.ssm.state_size") is not None:
-        raise SourceError(f"{keys.path} is a granite GGUF made from a Granite 4 hybrid, which reshard cannot read "
-                          f"yet; convert the model's safetensors checkpoint instead")
     return GraniteConfig(**keys.common(names), **keys.attention(), **granite_scales(keys), **biases(names),
                          architectures=["GraniteForCausalLM"])
 

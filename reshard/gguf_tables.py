@@ -37,6 +37,7 @@ import torch
 
 from . import gguf_configs
 from . import gguf_dense_configs as dense
+from . import gguf_ssm_configs as ssm
 from .errors import SourceError
 
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -64,11 +65,14 @@ CONFIGS = {  # GGUF architecture -> its config from the file's metadata
     "hunyuan-dense": dense.hunyuan_dense, "seed_oss": dense.seed_oss, "exaone4": dense.exaone4, "glm4": dense.glm4,
     "granite": dense.granite, "smollm3": dense.smollm3, "arcee": dense.arcee, "olmo2": dense.olmo2,
     "qwen3next": gguf_configs.qwen3next, "llama4": gguf_configs.llama4,
+    "mamba2": ssm.mamba2, "granitehybrid": ssm.granite_hybrid, "nemotron_h": ssm.nemotron_h,
+    "nemotron_h_moe": ssm.nemotron_h, "jamba": ssm.jamba,
 }
 # transformers' parameter names -> the names in the checkpoints llama.cpp's converter read, where they differ
 CHECKPOINT_NAMES = ((".router.weight", ".router.layer.weight"),  # granitemoe
                     (".gate.moe_statics.", ".moe_statics."),  # ernie4_5-moe
-                    (".dt_bias", ".dt_proj.bias"))  # qwen3next
+                    (".dt_bias", ".dt_proj.bias"),  # qwen3next, the Mamba 2 hybrids
+                    ("model.", "backbone."))  # nemotron_h
 NORMS_PLUS_ONE = frozenset({"qwen3next"})  # architectures whose norms llama.cpp stores as w + 1
 DERIVED = ("rope_freqs.weight",)  # tensors the converter writes from the config (read back into it)
 
@@ -80,7 +84,10 @@ def mapped_here(architecture: str) -> bool:
 def config_from_metadata(architecture: str, fields: dict, tensor_names, path, read=None):
     """The transformers config of a GGUF of `architecture` with key-value `fields` {key: value};
     `read(name)` gives a tensor's float32 values (a `rope_freqs` the config is made from)."""
-    return CONFIGS[architecture](gguf_configs.Keys(architecture, fields, path, tensor_names, read), tensor_names)
+    build = CONFIGS[architecture]
+    if architecture in ("granite", "granitemoe") and f"{architecture}.ssm.inner_size" in fields:
+        build = ssm.granite_hybrid  # written from an all-attention Granite 4 hybrid (Granite-4.0-micro)
+    return build(gguf_configs.Keys(architecture, fields, path, tensor_names, read), tensor_names)
 
 
 def split_pre_tokens(tokenizer, pre: str | None) -> None:
@@ -121,7 +128,7 @@ class TableMap:
 
         config = model.config
         self.arch, self.config = architecture, config
-        self.heads, self.kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+        self.heads, self.kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
         self.nope = getattr(config, "qk_nope_head_dim", None)
         arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == architecture)
         layers = config.num_hidden_layers
@@ -162,6 +169,8 @@ class TableMap:
                 return [f"blk.{layer}.ffn_gate_up_exps.weight"]
             self.kinds[param] = "inward experts" if inward else "experts"
             return [f"blk.{layer}.ffn_gate_exps.weight", f"blk.{layer}.ffn_up_exps.weight"]
+        if param.endswith(".experts.up_proj"):  # experts without a gate (Nemotron-H's squared ReLU)
+            return [f"blk.{layer}.ffn_up_exps.weight"]
         if param.endswith(".experts.down_proj"):
             if inward:
                 self.kinds[param] = "inward"
@@ -173,9 +182,12 @@ class TableMap:
             self.kinds[param] = "log -x"  # stored as -exp(A_log)
         elif self.arch in NORMS_PLUS_ONE and param.endswith("norm.weight") and not param.endswith("linear_attn.norm.weight"):
             self.kinds[param] = "minus one"  # stored as w + 1 (the model computes x * (1 + w))
-        if param.endswith("shared_mlp.input_linear.weight"):  # granitemoe's shared experts, gate rows first
+        if param.endswith("shared_mlp.input_linear.weight"):  # Granite's shared MLP, gate rows first
             self.kinds[param] = "joined"
-            return [f"blk.{layer}.ffn_gate_shexp.weight", f"blk.{layer}.ffn_up_shexp.weight"]
+            shared = "_shexp" if f"blk.{layer}.ffn_gate_shexp.weight" in self.present else ""  # no experts: the MLP
+            return [f"blk.{layer}.ffn_gate{shared}.weight", f"blk.{layer}.ffn_up{shared}.weight"]
+        if param.endswith("shared_mlp.output_linear.weight") and f"blk.{layer}.ffn_down_shexp.weight" not in self.present:
+            return [f"blk.{layer}.ffn_down.weight"]
         if param.endswith(".e_score_correction_bias"):
             return [(self._name(param[:-len("_bias")]) or param) + ".bias"]
         if param.endswith("kv_b_proj.weight") and table.get_name(base) + ".weight" not in self.present:
@@ -183,8 +195,7 @@ class TableMap:
             return [table.get_name(base.replace("kv_b_proj", name)) + ".weight" for name in ("k_b_proj", "v_b_proj")]
         if param.endswith(".sinks"):
             return [table.get_name(param) + ".weight"]
-        if self.permuted and param.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias",
-                                             "self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+        if self.permuted and param.endswith((".q_proj.weight", ".q_proj.bias", ".k_proj.weight", ".k_proj.bias")):
             self.kinds[param] = "q" if ".q_proj." in param else "k"
         return [table.get_name(param, try_suffixes=(".weight", ".bias")) or self._name(param) or param]
 
@@ -199,11 +210,14 @@ class TableMap:
         return torch.cat(parts, dim=1).reshape(-1, *width)
 
     def _name(self, param: str) -> str | None:
-        """`param`'s GGUF name under the checkpoint name the converter read (CHECKPOINT_NAMES)."""
+        """`param`'s GGUF name, or under the checkpoint name the converter read (CHECKPOINT_NAMES's
+        renamings applied one after another)."""
+        found = self.table.get_name(param, try_suffixes=(".weight", ".bias"))
         for ours, theirs in CHECKPOINT_NAMES:
-            if ours in param:
-                return self.table.get_name(param.replace(ours, theirs), try_suffixes=(".weight", ".bias"))
-        return self.table.get_name(param, try_suffixes=(".weight", ".bias"))
+            if found is None and ours in param:
+                param = param.replace(ours, theirs)
+                found = self.table.get_name(param, try_suffixes=(".weight", ".bias"))
+        return found
 
     def transposed(self, key: str) -> bool:
         """Whether transformers holds parameter `key` as (in, out) matrices: `make(..., stored=True)`
@@ -242,13 +256,28 @@ class TableMap:
             return value.reshape(heads, value.shape[0] // heads // 2, 2, *value.shape[1:]).transpose(1, 2) \
                 .reshape(value.shape)
         if kind == "minus one":
-            return value - 1
-        if kind == "log -x":
-            return torch.log(-value)
+            value = value - 1
+        elif kind == "log -x":
+            value = a_log(value)
         shape = self.shapes.get(key)
         if not stored and shape is not None and value.shape != shape and value.numel() == _numel(shape):
             return value.reshape(shape)  # a vector kept as (1, E) or (E,)
         return value
+
+
+def a_log(a: torch.Tensor) -> torch.Tensor:
+    """`A_log` from llama.cpp's `ssm_a` = -exp(A_log) (float32): the value whose -exp is `a` exactly, so
+    the model's A is the file's. float32 exp maps several values below 1 in size to one: where log(-a)
+    is not one of them, the next floats are tried (exp is monotone)."""
+    a = a.float()
+    out = torch.log(-a)
+    for _ in range(16):
+        made = -torch.exp(out)
+        if torch.equal(made, a):
+            break
+        out = torch.where(made > a, torch.nextafter(out, torch.full_like(out, float("inf"))),
+                          torch.where(made < a, torch.nextafter(out, torch.full_like(out, float("-inf"))), out))
+    return out
 
 
 def _numel(shape) -> int:

@@ -19,12 +19,14 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q, MODEL_ARCH_NAMES, get_tensor_name_map
 
+from gguf_ssm_files import MAMBA2_LIKE, WRITTEN_AS, groups_of, ssm_config, ssm_keys
 from gguf_table_files import random_model, write_file
 
-PERMUTED = {"granite", "granitemoe", "smollm3", "arcee"}  # LlamaModel subclasses with undo_permute
+PERMUTED = {"granite", "granitemoe", "smollm3", "arcee", "granitehybrid", "nemotron_h", "nemotron_h_moe"}  # undo_permute
 NORMS_PLUS_ONE = {"qwen3next"}  # Qwen3NextModel.modify_tensors: norm weights (but the gated one's) + 1
 CHECKPOINT_NAMES = ((".router.weight", ".router.layer.weight"), (".gate.moe_statics.", ".moe_statics."),
-                    (".dt_bias", ".dt_proj.bias"))  # transformers' names -> the checkpoints' (where the table lacks ours)
+                    (".dt_bias", ".dt_proj.bias"), ("model.", "backbone."))  # ours -> the checkpoints (table lacks ours)
+SSM = {"mamba2", "granitehybrid", "granite-micro", "nemotron_h", "nemotron_h_moe", "jamba"}  # tests/gguf_ssm_files.py
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256, pad_token_id=None, bos_token_id=1, eos_token_id=2)
 SCALES = dict(attention_multiplier=0.1, embedding_multiplier=6.0, residual_multiplier=0.5, logits_scaling=4.0)
@@ -34,6 +36,8 @@ def decoder_config(arch: str, vocab: int):
     """A small transformers config of GGUF architecture `arch`, its options the published models use."""
     import transformers as tf
 
+    if arch in SSM:
+        return ssm_config(arch, vocab)
     small = {**SMALL, "vocab_size": vocab}
     moe = dict(intermediate_size=32, num_hidden_layers=2)
     llama3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 16.0, "low_freq_factor": 1.0,
@@ -91,21 +95,25 @@ def decoder_model(arch: str, vocab: int, types=lambda name: None, seed: int = 0)
                 for _ in range(4):
                     t.copy_(torch.log(torch.exp(t)))
                 assert torch.equal(torch.log(torch.exp(t)), t)
+    if arch == "jamba":  # transformers' Jamba scan rounds differently (1e-7) while its parameters require grad,
+        model.requires_grad_(False)  # even under no_grad; the runtime's never do (an inference-only model)
     return model
 
 
 def write_decoder(path: Path, like: Path, arch: str, model, *, types=lambda name: None, edit=None) -> None:
     """`model` as llama.cpp writes a GGUF of `arch`; each weight in the type `types(name)` gives, the rest F32;
     `edit(tensors, metadata)`, where given, changes what is written first (a damaged file)."""
+    model_id, arch = arch, WRITTEN_AS.get(arch, arch)
     config = model.config
     hp = config.to_dict()
-    table = get_tensor_name_map(next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch), config.num_hidden_layers)
+    layers = getattr(config, "num_hidden_layers", None) or len(config.layers_block_type)
+    table = get_tensor_name_map(next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch), layers)
     tensors = []
     for name, t in model.state_dict().items():
         a, kind = t.float().numpy(), types(name) or Q.F32
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        layer = name.split(".")[2] if name.startswith("model.layers.") else None
+        layer = next((p for b, p in zip(name.split("."), name.split(".")[1:]) if b == "layers" and p.isdigit()), None)
         if arch == "llama4" and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             a = np.ascontiguousarray(a.swapaxes(-1, -2))  # Llama4Model.modify_tensors: (in, out) -> (out, in)
         if name.endswith("in_proj_qkvz.weight"):
@@ -117,16 +125,24 @@ def write_decoder(path: Path, like: Path, arch: str, model, *, types=lambda name
             a = (-torch.exp(torch.from_numpy(a))).numpy()  # in torch, as the converter computes it
         elif "conv1d" in name:
             a = np.ascontiguousarray(a.squeeze())
+        if arch in MAMBA2_LIKE and name.endswith((".A_log", ".D")):  # Mamba2Model.modify_tensors: (H,) -> (H, 1)
+            a = a.reshape(-1, 1)
+        elif arch in MAMBA2_LIKE and name.endswith(("mixer.norm.weight", "mamba.norm.weight")):
+            a = a.reshape(groups_of(config), -1)  # the gated norm, per group
         if name.endswith(".experts.gate_up_proj"):  # stacked [E, 2I, H]: gate rows first
             gate, up = np.split(a, 2, axis=1)
             tensors += [(f"blk.{layer}.ffn_gate_exps.weight", gate, kind), (f"blk.{layer}.ffn_up_exps.weight", up, kind)]
             continue
-        if name.endswith(".experts.down_proj"):
-            tensors.append((f"blk.{layer}.ffn_down_exps.weight", a, kind))
+        if name.endswith((".experts.down_proj", ".experts.up_proj")):
+            tensors.append((f"blk.{layer}.ffn_{name.rsplit('.', 1)[1][:-5]}_exps.weight", a, kind))
             continue
+        shared = "_shexp" if getattr(config, "num_local_experts", 1) else ""  # GraniteMoeModel: no experts, the MLP
         if name.endswith("shared_mlp.input_linear.weight"):  # GraniteMoeModel.modify_tensors' split
             gate, up = np.split(a, 2, axis=0)
-            tensors += [(f"blk.{layer}.ffn_gate_shexp.weight", gate, kind), (f"blk.{layer}.ffn_up_shexp.weight", up, kind)]
+            tensors += [(f"blk.{layer}.ffn_gate{shared}.weight", gate, kind), (f"blk.{layer}.ffn_up{shared}.weight", up, kind)]
+            continue
+        if name.endswith("shared_mlp.output_linear.weight"):
+            tensors.append((f"blk.{layer}.ffn_down{shared}.weight", a, kind))
             continue
         if arch in PERMUTED and (".q_proj." in name or ".k_proj." in name):
             heads = config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads
@@ -134,18 +150,19 @@ def write_decoder(path: Path, like: Path, arch: str, model, *, types=lambda name
                                      .reshape(a.shape))
         checkpoint = name.replace("e_score_correction_bias", "e_score_correction.bias")
         gguf_name = table.get_name(checkpoint, try_suffixes=(".weight", ".bias"))
-        for ours, theirs in CHECKPOINT_NAMES:
+        for ours, theirs in CHECKPOINT_NAMES:  # one renaming after another, until the table knows the name
             if gguf_name is None and ours in checkpoint:
-                gguf_name = table.get_name(checkpoint.replace(ours, theirs), try_suffixes=(".weight", ".bias"))
+                checkpoint = checkpoint.replace(ours, theirs)
+                gguf_name = table.get_name(checkpoint, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, f"{arch}: no GGUF name for {name}"
         tensors.append((gguf_name, a, kind if a.ndim > 1 and not gguf_name.endswith("_norm.weight") else Q.F32))
-    rope = dict(config.rope_parameters or {})
+    rope = dict(getattr(config, "rope_parameters", None) or {})
     if rope.get("rope_type") == "llama3":  # LlamaModel.generate_extra_tensors (and EXAONE 4's)
         tensors.append(("rope_freqs.weight", _llama3_factors(rope, hp.get("head_dim") or config.hidden_size
                                                               // config.num_attention_heads), Q.F32))
     if arch == "llama4":  # Llama4Model.__init__: the dense MLP's width is the one TextModel writes
         hp = {**hp, "intermediate_size": hp["intermediate_size_mlp"], "intermediate_size_moe": hp["intermediate_size"]}
-    metadata = {**_text_model(hp, rope), **ARCH_KEYS.get(arch, _none)(hp)}
+    metadata = ssm_keys(arch, model) if model_id in SSM else {**_text_model(hp, rope), **ARCH_KEYS.get(arch, _none)(hp)}
     if edit is not None:
         edit(tensors, metadata)
     write_file(path, like, arch, config.vocab_size, tensors, metadata)

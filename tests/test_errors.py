@@ -85,8 +85,9 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "{} is a cohere2 GGUF whose rotary embedding covers part of each head, which transformers' Cohere2 model does "
     "not; convert the model's safetensors checkpoint instead":
         ("test_formats_gguf_decoders.py::test_a_file_transformers_cannot_hold_is_one_line",),
-    "{} is a granite GGUF made from a Granite 4 hybrid, which reshard cannot read yet; convert the model's "
-    "safetensors checkpoint instead": ("test_formats_gguf_decoders.py::test_a_file_transformers_cannot_hold_is_one_line",),
+    "{} is a jamba GGUF whose layers {} do not repeat with one period, as transformers' Jamba places them; convert "
+    "the model's safetensors checkpoint instead":
+        ("test_formats_gguf_decoders.py::test_a_file_transformers_cannot_hold_is_one_line",),
     "{} is an olmo2 GGUF with sliding-window layers (OLMo 3), which reshard cannot read yet; convert the model's "
     "safetensors checkpoint instead": ("test_formats_gguf_decoders.py::test_a_file_transformers_cannot_hold_is_one_line",),
     "{} is a {} GGUF without {}.{}; download it again":

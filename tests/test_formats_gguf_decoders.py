@@ -1,7 +1,8 @@
 """GGUF files of decoders transformers' GGUF loader does not read convert by reshard's own mapping
 (reshard/gguf_tables.py, configs in reshard/gguf_configs.py and reshard/gguf_dense_configs.py): Command-R,
 Cohere2, ERNIE 4.5 (dense and MoE), HunYuan (dense and MoE), Seed-OSS, EXAONE 4, GLM-4, Granite (dense and
-MoE with shared experts), SmolLM3, AFM (Arcee), OLMo 2, OLMoE and dots.llm1. Each file is written from a
+MoE with shared experts), SmolLM3, AFM (Arcee), OLMo 2, OLMoE, dots.llm1, Qwen3-Next, Llama 4, and the
+state-space and hybrid Mamba 2, Granite 4.0-H, Nemotron-H (dense and MoE) and Jamba. Each file is written from a
 transformers model as llama.cpp's converter writes it (tests/gguf_decoder_files.py), its matrices Q8_0
 (the model rounded to Q8_0 first); the runtime equals that model: logits bit-identical in float32,
 streamed and resident, and the same greedy tokens; the Q8_0 blocks stay blocks."""
@@ -20,7 +21,8 @@ from reshard.format import read_manifest
 
 IDS = torch.tensor([[1, 504, 345, 282, 649, 314, 2, 77, 900]])
 ARCHS = ["command-r", "cohere2", "ernie4_5", "ernie4_5-moe", "hunyuan-moe", "hunyuan-dense", "seed_oss", "exaone4",
-         "glm4", "granite", "granitemoe", "smollm3", "arcee", "olmo2", "olmoe", "dots1", "qwen3next", "llama4"]
+         "glm4", "granite", "granitemoe", "smollm3", "arcee", "olmo2", "olmoe", "dots1", "qwen3next", "llama4",
+         "mamba2", "granitehybrid", "granite-micro", "nemotron_h", "nemotron_h_moe", "jamba"]
 MODEL_CLASSES = {"command-r": "CohereForCausalLM", "granitemoe": "GraniteMoeSharedForCausalLM",
                  "exaone4": "Exaone4ForCausalLM", "arcee": "ArceeForCausalLM"}
 
@@ -28,9 +30,9 @@ MODEL_CLASSES = {"command-r": "CohereForCausalLM", "granitemoe": "GraniteMoeShar
 def q8_0(name: str):
     """Q8_0 for the matrices (experts, embeddings and head among them), F32 for norms, biases and routers
     (and for Llama 4's experts, which transformers holds as (in, out) matrices)."""
-    if "feed_forward.experts." in name:
+    if "feed_forward.experts." in name or name.endswith("dt_proj.weight"):  # (in, out); Jamba's dt rank of 4
         return None
-    return Q.Q8_0 if name.endswith(("_proj.weight", "gate_up_proj", "down_proj", "embed_tokens.weight",
+    return Q.Q8_0 if name.endswith(("_proj.weight", "gate_up_proj", "experts.up_proj", "down_proj", "embed_tokens.weight",
                                     "lm_head.weight", "input_linear.weight", "in_proj_qkvz.weight", "in_proj_ba.weight")) \
         else None
 
@@ -71,6 +73,8 @@ KEPT = {  # arch -> parameters of layer 1 whose Q8_0 rows stay int8 blocks
     "granitemoe": ["self_attn.q_proj.weight", "block_sparse_moe.experts.gate_up_proj", "shared_mlp.input_linear.weight"],
     "dots1": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
     "qwen3next": ["linear_attn.in_proj_qkvz.weight", "mlp.experts.gate_up_proj"],  # rows regrouped per key head
+    "granitehybrid": ["mamba.in_proj.weight", "block_sparse_moe.experts.gate_up_proj"],
+    "nemotron_h_moe": ["mixer.experts.up_proj", "mixer.experts.down_proj"],  # experts without a gate
 }
 
 
@@ -97,8 +101,8 @@ def _scale_rope_freqs(tensors, metadata):
 REFUSED = {  # arch, what the file has -> the line after "Error: {path} "
     ("cohere2", _set(rope__dimension_count=8)): "is a cohere2 GGUF whose rotary embedding covers part of each head, "
     "which transformers' Cohere2 model does not; convert the model's safetensors checkpoint instead",
-    ("granite", _set(ssm__state_size=16)): "is a granite GGUF made from a Granite 4 hybrid, which reshard cannot read "
-    "yet; convert the model's safetensors checkpoint instead",
+    ("jamba", _set(attention__head_count_kv=[0, 2, 2, 0])): "is a jamba GGUF whose layers [1, 2] do not repeat with "
+    "one period, as transformers' Jamba places them; convert the model's safetensors checkpoint instead",
     ("olmo2", _set(attention__sliding_window=4)): "is an olmo2 GGUF with sliding-window layers (OLMo 3), which reshard "
     "cannot read yet; convert the model's safetensors checkpoint instead",
     ("hunyuan-moe", _set(expert_feed_forward_length=16)): "is a hunyuan-moe GGUF with experts 16 wide and 1 shared "
