@@ -13,7 +13,9 @@ defaults, which are the values the converter's source configs had.
 - `granite` (Granite 3.x), `smollm3`, `arcee` (AFM): LLaMA-style files (q/k rows permuted, undone in
   reshard/gguf_tables.py); Granite's four multipliers; SmolLM3's rotary-free layers every 4th, as
   transformers' default has them.
-- `olmo2` (OLMo 2): post-norm layers, q/k norms over the whole projection.
+- `olmo2` (OLMo 2, and OLMo 3 with its sliding-window layers): post-norm layers, q/k norms over the
+  whole projection.
+- `mistral3` (Ministral 3; the text model of Mistral Small 3.x, Magistral, Devstral): LLaMA-style.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from .errors import SourceError
 from .gguf_configs import Keys, granite_scales
 
 # architectures whose q and k rows llama.cpp's converter permutes (its LlamaModel's `undo_permute`)
-PERMUTED_QK = frozenset({"granite", "granitemoe", "smollm3", "arcee", "granitehybrid", "nemotron_h", "nemotron_h_moe"})
+PERMUTED_QK = frozenset({"granite", "granitemoe", "smollm3", "arcee", "granitehybrid", "nemotron_h", "nemotron_h_moe",
+                         "mistral3"})
 
 
 def biases(names) -> dict:
@@ -113,10 +116,38 @@ def arcee(keys: Keys, names):
 
 
 def olmo2(keys: Keys, names):
-    from transformers import Olmo2Config
+    """`Olmo2Config`, or `Olmo3Config` where the file has sliding-window layers (OLMo 3 is written as
+    `olmo2` too): the window, each layer's kind, and the sliding layers' own rotary base."""
+    from transformers import Olmo2Config, Olmo3Config
 
-    if keys.fields.get("olmo2.attention.sliding_window") is not None:
-        raise SourceError(f"{keys.path} is an olmo2 GGUF with sliding-window layers (OLMo 3), which reshard cannot "
-                          f"read yet; convert the model's safetensors checkpoint instead")
-    return Olmo2Config(**keys.common(names), **keys.attention(), attention_bias="blk.0.attn_q.bias" in names,
-                       architectures=["Olmo2ForCausalLM"])
+    common, attention = keys.common(names), keys.attention()
+    window = keys.fields.get("olmo2.attention.sliding_window")
+    if window is None:
+        return Olmo2Config(**common, **attention, attention_bias="blk.0.attn_q.bias" in names,
+                           architectures=["Olmo2ForCausalLM"])
+    full = attention.pop("rope_parameters")
+    local = {"rope_type": "default", "rope_theta": float(keys("rope.freq_base_swa", full["rope_theta"]))}
+    pattern = keys("attention.sliding_window_pattern")
+    return Olmo3Config(**common, **attention, attention_bias="blk.0.attn_q.bias" in names, sliding_window=window,
+                       layer_types=["sliding_attention" if s else "full_attention" for s in pattern],
+                       rope_parameters={"full_attention": full, "sliding_attention": local},
+                       architectures=["Olmo3ForCausalLM"])
+
+
+def mistral3(keys: Keys, names):
+    """`Ministral3Config` (Ministral 3: YaRN with its attention scale, Llama 4's temperature scaling of
+    queries) where the file has `attention.temperature_scale`, else `MistralConfig` (the text model of
+    Mistral Small 3.x, Magistral, Devstral, which llama.cpp writes as `mistral3` with no YaRN keys).
+    llama.cpp writes Ministral 3's `mscale_all_dim` as `yarn_log_multiplier` as it is (DeepSeek's is
+    scaled by 0.1) and no `mscale`, which Ministral 3 publishes equal to it."""
+    from transformers import Ministral3Config, MistralConfig
+
+    common, attention = keys.common(names), keys.attention()
+    rope, beta = attention["rope_parameters"], keys.fields.get("mistral3.attention.temperature_scale")
+    if beta is None:
+        return MistralConfig(**common, **attention, sliding_window=None, architectures=["MistralForCausalLM"])
+    if rope["rope_type"] == "yarn":
+        scale = keys.fields.get("mistral3.rope.scaling.yarn_log_multiplier")
+        rope.update({"mscale": scale, "mscale_all_dim": scale} if scale is not None else {})
+    rope["llama_4_scaling_beta"] = float(beta)
+    return Ministral3Config(**common, **attention, architectures=["Ministral3ForCausalLM"])

@@ -64,6 +64,7 @@ CONFIGS = {  # GGUF architecture -> its config from the file's metadata
     "command-r": dense.command_r, "cohere2": dense.cohere2, "ernie4_5": dense.ernie4_5,
     "hunyuan-dense": dense.hunyuan_dense, "seed_oss": dense.seed_oss, "exaone4": dense.exaone4, "glm4": dense.glm4,
     "granite": dense.granite, "smollm3": dense.smollm3, "arcee": dense.arcee, "olmo2": dense.olmo2,
+    "mistral3": dense.mistral3,
     "qwen3next": gguf_configs.qwen3next, "llama4": gguf_configs.llama4,
     "mamba2": ssm.mamba2, "granitehybrid": ssm.granite_hybrid, "nemotron_h": ssm.nemotron_h,
     "nemotron_h_moe": ssm.nemotron_h, "jamba": ssm.jamba,
@@ -108,15 +109,20 @@ def split_pre_tokens(tokenizer, pre: str | None) -> None:
 
 def metadata_fields(reader) -> dict:
     """{key: value} of a GGUFReader's key-value fields, but the tokenizer's long arrays (their lengths)."""
+    from gguf import GGUFValueType
+
     out = {}
     for name, field in reader.fields.items():
         if name.startswith("tokenizer.ggml.") and name.endswith(("tokens", "merges", "token_type", "scores")):
             out[name + ".count"] = len(field.data)
             continue
         try:
-            out[name] = field.contents()
+            value = field.contents()
         except (ValueError, TypeError):  # a field gguf cannot decode is not one a config needs
             continue
+        if field.types and field.types[-1] == GGUFValueType.FLOAT32:  # the config's decimal, not float32's
+            value = [_decimal(v) for v in value] if isinstance(value, list) else _decimal(value)
+        out[name] = value
     return out
 
 
@@ -278,6 +284,14 @@ def a_log(a: torch.Tensor) -> torch.Tensor:
         out = torch.where(made > a, torch.nextafter(out, torch.full_like(out, float("inf"))),
                           torch.where(made < a, torch.nextafter(out, torch.full_like(out, float("-inf"))), out))
     return out
+
+
+def _decimal(value: float) -> float:
+    """The shortest decimal a float32 key holds (1e-05, not 9.99999974737875e-06): what the converter's
+    source config said, as transformers reads it from there."""
+    import numpy as np
+
+    return float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
 
 
 def _numel(shape) -> int:

@@ -22,7 +22,8 @@ from gguf import GGMLQuantizationType as Q, MODEL_ARCH_NAMES, get_tensor_name_ma
 from gguf_ssm_files import MAMBA2_LIKE, WRITTEN_AS, groups_of, ssm_config, ssm_keys
 from gguf_table_files import random_model, write_file
 
-PERMUTED = {"granite", "granitemoe", "smollm3", "arcee", "granitehybrid", "nemotron_h", "nemotron_h_moe"}  # undo_permute
+PERMUTED = {"granite", "granitemoe", "smollm3", "arcee", "granitehybrid", "nemotron_h", "nemotron_h_moe",
+            "mistral3"}  # LlamaModel subclasses with undo_permute
 NORMS_PLUS_ONE = {"qwen3next"}  # Qwen3NextModel.modify_tensors: norm weights (but the gated one's) + 1
 CHECKPOINT_NAMES = ((".router.weight", ".router.layer.weight"), (".gate.moe_statics.", ".moe_statics."),
                     (".dt_bias", ".dt_proj.bias"), ("model.", "backbone."))  # ours -> the checkpoints (table lacks ours)
@@ -74,6 +75,14 @@ def decoder_config(arch: str, vocab: int):
             **{**small, "num_hidden_layers": 4, "max_position_embeddings": 16384, "intermediate_size": 32}, head_dim=16,
             intermediate_size_mlp=128, num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=2,
             rope_parameters={**llama3, "rope_theta": 500000.0, "high_freq_factor": 1.0}, tie_word_embeddings=False),
+        "olmo3": lambda: tf.Olmo3Config(**{**small, "num_hidden_layers": 4}, sliding_window=4, tie_word_embeddings=False,
+                                        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 500000.0},
+                                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+        "ministral3": lambda: tf.Ministral3Config(**{**small, "max_position_embeddings": 4096}, head_dim=16,
+                                                  tie_word_embeddings=False, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0, "original_max_position_embeddings": 256,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}),
+        "mistral-small": lambda: tf.MistralConfig(**small, head_dim=16, sliding_window=None, tie_word_embeddings=False),
         "dots1": lambda: tf.Dots1Config(**{**small, "num_hidden_layers": 3}, n_routed_experts=8, n_shared_experts=1,
                                         num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
                                         n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
@@ -157,6 +166,7 @@ def write_decoder(path: Path, like: Path, arch: str, model, *, types=lambda name
         assert gguf_name is not None, f"{arch}: no GGUF name for {name}"
         tensors.append((gguf_name, a, kind if a.ndim > 1 and not gguf_name.endswith("_norm.weight") else Q.F32))
     rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope = rope.get("full_attention", rope)  # TextModel writes the full-attention layers' (OLMo 3 has two)
     if rope.get("rope_type") == "llama3":  # LlamaModel.generate_extra_tensors (and EXAONE 4's)
         tensors.append(("rope_freqs.weight", _llama3_factors(rope, hp.get("head_dim") or config.hidden_size
                                                               // config.num_attention_heads), Q.F32))
@@ -263,6 +273,24 @@ def _llama4(hp: dict) -> dict:
             "expert_feed_forward_length": hp["intermediate_size_moe"]}
 
 
+def _olmo2(hp: dict) -> dict:
+    if hp.get("sliding_window") is None:
+        return {}
+    return {"attention.sliding_window": hp["sliding_window"], "rope.freq_base_swa":
+            float(hp["rope_parameters"]["sliding_attention"]["rope_theta"]),
+            "attention.sliding_window_pattern": [t == "sliding_attention" for t in hp["layer_types"]]}
+
+
+def _mistral3(hp: dict) -> dict:
+    """Ministral3Model's keys: YaRN's betas, and for a ministral3 config mscale_all_dim and Llama 4's beta."""
+    out, rope = _llama(hp), hp["rope_parameters"]
+    if hp["model_type"] == "ministral3":
+        out.update({"rope.scaling.yarn_beta_fast": float(rope["beta_fast"]), "rope.scaling.yarn_beta_slow": float(rope["beta_slow"]),
+                    "rope.scaling.yarn_log_multiplier": float(rope["mscale_all_dim"]),
+                    "attention.temperature_scale": float(rope["llama_4_scaling_beta"])})
+    return out
+
+
 ARCH_KEYS = {  # each converter class's set_gguf_parameters, beyond TextModel's
     "command-r": lambda hp: {"logit_scale": float(hp["logit_scale"]), "rope.scaling.type": "none"},
     "cohere2": lambda hp: {"logit_scale": float(hp["logit_scale"]), "attention.sliding_window": hp["sliding_window"],
@@ -272,7 +300,8 @@ ARCH_KEYS = {  # each converter class's set_gguf_parameters, beyond TextModel's
     "glm4": lambda hp: {"rope.dimension_count": int(hp["head_dim"] * hp["rope_parameters"].get("partial_rotary_factor", 0.5))},
     "granite": _granite, "granitemoe": lambda hp: {**_granite(hp),
                                                    "expert_shared_feed_forward_length": hp["shared_intermediate_size"]},
-    "smollm3": _llama, "arcee": _llama, "qwen3next": _qwen3next, "llama4": _llama4,
+    "smollm3": _llama, "arcee": _llama, "qwen3next": _qwen3next, "llama4": _llama4, "olmo2": _olmo2,
+    "mistral3": _mistral3,
 }
 
 

@@ -8,7 +8,7 @@ tests/gguf_decoder_files.py's writer: `-exp(A_log)`, `A_log` and `D` as (H, 1), 
 from __future__ import annotations
 
 MAMBA2_LIKE = {"mamba2", "granitehybrid", "nemotron_h", "nemotron_h_moe"}
-WRITTEN_AS = {"granite-micro": "granite"}  # a test model -> the GGUF architecture llama.cpp writes it as
+WRITTEN_AS = {"granite-micro": "granite", "olmo3": "olmo2", "ministral3": "mistral3", "mistral-small": "mistral3"}  # a test model -> the GGUF architecture llama.cpp writes it as
 BASE = dict(vocab_size=None, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=None, bos_token_id=1, eos_token_id=2)
 SCALES = dict(attention_multiplier=0.1, embedding_multiplier=6.0, residual_multiplier=0.5, logits_scaling=4.0)

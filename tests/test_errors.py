@@ -88,8 +88,6 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "{} is a jamba GGUF whose layers {} do not repeat with one period, as transformers' Jamba places them; convert "
     "the model's safetensors checkpoint instead":
         ("test_formats_gguf_decoders.py::test_a_file_transformers_cannot_hold_is_one_line",),
-    "{} is an olmo2 GGUF with sliding-window layers (OLMo 3), which reshard cannot read yet; convert the model's "
-    "safetensors checkpoint instead": ("test_formats_gguf_decoders.py::test_a_file_transformers_cannot_hold_is_one_line",),
     "{} is a {} GGUF without {}.{}; download it again":
         ("test_formats_gguf_tables.py::test_deepseek2_file_missing_a_size_is_one_line",),
     "{} has shape {}, not [heads, kv_lora_rank, qk_nope_head_dim]; is the file's metadata the one of these weights?":

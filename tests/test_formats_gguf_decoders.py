@@ -22,7 +22,8 @@ from reshard.format import read_manifest
 IDS = torch.tensor([[1, 504, 345, 282, 649, 314, 2, 77, 900]])
 ARCHS = ["command-r", "cohere2", "ernie4_5", "ernie4_5-moe", "hunyuan-moe", "hunyuan-dense", "seed_oss", "exaone4",
          "glm4", "granite", "granitemoe", "smollm3", "arcee", "olmo2", "olmoe", "dots1", "qwen3next", "llama4",
-         "mamba2", "granitehybrid", "granite-micro", "nemotron_h", "nemotron_h_moe", "jamba"]
+         "mamba2", "granitehybrid", "granite-micro", "nemotron_h", "nemotron_h_moe", "jamba", "olmo3", "ministral3",
+         "mistral-small"]
 MODEL_CLASSES = {"command-r": "CohereForCausalLM", "granitemoe": "GraniteMoeSharedForCausalLM",
                  "exaone4": "Exaone4ForCausalLM", "arcee": "ArceeForCausalLM"}
 
@@ -103,8 +104,6 @@ REFUSED = {  # arch, what the file has -> the line after "Error: {path} "
     "which transformers' Cohere2 model does not; convert the model's safetensors checkpoint instead",
     ("jamba", _set(attention__head_count_kv=[0, 2, 2, 0])): "is a jamba GGUF whose layers [1, 2] do not repeat with "
     "one period, as transformers' Jamba places them; convert the model's safetensors checkpoint instead",
-    ("olmo2", _set(attention__sliding_window=4)): "is an olmo2 GGUF with sliding-window layers (OLMo 3), which reshard "
-    "cannot read yet; convert the model's safetensors checkpoint instead",
     ("hunyuan-moe", _set(expert_feed_forward_length=16)): "is a hunyuan-moe GGUF with experts 16 wide and 1 shared "
     "expert(s), which transformers' HunYuan model cannot hold; convert the model's safetensors checkpoint instead",
     ("smollm3", _set(attention__head_count_kv=[2, 2, 2, 2])): "is a smollm3 GGUF with a per-layer key/value head "
