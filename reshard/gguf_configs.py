@@ -239,6 +239,27 @@ def llama4(keys: Keys, tensor_names):
         architectures=["Llama4ForCausalLM"])
 
 
+def lfm2moe(keys: Keys, tensor_names):
+    """`Lfm2MoeConfig` (LFM2-8B-A1B): short-convolution layers where the per-layer key/value head count
+    is 0, attention where it is not; experts from `leading_dense_block_count` on, sigmoid routing with
+    an expert bias; its final norm written as `token_embd_norm`."""
+    from transformers import Lfm2MoeConfig
+
+    common = keys.common(tensor_names)
+    kv = keys("attention.head_count_kv")
+    kv = kv if isinstance(kv, list) else [kv] * common["num_hidden_layers"]
+    return Lfm2MoeConfig(
+        **{k: v for k, v in common.items() if k != "rms_norm_eps"}, norm_eps=common["rms_norm_eps"],
+        intermediate_size=keys("feed_forward_length"), moe_intermediate_size=keys("expert_feed_forward_length"),
+        num_key_value_heads=max(kv), layer_types=["full_attention" if k else "conv" for k in kv],
+        num_dense_layers=keys("leading_dense_block_count", 0), num_experts=keys("expert_count"),
+        num_experts_per_tok=keys("expert_used_count"), conv_L_cache=keys("shortconv.l_cache"),
+        rope_parameters={"rope_type": "default", "rope_theta": float(keys("rope.freq_base", 10000.0))},
+        use_expert_bias="blk.%d.exp_probs_b.bias" % (keys("leading_dense_block_count", 0)) in tensor_names,
+        conv_bias=any(n.endswith("shortconv.in_proj.bias") for n in tensor_names),
+        architectures=["Lfm2MoeForCausalLM"])
+
+
 def granite_scales(keys: Keys) -> dict:
     """Granite's multipliers; one the file lacks is 1.0, transformers' default (the converter writes
     each that is not zero)."""

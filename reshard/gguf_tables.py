@@ -64,7 +64,7 @@ CONFIGS = {  # GGUF architecture -> its config from the file's metadata
     "command-r": dense.command_r, "cohere2": dense.cohere2, "ernie4_5": dense.ernie4_5,
     "hunyuan-dense": dense.hunyuan_dense, "seed_oss": dense.seed_oss, "exaone4": dense.exaone4, "glm4": dense.glm4,
     "granite": dense.granite, "smollm3": dense.smollm3, "arcee": dense.arcee, "olmo2": dense.olmo2,
-    "mistral3": dense.mistral3,
+    "mistral3": dense.mistral3, "lfm2moe": gguf_configs.lfm2moe,
     "qwen3next": gguf_configs.qwen3next, "llama4": gguf_configs.llama4,
     "mamba2": ssm.mamba2, "granitehybrid": ssm.granite_hybrid, "nemotron_h": ssm.nemotron_h,
     "nemotron_h_moe": ssm.nemotron_h, "jamba": ssm.jamba,
@@ -196,6 +196,8 @@ class TableMap:
             return [f"blk.{layer}.ffn_down.weight"]
         if param.endswith(".e_score_correction_bias"):
             return [(self._name(param[:-len("_bias")]) or param) + ".bias"]
+        if param.endswith(".expert_bias"):  # LFM2-MoE's routing bias, the converter's `expert_bias.bias`
+            return [(self._name(param) or param) + ".bias"]
         if param.endswith("kv_b_proj.weight") and table.get_name(base) + ".weight" not in self.present:
             self.kinds[param] = "kv_b"
             return [table.get_name(base.replace("kv_b_proj", name)) + ".weight" for name in ("k_b_proj", "v_b_proj")]

@@ -83,6 +83,9 @@ def decoder_config(arch: str, vocab: int):
             "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0, "original_max_position_embeddings": 256,
             "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}),
         "mistral-small": lambda: tf.MistralConfig(**small, head_dim=16, sliding_window=None, tie_word_embeddings=False),
+        "lfm2moe": lambda: tf.Lfm2MoeConfig(
+            **{**small, "num_hidden_layers": 4}, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_dense_layers=1, norm_eps=1e-5,
+            layer_types=["conv", "conv", "full_attention", "conv"], tie_word_embeddings=True),
         "dots1": lambda: tf.Dots1Config(**{**small, "num_hidden_layers": 3}, n_routed_experts=8, n_shared_experts=1,
                                         num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
                                         n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
@@ -132,7 +135,7 @@ def write_decoder(path: Path, like: Path, arch: str, model, *, types=lambda name
             a = a + np.float32(1)
         elif name.endswith(".A_log"):
             a = (-torch.exp(torch.from_numpy(a))).numpy()  # in torch, as the converter computes it
-        elif "conv1d" in name:
+        elif "conv1d" in name or name.endswith("conv.conv.weight"):
             a = np.ascontiguousarray(a.squeeze())
         if arch in MAMBA2_LIKE and name.endswith((".A_log", ".D")):  # Mamba2Model.modify_tensors: (H,) -> (H, 1)
             a = a.reshape(-1, 1)
@@ -158,6 +161,7 @@ def write_decoder(path: Path, like: Path, arch: str, model, *, types=lambda name
             a = np.ascontiguousarray(a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2)
                                      .reshape(a.shape))
         checkpoint = name.replace("e_score_correction_bias", "e_score_correction.bias")
+        checkpoint = checkpoint + ".bias" if checkpoint.endswith(".expert_bias") else checkpoint  # LFM2MoeModel's
         gguf_name = table.get_name(checkpoint, try_suffixes=(".weight", ".bias"))
         for ours, theirs in CHECKPOINT_NAMES:  # one renaming after another, until the table knows the name
             if gguf_name is None and ours in checkpoint:
@@ -273,6 +277,13 @@ def _llama4(hp: dict) -> dict:
             "expert_feed_forward_length": hp["intermediate_size_moe"]}
 
 
+def _lfm2moe(hp: dict) -> dict:
+    return {"attention.head_count_kv": [hp["num_key_value_heads"] if t == "full_attention" else 0 for t in hp["layer_types"]],
+            "attention.layer_norm_rms_epsilon": float(hp["norm_eps"]), "expert_count": hp["num_experts"],
+            "expert_feed_forward_length": hp["moe_intermediate_size"], "leading_dense_block_count": hp["num_dense_layers"],
+            "expert_gating_func": 2, "vocab_size": hp["vocab_size"], "shortconv.l_cache": hp["conv_L_cache"]}
+
+
 def _olmo2(hp: dict) -> dict:
     if hp.get("sliding_window") is None:
         return {}
@@ -301,7 +312,7 @@ ARCH_KEYS = {  # each converter class's set_gguf_parameters, beyond TextModel's
     "granite": _granite, "granitemoe": lambda hp: {**_granite(hp),
                                                    "expert_shared_feed_forward_length": hp["shared_intermediate_size"]},
     "smollm3": _llama, "arcee": _llama, "qwen3next": _qwen3next, "llama4": _llama4, "olmo2": _olmo2,
-    "mistral3": _mistral3,
+    "mistral3": _mistral3, "lfm2moe": _lfm2moe,
 }
 
 
