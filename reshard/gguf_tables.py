@@ -15,6 +15,8 @@ misnames; `qwen3next`, `llama4`, and the decoders in `CONFIGS`), mapped here as 
 - Llama 4's experts, which transformers holds as (in, out) matrices ([E, H, 2I] gate and up): llama.cpp
   transposes them;
 - a `rope_freqs` tensor (Llama 3 scaling): read into the config, not a parameter;
+- Mamba 2's `A_log` as `ssm_a = -exp(A_log)`, `A` and `D` as (H, 1), its gated norm as (groups, width /
+  groups), convolutions squeezed (reshaped back to the model's shapes); `dt_bias` as `ssm_dt.bias`;
 - gpt-oss's experts, which transformers holds as (in, out) matrices with gate and up interleaved
   (`gate_up_proj` [E, H, 2I], columns g0 u0 g1 u1 ...): llama.cpp writes them as (out, in) tensors of
   their own, biases alike; the attention sinks as `attn_sinks.weight`;
