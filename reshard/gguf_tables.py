@@ -147,7 +147,9 @@ class TableMap:
         # parameter -> how its tensors make it: "experts" (gate, up joined), "joined" (gate, up rows of one
         # matrix), "kv_b" (from k_b, v_b), "q"/"k" (rows permuted by the converter), "interleaved"
         # (gpt-oss's gate and up, row by row, transposed; "bias": not transposed), "transposed" (gpt-oss's
-        # down experts)
+        # down experts), "inward experts"/"inward" (Llama 4's, transposed), "qkvz" (Qwen3-Next's regrouped
+        # rows), "minus one" (a norm stored as w + 1), "log -x" (A_log stored as -exp(A_log)); none: as stored,
+        # reshaped to the parameter's shape
         self.kinds: dict[str, str] = {}
         for param in self.shapes:
             made = self._made_of(model, param)
