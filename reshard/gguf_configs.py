@@ -117,6 +117,27 @@ def deepseek2(keys: Keys, tensor_names):
                             architectures=["DeepseekV2ForCausalLM"])
 
 
+def glm_dsa(keys: Keys, tensor_names):
+    """`GlmMoeDsaConfig` (GLM-5): DeepSeek's MLA and routing, as llama.cpp's DeepseekV2Model writes them,
+    with DeepSeek's sparse-attention indexer; a layer computes its own indexer where it has its tensors
+    (`full`), else reuses the previous one's (`shared`); MoE layers are those with a router."""
+    from transformers import GlmMoeDsaConfig
+
+    common, rope = keys.common(tensor_names), keys("rope.dimension_count")
+    layers, names = common["num_hidden_layers"], set(tensor_names)
+    experts = {k: v for k, v in keys.experts().items() if k != "num_nextn_predict_layers"}
+    return GlmMoeDsaConfig(
+        **common, **experts, num_key_value_heads=common["num_attention_heads"], kv_lora_rank=keys("attention.kv_lora_rank"),
+        q_lora_rank=keys.fields.get("glm-dsa.attention.q_lora_rank"), qk_rope_head_dim=rope,
+        qk_nope_head_dim=keys("attention.key_length_mla") - rope, v_head_dim=keys("attention.value_length_mla"),
+        rope_parameters=_rope(keys, float(keys("rope.freq_base", 10000.0))),
+        index_n_heads=keys("attention.indexer.head_count"), index_head_dim=keys("attention.indexer.key_length"),
+        index_topk=keys("attention.indexer.top_k"),
+        indexer_types=["full" if f"blk.{i}.indexer.proj.weight" in names else "shared" for i in range(layers)],
+        mlp_layer_types=["sparse" if f"blk.{i}.ffn_gate_inp.weight" in names else "dense" for i in range(layers)],
+        architectures=["GlmMoeDsaForCausalLM"])
+
+
 def glm4moe(keys: Keys, tensor_names):
     """`Glm4MoeConfig`: sigmoid routing with a score-correction bias, a partial rotary embedding."""
     from transformers import Glm4MoeConfig

@@ -1,5 +1,5 @@
 """GGUF files whose architecture transformers' GGUF loader does not read (`deepseek2`: DeepSeek-V3,
-R1, Kimi-K2, DeepSeek-V2; `glm4moe`: GLM-4.5 to 4.7; `gpt-oss`, whose files transformers' own mapping
+R1, Kimi-K2, DeepSeek-V2; `glm-dsa`: GLM-5; `glm4moe`: GLM-4.5 to 4.7; `gpt-oss`, whose files transformers' own mapping
 misnames; `qwen3next`, `llama4`, and the decoders in `CONFIGS`), mapped here as llama.cpp's converter
 (`convert_hf_to_gguf.py`) writes them:
 - names: the `gguf` package's own table for the architecture (`gguf.get_tensor_name_map`), the one
@@ -61,6 +61,7 @@ PRE_TOKENIZER_SPLITS = {
 PRE_TOKENIZER_SPLITS["hunyuan-dense"] = PRE_TOKENIZER_SPLITS["deepseek-v3"]
 CONFIGS = {  # GGUF architecture -> its config from the file's metadata
     "deepseek2": gguf_configs.deepseek2, "glm4moe": gguf_configs.glm4moe, "gpt-oss": gguf_configs.gpt_oss,
+    "glm-dsa": gguf_configs.glm_dsa,
     "ernie4_5-moe": gguf_configs.ernie4_5_moe, "hunyuan-moe": gguf_configs.hunyuan_moe, "dots1": gguf_configs.dots1,
     "granitemoe": gguf_configs.granitemoe, "olmoe": gguf_configs.olmoe,
     "command-r": dense.command_r, "cohere2": dense.cohere2, "ernie4_5": dense.ernie4_5,

@@ -20,7 +20,7 @@ from gguf.quants import dequantize, quantize
 from gguf_files import SKIP_KEYS, vocab_overrides
 
 ARCHS = {"deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2", "glm4_moe": "glm4moe",  # model type -> GGUF
-         "gpt_oss": "gpt-oss"}
+         "gpt_oss": "gpt-oss", "glm_moe_dsa": "glm-dsa"}
 
 def deepseek_v3_config(*, vocab: int, yarn: bool = True):
     """A small DeepSeek-V3 config: MLA with a q LoRA, 8 routed experts in 2 groups, one dense layer."""
@@ -70,6 +70,18 @@ def gpt_oss_config(*, vocab: int):
                            rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
                                             "original_max_position_embeddings": 64, "beta_fast": 32.0,
                                             "beta_slow": 1.0, "truncate": False})
+
+
+def glm_dsa_config(*, vocab: int):
+    """A small GLM-5: DeepSeek's MLA with a q LoRA, 8 routed experts, one dense layer, the DSA indexer."""
+    import transformers as tf
+
+    return tf.GlmMoeDsaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                              n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=32,
+                              kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, index_n_heads=4,
+                              index_head_dim=16, index_topk=4, routed_scaling_factor=2.5, max_position_embeddings=256,
+                              tie_word_embeddings=False)
 
 
 def random_model(config, seed: int = 0, types=lambda name: None):
@@ -142,7 +154,7 @@ def write_mapped(path: Path, like: Path, model, *, types=lambda name: None, spli
         tensors += [(f"blk.{n}.nextn.eh_proj.weight", np.ones((hidden, 2 * hidden), np.float32), Q.F32),
                     (f"blk.{n}.attn_norm.weight", np.ones(hidden, np.float32), Q.F32)]
     metadata = (_deepseek2(config, split_kv_b) if arch == "deepseek2" else _glm4moe(config, mtp) if arch == "glm4moe"
-                else _gpt_oss(config))
+                else _glm_dsa(config, mtp) if arch == "glm-dsa" else _gpt_oss(config))
     write_file(path, like, arch, config.vocab_size, tensors, metadata)
     return path.stat().st_size
 
@@ -213,6 +225,16 @@ def _glm4moe(config, mtp: bool) -> dict:
             "expert_feed_forward_length": config.moe_intermediate_size, "expert_shared_count": config.n_shared_experts,
             "leading_dense_block_count": config.first_k_dense_replace, "expert_gating_func": 2,
             "expert_weights_scale": float(config.routed_scaling_factor), "expert_weights_norm": config.norm_topk_prob}
+
+
+def _glm_dsa(config, mtp: bool) -> dict:
+    """GlmMoeDsaModel's keys: DeepseekV2Model's (no gating key: GLM's config has no scoring function),
+    the indexer's, the multi-token-prediction layer counted in `block_count`."""
+    out = {k: v for k, v in _deepseek2(config, True).items() if k != "expert_gating_func"}
+    out.update({"block_count": config.num_hidden_layers + int(mtp), "nextn_predict_layers": int(mtp),
+                "attention.indexer.head_count": config.index_n_heads, "attention.indexer.key_length": config.index_head_dim,
+                "attention.indexer.top_k": config.index_topk})
+    return out
 
 
 def _deepseek2(config, split_kv_b: bool) -> dict:

@@ -12,8 +12,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from conftest import CPU_BUDGETS
-from gguf_table_files import (deepseek_v2_lite_config, deepseek_v3_config, glm4_moe_config, gpt_oss_config, random_model,
-                              write_mapped)
+from gguf_table_files import (deepseek_v2_lite_config, deepseek_v3_config, glm4_moe_config, glm_dsa_config, gpt_oss_config,
+                              random_model, write_mapped)
 from gguf_files import TOKENIZER_VOCAB, tokenizer_gguf
 from test_gguf import cli_convert
 
@@ -112,6 +112,29 @@ def test_deepseek_v2_lite_file_equals_its_model(v2_lite, placement):
     with LayeredModel.from_pretrained(folder, device="cpu", packed=False, max_cpu_memory=CPU_BUDGETS[placement]) as lm:
         assert type(lm.model).__name__ == "DeepseekV2ForCausalLM"
         assert torch.equal(lm(IDS).logits, want)
+
+
+@pytest.fixture(scope="module")
+def glm5(tmp_path_factory):
+    """(a GLM-5-style model, the conversion of the GGUF written from it with a multi-token-prediction layer)."""
+    return written_and_converted(tmp_path_factory, "glm5", glm_dsa_config(vocab=TOKENIZER_VOCAB), q8_0, mtp=True)
+
+
+@pytest.mark.parametrize("placement", ["streamed", "resident"])
+def test_glm_dsa_file_equals_its_model(glm5, placement):
+    """GLM-5 as llama.cpp writes it (`glm-dsa`: DeepSeek's MLA with `kv_b` split per head, the sparse-
+    attention indexer's tensors, a multi-token-prediction layer counted in block_count): a GlmMoeDsa
+    model equal to the one it came from, the indexer's layers told by their tensors."""
+    from runtime import LayeredModel
+
+    model, folder = glm5
+    with torch.no_grad():
+        want, want_tokens = model(IDS).logits, model.generate(IDS, max_new_tokens=4, do_sample=False)
+    with LayeredModel.from_pretrained(folder, device="cpu", packed=False, max_cpu_memory=CPU_BUDGETS[placement]) as lm:
+        assert type(lm.model).__name__ == "GlmMoeDsaForCausalLM"
+        assert lm.model.config.indexer_types == model.config.indexer_types
+        assert torch.equal(lm(IDS).logits, want)
+        assert torch.equal(lm.generate(IDS, max_new_tokens=4, do_sample=False), want_tokens)
 
 
 @pytest.fixture(scope="module")
