@@ -138,6 +138,30 @@ def glm_dsa(keys: Keys, tensor_names):
         architectures=["GlmMoeDsaForCausalLM"])
 
 
+def exaone_moe(keys: Keys, tensor_names):
+    """`ExaoneMoeConfig` (K-EXAONE): EXAONE 4's post-norm layers and sliding-window pattern, experts
+    with shared ones and a score-correction bias from `leading_dense_block_count` on; a head size other
+    than hidden / heads told by the q norm's length; the multi-token-prediction layers dropped."""
+    from transformers import ExaoneMoeConfig
+
+    common, attention = keys.common(tensor_names), keys.attention()
+    layers, names = common["num_hidden_layers"], set(tensor_names)
+    window = keys.fields.get("exaone-moe.attention.sliding_window")
+    pattern = keys.fields.get("exaone-moe.attention.sliding_window_pattern") if window is not None else None
+    q_norm = keys.tensor("blk.0.attn_q_norm.weight")
+    if "head_dim" not in attention and q_norm is not None:
+        attention["head_dim"] = int(q_norm.shape[0])
+    return ExaoneMoeConfig(
+        **common, **attention, sliding_window=window,
+        layer_types=["sliding_attention" if s else "full_attention" for s in (pattern or [False] * layers)[:layers]],
+        mlp_layer_types=["sparse" if f"blk.{i}.ffn_gate_inp.weight" in names else "dense" for i in range(layers)],
+        first_k_dense_replace=keys("leading_dense_block_count", 0), moe_intermediate_size=keys("expert_feed_forward_length"),
+        num_experts=keys("expert_count"), num_experts_per_tok=keys("expert_used_count"),
+        num_shared_experts=keys("expert_shared_count", 0), norm_topk_prob=bool(keys("expert_weights_norm", False)),
+        routed_scaling_factor=float(keys("expert_weights_scale", 1.0)), n_group=keys("expert_group_count", 1),
+        topk_group=keys("expert_group_used_count", 1), architectures=["ExaoneMoeForCausalLM"])
+
+
 def glm4moe(keys: Keys, tensor_names):
     """`Glm4MoeConfig`: sigmoid routing with a score-correction bias, a partial rotary embedding."""
     from transformers import Glm4MoeConfig

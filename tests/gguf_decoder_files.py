@@ -86,6 +86,11 @@ def decoder_config(arch: str, vocab: int):
         "lfm2moe": lambda: tf.Lfm2MoeConfig(
             **{**small, "num_hidden_layers": 4}, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_dense_layers=1, norm_eps=1e-5,
             layer_types=["conv", "conv", "full_attention", "conv"], tie_word_embeddings=True),
+        "exaone-moe": lambda: tf.ExaoneMoeConfig(
+            **{**small, "num_hidden_layers": 4}, sliding_window=4, layer_types=["sliding_attention"] * 3 + ["full_attention"],
+            mlp_layer_types=["dense", "sparse", "sparse", "sparse"], first_k_dense_replace=1, moe_intermediate_size=32,
+            num_experts=8, num_experts_per_tok=2, num_shared_experts=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+            tie_word_embeddings=False),
         "dots1": lambda: tf.Dots1Config(**{**small, "num_hidden_layers": 3}, n_routed_experts=8, n_shared_experts=1,
                                         num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
                                         n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
@@ -284,6 +289,15 @@ def _lfm2moe(hp: dict) -> dict:
             "expert_gating_func": 2, "vocab_size": hp["vocab_size"], "shortconv.l_cache": hp["conv_L_cache"]}
 
 
+def _exaone_moe(hp: dict) -> dict:
+    """ExaoneMoEModel's keys: Exaone4Model's, the experts' (its shared experts' width their sum)."""
+    return {**_exaone4(hp), "expert_count": hp["num_experts"], "expert_feed_forward_length": hp["moe_intermediate_size"],
+            "expert_shared_count": hp["num_shared_experts"],
+            "expert_shared_feed_forward_length": hp["moe_intermediate_size"] * hp["num_shared_experts"],
+            "expert_weights_scale": float(hp["routed_scaling_factor"]), "expert_weights_norm": bool(hp["norm_topk_prob"]),
+            "leading_dense_block_count": hp["first_k_dense_replace"], "nextn_predict_layers": 0, "rope.scaling.type": "none"}
+
+
 def _olmo2(hp: dict) -> dict:
     if hp.get("sliding_window") is None:
         return {}
@@ -312,7 +326,7 @@ ARCH_KEYS = {  # each converter class's set_gguf_parameters, beyond TextModel's
     "granite": _granite, "granitemoe": lambda hp: {**_granite(hp),
                                                    "expert_shared_feed_forward_length": hp["shared_intermediate_size"]},
     "smollm3": _llama, "arcee": _llama, "qwen3next": _qwen3next, "llama4": _llama4, "olmo2": _olmo2,
-    "mistral3": _mistral3, "lfm2moe": _lfm2moe,
+    "mistral3": _mistral3, "lfm2moe": _lfm2moe, "exaone-moe": _exaone_moe,
 }
 
 

@@ -24,7 +24,7 @@ IDS = torch.tensor([[1, 504, 345, 282, 649, 314, 2, 77, 900]])
 ARCHS = ["command-r", "cohere2", "ernie4_5", "ernie4_5-moe", "hunyuan-moe", "hunyuan-dense", "seed_oss", "exaone4",
          "glm4", "granite", "granitemoe", "smollm3", "arcee", "olmo2", "olmoe", "dots1", "qwen3next", "llama4",
          "mamba2", "granitehybrid", "granite-micro", "nemotron_h", "nemotron_h_moe", "jamba", "olmo3", "ministral3",
-         "mistral-small", "lfm2moe"]
+         "mistral-small", "lfm2moe", "exaone-moe"]
 MODEL_CLASSES = {"command-r": "CohereForCausalLM", "granitemoe": "GraniteMoeSharedForCausalLM",
                  "exaone4": "Exaone4ForCausalLM", "arcee": "ArceeForCausalLM"}
 
