@@ -162,6 +162,24 @@ def exaone_moe(keys: Keys, tensor_names):
         topk_group=keys("expert_group_used_count", 1), architectures=["ExaoneMoeForCausalLM"])
 
 
+def afmoe(keys: Keys, tensor_names):
+    """`AfmoeConfig` (Arcee Trinity): sliding and full attention, every 4th layer full (llama.cpp fixes
+    the pattern; no key), embeddings scaled by sqrt(hidden) (llama.cpp always scales them: muP on),
+    experts with shared ones and an expert bias from `leading_dense_block_count` on."""
+    from transformers import AfmoeConfig
+
+    common = keys.common(tensor_names)
+    layers, window = common["num_hidden_layers"], keys.fields.get("afmoe.attention.sliding_window")
+    return AfmoeConfig(
+        **common, **{**keys.attention(), "head_dim": keys.head_dim()}, sliding_window=window,
+        layer_types=["sliding_attention" if window and (i + 1) % 4 else "full_attention" for i in range(layers)],
+        global_attn_every_n_layers=4, mup_enabled=True, num_dense_layers=keys("leading_dense_block_count", 0),
+        moe_intermediate_size=keys("expert_feed_forward_length"), num_experts=keys("expert_count"),
+        num_experts_per_tok=keys("expert_used_count"), num_shared_experts=keys("expert_shared_count", 0),
+        route_scale=float(keys("expert_weights_scale", 1.0)), attention_bias="blk.0.attn_q.bias" in tensor_names,
+        architectures=["AfmoeForCausalLM"])
+
+
 def glm4moe(keys: Keys, tensor_names):
     """`Glm4MoeConfig`: sigmoid routing with a score-correction bias, a partial rotary embedding."""
     from transformers import Glm4MoeConfig

@@ -61,7 +61,7 @@ PRE_TOKENIZER_SPLITS = {
 PRE_TOKENIZER_SPLITS["hunyuan-dense"] = PRE_TOKENIZER_SPLITS["deepseek-v3"]
 CONFIGS = {  # GGUF architecture -> its config from the file's metadata
     "deepseek2": gguf_configs.deepseek2, "glm4moe": gguf_configs.glm4moe, "gpt-oss": gguf_configs.gpt_oss,
-    "glm-dsa": gguf_configs.glm_dsa, "exaone-moe": gguf_configs.exaone_moe,
+    "glm-dsa": gguf_configs.glm_dsa, "exaone-moe": gguf_configs.exaone_moe, "afmoe": gguf_configs.afmoe,
     "ernie4_5-moe": gguf_configs.ernie4_5_moe, "hunyuan-moe": gguf_configs.hunyuan_moe, "dots1": gguf_configs.dots1,
     "granitemoe": gguf_configs.granitemoe, "olmoe": gguf_configs.olmoe,
     "command-r": dense.command_r, "cohere2": dense.cohere2, "ernie4_5": dense.ernie4_5,

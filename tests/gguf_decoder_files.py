@@ -91,6 +91,11 @@ def decoder_config(arch: str, vocab: int):
             mlp_layer_types=["dense", "sparse", "sparse", "sparse"], first_k_dense_replace=1, moe_intermediate_size=32,
             num_experts=8, num_experts_per_tok=2, num_shared_experts=1, norm_topk_prob=True, routed_scaling_factor=2.5,
             tie_word_embeddings=False),
+        "afmoe": lambda: tf.AfmoeConfig(
+            **{**small, "num_hidden_layers": 4}, head_dim=16, sliding_window=4, global_attn_every_n_layers=4,
+            layer_types=["sliding_attention"] * 3 + ["full_attention"], mup_enabled=True, num_dense_layers=1,
+            moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_shared_experts=1, route_scale=2.5,
+            tie_word_embeddings=False),
         "dots1": lambda: tf.Dots1Config(**{**small, "num_hidden_layers": 3}, n_routed_experts=8, n_shared_experts=1,
                                         num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
                                         n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
@@ -298,6 +303,13 @@ def _exaone_moe(hp: dict) -> dict:
             "leading_dense_block_count": hp["first_k_dense_replace"], "nextn_predict_layers": 0, "rope.scaling.type": "none"}
 
 
+def _afmoe(hp: dict) -> dict:
+    """AfmoeModel's keys: LlamaModel's, the experts', the window (its pattern is llama.cpp's own)."""
+    return {**_llama(hp), "expert_shared_count": hp["num_shared_experts"],
+            "expert_feed_forward_length": hp["moe_intermediate_size"], "leading_dense_block_count": hp["num_dense_layers"],
+            "expert_weights_scale": float(hp["route_scale"]), "attention.sliding_window": hp["sliding_window"]}
+
+
 def _olmo2(hp: dict) -> dict:
     if hp.get("sliding_window") is None:
         return {}
@@ -326,7 +338,7 @@ ARCH_KEYS = {  # each converter class's set_gguf_parameters, beyond TextModel's
     "granite": _granite, "granitemoe": lambda hp: {**_granite(hp),
                                                    "expert_shared_feed_forward_length": hp["shared_intermediate_size"]},
     "smollm3": _llama, "arcee": _llama, "qwen3next": _qwen3next, "llama4": _llama4, "olmo2": _olmo2,
-    "mistral3": _mistral3, "lfm2moe": _lfm2moe, "exaone-moe": _exaone_moe,
+    "mistral3": _mistral3, "lfm2moe": _lfm2moe, "exaone-moe": _exaone_moe, "afmoe": _afmoe,
 }
 
 

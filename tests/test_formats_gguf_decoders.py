@@ -2,7 +2,7 @@
 (reshard/gguf_tables.py, configs in reshard/gguf_configs.py, gguf_dense_configs.py, gguf_ssm_configs.py): Command-R,
 Cohere2, ERNIE 4.5 (dense and MoE), HunYuan (dense and MoE), Seed-OSS, EXAONE 4, GLM-4, Granite (dense and
 MoE with shared experts), SmolLM3, AFM (Arcee), OLMo 2 and 3, Ministral 3 and Mistral Small's text model,
-OLMoE, dots.llm1, LFM2-MoE, K-EXAONE, Qwen3-Next, Llama 4, and the state-space and hybrid Mamba 2, Granite 4.0-H
+OLMoE, dots.llm1, LFM2-MoE, K-EXAONE, Arcee Trinity, Qwen3-Next, Llama 4, and the state-space and hybrid Mamba 2, Granite 4.0-H
 (and Granite-4.0-micro, written as `granite`), Nemotron-H (dense and MoE) and Jamba. Each file is written from a
 transformers model as llama.cpp's converter writes it (tests/gguf_decoder_files.py), its matrices Q8_0
 (the model rounded to Q8_0 first); the runtime equals that model: logits bit-identical in float32,
@@ -24,7 +24,7 @@ IDS = torch.tensor([[1, 504, 345, 282, 649, 314, 2, 77, 900]])
 ARCHS = ["command-r", "cohere2", "ernie4_5", "ernie4_5-moe", "hunyuan-moe", "hunyuan-dense", "seed_oss", "exaone4",
          "glm4", "granite", "granitemoe", "smollm3", "arcee", "olmo2", "olmoe", "dots1", "qwen3next", "llama4",
          "mamba2", "granitehybrid", "granite-micro", "nemotron_h", "nemotron_h_moe", "jamba", "olmo3", "ministral3",
-         "mistral-small", "lfm2moe", "exaone-moe"]
+         "mistral-small", "lfm2moe", "exaone-moe", "afmoe"]
 MODEL_CLASSES = {"command-r": "CohereForCausalLM", "granitemoe": "GraniteMoeSharedForCausalLM",
                  "exaone4": "Exaone4ForCausalLM", "arcee": "ArceeForCausalLM"}
 
