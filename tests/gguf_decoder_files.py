@@ -117,8 +117,8 @@ def decoder_model(arch: str, vocab: int, types=lambda name: None, seed: int = 0)
                 for _ in range(4):
                     t.copy_(torch.log(torch.exp(t)))
                 assert torch.equal(torch.log(torch.exp(t)), t)
-    if arch == "jamba":  # transformers' Jamba scan rounds differently (1e-7) while its parameters require grad,
-        model.requires_grad_(False)  # even under no_grad; the runtime's never do (an inference-only model)
+    if arch == "jamba":  # Jamba computes `dt_proj.weight @ x` (2-D @ 3-D): torch's matmul takes another path, 1e-7
+        model.requires_grad_(False)  # apart, while the weight requires grad, even under no_grad; the runtime's never do
     return model
 
 
