@@ -11,6 +11,8 @@ attention, MoE or MLP is told by the tensors each layer has (and the per-layer h
   attention, a squared-ReLU MLP or routed experts), per-layer head counts and MLP widths.
 - `jamba`: attention and MoE layers every `period` from an `offset`, read back from the layers that
   have them; `ssm.time_step_rank` is Mamba's dt rank.
+- `kimi-linear` (Kimi-Linear): Kimi delta-attention layers where the per-layer key/value head count is
+  0, MLA (without rotary) where it is 1, DeepSeek-style experts.
 """
 
 from __future__ import annotations
@@ -142,3 +144,28 @@ def _period(keys: Keys, chosen: list[int], layers: int) -> tuple[int, int]:
                           f"transformers' Jamba places them; convert the model's safetensors checkpoint instead")
     return period, offset
 
+
+
+def kimi_linear(keys: Keys, names):
+    """`KimiLinearConfig`: the linear-attention heads counted by `ssm_a`'s length (1, 1, H, 1); MLA sizes
+    as deepseek2 writes them; the chosen experts' weights renormalised, as Kimi's config says (no key)."""
+    from transformers import KimiLinearConfig
+
+    common, present = keys.common(names), set(names)
+    layers, heads, rope = common["num_hidden_layers"], common["num_attention_heads"], keys("rope.dimension_count")
+    kv = keys("attention.head_count_kv")
+    kv = kv if isinstance(kv, list) else [kv] * layers
+    linear = next((i for i in range(layers) if not kv[i]), None)
+    a = keys.tensor(f"blk.{linear}.ssm_a") if linear is not None else None
+    return KimiLinearConfig(
+        **common, num_key_value_heads=heads, intermediate_size=keys("feed_forward_length"),
+        layer_types=["full_attention" if k else "linear_attention" for k in kv],
+        mlp_layer_types=["sparse" if f"blk.{i}.ffn_gate_inp.weight" in present else "dense" for i in range(layers)],
+        q_lora_rank=keys.fields.get("kimi-linear.attention.q_lora_rank"), kv_lora_rank=keys("attention.kv_lora_rank"),
+        qk_rope_head_dim=rope, qk_nope_head_dim=keys("attention.key_length_mla") - rope,
+        v_head_dim=keys("attention.value_length_mla"), moe_intermediate_size=keys("expert_feed_forward_length"),
+        num_local_experts=keys("expert_count"), num_experts_per_tok=keys("expert_used_count"),
+        n_shared_experts=keys("expert_shared_count", 0), routed_scaling_factor=float(keys("expert_weights_scale", 1.0)),
+        n_group=keys("expert_group_count", 1), topk_group=keys("expert_group_used_count", 1), norm_topk_prob=True,
+        linear_head_dim=keys("kda.head_dim"), linear_num_heads=int(a.size) if a is not None else heads,
+        linear_conv_kernel_dim=keys("ssm.conv_kernel"), architectures=["KimiLinearForCausalLM"])

@@ -69,13 +69,15 @@ CONFIGS = {  # GGUF architecture -> its config from the file's metadata
     "granite": dense.granite, "smollm3": dense.smollm3, "arcee": dense.arcee, "olmo2": dense.olmo2,
     "mistral3": dense.mistral3, "lfm2moe": gguf_configs.lfm2moe,
     "qwen3next": gguf_configs.qwen3next, "llama4": gguf_configs.llama4,
-    "mamba2": ssm.mamba2, "granitehybrid": ssm.granite_hybrid, "nemotron_h": ssm.nemotron_h,
+    "kimi-linear": ssm.kimi_linear, "mamba2": ssm.mamba2, "granitehybrid": ssm.granite_hybrid, "nemotron_h": ssm.nemotron_h,
     "nemotron_h_moe": ssm.nemotron_h, "jamba": ssm.jamba,
 }
 # transformers' parameter names -> the names in the checkpoints llama.cpp's converter read, where they differ
 CHECKPOINT_NAMES = ((".router.weight", ".router.layer.weight"),  # granitemoe
                     (".gate.moe_statics.", ".moe_statics."),  # ernie4_5-moe
-                    (".dt_bias", ".dt_proj.bias"),  # qwen3next, the Mamba 2 hybrids
+                    (".forget_gate.", "."),  # kimi-linear
+                    (".dt_bias", ".dt_proj.bias"),  # qwen3next, the Mamba 2 hybrids, kimi-linear
+                    (".mlp.gate.", ".block_sparse_moe.gate."),  # kimi-linear
                     ("model.", "backbone."))  # nemotron_h
 NORMS_PLUS_ONE = frozenset({"qwen3next"})  # architectures whose norms llama.cpp stores as w + 1
 DERIVED = ("rope_freqs.weight",)  # tensors the converter writes from the config (read back into it)
@@ -148,7 +150,8 @@ class TableMap:
         # parameter -> how its tensors make it: "experts" (gate, up joined), "joined" (gate, up rows of one
         # matrix), "kv_b" (from k_b, v_b), "q"/"k" (rows permuted by the converter), "interleaved"
         # (gpt-oss's gate and up, row by row, transposed; "bias": not transposed), "transposed" (gpt-oss's
-        # down experts), "inward experts"/"inward" (Llama 4's, transposed), "qkvz" (Qwen3-Next's regrouped
+        # down experts), "inward experts"/"inward" (Llama 4's, transposed), "conv3" (Kimi's q/k/v convolutions
+        # joined), "qkvz" (Qwen3-Next's regrouped
         # rows), "minus one" (a norm stored as w + 1), "log -x" (A_log stored as -exp(A_log)); none: as stored,
         # reshaped to the parameter's shape
         self.kinds: dict[str, str] = {}
@@ -189,6 +192,9 @@ class TableMap:
         if param.endswith(".linear_attn.in_proj_qkvz.weight") and f"blk.{layer}.attn_qkv.weight" in self.present:
             self.kinds[param] = "qkvz"  # Qwen3-Next: llama.cpp regroups q, k, v by kind (older files keep ssm_in)
             return [f"blk.{layer}.attn_qkv.weight", f"blk.{layer}.attn_gate.weight"]
+        if param.endswith("self_attn.conv1d.weight") and f"blk.{layer}.ssm_conv1d_q.weight" in self.present:
+            self.kinds[param] = "conv3"  # Kimi-Linear's q, k and v convolutions, joined by transformers
+            return [f"blk.{layer}.ssm_conv1d_{x}.weight" for x in "qkv"]
         if param.endswith(".A_log"):
             self.kinds[param] = "log -x"  # stored as -exp(A_log)
         elif self.arch in NORMS_PLUS_ONE and param.endswith("norm.weight") and not param.endswith("linear_attn.norm.weight"):
@@ -249,6 +255,8 @@ class TableMap:
         if kind in ("inward experts", "inward"):  # Llama 4: [E, I, H] gate and up -> [E, H, 2I]; [E, H, I] -> [E, I, H]
             value = torch.cat(values, dim=1)
             return value if stored else value.transpose(1, 2)
+        if kind == "conv3":  # (1, d, 1, kernel) each -> (3d, 1, kernel)
+            return torch.cat([t.reshape(t.shape[1], 1, t.shape[-1]) for t in values])
         if kind == "qkvz":  # all q heads, all k, all v; z -> per key head [q, k, v, z]
             return self._qkvz(*values)
         if kind in ("interleaved", "interleaved bias"):  # [E, I(, H)] gate and up -> rows g0 u0 g1 u1 ...

@@ -20,7 +20,8 @@ from gguf.quants import dequantize, quantize
 from gguf_files import SKIP_KEYS, vocab_overrides
 
 ARCHS = {"deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2", "glm4_moe": "glm4moe",  # model type -> GGUF
-         "gpt_oss": "gpt-oss", "glm_moe_dsa": "glm-dsa"}
+         "gpt_oss": "gpt-oss", "glm_moe_dsa": "glm-dsa", "kimi_linear": "kimi-linear"}
+HUB_NAMES = ((".forget_gate.", "."), (".dt_bias", ".dt_proj.bias"), (".mlp.gate.", ".block_sparse_moe.gate."))  # Kimi's
 
 def deepseek_v3_config(*, vocab: int, yarn: bool = True):
     """A small DeepSeek-V3 config: MLA with a q LoRA, 8 routed experts in 2 groups, one dense layer."""
@@ -84,6 +85,20 @@ def glm_dsa_config(*, vocab: int):
                               tie_word_embeddings=False)
 
 
+def kimi_linear_config(*, vocab: int):
+    """A small Kimi-Linear: three delta-attention layers, then MLA; a dense first layer, then experts."""
+    import transformers as tf
+
+    return tf.KimiLinearConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32,
+                               layer_types=["linear_attention"] * 3 + ["full_attention"],
+                               mlp_layer_types=["dense", "sparse", "sparse", "sparse"], qk_rope_head_dim=8,
+                               qk_nope_head_dim=16, v_head_dim=16, moe_intermediate_size=32, num_experts=8,
+                               num_experts_per_token=2, num_shared_experts=1, routed_scaling_factor=2.5,
+                               linear_head_dim=16, linear_num_heads=4, linear_conv_kernel_dim=4, pad_token_id=None,
+                               bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+
 def random_model(config, seed: int = 0, types=lambda name: None):
     """A random float32 model of `config` (its score-correction biases, expert biases and attention
     sinks random too), each weight `types(name)` gives a GGML type (Q8_0, or MXFP4 as gpt-oss's
@@ -131,6 +146,11 @@ def write_mapped(path: Path, like: Path, model, *, types=lambda name: None, spli
                             (table.get_name(f"{base}.up_proj") + suffix, np.ascontiguousarray(a[:, 1::2]), kind)]
             else:
                 tensors.append((table.get_name(f"{base}.down_proj") + suffix, a, kind))
+        elif name.endswith("self_attn.conv1d.weight"):  # Kimi: transformers joins q, k, v; llama.cpp keeps each (1, d, 1, k)
+            for x, part in zip("qkv", np.split(a, 3, axis=0)):
+                tensors.append((f"blk.{_layer(name)}.ssm_conv1d_{x}.weight", part.reshape(1, part.shape[0], 1, -1), Q.F32))
+        elif name.endswith(".A_log"):  # KimiLinearModel.modify_tensors: -exp, in torch
+            tensors.append((_name(table, name), (-torch.exp(torch.from_numpy(a))).numpy(), Q.F32))
         elif name.endswith(".sinks"):
             tensors.append((table.get_name(name) + ".weight", a, Q.F32))
         elif name.endswith("mlp.experts.gate_up_proj"):  # llama.cpp stacks each projection's experts
@@ -140,7 +160,7 @@ def write_mapped(path: Path, like: Path, model, *, types=lambda name: None, spli
         elif name.endswith("mlp.experts.down_proj"):
             tensors.append((table.get_name(name) + ".weight", a, kind))
         elif name.endswith("e_score_correction_bias"):
-            tensors.append((table.get_name(name[:-len("_bias")]) + ".bias", a, Q.F32))
+            tensors.append((_name(table, name[:-len("_bias")]) + ".bias", a, Q.F32))
         elif name.endswith("kv_b_proj.weight") and split_kv_b:
             heads, nope = config.num_attention_heads, config.qk_nope_head_dim
             kv_b = a.reshape(heads, nope + config.v_head_dim, -1)
@@ -148,13 +168,14 @@ def write_mapped(path: Path, like: Path, model, *, types=lambda name: None, spli
             tensors += [(table.get_name(base.replace("kv_b", "k_b")) + ".weight", k_b, Q.F32),
                         (table.get_name(base.replace("kv_b", "v_b")) + ".weight", v_b, Q.F32)]
         else:
-            tensors.append((table.get_name(name, try_suffixes=(".weight", ".bias")), a, kind))
+            tensors.append((_name(table, name), a, kind))
     if mtp:  # llama.cpp's names for the next-token layer's own tensors, and a norm as every layer has
         n, hidden = config.num_hidden_layers, config.hidden_size
         tensors += [(f"blk.{n}.nextn.eh_proj.weight", np.ones((hidden, 2 * hidden), np.float32), Q.F32),
                     (f"blk.{n}.attn_norm.weight", np.ones(hidden, np.float32), Q.F32)]
     metadata = (_deepseek2(config, split_kv_b) if arch == "deepseek2" else _glm4moe(config, mtp) if arch == "glm4moe"
-                else _glm_dsa(config, mtp) if arch == "glm-dsa" else _gpt_oss(config))
+                else _glm_dsa(config, mtp) if arch == "glm-dsa" else _kimi_linear(config) if arch == "kimi-linear"
+                else _gpt_oss(config))
     write_file(path, like, arch, config.vocab_size, tensors, metadata)
     return path.stat().st_size
 
@@ -225,6 +246,44 @@ def _glm4moe(config, mtp: bool) -> dict:
             "expert_feed_forward_length": config.moe_intermediate_size, "expert_shared_count": config.n_shared_experts,
             "leading_dense_block_count": config.first_k_dense_replace, "expert_gating_func": 2,
             "expert_weights_scale": float(config.routed_scaling_factor), "expert_weights_norm": config.norm_topk_prob}
+
+
+def _name(table, name: str) -> str:
+    """`name`'s GGUF name: under the checkpoint's own name where transformers renamed it (HUB_NAMES)."""
+    found = table.get_name(name, try_suffixes=(".weight", ".bias"))
+    for ours, theirs in HUB_NAMES:
+        if found is None and ours in name:
+            name = name.replace(ours, theirs)
+            found = table.get_name(name, try_suffixes=(".weight", ".bias"))
+    assert found is not None, name
+    return found
+
+
+def _layer(name: str) -> str:
+    return name.split(".")[2]
+
+
+def _kimi_linear(config) -> dict:
+    """KimiLinearModel's keys: TextModel's, per-layer key/value heads (1 for MLA, 0 for delta attention),
+    MLA's sizes as DeepseekV2Model writes them, the delta attention's head size and kernel."""
+    rope, kinds = config.qk_rope_head_dim, config.layer_types
+    out = {"block_count": config.num_hidden_layers, "context_length": config.max_position_embeddings,
+           "embedding_length": config.hidden_size, "feed_forward_length": config.intermediate_size,
+           "attention.head_count": config.num_attention_heads,
+           "attention.head_count_kv": [1 if k == "full_attention" else 0 for k in kinds],
+           "attention.layer_norm_rms_epsilon": float(config.rms_norm_eps), "expert_count": config.num_local_experts,
+           "expert_used_count": config.num_experts_per_tok, "expert_group_used_count": config.topk_group,
+           "vocab_size": config.vocab_size, "ssm.conv_kernel": config.linear_conv_kernel_dim,
+           "kda.head_dim": config.linear_head_dim, "attention.kv_lora_rank": config.kv_lora_rank,
+           "rope.dimension_count": rope, "attention.key_length": config.kv_lora_rank + rope,
+           "attention.value_length": config.v_head_dim, "attention.key_length_mla": config.qk_nope_head_dim + rope,
+           "attention.value_length_mla": config.v_head_dim, "expert_feed_forward_length": config.moe_intermediate_size,
+           "expert_shared_count": config.n_shared_experts,
+           "leading_dense_block_count": config.mlp_layer_types.index("sparse"),
+           "expert_weights_scale": float(config.routed_scaling_factor)}
+    if config.q_lora_rank is not None:
+        out["attention.q_lora_rank"] = config.q_lora_rank
+    return out
 
 
 def _glm_dsa(config, mtp: bool) -> dict:

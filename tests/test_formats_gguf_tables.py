@@ -13,7 +13,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from conftest import CPU_BUDGETS
 from gguf_table_files import (deepseek_v2_lite_config, deepseek_v3_config, glm4_moe_config, glm_dsa_config, gpt_oss_config,
-                              random_model, write_mapped)
+                              kimi_linear_config, random_model, write_mapped)
 from gguf_files import TOKENIZER_VOCAB, tokenizer_gguf
 from test_gguf import cli_convert
 
@@ -133,6 +133,28 @@ def test_glm_dsa_file_equals_its_model(glm5, placement):
     with LayeredModel.from_pretrained(folder, device="cpu", packed=False, max_cpu_memory=CPU_BUDGETS[placement]) as lm:
         assert type(lm.model).__name__ == "GlmMoeDsaForCausalLM"
         assert lm.model.config.indexer_types == model.config.indexer_types
+        assert torch.equal(lm(IDS).logits, want)
+        assert torch.equal(lm.generate(IDS, max_new_tokens=4, do_sample=False), want_tokens)
+
+
+@pytest.fixture(scope="module")
+def kimi(tmp_path_factory):
+    """(a Kimi-Linear-style model, the conversion of the GGUF written from it)."""
+    return written_and_converted(tmp_path_factory, "kimi", kimi_linear_config(vocab=TOKENIZER_VOCAB), q8_0)
+
+
+@pytest.mark.parametrize("placement", ["streamed", "resident"])
+def test_kimi_linear_file_equals_its_model(kimi, placement):
+    """Kimi-Linear as llama.cpp writes it (`kimi-linear`: each delta-attention layer's q, k and v
+    convolutions apart, `A_log` as -exp(A_log), MLA's `kv_b` split, per-layer key/value heads telling the
+    layers apart): a KimiLinear model computing what the one it came from computes."""
+    from runtime import LayeredModel
+
+    model, folder = kimi
+    with torch.no_grad():
+        want, want_tokens = model(IDS).logits, model.generate(IDS, max_new_tokens=4, do_sample=False)
+    with LayeredModel.from_pretrained(folder, device="cpu", packed=False, max_cpu_memory=CPU_BUDGETS[placement]) as lm:
+        assert lm.model.config.layer_types == model.config.layer_types
         assert torch.equal(lm(IDS).logits, want)
         assert torch.equal(lm.generate(IDS, max_new_tokens=4, do_sample=False), want_tokens)
 
