@@ -13,6 +13,10 @@ attention, MoE or MLP is told by the tensors each layer has (and the per-layer h
   have them; `ssm.time_step_rank` is Mamba's dt rank.
 - `kimi-linear` (Kimi-Linear): Kimi delta-attention layers where the per-layer key/value head count is
   0, MLA (without rotary) where it is 1, DeepSeek-style experts.
+- `falcon-h1` (Falcon-H1): attention and Mamba 2 side by side in every layer. llama.cpp's converter
+  multiplies Falcon-H1's muP multipliers into the weights and writes none of them, so the config's
+  multipliers are all 1: the model llama.cpp runs (equal to the published one up to rounding, exactly
+  where the multipliers are powers of two); its gated norm after the gate, as llama.cpp computes it.
 """
 
 from __future__ import annotations
@@ -169,3 +173,19 @@ def kimi_linear(keys: Keys, names):
         n_group=keys("expert_group_count", 1), topk_group=keys("expert_group_used_count", 1), norm_topk_prob=True,
         linear_head_dim=keys("kda.head_dim"), linear_num_heads=int(a.size) if a is not None else heads,
         linear_conv_kernel_dim=keys("ssm.conv_kernel"), architectures=["KimiLinearForCausalLM"])
+
+
+def falcon_h1(keys: Keys, names):
+    from transformers import FalconH1Config
+
+    sizes = mamba2_sizes(keys)
+    return FalconH1Config(
+        **keys.common(names), **{**keys.attention(), "head_dim": keys.head_dim()},
+        mamba_d_ssm=keys("ssm.inner_size"), mamba_n_heads=sizes["mamba_n_heads"], mamba_d_head=sizes["mamba_d_head"],
+        mamba_n_groups=sizes["mamba_n_groups"], mamba_d_state=sizes["mamba_d_state"], mamba_d_conv=sizes["mamba_d_conv"],
+        mamba_rms_norm=_has(names, "ssm_norm.weight"), mamba_norm_before_gate=False,
+        mamba_conv_bias=_has(names, "ssm_conv1d.bias"), mamba_proj_bias=_has(names, "ssm_in.bias"),
+        projectors_bias=_has(names, "ssm_out.bias"), attention_bias=_has(names, "attn_q.bias"),
+        mlp_bias=_has(names, "ffn_up.bias"), lm_head_multiplier=1.0, embedding_multiplier=1.0, mlp_multipliers=[1.0, 1.0],
+        key_multiplier=1.0, attention_out_multiplier=1.0, attention_in_multiplier=1.0, ssm_multipliers=[1.0] * 5,
+        ssm_in_multiplier=1.0, ssm_out_multiplier=1.0, architectures=["FalconH1ForCausalLM"])

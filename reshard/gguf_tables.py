@@ -70,7 +70,7 @@ CONFIGS = {  # GGUF architecture -> its config from the file's metadata
     "mistral3": dense.mistral3, "lfm2moe": gguf_configs.lfm2moe,
     "qwen3next": gguf_configs.qwen3next, "llama4": gguf_configs.llama4,
     "kimi-linear": ssm.kimi_linear, "mamba2": ssm.mamba2, "granitehybrid": ssm.granite_hybrid, "nemotron_h": ssm.nemotron_h,
-    "nemotron_h_moe": ssm.nemotron_h, "jamba": ssm.jamba,
+    "nemotron_h_moe": ssm.nemotron_h, "jamba": ssm.jamba, "falcon-h1": ssm.falcon_h1,
 }
 # transformers' parameter names -> the names in the checkpoints llama.cpp's converter read, where they differ
 CHECKPOINT_NAMES = ((".router.weight", ".router.layer.weight"),  # granitemoe

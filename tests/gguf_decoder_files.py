@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q, MODEL_ARCH_NAMES, get_tensor_name_map
 
-from gguf_ssm_files import MAMBA2_LIKE, WRITTEN_AS, groups_of, ssm_config, ssm_keys
+from gguf_ssm_files import MAMBA2_LIKE, WRITTEN_AS, falcon_folded, groups_of, ssm_config, ssm_keys
 from gguf_table_files import random_model, write_file
 
 PERMUTED = {"granite", "granitemoe", "smollm3", "arcee", "granitehybrid", "nemotron_h", "nemotron_h_moe",
@@ -27,7 +27,7 @@ PERMUTED = {"granite", "granitemoe", "smollm3", "arcee", "granitehybrid", "nemot
 NORMS_PLUS_ONE = {"qwen3next"}  # Qwen3NextModel.modify_tensors: norm weights (but the gated one's) + 1
 CHECKPOINT_NAMES = ((".router.weight", ".router.layer.weight"), (".gate.moe_statics.", ".moe_statics."),
                     (".dt_bias", ".dt_proj.bias"), ("model.", "backbone."))  # ours -> the checkpoints (table lacks ours)
-SSM = {"mamba2", "granitehybrid", "granite-micro", "nemotron_h", "nemotron_h_moe", "jamba"}  # tests/gguf_ssm_files.py
+SSM = {"mamba2", "granitehybrid", "granite-micro", "nemotron_h", "nemotron_h_moe", "jamba", "falcon-h1"}  # gguf_ssm_files
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256, pad_token_id=None, bos_token_id=1, eos_token_id=2)
 SCALES = dict(attention_multiplier=0.1, embedding_multiplier=6.0, residual_multiplier=0.5, logits_scaling=4.0)
@@ -136,6 +136,8 @@ def write_decoder(path: Path, like: Path, arch: str, model, *, types=lambda name
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         layer = next((p for b, p in zip(name.split("."), name.split(".")[1:]) if b == "layers" and p.isdigit()), None)
+        if arch == "falcon-h1":
+            a = falcon_folded(name, a, config)
         if arch == "llama4" and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             a = np.ascontiguousarray(a.swapaxes(-1, -2))  # Llama4Model.modify_tensors: (in, out) -> (out, in)
         if name.endswith("in_proj_qkvz.weight"):

@@ -3,7 +3,8 @@
 Cohere2, ERNIE 4.5 (dense and MoE), HunYuan (dense and MoE), Seed-OSS, EXAONE 4, GLM-4, Granite (dense and
 MoE with shared experts), SmolLM3, AFM (Arcee), OLMo 2 and 3, Ministral 3 and Mistral Small's text model,
 OLMoE, dots.llm1, LFM2-MoE, K-EXAONE, Arcee Trinity, Qwen3-Next, Llama 4, and the state-space and hybrid Mamba 2, Granite 4.0-H
-(and Granite-4.0-micro, written as `granite`), Nemotron-H (dense and MoE) and Jamba. Each file is written from a
+(and Granite-4.0-micro, written as `granite`), Nemotron-H (dense and MoE), Jamba and Falcon-H1 (its muP
+multipliers, which the converter folds into the weights, powers of two here so the folding is exact). Each file is written from a
 transformers model as llama.cpp's converter writes it (tests/gguf_decoder_files.py), its matrices Q8_0
 (the model rounded to Q8_0 first); the runtime equals that model: logits bit-identical in float32,
 streamed and resident, and the same greedy tokens; the Q8_0 blocks stay blocks."""
@@ -24,7 +25,7 @@ IDS = torch.tensor([[1, 504, 345, 282, 649, 314, 2, 77, 900]])
 ARCHS = ["command-r", "cohere2", "ernie4_5", "ernie4_5-moe", "hunyuan-moe", "hunyuan-dense", "seed_oss", "exaone4",
          "glm4", "granite", "granitemoe", "smollm3", "arcee", "olmo2", "olmoe", "dots1", "qwen3next", "llama4",
          "mamba2", "granitehybrid", "granite-micro", "nemotron_h", "nemotron_h_moe", "jamba", "olmo3", "ministral3",
-         "mistral-small", "lfm2moe", "exaone-moe", "afmoe"]
+         "mistral-small", "lfm2moe", "exaone-moe", "afmoe", "falcon-h1"]
 MODEL_CLASSES = {"command-r": "CohereForCausalLM", "granitemoe": "GraniteMoeSharedForCausalLM",
                  "exaone4": "Exaone4ForCausalLM", "arcee": "ArceeForCausalLM"}
 
@@ -47,8 +48,10 @@ def converted(tmp_path_factory):
     def get(arch: str):
         if arch not in made:
             root = tmp_path_factory.mktemp(arch.replace("_", "-"))
-            model = decoder_model(arch, TOKENIZER_VOCAB, types=q8_0)
-            write_decoder(root / f"{arch}.gguf", tokenizer_gguf(), arch, model, types=q8_0)
+            # Falcon-H1's folded multipliers would push Q8_0's float16 block scales below float16's normal range
+            types = q8_0 if arch != "falcon-h1" else (lambda name: None)
+            model = decoder_model(arch, TOKENIZER_VOCAB, types=types)
+            write_decoder(root / f"{arch}.gguf", tokenizer_gguf(), arch, model, types=types)
             convert(str(root / f"{arch}.gguf"), root / "out", progress=False)
             made[arch] = (model, root / "out")
         return made[arch]
