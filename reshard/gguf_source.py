@@ -315,8 +315,10 @@ class GGUFSource(Source):
 
 
 def _text_field(reader, key: str) -> str | None:
-    field = reader.fields.get(key)
-    return field.contents() if field is not None else None
+    from transformers.modeling_gguf_pytorch_utils import read_field
+
+    values = read_field(reader, key)
+    return values[0] if values else None
 
 
 def _architecture(reader) -> str:
