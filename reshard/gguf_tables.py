@@ -59,6 +59,12 @@ PRE_TOKENIZER_SPLITS = {
         r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",)),
 }
 PRE_TOKENIZER_SPLITS["hunyuan-dense"] = PRE_TOKENIZER_SPLITS["deepseek-v3"]
+# Kimi-K2's own pattern (its tokenizer's; llama.cpp hand-codes it): letters that are not Han split apart from Han
+PRE_TOKENIZER_SPLITS["kimi-k2"] = (
+    r"[\p{Han}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"
+    r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",)
 CONFIGS = {  # GGUF architecture -> its config from the file's metadata
     "deepseek2": gguf_configs.deepseek2, "glm4moe": gguf_configs.glm4moe, "gpt-oss": gguf_configs.gpt_oss,
     "glm-dsa": gguf_configs.glm_dsa, "exaone-moe": gguf_configs.exaone_moe, "afmoe": gguf_configs.afmoe,

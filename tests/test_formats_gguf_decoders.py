@@ -129,7 +129,7 @@ def test_a_file_transformers_cannot_hold_is_one_line(arch, edit, tmp_path, capsy
 
 
 @pytest.mark.parametrize("pre, digits", [("command-r", ["1", "2", "3", "4", "5"]), ("hunyuan", ["1", "2", "3", "4", "5"]),
-                                         ("hunyuan-dense", ["123", "45"])])
+                                         ("hunyuan-dense", ["123", "45"]), ("kimi-k2", ["123", "45"])])
 def test_pre_tokenizers_transformers_lacks_split_digits_as_llama_cpp(converted, pre, digits):
     """transformers' GGUF tokenizer builder falls back to GPT-2's splits (digits kept whole) for these
     files' `tokenizer.ggml.pre`; the folder's tokenizer splits digits as llama.cpp does for them."""
@@ -141,3 +141,6 @@ def test_pre_tokenizers_transformers_lacks_split_digits_as_llama_cpp(converted, 
     split_pre_tokens(tokenizer, pre)
     words = [w for w, _ in tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str("Price: 12345 yen")]
     assert words[words.index("Ġ") + 1:][:len(digits)] == digits, words
+    if pre == "kimi-k2":  # Han characters apart from the kana and Latin letters after them
+        words = [w for w, _ in tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str("東京タワーis")]
+        assert words == ["æĿ±äº¬", "ãĤ¿ãĥ¯ãĥ¼is"], words
