@@ -66,7 +66,7 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
         check_scheme(quantize, quantize_group)
     check_dtype_name(dtype)
     out = Path(out)
-    src = open_source(source, revision=revision, token=token, low_disk_out=out if low_disk else None,
+    src = open_source(source, revision=revision, token=token, low_disk_out=out if low_disk else None, out=out,
                       progress=progress)
     try:
         config = read_config(src.folder, source, trust_remote_code=trust_remote_code)

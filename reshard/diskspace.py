@@ -44,6 +44,20 @@ def check_cache_disk(cache: Path, need: int) -> None:
         raise DiskSpaceError(text + "low_disk=True", cli=text + "--low-disk")
 
 
+def check_gguf_download(cache: Path, out: Path | None, nbytes: int) -> None:
+    """Before a hub GGUF's download of `nbytes`: the hub cache's disk holds it, and OUT's disk (where
+    given) at least as many bytes again, the least a folder of the file's blocks takes (the exact need
+    is checked once the downloaded file's config is read); one disk holding both counts both."""
+    check_cache_disk(cache, nbytes)
+    if out is None:
+        return
+    free = shutil.disk_usage(_existing(out)).free - (nbytes if _device(cache) == _device(out) else 0)
+    if nbytes > free:
+        raise DiskSpaceError(f"{out} needs at least {gb(nbytes)} for this GGUF's conversion but its disk has "
+                             f"{gb(max(free, 0))} free besides the download; free some space or choose an OUT on "
+                             f"another disk")
+
+
 def _existing(path: Path) -> Path:
     """`path`, or the nearest folder above it that exists (OUT may not exist yet)."""
     path = Path(path).absolute()

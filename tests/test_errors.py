@@ -71,6 +71,9 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "{} holds {} GGUF models{}: {}; name one as {}:TAG (e.g. {}:Q4_K_M)":
         ("test_hub_gguf.py::test_an_ambiguous_or_unknown_tag_is_one_line",),
     "{} has no GGUF file tagged {}; it has: {}": ("test_hub_gguf.py::test_an_ambiguous_or_unknown_tag_is_one_line",),
+    "{} needs at least {} for this GGUF's conversion but its disk has {} free besides the download; free some "
+    "space or choose an OUT on another disk":
+        ("test_hub_gguf.py::test_a_download_outs_disk_could_not_convert_is_refused_before_it_starts",),
     "{} has no .gguf files (asked for {}:{})": ("test_hub_gguf.py::test_a_tag_on_a_repo_without_gguf_files_is_one_line",),
     "{} is a deepseek2 GGUF with expert_gating_func {}, which reshard cannot read yet; convert the model's "
     "safetensors checkpoint instead":

@@ -107,3 +107,21 @@ def test_a_download_the_hub_cache_cannot_hold_is_refused_before_it_starts(small_
     code, line = cli_convert(capsys, f"{REPO}:Q8_0", tmp_path / "out")
     assert code == 1 and line.startswith("Error: the hub cache ") and "free some space" in line, line
     assert hub.downloads == []
+
+
+def test_a_download_outs_disk_could_not_convert_is_refused_before_it_starts(small_gguf, tmp_path, monkeypatch, capsys):
+    """A folder of a GGUF's blocks is no smaller than the file: where OUT's disk (here the hub cache's
+    too) holds the download but not as much again, nothing is downloaded."""
+    from types import SimpleNamespace
+
+    import reshard.diskspace
+
+    hub = gguf_hub(tmp_path / "repo", small_gguf, monkeypatch, models=2)
+    size = sum(f.stat().st_size for f in (tmp_path / "repo").glob("Tiny-Q8_0*.gguf"))
+    free = int(size * 1.5)
+    monkeypatch.setattr(reshard.diskspace.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**12, used=0, free=free))
+    code, line = cli_convert(capsys, f"{REPO}:Q8_0", tmp_path / "out")
+    assert code == 1 and line == (f"Error: {tmp_path / 'out'} needs at least {reshard.diskspace.gb(size)} for this "
+                                  f"GGUF's conversion but its disk has {reshard.diskspace.gb(free - size)} free besides "
+                                  f"the download; free some space or choose an OUT on another disk"), line
+    assert hub.downloads == []
