@@ -69,6 +69,12 @@ class Keys:
             out["head_dim"] = head_dim
         return out
 
+    def per_layer(self, name: str, layers: int) -> list:
+        """Key `name` for each of `layers` layers: written per layer (a hybrid's head counts, 0 where a
+        layer has no attention) or once for all."""
+        value = self(name)
+        return list(value) if isinstance(value, list) else [value] * layers
+
     def head_dim(self) -> int:
         """The width of an attention head: the key length the file states, else hidden size / heads."""
         return self("attention.key_length", self("embedding_length") // self("attention.head_count"))
@@ -309,8 +315,7 @@ def lfm2moe(keys: Keys, tensor_names):
     from transformers import Lfm2MoeConfig
 
     common = keys.common(tensor_names)
-    kv = keys("attention.head_count_kv")
-    kv = kv if isinstance(kv, list) else [kv] * common["num_hidden_layers"]
+    kv = keys.per_layer("attention.head_count_kv", common["num_hidden_layers"])
     return Lfm2MoeConfig(
         **{k: v for k, v in common.items() if k != "rms_norm_eps"}, norm_eps=common["rms_norm_eps"],
         intermediate_size=keys("feed_forward_length"), moe_intermediate_size=keys("expert_feed_forward_length"),

@@ -67,8 +67,7 @@ def granite_hybrid(keys: Keys, names):
     common = keys.common(names)
     layers = common["num_hidden_layers"]
     kinds = layer_kinds(names, layers, {"attn_q.weight": "full_attention", "ssm_in.weight": "linear_attention"})
-    kv = keys("attention.head_count_kv")
-    kv_heads = max(kv) if isinstance(kv, list) else kv
+    kv_heads = max(keys.per_layer("attention.head_count_kv", layers))
     experts = keys("expert_count", 0) or 0
     return GraniteMoeHybridConfig(
         **common, **granite_scales(keys), **mamba2_sizes(keys), num_key_value_heads=kv_heads,
@@ -90,9 +89,8 @@ def nemotron_h(keys: Keys, names):
     layers = common.pop("num_hidden_layers")
     kinds = layer_kinds(names, layers, {"ssm_in.weight": "linear_attention", "attn_q.weight": "full_attention",
                                         "ffn_gate_inp.weight": "moe", "ffn_up.weight": "mlp"})
-    kv, widths = keys("attention.head_count_kv"), keys("feed_forward_length")
-    kv_heads = max(kv) if isinstance(kv, list) else kv
-    mlp = [w for w, kind in zip(widths if isinstance(widths, list) else [widths] * layers, kinds) if kind == "mlp"]
+    kv_heads = max(keys.per_layer("attention.head_count_kv", layers))
+    mlp = [w for w, kind in zip(keys.per_layer("feed_forward_length", layers), kinds) if kind == "mlp"]
     sizes, eps = mamba2_sizes(keys), common.pop("rms_norm_eps", None) or common.pop("layer_norm_eps", None)
     config = dict(
         **common, layers_block_type=kinds, num_key_value_heads=kv_heads, head_dim=keys.head_dim(), layer_norm_epsilon=eps,
@@ -121,8 +119,7 @@ def jamba(keys: Keys, names):
 
     common = keys.common(names)
     layers = common["num_hidden_layers"]
-    kv = keys("attention.head_count_kv")
-    kv = kv if isinstance(kv, list) else [kv] * layers
+    kv = keys.per_layer("attention.head_count_kv", layers)
     attention = [i for i in range(layers) if kv[i]]
     moe = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in set(names)]
     (attn_period, attn_offset), (moe_period, moe_offset) = _period(keys, attention, layers), _period(keys, moe, layers)
@@ -157,8 +154,7 @@ def kimi_linear(keys: Keys, names):
 
     common, present = keys.common(names), set(names)
     layers, heads, rope = common["num_hidden_layers"], common["num_attention_heads"], keys("rope.dimension_count")
-    kv = keys("attention.head_count_kv")
-    kv = kv if isinstance(kv, list) else [kv] * layers
+    kv = keys.per_layer("attention.head_count_kv", layers)
     linear = next((i for i in range(layers) if not kv[i]), None)
     a = keys.tensor(f"blk.{linear}.ssm_a") if linear is not None else None
     return KimiLinearConfig(

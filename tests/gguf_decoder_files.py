@@ -20,13 +20,12 @@ import torch
 from gguf import GGMLQuantizationType as Q, MODEL_ARCH_NAMES, get_tensor_name_map
 
 from gguf_ssm_files import MAMBA2_LIKE, WRITTEN_AS, falcon_folded, groups_of, ssm_config, ssm_keys
+from gguf_files import gguf_name
 from gguf_table_files import random_model, write_file
 
 PERMUTED = {"granite", "granitemoe", "smollm3", "arcee", "granitehybrid", "nemotron_h", "nemotron_h_moe",
             "mistral3"}  # LlamaModel subclasses with undo_permute
 NORMS_PLUS_ONE = {"qwen3next"}  # Qwen3NextModel.modify_tensors: norm weights (but the gated one's) + 1
-CHECKPOINT_NAMES = ((".router.weight", ".router.layer.weight"), (".gate.moe_statics.", ".moe_statics."),
-                    (".dt_bias", ".dt_proj.bias"), ("model.", "backbone."))  # ours -> the checkpoints (table lacks ours)
 SSM = {"mamba2", "granitehybrid", "granite-micro", "nemotron_h", "nemotron_h_moe", "jamba", "falcon-h1"}  # gguf_ssm_files
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256, pad_token_id=None, bos_token_id=1, eos_token_id=2)
@@ -174,13 +173,8 @@ def write_decoder(path: Path, like: Path, arch: str, model, *, types=lambda name
                                      .reshape(a.shape))
         checkpoint = name.replace("e_score_correction_bias", "e_score_correction.bias")
         checkpoint = checkpoint + ".bias" if checkpoint.endswith(".expert_bias") else checkpoint  # LFM2MoeModel's
-        gguf_name = table.get_name(checkpoint, try_suffixes=(".weight", ".bias"))
-        for ours, theirs in CHECKPOINT_NAMES:  # one renaming after another, until the table knows the name
-            if gguf_name is None and ours in checkpoint:
-                checkpoint = checkpoint.replace(ours, theirs)
-                gguf_name = table.get_name(checkpoint, try_suffixes=(".weight", ".bias"))
-        assert gguf_name is not None, f"{arch}: no GGUF name for {name}"
-        tensors.append((gguf_name, a, kind if a.ndim > 1 and not gguf_name.endswith("_norm.weight") else Q.F32))
+        stored = gguf_name(table, checkpoint)
+        tensors.append((stored, a, kind if a.ndim > 1 and not stored.endswith("_norm.weight") else Q.F32))
     rope = dict(getattr(config, "rope_parameters", None) or {})
     rope = rope.get("full_attention", rope)  # TextModel writes the full-attention layers' (OLMo 3 has two)
     if rope.get("rope_type") == "llama3":  # LlamaModel.generate_extra_tensors (and EXAONE 4's)

@@ -4,6 +4,7 @@ tensor at a time so the test process never holds the whole file."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +34,59 @@ def tokenizer_gguf() -> Path:
                             f"{GPU_TOKENIZER} (benchmarks/prepare_gpu_check.py) is not there either")
 
 
-def copy_metadata(writer: GGUFWriter, reader: GGUFReader, overrides: dict | None = None) -> None:
-    """Every key-value field of `reader` (with `overrides` {key: value} for numbers)."""
+# transformers' parameter names -> the checkpoint names llama.cpp's converter read, where its table lacks
+# ours: applied one after another until the table knows the name (granitemoe, ernie4_5-moe, kimi-linear,
+# qwen3next and the Mamba 2 hybrids, kimi-linear, nemotron_h)
+HUB_NAMES = ((".router.weight", ".router.layer.weight"), (".gate.moe_statics.", ".moe_statics."),
+             (".forget_gate.", "."), (".dt_bias", ".dt_proj.bias"), (".mlp.gate.", ".block_sparse_moe.gate."),
+             ("model.", "backbone."))
+
+
+def gguf_name(table, name: str) -> str:
+    """Parameter (or checkpoint tensor) `name`'s GGUF name in `table` (`gguf.get_tensor_name_map`'s)."""
+    found = table.get_name(name, try_suffixes=(".weight", ".bias"))
+    for ours, theirs in HUB_NAMES:
+        if found is None and ours in name:
+            name = name.replace(ours, theirs)
+            found = table.get_name(name, try_suffixes=(".weight", ".bias"))
+    assert found is not None, f"no GGUF name for {name}"
+    return found
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer_fields(like: Path, vocab: int) -> tuple:
+    """`like`'s tokenizer and general fields, cut to `vocab` tokens: (key, value, type, item type)
+    (parsed once: a 49k-token vocabulary takes seconds)."""
+    reader = GGUFReader(like)
+    overrides = vocab_overrides(reader, vocab)
+    out = []
+    for key, field in reader.fields.items():
+        if key.startswith(("tokenizer.", "general.")) and not key.startswith(SKIP_KEYS):
+            sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+            out.append((key, overrides.get(key, field.contents()), field.types[0], sub_type))
+    return tuple(out)
+
+
+def add_keys(writer: GGUFWriter, like: Path, vocab: int, arch: str, metadata: dict) -> None:
+    """`like`'s tokenizer cut to `vocab` tokens, then `metadata` {key: value} as `{arch}.key`, typed by
+    value (a list as an array of its items' type)."""
+    for key, value, vtype, sub_type in tokenizer_fields(like, vocab):
+        writer.add_key_value(key, value, vtype, sub_type=sub_type)
+    for key, value in metadata.items():
+        item = value[0] if isinstance(value, list) else value
+        vtype = GGUFValueType.STRING if isinstance(item, str) else GGUFValueType.BOOL if isinstance(item, bool) \
+            else GGUFValueType.FLOAT32 if isinstance(item, float) else GGUFValueType.UINT32
+        if isinstance(value, list):
+            writer.add_key_value(f"{arch}.{key}", value, GGUFValueType.ARRAY, sub_type=vtype)
+        else:
+            writer.add_key_value(f"{arch}.{key}", value, vtype)
+
+
+def copy_metadata(writer: GGUFWriter, reader: GGUFReader, overrides: dict | None = None, drop: str | None = None) -> None:
+    """Every key-value field of `reader` (with `overrides` {key: value} for numbers), but key `drop`."""
     overrides = overrides or {}
     for key, field in reader.fields.items():
-        if key.startswith(SKIP_KEYS):
+        if key.startswith(SKIP_KEYS) or key == drop:
             continue
         value = overrides.get(key, field.contents())
         sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
@@ -231,21 +280,12 @@ def write_random_qwen3moe(path: Path, like: Path, *, layers: int, hidden: int, e
                           kv_heads: int, head_dim: int = 64, vocab: int, seed: int = 0, types: dict | None = None) -> int:
     """A random Qwen3-MoE GGUF (as llama.cpp writes one: experts as [E, out, in] tensors per layer)
     with `like`'s tokenizer cut to `vocab` tokens; `types` overrides qwen3moe_tensors' types."""
-    reader = GGUFReader(like)
     writer = GGUFWriter(path, "qwen3moe")
-    kept = {k: f for k, f in reader.fields.items() if k.startswith(("tokenizer.", "general.")) and not k.startswith(SKIP_KEYS)}
-    overrides = vocab_overrides(reader, vocab)
-    for key, field in kept.items():
-        sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(key, overrides.get(key, field.contents()), field.types[0], sub_type=sub_type)
-    u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
-    for key, value, kind in (("block_count", layers, u32), ("context_length", 4096, u32), ("embedding_length", hidden, u32),
-                             ("feed_forward_length", QWEN3MOE_INTER, u32), ("attention.head_count", heads, u32),
-                             ("attention.head_count_kv", kv_heads, u32), ("attention.key_length", head_dim, u32),
-                             ("attention.value_length", head_dim, u32), ("rope.freq_base", 1e6, f32),
-                             ("attention.layer_norm_rms_epsilon", 1e-6, f32), ("expert_count", experts, u32),
-                             ("expert_used_count", used, u32), ("expert_feed_forward_length", QWEN3MOE_INTER, u32),
-                             ("vocab_size", vocab, u32)):
-        writer.add_key_value(f"qwen3moe.{key}", value, kind)
+    add_keys(writer, like, vocab, "qwen3moe", {
+        "block_count": layers, "context_length": 4096, "embedding_length": hidden, "feed_forward_length": QWEN3MOE_INTER,
+        "attention.head_count": heads, "attention.head_count_kv": kv_heads, "attention.key_length": head_dim,
+        "attention.value_length": head_dim, "rope.freq_base": 1e6, "attention.layer_norm_rms_epsilon": 1e-6,
+        "expert_count": experts, "expert_used_count": used, "expert_feed_forward_length": QWEN3MOE_INTER,
+        "vocab_size": vocab})
     return write_random_tensors(writer, path, qwen3moe_tensors(layers, hidden, experts, heads, kv_heads, head_dim, vocab),
                          types, seed)

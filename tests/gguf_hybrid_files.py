@@ -1,7 +1,7 @@
 """Random GGUF files of the architectures transformers loads through its newer GGUF path (its
 `integrations.gguf` conversion mappings): Qwen3.5 (dense and MoE: Gated DeltaNet linear attention
 with full attention every few layers) and LFM2 (short convolutions). The tensors are named and laid
-out as llama.cpp's converter writes them: `blk.N.*` leaf names, Qwen3.5's norms stored as `w + 1`,
+out as llama.cpp's converter writes them: names from the `gguf` package's table, Qwen3.5's norms stored as `w + 1`,
 `ssm_a` as `-exp(A_log)`, convolution kernels squeezed to 2D, a MoE layer's experts one
 [E, out, in] tensor per projection, and a multi-token-prediction block after the last layer."""
 
@@ -10,43 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType as Q, GGUFWriter, MODEL_ARCH_NAMES, get_tensor_name_map
 
-from gguf_files import SKIP_KEYS, vocab_overrides, write_random_tensors
+from gguf_files import add_keys, gguf_name, write_random_tensors
 
-U32, F32, BOOL = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.BOOL
-
-# transformers' parameter under `model.layers.N.` -> llama.cpp's tensor under `blk.N.`
-LAYER_NAMES = {
-    "qwen35": {
-        "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "post_attention_norm.weight",
-        "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-        "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-        "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
-        "linear_attn.in_proj_qkv.weight": "attn_qkv.weight", "linear_attn.in_proj_z.weight": "attn_gate.weight",
-        "linear_attn.in_proj_a.weight": "ssm_alpha.weight", "linear_attn.in_proj_b.weight": "ssm_beta.weight",
-        "linear_attn.conv1d.weight": "ssm_conv1d.weight", "linear_attn.norm.weight": "ssm_norm.weight",
-        "linear_attn.out_proj.weight": "ssm_out.weight", "linear_attn.A_log": "ssm_a",
-        "linear_attn.dt_bias": "ssm_dt.bias",
-        "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-        "mlp.down_proj.weight": "ffn_down.weight", "mlp.gate.weight": "ffn_gate_inp.weight",
-        "mlp.experts.down_proj": "ffn_down_exps.weight", "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
-        "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
-        "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
-        "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
-    },
-    "lfm2": {
-        "operator_norm.weight": "attn_norm.weight", "ffn_norm.weight": "ffn_norm.weight",
-        "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-        "self_attn.v_proj.weight": "attn_v.weight", "self_attn.out_proj.weight": "attn_output.weight",
-        "self_attn.q_layernorm.weight": "attn_q_norm.weight", "self_attn.k_layernorm.weight": "attn_k_norm.weight",
-        "feed_forward.w1.weight": "ffn_gate.weight", "feed_forward.w3.weight": "ffn_up.weight",
-        "feed_forward.w2.weight": "ffn_down.weight", "conv.in_proj.weight": "shortconv.in_proj.weight",
-        "conv.out_proj.weight": "shortconv.out_proj.weight", "conv.conv.weight": "shortconv.conv.weight",
-    },
-}
-TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
-             "model.norm.weight": "output_norm.weight", "model.embedding_norm.weight": "token_embd_norm.weight"}
 SQUEEZED = ("ssm_conv1d.weight", "shortconv.conv.weight", "ffn_gate_inp_shexp.weight")  # stored without their size-1 axis
 
 
@@ -86,14 +53,17 @@ def gguf_tensors(config, family: str, quantized, mtp: bool) -> list:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    table = get_tensor_name_map(next(a for a, n in MODEL_ARCH_NAMES.items() if n == _arch(config, family)),
+                                config.num_hidden_layers)
     out = []
     for name, p in model.state_dict().items():
-        if name.startswith("model.layers."):
-            index, leaf = name[len("model.layers."):].split(".", 1)
-            ggufs = ([f"blk.{index}.ffn_gate_exps.weight", f"blk.{index}.ffn_up_exps.weight"]
-                     if leaf == "mlp.experts.gate_up_proj" else [f"blk.{index}.{LAYER_NAMES[family][leaf]}"])
-        else:
-            ggufs = [TOP_NAMES[name]]
+        index = name.split(".")[2] if name.startswith("model.layers.") else None
+        if name.endswith("mlp.experts.gate_up_proj"):
+            ggufs = [f"blk.{index}.ffn_gate_exps.weight", f"blk.{index}.ffn_up_exps.weight"]
+        elif name.endswith("mlp.experts.down_proj"):
+            ggufs = [f"blk.{index}.ffn_down_exps.weight"]
+        else:  # the `gguf` package's own table, the one llama.cpp's converter names tensors by
+            ggufs = [gguf_name(table, name)]
         shape = tuple(p.shape)
         if len(ggufs) == 2:
             shape = (shape[0], shape[1] // 2, shape[2])
@@ -112,22 +82,19 @@ def write_random_hybrid(path: Path, like: Path, config, family: str, *, quantize
                         types: dict | None = None, seed: int = 0) -> int:
     """A random GGUF of `config`'s model (`family` "qwen35" or "lfm2"; Qwen3.5-MoE's GGUF architecture
     is "qwen35moe") with `like`'s tokenizer cut to the config's vocabulary; returns its size."""
-    arch = "qwen35moe" if family == "qwen35" and hasattr(config, "num_experts") else family
-    reader = GGUFReader(like)
+    arch = _arch(config, family)
     writer = GGUFWriter(path, arch)
-    kept = {k: f for k, f in reader.fields.items() if k.startswith(("tokenizer.", "general.")) and not k.startswith(SKIP_KEYS)}
-    overrides = vocab_overrides(reader, config.vocab_size)
-    for key, field in kept.items():
-        sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(key, overrides.get(key, field.contents()), field.types[0], sub_type=sub_type)
-    for key, value in _metadata(config, family, mtp).items():
-        kind = GGUFValueType.ARRAY if isinstance(value, list) else F32 if isinstance(value, float) else U32
-        writer.add_key_value(f"{arch}.{key}", value, kind, sub_type=U32 if isinstance(value, list) else None)
+    add_keys(writer, like, config.vocab_size, arch, _metadata(config, family, mtp))
     tensors = gguf_tensors(config, family, quantized, mtp)
     rng = np.random.default_rng(seed + 1)
     values = {n: -np.exp(0.5 * rng.standard_normal(shape)).astype(np.float32)  # ssm_a = -exp(A_log) < 0
               for n, shape, _ in tensors if n.endswith(".ssm_a")}
     return write_random_tensors(writer, path, tensors, types, seed, values)
+
+
+def _arch(config, family: str) -> str:
+    """The GGUF architecture of `config` (`family` "qwen35" or "lfm2"): Qwen3.5-MoE's is "qwen35moe"."""
+    return "qwen35moe" if family == "qwen35" and hasattr(config, "num_experts") else family
 
 
 def _metadata(config, family: str, mtp: bool) -> dict:

@@ -9,19 +9,17 @@ too, so the model is the file's exact reference."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFValueType, GGUFWriter, MODEL_ARCH_NAMES, get_tensor_name_map
+from gguf import GGMLQuantizationType as Q, GGUFWriter, MODEL_ARCH_NAMES, get_tensor_name_map
 from gguf.quants import dequantize, quantize
 
-from gguf_files import SKIP_KEYS, vocab_overrides
+from gguf_files import add_keys, gguf_name
 
 ARCHS = {"deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2", "glm4_moe": "glm4moe",  # model type -> GGUF
          "gpt_oss": "gpt-oss", "glm_moe_dsa": "glm-dsa", "kimi_linear": "kimi-linear"}
-HUB_NAMES = ((".forget_gate.", "."), (".dt_bias", ".dt_proj.bias"), (".mlp.gate.", ".block_sparse_moe.gate."))  # Kimi's
 
 def deepseek_v3_config(*, vocab: int, yarn: bool = True):
     """A small DeepSeek-V3 config: MLA with a q LoRA, 8 routed experts in 2 groups, one dense layer."""
@@ -150,7 +148,7 @@ def write_mapped(path: Path, like: Path, model, *, types=lambda name: None, spli
             for x, part in zip("qkv", np.split(a, 3, axis=0)):
                 tensors.append((f"blk.{_layer(name)}.ssm_conv1d_{x}.weight", part.reshape(1, part.shape[0], 1, -1), Q.F32))
         elif name.endswith(".A_log"):  # KimiLinearModel.modify_tensors: -exp, in torch
-            tensors.append((_name(table, name), (-torch.exp(torch.from_numpy(a))).numpy(), Q.F32))
+            tensors.append((gguf_name(table, name), (-torch.exp(torch.from_numpy(a))).numpy(), Q.F32))
         elif name.endswith(".sinks"):
             tensors.append((table.get_name(name) + ".weight", a, Q.F32))
         elif name.endswith("mlp.experts.gate_up_proj"):  # llama.cpp stacks each projection's experts
@@ -160,7 +158,7 @@ def write_mapped(path: Path, like: Path, model, *, types=lambda name: None, spli
         elif name.endswith("mlp.experts.down_proj"):
             tensors.append((table.get_name(name) + ".weight", a, kind))
         elif name.endswith("e_score_correction_bias"):
-            tensors.append((_name(table, name[:-len("_bias")]) + ".bias", a, Q.F32))
+            tensors.append((gguf_name(table, name[:-len("_bias")]) + ".bias", a, Q.F32))
         elif name.endswith("kv_b_proj.weight") and split_kv_b:
             heads, nope = config.num_attention_heads, config.qk_nope_head_dim
             kv_b = a.reshape(heads, nope + config.v_head_dim, -1)
@@ -168,7 +166,7 @@ def write_mapped(path: Path, like: Path, model, *, types=lambda name: None, spli
             tensors += [(table.get_name(base.replace("kv_b", "k_b")) + ".weight", k_b, Q.F32),
                         (table.get_name(base.replace("kv_b", "v_b")) + ".weight", v_b, Q.F32)]
         else:
-            tensors.append((_name(table, name), a, kind))
+            tensors.append((gguf_name(table, name), a, kind))
     if mtp:  # llama.cpp's names for the next-token layer's own tensors, and a norm as every layer has
         n, hidden = config.num_hidden_layers, config.hidden_size
         tensors += [(f"blk.{n}.nextn.eh_proj.weight", np.ones((hidden, 2 * hidden), np.float32), Q.F32),
@@ -184,16 +182,7 @@ def write_file(path: Path, like: Path, arch: str, vocab: int, tensors, metadata:
     """A GGUF of `arch` at `path`: `like`'s tokenizer cut to `vocab` tokens, `metadata` {key: value}
     as `{arch}.key` (a list as an array of its items' type), `tensors` [(name, float32 array, GGML type)]."""
     writer = GGUFWriter(path, arch)
-    for key, value, vtype, sub_type in _tokenizer_fields(like, vocab):
-        writer.add_key_value(key, value, vtype, sub_type=sub_type)
-    for key, value in metadata.items():
-        item = value[0] if isinstance(value, list) else value
-        vtype = GGUFValueType.STRING if isinstance(item, str) else GGUFValueType.BOOL if isinstance(item, bool) \
-            else GGUFValueType.FLOAT32 if isinstance(item, float) else GGUFValueType.UINT32
-        if isinstance(value, list):
-            writer.add_key_value(f"{arch}.{key}", value, GGUFValueType.ARRAY, sub_type=vtype)
-        else:
-            writer.add_key_value(f"{arch}.{key}", value, vtype)
+    add_keys(writer, like, vocab, arch, metadata)
     for name, a, kind in tensors:
         data = quantize(a, kind) if kind != Q.F32 else a.astype(np.float32)
         writer.add_tensor(name, data, raw_dtype=kind if kind != Q.F32 else None)
@@ -201,20 +190,6 @@ def write_file(path: Path, like: Path, arch: str, vocab: int, tensors, metadata:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer_fields(like: Path, vocab: int) -> tuple:
-    """`like`'s tokenizer and general fields, cut to `vocab` tokens: (key, value, type, item type)
-    (parsed once: a 49k-token vocabulary takes seconds)."""
-    reader = GGUFReader(like)
-    overrides = vocab_overrides(reader, vocab)
-    out = []
-    for key, field in reader.fields.items():
-        if key.startswith(("tokenizer.", "general.")) and not key.startswith(SKIP_KEYS):
-            sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
-            out.append((key, overrides.get(key, field.contents()), field.types[0], sub_type))
-    return tuple(out)
 
 
 def _gpt_oss(config) -> dict:
@@ -246,17 +221,6 @@ def _glm4moe(config, mtp: bool) -> dict:
             "expert_feed_forward_length": config.moe_intermediate_size, "expert_shared_count": config.n_shared_experts,
             "leading_dense_block_count": config.first_k_dense_replace, "expert_gating_func": 2,
             "expert_weights_scale": float(config.routed_scaling_factor), "expert_weights_norm": config.norm_topk_prob}
-
-
-def _name(table, name: str) -> str:
-    """`name`'s GGUF name: under the checkpoint's own name where transformers renamed it (HUB_NAMES)."""
-    found = table.get_name(name, try_suffixes=(".weight", ".bias"))
-    for ours, theirs in HUB_NAMES:
-        if found is None and ours in name:
-            name = name.replace(ours, theirs)
-            found = table.get_name(name, try_suffixes=(".weight", ".bias"))
-    assert found is not None, name
-    return found
 
 
 def _layer(name: str) -> str:

@@ -318,14 +318,9 @@ def test_k_b_that_does_not_match_the_metadata_is_one_line(plain_deepseek, tmp_pa
 def _copy_with(reader, writer, overrides: dict | None = None, drop: str | None = None) -> None:
     """`reader`'s file rewritten by `writer` with some metadata values replaced or one key dropped."""
     import numpy as np
-    from gguf import GGUFValueType
+    from gguf_files import copy_metadata
 
-    overrides = overrides or {}
-    for key, field in reader.fields.items():
-        if key.startswith(("GGUF.", "general.architecture")) or key == drop:
-            continue
-        sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(key, overrides.get(key, field.contents()), field.types[0], sub_type=sub_type)
+    copy_metadata(writer, reader, overrides, drop)
     for t in reader.tensors:
         writer.add_tensor(t.name, np.asarray(t.data), raw_shape=t.data.shape, raw_dtype=t.tensor_type)
     writer.write_header_to_file()
