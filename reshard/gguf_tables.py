@@ -41,6 +41,7 @@ from . import gguf_configs
 from . import gguf_dense_configs as dense
 from . import gguf_ssm_configs as ssm
 from .errors import SourceError
+from .plan import holds_inward
 
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 # tokenizer.ggml.pre -> the regexes text is split by, in order (llama.cpp's llama-vocab.cpp; each
@@ -181,7 +182,7 @@ class TableMap:
                 return [table.get_name(f"{base}.{p}") + suffix for p in ("gate_proj", "up_proj")]
             self.kinds[param] = "transposed" if suffix == ".weight" else "bias"
             return [table.get_name(f"{base}.down_proj") + suffix]
-        inward = self.arch == "llama4"  # experts held as (in, out) matrices, gate and up joined by columns
+        inward = holds_inward(model.get_submodule(base))  # Llama 4: (in, out) matrices, gate and up joined by columns
         if param.endswith(".experts.gate_up_proj"):  # llama.cpp stacks each projection's experts
             if f"blk.{layer}.ffn_gate_up_exps.weight" in self.present:  # written joined (--fuse-gate-up-exps)
                 if inward:
@@ -247,7 +248,7 @@ class TableMap:
     def transposed(self, key: str) -> bool:
         """Whether transformers holds parameter `key` as (in, out) matrices: `make(..., stored=True)`
         gives them as the file's (out, in) rows."""
-        return self.kinds.get(key) in ("interleaved", "transposed")
+        return self.kinds.get(key) in ("interleaved", "transposed", "inward experts", "inward")
 
     def make(self, key: str, tensors: dict[str, torch.Tensor], stored: bool = False) -> torch.Tensor:
         """Parameter `key` from its GGUF tensors {GGUF name: values}, in `sources[key]`'s order; a

@@ -140,19 +140,38 @@ def plan_groups(model: nn.Module) -> Plan:
 
 # the experts forward's argument that names each token's experts (gpt-oss calls it router_indices)
 ROUTED_ARGS = ("top_k_index", "router_indices")
+# the MoE block's router module, beside its `experts` (nn.Linear in some models: Llama 4's); stays unquantized
+ROUTER_NAMES = ("gate", "router")
+# experts modules that take no routed ids: their forward gets its input stacked per expert, [E * tokens,
+# hidden], each expert's copy of the tokens scaled by its router score (rows of zeros for the tokens it does
+# not get), and computes every expert on it (Llama 4). An expert whose rows are all zero adds exactly zero.
+STACKED_EXPERTS = ("Llama4TextExperts",)
+
+
+def stacks_tokens(module: nn.Module) -> bool:
+    """Whether `module` is an experts module of the STACKED_EXPERTS kind."""
+    return type(module).__name__ in STACKED_EXPERTS
+
+
+def holds_inward(module: nn.Module) -> bool:
+    """Whether an experts module holds its experts as (in, out) matrices, [E, in, out]: gpt-oss's
+    (`is_transposed`) and Llama 4's; transformers' experts contract holds (out, in), as nn.Linear does."""
+    return bool(getattr(module, "is_transposed", False)) or stacks_tokens(module)
 
 
 def find_experts(model: nn.Module) -> dict[str, dict]:
     """Experts modules: {qualified name: {"num_experts": E, "tensors": [param names]}}.
 
     An experts module is one that transformers dispatches routed tokens to (its forward takes
-    the router's `top_k_index`, see transformers.integrations.moe, or gpt-oss's `router_indices`)
-    and holds `num_experts` experts as parameters of shape [E, ...]; expert e of each is `param[e]`.
+    the router's `top_k_index`, see transformers.integrations.moe, or gpt-oss's `router_indices`;
+    or it is of the STACKED_EXPERTS kind) and holds `num_experts` experts as parameters of shape
+    [E, ...]; expert e of each is `param[e]`.
     """
     found = {}
     for mname, module in model.named_modules():
         count = getattr(module, "num_experts", None)
-        if not isinstance(count, int) or count < 1 or not _forward_args(module) & set(ROUTED_ARGS):
+        routed = _forward_args(module) & set(ROUTED_ARGS) or stacks_tokens(module)
+        if not isinstance(count, int) or count < 1 or not routed:
             continue
         names = [f"{mname}.{p}" for p, t in module.named_parameters(recurse=False)
                  if t.dim() >= 1 and t.shape[0] == count]

@@ -158,12 +158,20 @@ def _round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def quantizable_params(model: torch.nn.Module, plan, *, embeddings: bool = False) -> dict[str, bool]:
     """{param name: transposed} for the weights to quantize: 2-D weights of the decoder layers'
     linear modules (`nn.Linear`, or transformers' `Conv1D`, which stores its weight (in, out):
-    transposed), plus the input/output embeddings if `embeddings`. Tied aliases are left out."""
+    transposed) but MoE routers (kept as llama.cpp keeps them: a rounded router picks other experts),
+    the input/output embeddings if `embeddings`, and the experts' [E, ...] weights, each expert
+    alone. Tied aliases are left out."""
     from transformers.pytorch_utils import Conv1D
 
+    from .plan import ROUTER_NAMES, find_experts, holds_inward
+
     stored = {p for g in plan.groups for p in g.params}
+    experts = find_experts(model)
+    routers = {f"{path.rpartition('.')[0]}.{name}" for path in experts for name in ROUTER_NAMES}
     chosen = {}
     for mname, module in model.named_modules():
+        if mname in routers:
+            continue
         inside = mname.startswith(plan.layers_path + ".")
         linear = isinstance(module, (torch.nn.Linear, Conv1D)) and inside
         is_embedding = embeddings and module in (model.get_input_embeddings(), model.get_output_embeddings())
@@ -171,10 +179,8 @@ def quantizable_params(model: torch.nn.Module, plan, *, embeddings: bool = False
         name = f"{mname}.weight"
         if weight is not None and weight.dim() == 2 and name in stored:
             chosen[name] = isinstance(module, Conv1D)
-    from .plan import find_experts
-
-    for mname, entry in find_experts(model).items():  # [E, out, in] expert weights: each expert alone
-        transposed = bool(getattr(model.get_submodule(mname), "is_transposed", False))
+    for mname, entry in experts.items():  # [E, out, in] expert weights: each expert alone
+        transposed = holds_inward(model.get_submodule(mname))
         chosen.update({n: transposed for n in entry["tensors"] if n in stored and len(plan_shape(plan, n)) == 3})
     return chosen
 

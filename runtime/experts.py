@@ -46,9 +46,9 @@ import torch
 from torch import nn
 
 from reshard.format import ST_TO_DTYPE, dense_range, expert_range, expert_tensors, quant_part_names, scheme_of
-from reshard.plan import ROUTED_ARGS
+from reshard.plan import ROUTED_ARGS, stacks_tokens
 
-from . import budget
+from . import budget, stackedexperts
 from .expertcache import POLICIES, ExpertCache, kept_copy
 from .expertrounds import Restore, in_rounds
 from .expertslots import Slots, computes_on_slots, fill_rows, routed_experts, runs_in_rounds
@@ -76,6 +76,7 @@ class ExpertStreamer:
         self.warned: set[type] = set()  # experts classes read whole (said once per class)
         self.empty: dict[str, dict] = {}  # experts module path -> its placeholder parameters
         self.placed: set[str] = set()  # experts modules computing on slots this call
+        self.stacked: dict[str, stackedexperts.StackedCall] = {}  # Llama 4's modules on slots this call
         self.whole_at: float | None = WHOLE_AT  # None: every pass reads routed experts alone
         self.wholes: dict[int, tuple] = {}  # group -> (sparse span, E, k): may load whole for a pass
         self.elsewhere = lambda path: False  # this call of `path` runs on the host (runtime/cpuexperts.py)
@@ -98,6 +99,8 @@ class ExpertStreamer:
                 self.empty[path] = {a: module._parameters[a] for a in (n.rpartition(".")[2] for n in entry["tensors"])}
                 self.hooks.append(module.register_forward_pre_hook(self._hook(i, path, module, entry), with_kwargs=True))
                 self.hooks.append(module.register_forward_hook(self._restore(path, module)))
+                if stacks_tokens(module):
+                    self.hooks.append(module.register_forward_hook(self._spread(path)))
                 if runs_in_rounds(module):
                     module.forward = in_rounds(module, module.forward, self._round_limit(path))
                     self.hooks.append(Restore(module))
@@ -159,8 +162,8 @@ class ExpertStreamer:
     def _hook(self, i: int, path: str, module: nn.Module, entry: dict):
         signature = inspect.signature(module.forward)
         count = entry["num_experts"]
-        compact, rounds = computes_on_slots(module), runs_in_rounds(module)
-        routes = any(a in signature.parameters for a in ROUTED_ARGS)
+        compact, rounds, stacked = computes_on_slots(module), runs_in_rounds(module), stacks_tokens(module)
+        routes = stacked or any(a in signature.parameters for a in ROUTED_ARGS)
         if not routes and type(module) not in self.warned:
             self.warned.add(type(module))
             print(f"runtime: {path} ({type(module).__name__}) takes no routed expert ids: "
@@ -175,6 +178,8 @@ class ExpertStreamer:
                 bound = signature.bind(*args, **kwargs)
             except TypeError:
                 bound = None
+            if stacked and bound is not None:
+                return self._on_slots(i, path, mod, entry, bound)
             arg = next((a for a in ROUTED_ARGS if bound is not None and a in bound.arguments), None)
             if arg is None:
                 self.bring(i, path, mod, entry, range(count), full=True)
@@ -198,6 +203,24 @@ class ExpertStreamer:
             return bound.args, bound.kwargs
 
         return pre_hook
+
+    def _on_slots(self, i: int, path: str, module: nn.Module, entry: dict, bound):
+        """A stacked experts module (Llama 4's, runtime/stackedexperts.py) gets its experts with a
+        row that is not zero in slots, and their rows alone; `_spread` puts the results back."""
+        hidden, count = bound.arguments["hidden_states"], entry["num_experts"]
+        routed = stackedexperts.routed(hidden, count) or [0]  # no expert has a row: the first computes zeros
+        slots = self.bring(i, path, module, entry, routed, alone=self.round_experts is not None)
+        self._guess(i, {"hidden_states": stackedexperts.summed(hidden, count)})
+        bound.arguments["hidden_states"], self.stacked[path] = stackedexperts.compact(hidden, slots.held, count)
+        stackedexperts.pad(module, [name.rpartition(".")[2] for name in entry["tensors"]])
+        return bound.args, bound.kwargs
+
+    def _spread(self, path: str):
+        def post_hook(mod, args, output):
+            call = self.stacked.pop(path, None)
+            return None if call is None else stackedexperts.spread(output, call)
+
+        return post_hook
 
     def _guess(self, i: int, arguments: dict) -> None:
         """Layer i's routed experts are in place: guess the next MoE layer's from its hidden state

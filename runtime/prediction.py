@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from reshard.plan import ROUTER_NAMES
+
 from . import budget
 
 MOST = 0.5  # a guess covering more of the experts than this is not read ahead
-ROUTER_NAMES = ("gate", "router")  # the MoE block's router module, beside its `experts`
 
 
 def most_guessed(count: int) -> int:

@@ -117,9 +117,11 @@ def random_model(config, seed: int = 0, types=lambda name: None):
 
 
 def _transposed(model, name: str) -> bool:
-    """Whether parameter `name` belongs to experts transformers holds as (in, out) matrices (gpt-oss's)."""
+    """Whether parameter `name` belongs to experts transformers holds as (in, out) matrices (gpt-oss's, Llama 4's)."""
+    from reshard.plan import holds_inward
+
     owner = name.rsplit(".", 1)[0]
-    return owner.endswith(".experts") and bool(getattr(model.get_submodule(owner), "is_transposed", False))
+    return owner.endswith(".experts") and holds_inward(model.get_submodule(owner))
 
 
 def write_mapped(path: Path, like: Path, model, *, types=lambda name: None, split_kv_b: bool = True,

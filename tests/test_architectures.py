@@ -1,8 +1,8 @@
 """Architectures beyond conftest's ARCHS and MOE_ARCHS, from safetensors checkpoints as transformers
 saves them: state-space and hybrid decoders (Mamba 2, which has no attention heads; Jamba; Granite 4's
 GraniteMoeHybrid; Nemotron-H; Qwen3-Next's gated DeltaNet) and Llama 4 (chunked attention, rotary-free
-layers, experts computed for every token, and ids its model moves to the embedding weight's device
-before the lookup). Streamed (nothing resident) and resident, the runtime equals transformers' own
+layers, experts computed for every token, streamed as routed all the same, and ids its model moves to
+the embedding weight's device before the lookup). Streamed (nothing resident) and resident, the runtime equals transformers' own
 model: logits bit-identical in float32 and the same greedy tokens."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 from conftest import CPU_BUDGETS
 
 from reshard.convert import convert
+from reshard.format import expert_bytes, read_manifest
 
 BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=None, bos_token_id=1, eos_token_id=2)
@@ -77,3 +78,75 @@ def test_streamed_and_resident_equal_transformers(converted, arch):
         with LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=CPU_BUDGETS[placement]) as lm:
             assert torch.equal(lm(ids).logits, want), placement
             assert torch.equal(lm.generate(ids, max_new_tokens=5, do_sample=False), want_tokens), placement
+
+
+def test_llama4_streams_only_the_routed_experts(converted):
+    """Llama 4's experts module takes no routed ids: it gets its tokens stacked per expert, zero rows
+    where the router did not send them (runtime/stackedexperts.py). Streamed, a layer brings only the
+    experts with a routed token, onto slots (one expert beside an expanded copy of itself), and the
+    logits stay bit-identical."""
+    from runtime import LayeredModel
+
+    model, folder = converted("llama4")
+    moe = [g for g in read_manifest(folder).groups if g.experts]
+    assert [g.name for g in moe] == ["layers.1", "layers.3"]
+    ids = torch.tensor([[5, 17, 99, 3, 250, 41, 7, 7, 128, 64, 12, 200]])
+    with torch.no_grad():
+        want, want_tokens = model(ids).logits, model.generate(ids, max_new_tokens=3, do_sample=False)
+    with LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=0, expert_cache=0) as lm:
+        lm.experts.whole_at = None  # the prompt reads its routed experts alone too, several per layer
+        assert torch.equal(lm(ids).logits, want)
+        assert len(moe) < lm.stats.per_pass[-1].experts_read < 8 * len(moe)
+        assert torch.equal(lm.generate(ids, max_new_tokens=3, do_sample=False), want_tokens)
+        last = lm.stats.per_pass[-1]  # one token, k = 1: one expert per MoE layer
+        assert last.experts_read == len(moe)
+        assert last.expert_bytes == sum(expert_bytes(g) for g in moe) // 8
+
+
+def test_llama4_quantized_experts_stream_as_resident(converted, tmp_path):
+    """`--quantize int4` keeps Llama 4's (in, out) experts per expert as (out, in) groups (each expert one
+    byte range) and leaves the router as it is; streamed expert by expert equals resident."""
+    from runtime import LayeredModel
+
+    _, folder = converted("llama4")
+    out = tmp_path / "int4"
+    convert(str(folder.parent / "hf"), out, progress=False, quantize="int4")
+    layer = read_manifest(out).group("layers.1")
+    experts = {k: v for k, v in layer.quantized.items() if ".experts." in k}
+    assert set(experts) == {f"model.layers.1.feed_forward.experts.{p}" for p in ("gate_up_proj", "down_proj")}
+    assert all(v["transposed"] for v in experts.values())
+    assert "model.layers.1.feed_forward.router.weight" not in layer.quantized
+    ids = torch.tensor([[5, 17, 99, 3, 250, 41, 7]])
+    got = {}
+    for placement in ("resident", "streamed"):
+        with LayeredModel.from_pretrained(out, device="cpu", max_cpu_memory=CPU_BUDGETS[placement]) as lm:
+            got[placement] = lm(ids).logits, lm.generate(ids, max_new_tokens=3, do_sample=False)
+            reads = lm.stats.per_pass[-1].experts_read
+    assert torch.equal(got["streamed"][0], got["resident"][0])
+    assert torch.equal(got["streamed"][1], got["resident"][1])
+    assert reads == 2
+
+
+@pytest.mark.parametrize("routed", [[3], [0, 5], [1, 2, 7]])
+def test_llama4_experts_on_slots_equal_all_experts(routed):
+    """Transformers' Llama 4 experts module on the routed experts' slots and rows, its results put back
+    (runtime/stackedexperts.py), equals the module over all its experts, bit for bit: one routed
+    expert too, where torch's batched matmul over a single matrix would round otherwise."""
+    from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
+
+    from runtime import stackedexperts
+
+    torch.manual_seed(0)
+    module = Llama4TextExperts(config("llama4")).requires_grad_(False)
+    for p in module.parameters():
+        p.normal_()
+    hidden = torch.zeros(8, 9, 64)  # (E, tokens, hidden): zero rows where an expert gets no token
+    hidden[routed] = torch.randn(len(routed), 9, 64)
+    want = module(hidden.reshape(-1, 64))
+    assert stackedexperts.routed(hidden.reshape(-1, 64), 8) == routed
+    rows, call = stackedexperts.compact(hidden.reshape(-1, 64), routed, 8)
+    full = {name: p for name, p in module._parameters.items()}
+    for name, p in full.items():
+        module._parameters[name] = torch.nn.Parameter(p[routed], requires_grad=False)
+    stackedexperts.pad(module, list(full))
+    assert torch.equal(stackedexperts.spread(module(rows), call), want)

@@ -31,9 +31,8 @@ MODEL_CLASSES = {"command-r": "CohereForCausalLM", "granitemoe": "GraniteMoeShar
 
 
 def q8_0(name: str):
-    """Q8_0 for the matrices (experts, embeddings and head among them), F32 for norms, biases and routers
-    (and for Llama 4's experts, which transformers holds as (in, out) matrices)."""
-    if "feed_forward.experts." in name or name.endswith("dt_proj.weight"):  # (in, out); Jamba's dt rank of 4
+    """Q8_0 for the matrices (experts, embeddings and head among them), F32 for norms, biases and routers."""
+    if name.endswith("dt_proj.weight"):  # Jamba's dt rank of 4
         return None
     return Q.Q8_0 if name.endswith(("_proj.weight", "gate_up_proj", "experts.up_proj", "down_proj", "embed_tokens.weight",
                                     "lm_head.weight", "input_linear.weight", "in_proj_qkvz.weight", "in_proj_ba.weight")) \
@@ -80,6 +79,7 @@ KEPT = {  # arch -> parameters of layer 1 whose Q8_0 rows stay int8 blocks
     "qwen3next": ["linear_attn.in_proj_qkvz.weight", "mlp.experts.gate_up_proj"],  # rows regrouped per key head
     "granitehybrid": ["mamba.in_proj.weight", "block_sparse_moe.experts.gate_up_proj"],
     "nemotron_h_moe": ["mixer.experts.up_proj", "mixer.experts.down_proj"],  # experts without a gate
+    "llama4": ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"],  # (in, out) matrices
 }
 
 
