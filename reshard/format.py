@@ -130,6 +130,9 @@ class Manifest:
 # --- quantized parameters ------------------------------------------------------------------
 
 ACT_ORDER = "int4-act"  # int4 with its columns gathered group by group (act-order GPTQ: reshard/published.py)
+# bitsandbytes' 4-bit weights (reshard/bnb.py): + the dtype their values are rounded to ("bnb4-bfloat16")
+BNB4 = "bnb4-"
+BNB4_DTYPES = ("float32", "float16", "bfloat16")
 REORDERED = "-reordered"  # GGML blocks whose stored columns are in another order (see QUANT_PARTS)
 QUANT_PARTS = {"int8": ("qweight", "scales"), "int4": ("qweight", "scales", "zeros"),
                "int4-sym": ("qweight", "scales"),  # int4 with zeros = -8 * scales (GGUF Q4_0: reshard/ggml_repack.py)
@@ -137,6 +140,8 @@ QUANT_PARTS = {"int8": ("qweight", "scales"), "int4": ("qweight", "scales", "zer
                ACT_ORDER: ("qweight", "scales", "zeros", "columns"),
                "fp8-block": ("qweight", "scale_inv"),  # reshard/fp8.py
                "mxfp4": ("blocks", "scales"),  # reshard/mxfp4.py
+               # codes (out, in / 2) uint8, float32 scales per block, the codes' 16 values (reshard/bnb.py)
+               **{BNB4 + d: ("qweight", "absmax", "code") for d in BNB4_DTYPES},
                # GGML blocks kept as in a GGUF file (reshard/ggml_quants.py): one uint8 part
                **{s: ("blocks",) for s in BLOCK_TYPES},
                # GGML blocks whose columns the model takes in another order (a Qwen3.5 GGUF's

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .bnb import is_bnb4
 from .errors import SourceError
 from .format import ACT_ORDER, DTYPE_TO_ST, quant_part_names
 from .fp8 import layout as fp8_layout
@@ -24,9 +25,10 @@ from .quant import plan_shape, quantizable_params
 from .source import Source
 
 SUPPORTED = ("gptq", "awq", "compressed-tensors")  # quant_method values re-packed here
-# fp8 (and compressed-tensors float8) and mxfp4 are kept as stored by reshard/fp8.py and reshard/mxfp4.py
-ADVICE = ("convert the original unquantized checkpoint, or an FP8, MXFP4, GPTQ, AWQ or compressed-tensors "
-          "version of it")
+# fp8 (and compressed-tensors float8), mxfp4 and bitsandbytes 4-bit are kept as stored by reshard/fp8.py,
+# reshard/mxfp4.py and reshard/bnb.py
+ADVICE = ("convert the original unquantized checkpoint, or an FP8, MXFP4, GPTQ, AWQ, compressed-tensors or "
+          "bitsandbytes 4-bit version of it")
 
 
 @dataclass
@@ -64,13 +66,15 @@ class Published:
 
 def published_format(config, name: str) -> Published | None:
     """The published quantization of `config` that is re-packed here (None if it has none, or if
-    it is an fp8/mxfp4 one, which reshard/fp8.py and reshard/mxfp4.py keep); a format this toolkit
+    it is an fp8/mxfp4/bitsandbytes 4-bit one, which reshard/fp8.py, mxfp4.py and bnb.py keep); a format this toolkit
     cannot read exactly is refused here, before any weight file is fetched."""
     qc = getattr(config, "quantization_config", None)
-    if qc is None or fp8_layout(config) is not None or is_mxfp4(config):
+    if qc is None or fp8_layout(config) is not None or is_mxfp4(config) or is_bnb4(config):
         return None
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     method = str(qc.get("quant_method", "?")).lower()
+    if method == "bitsandbytes":  # its 4-bit weights are kept by reshard/bnb.py
+        raise SourceError(f"{name} is 8-bit bitsandbytes (LLM.int8), which reshard cannot read; {ADVICE}")
     if method not in SUPPORTED:
         raise SourceError(f"{name} is quantized with {method!r}, which reshard cannot read; {ADVICE}")
     if method in ("gptq", "awq"):

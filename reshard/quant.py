@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from .bnb import dequantize_bnb4
 from .errors import UsageError
-from .format import ACT_ORDER, blocks_of
+from .format import ACT_ORDER, BNB4, blocks_of
 from .fp8 import SCHEME as FP8_SCHEME, dequantize_fp8
 from .mxfp4 import SCHEME as MXFP4_SCHEME, dequantize_mxfp4
 from .ggml_quants import BLOCK_TYPES, dequantize_blocks
@@ -48,13 +49,17 @@ def quantize(w: torch.Tensor, scheme: str, *, group: int = DEFAULT_GROUP, dtype:
 
 def dequantize(parts: dict[str, torch.Tensor], scheme: str, *, columns: int, dtype: torch.dtype) -> torch.Tensor:
     """The (out, columns) weight in `dtype` from the parts `quantize` returned (or a published
-    format kept as it was stored: "fp8-block", reshard/fp8.py; "mxfp4", reshard/mxfp4.py)."""
+    format kept as it was stored: "fp8-block", reshard/fp8.py; "mxfp4", reshard/mxfp4.py; "bnb4-*",
+    reshard/bnb.py)."""
     if scheme == FP8_SCHEME:
         return dequantize_fp8(parts["qweight"], parts["scale_inv"], dtype=dtype)
     if scheme == MXFP4_SCHEME:
         return dequantize_mxfp4(parts["blocks"], parts["scales"], dtype=dtype)
     if scheme == "int8":
         return dequantize_int8(parts["qweight"], parts["scales"], dtype=dtype)
+    if scheme.startswith(BNB4):  # bitsandbytes' NF4/FP4, rounded to its own dtype first (reshard/bnb.py)
+        return dequantize_bnb4(parts["qweight"], parts["absmax"], parts["code"],
+                               rounded=getattr(torch, scheme[len(BNB4):]), dtype=dtype)
     if scheme in BLOCK_TYPES:  # GGML blocks kept from a GGUF file (reshard/ggml_quants.py)
         return dequantize_blocks(parts["blocks"], scheme, dtype=dtype)
     if blocks_of(scheme):  # the same with their columns in another order: each column back in its place

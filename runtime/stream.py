@@ -164,7 +164,8 @@ class GroupLoader:
         # a published format's parts reach its expansion as stored (fp8's float32 scales are not
         # rounded to the compute dtype first); int8/int4 parts are cast as before
         own = self.scheme in QUANT_SCHEMES or not self.scheme
-        self._parts = [set() if own else {n for p in g.quantized for n in quant_part_names(p, self.scheme).values()}
+        self._parts = [set() if own else {n for p in g.quantized
+                                          for n in quant_part_names(p, scheme_of(g, p, self.scheme)).values()}
                        for g in manifest.groups]
 
     def tensor_names(self, i: int) -> list[str]:

@@ -149,6 +149,13 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "tensor {} has shape {} but the config needs {}; is the config the one of these weights?":
         ("test_robustness.py::test_missing_unexpected_or_misshapen_tensor",
          "test_errors_convert.py::test_tensor_whose_read_shape_differs"),
+    "{} is 8-bit bitsandbytes (LLM.int8), which reshard cannot read; {}":
+        ("test_formats_gptq.py::test_unreadable_quantization_is_refused_before_any_weight_download",),
+    # published bitsandbytes 4-bit checkpoints (reshard/bnb.py)
+    "{} is a 4-bit bitsandbytes weight of shape {} (dtype {}, {} blocks) that reshard cannot keep; convert with "
+    "--dtype float16 (or bfloat16) to de-quantize it": ("test_formats_bnb.py::test_a_state_reshard_cannot_keep_is_one_line",),
+    "{} is a 4-bit bitsandbytes weight that transformers combines with others at load; convert with --dtype float16 "
+    "(or bfloat16) to de-quantize it": ("test_formats_bnb.py::test_per_expert_4bit_weights_are_refused_unless_dequantized",),
     # published fp8 checkpoints (reshard/fp8.py)
     "fp8 weight {} has shape {}, which its scale grid {} does not divide; is the config the one of these weights?":
         ("test_formats_fp8.py::test_scale_grid_that_does_not_divide_its_weight",),

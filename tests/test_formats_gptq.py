@@ -227,12 +227,12 @@ def _error_line(capsys) -> str:
     return lines[0]
 
 
-ADVICE = ("convert the original unquantized checkpoint, or an FP8, MXFP4, GPTQ, AWQ or compressed-tensors "
-          "version of it")
+ADVICE = ("convert the original unquantized checkpoint, or an FP8, MXFP4, GPTQ, AWQ, compressed-tensors or "
+          "bitsandbytes 4-bit version of it")
 
 
 @pytest.mark.parametrize("qc,what", [
-    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quantized with 'bitsandbytes'"),
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "8-bit bitsandbytes (LLM.int8)"),
     ({"quant_method": "hqq", "nbits": 4}, "quantized with 'hqq'"),
     ({"quant_method": "exl2"}, "quantized with 'exl2'"),
     ({**QUANT_CONFIGS["gptq"], "bits": 3}, "3-bit GPTQ"),
