@@ -150,3 +150,25 @@ def test_llama4_experts_on_slots_equal_all_experts(routed):
         module._parameters[name] = torch.nn.Parameter(p[routed], requires_grad=False)
     stackedexperts.pad(module, list(full))
     assert torch.equal(stackedexperts.spread(module(rows), call), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_llama4_streams_its_routed_experts_on_cuda(converted):
+    """On a GPU a streamed Llama 4 layer brings its routed experts into slots too: transformers' model on the
+    GPU (float32, to matmul tolerance: a batched matmul over fewer experts may take another kernel) and
+    the same greedy tokens, with one expert per MoE layer read for a decoded token."""
+    from runtime import LayeredModel
+
+    model, folder = converted("llama4")
+    ref, ids = model.to("cuda"), torch.tensor([[5, 17, 99, 3, 250, 41, 7, 7, 128, 64, 12, 200]], device="cuda")
+    try:
+        with torch.no_grad():
+            want, tokens = ref(ids).logits, ref.generate(ids, max_new_tokens=4, do_sample=False)
+        with LayeredModel.from_pretrained(folder, device="cuda", max_gpu_memory=0, max_cpu_memory=0,
+                                          expert_cache=0) as lm:
+            torch.testing.assert_close(lm(ids).logits, want, rtol=1e-4, atol=1e-4)
+            assert torch.equal(lm.generate(ids, max_new_tokens=4, do_sample=False), tokens)
+            assert lm.stats.per_pass[-1].experts_read == 2
+    finally:
+        model.to("cpu")

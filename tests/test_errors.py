@@ -486,6 +486,7 @@ def test_each_listed_test_exists_and_quotes_its_message(table):
 # into place: half the work is done, the rest must be redone by the next run.
 INTERRUPTER = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even where started with SIGINT ignored
 real_replace = os.replace
 def replace(src, dst):
     if os.path.basename(dst) == sys.argv[1]:
@@ -517,6 +518,8 @@ def test_interrupted_convert_exits_130_and_resumes(tiny_checkpoints, tiny_conver
 # Runs `runtime generate` and sends itself SIGINT while the second group is being read.
 GENERATE_INTERRUPTER = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even where started with SIGINT ignored
 from runtime.stream import GroupLoader
 real_load, calls = GroupLoader.load, []
 def load(self, i):

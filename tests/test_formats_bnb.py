@@ -162,3 +162,4 @@ def test_per_expert_4bit_weights_are_refused_unless_dequantized(moe_checkpoints,
 
     assert main(["convert", str(folder), str(tmp_path / "out16"), "--dtype", "float16", "--quiet"]) == 0
     assert not any(g.quantized for g in read_manifest(tmp_path / "out16").groups)
+
