@@ -9,7 +9,8 @@ with the same kernels as the packed linear layers (runtime/lowbit.py): per route
 gate/up product, transformers' own `_apply_gate` (or activation), the down product, the routing
 weight; the tokens' top-k outputs are summed as transformers' batched experts implementation sums
 them. The contract is transformers' `use_experts_implementation` (has_gate, has_bias, is_transposed,
-_apply_gate, act_fn, post_expert_norm): only modules that declare it run packed, expert biases (gpt-oss's
+_apply_gate, act_fn, post_expert_norm) or Llama 4's stacked one (`run_stacked`): only modules that declare
+one of them run packed, expert biases (gpt-oss's
 `gate_up_proj_bias`, `down_proj_bias`) added after each product as transformers adds them. Their results are those of the kernels (activations quantized per block of 32), as for
 packed linear layers; `packed=False` expands the experts instead (exact float32 math).
 
@@ -28,8 +29,9 @@ import torch
 from torch import nn
 
 from reshard.format import quant_part_names, scheme_of
+from reshard.plan import stacks_tokens
 
-from . import native
+from . import native, stackedexperts
 from .lowbit import PackSpec, native_kernel, pack_param, weight_spec
 
 PACKED = "_reshard_packed"  # on an experts module computing as stored: {param attr: {expert: operands}}
@@ -50,10 +52,13 @@ def plan(model: nn.Module, manifest, device: torch.device) -> dict[str, dict[str
             module = model.get_submodule(path)
             names = {name.rpartition(".")[2]: name for name in entry["tensors"]}
             attrs = {a: n for a, n in names.items() if not a.endswith(BIAS)}
-            if not hasattr(module, "has_gate") or set(attrs) != {"gate_up_proj" if module.has_gate else "up_proj",
-                                                                 "down_proj"}:
+            if stacks_tokens(module):  # Llama 4's: gate and up joined, no biases (`run_stacked`)
+                if set(names) != {"gate_up_proj", "down_proj"}:
+                    continue
+            elif not hasattr(module, "has_gate") or set(attrs) != {"gate_up_proj" if module.has_gate else "up_proj",
+                                                                   "down_proj"}:
                 continue
-            if getattr(module, "has_bias", True) and not all(a + BIAS in names for a in attrs):
+            elif getattr(module, "has_bias", True) and not all(a + BIAS in names for a in attrs):
                 continue  # biases, but not as the expert tensors they are in every transformers module
             found = {a: weight_spec(group, n, quant, ["native"]) if n in group.quantized else None
                      for a, n in attrs.items()}
@@ -145,6 +150,22 @@ def run(module: nn.Module, specs: dict[str, PackSpec], packed: dict[str, dict[in
     return out.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
 
 
+def run_stacked(module: nn.Module, specs: dict[str, PackSpec], packed: dict[str, dict[int, tuple]],
+                hidden: torch.Tensor) -> torch.Tensor:
+    """A stacked experts module's output (Llama 4's, runtime/stackedexperts.py: `hidden` [E * N, hidden],
+    each expert's copy of the tokens scaled by its router score) from `packed`: per expert with a row
+    that is not zero, gate and up, `act_fn(gate) * up`, down; zero rows for the others, as its own
+    forward gives them."""
+    kernels = {attr: _product(spec) for attr, spec in specs.items()}
+    x = hidden if hidden.dtype in native.IO_KINDS else hidden.float()
+    rows = x.reshape(module.num_experts, -1, x.shape[-1])  # (E, N, hidden)
+    out = torch.zeros_like(rows)
+    for e in stackedexperts.routed(hidden, module.num_experts):
+        gate, up = kernels["gate_up_proj"](rows[e], packed["gate_up_proj"][e]).chunk(2, dim=-1)
+        out[e] = kernels["down_proj"]((up * module.act_fn(gate)).to(x.dtype), packed["down_proj"][e]).to(x.dtype)
+    return out.reshape(-1, x.shape[-1]).to(hidden.dtype)
+
+
 def routed_call(arguments: dict) -> tuple:
     """(hidden states, routed expert ids, routing weights) of an experts module's bound call: its
     first three arguments, whatever the module names them (gpt-oss: router_indices, routing_weights)."""
@@ -170,7 +191,10 @@ def _forward(module: nn.Module, specs: dict[str, PackSpec]):
         packed = module.__dict__.get(PACKED)
         if packed is None:
             return own(*args, **kwargs)
-        return run(module, specs, packed, *routed_call(signature.bind(*args, **kwargs).arguments))
+        arguments = signature.bind(*args, **kwargs).arguments
+        if stacks_tokens(module):
+            return run_stacked(module, specs, packed, arguments["hidden_states"])
+        return run(module, specs, packed, *routed_call(arguments))
 
     forward.__signature__ = signature
     return forward

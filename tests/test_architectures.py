@@ -44,6 +44,9 @@ def config(arch: str):
                                               head_dim=16, num_local_experts=8, num_experts_per_tok=1,
                                               interleave_moe_layer_step=2, attention_chunk_size=8),
     }
+    make["llama4_wide"] = lambda: tf.Llama4TextConfig(**BASE, head_dim=16, intermediate_size_mlp=128, num_local_experts=8,
+                                                      num_experts_per_tok=1, interleave_moe_layer_step=2,
+                                                      attention_chunk_size=8)  # experts 128 wide: the kernels' widths
     return make[arch]()
 
 
@@ -103,12 +106,14 @@ def test_llama4_streams_only_the_routed_experts(converted):
         assert last.expert_bytes == sum(expert_bytes(g) for g in moe) // 8
 
 
-def test_llama4_quantized_experts_stream_as_resident(converted, tmp_path):
+def test_llama4_quantized_experts_stream_as_resident(converted, tmp_path, monkeypatch):
     """`--quantize int4` keeps Llama 4's (in, out) experts per expert as (out, in) groups (each expert one
-    byte range) and leaves the router as it is; streamed expert by expert equals resident."""
-    from runtime import LayeredModel
+    byte range) and leaves the router as it is. Streamed expert by expert equals resident, expanded
+    (`packed=False`) and computed as stored by the native kernels (runtime/packedexperts.py
+    `run_stacked`, which the CPU's default takes), the two close."""
+    from runtime import LayeredModel, native, packedexperts
 
-    _, folder = converted("llama4")
+    _, folder = converted("llama4_wide")
     out = tmp_path / "int4"
     convert(str(folder.parent / "hf"), out, progress=False, quantize="int4")
     layer = read_manifest(out).group("layers.1")
@@ -116,15 +121,24 @@ def test_llama4_quantized_experts_stream_as_resident(converted, tmp_path):
     assert set(experts) == {f"model.layers.1.feed_forward.experts.{p}" for p in ("gate_up_proj", "down_proj")}
     assert all(v["transposed"] for v in experts.values())
     assert "model.layers.1.feed_forward.router.weight" not in layer.quantized
+    calls = []
+    run = packedexperts.run_stacked
+    monkeypatch.setattr(packedexperts, "run_stacked", lambda *a: calls.append(1) or run(*a))
     ids = torch.tensor([[5, 17, 99, 3, 250, 41, 7]])
     got = {}
-    for placement in ("resident", "streamed"):
-        with LayeredModel.from_pretrained(out, device="cpu", max_cpu_memory=CPU_BUDGETS[placement]) as lm:
-            got[placement] = lm(ids).logits, lm.generate(ids, max_new_tokens=3, do_sample=False)
-            reads = lm.stats.per_pass[-1].experts_read
-    assert torch.equal(got["streamed"][0], got["resident"][0])
-    assert torch.equal(got["streamed"][1], got["resident"][1])
-    assert reads == 2
+    for packed in (False, True):
+        for placement in ("resident", "streamed"):
+            with LayeredModel.from_pretrained(out, device="cpu", max_cpu_memory=CPU_BUDGETS[placement],
+                                              packed=packed) as lm:
+                got[packed, placement] = lm(ids).logits, lm.generate(ids, max_new_tokens=3, min_new_tokens=3,
+                                                                     do_sample=False)
+                reads = lm.stats.per_pass[-1].experts_read
+            assert reads == (2 if placement == "streamed" else 0)
+        assert torch.equal(got[packed, "streamed"][0], got[packed, "resident"][0]), packed
+        assert torch.equal(got[packed, "streamed"][1], got[packed, "resident"][1]), packed
+    if native.lowbit() is not None and native.int_kernels():
+        assert calls  # the experts ran through the kernels
+    torch.testing.assert_close(got[True, "streamed"][0], got[False, "streamed"][0], rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize("routed", [[3], [0, 5], [1, 2, 7]])
@@ -172,3 +186,35 @@ def test_llama4_streams_its_routed_experts_on_cuda(converted):
             assert lm.stats.per_pass[-1].experts_read == 2
     finally:
         model.to("cpu")
+
+
+def test_llama4_experts_computed_as_stored_follow_the_module():
+    """`run_stacked` (runtime/packedexperts.py) on int4 operands gives Llama 4's experts module's own output
+    over the same weights expanded, to the kernels' rounding (activations quantized per block of 32):
+    the routed experts' rows computed, gate before up, the other rows zero."""
+    from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
+
+    from reshard.quant import dequantize, quantize
+    from runtime import native, packedexperts
+    from runtime.lowbit import PackSpec, pack_param
+
+    if native.lowbit() is None or not native.int_kernels():
+        pytest.skip("the native int4 kernels are not built here")
+    torch.manual_seed(0)
+    module = Llama4TextExperts(config("llama4_wide")).requires_grad_(False)
+    packed = {}
+    for name, p in module.named_parameters():  # each expert's (in, out) matrix quantized as (out, in)
+        p.normal_(std=0.1)
+        out_features, in_features = p.shape[2], p.shape[1]
+        spec = PackSpec("int4", 32, out_features, in_features, "native", torch.float32)
+        parts = [quantize(w.t().contiguous(), "int4", group=32, dtype=torch.float32) for w in p]
+        p.copy_(torch.stack([dequantize(q, "int4", columns=in_features, dtype=torch.float32).t() for q in parts]))
+        packed[name] = {e: pack_param(q, spec) for e, q in enumerate(parts)}
+    specs = {name: PackSpec("int4", 32, p.shape[2], p.shape[1], "native", torch.float32)
+             for name, p in module.named_parameters()}
+    hidden = torch.zeros(8, 3, 64)  # (E, tokens, hidden)
+    hidden[[1, 6]] = torch.randn(2, 3, 64)
+    want = module(hidden.reshape(-1, 64))
+    got = packedexperts.run_stacked(module, specs, packed, hidden.reshape(-1, 64))
+    assert torch.equal(got.view(8, 3, 64)[[0, 2, 3, 4, 5, 7]], torch.zeros(6, 3, 64))
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
