@@ -21,14 +21,15 @@ from .fp8 import layout as fp8_layout
 from .ggml_repack import SYMMETRIC_ZERO
 from .gptq import Affine, unpack_awq, unpack_gptq, unpack_pack_quantized
 from .mxfp4 import is_mxfp4
+from .nvfp4 import is_nvfp4
 from .quant import plan_shape, quantizable_params
 from .source import Source
 
 SUPPORTED = ("gptq", "awq", "compressed-tensors")  # quant_method values re-packed here
-# fp8 (and compressed-tensors float8), mxfp4 and bitsandbytes 4-bit are kept as stored by reshard/fp8.py,
-# reshard/mxfp4.py and reshard/bnb.py
-ADVICE = ("convert the original unquantized checkpoint, or an FP8, MXFP4, GPTQ, AWQ, compressed-tensors or "
-          "bitsandbytes 4-bit version of it")
+# fp8 (and compressed-tensors float8), mxfp4, NVFP4 and bitsandbytes 4-bit are kept as stored by reshard/fp8.py,
+# reshard/mxfp4.py, reshard/nvfp4.py and reshard/bnb.py
+ADVICE = ("convert the original unquantized checkpoint, or an FP8, MXFP4, NVFP4, GPTQ, AWQ, compressed-tensors "
+          "or bitsandbytes 4-bit version of it")
 
 
 @dataclass
@@ -65,11 +66,11 @@ class Published:
 
 
 def published_format(config, name: str) -> Published | None:
-    """The published quantization of `config` that is re-packed here (None if it has none, or if
-    it is an fp8/mxfp4/bitsandbytes 4-bit one, which reshard/fp8.py, mxfp4.py and bnb.py keep); a format this toolkit
-    cannot read exactly is refused here, before any weight file is fetched."""
+    """The published quantization of `config` that is re-packed here (None if it has none, or if it
+    is an fp8/mxfp4/NVFP4/bitsandbytes 4-bit one, which reshard/fp8.py, mxfp4.py, nvfp4.py and bnb.py
+    keep); a format this toolkit cannot read exactly is refused here, before any weight file is fetched."""
     qc = getattr(config, "quantization_config", None)
-    if qc is None or fp8_layout(config) is not None or is_mxfp4(config) or is_bnb4(config):
+    if qc is None or fp8_layout(config) is not None or is_mxfp4(config) or is_bnb4(config) or is_nvfp4(config):
         return None
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     method = str(qc.get("quant_method", "?")).lower()

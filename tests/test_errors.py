@@ -151,6 +151,11 @@ MESSAGES: dict[str, tuple[str, ...]] = {
          "test_errors_convert.py::test_tensor_whose_read_shape_differs"),
     "{} is 8-bit bitsandbytes (LLM.int8), which reshard cannot read; {}":
         ("test_formats_gptq.py::test_unreadable_quantization_is_refused_before_any_weight_download",),
+    # published NVFP4 checkpoints (reshard/nvfp4.py)
+    "{} is an NVFP4 weight whose parts have shapes {}, {} and {}, which do not make one (out, in) weight in groups "
+    "of {}; is the config the one of these weights?": ("test_formats_nvfp4.py::test_parts_that_make_no_weight_are_one_line",),
+    "{} is made from NVFP4 tensors and unquantized ones such as {}, so it cannot be kept in NVFP4; de-quantize the "
+    "checkpoint with --dtype bfloat16": ("test_formats_nvfp4.py::test_experts_of_nvfp4_and_unquantized_tensors_are_one_line",),
     # published bitsandbytes 4-bit checkpoints (reshard/bnb.py)
     "{} is a 4-bit bitsandbytes weight of shape {} (dtype {}, {} blocks) that reshard cannot keep; convert with "
     "--dtype float16 (or bfloat16) to de-quantize it": ("test_formats_bnb.py::test_a_state_reshard_cannot_keep_is_one_line",),

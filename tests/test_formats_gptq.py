@@ -227,8 +227,8 @@ def _error_line(capsys) -> str:
     return lines[0]
 
 
-ADVICE = ("convert the original unquantized checkpoint, or an FP8, MXFP4, GPTQ, AWQ, compressed-tensors or "
-          "bitsandbytes 4-bit version of it")
+ADVICE = ("convert the original unquantized checkpoint, or an FP8, MXFP4, NVFP4, GPTQ, AWQ, compressed-tensors "
+          "or bitsandbytes 4-bit version of it")
 
 
 @pytest.mark.parametrize("qc,what", [

@@ -1,0 +1,165 @@
+"""NVFP4 checkpoints: compressed-tensors' `nvfp4-pack-quantized` format (`quant_method:
+"compressed-tensors"`, 4-bit float weights in groups of 16), what NVIDIA's and Red Hat's `*-NVFP4` uploads use.
+
+Such a checkpoint stores each quantized linear weight `X.weight` (out, in) as `X.weight_packed`, uint8
+(out, in / 2): two fp4 e2m1 codes a byte, the even column in the low nibble; `X.weight_scale`,
+float8_e4m3fn (out, in / 16), one scale per group of 16; and `X.weight_global_scale`, float32 [1],
+one per tensor that divides them (`X.input_global_scale`, for activations, is left out: the runtime
+runs activations unquantized, as transformers' de-compressed CPU load does). A folder converted with
+default options keeps the codes and scales as published (scheme "nvfp4", parts `X.weight.qweight`,
+`.scales`, and `.global_scale` F32 (out, 1), the tensor's global scale repeated per row so that
+transformers' fusion of a MoE layer's experts and of gate with up, run on each part, keeps each row's).
+An explicit `--dtype` or `--quantize` de-quantizes them while reading.
+
+The de-quantization is compressed-tensors' own (`NVFP4PackedCompressor.decompress`, what transformers
+runs when it loads such a checkpoint with `run_compressed=False`): codes to their e2m1 values, each
+group's scale in float32 divided by the global scale, the product in float32, rounded to bfloat16 (its
+unpacking's dtype) before the model's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import SourceError
+from .format import DTYPE_TO_ST, quant_part_names
+
+SCHEME = "nvfp4"
+FORMAT = "nvfp4-pack-quantized"
+GROUP = 16
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitudes; bit 3 is the sign
+SUFFIXES = {"qweight": "weight_packed", "scales": "weight_scale", "global_scale": "weight_global_scale"}
+DROPPED = ("input_global_scale",)  # activation scales: no part of the de-quantized model
+SCALES, GLOBAL = ".nvfp4_scales", ".nvfp4_global"  # `X.weight` + these: its other parts while read (see `take`)
+
+
+def is_nvfp4(config) -> bool:
+    """Whether `config` is a compressed-tensors checkpoint whose weights are all NVFP4."""
+    qc = getattr(config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) else (qc.to_dict() if hasattr(qc, "to_dict") else {})
+    groups = list((qc.get("config_groups") or {}).values())
+    if qc.get("quant_method") != "compressed-tensors" or not groups:
+        return False
+    formats = {g.get("format") or qc.get("format") for g in groups}
+    weights = [g.get("weights") or {} for g in groups]
+    return formats == {FORMAT} and all(w.get("type") == "float" and w.get("num_bits") == 4
+                                       and w.get("group_size") == GROUP for w in weights)
+
+
+def dequantize_nvfp4(qweight: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor, *,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight in `dtype` from codes (out, in / 2), group scales (out, in / 16) and global
+    scales (out, 1): compressed-tensors' decompression, bit for bit."""
+    rows = qweight.shape[0]
+    codes = torch.stack([qweight & 0x0F, qweight >> 4], dim=-1).reshape(rows, -1)  # the even column low
+    magnitude = torch.tensor(E2M1, dtype=torch.float32, device=qweight.device)[(codes & 0x07).long()]
+    values = torch.where((codes & 0x08).bool(), -magnitude, magnitude)
+    scale = scales.float() / global_scale.float().reshape(rows, 1)  # (out, in / 16)
+    w = values.view(rows, scale.shape[1], -1) * scale[..., None]
+    return w.to(torch.bfloat16).view(rows, -1).to(dtype)
+
+
+class Nvfp4Source:
+    """A checkpoint's tensors with each NVFP4 weight's parts shown as the weight `X.weight` they make.
+    With `keep`, reading it gives the codes under `X.weight` and the scales beside it (`X.weight` +
+    SCALES, + GLOBAL: see `Nvfp4Spec.take`); else the weight de-quantized (float32, exactly)."""
+
+    def __init__(self, src, *, keep: bool):
+        self.src, self.keep = src, keep
+        keys = set(src.keys())
+        prefixes = [k[:-len(SUFFIXES["qweight"])] for k in keys if k.endswith("." + SUFFIXES["qweight"])]
+        self.packed = {p + "weight": p for p in prefixes if all(p + s in keys for s in SUFFIXES.values())}
+        self.parts = {w: [p + s for s in (*SUFFIXES.values(), *DROPPED) if p + s in keys] for w, p in self.packed.items()}
+        self.hidden = {n for names in self.parts.values() for n in names}
+
+    def __getattr__(self, name):  # folder, info, read_ahead, close, what --low-disk sources add
+        return getattr(self.src, name)
+
+    def keys(self) -> list[str]:
+        return [k for k in self.src.keys() if k not in self.hidden] + sorted(self.packed)
+
+    def shapes(self):
+        shapes = self.src.shapes()
+        out = {k: s for k, s in shapes.items() if k not in self.hidden}
+        for key, prefix in self.packed.items():
+            rows, half = shapes.get(prefix + SUFFIXES["qweight"], (0, 0))
+            if rows:
+                out[key] = [rows, half * 2]
+        return out
+
+    def locate(self, key):
+        return None if key in self.packed else self.src.locate(key)
+
+    def _inner(self, keys) -> list[str]:
+        return [n for k in keys for n in self.parts.get(k, [k])]
+
+    def want(self, keys) -> None:
+        self.src.want(self._inner(keys))
+
+    def finished(self, keys) -> None:
+        self.src.finished(self._inner(keys))
+
+    def read(self, keys) -> dict[str, torch.Tensor]:
+        out = self.src.read(self._inner(keys))
+        for key in (k for k in keys if k in self.packed):
+            prefix = self.packed[key]
+            q, scales, glob = (out.pop(prefix + SUFFIXES[p]) for p in ("qweight", "scales", "global_scale"))
+            for name in DROPPED:
+                out.pop(prefix + name, None)
+            if q.dim() != 2 or scales.shape != (q.shape[0], q.shape[1] * 2 // GROUP) or glob.numel() != 1:
+                raise SourceError(f"{key} is an NVFP4 weight whose parts have shapes {list(q.shape)}, "
+                                  f"{list(scales.shape)} and {list(glob.shape)}, which do not make one (out, in) "
+                                  f"weight in groups of {GROUP}; is the config the one of these weights?")
+            glob = glob.float().reshape(1, 1).expand(q.shape[0], 1).contiguous()  # one per row
+            if self.keep:
+                out[key], out[key + SCALES], out[key + GLOBAL] = q, scales, glob
+            else:
+                out[key] = dequantize_nvfp4(q, scales, glob, dtype=torch.float32)
+        return out
+
+
+@dataclass
+class Nvfp4Spec:
+    """What a conversion that keeps an NVFP4 checkpoint's precision stores (the converter's counterpart
+    of convert.QuantSpec: the same `manifest_entry`/`params`/`store` verbs)."""
+    scheme: str = SCHEME
+    params: dict = field(default_factory=dict)  # nothing is quantized by the conversion itself
+
+    def manifest_entry(self) -> dict:
+        return {"scheme": self.scheme, "source_method": "compressed-tensors", "group_size": GROUP, "embeddings": False}
+
+    def take(self, planned, mapping, raw: dict, model) -> dict[str, dict[str, torch.Tensor]]:
+        """{param: {"qweight", "scales", "global_scale"}} for `planned`'s params the source stores in NVFP4,
+        popped from `raw`; per-expert weights fused by transformers' conversion, one part at a time."""
+        out = {}
+        for p in planned.params:
+            key = mapping.direct.get(p)
+            if key is not None and key + SCALES in raw:
+                out[p] = {"qweight": raw.pop(key), "scales": raw.pop(key + SCALES), "global_scale": raw.pop(key + GLOBAL)}
+        for first in dict.fromkeys(mapping.made_by[p] for p in planned.params if p in mapping.made_by):
+            fusion = mapping.fused[first]
+            packed = [k + SCALES in raw for k in fusion.keys]
+            if not any(packed):
+                continue
+            if not all(packed):
+                raise SourceError(f"{first!r} is made from NVFP4 tensors and unquantized ones such as "
+                                  f"{fusion.keys[packed.index(False)]!r}, so it cannot be kept in NVFP4; de-quantize "
+                                  f"the checkpoint with --dtype bfloat16")
+            made = {}
+            for part, suffix in (("qweight", ""), ("scales", SCALES), ("global_scale", GLOBAL)):
+                values = {k: raw.pop(k + suffix) for k in fusion.keys}
+                dtype = next(iter(values.values())).dtype
+                if dtype == torch.float8_e4m3fn:  # the fusion's stacking runs on the bytes (no cast, any torch)
+                    values = {k: v.view(torch.uint8) for k, v in values.items()}
+                made[part] = {n: t.view(dtype) for n, t in fusion.run(values, model, values[fusion.keys[0]].dtype).items()}
+            out.update({n: {part: made[part][n] for part in made} for n in made["qweight"]})
+        return out
+
+    def store(self, name: str, parts: dict, target: torch.dtype, tensors: dict, quantized: dict) -> None:
+        """Put `name`'s parts into `tensors` as they are, and what it expands to into `quantized`."""
+        for part, stored in quant_part_names(name, self.scheme).items():
+            tensors[stored] = parts[part].contiguous()
+        shape = [*parts["qweight"].shape[:-1], parts["qweight"].shape[-1] * 2]
+        quantized[name] = {"shape": shape, "dtype": DTYPE_TO_ST[target], "transposed": False}
