@@ -14,6 +14,8 @@ math is transformers', on the same slots the device path uses, so on the CPU the
 bit-identical. Quantized experts the native CPU kernels take (int4, int8, GGUF Q2_K to Q6_K, IQ4_XS) are not
 expanded into slots: they are computed as stored (runtime/packedexperts.py), so the host reads
 each expert's stored bytes once, which the planner counts. `log` says per pass where each layer's experts ran and why (--stats).
+Llama 4's experts module, which takes its tokens stacked per expert instead of routed ids
+(runtime/stackedexperts.py), runs here the same way: its routed experts are those with a row that is not zero.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import torch
 
 from reshard.errors import UsageError
 from reshard.format import expert_range, stored_names
+from reshard.plan import stacks_tokens
 
-from . import budget, hybrid, packedexperts
+from . import budget, hybrid, packedexperts, stackedexperts
 from .expertrounds import Restore
 from .experts import ExpertStreamer
 from .expertslots import computes_on_slots, routed_arg, routed_experts
@@ -89,8 +92,9 @@ class CpuExperts:
             for path, entry in self.loader.manifest.groups[i].experts.items():
                 module = model.get_submodule(path)
                 signature = inspect.signature(module.forward)
-                routes = routed_arg(module)
-                if routes is None or (not computes_on_slots(module) and path not in self.host.packed):
+                routes = "hidden_states" if stacks_tokens(module) else routed_arg(module)
+                if routes is None or (not computes_on_slots(module) and path not in self.host.packed
+                                      and not stacks_tokens(module)):
                     continue  # takes no expert ids, or computes only on full-size [E, ...] tensors: stays on the device
                 own = {n.rpartition(".")[2] for n in entry["tensors"]}
                 if set(module._parameters) - own or any(b is not None for b in module._buffers.values()):
@@ -116,9 +120,7 @@ class CpuExperts:
             if self.fixed:
                 where, why = hybrid.CPU, "--cpu-experts on"
             else:
-                index = index.cpu()  # one wait for the router, then both counts on the host
-                routed = routed_experts(index, count)
-                pairs = int(((index >= 0) & (index < count)).sum())
+                routed, pairs = routing(index, count, stacked=routes == "hidden_states")
                 stored, params, traffic = self.sizes[path]
                 held = self.on_device(i, path, routed)
                 choice = hybrid.choose_experts(len(routed), pairs, stored, params, self.speeds(), on_device=held,
@@ -156,6 +158,26 @@ class CpuExperts:
             traffic[key] = traffic.get(key, 0) + nbytes
         return stored, params, traffic
 
+    def _stacked(self, i: int, path: str, module: torch.nn.Module, entry: dict, hidden: torch.Tensor, original):
+        """A stacked experts module's call on the host (`hidden` there): packed, or on CPU slots."""
+        count = entry["num_experts"]
+        routed = stackedexperts.routed(hidden, count) or [0]
+        if path in self.host.packed:
+            self.host.bring_packed(i, path, module, entry, routed)
+            try:
+                return packedexperts.run_stacked(module, self.host.packed[path],
+                                                 module.__dict__[packedexperts.PACKED], hidden)
+            finally:
+                module.__dict__.pop(packedexperts.PACKED, None)
+        before = dict(module._parameters)
+        try:
+            slots = self.host.bring(i, path, module, entry, routed)
+            rows, call = stackedexperts.compact(hidden, slots.held, count)
+            stackedexperts.pad(module, [n.rpartition(".")[2] for n in entry["tensors"]])
+            return stackedexperts.spread(original(rows), call)
+        finally:
+            module._parameters.update(before)
+
     def _forward(self, i: int, path: str, module: torch.nn.Module, entry: dict, signature, routes: str, original):
         """The module's forward, run on the host when `_decide` said so: packed through the native
         kernels (any module, gpt-oss's `router_indices` too), else on CPU slots (`top_k_index` ones)."""
@@ -167,6 +189,10 @@ class CpuExperts:
                 return original(*args, **kwargs)
             self.on_compute(i, "start")
             bound = signature.bind(*move(args, self.host.device), **move(kwargs, self.host.device))
+            if routes == "hidden_states":  # Llama 4's stacked rows
+                out = self._stacked(i, path, module, entry, bound.arguments[routes], original)
+                self.on_compute(i, "end")
+                return move(out, self.device)
             index = bound.arguments[routes]
             routed = routed_experts(index, count)
             if path in self.host.packed:  # the routed experts as stored, through the native kernels
@@ -191,6 +217,16 @@ class CpuExperts:
             return move(out, self.device)
 
         return forward
+
+
+def routing(index: torch.Tensor, count: int, *, stacked: bool) -> tuple[list[int], int]:
+    """(routed experts, token-expert pairs) of a call: from its routed ids, or a stacked module's rows
+    that are not zero; one wait for the router, then both counts on the host."""
+    if stacked:
+        used = index.reshape(count, -1, index.shape[-1]).ne(0).any(-1).cpu()  # (E, N)
+        return torch.nonzero(used.any(1)).flatten().tolist(), int(used.sum())
+    index = index.cpu()
+    return routed_experts(index, count), int(((index >= 0) & (index < count)).sum())
 
 
 def open_cpu_experts(mode, loader) -> CpuExperts | None:

@@ -218,3 +218,23 @@ def test_llama4_experts_computed_as_stored_follow_the_module():
     got = packedexperts.run_stacked(module, specs, packed, hidden.reshape(-1, 64))
     assert torch.equal(got.view(8, 3, 64)[[0, 2, 3, 4, 5, 7]], torch.zeros(6, 3, 64))
     assert (got - want).abs().max() < 0.02 * want.abs().max()
+
+
+def test_llama4_experts_run_on_the_host_with_cpu_experts(converted):
+    """`cpu_experts="on"` computes Llama 4's routed experts on the host too (runtime/cpuexperts.py), its
+    routing read from the stacked rows: the logits bit-identical, no expert read by the device's streamer."""
+    from runtime import LayeredModel
+    from runtime.cpuexperts import routing
+
+    model, folder = converted("llama4")
+    ids = torch.tensor([[5, 17, 99, 3, 250, 41, 7]])
+    with torch.no_grad():
+        want, tokens = model(ids).logits, model.generate(ids, max_new_tokens=4, do_sample=False)
+    with LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=0, cpu_experts="on") as lm:
+        assert torch.equal(lm(ids).logits, want)
+        assert lm.stats.per_pass[-1].cpu_experts == dict.fromkeys(["layers.1", "layers.3"], "cpu: --cpu-experts on")
+        assert lm.stats.experts_read == 0 and lm.cpu_experts.host.stats.experts_read > 0
+        assert torch.equal(lm.generate(ids, max_new_tokens=4, do_sample=False), tokens)
+    rows = torch.zeros(8, 3, 64)  # (E, tokens, hidden): expert 2 gets tokens 0 and 2, expert 5 token 1
+    rows[2, 0, 1] = rows[2, 2, 7] = rows[5, 1, 0] = 1.0
+    assert routing(rows.reshape(-1, 64), 8, stacked=True) == ([2, 5], 3)
