@@ -25,7 +25,7 @@ from .format import (DTYPE_NAMES, blocks_of, stored_names, DTYPE_TO_ST, MANIFEST
 from .fp8 import Fp8Source, Fp8Spec, layout as fp8_layout
 from .mxfp4 import Mxfp4Source, Mxfp4Spec, is_mxfp4
 from .bnb import Bnb4Source, Bnb4Spec, is_bnb4
-from .nvfp4 import Nvfp4Source, Nvfp4Spec, is_nvfp4
+from .nvfp4 import Nvfp4Source, Nvfp4Spec, layout as nvfp4_layout
 from .ggml_quants import check_block_shape
 from .ggml_repack import GROUP as REPACKED_GROUP, REPACKED, repack_blocks
 from .keymap import KeyMap, check_shape, check_shapes, map_keys
@@ -78,12 +78,12 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
         plan = plan_groups(model)
         # a published fp8 or mxfp4 checkpoint: kept so unless a dtype or --quantize is asked for;
         # GPTQ/AWQ/compressed-tensors int weights: re-packed into int4/int8, not rounded again
-        fp8, mxfp4, bnb4, nvfp4 = fp8_layout(config), is_mxfp4(config), is_bnb4(config), is_nvfp4(config)
-        keep = (fp8 is not None or mxfp4 or bnb4 or nvfp4 or published is not None) and dtype == "auto" and not quantize
+        fp8, mxfp4, bnb4, nvfp4 = fp8_layout(config), is_mxfp4(config), is_bnb4(config), nvfp4_layout(config)
+        keep = (fp8 is not None or mxfp4 or bnb4 or nvfp4 is not None or published is not None) and dtype == "auto" and not quantize
         quant = QuantSpec.for_model(model, plan, quantize, quantize_group, quantize_embeddings) if quantize else None
         if keep:
             quant = Fp8Spec(fp8) if fp8 else Mxfp4Spec() if mxfp4 else Bnb4Spec.for_config(config) if bnb4 \
-                else Nvfp4Spec() if nvfp4 else RepackSpec.for_model(model, plan, published)
+                else Nvfp4Spec(nvfp4) if nvfp4 else RepackSpec.for_model(model, plan, published)
         quantization = quant.manifest_entry() if quant else None
         params = conversion_params(src, dtype=dtype_name(target), architecture=type(model).__name__,
                                    quantization=quantization)
@@ -96,7 +96,7 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
         elif bnb4:
             src = Bnb4Source(src, keep=keep)
         elif nvfp4:
-            src = Nvfp4Source(src, keep=keep)
+            src = Nvfp4Source(src, nvfp4, keep=keep)
         elif published:
             src = PublishedSource(src, published, repack_group=quant.group if isinstance(quant, RepackSpec) else None)
         params_map = {p: s for g in plan.groups for p, s in g.params.items()}

@@ -141,7 +141,7 @@ QUANT_PARTS = {"int8": ("qweight", "scales"), "int4": ("qweight", "scales", "zer
                "fp8-block": ("qweight", "scale_inv"),  # reshard/fp8.py
                "mxfp4": ("blocks", "scales"),  # reshard/mxfp4.py
                # e2m1 codes (out, in / 2) uint8, F8_E4M3 scales per 16, F32 global scale per row (reshard/nvfp4.py)
-               "nvfp4": ("qweight", "scales", "global_scale"),
+               "nvfp4": ("qweight", "scales", "global_scale"), "nvfp4-modelopt": ("qweight", "scales", "global_scale"),
                # codes (out, in / 2) uint8, float32 scales per block, the codes' 16 values (reshard/bnb.py)
                **{BNB4 + d: ("qweight", "absmax", "code") for d in BNB4_DTYPES},
                # GGML blocks kept as in a GGUF file (reshard/ggml_quants.py): one uint8 part

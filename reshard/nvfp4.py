@@ -1,20 +1,23 @@
-"""NVFP4 checkpoints: compressed-tensors' `nvfp4-pack-quantized` format (`quant_method:
-"compressed-tensors"`, 4-bit float weights in groups of 16), what NVIDIA's and Red Hat's `*-NVFP4` uploads use.
+"""NVFP4 checkpoints: 4-bit float (e2m1) weights in groups of 16 with an fp8 scale each and a float32
+scale per tensor, in the two layouts the hub has: compressed-tensors' `nvfp4-pack-quantized` (`quant_method:
+"compressed-tensors"`, llm-compressor's `*-NVFP4` uploads) and NVIDIA ModelOpt's (`quant_method: "modelopt"`,
+`quant_algo: "NVFP4"`, NVIDIA's `*-FP4` uploads).
 
-Such a checkpoint stores each quantized linear weight `X.weight` (out, in) as `X.weight_packed`, uint8
-(out, in / 2): two fp4 e2m1 codes a byte, the even column in the low nibble; `X.weight_scale`,
-float8_e4m3fn (out, in / 16), one scale per group of 16; and `X.weight_global_scale`, float32 [1],
-one per tensor that divides them (`X.input_global_scale`, for activations, is left out: the runtime
-runs activations unquantized, as transformers' de-compressed CPU load does). A folder converted with
-default options keeps the codes and scales as published (scheme "nvfp4", parts `X.weight.qweight`,
-`.scales`, and `.global_scale` F32 (out, 1), the tensor's global scale repeated per row so that
-transformers' fusion of a MoE layer's experts and of gate with up, run on each part, keeps each row's).
-An explicit `--dtype` or `--quantize` de-quantizes them while reading.
-
-The de-quantization is compressed-tensors' own (`NVFP4PackedCompressor.decompress`, what transformers
-runs when it loads such a checkpoint with `run_compressed=False`): codes to their e2m1 values, each
-group's scale in float32 divided by the global scale, the product in float32, rounded to bfloat16 (its
-unpacking's dtype) before the model's dtype.
+Both store each quantized linear weight (out, in) as uint8 (out, in / 2) codes, two a byte, the even
+column in the low nibble (bit 3 the sign), and float8_e4m3fn scales (out, in / 16):
+- compressed-tensors: `X.weight_packed`, `X.weight_scale`, and `X.weight_global_scale` F32 [1], which
+  divides the scales. Its decompression (`NVFP4PackedCompressor.decompress`, what transformers runs for
+  `CompressedTensorsConfig(dequantize=True)`): `bfloat16(e2m1 * (float32(scale) / global))`, bfloat16
+  being its unpacking's dtype, then the model's dtype. Scheme "nvfp4".
+- ModelOpt: `X.weight` (the codes under the weight's own name), `X.weight_scale`, and `X.weight_scale_2`
+  F32 [], which multiplies them. Its `NVFP4QTensor.dequantize`: `dtype(e2m1 * (float32(scale) * scale_2))`,
+  rounded once. Scheme "nvfp4-modelopt". transformers cannot load these pre-quantized, so the tests
+  check this published formula.
+A folder converted with default options keeps codes and scales as published (parts `X.weight.qweight`,
+`.scales`, and `.global_scale` F32 (out, 1): the per-tensor scale repeated per row, so that transformers'
+fusion of a MoE layer's experts and of gate with up, run on each part, keeps each row's). Activation and
+KV-cache scales (`input_global_scale`, `input_scale`, `k_scale`, `v_scale`) are left out: the runtime runs
+activations and the KV cache unquantized. An explicit `--dtype` or `--quantize` de-quantizes while reading.
 """
 
 from __future__ import annotations
@@ -26,39 +29,57 @@ import torch
 from .errors import SourceError
 from .format import DTYPE_TO_ST, quant_part_names
 
-SCHEME = "nvfp4"
+SCHEME, MODELOPT = "nvfp4", "nvfp4-modelopt"  # the stored schemes: compressed-tensors', ModelOpt's math
 FORMAT = "nvfp4-pack-quantized"
 GROUP = 16
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitudes; bit 3 is the sign
-SUFFIXES = {"qweight": "weight_packed", "scales": "weight_scale", "global_scale": "weight_global_scale"}
-DROPPED = ("input_global_scale",)  # activation scales: no part of the de-quantized model
 SCALES, GLOBAL = ".nvfp4_scales", ".nvfp4_global"  # `X.weight` + these: its other parts while read (see `take`)
 
 
-def is_nvfp4(config) -> bool:
-    """Whether `config` is a compressed-tensors checkpoint whose weights are all NVFP4."""
+@dataclass(frozen=True)
+class Layout:
+    """How a checkpoint names an NVFP4 weight's tensors: `X.` + these."""
+    scheme: str
+    codes: str  # "weight_packed" (compressed-tensors) or "weight" (ModelOpt)
+    second: str  # the per-tensor scale
+    dropped: tuple[str, ...]  # activation and KV-cache scales: no part of the de-quantized model
+    method: str  # the quant_method (recorded)
+
+
+COMPRESSED_TENSORS = Layout(SCHEME, "weight_packed", "weight_global_scale", ("input_global_scale",), "compressed-tensors")
+MODELOPT_LAYOUT = Layout(MODELOPT, "weight", "weight_scale_2", ("input_scale", "k_scale", "v_scale"), "modelopt")
+
+
+def layout(config) -> Layout | None:
+    """The NVFP4 layout of `config`'s checkpoint (every weight group NVFP4), or None."""
     qc = getattr(config, "quantization_config", None)
     qc = qc if isinstance(qc, dict) else (qc.to_dict() if hasattr(qc, "to_dict") else {})
+    if qc.get("quant_method") == "modelopt" and str(qc.get("quant_algo", "")).upper() == "NVFP4" \
+            and int(qc.get("group_size") or GROUP) == GROUP:
+        return MODELOPT_LAYOUT
     groups = list((qc.get("config_groups") or {}).values())
     if qc.get("quant_method") != "compressed-tensors" or not groups:
-        return False
+        return None
     formats = {g.get("format") or qc.get("format") for g in groups}
     weights = [g.get("weights") or {} for g in groups]
-    return formats == {FORMAT} and all(w.get("type") == "float" and w.get("num_bits") == 4
-                                       and w.get("group_size") == GROUP for w in weights)
+    nvfp4 = formats == {FORMAT} and all(w.get("type") == "float" and w.get("num_bits") == 4
+                                        and w.get("group_size") == GROUP for w in weights)
+    return COMPRESSED_TENSORS if nvfp4 else None
 
 
 def dequantize_nvfp4(qweight: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor, *,
-                     dtype: torch.dtype) -> torch.Tensor:
-    """The (out, in) weight in `dtype` from codes (out, in / 2), group scales (out, in / 16) and global
-    scales (out, 1): compressed-tensors' decompression, bit for bit."""
+                     dtype: torch.dtype, modelopt: bool = False) -> torch.Tensor:
+    """The (out, in) weight in `dtype` from codes (out, in / 2), group scales (out, in / 16) and per-tensor
+    scales (out, 1): compressed-tensors' decompression (it divides, and rounds to bfloat16 first), or with
+    `modelopt` ModelOpt's (it multiplies, and rounds once), bit for bit."""
     rows = qweight.shape[0]
     codes = torch.stack([qweight & 0x0F, qweight >> 4], dim=-1).reshape(rows, -1)  # the even column low
     magnitude = torch.tensor(E2M1, dtype=torch.float32, device=qweight.device)[(codes & 0x07).long()]
     values = torch.where((codes & 0x08).bool(), -magnitude, magnitude)
-    scale = scales.float() / global_scale.float().reshape(rows, 1)  # (out, in / 16)
-    w = values.view(rows, scale.shape[1], -1) * scale[..., None]
-    return w.to(torch.bfloat16).view(rows, -1).to(dtype)
+    second = global_scale.float().reshape(rows, 1)
+    scale = scales.float() * second if modelopt else scales.float() / second  # (out, in / 16)
+    w = (values.view(rows, scale.shape[1], -1) * scale[..., None]).view(rows, -1)
+    return w.to(dtype) if modelopt else w.to(torch.bfloat16).to(dtype)
 
 
 class Nvfp4Source:
@@ -66,25 +87,27 @@ class Nvfp4Source:
     With `keep`, reading it gives the codes under `X.weight` and the scales beside it (`X.weight` +
     SCALES, + GLOBAL: see `Nvfp4Spec.take`); else the weight de-quantized (float32, exactly)."""
 
-    def __init__(self, src, *, keep: bool):
-        self.src, self.keep = src, keep
+    def __init__(self, src, form: Layout, *, keep: bool):
+        self.src, self.form, self.keep = src, form, keep
         keys = set(src.keys())
-        prefixes = [k[:-len(SUFFIXES["qweight"])] for k in keys if k.endswith("." + SUFFIXES["qweight"])]
-        self.packed = {p + "weight": p for p in prefixes if all(p + s in keys for s in SUFFIXES.values())}
-        self.parts = {w: [p + s for s in (*SUFFIXES.values(), *DROPPED) if p + s in keys] for w, p in self.packed.items()}
-        self.hidden = {n for names in self.parts.values() for n in names}
+        self.suffixes = {"qweight": form.codes, "scales": "weight_scale", "global_scale": form.second}
+        prefixes = [k[:-len(form.second)] for k in keys if k.endswith("." + form.second)]
+        self.packed = {p + "weight": p for p in prefixes if all(p + s in keys for s in self.suffixes.values())}
+        self.parts = {w: [p + s for s in (*self.suffixes.values(), *form.dropped) if p + s in keys]
+                      for w, p in self.packed.items()}
+        self.hidden = {n for names in self.parts.values() for n in names} - set(self.packed)
 
     def __getattr__(self, name):  # folder, info, read_ahead, close, what --low-disk sources add
         return getattr(self.src, name)
 
     def keys(self) -> list[str]:
-        return [k for k in self.src.keys() if k not in self.hidden] + sorted(self.packed)
+        return [k for k in self.src.keys() if k not in self.hidden and k not in self.packed] + sorted(self.packed)
 
     def shapes(self):
         shapes = self.src.shapes()
         out = {k: s for k, s in shapes.items() if k not in self.hidden}
         for key, prefix in self.packed.items():
-            rows, half = shapes.get(prefix + SUFFIXES["qweight"], (0, 0))
+            rows, half = shapes.get(prefix + self.suffixes["qweight"], (0, 0))
             if rows:
                 out[key] = [rows, half * 2]
         return out
@@ -105,8 +128,8 @@ class Nvfp4Source:
         out = self.src.read(self._inner(keys))
         for key in (k for k in keys if k in self.packed):
             prefix = self.packed[key]
-            q, scales, glob = (out.pop(prefix + SUFFIXES[p]) for p in ("qweight", "scales", "global_scale"))
-            for name in DROPPED:
+            q, scales, glob = (out.pop(prefix + self.suffixes[p]) for p in ("qweight", "scales", "global_scale"))
+            for name in self.form.dropped:
                 out.pop(prefix + name, None)
             if q.dim() != 2 or scales.shape != (q.shape[0], q.shape[1] * 2 // GROUP) or glob.numel() != 1:
                 raise SourceError(f"{key} is an NVFP4 weight whose parts have shapes {list(q.shape)}, "
@@ -116,7 +139,7 @@ class Nvfp4Source:
             if self.keep:
                 out[key], out[key + SCALES], out[key + GLOBAL] = q, scales, glob
             else:
-                out[key] = dequantize_nvfp4(q, scales, glob, dtype=torch.float32)
+                out[key] = dequantize_nvfp4(q, scales, glob, dtype=torch.float32, modelopt=self.form is MODELOPT_LAYOUT)
         return out
 
 
@@ -124,11 +147,15 @@ class Nvfp4Source:
 class Nvfp4Spec:
     """What a conversion that keeps an NVFP4 checkpoint's precision stores (the converter's counterpart
     of convert.QuantSpec: the same `manifest_entry`/`params`/`store` verbs)."""
-    scheme: str = SCHEME
+    form: Layout
     params: dict = field(default_factory=dict)  # nothing is quantized by the conversion itself
 
+    @property
+    def scheme(self) -> str:
+        return self.form.scheme
+
     def manifest_entry(self) -> dict:
-        return {"scheme": self.scheme, "source_method": "compressed-tensors", "group_size": GROUP, "embeddings": False}
+        return {"scheme": self.scheme, "source_method": self.form.method, "group_size": GROUP, "embeddings": False}
 
     def take(self, planned, mapping, raw: dict, model) -> dict[str, dict[str, torch.Tensor]]:
         """{param: {"qweight", "scales", "global_scale"}} for `planned`'s params the source stores in NVFP4,

@@ -21,7 +21,7 @@ from .errors import UsageError
 from .format import ACT_ORDER, BNB4, blocks_of
 from .fp8 import SCHEME as FP8_SCHEME, dequantize_fp8
 from .mxfp4 import SCHEME as MXFP4_SCHEME, dequantize_mxfp4
-from .nvfp4 import SCHEME as NVFP4_SCHEME, dequantize_nvfp4
+from .nvfp4 import MODELOPT as NVFP4_MODELOPT, SCHEME as NVFP4_SCHEME, dequantize_nvfp4
 from .ggml_quants import BLOCK_TYPES, dequantize_blocks
 from .ggml_repack import symmetric_zeros
 
@@ -56,8 +56,9 @@ def dequantize(parts: dict[str, torch.Tensor], scheme: str, *, columns: int, dty
         return dequantize_fp8(parts["qweight"], parts["scale_inv"], dtype=dtype)
     if scheme == MXFP4_SCHEME:
         return dequantize_mxfp4(parts["blocks"], parts["scales"], dtype=dtype)
-    if scheme == NVFP4_SCHEME:
-        return dequantize_nvfp4(parts["qweight"], parts["scales"], parts["global_scale"], dtype=dtype)
+    if scheme in (NVFP4_SCHEME, NVFP4_MODELOPT):  # compressed-tensors' or ModelOpt's math
+        return dequantize_nvfp4(parts["qweight"], parts["scales"], parts["global_scale"], dtype=dtype,
+                                modelopt=scheme == NVFP4_MODELOPT)
     if scheme == "int8":
         return dequantize_int8(parts["qweight"], parts["scales"], dtype=dtype)
     if scheme.startswith(BNB4):  # bitsandbytes' NF4/FP4, rounded to its own dtype first (reshard/bnb.py)

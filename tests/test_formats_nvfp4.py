@@ -211,3 +211,61 @@ def test_experts_of_nvfp4_and_unquantized_tensors_are_one_line(made, tmp_path, c
     assert code == 1 and line.startswith("Error: 'model.layers.1.mlp.experts.")
     assert line.endswith(f"is made from NVFP4 tensors and unquantized ones such as '{prefix}weight', so it cannot be "
                          "kept in NVFP4; de-quantize the checkpoint with --dtype bfloat16")
+
+
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+
+
+def write_modelopt(src, out) -> dict[str, torch.Tensor]:
+    """`src` as NVIDIA ModelOpt exports NVFP4 (`X.weight` the codes, `X.weight_scale` fp8 per 16,
+    `X.weight_scale_2` F32 [] multiplying them, `X.input_scale`, and the FP8 KV cache's `k_scale`/`v_scale`);
+    returns each weight by ModelOpt's published de-quantization (`NVFP4QTensor.dequantize`:
+    `e2m1[q] * (float32(scale) * scale_2)`, the even column in the low nibble), computed here."""
+    shutil.copytree(src, out)
+    state, weights = load_file(out / "model.safetensors"), {}
+    table = torch.tensor(E2M1)
+    for key in [k for k in state if ".layers." in k and k.endswith("proj.weight")]:
+        w = state[key].float()
+        scale_2 = w.abs().max() / (6.0 * 448.0)
+        scale = (w.view(w.shape[0], -1, 16).abs().amax(-1) / 6.0 / scale_2).to(torch.float8_e4m3fn)
+        divisor = (scale.float() * scale_2).repeat_interleave(16, dim=1)
+        codes = (w / divisor).unsqueeze(-1).sub(table).abs().argmin(-1).to(torch.uint8)  # the nearest e2m1 value
+        state[key] = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        state[key + "_scale"], state[key + "_scale_2"] = scale, scale_2.reshape(())
+        state[key[:-len("weight")] + "input_scale"] = torch.tensor(1.0)
+        weights[key] = table[codes.long()] * divisor
+    for kv in ("k", "v"):
+        state[f"model.layers.0.self_attn.{kv}_proj.{kv}_scale"] = torch.tensor(1.0)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
+                                     "kv_cache_quant_algo": "FP8", "exclude_modules": ["lm_head"]}
+    (out / "config.json").write_text(json.dumps(config))
+    return weights
+
+
+def test_modelopt_layout_equals_its_published_dequantization(made, tmp_path):
+    """NVIDIA's ModelOpt NVFP4 (transformers cannot load it pre-quantized): the codes and scales kept
+    (scheme nvfp4-modelopt), the float32 logits those of the model holding ModelOpt's de-quantized weights,
+    bit for bit, streamed and resident; activation and KV-cache scales left out."""
+    import transformers as tf
+
+    from runtime import LayeredModel
+
+    src = made("llama")[0].parent / "src"
+    weights = write_modelopt(src, tmp_path / "modelopt")
+    convert(str(tmp_path / "modelopt"), tmp_path / "out", progress=False)
+    layer = read_manifest(tmp_path / "out").group("layers.0")
+    assert read_manifest(tmp_path / "out").quantization["scheme"] == "nvfp4-modelopt"
+    assert len(layer.quantized) == 7 and not any(k.endswith(("input_scale", "k_scale", "v_scale", "weight_scale_2"))
+                                                 for k in layer.tensors)
+    ref = tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for key, w in weights.items():
+            ref.get_parameter(key).copy_(w)
+        want, tokens = ref(IDS).logits, ref.generate(IDS, max_new_tokens=5, do_sample=False)
+    for placement in ("streamed", "resident"):
+        with LayeredModel.from_pretrained(tmp_path / "out", device="cpu", dtype=torch.float32,
+                                          max_cpu_memory=CPU_BUDGETS[placement]) as lm:
+            assert torch.equal(lm(IDS).logits, want), placement
+            assert torch.equal(lm.generate(IDS, max_new_tokens=5, do_sample=False), tokens), placement
