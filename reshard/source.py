@@ -18,7 +18,8 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
-SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+# hf_quant_config.json: NVIDIA ModelOpt's quantization, which older exports keep out of config.json
+SIDE_FILES = ("config.json", "generation_config.json", "hf_quant_config.json", *TOKENIZER_FILES)
 # a part of a split GGUF (llama.cpp's gguf-split names): "Model-Q4_K_M-00002-of-00005.gguf"
 GGUF_SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 

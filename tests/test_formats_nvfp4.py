@@ -216,7 +216,7 @@ def test_experts_of_nvfp4_and_unquantized_tensors_are_one_line(made, tmp_path, c
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 
 
-def write_modelopt(src, out) -> dict[str, torch.Tensor]:
+def write_modelopt(src, out, *, beside: bool = False) -> dict[str, torch.Tensor]:
     """`src` as NVIDIA ModelOpt exports NVFP4 (`X.weight` the codes, `X.weight_scale` fp8 per 16,
     `X.weight_scale_2` F32 [] multiplying them, `X.input_scale`, and the FP8 KV cache's `k_scale`/`v_scale`);
     returns each weight by ModelOpt's published de-quantization (`NVFP4QTensor.dequantize`:
@@ -237,23 +237,29 @@ def write_modelopt(src, out) -> dict[str, torch.Tensor]:
     for kv in ("k", "v"):
         state[f"model.layers.0.self_attn.{kv}_proj.{kv}_scale"] = torch.tensor(1.0)
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    quantization = {"quant_algo": "NVFP4", "group_size": 16, "kv_cache_quant_algo": "FP8", "exclude_modules": ["lm_head"]}
+    if beside:  # older exports: hf_quant_config.json alone says it
+        (out / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"},
+                                                              "quantization": quantization}))
+        return weights
     config = json.loads((out / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
-                                     "kv_cache_quant_algo": "FP8", "exclude_modules": ["lm_head"]}
+    config["quantization_config"] = {"quant_method": "modelopt", **quantization}
     (out / "config.json").write_text(json.dumps(config))
     return weights
 
 
-def test_modelopt_layout_equals_its_published_dequantization(made, tmp_path):
-    """NVIDIA's ModelOpt NVFP4 (transformers cannot load it pre-quantized): the codes and scales kept
-    (scheme nvfp4-modelopt), the float32 logits those of the model holding ModelOpt's de-quantized weights,
-    bit for bit, streamed and resident; activation and KV-cache scales left out."""
+@pytest.mark.parametrize("where", ["config.json", "hf_quant_config.json"])
+def test_modelopt_layout_equals_its_published_dequantization(made, tmp_path, where):
+    """NVIDIA's ModelOpt NVFP4 (transformers cannot load it pre-quantized), its quantization said in
+    config.json or, as older exports do, in hf_quant_config.json alone: the codes and scales kept (scheme
+    nvfp4-modelopt), the float32 logits those of the model holding ModelOpt's de-quantized weights, bit
+    for bit, streamed and resident; activation and KV-cache scales left out."""
     import transformers as tf
 
     from runtime import LayeredModel
 
     src = made("llama")[0].parent / "src"
-    weights = write_modelopt(src, tmp_path / "modelopt")
+    weights = write_modelopt(src, tmp_path / "modelopt", beside=where != "config.json")
     convert(str(tmp_path / "modelopt"), tmp_path / "out", progress=False)
     layer = read_manifest(tmp_path / "out").group("layers.0")
     assert read_manifest(tmp_path / "out").quantization["scheme"] == "nvfp4-modelopt"
