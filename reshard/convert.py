@@ -78,7 +78,7 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
         plan = plan_groups(model)
         # a published fp8 or mxfp4 checkpoint: kept so unless a dtype or --quantize is asked for;
         # GPTQ/AWQ/compressed-tensors int weights: re-packed into int4/int8, not rounded again
-        fp8, mxfp4, bnb4, nvfp4 = fp8_layout(config), is_mxfp4(config), is_bnb4(config), nvfp4_layout(config, src.folder)
+        fp8, mxfp4, bnb4, nvfp4 = fp8_layout(config), is_mxfp4(config), is_bnb4(config), nvfp4_layout(config)
         keep = (fp8 is not None or mxfp4 or bnb4 or nvfp4 is not None or published is not None) and dtype == "auto" and not quantize
         quant = QuantSpec.for_model(model, plan, quantize, quantize_group, quantize_embeddings) if quantize else None
         if keep:

@@ -1,20 +1,23 @@
-"""FP8 e4m3 checkpoints with block scales (`quant_method: "fp8"`: DeepSeek-V3/R1, Qwen3-*-FP8, ...)
-and compressed-tensors float8 (`quant_method: "compressed-tensors"`, float weights of 8 bits).
+"""FP8 e4m3 checkpoints with block scales (`quant_method: "fp8"`: DeepSeek-V3/R1, Qwen3-*-FP8, ...),
+compressed-tensors float8 (`quant_method: "compressed-tensors"`, float weights of 8 bits) and NVIDIA
+ModelOpt's FP8 (`quant_method: "modelopt"`, `quant_algo: "FP8"`: NVIDIA's `*-FP8` uploads).
 
 Such a checkpoint stores each quantized linear weight `X.weight` as float8_e4m3fn beside a scale
 grid: fp8's float32 `X.weight_scale_inv` has one scale per block (`weight_block_size`, e.g.
 128x128); compressed-tensors' `X.weight_scale` one per output row ([out, 1], strategy "channel"),
-one in all ([1], "tensor") or one per block ("block"). In every case `w = q * scale`, block by
+one in all ([1], "tensor") or one per block ("block"); ModelOpt's `X.weight_scale` one in all ([]). In every case `w = q * scale`, block by
 block, a block being (rows / grid rows, columns / grid columns). A folder converted with default
 options keeps both as they are (scheme "fp8-block", parts `X.weight.qweight` and
 `X.weight.scale_inv`); an explicit `--dtype` or `--quantize` de-quantizes them while reading.
-Activation scales (`activation_scale`, `input_scale`) are left out: the runtime, as transformers
-once it has de-quantized fp8 weights on a CPU, runs the activations unquantized.
+Activation scales (`activation_scale`, `input_scale`) and ModelOpt's FP8 KV-cache scales (`k_scale`,
+`v_scale`) are left out: the runtime, as transformers once it has de-quantized fp8 weights on a CPU,
+runs the activations and the KV cache unquantized.
 
 The de-quantization is transformers' own (`integrations/finegrained_fp8.py`, `Fp8Dequantize`,
 what it runs when it loads such a checkpoint on a CPU): the block shape comes from the scale grid
 (rows // grid rows, columns // grid columns), the product is taken in float32 and rounded once
-to the output dtype. Per-expert checkpoints (DeepSeek's `experts.N.gate_proj.weight`) are fused
+to the output dtype (ModelOpt's `FP8QTensor.dequantize` takes the product in the output dtype: the
+same in float32; in half precision it rounds the scale first, which this one does not). Per-expert checkpoints (DeepSeek's `experts.N.gate_proj.weight`) are fused
 by transformers' conversion as the converter fuses any checkpoint, run once on the fp8 bytes and
 once on the scales, so each expert's parts stay one range of the [E, ...] tensors.
 """
@@ -49,6 +52,9 @@ def layout(config) -> Layout | None:
     qc = qc if isinstance(qc, dict) else (qc.to_dict() if hasattr(qc, "to_dict") else {})
     if qc.get("quant_method") == "fp8":
         return Layout("fp8", SCALE, ("activation_scale",), list(qc.get("weight_block_size") or []) or None)
+    if qc.get("quant_method") == "modelopt" and str(qc.get("quant_algo", "")).upper() == "FP8":
+        # NVIDIA ModelOpt: one float32 scale per tensor (`X.weight_scale`, []), activation and KV-cache scales
+        return Layout("modelopt", "_scale", ("input_scale", "k_scale", "v_scale"), None)
     groups = list((qc.get("config_groups") or {}).values())
     weights = [g.get("weights") or {} for g in groups]
     if qc.get("quant_method") == "compressed-tensors" and weights and all(

@@ -22,9 +22,7 @@ activations and the KV cache unquantized. An explicit `--dtype` or `--quantize` 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -36,7 +34,6 @@ FORMAT = "nvfp4-pack-quantized"
 GROUP = 16
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitudes; bit 3 is the sign
 SCALES, GLOBAL = ".nvfp4_scales", ".nvfp4_global"  # `X.weight` + these: its other parts while read (see `take`)
-QUANT_CONFIG = "hf_quant_config.json"  # ModelOpt's quantization, beside config.json (older exports: only there)
 
 
 @dataclass(frozen=True)
@@ -53,16 +50,10 @@ COMPRESSED_TENSORS = Layout(SCHEME, "weight_packed", "weight_global_scale", ("in
 MODELOPT_LAYOUT = Layout(MODELOPT, "weight", "weight_scale_2", ("input_scale", "k_scale", "v_scale"), "modelopt")
 
 
-def layout(config, folder=None) -> Layout | None:
-    """The NVFP4 layout of `config`'s checkpoint (every weight group NVFP4), or None; older ModelOpt
-    exports say it in `folder`'s QUANT_CONFIG instead."""
+def layout(config) -> Layout | None:
+    """The NVFP4 layout of `config`'s checkpoint (every weight group NVFP4), or None."""
     qc = getattr(config, "quantization_config", None)
     qc = qc if isinstance(qc, dict) else (qc.to_dict() if hasattr(qc, "to_dict") else {})
-    if not qc and folder is not None and (Path(folder) / QUANT_CONFIG).is_file():
-        try:
-            qc = {"quant_method": "modelopt", **json.loads((Path(folder) / QUANT_CONFIG).read_text())["quantization"]}
-        except (ValueError, KeyError, TypeError):
-            qc = {}
     if qc.get("quant_method") == "modelopt" and str(qc.get("quant_algo", "")).upper() == "NVFP4" \
             and int(qc.get("group_size") or GROUP) == GROUP:
         return MODELOPT_LAYOUT

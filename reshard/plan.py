@@ -9,8 +9,10 @@ output embeddings), by where their module is registered relative to the layer li
 from __future__ import annotations
 
 import copy
+import json
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,18 +37,29 @@ class Plan:
     tied: dict[str, str]  # alias param name -> owning param name
 
 
+# NVIDIA ModelOpt's quantization beside config.json: older exports say it only there
+MODELOPT_CONFIG = "hf_quant_config.json"
+
+
 def read_config(folder, name, *, trust_remote_code: bool = False):
-    """The transformers config in `folder` (`name` is what the user gave, for messages); custom code
-    only with `trust_remote_code`."""
+    """The transformers config in `folder` (`name` is what the user gave, for messages), with an older
+    ModelOpt export's MODELOPT_CONFIG as its `quantization_config`; custom code only with `trust_remote_code`."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise SourceError(f"{name} needs its own Python code to load; pass --trust-remote-code "
                               f"if you trust it") from None
         raise SourceError(f"transformers cannot read the config of {name}: {str(e).splitlines()[0]}") from None
+    beside = Path(folder) / MODELOPT_CONFIG
+    if getattr(config, "quantization_config", None) is None and beside.is_file():  # an older ModelOpt export
+        try:
+            config.quantization_config = {"quant_method": "modelopt", **json.loads(beside.read_text())["quantization"]}
+        except (ValueError, KeyError, TypeError):
+            pass  # not ModelOpt's: the weights say the rest (a packed one would not fit its parameter)
+    return config
 
 
 def build_empty_model(config, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:

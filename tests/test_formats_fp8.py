@@ -230,7 +230,7 @@ def formula_reference(src):
     with safe_open(src / "model.safetensors", "pt") as f:
         state = {}
         for key in f.keys():
-            if key.endswith("weight_scale"):
+            if key.endswith(("weight_scale", "input_scale", "k_scale", "v_scale")):
                 continue
             t = f.get_tensor(key)
             if t.dtype == torch.float8_e4m3fn:
@@ -284,6 +284,39 @@ def test_compressed_fp8_logits_equal_transformers_own_load(strategy, compressed)
     model = LayeredModel.from_pretrained(out, device="cpu", dtype=torch.float32, max_cpu_memory=0)
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, ref(IDS).logits)
+
+
+def test_modelopt_fp8_equals_the_formula(tmp_path):
+    """NVIDIA ModelOpt's FP8 (`quant_method: "modelopt"`, `quant_algo: "FP8"`): `X.weight` float8, one float32
+    `X.weight_scale` per tensor ([]), activation and KV-cache scales beside them (left out). Kept as published
+    (scheme fp8-block, a 1x1 grid); float32 logits and greedy tokens those of the formula, streamed and resident."""
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config("llama")).to(torch.bfloat16).save_pretrained(tmp_path / "plain")
+    tensors = {}
+    with safe_open(tmp_path / "plain" / "model.safetensors", "pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if is_fp8(key):
+                scale = t.float().abs().amax() / 448
+                tensors[key] = (t.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+                tensors[key + "_scale"], tensors[key[:-len("weight")] + "input_scale"] = scale, torch.tensor(1.0)
+            else:
+                tensors[key] = t
+    for kv in ("k", "v"):
+        tensors[f"model.layers.0.self_attn.{kv}_proj.{kv}_scale"] = torch.tensor(1.0)
+    src = save_published(tmp_path / "src", tmp_path / "plain", tensors, {
+        "quant_method": "modelopt", "quant_algo": "FP8", "kv_cache_quant_algo": "FP8", "exclude_modules": ["lm_head"]})
+    convert(str(src), tmp_path / "out", progress=False)
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest.quantization["scheme"] == "fp8-block" and manifest.quantization["source_method"] == "modelopt"
+    assert len(manifest.group("layers.0").quantized) == 7
+    ref, ids = formula_reference(src), torch.tensor([[5, 17, 42, 99, 7]])
+    for placement in PLACEMENTS:
+        model = LayeredModel.from_pretrained(tmp_path / "out", device="cpu", dtype=torch.float32,
+                                             max_cpu_memory=CPU_BUDGETS[placement])
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, ref(IDS).logits), placement
+        assert torch.equal(model.generate(ids, **GREEDY), ref.generate(ids, **GREEDY)), placement
 
 
 def test_interrupted_fp8_conversion_resumes_byte_identical(fp8, tmp_path, monkeypatch):
