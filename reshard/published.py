@@ -76,6 +76,8 @@ def published_format(config, name: str) -> Published | None:
     method = str(qc.get("quant_method", "?")).lower()
     if method == "bitsandbytes":  # its 4-bit weights are kept by reshard/bnb.py
         raise SourceError(f"{name} is 8-bit bitsandbytes (LLM.int8), which reshard cannot read; {ADVICE}")
+    if method == "modelopt":  # its FP8 and NVFP4 are kept by reshard/fp8.py and reshard/nvfp4.py
+        raise SourceError(f"{name} is ModelOpt {qc.get('quant_algo')}, which reshard cannot read; {ADVICE}")
     if method not in SUPPORTED:
         raise SourceError(f"{name} is quantized with {method!r}, which reshard cannot read; {ADVICE}")
     if method in ("gptq", "awq"):

@@ -149,6 +149,8 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "tensor {} has shape {} but the config needs {}; is the config the one of these weights?":
         ("test_robustness.py::test_missing_unexpected_or_misshapen_tensor",
          "test_errors_convert.py::test_tensor_whose_read_shape_differs"),
+    "{} is ModelOpt {}, which reshard cannot read; {}":
+        ("test_formats_gptq.py::test_unreadable_quantization_is_refused_before_any_weight_download",),
     "{} is 8-bit bitsandbytes (LLM.int8), which reshard cannot read; {}":
         ("test_formats_gptq.py::test_unreadable_quantization_is_refused_before_any_weight_download",),
     # published NVFP4 checkpoints (reshard/nvfp4.py)

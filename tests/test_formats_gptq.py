@@ -233,6 +233,7 @@ ADVICE = ("convert the original unquantized checkpoint, or an FP8, MXFP4, NVFP4,
 
 @pytest.mark.parametrize("qc,what", [
     ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "8-bit bitsandbytes (LLM.int8)"),
+    ({"quant_method": "modelopt", "quant_algo": "W4A8_AWQ"}, "ModelOpt W4A8_AWQ"),
     ({"quant_method": "hqq", "nbits": 4}, "quantized with 'hqq'"),
     ({"quant_method": "exl2"}, "quantized with 'exl2'"),
     ({**QUANT_CONFIGS["gptq"], "bits": 3}, "3-bit GPTQ"),
