@@ -28,6 +28,7 @@ import torch
 
 from .errors import SourceError
 from .format import BNB4 as PREFIX, BNB4_DTYPES, DTYPE_TO_ST, quant_part_names
+from .source import CompanionSource
 
 DTYPES = {name: getattr(torch, name) for name in BNB4_DTYPES}  # the dtypes a state may name
 STATE = ".quant_state.bitsandbytes__"  # `X.weight` + this + quant type: the JSON state
@@ -74,41 +75,22 @@ class Bnb4Weight:
         return len(self.shape)
 
 
-class Bnb4Source:
+class Bnb4Source(CompanionSource):
     """A checkpoint's tensors with each 4-bit weight's companions (scales, tables, state) hidden behind
     the weight: reading `X.weight` reads them too and gives a `Bnb4Weight` with `keep`, else the weight
     de-quantized (float32, holding the values of the state's dtype exactly)."""
 
     def __init__(self, src, *, keep: bool):
-        self.src, self.keep = src, keep
+        self.keep = keep
         keys = set(src.keys())
         self.states = {k.partition(STATE)[0]: k for k in keys if STATE in k}  # `X.weight` -> its state's key
-        self.companions = {k: [state, *(k + a for a in AUX if k + a in keys)] for k, state in self.states.items()}
-        self.hidden = {c for cs in self.companions.values() for c in cs}
-
-    def __getattr__(self, name):  # folder, info, read_ahead, close, what --low-disk sources add
-        return getattr(self.src, name)
-
-    def keys(self) -> list[str]:
-        return [k for k in self.src.keys() if k not in self.hidden]
+        super().__init__(src, {k: [state, *(k + a for a in AUX if k + a in keys)] for k, state in self.states.items()})
 
     def shapes(self):  # a packed weight's shape is in its state, known only once read: checked as it is stored
-        return {k: s for k, s in self.src.shapes().items() if k not in self.hidden and k not in self.states}
-
-    def locate(self, key):
-        return None if key in self.states else self.src.locate(key)
-
-    def _with_companions(self, keys) -> list[str]:
-        return [*keys, *(c for k in keys for c in self.companions.get(k, ()))]
-
-    def want(self, keys) -> None:
-        self.src.want(self._with_companions(keys))
-
-    def finished(self, keys) -> None:
-        self.src.finished(self._with_companions(keys))
+        return {k: s for k, s in super().shapes().items() if k not in self.states}
 
     def read(self, keys) -> dict:
-        out = self.src.read(self._with_companions(keys))
+        out = self.src.read(self.inner(keys))
         for key in (k for k in keys if k in self.states):
             raw = {c[len(key) + 1:]: out.pop(c) for c in self.companions[key]}
             state = json.loads(bytes(raw.pop(self.states[key][len(key) + 1:]).tolist()))

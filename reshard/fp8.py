@@ -31,6 +31,7 @@ import torch
 
 from .errors import SourceError
 from .format import DTYPE_TO_ST, quant_part_names
+from .source import CompanionSource
 
 SCHEME = "fp8-block"
 SCALE = "_scale_inv"  # `X.weight` -> `X.weight_scale_inv`, as stored here
@@ -114,44 +115,21 @@ def check_grid(key: str, q: torch.Tensor, scale_inv: torch.Tensor) -> None:
                           f"does not divide; is the config the one of these weights?")
 
 
-class Fp8Source:
+class Fp8Source(CompanionSource):
     """A checkpoint's tensors with each fp8 weight's scale grid (and activation scales) hidden
     behind the weight: reading a weight reads its scale too. With `keep`, the scale comes back as
     `KEY_scale_inv` beside the fp8 weight (see `Fp8Spec.take`); else the weight comes back
     de-quantized (float32, exactly; the conversion casts it once to its dtype)."""
 
     def __init__(self, src, form: Layout, *, keep: bool):
-        self.src, self.form, self.keep = src, form, keep
+        self.form, self.keep = form, keep
         keys = set(src.keys())
-        self.scaled = {k for k in keys if k + form.scale in keys}
-        self.companions = {k: [c for c in (k + form.scale, *(k.removesuffix("weight") + o for o in form.others))
-                               if c in keys] for k in self.scaled}
-        self.hidden = {c for cs in self.companions.values() for c in cs}
-
-    def __getattr__(self, name):  # folder, info, read_ahead, close, what --low-disk sources add
-        return getattr(self.src, name)
-
-    def keys(self) -> list[str]:
-        return [k for k in self.src.keys() if k not in self.hidden]
-
-    def shapes(self):
-        return {k: s for k, s in self.src.shapes().items() if k not in self.hidden}
-
-    def locate(self, key):
-        return None if key in self.scaled else self.src.locate(key)
-
-    def _with_companions(self, keys) -> list[str]:
-        return [*keys, *(c for k in keys for c in self.companions.get(k, ()))]
-
-    def want(self, keys) -> None:
-        self.src.want(self._with_companions(keys))
-
-    def finished(self, keys) -> None:
-        self.src.finished(self._with_companions(keys))
+        super().__init__(src, {k: [c for c in (k + form.scale, *(k.removesuffix("weight") + o for o in form.others))
+                                   if c in keys] for k in keys if k + form.scale in keys})
 
     def read(self, keys) -> dict[str, torch.Tensor]:
-        out = self.src.read(self._with_companions(keys))
-        for key in (k for k in keys if k in self.scaled):
+        out = self.src.read(self.inner(keys))
+        for key in (k for k in keys if k in self.companions):
             scale = out.pop(key + self.form.scale)
             for other in self.companions[key][1:]:
                 out.pop(other)

@@ -28,6 +28,7 @@ import torch
 
 from .errors import SourceError
 from .format import DTYPE_TO_ST, quant_part_names
+from .source import CompanionSource
 
 SCHEME, MODELOPT = "nvfp4", "nvfp4-modelopt"  # the stored schemes: compressed-tensors', ModelOpt's math
 FORMAT = "nvfp4-pack-quantized"
@@ -82,50 +83,32 @@ def dequantize_nvfp4(qweight: torch.Tensor, scales: torch.Tensor, global_scale: 
     return w.to(dtype) if modelopt else w.to(torch.bfloat16).to(dtype)
 
 
-class Nvfp4Source:
+class Nvfp4Source(CompanionSource):
     """A checkpoint's tensors with each NVFP4 weight's parts shown as the weight `X.weight` they make.
     With `keep`, reading it gives the codes under `X.weight` and the scales beside it (`X.weight` +
     SCALES, + GLOBAL: see `Nvfp4Spec.take`); else the weight de-quantized (float32, exactly)."""
 
     def __init__(self, src, form: Layout, *, keep: bool):
-        self.src, self.form, self.keep = src, form, keep
+        self.form, self.keep = form, keep
         keys = set(src.keys())
         self.suffixes = {"qweight": form.codes, "scales": "weight_scale", "global_scale": form.second}
         prefixes = [k[:-len(form.second)] for k in keys if k.endswith("." + form.second)]
         self.packed = {p + "weight": p for p in prefixes if all(p + s in keys for s in self.suffixes.values())}
-        self.parts = {w: [p + s for s in (*self.suffixes.values(), *form.dropped) if p + s in keys]
-                      for w, p in self.packed.items()}
-        self.hidden = {n for names in self.parts.values() for n in names} - set(self.packed)
-
-    def __getattr__(self, name):  # folder, info, read_ahead, close, what --low-disk sources add
-        return getattr(self.src, name)
-
-    def keys(self) -> list[str]:
-        return [k for k in self.src.keys() if k not in self.hidden and k not in self.packed] + sorted(self.packed)
+        parts = {w: [p + s for s in (*self.suffixes.values(), *form.dropped) if p + s in keys and p + s != w]
+                 for w, p in self.packed.items()}
+        super().__init__(src, parts, virtual={w for w in self.packed if w not in keys})  # compressed-tensors'
 
     def shapes(self):
         shapes = self.src.shapes()
-        out = {k: s for k, s in shapes.items() if k not in self.hidden}
+        out = super().shapes()
         for key, prefix in self.packed.items():
             rows, half = shapes.get(prefix + self.suffixes["qweight"], (0, 0))
             if rows:
                 out[key] = [rows, half * 2]
         return out
 
-    def locate(self, key):
-        return None if key in self.packed else self.src.locate(key)
-
-    def _inner(self, keys) -> list[str]:
-        return [n for k in keys for n in self.parts.get(k, [k])]
-
-    def want(self, keys) -> None:
-        self.src.want(self._inner(keys))
-
-    def finished(self, keys) -> None:
-        self.src.finished(self._inner(keys))
-
     def read(self, keys) -> dict[str, torch.Tensor]:
-        out = self.src.read(self._inner(keys))
+        out = self.src.read(self.inner(keys))
         for key in (k for k in keys if k in self.packed):
             prefix = self.packed[key]
             q, scales, glob = (out.pop(prefix + self.suffixes[p]) for p in ("qweight", "scales", "global_scale"))

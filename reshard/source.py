@@ -24,6 +24,43 @@ SIDE_FILES = ("config.json", "generation_config.json", "hf_quant_config.json", *
 GGUF_SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
+class CompanionSource:
+    """A source seen through a published quantized format: a weight's companions (scales, states, the
+    parts of packed codes) hidden behind the key the model asks for, `companions[key]`, and read, wanted
+    and finished with it. `virtual`: keys the wrapped source lacks, made from their companions alone (a
+    compressed-tensors weight is its `weight_packed` and scales). Subclasses give `read` (and may narrow
+    `shapes`); anything else (folder, info, read_ahead, close, what --low-disk sources add) is the wrapped
+    source's."""
+
+    def __init__(self, src, companions: dict[str, list[str]], virtual=frozenset()):
+        self.src, self.companions, self.virtual = src, companions, frozenset(virtual)
+        self.hidden = {c for cs in companions.values() for c in cs}
+
+    def __getattr__(self, name):
+        if name == "src":  # not set yet (unpickling, a failed __init__): no recursion
+            raise AttributeError(name)
+        return getattr(self.src, name)
+
+    def keys(self) -> list[str]:
+        return [k for k in self.src.keys() if k not in self.hidden and k not in self.virtual] + sorted(self.virtual)
+
+    def shapes(self):
+        return {k: s for k, s in self.src.shapes().items() if k not in self.hidden}
+
+    def locate(self, key):
+        return None if key in self.companions else self.src.locate(key)
+
+    def inner(self, keys) -> list[str]:
+        """The wrapped source's keys that reading `keys` reads."""
+        return [*(k for k in keys if k not in self.virtual), *(c for k in keys for c in self.companions.get(k, ()))]
+
+    def want(self, keys) -> None:
+        self.src.want(self.inner(keys))
+
+    def finished(self, keys) -> None:
+        self.src.finished(self.inner(keys))
+
+
 class Source:
     """Tensors of a checkpoint, by the checkpoint's own names."""
 
