@@ -171,11 +171,7 @@ class Fp8Spec:
                 text = (f"{first!r} is made from fp8 tensors and unquantized ones such as "
                         f"{fusion.keys[scaled.index(False)]!r}, so it cannot be kept in fp8; de-quantize the checkpoint ")
                 raise SourceError(text + 'with dtype="bfloat16"', cli=text + "with --dtype bfloat16")
-            dtype, scale_dtype = raw[fusion.keys[0]].dtype, raw[fusion.keys[0] + SCALE].dtype
-            scales = fusion.run({k: raw.pop(k + SCALE) for k in fusion.keys}, model, scale_dtype)
-            # the fusion's stacking and concatenation run on the bytes (uint8: no cast, any torch)
-            q = fusion.run({k: raw.pop(k).view(torch.uint8) for k in fusion.keys}, model, torch.uint8)
-            out.update({n: {"qweight": q[n].view(dtype), "scale_inv": scales[n]} for n in q})
+            out.update(fusion.run_parts(raw, model, {"qweight": "", "scale_inv": SCALE}))
         return out
 
     def store(self, name: str, parts: dict, target: torch.dtype, tensors: dict, quantized: dict) -> None:

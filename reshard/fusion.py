@@ -65,6 +65,23 @@ class Fusion:
         return {name: (t[0] if isinstance(t, list) else t).contiguous() for name, t in out.items()}
 
 
+    def run_parts(self, raw: dict[str, torch.Tensor], model, suffixes: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:
+        """The conversion run on each part of quantized source tensors alone ({part: suffix}: `key +
+        suffix` in `raw`, popped), each in its own dtype, 8-bit floats as their bytes (stacking and
+        concatenation move bytes, no cast); {parameter name: {part: tensor}}. Only for conversions
+        that keep rows whole (stacking experts, joining gate and up): each part's rows follow its weight's."""
+        made = {}
+        for part, suffix in suffixes.items():
+            values = {k: raw.pop(k + suffix) for k in self.keys}
+            dtype = values[self.keys[0]].dtype
+            if dtype.is_floating_point and dtype.itemsize == 1:
+                values = {k: v.view(torch.uint8) for k, v in values.items()}
+            run = self.run(values, model, values[self.keys[0]].dtype)
+            made[part] = {name: t.view(dtype) for name, t in run.items()}
+        first = next(iter(suffixes))
+        return {name: {part: made[part][name] for part in made} for name in made[first]}
+
+
 def converter_patterns(converters) -> dict[str, object]:
     """source pattern -> the converter it belongs to."""
     return {p: c for c in converters for p in c.source_patterns}

@@ -157,14 +157,7 @@ class Nvfp4Spec:
                 raise SourceError(f"{first!r} is made from NVFP4 tensors and unquantized ones such as "
                                   f"{fusion.keys[packed.index(False)]!r}, so it cannot be kept in NVFP4; de-quantize "
                                   f"the checkpoint with --dtype bfloat16")
-            made = {}
-            for part, suffix in (("qweight", ""), ("scales", SCALES), ("global_scale", GLOBAL)):
-                values = {k: raw.pop(k + suffix) for k in fusion.keys}
-                dtype = next(iter(values.values())).dtype
-                if dtype == torch.float8_e4m3fn:  # the fusion's stacking runs on the bytes (no cast, any torch)
-                    values = {k: v.view(torch.uint8) for k, v in values.items()}
-                made[part] = {n: t.view(dtype) for n, t in fusion.run(values, model, values[fusion.keys[0]].dtype).items()}
-            out.update({n: {part: made[part][n] for part in made} for n in made["qweight"]})
+            out.update(fusion.run_parts(raw, model, {"qweight": "", "scales": SCALES, "global_scale": GLOBAL}))
         return out
 
     def store(self, name: str, parts: dict, target: torch.dtype, tensors: dict, quantized: dict) -> None:
