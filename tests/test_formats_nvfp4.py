@@ -216,59 +216,72 @@ def test_experts_of_nvfp4_and_unquantized_tensors_are_one_line(made, tmp_path, c
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 
 
-def write_modelopt(src, out, *, beside: bool = False) -> dict[str, torch.Tensor]:
-    """`src` as NVIDIA ModelOpt exports NVFP4 (`X.weight` the codes, `X.weight_scale` fp8 per 16,
-    `X.weight_scale_2` F32 [] multiplying them, `X.input_scale`, and the FP8 KV cache's `k_scale`/`v_scale`);
-    returns each weight by ModelOpt's published de-quantization (`NVFP4QTensor.dequantize`:
-    `e2m1[q] * (float32(scale) * scale_2)`, the even column in the low nibble), computed here."""
+def write_modelopt(src, out, reference, *, beside: bool = False) -> None:
+    """`src` as NVIDIA ModelOpt exports NVFP4 into `out` (`X.weight` the codes, `X.weight_scale` fp8 per 16,
+    `X.weight_scale_2` F32 [] multiplying them, `X.input_scale`, and the FP8 KV cache's `k_scale`/`v_scale`),
+    and into `reference` the same checkpoint unquantized, each weight by ModelOpt's published
+    de-quantization (`NVFP4QTensor.dequantize`: `e2m1[q] * (float32(scale) * scale_2)`, the even column in
+    the low nibble), computed here."""
     shutil.copytree(src, out)
-    state, weights = load_file(out / "model.safetensors"), {}
+    shutil.copytree(src, reference)
     table = torch.tensor(E2M1)
-    for key in [k for k in state if ".layers." in k and k.endswith("proj.weight")]:
-        w = state[key].float()
-        scale_2 = w.abs().max() / (6.0 * 448.0)
-        scale = (w.view(w.shape[0], -1, 16).abs().amax(-1) / 6.0 / scale_2).to(torch.float8_e4m3fn)
-        divisor = (scale.float() * scale_2).repeat_interleave(16, dim=1)
-        codes = (w / divisor).unsqueeze(-1).sub(table).abs().argmin(-1).to(torch.uint8)  # the nearest e2m1 value
-        state[key] = codes[:, 0::2] | (codes[:, 1::2] << 4)
-        state[key + "_scale"], state[key + "_scale_2"] = scale, scale_2.reshape(())
-        state[key[:-len("weight")] + "input_scale"] = torch.tensor(1.0)
-        weights[key] = table[codes.long()] * divisor
-    for kv in ("k", "v"):
-        state[f"model.layers.0.self_attn.{kv}_proj.{kv}_scale"] = torch.tensor(1.0)
-    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    for f in out.glob("*.safetensors"):
+        state = load_file(f)
+        dense = dict(state)
+        for key in [k for k in state if ".layers." in k and k.endswith("proj.weight")]:
+            w = state[key].float()
+            scale_2 = w.abs().max() / (6.0 * 448.0)
+            scale = (w.view(w.shape[0], -1, 16).abs().amax(-1) / 6.0 / scale_2).to(torch.float8_e4m3fn)
+            divisor = (scale.float() * scale_2).repeat_interleave(16, dim=1)
+            codes = (w / divisor).unsqueeze(-1).sub(table).abs().argmin(-1).to(torch.uint8)  # the nearest e2m1 value
+            state[key] = codes[:, 0::2] | (codes[:, 1::2] << 4)
+            state[key + "_scale"], state[key + "_scale_2"] = scale, scale_2.reshape(())
+            state[key[:-len("weight")] + "input_scale"] = torch.tensor(1.0)
+            dense[key] = table[codes.long()] * divisor
+        if "model.layers.0.self_attn.k_proj.weight" in state:
+            for kv in ("k", "v"):
+                state[f"model.layers.0.self_attn.{kv}_proj.{kv}_scale"] = torch.tensor(1.0)
+        save_file(state, f, metadata={"format": "pt"})
+        save_file(dense, reference / f.name, metadata={"format": "pt"})
+    if (out / "model.safetensors.index.json").is_file():
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        index["weight_map"] = {k: f.name for f in out.glob("*.safetensors") for k in load_file(f)}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index))
     quantization = {"quant_algo": "NVFP4", "group_size": 16, "kv_cache_quant_algo": "FP8", "exclude_modules": ["lm_head"]}
     if beside:  # older exports: hf_quant_config.json alone says it
         (out / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"},
                                                               "quantization": quantization}))
-        return weights
+        return
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "modelopt", **quantization}
     (out / "config.json").write_text(json.dumps(config))
-    return weights
 
 
-@pytest.mark.parametrize("where", ["config.json", "hf_quant_config.json"])
-def test_modelopt_layout_equals_its_published_dequantization(made, tmp_path, where):
+@pytest.mark.parametrize("arch, where", [("llama", "config.json"), ("llama", "hf_quant_config.json"),
+                                         ("qwen3_moe", "config.json")])
+def test_modelopt_layout_equals_its_published_dequantization(made, moe_checkpoints, tmp_path, arch, where):
     """NVIDIA's ModelOpt NVFP4 (transformers cannot load it pre-quantized), its quantization said in
     config.json or, as older exports do, in hf_quant_config.json alone: the codes and scales kept (scheme
-    nvfp4-modelopt), the float32 logits those of the model holding ModelOpt's de-quantized weights, bit
-    for bit, streamed and resident; activation and KV-cache scales left out."""
+    nvfp4-modelopt; a MoE's per-expert codes fused part by part), the float32 logits those of the model
+    holding ModelOpt's de-quantized weights, bit for bit, streamed and resident; activation and KV-cache
+    scales left out."""
     import transformers as tf
 
     from runtime import LayeredModel
 
-    src = made("llama")[0].parent / "src"
-    weights = write_modelopt(src, tmp_path / "modelopt", beside=where != "config.json")
+    src = made("llama")[0].parent / "src" if arch == "llama" else moe_checkpoints[arch]
+    write_modelopt(src, tmp_path / "modelopt", tmp_path / "reference", beside=where != "config.json")
     convert(str(tmp_path / "modelopt"), tmp_path / "out", progress=False)
-    layer = read_manifest(tmp_path / "out").group("layers.0")
-    assert read_manifest(tmp_path / "out").quantization["scheme"] == "nvfp4-modelopt"
-    assert len(layer.quantized) == 7 and not any(k.endswith(("input_scale", "k_scale", "v_scale", "weight_scale_2"))
-                                                 for k in layer.tensors)
-    ref = tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest.quantization["scheme"] == "nvfp4-modelopt"
+    layer = manifest.group("layers.1")
+    if arch == "llama":
+        assert len(layer.quantized) == 7
+    else:  # each expert's codes and scales one range of the [E, ...] parts
+        assert {k.rpartition(".")[2] for k in layer.quantized if ".experts." in k} == {"gate_up_proj", "down_proj"}
+    assert not any(k.endswith(("input_scale", "k_scale", "v_scale", "weight_scale_2")) for k in layer.tensors)
+    ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "reference", dtype=torch.float32).eval()
     with torch.no_grad():
-        for key, w in weights.items():
-            ref.get_parameter(key).copy_(w)
         want, tokens = ref(IDS).logits, ref.generate(IDS, max_new_tokens=5, do_sample=False)
     for placement in ("streamed", "resident"):
         with LayeredModel.from_pretrained(tmp_path / "out", device="cpu", dtype=torch.float32,
