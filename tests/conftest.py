@@ -377,7 +377,7 @@ def fake_hub(tiny_checkpoints, tmp_path, monkeypatch) -> FakeHub:
 # The files that take longest (from `--durations`), run first: pytest-xdist hands a worker the
 # next file when it is nearly done with its last (--dist loadfile), so the run ends on short
 # files instead of one worker finishing a long file alone. The rest keep their order.
-LONGEST_FIRST = ["test_distributed.py", "test_gpu_check.py", "test_quant.py", "test_memory.py",
+LONGEST_FIRST = ["test_distributed.py", "test_gpu_check_sections.py", "test_gpu_check.py", "test_quant.py", "test_memory.py",
                  "test_memory_budget.py", "test_formats_fp8.py", "test_robustness.py", "test_convert.py",
                  "test_chat.py", "test_speculate.py", "test_formats_gguf.py", "test_gguf.py",
                  "test_end_to_end.py", "test_lm_eval.py", "test_serve.py"]
