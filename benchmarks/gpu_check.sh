@@ -80,7 +80,7 @@ if want gguf; then
     else shape=(--device cuda --model llama70b --tokens 4 --rounds 3); fi
     section "GGUF Q4_K kept as blocks against bf16 at Llama-2-70B layer shapes, pinned RAM (issue 22)" \
         "${GPU_GGUF_TIMEOUT:-200}" "$py" benchmarks/gguf_quants.py "${shape[@]}"
-    if [[ $dry == 1 ]]; then shape=(--rows 64 --cols 512 --rounds 1 --types q4_k,iq2_xxs)
+    if [[ $dry == 1 ]]; then shape=(--rows 64 --cols 512 --rounds 1 --types q4_k)  # every type: tests/test_expansion.py
     else shape=(--device cuda --rows 8192 --cols 28672 --rounds 3 --types q4_k,q6_k,iq2_xxs,mxfp4_blocks); fi
     section "GGUF blocks' compiled expansion against plain torch, a Llama-2-70B down_proj (issue 22)" \
         "${GPU_EXPANSION_TIMEOUT:-120}" "$py" benchmarks/expansion.py "${shape[@]}"

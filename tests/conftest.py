@@ -374,13 +374,16 @@ def fake_hub(tiny_checkpoints, tmp_path, monkeypatch) -> FakeHub:
     return FakeHub(tiny_checkpoints["llama"], tmp_path / "hub-cache").install(monkeypatch)
 
 
-# The files that take longest (from `--durations`), run first: pytest-xdist hands a worker the
-# next file when it is nearly done with its last (--dist loadfile), so the run ends on short
-# files instead of one worker finishing a long file alone. The rest keep their order.
-LONGEST_FIRST = ["test_distributed.py", "test_gpu_check_sections.py", "test_gpu_check.py", "test_quant.py", "test_memory.py",
-                 "test_memory_budget.py", "test_formats_fp8.py", "test_robustness.py", "test_convert.py",
-                 "test_chat.py", "test_speculate.py", "test_formats_gguf.py", "test_gguf.py",
-                 "test_end_to_end.py", "test_lm_eval.py", "test_serve.py"]
+# The files that take longest (from `--durations`, summed per file), run first: pytest-xdist hands a worker
+# the next file when it is done with its last (--dist loadfile; pyproject's --no-loadscope-reorder keeps this
+# order, where xdist would otherwise put the files with the most tests first), so the run ends on short files
+# instead of one worker finishing a long file alone. The rest keep their order.
+LONGEST_FIRST = ["test_distributed.py", "test_quant.py", "test_gpu_check_sections.py", "test_memory_budget.py",
+                 "test_memory.py", "test_gpu_check.py", "test_formats_fp8.py", "test_convert.py", "test_gguf.py",
+                 "test_serve.py", "test_speculate.py", "test_errors.py", "test_batch.py", "test_end_to_end.py",
+                 "test_formats_gguf.py", "test_chat.py", "test_lm_eval.py", "test_lowbit.py",
+                 "test_formats_gguf_decoders.py", "test_moe_memory.py", "test_progress.py", "test_first_hour.py",
+                 "test_robustness.py"]
 
 
 def pytest_collection_modifyitems(config, items):
