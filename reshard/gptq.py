@@ -97,6 +97,14 @@ def _awq_columns(vals: torch.Tensor) -> torch.Tensor:
     return vals.view(rows, cols // 8, 8)[:, :, inverse].reshape(rows, cols)
 
 
+def unpack_int_quantized(parts: dict[str, torch.Tensor]) -> Affine:
+    """A compressed-tensors int-quantized (symmetric int8, one scale per row: W8A8 checkpoints' weights)
+    linear from `weight` int8 as it is and `weight_scale` (out, 1): w = q * s."""
+    q = parts["weight"].to(torch.int16) + 128
+    s = parts["weight_scale"].reshape(q.shape[0], -1)
+    return Affine(q.contiguous(), torch.full(s.shape, 128, dtype=torch.int16), s.contiguous(), q.shape[1] // s.shape[1])
+
+
 def unpack_pack_quantized(parts: dict[str, torch.Tensor], *, bits: int, group: int) -> Affine:
     """A compressed-tensors pack-quantized (symmetric) linear from `weight_packed`, `weight_scale`, `weight_shape`."""
     out, cols = (int(x) for x in parts["weight_shape"].tolist())

@@ -19,13 +19,14 @@ from .errors import SourceError
 from .format import ACT_ORDER, DTYPE_TO_ST, quant_part_names
 from .fp8 import layout as fp8_layout
 from .ggml_repack import SYMMETRIC_ZERO
-from .gptq import Affine, unpack_awq, unpack_gptq, unpack_pack_quantized
+from .gptq import Affine, unpack_awq, unpack_gptq, unpack_int_quantized, unpack_pack_quantized
 from .mxfp4 import is_mxfp4
 from .nvfp4 import layout as nvfp4_layout
 from .quant import plan_shape, quantizable_params
 from .source import Source
 
 SUPPORTED = ("gptq", "awq", "compressed-tensors")  # quant_method values re-packed here
+INT_MARKER = "weight_scale"  # compressed-tensors int-quantized: `X.weight` is int8 itself, known by its scale
 # fp8 (and compressed-tensors float8), mxfp4, NVFP4 and bitsandbytes 4-bit are kept as stored by reshard/fp8.py,
 # reshard/mxfp4.py, reshard/nvfp4.py and reshard/bnb.py
 ADVICE = ("convert the original unquantized checkpoint, or an FP8, MXFP4, NVFP4, GPTQ, AWQ, compressed-tensors "
@@ -47,6 +48,8 @@ class Published:
             return unpack_gptq(parts, group=self.group, v1=self.v1)
         if self.method == "awq":
             return unpack_awq(parts, group=self.group)
+        if self.marker == INT_MARKER:  # int-quantized: the int8 weight as it is
+            return unpack_int_quantized(parts)
         return unpack_pack_quantized(parts, bits=self.bits, group=self.group)
 
     def weight_shape(self, shapes: dict[str, list[int]]) -> list[int] | None:
@@ -110,14 +113,21 @@ def _compressed_tensors(qc: dict, name: str) -> Published:
         raise SourceError(f"{name} is {problem}, which reshard cannot read; {ADVICE}")
     w = schemes[0]["weights"]
     group = int(w.get("group_size") or 0) if w.get("strategy") == "group" else 0
+    if _ct_format(qc, schemes) == {"int-quantized"}:  # W8A8: int8 weights as they are; activations run unquantized
+        return Published("compressed-tensors", "compressed-tensors", 8, 0, INT_MARKER,
+                         ("weight", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point"))
     return Published("compressed-tensors", "compressed-tensors", w["num_bits"], group, "weight_packed",
                      ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx"))
 
 
+def _ct_format(qc: dict, schemes: list[dict]) -> set:
+    return {s.get("format") or qc.get("format") for s in schemes} or {qc.get("format")}
+
+
 def _ct_problem(qc: dict, schemes: list[dict]) -> str | None:
     """What in a compressed-tensors config this branch cannot read exactly (None: all of it)."""
-    fmts = {s.get("format") or qc.get("format") for s in schemes} or {qc.get("format")}
-    if fmts != {"pack-quantized"}:
+    fmts = _ct_format(qc, schemes)
+    if fmts not in ({"pack-quantized"}, {"int-quantized"}):
         return f"compressed-tensors in the {', '.join(sorted(map(str, fmts)))} format"
     weights = [s.get("weights") or {} for s in schemes]
     if len(weights) != 1:
@@ -126,8 +136,10 @@ def _ct_problem(qc: dict, schemes: list[dict]) -> str | None:
     bits, strategy, symmetric = w.get("num_bits"), w.get("strategy"), w.get("symmetric", True)
     if w.get("type", "int") != "int" or bits not in (4, 8) or not symmetric:
         return f"compressed-tensors {w.get('type')} {bits}-bit{'' if symmetric else ' asymmetric'}"
-    if strategy not in ("group", "channel") or (bits == 8 and strategy != "channel"):
+    if strategy not in ("group", "channel") or ((bits == 8 or fmts == {"int-quantized"}) and strategy != "channel"):
         return f"compressed-tensors {bits}-bit with the {strategy!r} strategy"
+    if fmts == {"int-quantized"} and bits != 8:
+        return f"compressed-tensors int-quantized {bits}-bit"
     return None
 
 

@@ -80,13 +80,16 @@ def write_checkpoint(folder: Path, kind: str, *, seed: int = 0) -> Path:
             group = inp if kind == "gptq_row" else group  # group_size -1: one group per row
             q, z, s = random_linear(out, inp, group, gen)
             if kind.startswith("ct"):
-                bits = 8 if kind == "ct8" else 4
-                g = inp if kind == "ct8" else group
+                bits = 8 if kind.startswith("ct8") else 4
+                g = inp if kind.startswith("ct8") else group
                 q = torch.randint(-(1 << bits - 1), 1 << bits - 1, (out, inp), generator=gen)
                 s = (torch.rand(out, inp // g, generator=gen) * 0.02 + 0.001).half()
-                state[name + ".weight_packed"] = pack_cols(q + (1 << bits - 1), bits=bits)
+                if kind == "ct8_int":  # int-quantized (W8A8's weights): the int8 weight as it is
+                    state[name + ".weight"] = q.to(torch.int8)
+                else:
+                    state[name + ".weight_packed"] = pack_cols(q + (1 << bits - 1), bits=bits)
+                    state[name + ".weight_shape"] = torch.tensor([out, inp])
                 state[name + ".weight_scale"] = s
-                state[name + ".weight_shape"] = torch.tensor([out, inp])
                 g_idx = torch.arange(inp) // g
                 if kind == "ct4_act":  # actorder "group": weight_g_idx puts each group's columns anywhere
                     g_idx = g_idx[torch.randperm(inp, generator=gen)]
@@ -145,6 +148,10 @@ QUANT_CONFIGS = {
         "targets": ["Linear"], "format": "pack-quantized", "weights": {
             "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64, "actorder": "group"}}}},
     "ct8": _ct(8, "channel", None),
+    "ct8_int": {**_ct(8, "channel", None), "format": "int-quantized", "config_groups": {"group_0": {  # W8A8
+        "targets": ["Linear"], "format": "int-quantized", "weights": {
+            "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "group_size": None},
+        "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}}}},
 }
 
 
@@ -189,8 +196,8 @@ def test_published_folder_is_stored_quantized_within_a_tenth_of_the_source(kind,
     src, folder = published[kind]
     m = read_manifest(folder)
     q = m.quantization
-    assert q["scheme"] == ("int8" if kind == "ct8" else "int4") and q["source_format"]
-    assert q["group_size"] == {"ct4": 64, "ct4_act": 64, "ct8": None}.get(kind, 128)
+    assert q["scheme"] == ("int8" if kind.startswith("ct8") else "int4") and q["source_format"]
+    assert q["group_size"] == {"ct4": 64, "ct4_act": 64, "ct8": None, "ct8_int": None}.get(kind, 128)
     source = load_file(src / "model.safetensors")
     for g in (g for g in m.groups if g.kind == "layer"):
         prefix = f"model.{g.name}."
