@@ -9,8 +9,8 @@ output embeddings), by where their module is registered relative to the layer li
 from __future__ import annotations
 
 import copy
-import json
 import inspect
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
