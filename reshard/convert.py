@@ -23,7 +23,7 @@ from .errors import SourceError, UsageError
 from .format import (DTYPE_NAMES, blocks_of, stored_names, DTYPE_TO_ST, MANIFEST, Group, Manifest, dtype_name, group_file_name,
                      quant_part_names, write_bytes_atomic, write_group_file, write_text_atomic)
 from .fp8 import Fp8Source, Fp8Spec, layout as fp8_layout
-from .mxfp4 import Mxfp4Source, Mxfp4Spec, is_mxfp4
+from .mxfp4 import CtMxfp4Source, CtMxfp4Spec, Mxfp4Source, Mxfp4Spec, is_ct_mxfp4, is_mxfp4
 from .bnb import Bnb4Source, Bnb4Spec, is_bnb4
 from .nvfp4 import Nvfp4Source, Nvfp4Spec, layout as nvfp4_layout
 from .ggml_quants import check_block_shape
@@ -76,29 +76,20 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
         target = resolve_dtype(dtype, config)
         model = build_empty_model(config, dtype=target, trust_remote_code=trust_remote_code)
         plan = plan_groups(model)
-        # a published fp8 or mxfp4 checkpoint: kept so unless a dtype or --quantize is asked for;
-        # GPTQ/AWQ/compressed-tensors int weights: re-packed into int4/int8, not rounded again
-        fp8, mxfp4, bnb4, nvfp4 = fp8_layout(config), is_mxfp4(config), is_bnb4(config), nvfp4_layout(config)
-        keep = (fp8 is not None or mxfp4 or bnb4 or nvfp4 is not None or published is not None) and dtype == "auto" and not quantize
+        # a published quantized checkpoint: kept as published unless a dtype or --quantize is asked for
+        # (GPTQ/AWQ/compressed-tensors int weights re-packed into int4/int8, not rounded again)
+        kept = published_kept(config, model, plan, published)
+        keep = kept is not None and dtype == "auto" and not quantize
         quant = QuantSpec.for_model(model, plan, quantize, quantize_group, quantize_embeddings) if quantize else None
         if keep:
-            quant = Fp8Spec(fp8) if fp8 else Mxfp4Spec() if mxfp4 else Bnb4Spec.for_config(config) if bnb4 \
-                else Nvfp4Spec(nvfp4) if nvfp4 else RepackSpec.for_model(model, plan, published)
+            quant = kept[0]
         quantization = quant.manifest_entry() if quant else None
         params = conversion_params(src, dtype=dtype_name(target), architecture=type(model).__name__,
                                    quantization=quantization)
         check_before_fetching(src, out, plan, target, params, force=force)
         src = ready_source(src, model, progress=progress)
-        if fp8 is not None:
-            src = Fp8Source(src, fp8, keep=keep)
-        elif mxfp4:
-            src = Mxfp4Source(src, keep=keep)
-        elif bnb4:
-            src = Bnb4Source(src, keep=keep)
-        elif nvfp4:
-            src = Nvfp4Source(src, nvfp4, keep=keep)
-        elif published:
-            src = PublishedSource(src, published, repack_group=quant.group if isinstance(quant, RepackSpec) else None)
+        if kept is not None:  # its packed weights read as the model's: as stored, or de-quantized
+            src = kept[1](src, keep)
         params_map = {p: s for g in plan.groups for p, s in g.params.items()}
         buffers = {b: s for g in plan.groups for b, (s, _) in g.buffers.items()}
         mapping = map_keys(model, src.keys(), params_map, aliases=plan.tied, buffers=buffers)
@@ -125,6 +116,26 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
     finally:
         if hasattr(src, "close"):
             src.close()
+
+
+def published_kept(config, model, plan, published):
+    """(the spec that stores a published quantized checkpoint's weights as published, `wrap(src, keep)`: the
+    source that reads them, as stored with `keep`, else de-quantized), or None for a checkpoint not quantized."""
+    fp8, nvfp4 = fp8_layout(config), nvfp4_layout(config)
+    if fp8 is not None:
+        return Fp8Spec(fp8), lambda src, keep: Fp8Source(src, fp8, keep=keep)
+    if is_mxfp4(config):
+        return Mxfp4Spec(), lambda src, keep: Mxfp4Source(src, keep=keep)
+    if is_ct_mxfp4(config):
+        return CtMxfp4Spec(), lambda src, keep: CtMxfp4Source(src, keep=keep)
+    if is_bnb4(config):
+        return Bnb4Spec.for_config(config), lambda src, keep: Bnb4Source(src, keep=keep)
+    if nvfp4 is not None:
+        return Nvfp4Spec(nvfp4), lambda src, keep: Nvfp4Source(src, nvfp4, keep=keep)
+    if published is not None:
+        spec = RepackSpec.for_model(model, plan, published)
+        return spec, lambda src, keep: PublishedSource(src, published, repack_group=spec.group if keep else None)
+    return None
 
 
 def check_before_fetching(src, out: Path, plan, target: torch.dtype, params: dict, *, force: bool) -> None:

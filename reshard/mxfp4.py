@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import SourceError
 from .format import DTYPE_TO_ST, quant_part_names
+from .source import CompanionSource
 
 SCHEME = "mxfp4"  # the published layout (folders written before re-packing)
 GGML_SCHEME = "mxfp4_blocks"  # what a conversion stores them as
@@ -138,3 +140,99 @@ class Mxfp4Spec:
         # the blocks hold each expert's (out, in) matrix: the parameter is its transpose
         quantized[name] = {"shape": param_shape(parts["blocks"].shape), "dtype": DTYPE_TO_ST[target],
                            "transposed": True, "scheme": GGML_SCHEME}
+
+
+# --- compressed-tensors' MXFP4 (`format: "mxfp4-pack-quantized"`) ------------------------------
+# `X.weight_packed` uint8 (out, in / 2): fp4 codes as gpt-oss's blocks hold them (the even column in the low
+# nibble); `X.weight_scale` uint8 (out, in / 32): the e8m0 exponents. Its decompression (compressed-tensors'
+# `MXFP4PackedCompressor`) is `e2m1(q) * 2^(e - 127)`: the same values as GGML's MXFP4 blocks of those codes and
+# exponents, so they are kept as those blocks (`to_ggml_blocks`), which the native CPU kernels multiply.
+CT_FORMAT = "mxfp4-pack-quantized"
+CT_BLOCKS = ".mxfp4_blocks"  # `X.weight` + this: its GGML blocks while read (see `CtMxfp4Spec.take`)
+CT_PARTS = ("weight_packed", "weight_scale")
+CT_DROPPED = ("input_global_scale", "input_scale")  # activation scales: no part of the de-quantized model
+
+
+def is_ct_mxfp4(config) -> bool:
+    """Whether `config` is a compressed-tensors checkpoint whose weights are all MXFP4."""
+    qc = getattr(config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) else (qc.to_dict() if hasattr(qc, "to_dict") else {})
+    groups = list((qc.get("config_groups") or {}).values())
+    weights = [g.get("weights") or {} for g in groups]
+    return qc.get("quant_method") == "compressed-tensors" and bool(groups) \
+        and {g.get("format") or qc.get("format") for g in groups} == {CT_FORMAT} \
+        and all(w.get("type") == "float" and w.get("num_bits") == 4 and w.get("group_size") == 32 for w in weights)
+
+
+class CtMxfp4Source(CompanionSource):
+    """A compressed-tensors MXFP4 checkpoint's tensors, each weight's codes and exponents shown as the weight
+    `X.weight`: read, they come back as GGML MXFP4 blocks under `X.weight` + CT_BLOCKS with `keep`, else as
+    the weight de-quantized (float32, exactly)."""
+
+    def __init__(self, src, *, keep: bool):
+        self.keep = keep
+        keys = set(src.keys())
+        prefixes = [k[:-len(CT_PARTS[0])] for k in keys if k.endswith("." + CT_PARTS[0])]
+        self.packed = {p + "weight": p for p in prefixes if all(p + s in keys for s in CT_PARTS)}
+        super().__init__(src, {w: [p + s for s in (*CT_PARTS, *CT_DROPPED) if p + s in keys]
+                               for w, p in self.packed.items()}, virtual=set(self.packed))
+
+    def shapes(self):
+        shapes, out = self.src.shapes(), super().shapes()
+        for key, prefix in self.packed.items():
+            rows, half = shapes.get(prefix + CT_PARTS[0], (0, 0))
+            if rows:
+                out[key] = [rows, half * 2]
+        return out
+
+    def read(self, keys) -> dict[str, torch.Tensor]:
+        from .ggml_quants import dequantize_blocks
+
+        out = self.src.read(self.inner(keys))
+        for key in (k for k in keys if k in self.packed):
+            prefix = self.packed[key]
+            q, exponents = (out.pop(prefix + s) for s in CT_PARTS)
+            for name in CT_DROPPED:
+                out.pop(prefix + name, None)
+            if q.dim() != 2 or q.shape[1] % 16 or tuple(exponents.shape) != (q.shape[0], q.shape[1] // 16):
+                raise SourceError(f"{key} is an MXFP4 weight whose codes {list(q.shape)} and scales "
+                                  f"{list(exponents.shape)} do not make one (out, in) weight in blocks of 32; "
+                                  f"is the config the one of these weights?")
+            blocks = to_ggml_blocks(q.view(torch.uint8).reshape(q.shape[0], -1, 16), exponents.view(torch.uint8))
+            if self.keep:
+                out[key + CT_BLOCKS] = blocks.contiguous()
+            else:
+                out[key] = dequantize_blocks(blocks, GGML_SCHEME, dtype=torch.float32)
+        return out
+
+
+@dataclass
+class CtMxfp4Spec:
+    """What a conversion that keeps a compressed-tensors MXFP4 checkpoint's precision stores (the
+    converter's counterpart of convert.QuantSpec: the same `manifest_entry`/`params`/`store` verbs)."""
+    scheme: str = GGML_SCHEME
+    params: dict = field(default_factory=dict)  # nothing is quantized by the conversion itself
+
+    def manifest_entry(self) -> dict:
+        return {"scheme": self.scheme, "source_method": "compressed-tensors", "embeddings": False}
+
+    def take(self, planned, mapping, raw: dict, model) -> dict[str, dict[str, torch.Tensor]]:
+        """{param: {"blocks"}} for `planned`'s params the source stores in MXFP4, popped from `raw`; a MoE's
+        per-expert weights fused by transformers' conversion (whole rows of blocks: stacked, joined)."""
+        out = {}
+        for p in planned.params:
+            key = mapping.direct.get(p)
+            if key is not None and key + CT_BLOCKS in raw:
+                out[p] = {"blocks": raw.pop(key + CT_BLOCKS)}
+        for first in dict.fromkeys(mapping.made_by[p] for p in planned.params if p in mapping.made_by):
+            fusion = mapping.fused[first]
+            if all(k + CT_BLOCKS in raw for k in fusion.keys):
+                out.update(fusion.run_parts(raw, model, {"blocks": CT_BLOCKS}))
+        return out
+
+    def store(self, name: str, parts: dict, target: torch.dtype, tensors: dict, quantized: dict) -> None:
+        (stored,) = quant_part_names(name, GGML_SCHEME).values()
+        blocks = parts["blocks"]
+        tensors[stored] = blocks.contiguous()
+        quantized[name] = {"shape": [*blocks.shape[:-1], blocks.shape[-1] // 17 * 32], "dtype": DTYPE_TO_ST[target],
+                           "transposed": False, "scheme": GGML_SCHEME}

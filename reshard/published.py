@@ -20,7 +20,7 @@ from .format import ACT_ORDER, DTYPE_TO_ST, quant_part_names
 from .fp8 import layout as fp8_layout
 from .ggml_repack import SYMMETRIC_ZERO
 from .gptq import Affine, unpack_awq, unpack_gptq, unpack_int_quantized, unpack_pack_quantized
-from .mxfp4 import is_mxfp4
+from .mxfp4 import is_ct_mxfp4, is_mxfp4
 from .nvfp4 import layout as nvfp4_layout
 from .quant import plan_shape, quantizable_params
 from .source import Source
@@ -73,7 +73,8 @@ def published_format(config, name: str) -> Published | None:
     is an fp8/mxfp4/NVFP4/bitsandbytes 4-bit one, which reshard/fp8.py, mxfp4.py, nvfp4.py and bnb.py
     keep); a format this toolkit cannot read exactly is refused here, before any weight file is fetched."""
     qc = getattr(config, "quantization_config", None)
-    if qc is None or fp8_layout(config) is not None or is_mxfp4(config) or is_bnb4(config) or nvfp4_layout(config):
+    if qc is None or fp8_layout(config) is not None or is_mxfp4(config) or is_ct_mxfp4(config) or is_bnb4(config) \
+            or nvfp4_layout(config):
         return None
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     method = str(qc.get("quant_method", "?")).lower()

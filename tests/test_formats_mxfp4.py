@@ -230,3 +230,53 @@ def test_cuda_brings_the_routed_experts_into_slots(mxfp4, placement, monkeypatch
         one = torch.tensor([[5, 17, 42, 99, 7]], device="cuda")
         assert torch.equal(model.generate(one, **GREEDY), ref.generate(one, **GREEDY))
     assert held and not any(full for _, full in held) and min(n for n, _ in held) <= 2  # a decode token's 2 experts
+
+
+def test_compressed_tensors_mxfp4_is_kept_as_ggml_blocks_and_equals_transformers_load(tmp_path):
+    """compressed-tensors' MXFP4 (`mxfp4-pack-quantized`: fp4 codes, an e8m0 exponent per 32), written with its
+    own compressor: kept as GGML MXFP4 blocks (the native kernels' bytes, 17 per 32 weights as published),
+    the float32 logits and greedy tokens those of transformers' own de-compressed load, streamed and resident."""
+    import warnings
+
+    import transformers as tf
+    compressors = pytest.importorskip("compressed_tensors.compressors")
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from safetensors.torch import load_file, save_file
+
+    config = tf.LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "plain")
+    weights = dict(num_bits=4, type="float", strategy="group", group_size=32, symmetric=True, dynamic=False)
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights))
+    tensors = {}
+    for key, t in load_file(tmp_path / "plain" / "model.safetensors").items():
+        if ".layers." in key and key.endswith("proj.weight"):
+            amax = t.float().view(t.shape[0], -1, 32).abs().amax(-1)
+            scale = torch.exp2(torch.floor(torch.log2(amax / 6.0)))  # a power of two: what e8m0 holds
+            parts = compressors.MXFP4PackedCompressor.compress({"weight": t, "weight_scale": scale}, scheme)
+            tensors.update({key[:-len("weight")] + name: v for name, v in parts.items()})
+        else:
+            tensors[key] = t
+    src = save_published(tmp_path / "src", tmp_path / "plain", tensors, {
+        "quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"], "config_groups": {"group_0": {"targets": ["Linear"], "format": "mxfp4-pack-quantized",
+                                                             "weights": weights}}})
+    convert(str(src), tmp_path / "out", progress=False)
+    layer = read_manifest(tmp_path / "out").group("layers.0")
+    assert {info["scheme"] for info in layer.quantized.values()} == {"mxfp4_blocks"} and len(layer.quantized) == 7
+    stored = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith("model.layers.0."))
+    assert layer.bytes <= 1.1 * stored
+    with warnings.catch_warnings():  # "the model already has a quantization_config": the point of passing one
+        warnings.filterwarnings("ignore", message=".*already has a `quantization_config`", category=UserWarning)
+        ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32,
+                                                   quantization_config=tf.CompressedTensorsConfig(dequantize=True)).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        want = ref(IDS).logits
+    for placement in PLACEMENTS:
+        model = LayeredModel.from_pretrained(tmp_path / "out", device="cpu", dtype=torch.float32, packed=False,
+                                             max_cpu_memory=CPU_BUDGETS[placement])
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, want), placement
+        assert torch.equal(model.generate(ids, **GREEDY), ref.generate(ids, **GREEDY)), placement
