@@ -232,6 +232,39 @@ def test_cuda_brings_the_routed_experts_into_slots(mxfp4, placement, monkeypatch
     assert held and not any(full for _, full in held) and min(n for n, _ in held) <= 2  # a decode token's 2 experts
 
 
+CT_WEIGHTS = dict(num_bits=4, type="float", strategy="group", group_size=32, symmetric=True, dynamic=False)
+
+
+def save_ct_mxfp4(tmp_path, edit=lambda tensors: None):
+    """A tiny Llama in compressed-tensors' MXFP4 layout, written with its own compressor (`edit(tensors)` first,
+    where given): (the checkpoint, its tensors)."""
+    import transformers as tf
+    from compressed_tensors.compressors import MXFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from safetensors.torch import load_file
+
+    config = tf.LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "plain")
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**CT_WEIGHTS))
+    tensors = {}
+    for key, t in load_file(tmp_path / "plain" / "model.safetensors").items():
+        if ".layers." in key and key.endswith("proj.weight"):
+            amax = t.float().view(t.shape[0], -1, 32).abs().amax(-1)
+            scale = torch.exp2(torch.floor(torch.log2(amax / 6.0)))  # a power of two: what e8m0 holds
+            parts = MXFP4PackedCompressor.compress({"weight": t, "weight_scale": scale}, scheme)
+            tensors.update({key[:-len("weight")] + name: v for name, v in parts.items()})
+        else:
+            tensors[key] = t
+    edit(tensors)
+    src = save_published(tmp_path / "src", tmp_path / "plain", tensors, {
+        "quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"], "config_groups": {"group_0": {"targets": ["Linear"], "format": "mxfp4-pack-quantized",
+                                                             "weights": CT_WEIGHTS}}})
+    return src, tensors
+
+
 def test_compressed_tensors_mxfp4_is_kept_as_ggml_blocks_and_equals_transformers_load(tmp_path):
     """compressed-tensors' MXFP4 (`mxfp4-pack-quantized`: fp4 codes, an e8m0 exponent per 32), written with its
     own compressor: kept as GGML MXFP4 blocks (the native kernels' bytes, 17 per 32 weights as published),
@@ -239,29 +272,9 @@ def test_compressed_tensors_mxfp4_is_kept_as_ggml_blocks_and_equals_transformers
     import warnings
 
     import transformers as tf
-    compressors = pytest.importorskip("compressed_tensors.compressors")
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from safetensors.torch import load_file, save_file
+    pytest.importorskip("compressed_tensors")
 
-    config = tf.LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "plain")
-    weights = dict(num_bits=4, type="float", strategy="group", group_size=32, symmetric=True, dynamic=False)
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights))
-    tensors = {}
-    for key, t in load_file(tmp_path / "plain" / "model.safetensors").items():
-        if ".layers." in key and key.endswith("proj.weight"):
-            amax = t.float().view(t.shape[0], -1, 32).abs().amax(-1)
-            scale = torch.exp2(torch.floor(torch.log2(amax / 6.0)))  # a power of two: what e8m0 holds
-            parts = compressors.MXFP4PackedCompressor.compress({"weight": t, "weight_scale": scale}, scheme)
-            tensors.update({key[:-len("weight")] + name: v for name, v in parts.items()})
-        else:
-            tensors[key] = t
-    src = save_published(tmp_path / "src", tmp_path / "plain", tensors, {
-        "quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized", "quantization_status": "compressed",
-        "ignore": ["lm_head"], "config_groups": {"group_0": {"targets": ["Linear"], "format": "mxfp4-pack-quantized",
-                                                             "weights": weights}}})
+    src, tensors = save_ct_mxfp4(tmp_path)
     convert(str(src), tmp_path / "out", progress=False)
     layer = read_manifest(tmp_path / "out").group("layers.0")
     assert {info["scheme"] for info in layer.quantized.values()} == {"mxfp4_blocks"} and len(layer.quantized) == 7
@@ -280,3 +293,18 @@ def test_compressed_tensors_mxfp4_is_kept_as_ggml_blocks_and_equals_transformers
         with torch.no_grad():
             assert torch.equal(model(IDS).logits, want), placement
         assert torch.equal(model.generate(ids, **GREEDY), ref.generate(ids, **GREEDY)), placement
+
+
+def test_compressed_tensors_mxfp4_scales_that_do_not_fit_are_one_line(tmp_path, capsys):
+    from test_gguf import cli_convert
+
+    pytest.importorskip("compressed_tensors")
+    key = "model.layers.0.mlp.down_proj.weight"
+
+    def edit(tensors):
+        tensors[key + "_scale"] = tensors[key + "_scale"][:, :-1].contiguous()
+
+    src, _ = save_ct_mxfp4(tmp_path, edit)
+    assert cli_convert(capsys, src, tmp_path / "out") == (
+        1, f"Error: {key} is an MXFP4 weight whose codes [128, 128] and scales [128, 7] do not make one (out, in) "
+           "weight in blocks of 32; is the config the one of these weights?")
