@@ -175,15 +175,8 @@ class CtMxfp4Source(CompanionSource):
         prefixes = [k[:-len(CT_PARTS[0])] for k in keys if k.endswith("." + CT_PARTS[0])]
         self.packed = {p + "weight": p for p in prefixes if all(p + s in keys for s in CT_PARTS)}
         super().__init__(src, {w: [p + s for s in (*CT_PARTS, *CT_DROPPED) if p + s in keys]
-                               for w, p in self.packed.items()}, virtual=set(self.packed))
-
-    def shapes(self):
-        shapes, out = self.src.shapes(), super().shapes()
-        for key, prefix in self.packed.items():
-            rows, half = shapes.get(prefix + CT_PARTS[0], (0, 0))
-            if rows:
-                out[key] = [rows, half * 2]
-        return out
+                               for w, p in self.packed.items()}, virtual=set(self.packed),
+                         nibbles={w: p + CT_PARTS[0] for w, p in self.packed.items()})
 
     def read(self, keys) -> dict[str, torch.Tensor]:
         from .ggml_quants import dequantize_blocks

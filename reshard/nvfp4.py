@@ -96,16 +96,8 @@ class Nvfp4Source(CompanionSource):
         self.packed = {p + "weight": p for p in prefixes if all(p + s in keys for s in self.suffixes.values())}
         parts = {w: [p + s for s in (*self.suffixes.values(), *form.dropped) if p + s in keys and p + s != w]
                  for w, p in self.packed.items()}
-        super().__init__(src, parts, virtual={w for w in self.packed if w not in keys})  # compressed-tensors'
-
-    def shapes(self):
-        shapes = self.src.shapes()
-        out = super().shapes()
-        for key, prefix in self.packed.items():
-            rows, half = shapes.get(prefix + self.suffixes["qweight"], (0, 0))
-            if rows:
-                out[key] = [rows, half * 2]
-        return out
+        super().__init__(src, parts, virtual={w for w in self.packed if w not in keys},  # compressed-tensors'
+                         nibbles={w: p + self.suffixes["qweight"] for w, p in self.packed.items()})
 
     def read(self, keys) -> dict[str, torch.Tensor]:
         out = self.src.read(self.inner(keys))

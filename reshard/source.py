@@ -28,12 +28,13 @@ class CompanionSource:
     """A source seen through a published quantized format: a weight's companions (scales, states, the
     parts of packed codes) hidden behind the key the model asks for, `companions[key]`, and read, wanted
     and finished with it. `virtual`: keys the wrapped source lacks, made from their companions alone (a
-    compressed-tensors weight is its `weight_packed` and scales). Subclasses give `read` (and may narrow
-    `shapes`); anything else (folder, info, read_ahead, close, what --low-disk sources add) is the wrapped
+    compressed-tensors weight is its `weight_packed` and scales); `nibbles`: keys whose shape is their packed
+    codes' with twice the columns. Subclasses give `read` (and may narrow `shapes`); anything else (folder, info, read_ahead, close, what --low-disk sources add) is the wrapped
     source's."""
 
-    def __init__(self, src, companions: dict[str, list[str]], virtual=frozenset()):
+    def __init__(self, src, companions: dict[str, list[str]], virtual=frozenset(), nibbles: dict[str, str] | None = None):
         self.src, self.companions, self.virtual = src, companions, frozenset(virtual)
+        self.nibbles = nibbles or {}  # key -> the tensor of its 4-bit codes, two a byte: (out, in / 2) for (out, in)
         self.hidden = {c for cs in companions.values() for c in cs}
 
     def __getattr__(self, name):
@@ -45,7 +46,12 @@ class CompanionSource:
         return [k for k in self.src.keys() if k not in self.hidden and k not in self.virtual] + sorted(self.virtual)
 
     def shapes(self):
-        return {k: s for k, s in self.src.shapes().items() if k not in self.hidden}
+        shapes = self.src.shapes()
+        out = {k: s for k, s in shapes.items() if k not in self.hidden}
+        for key, codes in self.nibbles.items():
+            if codes in shapes and len(shapes[codes]) == 2:
+                out[key] = [shapes[codes][0], shapes[codes][1] * 2]
+        return out
 
     def locate(self, key):
         return None if key in self.companions else self.src.locate(key)
