@@ -164,14 +164,8 @@ class Fp8Spec:
                 out[p] = {"qweight": raw.pop(key), "scale_inv": raw.pop(key + SCALE)}
         for first in dict.fromkeys(mapping.made_by[p] for p in planned.params if p in mapping.made_by):
             fusion = mapping.fused[first]
-            scaled = [k + SCALE in raw for k in fusion.keys]
-            if not any(scaled):
-                continue
-            if not all(scaled):
-                text = (f"{first!r} is made from fp8 tensors and unquantized ones such as "
-                        f"{fusion.keys[scaled.index(False)]!r}, so it cannot be kept in fp8; de-quantize the checkpoint ")
-                raise SourceError(text + 'with dtype="bfloat16"', cli=text + "with --dtype bfloat16")
-            out.update(fusion.run_parts(raw, model, {"qweight": "", "scale_inv": SCALE}))
+            if fusion.kept_as(raw, SCALE, "fp8"):
+                out.update(fusion.run_parts(raw, model, {"qweight": "", "scale_inv": SCALE}))
         return out
 
     def store(self, name: str, parts: dict, target: torch.dtype, tensors: dict, quantized: dict) -> None:

@@ -65,6 +65,16 @@ class Fusion:
         return {name: (t[0] if isinstance(t, list) else t).contiguous() for name, t in out.items()}
 
 
+    def kept_as(self, raw: dict, suffix: str, label: str) -> bool:
+        """Whether this conversion's source tensors come as a published format `label` kept as stored (each
+        key's part `key + suffix` in `raw`): all of them, or none (False); a mix cannot be kept."""
+        kept = [k + suffix in raw for k in self.keys]
+        if all(kept) or not any(kept):
+            return all(kept)
+        text = (f"{self.target!r} is made from {label} tensors and unquantized ones such as "
+                f"{self.keys[kept.index(False)]!r}, so it cannot be kept in {label}; de-quantize the checkpoint ")
+        raise SourceError(text + 'with dtype="bfloat16"', cli=text + "with --dtype bfloat16")
+
     def run_parts(self, raw: dict[str, torch.Tensor], model, suffixes: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:
         """The conversion run on each part of quantized source tensors alone ({part: suffix}: `key +
         suffix` in `raw`, popped), each in its own dtype, 8-bit floats as their bytes (stacking and

@@ -219,7 +219,7 @@ class CtMxfp4Spec:
                 out[p] = {"blocks": raw.pop(key + CT_BLOCKS)}
         for first in dict.fromkeys(mapping.made_by[p] for p in planned.params if p in mapping.made_by):
             fusion = mapping.fused[first]
-            if all(k + CT_BLOCKS in raw for k in fusion.keys):
+            if fusion.kept_as(raw, CT_BLOCKS, "MXFP4"):
                 out.update(fusion.run_parts(raw, model, {"blocks": CT_BLOCKS}))
         return out
 

@@ -142,14 +142,8 @@ class Nvfp4Spec:
                 out[p] = {"qweight": raw.pop(key), "scales": raw.pop(key + SCALES), "global_scale": raw.pop(key + GLOBAL)}
         for first in dict.fromkeys(mapping.made_by[p] for p in planned.params if p in mapping.made_by):
             fusion = mapping.fused[first]
-            packed = [k + SCALES in raw for k in fusion.keys]
-            if not any(packed):
-                continue
-            if not all(packed):
-                raise SourceError(f"{first!r} is made from NVFP4 tensors and unquantized ones such as "
-                                  f"{fusion.keys[packed.index(False)]!r}, so it cannot be kept in NVFP4; de-quantize "
-                                  f"the checkpoint with --dtype bfloat16")
-            out.update(fusion.run_parts(raw, model, {"qweight": "", "scales": SCALES, "global_scale": GLOBAL}))
+            if fusion.kept_as(raw, SCALES, "NVFP4"):
+                out.update(fusion.run_parts(raw, model, {"qweight": "", "scales": SCALES, "global_scale": GLOBAL}))
         return out
 
     def store(self, name: str, parts: dict, target: torch.dtype, tensors: dict, quantized: dict) -> None:

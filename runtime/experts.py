@@ -209,12 +209,15 @@ class ExpertStreamer:
         row that is not zero in slots, and their rows alone; `_spread` puts the results back."""
         hidden, count = bound.arguments["hidden_states"], entry["num_experts"]
         routed = stackedexperts.routed(hidden, count) or [0]  # no expert has a row: the first computes zeros
+        guess = self.predictor is not None  # the rows' sum (what a guess reads) only where something guesses
         if path in self.packed:  # the kernels take the experts as read and the stacked rows as they are
             self.bring_packed(i, path, module, entry, routed)
-            self._guess(i, {"hidden_states": stackedexperts.summed(hidden, count)})
+            if guess:
+                self._guess(i, {"hidden_states": stackedexperts.summed(hidden, count)})
             return None
         slots = self.bring(i, path, module, entry, routed, alone=self.round_experts is not None)
-        self._guess(i, {"hidden_states": stackedexperts.summed(hidden, count)})
+        if guess:
+            self._guess(i, {"hidden_states": stackedexperts.summed(hidden, count)})
         bound.arguments["hidden_states"], self.stacked[path] = stackedexperts.compact(hidden, slots.held, count)
         stackedexperts.pad(module, [name.rpartition(".")[2] for name in entry["tensors"]])
         return bound.args, bound.kwargs

@@ -158,8 +158,6 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     # published NVFP4 checkpoints (reshard/nvfp4.py)
     "{} is an NVFP4 weight whose parts have shapes {}, {} and {}, which do not make one (out, in) weight in groups "
     "of {}; is the config the one of these weights?": ("test_formats_nvfp4.py::test_parts_that_make_no_weight_are_one_line",),
-    "{} is made from NVFP4 tensors and unquantized ones such as {}, so it cannot be kept in NVFP4; de-quantize the "
-    "checkpoint with --dtype bfloat16": ("test_formats_nvfp4.py::test_experts_of_nvfp4_and_unquantized_tensors_are_one_line",),
     # published bitsandbytes 4-bit checkpoints (reshard/bnb.py)
     "{} is a 4-bit bitsandbytes weight of shape {} (dtype {}, {} blocks) that reshard cannot keep; convert with "
     "--dtype float16 (or bfloat16) to de-quantize it": ("test_formats_bnb.py::test_a_state_reshard_cannot_keep_is_one_line",),
@@ -168,9 +166,9 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     # published fp8 checkpoints (reshard/fp8.py)
     "fp8 weight {} has shape {}, which its scale grid {} does not divide; is the config the one of these weights?":
         ("test_formats_fp8.py::test_scale_grid_that_does_not_divide_its_weight",),
-    "{} is made from fp8 tensors and unquantized ones such as {}, so it cannot be kept in fp8; de-quantize the "
-    "checkpoint with --dtype bfloat16":
-        ("test_formats_fp8.py::test_experts_of_fp8_and_unquantized_tensors_are_not_kept_in_fp8",),
+    "{} is made from {} tensors and unquantized ones such as {}, so it cannot be kept in {}; de-quantize the checkpoint "
+    "with --dtype bfloat16": ("test_formats_fp8.py::test_experts_of_fp8_and_unquantized_tensors_are_not_kept_in_fp8",
+                              "test_formats_nvfp4.py::test_experts_of_nvfp4_and_unquantized_tensors_are_one_line"),
     # --- reshard convert: options, the output folder, the disk -------------------------------
     "unknown dtype {}; use auto, float16, bfloat16 or float32":
         ("test_robustness.py::test_unknown_device_or_dtype",
