@@ -29,6 +29,7 @@ from .nvfp4 import Nvfp4Source, Nvfp4Spec, layout as nvfp4_layout
 from .ggml_quants import check_block_shape
 from .ggml_repack import GROUP as REPACKED_GROUP, REPACKED, repack_blocks
 from .keymap import KeyMap, check_shape, check_shapes, map_keys
+from .multimodal import language_part
 from .plan import build_empty_model, plan_groups, read_config
 from .published import PublishedSource, RepackSpec, check_repackable, published_format
 from .quant import DEFAULT_GROUP, check_scheme, quantizable_params, quantize as quantize_weight, quantize_experts
@@ -73,8 +74,13 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
     try:
         config = read_config(src.folder, source, trust_remote_code=trust_remote_code)
         published = published_format(config, source)  # an unknown format is refused before any download
+        part = language_part(config, trust_remote_code=trust_remote_code)  # a vision-language model's text model
+        if part is not None:
+            config = part.config
         target = resolve_dtype(dtype, config)
         model = build_empty_model(config, dtype=target, trust_remote_code=trust_remote_code)
+        if part is not None:
+            part.bind(model)
         plan = plan_groups(model)
         # a published quantized checkpoint: kept as published unless a dtype or --quantize is asked for
         # (GPTQ/AWQ/compressed-tensors int weights re-packed into int4/int8, not rounded again)
@@ -92,12 +98,12 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
             src = kept[1](src, keep)
         params_map = {p: s for g in plan.groups for p, s in g.params.items()}
         buffers = {b: s for g in plan.groups for b, (s, _) in g.buffers.items()}
-        mapping = map_keys(model, src.keys(), params_map, aliases=plan.tied, buffers=buffers)
+        mapping = map_keys(model, src.keys(), params_map, aliases=plan.tied, buffers=buffers, part=part)
         check_shapes(mapping.direct, {**params_map, **buffers}, src.shapes())
         if isinstance(quant, RepackSpec):
             check_repackable(src, mapping, quant)
         record = Progress.open(out, params, force=force)
-        _copy_side_files(src.folder, out)
+        _copy_side_files(src.folder, out, config=config if part is not None else None)
         kept = {g.name: k for g in plan.groups if (k := record.kept(g.name, g.params)) is not None}
         sharded = hasattr(src, "largest_shard_bytes")  # --low-disk
         check_disk(out, plan, kept, target, extra=getattr(src, "largest_shard_bytes", 0), hint=not sharded,
@@ -149,12 +155,18 @@ def check_before_fetching(src, out: Path, plan, target: torch.dtype, params: dic
         check_disk(out, plan, earlier, target, extra=sharded or 0, hint=sharded is None, progress=False)
 
 
-def _copy_side_files(folder: Path, out: Path) -> None:
+def _copy_side_files(folder: Path, out: Path, config=None) -> None:
+    """The source's config, generation config and tokenizer files; `config` as config.json where given
+    (the language model of a vision-language checkpoint: reshard/multimodal.py)."""
     for name in SIDE_FILES:
-        if (folder / name).is_file():
+        if name == "config.json" and config is not None:
+            data = config.to_json_string(use_diff=False).encode()
+        elif (folder / name).is_file():
             data = (folder / name).read_bytes()
-            if not (out / name).is_file() or (out / name).read_bytes() != data:
-                write_bytes_atomic(out / name, data)
+        else:
+            continue
+        if not (out / name).is_file() or (out / name).read_bytes() != data:
+            write_bytes_atomic(out / name, data)
 
 
 @dataclass

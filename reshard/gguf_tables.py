@@ -1,6 +1,7 @@
 """GGUF files whose architecture transformers' GGUF loader does not read (`deepseek2`: DeepSeek-V3,
 R1, Kimi-K2, DeepSeek-V2; `glm-dsa`: GLM-5; `glm4moe`: GLM-4.5 to 4.7; `gpt-oss`, whose files transformers' own mapping
-misnames; `qwen3next`, `llama4`, and the decoders in `CONFIGS`), mapped here as llama.cpp's converter
+misnames; `qwen3next`, `llama4`, the text decoders of Qwen's vision-language files, and the decoders in
+`CONFIGS`), mapped here as llama.cpp's converter
 (`convert_hf_to_gguf.py`) writes them:
 - names: the `gguf` package's own table for the architecture (`gguf.get_tensor_name_map`), the one
   llama.cpp's converter names tensors by;
@@ -40,6 +41,7 @@ import torch
 from . import gguf_configs
 from . import gguf_dense_configs as dense
 from . import gguf_ssm_configs as ssm
+from . import gguf_vl_configs as vl
 from .errors import SourceError
 from .plan import holds_inward
 
@@ -78,6 +80,7 @@ CONFIGS = {  # GGUF architecture -> its config from the file's metadata
     "qwen3next": gguf_configs.qwen3next, "llama4": gguf_configs.llama4,
     "kimi-linear": ssm.kimi_linear, "mamba2": ssm.mamba2, "granitehybrid": ssm.granite_hybrid, "nemotron_h": ssm.nemotron_h,
     "nemotron_h_moe": ssm.nemotron_h, "jamba": ssm.jamba, "falcon-h1": ssm.falcon_h1,
+    "qwen2vl": vl.qwen2vl, "qwen3vl": vl.qwen3vl, "qwen3vlmoe": vl.qwen3vlmoe,
 }
 # transformers' parameter names -> the names in the checkpoints llama.cpp's converter read, where they differ
 CHECKPOINT_NAMES = ((".router.weight", ".router.layer.weight"),  # granitemoe

@@ -74,22 +74,32 @@ class KeyMap:
         return name in self.direct or name in self.made_by
 
 
-def map_keys(model, source_keys: list[str], params: dict[str, torch.Size], aliases=(), buffers=()) -> KeyMap:
+def map_keys(model, source_keys: list[str], params: dict[str, torch.Size], aliases=(), buffers=(),
+             part=None) -> KeyMap:
     """Where every parameter in `params` comes from; errors name what is wrong.
 
     Source tensors for tied aliases (`aliases`, e.g. a saved copy of a tied head) are skipped;
     persistent `buffers` are taken when the checkpoint has them. Tensors that transformers fuses
     or splits at load (its WeightConverters) become `Fusion`s, run later by the conversion.
+    `part` (a reshard.multimodal.LanguagePart): `model` is the language model of a vision-language
+    checkpoint, whose names are the vision-language model's (by transformers' rules for that one),
+    then `part.place`d in `model`; the rest of the checkpoint (its vision tower) is left out.
     """
-    rules = _transformers_rules(model)
+    outer = part.outer if part is not None else model
+    rules = _transformers_rules(outer)
     rename, converters = rules if rules else (_legacy_rename, {})
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    prefix = getattr(outer, "base_model_prefix", "") or ""
+    ignored = [re.compile(p) for p in (getattr(outer, "_keys_to_ignore_on_load_unexpected", None) or [])]
     known = {**params, **{b: None for b in buffers}}
+    outer_known = part.names if part is not None else known
     keymap, unexpected = KeyMap(), []
     for key in sorted(source_keys, key=natural_key):
         target, pattern = rename(key)
-        target = _fix_prefix(target, prefix, known)
+        target = _fix_prefix(target, prefix, outer_known)
+        if part is not None:
+            target = part.place(target)
+            if target is None:  # not the language model's
+                continue
         if target not in known and key in known:  # as transformers: a key that needed no renaming
             target, pattern = key, None
         if pattern is not None and target in params:

@@ -1,0 +1,137 @@
+"""The language model of a vision-language checkpoint, converted as the causal LM it is on text.
+
+A vision-language checkpoint (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense and MoE, Llama 4 Scout and
+Maverick, Mistral Small 3.x and Magistral, Kimi-K2.5, LLaVA and its kin) holds a vision tower, a
+projector and a language model. transformers builds the whole `...ForConditionalGeneration` for
+it and has no causal LM for its config (or builds the language model alone, which does not know
+the checkpoint's other tensors). On text, such a model computes its language model alone: the
+vision tower runs only on images. So reshard converts the language model, as a causal LM:
+- its config: the checkpoint's text config (with the top level's quantization, dtype and token
+  ids), for the causal LM transformers has for it; Qwen's VL decoders, for which it has none, as
+  the plain models they equal on text (`EQUIVALENT`: their multimodal rotary embedding gives
+  every section the token's one position, which makes it the plain rotary embedding);
+- its tensors: the checkpoint's names brought to the vision-language model's by transformers'
+  own rules for that model (renamings, and conversions such as Qwen3-VL-MoE's transposed
+  experts), then from the language model's place in it to the causal LM's (`LanguagePart.place`);
+  the vision tower's tensors are left out, never read.
+A model whose own causal LM takes the whole checkpoint (Gemma 3's) is converted whole, as before.
+tests/test_multimodal.py checks each against transformers' vision-language model's logits on text.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from .errors import SourceError
+
+# text model type -> the model type it equals on text (transformers has no causal LM for the former)
+EQUIVALENT = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen3_vl_text": "qwen3",
+              "qwen3_vl_moe_text": "qwen3_moe"}
+ALWAYS = {"qwen3_vl_moe_text": {"norm_topk_prob": True}}  # what the VL model does whatever its config says
+CARRIED = ("quantization_config", "dtype", "bos_token_id", "eos_token_id", "pad_token_id")  # top level -> text
+
+
+class LanguagePart:
+    """The language model of vision-language model `outer` (built on `meta`): its causal-LM `config`,
+    and where its parameters sit in `outer`."""
+
+    def __init__(self, config, outer: nn.Module):
+        self.config, self.outer = config, outer
+        self.names = {n for n, _ in outer.named_parameters()} | {n for n, _ in outer.named_buffers()}
+        self._places: list[tuple[str, str]] = []
+
+    def bind(self, model: nn.Module) -> None:
+        """Learn where the causal LM `model` keeps what `outer` keeps: its decoder and its head."""
+        places = [(_decoder(self.outer), _decoder(model)),
+                  (_path(self.outer, self.outer.get_output_embeddings()), _path(model, model.get_output_embeddings()))]
+        # (a part either model lacks leaves its parameters unplaced: the key check names them)
+        self._places = [(a + ".", b + ".") for a, b in places if a is not None and b is not None]
+
+    def place(self, name: str) -> str | None:
+        """`outer`'s parameter `name` as the causal LM's; None for one outside the language model (the
+        vision tower's); a name `outer` does not have, as it is (for the checks to name)."""
+        for theirs, ours in self._places:
+            if name.startswith(theirs):
+                return ours + name[len(theirs):]
+        return None if name in self.names else name
+
+
+def language_part(config, *, trust_remote_code: bool = False) -> LanguagePart | None:
+    """The language model of `config`'s vision-language model, or None where `config` is a causal LM's
+    (or transformers' causal LM for it takes the whole checkpoint)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
+
+    text = config.get_text_config()
+    if text is config or "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return None
+    own = CAUSAL.get(config.model_type)
+    if own is not None and _config_class(own) is type(config):  # its causal LM is the whole model (Gemma 3)
+        return None
+    if text.model_type not in CAUSAL and text.model_type not in EQUIVALENT:
+        raise SourceError(f"model type {config.model_type!r} is a vision-language model whose language model "
+                          f"({text.model_type!r}) transformers has no causal LM for; reshard cannot convert it yet")
+    outer = _build_outer(config, trust_remote_code)
+    return LanguagePart(_text_config(config, text, outer), outer)
+
+
+def _text_config(config, text, outer: nn.Module):
+    """The causal LM's config: `text` (or the config of the model it equals), with what the top level
+    says for the whole model, tied as `outer` ties its head."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
+
+    kind = text.model_type
+    if kind in CAUSAL:
+        out = copy.deepcopy(text)
+    else:
+        fields = {k: v for k, v in text.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
+        rope = fields.get("rope_parameters") or {}
+        fields["rope_parameters"] = {k: v for k, v in rope.items() if not k.startswith("mrope")}
+        out = AutoConfig.for_model(EQUIVALENT[kind], **{**fields, **ALWAYS.get(kind, {})})
+    for name in CARRIED:
+        value = getattr(config, name, None)
+        if value is not None and getattr(out, name, None) is None:
+            setattr(out, name, value)
+    head, embed = outer.get_output_embeddings(), outer.get_input_embeddings()
+    out.tie_word_embeddings = head is not None and embed is not None and head.weight is embed.weight
+    out.architectures = [CAUSAL[out.model_type]]
+    return out
+
+
+def _build_outer(config, trust_remote_code: bool) -> nn.Module:
+    """transformers' vision-language model for `config`, on `meta`, its head tied as it ties it."""
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForImageTextToText
+
+    classes = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
+    try:
+        with init_empty_weights(include_buffers=False):
+            if any(c is not None for c in classes):
+                outer = next(c for c in classes if c is not None)._from_config(config)
+            else:
+                outer = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise SourceError(f"transformers cannot build a causal language model for model type "
+                          f"{config.model_type!r}: {str(e).splitlines()[0]}") from None
+    outer.tie_weights()
+    return outer
+
+
+def _decoder(model: nn.Module) -> str | None:
+    """The path of `model`'s decoder (its stack of layers, with its embeddings and final norm): the
+    module that holds the input embeddings."""
+    path = _path(model, model.get_input_embeddings())
+    return path.rpartition(".")[0] if path is not None else None
+
+
+def _path(model: nn.Module, module: nn.Module | None) -> str | None:
+    return next((name for name, m in model.named_modules() if m is module), None) if module is not None else None
+
+
+def _config_class(class_name: str):
+    import transformers
+
+    return getattr(getattr(transformers, class_name, None), "config_class", None)

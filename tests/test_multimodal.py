@@ -1,0 +1,156 @@
+"""A vision-language checkpoint converts as its language model (reshard/multimodal.py): Qwen2.5-VL,
+Qwen3-VL (dense, tied; and MoE, its experts transposed as published), Llama 4 (its routed experts),
+Mistral Small 3.x (`mistral3`) and LLaVA, each a random model of transformers' saved as the hub
+has it (transformers writes the published names and layouts). The folder holds the causal LM alone,
+the vision tower left out; its logits on text equal transformers' vision-language model's own, bit
+for bit in float32, streamed and resident, with the same greedy tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import CPU_BUDGETS
+
+from reshard.convert import convert
+from reshard.format import read_manifest
+
+IDS = torch.tensor([[1, 504, 345, 282, 649, 314, 2, 77, 900]])
+TEXT = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+QWEN_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+QWEN3_ROPE = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+# name -> (vision-language class prefix, its config's arguments, the causal LM the folder holds)
+MODELS = {
+    "qwen2.5-vl": ("Qwen2_5_VL", dict(text_config={**TEXT, "rope_parameters": {
+        "rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}}, vision_config={
+        **QWEN_VISION, "fullatt_block_indexes": [0]}), "Qwen2ForCausalLM"),
+    "qwen3-vl": ("Qwen3VL", dict(text_config={**TEXT, "head_dim": 16, "rope_parameters": QWEN3_ROPE},
+                                 vision_config={**QWEN_VISION, "patch_size": 4}, tie_word_embeddings=True),
+                 "Qwen3ForCausalLM"),
+    "qwen3-vl-moe": ("Qwen3VLMoe", dict(text_config={
+        **TEXT, "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        "rope_parameters": QWEN3_ROPE}, vision_config={**QWEN_VISION, "patch_size": 4}), "Qwen3MoeForCausalLM"),
+    "llama4": ("Llama4", dict(text_config={
+        **TEXT, "head_dim": 16, "intermediate_size": 32, "intermediate_size_mlp": 128, "num_local_experts": 8,
+        "num_experts_per_tok": 1, "interleave_moe_layer_step": 2}, vision_config={
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32,
+        "patch_size": 8, "vision_output_dim": 32, "projector_input_dim": 32, "projector_output_dim": 32}),
+               "Llama4ForCausalLM"),
+    "mistral3": ("Mistral3", dict(text_config={**TEXT, "model_type": "mistral", "head_dim": 16},
+                                  vision_config={**SIGLIP, "model_type": "pixtral", "head_dim": 16},
+                                  tie_word_embeddings=False), "MistralForCausalLM"),
+    "llava": ("Llava", dict(text_config={**TEXT, "model_type": "llama"}, vision_config={**SIGLIP, "model_type": "clip_vision_model"},
+                            tie_word_embeddings=False), "LlamaForCausalLM"),
+}
+
+
+def vision_language_model(name: str):
+    """A random vision-language model `name` of MODELS, its norms and biases random around their init."""
+    import transformers as tf
+
+    prefix, kwargs, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = getattr(tf, f"{prefix}ForConditionalGeneration")(getattr(tf, f"{prefix}Config")(**kwargs)).eval()
+    with torch.no_grad():
+        for key, t in model.state_dict().items():
+            if t.dim() == 1 and t.is_floating_point():
+                t.add_(torch.randn(t.shape) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """name -> (the vision-language model, the folder its checkpoint converts to), made once each."""
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            root = tmp_path_factory.mktemp(name)
+            model = vision_language_model(name)
+            model.save_pretrained(root / "checkpoint")
+            convert(str(root / "checkpoint"), root / "out", progress=False)
+            made[name] = (model, root / "out")
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_text_logits_and_tokens_equal_the_vision_language_model(converted, name):
+    from runtime import LayeredModel
+
+    model, folder = converted(name)
+    with torch.no_grad():
+        want, want_tokens = model(IDS).logits, model.generate(IDS, max_new_tokens=4, do_sample=False)
+    for placement in ("streamed", "resident"):
+        with LayeredModel.from_pretrained(folder, device="cpu", packed=False, max_cpu_memory=CPU_BUDGETS[placement]) as lm:
+            assert type(lm.model).__name__ == MODELS[name][2]
+            assert torch.equal(lm(IDS).logits, want), placement
+            assert torch.equal(lm.generate(IDS, max_new_tokens=4, do_sample=False), want_tokens), placement
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-vl", "llama4"])
+def test_the_folder_holds_the_language_model_alone(converted, name):
+    """config.json is the causal LM's, and no group holds a tensor of the vision tower."""
+    model, folder = converted(name)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == [MODELS[name][2]] and "vision_config" not in config
+    params = {p for g in read_manifest(folder).groups for p in g.tensors}
+    language = sum(p.numel() for n, p in model.named_parameters() if "vision" not in n and "visual" not in n
+                   and "multi_modal" not in n)
+    assert not any("vision" in p or "visual" in p or "multi_modal" in p for p in params)
+    assert len(params) < len(model.state_dict()) and language < sum(p.numel() for p in model.parameters())
+
+
+def test_an_fp8_checkpoint_keeps_its_language_models_bytes(tmp_path):
+    """Qwen3-VL published in FP8 (its language model's linear weights float8 with block scales, as the
+    `*-FP8` uploads): stored as published, and the logits on text equal transformers' own load of the
+    checkpoint (de-quantized on the CPU), bit for bit in float32."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from reshard.fp8 import quantize_fp8
+    from runtime import LayeredModel
+
+    vision_language_model("qwen3-vl").to(torch.bfloat16).save_pretrained(tmp_path / "plain")
+    tensors = {}
+    with safe_open(tmp_path / "plain" / "model.safetensors", "pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if ".language_model.layers." in key and key.endswith("_proj.weight"):
+                tensors[key], tensors[key + "_scale_inv"] = quantize_fp8(t, [8, 8])
+            else:
+                tensors[key] = t
+    (tmp_path / "fp8").mkdir()
+    save_file(tensors, tmp_path / "fp8" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [8, 8]}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    convert(str(tmp_path / "fp8"), tmp_path / "out", progress=False)
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest.quantization["scheme"] == "fp8-block"
+    assert manifest.group("layers.1").tensors["model.layers.1.self_attn.o_proj.weight.qweight"]["dtype"] == "F8_E4M3"
+    reference = Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "fp8", dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = reference(IDS).logits
+    with LayeredModel.from_pretrained(tmp_path / "out", device="cpu", dtype=torch.float32, max_cpu_memory=0) as lm:
+        assert torch.equal(lm(IDS).logits, want)
+
+
+def test_a_language_model_transformers_has_no_causal_lm_for_is_one_line(tmp_path, capsys):
+    """GLM-4.1V's language model (`glm4v_text`) has no causal LM in transformers, nor one it equals here."""
+    from safetensors.torch import save_file
+    from transformers import Glm4vConfig
+
+    from test_gguf import cli_convert
+
+    Glm4vConfig().save_pretrained(tmp_path / "glm4v")
+    save_file({"lm_head.weight": torch.zeros(1)}, tmp_path / "glm4v" / "model.safetensors")
+    assert cli_convert(capsys, tmp_path / "glm4v", tmp_path / "out") == (
+        1, "Error: model type 'glm4v' is a vision-language model whose language model ('glm4v_text') transformers "
+           "has no causal LM for; reshard cannot convert it yet")
+    assert not (tmp_path / "out").exists()
