@@ -1,18 +1,16 @@
 """Transformers configs of the text decoders of vision-language GGUFs. llama.cpp's converter writes
 a Qwen2-VL or Qwen2.5-VL model's language model as `qwen2vl`, Qwen3-VL's as `qwen3vl` and
 Qwen3-VL-MoE's as `qwen3vlmoe`, and the vision tower apart, as an `mmproj` file (which a hub
-download leaves out: reshard/hub.py).
-
-On text these decoders are Qwen2, Qwen3 and Qwen3-MoE: their multimodal rotary embedding
-(`rope.dimension_sections`) gives each section the token's one position, which makes it the plain
-rotary embedding, and DeepStack (`n_deepstack_layers`) adds visual features only where an image is.
-So the folder holds that text model, and its logits on text equal the vision-language model's own,
-bit for bit in float32 (tests/test_formats_gguf_vl.py).
+download leaves out: reshard/hub.py). The folder holds the plain model each equals on text, Qwen2,
+Qwen3 or Qwen3-MoE, as for their safetensors checkpoints (reshard/multimodal.py `EQUIVALENT`, which
+says why); the keys for images (`rope.dimension_sections`, `n_deepstack_layers`) are not needed.
+tests/test_formats_gguf_vl.py checks the logits on text against transformers' vision-language models.
 """
 
 from __future__ import annotations
 
 from .gguf_configs import Keys
+from .multimodal import ALWAYS
 
 
 def qwen2vl(keys: Keys, names):
@@ -29,14 +27,14 @@ def qwen3vl(keys: Keys, names):
 
 
 def qwen3vlmoe(keys: Keys, names):
-    """`Qwen3MoeConfig`: the chosen experts' weights always normalized (as Qwen3-VL-MoE's router and
-    llama.cpp's graph do); a layer without a router (none published) a dense MLP."""
+    """`Qwen3MoeConfig` (what Qwen3-VL-MoE does whatever its config says: reshard/multimodal.py
+    `ALWAYS`); a layer without a router (none published) a dense MLP."""
     from transformers import Qwen3MoeConfig
 
     common = keys.common(names)
     return Qwen3MoeConfig(
         **common, **{**keys.attention(), "head_dim": keys.head_dim()}, num_experts=keys("expert_count"),
         num_experts_per_tok=keys("expert_used_count"), moe_intermediate_size=keys("expert_feed_forward_length"),
-        norm_topk_prob=True, decoder_sparse_step=1,
+        **ALWAYS["qwen3_vl_moe_text"], decoder_sparse_step=1,
         mlp_only_layers=[i for i in range(common["num_hidden_layers"]) if f"blk.{i}.ffn_gate_inp.weight" not in names],
         architectures=["Qwen3MoeForCausalLM"])

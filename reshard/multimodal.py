@@ -29,7 +29,9 @@ from .errors import SourceError
 # text model type -> the model type it equals on text (transformers has no causal LM for the former)
 EQUIVALENT = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen3_vl_text": "qwen3",
               "qwen3_vl_moe_text": "qwen3_moe"}
-ALWAYS = {"qwen3_vl_moe_text": {"norm_topk_prob": True}}  # what the VL model does whatever its config says
+# what the VL model does whatever its config says (Qwen3-VL-MoE's router, and llama.cpp's graph for it,
+# always normalize the chosen experts' weights)
+ALWAYS = {"qwen3_vl_moe_text": {"norm_topk_prob": True}}
 CARRIED = ("quantization_config", "dtype", "bos_token_id", "eos_token_id", "pad_token_id")  # top level -> text
 
 

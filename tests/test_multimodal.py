@@ -1,6 +1,6 @@
 """A vision-language checkpoint converts as its language model (reshard/multimodal.py): Qwen2.5-VL,
 Qwen3-VL (dense, tied; and MoE, its experts transposed as published), Llama 4 (its routed experts),
-Mistral Small 3.x (`mistral3`) and LLaVA, each a random model of transformers' saved as the hub
+Mistral Small 3.x (`mistral3`), Kimi-K2.5 (DeepSeek-V3's MoE) and LLaVA, each a random model of transformers' saved as the hub
 has it (transformers writes the published names and layouts). The folder holds the causal LM alone,
 the vision tower left out; its logits on text equal transformers' vision-language model's own, bit
 for bit in float32, streamed and resident, with the same greedy tokens."""
@@ -42,6 +42,13 @@ MODELS = {
     "mistral3": ("Mistral3", dict(text_config={**TEXT, "model_type": "mistral", "head_dim": 16},
                                   vision_config={**SIGLIP, "model_type": "pixtral", "head_dim": 16},
                                   tie_word_embeddings=False), "MistralForCausalLM"),
+    "kimi-k2.5": ("Kimi_K25", dict(text_config={
+        **TEXT, "model_type": "deepseek_v3", "num_key_value_heads": 4, "moe_intermediate_size": 32, "n_routed_experts": 8,
+        "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1, "kv_lora_rank": 16, "q_lora_rank": 32,
+        "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16, "n_group": 1, "topk_group": 1},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "patch_size": 4, "pos_emb_height": 8, "pos_emb_width": 8}, tie_word_embeddings=False),
+                 "DeepseekV3ForCausalLM"),
     "llava": ("Llava", dict(text_config={**TEXT, "model_type": "llama"}, vision_config={**SIGLIP, "model_type": "clip_vision_model"},
                             tie_word_embeddings=False), "LlamaForCausalLM"),
 }
