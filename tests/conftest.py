@@ -78,6 +78,24 @@ PLACEMENTS = ["streamed", "resident"]
 CPU_BUDGETS = {"streamed": 0, "resident": "64GiB"}
 
 
+def assert_runs_as(reference, folder, ids, *, new_tokens: int, model_class: str | None = None, check=None, **options):
+    """`folder`, streamed and resident, computes what transformers model `reference` computes: the
+    logits of `ids` bit for bit and the same `new_tokens` greedy tokens (its model of class
+    `model_class` where given; `check(lm, placement)` asks more of each; `options` to from_pretrained)."""
+    from runtime import LayeredModel
+
+    with torch.no_grad():
+        want, tokens = reference(ids).logits, reference.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    for placement in PLACEMENTS:
+        with LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=CPU_BUDGETS[placement], **options) as lm:
+            if model_class is not None:
+                assert type(lm.model).__name__ == model_class
+            assert torch.equal(lm(ids).logits, want), placement
+            assert torch.equal(lm.generate(ids, max_new_tokens=new_tokens, do_sample=False), tokens), placement
+            if check is not None:
+                check(lm, placement)
+
+
 @pytest.fixture(params=PLACEMENTS)
 def placement(request) -> str:
     """Run the test once streamed and once resident (`[streamed]` / `[resident]` in its id)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CPU_BUDGETS
+from conftest import CPU_BUDGETS, assert_runs_as
 
 from reshard.convert import convert
 from reshard.format import expert_bytes, read_manifest
@@ -71,16 +71,9 @@ def converted(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", ["mamba2", "jamba", "granitemoehybrid", "nemotron_h", "qwen3_next", "llama4"])
 def test_streamed_and_resident_equal_transformers(converted, arch):
-    from runtime import LayeredModel
-
     model, folder = converted(arch)
     ids = torch.tensor([[5, 17, 99, 3, 250, 41, 7, 7, 128, 64, 12, 200]])  # longer than Llama 4's chunk of 8
-    with torch.no_grad():
-        want, want_tokens = model(ids).logits, model.generate(ids, max_new_tokens=5, do_sample=False)
-    for placement in ("streamed", "resident"):
-        with LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=CPU_BUDGETS[placement]) as lm:
-            assert torch.equal(lm(ids).logits, want), placement
-            assert torch.equal(lm.generate(ids, max_new_tokens=5, do_sample=False), want_tokens), placement
+    assert_runs_as(model, folder, ids, new_tokens=5)
 
 
 def test_llama4_streams_only_the_routed_experts(converted):

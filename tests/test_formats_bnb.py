@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import CPU_BUDGETS
+from conftest import assert_runs_as
 from reshard.convert import convert
 from reshard.format import read_manifest
 
@@ -65,19 +65,11 @@ def made(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_logits_and_tokens_equal_the_bitsandbytes_dequantization(made, kind):
-    from runtime import LayeredModel
-
     _, reference, folder = made(kind)
     layer = read_manifest(folder).group("layers.1")
     schemes = {info["scheme"] for info in layer.quantized.values()}
     assert schemes == {f"bnb4-{str(KINDS[kind][2]).removeprefix('torch.')}"} and len(layer.quantized) == 7
-    with torch.no_grad():
-        want, tokens = reference(IDS).logits, reference.generate(IDS, max_new_tokens=5, do_sample=False)
-    for placement in ("streamed", "resident"):
-        with LayeredModel.from_pretrained(folder, device="cpu", dtype=torch.float32,
-                                          max_cpu_memory=CPU_BUDGETS[placement]) as lm:
-            assert torch.equal(lm(IDS).logits, want), placement
-            assert torch.equal(lm.generate(IDS, max_new_tokens=5, do_sample=False), tokens), placement
+    assert_runs_as(reference, folder, IDS, new_tokens=5, dtype=torch.float32)
 
 
 def test_decoder_layers_keep_about_the_source_bytes(made, capsys):

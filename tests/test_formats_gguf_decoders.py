@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from conftest import CPU_BUDGETS
+from conftest import assert_runs_as
 from gguf_decoder_files import decoder_model, write_decoder
 from gguf_files import TOKENIZER_VOCAB, tokenizer_gguf
 
@@ -60,16 +60,8 @@ def converted(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_and_tokens_equal_the_model_the_file_was_written_from(converted, arch):
-    from runtime import LayeredModel
-
     model, folder = converted(arch)
-    with torch.no_grad():
-        want, want_tokens = model(IDS).logits, model.generate(IDS, max_new_tokens=4, do_sample=False)
-    for placement in ("streamed", "resident"):
-        with LayeredModel.from_pretrained(folder, device="cpu", packed=False, max_cpu_memory=CPU_BUDGETS[placement]) as lm:
-            assert type(lm.model).__name__ == type(model).__name__
-            assert torch.equal(lm(IDS).logits, want), placement
-            assert torch.equal(lm.generate(IDS, max_new_tokens=4, do_sample=False), want_tokens), placement
+    assert_runs_as(model, folder, IDS, new_tokens=4, model_class=type(model).__name__, packed=False)
 
 
 KEPT = {  # arch -> parameters of layer 1 whose Q8_0 rows stay int8 blocks

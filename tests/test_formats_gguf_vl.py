@@ -13,7 +13,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
-from conftest import CPU_BUDGETS
+from conftest import assert_runs_as
 from gguf_decoder_files import write_decoder
 from gguf_files import TOKENIZER_VOCAB, tokenizer_gguf
 
@@ -105,16 +105,8 @@ def converted(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_text_logits_and_tokens_equal_the_vision_language_model(converted, arch):
-    from runtime import LayeredModel
-
     model, folder = converted(arch)
-    with torch.no_grad():
-        want, want_tokens = model(IDS).logits, model.generate(IDS, max_new_tokens=4, do_sample=False)
-    for placement in ("streamed", "resident"):
-        with LayeredModel.from_pretrained(folder, device="cpu", packed=False, max_cpu_memory=CPU_BUDGETS[placement]) as lm:
-            assert type(lm.model).__name__ == MODELS[arch][2]
-            assert torch.equal(lm(IDS).logits, want), placement
-            assert torch.equal(lm.generate(IDS, max_new_tokens=4, do_sample=False), want_tokens), placement
+    assert_runs_as(model, folder, IDS, new_tokens=4, model_class=MODELS[arch][2], packed=False)
 
 
 def test_q8_0_blocks_stay_blocks(converted):

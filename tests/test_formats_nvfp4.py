@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import CPU_BUDGETS
+from conftest import assert_runs_as
 from reshard.convert import convert
 from reshard.format import read_manifest
 
@@ -127,21 +127,16 @@ def made(tmp_path_factory, moe_checkpoints):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
 def test_logits_and_tokens_equal_transformers_load(made, arch, tmp_path):
-    from runtime import LayeredModel
-
     source, folder = made(arch)
     layer = read_manifest(folder).group("layers.1")
     assert layer.quantized and all(k.endswith(("proj.weight", "proj")) for k in layer.quantized)
     ref = reference(source) if arch == "llama" else decompressed(source, tmp_path / "reference")
-    with torch.no_grad():
-        want, tokens = ref(IDS).logits, ref.generate(IDS, max_new_tokens=5, do_sample=False)
-    for placement in ("streamed", "resident"):
-        with LayeredModel.from_pretrained(folder, device="cpu", dtype=torch.float32,
-                                          max_cpu_memory=CPU_BUDGETS[placement]) as lm:
-            assert torch.equal(lm(IDS).logits, want), placement
-            assert torch.equal(lm.generate(IDS, max_new_tokens=5, do_sample=False), tokens), placement
-            if arch == "qwen3_moe" and placement == "streamed":
-                assert lm.stats.per_pass[-1].experts_read > 0  # each expert's NVFP4 bytes read alone
+
+    def experts_read_alone(lm, placement):
+        if arch == "qwen3_moe" and placement == "streamed":
+            assert lm.stats.per_pass[-1].experts_read > 0  # each expert's NVFP4 bytes read alone
+
+    assert_runs_as(ref, folder, IDS, new_tokens=5, check=experts_read_alone, dtype=torch.float32)
 
 
 def test_decoder_layers_keep_the_source_bytes(made, capsys):
@@ -267,8 +262,6 @@ def test_modelopt_layout_equals_its_published_dequantization(made, moe_checkpoin
     scales left out."""
     import transformers as tf
 
-    from runtime import LayeredModel
-
     src = made("llama")[0].parent / "src" if arch == "llama" else moe_checkpoints[arch]
     write_modelopt(src, tmp_path / "modelopt", tmp_path / "reference", beside=where != "config.json")
     convert(str(tmp_path / "modelopt"), tmp_path / "out", progress=False)
@@ -281,10 +274,4 @@ def test_modelopt_layout_equals_its_published_dequantization(made, moe_checkpoin
         assert {k.rpartition(".")[2] for k in layer.quantized if ".experts." in k} == {"gate_up_proj", "down_proj"}
     assert not any(k.endswith(("input_scale", "k_scale", "v_scale", "weight_scale_2")) for k in layer.tensors)
     ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "reference", dtype=torch.float32).eval()
-    with torch.no_grad():
-        want, tokens = ref(IDS).logits, ref.generate(IDS, max_new_tokens=5, do_sample=False)
-    for placement in ("streamed", "resident"):
-        with LayeredModel.from_pretrained(tmp_path / "out", device="cpu", dtype=torch.float32,
-                                          max_cpu_memory=CPU_BUDGETS[placement]) as lm:
-            assert torch.equal(lm(IDS).logits, want), placement
-            assert torch.equal(lm.generate(IDS, max_new_tokens=5, do_sample=False), tokens), placement
+    assert_runs_as(ref, tmp_path / "out", IDS, new_tokens=5, dtype=torch.float32)

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import CPU_BUDGETS
+from conftest import assert_runs_as
 
 from reshard.convert import convert
 from reshard.format import read_manifest
@@ -87,16 +87,8 @@ def converted(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_text_logits_and_tokens_equal_the_vision_language_model(converted, name):
-    from runtime import LayeredModel
-
     model, folder = converted(name)
-    with torch.no_grad():
-        want, want_tokens = model(IDS).logits, model.generate(IDS, max_new_tokens=4, do_sample=False)
-    for placement in ("streamed", "resident"):
-        with LayeredModel.from_pretrained(folder, device="cpu", packed=False, max_cpu_memory=CPU_BUDGETS[placement]) as lm:
-            assert type(lm.model).__name__ == MODELS[name][2]
-            assert torch.equal(lm(IDS).logits, want), placement
-            assert torch.equal(lm.generate(IDS, max_new_tokens=4, do_sample=False), want_tokens), placement
+    assert_runs_as(model, folder, IDS, new_tokens=4, model_class=MODELS[name][2], packed=False)
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-vl", "llama4"])
