@@ -15,45 +15,22 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 from conftest import assert_runs_as
 from gguf_decoder_files import write_decoder
-from gguf_files import TOKENIZER_VOCAB, tokenizer_gguf
+from gguf_files import tokenizer_gguf
+from test_multimodal import IDS, MODELS, vision_language_model
 
 from reshard.convert import convert
 from reshard.format import read_manifest
 
-IDS = torch.tensor([[1, 504, 345, 282, 649, 314, 2, 77, 900]])
-TEXT = dict(vocab_size=TOKENIZER_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=None)
-VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
-# GGUF architecture -> (vision-language class, its text config beyond TEXT, the text model's class)
-MODELS = {
-    "qwen2vl": ("Qwen2_5_VL", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
-                "Qwen2ForCausalLM"),
-    "qwen3vl": ("Qwen3VL", {"head_dim": 16, "rope_parameters": {
-        "rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3], "mrope_interleaved": True}}, "Qwen3ForCausalLM"),
-    "qwen3vlmoe": ("Qwen3VLMoe", {"head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                                  "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3],
-                                                      "mrope_interleaved": True}}, "Qwen3MoeForCausalLM"),
-}
+# GGUF architecture -> the vision-language model of tests/test_multimodal.py it is written from
+WRITTEN_FROM = {"qwen2vl": "qwen2.5-vl", "qwen3vl": "qwen3-vl", "qwen3vlmoe": "qwen3-vl-moe"}
 
 
-def vision_language_model(arch: str, tied: bool):
-    """A random vision-language model of `arch`, its language model's matrices rounded to Q8_0 (rows)
-    and its norms and biases random around their init."""
-    import transformers as tf
-
-    name, text, _ = MODELS[arch]
-    vision = {**VISION, "fullatt_block_indexes": [0]} if arch == "qwen2vl" else {**VISION, "patch_size": 4,
-                                                                                  "deepstack_visual_indexes": [0]}
-    config = getattr(tf, f"{name}Config")(text_config={**TEXT, **text}, vision_config=vision, tie_word_embeddings=tied)
-    torch.manual_seed(0)
-    model = getattr(tf, f"{name}ForConditionalGeneration")(config).eval()
+def rounded_model(arch: str):
+    """The vision-language model `arch` is written from, its language model's matrices rounded to Q8_0 (rows)."""
+    model = vision_language_model(WRITTEN_FROM[arch])
     with torch.no_grad():
         for key, t in model.state_dict().items():
-            if not key.startswith(("model.language_model.", "lm_head.")):
-                continue
-            if t.dim() == 1:
-                t.add_(torch.randn(t.shape) * 0.1)
-            else:
+            if key.startswith(("model.language_model.", "lm_head.")) and t.dim() > 1:
                 rows = t.reshape(-1, t.shape[-1]).numpy()
                 t.copy_(torch.from_numpy(dequantize(quantize(rows, Q.Q8_0), Q.Q8_0)).reshape(t.shape))
     return model
@@ -84,8 +61,8 @@ def converted(tmp_path_factory):
     def get(arch: str):
         if arch not in made:
             root = tmp_path_factory.mktemp(arch)
-            model = vision_language_model(arch, tied=arch == "qwen3vl")
-            text = text_model(model, MODELS[arch][2])
+            model = rounded_model(arch)
+            text = text_model(model, MODELS[WRITTEN_FROM[arch]][2])
             sections = model.config.text_config.rope_parameters["mrope_section"]
             keys = {"rope.dimension_sections": [*sections, 0]}
             if arch != "qwen2vl":
@@ -103,10 +80,10 @@ def converted(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("arch", list(WRITTEN_FROM))
 def test_text_logits_and_tokens_equal_the_vision_language_model(converted, arch):
     model, folder = converted(arch)
-    assert_runs_as(model, folder, IDS, new_tokens=4, model_class=MODELS[arch][2], packed=False)
+    assert_runs_as(model, folder, IDS, new_tokens=4, model_class=MODELS[WRITTEN_FROM[arch]][2], packed=False)
 
 
 def test_q8_0_blocks_stay_blocks(converted):

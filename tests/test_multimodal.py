@@ -12,12 +12,14 @@ import json
 import pytest
 import torch
 from conftest import assert_runs_as
+from gguf_files import TOKENIZER_VOCAB
 
 from reshard.convert import convert
 from reshard.format import read_manifest
 
 IDS = torch.tensor([[1, 504, 345, 282, 649, 314, 2, 77, 900]])
-TEXT = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+TEXT = dict(vocab_size=TOKENIZER_VOCAB,  # the GGUF tests' tokenizer's (tests/test_formats_gguf_vl.py)
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=None)
 QWEN_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
 QWEN3_ROPE = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
