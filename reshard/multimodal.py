@@ -1,6 +1,6 @@
 """The language model of a vision-language checkpoint, converted as the causal LM it is on text.
 
-A vision-language checkpoint (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense and MoE, Llama 4 Scout and
+A vision-language checkpoint (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense and MoE, Qwen3.5, Llama 4 Scout and
 Maverick, Mistral Small 3.x and Magistral, Kimi-K2.5, LLaVA and its kin) holds a vision tower, a
 projector and a language model. transformers builds the whole `...ForConditionalGeneration` for
 it and has no causal LM for its config (or builds the language model alone, which does not know

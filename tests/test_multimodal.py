@@ -1,5 +1,6 @@
 """A vision-language checkpoint converts as its language model (reshard/multimodal.py): Qwen2.5-VL,
-Qwen3-VL (dense, tied; and MoE, its experts transposed as published), Llama 4 (its routed experts),
+Qwen3-VL (dense, tied; and MoE, its experts transposed as published), Qwen3.5 (linear attention
+beside full attention), Llama 4 (its routed experts),
 Mistral Small 3.x (`mistral3`), Kimi-K2.5 (DeepSeek-V3's MoE) and LLaVA, each a random model of transformers' saved as the hub
 has it (transformers writes the published names and layouts). The folder holds the causal LM alone,
 the vision tower left out; its logits on text equal transformers' vision-language model's own, bit
@@ -35,6 +36,10 @@ MODELS = {
     "qwen3-vl-moe": ("Qwen3VLMoe", dict(text_config={
         **TEXT, "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
         "rope_parameters": QWEN3_ROPE}, vision_config={**QWEN_VISION, "patch_size": 4}), "Qwen3MoeForCausalLM"),
+    "qwen3.5": ("Qwen3_5", dict(text_config={
+        **TEXT, "num_hidden_layers": 4, "head_dim": 16, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
+        "linear_num_key_heads": 2, "linear_num_value_heads": 4}, vision_config={**QWEN_VISION, "patch_size": 4}),
+                "Qwen3_5ForCausalLM"),
     "llama4": ("Llama4", dict(text_config={
         **TEXT, "head_dim": 16, "intermediate_size": 32, "intermediate_size_mlp": 128, "num_local_experts": 8,
         "num_experts_per_tok": 1, "interleave_moe_layer_step": 2}, vision_config={
