@@ -1,20 +1,21 @@
 """The language model of a vision-language checkpoint, converted as the causal LM it is on text.
 
-A vision-language checkpoint (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense and MoE, Qwen3.5, Llama 4 Scout and
-Maverick, Mistral Small 3.x and Magistral, Kimi-K2.5, LLaVA and its kin) holds a vision tower, a
-projector and a language model. transformers builds the whole `...ForConditionalGeneration` for
-it and has no causal LM for its config (or builds the language model alone, which does not know
-the checkpoint's other tensors). On text, such a model computes its language model alone: the
-vision tower runs only on images. So reshard converts the language model, as a causal LM:
+A vision-language checkpoint (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense and MoE, Qwen3.5, Llama 4 Scout
+and Maverick, Gemma 3 and 4, GLM-4.1V and GLM-4.5V/4.6V, Mistral Small 3.x and Magistral,
+Kimi-K2.5, LLaVA and its kin) holds a vision tower, a projector and a language model. transformers
+builds the whole `...ForConditionalGeneration` for it and has no causal LM for its config (or
+builds the language model alone, which does not know the checkpoint's other tensors; or, for
+Gemma 3 and 4, takes the whole model as the causal LM). On text, such a model computes its
+language model alone: the vision tower runs only on images. So reshard converts the language
+model, as a causal LM, and a pass never reads the vision tower:
 - its config: the checkpoint's text config (with the top level's quantization, dtype and token
-  ids), for the causal LM transformers has for it; Qwen's VL decoders, for which it has none, as
-  the plain models they equal on text (`EQUIVALENT`: their multimodal rotary embedding gives
-  every section the token's one position, which makes it the plain rotary embedding);
+  ids), for the causal LM transformers has for it; Qwen's and GLM's VL decoders, for which it has
+  none, as the plain models they equal on text (`EQUIVALENT`: their multimodal rotary embedding
+  gives every section the token's one position, which makes it the plain rotary embedding);
 - its tensors: the checkpoint's names brought to the vision-language model's by transformers'
   own rules for that model (renamings, and conversions such as Qwen3-VL-MoE's transposed
   experts), then from the language model's place in it to the causal LM's (`LanguagePart.place`);
   the vision tower's tensors are left out, never read.
-A model whose own causal LM takes the whole checkpoint (Gemma 3's) is converted whole, as before.
 tests/test_multimodal.py checks each against transformers' vision-language model's logits on text.
 """
 
@@ -28,7 +29,7 @@ from .errors import SourceError
 
 # text model type -> the model type it equals on text (transformers has no causal LM for the former)
 EQUIVALENT = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen3_vl_text": "qwen3",
-              "qwen3_vl_moe_text": "qwen3_moe"}
+              "qwen3_vl_moe_text": "qwen3_moe", "glm4v_text": "glm4", "glm4v_moe_text": "glm4_moe"}
 # what the VL model does whatever its config says (Qwen3-VL-MoE's router, and llama.cpp's graph for it,
 # always normalize the chosen experts' weights)
 ALWAYS = {"qwen3_vl_moe_text": {"norm_topk_prob": True}}
@@ -67,9 +68,6 @@ def language_part(config, *, trust_remote_code: bool = False) -> LanguagePart | 
 
     text = config.get_text_config()
     if text is config or "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
-        return None
-    own = CAUSAL.get(config.model_type)
-    if own is not None and _config_class(own) is type(config):  # its causal LM is the whole model (Gemma 3)
         return None
     if text.model_type not in CAUSAL and text.model_type not in EQUIVALENT:
         raise SourceError(f"model type {config.model_type!r} is a vision-language model whose language model "
@@ -115,7 +113,7 @@ def _build_outer(config, trust_remote_code: bool) -> nn.Module:
                 outer = next(c for c in classes if c is not None)._from_config(config)
             else:
                 outer = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
-    except ValueError as e:
+    except (ValueError, ImportError) as e:  # ImportError: a vision tower that needs another library (timm)
         raise SourceError(f"transformers cannot build a causal language model for model type "
                           f"{config.model_type!r}: {str(e).splitlines()[0]}") from None
     outer.tie_weights()
@@ -131,9 +129,3 @@ def _decoder(model: nn.Module) -> str | None:
 
 def _path(model: nn.Module, module: nn.Module | None) -> str | None:
     return next((name for name, m in model.named_modules() if m is module), None) if module is not None else None
-
-
-def _config_class(class_name: str):
-    import transformers
-
-    return getattr(getattr(transformers, class_name, None), "config_class", None)

@@ -98,10 +98,20 @@ def experts_per_token(config) -> int:
 
 def _first(config, *names: str, default: int | None = None):
     for name in names:
-        value = getattr(config, name, None)
+        value = _largest(config, name)
         if isinstance(value, int):
             return value
     return default
+
+
+def _largest(config, name: str):
+    """`config.name`, or its largest value where it differs by layer (a heterogeneous config's: Gemma 4's
+    full-attention layers have wider heads), so that an estimate holds for every layer."""
+    try:
+        return getattr(config, name, None)
+    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError: set per layer
+        values = [v for layer in config.per_layer_config if isinstance(v := getattr(layer, name, None), int)]
+        return max(values, default=None)
 
 
 # --- the shape of a call ------------------------------------------------------------------------

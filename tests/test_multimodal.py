@@ -1,6 +1,7 @@
 """A vision-language checkpoint converts as its language model (reshard/multimodal.py): Qwen2.5-VL,
 Qwen3-VL (dense, tied; and MoE, its experts transposed as published), Qwen3.5 (linear attention
-beside full attention), Llama 4 (its routed experts),
+beside full attention), Gemma 3 and 4 (whose causal LM in transformers was the whole model),
+GLM-4.1V and GLM-4.5V (as GLM-4 and GLM-4.5), Llama 4 (its routed experts),
 Mistral Small 3.x (`mistral3`), Kimi-K2.5 (DeepSeek-V3's MoE) and LLaVA, each a random model of transformers' saved as the hub
 has it (transformers writes the published names and layouts). The folder holds the causal LM alone,
 the vision tower left out; its logits on text equal transformers' vision-language model's own, bit
@@ -24,6 +25,8 @@ TEXT = dict(vocab_size=TOKENIZER_VOCAB,  # the GGUF tests' tokenizer's (tests/te
             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=None)
 QWEN_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
 QWEN3_ROPE = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+GLM_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5}
+GLM_VISION = {**QWEN_VISION, "patch_size": 4}
 SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
 # name -> (vision-language class prefix, its config's arguments, the causal LM the folder holds)
 MODELS = {
@@ -56,6 +59,17 @@ MODELS = {
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                        "patch_size": 4, "pos_emb_height": 8, "pos_emb_width": 8}, tie_word_embeddings=False),
                  "DeepseekV3ForCausalLM"),
+    "gemma3": ("Gemma3", dict(text_config={**TEXT, "head_dim": 16}, vision_config=SIGLIP, mm_tokens_per_image=4),
+               "Gemma3ForCausalLM"),
+    "gemma4": ("Gemma4", dict(text_config={**TEXT, "head_dim": 16, "hidden_size_per_layer_input": 16, "pad_token_id": 0,
+                                           "vocab_size_per_layer_input": TEXT["vocab_size"],
+                                           "layer_types": ["sliding_attention", "full_attention"]}), "Gemma4ForCausalLM"),
+    "glm4v": ("Glm4v", dict(text_config={**TEXT, "head_dim": 16, "rope_parameters": GLM_ROPE},
+                            vision_config=GLM_VISION), "Glm4ForCausalLM"),
+    "glm4.5v": ("Glm4vMoe", dict(text_config={
+        **TEXT, "head_dim": 16, "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        "first_k_dense_replace": 1, "n_shared_experts": 1, "rope_parameters": GLM_ROPE}, vision_config=GLM_VISION),
+                "Glm4MoeForCausalLM"),
     "llava": ("Llava", dict(text_config={**TEXT, "model_type": "llama"}, vision_config={**SIGLIP, "model_type": "clip_vision_model"},
                             tie_word_embeddings=False), "LlamaForCausalLM"),
 }
@@ -148,15 +162,16 @@ def test_an_fp8_checkpoint_keeps_its_language_models_bytes(tmp_path):
 
 
 def test_a_language_model_transformers_has_no_causal_lm_for_is_one_line(tmp_path, capsys):
-    """GLM-4.1V's language model (`glm4v_text`) has no causal LM in transformers, nor one it equals here."""
+    """Qwen3-Omni's language model (`qwen3_omni_moe_text`) has no causal LM in transformers, nor one it
+    equals here."""
     from safetensors.torch import save_file
-    from transformers import Glm4vConfig
+    from transformers import Qwen3OmniMoeConfig
 
     from test_gguf import cli_convert
 
-    Glm4vConfig().save_pretrained(tmp_path / "glm4v")
-    save_file({"lm_head.weight": torch.zeros(1)}, tmp_path / "glm4v" / "model.safetensors")
-    assert cli_convert(capsys, tmp_path / "glm4v", tmp_path / "out") == (
-        1, "Error: model type 'glm4v' is a vision-language model whose language model ('glm4v_text') transformers "
-           "has no causal LM for; reshard cannot convert it yet")
+    Qwen3OmniMoeConfig().save_pretrained(tmp_path / "omni")
+    save_file({"lm_head.weight": torch.zeros(1)}, tmp_path / "omni" / "model.safetensors")
+    assert cli_convert(capsys, tmp_path / "omni", tmp_path / "out") == (
+        1, "Error: model type 'qwen3_omni_moe' is a vision-language model whose language model ('qwen3_omni_moe_text') "
+           "transformers has no causal LM for; reshard cannot convert it yet")
     assert not (tmp_path / "out").exists()
