@@ -175,3 +175,49 @@ def test_a_language_model_transformers_has_no_causal_lm_for_is_one_line(tmp_path
         1, "Error: model type 'qwen3_omni_moe' is a vision-language model whose language model ('qwen3_omni_moe_text') "
            "transformers has no causal LM for; reshard cannot convert it yet")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_int4_checkpoint_keeps_its_language_models_experts_packed(tmp_path):
+    """Kimi-K2.5 as published: its language model's MLPs and routed experts compressed-tensors int4
+    (pack-quantized, group 32, one tensor set per expert), attention, vision tower and head left as
+    they are. Stored as int4, and the logits on text equal transformers' vision-language model with
+    those weights de-quantized by the published formula (transformers needs a GPU library for them),
+    bit for bit in float32 where the runtime expands them (the CPU kernels' closeness is
+    tests/test_formats_gptq.py's), streamed and resident."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import transformers as tf
+    from test_formats_gptq import pack_cols
+
+    vision_language_model("kimi-k2.5").save_pretrained(tmp_path / "plain")
+    gen = torch.Generator().manual_seed(0)
+    packed, reference = {}, {}
+    with safe_open(tmp_path / "plain" / "model.safetensors", "pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            reference[key] = packed[key] = t
+            if ".mlp." in key and key.endswith("_proj.weight") and "language_model" in key:
+                out, inp = t.shape
+                q = torch.randint(-8, 8, (out, inp), generator=gen)
+                s = (torch.rand(out, inp // 32, generator=gen) * 0.02 + 0.001).half()
+                del packed[key]
+                name = key[:-len(".weight")]
+                packed.update({name + ".weight_packed": pack_cols(q + 8), name + ".weight_shape": torch.tensor([out, inp]),
+                               name + ".weight_scale": s})
+                reference[key] = q.float() * s.float().repeat_interleave(32, dim=1)
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    quantization = {"quantization_config": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head", "re:.*self_attn.*"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "format": "pack-quantized", "weights": {
+            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}}}}
+    for folder, tensors, extra in (("int4", packed, quantization), ("reference", reference, {})):
+        (tmp_path / folder).mkdir()
+        save_file(tensors, tmp_path / folder / "model.safetensors", metadata={"format": "pt"})
+        (tmp_path / folder / "config.json").write_text(json.dumps({**config, **extra}))
+    convert(str(tmp_path / "int4"), tmp_path / "out", progress=False)
+    layer = read_manifest(tmp_path / "out").group("layers.1")
+    assert {info["scheme"] for info in layer.quantized.values()} == {"int4-sym"}
+    assert "model.layers.1.mlp.experts.gate_up_proj" in layer.quantized
+    model = tf.Kimi_K25ForConditionalGeneration.from_pretrained(tmp_path / "reference", dtype=torch.float32).eval()
+    assert_runs_as(model, tmp_path / "out", IDS, new_tokens=4, dtype=torch.float32, packed=False)  # expanded: exact
