@@ -1,15 +1,17 @@
 """FP8 e4m3 checkpoints with block scales (`quant_method: "fp8"`: DeepSeek-V3/R1, Qwen3-*-FP8, ...),
-compressed-tensors float8 (`quant_method: "compressed-tensors"`, float weights of 8 bits) and NVIDIA
-ModelOpt's FP8 (`quant_method: "modelopt"`, `quant_algo: "FP8"`: NVIDIA's `*-FP8` uploads).
+compressed-tensors float8 (`quant_method: "compressed-tensors"`, float weights of 8 bits), NVIDIA
+ModelOpt's FP8 (`quant_method: "modelopt"`, `quant_algo: "FP8"`: NVIDIA's `*-FP8` uploads) and Meta's
+row-wise FP8 (`quant_method: "fbgemm_fp8"`: Llama-3.1-405B-Instruct-FP8 and its siblings).
 
 Such a checkpoint stores each quantized linear weight `X.weight` as float8_e4m3fn beside a scale
 grid: fp8's float32 `X.weight_scale_inv` has one scale per block (`weight_block_size`, e.g.
 128x128); compressed-tensors' `X.weight_scale` one per output row ([out, 1], strategy "channel"),
-one in all ([1], "tensor") or one per block ("block"); ModelOpt's `X.weight_scale` one in all ([]). In every case `w = q * scale`, block by
+one in all ([1], "tensor") or one per block ("block"); ModelOpt's `X.weight_scale` one in all ([]);
+fbgemm's `X.weight_scale` one per output row ([out, 1]). In every case `w = q * scale`, block by
 block, a block being (rows / grid rows, columns / grid columns). A folder converted with default
 options keeps both as they are (scheme "fp8-block", parts `X.weight.qweight` and
 `X.weight.scale_inv`); an explicit `--dtype` or `--quantize` de-quantizes them while reading.
-Activation scales (`activation_scale`, `input_scale`) and ModelOpt's FP8 KV-cache scales (`k_scale`,
+Activation scales (`activation_scale`, `input_scale`, fbgemm's bound `input_scale_ub`) and ModelOpt's FP8 KV-cache scales (`k_scale`,
 `v_scale`) are left out: the runtime, as transformers once it has de-quantized fp8 weights on a CPU,
 runs the activations and the KV cache unquantized.
 
@@ -53,6 +55,8 @@ def layout(config) -> Layout | None:
     qc = qc if isinstance(qc, dict) else (qc.to_dict() if hasattr(qc, "to_dict") else {})
     if qc.get("quant_method") == "fp8":
         return Layout("fp8", SCALE, ("activation_scale",), list(qc.get("weight_block_size") or []) or None)
+    if qc.get("quant_method") == "fbgemm_fp8":  # Meta's: one float32 scale per output row ([out, 1])
+        return Layout("fbgemm_fp8", "_scale", ("input_scale_ub",), None)
     if qc.get("quant_method") == "modelopt" and str(qc.get("quant_algo", "")).upper() == "FP8":
         # NVIDIA ModelOpt: one float32 scale per tensor (`X.weight_scale`, []), activation and KV-cache scales
         return Layout("modelopt", "_scale", ("input_scale", "k_scale", "v_scale"), None)

@@ -319,6 +319,38 @@ def test_modelopt_fp8_equals_the_formula(tmp_path):
         assert torch.equal(model.generate(ids, **GREEDY), ref.generate(ids, **GREEDY)), placement
 
 
+def test_fbgemm_fp8_equals_the_formula(tmp_path):
+    """Meta's row-wise FP8 (`quant_method: "fbgemm_fp8"`, Llama-3.1-405B-Instruct-FP8): `X.weight` float8, one
+    float32 `X.weight_scale` per output row ([out, 1]); transformers runs it only through fbgemm's CUDA kernels,
+    so the reference is the published formula. Kept as published (scheme fp8-block, an [out, 1] grid); float32
+    logits and greedy tokens those of the formula, streamed and resident."""
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config("llama")).to(torch.bfloat16).save_pretrained(tmp_path / "plain")
+    tensors = {}
+    with safe_open(tmp_path / "plain" / "model.safetensors", "pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if is_fp8(key) and ".self_attn." not in key:  # the 405B leaves attention unquantized
+                scale = t.float().abs().amax(dim=1, keepdim=True) / 448
+                tensors[key], tensors[key + "_scale"] = (t.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+            else:
+                tensors[key] = t
+    src = save_published(tmp_path / "src", tmp_path / "plain", tensors, {
+        "quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": ["lm_head"]})
+    convert(str(src), tmp_path / "out", progress=False)
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest.quantization["scheme"] == "fp8-block" and manifest.quantization["source_method"] == "fbgemm_fp8"
+    layer = manifest.group("layers.0")
+    assert len(layer.quantized) == 3 and layer.tensors["model.layers.0.mlp.up_proj.weight.scale_inv"]["shape"][1] == 1
+    ref, ids = formula_reference(src), torch.tensor([[5, 17, 42, 99, 7]])
+    for placement in PLACEMENTS:
+        model = LayeredModel.from_pretrained(tmp_path / "out", device="cpu", dtype=torch.float32,
+                                             max_cpu_memory=CPU_BUDGETS[placement])
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, ref(IDS).logits), placement
+        assert torch.equal(model.generate(ids, **GREEDY), ref.generate(ids, **GREEDY)), placement
+
+
 def test_interrupted_fp8_conversion_resumes_byte_identical(fp8, tmp_path, monkeypatch):
     src, done = fp8["deepseek_v3"]
     writes = GroupWrites(monkeypatch, stop_after=2)
