@@ -1,7 +1,7 @@
 """The language model of a vision-language checkpoint, converted as the causal LM it is on text.
 
 A vision-language checkpoint (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense and MoE, Qwen3.5, Llama 4 Scout
-and Maverick, Gemma 3 and 4, GLM-4.1V and GLM-4.5V/4.6V, Mistral Small 3.x and Magistral,
+and Maverick, Llama 3.2 Vision, Gemma 3 and 4, GLM-4.1V and GLM-4.5V/4.6V, Mistral Small 3.x and Magistral,
 Kimi-K2.5, LLaVA and its kin) holds a vision tower, a projector and a language model. transformers
 builds the whole `...ForConditionalGeneration` for it and has no causal LM for its config (or
 builds the language model alone, which does not know the checkpoint's other tensors; or, for
@@ -33,6 +33,9 @@ EQUIVALENT = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen3_vl_te
 # what the VL model does whatever its config says (Qwen3-VL-MoE's router, and llama.cpp's graph for it,
 # always normalize the chosen experts' weights)
 ALWAYS = {"qwen3_vl_moe_text": {"norm_topk_prob": True}}
+# text model type -> its causal LM, which transformers' AutoModelForCausalLM maps by the vision-language
+# config alone (`register_text_causal_lm` maps it by the text config too)
+TEXT_CAUSAL = {"mllama_text_model": "MllamaForCausalLM"}
 CARRIED = ("quantization_config", "dtype", "bos_token_id", "eos_token_id", "pad_token_id")  # top level -> text
 
 
@@ -69,7 +72,7 @@ def language_part(config, *, trust_remote_code: bool = False) -> LanguagePart | 
     text = config.get_text_config()
     if text is config or "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
         return None
-    if text.model_type not in CAUSAL and text.model_type not in EQUIVALENT:
+    if text.model_type not in CAUSAL and text.model_type not in EQUIVALENT and text.model_type not in TEXT_CAUSAL:
         raise SourceError(f"model type {config.model_type!r} is a vision-language model whose language model "
                           f"({text.model_type!r}) transformers has no causal LM for; reshard cannot convert it yet")
     outer = _build_outer(config, trust_remote_code)
@@ -83,7 +86,7 @@ def _text_config(config, text, outer: nn.Module):
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
 
     kind = text.model_type
-    if kind in CAUSAL:
+    if kind in CAUSAL or kind in TEXT_CAUSAL:
         out = copy.deepcopy(text)
     else:
         fields = {k: v for k, v in text.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
@@ -96,8 +99,19 @@ def _text_config(config, text, outer: nn.Module):
             setattr(out, name, value)
     head, embed = outer.get_output_embeddings(), outer.get_input_embeddings()
     out.tie_word_embeddings = head is not None and embed is not None and head.weight is embed.weight
-    out.architectures = [CAUSAL[out.model_type]]
+    out.architectures = [CAUSAL.get(out.model_type) or TEXT_CAUSAL[out.model_type]]
     return out
+
+
+def register_text_causal_lm(config) -> None:
+    """Let AutoModelForCausalLM build the causal LM of a text config it maps by its vision-language
+    config alone (`TEXT_CAUSAL`: Llama 3.2 Vision's MllamaForCausalLM)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    name = TEXT_CAUSAL.get(getattr(config, "model_type", None))
+    if name is not None:
+        AutoModelForCausalLM.register(type(config), getattr(transformers, name), exist_ok=True)
 
 
 def _build_outer(config, trust_remote_code: bool) -> nn.Module:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import SourceError
+from .multimodal import register_text_causal_lm
 
 
 @dataclass
@@ -73,6 +74,7 @@ def build_empty_model(config, *, dtype: torch.dtype | None = None, trust_remote_
     from transformers import AutoModelForCausalLM
 
     _check_decoder_only(config)
+    register_text_causal_lm(config)
     config = copy.deepcopy(config)  # from_config records the dtype it builds in on the config
     kwargs = {"dtype": dtype} if dtype is not None else {}
     try:

@@ -1,7 +1,8 @@
 """A vision-language checkpoint converts as its language model (reshard/multimodal.py): Qwen2.5-VL,
 Qwen3-VL (dense, tied; and MoE, its experts transposed as published), Qwen3.5 (linear attention
 beside full attention), Gemma 3 and 4 (whose causal LM in transformers was the whole model),
-GLM-4.1V and GLM-4.5V (as GLM-4 and GLM-4.5), Llama 4 (its routed experts),
+GLM-4.1V and GLM-4.5V (as GLM-4 and GLM-4.5), Llama 4 (its routed experts), Llama 3.2 Vision (its
+cross-attention layers, which text skips),
 Mistral Small 3.x (`mistral3`), Kimi-K2.5 (DeepSeek-V3's MoE) and LLaVA, each a random model of transformers' saved as the hub
 has it (transformers writes the published names and layouts). The folder holds the causal LM alone,
 the vision tower left out; its logits on text equal transformers' vision-language model's own, bit
@@ -70,6 +71,11 @@ MODELS = {
         **TEXT, "head_dim": 16, "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
         "first_k_dense_replace": 1, "n_shared_experts": 1, "rope_parameters": GLM_ROPE}, vision_config=GLM_VISION),
                 "Glm4MoeForCausalLM"),
+    "llama3.2-vision": ("Mllama", dict(text_config={**TEXT, "num_hidden_layers": 4, "cross_attention_layers": [1]},
+                                       vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                                      "num_global_layers": 1, "attention_heads": 2, "image_size": 32,
+                                                      "patch_size": 8, "vision_output_dim": 64,
+                                                      "intermediate_layers_indices": [0]}), "MllamaForCausalLM"),
     "llava": ("Llava", dict(text_config={**TEXT, "model_type": "llama"}, vision_config={**SIGLIP, "model_type": "clip_vision_model"},
                             tie_word_embeddings=False), "LlamaForCausalLM"),
 }
