@@ -169,7 +169,7 @@ class Fp8Spec:
         for first in dict.fromkeys(mapping.made_by[p] for p in planned.params if p in mapping.made_by):
             fusion = mapping.fused[first]
             if fusion.kept_as(raw, SCALE, "fp8"):
-                out.update(fusion.run_parts(raw, model, {"qweight": "", "scale_inv": SCALE}))
+                out.update(fusion.run_parts(raw, model, {"qweight": "", "scale_inv": SCALE}, "fp8", turns=True))
         return out
 
     def store(self, name: str, parts: dict, target: torch.dtype, tensors: dict, quantized: dict) -> None:

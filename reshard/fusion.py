@@ -75,11 +75,18 @@ class Fusion:
                 f"{self.keys[kept.index(False)]!r}, so it cannot be kept in {label}; de-quantize the checkpoint ")
         raise SourceError(text + 'with dtype="bfloat16"', cli=text + "with --dtype bfloat16")
 
-    def run_parts(self, raw: dict[str, torch.Tensor], model, suffixes: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:
-        """The conversion run on each part of quantized source tensors alone ({part: suffix}: `key +
-        suffix` in `raw`, popped), each in its own dtype, 8-bit floats as their bytes (stacking and
-        concatenation move bytes, no cast); {parameter name: {part: tensor}}. Only for conversions
-        that keep rows whole (stacking experts, joining gate and up): each part's rows follow its weight's."""
+    def run_parts(self, raw: dict[str, torch.Tensor], model, suffixes: dict[str, str], label: str,
+                  turns: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        """The conversion run on each part of quantized source tensors of format `label` alone ({part:
+        suffix}: `key + suffix` in `raw`, popped), each in its own dtype, 8-bit floats as their bytes
+        (stacking and concatenation move bytes, no cast); {parameter name: {part: tensor}}. For
+        conversions that keep rows whole (stacking experts, joining gate and up: each part's rows follow
+        its weight's), and, where the parts are a value and its scale grid (`turns`: FP8), that transpose
+        them (Llama 4's per-expert uploads); packed codes cannot be transposed."""
+        if not turns and not keeps_rows(self.converter.operations):
+            text = (f"{self.target!r} is made from {label} tensors that transformers transposes at load, which "
+                    f"their packing does not allow; de-quantize the checkpoint ")
+            raise SourceError(text + 'with dtype="bfloat16"', cli=text + "with --dtype bfloat16")
         made = {}
         for part, suffix in suffixes.items():
             values = {k: raw.pop(k + suffix) for k in self.keys}
@@ -95,3 +102,17 @@ class Fusion:
 def converter_patterns(converters) -> dict[str, object]:
     """source pattern -> the converter it belongs to."""
     return {p: c for c in converters for p in c.source_patterns}
+
+
+def keeps_rows(operations) -> bool:
+    """Whether transformers' operations only stack per-expert (out, in) weights (`MergeModulelist`
+    on dim 0) and concatenate them along a dimension before the last: then they may run on each
+    re-packed part alone, whose last dimension holds the packed input columns."""
+    rank = 2
+    for op in operations:
+        name, dim = type(op).__name__, getattr(op, "dim", None)
+        if name == "MergeModulelist" and dim == 0:
+            rank += 1
+        elif not (name == "Concatenate" and isinstance(dim, int) and 0 <= dim < rank - 1):
+            return False
+    return True

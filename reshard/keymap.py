@@ -19,17 +19,34 @@ from .errors import SourceError
 from .fusion import Fusion, converter_patterns, natural_key
 
 
+def per_expert_conversions(model) -> list:
+    """Conversions of per-expert checkpoints that transformers loads by swapping the experts module
+    instead (its quantizers' `SequentialLlama4TextExperts`: Llama 4's FP8 and 4-bit uploads keep one
+    `experts.N.{gate,up,down}_proj` Linear per expert): stacked into the model's own experts, as
+    transformers' converters stack Mixtral's, and turned to the (in, out) matrices Llama 4 holds."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist, Transpose, WeightConverter
+
+    if not any(type(m).__name__ == "Llama4TextExperts" for m in model.modules()):
+        return []
+    return [WeightConverter(source_patterns=[".experts.*.gate_proj.weight", ".experts.*.up_proj.weight"],
+                            target_patterns=".experts.gate_up_proj",
+                            operations=[MergeModulelist(dim=0), Concatenate(dim=1), Transpose(1, 2)]),
+            WeightConverter(source_patterns=[".experts.*.down_proj.weight"], target_patterns=".experts.down_proj",
+                            operations=[MergeModulelist(dim=0), Transpose(1, 2)])]
+
+
 def _transformers_rules(model):
     """(rename, converters): rename(source key) -> (renamed key, matched converter pattern or None)
-    with transformers' own rules, and {converter source pattern: WeightConverter}; None if unusable."""
+    with transformers' own rules (and `per_expert_conversions`), and {converter source pattern:
+    WeightConverter}; None if unusable."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     except ImportError:
         return None
     try:
-        transforms = get_model_conversion_mapping(model)
-    except (TypeError, AttributeError):
+        transforms = [*get_model_conversion_mapping(model), *per_expert_conversions(model)]
+    except (TypeError, AttributeError, ImportError):
         return None
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]

@@ -220,7 +220,7 @@ class CtMxfp4Spec:
         for first in dict.fromkeys(mapping.made_by[p] for p in planned.params if p in mapping.made_by):
             fusion = mapping.fused[first]
             if fusion.kept_as(raw, CT_BLOCKS, "MXFP4"):
-                out.update(fusion.run_parts(raw, model, {"blocks": CT_BLOCKS}))
+                out.update(fusion.run_parts(raw, model, {"blocks": CT_BLOCKS}, "MXFP4"))
         return out
 
     def store(self, name: str, parts: dict, target: torch.dtype, tensors: dict, quantized: dict) -> None:

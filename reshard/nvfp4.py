@@ -143,7 +143,8 @@ class Nvfp4Spec:
         for first in dict.fromkeys(mapping.made_by[p] for p in planned.params if p in mapping.made_by):
             fusion = mapping.fused[first]
             if fusion.kept_as(raw, SCALES, "NVFP4"):
-                out.update(fusion.run_parts(raw, model, {"qweight": "", "scales": SCALES, "global_scale": GLOBAL}))
+                parts = {"qweight": "", "scales": SCALES, "global_scale": GLOBAL}
+                out.update(fusion.run_parts(raw, model, parts, "NVFP4"))
         return out
 
     def store(self, name: str, parts: dict, target: torch.dtype, tensors: dict, quantized: dict) -> None:

@@ -17,6 +17,7 @@ import torch
 from .bnb import is_bnb4
 from .errors import SourceError
 from .format import ACT_ORDER, DTYPE_TO_ST, quant_part_names
+from .fusion import keeps_rows
 from .fp8 import layout as fp8_layout
 from .ggml_repack import SYMMETRIC_ZERO
 from .gptq import Affine, unpack_awq, unpack_gptq, unpack_int_quantized, unpack_pack_quantized
@@ -302,20 +303,6 @@ def check_repackable(src: PublishedSource, mapping, spec: "RepackSpec") -> None:
             raise SourceError(f"{key} is a packed {spec.fmt.label} weight that transformers combines with others "
                               f"at load; convert with --dtype float16 (or bfloat16) to de-quantize it")
     spec.params = params
-
-
-def keeps_rows(operations) -> bool:
-    """Whether transformers' operations only stack per-expert (out, in) weights (`MergeModulelist`
-    on dim 0) and concatenate them along a dimension before the last: then they may run on each
-    re-packed part alone, whose last dimension holds the packed input columns."""
-    rank = 2
-    for op in operations:
-        name, dim = type(op).__name__, getattr(op, "dim", None)
-        if name == "MergeModulelist" and dim == 0:
-            rank += 1
-        elif not (name == "Concatenate" and isinstance(dim, int) and 0 <= dim < rank - 1):
-            return False
-    return True
 
 
 @dataclass

@@ -227,3 +227,90 @@ def test_an_int4_checkpoint_keeps_its_language_models_experts_packed(tmp_path):
     assert "model.layers.1.mlp.experts.gate_up_proj" in layer.quantized
     model = tf.Kimi_K25ForConditionalGeneration.from_pretrained(tmp_path / "reference", dtype=torch.float32).eval()
     assert_runs_as(model, tmp_path / "out", IDS, new_tokens=4, dtype=torch.float32, packed=False)  # expanded: exact
+
+
+def per_expert(tensors: dict, fp8: bool) -> tuple[dict, dict]:
+    """Llama 4's stacked experts (`experts.gate_up_proj` [E, H, 2I], `experts.down_proj` [E, I, H]) as its FP8
+    and 4-bit uploads store them, one Linear per expert (`experts.N.gate_proj.weight` [I, H], ...), each FP8
+    with one float32 scale per output row (compressed-tensors' "channel") where `fp8`; and the stacked
+    tensors of what those weights de-quantize to."""
+    out, reference = {}, dict(tensors)
+    for key, t in tensors.items():
+        if not key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            out[key] = t
+            continue
+        base, kind = key.rsplit(".", 1)
+        halves = t.chunk(2, dim=2) if kind == "gate_up_proj" else (t,)
+        names = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
+        made = []
+        for name, half in zip(names, halves):
+            rows = []
+            for e in range(t.shape[0]):
+                w = half[e].t().contiguous()
+                if fp8:
+                    scale = w.float().abs().amax(dim=1, keepdim=True) / 448
+                    q = (w.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+                    out[f"{base}.{e}.{name}.weight"], out[f"{base}.{e}.{name}.weight_scale"] = q, scale
+                    w = q.float() * scale
+                else:
+                    out[f"{base}.{e}.{name}.weight"] = w
+                rows.append(w.t())
+            made.append(torch.stack(rows))
+        reference[key] = torch.cat(made, dim=2).to(t.dtype if not fp8 else torch.float32)
+    return out, reference
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_llama4_experts_one_linear_each_as_its_fp8_upload(tmp_path, fp8):
+    """Llama 4 Maverick's FP8 upload (compressed-tensors float8, per output row) keeps one Linear per
+    expert, which transformers loads by swapping the experts module; reshard stacks them into the
+    model's experts (reshard/keymap.py `per_expert_conversions`), FP8 bytes and scales kept: logits on
+    text equal the vision-language model with those experts (de-quantized by the formula), bit for bit in
+    float32, streamed (reading only the routed experts) and resident."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import transformers as tf
+
+    vision_language_model("llama4").save_pretrained(tmp_path / "plain")
+    with safe_open(tmp_path / "plain" / "model.safetensors", "pt") as f:
+        split, reference = per_expert({k: f.get_tensor(k) for k in f.keys()}, fp8)
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    quantization = {"quantization_config": {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "ignore": ["re:.*self_attn.*", "re:.*router.*", "re:.*vision.*", "re:.*shared_expert.*", "lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}}}}}
+    for folder, tensors, extra in (("source", split, quantization if fp8 else {}), ("reference", reference, {})):
+        (tmp_path / folder).mkdir()
+        save_file(tensors, tmp_path / folder / "model.safetensors", metadata={"format": "pt"})
+        (tmp_path / folder / "config.json").write_text(json.dumps({**config, **extra}))
+    convert(str(tmp_path / "source"), tmp_path / "out", progress=False)
+    layer = read_manifest(tmp_path / "out").group("layers.1")
+    stored = layer.tensors.get("model.layers.1.feed_forward.experts.gate_up_proj.qweight")
+    assert (stored is not None and stored["dtype"] == "F8_E4M3") == fp8
+    model = tf.Llama4ForConditionalGeneration.from_pretrained(tmp_path / "reference", dtype=torch.float32).eval()
+
+    def routed_reads(lm, placement):
+        if placement == "streamed":
+            assert lm.stats.per_pass[-1].experts_read > 0
+
+    assert_runs_as(model, tmp_path / "out", IDS, new_tokens=4, check=routed_reads, dtype=torch.float32)
+
+
+def test_llama4_experts_one_linear_each_in_nvfp4_are_one_line(tmp_path, capsys):
+    """NVFP4's packed codes cannot be turned into Llama 4's (in, out) experts: one line saying what to do."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from test_formats_nvfp4 import write_nvfp4
+    from test_gguf import cli_convert
+
+    vision_language_model("llama4").save_pretrained(tmp_path / "plain")
+    with safe_open(tmp_path / "plain" / "model.safetensors", "pt") as f:
+        split, _ = per_expert({k: f.get_tensor(k) for k in f.keys()}, fp8=False)
+    save_file(split, tmp_path / "plain" / "model.safetensors", metadata={"format": "pt"})
+    write_nvfp4(tmp_path / "plain", tmp_path / "nvfp4")
+    assert cli_convert(capsys, tmp_path / "nvfp4", tmp_path / "out") == (
+        1, "Error: 'model.layers.1.feed_forward.experts.gate_up_proj' is made from NVFP4 tensors that transformers "
+           "transposes at load, which their packing does not allow; de-quantize the checkpoint with --dtype bfloat16")
