@@ -22,6 +22,7 @@ tests/test_multimodal.py checks each against transformers' vision-language model
 from __future__ import annotations
 
 import copy
+import re
 
 from torch import nn
 
@@ -128,8 +129,11 @@ def _build_outer(config, trust_remote_code: bool) -> nn.Module:
             else:
                 outer = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
     except (ValueError, ImportError) as e:  # ImportError: a vision tower that needs another library (timm)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        installs = re.findall(r"`pip install [^`]+`", str(e))  # a missing library's, as transformers says it
+        reason = f"{lines[0].split(' You can install')[0]} ({', '.join(installs)})" if installs else lines[0]
         raise SourceError(f"transformers cannot build a causal language model for model type "
-                          f"{config.model_type!r}: {str(e).splitlines()[0]}") from None
+                          f"{config.model_type!r}: {reason}") from None
     outer.tie_weights()
     return outer
 

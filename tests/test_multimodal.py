@@ -314,3 +314,23 @@ def test_llama4_experts_one_linear_each_in_nvfp4_are_one_line(tmp_path, capsys):
     assert cli_convert(capsys, tmp_path / "nvfp4", tmp_path / "out") == (
         1, "Error: 'model.layers.1.feed_forward.experts.gate_up_proj' is made from NVFP4 tensors that transformers "
            "transposes at load, which their packing does not allow; de-quantize the checkpoint with --dtype bfloat16")
+
+
+def test_a_vision_tower_that_needs_another_library_is_one_line(tmp_path, capsys):
+    """Gemma 3n's vision tower is a timm model: without timm transformers cannot build it, and the line says
+    what to install."""
+    import importlib.util
+
+    from safetensors.torch import save_file
+    from transformers import Gemma3nConfig
+
+    from test_gguf import cli_convert
+
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed here")
+    Gemma3nConfig().save_pretrained(tmp_path / "gemma3n")
+    save_file({"lm_head.weight": torch.zeros(1)}, tmp_path / "gemma3n" / "model.safetensors")
+    code, line = cli_convert(capsys, tmp_path / "gemma3n", tmp_path / "out")
+    assert code == 1 and line.startswith("Error: transformers cannot build a causal language model for model type "
+                                         "'gemma3n': TimmWrapperModel requires the ")
+    assert line.endswith("`pip install timm`)") and "\n" not in line
