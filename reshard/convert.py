@@ -77,6 +77,9 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
         part = language_part(config, trust_remote_code=trust_remote_code)  # a vision-language model's text model
         if part is not None:
             config = part.config
+            if progress:
+                print(f"reshard: {source} is a vision-language model ({type(part.outer).__name__}); converting its "
+                      f"language model ({config.architectures[0]}), the vision tower left out", file=sys.stderr)
         target = resolve_dtype(dtype, config)
         model = build_empty_model(config, dtype=target, trust_remote_code=trust_remote_code)
         if part is not None:

@@ -334,3 +334,10 @@ def test_a_vision_tower_that_needs_another_library_is_one_line(tmp_path, capsys)
     assert code == 1 and line.startswith("Error: transformers cannot build a causal language model for model type "
                                          "'gemma3n': TimmWrapperModel requires the ")
     assert line.endswith("`pip install timm`)") and "\n" not in line
+
+
+def test_converting_says_that_it_takes_the_language_model(tmp_path, capsys):
+    vision_language_model("llava").save_pretrained(tmp_path / "llava")
+    convert(str(tmp_path / "llava"), tmp_path / "out", progress=True)
+    assert (f"reshard: {tmp_path / 'llava'} is a vision-language model (LlavaForConditionalGeneration); converting its "
+            f"language model (LlamaForCausalLM), the vision tower left out") in capsys.readouterr().err.splitlines()
