@@ -72,6 +72,10 @@ class LayeredModel(JobMemory):
         self.places = loader.places
         self.streamed = [i for i, p in enumerate(self.places) if p != budget.DEVICE]
         self.prefetcher = Prefetcher(loader.load, self.streamed, prefetch, self.stats)
+        # decoder layers the last pass never entered (Llama 3.2 Vision's cross-attention layers, which text
+        # skips): left out of the read-ahead, read when a pass enters one after all
+        self._idle: frozenset[int] = frozenset()
+        self._entered: set[int] = set()
         self._current: Loaded | None = None
         self.lockstep = None  # set while a Lockstep runs several forwards through one pass
         self.cuda_threads = 0  # the most forward threads a job ran on CUDA: their cuBLAS handles stay (allowance)
@@ -280,6 +284,7 @@ class LayeredModel(JobMemory):
     def _enter(self, i: int) -> None:
         if self.lockstep is not None:  # several forwards share this pass (runtime/lockstep.py)
             return self.lockstep.enter(i)
+        self._entered.add(i)
         if self.places[i] == budget.DEVICE:
             return  # in place for good
         if self._current is not None and self._current.index == i:
@@ -337,6 +342,7 @@ class LayeredModel(JobMemory):
     def _start_pass(self) -> None:
         if self.lockstep is not None:
             return
+        self._entered.clear()
         self.stats.start_pass()
 
     def _end_pass(self) -> None:
@@ -347,10 +353,22 @@ class LayeredModel(JobMemory):
         if self.device.type == "cuda":  # so that the pass's time includes its kernels
             torch.cuda.current_stream(self.device).synchronize()
         done = self.stats.end_pass()
+        self._skip_idle_layers()
         if self.host is not None:
             done.cpu_layers = dict(self.host.log)
         if self.cpu_experts is not None:
             done.cpu_experts = dict(self.cpu_experts.log)
+
+
+    def _skip_idle_layers(self) -> None:
+        """Leave the decoder layers this pass did not enter out of the read-ahead (all of them back
+        once a pass enters one): reading them ahead would read bytes no pass uses."""
+        idle = frozenset(i for i in self.streamed if self.groups[i].kind == "layer" and i not in self._entered)
+        if idle == self._idle or len(idle) == sum(self.groups[i].kind == "layer" for i in self.streamed):
+            return  # unchanged, or a pass that entered no layer at all (nothing learned)
+        self._idle = idle
+        self.prefetcher.close()
+        self.prefetcher = Prefetcher(self.loader.load, [i for i in self.streamed if i not in idle], self.depth, self.stats)
 
 
 def load_persistent_buffers(model, loader) -> None:

@@ -341,3 +341,23 @@ def test_converting_says_that_it_takes_the_language_model(tmp_path, capsys):
     convert(str(tmp_path / "llava"), tmp_path / "out", progress=True)
     assert (f"reshard: {tmp_path / 'llava'} is a vision-language model (LlavaForConditionalGeneration); converting its "
             f"language model (LlamaForCausalLM), the vision tower left out") in capsys.readouterr().err.splitlines()
+
+
+def test_layers_text_skips_are_not_read_ahead(converted):
+    """Llama 3.2 Vision's cross-attention layer runs only on images: once a pass has not entered it, the
+    read-ahead leaves it out, so later streamed text passes never read it."""
+    from runtime import LayeredModel
+
+    model, folder = converted("llama3.2-vision")
+    with torch.no_grad():
+        want = model(IDS).logits
+    with LayeredModel.from_pretrained(folder, device="cpu", max_cpu_memory=0, packed=False) as lm:
+        cross = [g.name for g in lm.groups].index("layers.1")  # cross_attention_layers=[1]
+        reads, load = [], lm.loader.load
+        lm.loader.load = lm.prefetcher.load = lambda i: reads.append(i) or load(i)
+        first = lm(IDS).logits
+        assert lm._idle == {cross}
+        reads.clear()
+        second = lm(IDS).logits
+        assert torch.equal(first, want) and torch.equal(second, want)
+        assert cross not in reads and len(reads) >= len(lm.streamed) - 2  # the rest streamed as before
