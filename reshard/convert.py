@@ -7,6 +7,7 @@ mapped `torch.load` for `.bin`), so peak memory is about one layer whatever the 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 import time
@@ -30,6 +31,7 @@ from .ggml_quants import check_block_shape
 from .ggml_repack import GROUP as REPACKED_GROUP, REPACKED, repack_blocks
 from .keymap import KeyMap, check_shape, check_shapes, map_keys
 from .multimodal import language_part
+from .tiktoken_vocab import tiktoken_class, write_fast_tokenizer
 from .plan import build_empty_model, plan_groups, read_config
 from .published import PublishedSource, RepackSpec, check_repackable, published_format
 from .quant import DEFAULT_GROUP, check_scheme, quantizable_params, quantize as quantize_weight, quantize_experts
@@ -106,7 +108,9 @@ def convert(source: str, out: str | Path, *, revision: str | None = None, dtype:
         if isinstance(quant, RepackSpec):
             check_repackable(src, mapping, quant)
         record = Progress.open(out, params, force=force)
-        _copy_side_files(src.folder, out, config=config if part is not None else None)
+        _copy_side_files(src.folder, out, config=config if part is not None or _renamed(src.folder, config) else None)
+        if tiktoken_class(src.folder) is not None:  # Kimi-K2's tokenizer, made one that needs no code of its own
+            write_fast_tokenizer(src.folder, out)
         kept = {g.name: k for g in plan.groups if (k := record.kept(g.name, g.params)) is not None}
         sharded = hasattr(src, "largest_shard_bytes")  # --low-disk
         check_disk(out, plan, kept, target, extra=getattr(src, "largest_shard_bytes", 0), hint=not sharded,
@@ -158,9 +162,15 @@ def check_before_fetching(src, out: Path, plan, target: torch.dtype, params: dic
         check_disk(out, plan, earlier, target, extra=sharded or 0, hint=sharded is None, progress=False)
 
 
+def _renamed(folder: Path, config) -> bool:
+    """Whether `config` is read as another model type than its file says (reshard/plan.py NATIVE)."""
+    return json.loads((folder / "config.json").read_text()).get("model_type") != config.model_type
+
+
 def _copy_side_files(folder: Path, out: Path, config=None) -> None:
     """The source's config, generation config and tokenizer files; `config` as config.json where given
-    (the language model of a vision-language checkpoint: reshard/multimodal.py)."""
+    (the language model of a vision-language checkpoint: reshard/multimodal.py; a config read as
+    another model type: reshard/plan.py NATIVE)."""
     for name in SIDE_FILES:
         if name == "config.json" and config is not None:
             data = config.to_json_string(use_diff=False).encode()

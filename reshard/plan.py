@@ -40,15 +40,26 @@ class Plan:
 
 # NVIDIA ModelOpt's quantization beside config.json: older exports say it only there
 MODELOPT_CONFIG = "hf_quant_config.json"
+# model types that need their own code, read as the transformers model type they are (transformers' own
+# Kimi-K2.5 config reads its `kimi_k2` language model as `deepseek_v3`): Kimi-K2 and K2-Thinking
+NATIVE = {"kimi_k2": "deepseek_v3"}
 
 
 def read_config(folder, name, *, trust_remote_code: bool = False):
     """The transformers config in `folder` (`name` is what the user gave, for messages), with an older
-    ModelOpt export's MODELOPT_CONFIG as its `quantization_config`; custom code only with `trust_remote_code`."""
+    ModelOpt export's MODELOPT_CONFIG as its `quantization_config`; custom code only with `trust_remote_code`
+    (without it, a model type of `NATIVE` is read as transformers' own)."""
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        raw = json.loads((Path(folder) / "config.json").read_text())
+        native = NATIVE.get(raw.get("model_type")) if not trust_remote_code else None
+        if native is not None:
+            kept = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "transformers_version")}
+            config = CONFIG_MAPPING[native].from_dict(kept)
+        else:
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise SourceError(f"{name} needs its own Python code to load; pass --trust-remote-code "

@@ -17,6 +17,7 @@ from .format import ST_TO_DTYPE, FileSlice, read_header
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "tiktoken.model",  # Kimi-K2's vocabulary (reshard/tiktoken_vocab.py)
 )
 # hf_quant_config.json: NVIDIA ModelOpt's quantization, which older exports keep out of config.json
 SIDE_FILES = ("config.json", "generation_config.json", "hf_quant_config.json", *TOKENIZER_FILES)
