@@ -66,8 +66,8 @@ class LanguagePart:
 
 
 def language_part(config, *, trust_remote_code: bool = False) -> LanguagePart | None:
-    """The language model of `config`'s vision-language model, or None where `config` is a causal LM's
-    (or transformers' causal LM for it takes the whole checkpoint)."""
+    """The language model of `config`'s vision-language model, or None where `config` is a causal LM's (no
+    text config of its own, or a model whose own code the checkpoint names for AutoModelForCausalLM)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
 
     text = config.get_text_config()
@@ -125,7 +125,7 @@ def _build_outer(config, trust_remote_code: bool) -> nn.Module:
     try:
         with init_empty_weights(include_buffers=False):
             if any(c is not None for c in classes):
-                outer = next(c for c in classes if c is not None)._from_config(config)
+                outer = next(c for c in classes if c is not None)(config)
             else:
                 outer = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
     except (ValueError, ImportError) as e:  # ImportError: a vision tower that needs another library (timm)
