@@ -26,6 +26,7 @@ import re
 
 from torch import nn
 
+from .emptymodel import large_tensors_on_meta
 from .errors import SourceError
 
 # text model type -> the model type it equals on text (transformers has no causal LM for the former)
@@ -123,7 +124,7 @@ def _build_outer(config, trust_remote_code: bool) -> nn.Module:
 
     classes = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
     try:
-        with init_empty_weights(include_buffers=False):
+        with init_empty_weights(include_buffers=False), large_tensors_on_meta():
             if any(c is not None for c in classes):
                 outer = next(c for c in classes if c is not None)(config)
             else:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .emptymodel import large_tensors_on_meta
 from .errors import SourceError
 from .multimodal import register_text_causal_lm
 
@@ -89,7 +90,7 @@ def build_empty_model(config, *, dtype: torch.dtype | None = None, trust_remote_
     config = copy.deepcopy(config)  # from_config records the dtype it builds in on the config
     kwargs = {"dtype": dtype} if dtype is not None else {}
     try:
-        with init_empty_weights(include_buffers=False):
+        with init_empty_weights(include_buffers=False), large_tensors_on_meta():
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
     except ValueError as e:
         if "trust_remote_code" in str(e):
