@@ -286,22 +286,24 @@ def test_compressed_fp8_logits_equal_transformers_own_load(strategy, compressed)
         assert torch.equal(model(IDS).logits, ref(IDS).logits)
 
 
+def plain_llama(folder) -> dict:
+    """The tensors of a tiny bfloat16 llama, saved in `folder` (its config is the published checkpoints')."""
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config("llama")).to(torch.bfloat16).save_pretrained(folder)
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
+
+
 def test_modelopt_fp8_equals_the_formula(tmp_path):
     """NVIDIA ModelOpt's FP8 (`quant_method: "modelopt"`, `quant_algo: "FP8"`): `X.weight` float8, one float32
     `X.weight_scale` per tensor ([]), activation and KV-cache scales beside them (left out). Kept as published
     (scheme fp8-block, a 1x1 grid); float32 logits and greedy tokens those of the formula, streamed and resident."""
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config("llama")).to(torch.bfloat16).save_pretrained(tmp_path / "plain")
-    tensors = {}
-    with safe_open(tmp_path / "plain" / "model.safetensors", "pt") as f:
-        for key in f.keys():
-            t = f.get_tensor(key)
-            if is_fp8(key):
-                scale = t.float().abs().amax() / 448
-                tensors[key] = (t.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
-                tensors[key + "_scale"], tensors[key[:-len("weight")] + "input_scale"] = scale, torch.tensor(1.0)
-            else:
-                tensors[key] = t
+    tensors = plain_llama(tmp_path / "plain")
+    for key, t in list(tensors.items()):
+        if is_fp8(key):
+            scale = t.float().abs().amax() / 448
+            tensors[key] = (t.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+            tensors[key + "_scale"], tensors[key[:-len("weight")] + "input_scale"] = scale, torch.tensor(1.0)
     for kv in ("k", "v"):
         tensors[f"model.layers.0.self_attn.{kv}_proj.{kv}_scale"] = torch.tensor(1.0)
     src = save_published(tmp_path / "src", tmp_path / "plain", tensors, {
@@ -319,17 +321,11 @@ def test_fbgemm_fp8_equals_the_formula(tmp_path):
     float32 `X.weight_scale` per output row ([out, 1]); transformers runs it only through fbgemm's CUDA kernels,
     so the reference is the published formula. Kept as published (scheme fp8-block, an [out, 1] grid); float32
     logits and greedy tokens those of the formula, streamed and resident."""
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config("llama")).to(torch.bfloat16).save_pretrained(tmp_path / "plain")
-    tensors = {}
-    with safe_open(tmp_path / "plain" / "model.safetensors", "pt") as f:
-        for key in f.keys():
-            t = f.get_tensor(key)
-            if is_fp8(key) and ".self_attn." not in key:  # the 405B leaves attention unquantized
-                scale = t.float().abs().amax(dim=1, keepdim=True) / 448
-                tensors[key], tensors[key + "_scale"] = (t.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
-            else:
-                tensors[key] = t
+    tensors = plain_llama(tmp_path / "plain")
+    for key, t in list(tensors.items()):
+        if is_fp8(key) and ".self_attn." not in key:  # the 405B leaves attention unquantized
+            scale = t.float().abs().amax(dim=1, keepdim=True) / 448
+            tensors[key], tensors[key + "_scale"] = (t.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
     src = save_published(tmp_path / "src", tmp_path / "plain", tensors, {
         "quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": ["lm_head"]})
     convert(str(src), tmp_path / "out", progress=False)
