@@ -11,9 +11,9 @@ fbgemm's `X.weight_scale` one per output row ([out, 1]). In every case `w = q * 
 block, a block being (rows / grid rows, columns / grid columns). A folder converted with default
 options keeps both as they are (scheme "fp8-block", parts `X.weight.qweight` and
 `X.weight.scale_inv`); an explicit `--dtype` or `--quantize` de-quantizes them while reading.
-Activation scales (`activation_scale`, `input_scale`, fbgemm's bound `input_scale_ub`) and ModelOpt's FP8 KV-cache scales (`k_scale`,
-`v_scale`) are left out: the runtime, as transformers once it has de-quantized fp8 weights on a CPU,
-runs the activations and the KV cache unquantized.
+Activation scales (`activation_scale`, `input_scale`, fbgemm's bound `input_scale_ub`) and ModelOpt's
+FP8 KV-cache scales (`k_scale`, `v_scale`) are left out: the runtime, as transformers once it has
+de-quantized fp8 weights on a CPU, runs the activations and the KV cache unquantized.
 
 The de-quantization is transformers' own (`integrations/finegrained_fp8.py`, `Fp8Dequantize`,
 what it runs when it loads such a checkpoint on a CPU): the block shape comes from the scale grid

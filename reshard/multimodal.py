@@ -91,7 +91,8 @@ def _text_config(config, text, outer: nn.Module):
     if kind in CAUSAL or kind in TEXT_CAUSAL:
         out = copy.deepcopy(text)
     else:
-        fields = {k: v for k, v in text.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
+        dropped = ("model_type", "architectures", "transformers_version")
+        fields = {k: v for k, v in text.to_dict().items() if k not in dropped}
         rope = fields.get("rope_parameters") or {}
         fields["rope_parameters"] = {k: v for k, v in rope.items() if not k.startswith("mrope")}
         out = AutoConfig.for_model(EQUIVALENT[kind], **{**fields, **ALWAYS.get(kind, {})})
