@@ -72,7 +72,8 @@ def language_part(config, *, trust_remote_code: bool = False) -> LanguagePart | 
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
 
     text = config.get_text_config()
-    if text is config or "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+    if text is config or "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}) \
+            or getattr(config, "is_encoder_decoder", False):  # an encoder-decoder is refused as one (reshard/plan.py)
         return None
     if text.model_type not in CAUSAL and text.model_type not in EQUIVALENT and text.model_type not in TEXT_CAUSAL:
         raise SourceError(f"model type {config.model_type!r} is a vision-language model whose language model "

@@ -361,3 +361,17 @@ def test_layers_text_skips_are_not_read_ahead(converted):
         second = lm(IDS).logits
         assert torch.equal(first, want) and torch.equal(second, want)
         assert cross not in reads and len(reads) >= len(lm.streamed) - 2  # the rest streamed as before
+
+
+def test_an_image_to_text_encoder_decoder_is_refused_as_one(tmp_path, capsys):
+    """T5Gemma 2 reads images and text into an encoder: refused as the encoder-decoder it is, not as a vision-language
+    decoder whose language model is missing."""
+    from safetensors.torch import save_file
+    from transformers import T5Gemma2Config
+
+    from test_gguf import cli_convert
+
+    T5Gemma2Config().save_pretrained(tmp_path / "t5gemma2")
+    save_file({"lm_head.weight": torch.zeros(1)}, tmp_path / "t5gemma2" / "model.safetensors")
+    assert cli_convert(capsys, tmp_path / "t5gemma2", tmp_path / "out") == (
+        1, "Error: model type 't5gemma2' is an encoder-decoder model; only decoder-only causal LMs can be converted")
