@@ -51,7 +51,12 @@ class LanguagePart:
         self._places: list[tuple[str, str]] = []
 
     def bind(self, model: nn.Module) -> None:
-        """Learn where the causal LM `model` keeps what `outer` keeps: its decoder and its head."""
+        """Learn where the causal LM `model` keeps what `outer` keeps: all of it where `outer` holds such a
+        causal LM whole (Llama 4's, Nemotron-H Omni's), else its decoder and its head."""
+        whole = next((name for name, m in self.outer.named_modules() if name and type(m) is type(model)), None)
+        if whole is not None:
+            self._places = [(whole + ".", "")]
+            return
         places = [(_decoder(self.outer), _decoder(model)),
                   (_path(self.outer, self.outer.get_output_embeddings()), _path(model, model.get_output_embeddings()))]
         # (a part either model lacks leaves its parameters unplaced: the key check names them)
