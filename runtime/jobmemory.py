@@ -152,13 +152,18 @@ class JobMemory:
                   f"cache shrinks from {budget.gib(cache.capacity)} to {budget.gib(room)}", file=sys.stderr)
             cache.resize(room)
 
+    def restart_read_ahead(self) -> None:
+        """Read ahead anew over the groups that stream, but the decoder layers passes skip (`idle`)."""
+        self.prefetcher.close()
+        self.prefetcher = Prefetcher(self.loader.load, [i for i in self.streamed if i not in self.idle], self.depth,
+                                     self.stats)
+
     def _stop_read_ahead(self, memory: budget.Budget, job_text: str) -> None:
         """Stream with one group in flight from now on (`memory` is the budget with prefetch 0)."""
         print(f"runtime: {job_text} does not fit next to {self.depth + 1} groups in flight; reading each group "
               f"when it is needed (--prefetch 0)", file=sys.stderr)
-        self.prefetcher.close()
         self.memory, self.depth = memory, 0
-        self.prefetcher = Prefetcher(self.loader.load, self.streamed, self.depth, self.stats)
+        self.restart_read_ahead()
 
     def _demote(self, places: list[str], shape: allowance.JobShape, job: int) -> None:
         """Move the groups that `places` takes off the device there, and stream them from now on."""
@@ -176,7 +181,7 @@ class JobMemory:
                 self.loader.release_pages(i)
         self.loader.reset_staging()  # sized anew for the groups that stream now
         self.streamed = [i for i, p in enumerate(self.places) if p != budget.DEVICE]
-        self.prefetcher = Prefetcher(self.loader.load, self.streamed, self.depth, self.stats)
+        self.restart_read_ahead()
         freed = sum(self.costs[i].held for i in moved)
         where = ", ".join(f"{sum(self.places[i] == p for i in moved)} to {p}" for p in (budget.HOST, budget.DISK)
                           if any(self.places[i] == p for i in moved))

@@ -74,7 +74,7 @@ class LayeredModel(JobMemory):
         self.prefetcher = Prefetcher(loader.load, self.streamed, prefetch, self.stats)
         # decoder layers the last pass never entered (Llama 3.2 Vision's cross-attention layers, which text
         # skips): left out of the read-ahead, read when a pass enters one after all
-        self._idle: frozenset[int] = frozenset()
+        self.idle: frozenset[int] = frozenset()
         self._entered: set[int] = set()
         self._current: Loaded | None = None
         self.lockstep = None  # set while a Lockstep runs several forwards through one pass
@@ -91,9 +91,8 @@ class LayeredModel(JobMemory):
             host.enabled = lambda: self.lockstep is None
             self._hooks.extend(host.install(self.model, self.model.get_submodule(self.manifest.layers_path)))
             if host.fixed:  # those layers never cross the link: the prefetcher skips them
-                self.prefetcher.close()
                 self.streamed = [i for i in self.streamed if i not in host.candidates]
-                self.prefetcher = Prefetcher(loader.load, self.streamed, prefetch, self.stats)
+                self.restart_read_ahead()
         self.experts = ExpertStreamer(loader, cache_bytes=expert_cache, predict=predict_experts)  # MoE: routed experts
         if sparse_experts:
             self.experts.install(model)
@@ -359,16 +358,14 @@ class LayeredModel(JobMemory):
         if self.cpu_experts is not None:
             done.cpu_experts = dict(self.cpu_experts.log)
 
-
     def _skip_idle_layers(self) -> None:
         """Leave the decoder layers this pass did not enter out of the read-ahead (all of them back
         once a pass enters one): reading them ahead would read bytes no pass uses."""
         idle = frozenset(i for i in self.streamed if self.groups[i].kind == "layer" and i not in self._entered)
-        if idle == self._idle or len(idle) == sum(self.groups[i].kind == "layer" for i in self.streamed):
+        if idle == self.idle or len(idle) == sum(self.groups[i].kind == "layer" for i in self.streamed):
             return  # unchanged, or a pass that entered no layer at all (nothing learned)
-        self._idle = idle
-        self.prefetcher.close()
-        self.prefetcher = Prefetcher(self.loader.load, [i for i in self.streamed if i not in idle], self.depth, self.stats)
+        self.idle = idle
+        self.restart_read_ahead()
 
 
 def load_persistent_buffers(model, loader) -> None:

@@ -356,7 +356,7 @@ def test_layers_text_skips_are_not_read_ahead(converted):
         reads, load = [], lm.loader.load
         lm.loader.load = lm.prefetcher.load = lambda i: reads.append(i) or load(i)
         first = lm(IDS).logits
-        assert lm._idle == {cross}
+        assert lm.idle == {cross}
         reads.clear()
         second = lm(IDS).logits
         assert torch.equal(first, want) and torch.equal(second, want)
