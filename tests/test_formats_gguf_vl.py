@@ -9,6 +9,8 @@ tokens, and the Q8_0 blocks stay blocks."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
@@ -56,26 +58,24 @@ def text_model(model, cls: str):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """arch -> (the vision-language model, the folder its GGUF converts to), made once per architecture."""
-    made = {}
 
+    @functools.cache
     def get(arch: str):
-        if arch not in made:
-            root = tmp_path_factory.mktemp(arch)
-            model = rounded_model(arch)
-            text = text_model(model, MODELS[WRITTEN_FROM[arch]][2])
-            sections = model.config.text_config.rope_parameters["mrope_section"]
-            keys = {"rope.dimension_sections": [*sections, 0]}
-            if arch != "qwen2vl":
-                keys["n_deepstack_layers"] = len(model.config.vision_config.deepstack_visual_indexes)
-            if arch == "qwen3vlmoe":
-                keys["expert_feed_forward_length"] = model.config.text_config.moe_intermediate_size
-            write_decoder(root / f"{arch}.gguf", tokenizer_gguf(), arch, text,
-                          types=lambda name: Q.Q8_0 if name.endswith(("proj.weight", "gate_up_proj", "down_proj",
-                                                                       "embed_tokens.weight", "lm_head.weight")) else None,
-                          edit=lambda tensors, metadata: metadata.update(keys))
-            convert(str(root / f"{arch}.gguf"), root / "out", progress=False)
-            made[arch] = (model, root / "out")
-        return made[arch]
+        root = tmp_path_factory.mktemp(arch)
+        model = rounded_model(arch)
+        text = text_model(model, MODELS[WRITTEN_FROM[arch]][2])
+        sections = model.config.text_config.rope_parameters["mrope_section"]
+        keys = {"rope.dimension_sections": [*sections, 0]}
+        if arch != "qwen2vl":
+            keys["n_deepstack_layers"] = len(model.config.vision_config.deepstack_visual_indexes)
+        if arch == "qwen3vlmoe":
+            keys["expert_feed_forward_length"] = model.config.text_config.moe_intermediate_size
+        write_decoder(root / f"{arch}.gguf", tokenizer_gguf(), arch, text,
+                      types=lambda name: Q.Q8_0 if name.endswith(("proj.weight", "gate_up_proj", "down_proj",
+                                                                   "embed_tokens.weight", "lm_head.weight")) else None,
+                      edit=lambda tensors, metadata: metadata.update(keys))
+        convert(str(root / f"{arch}.gguf"), root / "out", progress=False)
+        return model, root / "out"
 
     return get
 

@@ -10,6 +10,7 @@ for bit in float32, streamed and resident, with the same greedy tokens."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -98,16 +99,14 @@ def vision_language_model(name: str):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """name -> (the vision-language model, the folder its checkpoint converts to), made once each."""
-    made = {}
 
+    @functools.cache
     def get(name: str):
-        if name not in made:
-            root = tmp_path_factory.mktemp(name)
-            model = vision_language_model(name)
-            model.save_pretrained(root / "checkpoint")
-            convert(str(root / "checkpoint"), root / "out", progress=False)
-            made[name] = (model, root / "out")
-        return made[name]
+        root = tmp_path_factory.mktemp(name)
+        model = vision_language_model(name)
+        model.save_pretrained(root / "checkpoint")
+        convert(str(root / "checkpoint"), root / "out", progress=False)
+        return model, root / "out"
 
     return get
 
