@@ -361,8 +361,9 @@ class LayeredModel(JobMemory):
     def _skip_idle_layers(self) -> None:
         """Leave the decoder layers this pass did not enter out of the read-ahead (all of them back
         once a pass enters one): reading them ahead would read bytes no pass uses."""
-        idle = frozenset(i for i in self.streamed if self.groups[i].kind == "layer" and i not in self._entered)
-        if idle == self.idle or len(idle) == sum(self.groups[i].kind == "layer" for i in self.streamed):
+        layers = [i for i in self.streamed if self.groups[i].kind == "layer"]
+        idle = frozenset(i for i in layers if i not in self._entered)
+        if idle == self.idle or len(idle) == len(layers):
             return  # unchanged, or a pass that entered no layer at all (nothing learned)
         self.idle = idle
         self.restart_read_ahead()
